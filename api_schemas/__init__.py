@@ -1,0 +1,25 @@
+"""The contract shared by the service, the worker, the CLI and clients (pydantic only, no torch)."""
+
+from api_schemas.specs import (
+    CheckpointSpec,
+    DatasetSpec,
+    LossKind,
+    Method,
+    ProjectorKind,
+    ProjectorSpec,
+    QuerySpec,
+    SlotSpec,
+    StoreDType,
+)
+
+__all__ = [
+    "CheckpointSpec",
+    "DatasetSpec",
+    "LossKind",
+    "Method",
+    "ProjectorKind",
+    "ProjectorSpec",
+    "QuerySpec",
+    "SlotSpec",
+    "StoreDType",
+]

@@ -1,0 +1,89 @@
+"""Specs shared by the engine, the store, the worker, the service and the CLI.
+
+Every spec is a frozen pydantic model that round-trips through JSON, so a spec saved in a store's
+attributes or sent over HTTP rebuilds the same object. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LossKind = Literal["mse", "l1"]
+"""Per-pixel distance of the noise-prediction loss: squared error (DDPM "simple") or absolute error."""
+
+ProjectorKind = Literal["identity", "sketch", "dense"]
+"""Random projection applied to every gradient: exact, sparse sign sketch, or dense Gaussian."""
+
+StoreDType = Literal["float16", "float32"]
+Method = Literal["tracin", "retrac"]
+
+
+class Spec(BaseModel):
+    """Base of all specs: immutable, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DatasetSpec(Spec):
+    """Where the training images come from and the shape they are brought to.
+
+    `source` is a built-in name (`builtin:digits`, `builtin:faces`, `builtin:patches`,
+    `builtin:outliers`), an image folder, or a `.npy`/`.npz` file.
+    """
+
+    source: str = Field(description="built-in name, image folder, or .npy/.npz file")
+    resolution: int = Field(16, ge=4, le=1024, description="side of the square images, in pixels")
+    channels: Literal[1, 3] = Field(1, description="1 (grey) or 3 (RGB)")
+    limit: int | None = Field(None, ge=1, description="keep only the first `limit` samples")
+    seed: int = Field(0, description="seed of any random choice the source makes (patches, mixtures)")
+
+
+class ProjectorSpec(Spec):
+    """A random projection, fully determined by (kind, dim, seed)."""
+
+    kind: ProjectorKind = "sketch"
+    dim: int = Field(4096, ge=1, le=1 << 20, description="projected dimension k (ignored by identity)")
+    seed: int = Field(0, ge=0, description="seed of the projection; checkpoint c uses a seed derived from it")
+
+
+class SlotSpec(Spec):
+    """Which (timestep, noise seed) slots each training sample gets at each checkpoint.
+
+    `replay` adds one slot replaying the sample's recorded training step; `grid` adds
+    `floor(linspace(1, T-1, grid))`; `random` adds that many timesteps drawn from `seed`.
+    Grid and random slots get noise seeds drawn from `seed` too.
+    """
+
+    replay: bool = True
+    grid: int = Field(0, ge=0, le=1000)
+    random: int = Field(0, ge=0, le=1000)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> SlotSpec:
+        if not self.replay and self.grid == 0 and self.random == 0:
+            raise ValueError("a slot spec needs replay, grid > 0 or random > 0")
+        return self
+
+    @property
+    def count(self) -> int:
+        """Slots per sample, S."""
+        return int(self.replay) + self.grid + self.random
+
+
+class CheckpointSpec(Spec):
+    """One checkpoint: a diffusers UNet folder, the epoch it was saved after, and its TracIn weight."""
+
+    path: str
+    epoch: int | None = Field(None, ge=0, description="epoch after which it was saved (needed for replay)")
+    weight: float | None = Field(None, description="explicit w_c; default lr*B*(e_c - e_{c-1})/N")
+
+
+class QuerySpec(Spec):
+    """Query-side estimator of method.md section 3: K timesteps, M noise draws each, one seed."""
+
+    timesteps: int = Field(50, ge=1, le=1000, description="K, the size of the timestep grid")
+    draws: int = Field(4, ge=1, le=256, description="M, noise draws per timestep")
+    seed: int = Field(0, ge=0, description="seed of the query's noise draws")
