@@ -3,6 +3,7 @@
 from api_schemas.specs import (
     CheckpointSpec,
     DatasetSpec,
+    IndexSpec,
     LossKind,
     Method,
     ProjectorKind,
@@ -10,11 +11,13 @@ from api_schemas.specs import (
     QuerySpec,
     SlotSpec,
     StoreDType,
+    TrainSpec,
 )
 
 __all__ = [
     "CheckpointSpec",
     "DatasetSpec",
+    "IndexSpec",
     "LossKind",
     "Method",
     "ProjectorKind",
@@ -22,4 +25,5 @@ __all__ = [
     "QuerySpec",
     "SlotSpec",
     "StoreDType",
+    "TrainSpec",
 ]

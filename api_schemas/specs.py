@@ -87,3 +87,47 @@ class QuerySpec(Spec):
     timesteps: int = Field(50, ge=1, le=1000, description="K, the size of the timestep grid")
     draws: int = Field(4, ge=1, le=256, description="M, noise draws per timestep")
     seed: int = Field(0, ge=0, description="seed of the query's noise draws")
+
+
+class TrainSpec(Spec):
+    """A DDPM training run that records what attribution needs (timestep and noise seed per step)."""
+
+    dataset: DatasetSpec
+    preset: str = Field("tiny", description="UNet size preset: micro, tiny or small")
+    loss: LossKind = "mse"
+    epochs: int = Field(10, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, le=65_536)
+    lr: float = Field(1e-3, gt=0)
+    save_every: int = Field(5, ge=1, description="save a checkpoint every this many epochs (and the last)")
+    seed: int = Field(0, ge=0)
+    num_timesteps: int = Field(1000, ge=2, le=100_000, description="T of the DDPM schedule")
+
+
+class IndexSpec(Spec):
+    """Everything that determines the contents of a gradient index (and so of its store).
+
+    Either `run` names a training run of `retrac train` (its checkpoints, replay record, schedule
+    and loss are used unless given here), or `checkpoints` and `loss` are given explicitly for a
+    model trained elsewhere (then `slots.replay` must be off).
+    """
+
+    dataset: DatasetSpec
+    run: str | None = Field(None, description="training run folder (manifest, replay record, checkpoints)")
+    checkpoints: tuple[CheckpointSpec, ...] = ()
+    scheduler: str | None = Field(None, description="folder with scheduler_config.json; default: the run's")
+    loss: LossKind | None = Field(None, description="the loss the model was trained with; default: the run's")
+    slots: SlotSpec = SlotSpec()
+    projector: ProjectorSpec = ProjectorSpec()
+    dtype: StoreDType = "float16"
+    batch_size: int = Field(32, ge=1, le=4096, description="samples per gradient batch")
+    shard_size: int = Field(256, ge=1, le=1 << 20, description="rows per task, chunk and done mark")
+
+    @model_validator(mode="after")
+    def _has_checkpoints(self) -> IndexSpec:
+        if self.run is None and not self.checkpoints:
+            raise ValueError("an index needs a training run or at least one checkpoint")
+        if self.run is None and self.loss is None:
+            raise ValueError("without a training run, give the loss the model was trained with")
+        if self.run is None and self.slots.replay:
+            raise ValueError("replay slots need a training run with a replay record; use grid or random slots")
+        return self

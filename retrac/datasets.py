@@ -1,0 +1,422 @@
+"""Training images for attribution: built-in data, image folders and arrays, as one tensor with stable ids.
+
+Every source goes through the same conversion (channel layout, center crop to square, values to [0, 1],
+channel count, resize, then x = 2z - 1), so an image gets the same pixels whether it is a training sample
+or a query. Ids are stable across loads and safe as file names, because the gradient store keys its rows
+by them and a stale store is detected through the dataset's fingerprint.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import zipfile
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from api_schemas.specs import DatasetSpec
+from retrac.exceptions import DatasetError
+
+MAX_IMAGE_SIDE = 4096
+"""Largest accepted image side, checked before pixels are decoded (guards against decompression bombs)."""
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+_PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")  # no EPS/PDF: those run external programs
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
+_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9._-]")
+_LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601, the weights of PIL's convert("L")
+_PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "coins", "moon", "page", "text", "rocket", "horse")
+_CHUNK = 256  # images converted at once: bounds the float copy of a large array
+_SOURCES = (
+    "builtin:digits, builtin:digits:<0-9>, builtin:faces, builtin:patches, builtin:outliers, "
+    "an image folder, or a .npy/.npz file"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """Training images (N, C, H, W) in [-1, 1] with one unique, file-name-safe id per sample.
+
+    Treat `images` as read-only: the fingerprint is computed once and cached.
+    """
+
+    images: torch.Tensor
+    ids: tuple[str, ...]
+    name: str
+    groups: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != torch.float32:
+            raise DatasetError(f"images must be a float32 (N, C, H, W) tensor, got {self.images.dtype} "
+                               f"{tuple(self.images.shape)}")
+        count = self.images.shape[0]
+        if len(self.ids) != count:
+            raise DatasetError(f"{len(self.ids)} ids for {count} images")
+        unsafe = [i for i in self.ids if not _SAFE_ID.fullmatch(i) or set(i) == {"."}]
+        if unsafe:
+            raise DatasetError(f"ids must match [A-Za-z0-9._-]+ and not be only dots; bad: {unsafe[:5]}")
+        if len(set(self.ids)) != count:
+            raise DatasetError(f"duplicate ids in {self.name!r}: {_duplicates(self.ids)[:5]}")
+        if self.groups is not None and len(self.groups) != count:
+            raise DatasetError(f"{len(self.groups)} group labels for {count} images")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of shape, pixels, ids and groups: a store built from other data can be told apart."""
+        header = {"shape": list(self.images.shape), "dtype": "float32", "ids": list(self.ids),
+                  "groups": None if self.groups is None else list(self.groups)}
+        digest = hashlib.sha256(json.dumps(header).encode())
+        digest.update(np.ascontiguousarray(self.images.detach().cpu().numpy(), dtype=np.float32))
+        return digest.hexdigest()
+
+    @functools.cached_property
+    def _positions(self) -> dict[str, int]:
+        return {sample_id: i for i, sample_id in enumerate(self.ids)}
+
+    def subset(self, indices: Sequence[int]) -> ImageDataset:
+        """The samples at `indices`, in that order, keeping their ids and groups."""
+        index = [int(i) for i in indices]
+        outside = [i for i in index if not 0 <= i < len(self)]
+        if outside:
+            raise DatasetError(f"indices {outside[:5]} out of range for {len(self)} samples")
+        groups = None if self.groups is None else tuple(self.groups[i] for i in index)
+        return ImageDataset(self.images[torch.tensor(index, dtype=torch.long)],
+                            tuple(self.ids[i] for i in index), self.name, groups)
+
+    def index_of(self, sample_ids: Iterable[str]) -> list[int]:
+        """Positions of the given ids, so callers can address samples by their stable names."""
+        wanted = list(sample_ids)
+        unknown = [i for i in wanted if i not in self._positions]
+        if unknown:
+            raise DatasetError(f"unknown sample ids in {self.name!r}: {unknown[:10]}")
+        return [self._positions[i] for i in wanted]
+
+    def to_uint8(self, index: int) -> np.ndarray:
+        """Sample `index` as (H, W) or (H, W, 3) uint8, ready for PNG export."""
+        pixels = ((self.images[index].detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        array = pixels.permute(1, 2, 0).numpy()
+        return array[:, :, 0] if array.shape[2] == 1 else array
+
+
+def load_dataset(spec: DatasetSpec, root: Path | None = None) -> ImageDataset:
+    """Load `spec.source`, keep its first `spec.limit` samples, shaped (channels, resolution, resolution).
+
+    With `root`, file and folder sources must resolve inside it (relative ones resolve against it), so a
+    request cannot read files elsewhere on the machine.
+    """
+    if spec.source.startswith("builtin:"):
+        return _load_builtin(spec)
+    path = _confine(Path(spec.source), root)
+    if path.is_dir():
+        return _load_folder(path, spec, root)
+    if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
+        return _load_array_file(path, spec)
+    problem = "not found" if not path.exists() else "not a supported source"
+    raise DatasetError(f"dataset source {spec.source!r} {problem}; expected {_SOURCES}")
+
+
+def load_image_file(data: bytes | Path, *, resolution: int, channels: int) -> torch.Tensor:
+    """One image file or its bytes (PNG, JPEG, ... or .npy) as (channels, resolution, resolution) in [-1, 1]."""
+    where = str(data) if isinstance(data, Path) else "image bytes"
+    if isinstance(data, Path):
+        try:
+            data = data.read_bytes()
+        except OSError as exc:
+            raise DatasetError(f"cannot read {where}: {exc}") from exc
+    if not data:
+        raise DatasetError(f"{where} is empty")
+    if data.startswith(b"\x93NUMPY"):
+        array = _read_npy(data, where)
+    else:
+        array = _decode_image(data, where)
+    return _to_tensor(array, batched=False, resolution=resolution, channels=channels, where=where)[0]
+
+
+def outlier_mixture(majority: ImageDataset, outliers: ImageDataset, *, n_majority: int, n_outliers: int,
+                    seed: int) -> ImageDataset:
+    """A training set with planted outliers: the ground truth that attribution should recover."""
+    if majority.images.shape[1:] != outliers.images.shape[1:]:
+        raise DatasetError(f"image shapes differ: {tuple(majority.images.shape[1:])} vs "
+                           f"{tuple(outliers.images.shape[1:])}")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for part, count, prefix in ((majority, n_majority, "maj-"), (outliers, n_outliers, "out-")):
+        if not 0 <= count <= len(part):
+            raise DatasetError(f"cannot pick {count} samples from {part.name!r}, which has {len(part)}")
+        chosen = part.subset(rng.choice(len(part), size=count, replace=False).tolist())
+        picked.append(replace(chosen, ids=tuple(prefix + i for i in chosen.ids)))
+    together = ImageDataset(torch.cat([p.images for p in picked]), picked[0].ids + picked[1].ids,
+                            f"{majority.name} + {outliers.name}",
+                            ("majority",) * n_majority + ("outlier",) * n_outliers)
+    return together.subset(rng.permutation(len(together)).tolist())
+
+
+def split_holdout(dataset: ImageDataset, n_holdout: int, *, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """(train, held-out): a seeded, disjoint split; both keep the original sample order."""
+    if not 0 <= n_holdout <= len(dataset):
+        raise DatasetError(f"cannot hold out {n_holdout} of {len(dataset)} samples")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    return dataset.subset(np.sort(order[n_holdout:]).tolist()), dataset.subset(np.sort(order[:n_holdout]).tolist())
+
+
+# --- sources ---------------------------------------------------------------------------------------------
+
+
+def _load_builtin(spec: DatasetSpec) -> ImageDataset:
+    name, _, arg = spec.source.removeprefix("builtin:").partition(":")
+    if name == "digits" and arg in ("", *map(str, range(10))):
+        return _load_digits(spec, arg)
+    loaders = {"faces": _load_faces, "patches": _load_patches, "outliers": _load_outliers}
+    if name not in loaders or arg:
+        raise DatasetError(f"unknown built-in source {spec.source!r}; expected {_SOURCES}")
+    return loaders[name](spec)
+
+
+def _load_digits(spec: DatasetSpec, label: str) -> ImageDataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = np.flatnonzero(digits.target == int(label)) if label else np.arange(len(digits.target))
+    ids = tuple(f"digit-{i:04d}-{digits.target[i]}" for i in keep)
+    return _array_dataset(digits.images[keep] / 16.0, ids, None, spec, spec.source)
+
+
+def _load_faces(spec: DatasetSpec) -> ImageDataset:
+    from skimage import data
+
+    faces = data.lfw_subset()
+    return _array_dataset(faces, tuple(f"face-{i:03d}" for i in range(len(faces))), None, spec, spec.source)
+
+
+def _load_patches(spec: DatasetSpec) -> ImageDataset:
+    side = 2 * spec.resolution
+    photos = [(name, photo) for name, photo in _photos() if min(photo.shape[:2]) >= side]
+    if not photos:
+        raise DatasetError(f"no bundled photo has {side} px on a side; use a smaller resolution")
+    count = spec.limit or 2000
+    rng = np.random.default_rng(spec.seed)
+    which = rng.integers(len(photos), size=count)
+    ys = rng.integers(0, np.array([p.shape[0] - side + 1 for _, p in photos])[which])
+    xs = rng.integers(0, np.array([p.shape[1] - side + 1 for _, p in photos])[which])
+    images = torch.empty(count, spec.channels, spec.resolution, spec.resolution)
+    for k, (name, photo) in enumerate(photos):
+        rows = np.flatnonzero(which == k)
+        if rows.size:
+            cuts = np.stack([photo[y:y + side, x:x + side] for y, x in zip(ys[rows], xs[rows])])
+            images[torch.from_numpy(rows)] = _to_tensor(cuts, batched=True, resolution=spec.resolution,
+                                                        channels=spec.channels, where=name)
+    ids = tuple(f"patch-{photos[k][0]}-{i:05d}" for i, k in enumerate(which))
+    return ImageDataset(images, ids, spec.source)
+
+
+@functools.cache
+def _photos() -> tuple[tuple[str, np.ndarray], ...]:
+    """The photos that ship inside scikit-image (others would need a download, which is not allowed)."""
+    from skimage import data
+
+    loaded = []
+    for name in _PHOTOS:
+        try:
+            photo = getattr(data, name)()
+        except (ImportError, OSError, ValueError, AttributeError):
+            continue
+        photo.setflags(write=False)
+        loaded.append((name, photo))
+    return tuple(loaded)
+
+
+def _load_outliers(spec: DatasetSpec) -> ImageDataset:
+    total = spec.limit or 1000
+    n_outliers = max(1, round(0.04 * total))
+    shape = {"resolution": spec.resolution, "channels": spec.channels, "seed": spec.seed}
+    majority = load_dataset(DatasetSpec(source="builtin:patches", limit=max(1, total - n_outliers), **shape))
+    zeros = load_dataset(DatasetSpec(source="builtin:digits:0", **shape))
+    mixture = outlier_mixture(majority, zeros, n_majority=total - n_outliers, n_outliers=n_outliers,
+                              seed=spec.seed)
+    return replace(mixture, name=spec.source)
+
+
+def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDataset:
+    found = _image_files(folder)
+    if not found:
+        raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {folder}")
+    grouped = all("/" in rel for rel in found)  # every image in a class subfolder: the subfolder is its group
+    kept = found[:spec.limit]
+    images = [load_image_file(_confine(folder / rel, root), resolution=spec.resolution, channels=spec.channels)
+              for rel in kept]
+    ids = tuple(_UNSAFE_CHAR.sub("_", rel) for rel in kept)
+    groups = tuple(rel.split("/", 1)[0] for rel in kept) if grouped else None
+    return ImageDataset(torch.stack(images), ids, folder.name, groups)
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Relative paths of the images under `folder`, sorted; hidden files and folders are skipped."""
+    found = []
+    for top, dirs, files in os.walk(folder):  # does not follow symlinked folders
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top, name).relative_to(folder).as_posix() for name in files
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def _load_array_file(path: Path, spec: DatasetSpec) -> ImageDataset:
+    ids = groups = None
+    try:
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)  # .npy is memory-mapped: `limit` reads less
+        if isinstance(loaded, np.ndarray):
+            images = loaded
+        else:
+            with loaded as archive:
+                if "images" not in archive.files:
+                    raise DatasetError(f"{path} has no 'images' array (it has {archive.files})")
+                images = archive["images"]
+                if not isinstance(images, np.ndarray) or images.ndim not in (3, 4):
+                    raise DatasetError(f"{path}: 'images' must be an (N, H, W[, C]) array")
+                ids = _strings(archive, "ids", len(images), path)
+                groups = _strings(archive, "groups", len(images), path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"cannot read {path} as a .npy/.npz array: {exc}") from exc
+    return _array_dataset(images, ids, groups, spec, path.name)
+
+
+def _strings(archive: np.lib.npyio.NpzFile, key: str, count: int, path: Path) -> tuple[str, ...] | None:
+    if key not in archive.files:
+        return None
+    values = archive[key]
+    if values.dtype.kind not in "US" or values.shape != (count,):
+        raise DatasetError(f"{path}: '{key}' must be {count} strings, got {values.dtype} {values.shape}")
+    return tuple(values.astype(str).tolist())
+
+
+def _array_dataset(array: np.ndarray, ids: tuple[str, ...] | None, groups: tuple[str, ...] | None,
+                   spec: DatasetSpec, name: str) -> ImageDataset:
+    if array.ndim not in (3, 4) or len(array) == 0:
+        raise DatasetError(f"{name} must hold images as (N, H, W[, C]) or (N, C, H, W), got {array.shape}")
+    kept = array[:spec.limit]
+    images = _to_tensor(kept, batched=True, resolution=spec.resolution, channels=spec.channels, where=name)
+    ids = ids[:spec.limit] if ids is not None else tuple(f"sample-{i:05d}" for i in range(len(kept)))
+    return ImageDataset(images, ids, name, None if groups is None else groups[:spec.limit])
+
+
+def _confine(path: Path, root: Path | None) -> Path:
+    if root is None:
+        return path
+    base = root.resolve()
+    resolved = (base / path).resolve()
+    if not resolved.is_relative_to(base):
+        raise DatasetError(f"{path} resolves to {resolved}, outside the data root {base}")
+    return resolved
+
+
+# --- decoding and the one conversion path ------------------------------------------------------------------
+
+
+def _read_npy(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DatasetError(f"{where} is not a readable .npy array: {exc}") from exc
+
+
+def _decode_image(data: bytes, where: str) -> np.ndarray:
+    """Pixels as (H, W) or (H, W, 3); alpha is composited onto black. Size is checked before decoding."""
+    try:
+        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
+            _check_side(image.size[1], image.size[0], where)
+            image.load()
+            if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                pixels = np.asarray(image)
+                return pixels if image.mode == "F" else _as_uint16(pixels, where)
+            if "A" in image.getbands() or "transparency" in image.info:
+                rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+                return rgba[:, :, :3] * rgba[:, :, 3:]
+            return np.asarray(image.convert("L" if image.mode in ("1", "L") else "RGB"))
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{where} is not a readable image: {exc}") from exc
+
+
+def _as_uint16(pixels: np.ndarray, where: str) -> np.ndarray:
+    if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 65535:
+        raise DatasetError(f"{where}: integer pixels outside 0..65535")
+    return pixels.astype(np.uint16)
+
+
+def _check_side(height: int, width: int, where: str) -> None:
+    if max(height, width) > MAX_IMAGE_SIDE:
+        raise DatasetError(f"{where} is {width}x{height}; the largest side accepted is {MAX_IMAGE_SIDE}")
+
+
+def _to_tensor(array: np.ndarray, *, batched: bool, resolution: int, channels: int, where: str) -> torch.Tensor:
+    """(N, H, W), (N, H, W, C) or (N, C, H, W) (no N when not batched) → (N, channels, R, R) in [-1, 1]."""
+    if channels not in (1, 3) or resolution < 1:
+        raise DatasetError(f"cannot bring images to {channels} channels at {resolution} px")
+    nchw = _center_crop(_nchw(array if batched else array[None], where))
+    converted = [_fit(_unit(nchw[i:i + _CHUNK], where), resolution, channels)
+                 for i in range(0, len(nchw), _CHUNK)]
+    return torch.cat(converted) if converted else torch.empty(0, channels, resolution, resolution)
+
+
+def _nchw(array: np.ndarray, where: str) -> np.ndarray:
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim != 4:
+        raise DatasetError(f"{where}: array of shape {array.shape} is not an image or a stack of images")
+    elif array.shape[3] in (1, 3):
+        array = array.transpose(0, 3, 1, 2)
+    elif array.shape[1] not in (1, 3):
+        raise DatasetError(f"{where}: shape {array.shape[1:]} has no channel axis of size 1 or 3 "
+                           "(grey or RGB) first or last")
+    _check_side(array.shape[2], array.shape[3], where)
+    return array
+
+
+def _center_crop(nchw: np.ndarray) -> np.ndarray:
+    height, width = nchw.shape[2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return nchw[:, :, top:top + side, left:left + side]
+
+
+def _unit(array: np.ndarray, where: str) -> torch.Tensor:
+    """Pixels as float32 in [0, 1]: uint8 / 255, uint16 / 65535, bool as 0/1, floats checked."""
+    scale = {"u1": 255.0, "u2": 65535.0, "b1": 1.0}.get(f"{array.dtype.kind}{array.dtype.itemsize}")
+    values = np.asarray(array, dtype=np.float32)
+    if scale is not None:
+        return torch.from_numpy(values / scale)
+    if array.dtype.kind != "f":
+        raise DatasetError(f"{where}: pixel type {array.dtype} unsupported; use uint8 0..255 or float in [0, 1]")
+    if not np.isfinite(values).all():
+        raise DatasetError(f"{where}: pixels contain NaN or infinite values")
+    if values.size and (values.min() < 0 or values.max() > 1):
+        raise DatasetError(f"{where}: float pixels must lie in [0, 1], got {values.min()}..{values.max()}")
+    return torch.from_numpy(np.ascontiguousarray(values))
+
+
+def _fit(unit: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
+    if unit.shape[1] == 3 and channels == 1:
+        unit = torch.einsum("nchw,c->nhw", unit, _LUMA)[:, None]
+    elif unit.shape[1] == 1 and channels == 3:
+        unit = unit.expand(-1, 3, -1, -1)
+    if unit.shape[-1] != resolution:
+        unit = F.interpolate(unit, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                             antialias=unit.shape[-1] > resolution)
+    return (unit * 2 - 1).clamp(-1, 1).contiguous()
+
+
+def _duplicates(values: Sequence[str]) -> list[str]:
+    return sorted(value for value, count in Counter(values).items() if count > 1)

@@ -1,0 +1,177 @@
+"""Resolving an `IndexSpec` into what indexing needs, and computing any block of an index's rows.
+
+`IndexPlan.resolve` loads the dataset and the run, checks that checkpoints, loss and replay record
+fit together (each mismatch a named error), and fixes every slot's (timestep, noise seed).
+`IndexPlan.compute_rows` then computes the rows of one checkpoint for any row range: the one
+idempotent function that the in-memory path, the store's tasks and the Celery workers all call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from api_schemas import IndexSpec, LossKind
+from retrac.datasets import ImageDataset, load_dataset
+from retrac.exceptions import CheckpointError, SpecError
+from retrac.gradients import GradientComputer, num_parameters
+from retrac.models import DiffusionModel, load_scheduler, load_unet, read_architecture, check_architecture
+from retrac.noise import draw_seeds, noise_from_seeds
+from retrac.paths import resolve_inside
+from retrac.projections import derive_seed, make_projector
+from retrac.query import query_timesteps
+from retrac.replay import TrainingRun, default_weights
+from retrac.scoring import RowChunk
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """A checkpoint of an index: its folder, the epoch it was saved after (if known) and its weight."""
+
+    path: Path
+    epoch: int | None
+    weight: float
+
+
+@dataclass(frozen=True)
+class Rows(RowChunk):
+    """Computed rows of one checkpoint: `projected` `(n, S, k)` float32, `norms` `(n, S)` float32,
+    and the slots they were computed at, `timesteps` and `seeds` `(n, S)` int64."""
+
+    timesteps: torch.Tensor
+    seeds: torch.Tensor
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    spec: IndexSpec
+    dataset: ImageDataset
+    checkpoints: tuple[ResolvedCheckpoint, ...]
+    loss: LossKind
+    run: TrainingRun | None
+    architecture: dict[str, Any]
+    scheduler_folder: Path | None
+    num_timesteps: int
+
+    @classmethod
+    def resolve(cls, spec: IndexSpec, root: Path | None = None) -> IndexPlan:
+        """Check and resolve `spec`; paths in it stay inside `root` when one is given."""
+        run = TrainingRun.load(resolve_inside(root, spec.run)) if spec.run else None
+        dataset = load_dataset(spec.dataset, root)
+        loss = _resolve_loss(spec, run)
+        checkpoints = _resolve_checkpoints(spec, run, len(dataset), root)
+        if spec.slots.replay:
+            _check_replay(run, dataset, checkpoints)
+        architecture = read_architecture(checkpoints[0].path)
+        for checkpoint in checkpoints[1:]:
+            check_architecture(checkpoint.path, read_architecture(checkpoint.path), architecture)
+        scheduler = resolve_inside(root, spec.scheduler) if spec.scheduler else (run.scheduler_folder if run else None)
+        num_timesteps = len(load_scheduler(scheduler).alphas_cumprod)
+        return cls(spec, dataset, tuple(checkpoints), loss, run, architecture, scheduler, num_timesteps)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def weights(self) -> list[float]:
+        return [c.weight for c in self.checkpoints]
+
+    def load_model(self, checkpoint: int, device: torch.device | str = "cpu") -> DiffusionModel:
+        """The model of checkpoint `checkpoint` (an index into `checkpoints`), architecture checked."""
+        unet = load_unet(self.checkpoints[checkpoint].path, expect=self.architecture)
+        return DiffusionModel.from_parts(unet, load_scheduler(self.scheduler_folder)).to(device)
+
+    def gradient_computer(self, checkpoint: int, model: DiffusionModel) -> GradientComputer:
+        """The computer that projects with this index's operator for checkpoint `checkpoint`."""
+        projector = make_projector(self.spec.projector, num_parameters(model), checkpoint)
+        return GradientComputer(model, self.loss, projector, chunk=self.spec.batch_size)
+
+    def slots(self, checkpoint: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps, seeds) `(n, S)` int64 of the rows `rows` at checkpoint `checkpoint`.
+
+        Slot order: the replayed step (if any), then grid slots, then random slots. Grid and random
+        slots derive from (slot seed, sample id) alone, so they do not depend on sharding.
+        """
+        ids = self.dataset.ids[rows]
+        slots = self.spec.slots
+        columns_t, columns_s = [], []
+        if self.run is not None and slots.replay:
+            t, s = self.run.replayed(ids, int(self.checkpoints[checkpoint].epoch or 0))
+            columns_t.append(t[:, None])
+            columns_s.append(s[:, None])
+        if slots.grid or slots.random:
+            grid = query_timesteps(slots.grid, self.num_timesteps) if slots.grid else torch.empty(0, dtype=torch.int64)
+            per_sample = [_sample_slots(slots.seed, i, grid, slots.random, self.num_timesteps) for i in ids]
+            columns_t.append(torch.stack([t for t, _ in per_sample]))
+            columns_s.append(torch.stack([s for _, s in per_sample]))
+        return torch.cat(columns_t, dim=1), torch.cat(columns_s, dim=1)
+
+    def compute_rows(self, checkpoint: int, rows: slice, computer: GradientComputer) -> Rows:
+        """Projected gradients and exact norms of rows `rows` at checkpoint `checkpoint`."""
+        timesteps, seeds = self.slots(checkpoint, rows)
+        images = self.dataset.images[rows]
+        n, s = timesteps.shape
+        noise = noise_from_seeds(seeds.reshape(-1), images.shape[1:]).unsqueeze(1)  # (n*S, 1, C, H, W)
+        batch = computer.compute(images.repeat_interleave(s, dim=0), timesteps.reshape(-1), noise)
+        return Rows(
+            projected=batch.projected.reshape(n, s, -1).cpu(),
+            norms=batch.norms.reshape(n, s).cpu(),
+            timesteps=timesteps,
+            seeds=seeds,
+        )
+
+
+def _sample_slots(seed: int, sample_id: str, grid: torch.Tensor, random: int, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator("cpu").manual_seed(derive_seed(seed, "slots", sample_id))
+    random_t = torch.randint(0, num_timesteps, (random,), generator=generator)
+    seeds = draw_seeds(generator, len(grid) + random)
+    return torch.cat([grid, random_t]), seeds
+
+
+def _resolve_loss(spec: IndexSpec, run: TrainingRun | None) -> LossKind:
+    if run is not None and spec.loss is not None and spec.loss != run.loss:
+        raise CheckpointError(
+            f"loss {spec.loss!r} does not match the record: the run was trained with {run.loss!r}; "
+            "attribution must use the training loss"
+        )
+    loss = spec.loss or (run.loss if run else None)
+    if loss is None:
+        raise SpecError("give the loss the model was trained with (mse or l1)")
+    return loss
+
+
+def _resolve_checkpoints(
+    spec: IndexSpec, run: TrainingRun | None, num_samples: int, root: Path | None
+) -> list[ResolvedCheckpoint]:
+    given = list(spec.checkpoints) or (run.checkpoints() if run else [])
+    if not given:
+        raise SpecError("the index names no checkpoints and its run saved none")
+    paths = [resolve_inside(root, c.path) for c in given]
+    if all(c.weight is not None for c in given):
+        weights = [float(c.weight) for c in given]  # type: ignore[arg-type]
+    elif run is not None and all(c.epoch is not None for c in given):
+        epochs = [int(c.epoch) for c in given]  # type: ignore[arg-type]
+        if epochs != sorted(set(epochs)):
+            raise SpecError(f"checkpoint epochs must increase, got {epochs}")
+        defaults = default_weights(epochs, [run.spec.lr] * len(epochs), run.spec.batch_size, num_samples)
+        weights = [c.weight if c.weight is not None else w for c, w in zip(given, defaults)]
+    else:
+        weights = [1.0 if c.weight is None else float(c.weight) for c in given]  # no lr/B to weigh by
+    return [ResolvedCheckpoint(p, c.epoch, w) for p, c, w in zip(paths, given, weights, strict=True)]
+
+
+def _check_replay(run: TrainingRun | None, dataset: ImageDataset, checkpoints: list[ResolvedCheckpoint]) -> None:
+    if run is None:
+        raise SpecError("replay slots need a training run with a replay record")
+    for checkpoint in checkpoints:
+        if checkpoint.epoch is None:
+            raise SpecError(f"{checkpoint.path}: replay needs the epoch the checkpoint was saved after")
+    missing = set(dataset.ids) - set(run.sample_ids)
+    if missing:
+        run.replayed(sorted(missing), 1)  # raises ReplayError naming them
+    if dataset.ids == run.sample_ids and dataset.fingerprint != run.dataset_fingerprint:
+        raise SpecError("the dataset's images differ from those the run was trained on; replay would be wrong")

@@ -1,0 +1,177 @@
+"""Diffusion models: building diffusers UNets from named presets, and loading checkpoints safely.
+
+A checkpoint is a diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`), as
+`UNet2DModel.save_pretrained` writes it. Weights are only ever read from safetensors, never unpickled.
+The noise schedule lives beside the checkpoints (`scheduler/` in a training run); a model trained
+elsewhere without one gets diffusers' default DDPM schedule with T = 1000.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor
+
+from retrac.exceptions import CheckpointError
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~45k parameters: for tests that train and score in seconds.
+    "micro": dict(
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=8,
+    ),
+    # ~0.7M parameters at 16x16x1: the "tiny" model of the benchmarks and the demo.
+    "tiny": dict(
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+    ),
+    # ~4.4M parameters at 32x32x3, one attention level: the "small" model of the benchmarks.
+    "small": dict(
+        block_out_channels=(64, 128, 128),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=16,
+    ),
+}
+
+
+def build_unet(preset: str, *, resolution: int, channels: int, seed: int = 0) -> UNet2DModel:
+    """A freshly initialised UNet of a named preset, with weights drawn from `seed`."""
+    if preset not in PRESETS:
+        raise CheckpointError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DModel(
+            sample_size=resolution, in_channels=channels, out_channels=channels, **PRESETS[preset]
+        )
+    return with_plain_attention(unet)
+
+
+def with_plain_attention(unet: UNet2DModel) -> UNet2DModel:
+    """Switch attention to the plain matmul-softmax processor, in place.
+
+    torch.func has no batching rule for the fused CPU attention kernel and falls back to a slow
+    per-sample loop under vmap; the plain processor batches cleanly. Training and gradient code
+    both use it, so a replayed loss is computed with the same arithmetic as the training step.
+    """
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor())
+    return unet
+
+
+def architecture(config: Any) -> dict[str, Any]:
+    """The config entries that fix the parameter layout; two models with equal ones are compatible."""
+    return {k: _jsonable(v) for k, v in sorted(dict(config).items()) if not k.startswith("_")}
+
+
+def read_architecture(path: str | Path) -> dict[str, Any]:
+    """`architecture()` of a checkpoint folder, read from its config.json without loading weights."""
+    config = _model_folder(path) / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{path}: not a diffusers model folder (no config.json)")
+    return architecture(json.loads(config.read_text()))
+
+
+def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> UNet2DModel:
+    """Load a diffusers UNet folder from safetensors, in eval mode, float32.
+
+    `expect` is an `architecture()` the checkpoint must match (all checkpoints of one index must
+    share one parameter layout, or their gradients could not be compared).
+    """
+    folder = _model_folder(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a diffusers model folder (no config.json)")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise CheckpointError(
+            f"{path}: no {WEIGHTS_NAME}; retrac loads safetensors only (convert pickled .bin weights first)"
+        )
+    try:
+        model = UNet2DModel.from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
+        )
+    except Exception as error:  # diffusers raises many kinds; the user needs the path and the cause
+        raise CheckpointError(f"{path}: cannot load UNet: {error}") from error
+    if expect is not None:
+        check_architecture(path, architecture(model.config), expect)
+    return with_plain_attention(model.eval().float())
+
+
+def load_scheduler(folder: str | Path | None) -> DDPMScheduler:
+    """The DDPM noise schedule saved in `folder`, or diffusers' default (T = 1000, linear betas)."""
+    if folder is not None and (Path(folder) / "scheduler_config.json").is_file():
+        return DDPMScheduler.from_pretrained(folder, local_files_only=True)
+    return DDPMScheduler(num_train_timesteps=1000)
+
+
+def fingerprint_checkpoint(path: str | Path) -> str:
+    """sha256 of the weights file and config: a changed checkpoint is detected, not silently used."""
+    folder = _model_folder(path)
+    digest = hashlib.sha256()
+    for name in ("config.json", WEIGHTS_NAME):
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: missing {name}")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DiffusionModel:
+    """A UNet and the noise schedule it was trained with: what every gradient needs."""
+
+    unet: UNet2DModel
+    alphas_cumprod: torch.Tensor  # (T,) float32, alpha_bar_t
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @classmethod
+    def from_parts(cls, unet: UNet2DModel, scheduler: DDPMScheduler) -> DiffusionModel:
+        if scheduler.config.prediction_type != "epsilon":
+            raise CheckpointError("only noise-prediction (epsilon) models are supported")
+        return cls(unet=unet, alphas_cumprod=scheduler.alphas_cumprod.to(torch.float32))
+
+    def to(self, device: torch.device | str) -> DiffusionModel:
+        return DiffusionModel(self.unet.to(device), self.alphas_cumprod.to(device))
+
+
+def check_architecture(path: str | Path, found: dict[str, Any], expect: dict[str, Any]) -> None:
+    """A CheckpointError naming the differing config entries, if `found` is not `expect`."""
+    differing = sorted(k for k in set(expect) | set(found) if expect.get(k) != found.get(k))
+    if differing:
+        raise CheckpointError(
+            f"{path}: a checkpoint of another architecture (config differs in {', '.join(differing)}); "
+            "all checkpoints of an index must share one architecture"
+        )
+
+
+def _model_folder(path: str | Path) -> Path:
+    """The UNet folder itself, also when `path` is a full pipeline folder with a `unet/` inside."""
+    folder = Path(path)
+    if (folder / "unet").is_dir() and not (folder / "config.json").exists():
+        return folder / "unet"
+    return folder
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list))

@@ -1,0 +1,139 @@
+"""Diffusion-TracIn and Diffusion-ReTrac scores, streamed over chunks of training rows.
+
+With per-checkpoint weights `w_c`, projected training gradients `g_c(z, s)` of slot s and exact
+norms `||g_c(z, s)||` (method.md section 4):
+
+    TracIn(z, q) = sum_c w_c * mean_s g_c(z, s) . G_c(q)
+    ReTrac(z, q) = sum_c w_c * mean_s (g_c(z, s) / ||g_c(z, s)||) . G^_c(q)
+
+`scan` keeps the top-k (proponents) and bottom-k (opponents) per method and query, with each one's
+per-checkpoint contributions, over any number of chunks in memory bounded by the chunk size. The
+in-memory engine and the Zarr store feed it the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from api_schemas import Method
+from retrac.query import QueryVectors
+
+METHODS: tuple[Method, ...] = ("tracin", "retrac")
+
+
+@dataclass(frozen=True)
+class RowChunk:
+    """Stored rows of one checkpoint: `projected` `(n, S, k)`, exact `norms` `(n, S)`."""
+
+    projected: torch.Tensor
+    norms: torch.Tensor
+
+
+def slot_means(chunk: RowChunk) -> dict[Method, torch.Tensor]:
+    """Training-side vectors `(n, k)` float32: the slot mean of g (TracIn) and of g/||g|| (ReTrac).
+
+    A zero gradient has no direction; its ReTrac vector is zero rather than NaN.
+    """
+    projected = chunk.projected.float()
+    inverse = torch.where(chunk.norms > 0, 1.0 / chunk.norms.float(), torch.zeros((), dtype=torch.float32))
+    return {"tracin": projected.mean(dim=1), "retrac": (projected * inverse.unsqueeze(-1)).mean(dim=1)}
+
+
+def contributions(
+    chunks: Sequence[RowChunk], queries: Sequence[QueryVectors], weights: Sequence[float], methods: Sequence[Method]
+) -> dict[Method, torch.Tensor]:
+    """Per-checkpoint weighted contributions `(n, Q, C)` per method; scores are their sum over C."""
+    out: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
+    for chunk, query, weight in zip(chunks, queries, weights, strict=True):
+        vectors = slot_means(chunk)
+        for method in methods:
+            query_side = getattr(query, method).to(vectors[method].device, torch.float32)
+            out[method].append(weight * (vectors[method] @ query_side.T))
+    return {m: torch.stack(parts, dim=-1) for m, parts in out.items()}
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """k rows per query: `rows` `(Q, k)` int64 row numbers, `scores` `(Q, k)`, `contributions` `(Q, k, C)`."""
+
+    rows: torch.Tensor
+    scores: torch.Tensor
+    contributions: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Proponents (highest first) and opponents (lowest first) per method."""
+
+    proponents: dict[Method, Ranked]
+    opponents: dict[Method, Ranked]
+
+
+class _Extremes:
+    """Running top-k of one score table across chunks (`largest=False` keeps the bottom k)."""
+
+    def __init__(self, top_k: int, largest: bool) -> None:
+        self.top_k, self.largest = top_k, largest
+        self.best: Ranked | None = None
+
+    def add(self, first_row: int, contribution: torch.Tensor) -> None:
+        scores = contribution.sum(dim=-1).T  # (Q, n)
+        rows = torch.arange(first_row, first_row + scores.shape[1]).expand_as(scores)
+        parts = contribution.permute(1, 0, 2)  # (Q, n, C)
+        if self.best is not None:
+            scores = torch.cat([self.best.scores, scores], dim=1)
+            rows = torch.cat([self.best.rows, rows], dim=1)
+            parts = torch.cat([self.best.contributions, parts], dim=1)
+        k = min(self.top_k, scores.shape[1])
+        kept = scores.topk(k, dim=1, largest=self.largest, sorted=True).indices
+        self.best = Ranked(
+            rows=rows.gather(1, kept),
+            scores=scores.gather(1, kept),
+            contributions=parts.gather(1, kept.unsqueeze(-1).expand(-1, -1, parts.shape[2])),
+        )
+
+
+def scan(
+    chunks: Iterable[tuple[int, Sequence[RowChunk]]],
+    queries: Sequence[QueryVectors],
+    weights: Sequence[float],
+    *,
+    top_k: int,
+    methods: Sequence[Method] = METHODS,
+) -> Ranking:
+    """Rank all rows for every query. `chunks` yields (first row, one RowChunk per checkpoint)."""
+    keep = {(m, largest): _Extremes(top_k, largest) for m in methods for largest in (True, False)}
+    for first_row, per_checkpoint in chunks:
+        table = contributions(per_checkpoint, queries, weights, methods)
+        for (method, _), extremes in keep.items():
+            extremes.add(first_row, table[method])
+    if any(e.best is None for e in keep.values()):
+        raise ValueError("scan needs at least one row")
+    return Ranking(
+        proponents={m: keep[m, True].best for m in methods},  # type: ignore[misc]
+        opponents={m: keep[m, False].best for m in methods},  # type: ignore[misc]
+    )
+
+
+def self_influence(
+    chunks: Sequence[RowChunk],
+    weights: Sequence[float],
+    train_slots: Sequence[int],
+    query_slots: Sequence[int],
+) -> dict[Method, torch.Tensor]:
+    """Self-influence `(n,)` per method from stored slots alone (method.md section 4).
+
+    The training side uses `train_slots` (the replayed step); the query side is the mean over
+    `query_slots` (grid slots: the estimator with K = grid size and M = 1).
+    """
+    total: dict[Method, torch.Tensor] = {}
+    for chunk, weight in zip(chunks, weights, strict=True):
+        train = slot_means(RowChunk(chunk.projected[:, train_slots], chunk.norms[:, train_slots]))
+        query = slot_means(RowChunk(chunk.projected[:, query_slots], chunk.norms[:, query_slots]))
+        for method in METHODS:
+            value = weight * (train[method] * query[method]).sum(dim=1)
+            total[method] = total.get(method, 0) + value
+    return total

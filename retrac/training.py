@@ -1,0 +1,106 @@
+"""`retrac train`: a DDPM trainer that records, for every step, what attribution must replay.
+
+For every epoch and every sample it records the timestep and noise seed the sample was trained at,
+and the per-sample loss of that step. Every sample is trained every epoch: the last batch of an
+epoch is simply smaller, never dropped. A run folder holds:
+
+    manifest.json                      the TrainSpec, sample ids, dataset fingerprint, checkpoints
+    replay.safetensors                 timesteps (E, N) int64, seeds (E, N) int64, losses (E, N) float32
+    scheduler/scheduler_config.json    the DDPM noise schedule
+    checkpoints/epoch-0005/            a diffusers UNet folder per saved checkpoint
+
+The same seed gives the same run, bit for bit, on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import save_file
+
+from api_schemas import TrainSpec
+from retrac.datasets import ImageDataset
+from retrac.losses import distance, noised
+from retrac.models import DiffusionModel, build_unet
+from retrac.noise import draw_seeds, noise_from_seeds
+from retrac.replay import MANIFEST_NAME, RECORD_NAME, RUN_FORMAT, TrainingRun
+
+ProgressCallback = Callable[[int, float], None]
+"""Called after each epoch with (epoch, mean loss)."""
+
+
+def train(
+    spec: TrainSpec,
+    dataset: ImageDataset,
+    out_dir: str | Path,
+    *,
+    on_epoch: ProgressCallback | None = None,
+) -> TrainingRun:
+    """Train a DDPM on `dataset` as `spec` says; write the run folder; return it loaded."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n, (channels, resolution) = len(dataset), dataset.images.shape[1:3]
+    scheduler = DDPMScheduler(num_train_timesteps=spec.num_timesteps)
+    scheduler.save_pretrained(out / "scheduler")
+    model = DiffusionModel.from_parts(
+        build_unet(spec.preset, resolution=resolution, channels=channels, seed=spec.seed), scheduler
+    )
+    model.unet.train()
+    optimizer = torch.optim.AdamW(model.unet.parameters(), lr=spec.lr)
+    generator = torch.Generator("cpu").manual_seed(spec.seed)
+
+    timesteps = torch.empty(spec.epochs, n, dtype=torch.int64)
+    seeds = torch.empty(spec.epochs, n, dtype=torch.int64)
+    losses = torch.empty(spec.epochs, n, dtype=torch.float32)
+    checkpoints = []
+    for epoch in range(spec.epochs):
+        # 1. Draw this epoch's order, timesteps and noise seeds from the run's one generator.
+        order = torch.randperm(n, generator=generator)
+        timesteps[epoch] = torch.randint(0, spec.num_timesteps, (n,), generator=generator)
+        seeds[epoch] = draw_seeds(generator, n)
+        # 2. One optimiser step per batch, the last one possibly smaller.
+        for start in range(0, n, spec.batch_size):
+            rows = order[start : start + spec.batch_size]
+            losses[epoch, rows] = _step(model, optimizer, spec, dataset.images[rows], timesteps[epoch, rows], seeds[epoch, rows])
+        # 3. Save a checkpoint every `save_every` epochs and after the last.
+        done = epoch + 1
+        if done % spec.save_every == 0 or done == spec.epochs:
+            folder = f"checkpoints/epoch-{done:04d}"
+            model.unet.save_pretrained(out / folder, safe_serialization=True)
+            checkpoints.append({"epoch": done, "path": folder, "lr": spec.lr})
+        if on_epoch is not None:
+            on_epoch(done, float(losses[epoch].mean()))
+
+    save_file({"timesteps": timesteps, "seeds": seeds, "losses": losses}, out / RECORD_NAME)
+    manifest = {
+        "format": RUN_FORMAT,
+        "spec": spec.model_dump(mode="json"),
+        "num_samples": n,
+        "sample_ids": list(dataset.ids),
+        "dataset_fingerprint": dataset.fingerprint,
+        "checkpoints": checkpoints,
+    }
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    return TrainingRun.load(out)
+
+
+def _step(
+    model: DiffusionModel,
+    optimizer: torch.optim.Optimizer,
+    spec: TrainSpec,
+    images: torch.Tensor,
+    timesteps: torch.Tensor,
+    seeds: torch.Tensor,
+) -> torch.Tensor:
+    """One optimiser step on a batch; returns the per-sample losses `(B,)` it trained on."""
+    noise = noise_from_seeds(seeds, images.shape[1:])
+    prediction = model.unet(noised(images, timesteps, noise, model.alphas_cumprod), timesteps).sample
+    per_sample = distance(prediction, noise, spec.loss)
+    optimizer.zero_grad(set_to_none=True)
+    per_sample.mean().backward()
+    optimizer.step()
+    return per_sample.detach()
