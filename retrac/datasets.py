@@ -32,7 +32,7 @@ from retrac.exceptions import DatasetError
 MAX_IMAGE_SIDE = 4096
 """Largest accepted image side, checked before pixels are decoded (guards against decompression bombs)."""
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 _PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")  # no EPS/PDF: those run external programs
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9._-]")
@@ -68,7 +68,8 @@ class ImageDataset:
         if unsafe:
             raise DatasetError(f"ids must match [A-Za-z0-9._-]+ and not be only dots; bad: {unsafe[:5]}")
         if len(set(self.ids)) != count:
-            raise DatasetError(f"duplicate ids in {self.name!r}: {_duplicates(self.ids)[:5]}")
+            repeated = sorted(i for i, n in Counter(self.ids).items() if n > 1)
+            raise DatasetError(f"duplicate ids in {self.name!r}: {repeated[:5]}")
         if self.groups is not None and len(self.groups) != count:
             raise DatasetError(f"{len(self.groups)} group labels for {count} images")
 
@@ -254,7 +255,7 @@ def _load_outliers(spec: DatasetSpec) -> ImageDataset:
 def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDataset:
     found = _image_files(folder)
     if not found:
-        raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {folder}")
+        raise DatasetError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in folder {folder}")
     grouped = all("/" in rel for rel in found)  # every image in a class subfolder: the subfolder is its group
     kept = found[:spec.limit]
     images = [load_image_file(_confine(folder / rel, root), resolution=spec.resolution, channels=spec.channels)
@@ -270,7 +271,7 @@ def _image_files(folder: Path) -> list[str]:
     for top, dirs, files in os.walk(folder):  # does not follow symlinked folders
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found += [Path(top, name).relative_to(folder).as_posix() for name in files
-                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+                  if not name.startswith(".") and Path(name).suffix.lower() in _IMAGE_SUFFIXES]
     return sorted(found)
 
 
@@ -339,21 +340,14 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
             _check_side(image.size[1], image.size[0], where)
             image.load()
-            if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-                pixels = np.asarray(image)
-                return pixels if image.mode == "F" else _as_uint16(pixels, where)
+            if image.mode == "F" or image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grey, float
+                return np.asarray(image).astype(np.float32) / (1.0 if image.mode == "F" else 65535.0)
             if "A" in image.getbands() or "transparency" in image.info:
                 rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
                 return rgba[:, :, :3] * rgba[:, :, 3:]
             return np.asarray(image.convert("L" if image.mode in ("1", "L") else "RGB"))
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{where} is not a readable image: {exc}") from exc
-
-
-def _as_uint16(pixels: np.ndarray, where: str) -> np.ndarray:
-    if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 65535:
-        raise DatasetError(f"{where}: integer pixels outside 0..65535")
-    return pixels.astype(np.uint16)
 
 
 def _check_side(height: int, width: int, where: str) -> None:
@@ -368,7 +362,7 @@ def _to_tensor(array: np.ndarray, *, batched: bool, resolution: int, channels: i
     nchw = _center_crop(_nchw(array if batched else array[None], where))
     converted = [_fit(_unit(nchw[i:i + _CHUNK], where), resolution, channels)
                  for i in range(0, len(nchw), _CHUNK)]
-    return torch.cat(converted) if converted else torch.empty(0, channels, resolution, resolution)
+    return torch.cat(converted)
 
 
 def _nchw(array: np.ndarray, where: str) -> np.ndarray:
@@ -395,16 +389,16 @@ def _center_crop(nchw: np.ndarray) -> np.ndarray:
 def _unit(array: np.ndarray, where: str) -> torch.Tensor:
     """Pixels as float32 in [0, 1]: uint8 / 255, uint16 / 65535, bool as 0/1, floats checked."""
     scale = {"u1": 255.0, "u2": 65535.0, "b1": 1.0}.get(f"{array.dtype.kind}{array.dtype.itemsize}")
-    values = np.asarray(array, dtype=np.float32)
+    if scale is None and array.dtype.kind != "f":
+        raise DatasetError(f"{where}: pixel type {array.dtype} unsupported; use uint8 0..255 or float in [0, 1]")
+    values = np.array(array, dtype=np.float32)  # a writable copy, also of read-only memory maps
     if scale is not None:
         return torch.from_numpy(values / scale)
-    if array.dtype.kind != "f":
-        raise DatasetError(f"{where}: pixel type {array.dtype} unsupported; use uint8 0..255 or float in [0, 1]")
     if not np.isfinite(values).all():
         raise DatasetError(f"{where}: pixels contain NaN or infinite values")
     if values.size and (values.min() < 0 or values.max() > 1):
         raise DatasetError(f"{where}: float pixels must lie in [0, 1], got {values.min()}..{values.max()}")
-    return torch.from_numpy(np.ascontiguousarray(values))
+    return torch.from_numpy(values)
 
 
 def _fit(unit: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
@@ -415,8 +409,5 @@ def _fit(unit: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
     if unit.shape[-1] != resolution:
         unit = F.interpolate(unit, size=(resolution, resolution), mode="bilinear", align_corners=False,
                              antialias=unit.shape[-1] > resolution)
-    return (unit * 2 - 1).clamp(-1, 1).contiguous()
+    return (unit * 2 - 1).clamp(-1, 1)
 
-
-def _duplicates(values: Sequence[str]) -> list[str]:
-    return sorted(value for value, count in Counter(values).items() if count > 1)

@@ -92,6 +92,13 @@ def test_constant_image_stays_constant_when_upsampled(tmp_path: Path) -> None:
     torch.testing.assert_close(dataset.images, torch.full((2, 1, 32, 32), -0.5))
 
 
+def test_downsampling_averages_instead_of_sampling() -> None:
+    noise = np.random.default_rng(11).random((64, 64)).astype(np.float32)  # std 0.29
+    small = load_image_file(_npy(noise), resolution=8, channels=1)
+    assert ((small + 1) / 2).std() < 0.1  # antialiased: each output pixel averages many inputs
+    torch.testing.assert_close(small.mean(), torch.tensor(noise.mean() * 2 - 1), atol=0.02, rtol=0)
+
+
 def test_faces_match_skimage() -> None:
     faces = _load("builtin:faces", resolution=25, channels=3)
     assert len(faces) == 200 and faces.ids[0] == "face-000"
@@ -297,8 +304,9 @@ def _truncated_png() -> bytes:
 
 
 def _oversized_png_header() -> bytes:
-    """A 5000x10 PNG cut after its header: only a size check before decoding names the limit."""
-    return _png(np.zeros((10, 5000), dtype=np.uint8))[:33]
+    """A 5000x10 PNG cut inside its pixel data: only a size check before decoding names the limit."""
+    encoded = _png(np.zeros((10, 5000), dtype=np.uint8))
+    return encoded[: encoded.index(b"IDAT") + 8]
 
 
 @pytest.mark.parametrize(("payload", "message"), [

@@ -1,0 +1,97 @@
+"""Attribution queries over HTTP: the request (images and query knobs) and the ranked answer.
+
+Images come as uploaded files (multipart) or inside a JSON body, each either base64 of a file
+(PNG, JPEG, ... or a `.npy` array) or a nested array of pixels. Every image of one request is
+scored in the same pass over the store.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from api_schemas.common import Public, SampleId
+from api_schemas.specs import Method
+
+MAX_ARRAY_SIDE = 4096
+"""Longest axis of a nested-array image the schema accepts (the engine's image side limit)."""
+
+PixelRow = Annotated[list[float], Field(min_length=1, max_length=MAX_ARRAY_SIDE)]
+GreyPixels = Annotated[list[PixelRow], Field(min_length=1, max_length=MAX_ARRAY_SIDE)]
+ColourPixels = Annotated[list[GreyPixels], Field(min_length=1, max_length=MAX_ARRAY_SIDE)]
+
+
+class EncodedImage(Public):
+    """An image file's bytes, base64-encoded: PNG, JPEG, BMP, WEBP, GIF, TIFF, or a `.npy` array."""
+
+    base64: str = Field(min_length=1, description="the file's bytes in standard base64")
+
+
+class ArrayImage(Public):
+    """Pixels as nested lists: (H, W) grey, or (H, W, C) / (C, H, W) with C = 1 or 3; floats in [0, 1]."""
+
+    array: GreyPixels | ColourPixels
+
+
+class QueryOptions(Public):
+    """The knobs of a query, shared by the JSON and the multipart form of the request."""
+
+    methods: list[Method] = Field(["tracin", "retrac"], min_length=1, description="scores to rank by")
+    top_k: int = Field(10, ge=1, le=1000, description="proponents and opponents returned per method")
+    timesteps: int = Field(50, ge=1, le=1000, description="K, timesteps of the query's grid")
+    draws: int = Field(4, ge=1, le=256, description="M, noise draws per timestep")
+    seed: int = Field(0, ge=0, le=(1 << 62) - 1, description="seed of the query's noise draws")
+    checkpoints: list[int] | None = Field(
+        None, min_length=1, description="positions of the checkpoints to use; default: all"
+    )
+
+
+class AttributeRequest(QueryOptions):
+    """A JSON attribution request: one or more images and the query knobs."""
+
+    images: list[EncodedImage | ArrayImage] = Field(min_length=1, description="query images")
+
+
+class InfluencePublic(Public):
+    """One training sample ranked for one query image by one method."""
+
+    sample_id: SampleId
+    rank: int = Field(ge=1, description="1 is the strongest proponent (or opponent)")
+    score: float
+    contributions: list[float] = Field(description="per checkpoint used, in order; they sum to score")
+    timesteps: list[int] = Field(description="the stored training timestep of each slot of this sample")
+
+
+class RankingPublic(Public):
+    """Proponents (highest score first) and opponents (lowest score first) of one method."""
+
+    proponents: list[InfluencePublic]
+    opponents: list[InfluencePublic]
+
+
+class AttributionPublic(Public):
+    """The answer for one query image: a ranking per method asked for."""
+
+    methods: dict[Method, RankingPublic]
+
+
+class TimingsPublic(Public):
+    """Where a query's time went, in seconds."""
+
+    gradient_s: float = Field(description="query-side gradients at every checkpoint")
+    scan_s: float = Field(description="the pass over the stored gradients")
+    total_s: float = Field(description="the whole request, decoding included")
+
+
+class AttributionsPublic(Public):
+    """Answers for every image of a request, in the order sent, with the settings used."""
+
+    index: str
+    checkpoints: list[int] = Field(description="positions of the checkpoints used")
+    timesteps: int
+    draws: int
+    seed: int
+    data: list[AttributionPublic]
+    count: int
+    timings: TimingsPublic

@@ -1,0 +1,57 @@
+"""Shapes shared by every resource of the HTTP API: errors, health, and the names clients send.
+
+Names (index names, sample ids) are constrained here, in the contract, so that a client learns the
+rule from the OpenAPI schema and the service never turns an unchecked string into a path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+IndexName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+    Field(description="1-64 characters: letters, digits, '.', '_', '-'; starts with a letter or digit"),
+]
+"""The name of an index, also its folder under the stores root: it cannot hold '/' or start with '.'."""
+
+SampleId = Annotated[
+    str,
+    StringConstraints(pattern=r"^(?!\.+$)[A-Za-z0-9._-]{1,200}$"),
+    Field(description="a training sample's id as the index lists it"),
+]
+
+
+class Public(BaseModel):
+    """Base of every response and request body: no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorPublic(Public):
+    """Every 4xx/5xx body: one sentence that says what is wrong and what to do about it."""
+
+    detail: str = Field(description="what is wrong and how to fix the request")
+
+
+class CheckPublic(Public):
+    """One readiness check."""
+
+    ok: bool
+    detail: str = ""
+
+
+class HealthPublic(Public):
+    """Liveness: the process answers."""
+
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class ReadinessPublic(Public):
+    """Readiness: every dependency the service needs answers (the job queue, the stores root)."""
+
+    ready: bool
+    checks: dict[str, CheckPublic]

@@ -1,0 +1,50 @@
+"""Diagnostics of an index: how gradient norms depend on the timestep, and self-influence.
+
+Norms that grow toward some timesteps are why Diffusion-TracIn favours the samples trained there
+(method.md section 5); self-influence ranks training samples as outlier candidates.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from api_schemas.common import Public, SampleId
+from api_schemas.specs import Method
+
+
+class NormBinPublic(Public):
+    """Norm statistics of the stored slots whose timestep falls in [t_start, t_stop)."""
+
+    t_start: int
+    t_stop: int
+    count: int
+    mean: float | None
+    median: float | None
+    p10: float | None
+    p90: float | None
+
+
+class NormTimestepPublic(Public):
+    """Gradient norm against training timestep over every stored slot of one checkpoint."""
+
+    checkpoint: int
+    count: int = Field(description="stored (sample, slot) pairs")
+    pearson: float | None = Field(description="correlation of timestep and norm; None if undefined")
+    spearman: float | None = Field(description="rank correlation of timestep and norm; None if undefined")
+    slope: float | None = Field(description="least-squares slope of norm on timestep")
+    bins: list[NormBinPublic]
+
+
+class SelfInfluenceEntryPublic(Public):
+    sample_id: SampleId
+    rank: int = Field(ge=1)
+    score: float
+
+
+class SelfInfluencePublic(Public):
+    """Training samples by decreasing self-influence under one method: the top ones are outlier candidates."""
+
+    method: Method
+    data: list[SelfInfluenceEntryPublic]
+    count: int
+    total: int = Field(description="samples ranked")

@@ -1,0 +1,49 @@
+"""Indexes as the HTTP API shows them: create one (which starts its indexing job), list, describe."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from api_schemas.common import IndexName, Public
+from api_schemas.specs import IndexSpec
+
+
+class IndexCreate(Public):
+    """Create an index: its name and the spec of what to index. Paths in the spec are relative to
+    the service's models root (run, checkpoints, scheduler) and data root (dataset source)."""
+
+    name: IndexName
+    spec: IndexSpec
+
+
+class CheckpointProgressPublic(Public):
+    """How many rows of one checkpoint are stored."""
+
+    checkpoint: int = Field(description="position of the checkpoint in the index")
+    epoch: int | None = Field(description="epoch after which the checkpoint was saved, if known")
+    weight: float = Field(description="the checkpoint's TracIn weight w_c")
+    done: int = Field(description="rows stored")
+    total: int = Field(description="rows of the checkpoint")
+    complete: bool
+
+
+class IndexPublic(Public):
+    """An index: its spec, size and how far its indexing has come."""
+
+    name: IndexName
+    spec: IndexSpec
+    num_samples: int
+    num_checkpoints: int
+    num_slots: int = Field(description="S, gradient slots stored per sample and checkpoint")
+    dim: int = Field(description="k, the projected dimension of a stored gradient")
+    resolution: int = Field(description="side of the square images the index's model takes")
+    channels: int
+    size_bytes: int = Field(description="bytes the store takes on disk")
+    complete: bool = Field(description="every row of every checkpoint is stored: the index answers queries")
+    progress: list[CheckpointProgressPublic]
+    job_id: str | None = Field(None, description="the indexing job started with the index, if any")
+
+
+class IndexesPublic(Public):
+    data: list[IndexPublic]
+    count: int

@@ -1,0 +1,25 @@
+"""Indexing jobs as the HTTP API shows them. Progress is read from the store's done marks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from api_schemas.common import IndexName, Public
+
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class JobPublic(Public):
+    """An indexing job: which index, its state, and its progress in rows (one row = one sample at
+    one checkpoint) with the rate and the estimated time left."""
+
+    id: str
+    index: IndexName
+    state: JobState
+    done: int = Field(description="rows stored, over all checkpoints")
+    total: int = Field(description="rows to store, over all checkpoints")
+    fraction: float = Field(ge=0, le=1, description="done / total")
+    rate_per_s: float | None = Field(None, description="rows stored per second lately, if measured")
+    eta_s: float | None = Field(None, description="seconds left at that rate, if known")

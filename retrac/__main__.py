@@ -1,0 +1,5 @@
+import sys
+
+from retrac.cli import main
+
+sys.exit(main())
