@@ -1,0 +1,29 @@
+"""`retrac train`: config files, flag overrides and bad values."""
+
+from __future__ import annotations
+
+import json
+
+from retrac.cli import main
+from retrac.replay import TrainingRun
+
+
+def test_flags_override_the_config_file(tmp_path, capsys) -> None:
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({
+        "dataset": {"source": "builtin:digits", "resolution": 8, "limit": 10},
+        "preset": "micro", "epochs": 5, "save_every": 1, "loss": "l1",
+    }))
+    assert main(["train", str(tmp_path / "run"), "--config", str(config), "--epochs", "2", "--limit", "6"]) == 0
+    run = TrainingRun.load(tmp_path / "run")
+    assert (run.spec.epochs, run.spec.preset, run.spec.loss, run.spec.dataset.limit) == (2, "micro", "l1", 6)
+    assert run.spec.dataset.resolution == 8 and len(run.sample_ids) == 6
+    assert [c.epoch for c in run.checkpoints()] == [1, 2]
+    assert "2 checkpoints" in capsys.readouterr().out
+
+
+def test_bad_values_exit_2_with_one_line(tmp_path, capsys) -> None:
+    assert main(["train", str(tmp_path / "run"), "--epochs", "0"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("retrac: error: epochs:") and error.count("\n") == 1
+    assert not (tmp_path / "run").exists()
