@@ -19,3 +19,7 @@ class ReplayError(RetracError):
 
 class SpecError(RetracError):
     """A spec is inconsistent with the data or checkpoints it names."""
+
+
+class EvaluationError(RetracError):
+    """Inputs of an evaluation metric or experiment do not fit together (shapes, groups, settings)."""

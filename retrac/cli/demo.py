@@ -21,12 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from retrac.evaluation.experiment import ExperimentConfig, run_experiment
     from retrac.evaluation.report import headline_table
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     report = run_experiment(ExperimentConfig.small(), args.out, progress=True)
     print(headline_table(report))
     print(f"\nreport: {args.out / 'report.json'}   figures: {args.out}/*.png   table: {args.out / 'report.md'}")
