@@ -1,0 +1,105 @@
+"""Benchmark: per-sample gradients + k=4096 sketch + exact norms, against a plain batched backward.
+
+For the "tiny" (16x16x1) and "small" (32x32x3, one attention level) presets, on one batch of
+random images, timesteps and noise, three jobs are timed, interleaved repetition by repetition so
+that machine noise hits all of them alike, and their medians compared:
+
+- plain: one batched forward and backward of the mean loss (what training does per step);
+- per_sample: `GradientComputer.compute` (default chunk) with the default sketch projector, k = 4096;
+- loop: `loop_gradients` (one backward per sample), then the same projection and norms.
+
+Prints one JSON object on stdout, `{"tiny": {...}, "small": {...}}` with rates in samples/s, plus the
+thread count, batch size and the computer's strategy; never asserts a timing.
+Usage: `python bench/gradients.py [--threads N] [--repeats R]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from api_schemas import ProjectorSpec
+from retrac.gradients import GradientComputer, loop_gradients, num_parameters
+from retrac.losses import distance, noised
+from retrac.models import DiffusionModel, build_unet, load_scheduler
+from retrac.projections import make_projector
+
+SHAPES = {"tiny": (16, 1), "small": (32, 3)}
+"""Preset -> (resolution, channels)."""
+
+
+def _seconds(job: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    job()
+    return time.perf_counter() - start
+
+
+def bench_preset(preset: str, batch: int, repeats: int) -> dict[str, float | int | str]:
+    resolution, channels = SHAPES[preset]
+    model = DiffusionModel.from_parts(
+        build_unet(preset, resolution=resolution, channels=channels), load_scheduler(None)
+    )
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, channels, resolution, resolution, generator=generator)
+    timesteps = torch.randint(0, model.num_timesteps, (batch,), generator=generator)
+    noise = torch.randn(batch, 1, channels, resolution, resolution, generator=generator)
+    projector = make_projector(ProjectorSpec(kind="sketch", dim=4096), num_parameters(model))
+    computer = GradientComputer(model, "mse", projector)
+    weights = [p for p in model.unet.parameters() if p.requires_grad]
+
+    def plain() -> None:
+        x_t = noised(images, timesteps, noise[:, 0], model.alphas_cumprod)
+        value = distance(model.unet(x_t, timesteps).sample, noise[:, 0], "mse").mean()
+        torch.autograd.grad(value, weights)
+
+    def per_sample() -> None:
+        computer.compute(images, timesteps, noise)
+
+    def loop() -> None:
+        flat = loop_gradients(model, "mse", images, timesteps, noise)
+        torch.linalg.vector_norm(flat, dim=1)
+        projector.project(flat)
+
+    jobs = {"plain": plain, "per_sample": per_sample, "loop": loop}
+    for job in jobs.values():  # warm-up: allocator, kernels, lazy device moves
+        job()
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            times[name].append(_seconds(job))
+    rate = {name: batch / statistics.median(t) for name, t in times.items()}
+    return {
+        "params": num_parameters(model),
+        "plain_per_s": round(rate["plain"], 2),
+        "per_sample_per_s": round(rate["per_sample"], 2),
+        "loop_per_s": round(rate["loop"], 2),
+        "ratio_to_plain": round(rate["per_sample"] / rate["plain"], 3),
+        "ratio_to_loop": round(rate["per_sample"] / rate["loop"], 3),
+        "strategy": computer.strategy,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--presets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    result: dict[str, object] = {
+        preset: bench_preset(preset, args.batch, args.repeats) for preset in args.presets
+    }
+    result["threads"] = torch.get_num_threads()
+    result["batch"] = args.batch
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

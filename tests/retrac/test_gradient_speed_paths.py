@@ -1,0 +1,163 @@
+"""The fast paths of per-sample gradients and projections, against plain references.
+
+`GradientComputer` runs layer-wise (per-layer rules from recorded inputs and output gradients) on
+diffusers UNets and falls back to vmap elsewhere; each path must equal the batch-1 autograd loop,
+give bit-identical results run to run (stores rely on idempotent rewrites), and project block by
+block exactly as the projector projects a whole gradient.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from api_schemas import ProjectorSpec
+from retrac.gradients import GradientComputer, loop_gradients
+from retrac.models import DiffusionModel, build_unet, load_scheduler, with_plain_attention
+from retrac.projections import DENSE_BLOCK, SketchProjector, make_projector
+
+RELATIVE_TOLERANCE = 1e-5
+
+
+def model_of(unet: nn.Module) -> DiffusionModel:
+    return DiffusionModel.from_parts(unet, load_scheduler(None))
+
+
+def preset_model(preset: str, resolution: int, channels: int = 1) -> DiffusionModel:
+    return model_of(build_unet(preset, resolution=resolution, channels=channels, seed=7))
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""images `(B, C, H, W)`, timesteps `(B,)`, noise `(B, G, C, H, W)`"""
+
+
+def inputs(model: DiffusionModel, batch: int, draws: int, seed: int = 0) -> Batch:
+    config = model.unet.config
+    shape = (config.in_channels, config.sample_size, config.sample_size)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, *shape, generator=generator) * 2 - 1
+    timesteps = torch.randint(0, model.num_timesteps, (batch,), generator=generator)
+    noise = torch.randn(batch, draws, *shape, generator=generator)
+    return images, timesteps, noise
+
+
+def relative_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(((fast - reference).norm(dim=1) / reference.norm(dim=1)).max())
+
+
+def assert_matches_loop(model: DiffusionModel, loss: str, batch: Batch, strategy: str) -> None:
+    """flat_gradients, norms and sketch projections of `compute` all equal the loop's."""
+    reference = loop_gradients(model, loss, *batch)
+    projector = make_projector(ProjectorSpec(kind="sketch", dim=4096, seed=3), reference.shape[1])
+    computer = GradientComputer(model, loss, projector, chunk=3)
+    assert relative_error(computer.flat_gradients(*batch), reference) < RELATIVE_TOLERANCE
+    result = computer.compute(*batch)
+    assert computer.strategy == strategy
+    exact_norms = reference.double().norm(dim=1).float()  # a float32 norm of 0.7M entries is off by 2e-5
+    torch.testing.assert_close(result.norms, exact_norms, rtol=RELATIVE_TOLERANCE, atol=0)
+    assert relative_error(result.projected, projector.project(reference)) < RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("preset", "resolution", "loss", "draws"),
+    [("micro", 8, "mse", 1), ("micro", 8, "l1", 3), ("tiny", 16, "mse", 1), ("tiny", 16, "l1", 2)],
+)
+def test_layerwise_gradients_equal_the_loop(preset: str, resolution: int, loss: str, draws: int) -> None:
+    model = preset_model(preset, resolution)
+    assert GradientComputer(model, loss).strategy == "layerwise"
+    assert_matches_loop(model, loss, inputs(model, 5, draws), "layerwise")
+
+
+def test_frozen_parameters_are_left_out() -> None:
+    model = preset_model("micro", 8)
+    model.unet.conv_in.weight.requires_grad_(False)
+    model.unet.time_embedding.linear_1.bias.requires_grad_(False)
+    assert_matches_loop(model, "mse", inputs(model, 4, 1, seed=1), "layerwise")
+
+
+def test_a_layer_without_a_rule_falls_back_to_vmap() -> None:
+    model = preset_model("micro", 8)
+    model.unet.conv_in.padding_mode = "reflect"  # the conv rule assumes zero padding
+    assert GradientComputer(model, "mse").strategy == "vmap"
+    assert_matches_loop(model, "l1", inputs(model, 4, 2, seed=2), "vmap")
+
+
+def test_a_layer_output_modified_in_place_falls_back_to_vmap() -> None:
+    """Skip blocks make UNet2DModel add into conv_out's output in place (`sample += skip_sample`)."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16),
+        down_block_types=("SkipDownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "SkipUpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    model = model_of(with_plain_attention(unet))
+    assert GradientComputer(model, "mse").strategy == "layerwise"  # until a forward shows otherwise
+    assert_matches_loop(model, "mse", inputs(model, 3, 1, seed=3), "vmap")
+
+
+class ReusedLayers(nn.Module):
+    """A denoiser that applies one convolution and one norm twice: their gradients add up per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 1)
+        self.embed = nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> SimpleNamespace:
+        shift = self.embed(timesteps.float().unsqueeze(1) / 1000)[:, :, None, None]
+        h = torch.tanh(self.norm(self.conv(x) + shift))
+        return SimpleNamespace(sample=self.conv(self.norm(h)))
+
+
+def test_layers_called_twice_sum_their_calls() -> None:
+    torch.manual_seed(0)
+    schedule = load_scheduler(None).alphas_cumprod
+    model = DiffusionModel(unet=ReusedLayers(), alphas_cumprod=schedule)  # type: ignore[arg-type]
+    images, timesteps, noise = inputs(preset_model("micro", 8), 4, 2, seed=4)
+    assert_matches_loop(model, "mse", (images, timesteps, noise), "layerwise")
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"], ids=["layerwise", "vmap"])
+def test_results_are_bit_identical_run_to_run(padding_mode: str) -> None:
+    model = preset_model("tiny", 16)
+    model.unet.conv_in.padding_mode = padding_mode
+    batch = inputs(model, 6, 1, seed=5)
+    num_params = GradientComputer(model, "mse").num_params
+    projector = make_projector(ProjectorSpec(kind="sketch", dim=4096, seed=9), num_params)
+    first = GradientComputer(model, "mse", projector, chunk=4).compute(*batch)
+    fresh = GradientComputer(model, "mse", projector, chunk=4)
+    for again in (fresh.compute(*batch), fresh.compute(*batch)):
+        assert torch.equal(again.projected, first.projected) and torch.equal(again.norms, first.norms)
+
+
+@pytest.mark.parametrize("kind", ["identity", "sketch", "dense"])
+def test_project_blocks_equals_project(kind: str) -> None:
+    num_params = DENSE_BLOCK * 2 + 1000  # blocks below cross the dense projector's row blocks
+    projector = make_projector(ProjectorSpec(kind=kind, dim=64, seed=11), num_params)
+    gradients = torch.randn(3, num_params, generator=torch.Generator().manual_seed(0))
+    bounds = [0, 5, DENSE_BLOCK - 3, DENSE_BLOCK + 7, 2 * DENSE_BLOCK + 10, num_params]
+    blocks = [(start, gradients[:, start:stop].clone()) for start, stop in zip(bounds, bounds[1:])]
+    blockwise = projector.project_blocks(reversed(blocks), 3, gradients.device)  # any order
+    assert relative_error(blockwise, projector.project(gradients)) < 1e-6
+
+
+def test_the_sketch_operator_is_its_documented_rule() -> None:
+    """Coordinate i goes to bucket h(i) with sign s(i), both drawn in turn from one CPU generator."""
+    num_params, dim, seed = 100_000, 4096, 123
+    generator = torch.Generator().manual_seed(seed)
+    buckets = torch.randint(0, dim, (num_params,), generator=generator, dtype=torch.int64)
+    signs = torch.randint(0, 2, (num_params,), generator=generator).float() * 2 - 1
+    gradients = torch.randn(4, num_params, generator=torch.Generator().manual_seed(1))
+    expected = torch.zeros(4, dim).index_add_(1, buckets, gradients * signs)
+    projected = SketchProjector(num_params, dim, seed).project(gradients)
+    torch.testing.assert_close(projected, expected, rtol=1e-6, atol=1e-5)
