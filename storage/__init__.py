@@ -1,1 +1,32 @@
-"""storage package."""
+"""The Zarr gradient store: create an index, fill it shard by shard, and answer queries from it.
+
+See `storage.store` for the on-disk layout and its rules (one writer per chunk, done marks after the
+data, stale inputs refused).
+"""
+
+from storage.cache import ModelCache
+from storage.errors import IncompleteStoreError, StaleStoreError, StoreError
+from storage.indexing import run_pending, run_shard
+from storage.progress import Progress, progress
+from storage.queries import Attribution, SlotNorms, Timings, attribute, norm_timestep, self_influence
+from storage.store import CheckpointStatus, GradientStore, StoreStatus
+
+__all__ = [
+    "Attribution",
+    "CheckpointStatus",
+    "GradientStore",
+    "IncompleteStoreError",
+    "ModelCache",
+    "Progress",
+    "SlotNorms",
+    "StaleStoreError",
+    "StoreError",
+    "StoreStatus",
+    "Timings",
+    "attribute",
+    "norm_timestep",
+    "progress",
+    "run_pending",
+    "run_shard",
+    "self_influence",
+]

@@ -1,0 +1,15 @@
+"""Named errors of the gradient store. Each message says what is wrong and what to do about it."""
+
+from retrac.exceptions import RetracError
+
+
+class StoreError(RetracError):
+    """A path is not a readable retrac store, or a request does not fit the store (shard, shape, ...)."""
+
+
+class StaleStoreError(StoreError):
+    """The store was built from checkpoints, a dataset or a replay record that have since changed."""
+
+
+class IncompleteStoreError(StoreError):
+    """A read needs rows whose shards are not done yet."""

@@ -1,0 +1,45 @@
+"""Filling a store: `run_shard` computes and stores one (checkpoint, shard); `run_pending` runs them all.
+
+`run_shard` is the one task body: the Celery task calls it, and the embedded runner calls it in a
+loop, so a store built either way holds the same bytes. It is idempotent: a done shard is skipped,
+and a recomputed one gets identical bytes (fixed thread count, same row slice, same batching).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from storage.cache import ModelCache
+from storage.store import GradientStore
+
+ShardCallback = Callable[[int, int, int], None]
+"""Called after each shard with (checkpoint, shard, rows in it)."""
+
+
+def run_shard(
+    store: GradientStore, checkpoint: int, shard: int, models: ModelCache, *, force: bool = False
+) -> bool:
+    """Compute, write and mark done one shard, unless it is done already (or `force`).
+
+    Returns whether it computed. Rows are computed on `models`' device with its fixed thread count.
+    """
+    if not force and store.is_done(checkpoint, shard):
+        return False
+    computer = models.computer(store.plan, checkpoint)
+    with models.compute():
+        rows = store.plan.compute_rows(checkpoint, store.shard_rows(shard), computer)
+    store.write_shard(checkpoint, shard, rows)
+    return True
+
+
+def run_pending(
+    store: GradientStore, models: ModelCache | None = None, *, on_shard: ShardCallback | None = None
+) -> int:
+    """The embedded runner: every pending shard, in this process, without a queue. Returns how many ran."""
+    models = models or ModelCache()
+    count = 0
+    for checkpoint, shard in store.pending():
+        count += run_shard(store, checkpoint, shard, models)
+        if on_shard is not None:
+            on_shard(checkpoint, shard, store.shard_length(shard))
+    return count

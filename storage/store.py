@@ -1,0 +1,560 @@
+"""The gradient store: one Zarr (v3 format) group per index, self-describing, written shard by shard.
+
+Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k projected dims):
+
+    zarr.json attributes     format, the full IndexSpec and the root its paths resolve in,
+                             fingerprints of the checkpoints, dataset, replay record and schedule,
+                             the resolved checkpoints (path, epoch, weight), num_rows, num_slots,
+                             dim, shard_size, num_shards, slot_kinds, and the noise rule that turns
+                             a stored seed into noise
+    sample_ids                          (N,)       string
+    checkpoints/<c>/projected           (N, S, k)  float16 (or float32): projected gradients
+    checkpoints/<c>/norms               (N, S)     float32: exact L2 norms before projection
+    checkpoints/<c>/timesteps           (N, S)     int64
+    checkpoints/<c>/seeds               (N, S)     int64: noise seeds
+    checkpoints/<c>/digest              (shards,)  uint32: crc32 of the shard's bytes, for `verify`
+    checkpoints/<c>/done_at             (shards,)  float64: the done mark, unix time; 0 = not done
+
+Shard i is rows `[i * shard_size, (i + 1) * shard_size)`. It is exactly one chunk of every per-row
+array and one chunk of `digest` and `done_at`, so the one task that computes it is the only writer of
+every file it touches (zarr loses data when two writers share a chunk or shard file). A task writes the
+data, then the digest, then the done mark; a shard counts as done only when its mark is set and every
+one of its chunk files is present with the exact size of an uncompressed chunk, so a half-written,
+deleted or truncated shard is pending again. `status(verify=True)` also rereads the bytes against the
+digest. Nothing is compressed: zstd saves ~9% on projected gradients and slows every scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from api_schemas import IndexSpec
+from retrac.exceptions import RetracError
+from retrac.gradients import num_parameters
+from retrac.indexing import IndexPlan, Rows
+from retrac.models import fingerprint_checkpoint
+from retrac.replay import RECORD_NAME
+from retrac.scoring import RowChunk
+from storage.errors import IncompleteStoreError, StaleStoreError, StoreError
+
+FORMAT = "retrac-store/1"
+NOISE_RULE = (
+    "noise of seed s: torch.randn(image_shape, generator=torch.Generator('cpu').manual_seed(s), "
+    "dtype=torch.float32), drawn on the CPU"
+)
+ROW_ARRAYS = ("projected", "norms", "timesteps", "seeds")
+SHARD_ARRAYS = ("digest", "done_at")
+DEFAULT_RESIDENT_BYTES = 2 << 30
+"""Bytes of projected gradients and norms an opened store keeps in memory after a first full read.
+Reading Zarr back is 30-40x slower than scanning memory (design.md), so a serving process keeps an
+index resident when it fits, and streams only what does not."""
+
+RESIDENT_STEP = 16384
+"""Rows per scan step when every scanned checkpoint is resident: no copy is made, and larger steps
+spend less on per-step work (allocations, top-k merges)."""
+
+_ARRAY_CONFIG = {"write_empty_chunks": True}  # an all-zero shard must still leave its files behind
+_CHUNK_KEYS = {"name": "default", "separator": "/"}
+
+
+@dataclass(frozen=True)
+class CheckpointStatus:
+    """How far one checkpoint is: shards and rows done of the total, and when the last was marked."""
+
+    checkpoint: int
+    done_shards: int
+    total_shards: int
+    done_rows: int
+    total_rows: int
+    last_done_at: float | None
+
+    @property
+    def complete(self) -> bool:
+        return self.done_shards == self.total_shards
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """Per-checkpoint progress of a store, and totals over all checkpoints."""
+
+    checkpoints: tuple[CheckpointStatus, ...]
+
+    @property
+    def done_shards(self) -> int:
+        return sum(c.done_shards for c in self.checkpoints)
+
+    @property
+    def total_shards(self) -> int:
+        return sum(c.total_shards for c in self.checkpoints)
+
+    @property
+    def done_rows(self) -> int:
+        return sum(c.done_rows for c in self.checkpoints)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(c.total_rows for c in self.checkpoints)
+
+    @property
+    def complete(self) -> bool:
+        return all(c.complete for c in self.checkpoints)
+
+
+class GradientStore:
+    """An index on disk. Build one with `create`, reopen it with `open`; never construct directly."""
+
+    def __init__(self, path: Path, group: zarr.Group, *, root: Path | None, resident_bytes: int) -> None:
+        self._group = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        recorded = self.attrs.get("root")
+        self.path, self.resident_bytes = path, resident_bytes
+        self.root = root if root is not None else (Path(recorded) if recorded else None)
+        self.spec = IndexSpec.model_validate(self.attrs["spec"])
+        self._plan: IndexPlan | None = None
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}
+        self._sample_ids: tuple[str, ...] | None = None
+        self._resident: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._resident_lock = threading.Lock()  # one load per checkpoint, also under concurrent queries
+
+    # --- creating and opening -------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        spec: IndexSpec,
+        *,
+        root: Path | None = None,
+        resident_bytes: int = DEFAULT_RESIDENT_BYTES,
+    ) -> GradientStore:
+        """Write an empty store for `spec` at `path` (nothing done yet) and return it opened.
+
+        An existing store with the same spec is reopened (and checked); one with another spec, or any
+        other non-empty folder, is refused rather than overwritten.
+        """
+        path = Path(path)
+        if (path / "zarr.json").is_file():
+            existing = cls.open(path, root=root, check=False, resident_bytes=resident_bytes)
+            if existing.spec != spec:
+                raise StoreError(f"{path} already holds a different index; choose another path or delete it")
+            existing.check()
+            return existing
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreError(f"{path} exists and is not a retrac store; choose another path")
+        plan = _resolve(spec, root, path)
+        attrs = {**_describe(plan), "root": str(Path(root).resolve()) if root is not None else None}
+        group = zarr.open_group(path, mode="w-", zarr_format=3)
+        ids = group.create_array("sample_ids", shape=(plan.num_rows,), dtype=str, chunks=(plan.num_rows,))
+        ids[:] = np.asarray(plan.dataset.ids, dtype=object)
+        rows, slots, dim, shard = plan.num_rows, attrs["num_slots"], attrs["dim"], spec.shard_size
+        for c in range(len(plan.checkpoints)):
+            shapes = {
+                "projected": ((rows, slots, dim), (shard, slots, dim), spec.dtype),
+                "norms": ((rows, slots), (shard, slots), "float32"),
+                "timesteps": ((rows, slots), (shard, slots), "int64"),
+                "seeds": ((rows, slots), (shard, slots), "int64"),
+                "digest": ((attrs["num_shards"],), (1,), "uint32"),
+                "done_at": ((attrs["num_shards"],), (1,), "float64"),
+            }
+            for name, (shape, chunks, dtype) in shapes.items():
+                group.create_array(
+                    f"checkpoints/{c}/{name}",
+                    shape=shape,
+                    chunks=chunks,
+                    dtype=dtype,
+                    fill_value=0,
+                    compressors=None,
+                    chunk_key_encoding=_CHUNK_KEYS,
+                    config=_ARRAY_CONFIG,
+                )
+        group.attrs.update(attrs)  # last: a folder without `format` is an unfinished create, not a store
+        store = cls(path, group, root=root, resident_bytes=resident_bytes)
+        store._plan = plan
+        return store
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        root: Path | None = None,
+        check: bool = True,
+        resident_bytes: int = DEFAULT_RESIDENT_BYTES,
+    ) -> GradientStore:
+        """Open the store at `path`. With `check`, a StaleStoreError if its inputs changed since.
+
+        Paths in the spec resolve inside `root`, by default the root the store was created with, so a
+        worker opens a service's store without knowing the service's folders.
+        """
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise StoreError(
+                f"{path} is not a retrac store (no zarr.json); create one with `retrac index create`"
+            )
+        try:
+            group = zarr.open_group(path, mode="r+", zarr_format=3)
+        except Exception as error:  # zarr raises several kinds on a damaged group
+            raise StoreError(f"{path}: cannot open the Zarr group: {error}") from error
+        found = group.attrs.get("format")
+        if found != FORMAT:
+            raise StoreError(
+                f"{path}: not a {FORMAT} store (format {found!r}); if it is an interrupted create, "
+                "delete it and create it again"
+            )
+        store = cls(path, group, root=root, resident_bytes=resident_bytes)
+        if check:
+            store.check()
+        return store
+
+    def check(self) -> None:
+        """A StaleStoreError naming what changed, if the checkpoints, data, record or schedule did."""
+        plan = _resolve(self.spec, self.root, self.path, stale=True)
+        now, then = _fingerprints(plan), self.attrs["fingerprints"]
+        if len(now["checkpoints"]) != len(then["checkpoints"]):
+            changed = [
+                f"the number of checkpoints ({len(then['checkpoints'])} then, {len(now['checkpoints'])} now)"
+            ]
+        else:
+            changed = [
+                f"checkpoint {c} ({plan.checkpoints[c].path})"
+                for c, (a, b) in enumerate(zip(now["checkpoints"], then["checkpoints"], strict=True))
+                if a != b
+            ]
+        changed += [f"the {name}" for name in ("dataset", "record", "scheduler") if now[name] != then[name]]
+        if changed:
+            raise StaleStoreError(
+                f"{self.path} is stale: {', '.join(changed)} changed since it was indexed; "
+                "create a new index (or delete this one and recreate it)"
+            )
+        self._plan = plan
+
+    # --- what the store holds -------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> IndexPlan:
+        """The resolved plan (dataset loaded, checkpoints checked), resolved and checked on first use:
+        a store opened with `check=False` still never computes from changed inputs."""
+        if self._plan is None:
+            self.check()
+        return self._plan  # type: ignore[return-value]
+
+    @property
+    def sample_ids(self) -> tuple[str, ...]:
+        if self._sample_ids is None:
+            self._sample_ids = tuple(str(i) for i in self._group["sample_ids"][:])
+        return self._sample_ids
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.attrs["num_rows"])
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.attrs["num_slots"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.attrs["dim"])
+
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self.attrs["checkpoints"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.attrs["shard_size"])
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.attrs["num_shards"])
+
+    @property
+    def weights(self) -> list[float]:
+        return [float(c["weight"]) for c in self.attrs["checkpoints"]]
+
+    @property
+    def checkpoint_info(self) -> list[dict[str, Any]]:
+        """Per checkpoint: its resolved `path`, `epoch` (or None) and `weight`."""
+        return [dict(c) for c in self.attrs["checkpoints"]]
+
+    @property
+    def slot_kinds(self) -> tuple[str, ...]:
+        """What each slot is: "replay", "grid" or "random", in slot order."""
+        return tuple(self.attrs["slot_kinds"])
+
+    def size_bytes(self) -> int:
+        """Bytes the store takes on disk."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def shard_rows(self, shard: int) -> slice:
+        """The rows of shard `shard`."""
+        if not 0 <= shard < self.num_shards:
+            raise StoreError(f"shard {shard} out of range: the store has shards 0..{self.num_shards - 1}")
+        start = shard * self.shard_size
+        return slice(start, min(start + self.shard_size, self.num_rows))
+
+    def shard_length(self, shard: int) -> int:
+        """Rows in shard `shard` (the last one may be short)."""
+        part = self.shard_rows(shard)
+        return part.stop - part.start
+
+    def timesteps(self, checkpoint: int) -> np.ndarray:
+        """Stored slot timesteps `(N, S)` int64 of one checkpoint (zeros where not done)."""
+        return self._array(checkpoint, "timesteps")[:]
+
+    def seeds(self, checkpoint: int) -> np.ndarray:
+        """Stored slot noise seeds `(N, S)` int64 of one checkpoint (zeros where not done)."""
+        return self._array(checkpoint, "seeds")[:]
+
+    def norms(self, checkpoint: int) -> np.ndarray:
+        """Stored exact gradient norms `(N, S)` float32 of one checkpoint (zeros where not done)."""
+        return self._array(checkpoint, "norms")[:]
+
+    # --- writing --------------------------------------------------------------------------------------
+
+    def write_shard(self, checkpoint: int, shard: int, rows: Rows) -> None:
+        """Store the computed rows of one shard: data, then digest, then the done mark."""
+        part = self.shard_rows(shard)
+        n = part.stop - part.start
+        data = {
+            "projected": rows.projected.detach().cpu().to(getattr(torch, self.spec.dtype)).numpy(),
+            "norms": rows.norms.detach().cpu().to(torch.float32).numpy(),
+            "timesteps": rows.timesteps.detach().cpu().to(torch.int64).numpy(),
+            "seeds": rows.seeds.detach().cpu().to(torch.int64).numpy(),
+        }
+        expected = {"projected": (n, self.num_slots, self.dim), "norms": (n, self.num_slots)}
+        for name, values in data.items():
+            shape = expected.get(name, (n, self.num_slots))
+            if values.shape != shape:
+                raise StoreError(f"shard {shard}: {name} has shape {values.shape}, the store expects {shape}")
+        if not (np.isfinite(data["projected"]).all() and np.isfinite(data["norms"]).all()):
+            raise StoreError(
+                f"checkpoint {checkpoint} shard {shard}: non-finite gradients (beyond {self.spec.dtype}'s "
+                "range?); index with dtype float32, or check the checkpoint"
+            )
+        done = self._array(checkpoint, "done_at")
+        done[shard] = 0.0  # a rewrite is pending until its new mark
+        for name, values in data.items():
+            self._array(checkpoint, name)[part] = values
+        self._array(checkpoint, "digest")[shard] = _digest(data.values())
+        done[shard] = time.time()
+
+    # --- status ---------------------------------------------------------------------------------------
+
+    def done_marks(self, checkpoint: int) -> np.ndarray:
+        """Done-mark times `(shards,)` of one checkpoint, 0 where not done or unreadable."""
+        array = self._array(checkpoint, "done_at")
+        try:
+            return np.asarray(array[:], dtype=np.float64)
+        except Exception:  # one damaged mark must not hide the others
+            return np.array([_read_or_zero(array, i) for i in range(self.num_shards)], dtype=np.float64)
+
+    def done_shards(self, checkpoint: int, *, verify: bool = False) -> np.ndarray:
+        """Which shards `(shards,)` bool of one checkpoint are done: marked, and every chunk file intact.
+
+        With `verify`, each done shard's bytes are also reread and checked against its digest.
+        """
+        marks = self.done_marks(checkpoint) > 0
+        done = np.array([marks[i] and self._files_intact(checkpoint, i) for i in range(self.num_shards)])
+        if verify:
+            for shard in np.flatnonzero(done):
+                done[shard] = self._digest_matches(checkpoint, int(shard))
+        return done
+
+    def is_done(self, checkpoint: int, shard: int) -> bool:
+        """Whether one shard is done (its mark set and its files intact)."""
+        self.shard_rows(shard)
+        return _read_or_zero(self._array(checkpoint, "done_at"), shard) > 0 and self._files_intact(
+            checkpoint, shard
+        )
+
+    def status(self, *, verify: bool = False) -> StoreStatus:
+        """Per-checkpoint done/total shards and rows (see `done_shards`)."""
+        sizes = np.array([self.shard_length(i) for i in range(self.num_shards)])
+        result = []
+        for c in range(self.num_checkpoints):
+            done = self.done_shards(c, verify=verify)
+            marks = self.done_marks(c)[done]
+            result.append(
+                CheckpointStatus(
+                    checkpoint=c,
+                    done_shards=int(done.sum()),
+                    total_shards=self.num_shards,
+                    done_rows=int(sizes[done].sum()),
+                    total_rows=self.num_rows,
+                    last_done_at=float(marks.max()) if marks.size else None,
+                )
+            )
+        return StoreStatus(tuple(result))
+
+    def pending(self, *, verify: bool = False) -> list[tuple[int, int]]:
+        """(checkpoint, shard) of every shard not done, checkpoint by checkpoint."""
+        return [
+            (c, int(shard))
+            for c in range(self.num_checkpoints)
+            for shard in np.flatnonzero(~self.done_shards(c, verify=verify))
+        ]
+
+    # --- reading for scans ----------------------------------------------------------------------------
+
+    def chunks(
+        self, checkpoints: Sequence[int], rows_per_chunk: int = 4096
+    ) -> Iterator[tuple[int, list[RowChunk]]]:
+        """(first row, one RowChunk per checkpoint) over all rows, as `retrac.scoring.scan` takes them.
+
+        Projected rows stay in the store's dtype (the scan converts them block by block). Chunks are
+        whole shards, `rows_per_chunk` or more: what is read from disk per step, and so the memory a
+        scan needs beyond the resident checkpoints (served as views, at least `RESIDENT_STEP` rows).
+        An IncompleteStoreError if any asked checkpoint has shards not done.
+        """
+        chosen = [self._checkpoint(c) for c in checkpoints]
+        for c in (c for c in chosen if c not in self._resident):  # resident ones were complete when read
+            missing = int((~self.done_shards(c)).sum())
+            if missing:
+                raise IncompleteStoreError(
+                    f"{self.path}: checkpoint {c} has {missing} of {self.num_shards} shards not done; "
+                    "finish indexing with `retrac index run`"
+                )
+        resident = {c: self._load_resident(c) for c in chosen}
+        if all(r is not None for r in resident.values()):  # views of memory: fewer, larger steps
+            rows_per_chunk = max(rows_per_chunk, RESIDENT_STEP)
+        step = max(1, math.ceil(rows_per_chunk / self.shard_size)) * self.shard_size
+        for start in range(0, self.num_rows, step):
+            part = slice(start, min(start + step, self.num_rows))
+            yield start, [self._rows(c, part, resident[c]) for c in chosen]
+
+    def _rows(self, checkpoint: int, part: slice, resident: tuple[np.ndarray, np.ndarray] | None) -> RowChunk:
+        if resident is not None:
+            projected, norms = resident[0][part], resident[1][part]
+        else:
+            projected = self._array(checkpoint, "projected")[part]
+            norms = self._array(checkpoint, "norms")[part]
+        return RowChunk(torch.from_numpy(projected), torch.from_numpy(norms))
+
+    def _load_resident(self, checkpoint: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The checkpoint's arrays in memory, read once, if they fit what is left of the budget."""
+        with self._resident_lock:
+            if checkpoint in self._resident:
+                return self._resident[checkpoint]
+            arrays = [self._array(checkpoint, name) for name in ("projected", "norms")]
+            needed = sum(a.nbytes for a in arrays)
+            used = sum(p.nbytes + n.nbytes for p, n in self._resident.values())
+            if used + needed > self.resident_bytes:
+                return None
+            loaded = (arrays[0][:], arrays[1][:])
+            self._resident[checkpoint] = loaded
+            return loaded
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _checkpoint(self, checkpoint: int) -> int:
+        if not 0 <= checkpoint < self.num_checkpoints:
+            raise StoreError(
+                f"checkpoint {checkpoint} out of range: the store has 0..{self.num_checkpoints - 1}"
+            )
+        return checkpoint
+
+    def _array(self, checkpoint: int, name: str) -> zarr.Array:
+        key = (self._checkpoint(checkpoint), name)
+        if key not in self._arrays:
+            self._arrays[key] = self._group[f"checkpoints/{checkpoint}/{name}"].with_config(_ARRAY_CONFIG)
+        return self._arrays[key]
+
+    def _files_intact(self, checkpoint: int, shard: int) -> bool:
+        """Every chunk file of the shard exists with the exact size of its uncompressed chunk."""
+        for name in ROW_ARRAYS + SHARD_ARRAYS:
+            array = self._array(checkpoint, name)
+            coords = (shard,) + (0,) * (array.ndim - 1)
+            file = self.path / array.path / array.metadata.encode_chunk_key(coords)
+            expected = math.prod(array.chunks) * array.dtype.itemsize
+            try:
+                if file.stat().st_size != expected:
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def _digest_matches(self, checkpoint: int, shard: int) -> bool:
+        part = self.shard_rows(shard)
+        try:
+            data = [self._array(checkpoint, name)[part] for name in ROW_ARRAYS]
+            return int(self._array(checkpoint, "digest")[shard]) == _digest(data)
+        except Exception:  # an unreadable chunk is simply not done
+            return False
+
+
+def _resolve(spec: IndexSpec, root: Path | None, path: Path, *, stale: bool = False) -> IndexPlan:
+    """The spec's plan; when reopening a store, a failure to resolve means its inputs changed."""
+    try:
+        return IndexPlan.resolve(spec, root)
+    except RetracError as error:
+        if not stale:
+            raise
+        raise StaleStoreError(f"{path} is stale: its inputs no longer resolve: {error}") from error
+
+
+def _describe(plan: IndexPlan) -> dict[str, Any]:
+    """The root attributes of a new store for `plan`."""
+    spec = plan.spec
+    dim = num_parameters(plan.load_model(0)) if spec.projector.kind == "identity" else spec.projector.dim
+    kinds = ["replay"] * int(spec.slots.replay) + ["grid"] * spec.slots.grid + ["random"] * spec.slots.random
+    return {
+        "format": FORMAT,
+        "spec": json.loads(spec.model_dump_json()),
+        "fingerprints": _fingerprints(plan),
+        "checkpoints": [
+            {"path": str(c.path), "epoch": c.epoch, "weight": c.weight} for c in plan.checkpoints
+        ],
+        "num_rows": plan.num_rows,
+        "num_slots": len(kinds),
+        "dim": dim,
+        "shard_size": spec.shard_size,
+        "num_shards": math.ceil(plan.num_rows / spec.shard_size),
+        "slot_kinds": kinds,
+        "noise_rule": NOISE_RULE,
+        "torch_version": torch.__version__,
+    }
+
+
+def _fingerprints(plan: IndexPlan) -> dict[str, Any]:
+    record = plan.run.folder / RECORD_NAME if plan.run is not None and plan.spec.slots.replay else None
+    scheduler = plan.scheduler_folder / "scheduler_config.json" if plan.scheduler_folder else None
+    return {
+        "dataset": plan.dataset.fingerprint,
+        "checkpoints": [fingerprint_checkpoint(c.path) for c in plan.checkpoints],
+        "record": _file_digest(record),
+        "scheduler": _file_digest(scheduler),
+    }
+
+
+def _file_digest(file: Path | None) -> str | None:
+    if file is None or not file.is_file():
+        return None
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def _digest(arrays: Sequence[np.ndarray] | Any) -> int:
+    value = 0
+    for array in arrays:
+        value = zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1), value)
+    return value
+
+
+def _read_or_zero(array: zarr.Array, index: int) -> float:
+    try:
+        return float(array[index])
+    except Exception:  # a missing or truncated mark reads as not done
+        return 0.0

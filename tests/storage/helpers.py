@@ -1,0 +1,47 @@
+"""Helpers of the store and worker tests: the tiny index spec, and a store's bytes for comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from api_schemas import IndexSpec, ProjectorSpec, SlotSpec
+from retrac.replay import TrainingRun
+from tests.conftest import TINY_DATASET
+
+SHARD_SIZE = 8
+"""48 samples in shards of 8: 6 shards per checkpoint, 18 tasks over the 3 checkpoints of `tiny_run`."""
+
+
+def tiny_index_spec(run: TrainingRun | Path, **changes: object) -> IndexSpec:
+    """Replay plus 2 grid slots, a k=256 count sketch, float16: small, but every feature in use."""
+    folder = run.folder if isinstance(run, TrainingRun) else run
+    fields = dict(
+        dataset=TINY_DATASET,
+        run=str(folder),
+        slots=SlotSpec(replay=True, grid=2, seed=1),
+        projector=ProjectorSpec(kind="sketch", dim=256, seed=3),
+        batch_size=8,
+        shard_size=SHARD_SIZE,
+    )
+    return IndexSpec(**{**fields, **changes})
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    """Every file of a store except the done-mark times (which differ between runs), keyed by path
+    relative to the store."""
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and not ("done_at" in f.parts and f.name != "zarr.json")
+    }
+
+
+def data_files(path: Path, checkpoint: int, shard: int) -> list[Path]:
+    """The chunk files of one shard's per-row arrays."""
+    base = path / "checkpoints" / str(checkpoint)
+    return [
+        base / "projected/c" / str(shard) / "0/0",
+        base / "norms/c" / str(shard) / "0",
+        base / "timesteps/c" / str(shard) / "0",
+        base / "seeds/c" / str(shard) / "0",
+    ]

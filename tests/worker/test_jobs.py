@@ -1,0 +1,210 @@
+"""Indexing jobs on a real Redis with real worker processes: the store they build is the embedded one,
+byte for byte, whatever happens to the workers or the broker on the way."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery.result import GroupResult
+
+from retrac.replay import TrainingRun
+from storage import GradientStore, progress
+from tests.storage.helpers import store_bytes, tiny_index_spec
+from tests.worker.conftest import Workers, wait_until
+from worker import jobs
+from worker.app import app
+
+pytestmark = pytest.mark.redis
+
+JOB_SECONDS = 60
+SHARDS = 18  # 3 checkpoints x 6 shards
+
+
+def results(job_id: str) -> list[dict]:
+    return [task.result for task in GroupResult.restore(job_id, app=app).results]
+
+
+def fresh_store(tmp_path: Path, run: TrainingRun) -> Path:
+    path = tmp_path / "index.zarr"
+    GradientStore.create(path, tiny_index_spec(run))
+    return path
+
+
+def assert_same_as_embedded(path: Path, reference: Path) -> None:
+    store = GradientStore.open(path)
+    assert store.status(verify=True).complete
+    assert store_bytes(path) == store_bytes(reference)
+
+
+def test_a_job_run_by_a_real_worker_equals_the_embedded_run(
+    tmp_path: Path, tiny_run: TrainingRun, reference_store: Path, workers: Workers, queue: str
+) -> None:
+    path = fresh_store(tmp_path, tiny_run)
+    job = jobs.submit(path, queue=queue)
+    assert jobs.state(job) == "queued" and progress(GradientStore.open(path)).done_rows == 0
+    workers.start("solo")
+    wait_until(lambda: jobs.state(job) == "done", JOB_SECONDS, "the job")
+    assert sorted((r["checkpoint"], r["shard"]) for r in results(job)) == [
+        (c, s) for c in range(3) for s in range(6)
+    ]
+    assert {r["status"] for r in results(job)} == {"computed"}
+    assert_same_as_embedded(path, reference_store)
+    done = jobs.progress(path)
+    assert (done.done_rows, done.total_rows, done.eta_s) == (144, 144, 0.0) and done.rate_per_s > 0
+
+
+def test_a_worker_killed_mid_job_leaves_nothing_missing_or_different(
+    tmp_path: Path, tiny_run: TrainingRun, reference_store: Path, workers: Workers, queue: str
+) -> None:
+    path = fresh_store(tmp_path, tiny_run)
+    job = jobs.submit(path, queue=queue)
+    # A short visibility timeout: the task the dead worker held is handed out again after 3 s.
+    workers.start("doomed", RETRAC_VISIBILITY_TIMEOUT="3")
+    wait_until(lambda: jobs.progress(path).done_shards >= 4, JOB_SECONDS, "4 shards")
+    workers.kill("doomed")
+    assert not jobs.progress(path).complete and jobs.state(job) == "running"
+    workers.start("rescuer", RETRAC_VISIBILITY_TIMEOUT="3")
+    wait_until(lambda: jobs.state(job) == "done", JOB_SECONDS, "the job to complete after the kill")
+    assert_same_as_embedded(path, reference_store)
+
+
+def test_two_workers_share_a_job_and_write_each_shard_once(
+    tmp_path: Path, tiny_run: TrainingRun, reference_store: Path, workers: Workers, queue: str
+) -> None:
+    path = fresh_store(tmp_path, tiny_run)
+    workers.start("left", wait=False)
+    workers.start("right", wait=False)
+    workers.wait_ready("left")
+    workers.wait_ready("right")
+    job = jobs.submit(path, queue=queue)
+    wait_until(lambda: jobs.state(job) == "done", JOB_SECONDS, "the job")
+    outcomes = results(job)
+    assert [r["status"] for r in outcomes] == ["computed"] * SHARDS
+    assert len({(r["checkpoint"], r["shard"]) for r in outcomes}) == SHARDS  # each written once
+    assert len({r["worker"] for r in outcomes}) == 2  # both took part
+    assert_same_as_embedded(path, reference_store)
+
+
+class OwnRedis:
+    """A redis-server of this test alone (no persistence), so it can be restarted freely."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.folder),
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._answers, 10, "redis-server to start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as connection:
+                connection.sendall(b"PING\r\n")
+                return connection.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    if shutil.which("redis-server") is None:
+        reason = "needs the redis-server program to run a Redis of its own"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def retrac_index_run(path: Path, broker: str, queue: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        **os.environ,
+        "RETRAC_BROKER_URL": broker,
+        "RETRAC_RESULT_BACKEND": broker,
+        "RETRAC_QUEUE": queue,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "retrac", "index", "run", str(path), "--queue", *flags],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=JOB_SECONDS,
+    )
+
+
+def test_redis_restarted_mid_job_resumes_without_recomputing_done_shards(
+    tmp_path: Path,
+    tiny_run: TrainingRun,
+    reference_store: Path,
+    workers: Workers,
+    queue: str,
+    own_redis: OwnRedis,
+) -> None:
+    path = fresh_store(tmp_path, tiny_run)
+    workers.start("steady", RETRAC_BROKER_URL=own_redis.url, RETRAC_RESULT_BACKEND=own_redis.url)
+    submitted = retrac_index_run(path, own_redis.url, queue)
+    assert submitted.returncode == 0, submitted.stderr
+    wait_until(lambda: jobs.progress(path).done_shards >= 4, JOB_SECONDS, "4 shards")
+    own_redis.stop()  # queue, job and results are gone with it: nothing was persisted
+    store = GradientStore.open(path)
+    before = {c: store.done_marks(c) for c in range(3)}
+    assert not jobs.progress(path).complete
+    own_redis.start()
+    resumed = retrac_index_run(
+        path, own_redis.url, queue, "--wait"
+    )  # queues what is pending; the worker reconnects
+    assert resumed.returncode == 0, resumed.stderr
+    for c in range(3):
+        after = store.done_marks(c)
+        kept = before[c] > 0
+        assert (after[kept] == before[c][kept]).all()  # done shards were not recomputed
+    assert_same_as_embedded(path, reference_store)
+
+
+def test_a_cancelled_job_runs_none_of_its_remaining_shards(
+    tmp_path: Path, tiny_run: TrainingRun, workers: Workers, queue: str
+) -> None:
+    path = fresh_store(tmp_path, tiny_run)
+    job = jobs.submit(path, queue=queue)
+    jobs.cancel(job)
+    workers.start("late")  # started after the cancel: it never saw the revoke broadcast
+    tasks = GroupResult.restore(job, app=app).results
+    wait_until(
+        lambda: all(t.ready() for t in tasks), JOB_SECONDS, "the worker to go through the cancelled tasks"
+    )
+    # Skipped by the task itself (the cancel mark), or dropped by a worker that knew the revoke.
+    assert all(t.state == "REVOKED" or t.result["status"] == "cancelled" for t in tasks)
+    assert jobs.state(job) == "cancelled"
+    assert progress(GradientStore.open(path)).done_shards == 0

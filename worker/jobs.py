@@ -1,0 +1,77 @@
+"""Indexing jobs: submit the pending shards of a store as a Celery group, follow it, cancel it.
+
+A job is a group of `index_shard` tasks, one per (checkpoint, shard) not done when it was submitted;
+its id is the group's id. Progress comes from the store's done marks (`storage.progress`), so it is
+right whoever fills the store, and a job lost with the broker is resumed by submitting again: only
+what is still pending is queued.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from celery import group
+from celery.result import GroupResult
+
+from retrac.exceptions import RetracError
+from storage import GradientStore, Progress
+from storage import progress as store_progress
+from worker.app import app
+from worker.cancellation import is_cancelled, mark_cancelled
+from worker.tasks import index_shard
+
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class JobNotFoundError(RetracError):
+    """The result backend does not know the job (wrong id, expired, or lost with the broker)."""
+
+
+def submit(store_path: str | Path, *, root: Path | None = None, queue: str | None = None) -> str:
+    """Queue every pending shard of the store at `store_path` (on `queue`, default the settings');
+    return the job id.
+
+    The store is opened and checked first, so a stale store is refused before anything is queued.
+    """
+    path = Path(store_path).resolve()
+    store = GradientStore.open(path, root=root)
+    job = group(index_shard.s(str(path), c, s) for c, s in store.pending()).apply_async(queue=queue)
+    job.save()
+    return str(job.id)
+
+
+def progress(store_path: str | Path) -> Progress:
+    """Done/total rows, recent rate and time left of the store at `store_path`, from its done marks."""
+    return store_progress(GradientStore.open(store_path, check=False))
+
+
+def state(job_id: str) -> JobState:
+    """Where a job is: queued, running, done, failed or cancelled."""
+    if is_cancelled(job_id):
+        return "cancelled"
+    states = [task.state for task in _restore(job_id).results]
+    if "FAILURE" in states:
+        return "failed"
+    if all(s == "SUCCESS" for s in states):
+        return "done"
+    if any(s in ("STARTED", "RETRY", "SUCCESS") for s in states):
+        return "running"
+    return "queued"
+
+
+def cancel(job_id: str) -> None:
+    """Cancel a job: its queued tasks are dropped (running shards finish; they are stored whole or not)."""
+    job = _restore(job_id)
+    mark_cancelled(job_id)
+    job.revoke()
+
+
+def _restore(job_id: str) -> GroupResult:
+    job = GroupResult.restore(job_id, app=app)
+    if job is None:
+        raise JobNotFoundError(
+            f"no job {job_id!r} in the result backend (expired, or lost with the broker); "
+            "submit the store again to resume it"
+        )
+    return job

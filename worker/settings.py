@@ -1,0 +1,44 @@
+"""All settings of a worker (and of job submission), read from the environment (prefix `RETRAC_`).
+
+Names shared with the service (`RETRAC_BROKER_URL`, `RETRAC_DEVICE`, `RETRAC_TORCH_THREADS`) mean the
+same there. Only the worker, the job functions and the CLI read these; the engine takes arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RETRAC_", extra="ignore")
+
+    broker_url: str = Field(DEFAULT_REDIS, description="Celery broker (Redis)")
+    result_backend: str = Field(DEFAULT_REDIS, description="Celery result backend (Redis)")
+    queue: str = Field("retrac-index", description="queue the indexing tasks go to and workers consume")
+    device: str = Field(
+        "auto", description="torch device of the gradients: auto (CUDA when available), cpu, cuda:1, ..."
+    )
+    torch_threads: int = Field(
+        1, ge=1, description="CPU threads per worker process; fixed, because a shard's bytes depend on it"
+    )
+    model_cache_size: int = Field(4, ge=1, description="checkpoints kept loaded per worker process")
+    max_retries: int = Field(
+        5, ge=0, description="retries, with exponential backoff, of a task hit by a transient error"
+    )
+    visibility_timeout: int = Field(
+        3600,
+        ge=1,
+        description="seconds before a task taken by a worker that died unannounced is handed out again; "
+        "keep it above the longest shard",
+    )
+
+
+@functools.cache
+def get_settings() -> WorkerSettings:
+    """The settings of this process, read from the environment once."""
+    return WorkerSettings()

@@ -1,0 +1,103 @@
+"""Celery tasks. `index_shard` computes and stores one (checkpoint, shard) of a store.
+
+A task takes ids (store path, checkpoint, shard), rereads the store, and calls the one idempotent
+engine step `storage.run_shard`: a shard already done is skipped, a redelivered one rewrites the same
+bytes. Each worker process keeps its opened stores and loaded models between tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from celery.signals import worker_process_init
+from celery.utils.log import get_task_logger
+
+from storage import GradientStore, ModelCache, run_shard
+from worker.app import app
+from worker.cancellation import is_cancelled
+from worker.settings import get_settings
+
+logger = get_task_logger(__name__)
+
+TRANSIENT_ERRORS = (OSError, torch.OutOfMemoryError)
+"""Errors worth retrying with backoff: file systems and devices that may recover. Retrac's named
+errors (stale store, bad spec) are not: retrying would fail the same way."""
+
+_stores: dict[Path, tuple[tuple[Any, ...], GradientStore]] = {}
+_models: ModelCache | None = None
+
+
+@worker_process_init.connect
+def _limit_threads(**_: Any) -> None:
+    torch.set_num_threads(get_settings().torch_threads)
+
+
+@app.task(
+    bind=True,
+    name="retrac.index_shard",
+    autoretry_for=TRANSIENT_ERRORS,
+    retry_backoff=True,
+    retry_backoff_max=120,
+    retry_jitter=True,
+    max_retries=get_settings().max_retries,
+)
+def index_shard(self: Any, store_path: str, checkpoint: int, shard: int) -> dict[str, Any]:
+    """Compute and store shard `shard` of checkpoint `checkpoint` of the store at `store_path`."""
+    if self.request.group and is_cancelled(self.request.group):
+        logger.info("job %s cancelled: shard %d/%d skipped", self.request.group, checkpoint, shard)
+        return _outcome("cancelled", checkpoint, shard, 0.0)
+    return _index_shard(Path(store_path), checkpoint, shard)
+
+
+def _index_shard(path: Path, checkpoint: int, shard: int) -> dict[str, Any]:
+    if not (path / "zarr.json").is_file():
+        logger.warning("store %s is gone: shard %d/%d skipped", path, checkpoint, shard)
+        return _outcome("missing", checkpoint, shard, 0.0)
+    started = time.perf_counter()
+    computed = run_shard(_open(path), checkpoint, shard, _model_cache())
+    return _outcome("computed" if computed else "skipped", checkpoint, shard, time.perf_counter() - started)
+
+
+def _outcome(status: str, checkpoint: int, shard: int, seconds: float) -> dict[str, Any]:
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    return {"status": status, "checkpoint": checkpoint, "shard": shard, "seconds": seconds, "worker": worker}
+
+
+def _open(path: Path) -> GradientStore:
+    """The store at `path`, checked when first opened and reopened (and rechecked) when its group or
+    checkpoint files change, so a recreated store or a replaced checkpoint is never used stale."""
+    cached = _stores.get(path)
+    if cached is not None and cached[0] == _signature(path, cached[1]):
+        return cached[1]
+    store = GradientStore.open(path)
+    _stores[path] = (_signature(path, store), store)
+    return store
+
+
+def _signature(path: Path, store: GradientStore) -> tuple[Any, ...]:
+    files = [path / "zarr.json"] + [
+        f for c in store.checkpoint_info for f in sorted(Path(c["path"]).rglob("*"))
+    ]
+    return tuple(_stat(f) for f in files)
+
+
+def _stat(file: Path) -> tuple[int, int] | None:
+    try:
+        info = file.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
+def _model_cache() -> ModelCache:
+    global _models
+    if _models is None:
+        settings = get_settings()
+        device = None if settings.device == "auto" else settings.device
+        _models = ModelCache(device, threads=settings.torch_threads, capacity=settings.model_cache_size)
+    return _models
