@@ -1,13 +1,15 @@
 """`retrac demo`: the embedded default, end to end on built-in data, on the CPU, without Redis.
 
-It runs the small outlier-model experiment (train with replay, index, query, evaluate) and prints
-the headline TracIn-vs-ReTrac table and where the pictures are.
+It is `retrac eval run --preset small`: train a small outlier model with replay, index it, query
+it, evaluate TracIn against ReTrac, print the headline table and say where the pictures are.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from retrac.cli.eval import run_experiment_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,14 +19,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="The embedded default: the small version of the README's experiment, end to end.",
     )
     parser.add_argument("--out", type=Path, default=Path("retrac-demo"), help="output folder (default: retrac-demo)")
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from retrac.evaluation.experiment import ExperimentConfig, run_experiment
-    from retrac.evaluation.report import headline_table
-
-    report = run_experiment(ExperimentConfig.small(), args.out, progress=True)
-    print(headline_table(report))
-    print(f"\nreport: {args.out / 'report.json'}   figures: {args.out}/*.png   table: {args.out / 'report.md'}")
-    return 0
+    parser.set_defaults(run=run_experiment_command, preset="small", config=None)
