@@ -41,7 +41,9 @@ class QueryOptions(Public):
     top_k: int = Field(10, ge=1, le=1000, description="proponents and opponents returned per method")
     timesteps: int = Field(50, ge=1, le=1000, description="K, timesteps of the query's grid")
     draws: int = Field(4, ge=1, le=256, description="M, noise draws per timestep")
-    seed: int = Field(0, ge=0, le=(1 << 62) - 1, description="seed of the query's noise draws")
+    seed: int = Field(
+        0, ge=0, le=(1 << 53) - 1, description="seed of the query's noise draws (exact in JSON)"
+    )
     checkpoints: list[int] | None = Field(
         None, min_length=1, description="positions of the checkpoints to use; default: all"
     )

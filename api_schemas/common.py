@@ -19,8 +19,8 @@ IndexName = Annotated[
 
 SampleId = Annotated[
     str,
-    StringConstraints(pattern=r"^(?!\.+$)[A-Za-z0-9._-]{1,200}$"),
-    Field(description="a training sample's id as the index lists it"),
+    StringConstraints(pattern=r"^[A-Za-z0-9._-]*[A-Za-z0-9_-][A-Za-z0-9._-]*$", max_length=200),
+    Field(description="a training sample's id: letters, digits, '.', '_', '-', not only dots"),
 ]
 
 

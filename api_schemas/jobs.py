@@ -23,3 +23,9 @@ class JobPublic(Public):
     fraction: float = Field(ge=0, le=1, description="done / total")
     rate_per_s: float | None = Field(None, description="rows stored per second lately, if measured")
     eta_s: float | None = Field(None, description="seconds left at that rate, if known")
+
+
+class JobCreate(Public):
+    """Start a job that indexes whatever the index still lacks."""
+
+    index: IndexName

@@ -1,1 +1,1 @@
-"""service package."""
+"""The attribution REST service and web page: `service.main.create_app` builds the FastAPI app."""

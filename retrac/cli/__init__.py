@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from retrac.exceptions import RetracError
 
-COMMAND_MODULES = ("demo", "train", "index", "attribute", "worker", "eval")
+COMMAND_MODULES = ("demo", "train", "index", "attribute", "worker", "serve", "eval")
 """Modules of `retrac.cli` that each define `register(subparsers)`; they add their subcommands."""
 
 

@@ -1,0 +1,73 @@
+"""Attribution queries: the proponents and opponents of query images, per method.
+
+Two forms of one request: a JSON body (images as base64 files or nested arrays), and a multipart
+upload (image files plus the same knobs as form fields). Every image of a request shares one scan.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Form, UploadFile
+from pydantic import Field
+
+from api_schemas.attribution import AttributeRequest, AttributionsPublic, QueryOptions
+from service.deps import EngineDep, IndexNameDep, ReadAccess, SettingsDep, StoreDep
+from service.errors import ERROR_RESPONSES
+from service.images import decode_file, decode_json_image
+from service.queries import check_limits
+
+
+class AttributeUpload(QueryOptions):
+    """The multipart form: image files plus the query knobs as form fields."""
+
+    images: list[UploadFile] = Field(
+        min_length=1, description="one or more image files: PNG, JPEG, ... or .npy"
+    )
+
+
+router = APIRouter(
+    prefix="/indexes/{name}", tags=["attribute"], dependencies=[ReadAccess], responses=ERROR_RESPONSES
+)
+
+
+@router.post("/attribute", summary="Attribute images sent in a JSON body")
+def attribute_json(
+    name: IndexNameDep,
+    body: AttributeRequest,
+    store: StoreDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+) -> AttributionsPublic:
+    started = time.perf_counter()
+    check_limits(body, len(body.images), store, settings)
+    shape = store.spec.dataset
+    images = [
+        decode_json_image(image, resolution=shape.resolution, channels=shape.channels, name=f"images[{i}]")
+        for i, image in enumerate(body.images)
+    ]
+    return engine.attribute(name, store, images, body, started=started)
+
+
+@router.post("/attribute/upload", summary="Attribute uploaded image files (PNG, JPEG, ... or .npy)")
+def attribute_upload(
+    name: IndexNameDep,
+    form: Annotated[AttributeUpload, Form(media_type="multipart/form-data")],
+    store: StoreDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+) -> AttributionsPublic:
+    started = time.perf_counter()
+    check_limits(form, len(form.images), store, settings)
+    shape = store.spec.dataset
+    decoded = [
+        decode_file(
+            upload.file.read(),
+            resolution=shape.resolution,
+            channels=shape.channels,
+            name=upload.filename or f"images[{i}]",
+        )
+        for i, upload in enumerate(form.images)
+    ]
+    return engine.attribute(name, store, decoded, form, started=started)

@@ -1,0 +1,107 @@
+"""How errors become HTTP answers: every one is an `ErrorPublic` body with a message that says what to fix.
+
+Named engine errors are the client's fault (bad image, bad spec, stale store) and become 4xx; anything
+else is a bug, logged with its traceback and answered with a bare 500.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from api_schemas.common import ErrorPublic
+from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
+from storage import IncompleteStoreError, StaleStoreError, StoreError
+
+logger = logging.getLogger(__name__)
+
+
+class NotFound(LookupError):
+    """No index, job or sample of that name."""
+
+
+class Conflict(RuntimeError):
+    """The request clashes with the state of an index (it exists already, it is still building)."""
+
+
+class Unavailable(RuntimeError):
+    """A dependency of the request (the job queue) does not answer."""
+
+
+STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (NotFound, 404),
+    (Conflict, 409),
+    (Unavailable, 503),
+    (StaleStoreError, 409),
+    (IncompleteStoreError, 409),
+    (StoreError, 422),
+    (DatasetError, 422),
+    (SpecError, 422),
+    (CheckpointError, 422),
+    (ReplayError, 422),
+    (RetracError, 400),
+)
+"""HTTP status of each named error of the service and the engine, most specific first."""
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorPublic, "description": text}
+    for code, text in (
+        (400, "the request cannot be carried out as sent"),
+        (401, "the API key is missing"),
+        (403, "the API key is wrong"),
+        (404, "no such index, job or sample"),
+        (409, "the index is not ready for this (still building, stale, or already exists)"),
+        (413, "the request body is too large"),
+        (422, "a field, image or spec is invalid"),
+        (503, "a dependency (the job queue) is unavailable"),
+    )
+}
+"""Error responses declared on every route, so the OpenAPI schema lists them."""
+
+
+def _answer(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorPublic(detail=detail).model_dump(), status_code=status, headers=headers)
+
+
+async def _named_error(request: Request, error: Exception) -> JSONResponse:
+    status = next(code for kind, code in STATUS if isinstance(error, kind))
+    return _answer(status, str(error))
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    detail = str(error.detail)
+    if error.status_code == 404 and detail == "Not Found":  # no route or file: say where the routes are
+        detail = f"no such path {request.url.path!r}; the API is described at /docs"
+    elif error.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path!r}; the API is described at /docs"
+    return _answer(error.status_code, detail, getattr(error, "headers", None))
+
+
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = []
+    for item in error.errors():
+        if item.get("type") == "json_invalid":
+            problems.append(
+                f"the body is not valid JSON ({item.get('ctx', {}).get('error', 'cannot parse')})"
+            )
+            continue
+        where = ".".join(str(part) for part in item.get("loc", ()))
+        problems.append(f"{where}: {item.get('msg', 'invalid')}")
+    return _answer(422, "invalid request: " + "; ".join(problems))
+
+
+async def _bug(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=error)
+    return _answer(500, "internal error; the service logged it")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for kind in (NotFound, Conflict, Unavailable, RetracError):
+        app.add_exception_handler(kind, _named_error)
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _bug)

@@ -1,0 +1,105 @@
+"""Indexing jobs through the Celery queue (`worker.jobs`), as the API shows them.
+
+The queue's own errors (Redis down, a job the result backend forgot) become the service's named
+errors: 503 and 404 with a message, never a 500. Progress comes from the store's done marks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import redis
+from kombu.exceptions import OperationalError
+
+from api_schemas.common import CheckPublic, IndexName
+from api_schemas.jobs import JobPublic, JobState
+from service.errors import Conflict, NotFound, Unavailable
+from service.repository import StoreRepository
+from worker import jobs
+from worker.settings import get_settings as queue_settings
+
+QUEUE_ERRORS = (OperationalError, redis.RedisError, OSError)
+PING_TIMEOUT_S = 1.0
+
+
+def queue_check() -> CheckPublic:
+    """Whether the job queue's Redis answers a ping within `PING_TIMEOUT_S`."""
+    url = queue_settings().broker_url
+    try:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=PING_TIMEOUT_S, socket_timeout=PING_TIMEOUT_S
+        )
+        with client:
+            client.ping()
+    except (redis.RedisError, OSError, ValueError) as error:
+        return CheckPublic(ok=False, detail=f"job queue does not answer: {error}")
+    return CheckPublic(ok=True, detail="job queue answers")
+
+
+def start_job(repository: StoreRepository, name: IndexName) -> str:
+    """Queue the pending shards of index `name`; remember and return the job id."""
+    if not repository.open(name).pending():
+        raise Conflict(f"index {name!r} is complete: nothing is left to index")
+    require_queue()
+    with _queue_errors():
+        job_id = jobs.submit(repository.path(name))
+    repository.record_job(name, job_id)
+    return job_id
+
+
+def describe_job(repository: StoreRepository, job_id: str) -> JobPublic:
+    """A job's index, state and progress."""
+    name = repository.index_of(job_id)
+    progress = jobs.progress(repository.path(name))
+    state: JobState = "done"
+    if not progress.complete:
+        with _queue_errors():
+            state = jobs.state(job_id)
+    return JobPublic(
+        id=job_id,
+        index=name,
+        state=state,
+        done=progress.done_rows,
+        total=progress.total_rows,
+        fraction=progress.fraction,
+        rate_per_s=progress.rate_per_s,
+        eta_s=progress.eta_s,
+    )
+
+
+def cancel_job(repository: StoreRepository, job_id: str) -> JobPublic:
+    """Cancel a job: queued shards are dropped; shards being computed finish and are kept."""
+    repository.index_of(job_id)
+    require_queue()
+    with _queue_errors():
+        jobs.cancel(job_id)
+    return describe_job(repository, job_id)
+
+
+def cancel_index_job(repository: StoreRepository, name: IndexName) -> None:
+    """Cancel the job of index `name` if it may still run (before the index is deleted)."""
+    job_id = repository.job_of(name)
+    if job_id is None or jobs.progress(repository.path(name)).complete:
+        return
+    require_queue()
+    with _queue_errors(), suppress(jobs.JobNotFoundError):  # a forgotten job has nothing left to cancel
+        jobs.cancel(job_id)
+
+
+def require_queue() -> None:
+    """An Unavailable error if the job queue does not answer now."""
+    check = queue_check()
+    if not check.ok:
+        raise Unavailable(f"{check.detail}; retry when GET /v1/ready says ready")
+
+
+@contextmanager
+def _queue_errors() -> Iterator[None]:
+    """The queue's failures as the service's errors: a forgotten job is NotFound, an outage Unavailable."""
+    try:
+        yield
+    except jobs.JobNotFoundError as error:
+        raise NotFound(f"{error}; POST /v1/jobs with the index name resumes it") from error
+    except QUEUE_ERRORS as error:
+        raise Unavailable(f"the job queue failed ({error}); retry when GET /v1/ready says ready") from error

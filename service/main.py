@@ -1,0 +1,51 @@
+"""Builds the FastAPI app: the /v1 API, the web page at `/`, error handlers, body limit, CORS.
+
+`retrac serve` runs `create_app` under uvicorn (as a factory, so settings are read at start, not at
+import). Tests build apps with their own `Settings`.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from service.api.main import api_router
+from service.errors import install_error_handlers
+from service.limits import BodyLimit
+from service.queries import QueryEngine
+from service.repository import StoreRepository
+from service.settings import Settings, get_settings
+from storage import ModelCache
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app serving the stores under `settings.stores_root` (default settings: the environment's)."""
+    settings = settings or get_settings()
+    torch.set_num_threads(settings.torch_threads)
+    app = FastAPI(
+        title="retrac",
+        version=version("retrac"),
+        summary="Data attribution for diffusion models: Diffusion-TracIn and Diffusion-ReTrac over HTTP.",
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.repository = StoreRepository(settings)
+    device = None if settings.device == "auto" else settings.device
+    app.state.engine = QueryEngine(ModelCache(device, threads=settings.torch_threads))
+    install_error_handlers(app)
+    app.include_router(api_router)
+    app.mount("/", StaticFiles(directory=STATIC, html=True), name="web")
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    return app

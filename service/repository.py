@@ -1,0 +1,208 @@
+"""The service's indexes: one gradient store per name under the stores root, opened once and kept
+while its files stay the same (another API process may delete and recreate an index of that name).
+
+Every path a client can influence is confined here: an index name becomes a folder directly under
+the stores root, and the paths inside a new index's spec must lie under the models root (run,
+checkpoints, scheduler) or the data root (dataset source). They are stored absolute, so the API and
+the workers must see the models and data at the same paths (the compose file mounts them so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec
+from api_schemas.common import IndexName
+from api_schemas.indexes import CheckpointProgressPublic, IndexCreate, IndexPublic
+from retrac.exceptions import RetracError
+from retrac.paths import resolve_inside
+from service.errors import Conflict, NotFound
+from service.settings import Settings
+from storage import GradientStore
+
+logger = logging.getLogger(__name__)
+
+JOBS_FOLDER = ".jobs"
+"""Under the stores root: one small JSON file per index naming its indexing job (a hidden name, so
+no index can be called that)."""
+
+
+class StoreRepository:
+    """Creates, opens, lists and deletes the stores of one stores root; safe to share between threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.stores_root
+        self._open: dict[str, tuple[tuple[Any, ...], GradientStore]] = {}
+        self._lock = threading.Lock()
+
+    def path(self, name: IndexName) -> Path:
+        """The folder of index `name`; an error if the name would leave the stores root."""
+        path = resolve_inside(self.root, name)
+        if path.parent != self.root:
+            raise NotFound(f"no index {name!r}; index names are single folder names")
+        return path
+
+    def require(self, name: IndexName) -> Path:
+        """The folder of index `name`, which must hold a store (else NotFound)."""
+        path = self.path(name)
+        if not (path / "zarr.json").is_file():
+            raise NotFound(f"no index {name!r}; list the indexes with GET /v1/indexes")
+        return path
+
+    def names(self) -> list[str]:
+        """Names of the stores under the root, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if (p / "zarr.json").is_file() and not p.name.startswith(".")
+        )
+
+    def open(self, name: IndexName) -> GradientStore:
+        """The opened store of `name`: checked against its inputs when first opened, and opened and
+        checked again when its group or checkpoint files have changed since."""
+        with self._lock:
+            path = self.require(name)
+            cached = self._open.get(name)
+            if cached is not None and cached[0] == _signature(path, cached[1]):
+                return cached[1]
+            store = GradientStore.open(path)
+            self._open[name] = (_signature(path, store), store)
+            return store
+
+    def describe(self, name: IndexName) -> IndexPublic:
+        """What the API shows of index `name`: spec, size, per-checkpoint progress, job."""
+        store = self.open(name)
+        status = store.status()
+        info = store.checkpoint_info
+        return IndexPublic(
+            name=name,
+            spec=store.spec,
+            num_samples=store.num_rows,
+            num_checkpoints=store.num_checkpoints,
+            num_slots=store.num_slots,
+            dim=store.dim,
+            resolution=store.spec.dataset.resolution,
+            channels=store.spec.dataset.channels,
+            size_bytes=store.size_bytes(),
+            complete=status.complete,
+            progress=[
+                CheckpointProgressPublic(
+                    checkpoint=c.checkpoint,
+                    epoch=info[c.checkpoint]["epoch"],
+                    weight=info[c.checkpoint]["weight"],
+                    done=c.done_rows,
+                    total=c.total_rows,
+                    complete=c.complete,
+                )
+                for c in status.checkpoints
+            ],
+            job_id=self.job_of(name),
+        )
+
+    def describe_all(self) -> list[IndexPublic]:
+        """Every index that opens; one that does not (stale, damaged) is logged and left out."""
+        described = []
+        for name in self.names():
+            try:
+                described.append(self.describe(name))
+            except (RetracError, NotFound) as error:
+                logger.warning("index %s left out of the list: %s", name, error)
+        return described
+
+    def check_new(self, request: IndexCreate) -> IndexSpec:
+        """The spec of a new index with its paths confined; a Conflict if the name is taken."""
+        if self.path(request.name).exists():
+            raise Conflict(f"index {request.name!r} exists already; choose another name or delete it first")
+        return self.confine(request.spec)
+
+    def create(self, request: IndexCreate) -> GradientStore:
+        """A new, empty store for `request` (its spec's paths confined and made absolute)."""
+        with self._lock:
+            spec = self.check_new(request)
+            path = self.path(request.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                store = GradientStore.create(path, spec)
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
+            self._open[request.name] = (_signature(path, store), store)
+            return store
+
+    def delete(self, name: IndexName) -> None:
+        """Remove the store of `name` and its job record."""
+        with self._lock:
+            path = self.require(name)
+            self._open.pop(name, None)
+            shutil.rmtree(path)
+            self._job_file(name).unlink(missing_ok=True)
+
+    def confine(self, spec: IndexSpec) -> IndexSpec:
+        """`spec` with its paths resolved inside the models and data roots (SpecError if one leaves them)."""
+        models = self.settings.models_root
+
+        def inside_models(path: str | None) -> str | None:
+            return None if path is None else str(resolve_inside(models, path))
+
+        source = spec.dataset.source
+        if not source.startswith("builtin:"):
+            source = str(resolve_inside(self.settings.data_root, source))
+        return spec.model_copy(
+            update={
+                "dataset": DatasetSpec.model_validate({**spec.dataset.model_dump(), "source": source}),
+                "run": inside_models(spec.run),
+                "scheduler": inside_models(spec.scheduler),
+                "checkpoints": tuple(
+                    CheckpointSpec.model_validate({**c.model_dump(), "path": inside_models(c.path)})
+                    for c in spec.checkpoints
+                ),
+            }
+        )
+
+    # --- job records ----------------------------------------------------------------------------------------
+
+    def record_job(self, name: IndexName, job_id: str) -> None:
+        """Remember that `job_id` indexes `name` (a file beside the stores, so it survives restarts)."""
+        file = self._job_file(name)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps({"index": name, "job_id": job_id}))
+
+    def job_of(self, name: IndexName) -> str | None:
+        """The id of the job started with index `name`, if any."""
+        file = self._job_file(name)
+        return json.loads(file.read_text())["job_id"] if file.is_file() else None
+
+    def index_of(self, job_id: str) -> str:
+        """The index that job `job_id` builds."""
+        folder = self.root / JOBS_FOLDER
+        for file in folder.glob("*.json") if folder.is_dir() else ():
+            record = json.loads(file.read_text())
+            if record["job_id"] == job_id:
+                return str(record["index"])
+        raise NotFound(f"no job {job_id!r}; a job's id is in its index's description (GET /v1/indexes/NAME)")
+
+    def _job_file(self, name: str) -> Path:
+        return self.root / JOBS_FOLDER / f"{name}.json"
+
+
+def _signature(path: Path, store: GradientStore) -> tuple[Any, ...]:
+    """(inode, mtime, size) of the store's root metadata and of every checkpoint file: cheap to read on
+    every request, and different after a delete and recreate or a replaced checkpoint."""
+    files = [path / "zarr.json"] + [
+        f for c in store.checkpoint_info for f in sorted(Path(c["path"]).rglob("*"))
+    ]
+    return tuple(_stat(f) for f in files)
+
+
+def _stat(file: Path) -> tuple[int, int, int] | None:
+    try:
+        info = file.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size

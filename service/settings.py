@@ -1,0 +1,71 @@
+"""All settings of the service, read from the environment (prefix `RETRAC_`) in one class.
+
+Only the service, the worker and the CLI read settings; the engine takes everything as arguments.
+The job queue's settings (`RETRAC_BROKER_URL`, `RETRAC_RESULT_BACKEND`, `RETRAC_QUEUE`) belong to
+`worker.settings`, which the service reads too: one source for where jobs go.
+Outside development the validators refuse unsafe choices (no API key, CORS open to every origin).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_KEY_LENGTH = 16
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RETRAC_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    stores_root: Path = Field(
+        Path("stores"), description="one Zarr store per index, in a folder named after it"
+    )
+    models_root: Path = Field(Path("models"), description="training runs and checkpoints that specs may name")
+    data_root: Path = Field(Path("data"), description="image folders and arrays that dataset specs may name")
+
+    api_key: SecretStr | None = Field(None, description="the X-API-Key that mutating requests must send")
+    protect_queries: bool = Field(False, description="queries and reads need the API key too")
+
+    max_upload_bytes: int = Field(8 << 20, ge=1024, description="largest request body")
+    max_images: int = Field(16, ge=1, description="most query images in one request")
+    max_top_k: int = Field(100, ge=1, le=1000, description="largest top_k of a query")
+    max_query_gradients: int = Field(
+        1600, ge=1, description="largest K*M per query image (the paper's K=100, M=16 is 1600)"
+    )
+
+    cors_origins: list[str] = Field([], description="origins allowed to call the API from a browser")
+    device: str = Field(
+        "auto", description="torch device of query gradients: auto (CUDA when available), cpu, cuda:1, ..."
+    )
+    torch_threads: int = Field(
+        1, ge=1, description="torch CPU threads of a query (RETRAC_TORCH_THREADS, as workers)"
+    )
+
+    @field_validator("stores_root", "models_root", "data_root")
+    @classmethod
+    def _absolute(cls, root: Path) -> Path:
+        return root.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _safe_outside_development(self) -> Settings:
+        if self.environment == "development":
+            return self
+        key = self.api_key.get_secret_value() if self.api_key else ""
+        if len(key) < MIN_KEY_LENGTH:
+            raise ValueError(
+                f"set RETRAC_API_KEY to a secret of at least {MIN_KEY_LENGTH} characters in production"
+            )
+        if "*" in self.cors_origins:
+            raise ValueError("RETRAC_CORS_ORIGINS may not be '*' in production; list the allowed origins")
+        return self
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The settings of this process, read from the environment once (tests build their own `Settings`)."""
+    return Settings()

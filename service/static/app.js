@@ -1,0 +1,125 @@
+// The retrac web page: pick an index, upload an image, show TracIn and ReTrac galleries side by side.
+// Plain browser JavaScript talking to the /v1 API; no build step.
+"use strict";
+
+const API = "v1";
+const $ = (id) => document.getElementById(id);
+
+function headers() {
+  const key = $("api_key").value.trim();
+  localStorage.setItem("retrac-api-key", key);
+  return key ? { "X-API-Key": key } : {};
+}
+
+async function call(path, options = {}) {
+  const response = await fetch(`${API}/${path}`, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail; } catch (_) { /* not JSON */ }
+    throw new Error(`${response.status}: ${detail}`);
+  }
+  return response;
+}
+
+function say(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function loadIndexes() {
+  const { data } = await (await call("indexes")).json();
+  const select = $("index");
+  select.replaceChildren();
+  for (const index of data) {
+    const done = index.progress.reduce((sum, c) => sum + c.done, 0);
+    const total = index.progress.reduce((sum, c) => sum + c.total, 0);
+    const option = new Option(
+      index.complete ? `${index.name} (${index.num_samples} samples)` : `${index.name} (building ${Math.floor(100 * done / total)}%)`,
+      index.name);
+    option.disabled = !index.complete;
+    select.append(option);
+  }
+  const ready = [...select.options].find((o) => !o.disabled);
+  if (ready) select.value = ready.value;
+  say(data.length ? "" : "No index yet: create one with POST /v1/indexes (see the API documentation).");
+}
+
+async function thumbnail(index, sampleId) {
+  const response = await call(`indexes/${encodeURIComponent(index)}/samples/${encodeURIComponent(sampleId)}?size=80`);
+  return URL.createObjectURL(await response.blob());
+}
+
+function card(index, influence, shared) {
+  const element = document.createElement("figure");
+  element.className = "card" + (shared ? " shared" : "");
+  element.dataset.sampleId = influence.sample_id;
+  element.dataset.rank = influence.rank;
+  const image = document.createElement("img");
+  image.alt = influence.sample_id;
+  thumbnail(index, influence.sample_id).then((url) => { image.src = url; }).catch(() => { image.alt = "(no image)"; });
+  const caption = document.createElement("figcaption");
+  caption.innerHTML = `<div class="id"></div><div class="score"></div><div class="t"></div>`;
+  caption.querySelector(".id").textContent = `#${influence.rank} ${influence.sample_id}`;
+  caption.querySelector(".score").textContent = influence.score.toPrecision(3);
+  caption.querySelector(".t").textContent = `t = ${influence.timesteps.join(", ")}`;
+  element.title = `per-checkpoint contributions: ${influence.contributions.map((v) => v.toPrecision(3)).join(", ")}`
+    + (shared ? "\nalso a proponent under the other method" : "");
+  element.append(image, caption);
+  return element;
+}
+
+function render(index, answer) {
+  const result = answer.data[0];
+  const proponentIds = Object.fromEntries(Object.entries(result.methods).map(
+    ([method, ranking]) => [method, new Set(ranking.proponents.map((i) => i.sample_id))]));
+  for (const section of document.querySelectorAll(".method")) {
+    const method = section.dataset.method;
+    const other = method === "tracin" ? "retrac" : "tracin";
+    for (const gallery of section.querySelectorAll(".gallery")) {
+      const kind = gallery.dataset.kind;
+      const list = result.methods[method] ? result.methods[method][kind] : [];
+      gallery.replaceChildren(...list.map((influence) => card(index, influence,
+        kind === "proponents" && proponentIds[other] && proponentIds[other].has(influence.sample_id))));
+    }
+  }
+  const t = answer.timings;
+  $("timings").textContent = `K = ${answer.timesteps}, M = ${answer.draws}, checkpoints ${answer.checkpoints.join(", ")}: `
+    + `${t.total_s.toFixed(2)} s (query gradients ${t.gradient_s.toFixed(2)} s, scan ${t.scan_s.toFixed(3)} s)`;
+}
+
+async function attribute(event) {
+  event.preventDefault();
+  const index = $("index").value;
+  const file = $("image").files[0];
+  if (!index || !file) { say("Pick an index and an image first.", true); return; }
+  const form = new FormData();
+  form.append("images", file, file.name);
+  for (const field of ["top_k", "timesteps", "draws", "seed"]) form.append(field, $(field).value);
+  form.append("methods", "tracin");
+  form.append("methods", "retrac");
+  $("run").disabled = true;
+  say("Computing the query's gradients and scanning the index…");
+  try {
+    const answer = await (await call(`indexes/${encodeURIComponent(index)}/attribute/upload`, { method: "POST", body: form })).json();
+    render(index, answer);
+    say(`Done: ${index}.`);
+    document.body.dataset.state = "done";
+  } catch (error) {
+    say(error.message, true);
+    document.body.dataset.state = "error";
+  } finally {
+    $("run").disabled = false;
+  }
+}
+
+function preview() {
+  const file = $("image").files[0];
+  $("query-view").hidden = !file;
+  if (file) $("preview").src = file.name.endsWith(".npy") ? "" : URL.createObjectURL(file);
+}
+
+$("api_key").value = localStorage.getItem("retrac-api-key") || "";
+$("query").addEventListener("submit", attribute);
+$("image").addEventListener("change", preview);
+$("api_key").addEventListener("change", () => loadIndexes().catch((error) => say(error.message, true)));
+loadIndexes().catch((error) => say(error.message, true));

@@ -1,0 +1,246 @@
+"""Bad requests, one kind per row: each gets a 4xx whose message says what to fix; the service stays
+up and no store changes on disk."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.settings import Settings
+from tests.service.conftest import API_KEY, BUILDING, INDEX, QUERY, index_spec
+
+UPLOAD = f"/v1/indexes/{INDEX}/attribute/upload"
+JSON = f"/v1/indexes/{INDEX}/attribute"
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
+
+
+DIGIT = png(np.full((8, 8), 128, dtype=np.uint8))
+
+
+def upload(data: bytes, name: str = "q.png", **fields: Any) -> dict[str, Any]:
+    return {"files": {"images": (name, data, "application/octet-stream")}, "data": {**QUERY, **fields}}
+
+
+def body(**fields: Any) -> dict[str, Any]:
+    return {"json": {**QUERY, "images": [{"base64": base64.b64encode(DIGIT).decode()}], **fields}}
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One kind of bad request: how to send it, the status it must get, words its message must hold."""
+
+    kind: str
+    method: str
+    url: str
+    status: int
+    says: str
+    send: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] | None = None
+
+
+CASES = [
+    Bad("not an image", "post", UPLOAD, 422, "not a readable image", upload(b"hello, I am text")),
+    Bad(
+        "truncated PNG",
+        "post",
+        UPLOAD,
+        422,
+        "not a readable image",
+        upload(png(np.zeros((64, 64), np.uint8))[:60]),
+    ),
+    Bad("empty file", "post", UPLOAD, 422, "is empty", upload(b"")),
+    Bad(
+        "huge dimensions",
+        "post",
+        UPLOAD,
+        422,
+        "largest side accepted",
+        upload(png(np.zeros((4100, 4100), np.uint8))),
+    ),
+    Bad(
+        "wrong channel count",
+        "post",
+        UPLOAD,
+        422,
+        "channel axis of size 1 or 3",
+        upload(npy(np.zeros((8, 8, 2), np.float32)), "q.npy"),
+    ),
+    Bad(
+        "NaN in an array",
+        "post",
+        UPLOAD,
+        422,
+        "NaN",
+        upload(npy(np.full((8, 8), np.nan, np.float32)), "q.npy"),
+    ),
+    Bad(
+        "float pixels outside [0, 1]",
+        "post",
+        JSON,
+        422,
+        "must lie in [0, 1]",
+        {"json": {**QUERY, "images": [{"array": [[2.0] * 8] * 8}]}},
+    ),
+    Bad(
+        "ragged nested array",
+        "post",
+        JSON,
+        422,
+        "same number of pixels",
+        {"json": {**QUERY, "images": [{"array": [[0.5] * 8, [0.5] * 7]}]}},
+    ),
+    Bad(
+        "bad base64",
+        "post",
+        JSON,
+        422,
+        "not valid base64",
+        {"json": {**QUERY, "images": [{"base64": "***"}]}},
+    ),
+    Bad("unknown index", "post", "/v1/indexes/nope/attribute", 404, "GET /v1/indexes", body()),
+    Bad(
+        "index still building", "post", f"/v1/indexes/{BUILDING}/attribute", 409, "still being built", body()
+    ),
+    Bad("bad method", "post", JSON, 422, "methods", body(methods=["tracn"])),
+    Bad("top_k 0", "post", JSON, 422, "top_k", body(top_k=0)),
+    Bad("top_k huge", "post", JSON, 422, "top_k", body(top_k=100_000)),
+    Bad("top_k over the service limit", "post", JSON, 422, "at most 20", body(top_k=50)),
+    Bad(
+        "K*M over the limit",
+        "post",
+        JSON,
+        422,
+        "lower timesteps (K) or draws (M)",
+        body(timesteps=100, draws=16),
+    ),
+    Bad(
+        "too many images",
+        "post",
+        UPLOAD,
+        422,
+        "at most 4",
+        {"files": [("images", (f"{i}.png", DIGIT, "image/png")) for i in range(5)], "data": QUERY},
+    ),
+    Bad("body over the size limit", "post", UPLOAD, 413, "at most", upload(b"\x00" * (300 << 10))),
+    Bad("checkpoint out of range", "post", JSON, 422, "checkpoints 0..2", body(checkpoints=[3])),
+    Bad("unknown field", "post", JSON, 422, "topk", body(topk=3)),
+    Bad(
+        "malformed JSON",
+        "post",
+        JSON,
+        422,
+        "JSON",
+        {"content": b"{not json", "headers": {"content-type": "application/json"}},
+    ),
+    Bad(
+        "path traversal in a sample id",
+        "get",
+        f"/v1/indexes/{INDEX}/samples/..%2F..%2Fetc%2Fpasswd",
+        404,
+        "/docs",
+    ),
+    Bad("dots as a sample id", "get", f"/v1/indexes/{INDEX}/samples/%2E%2E", 422, "sample_id"),
+    Bad("path traversal in an index name", "get", "/v1/indexes/%2E%2E/samples/x", 422, "name"),
+    Bad("unknown sample", "get", f"/v1/indexes/{INDEX}/samples/digit-9999-9", 404, "sample ids come from"),
+    Bad("thumbnail size 0", "get", f"/v1/indexes/{INDEX}/samples/digit-0000-0?size=0", 422, "size"),
+    Bad("unknown job", "get", "/v1/jobs/no-such-job", 404, "no job"),
+    Bad(
+        "missing API key",
+        "post",
+        "/v1/indexes",
+        401,
+        "X-API-Key",
+        {"json": {"name": "new", "spec": index_spec().model_dump(mode="json")}},
+        headers={},
+    ),
+    Bad(
+        "wrong API key",
+        "delete",
+        f"/v1/indexes/{INDEX}",
+        403,
+        "wrong API key",
+        headers={"X-API-Key": "guess"},
+    ),
+    Bad(
+        "spec path outside the models root",
+        "post",
+        "/v1/indexes",
+        422,
+        "leaves the configured root",
+        {"json": {"name": "escape", "spec": index_spec(run="../../etc").model_dump(mode="json")}},
+    ),
+    Bad(
+        "index name taken",
+        "post",
+        "/v1/indexes",
+        409,
+        "exists already",
+        {"json": {"name": INDEX, "spec": index_spec().model_dump(mode="json")}},
+    ),
+    Bad(
+        "index name with a slash",
+        "post",
+        "/v1/indexes",
+        422,
+        "name",
+        {"json": {"name": "a/b", "spec": index_spec().model_dump(mode="json")}},
+    ),
+    Bad(
+        "self-influence of a building index",
+        "get",
+        f"/v1/indexes/{BUILDING}/diagnostics/self-influence",
+        409,
+        "still being built",
+    ),
+]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the stores root with its size and modification time."""
+    return {
+        str(f.relative_to(root)): (f.stat().st_size, f.stat().st_mtime_ns)
+        for f in root.rglob("*")
+        if f.is_file()
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.kind for c in CASES])
+def test_bad_request_is_refused_clearly(case: Bad, client: TestClient, settings: Settings) -> None:
+    before = snapshot(settings.stores_root)
+    headers = {"X-API-Key": API_KEY} if case.headers is None else case.headers
+    send = dict(case.send)
+    headers |= send.pop("headers", {})
+    if case.headers == {}:
+        client.headers.pop("X-API-Key")
+    try:
+        response = client.request(case.method.upper(), case.url, headers=headers, **send)
+    finally:
+        client.headers["X-API-Key"] = API_KEY
+    assert response.status_code == case.status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and case.says in detail
+    assert client.get("/v1/health").status_code == 200
+    assert snapshot(settings.stores_root) == before
+
+
+def test_at_least_fifteen_kinds() -> None:
+    assert len({c.kind for c in CASES}) >= 15

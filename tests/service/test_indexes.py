@@ -1,0 +1,111 @@
+"""Listing and describing indexes, reading health, and the settings' safety rules."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from api_schemas import ProjectorSpec
+from api_schemas.indexes import IndexCreate, IndexesPublic, IndexPublic
+from service.main import create_app
+from service.repository import StoreRepository
+from service.settings import Settings
+from storage import GradientStore
+from tests.service.conftest import BUILDING, INDEX, index_spec
+
+
+def test_health(client: TestClient) -> None:
+    response = client.get("/v1/health")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+def test_list_shows_complete_and_building_indexes(client: TestClient, settings: Settings) -> None:
+    listed = IndexesPublic.model_validate(client.get("/v1/indexes").json())
+    assert listed.count == len(listed.data) == 2
+    by_name = {i.name: i for i in listed.data}
+    assert by_name[INDEX].complete and not by_name[BUILDING].complete
+    assert all(c.done == 0 and c.total == 48 for c in by_name[BUILDING].progress)
+
+
+def test_describe_matches_the_store(client: TestClient, settings: Settings) -> None:
+    described = IndexPublic.model_validate(client.get(f"/v1/indexes/{INDEX}").json())
+    store = GradientStore.open(settings.stores_root / INDEX)
+    assert described.spec == store.spec
+    assert (described.num_samples, described.num_checkpoints, described.num_slots, described.dim) == (
+        store.num_rows,
+        store.num_checkpoints,
+        store.num_slots,
+        store.dim,
+    )
+    assert described.size_bytes == store.size_bytes() > 0
+    assert [p.weight for p in described.progress] == store.weights
+    assert [p.epoch for p in described.progress] == [2, 4, 6]
+    assert all(p.complete and p.done == p.total == 48 for p in described.progress)
+    assert described.spec.run == str(settings.models_root / "run")  # stored absolute, confined to the root
+
+
+def test_reads_need_the_key_only_when_queries_are_protected(client: TestClient, settings: Settings) -> None:
+    open_reads = TestClient(create_app(settings))
+    assert open_reads.get("/v1/indexes").status_code == 200
+    guarded = TestClient(create_app(settings.model_copy(update={"protect_queries": True})))
+    assert guarded.get("/v1/indexes").status_code == 401
+    assert (
+        guarded.get("/v1/indexes", headers={"X-API-Key": settings.api_key.get_secret_value()}).status_code
+        == 200
+    )
+    assert guarded.get("/v1/health").status_code == 200
+
+
+def test_production_refuses_unsafe_settings(tmp_path) -> None:
+    with pytest.raises(ValidationError, match="RETRAC_API_KEY"):
+        Settings(environment="production")
+    with pytest.raises(ValidationError, match="CORS"):
+        Settings(environment="production", api_key="k" * 20, cors_origins=["*"])
+    assert Settings(environment="production", api_key="k" * 20).api_key is not None
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("RETRAC_STORES_ROOT", str(tmp_path))
+    monkeypatch.setenv("RETRAC_MAX_TOP_K", "7")
+    monkeypatch.setenv("RETRAC_CORS_ORIGINS", '["http://example.org"]')
+    read = Settings()
+    assert (read.stores_root, read.max_top_k, read.cors_origins) == (
+        tmp_path.resolve(),
+        7,
+        ["http://example.org"],
+    )
+
+
+def test_an_index_recreated_elsewhere_is_reopened(own_roots: Settings) -> None:
+    client = TestClient(create_app(own_roots))
+    other_process = StoreRepository(own_roots)
+    other_process.create(IndexCreate(name="x", spec=index_spec()))
+    assert client.get("/v1/indexes/x").json()["spec"]["projector"]["seed"] == 3
+    other_process.delete("x")
+    reseeded = index_spec().model_copy(update={"projector": ProjectorSpec(kind="sketch", dim=256, seed=4)})
+    other_process.create(IndexCreate(name="x", spec=reseeded))
+    assert client.get("/v1/indexes/x").json()["spec"]["projector"]["seed"] == 4
+
+
+def test_a_changed_checkpoint_makes_the_index_stale(own_roots: Settings) -> None:
+    client = TestClient(create_app(own_roots))
+    StoreRepository(own_roots).create(IndexCreate(name="x", spec=index_spec()))
+    assert client.get("/v1/indexes/x").status_code == 200
+    config = own_roots.models_root / "run" / "checkpoints" / "epoch-0004" / "config.json"
+    config.write_text(config.read_text() + "\n")
+    response = client.get("/v1/indexes/x")
+    assert response.status_code == 409 and "stale" in response.json()["detail"]
+    assert client.get("/v1/indexes").json()["count"] == 0  # left out of the list, not an error
+
+
+@pytest.mark.redis
+def test_ready_when_queue_and_stores_answer(client: TestClient, own_roots: Settings) -> None:
+    answer = client.get("/v1/ready")
+    assert answer.status_code == 200 and answer.json()["ready"] is True
+    missing = TestClient(
+        create_app(own_roots.model_copy(update={"stores_root": own_roots.stores_root / "gone"}))
+    )
+    answer = missing.get("/v1/ready")
+    assert answer.status_code == 503
+    assert answer.json()["checks"]["stores"]["ok"] is False and answer.json()["checks"]["queue"]["ok"] is True
