@@ -69,10 +69,10 @@ class StoreRepository:
         with self._lock:
             path = self.require(name)
             cached = self._open.get(name)
-            if cached is not None and cached[0] == _signature(path, cached[1]):
+            if cached is not None and cached[0] == cached[1].signature():
                 return cached[1]
             store = GradientStore.open(path)
-            self._open[name] = (_signature(path, store), store)
+            self._open[name] = (store.signature(), store)
             return store
 
     def describe(self, name: IndexName) -> IndexPublic:
@@ -132,7 +132,7 @@ class StoreRepository:
             except BaseException:
                 shutil.rmtree(path, ignore_errors=True)
                 raise
-            self._open[request.name] = (_signature(path, store), store)
+            self._open[request.name] = (store.signature(), store)
             return store
 
     def delete(self, name: IndexName) -> None:
@@ -189,20 +189,3 @@ class StoreRepository:
 
     def _job_file(self, name: str) -> Path:
         return self.root / JOBS_FOLDER / f"{name}.json"
-
-
-def _signature(path: Path, store: GradientStore) -> tuple[Any, ...]:
-    """(inode, mtime, size) of the store's root metadata and of every checkpoint file: cheap to read on
-    every request, and different after a delete and recreate or a replaced checkpoint."""
-    files = [path / "zarr.json"] + [
-        f for c in store.checkpoint_info for f in sorted(Path(c["path"]).rglob("*"))
-    ]
-    return tuple(_stat(f) for f in files)
-
-
-def _stat(file: Path) -> tuple[int, int, int] | None:
-    try:
-        info = file.stat()
-    except OSError:
-        return None
-    return info.st_ino, info.st_mtime_ns, info.st_size

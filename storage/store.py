@@ -290,6 +290,15 @@ class GradientStore:
         """Per checkpoint: its resolved `path`, `epoch` (or None) and `weight`."""
         return [dict(c) for c in self.attrs["checkpoints"]]
 
+    def signature(self) -> tuple[Any, ...]:
+        """(inode, mtime, size) of the group's metadata and of every checkpoint file: cheap to read on
+        every use, and different after the store is deleted and recreated or a checkpoint replaced.
+        Long-lived processes compare it to reopen (and recheck) a store instead of using it stale."""
+        files = [self.path / "zarr.json"] + [
+            f for c in self.checkpoint_info for f in sorted(Path(c["path"]).rglob("*"))
+        ]
+        return tuple(_stat(f) for f in files)
+
     @property
     def slot_kinds(self) -> tuple[str, ...]:
         """What each slot is: "replay", "grid" or "random", in slot order."""
@@ -558,3 +567,11 @@ def _read_or_zero(array: zarr.Array, index: int) -> float:
         return float(array[index])
     except Exception:  # a missing or truncated mark reads as not done
         return 0.0
+
+
+def _stat(file: Path) -> tuple[int, int, int] | None:
+    try:
+        info = file.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size

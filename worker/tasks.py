@@ -72,26 +72,12 @@ def _open(path: Path) -> GradientStore:
     """The store at `path`, checked when first opened and reopened (and rechecked) when its group or
     checkpoint files change, so a recreated store or a replaced checkpoint is never used stale."""
     cached = _stores.get(path)
-    if cached is not None and cached[0] == _signature(path, cached[1]):
+    if cached is not None and cached[0] == cached[1].signature():
         return cached[1]
     store = GradientStore.open(path)
-    _stores[path] = (_signature(path, store), store)
+    _stores[path] = (store.signature(), store)
     return store
 
-
-def _signature(path: Path, store: GradientStore) -> tuple[Any, ...]:
-    files = [path / "zarr.json"] + [
-        f for c in store.checkpoint_info for f in sorted(Path(c["path"]).rglob("*"))
-    ]
-    return tuple(_stat(f) for f in files)
-
-
-def _stat(file: Path) -> tuple[int, int] | None:
-    try:
-        info = file.stat()
-    except OSError:
-        return None
-    return info.st_mtime_ns, info.st_size
 
 
 def _model_cache() -> ModelCache:
