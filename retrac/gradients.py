@@ -202,7 +202,7 @@ class GradientComputer:
             chunk_projected, chunk_norms = self._project_chunk(images[part], timesteps[part], noise[part])
             projected.append(chunk_projected)
             norms.append(chunk_norms)
-        return GradientBatch(torch.cat(projected).float(), torch.cat(norms).float())
+        return GradientBatch(torch.cat(projected).float().detach(), torch.cat(norms).float().detach())
 
     def _project_chunk(
         self, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
