@@ -5,7 +5,7 @@ data, stale inputs refused).
 """
 
 from storage.cache import ModelCache
-from storage.errors import IncompleteStoreError, StaleStoreError, StoreError
+from storage.errors import IncompleteStoreError, NothingToIndexError, StaleStoreError, StoreError
 from storage.indexing import run_pending, run_shard
 from storage.progress import Progress, progress
 from storage.queries import Attribution, SlotNorms, Timings, attribute, norm_timestep, self_influence
@@ -19,6 +19,7 @@ __all__ = [
     "ModelCache",
     "Progress",
     "SlotNorms",
+    "NothingToIndexError",
     "StaleStoreError",
     "StoreError",
     "StoreStatus",

@@ -13,3 +13,7 @@ class StaleStoreError(StoreError):
 
 class IncompleteStoreError(StoreError):
     """A read needs rows whose shards are not done yet."""
+
+
+class NothingToIndexError(StoreError):
+    """A job was asked for a store whose shards are all done."""

@@ -15,7 +15,7 @@ from celery import group
 from celery.result import GroupResult
 
 from retrac.exceptions import RetracError
-from storage import GradientStore, Progress
+from storage import GradientStore, NothingToIndexError, Progress
 from storage import progress as store_progress
 from worker.app import app
 from worker.cancellation import is_cancelled, mark_cancelled
@@ -32,11 +32,15 @@ def submit(store_path: str | Path, *, root: Path | None = None, queue: str | Non
     """Queue every pending shard of the store at `store_path` (on `queue`, default the settings');
     return the job id.
 
-    The store is opened and checked first, so a stale store is refused before anything is queued.
+    The store is opened and checked first, so a stale store is refused before anything is queued,
+    and a complete one raises `NothingToIndexError` (Celery cannot save an empty group).
     """
     path = Path(store_path).resolve()
     store = GradientStore.open(path, root=root)
-    job = group(index_shard.s(str(path), c, s) for c, s in store.pending()).apply_async(queue=queue)
+    pending = store.pending()
+    if not pending:
+        raise NothingToIndexError(f"{path}: every shard is done; nothing is left to index")
+    job = group(index_shard.s(str(path), c, s) for c, s in pending).apply_async(queue=queue)
     job.save()
     return str(job.id)
 

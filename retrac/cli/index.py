@@ -158,9 +158,14 @@ def _run(args: argparse.Namespace) -> int:
 def _run_queued(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from storage import NothingToIndexError
     from worker import jobs
 
-    job_id = jobs.submit(args.store)
+    try:
+        job_id = jobs.submit(args.store)
+    except NothingToIndexError as done:
+        print(done)
+        return 0
     print(f"job {job_id} submitted: start workers with `retrac worker` on machines that see {args.store}")
     if not args.wait:
         return 0

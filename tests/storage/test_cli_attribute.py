@@ -42,3 +42,4 @@ def test_attribute_with_a_bad_image_exits_2(reference_store, tmp_path, capsys) -
     bad.write_bytes(b"not an image")
     assert main(["attribute", str(reference_store), str(bad)]) == 2
     assert capsys.readouterr().err.startswith("retrac: error:")
+
