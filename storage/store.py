@@ -59,7 +59,7 @@ ROW_ARRAYS = ("projected", "norms", "timesteps", "seeds")
 SHARD_ARRAYS = ("digest", "done_at")
 DEFAULT_RESIDENT_BYTES = 2 << 30
 """Bytes of projected gradients and norms an opened store keeps in memory after a first full read.
-Reading Zarr back is 30-40x slower than scanning memory (design.md), so a serving process keeps an
+Reading Zarr back is 30-40x slower than scanning memory (bench/store.py), so a serving process keeps an
 index resident when it fits, and streams only what does not."""
 
 RESIDENT_STEP = 16384
