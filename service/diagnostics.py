@@ -10,7 +10,6 @@ import io
 
 import numpy as np
 from matplotlib.figure import Figure
-from scipy import stats
 
 from api_schemas import Method
 from api_schemas.diagnostics import (
@@ -19,6 +18,7 @@ from api_schemas.diagnostics import (
     SelfInfluenceEntryPublic,
     SelfInfluencePublic,
 )
+from retrac.evaluation.metrics import fit
 from storage import SlotNorms
 
 
@@ -26,14 +26,14 @@ def norm_statistics(norms: SlotNorms, checkpoint: int, num_timesteps: int, bins:
     """Correlations, fit slope and per-bin quantiles of norm against timestep over all stored slots."""
     t = norms.timesteps.reshape(-1).astype(np.float64)
     n = norms.norms.reshape(-1).astype(np.float64)
-    varied = t.size > 1 and np.ptp(t) > 0 and np.ptp(n) > 0
+    line = fit(t, n) if t.size >= 3 and np.ptp(t) > 0 and np.ptp(n) > 0 else None
     edges = np.linspace(0, num_timesteps, bins + 1).round().astype(int)
     return NormTimestepPublic(
         checkpoint=checkpoint,
         count=int(t.size),
-        pearson=float(stats.pearsonr(t, n).statistic) if varied else None,
-        spearman=float(stats.spearmanr(t, n).statistic) if varied else None,
-        slope=float(np.polyfit(t, n, 1)[0]) if varied else None,
+        pearson=line.pearson if line else None,
+        spearman=line.spearman if line else None,
+        slope=line.slope if line else None,
         bins=[
             _bin(n[(t >= lo) & (t < hi)], int(lo), int(hi))
             for lo, hi in zip(edges[:-1], edges[1:], strict=True)

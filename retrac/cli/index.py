@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from retrac.cli.common import add_dataset_arguments, dataset_spec, first_error
 from retrac.exceptions import SpecError
 
 POLL_SECONDS = 1.0
@@ -39,10 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument(
         "--checkpoint", action="append", default=[], help="a diffusers UNet folder (repeatable)"
     )
-    create.add_argument("--dataset", help="dataset source (default: the run's)")
-    create.add_argument("--resolution", type=int, help="image side (default: the run's, else 16)")
-    create.add_argument("--channels", type=int, choices=(1, 3), help="default: the run's, else 1")
-    create.add_argument("--limit", type=int, help="keep only the first LIMIT samples")
+    add_dataset_arguments(create, default="the run's dataset")
     create.add_argument("--loss", choices=("mse", "l1"), help="the training loss (default: the run's)")
     create.add_argument("--no-replay", action="store_true", help="no replayed-step slot")
     create.add_argument("--grid", type=int, default=0, help="grid timestep slots per sample")
@@ -95,24 +93,19 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _spec(args: argparse.Namespace) -> Any:
-    from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
+    from api_schemas import CheckpointSpec, IndexSpec, ProjectorSpec, SlotSpec
     from retrac.replay import TrainingRun
 
     try:
         if args.spec is not None:
             return IndexSpec.model_validate_json(args.spec.read_text())
         trained = TrainingRun.load(args.run_folder).spec.dataset if args.run_folder else None
-        if args.dataset is None and trained is None:
-            raise SpecError("give --dataset (or --run, whose dataset is used)")
-        dataset = DatasetSpec(
-            source=args.dataset or trained.source,
-            resolution=args.resolution or (trained.resolution if trained else 16),
-            channels=args.channels or (trained.channels if trained else 1),
-            limit=args.limit
-            if args.limit is not None
-            else (trained.limit if trained and not args.dataset else None),
-            seed=trained.seed if trained else 0,
-        )
+        if args.data is None and trained is None:
+            raise SpecError("give --data (or --run, whose dataset is used)")
+        base = trained.model_dump() if trained else {}
+        if args.data is not None:
+            base.pop("limit", None)  # the run's sample limit belongs to the run's source
+        dataset = dataset_spec(args, base)
         return IndexSpec(
             dataset=dataset,
             run=args.run_folder,
@@ -127,15 +120,9 @@ def _spec(args: argparse.Namespace) -> Any:
             shard_size=args.shard_size,
         )
     except ValidationError as error:
-        raise SpecError(f"invalid index spec: {_first_error(error)}") from error
+        raise SpecError(f"invalid index spec: {first_error(error)}") from error
     except OSError as error:
         raise SpecError(f"cannot read the spec: {error}") from error
-
-
-def _first_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    return f"{where}: {first['msg']}" if where else first["msg"]
 
 
 def _run(args: argparse.Namespace) -> int:

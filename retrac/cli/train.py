@@ -7,17 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from tqdm import tqdm
 
-from api_schemas import DatasetSpec, TrainSpec
+from api_schemas import TrainSpec
+from retrac.cli.common import add_dataset_arguments, dataset_spec, given, validated
 from retrac.datasets import load_dataset
 from retrac.exceptions import SpecError
 from retrac.losses import LOSS_KINDS
 from retrac.models import PRESETS
 from retrac.training import train
 
-DATASET_FLAGS = {"data": "source", "resolution": "resolution", "channels": "channels", "limit": "limit", "data_seed": "seed"}
 TRAIN_FLAGS = {
     "preset": "preset", "loss": "loss", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
     "save_every": "save_every", "seed": "seed", "timesteps": "num_timesteps",
@@ -33,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("out", type=Path, help="run folder to write (manifest, record, checkpoints)")
     parser.add_argument("--config", type=Path, help="a TrainSpec JSON file")
-    add_dataset_arguments(parser)
+    add_dataset_arguments(parser, default="builtin:digits")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="UNet size (default: tiny)")
     parser.add_argument("--loss", choices=LOSS_KINDS, help="noise-prediction loss (default: mse)")
     parser.add_argument("--epochs", type=int, help="default: 10")
@@ -45,25 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    """The dataset flags every command that reads a dataset shares (unset flags keep DatasetSpec's defaults)."""
-    parser.add_argument("--data", help="builtin:NAME, image folder, .npy or .npz (default: builtin:digits)")
-    parser.add_argument("--resolution", type=int, help="image side in pixels (default: 16)")
-    parser.add_argument("--channels", type=int, choices=(1, 3), help="1 grey or 3 RGB (default: 1)")
-    parser.add_argument("--limit", type=int, help="use only the first N samples")
-    parser.add_argument("--data-seed", type=int, help="seed of the source's random choices (default: 0)")
-
-
-def given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
-    """The flags of `names` the user typed, renamed to spec fields."""
-    return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag) is not None}
-
-
-def dataset_spec(args: argparse.Namespace, base: dict[str, Any] | None = None) -> DatasetSpec:
-    fields = {"source": "builtin:digits", **(base or {}), **given(args, DATASET_FLAGS)}
-    return _validated(DatasetSpec, fields)
-
-
 def train_spec(args: argparse.Namespace) -> TrainSpec:
     """The spec from `--config` (if any) with every flag the user typed laid over it."""
     base: dict[str, Any] = {}
@@ -73,16 +53,7 @@ def train_spec(args: argparse.Namespace) -> TrainSpec:
         except (OSError, ValueError) as error:
             raise SpecError(f"{args.config}: cannot read the config ({error})") from error
     dataset = dataset_spec(args, base.pop("dataset", None))
-    return _validated(TrainSpec, {**base, **given(args, TRAIN_FLAGS), "dataset": dataset})
-
-
-def _validated(model: type, fields: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(fields)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise SpecError(f"{where}: {first['msg']}") from error
+    return validated(TrainSpec, {**base, **given(args, TRAIN_FLAGS), "dataset": dataset})
 
 
 def run(args: argparse.Namespace) -> int:
