@@ -45,7 +45,8 @@ from retrac.losses import distance, noised  # noqa: E402
 from retrac.training import train  # noqa: E402
 from service.main import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from storage import GradientStore, ModelCache, run_pending  # noqa: E402
+from retrac.computers import GradientComputerCache  # noqa: E402
+from storage import GradientStore, run_pending  # noqa: E402
 
 QUERY = {"timesteps": 50, "draws": 4, "top_k": 10, "seed": 0}
 PRESETS = {
@@ -68,7 +69,7 @@ def build_index(preset: str, root: Path, threads: int) -> GradientStore:
     )
     spec = IndexSpec(dataset=dataset_spec, run=str(run.folder), slots=SlotSpec(replay=True))
     store = GradientStore.create(root / "stores" / preset, spec)
-    run_pending(store, ModelCache("cpu", threads=threads))
+    run_pending(store, GradientComputerCache("cpu", threads=threads))
     return store
 
 

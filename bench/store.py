@@ -39,11 +39,12 @@ from pathlib import Path
 import torch
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
-from retrac.indexing import Rows
+from retrac.plan import Rows
 from retrac.models import build_unet
-from retrac.query import QueryVectors
+from retrac.query_side import QueryVectors
 from retrac.scoring import scan
-from storage import GradientStore, ModelCache, run_pending
+from retrac.computers import GradientComputerCache
+from storage import GradientStore, run_pending
 
 BLOCK = 512
 """Rows per float32 block of the in-memory reference (the design's measured best on this CPU)."""
@@ -82,7 +83,7 @@ def index_spec(folder: Path, rows: int) -> IndexSpec:
 
 def engine_rate(spec: IndexSpec, folder: Path) -> float:
     store = GradientStore.create(folder / "engine.zarr", spec)
-    plan, models = store.plan, ModelCache("cpu", threads=1)
+    plan, models = store.plan, GradientComputerCache("cpu", threads=1)
     computer = models.computer(plan, 0)
     with models.compute():
         plan.compute_rows(0, slice(0, spec.batch_size), computer)  # warm-up
@@ -98,14 +99,14 @@ def index_rate(spec: IndexSpec, folder: Path) -> tuple[float, str]:
     store = GradientStore.create(path, spec)
     slots = store.num_rows * store.num_slots
     try:
-        from worker import jobs
+        from worker import control
         from worker.app import app
 
         app.control.ping(timeout=1.0)  # raises when the broker is unreachable
     except Exception as error:  # no Redis here: measure the embedded runner instead
         log(f"no broker ({error}); timing the embedded runner")
         start = time.perf_counter()
-        run_pending(store, ModelCache("cpu", threads=1))
+        run_pending(store, GradientComputerCache("cpu", threads=1))
         return slots / (time.perf_counter() - start), "embedded"
     queue = f"bench-{os.getpid()}"
     hostname = f"bench-{os.getpid()}@localhost"
@@ -130,8 +131,8 @@ def index_rate(spec: IndexSpec, folder: Path) -> tuple[float, str]:
             if worker.poll() is not None:
                 raise RuntimeError("the benchmark's worker exited")
         start = time.time()
-        jobs.submit(path, queue=queue)
-        while not jobs.progress(path).complete:
+        control.submit(path, queue=queue)
+        while not control.progress(path).complete:
             time.sleep(POLL_SECONDS)
         finished = max(float(store.done_marks(0).max()), start)  # the last done mark, not the poll
         return slots / (finished - start), "worker"

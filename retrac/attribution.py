@@ -14,9 +14,9 @@ from functools import lru_cache
 import torch
 
 from api_schemas import Method, QuerySpec
-from retrac.indexing import IndexPlan, Rows
+from retrac.plan import IndexPlan, Rows
 from retrac.models import DiffusionModel
-from retrac.query import QueryVectors, query_vectors
+from retrac.query_side import QueryVectors, query_vectors
 from retrac.scoring import METHODS, Ranked, Ranking, RowChunk, scan
 
 ProgressCallback = Callable[[int], None]

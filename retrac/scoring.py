@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from api_schemas import Method
-from retrac.query import QueryVectors
+from retrac.query_side import QueryVectors
 
 METHODS: tuple[Method, ...] = ("tracin", "retrac")
 

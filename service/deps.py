@@ -13,7 +13,7 @@ from fastapi import Depends, HTTPException, Path, Request, Security
 from fastapi.security import APIKeyHeader
 
 from api_schemas.common import IndexName
-from service.queries import QueryEngine
+from service.query_engine import QueryEngine
 from service.repository import StoreRepository
 from service.settings import Settings
 from storage import GradientStore

@@ -19,10 +19,10 @@ from api_schemas.diagnostics import (
     SelfInfluencePublic,
 )
 from retrac.evaluation.metrics import fit
-from storage import SlotNorms
+from storage import StoredNorms
 
 
-def norm_statistics(norms: SlotNorms, checkpoint: int, num_timesteps: int, bins: int) -> NormTimestepPublic:
+def norm_statistics(norms: StoredNorms, checkpoint: int, num_timesteps: int, bins: int) -> NormTimestepPublic:
     """Correlations, fit slope and per-bin quantiles of norm against timestep over all stored slots."""
     t = norms.timesteps.reshape(-1).astype(np.float64)
     n = norms.norms.reshape(-1).astype(np.float64)
@@ -56,7 +56,7 @@ def _bin(values: np.ndarray, start: int, stop: int) -> NormBinPublic:
     )
 
 
-def norm_plot(norms: SlotNorms, statistics: NormTimestepPublic, title: str) -> bytes:
+def norm_plot(norms: StoredNorms, statistics: NormTimestepPublic, title: str) -> bytes:
     """A PNG scatter of (timestep, norm) per slot, with the binned median on top.
 
     Built on a bare `Figure` (no pyplot): no global state, no display backend, safe in server threads.

@@ -17,10 +17,10 @@ from fastapi.staticfiles import StaticFiles
 from service.api.main import api_router
 from service.errors import install_error_handlers
 from service.limits import BodyLimit
-from service.queries import QueryEngine
+from service.query_engine import QueryEngine
 from service.repository import StoreRepository
 from service.settings import Settings, get_settings
-from storage import ModelCache
+from retrac.computers import GradientComputerCache
 
 STATIC = Path(__file__).parent / "static"
 
@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.repository = StoreRepository(settings)
     device = None if settings.device == "auto" else settings.device
-    app.state.engine = QueryEngine(ModelCache(device, threads=settings.torch_threads))
+    app.state.engine = QueryEngine(GradientComputerCache(device, threads=settings.torch_threads))
     install_error_handlers(app)
     app.include_router(api_router)
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="web")

@@ -4,11 +4,10 @@ See `storage.store` for the on-disk layout and its rules (one writer per chunk, 
 data, stale inputs refused).
 """
 
-from storage.cache import ModelCache
 from storage.errors import IncompleteStoreError, NothingToIndexError, StaleStoreError, StoreError
-from storage.indexing import run_pending, run_shard
+from storage.runner import run_pending, run_shard
 from storage.progress import Progress, progress
-from storage.queries import Attribution, SlotNorms, Timings, attribute, norm_timestep, self_influence
+from storage.statistics import Attribution, StoredNorms, Timings, attribute, stored_norms, self_influence
 from storage.store import CheckpointStatus, GradientStore, StoreStatus
 
 __all__ = [
@@ -16,16 +15,15 @@ __all__ = [
     "CheckpointStatus",
     "GradientStore",
     "IncompleteStoreError",
-    "ModelCache",
     "Progress",
-    "SlotNorms",
+    "StoredNorms",
     "NothingToIndexError",
     "StaleStoreError",
     "StoreError",
     "StoreStatus",
     "Timings",
     "attribute",
-    "norm_timestep",
+    "stored_norms",
     "progress",
     "run_pending",
     "run_shard",

@@ -44,7 +44,7 @@ import zarr
 from api_schemas import IndexSpec
 from retrac.exceptions import RetracError
 from retrac.gradients import num_parameters
-from retrac.indexing import IndexPlan, Rows
+from retrac.plan import IndexPlan, Rows
 from retrac.models import fingerprint_checkpoint
 from retrac.replay import RECORD_NAME
 from retrac.scoring import RowChunk

@@ -79,10 +79,11 @@ def redis_url() -> str:
 def reference_store(tiny_run: TrainingRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny_index_spec(tiny_run)` filled by the embedded runner: what every other way of filling
     it must reproduce byte for byte. Read-only."""
-    from storage import GradientStore, ModelCache, run_pending
+    from retrac.computers import GradientComputerCache
+    from storage import GradientStore, run_pending
     from tests.storage.helpers import tiny_index_spec
 
     path = tmp_path_factory.mktemp("reference") / "index.zarr"
     store = GradientStore.create(path, tiny_index_spec(tiny_run))
-    run_pending(store, ModelCache("cpu", threads=1))
+    run_pending(store, GradientComputerCache("cpu", threads=1))
     return path

@@ -17,7 +17,8 @@ import torch
 from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 
-from storage import GradientStore, ModelCache, run_shard
+from retrac.computers import GradientComputerCache
+from storage import GradientStore, run_shard
 from worker.app import app
 from worker.cancellation import is_cancelled
 from worker.settings import get_settings
@@ -29,7 +30,7 @@ TRANSIENT_ERRORS = (OSError, torch.OutOfMemoryError)
 errors (stale store, bad spec) are not: retrying would fail the same way."""
 
 _stores: dict[Path, tuple[tuple[Any, ...], GradientStore]] = {}
-_models: ModelCache | None = None
+_models: GradientComputerCache | None = None
 
 
 @worker_process_init.connect
@@ -80,10 +81,10 @@ def _open(path: Path) -> GradientStore:
 
 
 
-def _model_cache() -> ModelCache:
+def _model_cache() -> GradientComputerCache:
     global _models
     if _models is None:
         settings = get_settings()
         device = None if settings.device == "auto" else settings.device
-        _models = ModelCache(device, threads=settings.torch_threads, capacity=settings.model_cache_size)
+        _models = GradientComputerCache(device, threads=settings.torch_threads, capacity=settings.model_cache_size)
     return _models

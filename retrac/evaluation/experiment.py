@@ -40,12 +40,12 @@ from retrac import viz
 from retrac.attribution import Attributor
 from retrac.datasets import ImageDataset, load_dataset, outlier_mixture, split_holdout
 from retrac.evaluation import metrics
-from retrac.evaluation.norms import norm_curves, norm_timestep, write_norm_figures
+from retrac.evaluation.norms import norm_curves, norm_timestep_statistics, write_norm_figures
 from retrac.evaluation.report import (
     GenerallyInfluential,
     InfluentialSample,
     MethodMetrics,
-    NormTimestep,
+    NormTimestepStatistics,
     QueryInfo,
     QueryKind,
     Report,
@@ -56,9 +56,9 @@ from retrac.evaluation.report import (
 from retrac.evaluation.sampling import SamplerKind, generate
 from retrac.exceptions import EvaluationError
 from retrac.gradients import num_parameters
-from retrac.indexing import IndexPlan, Rows
+from retrac.plan import IndexPlan, Rows
 from retrac.models import load_scheduler
-from retrac.query import QueryVectors
+from retrac.query_side import QueryVectors
 from retrac.scoring import METHODS, RowChunk, contributions, self_influence
 from retrac.training import train
 
@@ -401,7 +401,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool
         computer = plan.gradient_computer(last, attributor.model(last))
         curve_images = data.train.images[: config.curve_samples]
         grid, curves = norm_curves(computer, curve_images, config.curve_timesteps, seed=config.seed)
-        norm = norm_timestep(
+        norm = norm_timestep_statistics(
             rows[last].timesteps[:, 0].numpy(),
             rows[last].norms[:, 0].numpy(),
             grid,
@@ -447,7 +447,7 @@ def _figures(
     data: ExperimentData,
     scores: dict[Method, np.ndarray],
     replay: Rows,
-    norm: NormTimestep,
+    norm: NormTimestepStatistics,
     curves: np.ndarray,
 ) -> list[str]:
     """Gallery (TracIn vs ReTrac top proponents), norm scatter and norm curve, as PNGs in `out`."""

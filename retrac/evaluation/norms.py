@@ -2,11 +2,11 @@
 
 Views of one checkpoint:
 
-- `slot_norms`: the exact norm of every training sample's stored slots (its replayed training step),
+- `recompute_slot_norms`: the exact norm of every training sample's stored slots (its replayed training step),
   computed batch by batch without keeping the gradients (for runs that were not indexed in memory).
 - `norm_curves`: the norm of a few samples' gradients at every step of a timestep grid (one noise
   draw each), which locates `t_max`, the timestep where norms peak.
-- `norm_timestep`: the scatter's correlations and slope, and the correlation of the norm with the
+- `norm_timestep_statistics`: the scatter's correlations and slope, and the correlation of the norm with the
   distance of the training timestep to `t_max` (the paper's Fig. 1 statistic).
 - `write_norm_figures`: the scatter and the curve as PNGs.
 - `analyse_run`: all of it for one checkpoint of any `retrac train` run (`retrac eval norms`).
@@ -24,15 +24,15 @@ import torch
 from api_schemas import IndexSpec, ProjectorSpec, QuerySpec, SlotSpec
 from retrac import viz
 from retrac.evaluation.metrics import fit
-from retrac.evaluation.report import NormTimestep
+from retrac.evaluation.report import NormTimestepStatistics
 from retrac.exceptions import EvaluationError
 from retrac.gradients import GradientComputer
-from retrac.indexing import IndexPlan
-from retrac.query import query_timesteps, query_vectors
+from retrac.plan import IndexPlan
+from retrac.query_side import query_timesteps, query_vectors
 from retrac.replay import TrainingRun
 
 
-def slot_norms(
+def recompute_slot_norms(
     plan: IndexPlan,
     checkpoint: int,
     computer: GradientComputer,
@@ -66,7 +66,7 @@ def norm_curves(
     return steps.numpy(), vectors.timestep_norms.numpy()
 
 
-def norm_timestep(
+def norm_timestep_statistics(
     timesteps: np.ndarray,
     norms: np.ndarray,
     curve_timesteps: np.ndarray,
@@ -74,7 +74,7 @@ def norm_timestep(
     *,
     num_timesteps: int,
     checkpoint_epoch: int,
-) -> NormTimestep:
+) -> NormTimestepStatistics:
     """Statistics of the scatter `(timesteps, norms)` `(N,)`; `t_max` from the mean curve of `(n, K)`."""
     t = np.asarray(timesteps, dtype=np.float64)
     values = np.asarray(norms, dtype=np.float64)
@@ -82,7 +82,7 @@ def norm_timestep(
     t_max = int(curve_timesteps[int(np.argmax(mean_curve))])
     direct = fit(t / num_timesteps, values)
     distance = fit(np.abs(t - t_max), values)
-    return NormTimestep(
+    return NormTimestepStatistics(
         checkpoint_epoch=checkpoint_epoch,
         samples=len(values),
         pearson=direct.pearson,
@@ -102,7 +102,7 @@ def write_norm_figures(
     timesteps: np.ndarray,
     norms: np.ndarray,
     groups: Sequence[str] | None,
-    result: NormTimestep,
+    result: NormTimestepStatistics,
     curves: np.ndarray,
     first_label: str,
 ) -> list[str]:
@@ -133,7 +133,7 @@ def analyse_run(
     curve_timesteps: int = 100,
     seed: int = 0,
     on_progress: Callable[[int], None] | None = None,
-) -> NormTimestep:
+) -> NormTimestepStatistics:
     """Norm vs timestep of every training sample's replayed step at the checkpoint saved after `epoch`
     (default: the last), for a `retrac train` run.
 
@@ -155,10 +155,10 @@ def analyse_run(
     checkpoint = epochs.index(chosen)
     computer = GradientComputer(plan.load_model(checkpoint), plan.loss, chunk=spec.batch_size)
     timesteps, norms = (
-        v[:, 0].numpy() for v in slot_norms(plan, checkpoint, computer, on_progress=on_progress)
+        v[:, 0].numpy() for v in recompute_slot_norms(plan, checkpoint, computer, on_progress=on_progress)
     )
     grid, curves = norm_curves(computer, plan.dataset.images[:curve_samples], curve_timesteps, seed)
-    result = norm_timestep(
+    result = norm_timestep_statistics(
         timesteps, norms, grid, curves, num_timesteps=plan.num_timesteps, checkpoint_epoch=int(chosen or 0)
     )
     out = Path(out_dir)

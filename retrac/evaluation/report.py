@@ -60,7 +60,7 @@ class MethodMetrics(_Model):
     self_influence_auc: float
 
 
-class NormTimestep(_Model):
+class NormTimestepStatistics(_Model):
     """Replayed (timestep, gradient norm) of every training sample at one checkpoint, and their fit."""
 
     checkpoint_epoch: int
@@ -105,7 +105,7 @@ class Report(_Model):
     queries: list[QueryInfo]
     tracin: MethodMetrics
     retrac: MethodMetrics
-    norm_timestep: NormTimestep
+    norm_timestep: NormTimestepStatistics
     timings: dict[str, float] = Field(description="seconds per phase (machine-dependent, for orientation)")
     figures: list[str] = Field(description="PNG file names, relative to the report's folder")
 

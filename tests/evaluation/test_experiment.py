@@ -14,7 +14,7 @@ from api_schemas import IndexSpec, ProjectorSpec, QuerySpec, SlotSpec
 from retrac.attribution import Attributor
 from retrac.evaluation.experiment import ExperimentConfig, build_data, replay_scores, run_experiment
 from retrac.evaluation.report import Report, headline_table
-from retrac.indexing import IndexPlan
+from retrac.plan import IndexPlan
 from tests.conftest import TINY_DATASET
 
 METHOD_KEYS = {

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from api_schemas import IndexSpec, ProjectorSpec, SlotSpec
-from retrac.evaluation.norms import analyse_run, norm_curves, norm_timestep, slot_norms
+from retrac.evaluation.norms import analyse_run, norm_curves, norm_timestep_statistics, recompute_slot_norms
 from retrac.exceptions import EvaluationError
 from retrac.gradients import GradientComputer, loop_gradients
-from retrac.indexing import IndexPlan
+from retrac.plan import IndexPlan
 from retrac.noise import noise_from_seeds, query_noise
-from retrac.query import query_timesteps
+from retrac.query_side import query_timesteps
 from tests.conftest import TINY_DATASET
 
 GRID = np.arange(0, 1000, 100)  # curve grid 0, 100, ..., 900
@@ -24,7 +24,7 @@ def test_norm_rising_linearly_with_timestep() -> None:
     t = np.arange(0, 1000, 10)
     norms = 2 + t / 1000  # +1 over the schedule, mean 2.495
     curve = np.stack([2 + GRID / 1000, 2 + GRID / 1000])
-    result = norm_timestep(t, norms, GRID, curve, num_timesteps=1000, checkpoint_epoch=7)
+    result = norm_timestep_statistics(t, norms, GRID, curve, num_timesteps=1000, checkpoint_epoch=7)
     assert (result.pearson, result.spearman) == pytest.approx((1.0, 1.0))
     assert result.slope == pytest.approx(1.0)
     assert result.relative_slope == pytest.approx(1.0 / 2.495)
@@ -36,7 +36,7 @@ def test_norm_peaking_at_t_max_correlates_negatively_with_distance_to_it() -> No
     t = np.arange(0, 1000, 7)
     norms = 5 - np.abs(t - 300) / 300
     curve = np.stack([5 - np.abs(GRID - 300) / 300, np.full(len(GRID), 1.0)])  # mean still peaks at 300
-    result = norm_timestep(t, norms, GRID, curve, num_timesteps=1000, checkpoint_epoch=1)
+    result = norm_timestep_statistics(t, norms, GRID, curve, num_timesteps=1000, checkpoint_epoch=1)
     assert result.t_max == 300
     assert (result.distance_pearson, result.distance_spearman) == pytest.approx((-1.0, -1.0))
 
@@ -57,7 +57,7 @@ def plan(tiny_run) -> IndexPlan:
 
 def test_slot_norms_match_a_per_sample_autograd_loop(plan: IndexPlan) -> None:
     model = plan.load_model(1)
-    timesteps, norms = slot_norms(plan, 1, plan.gradient_computer(1, model))
+    timesteps, norms = recompute_slot_norms(plan, 1, plan.gradient_computer(1, model))
     assert timesteps.shape == norms.shape == (48, 3)
     expected_t, seeds = plan.slots(1, slice(0, 48))
     assert torch.equal(timesteps, expected_t)

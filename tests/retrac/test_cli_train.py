@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from retrac.cli import main
+from cli import main
 from retrac.replay import TrainingRun
 
 

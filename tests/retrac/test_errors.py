@@ -9,7 +9,7 @@ import pytest
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, SlotSpec
 from retrac.exceptions import CheckpointError, ReplayError
-from retrac.indexing import IndexPlan
+from retrac.plan import IndexPlan
 from retrac.models import build_unet
 from tests.retrac.conftest import DIGITS, index_spec
 
@@ -55,7 +55,7 @@ def test_pickled_weights_are_refused(tmp_path) -> None:
 
 def test_the_cli_reports_errors_in_one_line(tmp_path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "retrac", "train", str(tmp_path / "x"), "--data", str(tmp_path / "missing")],
+        [sys.executable, "-m", "cli", "train", str(tmp_path / "x"), "--data", str(tmp_path / "missing")],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

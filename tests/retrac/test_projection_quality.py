@@ -7,7 +7,7 @@ from scipy.stats import spearmanr
 
 from api_schemas import QuerySpec
 from retrac.attribution import Attributor
-from retrac.indexing import IndexPlan
+from retrac.plan import IndexPlan
 from tests.retrac.conftest import index_spec
 from tests.retrac.test_scores_exact import engine_scores
 

@@ -6,7 +6,7 @@ import torch
 
 from api_schemas import QuerySpec
 from retrac.attribution import Attributor, in_memory_chunks
-from retrac.indexing import IndexPlan, Rows
+from retrac.plan import IndexPlan, Rows
 from retrac.scoring import scan
 from tests.retrac.conftest import index_spec
 

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from api_schemas import QuerySpec
 from retrac.attribution import Attributor
-from retrac.indexing import IndexPlan
+from retrac.plan import IndexPlan
 from tests.retrac.conftest import index_spec
 
 K, M, SEED = 6, 2, 11

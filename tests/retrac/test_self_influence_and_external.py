@@ -7,7 +7,7 @@ import torch
 from api_schemas import CheckpointSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSpec
 from retrac.attribution import Attributor
 from retrac.gradients import loop_gradients
-from retrac.indexing import IndexPlan
+from retrac.plan import IndexPlan
 from retrac.noise import noise_from_seeds
 from retrac.scoring import self_influence
 from tests.retrac.conftest import DIGITS, index_spec

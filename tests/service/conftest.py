@@ -18,12 +18,13 @@ from fastapi.testclient import TestClient
 from api_schemas import IndexSpec, ProjectorSpec, SlotSpec
 from api_schemas.indexes import IndexCreate
 from retrac.attribution import Attributor
-from retrac.indexing import IndexPlan
+from retrac.plan import IndexPlan
 from retrac.replay import TrainingRun
 from service.main import create_app
 from service.repository import StoreRepository
 from service.settings import Settings
-from storage import ModelCache, run_pending
+from retrac.computers import GradientComputerCache
+from storage import run_pending
 from tests.conftest import TINY_DATASET
 
 API_KEY = "service-test-key-0123456789"
@@ -92,7 +93,7 @@ def own_roots(settings: Settings, tmp_path: Path) -> Settings:
 def built_index(settings: Settings) -> str:
     """Index `digits`, complete, and index `digits-building`, created but never filled."""
     repository = StoreRepository(settings)
-    run_pending(repository.create(IndexCreate(name=INDEX, spec=index_spec())), ModelCache("cpu", threads=1))
+    run_pending(repository.create(IndexCreate(name=INDEX, spec=index_spec())), GradientComputerCache("cpu", threads=1))
     repository.create(IndexCreate(name=BUILDING, spec=index_spec()))
     return INDEX
 

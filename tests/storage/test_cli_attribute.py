@@ -8,7 +8,7 @@ import numpy as np
 
 from api_schemas import QuerySpec
 from retrac.attribution import Attributor
-from retrac.cli import main
+from cli import main
 from storage import GradientStore
 
 

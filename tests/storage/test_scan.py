@@ -11,12 +11,12 @@ import zarr
 
 from api_schemas import QuerySpec
 from retrac.attribution import Attributor
-from retrac.query import query_vectors
+from retrac.query_side import query_vectors
 from retrac.replay import TrainingRun
 from retrac.scoring import scan
 from storage import (
     GradientStore,
-    ModelCache,
+    GradientComputerCache,
     StoreError,
     attribute,
     norm_timestep,
@@ -68,7 +68,7 @@ def query_images(reference_store: Path) -> torch.Tensor:
 
 def test_streaming_top_k_equals_dense_computation(reference_store: Path, query_images: torch.Tensor) -> None:
     streamed = GradientStore.open(reference_store, resident_bytes=0)  # nothing resident: read chunk by chunk
-    models = ModelCache("cpu")
+    models = GradientComputerCache("cpu")
     vectors = [query_vectors(models.computer(streamed.plan, c), query_images, QUERY) for c in range(3)]
     dense = dense_scores(reference_store, vectors, streamed.weights)
 
@@ -111,7 +111,7 @@ def test_attribute_matches_the_in_memory_engine(
     tmp_path: Path, tiny_run: TrainingRun, query_images: torch.Tensor
 ) -> None:
     store = GradientStore.create(tmp_path / "index.zarr", tiny_index_spec(tiny_run, dtype="float32"))
-    run_pending(store, ModelCache("cpu"))
+    run_pending(store, GradientComputerCache("cpu"))
     engine = Attributor(store.plan)
     engine.index(shard_size=SHARD_SIZE)
     expected = engine.attribute(query_images, QUERY, top_k=TOP_K, checkpoints=[0, 2])

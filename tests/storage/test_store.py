@@ -13,14 +13,14 @@ import zarr
 from safetensors.torch import load_file, save_file
 
 from api_schemas import ProjectorSpec
-from retrac.cli import main
-from retrac.indexing import IndexPlan
+from cli import main
+from retrac.plan import IndexPlan
 from retrac.models import WEIGHTS_NAME
 from retrac.replay import TrainingRun
 from storage import (
     GradientStore,
     IncompleteStoreError,
-    ModelCache,
+    GradientComputerCache,
     StaleStoreError,
     StoreError,
     progress,
@@ -79,14 +79,14 @@ def test_stored_rows_are_the_engines_rows(reference_store: Path) -> None:
 def test_a_recomputed_shard_rewrites_identical_bytes(filled_copy: Path) -> None:
     before = store_bytes(filled_copy)
     store = GradientStore.open(filled_copy)
-    assert run_shard(store, 2, 3, ModelCache("cpu")) is False  # done: skipped
-    assert run_shard(store, 2, 3, ModelCache("cpu"), force=True) is True  # fresh models, same bytes
+    assert run_shard(store, 2, 3, GradientComputerCache("cpu")) is False  # done: skipped
+    assert run_shard(store, 2, 3, GradientComputerCache("cpu"), force=True) is True  # fresh models, same bytes
     assert store_bytes(filled_copy) == before
 
 
 def test_rows_are_invisible_until_their_done_mark(tmp_path: Path, tiny_run: TrainingRun) -> None:
     store = GradientStore.create(tmp_path / "index.zarr", tiny_index_spec(tiny_run))
-    plan, models = store.plan, ModelCache("cpu")
+    plan, models = store.plan, GradientComputerCache("cpu")
     rows = plan.compute_rows(0, store.shard_rows(0), models.computer(plan, 0))
     # A task that died after writing the data but before its mark: the data is there, the shard is not done.
     for name in ("projected", "norms", "timesteps", "seeds"):
@@ -119,7 +119,7 @@ def test_create_refuses_another_index_and_reopens_the_same(tmp_path: Path, tiny_
 def test_write_shard_refuses_rows_of_the_wrong_shape(tmp_path: Path, tiny_run: TrainingRun) -> None:
     store = GradientStore.create(tmp_path / "index.zarr", tiny_index_spec(tiny_run))
     plan = store.plan
-    rows = plan.compute_rows(0, slice(0, 7), ModelCache("cpu").computer(plan, 0))
+    rows = plan.compute_rows(0, slice(0, 7), GradientComputerCache("cpu").computer(plan, 0))
     with pytest.raises(StoreError, match="shape"):
         store.write_shard(0, 0, rows)
     with pytest.raises(StoreError, match="shard 6 out of range"):
@@ -130,7 +130,7 @@ def test_write_shard_refuses_rows_of_the_wrong_shape(tmp_path: Path, tiny_run: T
 def test_float16_overflow_is_refused_not_stored_as_inf(tmp_path: Path, tiny_run: TrainingRun) -> None:
     store = GradientStore.create(tmp_path / "index.zarr", tiny_index_spec(tiny_run))
     plan = store.plan
-    rows = plan.compute_rows(0, store.shard_rows(0), ModelCache("cpu").computer(plan, 0))
+    rows = plan.compute_rows(0, store.shard_rows(0), GradientComputerCache("cpu").computer(plan, 0))
     huge = type(rows)(rows.projected * 1e9, rows.norms, rows.timesteps, rows.seeds)
     with pytest.raises(StoreError, match="float32"):
         store.write_shard(0, 0, huge)
@@ -197,7 +197,7 @@ def test_progress_from_done_marks(tmp_path: Path, tiny_run: TrainingRun) -> None
     store = GradientStore.create(tmp_path / "index.zarr", tiny_index_spec(tiny_run))
     empty = progress(store)
     assert (empty.done_rows, empty.total_rows, empty.rate_per_s, empty.eta_s) == (0, 144, None, None)
-    models = ModelCache("cpu")
+    models = GradientComputerCache("cpu")
     for shard in range(3):
         run_shard(store, 0, shard, models)
     now = progress(store)
@@ -210,7 +210,7 @@ def test_progress_from_done_marks(tmp_path: Path, tiny_run: TrainingRun) -> None
 
 def test_model_cache_loads_each_checkpoint_once(reference_store: Path) -> None:
     plan = GradientStore.open(reference_store).plan
-    models = ModelCache("cpu", capacity=2)
+    models = GradientComputerCache("cpu", capacity=2)
     first = models.computer(plan, 0)
     assert models.computer(plan, 0) is first
     assert models.computer(plan, 1) is not first

@@ -1,6 +1,6 @@
 """Real worker processes for the worker tests: `retrac worker` subprocesses on a queue of their own.
 
-The tests submit through `worker.jobs` in this process and the workers consume from the same Redis
+The tests submit through `worker.control` in this process and the workers consume from the same Redis
 (database 15 unless RETRAC_BROKER_URL says otherwise), each test on a fresh queue so that tests
 running side by side never take each other's tasks.
 """
@@ -54,7 +54,7 @@ class Workers:
         }
         hostname = f"{name}-{self.queue}@localhost"
         log = (self.logs / f"{name}.log").open("ab")
-        command = [sys.executable, "-m", "retrac", "worker", "--queue", self.queue, "--hostname", hostname]
+        command = [sys.executable, "-m", "cli", "worker", "--queue", self.queue, "--hostname", hostname]
         self.processes[name] = subprocess.Popen(
             command, env=environment, stdout=log, stderr=subprocess.STDOUT
         )

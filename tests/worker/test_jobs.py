@@ -18,7 +18,7 @@ from retrac.replay import TrainingRun
 from storage import GradientStore, progress
 from tests.storage.helpers import store_bytes, tiny_index_spec
 from tests.worker.conftest import Workers, wait_until
-from worker import jobs
+from worker import control
 from worker.app import app
 
 pytestmark = pytest.mark.redis
@@ -47,16 +47,16 @@ def test_a_job_run_by_a_real_worker_equals_the_embedded_run(
     tmp_path: Path, tiny_run: TrainingRun, reference_store: Path, workers: Workers, queue: str
 ) -> None:
     path = fresh_store(tmp_path, tiny_run)
-    job = jobs.submit(path, queue=queue)
-    assert jobs.state(job) == "queued" and progress(GradientStore.open(path)).done_rows == 0
+    job = control.submit(path, queue=queue)
+    assert control.state(job) == "queued" and progress(GradientStore.open(path)).done_rows == 0
     workers.start("solo")
-    wait_until(lambda: jobs.state(job) == "done", JOB_SECONDS, "the job")
+    wait_until(lambda: control.state(job) == "done", JOB_SECONDS, "the job")
     assert sorted((r["checkpoint"], r["shard"]) for r in results(job)) == [
         (c, s) for c in range(3) for s in range(6)
     ]
     assert {r["status"] for r in results(job)} == {"computed"}
     assert_same_as_embedded(path, reference_store)
-    done = jobs.progress(path)
+    done = control.progress(path)
     assert (done.done_rows, done.total_rows, done.eta_s) == (144, 144, 0.0) and done.rate_per_s > 0
 
 
@@ -64,14 +64,14 @@ def test_a_worker_killed_mid_job_leaves_nothing_missing_or_different(
     tmp_path: Path, tiny_run: TrainingRun, reference_store: Path, workers: Workers, queue: str
 ) -> None:
     path = fresh_store(tmp_path, tiny_run)
-    job = jobs.submit(path, queue=queue)
+    job = control.submit(path, queue=queue)
     # A short visibility timeout: the task the dead worker held is handed out again after 3 s.
     workers.start("doomed", RETRAC_VISIBILITY_TIMEOUT="3")
-    wait_until(lambda: jobs.progress(path).done_shards >= 4, JOB_SECONDS, "4 shards")
+    wait_until(lambda: control.progress(path).done_shards >= 4, JOB_SECONDS, "4 shards")
     workers.kill("doomed")
-    assert not jobs.progress(path).complete and jobs.state(job) == "running"
+    assert not control.progress(path).complete and control.state(job) == "running"
     workers.start("rescuer", RETRAC_VISIBILITY_TIMEOUT="3")
-    wait_until(lambda: jobs.state(job) == "done", JOB_SECONDS, "the job to complete after the kill")
+    wait_until(lambda: control.state(job) == "done", JOB_SECONDS, "the job to complete after the kill")
     assert_same_as_embedded(path, reference_store)
 
 
@@ -83,8 +83,8 @@ def test_two_workers_share_a_job_and_write_each_shard_once(
     workers.start("right", wait=False)
     workers.wait_ready("left")
     workers.wait_ready("right")
-    job = jobs.submit(path, queue=queue)
-    wait_until(lambda: jobs.state(job) == "done", JOB_SECONDS, "the job")
+    job = control.submit(path, queue=queue)
+    wait_until(lambda: control.state(job) == "done", JOB_SECONDS, "the job")
     outcomes = results(job)
     assert [r["status"] for r in outcomes] == ["computed"] * SHARDS
     assert len({(r["checkpoint"], r["shard"]) for r in outcomes}) == SHARDS  # each written once
@@ -156,7 +156,7 @@ def retrac_index_run(path: Path, broker: str, queue: str, *flags: str) -> subpro
         "RETRAC_QUEUE": queue,
     }
     return subprocess.run(
-        [sys.executable, "-m", "retrac", "index", "run", str(path), "--queue", *flags],
+        [sys.executable, "-m", "cli", "index", "run", str(path), "--queue", *flags],
         env=environment,
         capture_output=True,
         text=True,
@@ -176,11 +176,11 @@ def test_redis_restarted_mid_job_resumes_without_recomputing_done_shards(
     workers.start("steady", RETRAC_BROKER_URL=own_redis.url, RETRAC_RESULT_BACKEND=own_redis.url)
     submitted = retrac_index_run(path, own_redis.url, queue)
     assert submitted.returncode == 0, submitted.stderr
-    wait_until(lambda: jobs.progress(path).done_shards >= 4, JOB_SECONDS, "4 shards")
+    wait_until(lambda: control.progress(path).done_shards >= 4, JOB_SECONDS, "4 shards")
     own_redis.stop()  # queue, job and results are gone with it: nothing was persisted
     store = GradientStore.open(path)
     before = {c: store.done_marks(c) for c in range(3)}
-    assert not jobs.progress(path).complete
+    assert not control.progress(path).complete
     own_redis.start()
     resumed = retrac_index_run(
         path, own_redis.url, queue, "--wait"
@@ -197,8 +197,8 @@ def test_a_cancelled_job_runs_none_of_its_remaining_shards(
     tmp_path: Path, tiny_run: TrainingRun, workers: Workers, queue: str
 ) -> None:
     path = fresh_store(tmp_path, tiny_run)
-    job = jobs.submit(path, queue=queue)
-    jobs.cancel(job)
+    job = control.submit(path, queue=queue)
+    control.cancel(job)
     workers.start("late")  # started after the cancel: it never saw the revoke broadcast
     tasks = GroupResult.restore(job, app=app).results
     wait_until(
@@ -206,5 +206,5 @@ def test_a_cancelled_job_runs_none_of_its_remaining_shards(
     )
     # Skipped by the task itself (the cancel mark), or dropped by a worker that knew the revoke.
     assert all(t.state == "REVOKED" or t.result["status"] == "cancelled" for t in tasks)
-    assert jobs.state(job) == "cancelled"
+    assert control.state(job) == "cancelled"
     assert progress(GradientStore.open(path)).done_shards == 0

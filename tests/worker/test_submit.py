@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from retrac.cli import main
+from cli import main
 from storage import NothingToIndexError
-from worker import jobs
+from worker import control
 
 
 def test_queueing_a_complete_store_says_so_and_queues_nothing(reference_store, capsys) -> None:
     with pytest.raises(NothingToIndexError, match="nothing is left to index"):
-        jobs.submit(reference_store)
+        control.submit(reference_store)
     assert main(["index", "run", str(reference_store), "--queue"]) == 0
     assert "nothing is left to index" in capsys.readouterr().out

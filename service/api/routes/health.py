@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response
 
 from api_schemas.common import CheckPublic, HealthPublic, ReadinessPublic
 from service.deps import SettingsDep
-from service.jobs import queue_check
+from service.queue import queue_check
 
 router = APIRouter(tags=["health"])
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response, status
 from api_schemas.indexes import IndexCreate, IndexesPublic, IndexPublic
 from service.deps import IndexNameDep, ReadAccess, RepositoryDep, WriteAccess
 from service.errors import ERROR_RESPONSES
-from service.jobs import cancel_index_job, require_queue, start_job
+from service.queue import cancel_index_job, require_queue, start_job
 
 router = APIRouter(prefix="/indexes", tags=["indexes"], responses=ERROR_RESPONSES)
 

@@ -1,7 +1,7 @@
 """Answers computed from a store: attribution of query images, self-influence, norm/timestep statistics.
 
 `attribute` is `retrac.attribution.Attributor.attribute` with the rows streamed from the store: the
-same query vectors (`retrac.query.query_vectors`) and the same scan (`retrac.scoring.scan`).
+same query vectors (`retrac.query_side.query_vectors`) and the same scan (`retrac.scoring.scan`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 from api_schemas import Method, QuerySpec
 from retrac.attribution import QueryResult, results
 from retrac.exceptions import SpecError
-from retrac.query import query_vectors
+from retrac.query_side import query_vectors
 from retrac.scoring import METHODS, scan
 from retrac.scoring import self_influence as score_self_influence
-from storage.cache import ModelCache
+from retrac.computers import GradientComputerCache
 from storage.errors import StoreError
 from storage.store import GradientStore
 
@@ -51,7 +51,7 @@ def attribute(
     top_k: int = 10,
     methods: Sequence[Method] = METHODS,
     checkpoints: Sequence[int] | None = None,
-    models: ModelCache | None = None,
+    models: GradientComputerCache | None = None,
 ) -> Attribution:
     """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over the stored rows.
 
@@ -68,7 +68,7 @@ def attribute(
     chosen = list(range(store.num_checkpoints)) if checkpoints is None else list(checkpoints)
     if not chosen:
         raise SpecError("choose at least one checkpoint")
-    models = models or ModelCache()
+    models = models or GradientComputerCache()
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small store).
     started = time.perf_counter()
     vectors = [query_vectors(models.computer(store.plan, c), images.to(models.device), query) for c in chosen]
@@ -110,7 +110,7 @@ def self_influence(
 
 
 @dataclass(frozen=True)
-class SlotNorms:
+class StoredNorms:
     """The stored (timestep, exact gradient norm) of every slot of one checkpoint, `(N, S)` each."""
 
     timesteps: np.ndarray
@@ -118,11 +118,11 @@ class SlotNorms:
     slot_kinds: tuple[str, ...]
 
 
-def norm_timestep(store: GradientStore, checkpoint: int) -> SlotNorms:
+def stored_norms(store: GradientStore, checkpoint: int) -> StoredNorms:
     """(timestep, norm) pairs of every stored slot of one checkpoint: the data of method.md section 5."""
     done = store.done_shards(checkpoint)
     if not done.all():
         raise StoreError(
             f"checkpoint {checkpoint} has {int((~done).sum())} shards not done; finish indexing first"
         )
-    return SlotNorms(store.timesteps(checkpoint), store.norms(checkpoint), store.slot_kinds)
+    return StoredNorms(store.timesteps(checkpoint), store.norms(checkpoint), store.slot_kinds)

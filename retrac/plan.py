@@ -22,7 +22,7 @@ from retrac.models import DiffusionModel, load_scheduler, load_unet, read_archit
 from retrac.noise import draw_seeds, noise_from_seeds
 from retrac.paths import resolve_inside
 from retrac.projections import derive_seed, make_projector
-from retrac.query import query_timesteps
+from retrac.query_side import query_timesteps
 from retrac.replay import TrainingRun, default_weights
 from retrac.scoring import RowChunk
 

@@ -10,7 +10,7 @@ from typing import Any
 from tqdm import tqdm
 
 from api_schemas import TrainSpec
-from retrac.cli.common import add_dataset_arguments, dataset_spec, given, validated
+from cli.common import add_dataset_arguments, dataset_spec, given, validated
 from retrac.datasets import load_dataset
 from retrac.exceptions import SpecError
 from retrac.losses import LOSS_KINDS

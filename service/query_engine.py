@@ -30,13 +30,14 @@ from retrac.attribution import Influence, QueryResult
 from retrac.exceptions import SpecError
 from service.errors import Conflict
 from service.settings import Settings
-from storage import GradientStore, ModelCache, SlotNorms, attribute, norm_timestep, self_influence
+from retrac.computers import GradientComputerCache
+from storage import GradientStore, StoredNorms, attribute, stored_norms, self_influence
 
 
 class QueryEngine:
     """The model cache of this process and the lock that serialises work on models and stores."""
 
-    def __init__(self, models: ModelCache) -> None:
+    def __init__(self, models: GradientComputerCache) -> None:
         self.models = models
         self._lock = threading.Lock()
         self._self_influence: weakref.WeakKeyDictionary[GradientStore, dict[Method, np.ndarray]] = (
@@ -93,11 +94,11 @@ class QueryEngine:
                 self._self_influence[store] = self_influence(store)
             return self._self_influence[store]
 
-    def norms(self, name: str, store: GradientStore, checkpoint: int) -> SlotNorms:
+    def norms(self, name: str, store: GradientStore, checkpoint: int) -> StoredNorms:
         """Stored (timestep, norm) of every slot of one checkpoint."""
         require_complete(name, store, [checkpoint])
         with self._lock:
-            return norm_timestep(store, checkpoint)
+            return stored_norms(store, checkpoint)
 
 
 def check_limits(options: QueryOptions, image_count: int, store: GradientStore, settings: Settings) -> None:

@@ -1,4 +1,4 @@
-"""`ModelCache`: one model load (and one projector build) per checkpoint per process.
+"""`GradientComputerCache`: one model load (and one projector build) per checkpoint per process.
 
 A worker process runs many shards of the same checkpoints; loading the UNet and building the
 projector (a count sketch draws one bucket and sign per parameter) once per checkpoint keeps that
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from retrac.gradients import GradientComputer
-from retrac.indexing import IndexPlan
+from retrac.plan import IndexPlan
 
 DEFAULT_CAPACITY = 4
 """Models kept per process: each costs its parameters once plus its projector's O(P) tables."""
@@ -28,7 +28,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class ModelCache:
+class GradientComputerCache:
     """Gradient computers of (plan, checkpoint), loaded on first use on `device`.
 
     `threads` is the intra-op thread count used while computing rows on the CPU. It is fixed

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from retrac.exceptions import RetracError
 
 COMMAND_MODULES = ("demo", "train", "index", "attribute", "worker", "serve", "eval")
-"""Modules of `retrac.cli` that each define `register(subparsers)`; they add their subcommands."""
+"""Modules of `cli` that each define `register(subparsers)`; they add their subcommands."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(f"retrac.cli.{name}").register(subparsers)
+        importlib.import_module(f"cli.{name}").register(subparsers)
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from storage.cache import ModelCache
+from retrac.computers import GradientComputerCache
 from storage.store import GradientStore
 
 ShardCallback = Callable[[int, int, int], None]
@@ -17,7 +17,7 @@ ShardCallback = Callable[[int, int, int], None]
 
 
 def run_shard(
-    store: GradientStore, checkpoint: int, shard: int, models: ModelCache, *, force: bool = False
+    store: GradientStore, checkpoint: int, shard: int, models: GradientComputerCache, *, force: bool = False
 ) -> bool:
     """Compute, write and mark done one shard, unless it is done already (or `force`).
 
@@ -33,10 +33,10 @@ def run_shard(
 
 
 def run_pending(
-    store: GradientStore, models: ModelCache | None = None, *, on_shard: ShardCallback | None = None
+    store: GradientStore, models: GradientComputerCache | None = None, *, on_shard: ShardCallback | None = None
 ) -> int:
     """The embedded runner: every pending shard, in this process, without a queue. Returns how many ran."""
-    models = models or ModelCache()
+    models = models or GradientComputerCache()
     count = 0
     for checkpoint, shard in store.pending():
         count += run_shard(store, checkpoint, shard, models)

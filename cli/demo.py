@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retrac.cli.eval import run_experiment_command
+from cli.eval import run_experiment_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

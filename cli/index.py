@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from retrac.cli.common import add_dataset_arguments, dataset_spec, first_error
+from cli.common import add_dataset_arguments, dataset_spec, first_error
 from retrac.exceptions import SpecError
 
 POLL_SECONDS = 1.0
@@ -128,14 +128,15 @@ def _spec(args: argparse.Namespace) -> Any:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from storage import GradientStore, ModelCache, run_pending
+    from retrac.computers import GradientComputerCache
+    from storage import GradientStore, run_pending
 
     if args.queue:
         return _run_queued(args)
     store = GradientStore.open(args.store)
     pending = store.pending()
     rows = sum(store.shard_length(s) for _, s in pending)
-    models = ModelCache(args.device, threads=args.threads)
+    models = GradientComputerCache(args.device, threads=args.threads)
     with tqdm(total=rows, unit="rows", desc="indexing", smoothing=0.1) as bar:
         count = run_pending(store, models, on_shard=lambda _c, _s, n: bar.update(n))
     print(f"{store.path}: {count} shards computed; complete: {store.status().complete}")
@@ -146,25 +147,25 @@ def _run_queued(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from storage import NothingToIndexError
-    from worker import jobs
+    from worker import control
 
     try:
-        job_id = jobs.submit(args.store)
+        job_id = control.submit(args.store)
     except NothingToIndexError as done:
         print(done)
         return 0
     print(f"job {job_id} submitted: start workers with `retrac worker` on machines that see {args.store}")
     if not args.wait:
         return 0
-    current = jobs.progress(args.store)
+    current = control.progress(args.store)
     with tqdm(total=current.total_rows, initial=current.done_rows, unit="rows", desc="indexing") as bar:
         while True:
             bar.update(current.done_rows - bar.n)
-            state = jobs.state(job_id)
+            state = control.state(job_id)
             if current.complete or state in ("failed", "cancelled"):
                 break
             time.sleep(POLL_SECONDS)
-            current = jobs.progress(args.store)
+            current = control.progress(args.store)
     print(f"job {job_id}: {state}")
     return 0 if current.complete else 1
 

@@ -1,4 +1,4 @@
-"""Indexing jobs through the Celery queue (`worker.jobs`), as the API shows them.
+"""Indexing jobs through the Celery queue (`worker.control`), as the API shows them.
 
 The queue's own errors (Redis down, a job the result backend forgot) become the service's named
 errors: 503 and 404 with a message, never a 500. Progress comes from the store's done marks.
@@ -16,7 +16,7 @@ from api_schemas.common import CheckPublic, IndexName
 from api_schemas.jobs import JobPublic, JobState
 from service.errors import Conflict, NotFound, Unavailable
 from service.repository import StoreRepository
-from worker import jobs
+from worker import control
 from worker.settings import get_settings as queue_settings
 
 QUEUE_ERRORS = (OperationalError, redis.RedisError, OSError)
@@ -43,7 +43,7 @@ def start_job(repository: StoreRepository, name: IndexName) -> str:
         raise Conflict(f"index {name!r} is complete: nothing is left to index")
     require_queue()
     with _queue_errors():
-        job_id = jobs.submit(repository.path(name))
+        job_id = control.submit(repository.path(name))
     repository.record_job(name, job_id)
     return job_id
 
@@ -51,11 +51,11 @@ def start_job(repository: StoreRepository, name: IndexName) -> str:
 def describe_job(repository: StoreRepository, job_id: str) -> JobPublic:
     """A job's index, state and progress."""
     name = repository.index_of(job_id)
-    progress = jobs.progress(repository.path(name))
+    progress = control.progress(repository.path(name))
     state: JobState = "done"
     if not progress.complete:
         with _queue_errors():
-            state = jobs.state(job_id)
+            state = control.state(job_id)
     return JobPublic(
         id=job_id,
         index=name,
@@ -73,18 +73,18 @@ def cancel_job(repository: StoreRepository, job_id: str) -> JobPublic:
     repository.index_of(job_id)
     require_queue()
     with _queue_errors():
-        jobs.cancel(job_id)
+        control.cancel(job_id)
     return describe_job(repository, job_id)
 
 
 def cancel_index_job(repository: StoreRepository, name: IndexName) -> None:
     """Cancel the job of index `name` if it may still run (before the index is deleted)."""
     job_id = repository.job_of(name)
-    if job_id is None or jobs.progress(repository.path(name)).complete:
+    if job_id is None or control.progress(repository.path(name)).complete:
         return
     require_queue()
-    with _queue_errors(), suppress(jobs.JobNotFoundError):  # a forgotten job has nothing left to cancel
-        jobs.cancel(job_id)
+    with _queue_errors(), suppress(control.JobNotFoundError):  # a forgotten job has nothing left to cancel
+        control.cancel(job_id)
 
 
 def require_queue() -> None:
@@ -99,7 +99,7 @@ def _queue_errors() -> Iterator[None]:
     """The queue's failures as the service's errors: a forgotten job is NotFound, an outage Unavailable."""
     try:
         yield
-    except jobs.JobNotFoundError as error:
+    except control.JobNotFoundError as error:
         raise NotFound(f"{error}; POST /v1/jobs with the index name resumes it") from error
     except QUEUE_ERRORS as error:
         raise Unavailable(f"the job queue failed ({error}); retry when GET /v1/ready says ready") from error
