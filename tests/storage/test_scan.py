@@ -14,12 +14,12 @@ from retrac.attribution import Attributor
 from retrac.query_side import query_vectors
 from retrac.replay import TrainingRun
 from retrac.scoring import scan
+from retrac.computers import GradientComputerCache
 from storage import (
     GradientStore,
-    GradientComputerCache,
     StoreError,
     attribute,
-    norm_timestep,
+    stored_norms,
     run_pending,
     self_influence,
 )
@@ -157,7 +157,7 @@ def test_self_influence_needs_grid_slots(tmp_path: Path, tiny_run: TrainingRun) 
 
 
 def test_norm_timestep_pairs(reference_store: Path, tiny_run: TrainingRun) -> None:
-    pairs = norm_timestep(GradientStore.open(reference_store), 2)
+    pairs = stored_norms(GradientStore.open(reference_store), 2)
     assert pairs.slot_kinds == ("replay", "grid", "grid")
     assert pairs.timesteps.shape == pairs.norms.shape == (48, 3)
     assert np.array_equal(pairs.timesteps[:, 0], tiny_run.timesteps[5].numpy())  # epoch 6's replayed steps

@@ -17,10 +17,10 @@ from cli import main
 from retrac.plan import IndexPlan
 from retrac.models import WEIGHTS_NAME
 from retrac.replay import TrainingRun
+from retrac.computers import GradientComputerCache
 from storage import (
     GradientStore,
     IncompleteStoreError,
-    GradientComputerCache,
     StaleStoreError,
     StoreError,
     progress,
