@@ -12,10 +12,13 @@ from typing import Annotated
 from pydantic import Field
 
 from api_schemas.common import Public, SampleId
-from api_schemas.specs import Method
+from api_schemas.specs import Method, QuerySpec
 
 MAX_ARRAY_SIDE = 4096
 """Longest axis of a nested-array image the schema accepts (the engine's image side limit)."""
+
+MAX_JSON_INT = (1 << 53) - 1
+"""Largest integer a JSON number carries exactly (a double's 53-bit mantissa)."""
 
 PixelRow = Annotated[list[float], Field(min_length=1, max_length=MAX_ARRAY_SIDE)]
 GreyPixels = Annotated[list[PixelRow], Field(min_length=1, max_length=MAX_ARRAY_SIDE)]
@@ -34,16 +37,15 @@ class ArrayImage(Public):
     array: GreyPixels | ColourPixels
 
 
-class QueryOptions(Public):
-    """The knobs of a query, shared by the JSON and the multipart form of the request."""
+class QueryOptions(QuerySpec):
+    """The knobs of a query, shared by the JSON and the multipart form of the request: the query-side
+    estimator (`QuerySpec`: K, M, seed, with its limits) plus what to rank and return."""
 
+    seed: int = Field(
+        0, ge=0, le=MAX_JSON_INT, description="seed of the query's noise draws (at most 2^53 - 1: exact in JSON)"
+    )
     methods: list[Method] = Field(["tracin", "retrac"], min_length=1, description="scores to rank by")
     top_k: int = Field(10, ge=1, le=1000, description="proponents and opponents returned per method")
-    timesteps: int = Field(50, ge=1, le=1000, description="K, timesteps of the query's grid")
-    draws: int = Field(4, ge=1, le=256, description="M, noise draws per timestep")
-    seed: int = Field(
-        0, ge=0, le=(1 << 53) - 1, description="seed of the query's noise draws (exact in JSON)"
-    )
     checkpoints: list[int] | None = Field(
         None, min_length=1, description="positions of the checkpoints to use; default: all"
     )

@@ -68,9 +68,9 @@ class SlotSpec(Spec):
         return self
 
     @property
-    def count(self) -> int:
-        """Slots per sample, S."""
-        return int(self.replay) + self.grid + self.random
+    def kinds(self) -> list[str]:
+        """What each slot is, in slot order: the replayed step first, then grid, then random slots."""
+        return ["replay"] * int(self.replay) + ["grid"] * self.grid + ["random"] * self.random
 
 
 class CheckpointSpec(Spec):

@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from retrac import viz
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "queries": [str(p) for p in args.images],
-            "results": [asdict(result) for result in answer.results],
+            "results": [result.model_dump(mode="json") for result in answer.results],
             "timings": asdict(answer.timings),
         }, indent=1))
     else:
@@ -54,15 +55,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n{path}")
             for method in METHODS:
                 for side in ("proponents", "opponents"):
-                    ranked = ", ".join(f"{i.sample_id} ({i.score:.3g})" for i in getattr(result, side)[method])
+                    ranked = ", ".join(f"{i.sample_id} ({i.score:.3g})" for i in getattr(result.methods[method], side))
                     print(f"  {method:6} {side:10} {ranked}")
         print(f"\nquery gradients {answer.timings.gradient_s:.2f} s, scan {answer.timings.scan_s:.3f} s")
     if args.gallery is not None:
         queries = ImageDataset(images, tuple(f"query-{i}" for i in range(len(images))), "queries")
+        row_of = {sample_id: row for row, sample_id in enumerate(store.sample_ids)}
         rankings = {
             method: (
-                torch.tensor([[i.row for i in r.proponents[method]] for r in answer.results]).numpy(),
-                torch.tensor([[i.score for i in r.proponents[method]] for r in answer.results]).numpy(),
+                np.array([[row_of[i.sample_id] for i in r.methods[method].proponents] for r in answer.results]),
+                np.array([[i.score for i in r.methods[method].proponents] for r in answer.results]),
             )
             for method in METHODS
         }

@@ -1,49 +1,189 @@
-"""Attribution end to end, in memory: index a plan's rows once, then answer queries against them.
+"""Attribution of query images: one `attribute()` over any source of stored rows.
 
-`Attributor` is what the CLI demo and the tests use directly; the service does the same steps with
-the rows read from a Zarr store instead of held in memory (`query_vectors` and `scoring.scan` are
-shared, only the source of the row chunks differs).
+A `RowSource` is what a scan reads: chunks of rows per checkpoint, the checkpoint weights, the sample
+ids and the slot timesteps of given rows. The in-memory rows of an `Attributor` (`MemoryRows`) and
+the Zarr store (`storage.rows.StoreRows`) both implement it, so the CLI, the service, the
+experiment and the tests all rank through the same function, with each input checked once here.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
+import numpy as np
 import torch
 
-from api_schemas import Method, QuerySpec
-from retrac.plan import IndexPlan, Rows
+from api_schemas import IndexSpec, Method, QuerySpec
+from api_schemas.attribution import AttributionPublic, InfluencePublic, RankingPublic
+from retrac.exceptions import SpecError
+from retrac.gradients import GradientComputer
 from retrac.models import DiffusionModel
+from retrac.plan import IndexPlan, Rows
 from retrac.query_side import QueryVectors, query_vectors
-from retrac.scoring import METHODS, Ranked, Ranking, RowChunk, scan
+from retrac.scoring import METHODS, SCAN_ROWS, Ranked, Ranking, RowChunk, scan
 
 ProgressCallback = Callable[[int], None]
 """Called with the number of rows just finished."""
 
-SCAN_CHUNK = 4096
-"""Rows per scan step: bounds the scan's working memory at SCAN_CHUNK * S * k floats per checkpoint."""
+Chunks = Iterator[tuple[int, list[RowChunk]]]
+"""(first row, one RowChunk per checkpoint), as `retrac.scoring.scan` takes them."""
+
+
+class RowSource(Protocol):
+    """Stored training rows an attribution scans: in memory (`MemoryRows`) or in a store."""
+
+    @property
+    def spec(self) -> IndexSpec: ...
+
+    @property
+    def weights(self) -> Sequence[float]: ...
+
+    @property
+    def sample_ids(self) -> Sequence[str]: ...
+
+    @property
+    def num_checkpoints(self) -> int: ...
+
+    def require_complete(self, checkpoints: Sequence[int]) -> None:
+        """Raise a named error saying how to finish, if any of `checkpoints` lacks rows."""
+
+    def chunks(self, checkpoints: Sequence[int], rows_per_chunk: int) -> Chunks:
+        """Every row of `checkpoints`, `rows_per_chunk` (or more) at a time."""
+
+    def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
+        """Slot timesteps `(len(rows), S)` of `rows` at `checkpoint`: only the ranked rows are read."""
 
 
 @dataclass(frozen=True)
-class Influence:
-    """One ranked training sample for one query and method."""
+class Timings:
+    """Where a query's time went, in seconds: query gradients, and the scan over the stored rows."""
 
-    sample_id: str
-    row: int
-    rank: int
-    score: float
-    contributions: tuple[float, ...]  # one per checkpoint used, summing to `score`
-    timesteps: tuple[int, ...]  # the stored slot timesteps at the last checkpoint used
+    gradient_s: float
+    scan_s: float
 
 
 @dataclass(frozen=True)
-class QueryResult:
-    """Proponents (highest score first) and opponents (lowest first) of one query, per method."""
+class Attribution:
+    """Per-query answers (proponents and opponents per method), in image order, and their timings."""
 
-    proponents: dict[Method, list[Influence]]
-    opponents: dict[Method, list[Influence]]
+    results: list[AttributionPublic]
+    timings: Timings
+
+
+def attribute(
+    source: RowSource,
+    computer: Callable[[int], GradientComputer],
+    images: torch.Tensor,
+    query: QuerySpec,
+    *,
+    top_k: int = 10,
+    methods: Sequence[Method] = METHODS,
+    checkpoints: Sequence[int] | None = None,
+) -> Attribution:
+    """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over `source`'s rows.
+
+    `computer(c)` is the gradient computer of checkpoint c (a serving process passes a long-lived
+    cache's). Everything that can be wrong with the request is checked before the first gradient.
+    """
+    chosen = _checked_request(source, images, top_k, checkpoints)
+    # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
+    started = time.perf_counter()
+    vectors = [query_vectors(computer(c), images, query) for c in chosen]
+    gradient_s = time.perf_counter() - started
+    # 2. One streamed pass over the stored rows for every query and method.
+    started = time.perf_counter()
+    ranking = scan(
+        source.chunks(chosen, SCAN_ROWS), vectors, [source.weights[c] for c in chosen],
+        top_k=top_k, methods=list(dict.fromkeys(methods)),
+    )
+    answers = public_results(ranking, source, chosen[-1])
+    return Attribution(answers, Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started))
+
+
+def _checked_request(
+    source: RowSource, images: torch.Tensor, top_k: int, checkpoints: Sequence[int] | None
+) -> list[int]:
+    """The checkpoints to use, after checking the image shape, top_k, their range and completeness."""
+    dataset = source.spec.dataset
+    expected = (dataset.channels, dataset.resolution, dataset.resolution)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise SpecError(f"query images must be (Q, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+    if top_k < 1:
+        raise SpecError(f"top_k must be at least 1, got {top_k}")
+    count = source.num_checkpoints
+    chosen = list(range(count)) if checkpoints is None else list(checkpoints)
+    if not chosen:
+        raise SpecError("choose at least one checkpoint")
+    outside = sorted({c for c in chosen if not 0 <= c < count})
+    if outside:
+        raise SpecError(f"checkpoints {outside} do not exist; this index has checkpoints 0..{count - 1}")
+    if len(set(chosen)) != len(chosen):
+        raise SpecError(f"checkpoints {chosen} repeat one; list each checkpoint once")
+    source.require_complete(chosen)
+    return chosen
+
+
+def public_results(ranking: Ranking, source: RowSource, checkpoint: int) -> list[AttributionPublic]:
+    """Turn a `Ranking` (row numbers) into the answer per query, naming each row's sample and slots.
+
+    The slot timesteps are those stored at `checkpoint`, read for the ranked rows only.
+    """
+    ranked_rows = np.unique(np.concatenate([
+        r.rows.reshape(-1).numpy() for side in (ranking.proponents, ranking.opponents) for r in side.values()
+    ]))
+    stored = source.timesteps_of(checkpoint, ranked_rows)
+    timesteps = {int(row): [int(t) for t in stored[i]] for i, row in enumerate(ranked_rows)}
+
+    def listed(ranked: Ranked, query: int) -> list[InfluencePublic]:
+        return [
+            InfluencePublic(
+                sample_id=source.sample_ids[row],
+                rank=rank + 1,
+                score=float(ranked.scores[query, rank]),
+                contributions=[float(v) for v in ranked.contributions[query, rank]],
+                timesteps=timesteps[row],
+            )
+            for rank, row in enumerate(ranked.rows[query].tolist())
+        ]
+
+    count = next(iter(ranking.proponents.values())).rows.shape[0]
+    return [
+        AttributionPublic(methods={
+            m: RankingPublic(proponents=listed(ranking.proponents[m], q), opponents=listed(ranking.opponents[m], q))
+            for m in ranking.proponents
+        })
+        for q in range(count)
+    ]
+
+
+@dataclass(frozen=True)
+class MemoryRows:
+    """Rows of every checkpoint held in memory (one `Rows` per checkpoint), as a `RowSource`."""
+
+    spec: IndexSpec
+    rows: Sequence[Rows]
+    weights: Sequence[float]
+    sample_ids: Sequence[str]
+
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self.rows)
+
+    def require_complete(self, checkpoints: Sequence[int]) -> None:
+        """In-memory rows are computed whole: nothing can be missing."""
+
+    def chunks(self, checkpoints: Sequence[int], rows_per_chunk: int) -> Chunks:
+        total = len(self.sample_ids)
+        for start in range(0, total, rows_per_chunk):
+            part = slice(start, start + rows_per_chunk)
+            yield start, [RowChunk(self.rows[c].projected[part], self.rows[c].norms[part]) for c in checkpoints]
+
+    def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
+        return self.rows[checkpoint].timesteps[torch.from_numpy(rows)].numpy()
 
 
 class Attributor:
@@ -57,12 +197,16 @@ class Attributor:
     def _load_model(self, checkpoint: int) -> DiffusionModel:
         return self.plan.load_model(checkpoint, self.device)
 
+    def computer(self, checkpoint: int) -> GradientComputer:
+        """The gradient computer of one checkpoint, on this attributor's device."""
+        return self.plan.gradient_computer(checkpoint, self.model(checkpoint))
+
     def index(self, shard_size: int | None = None, on_progress: ProgressCallback | None = None) -> list[Rows]:
         """Compute every row at every checkpoint, in shards of `shard_size` rows."""
         step = shard_size or self.plan.spec.shard_size
         per_checkpoint = []
         for c in range(len(self.plan.checkpoints)):
-            computer = self.plan.gradient_computer(c, self.model(c))
+            computer = self.computer(c)
             parts = []
             for start in range(0, self.plan.num_rows, step):
                 rows = slice(start, min(start + step, self.plan.num_rows))
@@ -73,12 +217,14 @@ class Attributor:
         self.rows = per_checkpoint
         return per_checkpoint
 
+    def source(self) -> MemoryRows:
+        """The in-memory rows (computed first if not yet) as a `RowSource`."""
+        rows = self.rows if self.rows is not None else self.index()
+        return MemoryRows(self.plan.spec, rows, self.plan.weights, self.plan.dataset.ids)
+
     def query_vectors(self, images: torch.Tensor, spec: QuerySpec, checkpoints: Sequence[int]) -> list[QueryVectors]:
         """Query vectors of `images` `(Q, C, H, W)` at each checkpoint of `checkpoints`."""
-        return [
-            query_vectors(self.plan.gradient_computer(c, self.model(c)), images.to(self.device), spec)
-            for c in checkpoints
-        ]
+        return [query_vectors(self.computer(c), images, spec) for c in checkpoints]
 
     def attribute(
         self,
@@ -88,49 +234,8 @@ class Attributor:
         top_k: int = 10,
         methods: Sequence[Method] = METHODS,
         checkpoints: Sequence[int] | None = None,
-    ) -> list[QueryResult]:
-        """Proponents and opponents of each image, from the in-memory rows."""
-        if self.rows is None:
-            self.index()
-        chosen = list(checkpoints) if checkpoints is not None else list(range(len(self.plan.checkpoints)))
-        queries = self.query_vectors(images, spec, chosen)
-        rows = [self.rows[c] for c in chosen]  # type: ignore[index]
-        ranking = scan(
-            in_memory_chunks(rows, SCAN_CHUNK), queries, [self.plan.weights[c] for c in chosen],
-            top_k=top_k, methods=methods,
-        )
-        return results(ranking, self.plan.dataset.ids, rows[-1].timesteps)
-
-
-def in_memory_chunks(rows: Sequence[RowChunk], size: int) -> Iterator[tuple[int, list[RowChunk]]]:
-    """Chunks of `size` rows of every checkpoint, as `scoring.scan` takes them."""
-    total = rows[0].norms.shape[0]
-    for start in range(0, total, size):
-        part = slice(start, start + size)
-        yield start, [RowChunk(r.projected[part], r.norms[part]) for r in rows]
-
-
-def results(ranking: Ranking, sample_ids: Sequence[str], timesteps: torch.Tensor) -> list[QueryResult]:
-    """Turn a `Ranking` (row numbers) into per-query lists of named `Influence`s."""
-
-    def listed(ranked: Ranked, query: int) -> list[Influence]:
-        return [
-            Influence(
-                sample_id=sample_ids[row],
-                row=row,
-                rank=rank + 1,
-                score=float(ranked.scores[query, rank]),
-                contributions=tuple(float(v) for v in ranked.contributions[query, rank]),
-                timesteps=tuple(int(t) for t in timesteps[row]),
-            )
-            for rank, row in enumerate(ranked.rows[query].tolist())
-        ]
-
-    count = next(iter(ranking.proponents.values())).rows.shape[0]
-    return [
-        QueryResult(
-            proponents={m: listed(r, q) for m, r in ranking.proponents.items()},
-            opponents={m: listed(r, q) for m, r in ranking.opponents.items()},
-        )
-        for q in range(count)
-    ]
+    ) -> list[AttributionPublic]:
+        """Proponents and opponents of each image, from the in-memory rows (see `attribute`)."""
+        return attribute(
+            self.source(), self.computer, images, spec, top_k=top_k, methods=methods, checkpoints=checkpoints
+        ).results

@@ -283,3 +283,10 @@ def loop_gradients(
         value = group_loss(model, loss, named, images[b], timesteps[b], noise[b])
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
     return torch.stack(rows)
+
+
+def inverse_norms(norms: torch.Tensor) -> torch.Tensor:
+    """`1 / ||g||` as float32, and 0 where `||g|| = 0`: a zero gradient has no direction, so its
+    normalised (ReTrac) vector is zero rather than NaN. The one home of this rule."""
+    norms = norms.float()
+    return torch.where(norms > 0, 1.0 / norms, torch.zeros((), dtype=torch.float32, device=norms.device))

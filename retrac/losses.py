@@ -11,16 +11,8 @@ from __future__ import annotations
 import torch
 
 from api_schemas import LossKind
-from retrac.exceptions import SpecError
 
 LOSS_KINDS: tuple[LossKind, ...] = ("mse", "l1")
-
-
-def check_loss(kind: str) -> LossKind:
-    """`kind` itself, or a SpecError naming the allowed kinds."""
-    if kind not in LOSS_KINDS:
-        raise SpecError(f"unknown loss {kind!r}; choose one of {list(LOSS_KINDS)}")
-    return kind  # type: ignore[return-value]
 
 
 def noised(x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

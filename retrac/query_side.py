@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from api_schemas import QuerySpec
-from retrac.gradients import GradientComputer
+from retrac.gradients import GradientComputer, inverse_norms
 from retrac.noise import query_noise
 
 
@@ -49,5 +49,5 @@ def query_vectors(computer: GradientComputer, images: torch.Tensor, spec: QueryS
     )
     projected = batch.projected.reshape(count, k_steps, -1)
     norms = batch.norms.reshape(count, k_steps)
-    normalised = projected / norms.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    normalised = projected * inverse_norms(norms).unsqueeze(-1)
     return QueryVectors(tracin=projected.mean(dim=1), retrac=normalised.mean(dim=1), timestep_norms=norms)

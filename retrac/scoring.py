@@ -19,9 +19,15 @@ from dataclasses import dataclass
 import torch
 
 from api_schemas import Method
+from retrac.exceptions import SpecError
+from retrac.gradients import inverse_norms
 from retrac.query_side import QueryVectors
 
 METHODS: tuple[Method, ...] = ("tracin", "retrac")
+
+SCAN_ROWS = 4096
+"""Training rows per scan step (in memory or read from a store): bounds a scan's working memory at
+SCAN_ROWS * S * k values per checkpoint, beyond what a store keeps resident."""
 
 SCAN_BLOCK = 512
 """Rows converted to float32 at a time by `contributions`: the block stays in cache between its
@@ -40,10 +46,10 @@ class RowChunk:
 def slot_means(chunk: RowChunk) -> dict[Method, torch.Tensor]:
     """Training-side vectors `(n, k)` float32: the slot mean of g (TracIn) and of g/||g|| (ReTrac).
 
-    A zero gradient has no direction; its ReTrac vector is zero rather than NaN.
+    A zero gradient has no direction; its ReTrac vector is zero rather than NaN (`inverse_norms`).
     """
     projected = chunk.projected.float()
-    inverse = torch.where(chunk.norms > 0, 1.0 / chunk.norms.float(), torch.zeros((), dtype=torch.float32))
+    inverse = inverse_norms(chunk.norms)
     return {"tracin": projected.mean(dim=1), "retrac": (projected * inverse.unsqueeze(-1)).mean(dim=1)}
 
 
@@ -72,8 +78,7 @@ def contributions(
             converted.copy_(part)
             torch.mm(converted, sides.T, out=products[start : start + part.shape[0]])
         per_method = products.view(n, slots, len(methods), -1)  # (n, S, methods, Q)
-        norms = chunk.norms.to(device, torch.float32)
-        inverse = torch.where(norms > 0, 1.0 / norms, torch.zeros((), dtype=torch.float32, device=device))
+        inverse = inverse_norms(chunk.norms.to(device))
         for i, method in enumerate(methods):
             per_slot = per_method[:, :, i]
             if method == "retrac":
@@ -143,6 +148,19 @@ def scan(
         proponents={m: keep[m, True].best for m in methods},  # type: ignore[misc]
         opponents={m: keep[m, False].best for m in methods},  # type: ignore[misc]
     )
+
+
+def self_influence_slots(slot_kinds: Sequence[str]) -> tuple[list[int], list[int]]:
+    """(training-side slots, query-side slots) of self-influence from stored slots (method.md section 4).
+
+    The training side is the replayed slot (or, without one, every slot); the query side is the
+    grid slots. A SpecError if there are none: the index needs grid slots.
+    """
+    query = [s for s, kind in enumerate(slot_kinds) if kind == "grid"]
+    if not query:
+        raise SpecError("self-influence from stored slots needs grid slots; create the index with grid > 0")
+    train = [s for s, kind in enumerate(slot_kinds) if kind == "replay"] or list(range(len(slot_kinds)))
+    return train, query
 
 
 def self_influence(

@@ -7,11 +7,10 @@ data, stale inputs refused).
 from storage.errors import IncompleteStoreError, NothingToIndexError, StaleStoreError, StoreError
 from storage.runner import run_pending, run_shard
 from storage.progress import Progress, progress
-from storage.statistics import Attribution, StoredNorms, Timings, attribute, stored_norms, self_influence
+from storage.statistics import StoredNorms, attribute, self_influence, stored_norms
 from storage.store import CheckpointStatus, GradientStore, StoreStatus
 
 __all__ = [
-    "Attribution",
     "CheckpointStatus",
     "GradientStore",
     "IncompleteStoreError",
@@ -21,7 +20,6 @@ __all__ = [
     "StaleStoreError",
     "StoreError",
     "StoreStatus",
-    "Timings",
     "attribute",
     "stored_norms",
     "progress",

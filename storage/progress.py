@@ -31,7 +31,6 @@ class Progress:
     total_shards: int
     rate_per_s: float | None
     eta_s: float | None
-    last_done_at: float | None
 
     @property
     def fraction(self) -> float:
@@ -63,7 +62,6 @@ def progress(store: GradientStore) -> Progress:
         total_shards=store.num_shards * store.num_checkpoints,
         rate_per_s=rate,
         eta_s=eta,
-        last_done_at=float(when[-1]) if len(when) else None,
     )
 
 

@@ -47,7 +47,7 @@ from retrac.gradients import num_parameters
 from retrac.plan import IndexPlan, Rows
 from retrac.models import fingerprint_checkpoint
 from retrac.replay import RECORD_NAME
-from retrac.scoring import RowChunk
+from retrac.scoring import SCAN_ROWS, RowChunk
 from storage.errors import IncompleteStoreError, StaleStoreError, StoreError
 
 FORMAT = "retrac-store/1"
@@ -72,14 +72,13 @@ _CHUNK_KEYS = {"name": "default", "separator": "/"}
 
 @dataclass(frozen=True)
 class CheckpointStatus:
-    """How far one checkpoint is: shards and rows done of the total, and when the last was marked."""
+    """How far one checkpoint is: shards and rows done of the total."""
 
     checkpoint: int
     done_shards: int
     total_shards: int
     done_rows: int
     total_rows: int
-    last_done_at: float | None
 
     @property
     def complete(self) -> bool:
@@ -324,6 +323,12 @@ class GradientStore:
         """Stored slot timesteps `(N, S)` int64 of one checkpoint (zeros where not done)."""
         return self._array(checkpoint, "timesteps")[:]
 
+    def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
+        """Stored slot timesteps `(len(rows), S)` int64 of the given rows only (sorted, unique)."""
+        if rows.size == 0:
+            return np.zeros((0, self.num_slots), dtype=np.int64)
+        return self._array(checkpoint, "timesteps").get_orthogonal_selection((rows, slice(None)))
+
     def seeds(self, checkpoint: int) -> np.ndarray:
         """Stored slot noise seeds `(N, S)` int64 of one checkpoint (zeros where not done)."""
         return self._array(checkpoint, "seeds")[:]
@@ -396,7 +401,6 @@ class GradientStore:
         result = []
         for c in range(self.num_checkpoints):
             done = self.done_shards(c, verify=verify)
-            marks = self.done_marks(c)[done]
             result.append(
                 CheckpointStatus(
                     checkpoint=c,
@@ -404,7 +408,6 @@ class GradientStore:
                     total_shards=self.num_shards,
                     done_rows=int(sizes[done].sum()),
                     total_rows=self.num_rows,
-                    last_done_at=float(marks.max()) if marks.size else None,
                 )
             )
         return StoreStatus(tuple(result))
@@ -420,7 +423,7 @@ class GradientStore:
     # --- reading for scans ----------------------------------------------------------------------------
 
     def chunks(
-        self, checkpoints: Sequence[int], rows_per_chunk: int = 4096
+        self, checkpoints: Sequence[int], rows_per_chunk: int = SCAN_ROWS
     ) -> Iterator[tuple[int, list[RowChunk]]]:
         """(first row, one RowChunk per checkpoint) over all rows, as `retrac.scoring.scan` takes them.
 
@@ -519,7 +522,7 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
     """The root attributes of a new store for `plan`."""
     spec = plan.spec
     dim = num_parameters(plan.load_model(0)) if spec.projector.kind == "identity" else spec.projector.dim
-    kinds = ["replay"] * int(spec.slots.replay) + ["grid"] * spec.slots.grid + ["random"] * spec.slots.random
+    kinds = spec.slots.kinds
     return {
         "format": FORMAT,
         "spec": json.loads(spec.model_dump_json()),

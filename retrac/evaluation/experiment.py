@@ -59,7 +59,7 @@ from retrac.gradients import num_parameters
 from retrac.plan import IndexPlan, Rows
 from retrac.models import load_scheduler
 from retrac.query_side import QueryVectors
-from retrac.scoring import METHODS, RowChunk, contributions, self_influence
+from retrac.scoring import METHODS, RowChunk, contributions, self_influence, self_influence_slots
 from retrac.training import train
 
 MAJORITY, OUTLIER, GENERATED = "majority", "outlier", "generated"
@@ -394,7 +394,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool
             for c in tqdm(checkpoints, desc="query", unit="checkpoint", disable=not progress)
         ]
         scores = replay_scores(rows, vectors, plan.weights)
-        self_scores = self_influence(rows, plan.weights, [0], list(range(1, 1 + config.grid_slots)))
+        self_scores = self_influence(rows, plan.weights, *self_influence_slots(slots.kinds))
 
     # 6. Norm vs timestep at the last checkpoint, and every metric of both methods.
     with clock("evaluate"):

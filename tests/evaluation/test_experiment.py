@@ -131,11 +131,12 @@ def test_replay_scores_match_a_loop_and_the_engine_on_a_replay_only_index(tiny_r
             expected += weight * (getattr(vectors[c], method).double() @ g.T).numpy()
         np.testing.assert_allclose(scores[method], expected, rtol=1e-4, atol=1e-9)
 
-    results = Attributor(plan(0)).attribute(images, spec, top_k=5)
+    replay_only = plan(0)
+    results = Attributor(replay_only).attribute(images, spec, top_k=5)
     for q, result in enumerate(results):
         for method in ("tracin", "retrac"):
-            ranked = result.proponents[method]
-            assert [i.row for i in ranked] == np.argsort(-scores[method][q], kind="stable")[:5].tolist()
+            ranked = result.methods[method].proponents
+            assert [replay_only.dataset.ids.index(i.sample_id) for i in ranked] == np.argsort(-scores[method][q], kind="stable")[:5].tolist()
             np.testing.assert_allclose(
                 [i.score for i in ranked], np.sort(scores[method][q])[::-1][:5], rtol=1e-4
             )

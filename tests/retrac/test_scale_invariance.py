@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from api_schemas import QuerySpec
-from retrac.attribution import Attributor, in_memory_chunks
+from retrac.attribution import Attributor, MemoryRows
 from retrac.plan import IndexPlan, Rows
 from retrac.scoring import scan
 from tests.retrac.conftest import index_spec
@@ -15,7 +15,8 @@ SCALE, SAMPLE = 25.0, 4
 
 def full_scores(attributor: Attributor, rows: list[Rows], queries) -> dict[str, torch.Tensor]:
     n = rows[0].norms.shape[0]
-    ranking = scan(in_memory_chunks(rows, 7), queries, attributor.plan.weights, top_k=n)
+    source = MemoryRows(attributor.plan.spec, rows, attributor.plan.weights, attributor.plan.dataset.ids)
+    ranking = scan(source.chunks(range(len(rows)), 7), queries, attributor.plan.weights, top_k=n)
     out = {}
     for method, ranked in ranking.proponents.items():
         table = torch.zeros(n, ranked.rows.shape[0])

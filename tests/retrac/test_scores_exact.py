@@ -59,7 +59,7 @@ def engine_scores(results, sample_ids, method: str) -> torch.Tensor:
     position = {s: i for i, s in enumerate(sample_ids)}
     table = torch.zeros(len(sample_ids), len(results))
     for q, result in enumerate(results):
-        for influence in result.proponents[method]:
+        for influence in result.methods[method].proponents:
             table[position[influence.sample_id], q] = influence.score
     return table
 
@@ -75,9 +75,9 @@ def test_exact_scores_equal_brute_force(replay_run, digits) -> None:
         torch.testing.assert_close(got, expected[method], rtol=1e-4, atol=1e-4 * float(expected[method].abs().max()))
         # the ranking order, and contributions summing to the score
         for q, result in enumerate(results):
-            ranked = [i.score for i in result.proponents[method]]
+            ranked = [i.score for i in result.methods[method].proponents]
             assert ranked == sorted(ranked, reverse=True)
-            top = result.proponents[method][0]
+            top = result.methods[method].proponents[0]
             assert math.isclose(sum(top.contributions), top.score, rel_tol=1e-5)
             assert top.sample_id == digits.ids[int(expected[method][:, q].argmax())]
-            assert result.opponents[method][0].sample_id == digits.ids[int(expected[method][:, q].argmin())]
+            assert result.methods[method].opponents[0].sample_id == digits.ids[int(expected[method][:, q].argmin())]

@@ -52,5 +52,5 @@ def test_a_checkpoint_without_a_record_indexes_and_answers(replay_run, digits) -
     plan = IndexPlan.resolve(spec)
     assert plan.weights == [0.5] and plan.run is None
     results = Attributor(plan).attribute(digits.images[:1], QuerySpec(timesteps=4, draws=1), top_k=3)
-    assert [len(results[0].proponents[m]) for m in ("tracin", "retrac")] == [3, 3]
-    assert all(len(i.timesteps) == 2 for i in results[0].proponents["retrac"])
+    assert [len(results[0].methods[m].proponents) for m in ("tracin", "retrac")] == [3, 3]
+    assert all(len(i.timesteps) == 2 for i in results[0].methods["retrac"].proponents)

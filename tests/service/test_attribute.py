@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api_schemas import QuerySpec
-from api_schemas.attribution import AttributionsPublic
-from retrac.attribution import Attributor, QueryResult
+from api_schemas.attribution import AttributionPublic, AttributionsPublic
+from retrac.attribution import Attributor
 from tests.service.conftest import INDEX, QUERY
 
 SCORE_TOLERANCE = 1e-4
@@ -33,28 +33,28 @@ def digit_pixels(reference: Attributor, row: int) -> np.ndarray:
 
 def expected(
     reference: Attributor, pixels: list[np.ndarray], top_k: int = QUERY["top_k"], **kwargs
-) -> list[QueryResult]:
+) -> list[AttributionPublic]:
     images = torch.stack([torch.from_numpy(p).float().div(255).mul(2).sub(1)[None] for p in pixels])
     spec = QuerySpec(timesteps=QUERY["timesteps"], draws=QUERY["draws"], seed=QUERY["seed"])
     return reference.attribute(images, spec, top_k=top_k, **kwargs)
 
 
-def assert_matches(answer: AttributionsPublic, results: list[QueryResult]) -> None:
+def assert_matches(answer: AttributionsPublic, results: list[AttributionPublic]) -> None:
     assert answer.count == len(results) == len(answer.data)
     for got, want in zip(answer.data, results, strict=True):
-        assert set(got.methods) == set(want.proponents)
+        assert set(got.methods) == set(want.methods)
         for method, ranking in got.methods.items():
             for kind in ("proponents", "opponents"):
-                ours, theirs = getattr(ranking, kind), getattr(want, kind)[method]
+                ours, theirs = getattr(ranking, kind), getattr(want.methods[method], kind)
                 assert [i.sample_id for i in ours] == [i.sample_id for i in theirs], (method, kind)
                 assert [i.rank for i in ours] == list(range(1, len(theirs) + 1))
                 for a, b in zip(ours, theirs, strict=True):
                     assert a.score == pytest.approx(b.score, rel=SCORE_TOLERANCE, abs=1e-9)
                     assert a.contributions == pytest.approx(
-                        list(b.contributions), rel=SCORE_TOLERANCE, abs=1e-9
+                        b.contributions, rel=SCORE_TOLERANCE, abs=1e-9
                     )
                     assert sum(a.contributions) == pytest.approx(a.score, rel=1e-5, abs=1e-9)
-                    assert tuple(a.timesteps) == b.timesteps
+                    assert a.timesteps == b.timesteps
 
 
 def test_upload_png_matches_engine(client: TestClient, reference: Attributor) -> None:

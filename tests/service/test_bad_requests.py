@@ -240,7 +240,3 @@ def test_bad_request_is_refused_clearly(case: Bad, client: TestClient, settings:
     assert isinstance(detail, str) and case.says in detail
     assert client.get("/v1/health").status_code == 200
     assert snapshot(settings.stores_root) == before
-
-
-def test_at_least_fifteen_kinds() -> None:
-    assert len({c.kind for c in CASES}) >= 15

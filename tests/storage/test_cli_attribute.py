@@ -30,9 +30,10 @@ def test_attribute_prints_the_engine_ranking_and_draws_a_gallery(reference_store
     for got, want in zip(printed["results"], expected, strict=True):
         for method in ("tracin", "retrac"):
             for side in ("proponents", "opponents"):
-                assert [i["sample_id"] for i in got[side][method]] == [i.sample_id for i in getattr(want, side)[method]]
+                printed_side, want_side = got["methods"][method][side], getattr(want.methods[method], side)
+                assert [i["sample_id"] for i in printed_side] == [i.sample_id for i in want_side]
                 np.testing.assert_allclose(
-                    [i["score"] for i in got[side][method]], [i.score for i in getattr(want, side)[method]], rtol=2e-3
+                    [i["score"] for i in printed_side], [i.score for i in want_side], rtol=2e-3
                 )
     assert gallery.stat().st_size > 1000 and gallery.read_bytes()[:4] == b"\x89PNG"
 

@@ -11,13 +11,13 @@ import zarr
 
 from api_schemas import QuerySpec
 from retrac.attribution import Attributor
+from retrac.exceptions import SpecError
 from retrac.query_side import query_vectors
 from retrac.replay import TrainingRun
 from retrac.scoring import scan
 from retrac.computers import GradientComputerCache
 from storage import (
     GradientStore,
-    StoreError,
     attribute,
     stored_norms,
     run_pending,
@@ -101,8 +101,8 @@ def test_streaming_top_k_equals_dense_computation(reference_store: Path, query_i
     for q, result in enumerate(answer.results):
         for method in ("tracin", "retrac"):
             top = np.argsort(-dense[method][q], kind="stable")[:TOP_K]
-            assert [i.sample_id for i in result.proponents[method]] == [ids[r] for r in top]
-            contributions = np.array([i.contributions for i in result.proponents[method]])
+            assert [i.sample_id for i in result.methods[method].proponents] == [ids[r] for r in top]
+            contributions = np.array([i.contributions for i in result.methods[method].proponents])
             assert_scores_close(contributions.sum(axis=1), dense[method][q, top], dense[method])
     assert answer.timings.gradient_s > 0 and answer.timings.scan_s > 0
 
@@ -119,7 +119,7 @@ def test_attribute_matches_the_in_memory_engine(
     for mine, theirs in zip(got, expected, strict=True):
         for side in ("proponents", "opponents"):
             for method in ("tracin", "retrac"):
-                a, b = getattr(mine, side)[method], getattr(theirs, side)[method]
+                a, b = getattr(mine.methods[method], side), getattr(theirs.methods[method], side)
                 assert [i.sample_id for i in a] == [i.sample_id for i in b]
                 assert [i.timesteps for i in a] == [i.timesteps for i in b]
                 assert_scores_close(
@@ -152,7 +152,7 @@ def test_self_influence_from_stored_slots(reference_store: Path) -> None:
 
 def test_self_influence_needs_grid_slots(tmp_path: Path, tiny_run: TrainingRun) -> None:
     store = GradientStore.create(tmp_path / "index.zarr", tiny_index_spec(tiny_run, slots={"replay": True}))
-    with pytest.raises(StoreError, match="needs grid slots"):
+    with pytest.raises(SpecError, match="needs grid slots"):
         self_influence(store)
 
 

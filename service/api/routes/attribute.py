@@ -41,7 +41,7 @@ def attribute_json(
     settings: SettingsDep,
 ) -> AttributionsPublic:
     started = time.perf_counter()
-    check_limits(body, len(body.images), store, settings)
+    check_limits(body, len(body.images), settings)
     shape = store.spec.dataset
     images = [
         decode_json_image(image, resolution=shape.resolution, channels=shape.channels, name=f"images[{i}]")
@@ -59,7 +59,7 @@ def attribute_upload(
     settings: SettingsDep,
 ) -> AttributionsPublic:
     started = time.perf_counter()
-    check_limits(form, len(form.images), store, settings)
+    check_limits(form, len(form.images), settings)
     shape = store.spec.dataset
     decoded = [
         decode_file(

@@ -43,7 +43,7 @@ def norms(
     bins: BinsQuery = 10,
 ) -> NormTimestepPublic:
     chosen = _checkpoint(store, checkpoint)
-    return norm_statistics(engine.norms(name, store, chosen), chosen, store.plan.num_timesteps, bins)
+    return norm_statistics(engine.norms(store, chosen), chosen, store.plan.num_timesteps, bins)
 
 
 @router.get(
@@ -62,7 +62,7 @@ def norms_plot(
     bins: BinsQuery = 10,
 ) -> Response:
     chosen = _checkpoint(store, checkpoint)
-    slots = engine.norms(name, store, chosen)
+    slots = engine.norms(store, chosen)
     statistics = norm_statistics(slots, chosen, store.plan.num_timesteps, bins)
     png = norm_plot(slots, statistics, f"{name}, checkpoint {chosen}: norm vs timestep")
     return Response(png, media_type="image/png")
@@ -76,5 +76,5 @@ def self_influence(
     method: Method = "retrac",
     limit: Annotated[int, Query(ge=1, le=1000, description="samples returned, highest first")] = 20,
 ) -> SelfInfluencePublic:
-    scores = engine.self_influence(name, store)[method]
+    scores = engine.self_influence(store)[method]
     return self_influence_ranking(scores, store.sample_ids, method, limit)
