@@ -31,7 +31,10 @@ class NormTimestepPublic(Public):
     count: int = Field(description="stored (sample, slot) pairs")
     pearson: float | None = Field(description="correlation of timestep and norm; None if undefined")
     spearman: float | None = Field(description="rank correlation of timestep and norm; None if undefined")
-    slope: float | None = Field(description="least-squares slope of norm on timestep")
+    slope: float | None = Field(
+        description="least-squares slope of norm on t/T: the norm's change over the whole schedule "
+        "(as `retrac eval norms` reports it); None if undefined"
+    )
     bins: list[NormBinPublic]
 
 

@@ -18,15 +18,16 @@ from api_schemas.diagnostics import (
     SelfInfluenceEntryPublic,
     SelfInfluencePublic,
 )
-from retrac.evaluation.metrics import fit
+from retrac.evaluation.norms import norm_fit
 from storage import StoredNorms
 
 
 def norm_statistics(norms: StoredNorms, checkpoint: int, num_timesteps: int, bins: int) -> NormTimestepPublic:
-    """Correlations, fit slope and per-bin quantiles of norm against timestep over all stored slots."""
+    """Correlations, fit slope (`retrac.evaluation.norms.norm_fit`: per unit t/T) and per-bin quantiles of
+    norm against timestep over all stored slots."""
     t = norms.timesteps.reshape(-1).astype(np.float64)
     n = norms.norms.reshape(-1).astype(np.float64)
-    line = fit(t, n) if t.size >= 3 and np.ptp(t) > 0 and np.ptp(n) > 0 else None
+    line = norm_fit(t, n, num_timesteps)
     edges = np.linspace(0, num_timesteps, bins + 1).round().astype(int)
     return NormTimestepPublic(
         checkpoint=checkpoint,

@@ -6,8 +6,10 @@ Views of one checkpoint:
   computed batch by batch without keeping the gradients (for runs that were not indexed in memory).
 - `norm_curves`: the norm of a few samples' gradients at every step of a timestep grid (one noise
   draw each), which locates `t_max`, the timestep where norms peak.
-- `norm_timestep_statistics`: the scatter's correlations and slope, and the correlation of the norm with the
-  distance of the training timestep to `t_max` (the paper's Fig. 1 statistic).
+- `norm_fit`: the scatter's correlations and slope, the slope per unit t/T (the norm's change over
+  the whole schedule). The one definition: `retrac eval norms` and the service's `GET .../norms` use it.
+- `norm_timestep_statistics`: `norm_fit`, and the correlation of the norm with the distance of the
+  training timestep to `t_max` (the paper's Fig. 1 statistic).
 - `write_norm_figures`: the scatter and the curve as PNGs.
 - `analyse_run`: all of it for one checkpoint of any `retrac train` run (`retrac eval norms`).
 """
@@ -23,7 +25,7 @@ import torch
 
 from api_schemas import IndexSpec, ProjectorSpec, QuerySpec, SlotSpec
 from retrac import viz
-from retrac.evaluation.metrics import fit
+from retrac.evaluation.metrics import Fit, fit
 from retrac.evaluation.report import NormTimestepStatistics
 from retrac.exceptions import EvaluationError
 from retrac.gradients import GradientComputer
@@ -66,6 +68,18 @@ def norm_curves(
     return steps.numpy(), vectors.timestep_norms.numpy()
 
 
+def norm_fit(timesteps: np.ndarray, norms: np.ndarray, num_timesteps: int) -> Fit | None:
+    """Correlations and least-squares line of norm on `t / T` over all (timestep, norm) pairs, any shape.
+
+    None where undefined: fewer than 3 pairs, or a constant timestep or norm.
+    """
+    t = np.asarray(timesteps, dtype=np.float64).reshape(-1)
+    values = np.asarray(norms, dtype=np.float64).reshape(-1)
+    if t.size < 3 or t.shape != values.shape or np.ptp(t) == 0 or np.ptp(values) == 0:
+        return None
+    return fit(t / num_timesteps, values)
+
+
 def norm_timestep_statistics(
     timesteps: np.ndarray,
     norms: np.ndarray,
@@ -80,7 +94,9 @@ def norm_timestep_statistics(
     values = np.asarray(norms, dtype=np.float64)
     mean_curve = np.asarray(curve_norms, dtype=np.float64).mean(axis=0)
     t_max = int(curve_timesteps[int(np.argmax(mean_curve))])
-    direct = fit(t / num_timesteps, values)
+    direct = norm_fit(t, values, num_timesteps)
+    if direct is None:
+        raise EvaluationError(f"norm vs timestep needs 3 or more pairs that vary in both, got {len(values)}")
     distance = fit(np.abs(t - t_max), values)
     return NormTimestepStatistics(
         checkpoint_epoch=checkpoint_epoch,
