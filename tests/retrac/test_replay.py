@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 from api_schemas import DatasetSpec, TrainSpec
 from retrac.datasets import load_dataset
-from retrac.losses import distance, noised
-from retrac.models import DiffusionModel, load_scheduler, load_unet
-from retrac.noise import noise_from_seeds
 from retrac.training import train
+from tests.retrac.reference import per_sample_losses, seeded_noise
+
+REPLAY_TOLERANCE = 1e-6
+"""Relative: the recorded loss and this recomputation run the same float32 forward pass on the same
+inputs; only the batch layout and the order of a few float32 products may differ."""
 
 
 def test_a_stored_step_reproduces_its_training_loss(tmp_path) -> None:
@@ -19,20 +22,20 @@ def test_a_stored_step_reproduces_its_training_loss(tmp_path) -> None:
     dataset = load_dataset(data)
     spec = TrainSpec(dataset=data, preset="micro", loss="mse", epochs=3, batch_size=12, save_every=1, seed=2)
     run = train(spec, dataset, tmp_path / "run")
-    scheduler = load_scheduler(run.scheduler_folder)
+    scheduler = DDPMScheduler.from_pretrained(run.scheduler_folder)
+    assert run.sample_ids == dataset.ids  # so the record's columns are the dataset's rows
     for checkpoint in run.checkpoints()[:-1]:
-        model = DiffusionModel.from_parts(load_unet(checkpoint.path), scheduler)
+        unet = UNet2DModel.from_pretrained(checkpoint.path).eval()
         epoch = checkpoint.epoch + 1
-        timesteps, seeds = run.replayed(dataset.ids, epoch)
-        noise = noise_from_seeds(seeds, dataset.images.shape[1:])
+        timesteps, seeds = run.timesteps[epoch - 1], run.seeds[epoch - 1]  # the record, in dataset order
+        noise = torch.stack([seeded_noise(s, dataset.images.shape[1:]) for s in seeds.tolist()])
         with torch.no_grad():
-            prediction = model.unet(noised(dataset.images, timesteps, noise, model.alphas_cumprod), timesteps).sample
-        replayed = distance(prediction, noise, "mse")
-        torch.testing.assert_close(replayed, run.losses[epoch - 1], rtol=1e-6, atol=1e-7)
+            replayed = per_sample_losses(unet, scheduler, dataset.images, timesteps, noise, "mse")
+        torch.testing.assert_close(replayed, run.losses[epoch - 1], rtol=REPLAY_TOLERANCE, atol=1e-7)
         # and a different seed would not have reproduced it
-        other = noise_from_seeds(seeds + 1, dataset.images.shape[1:])
+        other = torch.stack([seeded_noise(s + 1, dataset.images.shape[1:]) for s in seeds.tolist()])
         with torch.no_grad():
-            shifted = distance(model.unet(noised(dataset.images, timesteps, other, model.alphas_cumprod), timesteps).sample, other, "mse")
+            shifted = per_sample_losses(unet, scheduler, dataset.images, timesteps, other, "mse")
         assert not torch.allclose(shifted, run.losses[epoch - 1], rtol=1e-3)
 
 

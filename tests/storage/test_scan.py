@@ -18,6 +18,7 @@ from retrac.scoring import scan
 from retrac.computers import GradientComputerCache
 from storage import (
     GradientStore,
+    IncompleteStoreError,
     attribute,
     stored_norms,
     run_pending,
@@ -129,8 +130,36 @@ def test_attribute_matches_the_in_memory_engine(
 
 def test_attribute_refuses_images_of_another_shape(reference_store: Path) -> None:
     store = GradientStore.open(reference_store)
-    with pytest.raises(Exception, match=r"query images must be \(Q, 1, 8, 8\)"):
+    with pytest.raises(SpecError, match=r"query images must be \(Q, 1, 8, 8\)"):
         attribute(store, torch.zeros(1, 1, 16, 16), QUERY)
+
+
+def test_attribute_refuses_a_missing_checkpoint_and_an_unfinished_store(
+    tmp_path: Path, tiny_run: TrainingRun, query_images: torch.Tensor
+) -> None:
+    store = GradientStore.create(tmp_path / "index.zarr", tiny_index_spec(tiny_run))
+    with pytest.raises(SpecError, match=r"checkpoints \[3\] do not exist"):
+        attribute(store, query_images, QUERY, checkpoints=[0, 3])
+    with pytest.raises(IncompleteStoreError, match="0/48 rows"):
+        attribute(store, query_images, QUERY)
+
+
+def test_attribute_reads_the_timesteps_of_the_ranked_rows_only(
+    reference_store: Path, query_images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = GradientStore.open(reference_store)
+    stored = store.timesteps(2)
+
+    def whole_array(*_: object) -> None:
+        raise AssertionError("attribute read the whole (N, S) timesteps array")
+
+    monkeypatch.setattr(store, "timesteps", whole_array)
+    answer = attribute(store, query_images, QUERY, top_k=TOP_K)
+    row_of = {sample_id: row for row, sample_id in enumerate(store.sample_ids)}
+    for result in answer.results:
+        for ranking in result.methods.values():
+            for influence in ranking.proponents + ranking.opponents:
+                assert influence.timesteps == stored[row_of[influence.sample_id]].tolist()
 
 
 def test_self_influence_from_stored_slots(reference_store: Path) -> None:

@@ -1,0 +1,34 @@
+"""Reference computations written from docs/method.md with plain diffusers and torch: no retrac code.
+
+Tests compare the engine against these, so a wrong rule in the engine cannot also hide in its check.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+
+
+def seeded_noise(seed: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The store's noise rule (method.md section 2): one CPU generator per seed, float32."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+
+
+def per_sample_losses(
+    unet: UNet2DModel, scheduler: DDPMScheduler, images: torch.Tensor, timesteps: torch.Tensor,
+    noise: torch.Tensor, loss: str,
+) -> torch.Tensor:
+    """`l(theta; z, t, eps) = mean_pixels d(eps_theta(x_t, t), eps)` `(B,)`, with x_t from `add_noise`."""
+    noisy = scheduler.add_noise(images, noise, timesteps)
+    prediction = unet(noisy, timesteps).sample
+    pointwise = F.mse_loss if loss == "mse" else F.l1_loss
+    return pointwise(prediction, noise, reduction="none").flatten(1).mean(dim=1)
+
+
+def autograd_gradient(
+    unet: UNet2DModel, scheduler: DDPMScheduler, image: torch.Tensor, timestep: int, noise: torch.Tensor, loss: str
+) -> torch.Tensor:
+    """The flat gradient over all parameters of one sample's loss, by one autograd call."""
+    value = per_sample_losses(unet, scheduler, image[None], torch.tensor([timestep]), noise[None], loss)[0]
+    return torch.cat([g.flatten() for g in torch.autograd.grad(value, list(unet.parameters()))])
