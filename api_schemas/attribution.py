@@ -42,7 +42,7 @@ class QueryOptions(QuerySpec):
     estimator (`QuerySpec`: K, M, seed, with its limits) plus what to rank and return."""
 
     seed: int = Field(
-        0, ge=0, le=MAX_JSON_INT, description="seed of the query's noise draws (at most 2^53 - 1: exact in JSON)"
+        0, ge=0, le=MAX_JSON_INT, description="seed of the query's noise draws (< 2^53: exact in JSON)"
     )
     methods: list[Method] = Field(["tracin", "retrac"], min_length=1, description="scores to rank by")
     top_k: int = Field(10, ge=1, le=1000, description="proponents and opponents returned per method")

@@ -111,7 +111,8 @@ def _checked_request(
     dataset = source.spec.dataset
     expected = (dataset.channels, dataset.resolution, dataset.resolution)
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-        raise SpecError(f"query images must be (Q, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+        shown = ", ".join(map(str, expected))
+        raise SpecError(f"query images must be (Q, {shown}), got {tuple(images.shape)}")
     if top_k < 1:
         raise SpecError(f"top_k must be at least 1, got {top_k}")
     count = source.num_checkpoints
@@ -153,7 +154,9 @@ def public_results(ranking: Ranking, source: RowSource, checkpoint: int) -> list
     count = next(iter(ranking.proponents.values())).rows.shape[0]
     return [
         AttributionPublic(methods={
-            m: RankingPublic(proponents=listed(ranking.proponents[m], q), opponents=listed(ranking.opponents[m], q))
+            m: RankingPublic(
+                proponents=listed(ranking.proponents[m], q), opponents=listed(ranking.opponents[m], q)
+            )
             for m in ranking.proponents
         })
         for q in range(count)
@@ -177,10 +180,10 @@ class MemoryRows:
         """In-memory rows are computed whole: nothing can be missing."""
 
     def chunks(self, checkpoints: Sequence[int], rows_per_chunk: int) -> Chunks:
-        total = len(self.sample_ids)
-        for start in range(0, total, rows_per_chunk):
+        chosen = [self.rows[c] for c in checkpoints]
+        for start in range(0, len(self.sample_ids), rows_per_chunk):
             part = slice(start, start + rows_per_chunk)
-            yield start, [RowChunk(self.rows[c].projected[part], self.rows[c].norms[part]) for c in checkpoints]
+            yield start, [RowChunk(r.projected[part], r.norms[part]) for r in chosen]
 
     def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
         return self.rows[checkpoint].timesteps[torch.from_numpy(rows)].numpy()
@@ -213,7 +216,8 @@ class Attributor:
                 parts.append(self.plan.compute_rows(c, rows, computer))
                 if on_progress is not None:
                     on_progress(rows.stop - rows.start)
-            per_checkpoint.append(Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("projected", "norms", "timesteps", "seeds"))))
+            fields = ("projected", "norms", "timesteps", "seeds")
+            per_checkpoint.append(Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in fields)))
         self.rows = per_checkpoint
         return per_checkpoint
 
@@ -222,7 +226,9 @@ class Attributor:
         rows = self.rows if self.rows is not None else self.index()
         return MemoryRows(self.plan.spec, rows, self.plan.weights, self.plan.dataset.ids)
 
-    def query_vectors(self, images: torch.Tensor, spec: QuerySpec, checkpoints: Sequence[int]) -> list[QueryVectors]:
+    def query_vectors(
+        self, images: torch.Tensor, spec: QuerySpec, checkpoints: Sequence[int]
+    ) -> list[QueryVectors]:
         """Query vectors of `images` `(Q, C, H, W)` at each checkpoint of `checkpoints`."""
         return [query_vectors(self.computer(c), images, spec) for c in checkpoints]
 

@@ -42,7 +42,9 @@ class StoreRows:
         status = self.store.status()
         unfinished = [status.checkpoints[c] for c in checkpoints if not status.checkpoints[c].complete]
         if unfinished:
-            shown = ", ".join(f"checkpoint {c.checkpoint}: {c.done_rows}/{c.total_rows} rows" for c in unfinished)
+            shown = ", ".join(
+                f"checkpoint {c.checkpoint}: {c.done_rows}/{c.total_rows} rows" for c in unfinished
+            )
             raise IncompleteStoreError(
                 f"the index is still being built ({shown}); finish indexing (`retrac index run`, or wait "
                 "for its job) or query only complete checkpoints"

@@ -47,7 +47,7 @@ def attribute(
 def self_influence(
     store: GradientStore, checkpoints: Sequence[int] | None = None
 ) -> dict[Method, np.ndarray]:
-    """Self-influence `(N,)` per method from the stored slots alone (`retrac.scoring.self_influence_slots`)."""
+    """Self-influence `(N,)` per method from the stored slots alone (`scoring.self_influence_slots`)."""
     train_slots, query_slots = self_influence_slots(store.slot_kinds)
     chosen = list(range(store.num_checkpoints)) if checkpoints is None else list(checkpoints)
     StoreRows(store).require_complete(chosen)

@@ -329,20 +329,62 @@ def method_metrics(
 
 
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool = True) -> Report:
-    """Run the whole experiment into `out_dir` (data/, run/, report.json, report.md, *.png)."""
+    """Run the whole experiment into `out_dir` (data/, run/, report.json, report.md, *.png).
+
+    Its phases, in order, each timed: data, train, index, sample (generated queries), query, evaluate,
+    figures.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clock = _Clock()
-    # 1. Data: the mixture as an .npz source, and the held-out and training-image queries.
     with clock("data"):
         data = build_data(config, out / "data")
     dataset_spec = DatasetSpec(
         source=str(data.source), resolution=config.resolution, channels=config.channels
     )
+    with clock("train"):
+        train_run(config, dataset_spec, data, out / "run", progress)
+    with clock("index"):
+        attributor = index_run(config, dataset_spec, out / "run", progress)
+    with clock("sample"):
+        data = with_generated_queries(config, data, attributor, progress)
+    with clock("query"):
+        scores, self_scores = score_queries(config, data, attributor, progress)
+    with clock("evaluate"):
+        norm = last_checkpoint_norms(config, data, attributor)
+        evaluated = {
+            m: method_metrics(
+                scores[m], self_scores[m], data, _last_rows(attributor),
+                top_k=config.top_k, influential_share=config.influential_share,
+            )
+            for m in METHODS
+        }
+    with clock("figures"):
+        figures = _figures(out, data, scores, _last_rows(attributor), norm.statistics, norm.curves)
+    report = Report(
+        config=config.model_dump(mode="json"),
+        setup=_setup(attributor.plan, data, num_parameters(attributor.model(0))),
+        top_k=config.top_k,
+        queries=[
+            QueryInfo(id=i, kind=k, group=g)
+            for i, k, g in zip(data.queries.ids, data.kinds, data.queries.groups or (), strict=True)
+        ],
+        tracin=evaluated["tracin"],
+        retrac=evaluated["retrac"],
+        norm_timestep=norm.statistics,
+        timings=clock.seconds | {"total": clock.total()},
+        figures=figures,
+    )
+    write_report(report, out)
+    return report
 
-    # 2. Train, recording every sample's timestep and noise seed per epoch.
-    train_spec = TrainSpec(
-        dataset=dataset_spec,
+
+def train_run(
+    config: ExperimentConfig, dataset: DatasetSpec, data: ExperimentData, folder: Path, progress: bool
+) -> None:
+    """Train on the mixture into `folder`, recording every sample's timestep and noise seed per epoch."""
+    spec = TrainSpec(
+        dataset=dataset,
         preset=config.preset,
         loss=config.loss,
         epochs=config.epochs,
@@ -351,95 +393,93 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool
         save_every=config.save_every,
         seed=config.seed,
     )
-    with clock("train"), tqdm(total=config.epochs, desc="train", unit="epoch", disable=not progress) as bar:
+    with tqdm(total=config.epochs, desc="train", unit="epoch", disable=not progress) as bar:
         train(
-            train_spec,
+            spec,
             data.train,
-            out / "run",
+            folder,
             on_epoch=lambda epoch, loss: (bar.set_postfix(loss=f"{loss:.4f}"), bar.update(1)),
         )
 
-    # 3. Index every sample at every checkpoint in memory: replayed step + grid slots.
+
+def index_run(config: ExperimentConfig, dataset: DatasetSpec, run: Path, progress: bool) -> Attributor:
+    """Every sample at every checkpoint, in memory: the replayed step plus `config.grid_slots` grid slots."""
     slots = SlotSpec(replay=True, grid=config.grid_slots, seed=config.seed)
     plan = IndexPlan.resolve(
-        IndexSpec(dataset=dataset_spec, run=str(out / "run"), slots=slots, projector=config.projector)
+        IndexSpec(dataset=dataset, run=str(run), slots=slots, projector=config.projector)
     )
     attributor = Attributor(plan)
-    checkpoints = range(len(plan.checkpoints))
-    with (
-        clock("index"),
-        tqdm(total=plan.num_rows * len(checkpoints), desc="index", unit="row", disable=not progress) as bar,
-    ):
-        rows = attributor.index(on_progress=bar.update)
-    last = checkpoints[-1]
+    total = plan.num_rows * len(plan.checkpoints)
+    with tqdm(total=total, desc="index", unit="row", disable=not progress) as bar:
+        attributor.index(on_progress=bar.update)
+    return attributor
 
-    # 4. Generated queries from the last checkpoint.
-    with clock("sample"):
-        if config.queries.generated:
-            images = generate(
-                attributor.model(last).unet,
-                load_scheduler(plan.scheduler_folder),
-                config.queries.generated,
-                sampler=config.sampler,
-                steps=config.sampler_steps,
-                seed=config.seed,
-                progress=progress,
-            )
-            data = data.with_generated(images)
 
-    # 5. Query vectors per checkpoint, full score matrices, self-influence from the stored slots.
-    with clock("query"):
-        vectors = [
-            attributor.query_vectors(data.queries.images, config.query, [c])[0]
-            for c in tqdm(checkpoints, desc="query", unit="checkpoint", disable=not progress)
-        ]
-        scores = replay_scores(rows, vectors, plan.weights)
-        self_scores = self_influence(rows, plan.weights, *self_influence_slots(slots.kinds))
-
-    # 6. Norm vs timestep at the last checkpoint, and every metric of both methods.
-    with clock("evaluate"):
-        computer = plan.gradient_computer(last, attributor.model(last))
-        curve_images = data.train.images[: config.curve_samples]
-        grid, curves = norm_curves(computer, curve_images, config.curve_timesteps, seed=config.seed)
-        norm = norm_timestep_statistics(
-            rows[last].timesteps[:, 0].numpy(),
-            rows[last].norms[:, 0].numpy(),
-            grid,
-            curves,
-            num_timesteps=plan.num_timesteps,
-            checkpoint_epoch=int(plan.checkpoints[last].epoch or 0),
-        )
-        evaluated = {
-            m: method_metrics(
-                scores[m],
-                self_scores[m].numpy(),
-                data,
-                rows[last],
-                top_k=config.top_k,
-                influential_share=config.influential_share,
-            )
-            for m in METHODS
-        }
-
-    # 7. Figures and the report.
-    with clock("figures"):
-        figures = _figures(out, data, scores, rows[last], norm, curves)
-    report = Report(
-        config=config.model_dump(mode="json"),
-        setup=_setup(plan, data, num_parameters(attributor.model(last))),
-        top_k=config.top_k,
-        queries=[
-            QueryInfo(id=i, kind=k, group=g)
-            for i, k, g in zip(data.queries.ids, data.kinds, data.queries.groups or (), strict=True)
-        ],
-        tracin=evaluated["tracin"],
-        retrac=evaluated["retrac"],
-        norm_timestep=norm,
-        timings=clock.seconds | {"total": clock.total()},
-        figures=figures,
+def with_generated_queries(
+    config: ExperimentConfig, data: ExperimentData, attributor: Attributor, progress: bool
+) -> ExperimentData:
+    """`data` with `config.queries.generated` images sampled from the last checkpoint added as queries."""
+    if not config.queries.generated:
+        return data
+    images = generate(
+        attributor.model(len(attributor.plan.checkpoints) - 1).unet,
+        load_scheduler(attributor.plan.scheduler_folder),
+        config.queries.generated,
+        sampler=config.sampler,
+        steps=config.sampler_steps,
+        seed=config.seed,
+        progress=progress,
     )
-    write_report(report, out)
-    return report
+    return data.with_generated(images)
+
+
+def score_queries(
+    config: ExperimentConfig, data: ExperimentData, attributor: Attributor, progress: bool
+) -> tuple[dict[Method, np.ndarray], dict[Method, np.ndarray]]:
+    """Full score matrices `(Q, N)` per method from the replayed slot, and self-influence `(N,)` from the
+    stored slots (`retrac.scoring.self_influence_slots`)."""
+    plan, rows = attributor.plan, attributor.source().rows
+    vectors = [
+        attributor.query_vectors(data.queries.images, config.query, [c])[0]
+        for c in tqdm(range(len(plan.checkpoints)), desc="query", unit="checkpoint", disable=not progress)
+    ]
+    scores = replay_scores(rows, vectors, plan.weights)
+    self_scores = self_influence(rows, plan.weights, *self_influence_slots(plan.spec.slots.kinds))
+    return scores, {m: v.numpy() for m, v in self_scores.items()}
+
+
+@dataclass(frozen=True)
+class LastCheckpointNorms:
+    """Norm vs timestep at the last checkpoint: the statistics and the curves `(n, K)` they came from."""
+
+    statistics: NormTimestepStatistics
+    curves: np.ndarray
+
+
+def last_checkpoint_norms(
+    config: ExperimentConfig, data: ExperimentData, attributor: Attributor
+) -> LastCheckpointNorms:
+    """Replayed (timestep, norm) of every sample at the last checkpoint, and a few samples' grid curves."""
+    plan = attributor.plan
+    last = len(plan.checkpoints) - 1
+    rows = _last_rows(attributor)
+    computer = plan.gradient_computer(last, attributor.model(last))
+    curve_images = data.train.images[: config.curve_samples]
+    grid, curves = norm_curves(computer, curve_images, config.curve_timesteps, seed=config.seed)
+    statistics = norm_timestep_statistics(
+        rows.timesteps[:, 0].numpy(),
+        rows.norms[:, 0].numpy(),
+        grid,
+        curves,
+        num_timesteps=plan.num_timesteps,
+        checkpoint_epoch=int(plan.checkpoints[last].epoch or 0),
+    )
+    return LastCheckpointNorms(statistics, curves)
+
+
+def _last_rows(attributor: Attributor) -> Rows:
+    """The last checkpoint's rows: the training steps that name a sample's timestep and norm."""
+    return attributor.source().rows[-1]
 
 
 def _figures(

@@ -27,7 +27,12 @@ def per_sample_losses(
 
 
 def autograd_gradient(
-    unet: UNet2DModel, scheduler: DDPMScheduler, image: torch.Tensor, timestep: int, noise: torch.Tensor, loss: str
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    image: torch.Tensor,
+    timestep: int,
+    noise: torch.Tensor,
+    loss: str,
 ) -> torch.Tensor:
     """The flat gradient over all parameters of one sample's loss, by one autograd call."""
     value = per_sample_losses(unet, scheduler, image[None], torch.tensor([timestep]), noise[None], loss)[0]

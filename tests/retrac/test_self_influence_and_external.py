@@ -30,8 +30,9 @@ def test_self_influence_from_slots_equals_reference_dot_products(replay_run, dig
         assert torch.equal(timesteps[:, 0], replay_run.timesteps[plan.checkpoints[c].epoch - 1])
         assert timesteps[:, 1:].tolist() == [[1, 500, 999]] * len(digits)
         for n in range(len(digits)):
+            image = digits.images[n]
             g = torch.stack([
-                autograd_gradient(unet, scheduler, digits.images[n], int(t), seeded_noise(s, digits.images.shape[1:]), "l1")
+                autograd_gradient(unet, scheduler, image, int(t), seeded_noise(s, image.shape), "l1")
                 for t, s in zip(timesteps[n].tolist(), seeds[n].tolist(), strict=True)
             ])
             expected["tracin"][n] += weight * (g[0] @ g[1:].mean(0))
