@@ -150,7 +150,7 @@ def serve(root: Path, port: int, threads: int) -> subprocess.Popen[bytes]:
     command = [
         sys.executable,
         "-m",
-        "retrac",
+        "cli",
         "serve",
         "--port",
         str(port),

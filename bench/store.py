@@ -114,7 +114,7 @@ def index_rate(spec: IndexSpec, folder: Path) -> tuple[float, str]:
         [
             sys.executable,
             "-m",
-            "retrac",
+            "cli",
             "worker",
             "--queue",
             queue,
