@@ -38,4 +38,8 @@ def query_noise(seed: int, timesteps: int, draws: int, shape: Sequence[int]) -> 
     """The query's noise, `(K, M, *shape)`: one CPU generator seeded with `seed` draws, for each
     timestep of the grid in order, its M noise images in turn (method.md section 3)."""
     generator = torch.Generator("cpu").manual_seed(int(seed))
-    return torch.randn((timesteps, draws, *shape), generator=generator, dtype=torch.float32)
+    # One randn per image, not one randn of (K, M, *shape): torch's CPU randn fills blocks of 16 values,
+    # so a single large draw differs from draws in turn whenever prod(shape) is not a multiple of 16.
+    images = [torch.randn(tuple(shape), generator=generator, dtype=torch.float32) for _ in range(timesteps * draws)]
+    stacked = torch.stack(images) if images else torch.empty((0, *shape))
+    return stacked.reshape(timesteps, draws, *shape)
