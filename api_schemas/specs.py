@@ -13,6 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 LossKind = Literal["mse", "l1"]
 """Per-pixel distance of the noise-prediction loss: squared error (DDPM "simple") or absolute error."""
 
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+"""What the UNet predicts (diffusers' `prediction_type`): the noise, the velocity, or the clean image."""
+
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+"""diffusers' named beta schedules, for runs of `retrac train`."""
+
 ProjectorKind = Literal["identity", "sketch", "dense"]
 """Random projection applied to every gradient: exact, sparse sign sketch, or dense Gaussian."""
 
@@ -101,6 +107,8 @@ class TrainSpec(Spec):
     save_every: int = Field(5, ge=1, description="save a checkpoint every this many epochs (and the last)")
     seed: int = Field(0, ge=0)
     num_timesteps: int = Field(1000, ge=2, le=100_000, description="T of the DDPM schedule")
+    beta_schedule: BetaSchedule = Field("linear", description="diffusers' beta schedule of the DDPMScheduler")
+    prediction_type: PredictionType = Field("epsilon", description="what the UNet learns to predict")
 
 
 class IndexSpec(Spec):
@@ -114,7 +122,9 @@ class IndexSpec(Spec):
     dataset: DatasetSpec
     run: str | None = Field(None, description="training run folder (manifest, replay record, checkpoints)")
     checkpoints: tuple[CheckpointSpec, ...] = ()
-    scheduler: str | None = Field(None, description="folder with scheduler_config.json; default: the run's")
+    scheduler: str | None = Field(
+        None, description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint"
+    )
     loss: LossKind | None = Field(None, description="the loss the model was trained with; default: the run's")
     slots: SlotSpec = SlotSpec()
     projector: ProjectorSpec = ProjectorSpec()

@@ -14,11 +14,20 @@ from typing import Any
 
 import torch
 
-from api_schemas import IndexSpec, LossKind
+from api_schemas import IndexSpec, LossKind, PredictionType
 from retrac.datasets import ImageDataset, load_dataset
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.gradients import GradientComputer, num_parameters
-from retrac.models import DiffusionModel, load_scheduler, load_unet, read_architecture, check_architecture
+from retrac.models import (
+    DiffusionModel,
+    check_architecture,
+    check_compatible,
+    find_scheduler,
+    load_scheduler,
+    load_unet,
+    read_architecture,
+    sample_shape,
+)
 from retrac.noise import draw_seeds, noise_from_seeds
 from retrac.paths import resolve_inside
 from retrac.projections import derive_seed, make_projector
@@ -53,8 +62,9 @@ class IndexPlan:
     loss: LossKind
     run: TrainingRun | None
     architecture: dict[str, Any]
-    scheduler_folder: Path | None
+    scheduler_folder: Path
     num_timesteps: int
+    prediction_type: PredictionType
 
     @classmethod
     def resolve(cls, spec: IndexSpec, root: Path | None = None) -> IndexPlan:
@@ -68,9 +78,17 @@ class IndexPlan:
         architecture = read_architecture(checkpoints[0].path)
         for checkpoint in checkpoints[1:]:
             check_architecture(checkpoint.path, read_architecture(checkpoint.path), architecture)
-        scheduler = resolve_inside(root, spec.scheduler) if spec.scheduler else (run.scheduler_folder if run else None)
-        num_timesteps = len(load_scheduler(scheduler).alphas_cumprod)
-        return cls(spec, dataset, tuple(checkpoints), loss, run, architecture, scheduler, num_timesteps)
+        _check_shape(dataset, architecture)
+        if spec.scheduler:
+            folder = resolve_inside(root, spec.scheduler)
+        else:
+            folder = run.scheduler_folder if run else find_scheduler(checkpoints[0].path)
+        scheduler = load_scheduler(folder)
+        check_compatible(architecture, scheduler)
+        return cls(
+            spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
+            int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type,
+        )
 
     @property
     def num_rows(self) -> int:
@@ -122,6 +140,17 @@ class IndexPlan:
             norms=batch.norms.reshape(n, s).cpu(),
             timesteps=timesteps,
             seeds=seeds,
+        )
+
+
+def _check_shape(dataset: ImageDataset, architecture: dict[str, Any]) -> None:
+    """A SpecError naming both shapes if the dataset's images are not the ones the UNet takes."""
+    channels, resolution = sample_shape(architecture)
+    got = tuple(dataset.images.shape[1:])
+    if got != (channels, resolution, resolution):
+        raise SpecError(
+            f"the dataset is {got[0]}x{got[1]}x{got[2]} (channels x height x width) but the model takes "
+            f"{channels}x{resolution}x{resolution}; give resolution {resolution} and channels {channels}"
         )
 
 

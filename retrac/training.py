@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from api_schemas import TrainSpec
 from retrac.datasets import ImageDataset
-from retrac.losses import distance, noised
+from retrac.losses import distance, noised, target
 from retrac.models import DiffusionModel, build_unet
 from retrac.noise import draw_seeds, noise_from_seeds
 from retrac.replay import MANIFEST_NAME, RECORD_NAME, RUN_FORMAT, TrainingRun
@@ -44,7 +44,9 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n, (channels, resolution) = len(dataset), dataset.images.shape[1:3]
-    scheduler = DDPMScheduler(num_train_timesteps=spec.num_timesteps)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=spec.num_timesteps, beta_schedule=spec.beta_schedule, prediction_type=spec.prediction_type
+    )
     scheduler.save_pretrained(out / "scheduler")
     model = DiffusionModel.from_parts(
         build_unet(spec.preset, resolution=resolution, channels=channels, seed=spec.seed), scheduler
@@ -98,8 +100,8 @@ def _step(
 ) -> torch.Tensor:
     """One optimiser step on a batch; returns the per-sample losses `(B,)` it trained on."""
     noise = noise_from_seeds(seeds, images.shape[1:])
-    prediction = model.unet(noised(images, timesteps, noise, model.alphas_cumprod), timesteps).sample
-    per_sample = distance(prediction, noise, spec.loss)
+    prediction = model.unet(noised(images, timesteps, noise, model.scheduler), timesteps).sample
+    per_sample = distance(prediction, target(images, timesteps, noise, model.scheduler), spec.loss)
     optimizer.zero_grad(set_to_none=True)
     per_sample.mean().backward()
     optimizer.step()

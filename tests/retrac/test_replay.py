@@ -26,13 +26,13 @@ def test_a_stored_step_reproduces_its_training_loss(tmp_path) -> None:
         timesteps, seeds = run.replayed(dataset.ids, epoch)
         noise = noise_from_seeds(seeds, dataset.images.shape[1:])
         with torch.no_grad():
-            prediction = model.unet(noised(dataset.images, timesteps, noise, model.alphas_cumprod), timesteps).sample
+            prediction = model.unet(noised(dataset.images, timesteps, noise, model.scheduler), timesteps).sample
         replayed = distance(prediction, noise, "mse")
         torch.testing.assert_close(replayed, run.losses[epoch - 1], rtol=1e-6, atol=1e-7)
         # and a different seed would not have reproduced it
         other = noise_from_seeds(seeds + 1, dataset.images.shape[1:])
         with torch.no_grad():
-            shifted = distance(model.unet(noised(dataset.images, timesteps, other, model.alphas_cumprod), timesteps).sample, other, "mse")
+            shifted = distance(model.unet(noised(dataset.images, timesteps, other, model.scheduler), timesteps).sample, other, "mse")
         assert not torch.allclose(shifted, run.losses[epoch - 1], rtol=1e-3)
 
 
