@@ -85,6 +85,7 @@ class CheckpointSpec(Spec):
     path: str
     epoch: int | None = Field(None, ge=0, description="epoch after which it was saved (needed for replay)")
     weight: float | None = Field(None, description="explicit w_c; default lr*B*(e_c - e_{c-1})/N")
+    lr: float | None = Field(None, gt=0, description="learning rate of the epochs before it; default: the run's")
 
 
 class QuerySpec(Spec):
@@ -126,6 +127,9 @@ class IndexSpec(Spec):
         None, description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint"
     )
     loss: LossKind | None = Field(None, description="the loss the model was trained with; default: the run's")
+    train_batch_size: int | None = Field(
+        None, ge=1, description="training batch size B, for weights from epoch and lr without a run"
+    )
     slots: SlotSpec = SlotSpec()
     projector: ProjectorSpec = ProjectorSpec()
     dtype: StoreDType = "float16"

@@ -73,12 +73,12 @@ class IndexPlan:
         dataset = load_dataset(spec.dataset, root)
         loss = _resolve_loss(spec, run)
         checkpoints = _resolve_checkpoints(spec, run, len(dataset), root)
-        if spec.slots.replay:
-            _check_replay(run, dataset, checkpoints)
         architecture = read_architecture(checkpoints[0].path)
         for checkpoint in checkpoints[1:]:
             check_architecture(checkpoint.path, read_architecture(checkpoint.path), architecture)
         _check_shape(dataset, architecture)
+        if spec.slots.replay:
+            _check_replay(run, dataset, checkpoints)
         if spec.scheduler:
             folder = resolve_inside(root, spec.scheduler)
         else:
@@ -180,14 +180,21 @@ def _resolve_checkpoints(
     if not given:
         raise SpecError("the index names no checkpoints and its run saved none")
     paths = [resolve_inside(root, c.path) for c in given]
+    has_lr = run is not None or all(c.lr is not None for c in given)
     if all(c.weight is not None for c in given):
         weights = [float(c.weight) for c in given]  # type: ignore[arg-type]
-    elif run is not None and all(c.epoch is not None for c in given):
+    elif has_lr and all(c.epoch is not None for c in given):
         epochs = [int(c.epoch) for c in given]  # type: ignore[arg-type]
         if epochs != sorted(set(epochs)):
             raise SpecError(f"checkpoint epochs must increase, got {epochs}")
-        defaults = default_weights(epochs, [run.spec.lr] * len(epochs), run.spec.batch_size, num_samples)
+        batch_size = run.spec.batch_size if run is not None else spec.train_batch_size
+        if batch_size is None:
+            raise SpecError("weights from epoch and lr need the training batch size; give --train-batch-size B")
+        lrs = [c.lr if c.lr is not None else run.spec.lr for c in given]  # type: ignore[union-attr]
+        defaults = default_weights(epochs, lrs, batch_size, num_samples)
         weights = [c.weight if c.weight is not None else w for c, w in zip(given, defaults)]
+    elif any(c.epoch is not None or c.lr is not None for c in given) and any(c.weight is None for c in given):
+        raise SpecError("give every checkpoint a weight, or every checkpoint an epoch and a learning rate")
     else:
         weights = [1.0 if c.weight is None else float(c.weight) for c in given]  # no lr/B to weigh by
     return [ResolvedCheckpoint(p, c.epoch, w) for p, c, w in zip(paths, given, weights, strict=True)]

@@ -534,6 +534,7 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "num_shards": math.ceil(plan.num_rows / spec.shard_size),
         "slot_kinds": kinds,
         "prediction_type": plan.prediction_type,
+        "scheduler": str(plan.scheduler_folder),
         "noise_rule": NOISE_RULE,
         "torch_version": torch.__version__,
     }
