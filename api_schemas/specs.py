@@ -6,6 +6,7 @@ attributes or sent over HTTP rebuilds the same object. Nothing here imports torc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -135,6 +136,21 @@ class IndexSpec(Spec):
     dtype: StoreDType = "float16"
     batch_size: int = Field(32, ge=1, le=4096, description="samples per gradient batch")
     shard_size: int = Field(256, ge=1, le=1 << 20, description="rows per task, chunk and done mark")
+
+    def map_paths(self, model_path: Callable[[str], str], data_path: Callable[[str], str]) -> IndexSpec:
+        """This spec with `model_path` applied to the run, scheduler and checkpoint paths and
+        `data_path` to a file or folder dataset source (built-in names are not paths)."""
+        source = self.dataset.source
+        return self.model_copy(
+            update={
+                "dataset": self.dataset.model_copy(
+                    update={"source": source if source.startswith("builtin:") else data_path(source)}
+                ),
+                "run": self.run and model_path(self.run),
+                "scheduler": self.scheduler and model_path(self.scheduler),
+                "checkpoints": tuple(c.model_copy(update={"path": model_path(c.path)}) for c in self.checkpoints),
+            }
+        )
 
     @model_validator(mode="after")
     def _has_checkpoints(self) -> IndexSpec:

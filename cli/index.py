@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cli.common import add_dataset_arguments, dataset_spec, first_error
+from cli.common import absolute, add_dataset_arguments, dataset_spec, first_error
 from retrac.exceptions import SpecError
 
 POLL_SECONDS = 1.0
@@ -106,7 +106,7 @@ def _spec(args: argparse.Namespace) -> Any:
 
     try:
         if args.spec is not None:
-            return IndexSpec.model_validate_json(args.spec.read_text())
+            return _recorded(IndexSpec.model_validate_json(args.spec.read_text()))
         trained = TrainingRun.load(args.run_folder).spec.dataset if args.run_folder else None
         if args.data is None and trained is None:
             raise SpecError("give --data (or --run, whose dataset is used)")
@@ -114,7 +114,7 @@ def _spec(args: argparse.Namespace) -> Any:
         if args.data is not None:
             base.pop("limit", None)  # the run's sample limit belongs to the run's source
         dataset = dataset_spec(args, base)
-        return IndexSpec(
+        return _recorded(IndexSpec(
             dataset=dataset,
             run=args.run_folder,
             checkpoints=tuple(CheckpointSpec(**c) for c in args.checkpoint),
@@ -128,11 +128,20 @@ def _spec(args: argparse.Namespace) -> Any:
             dtype=args.dtype,
             batch_size=args.batch_size,
             shard_size=args.shard_size,
-        )
+        ))
     except ValidationError as error:
         raise SpecError(f"invalid index spec: {first_error(error)}") from error
     except OSError as error:
         raise SpecError(f"cannot read the spec: {error}") from error
+
+
+def _recorded(spec: Any) -> Any:
+    """`spec` with every path absolute: the store records paths that resolve from any directory."""
+    return spec.map_paths(absolute_text, absolute_text)
+
+
+def absolute_text(path: str) -> str:
+    return str(absolute(path))
 
 
 CHECKPOINT_KEYS = {"epoch": int, "lr": float, "weight": float}
