@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 
 from retrac.exceptions import RetracError
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrac", description="Data attribution for diffusion models: Diffusion-TracIn and Diffusion-ReTrac."
     )
+    parser.add_argument("--version", action="version", version=f"retrac {version('retrac')}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"cli.{name}").register(subparsers)
