@@ -14,7 +14,7 @@ from importlib.metadata import version
 
 from retrac.exceptions import RetracError
 
-COMMAND_MODULES = ("demo", "train", "index", "attribute", "worker", "serve", "eval")
+COMMAND_MODULES = ("demo", "train", "index", "attribute", "self_influence", "worker", "serve", "eval")
 """Modules of `cli` that each define `register(subparsers)`; they add their subcommands."""
 
 

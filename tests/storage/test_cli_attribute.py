@@ -71,3 +71,23 @@ def test_bad_query_knobs_exit_2_with_one_line(reference_store, tmp_path, capsys)
         assert main(["attribute", str(reference_store), str(tmp_path), *flags]) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and error[0].startswith("retrac: error:") and says in error[0], error
+
+
+def test_self_influence_prints_the_stores_ranking(reference_store, capsys) -> None:
+    from storage.statistics import self_influence
+
+    store = GradientStore.open(reference_store)
+    expected = self_influence(store)
+    assert main(["self-influence", str(reference_store), "--top-k", "3", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for method in ("tracin", "retrac"):
+        top = np.argsort(-expected[method], kind="stable")[:3]
+        assert [e["sample_id"] for e in printed[method]] == [store.sample_ids[i] for i in top]
+
+
+def test_an_unreadable_image_is_named_without_python_internals(reference_store, tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["attribute", str(reference_store), str(bad)]) == 2
+    error = capsys.readouterr().err
+    assert "bad.png" in error and "BytesIO" not in error and "0x" not in error, error
