@@ -100,12 +100,8 @@ def read_architecture(path: str | Path) -> dict[str, Any]:
     return architecture(json.loads(config.read_text()))
 
 
-def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> UNet2DModel:
-    """Load a diffusers UNet folder from safetensors, in eval mode, float32.
-
-    `expect` is an `architecture()` the checkpoint must match (all checkpoints of one index must
-    share one parameter layout, or their gradients could not be compared).
-    """
+def require_weights(path: str | Path) -> Path:
+    """The UNet folder of `path`, after checking that it has a config and safetensors weights."""
     folder = _model_folder(path)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{path}: not a diffusers model folder (no config.json)")
@@ -113,6 +109,16 @@ def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> UNet
         raise CheckpointError(
             f"{path}: no {WEIGHTS_NAME}; retrac loads safetensors only (convert pickled .bin weights first)"
         )
+    return folder
+
+
+def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> UNet2DModel:
+    """Load a diffusers UNet folder from safetensors, in eval mode, float32.
+
+    `expect` is an `architecture()` the checkpoint must match (all checkpoints of one index must
+    share one parameter layout, or their gradients could not be compared).
+    """
+    folder = require_weights(path)
     try:
         model = UNet2DModel.from_pretrained(
             folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False

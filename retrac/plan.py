@@ -26,6 +26,7 @@ from retrac.models import (
     load_scheduler,
     load_unet,
     read_architecture,
+    require_weights,
     sample_shape,
 )
 from retrac.noise import draw_seeds, noise_from_seeds
@@ -74,7 +75,8 @@ class IndexPlan:
         loss = _resolve_loss(spec, run)
         checkpoints = _resolve_checkpoints(spec, run, len(dataset), root)
         architecture = read_architecture(checkpoints[0].path)
-        for checkpoint in checkpoints[1:]:
+        for checkpoint in checkpoints:
+            require_weights(checkpoint.path)
             check_architecture(checkpoint.path, read_architecture(checkpoint.path), architecture)
         _check_shape(dataset, architecture)
         if spec.slots.replay:
