@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field
 
 from api_schemas.common import Public, SampleId
-from api_schemas.specs import Method
+from api_schemas.specs import DEFAULT_DRAWS, DEFAULT_TIMESTEPS, DEFAULT_TOP_K, Method
 
 MAX_ARRAY_SIDE = 4096
 """Longest axis of a nested-array image the schema accepts (the engine's image side limit)."""
@@ -38,9 +38,9 @@ class QueryOptions(Public):
     """The knobs of a query, shared by the JSON and the multipart form of the request."""
 
     methods: list[Method] = Field(["tracin", "retrac"], min_length=1, description="scores to rank by")
-    top_k: int = Field(10, ge=1, le=1000, description="proponents and opponents returned per method")
-    timesteps: int = Field(50, ge=1, le=1000, description="K, timesteps of the query's grid")
-    draws: int = Field(4, ge=1, le=256, description="M, noise draws per timestep")
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=1000, description="proponents and opponents returned per method")
+    timesteps: int = Field(DEFAULT_TIMESTEPS, ge=1, le=1000, description="K, timesteps of the query's grid")
+    draws: int = Field(DEFAULT_DRAWS, ge=1, le=256, description="M, noise draws per timestep")
     seed: int = Field(
         0, ge=0, le=(1 << 53) - 1, description="seed of the query's noise draws (exact in JSON)"
     )

@@ -27,6 +27,14 @@ StoreDType = Literal["float16", "float32"]
 Method = Literal["tracin", "retrac"]
 
 
+DEFAULT_TOP_K = 10
+"""Proponents and opponents per method a query returns unless told: the CLI, the API and the page."""
+DEFAULT_TIMESTEPS = 50
+"""K, the query's timestep grid, unless told (the paper's query-side setting)."""
+DEFAULT_DRAWS = 4
+"""M, noise draws per query timestep, unless told."""
+
+
 class Spec(BaseModel):
     """Base of all specs: immutable, no unknown fields."""
 
@@ -92,8 +100,8 @@ class CheckpointSpec(Spec):
 class QuerySpec(Spec):
     """Query-side estimator of method.md section 3: K timesteps, M noise draws each, one seed."""
 
-    timesteps: int = Field(50, ge=1, le=1000, description="K, the size of the timestep grid")
-    draws: int = Field(4, ge=1, le=256, description="M, noise draws per timestep")
+    timesteps: int = Field(DEFAULT_TIMESTEPS, ge=1, le=1000, description="K, the size of the timestep grid")
+    draws: int = Field(DEFAULT_DRAWS, ge=1, le=256, description="M, noise draws per timestep")
     seed: int = Field(0, ge=0, description="seed of the query's noise draws")
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from api_schemas import QuerySpec
+from api_schemas.specs import DEFAULT_TOP_K
 from cli.common import validated
 from retrac.exceptions import SpecError
 from retrac.scoring import METHODS
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("store", type=Path, help="a filled gradient store (retrac index create/run)")
     parser.add_argument("images", type=Path, nargs="+", help="query images (PNG, JPEG or .npy) or folders of them")
-    parser.add_argument("--top-k", type=int, default=5, help="proponents and opponents per method")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="proponents and opponents per method")
     parser.add_argument("--all", action="store_true", help="rank every training sample (overrides --top-k)")
     parser.add_argument("--timesteps", type=int, default=QuerySpec().timesteps, help="K, query timestep grid size")
     parser.add_argument("--draws", type=int, default=QuerySpec().draws, help="M, noise draws per timestep")

@@ -33,7 +33,7 @@ def test_every_help_shows_the_defaults(capsys) -> None:
     import pytest
 
     for command, says in ((["index", "create"], "grid timestep slots per sample (default: 0)"),
-                          (["attribute"], "(default: 5)"), (["serve"], "default 8000")):
+                          (["attribute"], "(default: 10)"), (["serve"], "default 8000")):
         with pytest.raises(SystemExit):
             main([*command, "--help"])
         assert says in " ".join(capsys.readouterr().out.split()), command
