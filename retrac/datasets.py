@@ -299,9 +299,9 @@ def _load_array_file(path: Path, spec: DatasetSpec) -> ImageDataset:
 def _strings(archive: np.lib.npyio.NpzFile, key: str, count: int, path: Path) -> tuple[str, ...] | None:
     if key not in archive.files:
         return None
-    values = archive[key]
-    if values.dtype.kind not in "US" or values.shape != (count,):
-        raise DatasetError(f"{path}: '{key}' must be {count} strings, got {values.dtype} {values.shape}")
+    values = archive[key]  # strings, or integers (class labels) written as their decimal text
+    if values.dtype.kind not in "USiu" or values.shape != (count,):
+        raise DatasetError(f"{path}: '{key}' must be {count} strings or integers, got {values.dtype} {values.shape}")
     return tuple(values.astype(str).tolist())
 
 
