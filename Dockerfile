@@ -41,8 +41,11 @@ COPY retrac ./retrac
 COPY storage ./storage
 COPY worker ./worker
 COPY service ./service
+COPY cli ./cli
+# -P keeps the source folder off sys.path, so the check sees the installed package (static files included).
 RUN pip install --no-cache-dir . \
-    && python -c "import service.main, worker.app"
+    && python -P -c "import service.main, worker.app; assert (service.main.STATIC / 'index.html').is_file()" \
+    && retrac --version
 
 # Run as an unprivileged user; the stores folder is the only one it writes.
 RUN groupadd --system --gid 10001 retrac \

@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field
 
 from api_schemas.common import Public, SampleId
-from api_schemas.specs import Method, QuerySpec
+from api_schemas.specs import DEFAULT_TOP_K, Method, QuerySpec
 
 MAX_ARRAY_SIDE = 4096
 """Longest axis of a nested-array image the schema accepts (the engine's image side limit)."""
@@ -45,7 +45,7 @@ class QueryOptions(QuerySpec):
         0, ge=0, le=MAX_JSON_INT, description="seed of the query's noise draws (< 2^53: exact in JSON)"
     )
     methods: list[Method] = Field(["tracin", "retrac"], min_length=1, description="scores to rank by")
-    top_k: int = Field(10, ge=1, le=1000, description="proponents and opponents returned per method")
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=1000, description="proponents and opponents returned per method")
     checkpoints: list[int] | None = Field(
         None, min_length=1, description="positions of the checkpoints to use; default: all"
     )

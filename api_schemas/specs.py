@@ -6,6 +6,7 @@ attributes or sent over HTTP rebuilds the same object. Nothing here imports torc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -13,11 +14,25 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 LossKind = Literal["mse", "l1"]
 """Per-pixel distance of the noise-prediction loss: squared error (DDPM "simple") or absolute error."""
 
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+"""What the UNet predicts (diffusers' `prediction_type`): the noise, the velocity, or the clean image."""
+
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+"""diffusers' named beta schedules, for runs of `retrac train`."""
+
 ProjectorKind = Literal["identity", "sketch", "dense"]
 """Random projection applied to every gradient: exact, sparse sign sketch, or dense Gaussian."""
 
 StoreDType = Literal["float16", "float32"]
 Method = Literal["tracin", "retrac"]
+
+
+DEFAULT_TOP_K = 10
+"""Proponents and opponents per method a query returns unless told: the CLI, the API and the page."""
+DEFAULT_TIMESTEPS = 50
+"""K, the query's timestep grid, unless told (the paper's query-side setting)."""
+DEFAULT_DRAWS = 4
+"""M, noise draws per query timestep, unless told."""
 
 
 class Spec(BaseModel):
@@ -79,13 +94,14 @@ class CheckpointSpec(Spec):
     path: str
     epoch: int | None = Field(None, ge=0, description="epoch after which it was saved (needed for replay)")
     weight: float | None = Field(None, description="explicit w_c; default lr*B*(e_c - e_{c-1})/N")
+    lr: float | None = Field(None, gt=0, description="learning rate of the epochs before it; default: the run's")
 
 
 class QuerySpec(Spec):
     """Query-side estimator of method.md section 3: K timesteps, M noise draws each, one seed."""
 
-    timesteps: int = Field(50, ge=1, le=1000, description="K, the size of the timestep grid")
-    draws: int = Field(4, ge=1, le=256, description="M, noise draws per timestep")
+    timesteps: int = Field(DEFAULT_TIMESTEPS, ge=1, le=1000, description="K, the size of the timestep grid")
+    draws: int = Field(DEFAULT_DRAWS, ge=1, le=256, description="M, noise draws per timestep")
     seed: int = Field(0, ge=0, description="seed of the query's noise draws")
 
 
@@ -101,6 +117,8 @@ class TrainSpec(Spec):
     save_every: int = Field(5, ge=1, description="save a checkpoint every this many epochs (and the last)")
     seed: int = Field(0, ge=0)
     num_timesteps: int = Field(1000, ge=2, le=100_000, description="T of the DDPM schedule")
+    beta_schedule: BetaSchedule = Field("linear", description="diffusers' beta schedule of the DDPMScheduler")
+    prediction_type: PredictionType = Field("epsilon", description="what the UNet learns to predict")
 
 
 class IndexSpec(Spec):
@@ -114,13 +132,33 @@ class IndexSpec(Spec):
     dataset: DatasetSpec
     run: str | None = Field(None, description="training run folder (manifest, replay record, checkpoints)")
     checkpoints: tuple[CheckpointSpec, ...] = ()
-    scheduler: str | None = Field(None, description="folder with scheduler_config.json; default: the run's")
+    scheduler: str | None = Field(
+        None, description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint"
+    )
     loss: LossKind | None = Field(None, description="the loss the model was trained with; default: the run's")
+    train_batch_size: int | None = Field(
+        None, ge=1, description="training batch size B, for weights from epoch and lr without a run"
+    )
     slots: SlotSpec = SlotSpec()
     projector: ProjectorSpec = ProjectorSpec()
     dtype: StoreDType = "float16"
     batch_size: int = Field(32, ge=1, le=4096, description="samples per gradient batch")
     shard_size: int = Field(256, ge=1, le=1 << 20, description="rows per task, chunk and done mark")
+
+    def map_paths(self, model_path: Callable[[str], str], data_path: Callable[[str], str]) -> IndexSpec:
+        """This spec with `model_path` applied to the run, scheduler and checkpoint paths and
+        `data_path` to a file or folder dataset source (built-in names are not paths)."""
+        source = self.dataset.source
+        return self.model_copy(
+            update={
+                "dataset": self.dataset.model_copy(
+                    update={"source": source if source.startswith("builtin:") else data_path(source)}
+                ),
+                "run": self.run and model_path(self.run),
+                "scheduler": self.scheduler and model_path(self.scheduler),
+                "checkpoints": tuple(c.model_copy(update={"path": model_path(c.path)}) for c in self.checkpoints),
+            }
+        )
 
     @model_validator(mode="after")
     def _has_checkpoints(self) -> IndexSpec:

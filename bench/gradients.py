@@ -23,11 +23,12 @@ import time
 from collections.abc import Callable
 
 import torch
+from diffusers import DDPMScheduler
 
 from api_schemas import ProjectorSpec
 from retrac.gradients import GradientComputer, loop_gradients, num_parameters
 from retrac.losses import distance, noised
-from retrac.models import DiffusionModel, build_unet, load_scheduler
+from retrac.models import DiffusionModel, build_unet
 from retrac.projections import make_projector
 
 SHAPES = {"tiny": (16, 1), "small": (32, 3)}
@@ -43,7 +44,7 @@ def _seconds(job: Callable[[], object]) -> float:
 def bench_preset(preset: str, batch: int, repeats: int) -> dict[str, float | int | str]:
     resolution, channels = SHAPES[preset]
     model = DiffusionModel.from_parts(
-        build_unet(preset, resolution=resolution, channels=channels), load_scheduler(None)
+        build_unet(preset, resolution=resolution, channels=channels), DDPMScheduler(num_train_timesteps=1000)
     )
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, channels, resolution, resolution, generator=generator)
@@ -54,7 +55,7 @@ def bench_preset(preset: str, batch: int, repeats: int) -> dict[str, float | int
     weights = [p for p in model.unet.parameters() if p.requires_grad]
 
     def plain() -> None:
-        x_t = noised(images, timesteps, noise[:, 0], model.alphas_cumprod)
+        x_t = noised(images, timesteps, noise[:, 0], model.scheduler)
         value = distance(model.unet(x_t, timesteps).sample, noise[:, 0], "mse").mean()
         torch.autograd.grad(value, weights)
 

@@ -89,7 +89,7 @@ def plain_pass(store: GradientStore, samples: int) -> Callable[[], None]:
     weights = [p for p in model.unet.parameters() if p.requires_grad]
 
     def run() -> None:
-        x_t = noised(image, timesteps, noise, model.alphas_cumprod)
+        x_t = noised(image, timesteps, noise, model.scheduler)
         value = distance(model.unet(x_t, timesteps).sample, noise, store.plan.loss).mean()
         torch.autograd.grad(value, weights)
 

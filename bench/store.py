@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
 from retrac.plan import Rows
@@ -70,6 +71,7 @@ def seconds_of(job: Callable[[], object]) -> float:
 def index_spec(folder: Path, rows: int) -> IndexSpec:
     checkpoint = folder / "unet"
     build_unet("tiny", resolution=16, channels=1, seed=0).save_pretrained(checkpoint, safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")  # found beside the UNet
     return IndexSpec(
         dataset=DatasetSpec(source="builtin:digits", resolution=16, limit=rows),
         checkpoints=(CheckpointSpec(path=str(checkpoint), weight=1.0),),
@@ -148,6 +150,7 @@ def scan_store(folder: Path, rows: int, dim: int) -> Path:
     """An on-disk store of `rows` random float16 rows (one slot), written shard by shard."""
     checkpoint = folder / "micro"
     build_unet("micro", resolution=8, channels=1).save_pretrained(checkpoint, safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
     spec = IndexSpec(
         dataset=DatasetSpec(source="builtin:patches", resolution=8, limit=rows),
         checkpoints=(CheckpointSpec(path=str(checkpoint), weight=1.0),),

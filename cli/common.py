@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -31,8 +32,22 @@ def given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
 
 
 def dataset_spec(args: argparse.Namespace, base: dict[str, Any] | None = None) -> DatasetSpec:
-    """`base` (default: builtin:digits with DatasetSpec's defaults) with the typed dataset flags laid over it."""
-    return validated(DatasetSpec, {"source": "builtin:digits", **(base or {}), **given(args, DATASET_FLAGS)})
+    """`base` (default: builtin:digits with DatasetSpec's defaults) with the typed dataset flags laid over it.
+
+    A file or folder source is made absolute, so a run or store that records it works from any directory.
+    """
+    fields = {"source": "builtin:digits", **(base or {}), **given(args, DATASET_FLAGS)}
+    return validated(DatasetSpec, {**fields, "source": absolute_source(fields["source"])})
+
+
+def absolute_source(source: str) -> str:
+    """A dataset source as it should be recorded: built-in names as they are, paths absolute."""
+    return source if source.startswith("builtin:") else str(absolute(source))
+
+
+def absolute(path: str | Path) -> Path:
+    """`path` against the working directory, as typed by the user (user home expanded), made absolute."""
+    return Path(path).expanduser().absolute()
 
 
 def validated(model: type[SpecT], fields: dict[str, Any]) -> SpecT:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cli.common import add_dataset_arguments, dataset_spec, first_error
+from cli.common import absolute, add_dataset_arguments, dataset_spec, first_error
 from retrac.exceptions import SpecError
 
 POLL_SECONDS = 1.0
@@ -38,8 +38,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     create.add_argument("--run", dest="run_folder", help="training run folder of `retrac train`")
     create.add_argument(
-        "--checkpoint", action="append", default=[], help="a diffusers UNet folder (repeatable)"
+        "--checkpoint",
+        action="append",
+        default=[],
+        type=_checkpoint,
+        metavar="DIR[:epoch=E,lr=LR|:weight=W]",
+        help="a diffusers UNet, pipeline or checkpoint-N folder (repeatable), with its epoch and learning "
+        "rate or its TracIn weight",
     )
+    create.add_argument("--scheduler", help="folder with the scheduler_config.json (default: the run's, or beside the checkpoint)")
+    create.add_argument("--train-batch-size", type=int, help="training batch size, for weights from epoch and lr")
     add_dataset_arguments(create, default="the run's dataset")
     create.add_argument("--loss", choices=("mse", "l1"), help="the training loss (default: the run's)")
     create.add_argument("--no-replay", action="store_true", help="no replayed-step slot")
@@ -98,19 +106,21 @@ def _spec(args: argparse.Namespace) -> Any:
 
     try:
         if args.spec is not None:
-            return IndexSpec.model_validate_json(args.spec.read_text())
+            return _recorded(IndexSpec.model_validate_json(args.spec.read_text()))
         trained = TrainingRun.load(args.run_folder).spec.dataset if args.run_folder else None
         if args.data is None and trained is None:
             raise SpecError("give --data (or --run, whose dataset is used)")
-        base = trained.model_dump() if trained else {}
+        base = trained.model_dump() if trained else _model_shape(args.checkpoint)
         if args.data is not None:
             base.pop("limit", None)  # the run's sample limit belongs to the run's source
         dataset = dataset_spec(args, base)
-        return IndexSpec(
+        return _recorded(IndexSpec(
             dataset=dataset,
             run=args.run_folder,
-            checkpoints=tuple(CheckpointSpec(path=p) for p in args.checkpoint),
+            checkpoints=tuple(CheckpointSpec(**c) for c in args.checkpoint),
+            scheduler=args.scheduler,
             loss=args.loss,
+            train_batch_size=args.train_batch_size,
             slots=SlotSpec(
                 replay=not args.no_replay, grid=args.grid, random=args.random, seed=args.slot_seed
             ),
@@ -118,11 +128,49 @@ def _spec(args: argparse.Namespace) -> Any:
             dtype=args.dtype,
             batch_size=args.batch_size,
             shard_size=args.shard_size,
-        )
+        ))
     except ValidationError as error:
         raise SpecError(f"invalid index spec: {first_error(error)}") from error
     except OSError as error:
         raise SpecError(f"cannot read the spec: {error}") from error
+
+
+def _recorded(spec: Any) -> Any:
+    """`spec` with every path absolute: the store records paths that resolve from any directory."""
+    return spec.map_paths(absolute_text, absolute_text)
+
+
+def absolute_text(path: str) -> str:
+    return str(absolute(path))
+
+
+CHECKPOINT_KEYS = {"epoch": int, "lr": float, "weight": float}
+"""What `--checkpoint DIR:key=value,...` may say about a checkpoint."""
+
+
+def _checkpoint(value: str) -> dict[str, Any]:
+    """`DIR` or `DIR:epoch=E,lr=LR` or `DIR:weight=W` as CheckpointSpec fields (argparse type)."""
+    path, _, options = value.rpartition(":") if "=" in value.rpartition(":")[2] else (value, "", "")
+    fields: dict[str, Any] = {"path": path}
+    for option in filter(None, options.split(",")):
+        key, _, text = option.partition("=")
+        if key not in CHECKPOINT_KEYS:
+            raise argparse.ArgumentTypeError(f"unknown checkpoint option {key!r}; use {', '.join(CHECKPOINT_KEYS)}")
+        try:
+            fields[key] = CHECKPOINT_KEYS[key](text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}={text!r} is not a number") from None
+    return fields
+
+
+def _model_shape(checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
+    """resolution and channels of the first checkpoint's UNet: the default shape of its dataset."""
+    from retrac.models import read_architecture, sample_shape
+
+    if not checkpoints:
+        return {}
+    channels, resolution = sample_shape(read_architecture(checkpoints[0]["path"]))
+    return {"resolution": resolution, "channels": channels}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -235,6 +283,7 @@ def _inspect(args: argparse.Namespace) -> int:
         },
         "shards": {"size": store.shard_size, "per_checkpoint": store.num_shards},
         "checkpoints": store.checkpoint_info,
+        "scheduler": {"folder": store.attrs.get("scheduler"), "prediction_type": store.attrs.get("prediction_type")},
         "fingerprints": store.attrs["fingerprints"],
         "size_bytes": store.size_bytes(),
         "freshness": freshness,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from tqdm import tqdm
 
-from api_schemas import TrainSpec
+from api_schemas import BetaSchedule, PredictionType, TrainSpec
 from cli.common import add_dataset_arguments, dataset_spec, given, validated
 from retrac.datasets import load_dataset
 from retrac.exceptions import SpecError
@@ -20,6 +20,7 @@ from retrac.training import train
 TRAIN_FLAGS = {
     "preset": "preset", "loss": "loss", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
     "save_every": "save_every", "seed": "seed", "timesteps": "num_timesteps",
+    "beta_schedule": "beta_schedule", "prediction_type": "prediction_type",
 }
 
 
@@ -41,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-every", type=int, help="save a checkpoint every E epochs and after the last (default: 5)")
     parser.add_argument("--seed", type=int, help="default: 0")
     parser.add_argument("--timesteps", type=int, help="T of the DDPM schedule (default: 1000)")
+    parser.add_argument(
+        "--beta-schedule", choices=get_args(BetaSchedule), help="diffusers' beta schedule (default: linear)"
+    )
+    parser.add_argument(
+        "--prediction-type", choices=get_args(PredictionType), help="what the UNet predicts (default: epsilon)"
+    )
     parser.set_defaults(run=run)
 
 

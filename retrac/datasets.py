@@ -38,6 +38,7 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9._-]")
 _LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601, the weights of PIL's convert("L")
 _PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "coins", "moon", "page", "text", "rocket", "horse")
+_IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # PIL names its file object; say nothing of it
 _CHUNK = 256  # images converted at once: bounds the float copy of a large array
 _SOURCES = (
     "builtin:digits, builtin:digits:<0-9>, builtin:faces, builtin:patches, builtin:outliers, "
@@ -298,9 +299,9 @@ def _load_array_file(path: Path, spec: DatasetSpec) -> ImageDataset:
 def _strings(archive: np.lib.npyio.NpzFile, key: str, count: int, path: Path) -> tuple[str, ...] | None:
     if key not in archive.files:
         return None
-    values = archive[key]
-    if values.dtype.kind not in "US" or values.shape != (count,):
-        raise DatasetError(f"{path}: '{key}' must be {count} strings, got {values.dtype} {values.shape}")
+    values = archive[key]  # strings, or integers (class labels) written as their decimal text
+    if values.dtype.kind not in "USiu" or values.shape != (count,):
+        raise DatasetError(f"{path}: '{key}' must be {count} strings or integers, got {values.dtype} {values.shape}")
     return tuple(values.astype(str).tolist())
 
 
@@ -347,7 +348,7 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
                 return rgba[:, :, :3] * rgba[:, :, 3:]
             return np.asarray(image.convert("L" if image.mode in ("1", "L") else "RGB"))
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"{where} is not a readable image: {exc}") from exc
+        raise DatasetError(f"{where} is not a readable image: {_IN_MEMORY.sub('the data', str(exc))}") from exc
 
 
 def _check_side(height: int, width: int, where: str) -> None:

@@ -37,7 +37,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from api_schemas import LossKind
-from retrac.losses import distance, noised
+from retrac.losses import distance, noised, target
 from retrac.models import DiffusionModel
 from retrac.projections import IdentityProjector, Projector
 
@@ -80,10 +80,12 @@ def group_losses(
     groups, draws = noise.shape[:2]
     steps = timesteps.unsqueeze(1).expand(groups, draws).flatten()
     flat_noise = noise.flatten(0, 1)
-    x_t = noised(images.unsqueeze(1).expand_as(noise).flatten(0, 1), steps, flat_noise, model.alphas_cumprod)
+    clean = images.unsqueeze(1).expand_as(noise).flatten(0, 1)
+    x_t = noised(clean, steps, flat_noise, model.scheduler)
     buffers = dict(model.unet.named_buffers())
     prediction = functional_call(model.unet, (params, buffers), (x_t, steps)).sample
-    return distance(prediction, flat_noise, loss).reshape(groups, draws).mean(dim=1)
+    wanted = target(clean, steps, flat_noise, model.scheduler)
+    return distance(prediction, wanted, loss).reshape(groups, draws).mean(dim=1)
 
 
 def group_loss(

@@ -1,9 +1,12 @@
 """Diffusion models: building diffusers UNets from named presets, and loading checkpoints safely.
 
-A checkpoint is a diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`), as
-`UNet2DModel.save_pretrained` writes it. Weights are only ever read from safetensors, never unpickled.
-The noise schedule lives beside the checkpoints (`scheduler/` in a training run); a model trained
-elsewhere without one gets diffusers' default DDPM schedule with T = 1000.
+A checkpoint is a diffusers folder as diffusers saves it: a `UNet2DModel.save_pretrained` folder
+(`config.json` + `diffusion_pytorch_model.safetensors`), a `DDPMPipeline.save_pretrained` folder (its
+`unet/`), or a training script's `checkpoint-N/` (its `unet/`). Weights are only ever read from
+safetensors, never unpickled. The noise schedule is diffusers' own scheduler object, loaded from a
+`scheduler_config.json` (found beside the checkpoint, or given): noising and training targets call
+its `add_noise` and `get_velocity`, so every schedule its config describes is reproduced exactly.
+Anything else (another scheduler class, learned variances) is refused, never approximated.
 """
 
 from __future__ import annotations
@@ -15,12 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
+from api_schemas import PredictionType
 from retrac.exceptions import CheckpointError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+SCHEDULER_CONFIG = "scheduler_config.json"
+
+Scheduler = DDPMScheduler | DDIMScheduler
+SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+"""Scheduler classes whose `add_noise`/`get_velocity` define the DDPM training objective retrac replays."""
+
+PREDICTION_TYPES: tuple[PredictionType, ...] = ("epsilon", "v_prediction", "sample")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~45k parameters: for tests that train and score in seconds.
@@ -89,12 +100,8 @@ def read_architecture(path: str | Path) -> dict[str, Any]:
     return architecture(json.loads(config.read_text()))
 
 
-def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> UNet2DModel:
-    """Load a diffusers UNet folder from safetensors, in eval mode, float32.
-
-    `expect` is an `architecture()` the checkpoint must match (all checkpoints of one index must
-    share one parameter layout, or their gradients could not be compared).
-    """
+def require_weights(path: str | Path) -> Path:
+    """The UNet folder of `path`, after checking that it has a config and safetensors weights."""
     folder = _model_folder(path)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{path}: not a diffusers model folder (no config.json)")
@@ -102,6 +109,16 @@ def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> UNet
         raise CheckpointError(
             f"{path}: no {WEIGHTS_NAME}; retrac loads safetensors only (convert pickled .bin weights first)"
         )
+    return folder
+
+
+def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> UNet2DModel:
+    """Load a diffusers UNet folder from safetensors, in eval mode, float32.
+
+    `expect` is an `architecture()` the checkpoint must match (all checkpoints of one index must
+    share one parameter layout, or their gradients could not be compared).
+    """
+    folder = require_weights(path)
     try:
         model = UNet2DModel.from_pretrained(
             folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
@@ -113,11 +130,54 @@ def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> UNet
     return with_plain_attention(model.eval().float())
 
 
-def load_scheduler(folder: str | Path | None) -> DDPMScheduler:
-    """The DDPM noise schedule saved in `folder`, or diffusers' default (T = 1000, linear betas)."""
-    if folder is not None and (Path(folder) / "scheduler_config.json").is_file():
-        return DDPMScheduler.from_pretrained(folder, local_files_only=True)
-    return DDPMScheduler(num_train_timesteps=1000)
+def load_scheduler(folder: str | Path) -> Scheduler:
+    """The diffusers scheduler saved in `folder` (a folder with `scheduler_config.json`).
+
+    A folder without a config, another scheduler class or an unknown prediction type is a
+    CheckpointError: a guessed schedule would give silently wrong gradients.
+    """
+    config_file = Path(folder) / SCHEDULER_CONFIG
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder}: no {SCHEDULER_CONFIG}; give a scheduler folder as diffusers saves it")
+    config = json.loads(config_file.read_text())
+    name = config.get("_class_name")
+    if name not in SCHEDULER_CLASSES:
+        raise CheckpointError(
+            f"{folder}: scheduler {name!r} is not handled; give --scheduler DIR with a DDPMScheduler or "
+            "DDIMScheduler config of the schedule the model was trained with"
+        )
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise CheckpointError(f"{folder}: prediction type {prediction!r} is not one of {list(PREDICTION_TYPES)}")
+    try:
+        return SCHEDULER_CLASSES[name].from_pretrained(folder, local_files_only=True)
+    except Exception as error:  # diffusers raises many kinds; the user needs the path and the cause
+        raise CheckpointError(f"{folder}: cannot load the scheduler: {error}") from error
+
+
+def find_scheduler(checkpoint: str | Path) -> Path:
+    """The `scheduler/` folder diffusers saves beside a checkpoint: in a pipeline folder, beside a
+    `unet/` folder, or in the output folder above `checkpoint-N/`. None found is a CheckpointError."""
+    folder = Path(checkpoint)
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / "scheduler" / SCHEDULER_CONFIG).is_file():
+            return candidate / "scheduler"
+    raise CheckpointError(
+        f"{checkpoint}: no scheduler/{SCHEDULER_CONFIG} beside the checkpoint; give --scheduler DIR "
+        "(the folder with the scheduler_config.json the model was trained with)"
+    )
+
+
+def sample_shape(architecture: dict[str, Any]) -> tuple[int, int]:
+    """(channels, resolution) of the images a UNet with `architecture` was built for."""
+    size = architecture.get("sample_size")
+    if isinstance(size, list):
+        if len(set(size)) != 1:
+            raise CheckpointError(f"the UNet's sample_size {size} is not square; retrac handles square images")
+        size = size[0]
+    if not isinstance(size, int):
+        raise CheckpointError("the UNet config has no sample_size; cannot tell the image size it was trained at")
+    return int(architecture.get("in_channels", 3)), size
 
 
 def fingerprint_checkpoint(path: str | Path) -> str:
@@ -136,23 +196,40 @@ def fingerprint_checkpoint(path: str | Path) -> str:
 
 @dataclass(frozen=True)
 class DiffusionModel:
-    """A UNet and the noise schedule it was trained with: what every gradient needs."""
+    """A UNet and the diffusers scheduler it was trained with: what every gradient needs."""
 
     unet: UNet2DModel
-    alphas_cumprod: torch.Tensor  # (T,) float32, alpha_bar_t
+    scheduler: Scheduler
 
     @property
     def num_timesteps(self) -> int:
-        return int(self.alphas_cumprod.shape[0])
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        return self.scheduler.config.prediction_type
 
     @classmethod
-    def from_parts(cls, unet: UNet2DModel, scheduler: DDPMScheduler) -> DiffusionModel:
-        if scheduler.config.prediction_type != "epsilon":
-            raise CheckpointError("only noise-prediction (epsilon) models are supported")
-        return cls(unet=unet, alphas_cumprod=scheduler.alphas_cumprod.to(torch.float32))
+    def from_parts(cls, unet: UNet2DModel, scheduler: Scheduler) -> DiffusionModel:
+        check_compatible(architecture(unet.config), scheduler)
+        return cls(unet=unet, scheduler=scheduler)
 
     def to(self, device: torch.device | str) -> DiffusionModel:
-        return DiffusionModel(self.unet.to(device), self.alphas_cumprod.to(device))
+        return DiffusionModel(self.unet.to(device), self.scheduler)
+
+
+def check_compatible(unet_architecture: dict[str, Any], scheduler: Scheduler) -> None:
+    """A CheckpointError if the UNet's output is not exactly the scheduler's prediction."""
+    if type(scheduler).__name__ not in SCHEDULER_CLASSES:
+        raise CheckpointError(f"scheduler {type(scheduler).__name__} is not handled; use a DDPM or DDIM scheduler")
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise CheckpointError(f"prediction type {scheduler.config.prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
+    channels_in, channels_out = unet_architecture.get("in_channels"), unet_architecture.get("out_channels")
+    if channels_in != channels_out:
+        raise CheckpointError(
+            f"the UNet maps {channels_in} channels to {channels_out} (learned variances?); retrac handles "
+            "models whose output is the prediction alone"
+        )
 
 
 def check_architecture(path: str | Path, found: dict[str, Any], expect: dict[str, Any]) -> None:

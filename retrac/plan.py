@@ -14,11 +14,21 @@ from typing import Any
 
 import torch
 
-from api_schemas import IndexSpec, LossKind
+from api_schemas import IndexSpec, LossKind, PredictionType
 from retrac.datasets import ImageDataset, load_dataset
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.gradients import GradientComputer, num_parameters
-from retrac.models import DiffusionModel, load_scheduler, load_unet, read_architecture, check_architecture
+from retrac.models import (
+    DiffusionModel,
+    check_architecture,
+    check_compatible,
+    find_scheduler,
+    load_scheduler,
+    load_unet,
+    read_architecture,
+    require_weights,
+    sample_shape,
+)
 from retrac.noise import draw_seeds, noise_from_seeds
 from retrac.paths import resolve_inside
 from retrac.projections import derive_seed, make_projector
@@ -53,8 +63,9 @@ class IndexPlan:
     loss: LossKind
     run: TrainingRun | None
     architecture: dict[str, Any]
-    scheduler_folder: Path | None
+    scheduler_folder: Path
     num_timesteps: int
+    prediction_type: PredictionType
 
     @classmethod
     def resolve(cls, spec: IndexSpec, root: Path | None = None) -> IndexPlan:
@@ -63,14 +74,23 @@ class IndexPlan:
         dataset = load_dataset(spec.dataset, root)
         loss = _resolve_loss(spec, run)
         checkpoints = _resolve_checkpoints(spec, run, len(dataset), root)
+        architecture = read_architecture(checkpoints[0].path)
+        for checkpoint in checkpoints:
+            require_weights(checkpoint.path)
+            check_architecture(checkpoint.path, read_architecture(checkpoint.path), architecture)
+        _check_shape(dataset, architecture)
         if spec.slots.replay:
             _check_replay(run, dataset, checkpoints)
-        architecture = read_architecture(checkpoints[0].path)
-        for checkpoint in checkpoints[1:]:
-            check_architecture(checkpoint.path, read_architecture(checkpoint.path), architecture)
-        scheduler = resolve_inside(root, spec.scheduler) if spec.scheduler else (run.scheduler_folder if run else None)
-        num_timesteps = len(load_scheduler(scheduler).alphas_cumprod)
-        return cls(spec, dataset, tuple(checkpoints), loss, run, architecture, scheduler, num_timesteps)
+        if spec.scheduler:
+            folder = resolve_inside(root, spec.scheduler)
+        else:
+            folder = run.scheduler_folder if run else find_scheduler(checkpoints[0].path)
+        scheduler = load_scheduler(folder)
+        check_compatible(architecture, scheduler)
+        return cls(
+            spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
+            int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type,
+        )
 
     @property
     def num_rows(self) -> int:
@@ -125,6 +145,17 @@ class IndexPlan:
         )
 
 
+def _check_shape(dataset: ImageDataset, architecture: dict[str, Any]) -> None:
+    """A SpecError naming both shapes if the dataset's images are not the ones the UNet takes."""
+    channels, resolution = sample_shape(architecture)
+    got = tuple(dataset.images.shape[1:])
+    if got != (channels, resolution, resolution):
+        raise SpecError(
+            f"the dataset is {got[0]}x{got[1]}x{got[2]} (channels x height x width) but the model takes "
+            f"{channels}x{resolution}x{resolution}; give resolution {resolution} and channels {channels}"
+        )
+
+
 def _sample_slots(seed: int, sample_id: str, grid: torch.Tensor, random: int, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator("cpu").manual_seed(derive_seed(seed, "slots", sample_id))
     random_t = torch.randint(0, num_timesteps, (random,), generator=generator)
@@ -151,14 +182,21 @@ def _resolve_checkpoints(
     if not given:
         raise SpecError("the index names no checkpoints and its run saved none")
     paths = [resolve_inside(root, c.path) for c in given]
+    has_lr = run is not None or all(c.lr is not None for c in given)
     if all(c.weight is not None for c in given):
         weights = [float(c.weight) for c in given]  # type: ignore[arg-type]
-    elif run is not None and all(c.epoch is not None for c in given):
+    elif has_lr and all(c.epoch is not None for c in given):
         epochs = [int(c.epoch) for c in given]  # type: ignore[arg-type]
         if epochs != sorted(set(epochs)):
             raise SpecError(f"checkpoint epochs must increase, got {epochs}")
-        defaults = default_weights(epochs, [run.spec.lr] * len(epochs), run.spec.batch_size, num_samples)
+        batch_size = run.spec.batch_size if run is not None else spec.train_batch_size
+        if batch_size is None:
+            raise SpecError("weights from epoch and lr need the training batch size; give --train-batch-size B")
+        lrs = [c.lr if c.lr is not None else run.spec.lr for c in given]  # type: ignore[union-attr]
+        defaults = default_weights(epochs, lrs, batch_size, num_samples)
         weights = [c.weight if c.weight is not None else w for c, w in zip(given, defaults)]
+    elif any(c.epoch is not None or c.lr is not None for c in given) and any(c.weight is None for c in given):
+        raise SpecError("give every checkpoint a weight, or every checkpoint an epoch and a learning rate")
     else:
         weights = [1.0 if c.weight is None else float(c.weight) for c in given]  # no lr/B to weigh by
     return [ResolvedCheckpoint(p, c.epoch, w) for p, c, w in zip(paths, given, weights, strict=True)]

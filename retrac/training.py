@@ -14,20 +14,18 @@ The same seed gives the same run, bit for bit, on the CPU.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from safetensors.torch import save_file
 
 from api_schemas import TrainSpec
 from retrac.datasets import ImageDataset
-from retrac.losses import distance, noised
+from retrac.losses import distance, noised, target
 from retrac.models import DiffusionModel, build_unet
 from retrac.noise import draw_seeds, noise_from_seeds
-from retrac.replay import MANIFEST_NAME, RECORD_NAME, RUN_FORMAT, TrainingRun
+from retrac.replay import TrainingRun, write_run
 
 ProgressCallback = Callable[[int, float], None]
 """Called after each epoch with (epoch, mean loss)."""
@@ -44,7 +42,9 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n, (channels, resolution) = len(dataset), dataset.images.shape[1:3]
-    scheduler = DDPMScheduler(num_train_timesteps=spec.num_timesteps)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=spec.num_timesteps, beta_schedule=spec.beta_schedule, prediction_type=spec.prediction_type
+    )
     scheduler.save_pretrained(out / "scheduler")
     model = DiffusionModel.from_parts(
         build_unet(spec.preset, resolution=resolution, channels=channels, seed=spec.seed), scheduler
@@ -75,16 +75,8 @@ def train(
         if on_epoch is not None:
             on_epoch(done, float(losses[epoch].mean()))
 
-    save_file({"timesteps": timesteps, "seeds": seeds, "losses": losses}, out / RECORD_NAME)
-    manifest = {
-        "format": RUN_FORMAT,
-        "spec": spec.model_dump(mode="json"),
-        "num_samples": n,
-        "sample_ids": list(dataset.ids),
-        "dataset_fingerprint": dataset.fingerprint,
-        "checkpoints": checkpoints,
-    }
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    record = {"timesteps": timesteps, "seeds": seeds, "losses": losses}
+    write_run(out, spec, dataset.ids, dataset.fingerprint, checkpoints, record)
     return TrainingRun.load(out)
 
 
@@ -98,8 +90,8 @@ def _step(
 ) -> torch.Tensor:
     """One optimiser step on a batch; returns the per-sample losses `(B,)` it trained on."""
     noise = noise_from_seeds(seeds, images.shape[1:])
-    prediction = model.unet(noised(images, timesteps, noise, model.alphas_cumprod), timesteps).sample
-    per_sample = distance(prediction, noise, spec.loss)
+    prediction = model.unet(noised(images, timesteps, noise, model.scheduler), timesteps).sample
+    per_sample = distance(prediction, target(images, timesteps, noise, model.scheduler), spec.loss)
     optimizer.zero_grad(set_to_none=True)
     per_sample.mean().backward()
     optimizer.step()

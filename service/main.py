@@ -1,5 +1,8 @@
 """Builds the FastAPI app: the /v1 API, the web page at `/`, error handlers, body limit, CORS.
 
+`/docs` (Swagger UI) and `/redoc` load their scripts from the app itself (fastapi-offline ships
+them), so the docs work on machines without internet access.
+
 `retrac serve` runs `create_app` under uvicorn (as a factory, so settings are read at start, not at
 import). Tests build apps with their own `Settings`.
 """
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
@@ -29,11 +33,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app serving the stores under `settings.stores_root` (default settings: the environment's)."""
     settings = settings or get_settings()
     torch.set_num_threads(settings.torch_threads)
-    app = FastAPI(
+    app = FastAPIOffline(
         title="retrac",
         version=version("retrac"),
         summary="Data attribution for diffusion models: Diffusion-TracIn and Diffusion-ReTrac over HTTP.",
         docs_url="/docs",
+        redoc_url="/redoc",
         openapi_url="/openapi.json",
     )
     app.state.settings = settings

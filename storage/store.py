@@ -536,6 +536,8 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "shard_size": spec.shard_size,
         "num_shards": math.ceil(plan.num_rows / spec.shard_size),
         "slot_kinds": kinds,
+        "prediction_type": plan.prediction_type,
+        "scheduler": str(plan.scheduler_folder),
         "noise_rule": NOISE_RULE,
         "torch_version": torch.__version__,
     }

@@ -27,3 +27,16 @@ def test_bad_values_exit_2_with_one_line(tmp_path, capsys) -> None:
     error = capsys.readouterr().err
     assert error.startswith("retrac: error: epochs:") and error.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_every_help_shows_the_defaults(capsys) -> None:
+    import pytest
+
+    for command, says in ((["index", "create"], "grid timestep slots per sample (default: 0)"),
+                          (["attribute"], "(default: 10)"), (["serve"], "default 8000")):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        assert says in " ".join(capsys.readouterr().out.split()), command
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("retrac ")

@@ -356,3 +356,14 @@ def test_split_holdout_disjoint_and_covering() -> None:
     assert split_holdout(dataset, 12, seed=6)[1].ids != held.ids
     with pytest.raises(DatasetError):
         split_holdout(dataset, 51, seed=0)
+
+
+def test_npz_integer_group_labels_are_accepted(tmp_path) -> None:
+    import numpy as np
+
+    from api_schemas import DatasetSpec
+    from retrac.datasets import load_dataset
+
+    np.savez(tmp_path / "d.npz", images=np.zeros((3, 4, 4), dtype=np.uint8), groups=np.array([0, 1, 1]))
+    dataset = load_dataset(DatasetSpec(source=str(tmp_path / "d.npz"), resolution=4))
+    assert dataset.groups == ("0", "1", "1")

@@ -50,7 +50,7 @@ def test_pickled_weights_are_refused(tmp_path) -> None:
         slots=SlotSpec(replay=False, grid=2),
     )
     with pytest.raises(CheckpointError, match="safetensors only"):
-        IndexPlan.resolve(spec).load_model(0)
+        IndexPlan.resolve(spec)  # at create time, before anything is computed
 
 
 def test_the_cli_reports_errors_in_one_line(tmp_path) -> None:

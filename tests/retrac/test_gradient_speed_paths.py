@@ -12,19 +12,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from api_schemas import ProjectorSpec
 from retrac.gradients import GradientComputer, loop_gradients
-from retrac.models import DiffusionModel, build_unet, load_scheduler, with_plain_attention
+from retrac.models import DiffusionModel, build_unet, with_plain_attention
 from retrac.projections import DENSE_BLOCK, SketchProjector, make_projector
 
 RELATIVE_TOLERANCE = 1e-5
 
 
 def model_of(unet: nn.Module) -> DiffusionModel:
-    return DiffusionModel.from_parts(unet, load_scheduler(None))
+    return DiffusionModel(unet, DDPMScheduler(num_train_timesteps=1000))  # type: ignore[arg-type]
 
 
 def preset_model(preset: str, resolution: int, channels: int = 1) -> DiffusionModel:
@@ -121,8 +121,7 @@ class ReusedLayers(nn.Module):
 
 def test_layers_called_twice_sum_their_calls() -> None:
     torch.manual_seed(0)
-    schedule = load_scheduler(None).alphas_cumprod
-    model = DiffusionModel(unet=ReusedLayers(), alphas_cumprod=schedule)  # type: ignore[arg-type]
+    model = model_of(ReusedLayers())
     images, timesteps, noise = inputs(preset_model("micro", 8), 4, 2, seed=4)
     assert_matches_loop(model, "mse", (images, timesteps, noise), "layerwise")
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention
 
 from api_schemas import ProjectorSpec
 from retrac.gradients import GradientComputer, loop_gradients
-from retrac.models import DiffusionModel, build_unet, load_scheduler
+from retrac.models import DiffusionModel, build_unet
 from retrac.projections import make_projector
 
 RELATIVE_TOLERANCE = 1e-5
 
 
 def model_of(preset: str, resolution: int) -> DiffusionModel:
-    return DiffusionModel.from_parts(build_unet(preset, resolution=resolution, channels=1, seed=4), load_scheduler(None))
+    return DiffusionModel.from_parts(build_unet(preset, resolution=resolution, channels=1, seed=4), DDPMScheduler(num_train_timesteps=1000))
 
 
 def inputs(batch: int, draws: int, resolution: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -189,6 +189,22 @@ CASES = [
         {"json": {"name": "escape", "spec": index_spec(run="../../etc").model_dump(mode="json")}},
     ),
     Bad(
+        "dataset of another shape than the model",
+        "post",
+        "/v1/indexes",
+        422,
+        "but the model takes 1x8x8",
+        {"json": {"name": "shape", "spec": {**index_spec().model_dump(mode="json"), "dataset": {"source": "builtin:digits", "resolution": 12, "limit": 48}}}},
+    ),
+    Bad(
+        "scheduler folder without a config",
+        "post",
+        "/v1/indexes",
+        422,
+        "no scheduler_config.json",
+        {"json": {"name": "nosched", "spec": index_spec().model_copy(update={"scheduler": "run/checkpoints"}).model_dump(mode="json")}},
+    ),
+    Bad(
         "index name taken",
         "post",
         "/v1/indexes",

@@ -44,3 +44,51 @@ def test_attribute_with_a_bad_image_exits_2(reference_store, tmp_path, capsys) -
     assert main(["attribute", str(reference_store), str(bad)]) == 2
     assert capsys.readouterr().err.startswith("retrac: error:")
 
+
+
+def test_attribute_takes_a_folder_and_prints_every_score_as_csv(reference_store, tmp_path, capsys) -> None:
+    import csv
+    import io
+
+    plan = GradientStore.open(reference_store).plan
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    for row in (4, 1):
+        np.save(folder / f"q{row}.npy", ((plan.dataset.images[row, 0] + 1) / 2).numpy())
+    assert main(["attribute", str(reference_store), str(folder), "--all", "--format", "csv", "--timesteps", "3",
+                 "--draws", "1", "--threads", "1"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert sorted({r["query"] for r in rows}) == [str(folder / "q1.npy"), str(folder / "q4.npy")]
+    n = plan.num_rows
+    assert len(rows) == 2 * 2 * 2 * n  # queries x methods x sides x every sample
+    one = [r for r in rows if r["query"].endswith("q1.npy") and r["method"] == "retrac" and r["side"] == "proponents"]
+    assert sorted(r["sample_id"] for r in one) == sorted(plan.dataset.ids)
+    scores = [float(r["score"]) for r in one]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_bad_query_knobs_exit_2_with_one_line(reference_store, tmp_path, capsys) -> None:
+    for flags, says in ((["--timesteps", "0"], "timesteps"), (["--draws", "0"], "draws"), (["--top-k", "0"], "--top-k")):
+        assert main(["attribute", str(reference_store), str(tmp_path), *flags]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("retrac: error:") and says in error[0], error
+
+
+def test_self_influence_prints_the_stores_ranking(reference_store, capsys) -> None:
+    from storage.statistics import self_influence
+
+    store = GradientStore.open(reference_store)
+    expected = self_influence(store)
+    assert main(["self-influence", str(reference_store), "--top-k", "3", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for method in ("tracin", "retrac"):
+        top = np.argsort(-expected[method], kind="stable")[:3]
+        assert [e["sample_id"] for e in printed[method]] == [store.sample_ids[i] for i in top]
+
+
+def test_an_unreadable_image_is_named_without_python_internals(reference_store, tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["attribute", str(reference_store), str(bad)]) == 2
+    error = capsys.readouterr().err
+    assert "bad.png" in error and "BytesIO" not in error and "0x" not in error, error
