@@ -60,7 +60,7 @@ def print_csv(files: list[Path], results: list) -> None:
     for path, result in zip(files, results, strict=True):
         for method in METHODS:
             for side in ("proponents", "opponents"):
-                for rank, influence in enumerate(getattr(result, side)[method], start=1):
+                for rank, influence in enumerate(getattr(result.methods[method], side), start=1):
                     writer.writerow([str(path), method, side, rank, influence.sample_id, repr(influence.score)])
 
 

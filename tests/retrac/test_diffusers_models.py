@@ -95,7 +95,7 @@ def engine_scores(plan: IndexPlan, queries: torch.Tensor) -> dict[str, torch.Ten
     table = {m: torch.zeros(len(position), len(results), dtype=torch.float64) for m in ("tracin", "retrac")}
     for j, result in enumerate(results):
         for method in table:
-            for influence in result.proponents[method]:
+            for influence in result.methods[method].proponents:
                 table[method][position[influence.sample_id], j] = influence.score
     return table
 
