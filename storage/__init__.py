@@ -4,7 +4,7 @@ See `storage.store` for the on-disk layout and its rules (one writer per chunk, 
 data, stale inputs refused).
 """
 
-from storage.errors import IncompleteStoreError, NothingToIndexError, StaleStoreError, StoreError
+from storage.errors import DamagedStoreError, IncompleteStoreError, NothingToIndexError, StaleStoreError, StoreError
 from storage.runner import run_pending, run_shard
 from storage.progress import Progress, progress
 from storage.statistics import Attribution, StoredNorms, Timings, attribute, stored_norms, self_influence
@@ -13,6 +13,7 @@ from storage.store import CheckpointStatus, GradientStore, StoreStatus
 __all__ = [
     "Attribution",
     "CheckpointStatus",
+    "DamagedStoreError",
     "GradientStore",
     "IncompleteStoreError",
     "Progress",

@@ -189,8 +189,9 @@ def test_truncated_and_flipped_chunks(filled_copy: Path) -> None:
     assert store.pending() == [(0, 4)]  # sizes checked: the truncated chunk
     assert store.pending(verify=True) == [(0, 4), (2, 0)]  # bytes checked against the digest too
     assert store.status(verify=True).done_shards == 16
-    assert run_pending(store) == 1  # an ordinary run repairs what the cheap check sees
-    assert store.pending(verify=True) == [(2, 0)]
+    assert store.pending() == [(0, 4), (2, 0)]  # the verify unmarked the flipped shard
+    assert run_pending(store) == 2  # so an ordinary run repairs both
+    assert store.pending(verify=True) == []
 
 
 def test_progress_from_done_marks(tmp_path: Path, tiny_run: TrainingRun) -> None:
