@@ -4,16 +4,24 @@ See `storage.store` for the on-disk layout and its rules (one writer per chunk, 
 data, stale inputs refused).
 """
 
-from storage.errors import DamagedStoreError, IncompleteStoreError, NothingToIndexError, StaleStoreError, StoreError
+from storage.errors import (
+    DamagedStoreError,
+    DeletedStoreError,
+    IncompleteStoreError,
+    NothingToIndexError,
+    StaleStoreError,
+    StoreError,
+)
 from storage.runner import run_pending, run_shard
 from storage.progress import Progress, progress
 from storage.statistics import Attribution, StoredNorms, Timings, attribute, stored_norms, self_influence
-from storage.store import CheckpointStatus, GradientStore, StoreStatus
+from storage.store import CheckpointStatus, GradientStore, StoreStatus, delete_store, is_leftover
 
 __all__ = [
     "Attribution",
     "CheckpointStatus",
     "DamagedStoreError",
+    "DeletedStoreError",
     "GradientStore",
     "IncompleteStoreError",
     "Progress",
@@ -24,6 +32,8 @@ __all__ = [
     "StoreStatus",
     "Timings",
     "attribute",
+    "delete_store",
+    "is_leftover",
     "stored_norms",
     "progress",
     "run_pending",

@@ -21,3 +21,7 @@ class NothingToIndexError(StoreError):
 
 class DamagedStoreError(StoreError):
     """A shard marked done holds bytes that do not match its done mark's digest: never scored."""
+
+
+class DeletedStoreError(StoreError):
+    """The store was deleted (or deleted and recreated) since it was opened: nothing more is written."""

@@ -33,8 +33,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +54,13 @@ from retrac.plan import IndexPlan, Rows
 from retrac.models import fingerprint_checkpoint
 from retrac.replay import RECORD_NAME
 from retrac.scoring import RowChunk
-from storage.errors import DamagedStoreError, IncompleteStoreError, StaleStoreError, StoreError
+from storage.errors import (
+    DamagedStoreError,
+    DeletedStoreError,
+    IncompleteStoreError,
+    StaleStoreError,
+    StoreError,
+)
 
 FORMAT = "retrac-store/2"
 """Format 2: xxh3_64 digests (three times crc32's speed, so checking every scanned chunk costs ~5% of a
@@ -71,6 +79,9 @@ index resident when it fits, and streams only what does not."""
 RESIDENT_STEP = 16384
 """Rows per scan step when every scanned checkpoint is resident: no copy is made, and larger steps
 spend less on per-step work (allocations, top-k merges)."""
+
+DELETED_MARK = "deleted"
+"""A file in a store's folder: the store is being deleted. Workers skip it and write nothing more."""
 
 _ARRAY_CONFIG = {"write_empty_chunks": True}  # an all-zero shard must still leave its files behind
 _CHUNK_KEYS = {"name": "default", "separator": "/"}
@@ -128,7 +139,10 @@ class GradientStore:
         recorded = self.attrs.get("root")
         self.path, self.resident_bytes = path, resident_bytes
         self.root = root if root is not None else (Path(recorded) if recorded else None)
-        self.spec = IndexSpec.model_validate(self.attrs["spec"])
+        try:
+            self.spec = IndexSpec.model_validate(self.attrs["spec"])
+        except (KeyError, ValueError) as error:
+            raise StoreError(f"{path.name}: its spec is unreadable ({error}); delete it and create it again")
         self._plan: IndexPlan | None = None
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._sample_ids: tuple[str, ...] | None = None
@@ -161,7 +175,11 @@ class GradientStore:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path} exists and is not a retrac store; choose another path")
         plan = _resolve(spec, root, path)
-        attrs = {**_describe(plan), "root": str(Path(root).resolve()) if root is not None else None}
+        attrs = {
+            **_describe(plan),
+            "root": str(Path(root).resolve()) if root is not None else None,
+            "uid": uuid.uuid4().hex,  # tells this store from a later one at the same path
+        }
         group = zarr.open_group(path, mode="w-", zarr_format=3)
         ids = group.create_array("sample_ids", shape=(plan.num_rows,), dtype=str, chunks=(plan.num_rows,))
         ids[:] = np.asarray(plan.dataset.ids, dtype=object)
@@ -365,12 +383,25 @@ class GradientStore:
                 f"checkpoint {checkpoint} shard {shard}: non-finite gradients (beyond {self.spec.dtype}'s "
                 "range?); index with dtype float32, or check the checkpoint"
             )
+        self.require_live()
         done = self._array(checkpoint, "done_at")
         done[shard] = 0.0  # a rewrite is pending until its new mark
         for name, values in data.items():
             self._array(checkpoint, name)[part] = values
         self._array(checkpoint, "digest")[shard] = _digest(data.values())
         done[shard] = time.time()
+
+    def require_live(self) -> None:
+        """A DeletedStoreError if the store is being deleted, or was replaced by another at its path:
+        a worker that opened it before must not write into what is left, or into the new one."""
+        if (self.path / DELETED_MARK).exists():
+            raise DeletedStoreError(f"{self.path.name} is being deleted; nothing more is written to it")
+        try:
+            uid = json.loads((self.path / "zarr.json").read_text())["attributes"].get("uid")
+        except (OSError, ValueError, KeyError):
+            uid = None
+        if uid != self.attrs.get("uid"):
+            raise DeletedStoreError(f"{self.path.name} was deleted since it was opened; nothing is written")
 
     # --- status ---------------------------------------------------------------------------------------
 
@@ -513,7 +544,14 @@ class GradientStore:
     def _array(self, checkpoint: int, name: str) -> zarr.Array:
         key = (self._checkpoint(checkpoint), name)
         if key not in self._arrays:
-            self._arrays[key] = self._group[f"checkpoints/{checkpoint}/{name}"].with_config(_ARRAY_CONFIG)
+            try:
+                array = self._group[f"checkpoints/{checkpoint}/{name}"]
+            except KeyError as error:
+                raise StoreError(
+                    f"{self.path.name}: checkpoint {checkpoint} has no {name} array (damaged or half "
+                    "deleted); delete it and create it again"
+                ) from error
+            self._arrays[key] = array.with_config(_ARRAY_CONFIG)
         return self._arrays[key]
 
     def _files_intact(self, checkpoint: int, shard: int) -> bool:
@@ -536,6 +574,30 @@ class GradientStore:
         except Exception:  # a damaged or unreadable chunk is simply not done
             return False
         return True
+
+
+def mark_deleted(path: Path) -> None:
+    """Mark the store at `path` as being deleted (see `delete_store`)."""
+    if path.is_dir():
+        (path / DELETED_MARK).touch()
+
+
+def delete_store(path: Path) -> None:
+    """Delete the store at `path`, safe against workers writing it: mark it, move it aside to a hidden
+    sibling in one rename (so `path` is free at once and no listing sees half a store), remove that.
+
+    A worker that passed its last check before the mark may still write one shard under `path`; that
+    leaves a folder without `zarr.json`, which `is_leftover` recognises and the next create clears.
+    """
+    mark_deleted(path)
+    aside = path.with_name(f".deleted-{path.name}-{uuid.uuid4().hex[:8]}")
+    path.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def is_leftover(path: Path) -> bool:
+    """A folder without `zarr.json`, or one marked deleted: what a deletion leaves, never a store."""
+    return path.is_dir() and (not (path / "zarr.json").is_file() or (path / DELETED_MARK).exists())
 
 
 def _resolve(spec: IndexSpec, root: Path | None, path: Path, *, stale: bool = False) -> IndexPlan:

@@ -18,7 +18,7 @@ from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 
 from retrac.computers import GradientComputerCache
-from storage import GradientStore, run_shard
+from storage import DeletedStoreError, GradientStore, is_leftover, run_shard
 from worker.app import app
 from worker.cancellation import is_cancelled
 from worker.settings import get_settings
@@ -56,11 +56,15 @@ def index_shard(self: Any, store_path: str, checkpoint: int, shard: int) -> dict
 
 
 def _index_shard(path: Path, checkpoint: int, shard: int) -> dict[str, Any]:
-    if not (path / "zarr.json").is_file():
-        logger.warning("store %s is gone: shard %d/%d skipped", path, checkpoint, shard)
+    if is_leftover(path) or not path.exists():
+        logger.warning("store %s is gone or being deleted: shard %d/%d skipped", path, checkpoint, shard)
         return _outcome("missing", checkpoint, shard, 0.0)
     started = time.perf_counter()
-    computed = run_shard(_open(path), checkpoint, shard, _model_cache())
+    try:
+        computed = run_shard(_open(path), checkpoint, shard, _model_cache())
+    except DeletedStoreError as error:  # deleted while this shard was computed: nothing was written
+        logger.warning("%s: shard %d/%d dropped", error, checkpoint, shard)
+        return _outcome("missing", checkpoint, shard, 0.0)
     return _outcome("computed" if computed else "skipped", checkpoint, shard, time.perf_counter() - started)
 
 
