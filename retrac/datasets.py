@@ -12,6 +12,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import struct
@@ -28,6 +29,7 @@ from PIL import Image
 
 from api_schemas.specs import DatasetSpec
 from retrac.exceptions import DatasetError
+from retrac.paths import resolve_inside
 
 MAX_IMAGE_SIDE = 4096
 """Largest accepted image side, checked before pixels are decoded (guards against decompression bombs)."""
@@ -122,7 +124,7 @@ def load_dataset(spec: DatasetSpec, root: Path | None = None) -> ImageDataset:
     """
     if spec.source.startswith("builtin:"):
         return _load_builtin(spec)
-    path = _confine(Path(spec.source), root)
+    path = resolve_inside(root, spec.source)
     if path.is_dir():
         return _load_folder(path, spec, root)
     if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
@@ -258,7 +260,7 @@ def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDat
         raise DatasetError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in folder {folder}")
     grouped = all("/" in rel for rel in found)  # every image in a class subfolder: the subfolder is its group
     kept = found[:spec.limit]
-    images = [load_image_file(_confine(folder / rel, root), resolution=spec.resolution, channels=spec.channels)
+    images = [load_image_file(resolve_inside(root, folder / rel), resolution=spec.resolution, channels=spec.channels)
               for rel in kept]
     ids = tuple(_UNSAFE_CHAR.sub("_", rel) for rel in kept)
     groups = tuple(rel.split("/", 1)[0] for rel in kept) if grouped else None
@@ -314,21 +316,21 @@ def _array_dataset(array: np.ndarray, ids: tuple[str, ...] | None, groups: tuple
     return ImageDataset(images, ids, name, None if groups is None else groups[:spec.limit])
 
 
-def _confine(path: Path, root: Path | None) -> Path:
-    if root is None:
-        return path
-    base = root.resolve()
-    resolved = (base / path).resolve()
-    if not resolved.is_relative_to(base):
-        raise DatasetError(f"{path} resolves to {resolved}, outside the data root {base}")
-    return resolved
-
-
 # --- decoding and the one conversion path ------------------------------------------------------------------
 
 
 def _read_npy(data: bytes, where: str) -> np.ndarray:
+    """The array of .npy bytes; its header is checked first, so a declared shape larger than the bytes
+    sent (or than an image may be) is refused before anything is allocated."""
     try:
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"version {version} unsupported; save it with numpy.save")
+        shape, _, dtype = readers[version](stream)
+        if dtype.hasobject or math.prod(shape) * dtype.itemsize != len(data) - stream.tell():
+            raise ValueError(f"its header declares {shape} {dtype}, which the {len(data)} bytes do not hold")
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise DatasetError(f"{where} is not a readable .npy array: {exc}") from exc
@@ -376,6 +378,8 @@ def _nchw(array: np.ndarray, where: str) -> np.ndarray:
         raise DatasetError(f"{where}: shape {array.shape[1:]} has no channel axis of size 1 or 3 "
                            "(grey or RGB) first or last")
     _check_side(array.shape[2], array.shape[3], where)
+    if 0 in array.shape[2:]:
+        raise DatasetError(f"{where}: images of shape {array.shape[2:]} have no pixels; send a non-empty image")
     return array
 
 

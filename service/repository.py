@@ -139,7 +139,7 @@ class StoreRepository:
             path = self.path(request.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                store = GradientStore.create(path, spec)
+                store = GradientStore.create(path, spec, data_root=self.settings.data_root)
             except BaseException:
                 shutil.rmtree(path, ignore_errors=True)
                 raise

@@ -158,9 +158,13 @@ class GradientStore:
         spec: IndexSpec,
         *,
         root: Path | None = None,
+        data_root: Path | None = None,
         resident_bytes: int = DEFAULT_RESIDENT_BYTES,
     ) -> GradientStore:
         """Write an empty store for `spec` at `path` (nothing done yet) and return it opened.
+
+        With `data_root`, the dataset's files must lie inside it, now and whenever the store is
+        reopened (it is recorded), so a link added to an image folder later cannot lead outside.
 
         An existing store with the same spec is reopened (and checked); one with another spec, or any
         other non-empty folder, is refused rather than overwritten.
@@ -169,15 +173,16 @@ class GradientStore:
         if (path / "zarr.json").is_file():
             existing = cls.open(path, root=root, check=False, resident_bytes=resident_bytes)
             if existing.spec != spec:
-                raise StoreError(f"{path} already holds a different index; choose another path or delete it")
+                raise StoreError(f"{path.name} already holds a different index; choose another path or delete it")
             existing.check()
             return existing
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise StoreError(f"{path} exists and is not a retrac store; choose another path")
-        plan = _resolve(spec, root, path)
+            raise StoreError(f"{path.name} exists and is not a retrac store; choose another path")
+        plan = _resolve(spec, root, path, data_root=data_root)
         attrs = {
             **_describe(plan),
             "root": str(Path(root).resolve()) if root is not None else None,
+            "data_root": str(Path(data_root).resolve()) if data_root is not None else None,
             "uid": uuid.uuid4().hex,  # tells this store from a later one at the same path
         }
         group = zarr.open_group(path, mode="w-", zarr_format=3)
@@ -226,12 +231,12 @@ class GradientStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise StoreError(
-                f"{path} is not a retrac store (no zarr.json); create one with `retrac index create`"
+                f"{path.name} is not a retrac store (no zarr.json); create one with `retrac index create`"
             )
         try:
             group = zarr.open_group(path, mode="r+", zarr_format=3)
         except Exception as error:  # zarr raises several kinds on a damaged group
-            raise StoreError(f"{path}: cannot open the Zarr group: {error}") from error
+            raise StoreError(f"{path.name}: cannot open the Zarr group: {error}") from error
         found = group.attrs.get("format")
         if isinstance(found, str) and found.startswith("retrac-store/") and found != FORMAT:
             raise StoreError(
@@ -240,7 +245,7 @@ class GradientStore:
             )
         if found != FORMAT:
             raise StoreError(
-                f"{path}: not a {FORMAT} store (format {found!r}); if it is an interrupted create, "
+                f"{path.name}: not a {FORMAT} store (format {found!r}); if it is an interrupted create, "
                 "delete it and create it again"
             )
         store = cls(path, group, root=root, resident_bytes=resident_bytes)
@@ -250,7 +255,8 @@ class GradientStore:
 
     def check(self) -> None:
         """A StaleStoreError naming what changed, if the checkpoints, data, record or schedule did."""
-        plan = _resolve(self.spec, self.root, self.path, stale=True)
+        data_root = Path(self.attrs["data_root"]) if self.attrs.get("data_root") else None
+        plan = _resolve(self.spec, self.root, self.path, data_root=data_root, stale=True)
         now, then = _fingerprints(plan), self.attrs["fingerprints"]
         if len(now["checkpoints"]) != len(then["checkpoints"]):
             changed = [
@@ -258,14 +264,14 @@ class GradientStore:
             ]
         else:
             changed = [
-                f"checkpoint {c} ({plan.checkpoints[c].path})"
+                f"checkpoint {c} ({plan.checkpoints[c].path.name})"
                 for c, (a, b) in enumerate(zip(now["checkpoints"], then["checkpoints"], strict=True))
                 if a != b
             ]
         changed += [f"the {name}" for name in ("dataset", "record", "scheduler") if now[name] != then[name]]
         if changed:
             raise StaleStoreError(
-                f"{self.path} is stale: {', '.join(changed)} changed since it was indexed; "
+                f"{self.path.name} is stale: {', '.join(changed)} changed since it was indexed; "
                 "create a new index (or delete this one and recreate it)"
             )
         self._plan = plan
@@ -478,7 +484,7 @@ class GradientStore:
             missing = int((~self.done_shards(c)).sum())
             if missing:
                 raise IncompleteStoreError(
-                    f"{self.path}: checkpoint {c} has {missing} of {self.num_shards} shards not done; "
+                    f"{self.path.name}: checkpoint {c} has {missing} of {self.num_shards} shards not done; "
                     "finish indexing with `retrac index run`"
                 )
         resident = {c: self._load_resident(c) for c in chosen}
@@ -600,14 +606,16 @@ def is_leftover(path: Path) -> bool:
     return path.is_dir() and (not (path / "zarr.json").is_file() or (path / DELETED_MARK).exists())
 
 
-def _resolve(spec: IndexSpec, root: Path | None, path: Path, *, stale: bool = False) -> IndexPlan:
+def _resolve(
+    spec: IndexSpec, root: Path | None, path: Path, *, data_root: Path | None, stale: bool = False
+) -> IndexPlan:
     """The spec's plan; when reopening a store, a failure to resolve means its inputs changed."""
     try:
-        return IndexPlan.resolve(spec, root)
+        return IndexPlan.resolve(spec, root, data_root=data_root)
     except RetracError as error:
         if not stale:
             raise
-        raise StaleStoreError(f"{path} is stale: its inputs no longer resolve: {error}") from error
+        raise StaleStoreError(f"{path.name} is stale: its inputs no longer resolve: {error}") from error
 
 
 def _describe(plan: IndexPlan) -> dict[str, Any]:

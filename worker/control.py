@@ -39,7 +39,7 @@ def submit(store_path: str | Path, *, root: Path | None = None, queue: str | Non
     store = GradientStore.open(path, root=root)
     pending = store.pending()
     if not pending:
-        raise NothingToIndexError(f"{path}: every shard is done; nothing is left to index")
+        raise NothingToIndexError(f"{path.name}: every shard is done; nothing is left to index")
     job = group(index_shard.s(str(path), c, s) for c, s in pending).apply_async(queue=queue)
     job.save()
     return str(job.id)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydantic import ValidationError
 
-from api_schemas import ProjectorSpec
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
 from api_schemas.indexes import IndexCreate, IndexesPublic, IndexPublic
 from cli import main
+from retrac.exceptions import SpecError
 from service.main import create_app
 from service.repository import StoreRepository
 from service.settings import Settings
@@ -148,3 +151,33 @@ def test_ready_when_queue_and_stores_answer(client: TestClient, own_roots: Setti
     answer = missing.get("/v1/ready")
     assert answer.status_code == 503
     assert answer.json()["checks"]["stores"]["ok"] is False and answer.json()["checks"]["queue"]["ok"] is True
+
+
+def test_a_link_out_of_the_data_root_is_refused_at_create_and_at_read(own_roots: Settings, tmp_path) -> None:
+    """A link in an image folder pointing outside the data root: never indexed, never served."""
+    folder = own_roots.data_root / f"linked-{tmp_path.name}"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    outside = tmp_path / "secret.png"
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(outside)
+    spec = IndexSpec(
+        dataset=DatasetSpec(source=folder.name, resolution=8),
+        checkpoints=(CheckpointSpec(path="run/checkpoints/epoch-0002"),),
+        loss="mse",
+        slots=SlotSpec(replay=False, grid=1),
+        projector=ProjectorSpec(kind="sketch", dim=64, seed=3),
+    )
+    repository = StoreRepository(own_roots)
+    (folder / "3.png").symlink_to(outside)
+    with pytest.raises(SpecError, match="leaves the configured root"):
+        repository.create(IndexCreate(name="x", spec=spec))
+    (folder / "3.png").unlink()
+    repository.create(IndexCreate(name="x", spec=spec))
+    client = TestClient(create_app(own_roots))
+    assert client.get("/v1/indexes/x/samples/0.png").status_code == 200
+    (folder / "3.png").symlink_to(outside)  # added after the index was made
+    assert client.get("/v1/indexes/x/samples/3.png").status_code == 404  # not in the opened index
+    answer = TestClient(create_app(own_roots)).get("/v1/indexes/x/samples/3.png")  # a fresh open
+    assert answer.status_code == 409 and "leaves the configured root" in answer.json()["detail"]
+    assert "secret" not in answer.text and str(tmp_path) not in answer.text
