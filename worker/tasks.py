@@ -17,7 +17,7 @@ import torch
 from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 
-from retrac.computers import GradientComputerCache
+from retrac.computers import GradientComputerCache, parse_device
 from storage import DeletedStoreError, GradientStore, is_leftover, run_shard
 from worker.app import app
 from worker.cancellation import is_cancelled
@@ -89,6 +89,7 @@ def _model_cache() -> GradientComputerCache:
     global _models
     if _models is None:
         settings = get_settings()
-        device = None if settings.device == "auto" else settings.device
-        _models = GradientComputerCache(device, threads=settings.torch_threads, capacity=settings.model_cache_size)
+        _models = GradientComputerCache(
+            parse_device(settings.device), threads=settings.torch_threads, capacity=settings.model_cache_size
+        )
     return _models
