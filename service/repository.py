@@ -14,7 +14,6 @@ import logging
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec
 from api_schemas.common import IndexName
@@ -23,7 +22,7 @@ from retrac.exceptions import RetracError
 from retrac.paths import resolve_inside
 from service.errors import Conflict, NotFound
 from service.settings import Settings
-from storage import GradientStore, delete_store, is_leftover
+from storage import GradientStore, OpenStores, delete_store, is_leftover
 from storage.store import mark_deleted
 
 logger = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ class StoreRepository:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.root = settings.stores_root
-        self._open: dict[str, tuple[tuple[Any, ...], GradientStore]] = {}
+        self._stores = OpenStores()
         self._lock = threading.Lock()
 
     def path(self, name: IndexName) -> Path:
@@ -69,14 +68,7 @@ class StoreRepository:
     def open(self, name: IndexName) -> GradientStore:
         """The opened store of `name`: checked against its inputs when first opened, and opened and
         checked again when its group or checkpoint files have changed since."""
-        with self._lock:
-            path = self.require(name)
-            cached = self._open.get(name)
-            if cached is not None and cached[0] == cached[1].signature():
-                return cached[1]
-            store = GradientStore.open(path)
-            self._open[name] = (store.signature(), store)
-            return store
+        return self._stores.get(self.require(name))
 
     def describe(self, name: IndexName) -> IndexPublic:
         """What the API shows of index `name`: spec, size, per-checkpoint progress, job."""
@@ -143,7 +135,7 @@ class StoreRepository:
             except BaseException:
                 shutil.rmtree(path, ignore_errors=True)
                 raise
-            self._open[request.name] = (store.signature(), store)
+            self._stores.put(store)
             return store
 
     def delete(self, name: IndexName) -> None:
@@ -151,7 +143,7 @@ class StoreRepository:
         write it)."""
         with self._lock:
             path = self.require(name)
-            self._open.pop(name, None)
+            self._stores.forget(path)
             delete_store(path)
             self._job_file(name).unlink(missing_ok=True)
 

@@ -12,6 +12,7 @@ from storage.errors import (
     StaleStoreError,
     StoreError,
 )
+from storage.cache import OpenStores
 from storage.runner import run_pending, run_shard
 from storage.progress import Progress, progress
 from storage.statistics import Attribution, StoredNorms, Timings, attribute, stored_norms, self_influence
@@ -27,6 +28,7 @@ __all__ = [
     "Progress",
     "StoredNorms",
     "NothingToIndexError",
+    "OpenStores",
     "StaleStoreError",
     "StoreError",
     "StoreStatus",

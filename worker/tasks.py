@@ -18,7 +18,7 @@ from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 
 from retrac.computers import GradientComputerCache, parse_device
-from storage import DeletedStoreError, GradientStore, is_leftover, run_shard
+from storage import DeletedStoreError, OpenStores, is_leftover, run_shard
 from worker.app import app
 from worker.cancellation import is_cancelled
 from worker.settings import get_settings
@@ -29,7 +29,7 @@ TRANSIENT_ERRORS = (OSError, torch.OutOfMemoryError)
 """Errors worth retrying with backoff: file systems and devices that may recover. Retrac's named
 errors (stale store, bad spec) are not: retrying would fail the same way."""
 
-_stores: dict[Path, tuple[tuple[Any, ...], GradientStore]] = {}
+_stores = OpenStores()
 _models: GradientComputerCache | None = None
 
 
@@ -61,7 +61,7 @@ def _index_shard(path: Path, checkpoint: int, shard: int) -> dict[str, Any]:
         return _outcome("missing", checkpoint, shard, 0.0)
     started = time.perf_counter()
     try:
-        computed = run_shard(_open(path), checkpoint, shard, _model_cache())
+        computed = run_shard(_stores.get(path), checkpoint, shard, _model_cache())
     except DeletedStoreError as error:  # deleted while this shard was computed: nothing was written
         logger.warning("%s: shard %d/%d dropped", error, checkpoint, shard)
         return _outcome("missing", checkpoint, shard, 0.0)
@@ -71,18 +71,6 @@ def _index_shard(path: Path, checkpoint: int, shard: int) -> dict[str, Any]:
 def _outcome(status: str, checkpoint: int, shard: int, seconds: float) -> dict[str, Any]:
     worker = f"{socket.gethostname()}:{os.getpid()}"
     return {"status": status, "checkpoint": checkpoint, "shard": shard, "seconds": seconds, "worker": worker}
-
-
-def _open(path: Path) -> GradientStore:
-    """The store at `path`, checked when first opened and reopened (and rechecked) when its group or
-    checkpoint files change, so a recreated store or a replaced checkpoint is never used stale."""
-    cached = _stores.get(path)
-    if cached is not None and cached[0] == cached[1].signature():
-        return cached[1]
-    store = GradientStore.open(path)
-    _stores[path] = (store.signature(), store)
-    return store
-
 
 
 def _model_cache() -> GradientComputerCache:
