@@ -17,15 +17,16 @@ Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k pr
 
 Shard i is rows `[i * shard_size, (i + 1) * shard_size)`. The stored `shard_size` is the spec's
 evened out over the rows (`_even_shard_size`): zarr writes every chunk at full size, so a short last
-shard would be padded on disk; evened out, the padding is under one row per shard. Each shard is exactly one chunk of every per-row
-array and one chunk of `digest` and `done_at`, so the one task that computes it is the only writer of
+shard would be padded on disk; evened out, the padding is under one row per shard. Each shard is
+exactly one chunk of every per-row array and one chunk of `digest` and `done_at`, so the one task that computes it is the only writer of
 every file it touches (zarr loses data when two writers share a chunk or shard file). A task writes the
 data, then the digest, then the done mark; a shard counts as done only when its mark is set and every
 one of its chunk files is present with the exact size of an uncompressed chunk, so a half-written,
 deleted or truncated shard is pending again. `status(verify=True)` also rereads the bytes against the
 digest, and marks a damaged shard not done so that the next run recomputes exactly it. Every read that
 scores (a resident load or a streamed chunk) checks each shard's bytes against its digest and refuses a
-damaged store with a DamagedStoreError. Nothing is compressed: zstd saves ~9% on projected gradients and slows every scan.
+damaged store with a DamagedStoreError. Nothing is compressed: zstd saves ~9% on projected gradients
+and slows every scan.
 """
 
 from __future__ import annotations
@@ -173,7 +174,9 @@ class GradientStore:
         if (path / "zarr.json").is_file():
             existing = cls.open(path, root=root, check=False, resident_bytes=resident_bytes)
             if existing.spec != spec:
-                raise StoreError(f"{path.name} already holds a different index; choose another path or delete it")
+                raise StoreError(
+                    f"{path.name} already holds a different index; choose another path or delete it"
+                )
             existing.check()
             return existing
         if path.exists() and (not path.is_dir() or any(path.iterdir())):

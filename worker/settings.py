@@ -36,6 +36,9 @@ class WorkerSettings(ComputeSettings):
     max_retries: int = Field(
         5, ge=0, description="retries, with exponential backoff, of a task hit by a transient error"
     )
+    stall_seconds: int = Field(
+        600, ge=1, description="a job with no shard finished and no worker seen for this long is stalled"
+    )
     visibility_timeout: int = Field(
         3600,
         ge=1,

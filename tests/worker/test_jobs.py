@@ -233,3 +233,28 @@ def test_delete_while_a_worker_writes_leaves_nothing_and_the_name_reusable(
     again = control.submit(path, queue=queue)
     wait_until(lambda: control.state(again) == "done", JOB_SECONDS, "the job on the recreated store")
     assert_same_as_embedded(path, reference_store)
+
+
+STALL_SECONDS = 1.0
+"""A short stall limit for the test (the default is `WorkerSettings.stall_seconds`)."""
+
+
+def test_a_job_without_workers_is_reported_stalled_and_a_failed_one_says_why(
+    tmp_path: Path, tiny_run: TrainingRun, workers: Workers, queue: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.folder, run)
+    path = tmp_path / "index.zarr"
+    GradientStore.create(path, tiny_index_spec(run))
+    job = control.submit(path, queue=queue)
+    assert control.stalled(job, path, seconds=STALL_SECONDS) is None  # just submitted
+    wait_until(
+        lambda: control.stalled(job, path, seconds=STALL_SECONDS) is not None, 10, "the job to stall"
+    )
+    assert "no worker answered" in control.stalled(job, path, seconds=STALL_SECONDS)
+    config = run / "checkpoints" / "epoch-0004" / "config.json"
+    config.write_text(config.read_text() + "\n")  # the store is stale: every shard fails
+    workers.start("picky")
+    wait_until(lambda: control.state(job) == "failed", JOB_SECONDS, "the job to fail")
+    reason = control.failure(job)
+    assert reason is not None and "StaleStoreError" in reason and "stale" in reason
