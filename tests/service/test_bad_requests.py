@@ -89,6 +89,22 @@ CASES = [
         upload(png(np.zeros((4100, 4100), np.uint8))),
     ),
     Bad(
+        "side over 16x the index's resolution (8 px)",
+        "post",
+        UPLOAD,
+        422,
+        "the largest side accepted is 128",
+        upload(png(np.zeros((129, 16), np.uint8))),
+    ),
+    Bad(
+        ".npy side over 16x the index's resolution",
+        "post",
+        UPLOAD,
+        422,
+        "the largest side accepted is 128",
+        upload(npy(np.zeros((16, 129), np.uint8)), "q.npy"),
+    ),
+    Bad(
         "wrong channel count",
         "post",
         UPLOAD,
