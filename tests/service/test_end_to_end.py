@@ -40,7 +40,7 @@ class Server:
         command = [
             sys.executable,
             "-m",
-            "retrac",
+            "cli",
             "serve",
             "--port",
             str(self.port),
