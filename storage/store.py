@@ -2,7 +2,8 @@
 
 Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k projected dims):
 
-    zarr.json attributes     format, the full IndexSpec and the root its paths resolve in,
+    zarr.json attributes     format, a uid, the full IndexSpec, the root its paths resolve in and
+                             the data root its dataset files must stay in,
                              fingerprints of the checkpoints, dataset, replay record and schedule,
                              the resolved checkpoints (path, epoch, weight), num_rows, num_slots,
                              dim, shard_size, num_shards, slot_kinds, and the noise rule that turns
