@@ -44,6 +44,16 @@ class IndexPublic(Public):
     job_id: str | None = Field(None, description="the indexing job started with the index, if any")
 
 
+class BrokenIndexPublic(Public):
+    """An index that cannot be opened (damaged, stale, half deleted), and why."""
+
+    name: IndexName
+    reason: str = Field(description="what is wrong and what to do about it")
+
+
 class IndexesPublic(Public):
     data: list[IndexPublic]
     count: int
+    broken: list[BrokenIndexPublic] = Field(
+        default_factory=list, description="indexes that do not open, with the reason; not in `data`"
+    )

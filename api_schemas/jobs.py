@@ -23,6 +23,10 @@ class JobPublic(Public):
     fraction: float = Field(ge=0, le=1, description="done / total")
     rate_per_s: float | None = Field(None, description="rows stored per second lately, if measured")
     eta_s: float | None = Field(None, description="seconds left at that rate, if known")
+    error: str | None = Field(None, description="why the job failed: the error of its first failed shard")
+    stalled: str | None = Field(
+        None, description="set when no shard finished and no worker was seen for a while: what to do"
+    )
 
 
 class JobCreate(Public):

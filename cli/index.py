@@ -196,6 +196,7 @@ def _run_queued(args: argparse.Namespace) -> int:
 
     from storage import NothingToIndexError
     from worker import control
+    from worker.settings import get_settings as worker_settings
 
     try:
         job_id = control.submit(args.store)
@@ -205,16 +206,22 @@ def _run_queued(args: argparse.Namespace) -> int:
     print(f"job {job_id} submitted: start workers with `retrac worker` on machines that see {args.store}")
     if not args.wait:
         return 0
-    current = control.progress(args.store)
+    current, warned = control.progress(args.store), False
+    stall_seconds = worker_settings().stall_seconds
     with tqdm(total=current.total_rows, initial=current.done_rows, unit="rows", desc="indexing") as bar:
         while True:
             bar.update(current.done_rows - bar.n)
             state = control.state(job_id)
             if current.complete or state in ("failed", "cancelled"):
                 break
+            reason = None if warned else control.stalled(job_id, args.store, seconds=stall_seconds)
+            if reason:
+                bar.write(f"job {job_id} looks stalled: {reason}")
+                warned = True
             time.sleep(POLL_SECONDS)
             current = control.progress(args.store)
-    print(f"job {job_id}: {state}")
+    why = control.failure(job_id) if state == "failed" else None
+    print(f"job {job_id}: {state}" + (f": {why}" if why else ""))
     return 0 if current.complete else 1
 
 

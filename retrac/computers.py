@@ -28,6 +28,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(setting: str) -> torch.device:
+    """A device setting as a device: "auto" is `default_device()`, anything else torch's own name."""
+    return default_device() if setting == "auto" else torch.device(setting)
+
+
 class GradientComputerCache:
     """Gradient computers of (plan, checkpoint), loaded on first use on `device`.
 

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import struct
@@ -28,6 +29,7 @@ from PIL import Image
 
 from api_schemas.specs import DatasetSpec
 from retrac.exceptions import DatasetError
+from retrac.paths import resolve_inside
 
 MAX_IMAGE_SIDE = 4096
 """Largest accepted image side, checked before pixels are decoded (guards against decompression bombs)."""
@@ -123,7 +125,7 @@ def load_dataset(spec: DatasetSpec, root: Path | None = None) -> ImageDataset:
     """
     if spec.source.startswith("builtin:"):
         return _load_builtin(spec)
-    path = _confine(Path(spec.source), root)
+    path = resolve_inside(root, spec.source)
     if path.is_dir():
         return _load_folder(path, spec, root)
     if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
@@ -132,8 +134,13 @@ def load_dataset(spec: DatasetSpec, root: Path | None = None) -> ImageDataset:
     raise DatasetError(f"dataset source {spec.source!r} {problem}; expected {_SOURCES}")
 
 
-def load_image_file(data: bytes | Path, *, resolution: int, channels: int) -> torch.Tensor:
-    """One image file or its bytes (PNG, JPEG, ... or .npy) as (channels, resolution, resolution) in [-1, 1]."""
+def load_image_file(
+    data: bytes | Path, *, resolution: int, channels: int, max_side: int = MAX_IMAGE_SIDE
+) -> torch.Tensor:
+    """One image file or its bytes (PNG, JPEG, ... or .npy) as (channels, resolution, resolution) in [-1, 1].
+
+    A side over `max_side` is refused from the declared size, before any pixel is decoded (a .npy's
+    allocation is bounded by its bytes), so what one image costs in memory is bounded by `max_side`."""
     where = str(data) if isinstance(data, Path) else "image bytes"
     if isinstance(data, Path):
         try:
@@ -145,8 +152,10 @@ def load_image_file(data: bytes | Path, *, resolution: int, channels: int) -> to
     if data.startswith(b"\x93NUMPY"):
         array = _read_npy(data, where)
     else:
-        array = _decode_image(data, where)
-    return _to_tensor(array, batched=False, resolution=resolution, channels=channels, where=where)[0]
+        array = _decode_image(data, where, max_side)
+    return _to_tensor(
+        array, batched=False, resolution=resolution, channels=channels, where=where, max_side=max_side
+    )[0]
 
 
 def outlier_mixture(majority: ImageDataset, outliers: ImageDataset, *, n_majority: int, n_outliers: int,
@@ -259,7 +268,7 @@ def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDat
         raise DatasetError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in folder {folder}")
     grouped = all("/" in rel for rel in found)  # every image in a class subfolder: the subfolder is its group
     kept = found[:spec.limit]
-    images = [load_image_file(_confine(folder / rel, root), resolution=spec.resolution, channels=spec.channels)
+    images = [load_image_file(resolve_inside(root, folder / rel), resolution=spec.resolution, channels=spec.channels)
               for rel in kept]
     ids = tuple(_UNSAFE_CHAR.sub("_", rel) for rel in kept)
     groups = tuple(rel.split("/", 1)[0] for rel in kept) if grouped else None
@@ -315,31 +324,31 @@ def _array_dataset(array: np.ndarray, ids: tuple[str, ...] | None, groups: tuple
     return ImageDataset(images, ids, name, None if groups is None else groups[:spec.limit])
 
 
-def _confine(path: Path, root: Path | None) -> Path:
-    if root is None:
-        return path
-    base = root.resolve()
-    resolved = (base / path).resolve()
-    if not resolved.is_relative_to(base):
-        raise DatasetError(f"{path} resolves to {resolved}, outside the data root {base}")
-    return resolved
-
-
 # --- decoding and the one conversion path ------------------------------------------------------------------
 
 
 def _read_npy(data: bytes, where: str) -> np.ndarray:
+    """The array of .npy bytes; its header is checked first, so a declared shape larger than the bytes
+    sent (or than an image may be) is refused before anything is allocated."""
     try:
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"version {version} unsupported; save it with numpy.save")
+        shape, _, dtype = readers[version](stream)
+        if dtype.hasobject or math.prod(shape) * dtype.itemsize != len(data) - stream.tell():
+            raise ValueError(f"its header declares {shape} {dtype}, which the {len(data)} bytes do not hold")
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise DatasetError(f"{where} is not a readable .npy array: {exc}") from exc
 
 
-def _decode_image(data: bytes, where: str) -> np.ndarray:
+def _decode_image(data: bytes, where: str, max_side: int) -> np.ndarray:
     """Pixels as (H, W) or (H, W, 3); alpha is composited onto black. Size is checked before decoding."""
     try:
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
-            _check_side(image.size[1], image.size[0], where)
+            _check_side(image.size[1], image.size[0], where, max_side)
             image.load()
             if image.mode == "F" or image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grey, float
                 return np.asarray(image).astype(np.float32) / (1.0 if image.mode == "F" else 65535.0)
@@ -351,22 +360,23 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
         raise DatasetError(f"{where} is not a readable image: {_IN_MEMORY.sub('the data', str(exc))}") from exc
 
 
-def _check_side(height: int, width: int, where: str) -> None:
-    if max(height, width) > MAX_IMAGE_SIDE:
-        raise DatasetError(f"{where} is {width}x{height}; the largest side accepted is {MAX_IMAGE_SIDE}")
+def _check_side(height: int, width: int, where: str, max_side: int) -> None:
+    if max(height, width) > max_side:
+        raise DatasetError(f"{where} is {width}x{height}; the largest side accepted is {max_side}")
 
 
-def _to_tensor(array: np.ndarray, *, batched: bool, resolution: int, channels: int, where: str) -> torch.Tensor:
+def _to_tensor(array: np.ndarray, *, batched: bool, resolution: int, channels: int, where: str,
+               max_side: int = MAX_IMAGE_SIDE) -> torch.Tensor:
     """(N, H, W), (N, H, W, C) or (N, C, H, W) (no N when not batched) → (N, channels, R, R) in [-1, 1]."""
     if channels not in (1, 3) or resolution < 1:
         raise DatasetError(f"cannot bring images to {channels} channels at {resolution} px")
-    nchw = _center_crop(_nchw(array if batched else array[None], where))
+    nchw = _center_crop(_nchw(array if batched else array[None], where, max_side))
     converted = [_fit(_unit(nchw[i:i + _CHUNK], where), resolution, channels)
                  for i in range(0, len(nchw), _CHUNK)]
     return torch.cat(converted)
 
 
-def _nchw(array: np.ndarray, where: str) -> np.ndarray:
+def _nchw(array: np.ndarray, where: str, max_side: int) -> np.ndarray:
     if array.ndim == 3:
         array = array[:, None]
     elif array.ndim != 4:
@@ -376,7 +386,9 @@ def _nchw(array: np.ndarray, where: str) -> np.ndarray:
     elif array.shape[1] not in (1, 3):
         raise DatasetError(f"{where}: shape {array.shape[1:]} has no channel axis of size 1 or 3 "
                            "(grey or RGB) first or last")
-    _check_side(array.shape[2], array.shape[3], where)
+    _check_side(array.shape[2], array.shape[3], where, max_side)
+    if 0 in array.shape[2:]:
+        raise DatasetError(f"{where}: images of shape {array.shape[2:]} have no pixels; send a non-empty image")
     return array
 
 

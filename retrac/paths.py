@@ -10,12 +10,21 @@ from retrac.exceptions import SpecError
 def resolve_inside(root: Path | None, path: str | Path) -> Path:
     """`path` resolved against `root` (symlinks followed); an error if it ends up outside `root`.
 
+    The one confinement rule: every path a spec names and every file a dataset folder holds goes
+    through it, when an index is created and again whenever it is reopened, so a link added later
+    cannot lead outside either. Messages name only the path's last part, never the server's folders.
+
     With no root, the path is only resolved: the caller is trusted (the CLI on the user's machine).
     """
+    if "\x00" in str(path):
+        raise SpecError(f"path {str(path)!r} contains a NUL byte; give a plain file or folder path")
     if root is None:
         return Path(path).expanduser().resolve()
     base = Path(root).resolve()
     target = (base / path).resolve()
     if not target.is_relative_to(base):
-        raise SpecError(f"path {str(path)!r} leaves the configured root; give a path inside {base}")
+        raise SpecError(
+            f"path {Path(path).name!r} leaves the configured root (through '..' or a link); give a "
+            "path inside it"
+        )
     return target

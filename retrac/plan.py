@@ -68,10 +68,11 @@ class IndexPlan:
     prediction_type: PredictionType
 
     @classmethod
-    def resolve(cls, spec: IndexSpec, root: Path | None = None) -> IndexPlan:
-        """Check and resolve `spec`; paths in it stay inside `root` when one is given."""
+    def resolve(cls, spec: IndexSpec, root: Path | None = None, *, data_root: Path | None = None) -> IndexPlan:
+        """Check and resolve `spec`; paths in it stay inside `root` when one is given, and the
+        dataset's files inside `data_root` (default `root`)."""
         run = TrainingRun.load(resolve_inside(root, spec.run)) if spec.run else None
-        dataset = load_dataset(spec.dataset, root)
+        dataset = load_dataset(spec.dataset, data_root if data_root is not None else root)
         loss = _resolve_loss(spec, run)
         checkpoints = _resolve_checkpoints(spec, run, len(dataset), root)
         architecture = read_architecture(checkpoints[0].path)

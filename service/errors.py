@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 
 from api_schemas.common import ErrorPublic
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
-from storage import IncompleteStoreError, StaleStoreError, StoreError
+from storage import DamagedStoreError, IncompleteStoreError, StaleStoreError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (Unavailable, 503),
     (StaleStoreError, 409),
     (IncompleteStoreError, 409),
+    (DamagedStoreError, 409),
     (StoreError, 422),
     (DatasetError, 422),
     (SpecError, 422),
@@ -54,7 +55,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         (401, "the API key is missing"),
         (403, "the API key is wrong"),
         (404, "no such index, job or sample"),
-        (409, "the index is not ready for this (still building, stale, or already exists)"),
+        (409, "the index is not ready for this (still building, stale, damaged, or already exists)"),
         (413, "the request body is too large"),
         (422, "a field, image or spec is invalid"),
         (503, "a dependency (the job queue) is unavailable"),

@@ -16,16 +16,26 @@ import torch
 from PIL import Image
 
 from api_schemas.attribution import ArrayImage, EncodedImage
-from retrac.datasets import load_image_file
+from retrac.datasets import MAX_IMAGE_SIDE, load_image_file
 from retrac.exceptions import DatasetError
 
 FORMATS_HINT = "send a PNG, JPEG, BMP, WEBP, GIF or TIFF file, or a .npy array"
+
+SIDE_PER_RESOLUTION = 16
+"""A query image's side may be at most this many times the index's resolution (and at most the
+engine's MAX_IMAGE_SIDE): it is scaled down to the resolution anyway, and the bound caps what one
+image costs decoded, before the engine lock: float32 RGBA at 16 x 32 px is 4 MB."""
+
+
+def max_side(resolution: int) -> int:
+    """The largest side of a query image for an index of `resolution`."""
+    return min(MAX_IMAGE_SIDE, SIDE_PER_RESOLUTION * resolution)
 
 
 def decode_file(data: bytes, *, resolution: int, channels: int, name: str) -> torch.Tensor:
     """One uploaded file as `(channels, resolution, resolution)` in [-1, 1]; DatasetError names it."""
     try:
-        return load_image_file(data, resolution=resolution, channels=channels)
+        return load_image_file(data, resolution=resolution, channels=channels, max_side=max_side(resolution))
     except DatasetError as error:
         message = str(error).replace("image bytes", name, 1)  # the engine's name for bytes without a path
         if "not a readable" in message:

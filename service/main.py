@@ -24,7 +24,7 @@ from service.limits import BodyLimit
 from service.query_engine import QueryEngine
 from service.repository import StoreRepository
 from service.settings import Settings, get_settings
-from retrac.computers import GradientComputerCache
+from retrac.computers import GradientComputerCache, parse_device
 
 STATIC = Path(__file__).parent / "static"
 
@@ -43,8 +43,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.repository = StoreRepository(settings)
-    device = None if settings.device == "auto" else settings.device
-    app.state.engine = QueryEngine(GradientComputerCache(device, threads=settings.torch_threads))
+    app.state.engine = QueryEngine(
+        GradientComputerCache(parse_device(settings.device), threads=settings.torch_threads)
+    )
     install_error_handlers(app)
     app.include_router(api_router)
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="web")

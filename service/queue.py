@@ -53,9 +53,14 @@ def describe_job(repository: StoreRepository, job_id: str) -> JobPublic:
     name = repository.index_of(job_id)
     progress = control.progress(repository.path(name))
     state: JobState = "done"
+    error = stalled = None
     if not progress.complete:
         with _queue_errors():
             state = control.state(job_id)
+            error = control.failure(job_id) if state == "failed" else None
+            if state in ("queued", "running"):
+                limit = queue_settings().stall_seconds
+                stalled = control.stalled(job_id, repository.path(name), seconds=limit)
     return JobPublic(
         id=job_id,
         index=name,
@@ -65,6 +70,8 @@ def describe_job(repository: StoreRepository, job_id: str) -> JobPublic:
         fraction=progress.fraction,
         rate_per_s=progress.rate_per_s,
         eta_s=progress.eta_s,
+        error=error,
+        stalled=stalled,
     )
 
 

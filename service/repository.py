@@ -14,16 +14,16 @@ import logging
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec
 from api_schemas.common import IndexName
-from api_schemas.indexes import CheckpointProgressPublic, IndexCreate, IndexPublic
+from api_schemas.indexes import BrokenIndexPublic, CheckpointProgressPublic, IndexCreate, IndexPublic
 from retrac.exceptions import RetracError
 from retrac.paths import resolve_inside
 from service.errors import Conflict, NotFound
 from service.settings import Settings
-from storage import GradientStore
+from storage import GradientStore, OpenStores, delete_store, is_leftover
+from storage.store import mark_deleted
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class StoreRepository:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.root = settings.stores_root
-        self._open: dict[str, tuple[tuple[Any, ...], GradientStore]] = {}
+        self._stores = OpenStores()
         self._lock = threading.Lock()
 
     def path(self, name: IndexName) -> Path:
@@ -60,20 +60,15 @@ class StoreRepository:
         if not self.root.is_dir():
             return []
         return sorted(
-            p.name for p in self.root.iterdir() if (p / "zarr.json").is_file() and not p.name.startswith(".")
+            p.name
+            for p in self.root.iterdir()
+            if (p / "zarr.json").is_file() and not p.name.startswith(".") and not is_leftover(p)
         )
 
     def open(self, name: IndexName) -> GradientStore:
         """The opened store of `name`: checked against its inputs when first opened, and opened and
         checked again when its group or checkpoint files have changed since."""
-        with self._lock:
-            path = self.require(name)
-            cached = self._open.get(name)
-            if cached is not None and cached[0] == cached[1].signature():
-                return cached[1]
-            store = GradientStore.open(path)
-            self._open[name] = (store.signature(), store)
-            return store
+        return self._stores.get(self.require(name))
 
     def describe(self, name: IndexName) -> IndexPublic:
         """What the API shows of index `name`: spec, size, per-checkpoint progress, job."""
@@ -105,19 +100,27 @@ class StoreRepository:
             job_id=self.job_of(name),
         )
 
-    def describe_all(self) -> list[IndexPublic]:
-        """Every index that opens; one that does not (stale, damaged) is logged and left out."""
-        described = []
+    def describe_all(self) -> tuple[list[IndexPublic], list[BrokenIndexPublic]]:
+        """Every index that opens, and every one that does not (stale, damaged) with the reason: one
+        broken store never hides the others."""
+        described, broken = [], []
         for name in self.names():
             try:
                 described.append(self.describe(name))
-            except (RetracError, NotFound) as error:
-                logger.warning("index %s left out of the list: %s", name, error)
-        return described
+            except NotFound:  # deleted meanwhile
+                continue
+            except Exception as error:  # anything, even a bug: the list of the others must answer
+                logger.warning("index %s listed as broken: %s", name, error)
+                reason = str(error) if isinstance(error, RetracError) else "it does not open; delete it"
+                broken.append(BrokenIndexPublic(name=name, reason=reason))
+        return described, broken
 
     def check_new(self, request: IndexCreate) -> IndexSpec:
         """The spec of a new index with its paths confined; a Conflict if the name is taken."""
-        if self.path(request.name).exists():
+        path = self.path(request.name)
+        if is_leftover(path):  # what an interrupted delete left: no store, so the name is free
+            delete_store(path)
+        if path.exists():
             raise Conflict(f"index {request.name!r} exists already; choose another name or delete it first")
         return self.confine(request.spec)
 
@@ -128,20 +131,25 @@ class StoreRepository:
             path = self.path(request.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                store = GradientStore.create(path, spec)
+                store = GradientStore.create(path, spec, data_root=self.settings.data_root)
             except BaseException:
                 shutil.rmtree(path, ignore_errors=True)
                 raise
-            self._open[request.name] = (store.signature(), store)
+            self._stores.put(store)
             return store
 
     def delete(self, name: IndexName) -> None:
-        """Remove the store of `name` and its job record."""
+        """Remove the store of `name` and its job record (`storage.delete_store`: safe while workers
+        write it)."""
         with self._lock:
             path = self.require(name)
-            self._open.pop(name, None)
-            shutil.rmtree(path)
+            self._stores.forget(path)
+            delete_store(path)
             self._job_file(name).unlink(missing_ok=True)
+
+    def mark_deleted(self, name: IndexName) -> None:
+        """Mark index `name` as being deleted, so workers skip its shards from now on."""
+        mark_deleted(self.require(name))
 
     def confine(self, spec: IndexSpec) -> IndexSpec:
         """`spec` with its paths resolved inside the models and data roots (SpecError if one leaves them)."""

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.settings import ComputeSettings
 
 MIN_KEY_LENGTH = 16
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RETRAC_", extra="ignore")
+class Settings(ComputeSettings):
+    """The service's settings; `device` and `torch_threads` (query gradients) come from
+    `ComputeSettings`, shared with the workers."""
 
     environment: Literal["development", "production"] = "development"
     stores_root: Path = Field(
@@ -39,12 +41,6 @@ class Settings(BaseSettings):
     )
 
     cors_origins: list[str] = Field([], description="origins allowed to call the API from a browser")
-    device: str = Field(
-        "auto", description="torch device of query gradients: auto (CUDA when available), cpu, cuda:1, ..."
-    )
-    torch_threads: int = Field(
-        1, ge=1, description="torch CPU threads of a query (RETRAC_TORCH_THREADS, as workers)"
-    )
 
     @field_validator("stores_root", "models_root", "data_root")
     @classmethod

@@ -4,23 +4,36 @@ See `storage.store` for the on-disk layout and its rules (one writer per chunk, 
 data, stale inputs refused).
 """
 
-from storage.errors import IncompleteStoreError, NothingToIndexError, StaleStoreError, StoreError
+from storage.errors import (
+    DamagedStoreError,
+    DeletedStoreError,
+    IncompleteStoreError,
+    NothingToIndexError,
+    StaleStoreError,
+    StoreError,
+)
+from storage.cache import OpenStores
 from storage.runner import run_pending, run_shard
 from storage.progress import Progress, progress
 from storage.statistics import StoredNorms, attribute, self_influence, stored_norms
-from storage.store import CheckpointStatus, GradientStore, StoreStatus
+from storage.store import CheckpointStatus, GradientStore, StoreStatus, delete_store, is_leftover
 
 __all__ = [
     "CheckpointStatus",
+    "DamagedStoreError",
+    "DeletedStoreError",
     "GradientStore",
     "IncompleteStoreError",
     "Progress",
     "StoredNorms",
     "NothingToIndexError",
+    "OpenStores",
     "StaleStoreError",
     "StoreError",
     "StoreStatus",
     "attribute",
+    "delete_store",
+    "is_leftover",
     "stored_norms",
     "progress",
     "run_pending",

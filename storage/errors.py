@@ -17,3 +17,11 @@ class IncompleteStoreError(StoreError):
 
 class NothingToIndexError(StoreError):
     """A job was asked for a store whose shards are all done."""
+
+
+class DamagedStoreError(StoreError):
+    """A shard marked done holds bytes that do not match its done mark's digest: never scored."""
+
+
+class DeletedStoreError(StoreError):
+    """The store was deleted (or deleted and recreated) since it was opened: nothing more is written."""

@@ -2,7 +2,8 @@
 
 Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k projected dims):
 
-    zarr.json attributes     format, the full IndexSpec and the root its paths resolve in,
+    zarr.json attributes     format, a uid, the full IndexSpec, the root its paths resolve in and
+                             the data root its dataset files must stay in,
                              fingerprints of the checkpoints, dataset, replay record and schedule,
                              the resolved checkpoints (path, epoch, weight), num_rows, num_slots,
                              dim, shard_size, num_shards, slot_kinds, and the noise rule that turns
@@ -12,16 +13,21 @@ Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k pr
     checkpoints/<c>/norms               (N, S)     float32: exact L2 norms before projection
     checkpoints/<c>/timesteps           (N, S)     int64
     checkpoints/<c>/seeds               (N, S)     int64: noise seeds
-    checkpoints/<c>/digest              (shards,)  uint32: crc32 of the shard's bytes, for `verify`
+    checkpoints/<c>/digest              (shards,)  uint64: xxh3_64 of the shard's bytes (see `_digest`)
     checkpoints/<c>/done_at             (shards,)  float64: the done mark, unix time; 0 = not done
 
-Shard i is rows `[i * shard_size, (i + 1) * shard_size)`. It is exactly one chunk of every per-row
-array and one chunk of `digest` and `done_at`, so the one task that computes it is the only writer of
+Shard i is rows `[i * shard_size, (i + 1) * shard_size)`. The stored `shard_size` is the spec's
+evened out over the rows (`_even_shard_size`): zarr writes every chunk at full size, so a short last
+shard would be padded on disk; evened out, the padding is under one row per shard. Each shard is
+exactly one chunk of every per-row array and one chunk of `digest` and `done_at`, so the one task that computes it is the only writer of
 every file it touches (zarr loses data when two writers share a chunk or shard file). A task writes the
 data, then the digest, then the done mark; a shard counts as done only when its mark is set and every
 one of its chunk files is present with the exact size of an uncompressed chunk, so a half-written,
 deleted or truncated shard is pending again. `status(verify=True)` also rereads the bytes against the
-digest. Nothing is compressed: zstd saves ~9% on projected gradients and slows every scan.
+digest, and marks a damaged shard not done so that the next run recomputes exactly it. Every read that
+scores (a resident load or a streamed chunk) checks each shard's bytes against its digest and refuses a
+damaged store with a DamagedStoreError. Nothing is compressed: zstd saves ~9% on projected gradients
+and slows every scan.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import threading
 import time
-import zlib
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 import zarr
 
 from api_schemas import IndexSpec
@@ -48,9 +56,17 @@ from retrac.plan import IndexPlan, Rows
 from retrac.models import fingerprint_checkpoint
 from retrac.replay import RECORD_NAME
 from retrac.scoring import SCAN_ROWS, RowChunk
-from storage.errors import IncompleteStoreError, StaleStoreError, StoreError
+from storage.errors import (
+    DamagedStoreError,
+    DeletedStoreError,
+    IncompleteStoreError,
+    StaleStoreError,
+    StoreError,
+)
 
-FORMAT = "retrac-store/1"
+FORMAT = "retrac-store/2"
+"""Format 2: xxh3_64 digests (three times crc32's speed, so checking every scanned chunk costs ~5% of a
+cold scan) and evened-out shards. Format 1 stores are refused with how to rebuild them."""
 NOISE_RULE = (
     "noise of seed s: torch.randn(image_shape, generator=torch.Generator('cpu').manual_seed(s), "
     "dtype=torch.float32), drawn on the CPU"
@@ -65,6 +81,9 @@ index resident when it fits, and streams only what does not."""
 RESIDENT_STEP = 16384
 """Rows per scan step when every scanned checkpoint is resident: no copy is made, and larger steps
 spend less on per-step work (allocations, top-k merges)."""
+
+DELETED_MARK = "deleted"
+"""A file in a store's folder: the store is being deleted. Workers skip it and write nothing more."""
 
 _ARRAY_CONFIG = {"write_empty_chunks": True}  # an all-zero shard must still leave its files behind
 _CHUNK_KEYS = {"name": "default", "separator": "/"}
@@ -121,7 +140,10 @@ class GradientStore:
         recorded = self.attrs.get("root")
         self.path, self.resident_bytes = path, resident_bytes
         self.root = root if root is not None else (Path(recorded) if recorded else None)
-        self.spec = IndexSpec.model_validate(self.attrs["spec"])
+        try:
+            self.spec = IndexSpec.model_validate(self.attrs["spec"])
+        except (KeyError, ValueError) as error:
+            raise StoreError(f"{path.name}: its spec is unreadable ({error}); delete it and create it again")
         self._plan: IndexPlan | None = None
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._sample_ids: tuple[str, ...] | None = None
@@ -137,9 +159,13 @@ class GradientStore:
         spec: IndexSpec,
         *,
         root: Path | None = None,
+        data_root: Path | None = None,
         resident_bytes: int = DEFAULT_RESIDENT_BYTES,
     ) -> GradientStore:
         """Write an empty store for `spec` at `path` (nothing done yet) and return it opened.
+
+        With `data_root`, the dataset's files must lie inside it, now and whenever the store is
+        reopened (it is recorded), so a link added to an image folder later cannot lead outside.
 
         An existing store with the same spec is reopened (and checked); one with another spec, or any
         other non-empty folder, is refused rather than overwritten.
@@ -148,24 +174,31 @@ class GradientStore:
         if (path / "zarr.json").is_file():
             existing = cls.open(path, root=root, check=False, resident_bytes=resident_bytes)
             if existing.spec != spec:
-                raise StoreError(f"{path} already holds a different index; choose another path or delete it")
+                raise StoreError(
+                    f"{path.name} already holds a different index; choose another path or delete it"
+                )
             existing.check()
             return existing
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise StoreError(f"{path} exists and is not a retrac store; choose another path")
-        plan = _resolve(spec, root, path)
-        attrs = {**_describe(plan), "root": str(Path(root).resolve()) if root is not None else None}
+            raise StoreError(f"{path.name} exists and is not a retrac store; choose another path")
+        plan = _resolve(spec, root, path, data_root=data_root)
+        attrs = {
+            **_describe(plan),
+            "root": str(Path(root).resolve()) if root is not None else None,
+            "data_root": str(Path(data_root).resolve()) if data_root is not None else None,
+            "uid": uuid.uuid4().hex,  # tells this store from a later one at the same path
+        }
         group = zarr.open_group(path, mode="w-", zarr_format=3)
         ids = group.create_array("sample_ids", shape=(plan.num_rows,), dtype=str, chunks=(plan.num_rows,))
         ids[:] = np.asarray(plan.dataset.ids, dtype=object)
-        rows, slots, dim, shard = plan.num_rows, attrs["num_slots"], attrs["dim"], spec.shard_size
+        rows, slots, dim, shard = plan.num_rows, attrs["num_slots"], attrs["dim"], attrs["shard_size"]
         for c in range(len(plan.checkpoints)):
             shapes = {
                 "projected": ((rows, slots, dim), (shard, slots, dim), spec.dtype),
                 "norms": ((rows, slots), (shard, slots), "float32"),
                 "timesteps": ((rows, slots), (shard, slots), "int64"),
                 "seeds": ((rows, slots), (shard, slots), "int64"),
-                "digest": ((attrs["num_shards"],), (1,), "uint32"),
+                "digest": ((attrs["num_shards"],), (1,), "uint64"),
                 "done_at": ((attrs["num_shards"],), (1,), "float64"),
             }
             for name, (shape, chunks, dtype) in shapes.items():
@@ -201,16 +234,21 @@ class GradientStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise StoreError(
-                f"{path} is not a retrac store (no zarr.json); create one with `retrac index create`"
+                f"{path.name} is not a retrac store (no zarr.json); create one with `retrac index create`"
             )
         try:
             group = zarr.open_group(path, mode="r+", zarr_format=3)
         except Exception as error:  # zarr raises several kinds on a damaged group
-            raise StoreError(f"{path}: cannot open the Zarr group: {error}") from error
+            raise StoreError(f"{path.name}: cannot open the Zarr group: {error}") from error
         found = group.attrs.get("format")
+        if isinstance(found, str) and found.startswith("retrac-store/") and found != FORMAT:
+            raise StoreError(
+                f"{path.name}: written in format {found}, this retrac reads {FORMAT}; delete it and "
+                "create it again with `retrac index create`"
+            )
         if found != FORMAT:
             raise StoreError(
-                f"{path}: not a {FORMAT} store (format {found!r}); if it is an interrupted create, "
+                f"{path.name}: not a {FORMAT} store (format {found!r}); if it is an interrupted create, "
                 "delete it and create it again"
             )
         store = cls(path, group, root=root, resident_bytes=resident_bytes)
@@ -220,7 +258,8 @@ class GradientStore:
 
     def check(self) -> None:
         """A StaleStoreError naming what changed, if the checkpoints, data, record or schedule did."""
-        plan = _resolve(self.spec, self.root, self.path, stale=True)
+        data_root = Path(self.attrs["data_root"]) if self.attrs.get("data_root") else None
+        plan = _resolve(self.spec, self.root, self.path, data_root=data_root, stale=True)
         now, then = _fingerprints(plan), self.attrs["fingerprints"]
         if len(now["checkpoints"]) != len(then["checkpoints"]):
             changed = [
@@ -228,14 +267,14 @@ class GradientStore:
             ]
         else:
             changed = [
-                f"checkpoint {c} ({plan.checkpoints[c].path})"
+                f"checkpoint {c} ({plan.checkpoints[c].path.name})"
                 for c, (a, b) in enumerate(zip(now["checkpoints"], then["checkpoints"], strict=True))
                 if a != b
             ]
         changed += [f"the {name}" for name in ("dataset", "record", "scheduler") if now[name] != then[name]]
         if changed:
             raise StaleStoreError(
-                f"{self.path} is stale: {', '.join(changed)} changed since it was indexed; "
+                f"{self.path.name} is stale: {', '.join(changed)} changed since it was indexed; "
                 "create a new index (or delete this one and recreate it)"
             )
         self._plan = plan
@@ -359,12 +398,25 @@ class GradientStore:
                 f"checkpoint {checkpoint} shard {shard}: non-finite gradients (beyond {self.spec.dtype}'s "
                 "range?); index with dtype float32, or check the checkpoint"
             )
+        self.require_live()
         done = self._array(checkpoint, "done_at")
         done[shard] = 0.0  # a rewrite is pending until its new mark
         for name, values in data.items():
             self._array(checkpoint, name)[part] = values
         self._array(checkpoint, "digest")[shard] = _digest(data.values())
         done[shard] = time.time()
+
+    def require_live(self) -> None:
+        """A DeletedStoreError if the store is being deleted, or was replaced by another at its path:
+        a worker that opened it before must not write into what is left, or into the new one."""
+        if (self.path / DELETED_MARK).exists():
+            raise DeletedStoreError(f"{self.path.name} is being deleted; nothing more is written to it")
+        try:
+            uid = json.loads((self.path / "zarr.json").read_text())["attributes"].get("uid")
+        except (OSError, ValueError, KeyError):
+            uid = None
+        if uid != self.attrs.get("uid"):
+            raise DeletedStoreError(f"{self.path.name} was deleted since it was opened; nothing is written")
 
     # --- status ---------------------------------------------------------------------------------------
 
@@ -385,7 +437,9 @@ class GradientStore:
         done = np.array([marks[i] and self._files_intact(checkpoint, i) for i in range(self.num_shards)])
         if verify:
             for shard in np.flatnonzero(done):
-                done[shard] = self._digest_matches(checkpoint, int(shard))
+                if not self._digest_matches(checkpoint, int(shard)):
+                    done[shard] = False
+                    self._array(checkpoint, "done_at")[int(shard)] = 0.0  # `index run` recomputes it
         return done
 
     def is_done(self, checkpoint: int, shard: int) -> bool:
@@ -437,7 +491,7 @@ class GradientStore:
             missing = int((~self.done_shards(c)).sum())
             if missing:
                 raise IncompleteStoreError(
-                    f"{self.path}: checkpoint {c} has {missing} of {self.num_shards} shards not done; "
+                    f"{self.path.name}: checkpoint {c} has {missing} of {self.num_shards} shards not done; "
                     "finish indexing with `retrac index run`"
                 )
         resident = {c: self._load_resident(c) for c in chosen}
@@ -452,9 +506,30 @@ class GradientStore:
         if resident is not None:
             projected, norms = resident[0][part], resident[1][part]
         else:
-            projected = self._array(checkpoint, "projected")[part]
-            norms = self._array(checkpoint, "norms")[part]
+            projected, norms = self._verified(checkpoint, part)
         return RowChunk(torch.from_numpy(projected), torch.from_numpy(norms))
+
+    def _verified(self, checkpoint: int, part: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Projected rows and norms of whole shards `part`, each shard checked against its digest.
+
+        The digest covers all four per-row arrays, so the (small) timesteps and seeds are read too.
+        A DamagedStoreError naming the first damaged shard and how to rebuild it.
+        """
+        arrays = [self._array(checkpoint, name)[part] for name in ROW_ARRAYS]
+        first = part.start // self.shard_size
+        count = math.ceil((part.stop - part.start) / self.shard_size)
+        digests = self._array(checkpoint, "digest")[first : first + count]
+        for offset, expected in enumerate(digests):
+            shard = first + offset
+            rows = self.shard_rows(shard)
+            local = slice(rows.start - part.start, rows.stop - part.start)
+            if _digest([a[local] for a in arrays]) != int(expected):
+                raise DamagedStoreError(
+                    f"index {self.path.name!r}: checkpoint {checkpoint} shard {shard} (rows {rows.start}.."
+                    f"{rows.stop - 1}) does not match its done mark's digest; rebuild it with "
+                    "`retrac index status --verify STORE` then `retrac index run STORE`"
+                )
+        return arrays[0], arrays[1]
 
     def _load_resident(self, checkpoint: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The checkpoint's arrays in memory, read once, if they fit what is left of the budget."""
@@ -466,7 +541,7 @@ class GradientStore:
             used = sum(p.nbytes + n.nbytes for p, n in self._resident.values())
             if used + needed > self.resident_bytes:
                 return None
-            loaded = (arrays[0][:], arrays[1][:])
+            loaded = self._verified(checkpoint, slice(0, self.num_rows))
             self._resident[checkpoint] = loaded
             return loaded
 
@@ -482,7 +557,14 @@ class GradientStore:
     def _array(self, checkpoint: int, name: str) -> zarr.Array:
         key = (self._checkpoint(checkpoint), name)
         if key not in self._arrays:
-            self._arrays[key] = self._group[f"checkpoints/{checkpoint}/{name}"].with_config(_ARRAY_CONFIG)
+            try:
+                array = self._group[f"checkpoints/{checkpoint}/{name}"]
+            except KeyError as error:
+                raise StoreError(
+                    f"{self.path.name}: checkpoint {checkpoint} has no {name} array (damaged or half "
+                    "deleted); delete it and create it again"
+                ) from error
+            self._arrays[key] = array.with_config(_ARRAY_CONFIG)
         return self._arrays[key]
 
     def _files_intact(self, checkpoint: int, shard: int) -> bool:
@@ -500,28 +582,54 @@ class GradientStore:
         return True
 
     def _digest_matches(self, checkpoint: int, shard: int) -> bool:
-        part = self.shard_rows(shard)
         try:
-            data = [self._array(checkpoint, name)[part] for name in ROW_ARRAYS]
-            return int(self._array(checkpoint, "digest")[shard]) == _digest(data)
-        except Exception:  # an unreadable chunk is simply not done
+            self._verified(checkpoint, self.shard_rows(shard))
+        except Exception:  # a damaged or unreadable chunk is simply not done
             return False
+        return True
 
 
-def _resolve(spec: IndexSpec, root: Path | None, path: Path, *, stale: bool = False) -> IndexPlan:
+def mark_deleted(path: Path) -> None:
+    """Mark the store at `path` as being deleted (see `delete_store`)."""
+    if path.is_dir():
+        (path / DELETED_MARK).touch()
+
+
+def delete_store(path: Path) -> None:
+    """Delete the store at `path`, safe against workers writing it: mark it, move it aside to a hidden
+    sibling in one rename (so `path` is free at once and no listing sees half a store), remove that.
+
+    A worker that passed its last check before the mark may still write one shard under `path`; that
+    leaves a folder without `zarr.json`, which `is_leftover` recognises and the next create clears.
+    """
+    mark_deleted(path)
+    aside = path.with_name(f".deleted-{path.name}-{uuid.uuid4().hex[:8]}")
+    path.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def is_leftover(path: Path) -> bool:
+    """A folder without `zarr.json`, or one marked deleted: what a deletion leaves, never a store."""
+    return path.is_dir() and (not (path / "zarr.json").is_file() or (path / DELETED_MARK).exists())
+
+
+def _resolve(
+    spec: IndexSpec, root: Path | None, path: Path, *, data_root: Path | None, stale: bool = False
+) -> IndexPlan:
     """The spec's plan; when reopening a store, a failure to resolve means its inputs changed."""
     try:
-        return IndexPlan.resolve(spec, root)
+        return IndexPlan.resolve(spec, root, data_root=data_root)
     except RetracError as error:
         if not stale:
             raise
-        raise StaleStoreError(f"{path} is stale: its inputs no longer resolve: {error}") from error
+        raise StaleStoreError(f"{path.name} is stale: its inputs no longer resolve: {error}") from error
 
 
 def _describe(plan: IndexPlan) -> dict[str, Any]:
     """The root attributes of a new store for `plan`."""
     spec = plan.spec
     dim = num_parameters(plan.load_model(0)) if spec.projector.kind == "identity" else spec.projector.dim
+    shard_size = _even_shard_size(plan.num_rows, spec.shard_size)
     kinds = spec.slots.kinds
     return {
         "format": FORMAT,
@@ -533,8 +641,8 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "num_rows": plan.num_rows,
         "num_slots": len(kinds),
         "dim": dim,
-        "shard_size": spec.shard_size,
-        "num_shards": math.ceil(plan.num_rows / spec.shard_size),
+        "shard_size": shard_size,
+        "num_shards": math.ceil(plan.num_rows / shard_size),
         "slot_kinds": kinds,
         "prediction_type": plan.prediction_type,
         "scheduler": str(plan.scheduler_folder),
@@ -560,11 +668,18 @@ def _file_digest(file: Path | None) -> str | None:
     return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
+def _even_shard_size(rows: int, most: int) -> int:
+    """Rows per shard: as many shards as `most` rows each need, with the rows spread evenly over them,
+    so that the last shard is short by fewer rows than there are shards."""
+    return math.ceil(rows / math.ceil(rows / most))
+
+
 def _digest(arrays: Sequence[np.ndarray] | Any) -> int:
-    value = 0
+    """xxh3_64 of the arrays' bytes in turn: a check against damage, not against an attacker."""
+    hasher = xxhash.xxh3_64()
     for array in arrays:
-        value = zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1), value)
-    return value
+        hasher.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+    return hasher.intdigest()
 
 
 def _read_or_zero(array: zarr.Array, index: int) -> float:

@@ -8,6 +8,8 @@ what is still pending is queued.
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -19,9 +21,16 @@ from storage import GradientStore, NothingToIndexError, Progress
 from storage import progress as store_progress
 from worker.app import app
 from worker.cancellation import is_cancelled, mark_cancelled
+from worker.settings import get_settings
 from worker.tasks import index_shard
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+
+PING_SECONDS = 1.0
+"""How long `stalled` waits for any worker to answer a ping."""
+
+_SUBMITTED = "retrac-submitted-"
+"""Result-backend key prefix of a job's submission time."""
 
 
 class JobNotFoundError(RetracError):
@@ -39,9 +48,11 @@ def submit(store_path: str | Path, *, root: Path | None = None, queue: str | Non
     store = GradientStore.open(path, root=root)
     pending = store.pending()
     if not pending:
-        raise NothingToIndexError(f"{path}: every shard is done; nothing is left to index")
+        raise NothingToIndexError(f"{path.name}: every shard is done; nothing is left to index")
     job = group(index_shard.s(str(path), c, s) for c, s in pending).apply_async(queue=queue)
     job.save()
+    record = {"at": time.time(), "queue": queue or get_settings().queue}
+    app.backend.set(_SUBMITTED + str(job.id), json.dumps(record))
     return str(job.id)
 
 
@@ -62,6 +73,36 @@ def state(job_id: str) -> JobState:
     if any(s in ("STARTED", "RETRY", "SUCCESS") for s in states):
         return "running"
     return "queued"
+
+
+def failure(job_id: str) -> str | None:
+    """Why a failed job failed: the error of its first failed shard (None if none failed)."""
+    for task in _restore(job_id).results:
+        if task.state == "FAILURE":
+            where = f"checkpoint {task.args[1]} shard {task.args[2]}: " if task.args else ""
+            return f"{where}{type(task.result).__name__}: {task.result}"
+    return None
+
+
+def stalled(job_id: str, store_path: str | Path, *, seconds: float) -> str | None:
+    """Why an unfinished job looks stalled: no shard finished (done marks) and no worker answered a
+    ping on its queue for `seconds` since the later of its submission and its last shard; else None."""
+    done = progress(store_path)
+    stored = app.backend.get(_SUBMITTED + job_id)
+    submitted = json.loads(stored) if stored else {"at": 0.0, "queue": get_settings().queue}
+    idle = time.time() - max(done.last_done_at or 0.0, submitted["at"])
+    if done.complete or idle < seconds or _consumers(submitted["queue"]):
+        return None
+    return (
+        f"no shard finished and no worker answered for {idle:.0f} s; start workers with `retrac worker` "
+        "on a machine that sees the store"
+    )
+
+
+def _consumers(queue: str) -> list[str]:
+    """Workers that answer within `PING_SECONDS` and consume `queue`."""
+    answers = app.control.inspect(timeout=PING_SECONDS).active_queues() or {}
+    return [host for host, queues in answers.items() if any(q.get("name") == queue for q in queues)]
 
 
 def cancel(job_id: str) -> None:

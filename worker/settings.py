@@ -14,21 +14,30 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
 
-class WorkerSettings(BaseSettings):
+class ComputeSettings(BaseSettings):
+    """Where and with how many threads gradients are computed: the same settings, with the same
+    meaning, for workers (training side) and the service (query side)."""
+
     model_config = SettingsConfigDict(env_prefix="RETRAC_", extra="ignore")
 
-    broker_url: str = Field(DEFAULT_REDIS, description="Celery broker (Redis)")
-    result_backend: str = Field(DEFAULT_REDIS, description="Celery result backend (Redis)")
-    queue: str = Field("retrac-index", description="queue the indexing tasks go to and workers consume")
     device: str = Field(
         "auto", description="torch device of the gradients: auto (CUDA when available), cpu, cuda:1, ..."
     )
     torch_threads: int = Field(
-        1, ge=1, description="CPU threads per worker process; fixed, because a shard's bytes depend on it"
+        1, ge=1, description="CPU threads per process; fixed, because a shard's bytes depend on it"
     )
+
+
+class WorkerSettings(ComputeSettings):
+    broker_url: str = Field(DEFAULT_REDIS, description="Celery broker (Redis)")
+    result_backend: str = Field(DEFAULT_REDIS, description="Celery result backend (Redis)")
+    queue: str = Field("retrac-index", description="queue the indexing tasks go to and workers consume")
     model_cache_size: int = Field(4, ge=1, description="checkpoints kept loaded per worker process")
     max_retries: int = Field(
         5, ge=0, description="retries, with exponential backoff, of a task hit by a transient error"
+    )
+    stall_seconds: int = Field(
+        600, ge=1, description="a job with no shard finished and no worker seen for this long is stalled"
     )
     visibility_timeout: int = Field(
         3600,

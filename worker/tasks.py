@@ -17,8 +17,8 @@ import torch
 from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 
-from retrac.computers import GradientComputerCache
-from storage import GradientStore, run_shard
+from retrac.computers import GradientComputerCache, parse_device
+from storage import DeletedStoreError, OpenStores, is_leftover, run_shard
 from worker.app import app
 from worker.cancellation import is_cancelled
 from worker.settings import get_settings
@@ -29,7 +29,7 @@ TRANSIENT_ERRORS = (OSError, torch.OutOfMemoryError)
 """Errors worth retrying with backoff: file systems and devices that may recover. Retrac's named
 errors (stale store, bad spec) are not: retrying would fail the same way."""
 
-_stores: dict[Path, tuple[tuple[Any, ...], GradientStore]] = {}
+_stores = OpenStores()
 _models: GradientComputerCache | None = None
 
 
@@ -56,11 +56,15 @@ def index_shard(self: Any, store_path: str, checkpoint: int, shard: int) -> dict
 
 
 def _index_shard(path: Path, checkpoint: int, shard: int) -> dict[str, Any]:
-    if not (path / "zarr.json").is_file():
-        logger.warning("store %s is gone: shard %d/%d skipped", path, checkpoint, shard)
+    if is_leftover(path) or not path.exists():
+        logger.warning("store %s is gone or being deleted: shard %d/%d skipped", path, checkpoint, shard)
         return _outcome("missing", checkpoint, shard, 0.0)
     started = time.perf_counter()
-    computed = run_shard(_open(path), checkpoint, shard, _model_cache())
+    try:
+        computed = run_shard(_stores.get(path), checkpoint, shard, _model_cache())
+    except DeletedStoreError as error:  # deleted while this shard was computed: nothing was written
+        logger.warning("%s: shard %d/%d dropped", error, checkpoint, shard)
+        return _outcome("missing", checkpoint, shard, 0.0)
     return _outcome("computed" if computed else "skipped", checkpoint, shard, time.perf_counter() - started)
 
 
@@ -69,22 +73,11 @@ def _outcome(status: str, checkpoint: int, shard: int, seconds: float) -> dict[s
     return {"status": status, "checkpoint": checkpoint, "shard": shard, "seconds": seconds, "worker": worker}
 
 
-def _open(path: Path) -> GradientStore:
-    """The store at `path`, checked when first opened and reopened (and rechecked) when its group or
-    checkpoint files change, so a recreated store or a replaced checkpoint is never used stale."""
-    cached = _stores.get(path)
-    if cached is not None and cached[0] == cached[1].signature():
-        return cached[1]
-    store = GradientStore.open(path)
-    _stores[path] = (store.signature(), store)
-    return store
-
-
-
 def _model_cache() -> GradientComputerCache:
     global _models
     if _models is None:
         settings = get_settings()
-        device = None if settings.device == "auto" else settings.device
-        _models = GradientComputerCache(device, threads=settings.torch_threads, capacity=settings.model_cache_size)
+        _models = GradientComputerCache(
+            parse_device(settings.device), threads=settings.torch_threads, capacity=settings.model_cache_size
+        )
     return _models

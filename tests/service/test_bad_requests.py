@@ -57,6 +57,18 @@ class Bad:
     headers: dict[str, str] | None = None
 
 
+def nul_specs() -> dict[str, dict[str, Any]]:
+    """An index spec with a NUL byte in each of its paths in turn."""
+    spec = index_spec().model_dump(mode="json")
+    external = {**spec, "run": None, "loss": "mse", "slots": {"replay": False, "grid": 2}}
+    return {
+        "run path": {**spec, "run": "ru\x00n"},
+        "dataset source": {**spec, "dataset": {**spec["dataset"], "source": "images\x00/x"}},
+        "scheduler path": {**spec, "scheduler": "run/sched\x00uler"},
+        "checkpoint path": {**external, "checkpoints": [{"path": "run/checkpoints/epoch-0002\x00"}]},
+    }
+
+
 CASES = [
     Bad("not an image", "post", UPLOAD, 422, "not a readable image", upload(b"hello, I am text")),
     Bad(
@@ -77,12 +89,44 @@ CASES = [
         upload(png(np.zeros((4100, 4100), np.uint8))),
     ),
     Bad(
+        "side over 16x the index's resolution (8 px)",
+        "post",
+        UPLOAD,
+        422,
+        "the largest side accepted is 128",
+        upload(png(np.zeros((129, 16), np.uint8))),
+    ),
+    Bad(
+        ".npy side over 16x the index's resolution",
+        "post",
+        UPLOAD,
+        422,
+        "the largest side accepted is 128",
+        upload(npy(np.zeros((16, 129), np.uint8)), "q.npy"),
+    ),
+    Bad(
         "wrong channel count",
         "post",
         UPLOAD,
         422,
         "channel axis of size 1 or 3",
         upload(npy(np.zeros((8, 8, 2), np.float32)), "q.npy"),
+    ),
+    Bad(
+        "empty .npy of shape (0, 0)",
+        "post",
+        UPLOAD,
+        422,
+        "have no pixels",
+        upload(npy(np.zeros((0, 0), np.uint8)), "q.npy"),
+    ),
+    Bad(
+        ".npy header declaring an enormous shape",
+        "post",
+        UPLOAD,
+        422,
+        "do not hold",
+        upload(npy(np.zeros((8, 8), np.uint8)).replace(b"(8, 8)", b"(9999999, 999999)"), "q.npy"),
     ),
     Bad(
         "NaN in an array",
@@ -188,6 +232,17 @@ CASES = [
         "leaves the configured root",
         {"json": {"name": "escape", "spec": index_spec(run="../../etc").model_dump(mode="json")}},
     ),
+    *(
+        Bad(
+            f"NUL byte in the {where}",
+            "post",
+            "/v1/indexes",
+            422,
+            "NUL byte",
+            {"json": {"name": "nul", "spec": spec}},
+        )
+        for where, spec in nul_specs().items()
+    ),
     Bad(
         "dataset of another shape than the model",
         "post",
@@ -254,5 +309,6 @@ def test_bad_request_is_refused_clearly(case: Bad, client: TestClient, settings:
     assert response.status_code == case.status, response.text
     detail = response.json()["detail"]
     assert isinstance(detail, str) and case.says in detail
+    assert str(settings.stores_root.parent) not in response.text  # no server path in any message
     assert client.get("/v1/health").status_code == 200
     assert snapshot(settings.stores_root) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import anyio.to_thread
 import httpx
 import numpy as np
 from fastapi import FastAPI
@@ -45,3 +46,28 @@ def test_concurrent_requests_equal_serial(app: FastAPI) -> None:
     assert (
         len({json.dumps(a["data"]) for a in serial}) == REQUESTS
     )  # every answer differs: a mix-up would show
+
+
+HEALTH_WAIT_S = 2.0
+"""How long the probe may take while the thread pool is full: it must not queue behind queries
+(the compose healthcheck allows 4 s)."""
+
+
+async def health_with_a_full_thread_pool(app: FastAPI) -> int:
+    """Hold every token of the thread pool that sync routes (queries) run on, then probe health."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    holders = [object() for _ in range(int(limiter.total_tokens))]
+    for holder in holders:
+        await limiter.acquire_on_behalf_of(holder)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            with anyio.fail_after(HEALTH_WAIT_S):
+                return (await client.get("/v1/health")).status_code
+    finally:
+        for holder in holders:
+            limiter.release_on_behalf_of(holder)
+
+
+def test_health_answers_while_queries_fill_the_thread_pool(app: FastAPI) -> None:
+    assert asyncio.run(health_with_a_full_thread_pool(app)) == 200

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
+
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydantic import ValidationError
 
-from api_schemas import ProjectorSpec
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
 from api_schemas.indexes import IndexCreate, IndexesPublic, IndexPublic
+from cli import main
+from retrac.exceptions import SpecError
 from service.main import create_app
 from service.repository import StoreRepository
 from service.settings import Settings
 from storage import GradientStore
-from tests.service.conftest import BUILDING, INDEX, index_spec
+from tests.service.conftest import API_KEY, BUILDING, INDEX, index_spec
 
 
 def test_health(client: TestClient) -> None:
@@ -96,7 +102,43 @@ def test_a_changed_checkpoint_makes_the_index_stale(own_roots: Settings) -> None
     config.write_text(config.read_text() + "\n")
     response = client.get("/v1/indexes/x")
     assert response.status_code == 409 and "stale" in response.json()["detail"]
-    assert client.get("/v1/indexes").json()["count"] == 0  # left out of the list, not an error
+    listed = client.get("/v1/indexes").json()
+    assert listed["count"] == 0  # left out of the list, not an error
+    assert listed["broken"][0]["name"] == "x" and "stale" in listed["broken"][0]["reason"]
+
+
+def test_a_half_deleted_store_is_listed_as_broken_and_its_name_freed(
+    own_roots: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What an rmtree racing a worker left (the issue): zarr.json present, arrays gone."""
+    client = TestClient(create_app(own_roots), headers={"X-API-Key": API_KEY})
+    repository = StoreRepository(own_roots)
+    for name in ("x", "y"):
+        repository.create(IndexCreate(name=name, spec=index_spec()))
+    shutil.rmtree(own_roots.stores_root / "x" / "checkpoints" / "1")
+    listed = client.get("/v1/indexes")
+    assert listed.status_code == 200
+    assert [i["name"] for i in listed.json()["data"]] == ["y"]
+    assert [b["name"] for b in listed.json()["broken"]] == ["x"]
+    assert "delete it and create it again" in listed.json()["broken"][0]["reason"]
+    assert str(own_roots.stores_root) not in listed.text  # no server path
+    assert main(["index", "status", str(own_roots.stores_root / "x")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "checkpoint 1 has no" in error
+    assert client.delete("/v1/indexes/x").status_code == 204
+    assert sorted(p.name for p in own_roots.stores_root.iterdir()) == ["y"]
+
+
+def test_a_leftover_folder_does_not_block_a_new_index(own_roots: Settings) -> None:
+    """A worker that passed its last check before a delete may leave a shard under the old name."""
+    leftover = own_roots.stores_root / "x" / "checkpoints" / "0" / "projected" / "c" / "0" / "0"
+    leftover.mkdir(parents=True)
+    (leftover / "0").write_bytes(b"old rows")
+    repository = StoreRepository(own_roots)
+    assert repository.names() == []
+    repository.create(IndexCreate(name="x", spec=index_spec()))
+    assert len(GradientStore.open(own_roots.stores_root / "x").pending()) == 3 * 3  # fresh, empty
+    assert not (leftover / "0").exists()
 
 
 @pytest.mark.redis
@@ -109,3 +151,33 @@ def test_ready_when_queue_and_stores_answer(client: TestClient, own_roots: Setti
     answer = missing.get("/v1/ready")
     assert answer.status_code == 503
     assert answer.json()["checks"]["stores"]["ok"] is False and answer.json()["checks"]["queue"]["ok"] is True
+
+
+def test_a_link_out_of_the_data_root_is_refused_at_create_and_at_read(own_roots: Settings, tmp_path) -> None:
+    """A link in an image folder pointing outside the data root: never indexed, never served."""
+    folder = own_roots.data_root / f"linked-{tmp_path.name}"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    outside = tmp_path / "secret.png"
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(outside)
+    spec = IndexSpec(
+        dataset=DatasetSpec(source=folder.name, resolution=8),
+        checkpoints=(CheckpointSpec(path="run/checkpoints/epoch-0002"),),
+        loss="mse",
+        slots=SlotSpec(replay=False, grid=1),
+        projector=ProjectorSpec(kind="sketch", dim=64, seed=3),
+    )
+    repository = StoreRepository(own_roots)
+    (folder / "3.png").symlink_to(outside)
+    with pytest.raises(SpecError, match="leaves the configured root"):
+        repository.create(IndexCreate(name="x", spec=spec))
+    (folder / "3.png").unlink()
+    repository.create(IndexCreate(name="x", spec=spec))
+    client = TestClient(create_app(own_roots))
+    assert client.get("/v1/indexes/x/samples/0.png").status_code == 200
+    (folder / "3.png").symlink_to(outside)  # added after the index was made
+    assert client.get("/v1/indexes/x/samples/3.png").status_code == 404  # not in the opened index
+    answer = TestClient(create_app(own_roots)).get("/v1/indexes/x/samples/3.png")  # a fresh open
+    assert answer.status_code == 409 and "leaves the configured root" in answer.json()["detail"]
+    assert "secret" not in answer.text and str(tmp_path) not in answer.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from api_schemas import IndexSpec, ProjectorSpec, SlotSpec
@@ -27,13 +28,17 @@ def tiny_index_spec(run: TrainingRun | Path, **changes: object) -> IndexSpec:
 
 
 def store_bytes(path: Path) -> dict[str, bytes]:
-    """Every file of a store except the done-mark times (which differ between runs), keyed by path
-    relative to the store."""
-    return {
+    """Every file of a store except the done-mark times and the store's uid (which differ between
+    runs), keyed by path relative to the store."""
+    files = {
         str(f.relative_to(path)): f.read_bytes()
         for f in sorted(path.rglob("*"))
         if f.is_file() and not ("done_at" in f.parts and f.name != "zarr.json")
     }
+    root = json.loads(files["zarr.json"])
+    root["attributes"].pop("uid")
+    files["zarr.json"] = json.dumps(root).encode()
+    return files
 
 
 def data_files(path: Path, checkpoint: int, shard: int) -> list[Path]:

@@ -15,7 +15,7 @@ import pytest
 from celery.result import GroupResult
 
 from retrac.replay import TrainingRun
-from storage import GradientStore, progress
+from storage import GradientStore, delete_store, is_leftover, progress
 from tests.storage.helpers import store_bytes, tiny_index_spec
 from tests.worker.conftest import Workers, wait_until
 from worker import control
@@ -208,3 +208,53 @@ def test_a_cancelled_job_runs_none_of_its_remaining_shards(
     assert all(t.state == "REVOKED" or t.result["status"] == "cancelled" for t in tasks)
     assert control.state(job) == "cancelled"
     assert progress(GradientStore.open(path)).done_shards == 0
+
+
+def test_delete_while_a_worker_writes_leaves_nothing_and_the_name_reusable(
+    tmp_path: Path, tiny_run: TrainingRun, reference_store: Path, workers: Workers, queue: str
+) -> None:
+    """A delete racing a real worker mid-job, its job left running (as when the store was submitted
+    from the command line, unknown to the service): the worker drops every remaining shard."""
+    path = fresh_store(tmp_path, tiny_run)
+    job = control.submit(path, queue=queue)
+    workers.start("busy")
+    wait_until(lambda: control.progress(path).done_shards >= 2, JOB_SECONDS, "2 shards")
+    delete_store(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["busy.log"]  # gone at once, nothing half deleted
+    tasks = GroupResult.restore(job, app=app).results
+    wait_until(lambda: all(t.ready() for t in tasks), JOB_SECONDS, "the worker to go through the job")
+    assert all(t.state == "SUCCESS" for t in tasks)  # no task failed on the vanished store
+    statuses = [t.result["status"] for t in tasks]
+    assert statuses.count("computed") >= 2 and statuses.count("missing") >= SHARDS - 4
+    assert not path.exists() or is_leftover(path)  # at most a shard's files from a write already under way
+    # The name is free again, and the same worker fills the new store at that path.
+    shutil.rmtree(path, ignore_errors=True)
+    path = fresh_store(tmp_path, tiny_run)
+    again = control.submit(path, queue=queue)
+    wait_until(lambda: control.state(again) == "done", JOB_SECONDS, "the job on the recreated store")
+    assert_same_as_embedded(path, reference_store)
+
+
+STALL_SECONDS = 1.0
+"""A short stall limit for the test (the default is `WorkerSettings.stall_seconds`)."""
+
+
+def test_a_job_without_workers_is_reported_stalled_and_a_failed_one_says_why(
+    tmp_path: Path, tiny_run: TrainingRun, workers: Workers, queue: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.folder, run)
+    path = tmp_path / "index.zarr"
+    GradientStore.create(path, tiny_index_spec(run))
+    job = control.submit(path, queue=queue)
+    assert control.stalled(job, path, seconds=STALL_SECONDS) is None  # just submitted
+    wait_until(
+        lambda: control.stalled(job, path, seconds=STALL_SECONDS) is not None, 10, "the job to stall"
+    )
+    assert "no worker answered" in control.stalled(job, path, seconds=STALL_SECONDS)
+    config = run / "checkpoints" / "epoch-0004" / "config.json"
+    config.write_text(config.read_text() + "\n")  # the store is stale: every shard fails
+    workers.start("picky")
+    wait_until(lambda: control.state(job) == "failed", JOB_SECONDS, "the job to fail")
+    reason = control.failure(job)
+    assert reason is not None and "StaleStoreError" in reason and "stale" in reason

@@ -14,9 +14,14 @@ from service.queue import queue_check
 router = APIRouter(tags=["health"])
 
 
+VERSION = version("retrac")
+
+
 @router.get("/health", summary="The process answers")
-def health() -> HealthPublic:
-    return HealthPublic(version=version("retrac"))
+async def health() -> HealthPublic:
+    """On the event loop, not the thread pool: it answers at once even while queries fill every
+    worker thread (the compose healthcheck gives it 4 s)."""
+    return HealthPublic(version=VERSION)
 
 
 @router.get(
@@ -29,7 +34,9 @@ def ready(settings: SettingsDep, response: Response) -> ReadinessPublic:
     usable = root.is_dir() and os.access(root, os.R_OK | os.W_OK | os.X_OK)
     checks = {
         "queue": queue_check(),
-        "stores": CheckPublic(ok=usable, detail=str(root) if usable else f"{root} is not a writable folder"),
+        "stores": CheckPublic(
+            ok=usable, detail="the stores root is writable" if usable else "the stores root is not a writable folder"
+        ),
     }
     answer = ReadinessPublic(ready=all(c.ok for c in checks.values()), checks=checks)
     if not answer.ready:

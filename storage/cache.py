@@ -1,0 +1,41 @@
+"""`OpenStores`: the stores a long-lived process (a service, a worker) keeps opened.
+
+Opening checks a store against its inputs (fingerprints), which costs a dataset load; a process
+keeps each store opened and reopens (and so rechecks) it only when its files change: another process
+may delete and recreate a store at the same path, or replace a checkpoint.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from storage.store import GradientStore
+
+
+class OpenStores:
+    """Opened stores by path, each with the `signature` it had when opened; safe to share between threads."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, tuple[tuple[Any, ...], GradientStore]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> GradientStore:
+        """The store at `path`, opened (and checked) again if its files changed since it was opened."""
+        with self._lock:
+            cached = self._open.get(path)
+            if cached is not None and cached[0] == cached[1].signature():
+                return cached[1]
+            store = GradientStore.open(path)
+            self._open[path] = (store.signature(), store)
+            return store
+
+    def put(self, store: GradientStore) -> None:
+        """Keep a store this process has just created."""
+        with self._lock:
+            self._open[store.path] = (store.signature(), store)
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._open.pop(path, None)

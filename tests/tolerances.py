@@ -1,0 +1,28 @@
+"""Tolerances from float32 arithmetic, so that a comparison holds on any CPU or device.
+
+Two float32 computations of one sum that add its terms in different orders (other BLAS kernels, other
+blockings, other thread counts, FMA or not) each lie within `gamma(n) * sum |terms|` of the exact sum
+(Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5), so they differ by at most twice that.
+"""
+
+from __future__ import annotations
+
+UNIT_ROUNDOFF = 2.0**-24
+"""float32: half the distance from 1 to the next float32."""
+
+
+def gamma(terms: int) -> float:
+    """Relative bound on float32 accumulation of `terms` terms in any order: n u / (1 - n u)."""
+    return terms * UNIT_ROUNDOFF / (1 - terms * UNIT_ROUNDOFF)
+
+
+CONFIDENCE = 8.0
+"""lambda of the probabilistic bound: it fails with probability below 2 exp(-lambda^2 / 2) ~ 3e-14."""
+
+
+def probable(terms: int) -> float:
+    """Relative bound on float32 accumulation of `terms` terms that holds with overwhelming probability
+    (Higham and Mary, "A new approach to probabilistic rounding error analysis", SISC 2019, thm 2.4):
+    lambda sqrt(n) u. For sums whose terms and order are not known exactly, where `gamma`'s worst case
+    is far above any real difference."""
+    return CONFIDENCE * terms**0.5 * UNIT_ROUNDOFF
