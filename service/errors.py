@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 
 from api_schemas.common import ErrorPublic
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
+from service.settings import Settings
 from storage import DamagedStoreError, IncompleteStoreError, StaleStoreError, StoreError
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,16 @@ def _answer(status: int, detail: str, headers: dict[str, str] | None = None) -> 
 
 async def _named_error(request: Request, error: Exception) -> JSONResponse:
     status = next(code for kind, code in STATUS if isinstance(error, kind))
-    return _answer(status, str(error))
+    return _answer(status, without_server_paths(str(error), request.app.state.settings))
+
+
+def without_server_paths(message: str, settings: Settings) -> str:
+    """`message` with the service's root folders cut off, so a path reads as the client names it
+    (relative to its root) and no server folder is revealed."""
+    roots = sorted((str(r) for r in (settings.stores_root, settings.models_root, settings.data_root)), key=len)
+    for root in reversed(roots):  # the longest first, in case one root lies inside another
+        message = message.replace(f"{root}/", "").replace(root, ".")
+    return message
 
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:

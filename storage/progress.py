@@ -22,7 +22,8 @@ class Progress:
     """Rows (one row = one sample at one checkpoint) done of the total, over all checkpoints.
 
     `rate_per_s` is rows per second over the last `RATE_WINDOW` shards done (None until two are);
-    `eta_s` is the time left at that rate (0 when complete, None when unknown).
+    `eta_s` is the time left at that rate (0 when complete, None when unknown); `last_done_at` is
+    the unix time of the newest done mark (None before the first), which tells a stalled job.
     """
 
     done_rows: int
@@ -31,6 +32,7 @@ class Progress:
     total_shards: int
     rate_per_s: float | None
     eta_s: float | None
+    last_done_at: float | None
 
     @property
     def fraction(self) -> float:
@@ -62,6 +64,7 @@ def progress(store: GradientStore) -> Progress:
         total_shards=store.num_shards * store.num_checkpoints,
         rate_per_s=rate,
         eta_s=eta,
+        last_done_at=float(when[-1]) if len(when) else None,
     )
 
 
