@@ -8,7 +8,6 @@ cores: each computes with `RETRAC_TORCH_THREADS` threads (default 1).
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,16 +26,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    # Settings are read when the app is imported: apply the flags to the environment first.
-    for name, value in (
-        ("RETRAC_QUEUE", args.queue),
-        ("RETRAC_DEVICE", args.device),
-        ("RETRAC_TORCH_THREADS", args.threads),
-    ):
-        if value is not None:
-            os.environ[name] = str(value)
+    from pydantic import ValidationError
+
+    from cli.common import first_error
+    from retrac.exceptions import SpecError
     from worker.app import app
-    from worker.settings import get_settings
+    from worker.settings import WorkerSettings, get_settings, use_settings
+
+    flags = {"queue": args.queue, "device": args.device, "torch_threads": args.threads}
+    try:  # the flags laid over the environment; the app reads them when it starts
+        use_settings(WorkerSettings(**{name: value for name, value in flags.items() if value is not None}))
+    except ValidationError as error:
+        raise SpecError(first_error(error)) from error
 
     argv = [
         "worker",

@@ -1,4 +1,5 @@
-"""The Celery app, configured from `WorkerSettings`. Start workers with `retrac worker`.
+"""The Celery app, configured from `WorkerSettings` when it is first used (not when imported, so the
+command line can choose the settings first). Start workers with `retrac worker`.
 
 Delivery rules for idempotent shard tasks: acknowledged late (after the shard is stored), rejected
 back to the queue when the worker process dies, one task prefetched at a time, and a task held by a
@@ -7,17 +8,19 @@ worker that vanished (SIGKILL, lost machine) is handed out again after the visib
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from worker.settings import get_settings
 
 
-def make_app() -> Celery:
+def configuration() -> dict[str, Any]:
+    """Celery's settings, from this process's `WorkerSettings`."""
     settings = get_settings()
-    app = Celery(
-        "retrac", broker=settings.broker_url, backend=settings.result_backend, include=["worker.tasks"]
-    )
-    app.conf.update(
+    return dict(
+        broker_url=settings.broker_url,
+        result_backend=settings.result_backend,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_track_started=True,
@@ -36,7 +39,7 @@ def make_app() -> Celery:
             "unacked_restore_throttle": 1,
         },
     )
-    return app
 
 
-app = make_app()
+app = Celery("retrac", include=["worker.tasks"])
+app.add_defaults(configuration)  # a callable is read lazily, on the first use of `app.conf`

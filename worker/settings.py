@@ -6,8 +6,6 @@ same there. Only the worker, the job functions and the CLI read these; the engin
 
 from __future__ import annotations
 
-import functools
-
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -47,7 +45,20 @@ class WorkerSettings(ComputeSettings):
     )
 
 
-@functools.cache
+_current: WorkerSettings | None = None
+
+
 def get_settings() -> WorkerSettings:
-    """The settings of this process, read from the environment once."""
-    return WorkerSettings()
+    """The settings of this process: those given to `use_settings`, else read from the environment
+    once, on first use (never at import, so a caller may still choose them)."""
+    global _current
+    if _current is None:
+        _current = WorkerSettings()
+    return _current
+
+
+def use_settings(settings: WorkerSettings) -> None:
+    """Make `settings` this process's settings (the CLI's flags over the environment). Worker child
+    processes are forked after this and inherit them."""
+    global _current
+    _current = settings

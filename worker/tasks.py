@@ -38,14 +38,22 @@ def _limit_threads(**_: Any) -> None:
     torch.set_num_threads(get_settings().torch_threads)
 
 
+class ShardTask(app.Task):  # type: ignore[name-defined]
+    """Reads its retry limit from the settings when a retry is decided, not when the module loads."""
+
+    @property
+    def max_retries(self) -> int:  # type: ignore[override]
+        return get_settings().max_retries
+
+
 @app.task(
     bind=True,
+    base=ShardTask,
     name="retrac.index_shard",
     autoretry_for=TRANSIENT_ERRORS,
     retry_backoff=True,
     retry_backoff_max=120,
     retry_jitter=True,
-    max_retries=get_settings().max_retries,
 )
 def index_shard(self: Any, store_path: str, checkpoint: int, shard: int) -> dict[str, Any]:
     """Compute and store shard `shard` of checkpoint `checkpoint` of the store at `store_path`."""
