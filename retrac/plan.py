@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from api_schemas import IndexSpec, LossKind, PredictionType
+from api_schemas import IndexSpec, LossKind, LossWeighting, PredictionType
 from retrac.datasets import ImageDataset, load_dataset
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.gradients import GradientComputer, num_parameters
+from retrac.losses import check_weighting
 from retrac.models import (
     DiffusionModel,
     check_architecture,
@@ -66,6 +67,7 @@ class IndexPlan:
     scheduler_folder: Path
     num_timesteps: int
     prediction_type: PredictionType
+    loss_weighting: LossWeighting
 
     @classmethod
     def resolve(cls, spec: IndexSpec, root: Path | None = None, *, data_root: Path | None = None) -> IndexPlan:
@@ -88,9 +90,11 @@ class IndexPlan:
             folder = run.scheduler_folder if run else find_scheduler(checkpoints[0].path)
         scheduler = load_scheduler(folder)
         check_compatible(architecture, scheduler)
+        weighting = _resolve_weighting(spec, run, scheduler.config.prediction_type)
+        check_weighting(scheduler, weighting)
         return cls(
             spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
-            int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type,
+            int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type, weighting,
         )
 
     @property
@@ -109,7 +113,9 @@ class IndexPlan:
     def gradient_computer(self, checkpoint: int, model: DiffusionModel) -> GradientComputer:
         """The computer that projects with this index's operator for checkpoint `checkpoint`."""
         projector = make_projector(self.spec.projector, num_parameters(model), checkpoint)
-        return GradientComputer(model, self.loss, projector, chunk=self.spec.batch_size)
+        return GradientComputer(
+            model, self.loss, projector, chunk=self.spec.batch_size, weighting=self.loss_weighting
+        )
 
     def slots(self, checkpoint: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps, seeds) `(n, S)` int64 of the rows `rows` at checkpoint `checkpoint`.
@@ -174,6 +180,27 @@ def _resolve_loss(spec: IndexSpec, run: TrainingRun | None) -> LossKind:
     if loss is None:
         raise SpecError("give the loss the model was trained with (mse or l1)")
     return loss
+
+
+def _resolve_weighting(spec: IndexSpec, run: TrainingRun | None, prediction: PredictionType) -> LossWeighting:
+    """The run's loss weighting (a different one given is an error), else the one given. A
+    sample-prediction model without a run must declare it: diffusers' `train_unconditional.py` trains
+    such models with the snr weighting, other scripts without, and a guess would be silently wrong."""
+    given = spec.loss_weighting
+    if run is not None:
+        if given is not None and given != run.spec.loss_weighting:
+            raise CheckpointError(
+                f"loss weighting {given!r} does not match the record: the run was trained with "
+                f"{run.spec.loss_weighting!r}; attribution must use the training loss"
+            )
+        return run.spec.loss_weighting
+    if given is None and prediction == "sample":
+        raise SpecError(
+            "the model predicts the clean image (prediction_type sample), which diffusers' train_unconditional.py "
+            "trains with an SNR-weighted MSE; declare the weighting it was trained with: --loss-weighting snr or "
+            "none (loss_weighting in a spec)"
+        )
+    return given or "none"
 
 
 def _resolve_checkpoints(

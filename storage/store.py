@@ -645,6 +645,7 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "num_shards": math.ceil(plan.num_rows / shard_size),
         "slot_kinds": kinds,
         "prediction_type": plan.prediction_type,
+        "loss_weighting": plan.loss_weighting,
         "scheduler": str(plan.scheduler_folder),
         "noise_rule": NOISE_RULE,
         "torch_version": torch.__version__,
