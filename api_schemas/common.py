@@ -17,10 +17,18 @@ IndexName = Annotated[
 ]
 """The name of an index, also its folder under the stores root: it cannot hold '/' or start with '.'."""
 
+_ID_CHAR, _ID_NOT_DOT = r"[^/\\\x00-\x1f\x7f]", r"[^/.\\\x00-\x1f\x7f]"
+SAMPLE_ID_PATTERN = rf"^(?:{_ID_CHAR}*{_ID_NOT_DOT}{_ID_CHAR}*/)*{_ID_CHAR}*{_ID_NOT_DOT}{_ID_CHAR}*$"
+"""A sample id is a relative path (`2/0084.png`: an image folder's ids are its files' paths): parts
+joined by '/', none empty or only dots, no backslash or control characters. So it never names a
+place outside its folder, and it travels in a URL path segment by segment."""
+MAX_SAMPLE_ID_LENGTH = 1024
+
 SampleId = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Za-z0-9._-]*[A-Za-z0-9_-][A-Za-z0-9._-]*$", max_length=200),
-    Field(description="a training sample's id: letters, digits, '.', '_', '-', not only dots"),
+    StringConstraints(pattern=SAMPLE_ID_PATTERN, max_length=MAX_SAMPLE_ID_LENGTH),
+    Field(description="a training sample's id: a relative path such as '2/0084.png' (parts joined by '/', "
+                      "none empty or only dots, no backslash or control characters)"),
 ]
 
 

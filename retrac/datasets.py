@@ -2,8 +2,9 @@
 
 Every source goes through the same conversion (channel layout, center crop to square, values to [0, 1],
 channel count, resize, then x = 2z - 1), so an image gets the same pixels whether it is a training sample
-or a query. Ids are stable across loads and safe as file names, because the gradient store keys its rows
-by them and a stale store is detected through the dataset's fingerprint.
+or a query. Ids are stable across loads, because the gradient store keys its rows by them and a stale
+store is detected through the dataset's fingerprint. An image folder's ids are its files' relative
+paths (`2/0084.png`), so an answer names the file it came from.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from api_schemas.common import MAX_SAMPLE_ID_LENGTH, SAMPLE_ID_PATTERN
 from api_schemas.specs import DatasetSpec
 from retrac.exceptions import DatasetError
 from retrac.paths import resolve_inside
@@ -34,10 +36,9 @@ from retrac.paths import resolve_inside
 MAX_IMAGE_SIDE = 4096
 """Largest accepted image side, checked before pixels are decoded (guards against decompression bombs)."""
 
-_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".npy"})
 _PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")  # no EPS/PDF: those run external programs
-_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
-_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9._-]")
+_SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
 _LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601, the weights of PIL's convert("L")
 _PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "coins", "moon", "page", "text", "rocket", "horse")
 _IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # PIL names its file object; say nothing of it
@@ -50,7 +51,8 @@ _SOURCES = (
 
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """Training images (N, C, H, W) in [-1, 1] with one unique, file-name-safe id per sample.
+    """Training images (N, C, H, W) in [-1, 1] with one unique id per sample (a relative path, see
+    `api_schemas.common.SAMPLE_ID_PATTERN`).
 
     Treat `images` as read-only: the fingerprint is computed once and cached.
     """
@@ -67,9 +69,12 @@ class ImageDataset:
         count = self.images.shape[0]
         if len(self.ids) != count:
             raise DatasetError(f"{len(self.ids)} ids for {count} images")
-        unsafe = [i for i in self.ids if not _SAFE_ID.fullmatch(i) or set(i) == {"."}]
-        if unsafe:
-            raise DatasetError(f"ids must match [A-Za-z0-9._-]+ and not be only dots; bad: {unsafe[:5]}")
+        bad = [i for i in self.ids if not _SAMPLE_ID.fullmatch(i) or len(i) > MAX_SAMPLE_ID_LENGTH]
+        if bad:
+            raise DatasetError(
+                f"sample ids must be relative paths of at most {MAX_SAMPLE_ID_LENGTH} characters (parts joined "
+                f"by '/', none empty or only dots, no backslash or control characters); rename: {bad[:5]}"
+            )
         if len(set(self.ids)) != count:
             repeated = sorted(i for i, n in Counter(self.ids).items() if n > 1)
             raise DatasetError(f"duplicate ids in {self.name!r}: {repeated[:5]}")
@@ -270,7 +275,7 @@ def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDat
     kept = found[:spec.limit]
     images = [load_image_file(resolve_inside(root, folder / rel), resolution=spec.resolution, channels=spec.channels)
               for rel in kept]
-    ids = tuple(_UNSAFE_CHAR.sub("_", rel) for rel in kept)
+    ids = tuple(kept)  # the relative paths themselves: an answer names the file
     groups = tuple(rel.split("/", 1)[0] for rel in kept) if grouped else None
     return ImageDataset(torch.stack(images), ids, folder.name, groups)
 

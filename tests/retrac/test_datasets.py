@@ -14,6 +14,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from skimage import data as skdata
 
+from api_schemas.common import SAMPLE_ID_PATTERN
 from api_schemas.specs import DatasetSpec
 from retrac.datasets import (
     MAX_IMAGE_SIDE,
@@ -27,7 +28,7 @@ from retrac.exceptions import DatasetError, SpecError
 
 torch.set_num_threads(1)
 
-SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
+SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
 
 
 def _png(array: np.ndarray, **kwargs: object) -> bytes:
@@ -58,7 +59,7 @@ def test_builtin_shapes_ranges_and_ids(source: str, channels: int) -> None:
     assert dataset.images.dtype == torch.float32
     assert dataset.images.min() >= -1 and dataset.images.max() <= 1
     assert dataset.images.std() > 0.05
-    assert len(set(dataset.ids)) == 30 and all(SAFE_ID.fullmatch(i) for i in dataset.ids)
+    assert len(set(dataset.ids)) == 30 and all(SAMPLE_ID.fullmatch(i) for i in dataset.ids)
     again = _load(source, resolution=16, channels=channels, limit=30)
     assert again.ids == dataset.ids
     assert again.fingerprint == dataset.fingerprint
@@ -167,8 +168,10 @@ def test_subset_index_of_and_bad_ids() -> None:
         dataset.index_of(["s1", "nope"])
     with pytest.raises(DatasetError, match="out of range"):
         dataset.subset([4])
-    for bad_ids in [("a", "a"), ("a/b", "c"), ("..", "c")]:
-        with pytest.raises(DatasetError):
+    assert _tiny([0.0, 0.1], ("2/0084.png", "my photos/é.png")).ids == ("2/0084.png", "my photos/é.png")
+    for bad_ids in [("a", "a"), ("a/../b", "c"), ("..", "c"), ("/a", "c"), ("a//b", "c"), ("a\\b", "c"),
+                    ("a\nb", "c"), ("", "c"), ("a/", "c"), ("x" * 1025, "c")]:
+        with pytest.raises(DatasetError, match="sample ids must be relative paths|duplicate ids"):
             _tiny([0.0, 0.1], bad_ids)
 
 
@@ -206,7 +209,7 @@ def test_image_folder_modes_groups_and_ids(tmp_path: Path) -> None:
     (folder / "dogs" / ".hidden.png").write_bytes(_png(rgb))
 
     dataset = load_dataset(DatasetSpec(source="data", resolution=8, channels=3), root=tmp_path)
-    assert dataset.ids == ("cats_a_rgb.png", "cats_b.png", "dogs_c.png", "dogs_deep_d.png", "dogs_e.JPG")
+    assert dataset.ids == ("cats/a rgb.png", "cats/b.png", "dogs/c.png", "dogs/deep/d.png", "dogs/e.JPG")
     assert dataset.groups == ("cats", "cats", "dogs", "dogs", "dogs")
     unit = (dataset.images + 1) / 2
     torch.testing.assert_close(unit[0], torch.from_numpy(rgb).permute(2, 0, 1) / 255.0)
@@ -222,8 +225,19 @@ def test_image_folder_modes_groups_and_ids(tmp_path: Path) -> None:
     assert np.array_equal(dataset.to_uint8(0), rgb)
 
     limited = load_dataset(DatasetSpec(source=str(folder / "dogs"), resolution=4, limit=2))
-    assert limited.ids == ("c.png", "deep_d.png") and limited.groups is None
+    assert limited.ids == ("c.png", "deep/d.png") and limited.groups is None
     assert limited.images.shape == (2, 1, 4, 4)
+
+
+def test_image_folder_reads_every_listed_format(tmp_path: Path) -> None:
+    grey = _pattern(10, (4, 4))
+    for suffix in ("bmp", "gif", "tiff", "webp"):
+        Image.fromarray(grey).save(tmp_path / f"x.{suffix}", **({"lossless": True} if suffix == "webp" else {}))
+    np.save(tmp_path / "x.npy", grey)
+    dataset = load_dataset(DatasetSpec(source=str(tmp_path), resolution=4))
+    assert dataset.ids == ("x.bmp", "x.gif", "x.npy", "x.tiff", "x.webp")
+    for row in range(len(dataset)):
+        assert np.array_equal(dataset.to_uint8(row), grey), dataset.ids[row]
 
 
 def test_npy_layouts_round_trip(tmp_path: Path) -> None:
