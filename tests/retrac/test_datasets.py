@@ -18,6 +18,7 @@ from api_schemas.common import SAMPLE_ID_PATTERN
 from api_schemas.specs import DatasetSpec
 from retrac.datasets import (
     MAX_IMAGE_SIDE,
+    Conversions,
     ImageDataset,
     load_dataset,
     load_image_file,
@@ -381,3 +382,42 @@ def test_npz_integer_group_labels_are_accepted(tmp_path) -> None:
     np.savez(tmp_path / "d.npz", images=np.zeros((3, 4, 4), dtype=np.uint8), groups=np.array([0, 1, 1]))
     dataset = load_dataset(DatasetSpec(source=str(tmp_path / "d.npz"), resolution=4))
     assert dataset.groups == ("0", "1", "1")
+
+
+# --- notices of what loading converted --------------------------------------------------------------------
+
+
+def test_notices_count_each_conversion_once_per_load(tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png(_pattern(11, (8, 8))))  # grey uint8 at 8 px: as it is
+    (folder / "b.png").write_bytes(_png(_pattern(12, (8, 8, 4))))  # RGBA: alpha, and RGB to grey
+    (folder / "c.png").write_bytes(_png(_pattern(13, (8, 12))))  # 12 wide, 8 high: cropped
+    (folder / "d.png").write_bytes(_png(_pattern(14, (16, 16))))  # resized
+    (folder / "e.png").write_bytes(_png(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000))  # 16-bit
+    dataset = load_dataset(DatasetSpec(source=str(folder), resolution=8))
+    assert dataset.notices == (
+        "mixed: 1 of 5 had their transparency composited onto black",
+        "mixed: 1 of 5 converted from RGB to grey (ITU-R BT.601 luma)",
+        "mixed: 1 of 5 center-cropped from 12x8 to 8x8 (width x height)",
+        "mixed: 1 of 5 resized from 16x16 to 8x8 px (bilinear)",
+        "mixed: 1 of 5 converted from 16-bit grey pixels",
+    )
+    again = load_dataset(DatasetSpec(source=str(folder), resolution=8))
+    assert again.notices == dataset.notices  # counted per load, never accumulated across loads
+    np.save(tmp_path / "wide.npy", np.zeros((3, 4, 4), dtype=np.uint16))
+    assert load_dataset(DatasetSpec(source=str(tmp_path / "wide.npy"), resolution=4, channels=3)).notices == (
+        "wide.npy: 3 of 3 converted from uint16 pixels",
+        "wide.npy: 3 of 3 converted from grey to RGB (the channel repeated)",
+    )
+    assert load_dataset(DatasetSpec(source="builtin:digits", resolution=8, limit=5)).notices == ()
+
+
+def test_query_image_conversions_are_counted_by_the_caller() -> None:
+    conversions = Conversions()
+    for side in (6, 12, 12):
+        load_image_file(_png(_pattern(side, (side, side, 3))), resolution=6, channels=1, conversions=conversions)
+    assert conversions.notices(3, "query images") == (
+        "query images: 3 of 3 converted from RGB to grey (ITU-R BT.601 luma)",
+        "query images: 2 of 3 resized from 12x12 to 6x6 px (bilinear)",
+    )
