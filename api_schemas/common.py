@@ -6,9 +6,10 @@ rule from the OpenAPI schema and the service never turns an unchecked string int
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 IndexName = Annotated[
     str,
@@ -24,11 +25,24 @@ joined by '/', none empty or only dots, no backslash or control characters. So i
 place outside its folder, and it travels in a URL path segment by segment."""
 MAX_SAMPLE_ID_LENGTH = 1024
 
+SAMPLE_ID_RULE = (
+    "a sample id is a relative path such as '2/0084.png': parts joined by '/', none empty or only dots, "
+    "no backslash or control characters"
+)
+
+
+def _sample_id(value: str) -> str:
+    """The pattern checked with a message that says the rule (pydantic's would print the regex)."""
+    if not re.fullmatch(SAMPLE_ID_PATTERN, value):
+        raise ValueError(SAMPLE_ID_RULE)
+    return value
+
+
 SampleId = Annotated[
     str,
-    StringConstraints(pattern=SAMPLE_ID_PATTERN, max_length=MAX_SAMPLE_ID_LENGTH),
-    Field(description="a training sample's id: a relative path such as '2/0084.png' (parts joined by '/', "
-                      "none empty or only dots, no backslash or control characters)"),
+    StringConstraints(max_length=MAX_SAMPLE_ID_LENGTH),
+    AfterValidator(_sample_id),
+    Field(description=f"a training sample's id; {SAMPLE_ID_RULE}", json_schema_extra={"pattern": SAMPLE_ID_PATTERN}),
 ]
 
 
