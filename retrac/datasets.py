@@ -39,6 +39,7 @@ MAX_IMAGE_SIDE = 4096
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".npy"})
 _PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")  # no EPS/PDF: those run external programs
 _SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
+_OLD_ID_CHAR = re.compile(r"[^A-Za-z0-9._-]")
 _LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601, the weights of PIL's convert("L")
 _PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "coins", "moon", "page", "text", "rocket", "horse")
 _IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # PIL names its file object; say nothing of it
@@ -187,6 +188,12 @@ def load_image_file(
         array, batched=False, resolution=resolution, channels=channels, where=where, max_side=max_side,
         conversions=conversions,
     )[0]
+
+
+def old_sample_ids(sample_ids: Sequence[str]) -> tuple[str, ...]:
+    """The ids earlier versions gave the same samples (every character outside `A-Za-z0-9._-`, '/'
+    included, replaced by '_'): to recognise runs and stores made before ids kept folder paths."""
+    return tuple(_OLD_ID_CHAR.sub("_", i) for i in sample_ids)
 
 
 def outlier_mixture(majority: ImageDataset, outliers: ImageDataset, *, n_majority: int, n_outliers: int,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from api_schemas import IndexSpec, LossKind, LossWeighting, PredictionType
-from retrac.datasets import ImageDataset, load_dataset
+from retrac.datasets import ImageDataset, load_dataset, old_sample_ids
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.gradients import GradientComputer, num_parameters
 from retrac.losses import check_weighting
@@ -237,6 +237,12 @@ def _check_replay(run: TrainingRun | None, dataset: ImageDataset, checkpoints: l
         if checkpoint.epoch is None:
             raise SpecError(f"{checkpoint.path}: replay needs the epoch the checkpoint was saved after")
     missing = set(dataset.ids) - set(run.sample_ids)
+    if missing and set(old_sample_ids(dataset.ids)) <= set(run.sample_ids):
+        raise SpecError(
+            f"the run names its samples by the rule of earlier versions ({old_sample_ids(sorted(missing))[0]!r}); "
+            f"sample ids are now the files' relative paths ({sorted(missing)[0]!r}): train the run again to "
+            "replay it, or index it without replay (grid or random slots)"
+        )
     if missing:
         run.replayed(sorted(missing), 1)  # raises ReplayError naming them
     if dataset.ids == run.sample_ids and dataset.fingerprint != run.dataset_fingerprint:

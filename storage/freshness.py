@@ -21,13 +21,13 @@ together) and `scheduler` (the config file's sha256) instead; they are compared 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from retrac.datasets import old_sample_ids
 from retrac.models import (
     SCHEDULER_CONFIG,
     fingerprint_checkpoint,
@@ -40,9 +40,6 @@ from retrac.replay import RECORD_NAME, TrainingRun
 
 REBUILD = "rebuild the index: delete it and create it again (`retrac index create`, then `retrac index run`)"
 """What to do about a stale store, when its inputs cannot be restored; ends every stale message."""
-
-_OLD_ID_CHAR = re.compile(r"[^A-Za-z0-9._-]")
-"""The sample-id rule of earlier versions: image folders' ids had '/' (and more) replaced by '_'."""
 
 
 def fingerprints(plan: IndexPlan) -> dict[str, Any]:
@@ -79,7 +76,7 @@ def _dataset_changes(then: str, plan: IndexPlan, stored_ids: tuple[str, ...]) ->
             f"{where}: the pixels or groups of its samples changed since the store was built "
             f"(sha256 {_short(then)} then, {_short(dataset.fingerprint)} now)"
         ]
-    if tuple(_OLD_ID_CHAR.sub("_", i) for i in dataset.ids) == stored_ids:
+    if old_sample_ids(dataset.ids) == stored_ids:
         return [
             f"{where}: the store names its samples by the rule of earlier versions ({stored_ids[0]!r}); "
             f"sample ids are now the files' relative paths ({dataset.ids[0]!r}) and the store's noise "

@@ -13,8 +13,11 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from api_schemas import DatasetSpec, SlotSpec
-from retrac.datasets import load_dataset
+from api_schemas import DatasetSpec, IndexSpec, SlotSpec, TrainSpec
+from retrac.datasets import load_dataset, old_sample_ids
+from retrac.exceptions import SpecError
+from retrac.plan import IndexPlan
+from retrac.training import train
 from retrac.models import WEIGHTS_NAME, fingerprint_checkpoint, sha256_file
 from retrac.replay import RECORD_NAME, TrainingRun
 from storage import GradientStore, StaleStoreError
@@ -91,8 +94,7 @@ def test_a_changed_dataset_is_named_with_what_changed(inputs: dict[str, Path]) -
 def test_a_store_of_the_old_sample_id_rule_is_refused_with_why(inputs: dict[str, Path]) -> None:
     store = inputs["base"] / "folder.zarr"
     opened = GradientStore.open(store, check=False)
-    old_ids = [i.replace("/", "_") for i in opened.sample_ids]  # as earlier versions named them
-    opened._group["sample_ids"][:] = np.asarray(old_ids, dtype=object)
+    opened._group["sample_ids"][:] = np.asarray(old_sample_ids(opened.sample_ids), dtype=object)
     opened._group.attrs["fingerprints"] = {**opened.attrs["fingerprints"], "dataset": "0" * 64}
     message = stale_message(store)
     assert "the rule of earlier versions ('class-0_00.png')" in message and "('class-0/00.png')" in message
@@ -149,3 +151,13 @@ def test_stores_with_the_earlier_fingerprints_are_still_checked(inputs: dict[str
     config = run / "checkpoints/epoch-0002/config.json"
     config.write_text(config.read_text() + "\n")
     assert f"checkpoint 0 ({run / 'checkpoints/epoch-0002'}): its config or weights changed" in stale_message(store)
+
+
+def test_a_run_of_the_old_sample_id_rule_is_refused_with_why(inputs: dict[str, Path]) -> None:
+    data = DatasetSpec(source=str(inputs["images"]), resolution=8)
+    spec = TrainSpec(dataset=data, preset="micro", epochs=1, batch_size=12, save_every=1, seed=0)
+    run = train(spec, load_dataset(data), inputs["base"] / "folder-run").folder
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "sample_ids": list(old_sample_ids(manifest["sample_ids"]))}))
+    with pytest.raises(SpecError, match=r"by the rule of earlier versions \('class-0_00.png'\); .* \('class-0/00.png'\)"):
+        IndexPlan.resolve(IndexSpec(dataset=data, run=str(run)))
