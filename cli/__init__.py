@@ -36,7 +36,8 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _retrac(
     _version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
     ] = False,
 ) -> None:
     """Data attribution for diffusion models: Diffusion-TracIn and Diffusion-ReTrac."""

@@ -55,18 +55,26 @@ def print_csv(files: list[Path], results: list) -> None:
         for method in METHODS:
             for side in ("proponents", "opponents"):
                 for rank, influence in enumerate(getattr(result.methods[method], side), start=1):
-                    writer.writerow([str(path), method, side, rank, influence.sample_id, repr(influence.score)])
+                    writer.writerow(
+                        [str(path), method, side, rank, influence.sample_id, repr(influence.score)]
+                    )
 
 
 def run(
     store: Annotated[Path, typer.Argument(help="a filled gradient store (retrac index create/run)")],
     images: Annotated[list[Path], typer.Argument(help="query images (PNG, JPEG or .npy) or folders of them")],
     top_k: Annotated[int, typer.Option(help="proponents and opponents per method")] = DEFAULT_TOP_K,
-    rank_all: Annotated[bool, typer.Option("--all", help="rank every training sample (overrides --top-k)")] = False,
-    timesteps: Annotated[int, typer.Option(help="K, query timestep grid size")] = default(QuerySpec, "timesteps"),
+    rank_all: Annotated[
+        bool, typer.Option("--all", help="rank every training sample (overrides --top-k)")
+    ] = False,
+    timesteps: Annotated[int, typer.Option(help="K, query timestep grid size")] = default(
+        QuerySpec, "timesteps"
+    ),
     draws: Annotated[int, typer.Option(help="M, noise draws per timestep")] = default(QuerySpec, "draws"),
     seed: Annotated[int, typer.Option(help="seed of the query's noise draws")] = default(QuerySpec, "seed"),
-    gallery: Annotated[Path | None, typer.Option(help="write a PNG of each query's top proponents per method")] = None,
+    gallery: Annotated[
+        Path | None, typer.Option(help="write a PNG of each query's top proponents per method")
+    ] = None,
     output: Annotated[OutputFormat, typer.Option("--format", help="how to print the results")] = "text",
     as_json: Annotated[bool, typer.Option("--json", help="same as --format json")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for the query gradients")] = 1,
@@ -90,21 +98,30 @@ def run(
         [load_image_file(path, resolution=dataset.resolution, channels=dataset.channels) for path in files]
     )
     with PhaseBars() as bars:
-        answer = attribute(opened, pixels, query, top_k=opened.num_rows if rank_all else top_k, on_progress=bars)
+        answer = attribute(
+            opened, pixels, query, top_k=opened.num_rows if rank_all else top_k, on_progress=bars
+        )
     if output == "csv":
         print_csv(files, answer.results)
     elif output == "json":
-        print(json.dumps({
-            "queries": [str(p) for p in files],
-            "results": [result.model_dump(mode="json") for result in answer.results],
-            "timings": asdict(answer.timings),
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "queries": [str(p) for p in files],
+                    "results": [result.model_dump(mode="json") for result in answer.results],
+                    "timings": asdict(answer.timings),
+                },
+                indent=1,
+            )
+        )
     else:
         for path, result in zip(files, answer.results, strict=True):
             print(f"\n{path}")
             for method in METHODS:
                 for side in ("proponents", "opponents"):
-                    ranked = ", ".join(f"{i.sample_id} ({i.score:.3g})" for i in getattr(result.methods[method], side))
+                    ranked = ", ".join(
+                        f"{i.sample_id} ({i.score:.3g})" for i in getattr(result.methods[method], side)
+                    )
                     print(f"  {method:6} {side:10} {ranked}")
         print(f"\nquery gradients {answer.timings.gradient_s:.2f} s, scan {answer.timings.scan_s:.3f} s")
     if gallery is not None:
@@ -112,7 +129,9 @@ def run(
         row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}
         rankings = {
             method: (
-                np.array([[row_of[i.sample_id] for i in r.methods[method].proponents] for r in answer.results]),
+                np.array(
+                    [[row_of[i.sample_id] for i in r.methods[method].proponents] for r in answer.results]
+                ),
                 np.array([[i.score for i in r.methods[method].proponents] for r in answer.results]),
             )
             for method in METHODS

@@ -36,10 +36,14 @@ def _unless_base(field: str) -> str:
     return f"{shown(DatasetSpec, field)}, or the base's: --config, --run or the model"
 
 
-Resolution = Annotated[int | None, typer.Option(help="image side in pixels", show_default=_unless_base("resolution"))]
+Resolution = Annotated[
+    int | None, typer.Option(help="image side in pixels", show_default=_unless_base("resolution"))
+]
 Channels = Annotated[int | None, typer.Option(help="1 grey or 3 RGB", show_default=_unless_base("channels"))]
 Limit = Annotated[int | None, typer.Option(help="use only the first N samples")]
-DataSeed = Annotated[int | None, typer.Option(help="seed of the source's random choices", show_default=_unless_base("seed"))]
+DataSeed = Annotated[
+    int | None, typer.Option(help="seed of the source's random choices", show_default=_unless_base("seed"))
+]
 
 
 def typed(**flags: Any) -> dict[str, Any]:

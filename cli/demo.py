@@ -17,7 +17,8 @@ from cli.eval import run_experiment_command
 def register(app: typer.Typer) -> None:
     app.command(
         "demo",
-        help="The embedded default: the small version of the README's experiment, end to end (CPU, no Redis).",
+        help="The embedded default: the small version of the README's experiment, end to end "
+        "(CPU, no Redis).",
         short_help="train, index, query and evaluate a small outlier model on built-in data (CPU, no Redis)",
     )(demo)
 

@@ -29,9 +29,9 @@ def register(parent: typer.Typer) -> None:
 
 @app.command(
     "run",
-    help="Train a DDPM on a majority group plus planted outliers, index it, query it, and compare TracIn with "
-    "ReTrac on U@k, generally influential samples, precision@k, outlier intrusion, self-influence and norm vs "
-    "timestep.",
+    help="Train a DDPM on a majority group plus planted outliers, index it, query it, and compare TracIn "
+    "with ReTrac on U@k, generally influential samples, precision@k, outlier intrusion, self-influence and "
+    "norm vs timestep.",
     short_help="the outlier-model experiment, end to end",
 )
 def run_experiment_command(
@@ -39,7 +39,9 @@ def run_experiment_command(
         ExperimentPreset,
         typer.Option(help="smoke (seconds), small (minutes), paper (the README's, ~15 min on 2 cores)"),
     ] = "small",
-    config: Annotated[Path | None, typer.Option(help="an ExperimentConfig JSON file (overrides --preset)")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="an ExperimentConfig JSON file (overrides --preset)")
+    ] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("retrac-eval"),
 ) -> int:
     import torch
@@ -66,8 +68,8 @@ def run_experiment_command(
 
 @app.command(
     "norms",
-    help="Exact gradient norm of every training sample at its replayed training step, and a few samples' norms "
-    "over the whole timestep grid, with Pearson/Spearman correlations and fit slope.",
+    help="Exact gradient norm of every training sample at its replayed training step, and a few samples' "
+    "norms over the whole timestep grid, with Pearson/Spearman correlations and fit slope.",
     short_help="gradient norm vs training timestep for one checkpoint of a training run",
 )
 def norms_command(

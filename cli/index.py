@@ -43,6 +43,9 @@ app = typer.Typer(
 
 Store = Annotated[Path, typer.Argument(help="a gradient store (retrac index create)")]
 
+SLOTS, PROJECTION = SlotSpec(), ProjectorSpec()
+"""The specs' defaults, which `create`'s flags show and start from."""
+
 
 def register(parent: typer.Typer) -> None:
     parent.add_typer(app, name="index")
@@ -51,19 +54,25 @@ def register(parent: typer.Typer) -> None:
 @app.command("create", help="Create an empty store for an index spec.")
 def create(
     store: Annotated[Path, typer.Argument(help="folder of the Zarr store to create")],
-    spec: Annotated[Path | None, typer.Option(help="IndexSpec as a JSON file (then the flags below are not used)")] = None,
-    run_folder: Annotated[str | None, typer.Option("--run", help="training run folder of `retrac train`")] = None,
+    spec: Annotated[
+        Path | None, typer.Option(help="IndexSpec as a JSON file (then the flags below are not used)")
+    ] = None,
+    run_folder: Annotated[
+        str | None, typer.Option("--run", help="training run folder of `retrac train`")
+    ] = None,
     checkpoint: Annotated[
         list[str] | None,
         typer.Option(
             metavar="DIR[:epoch=E,lr=LR|:weight=W]",
-            help="a diffusers UNet, pipeline or checkpoint-N folder (repeatable), with its epoch and learning "
-            "rate or its TracIn weight",
+            help="a diffusers UNet, pipeline or checkpoint-N folder (repeatable), with its epoch and "
+            "learning rate or its TracIn weight",
         ),
     ] = None,
     scheduler: Annotated[
         str | None,
-        typer.Option(help="folder with the scheduler_config.json", show_default="the run's, or beside the checkpoint"),
+        typer.Option(
+            help="folder with the scheduler_config.json", show_default="the run's, or beside the checkpoint"
+        ),
     ] = None,
     train_batch_size: Annotated[
         int | None, typer.Option(help="training batch size, for weights from epoch and lr")
@@ -73,20 +82,22 @@ def create(
     channels: Channels = None,
     limit: Limit = None,
     data_seed: DataSeed = None,
-    loss: Annotated[
-        LossKind | None, typer.Option(help="the training loss", show_default="the run's")
-    ] = None,
+    loss: Annotated[LossKind | None, typer.Option(help="the training loss", show_default="the run's")] = None,
     no_replay: Annotated[bool, typer.Option("--no-replay", help="no replayed-step slot")] = False,
-    grid: Annotated[int, typer.Option(help="grid timestep slots per sample")] = default(SlotSpec, "grid"),
-    random: Annotated[int, typer.Option(help="random timestep slots per sample")] = default(SlotSpec, "random"),
-    slot_seed: Annotated[int, typer.Option(help="seed of the slots' timesteps and noise")] = default(SlotSpec, "seed"),
-    projector: Annotated[ProjectorKind, typer.Option(help="random projection of the gradients")] = default(
-        ProjectorSpec, "kind"
+    grid: Annotated[int, typer.Option(help="grid timestep slots per sample")] = SLOTS.grid,
+    random: Annotated[int, typer.Option(help="random timestep slots per sample")] = SLOTS.random,
+    slot_seed: Annotated[int, typer.Option(help="seed of the slots' timesteps and noise")] = SLOTS.seed,
+    projector: Annotated[
+        ProjectorKind, typer.Option(help="random projection of the gradients")
+    ] = PROJECTION.kind,
+    dim: Annotated[int, typer.Option(help="projected dimension k")] = PROJECTION.dim,
+    projector_seed: Annotated[int, typer.Option(help="seed of the projection")] = PROJECTION.seed,
+    dtype: Annotated[StoreDType, typer.Option(help="stored gradient precision")] = default(
+        IndexSpec, "dtype"
     ),
-    dim: Annotated[int, typer.Option(help="projected dimension k")] = default(ProjectorSpec, "dim"),
-    projector_seed: Annotated[int, typer.Option(help="seed of the projection")] = default(ProjectorSpec, "seed"),
-    dtype: Annotated[StoreDType, typer.Option(help="stored gradient precision")] = default(IndexSpec, "dtype"),
-    batch_size: Annotated[int, typer.Option(help="samples per gradient batch")] = default(IndexSpec, "batch_size"),
+    batch_size: Annotated[int, typer.Option(help="samples per gradient batch")] = default(
+        IndexSpec, "batch_size"
+    ),
     shard_size: Annotated[int, typer.Option(help="rows per task, chunk and done mark")] = default(
         IndexSpec, "shard_size"
     ),
@@ -149,14 +160,15 @@ CHECKPOINT_KEYS = {"epoch": int, "lr": float, "weight": float}
 
 
 def checkpoint_fields(value: str) -> dict[str, Any]:
-    """`DIR` or `DIR:epoch=E,lr=LR` or `DIR:weight=W` as CheckpointSpec fields; a bad option is a usage error."""
+    """`DIR`, `DIR:epoch=E,lr=LR` or `DIR:weight=W` as CheckpointSpec fields; a bad option: usage error."""
     path, _, options = value.rpartition(":") if "=" in value.rpartition(":")[2] else (value, "", "")
     fields: dict[str, Any] = {"path": path}
     for option in filter(None, options.split(",")):
         key, _, text = option.partition("=")
         if key not in CHECKPOINT_KEYS:
             raise typer.BadParameter(
-                f"unknown checkpoint option {key!r}; use {', '.join(CHECKPOINT_KEYS)}", param_hint="'--checkpoint'"
+                f"unknown checkpoint option {key!r}; use {', '.join(CHECKPOINT_KEYS)}",
+                param_hint="'--checkpoint'",
             )
         try:
             fields[key] = CHECKPOINT_KEYS[key](text)
@@ -175,10 +187,14 @@ def _model_shape(checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
     return {"resolution": resolution, "channels": channels}
 
 
-@app.command("run", help="Compute every pending shard (embedded by default, with a bar that moves per batch).")
+@app.command(
+    "run", help="Compute every pending shard (embedded by default, with a bar that moves per batch)."
+)
 def run(
     store: Store,
-    queue: Annotated[bool, typer.Option("--queue", help="submit a Celery job for `retrac worker`s instead")] = False,
+    queue: Annotated[
+        bool, typer.Option("--queue", help="submit a Celery job for `retrac worker`s instead")
+    ] = False,
     wait: Annotated[
         bool, typer.Option("--wait", help="with --queue: follow the job until the store is complete")
     ] = False,
@@ -240,7 +256,9 @@ def _run_queued(store: Path, wait: bool) -> int:
 @app.command("status", help="Done/total per checkpoint, rate and time left.")
 def status(
     store: Store,
-    verify: Annotated[bool, typer.Option("--verify", help="also reread every done shard against its digest")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="also reread every done shard against its digest")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> int:
     from storage import GradientStore, progress
@@ -287,9 +305,7 @@ def status(
 
 
 @app.command("inspect", help="The store's spec, shapes, fingerprints and freshness.")
-def inspect(
-    store: Store, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False
-) -> int:
+def inspect(store: Store, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> int:
     from storage import GradientStore, StaleStoreError
 
     opened = GradientStore.open(store, check=False)
@@ -310,7 +326,10 @@ def inspect(
         },
         "shards": {"size": opened.shard_size, "per_checkpoint": opened.num_shards},
         "checkpoints": opened.checkpoint_info,
-        "scheduler": {"folder": opened.attrs.get("scheduler"), "prediction_type": opened.attrs.get("prediction_type")},
+        "scheduler": {
+            "folder": opened.attrs.get("scheduler"),
+            "prediction_type": opened.attrs.get("prediction_type"),
+        },
         "fingerprints": opened.attrs["fingerprints"],
         "size_bytes": opened.size_bytes(),
         "freshness": freshness,

@@ -13,7 +13,11 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    app.command("serve", help="Run the attribution REST service and web page.", short_help="run the attribution REST service and web page")(serve)
+    app.command(
+        "serve",
+        help="Run the attribution REST service and web page.",
+        short_help="run the attribution REST service and web page",
+    )(serve)
 
 
 def serve(

@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _flag(field: str, says: str | None = None) -> Any:
-    """A flag for TrainSpec `field`: unset unless typed (so it overrides --config), its default shown from TrainSpec."""
+    """A flag for TrainSpec `field`: unset unless typed (it overrides --config); TrainSpec's default shown."""
     return typer.Option(help=says, show_default=shown(TrainSpec, field))
 
 
@@ -58,11 +58,15 @@ def run(
     epochs: Annotated[int | None, _flag("epochs")] = None,
     batch_size: Annotated[int | None, _flag("batch_size")] = None,
     lr: Annotated[float | None, _flag("lr")] = None,
-    save_every: Annotated[int | None, _flag("save_every", "save a checkpoint every E epochs and after the last")] = None,
+    save_every: Annotated[
+        int | None, _flag("save_every", "save a checkpoint every E epochs and after the last")
+    ] = None,
     seed: Annotated[int | None, _flag("seed")] = None,
     timesteps: Annotated[int | None, _flag("num_timesteps", "T of the DDPM schedule")] = None,
     beta_schedule: Annotated[BetaSchedule | None, _flag("beta_schedule", "diffusers' beta schedule")] = None,
-    prediction_type: Annotated[PredictionType | None, _flag("prediction_type", "what the UNet predicts")] = None,
+    prediction_type: Annotated[
+        PredictionType | None, _flag("prediction_type", "what the UNet predicts")
+    ] = None,
 ) -> int:
     base: dict[str, Any] = {}
     if config is not None:
@@ -71,11 +75,24 @@ def run(
         except (OSError, ValueError) as error:
             raise SpecError(f"{config}: cannot read the config ({error})") from error
     dataset = dataset_spec(
-        base.pop("dataset", None), source=data, resolution=resolution, channels=channels, limit=limit, seed=data_seed
+        base.pop("dataset", None),
+        source=data,
+        resolution=resolution,
+        channels=channels,
+        limit=limit,
+        seed=data_seed,
     )
     flags = typed(
-        preset=preset, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, save_every=save_every, seed=seed,
-        num_timesteps=timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type,
+        preset=preset,
+        loss=loss,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        save_every=save_every,
+        seed=seed,
+        num_timesteps=timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
     )
     spec = validated(TrainSpec, {**base, **flags, "dataset": dataset})
     loaded = load_dataset(spec.dataset)

@@ -21,25 +21,33 @@ def from_environment(variable: str, field: str) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("worker", help="Start a Celery worker that fills gradient stores.", short_help="start a Celery worker that fills gradient stores")(start_worker)
+    app.command(
+        "worker",
+        help="Start a Celery worker that fills gradient stores.",
+        short_help="start a Celery worker that fills gradient stores",
+    )(start_worker)
 
 
 def start_worker(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="worker processes")] = 1,
     queue: Annotated[
         str | None,
-        typer.Option("--queue", "-Q", help="queue to consume", show_default=from_environment("RETRAC_QUEUE", "queue")),
+        typer.Option(
+            "--queue", "-Q", help="queue to consume", show_default=from_environment("RETRAC_QUEUE", "queue")
+        ),
     ] = None,
     device: Annotated[
         str | None,
         typer.Option(
-            help="torch device: auto, cpu, cuda, cuda:1 ...", show_default=from_environment("RETRAC_DEVICE", "device")
+            help="torch device: auto, cpu, cuda, cuda:1 ...",
+            show_default=from_environment("RETRAC_DEVICE", "device"),
         ),
     ] = None,
     threads: Annotated[
         int | None,
         typer.Option(
-            help="CPU threads per process", show_default=from_environment("RETRAC_TORCH_THREADS", "torch_threads")
+            help="CPU threads per process",
+            show_default=from_environment("RETRAC_TORCH_THREADS", "torch_threads"),
         ),
     ] = None,
     loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="Celery log level")] = "INFO",

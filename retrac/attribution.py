@@ -105,10 +105,10 @@ def attribute(
     started = time.perf_counter()
     chunks = source.chunks(chosen, SCAN_ROWS)
     on_rows = _phase(on_progress, "scan", len(source.sample_ids))
-    ranking = scan(
-        chunks if on_rows is None else _reported(chunks, on_rows), vectors, [source.weights[c] for c in chosen],
-        top_k=top_k, methods=list(dict.fromkeys(methods)),
-    )
+    if on_rows is not None:
+        chunks = _reported(chunks, on_rows)
+    weights = [source.weights[c] for c in chosen]
+    ranking = scan(chunks, vectors, weights, top_k=top_k, methods=list(dict.fromkeys(methods)))
     answers = public_results(ranking, source, chosen[-1])
     return Attribution(answers, Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started))
 

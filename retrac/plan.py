@@ -133,7 +133,11 @@ class IndexPlan:
         return torch.cat(columns_t, dim=1), torch.cat(columns_s, dim=1)
 
     def compute_rows(
-        self, checkpoint: int, rows: slice, computer: GradientComputer, on_rows: Callable[[int], None] | None = None
+        self,
+        checkpoint: int,
+        rows: slice,
+        computer: GradientComputer,
+        on_rows: Callable[[int], None] | None = None,
     ) -> Rows:
         """Projected gradients and exact norms of rows `rows` at checkpoint `checkpoint`.
 

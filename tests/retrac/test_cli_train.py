@@ -44,7 +44,7 @@ def test_every_help_shows_the_defaults(capsys) -> None:
 
 
 NO_DEFAULT = {"config", "spec", "run_folder", "checkpoint", "train_batch_size", "limit", "gallery", "hostname"}
-"""Options that are absent unless given: a file to read or write, a name, a count that only a typed value sets."""
+"""Options absent unless given: a file to read or write, a name, a count that only a typed value sets."""
 
 
 def test_every_option_with_a_default_shows_it() -> None:
@@ -68,7 +68,8 @@ def test_bad_flags_exit_2_with_one_line(capsys) -> None:
 
     for argv, says in ((["attribute", "s.zarr", "q.png", "--top-k", "many"], "--top-k"),
                        (["index", "create", "s.zarr", "--dtype", "int8"], "--dtype"),
-                       (["index", "run"], "Missing argument"), (["attribute", "s", "q", "--frobnicate"], "--frobnicate")):
+                       (["index", "run"], "Missing argument"),
+                       (["attribute", "s", "q", "--frobnicate"], "--frobnicate")):
         with pytest.raises(SystemExit) as exited:
             main(argv)
         error = capsys.readouterr().err

@@ -39,7 +39,9 @@ def test_the_embedded_runner_reports_rows_after_every_gradient_batch(
 def test_a_query_reports_each_checkpoints_gradient_batches_and_the_scan(reference_store: Path) -> None:
     store = GradientStore.open(reference_store)
     images = store.plan.dataset.images[:2]
-    query = QuerySpec(timesteps=6, draws=1)  # 2 images x 6 timesteps = 12 groups: two batches of 8 per checkpoint
+    query = QuerySpec(
+        timesteps=6, draws=1
+    )  # 2 images x 6 timesteps = 12 groups: two batches of 8 per checkpoint
     reports: list[tuple[str, int, int]] = []
     heard = attribute(store, images, query, top_k=3, on_progress=lambda *report: reports.append(report))
     gradients = [done for phase, done, total in reports if phase == "gradients"]
