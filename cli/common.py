@@ -33,7 +33,7 @@ def data_option(base: str) -> Any:
 
 def _unless_base(field: str) -> str:
     """`--help`'s default of a dataset flag: DatasetSpec's, unless the base dataset says otherwise."""
-    return f"{shown(DatasetSpec, field)}, or the base's: --config, --run or the model"
+    return f"{shown(DatasetSpec, field)} or the base dataset's"
 
 
 Resolution = Annotated[

@@ -55,13 +55,13 @@ def run(
     data_seed: DataSeed = None,
     preset: Annotated[PresetName | None, _flag("preset", "UNet size")] = None,
     loss: Annotated[LossKind | None, _flag("loss", "noise-prediction loss")] = None,
-    epochs: Annotated[int | None, _flag("epochs")] = None,
-    batch_size: Annotated[int | None, _flag("batch_size")] = None,
-    lr: Annotated[float | None, _flag("lr")] = None,
+    epochs: Annotated[int | None, _flag("epochs", "training epochs")] = None,
+    batch_size: Annotated[int | None, _flag("batch_size", "samples per optimiser step")] = None,
+    lr: Annotated[float | None, _flag("lr", "learning rate")] = None,
     save_every: Annotated[
         int | None, _flag("save_every", "save a checkpoint every E epochs and after the last")
     ] = None,
-    seed: Annotated[int | None, _flag("seed")] = None,
+    seed: Annotated[int | None, _flag("seed", "seed of the run")] = None,
     timesteps: Annotated[int | None, _flag("num_timesteps", "T of the DDPM schedule")] = None,
     beta_schedule: Annotated[BetaSchedule | None, _flag("beta_schedule", "diffusers' beta schedule")] = None,
     prediction_type: Annotated[
