@@ -16,7 +16,8 @@ from typing import Annotated
 
 import typer
 
-from cli import attribute, demo, eval, index, self_influence, serve, train, worker
+from cli import attribute, demo, index, self_influence, serve, train, worker
+from cli import eval as evaluation
 from retrac.exceptions import RetracError
 
 app = typer.Typer(
@@ -40,10 +41,10 @@ def _retrac(
         typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
     ] = False,
 ) -> None:
-    """Data attribution for diffusion models: Diffusion-TracIn and Diffusion-ReTrac."""
+    """The options of `retrac` itself; each command is registered by its module below."""
 
 
-for module in (demo, train, index, attribute, self_influence, worker, serve, eval):
+for module in (demo, train, index, attribute, self_influence, worker, serve, evaluation):
     module.register(app)
 
 
