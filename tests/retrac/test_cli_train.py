@@ -34,7 +34,7 @@ def test_every_help_shows_the_defaults(capsys) -> None:
 
     for command, says in ((["index", "create"], "grid timestep slots per sample [default: 0]"),
                           (["attribute"], "proponents and opponents per method [default: 10]"),
-                          (["train"], "--epochs <int> [default: (10)]"), (["serve"], "[default: 8000]")):
+                          (["train"], "--epochs <int> training epochs [default: (10)]"), (["serve"], "[default: 8000]")):
         with pytest.raises(SystemExit):
             main([*command, "--help"])
         assert says in " ".join(capsys.readouterr().out.split()), command
