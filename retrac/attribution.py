@@ -228,7 +228,8 @@ class Attributor:
         return self.plan.gradient_computer(checkpoint, self.model(checkpoint))
 
     def index(self, shard_size: int | None = None, on_progress: ProgressCallback | None = None) -> list[Rows]:
-        """Compute every row at every checkpoint, in shards of `shard_size` rows."""
+        """Compute every row at every checkpoint, in shards of `shard_size` rows; `on_progress(n)` hears
+        of the n rows each gradient batch completed."""
         step = shard_size or self.plan.spec.shard_size
         per_checkpoint = []
         for c in range(len(self.plan.checkpoints)):
@@ -236,9 +237,7 @@ class Attributor:
             parts = []
             for start in range(0, self.plan.num_rows, step):
                 rows = slice(start, min(start + step, self.plan.num_rows))
-                parts.append(self.plan.compute_rows(c, rows, computer))
-                if on_progress is not None:
-                    on_progress(rows.stop - rows.start)
+                parts.append(self.plan.compute_rows(c, rows, computer, on_progress))
             fields = ("projected", "norms", "timesteps", "seeds")
             per_checkpoint.append(Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in fields)))
         self.rows = per_checkpoint

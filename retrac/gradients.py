@@ -67,6 +67,7 @@ def whole_groups(callback: Callable[[int], None], group_size: int) -> ChunkCallb
 
     return on_chunk
 
+
 @dataclass(frozen=True)
 class GradientBatch:
     """Projected gradients `(B, k)` and exact L2 norms `(B,)` of the unprojected ones, float32."""
