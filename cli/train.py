@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import typer
 from tqdm import tqdm
 
-from api_schemas import BetaSchedule, LossKind, PredictionType, TrainSpec
+from api_schemas import BetaSchedule, LossKind, LossWeighting, PredictionType, TrainSpec
 from cli.common import (
     Channels,
     DataSeed,
@@ -67,6 +67,10 @@ def run(
     prediction_type: Annotated[
         PredictionType | None, _flag("prediction_type", "what the UNet predicts")
     ] = None,
+    loss_weighting: Annotated[
+        LossWeighting | None,
+        _flag("loss_weighting", "per-sample loss weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t)"),
+    ] = None,
 ) -> int:
     base: dict[str, Any] = {}
     if config is not None:
@@ -93,6 +97,7 @@ def run(
         num_timesteps=timesteps,
         beta_schedule=beta_schedule,
         prediction_type=prediction_type,
+        loss_weighting=loss_weighting,
     )
     spec = validated(TrainSpec, {**base, **flags, "dataset": dataset})
     loaded = load_dataset(spec.dataset)

@@ -16,8 +16,10 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler, UNet2DModel
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSpec, TrainSpec
@@ -27,6 +29,7 @@ from retrac.exceptions import RetracError
 from retrac.losses import noised, target
 from retrac.models import load_scheduler
 from retrac.plan import IndexPlan
+from retrac.replay import TrainingRun
 from retrac.training import train
 
 torch.set_num_threads(1)
@@ -249,6 +252,43 @@ def test_cli_indexes_a_pipeline_folder_with_its_shape_schedule_and_weights(tmp_p
     assert report["scheduler"] == {"folder": str(pipeline / "scheduler"), "prediction_type": "epsilon"}
     assert report["spec"]["dataset"]["resolution"] == 8 and report["spec"]["dataset"]["channels"] == 1
     assert report["checkpoints"][0]["weight"] == pytest.approx(2e-3 * 5 * 2 / 10)
+
+
+def test_cli_sample_prediction_needs_its_weighting_and_inspect_shows_it(tmp_path, capsys) -> None:
+    from cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(run), "--data", "builtin:digits", "--resolution", "8", "--limit", "10", "--preset",
+                 "micro", "--epochs", "1", "--prediction-type", "sample", "--loss-weighting", "snr"]) == 0
+    assert TrainingRun.load(run).spec.loss_weighting == "snr"
+    folder = f"{run / 'checkpoints' / 'epoch-0001'}:weight=1"
+    external = ["--checkpoint", folder, "--scheduler", str(run / "scheduler"), "--data", "builtin:digits",
+                "--limit", "10", "--loss", "mse", "--no-replay", "--grid", "2"]
+    capsys.readouterr()
+    assert main(["index", "create", str(tmp_path / "refused.zarr"), *external]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "declare the weighting it was trained with: --loss-weighting snr or none" in error[0]
+    for name, flags in (("external.zarr", [*external, "--loss-weighting", "snr"]), ("run.zarr", ["--run", str(run)])):
+        assert main(["index", "create", str(tmp_path / name), *flags]) == 0
+        capsys.readouterr()
+        assert main(["index", "inspect", str(tmp_path / name), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["scheduler"]["prediction_type"], report["loss_weighting"]) == ("sample", "snr")
+
+
+def test_cli_index_create_says_what_loading_the_images_converted(tmp_path, pipeline, capsys) -> None:
+    from cli import main
+
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 70 * i, np.uint8)).save(folder / f"{i}.png")
+    assert main(["index", "create", str(tmp_path / "s.zarr"), "--checkpoint", str(pipeline), "--data", str(folder),
+                 "--loss", "mse", "--no-replay", "--grid", "1"]) == 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [
+        "notice: rgb: 3 of 3 converted from RGB to grey (ITU-R BT.601 luma); rgb: 3 of 3 resized from 16x16 to 8x8 px (bilinear)"
+    ]
 
 
 @pytest.mark.parametrize(
