@@ -169,11 +169,11 @@ def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) ->
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
     with clock("data"):
-        training, queries = _data(config)
+        training, queries = split_data(config)
         dataset = DatasetSpec(source=str(save_npz(training, out.resolve() / "data" / "train.npz")),
                               resolution=config.resolution, channels=config.channels)
     with clock("train"):
-        train(_train_spec(config, dataset, save_every=config.save_every), training, out / "run")
+        train(train_spec(config, dataset, save_every=config.save_every), training, out / "run")
     with clock("attribute"):
         plan = IndexPlan.resolve(IndexSpec(dataset=dataset, run=str(out / "run"), slots=config.slots,
                                            projector=config.projector))
@@ -186,7 +186,7 @@ def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) ->
         masks = random_subsets(config.models, config.subset_size, config.n_train, config.seed)
         removals = _removal_keeps(config, scores)
         keeps = [tuple(np.flatnonzero(m).tolist()) for m in masks] + list(dict.fromkeys(removals.values()))
-        spec = _train_spec(config, dataset, save_every=config.epochs)
+        spec = train_spec(config, dataset, save_every=config.epochs)
         jobs = [RetrainJob(spec, training, keep, queries.images, config.query) for keep in keeps]
         with tqdm(total=len(jobs), desc="retrain", unit="model", disable=not progress) as bar:
             losses = retrain_all(jobs, workers=config.workers, on_done=bar.update)
@@ -220,7 +220,7 @@ def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) ->
     return report
 
 
-def _data(config: LdsConfig) -> tuple[ImageDataset, ImageDataset]:
+def split_data(config: LdsConfig) -> tuple[ImageDataset, ImageDataset]:
     """(training set, held-out queries), a seeded split of the source's first n_train + n_queries images."""
     loaded = load_dataset(DatasetSpec(source=config.source, resolution=config.resolution,
                                       channels=config.channels, limit=config.n_train + config.n_queries,
@@ -231,7 +231,8 @@ def _data(config: LdsConfig) -> tuple[ImageDataset, ImageDataset]:
     return split_holdout(loaded, config.n_queries, seed=config.seed)
 
 
-def _train_spec(config: LdsConfig, dataset: DatasetSpec, *, save_every: int) -> TrainSpec:
+def train_spec(config: LdsConfig, dataset: DatasetSpec, *, save_every: int) -> TrainSpec:
+    """The TrainSpec of every model: the full one and each retrained one (same seed, other data)."""
     return TrainSpec(dataset=dataset, preset=config.preset, loss=config.loss, epochs=config.epochs,
                      batch_size=config.batch_size, lr=config.lr, save_every=save_every, seed=config.seed)
 
