@@ -22,6 +22,7 @@ Steps of `run_lds`, each timed:
 
 from __future__ import annotations
 
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,8 @@ from retrac.training import train
 
 DEFAULT_ESTIMATOR = "paper"
 """The name under which results appear when `QuerySpec` offers no choice of estimator."""
+GENERALLY_INFLUENTIAL_SHARE = 0.25
+"""Of the queries, whose top-k a sample must be in to count as generally influential (as the experiment)."""
 
 
 class LdsConfig(BaseModel):
@@ -54,7 +57,7 @@ class LdsConfig(BaseModel):
     resolution: int = Field(8, ge=4)
     channels: Literal[1, 3] = 1
     n_train: int = Field(128, ge=4, description="training images of the full model")
-    n_queries: int = Field(8, ge=2, description="held-out query images")
+    n_queries: int = Field(16, ge=2, description="held-out query images")
     preset: str = Field("micro", description="UNet preset: micro, tiny or small")
     loss: LossKind = "mse"
     epochs: int = Field(30, ge=1)
@@ -132,6 +135,10 @@ class LdsReport(BaseModel):
     lds_ci: dict[str, dict[str, list[float]]] = Field(description="method -> estimator -> [low, high]")
     lds_per_query: dict[str, dict[str, list[float]]]
     removal: RemovalResult | None
+    generally_influential: dict[str, dict[str, int]] = Field(
+        description="method -> estimator -> samples in the top-k of at least a quarter of the queries "
+        "(k = removal_k) under the full model"
+    )
     timings: dict[str, float] = Field(description="seconds per phase (machine-dependent)")
 
 
@@ -203,6 +210,12 @@ def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) ->
                     values, resamples=config.bootstrap, confidence=config.confidence, seed=config.seed
                 ))
         removal = _removal(config, queries, full_loss, removals, removed) if config.removal_queries else None
+        recurring = max(2, math.ceil(GENERALLY_INFLUENTIAL_SHARE * config.n_queries))
+        influential = {
+            m: {e: len(metrics.generally_influential(metrics.top_k(s, config.removal_k), recurring))
+                for e, s in by_estimator.items()}
+            for m, by_estimator in scores.items()
+        }
     report = LdsReport(
         config=config.model_dump(mode="json"),
         estimators=sorted({e for by_estimator in scores.values() for e in by_estimator}),
@@ -214,6 +227,7 @@ def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) ->
         lds_ci=intervals,
         lds_per_query=per_query,
         removal=removal,
+        generally_influential=influential,
         timings=clock.seconds | {"total": clock.total()},
     )
     (out / "lds.json").write_text(report.model_dump_json(indent=1) + "\n")
