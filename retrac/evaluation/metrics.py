@@ -9,7 +9,7 @@ Group labels are plain strings per query and per training sample.
   top-k lists they fill.
 - `precision_at_k`, `intrusion`: do a query's proponents come from its own group?
 - `self_ranks`: the rank of a query among the training samples when it is one of them.
-- `recall_at_count`, `roc_auc`: outlier detection by self-influence.
+- `recall_at_count`, `roc_auc`, `group_auc`: outlier detection by self-influence.
 - `fit`: Pearson, Spearman and the least-squares slope of y on x (norm vs timestep).
 - `subset_predictions`, `lds_per_query`, `bootstrap_interval`: the linear datamodeling score (LDS)
   of attributions against losses of models retrained on subsets, with its bootstrap interval.
@@ -110,6 +110,17 @@ def roc_auc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.
     """Probability that a random positive scores above a random negative (ties count one half)."""
     values, labels = _binary(scores, positive)
     return float(roc_auc_score(labels, values))
+
+
+def group_auc(scores: Sequence[float] | np.ndarray, groups: Sequence[str] | None) -> dict[str, float] | None:
+    """Per group: the ROC AUC of its members against every other sample (one against the rest).
+
+    None when the samples carry no groups or only one: there is nothing to tell apart.
+    """
+    labels = np.asarray(list(groups or ()), dtype=object)
+    if len(set(labels.tolist())) < 2:
+        return None
+    return {str(g): roc_auc(scores, labels == g) for g in sorted(set(labels.tolist()))}
 
 
 @dataclass(frozen=True)

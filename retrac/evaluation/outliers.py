@@ -5,16 +5,27 @@ Two mixtures, each a majority plus about 4% planted outliers (the paper's ratio,
 - `patches+zeros`: `builtin:outliers`, photo patches with planted digit zeros;
 - `digits+faces`: scikit-learn's digits with planted LFW faces.
 
-`detect_outliers` trains on one, indexes every sample in memory (the replayed step plus grid slots),
-ranks the samples by self-influence exactly as `retrac self-influence` does
-(`retrac.scoring.self_influence`), and reports the ROC AUC and recall of the planted group.
+Outlier scores, higher meaning more suspect (`outlier_scores`):
+
+- `tracin`, `retrac`: self-influence as the paper defines it (`retrac.scoring.self_influence`: the
+  replayed step against the mean over grid slots).
+- `relative_norm`: the mean over checkpoints (by weight) and grid slots of
+  `log(||g(z, t)|| / median_n ||g(n, t)||)`: how large a sample's exact gradient is next to every
+  other sample's at the same timestep. Dividing by the population at t removes the timestep's own
+  scale, the bias ReTrac removes from scores, without discarding magnitude, which self-influence needs.
+
+`detect_outliers` trains on one mixture, indexes every sample in memory (the replayed step plus grid
+slots), scores them as `retrac self-influence` does, and reports each score's ROC AUC and recall.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_schemas import DatasetSpec, IndexSpec, LossKind, ProjectorSpec, SlotSpec, TrainSpec
@@ -22,8 +33,9 @@ from retrac.attribution import Attributor
 from retrac.datasets import ImageDataset, load_dataset, outlier_mixture
 from retrac.evaluation import metrics
 from retrac.evaluation.experiment import Clock, save_npz
+from retrac.exceptions import SpecError
 from retrac.plan import IndexPlan
-from retrac.scoring import METHODS, self_influence, self_influence_slots
+from retrac.scoring import METHODS, RowChunk, self_influence, self_influence_slots
 from retrac.training import train
 
 MixName = Literal["patches+zeros", "digits+faces"]
@@ -31,6 +43,8 @@ MIXES: tuple[MixName, ...] = ("patches+zeros", "digits+faces")
 OUTLIER_SHARE = 0.04
 """Planted outliers per training sample, as in `builtin:outliers`."""
 OUTLIER = "outlier"
+OUTLIER_SCORES = (*METHODS, "relative_norm")
+"""Every outlier score `outlier_scores` gives, in order."""
 
 
 class OutlierConfig(BaseModel):
@@ -60,7 +74,7 @@ class OutlierResult(BaseModel):
     config: dict
     samples: int
     outliers: int
-    auc: dict[str, float] = Field(description="ROC AUC of the planted group under each method's self-influence")
+    auc: dict[str, float] = Field(description="ROC AUC of the planted group under each outlier score")
     recall: dict[str, float] = Field(description="planted outliers among the |outliers| highest self-influences")
     timings: dict[str, float]
 
@@ -92,13 +106,40 @@ def detect_outliers(config: OutlierConfig, out_dir: str | Path) -> OutlierResult
                                            projector=config.projector))
         rows = Attributor(plan).index()
     with clock("score"):
-        scores = self_influence(rows, plan.weights, *self_influence_slots(slots.kinds))
+        scores = outlier_scores(rows, plan.weights, slots.kinds)
         planted = [g == OUTLIER for g in data.groups or ()]
     return OutlierResult(
         config=config.model_dump(mode="json"),
         samples=len(data),
         outliers=sum(planted),
-        auc={m: metrics.roc_auc(scores[m].numpy(), planted) for m in METHODS},
-        recall={m: metrics.recall_at_count(scores[m].numpy(), planted) for m in METHODS},
+        auc={name: metrics.roc_auc(values, planted) for name, values in scores.items()},
+        recall={name: metrics.recall_at_count(values, planted) for name, values in scores.items()},
         timings=clock.seconds | {"total": clock.total()},
     )
+
+
+def relative_norms(norms: Sequence[torch.Tensor], weights: Sequence[float], slots: Sequence[int]) -> np.ndarray:
+    """`(N,)` the `relative_norm` score from exact norms `(N, S)` per checkpoint (see the module docstring).
+
+    Weights are normalised to sum to one, so the score does not scale with the learning rate. A zero
+    norm counts as the smallest positive float32 (its log stays finite and ranks it lowest).
+    """
+    total = float(sum(weights))
+    if not slots or total <= 0:
+        raise SpecError("the relative-norm score needs grid slots and checkpoints of positive weight")
+    tiny = torch.finfo(torch.float32).tiny
+    score = torch.zeros(norms[0].shape[0], dtype=torch.float64)
+    for per_slot, weight in zip(norms, weights, strict=True):
+        logs = per_slot[:, list(slots)].double().clamp_min(tiny).log()
+        score += weight / total * (logs - logs.median(dim=0).values).mean(dim=1)
+    return score.numpy()
+
+
+def outlier_scores(
+    chunks: Sequence[RowChunk], weights: Sequence[float], slot_kinds: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Every score of `OUTLIER_SCORES`, `(N,)` each, from every row of every checkpoint."""
+    train_slots, query_slots = self_influence_slots(slot_kinds)
+    influence = self_influence(chunks, weights, train_slots, query_slots)
+    scores = {m: influence[m].numpy() for m in METHODS}
+    return scores | {"relative_norm": relative_norms([c.norms for c in chunks], weights, query_slots)}
