@@ -309,3 +309,24 @@ def _removal(
         top_k_mean={m: {e: float(np.mean(v)) for e, v in by.items()} for m, by in top_k.items()},
         random_mean=float(np.mean(random)),
     )
+
+
+def lds_table(report: LdsReport) -> str:
+    """The report as a markdown table: LDS and interval per method and estimator, and the removal check."""
+    level = round(100 * report.config["confidence"])
+    removal = report.removal
+    lines = [
+        f"| method | estimator | LDS ({len(report.actual_losses)} models, {len(report.queries)} queries) "
+        f"| {level}% interval | loss change, top-{removal.k if removal else 'k'} removed |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for method, by_estimator in report.lds.items():
+        for estimator, value in by_estimator.items():
+            low, high = report.lds_ci[method][estimator]
+            change = f"{removal.top_k_mean[method][estimator]:+.4f}" if removal else "-"
+            lines.append(f"| {method} | {estimator} | {value:+.3f} | [{low:+.3f}, {high:+.3f}] | {change} |")
+    if removal:
+        lines.append(f"\nLoss change with {removal.k} random samples removed: {removal.random_mean:+.4f} "
+                     f"(mean over {len(removal.queries)} queries; full model's mean loss "
+                     f"{sum(removal.full_loss) / len(removal.full_loss):.4f}).")
+    return "\n".join(lines)
