@@ -47,7 +47,7 @@ class Recipe:
     """A named setting: the TrainSpec fields it fixes, and the query estimator to attribute with."""
 
     train: dict[str, Any] = field(default_factory=dict)
-    query: QuerySpec = QuerySpec()
+    query: QuerySpec = field(default_factory=QuerySpec)
 
 
 RECIPES: dict[str, Recipe] = {

@@ -31,7 +31,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from api_schemas import DatasetSpec, IndexSpec, LossKind, Method, ProjectorSpec, QuerySpec, SlotSpec, TrainSpec
+from api_schemas import (
+    DatasetSpec,
+    IndexSpec,
+    LossKind,
+    Method,
+    ProjectorSpec,
+    QuerySpec,
+    SlotSpec,
+    TrainSpec,
+)
 from retrac.attribution import Attributor
 from retrac.datasets import ImageDataset, load_dataset, split_holdout
 from retrac.evaluation import metrics
@@ -315,11 +324,11 @@ def lds_table(report: LdsReport) -> str:
     """The report as a markdown table: LDS and interval per method and estimator, and the removal check."""
     level = round(100 * report.config["confidence"])
     removal = report.removal
-    lines = [
+    header = (
         f"| method | estimator | LDS ({len(report.actual_losses)} models, {len(report.queries)} queries) "
-        f"| {level}% interval | loss change, top-{removal.k if removal else 'k'} removed |",
-        "|---|---|---:|---:|---:|",
-    ]
+        f"| {level}% interval | loss change, top-{removal.k if removal else 'k'} removed |"
+    )
+    lines = [header, "|---|---|---:|---:|---:|"]
     for method, by_estimator in report.lds.items():
         for estimator, value in by_estimator.items():
             low, high = report.lds_ci[method][estimator]
