@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
 
 from api_schemas.common import ErrorPublic
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
@@ -88,8 +89,26 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     if error.status_code == 404 and detail == "Not Found":  # no route or file: say where the routes are
         detail = f"no such path {request.url.path!r}; the API is described at /docs"
     elif error.status_code == 405:
-        detail = f"{request.method} is not allowed on {request.url.path!r}; the API is described at /docs"
+        allowed = _allowed_methods(request, error)
+        detail = f"{request.method} is not allowed on {request.url.path!r}; use {allowed} (the API is described at /docs)"
+        return _answer(405, detail, {"Allow": allowed})
     return _answer(error.status_code, detail, getattr(error, "headers", None))
+
+
+METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request, error: HTTPException) -> str:
+    """Every method some API route takes at the request's path: a path may have one route per method
+    (GET and POST /v1/indexes), and the route that raised the 405 names only its own. Mounted file
+    servers (the web page) take any path, so they are left out and name their own methods."""
+    routes = [route for route in request.app.router.routes if not isinstance(route, Mount)]
+    allowed = [
+        method
+        for method in METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed) or (error.headers or {}).get("Allow", "")
 
 
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
