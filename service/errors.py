@@ -7,8 +7,11 @@ else is a bug, logged with its traceback and answered with a bare 500.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -18,6 +21,12 @@ from api_schemas.common import ErrorPublic
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
 from service.settings import Settings
 from storage import DamagedStoreError, IncompleteStoreError, StaleStoreError, StoreError
+
+if TYPE_CHECKING:  # the repository raises these errors, so it cannot be imported at run time
+    from service.repository import StoreRepository
+
+BuildingAdvice = Callable[["StoreRepository", str], str]
+"""What to tell a client about an index still being built (`service.queue.still_building`)."""
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +133,30 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
     return _answer(422, "invalid request: " + "; ".join(problems))
 
 
+def _incomplete_store(advice: BuildingAdvice) -> Callable[[Request, IncompleteStoreError], Awaitable[JSONResponse]]:
+    """The handler of IncompleteStoreError: the store's own message tells a command-line user what to
+    run; an API client is told by `advice(repository, name)` whether to wait for a job or start one."""
+
+    async def handler(request: Request, error: IncompleteStoreError) -> JSONResponse:
+        name = request.path_params.get("name")
+        if name is None:
+            return await _named_error(request, error)
+        return _answer(409, await run_in_threadpool(advice, request.app.state.repository, name))
+
+    return handler
+
+
 async def _bug(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=error)
     return _answer(500, "internal error; the service logged it")
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, building_advice: BuildingAdvice) -> None:
+    """Every error becomes an `ErrorPublic` answer; `building_advice(repository, name)` says what to do
+    about an index still being built (`service.queue.still_building`: the job queue is not known here)."""
     for kind in (NotFound, Conflict, Unavailable, RetracError):
         app.add_exception_handler(kind, _named_error)
+    app.add_exception_handler(IncompleteStoreError, _incomplete_store(building_advice))  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _bug)

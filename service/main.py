@@ -25,6 +25,7 @@ from service.errors import install_error_handlers
 from service.limits import BodyLimit
 from service.openapi import install_schema
 from service.query_engine import QueryEngine
+from service.queue import still_building
 from service.repository import StoreRepository
 from service.settings import Settings, get_settings
 from retrac.computers import GradientComputerCache, parse_device
@@ -61,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = QueryEngine(
         GradientComputerCache(parse_device(settings.device), threads=settings.torch_threads)
     )
-    install_error_handlers(app)
+    install_error_handlers(app, still_building)
     install_schema(app, settings)
     app.include_router(api_router)
     app.router.routes.append(WebPage("/", app=StaticFiles(directory=STATIC, html=True), name="web"))
