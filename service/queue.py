@@ -16,6 +16,7 @@ from api_schemas.common import CheckPublic, IndexName
 from api_schemas.jobs import JobPublic, JobState
 from service.errors import Conflict, NotFound, Unavailable
 from service.repository import StoreRepository
+from storage import is_leftover
 from worker import control
 from worker.settings import get_settings as queue_settings
 
@@ -87,7 +88,8 @@ def cancel_job(repository: StoreRepository, job_id: str) -> JobPublic:
 def cancel_index_job(repository: StoreRepository, name: IndexName) -> None:
     """Cancel the job of index `name` if it may still run (before the index is deleted)."""
     job_id = repository.job_of(name)
-    if job_id is None or control.progress(repository.path(name)).complete:
+    path = repository.path(name)
+    if job_id is None or (not is_leftover(path) and control.progress(path).complete):
         return
     require_queue()
     with _queue_errors(), suppress(control.JobNotFoundError):  # a forgotten job has nothing left to cancel
