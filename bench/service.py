@@ -175,7 +175,8 @@ def worst_case_uploads(
     too (one at a time, behind the engine's lock)."""
     side = max_side(resolution)
     ramp = np.linspace(0, 255, side, dtype=np.uint8)
-    largest = png_file(np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], ramp[:, None], ramp[None, :]), -1))
+    rows, columns = np.broadcast_arrays(ramp[:, None], ramp[None, :])
+    largest = png_file(np.stack([rows, columns, rows, columns], -1))  # RGBA, smooth: a small file
     bomb = png_file(np.zeros((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE), np.uint8))
     filler = np.random.default_rng(0).bytes(settings.max_upload_bytes - (64 << 10))  # room for the form
     largest_images = [(f"{i}.png", largest) for i in range(settings.max_images)]
@@ -200,7 +201,13 @@ def reset_peak(pid: int) -> None:
 
 
 async def upload_peak(
-    url: str, name: str, pid: int, warm_up: bytes, files: list[tuple[str, bytes]], fields: dict[str, object], status: int
+    url: str,
+    name: str,
+    pid: int,
+    warm_up: bytes,
+    files: list[tuple[str, bytes]],
+    fields: dict[str, object],
+    status: int,
 ) -> tuple[int, int]:
     """(RSS after one small query, peak RSS while `UPLOADERS` clients send `files` with `fields` at
     once), in kB, of the server process `pid`."""
@@ -230,8 +237,9 @@ def bench_upload_memory(root: Path, port: int, store: GradientStore, settings: S
     for kind, (files, fields, status) in worst_case_uploads(resolution, settings).items():
         server = serve(root, port, 1)
         try:
+            url = f"http://127.0.0.1:{port}"
             baseline, peak = asyncio.run(
-                upload_peak(f"http://127.0.0.1:{port}", store.path.name, server.pid, query_png(store), files, fields, status)
+                upload_peak(url, store.path.name, server.pid, query_png(store), files, fields, status)
             )
         finally:
             server.terminate()

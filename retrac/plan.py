@@ -156,10 +156,10 @@ def _check_shape(dataset: DatasetSpec, architecture: dict[str, Any]) -> None:
     channels and resolution) are not the ones the UNet takes."""
     channels, resolution = sample_shape(architecture)
     if (dataset.channels, dataset.resolution) != (channels, resolution):
+        shape = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
         raise SpecError(
-            f"the dataset is {dataset.channels}x{dataset.resolution}x{dataset.resolution} (channels x height x "
-            f"width) but the model takes {channels}x{resolution}x{resolution}; give resolution {resolution} "
-            f"and channels {channels}"
+            f"the dataset is {shape} (channels x height x width) but the model takes "
+            f"{channels}x{resolution}x{resolution}; give resolution {resolution} and channels {channels}"
         )
 
 

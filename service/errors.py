@@ -99,7 +99,10 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
         detail = f"no such path {request.url.path!r}; the API is described at /docs"
     elif error.status_code == 405:
         allowed = _allowed_methods(request, error)
-        detail = f"{request.method} is not allowed on {request.url.path!r}; use {allowed} (the API is described at /docs)"
+        detail = (
+            f"{request.method} is not allowed on {request.url.path!r}; use {allowed} "
+            "(the API is described at /docs)"
+        )
         return _answer(405, detail, {"Allow": allowed})
     return _answer(error.status_code, detail, getattr(error, "headers", None))
 
@@ -133,7 +136,9 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
     return _answer(422, "invalid request: " + "; ".join(problems))
 
 
-def _incomplete_store(advice: BuildingAdvice) -> Callable[[Request, IncompleteStoreError], Awaitable[JSONResponse]]:
+def _incomplete_store(
+    advice: BuildingAdvice,
+) -> Callable[[Request, IncompleteStoreError], Awaitable[JSONResponse]]:
     """The handler of IncompleteStoreError: the store's own message tells a command-line user what to
     run; an API client is told by `advice(repository, name)` whether to wait for a job or start one."""
 
@@ -156,7 +161,8 @@ def install_error_handlers(app: FastAPI, building_advice: BuildingAdvice) -> Non
     about an index still being built (`service.queue.still_building`: the job queue is not known here)."""
     for kind in (NotFound, Conflict, Unavailable, RetracError):
         app.add_exception_handler(kind, _named_error)
-    app.add_exception_handler(IncompleteStoreError, _incomplete_store(building_advice))  # type: ignore[arg-type]
+    handler = _incomplete_store(building_advice)
+    app.add_exception_handler(IncompleteStoreError, handler)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _bug)

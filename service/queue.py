@@ -110,7 +110,7 @@ def still_building(repository: StoreRepository, name: IndexName) -> str:
     except control.JobNotFoundError:
         return f"{building}, and the queue forgot its job {job_id}: {start}"
     except QUEUE_ERRORS:
-        return f"{building}; the job queue does not answer, so its job {job_id} cannot be checked; retry later"
+        return f"{building}; the job queue does not answer, so its job {job_id} cannot be checked: retry"
     if state in ("queued", "running"):
         return f"{building}; wait for its job {job_id} (GET /v1/jobs/{job_id} shows its progress)"
     return f"{building}, and its job {job_id} is {state}: {start}"

@@ -110,7 +110,8 @@ class StoreRepository:
         reason: one broken store never hides the others."""
         described, broken = [], []
         for name in self.leftovers():
-            reason = f"not a whole store (what an interrupted deletion leaves); DELETE /v1/indexes/{name} removes it"
+            removal = f"DELETE /v1/indexes/{name} removes it"
+            reason = f"not a whole store (what an interrupted deletion leaves); {removal}"
             broken.append(BrokenIndexPublic(name=name, reason=reason))
         for name in self.names():
             try:

@@ -278,7 +278,15 @@ CASES = [
         "/v1/indexes",
         422,
         "give resolution 8 and channels 1",
-        {"json": {"name": "huge", "spec": {**index_spec().model_dump(mode="json"), "dataset": {"source": "builtin:digits", "resolution": 1024}}}},
+        {
+            "json": {
+                "name": "huge",
+                "spec": {
+                    **index_spec().model_dump(mode="json"),
+                    "dataset": {"source": "builtin:digits", "resolution": 1024},
+                },
+            }
+        },
     ),
     Bad(
         "scheduler folder without a config",

@@ -74,18 +74,20 @@ def test_a_delete_killed_at_any_step_leaves_every_index_usable(tmp_path: Path, t
         workers.start("worker")
         first_jobs = []
         for step in STEPS:
-            server = Server(env, tmp_path / f"{step}.log", module="tests.service.killing_server", arguments=(step,))
+            log = tmp_path / f"{step}.log"
+            server = Server(env, log, module="tests.service.killing_server", arguments=(step,))
             servers.append(server)
             wait_until(server.ready, STARTUP_SECONDS, f"the server killed at {step!r} to be ready")
             api = httpx.Client(base_url=f"{server.url}/v1", headers={"X-API-Key": API_KEY}, timeout=60)
             created = api.post("/indexes", json={"name": step, **body})
             assert created.status_code == 202, created.text
             first_jobs.append(created.json()["job_id"])
-            wait_until(lambda: control.progress(stores / step).done_shards >= 1, JOB_SECONDS, "a first shard")
+            path = stores / step
+            wait_until(lambda: control.progress(path).done_shards >= 1, JOB_SECONDS, "a first shard")
             with pytest.raises(httpx.TransportError):  # the process dies inside the delete
                 api.delete(f"/indexes/{step}")
             assert server.process.wait(timeout=30) == -signal.SIGKILL
-        assert list(stores.glob(".deleted-removing-*")), "the last kill landed after the store was moved aside"
+        assert list(stores.glob(".deleted-removing-*"))  # the last kill landed after the move aside
 
         restarted = Server(env, tmp_path / "restarted.log")
         servers.append(restarted)
@@ -95,16 +97,19 @@ def test_a_delete_killed_at_any_step_leaves_every_index_usable(tmp_path: Path, t
         assert listed.status_code == 200, listed.text
         assert listed.json()["data"] == []
         broken = {b["name"]: b["reason"] for b in listed.json()["broken"]}
-        assert {"marked", "cancelled"} <= set(broken) <= set(STEPS)  # "removing": only if a worker wrote after the move
-        assert all("interrupted deletion" in reason and "DELETE /v1/indexes/" in reason for reason in broken.values())
+        assert {"marked", "cancelled"} <= set(broken) <= set(STEPS)  # "removing" if a worker wrote after
+        assert all("interrupted deletion" in why and "DELETE /v1/indexes/" in why for why in broken.values())
         for step in STEPS:
             assert api.get(f"/indexes/{step}").status_code == 404  # half deleted is never served
 
-        wait_until(lambda: all(job_went_through(j) for j in first_jobs), JOB_SECONDS, "the worker to drop the old jobs")
+        wait_until(
+            lambda: all(job_went_through(j) for j in first_jobs), JOB_SECONDS, "the worker to drop the old jobs"
+        )
         for step in STEPS:
+            left = step in broken or (stores / step).exists()
             deleted = api.delete(f"/indexes/{step}")
-            assert deleted.status_code == (204 if step in broken or (stores / step).exists() else 404), deleted.text
-        assert sorted(p.name for p in stores.iterdir()) == [".jobs"]  # nothing left, set-aside folders included
+            assert deleted.status_code == (204 if left else 404), deleted.text
+        assert sorted(p.name for p in stores.iterdir()) == [".jobs"]  # nothing left, nor anything set aside
         assert api.get("/indexes").json() == {"data": [], "count": 0, "broken": []}
 
         recreated = api.post("/indexes", json={"name": "marked", **body})

@@ -31,7 +31,8 @@ WRITES = {"POST /v1/indexes", "DELETE /v1/indexes/{name}", "POST /v1/jobs", "DEL
 
 @pytest.mark.parametrize("protect_queries", [False, True])
 def test_the_key_is_declared_where_it_is_required(own_roots: Settings, protect_queries: bool) -> None:
-    declared, refused = declared_and_refused(own_roots.model_copy(update={"protect_queries": protect_queries}))
+    app_settings = own_roots.model_copy(update={"protect_queries": protect_queries})
+    declared, refused = declared_and_refused(app_settings)
     assert declared == refused
     if protect_queries:
         assert WRITES < declared and "GET /v1/indexes" in declared and "GET /v1/health" not in declared
