@@ -77,9 +77,12 @@ def test_bad_flags_exit_2_with_one_line(capsys) -> None:
         assert says in error and "Usage" not in error
 
 
-def test_the_shell_completion_script_names_the_command(capsys) -> None:
+def test_the_shell_completion_script_names_the_command(capsys, monkeypatch) -> None:
     import pytest
 
+    # Without this, typer detects the shell from the parent processes and ignores the "bash"
+    # argument; under a parent that is not a shell (CI runners) it then fails.
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     with pytest.raises(SystemExit) as exited:
         main(["--show-completion", "bash"])
     assert exited.value.code == 0 and "_RETRAC_COMPLETE=complete_bash" in capsys.readouterr().out
