@@ -3,6 +3,7 @@
 from api_schemas.specs import (
     CheckpointSpec,
     DatasetSpec,
+    Estimator,
     IndexSpec,
     BetaSchedule,
     LossKind,
@@ -11,6 +12,7 @@ from api_schemas.specs import (
     ProjectorKind,
     ProjectorSpec,
     QuerySpec,
+    SlotNoise,
     SlotSpec,
     StoreDType,
     TrainSpec,
@@ -19,6 +21,7 @@ from api_schemas.specs import (
 __all__ = [
     "CheckpointSpec",
     "DatasetSpec",
+    "Estimator",
     "IndexSpec",
     "BetaSchedule",
     "LossKind",
@@ -27,6 +30,7 @@ __all__ = [
     "ProjectorKind",
     "ProjectorSpec",
     "QuerySpec",
+    "SlotNoise",
     "SlotSpec",
     "StoreDType",
     "TrainSpec",

@@ -1,24 +1,31 @@
 """Diffusion-TracIn and Diffusion-ReTrac scores, streamed over chunks of training rows.
 
 With per-checkpoint weights `w_c`, projected training gradients `g_c(z, s)` of slot s and exact
-norms `||g_c(z, s)||` (method.md section 4):
+norms `||g_c(z, s)||` (method.md section 4), the paper's estimator:
 
     TracIn(z, q) = sum_c w_c * mean_s g_c(z, s) . G_c(q)
     ReTrac(z, q) = sum_c w_c * mean_s (g_c(z, s) / ||g_c(z, s)||) . G^_c(q)
 
-`scan` keeps the top-k (proponents) and bottom-k (opponents) per method and query, with each one's
-per-checkpoint contributions, over any number of chunks in memory bounded by the chunk size. The
-in-memory engine and the Zarr store feed it the same way.
+and the matched one, over the K shared-noise grid slots `g_c(z, t)` (slot t holds the gradient at the
+query's own timestep t and noise):
+
+    TracIn(z, q) = sum_c w_c * (1/K) sum_t g_c(z, t) . P h_c(q, t)
+    ReTrac(z, q) = sum_c w_c * (1/K) sum_t g_c(z, t) / ||g_c(z, t)|| . P h_c(q, t) / ||h_c(q, t)||
+
+Either score is computed as parts per checkpoint and timestep band (`retrac.query_side.BANDS`), which
+sum to it. `scan` keeps the top-k (proponents) and bottom-k (opponents) per method and query, with
+their parts, over any number of chunks in memory bounded by the chunk size. The in-memory engine and
+the Zarr store feed it the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from api_schemas import Method
+from api_schemas import Method, SlotSpec
 from retrac.exceptions import SpecError
 from retrac.gradients import inverse_norms
 from retrac.query_side import QueryVectors
@@ -30,7 +37,7 @@ SCAN_ROWS = 4096
 SCAN_ROWS * S * k values per checkpoint, beyond what a store keeps resident."""
 
 SCAN_BLOCK = 512
-"""Rows converted to float32 at a time by `contributions`: the block stays in cache between its
+"""Rows converted to float32 at a time by `parts`: the block stays in cache between its
 conversion and its matmul. (A direct float16 matmul rounds scores to ~1e-3; a float32 copy of a
 whole chunk costs extra passes over memory.)"""
 
@@ -53,47 +60,116 @@ def slot_means(chunk: RowChunk) -> dict[Method, torch.Tensor]:
     return {"tracin": projected.mean(dim=1), "retrac": (projected * inverse.unsqueeze(-1)).mean(dim=1)}
 
 
+def matched_slots(slots: SlotSpec) -> slice:
+    """The stored slots the matched estimator reads: the shared-noise grid slots, in grid order
+    (slot order is the replayed step, then grid, then random slots)."""
+    if slots.noise != "shared":
+        raise SpecError("the matched estimator needs shared-noise grid slots; this index has none")
+    return slice(int(slots.replay), int(slots.replay) + slots.grid)
+
+
+def _float_blocks(projected: torch.Tensor, slots: slice) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float32 copy `(b, S', k)` of `projected[rows, slots]`), `SCAN_BLOCK` rows at a time,
+    through one reused buffer."""
+    n = projected.shape[0]
+    width = len(range(*slots.indices(projected.shape[1])))
+    buffer = torch.empty(min(SCAN_BLOCK, n), width, projected.shape[2], device=projected.device)
+    for start in range(0, n, SCAN_BLOCK):
+        part = projected[start : start + SCAN_BLOCK, slots]
+        converted = buffer[: part.shape[0]]
+        converted.copy_(part)
+        yield start, converted
+
+
+def _paper_parts(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
+    """`(n, Q, B)` per method: `mean_s g_s . G_b` (ReTrac: `g_s / ||g_s||`), G_b band b's part of G.
+
+    The slot mean is taken after the product (`mean_s(g_s) . G = mean_s(g_s . G)`) and ReTrac's
+    `1 / ||g_s||` per slot: the numbers of `slot_means(chunk) @ query`, one matmul for every method.
+    """
+    n, slots, dim = chunk.projected.shape
+    device = chunk.projected.device
+    sides = torch.stack([query.band_vectors(m) for m in methods]).to(device, torch.float32)  # (methods, Q, B, k)
+    shape = sides.shape[1:3]
+    sides = sides.reshape(-1, dim)
+    inverse = inverse_norms(chunk.norms.to(device))
+    out = {m: torch.empty(n, *shape, device=device) for m in methods}
+    for start, block in _float_blocks(chunk.projected, slice(None)):
+        rows = slice(start, start + block.shape[0])
+        products = torch.mm(block.view(-1, dim), sides.T).view(block.shape[0], slots, len(methods), *shape)
+        for i, method in enumerate(methods):
+            per_slot = products[:, :, i]
+            if method == "retrac":
+                per_slot = per_slot * inverse[rows, :, None, None]
+            out[method][rows] = per_slot.mean(dim=1)
+    return out
+
+
+def _matched_parts(
+    chunk: RowChunk, query: QueryVectors, methods: Sequence[Method], grid: slice
+) -> dict[Method, torch.Tensor]:
+    """`(n, Q, B)` per method: `(1/K) sum_{t in b} g_t . P h(q, t)` over the grid slots `grid`
+    (ReTrac: both sides divided by their exact norms), slot t paired with query timestep t."""
+    n, _, dim = chunk.projected.shape
+    device = chunk.projected.device
+    per_timestep = torch.stack([query.timestep_vectors(m) for m in methods]).to(device, torch.float32)
+    _, count, k_steps, _ = per_timestep.shape  # (methods, Q, K, k)
+    sides = per_timestep.permute(2, 0, 1, 3).reshape(k_steps, -1, dim)  # (K, methods * Q, k)
+    bands = query.band_weights().to(device)
+    inverse = inverse_norms(chunk.norms[:, grid].to(device))
+    out = {m: torch.empty(n, count, bands.shape[1], device=device) for m in methods}
+    for start, block in _float_blocks(chunk.projected, grid):
+        rows = slice(start, start + block.shape[0])
+        products = torch.einsum("nkd,kmd->nkm", block, sides).view(block.shape[0], k_steps, len(methods), count)
+        for i, method in enumerate(methods):
+            per_slot = products[:, :, i]
+            if method == "retrac":
+                per_slot = per_slot * inverse[rows, :, None]
+            out[method][rows] = torch.einsum("nkq,kb->nqb", per_slot, bands)
+    return out
+
+
+def parts(
+    chunks: Sequence[RowChunk],
+    queries: Sequence[QueryVectors],
+    weights: Sequence[float],
+    methods: Sequence[Method],
+    matched: slice | None = None,
+) -> dict[Method, torch.Tensor]:
+    """Weighted score parts `(n, Q, C, B)` per method, per checkpoint and timestep band; a score is
+    their sum. `matched` None: the paper's estimator over every slot; else the matched estimator over
+    the grid slots `matched` (`matched_slots`), which must hold the query's K timesteps in order."""
+    out: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
+    for chunk, query, weight in zip(chunks, queries, weights, strict=True):
+        if matched is None:
+            table = _paper_parts(chunk, query, methods)
+        else:
+            stored, asked = len(range(*matched.indices(chunk.projected.shape[1]))), query.per_timestep.shape[1]
+            if stored != asked:
+                raise SpecError(f"the matched estimator pairs each of {stored} grid slots with a query timestep; got K = {asked}")
+            table = _matched_parts(chunk, query, methods, matched)
+        for method in methods:
+            out[method].append(weight * table[method])
+    return {m: torch.stack(p, dim=2) for m, p in out.items()}
+
+
 def contributions(
     chunks: Sequence[RowChunk], queries: Sequence[QueryVectors], weights: Sequence[float], methods: Sequence[Method]
 ) -> dict[Method, torch.Tensor]:
-    """Per-checkpoint weighted contributions `(n, Q, C)` per method; scores are their sum over C.
-
-    One pass over the stored rows: blocks of `SCAN_BLOCK` rows are converted to float32 once and
-    multiplied with the query vectors of every method at once. The slot mean is taken after the
-    product (`mean_s(g_s) . G = mean_s(g_s . G)`), and ReTrac's `1 / ||g_s||` is applied per slot:
-    the numbers of `slot_means(chunk) @ query`, without copying the rows per method.
-    """
-    out: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
-    for chunk, query, weight in zip(chunks, queries, weights, strict=True):
-        n, slots, dim = chunk.projected.shape
-        device = chunk.projected.device
-        sides = torch.cat([getattr(query, m).to(device, torch.float32) for m in methods])  # (methods * Q, k)
-        rows = chunk.projected.reshape(n * slots, dim)
-        products = torch.empty(n * slots, sides.shape[0], device=device)
-        step = SCAN_BLOCK * slots
-        block = torch.empty(min(step, n * slots), dim, device=device)
-        for start in range(0, n * slots, step):
-            part = rows[start : start + step]
-            converted = block[: part.shape[0]]
-            converted.copy_(part)
-            torch.mm(converted, sides.T, out=products[start : start + part.shape[0]])
-        per_method = products.view(n, slots, len(methods), -1)  # (n, S, methods, Q)
-        inverse = inverse_norms(chunk.norms.to(device))
-        for i, method in enumerate(methods):
-            per_slot = per_method[:, :, i]
-            if method == "retrac":
-                per_slot = per_slot * inverse.unsqueeze(-1)
-            out[method].append(weight * per_slot.mean(dim=1))
-    return {m: torch.stack(parts, dim=-1) for m, parts in out.items()}
+    """Per-checkpoint weighted contributions `(n, Q, C)` per method of the paper's estimator; scores
+    are their sum over C."""
+    return {m: table.sum(dim=-1) for m, table in parts(chunks, queries, weights, methods).items()}
 
 
 @dataclass(frozen=True)
 class Ranked:
-    """k rows per query: `rows` `(Q, k)` int64 row numbers, `scores` `(Q, k)`, `contributions` `(Q, k, C)`."""
+    """k rows per query: `rows` `(Q, k)` int64 row numbers, `scores` `(Q, k)`, their parts per
+    checkpoint `contributions` `(Q, k, C)` and per timestep band `bands` `(Q, k, B)`."""
 
     rows: torch.Tensor
     scores: torch.Tensor
     contributions: torch.Tensor
+    bands: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -111,20 +187,26 @@ class _Extremes:
         self.top_k, self.largest = top_k, largest
         self.best: Ranked | None = None
 
-    def add(self, first_row: int, contribution: torch.Tensor) -> None:
-        scores = contribution.sum(dim=-1).T  # (Q, n)
+    def add(self, first_row: int, table: torch.Tensor) -> None:
+        """Merge the parts `(n, Q, C, B)` of rows `first_row..` into the kept k."""
+        scores = table.sum(dim=(2, 3)).T  # (Q, n)
         rows = torch.arange(first_row, first_row + scores.shape[1]).expand_as(scores)
-        parts = contribution.permute(1, 0, 2)  # (Q, n, C)
+        per_checkpoint = table.sum(dim=3).permute(1, 0, 2)  # (Q, n, C)
+        per_band = table.sum(dim=2).permute(1, 0, 2)  # (Q, n, B)
         if self.best is not None:
             scores = torch.cat([self.best.scores, scores], dim=1)
             rows = torch.cat([self.best.rows, rows], dim=1)
-            parts = torch.cat([self.best.contributions, parts], dim=1)
+            per_checkpoint = torch.cat([self.best.contributions, per_checkpoint], dim=1)
+            per_band = torch.cat([self.best.bands, per_band], dim=1)
         k = min(self.top_k, scores.shape[1])
         kept = scores.topk(k, dim=1, largest=self.largest, sorted=True).indices
+
+        def gathered(values: torch.Tensor) -> torch.Tensor:
+            return values.gather(1, kept.unsqueeze(-1).expand(-1, -1, values.shape[2]))
+
         self.best = Ranked(
-            rows=rows.gather(1, kept),
-            scores=scores.gather(1, kept),
-            contributions=parts.gather(1, kept.unsqueeze(-1).expand(-1, -1, parts.shape[2])),
+            rows=rows.gather(1, kept), scores=scores.gather(1, kept),
+            contributions=gathered(per_checkpoint), bands=gathered(per_band),
         )
 
 
@@ -135,11 +217,13 @@ def scan(
     *,
     top_k: int,
     methods: Sequence[Method] = METHODS,
+    matched: slice | None = None,
 ) -> Ranking:
-    """Rank all rows for every query. `chunks` yields (first row, one RowChunk per checkpoint)."""
+    """Rank all rows for every query. `chunks` yields (first row, one RowChunk per checkpoint);
+    `matched` picks the estimator as in `parts`."""
     keep = {(m, largest): _Extremes(top_k, largest) for m in methods for largest in (True, False)}
     for first_row, per_checkpoint in chunks:
-        table = contributions(per_checkpoint, queries, weights, methods)
+        table = parts(per_checkpoint, queries, weights, methods, matched)
         for (method, _), extremes in keep.items():
             extremes.add(first_row, table[method])
     if any(e.best is None for e in keep.values()):
