@@ -1,0 +1,228 @@
+"""Do attributions find what they should? Prints one JSON object of quality figures per method and estimator.
+
+    .venv/bin/python bench/quality.py --quick      # under 10 minutes on 2 CPU cores
+    .venv/bin/python bench/quality.py              # the larger setting
+
+Trains a tiny DDPM on real digits (with a replay record), then measures, per method (`tracin`,
+`retrac`) and estimator (`paper`: the replayed step against the query's mean over timesteps;
+`matched`: shared-noise grid slots paired with the query per timestep):
+
+- `retrieval`: `self_retrieval_top1` (a training image as the query ranks itself first) and
+  `near_duplicate_top3` (a 1-pixel shift, a JPEG re-encode at quality 75 or Gaussian noise of std 0.02
+  ranks its source in the top 3), with the per-kind rates.
+- `stability`: two indexes built with other slot seeds (the matched estimator's query noise is its
+  index's) or, for the paper's estimator, whose replayed slot is fixed by the record, two query seeds:
+  `seed_stability_top10` (top-10 overlap) and `seed_stability_spearman`, over held-out queries, at
+  the setting's (K, M) and as a curve over (K = grid slots, M).
+
+Each part is one function of the shared `Setup` returning {method: {estimator: {key: value}}}; its wall
+time goes into `wall_s`. Timings are for orientation only; nothing here asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from api_schemas import DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSpec, TrainSpec
+from retrac.attribution import Attributor
+from retrac.datasets import ImageDataset, load_dataset
+from retrac.evaluation import retrieval
+from retrac.plan import IndexPlan, Rows
+from retrac.query_side import QueryVectors
+from retrac.replay import TrainingRun
+from retrac.scoring import RowChunk, matched_slots
+from retrac.training import train
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The sizes of one run of the bench."""
+
+    train: int
+    heldout: int
+    resolution: int
+    epochs: int
+    save_every: int
+    last_checkpoint_only: bool
+    timesteps: int
+    draws: int
+    sketch: int
+    retrieval_queries: int
+    curve: tuple[tuple[int, int], ...]
+
+
+QUICK = Setting(
+    train=128, heldout=32, resolution=16, epochs=40, save_every=20, last_checkpoint_only=True,
+    timesteps=8, draws=2, sketch=4096, retrieval_queries=32, curve=((4, 1), (8, 1), (8, 2)),
+)
+FULL = Setting(
+    train=320, heldout=64, resolution=16, epochs=60, save_every=20, last_checkpoint_only=False,
+    timesteps=8, draws=2, sketch=4096, retrieval_queries=64, curve=((4, 1), (8, 1), (8, 2), (16, 2), (16, 4)),
+)
+
+SEEDS = (11, 12)
+"""The two slot (and query) seeds of the stability part; the first is the retrieval part's."""
+
+Figures = dict[str, dict[str, dict[str, Any]]]
+"""{method: {estimator: {key: value}}}."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every part shares: the setting, the trained run, its training images and held-out digits."""
+
+    setting: Setting
+    run: TrainingRun
+    data: DatasetSpec
+    train: ImageDataset
+    heldout: torch.Tensor
+
+    def attributor(self, grid: int, draws: int, seed: int) -> Attributor:
+        """An in-memory index, replayed step plus `grid` shared-noise grid slots of `draws` noises,
+        computed at once."""
+        checkpoints = self.run.checkpoints()[-1:] if self.setting.last_checkpoint_only else ()
+        spec = IndexSpec(
+            dataset=self.data, run=str(self.run.folder), checkpoints=tuple(checkpoints),
+            slots=SlotSpec(replay=True, grid=grid, noise="shared", draws=draws, seed=seed),
+            projector=ProjectorSpec(kind="sketch", dim=self.setting.sketch, seed=0),
+        )
+        attributor = Attributor(IndexPlan.resolve(spec))
+        attributor.index()
+        return attributor
+
+
+def prepare(setting: Setting, folder: Path) -> tuple[Setup, float]:
+    """Train the run (the first `setting.train` digits); the next `setting.heldout` are held out."""
+    started = time.perf_counter()
+    data = DatasetSpec(source="builtin:digits", resolution=setting.resolution, limit=setting.train)
+    everything = load_dataset(data.model_copy(update={"limit": setting.train + setting.heldout}))
+    training = load_dataset(data)
+    spec = TrainSpec(
+        dataset=data, preset="tiny", loss="mse", epochs=setting.epochs, batch_size=32, lr=1e-3,
+        save_every=setting.save_every, seed=0,
+    )
+    run = train(spec, training, folder)
+    setup = Setup(setting, run, data, training, everything.images[setting.train :])
+    return setup, time.perf_counter() - started
+
+
+def scores(attributor: Attributor, vectors: list[QueryVectors], estimator: str) -> dict[str, np.ndarray]:
+    """`(Q, N)` score matrices per method: `paper` over the replayed slot, `matched` over the grid
+    slots, `paper_over_shared_slots` the paper's form over the grid slots (the ablation)."""
+    rows: list[Rows] = attributor.rows  # type: ignore[assignment]
+    grid = matched_slots(attributor.plan.spec.slots)
+    chosen = {"paper": slice(0, 1), "matched": slice(None), "paper_over_shared_slots": grid}[estimator]
+    chunks = [RowChunk(r.projected[:, chosen], r.norms[:, chosen]) for r in rows]
+    return retrieval.full_scores(
+        chunks, vectors, attributor.plan.weights, matched=grid if estimator == "matched" else None
+    )
+
+
+def query(attributor: Attributor, images: torch.Tensor) -> list[QueryVectors]:
+    """Query vectors at every checkpoint with the index's own K, M and seed."""
+    slots = attributor.plan.spec.slots
+    spec = QuerySpec(timesteps=slots.grid, draws=slots.draws, seed=slots.seed)
+    return attributor.query_vectors(images, spec, list(range(len(attributor.plan.checkpoints))))
+
+
+def retrieval_part(setup: Setup) -> Figures:
+    """Training images as queries (top-1 self) and their near-duplicates (source in the top 3)."""
+    setting = setup.setting
+    attributor = setup.attributor(setting.timesteps, setting.draws, SEEDS[0])
+    own = list(range(setting.retrieval_queries))
+    originals = setup.train.images[own]
+    duplicates = {
+        "shift": retrieval.shifted(originals),
+        "jpeg": retrieval.jpeg_reencoded(originals, quality=75),
+        "noise": retrieval.noised(originals, std=0.02, seed=1),
+    }
+    vectors = query(attributor, torch.cat([originals, *duplicates.values()]))
+    out: Figures = {"tracin": {}, "retrac": {}}
+    for estimator in ("paper", "matched", "paper_over_shared_slots"):
+        for method, table in scores(attributor, vectors, estimator).items():
+            parts = np.split(table, 1 + len(duplicates))
+            by_kind = {kind: retrieval.hit_rate(part, own, 3) for kind, part in zip(duplicates, parts[1:], strict=True)}
+            out[method][estimator] = {
+                "self_retrieval_top1": retrieval.hit_rate(parts[0], own, 1),
+                "near_duplicate_top3": retrieval.hit_rate(np.concatenate(parts[1:]), own * len(duplicates), 3),
+                "near_duplicate_top3_by_kind": by_kind,
+            }
+    return out
+
+
+def stability_part(setup: Setup) -> Figures:
+    """Agreement of two indexes (matched) or two query seeds (paper) on held-out queries, per (K, M)."""
+    curve: dict[str, dict[str, list[dict[str, float]]]] = {
+        m: {"paper": [], "matched": []} for m in ("tracin", "retrac")
+    }
+    for grid, draws in setup.setting.curve:
+        tables = []
+        for seed in SEEDS:
+            attributor = setup.attributor(grid, draws, seed)
+            vectors = query(attributor, setup.heldout)
+            tables.append({e: scores(attributor, vectors, e) for e in ("paper", "matched")})
+        for method, per_estimator in curve.items():
+            for estimator, points in per_estimator.items():
+                first, second = (t[estimator][method] for t in tables)
+                points.append({
+                    "grid": grid, "draws": draws,
+                    "top10": retrieval.top_k_overlap(first, second, 10),
+                    "spearman": retrieval.mean_spearman(first, second),
+                })
+    chosen = (setup.setting.timesteps, setup.setting.draws)
+    out: Figures = {"tracin": {}, "retrac": {}}
+    for method, per_estimator in curve.items():
+        for estimator, points in per_estimator.items():
+            at = next(p for p in points if (p["grid"], p["draws"]) == chosen)
+            out[method][estimator] = {
+                "seed_stability_top10": at["top10"],
+                "seed_stability_spearman": at["spearman"],
+                "seed_stability_curve": points,
+            }
+    return out
+
+
+PARTS: dict[str, Callable[[Setup], Figures]] = {"retrieval": retrieval_part, "stability": stability_part}
+"""Every part of the bench, in the order they run."""
+
+
+def merge(into: Figures, figures: Figures) -> None:
+    """Add one part's figures to the report, method by method and estimator by estimator."""
+    for method, per_estimator in figures.items():
+        for estimator, values in per_estimator.items():
+            into.setdefault(method, {}).setdefault(estimator, {}).update(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the smaller setting (under 10 minutes on 2 cores)")
+    parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS), help="parts to run")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)  # one thread: two contending processes run torch far slower on 2 cores
+    setting = QUICK if args.quick else FULL
+    with tempfile.TemporaryDirectory() as folder:
+        setup, train_s = prepare(setting, Path(folder) / "run")
+        report: dict[str, Any] = {"setting": asdict(setting), "wall_s": {"train": train_s}}
+        figures: Figures = {}
+        for name in args.parts:
+            started = time.perf_counter()
+            merge(figures, PARTS[name](setup))
+            report["wall_s"][name] = time.perf_counter() - started
+    print(json.dumps({**report, **figures}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
