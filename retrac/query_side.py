@@ -16,6 +16,7 @@ not depend on which other images share its batch, and the same draws serve every
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from api_schemas import Method, QuerySpec, SlotSpec
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer, inverse_norms
 from retrac.noise import query_noise
+
+AnyQuery = TypeVar("AnyQuery", bound=QuerySpec)
 
 BANDS = ("coarse", "middle", "fine")
 """Timestep bands, in thirds of the schedule: coarse t >= 2T/3 (composition), middle, fine t < T/3
@@ -77,12 +80,13 @@ def query_timesteps(count: int, num_timesteps: int) -> torch.Tensor:
     return torch.linspace(1, num_timesteps - 1, count, dtype=torch.float64).floor().to(torch.int64)
 
 
-def resolve_query(query: QuerySpec, slots: SlotSpec) -> QuerySpec:
+def resolve_query(query: AnyQuery, slots: SlotSpec) -> AnyQuery:
     """The query to run against an index whose slots are `slots`: as given for the paper's estimator.
 
     The matched estimator pairs query timestep t with the index's shared-noise grid slot t, so it runs
     with the index's K, M and seed: those not given explicitly are taken from the index, and a given
-    one that differs is refused (the pairing would compare different timesteps or noises).
+    one that differs is refused (the pairing would compare different timesteps or noises). A subclass
+    (the service's request) keeps its class and other fields.
     """
     if query.estimator == "paper":
         return query

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Form, UploadFile
 from pydantic import Field
 
 from api_schemas.attribution import AttributeRequest, AttributionsPublic, QueryOptions
+from retrac.query_side import resolve_query
 from service.deps import EngineDep, IndexNameDep, ReadAccess, SettingsDep, StoreDep
 from service.errors import ERROR_RESPONSES
 from service.images import decode_file, decode_json_image
@@ -41,6 +42,7 @@ def attribute_json(
     settings: SettingsDep,
 ) -> AttributionsPublic:
     started = time.perf_counter()
+    body = resolve_query(body, store.spec.slots)
     check_limits(body, len(body.images), settings)
     shape = store.spec.dataset
     images = [
@@ -59,6 +61,7 @@ def attribute_upload(
     settings: SettingsDep,
 ) -> AttributionsPublic:
     started = time.perf_counter()
+    form = resolve_query(form, store.spec.slots)
     check_limits(form, len(form.images), settings)
     shape = store.spec.dataset
     decoded = [
