@@ -8,6 +8,8 @@ Shapes as in `retrac.evaluation.metrics`: a score matrix is `(Q, N)`, higher mor
   indexes built with other seeds, or two query seeds).
 - `shifted`, `jpeg_reencoded`, `noised`: near-duplicates of images in [-1, 1], the queries of a
   near-duplicate retrieval test.
+- `nearest_training`: each image's nearest training image in pixel space, to call a generated image
+  a copy of it.
 """
 
 from __future__ import annotations
@@ -88,6 +90,17 @@ def noised(images: torch.Tensor, std: float = 0.02, seed: int = 0) -> torch.Tens
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn(images.shape, generator=generator, dtype=torch.float32)
     return (images + 2 * std * noise).clamp(-1, 1)
+
+
+def nearest_training(images: torch.Tensor, training: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(position `(B,)`, RMS distance `(B,)` on the [0, 1] pixel scale) of each image's nearest
+    training image; images and training images `(*, C, H, W)` in [-1, 1]."""
+    if images.shape[1:] != training.shape[1:] or not len(training):
+        raise EvaluationError(f"images {tuple(images.shape)} and training images {tuple(training.shape)} differ in shape")
+    distances = torch.cdist(images.flatten(1).double(), training.flatten(1).double())  # L2 in [-1, 1]
+    best = distances.min(dim=1)
+    rms = best.values / 2 / images[0].numel() ** 0.5
+    return best.indices.numpy(), rms.numpy()
 
 
 def _pair(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

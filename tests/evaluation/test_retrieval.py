@@ -73,3 +73,14 @@ def test_near_duplicates() -> None:
     decoded = retrieval.jpeg_reencoded(smooth, quality=75)
     assert decoded.shape == smooth.shape
     assert 0 < float((decoded - smooth).abs().max()) < 0.1  # lossy, but a smooth ramp survives closely
+
+
+def test_nearest_training_by_hand() -> None:
+    training = torch.tensor([[[[-1.0, -1.0]]], [[[1.0, 1.0]]], [[[0.0, 0.0]]]])  # (3, 1, 1, 2)
+    images = torch.tensor([[[[0.9, 1.0]]], [[[-0.2, 0.2]]]])
+    positions, rms = retrieval.nearest_training(images, training)
+    assert positions.tolist() == [1, 2]
+    # [0, 1] scale: (0.05, 0) -> sqrt(0.0025 / 2); (0.1, 0.1) -> 0.1
+    np.testing.assert_allclose(rms, [0.05 / 2**0.5, 0.1], rtol=1e-6)  # float32 inputs (0.9)
+    with pytest.raises(EvaluationError, match="differ in shape"):
+        retrieval.nearest_training(images[:, :, :, :1], training)
