@@ -10,6 +10,8 @@ Trains a tiny DDPM on real digits (with a replay record), then measures, per met
 - `retrieval`: `self_retrieval_top1` (a training image as the query ranks itself first) and
   `near_duplicate_top3` (a 1-pixel shift, a JPEG re-encode at quality 75 or Gaussian noise of std 0.02
   ranks its source in the top 3), with the per-kind rates.
+- `copies`: a model trained long on 64 digits; its generated images whose nearest training image
+  lies within `COPY_RMS` are copies, and `copy_top3` is the share that rank it in their top 3.
 - `stability`: two indexes built with other slot seeds (the matched estimator's query noise is its
   index's) or, for the paper's estimator, whose replayed slot is fixed by the record, two query seeds:
   `seed_stability_top10` (top-10 overlap) and `seed_stability_spearman`, over held-out queries, at
@@ -39,6 +41,7 @@ from api_schemas import DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSp
 from retrac.attribution import Attributor
 from retrac.datasets import ImageDataset, load_dataset
 from retrac.evaluation import retrieval
+from retrac.evaluation.sampling import generate
 from retrac.plan import IndexPlan, Rows
 from retrac.query_side import QueryVectors
 from retrac.replay import TrainingRun
@@ -61,16 +64,25 @@ class Setting:
     sketch: int
     retrieval_queries: int
     curve: tuple[tuple[int, int], ...]
+    copy_train: int
+    copy_epochs: int
+    copy_samples: int
 
 
 QUICK = Setting(
     train=128, heldout=32, resolution=16, epochs=40, save_every=20, last_checkpoint_only=True,
     timesteps=8, draws=2, sketch=4096, retrieval_queries=32, curve=((4, 1), (8, 1), (8, 2)),
+    copy_train=64, copy_epochs=300, copy_samples=64,
 )
 FULL = Setting(
     train=320, heldout=64, resolution=16, epochs=60, save_every=20, last_checkpoint_only=False,
     timesteps=8, draws=2, sketch=4096, retrieval_queries=64, curve=((4, 1), (8, 1), (8, 2), (16, 2), (16, 4)),
+    copy_train=64, copy_epochs=600, copy_samples=128,
 )
+
+COPY_RMS = 0.05
+"""A generated image is a copy of its nearest training image when their RMS pixel distance (on the
+[0, 1] scale) is at most this: about 13 grey levels of 256 per pixel on average."""
 
 SEEDS = (11, 12)
 """The two slot (and query) seeds of the stability part; the first is the retrieval part's."""
@@ -81,20 +93,23 @@ Figures = dict[str, dict[str, dict[str, Any]]]
 
 @dataclass(frozen=True)
 class Setup:
-    """What every part shares: the setting, the trained run, its training images and held-out digits."""
+    """What every part shares: the setting, the trained run, its training images, held-out digits,
+    and a scratch folder (for parts that train runs of their own)."""
 
     setting: Setting
     run: TrainingRun
     data: DatasetSpec
     train: ImageDataset
     heldout: torch.Tensor
+    scratch: Path
 
-    def attributor(self, grid: int, draws: int, seed: int) -> Attributor:
-        """An in-memory index, replayed step plus `grid` shared-noise grid slots of `draws` noises,
-        computed at once."""
-        checkpoints = self.run.checkpoints()[-1:] if self.setting.last_checkpoint_only else ()
+    def attributor(self, grid: int, draws: int, seed: int, run: TrainingRun | None = None) -> Attributor:
+        """An in-memory index of `run` (default: the shared one), replayed step plus `grid`
+        shared-noise grid slots of `draws` noises, computed at once."""
+        run = run or self.run
+        checkpoints = run.checkpoints()[-1:] if self.setting.last_checkpoint_only else ()
         spec = IndexSpec(
-            dataset=self.data, run=str(self.run.folder), checkpoints=tuple(checkpoints),
+            dataset=run.spec.dataset, run=str(run.folder), checkpoints=tuple(checkpoints),
             slots=SlotSpec(replay=True, grid=grid, noise="shared", draws=draws, seed=seed),
             projector=ProjectorSpec(kind="sketch", dim=self.setting.sketch, seed=0),
         )
@@ -103,18 +118,25 @@ class Setup:
         return attributor
 
 
-def prepare(setting: Setting, folder: Path) -> tuple[Setup, float]:
-    """Train the run (the first `setting.train` digits); the next `setting.heldout` are held out."""
-    started = time.perf_counter()
-    data = DatasetSpec(source="builtin:digits", resolution=setting.resolution, limit=setting.train)
-    everything = load_dataset(data.model_copy(update={"limit": setting.train + setting.heldout}))
+def train_digits(
+    count: int, setting: Setting, epochs: int, save_every: int, folder: Path
+) -> tuple[TrainingRun, ImageDataset]:
+    """A tiny DDPM (mse) trained `epochs` epochs on the first `count` digits, with its replay record."""
+    data = DatasetSpec(source="builtin:digits", resolution=setting.resolution, limit=count)
     training = load_dataset(data)
     spec = TrainSpec(
-        dataset=data, preset="tiny", loss="mse", epochs=setting.epochs, batch_size=32, lr=1e-3,
-        save_every=setting.save_every, seed=0,
+        dataset=data, preset="tiny", loss="mse", epochs=epochs, batch_size=32, lr=1e-3,
+        save_every=save_every, seed=0,
     )
-    run = train(spec, training, folder)
-    setup = Setup(setting, run, data, training, everything.images[setting.train :])
+    return train(spec, training, folder), training
+
+
+def prepare(setting: Setting, folder: Path) -> tuple[Setup, float]:
+    """Train the shared run (the first `setting.train` digits); the next `setting.heldout` are held out."""
+    started = time.perf_counter()
+    run, training = train_digits(setting.train, setting, setting.epochs, setting.save_every, folder / "run")
+    everything = load_dataset(run.spec.dataset.model_copy(update={"limit": setting.train + setting.heldout}))
+    setup = Setup(setting, run, run.spec.dataset, training, everything.images[setting.train :], folder)
     return setup, time.perf_counter() - started
 
 
@@ -194,7 +216,35 @@ def stability_part(setup: Setup) -> Figures:
     return out
 
 
-PARTS: dict[str, Callable[[Setup], Figures]] = {"retrieval": retrieval_part, "stability": stability_part}
+def copy_part(setup: Setup) -> Figures:
+    """A model trained long on a few digits memorises them: its generated near-copies (nearest
+    training image within `COPY_RMS`) should retrieve that image in their top 3."""
+    setting = setup.setting
+    epochs = setting.copy_epochs
+    run, training = train_digits(setting.copy_train, setting, epochs, epochs, setup.scratch / "copies")  # one checkpoint
+    model = IndexPlan.resolve(IndexSpec(dataset=run.spec.dataset, run=str(run.folder))).load_model(0)
+    generated = generate(model.unet, model.scheduler, setting.copy_samples, sampler="ddim", steps=50, seed=3)
+    nearest, rms = retrieval.nearest_training(generated, training.images)
+    copies = np.flatnonzero(rms <= COPY_RMS)
+    found = {
+        "copies_found": int(len(copies)), "copy_generated": setting.copy_samples,
+        "copy_rms_quartiles": [float(v) for v in np.quantile(rms, [0.25, 0.5, 0.75])],
+        "copy_epochs": epochs,
+    }
+    out: Figures = {"tracin": {}, "retrac": {}}
+    if not len(copies):
+        return {m: {e: {**found, "copy_top3": None} for e in ("paper", "matched")} for m in out}
+    attributor = setup.attributor(setting.timesteps, setting.draws, SEEDS[0], run=run)
+    vectors = query(attributor, generated[copies])
+    for estimator in ("paper", "matched"):
+        for method, table in scores(attributor, vectors, estimator).items():
+            out[method][estimator] = {**found, "copy_top3": retrieval.hit_rate(table, nearest[copies].tolist(), 3)}
+    return out
+
+
+PARTS: dict[str, Callable[[Setup], Figures]] = {
+    "retrieval": retrieval_part, "stability": stability_part, "copies": copy_part,
+}
 """Every part of the bench, in the order they run."""
 
 
@@ -214,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # one thread: two contending processes run torch far slower on 2 cores
     setting = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory() as folder:
-        setup, train_s = prepare(setting, Path(folder) / "run")
+        setup, train_s = prepare(setting, Path(folder))
         report: dict[str, Any] = {"setting": asdict(setting), "wall_s": {"train": train_s}, "cpu_s": {}}
         figures: Figures = {}
         for name in args.parts:
