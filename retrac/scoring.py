@@ -12,16 +12,18 @@ query's own timestep t and noise):
     TracIn(z, q) = sum_c w_c * (1/K) sum_t g_c(z, t) . P h_c(q, t)
     ReTrac(z, q) = sum_c w_c * (1/K) sum_t g_c(z, t) / ||g_c(z, t)|| . P h_c(q, t) / ||h_c(q, t)||
 
-Either score is computed as parts per checkpoint and timestep band (`retrac.query_side.BANDS`), which
+Either score splits into parts per checkpoint and timestep band (`retrac.query_side.BANDS`), which
 sum to it. `scan` keeps the top-k (proponents) and bottom-k (opponents) per method and query, with
-their parts, over any number of chunks in memory bounded by the chunk size. The in-memory engine and
+their parts, over any number of chunks in memory bounded by the chunk size; the band parts are
+computed for each chunk's best k alone. The in-memory engine and
 the Zarr store feed it the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 
@@ -129,6 +131,36 @@ def _matched_parts(
     return out
 
 
+def _paper_scores(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
+    """`(n, Q)` per method: `mean_s g_s . G` (ReTrac: `g_s / ||g_s||` and G^), without band parts.
+
+    One pass over the stored rows: blocks of `SCAN_BLOCK` rows are converted to float32 once and
+    multiplied with the query vectors of every method at once (two columns per query: a third of
+    `_paper_parts`' matmul, the cost of a scan).
+    """
+    n, slots, dim = chunk.projected.shape
+    device = chunk.projected.device
+    sides = torch.cat([getattr(query, m).to(device, torch.float32) for m in methods])  # (methods * Q, k)
+    inverse = inverse_norms(chunk.norms.to(device))
+    out = {m: torch.empty(n, sides.shape[0] // len(methods), device=device) for m in methods}
+    for start, block in _float_blocks(chunk.projected, slice(None)):
+        rows = slice(start, start + block.shape[0])
+        products = torch.mm(block.view(-1, dim), sides.T).view(block.shape[0], slots, len(methods), -1)
+        for i, method in enumerate(methods):
+            per_slot = products[:, :, i]
+            if method == "retrac":
+                per_slot = per_slot * inverse[rows, :, None]
+            out[method][rows] = per_slot.mean(dim=1)
+    return out
+
+
+def _check_pairing(chunk: RowChunk, query: QueryVectors, matched: slice) -> None:
+    """A SpecError unless the grid slots `matched` are as many as the query's timesteps."""
+    stored, asked = len(range(*matched.indices(chunk.projected.shape[1]))), query.per_timestep.shape[1]
+    if stored != asked:
+        raise SpecError(f"the matched estimator pairs each of {stored} grid slots with a query timestep; got K = {asked}")
+
+
 def parts(
     chunks: Sequence[RowChunk],
     queries: Sequence[QueryVectors],
@@ -144,9 +176,7 @@ def parts(
         if matched is None:
             table = _paper_parts(chunk, query, methods)
         else:
-            stored, asked = len(range(*matched.indices(chunk.projected.shape[1]))), query.per_timestep.shape[1]
-            if stored != asked:
-                raise SpecError(f"the matched estimator pairs each of {stored} grid slots with a query timestep; got K = {asked}")
+            _check_pairing(chunk, query, matched)
             table = _matched_parts(chunk, query, methods, matched)
         for method in methods:
             out[method].append(weight * table[method])
@@ -154,11 +184,41 @@ def parts(
 
 
 def contributions(
-    chunks: Sequence[RowChunk], queries: Sequence[QueryVectors], weights: Sequence[float], methods: Sequence[Method]
+    chunks: Sequence[RowChunk],
+    queries: Sequence[QueryVectors],
+    weights: Sequence[float],
+    methods: Sequence[Method],
+    matched: slice | None = None,
 ) -> dict[Method, torch.Tensor]:
-    """Per-checkpoint weighted contributions `(n, Q, C)` per method of the paper's estimator; scores
-    are their sum over C."""
-    return {m: table.sum(dim=-1) for m, table in parts(chunks, queries, weights, methods).items()}
+    """Per-checkpoint weighted contributions `(n, Q, C)` per method (estimator as in `parts`); scores
+    are their sum over C. The paper's estimator skips the band split (a scan's matmul is its cost);
+    the matched one has it for free (its per-timestep products are needed anyway)."""
+    if matched is not None:
+        return {m: table.sum(dim=-1) for m, table in parts(chunks, queries, weights, methods, matched).items()}
+    out: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
+    for chunk, query, weight in zip(chunks, queries, weights, strict=True):
+        table = _paper_scores(chunk, query, methods)
+        for method in methods:
+            out[method].append(weight * table[method])
+    return {m: torch.stack(p, dim=-1) for m, p in out.items()}
+
+
+def _band_parts(
+    chunks: Sequence[RowChunk],
+    queries: Sequence[QueryVectors],
+    weights: Sequence[float],
+    method: Method,
+    matched: slice | None,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """Band parts `(Q, k, B)` of the rows `rows` `(Q, k)` (positions in `chunks`) for their own query."""
+    count, kept = rows.shape
+    flat = rows.reshape(-1)
+    subset = [RowChunk(c.projected[flat], c.norms[flat]) for c in chunks]
+    table = parts(subset, queries, weights, [method], matched)[method]  # (Q * k, Q, C, B)
+    table = table.view(count, kept, count, *table.shape[2:])
+    own = torch.arange(count)
+    return table[own, :, own].sum(dim=2)
 
 
 @dataclass(frozen=True)
@@ -180,6 +240,9 @@ class Ranking:
     opponents: dict[Method, Ranked]
 
 
+_RANKED = tuple(f.name for f in fields(Ranked))
+
+
 class _Extremes:
     """Running top-k of one score table across chunks (`largest=False` keeps the bottom k)."""
 
@@ -187,27 +250,28 @@ class _Extremes:
         self.top_k, self.largest = top_k, largest
         self.best: Ranked | None = None
 
-    def add(self, first_row: int, table: torch.Tensor) -> None:
-        """Merge the parts `(n, Q, C, B)` of rows `first_row..` into the kept k."""
-        scores = table.sum(dim=(2, 3)).T  # (Q, n)
-        rows = torch.arange(first_row, first_row + scores.shape[1]).expand_as(scores)
-        per_checkpoint = table.sum(dim=3).permute(1, 0, 2)  # (Q, n, C)
-        per_band = table.sum(dim=2).permute(1, 0, 2)  # (Q, n, B)
+    def add(
+        self, first_row: int, contribution: torch.Tensor, band_parts: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        """Merge rows `first_row..` with contributions `(n, Q, C)` into the kept k; `band_parts`
+        gives the band parts `(Q, k, B)` of chunk rows `(Q, k)`, asked for this chunk's best k only."""
+        scores = contribution.sum(dim=-1).T  # (Q, n)
+        local = scores.topk(min(self.top_k, scores.shape[1]), dim=1, largest=self.largest, sorted=True).indices
+        per_checkpoint = contribution.permute(1, 0, 2)  # (Q, n, C)
+        candidates = Ranked(
+            rows=local + first_row, scores=scores.gather(1, local),
+            contributions=per_checkpoint.gather(1, local.unsqueeze(-1).expand(-1, -1, per_checkpoint.shape[2])),
+            bands=band_parts(local),
+        )
         if self.best is not None:
-            scores = torch.cat([self.best.scores, scores], dim=1)
-            rows = torch.cat([self.best.rows, rows], dim=1)
-            per_checkpoint = torch.cat([self.best.contributions, per_checkpoint], dim=1)
-            per_band = torch.cat([self.best.bands, per_band], dim=1)
-        k = min(self.top_k, scores.shape[1])
-        kept = scores.topk(k, dim=1, largest=self.largest, sorted=True).indices
+            candidates = Ranked(*(torch.cat([getattr(self.best, f), getattr(candidates, f)], dim=1) for f in _RANKED))
+        kept = candidates.scores.topk(min(self.top_k, candidates.scores.shape[1]), dim=1, largest=self.largest).indices
 
         def gathered(values: torch.Tensor) -> torch.Tensor:
-            return values.gather(1, kept.unsqueeze(-1).expand(-1, -1, values.shape[2]))
+            index = kept if values.ndim == 2 else kept.unsqueeze(-1).expand(-1, -1, values.shape[2])
+            return values.gather(1, index)
 
-        self.best = Ranked(
-            rows=rows.gather(1, kept), scores=scores.gather(1, kept),
-            contributions=gathered(per_checkpoint), bands=gathered(per_band),
-        )
+        self.best = Ranked(*(gathered(getattr(candidates, f)) for f in _RANKED))
 
 
 def scan(
@@ -223,9 +287,10 @@ def scan(
     `matched` picks the estimator as in `parts`."""
     keep = {(m, largest): _Extremes(top_k, largest) for m in methods for largest in (True, False)}
     for first_row, per_checkpoint in chunks:
-        table = parts(per_checkpoint, queries, weights, methods, matched)
+        table = contributions(per_checkpoint, queries, weights, methods, matched)
         for (method, _), extremes in keep.items():
-            extremes.add(first_row, table[method])
+            bands = partial(_band_parts, per_checkpoint, queries, weights, method, matched)
+            extremes.add(first_row, table[method], bands)
     if any(e.best is None for e in keep.values()):
         raise ValueError("scan needs at least one row")
     return Ranking(

@@ -26,7 +26,7 @@ from api_schemas import Method
 from retrac.evaluation.metrics import _matrix, self_ranks, top_k
 from retrac.exceptions import EvaluationError
 from retrac.query_side import QueryVectors
-from retrac.scoring import METHODS, RowChunk, parts
+from retrac.scoring import METHODS, RowChunk, contributions
 
 
 def full_scores(
@@ -37,8 +37,8 @@ def full_scores(
 ) -> dict[Method, np.ndarray]:
     """Score matrices `(Q, N)` per method of every training row of `chunks` (one per checkpoint), by
     the paper's estimator (`matched` None) or the matched one over grid slots `matched`."""
-    table = parts(chunks, queries, weights, METHODS, matched)
-    return {method: table[method].sum(dim=(2, 3)).T.numpy() for method in METHODS}
+    table = contributions(chunks, queries, weights, METHODS, matched)
+    return {method: table[method].sum(dim=-1).T.numpy() for method in METHODS}
 
 
 def hit_rate(scores: np.ndarray, own: Sequence[int], k: int) -> float:
