@@ -11,7 +11,8 @@ Trains a tiny DDPM on real digits (with a replay record), then measures, per met
   `near_duplicate_top3` (a 1-pixel shift, a JPEG re-encode at quality 75 or Gaussian noise of std 0.02
   ranks its source in the top 3), with the per-kind rates.
 - `copies`: a model trained long on 64 digits; its generated images whose nearest training image
-  lies within `COPY_RMS` are copies, and `copy_top3` is the share that rank it in their top 3.
+  lies within `COPY_RMS` are copies, and `copy_top3` is the share that rank it in their top 3 (null
+  when there is none); `nearest_top3` the same over every generated image.
 - `stability`: two indexes built with other slot seeds (the matched estimator's query noise is its
   index's) or, for the paper's estimator, whose replayed slot is fixed by the record, two query seeds:
   `seed_stability_top10` (top-10 overlap) and `seed_stability_spearman`, over held-out queries, at
@@ -231,14 +232,16 @@ def copy_part(setup: Setup) -> Figures:
         "copy_rms_quartiles": [float(v) for v in np.quantile(rms, [0.25, 0.5, 0.75])],
         "copy_epochs": epochs,
     }
-    out: Figures = {"tracin": {}, "retrac": {}}
-    if not len(copies):
-        return {m: {e: {**found, "copy_top3": None} for e in ("paper", "matched")} for m in out}
     attributor = setup.attributor(setting.timesteps, setting.draws, SEEDS[0], run=run)
-    vectors = query(attributor, generated[copies])
+    vectors = query(attributor, generated)
+    out: Figures = {"tracin": {}, "retrac": {}}
     for estimator in ("paper", "matched"):
         for method, table in scores(attributor, vectors, estimator).items():
-            out[method][estimator] = {**found, "copy_top3": retrieval.hit_rate(table, nearest[copies].tolist(), 3)}
+            out[method][estimator] = {
+                **found,
+                "copy_top3": retrieval.hit_rate(table[copies], nearest[copies].tolist(), 3) if len(copies) else None,
+                "nearest_top3": retrieval.hit_rate(table, nearest.tolist(), 3),
+            }
     return out
 
 
