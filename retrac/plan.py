@@ -8,6 +8,7 @@ idempotent function that the in-memory path, the store's tasks and the Celery wo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from api_schemas import IndexSpec, LossKind, PredictionType
 from retrac.datasets import ImageDataset, load_dataset
 from retrac.exceptions import CheckpointError, SpecError
-from retrac.gradients import GradientComputer, num_parameters
+from retrac.gradients import GradientComputer, num_parameters, whole_groups
 from retrac.models import (
     DiffusionModel,
     check_architecture,
@@ -151,16 +152,31 @@ class IndexPlan:
             for part, noise in groups if part.stop > part.start
         ]
 
-    def compute_rows(self, checkpoint: int, rows: slice, computer: GradientComputer) -> Rows:
-        """Projected gradients and exact norms of rows `rows` at checkpoint `checkpoint`."""
+    def compute_rows(
+        self,
+        checkpoint: int,
+        rows: slice,
+        computer: GradientComputer,
+        on_rows: Callable[[int], None] | None = None,
+    ) -> Rows:
+        """Projected gradients and exact norms of rows `rows` at checkpoint `checkpoint`.
+
+        `on_rows(n)` is called after each gradient batch with the n rows it completed (all slots done:
+        slots of different noise kinds are computed group after group, so rows complete in the last).
+        """
         timesteps, seeds = self.slots(checkpoint, rows)
         images = self.dataset.images[rows]
         n = timesteps.shape[0]
         projected, norms = [], []
-        for part, noise in self.slot_noise(seeds):
+        groups = self.slot_noise(seeds)
+        for number, (part, noise) in enumerate(groups, start=1):
             steps = timesteps[:, part]
             width = steps.shape[1]
-            batch = computer.compute(images.repeat_interleave(width, dim=0), steps.reshape(-1), noise.flatten(0, 1))
+            last = number == len(groups) and on_rows is not None
+            on_chunk = whole_groups(on_rows, width) if last else None  # type: ignore[arg-type]
+            batch = computer.compute(
+                images.repeat_interleave(width, dim=0), steps.reshape(-1), noise.flatten(0, 1), on_chunk
+            )
             projected.append(batch.projected.reshape(n, width, -1).cpu())
             norms.append(batch.norms.reshape(n, width).cpu())
         return Rows(

@@ -15,6 +15,7 @@ not depend on which other images share its batch, and the same draws serve every
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from api_schemas import Method, QuerySpec, SlotSpec
 from retrac.exceptions import SpecError
-from retrac.gradients import GradientComputer, inverse_norms
+from retrac.gradients import GradientComputer, inverse_norms, whole_groups
 from retrac.noise import query_noise
 
 AnyQuery = TypeVar("AnyQuery", bound=QuerySpec)
@@ -113,8 +114,16 @@ def resolve_query(query: AnyQuery, slots: SlotSpec) -> AnyQuery:
     return query.model_copy(update=needed)
 
 
-def query_vectors(computer: GradientComputer, images: torch.Tensor, spec: QuerySpec) -> QueryVectors:
-    """The per-timestep query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint."""
+def query_vectors(
+    computer: GradientComputer,
+    images: torch.Tensor,
+    spec: QuerySpec,
+    on_images: Callable[[int], None] | None = None,
+) -> QueryVectors:
+    """The per-timestep query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint.
+
+    `on_images(n)` is called after each gradient batch with the n images whose K timesteps it completed.
+    """
     count, k_steps = images.shape[0], spec.timesteps
     timesteps = query_timesteps(k_steps, computer.model.num_timesteps)
     noise = query_noise(spec.seed, k_steps, spec.draws, images.shape[1:])
@@ -123,6 +132,7 @@ def query_vectors(computer: GradientComputer, images: torch.Tensor, spec: QueryS
         images.repeat_interleave(k_steps, dim=0),
         timesteps.repeat(count),
         noise.repeat(count, 1, 1, 1, 1),
+        whole_groups(on_images, k_steps) if on_images is not None else None,
     )
     return QueryVectors(
         per_timestep=batch.projected.reshape(count, k_steps, -1),
