@@ -15,8 +15,7 @@ query's own timestep t and noise):
 Either score splits into parts per checkpoint and timestep band (`retrac.query_side.BANDS`), which
 sum to it. `scan` keeps the top-k (proponents) and bottom-k (opponents) per method and query, with
 their parts, over any number of chunks in memory bounded by the chunk size; the band parts are
-computed for each chunk's best k alone. The in-memory engine and
-the Zarr store feed it the same way.
+computed for each chunk's best k alone. The in-memory engine and the Zarr store feed it the same way.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ SCAN_ROWS = 4096
 SCAN_ROWS * S * k values per checkpoint, beyond what a store keeps resident."""
 
 SCAN_BLOCK = 512
-"""Rows converted to float32 at a time by `parts`: the block stays in cache between its
+"""Rows converted to float32 at a time by a scan: the block stays in cache between its
 conversion and its matmul. (A direct float16 matmul rounds scores to ~1e-3; a float32 copy of a
 whole chunk costs extra passes over memory.)"""
 
