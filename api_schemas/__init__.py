@@ -3,6 +3,7 @@
 from api_schemas.specs import (
     CheckpointSpec,
     DatasetSpec,
+    Estimator,
     IndexSpec,
     BetaSchedule,
     LossKind,
@@ -12,6 +13,7 @@ from api_schemas.specs import (
     ProjectorKind,
     ProjectorSpec,
     QuerySpec,
+    SlotNoise,
     SlotSpec,
     StoreDType,
     TrainSpec,
@@ -20,6 +22,7 @@ from api_schemas.specs import (
 __all__ = [
     "CheckpointSpec",
     "DatasetSpec",
+    "Estimator",
     "IndexSpec",
     "BetaSchedule",
     "LossKind",
@@ -29,6 +32,7 @@ __all__ = [
     "ProjectorKind",
     "ProjectorSpec",
     "QuerySpec",
+    "SlotNoise",
     "SlotSpec",
     "StoreDType",
     "TrainSpec",

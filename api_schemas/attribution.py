@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field
 
 from api_schemas.common import Public, SampleId
-from api_schemas.specs import DEFAULT_TOP_K, Method, QuerySpec
+from api_schemas.specs import DEFAULT_TOP_K, Estimator, Method, QuerySpec
 
 MAX_ARRAY_SIDE = 4096
 """Longest axis of a nested-array image the schema accepts (the engine's image side limit)."""
@@ -57,6 +57,16 @@ class AttributeRequest(QueryOptions):
     images: list[EncodedImage | ArrayImage] = Field(min_length=1, description="query images")
 
 
+class BandsPublic(Public):
+    """A score split by the query timesteps it comes from, in thirds of the schedule: `coarse`
+    (t >= 2T/3, where the model shapes composition), `middle`, `fine` (t < T/3, texture). They sum to
+    the score."""
+
+    coarse: float
+    middle: float
+    fine: float
+
+
 class InfluencePublic(Public):
     """One training sample ranked for one query image by one method."""
 
@@ -65,6 +75,7 @@ class InfluencePublic(Public):
     score: float
     contributions: list[float] = Field(description="per checkpoint used, in order; they sum to score")
     timesteps: list[int] = Field(description="the stored training timestep of each slot of this sample")
+    bands: BandsPublic = Field(description="the score split into coarse, middle and fine timestep bands")
 
 
 class RankingPublic(Public):
@@ -75,8 +86,9 @@ class RankingPublic(Public):
 
 
 class AttributionPublic(Public):
-    """The answer for one query image: a ranking per method asked for."""
+    """The answer for one query image: a ranking per method asked for, and the estimator that made it."""
 
+    estimator: Estimator
     methods: dict[Method, RankingPublic]
 
 
@@ -96,6 +108,7 @@ class AttributionsPublic(Public):
     timesteps: int
     draws: int
     seed: int
+    estimator: Estimator
     data: list[AttributionPublic]
     count: int
     timings: TimingsPublic

@@ -31,6 +31,14 @@ ProjectorKind = Literal["identity", "sketch", "dense"]
 StoreDType = Literal["float16", "float32"]
 Method = Literal["tracin", "retrac"]
 
+SlotNoise = Literal["independent", "shared"]
+"""Noise of grid slots: one seed of its own per slot (the paper's), or the query's own draws (common
+random numbers: grid slot t gets the M noise images a query with the slot seed draws at t)."""
+
+Estimator = Literal["paper", "matched"]
+"""How training slots meet the query: the paper's (mean over slots . mean over timesteps), or matched
+(each shared-noise grid slot . the query's vector at its own timestep, averaged over timesteps)."""
+
 
 DEFAULT_TOP_K = 10
 """Proponents and opponents per method a query returns unless told: the CLI, the API and the page."""
@@ -73,18 +81,26 @@ class SlotSpec(Spec):
 
     `replay` adds one slot replaying the sample's recorded training step; `grid` adds
     `floor(linspace(1, T-1, grid))`; `random` adds that many timesteps drawn from `seed`.
-    Grid and random slots get noise seeds drawn from `seed` too.
+    Grid and random slots get noise seeds drawn from `seed` too, unless `noise` is `shared`: then
+    grid slot t is the mean gradient over the `draws` noise images that a query with K = grid,
+    M = draws and seed `seed` draws at t, which the `matched` estimator needs.
     """
 
     replay: bool = True
     grid: int = Field(0, ge=0, le=1000)
     random: int = Field(0, ge=0, le=1000)
     seed: int = 0
+    noise: SlotNoise = Field("independent", description="grid slots' noise: their own seeds, or the query's draws")
+    draws: int = Field(1, ge=1, le=256, description="M of shared-noise grid slots (noise images averaged per slot)")
 
     @model_validator(mode="after")
     def _at_least_one(self) -> SlotSpec:
         if not self.replay and self.grid == 0 and self.random == 0:
             raise ValueError("a slot spec needs replay, grid > 0 or random > 0")
+        if self.noise == "shared" and self.grid == 0:
+            raise ValueError("shared slot noise applies to grid slots; give grid > 0")
+        if self.noise == "independent" and self.draws != 1:
+            raise ValueError("draws > 1 needs shared slot noise (independent slots use one noise image each)")
         return self
 
     @property
@@ -103,11 +119,17 @@ class CheckpointSpec(Spec):
 
 
 class QuerySpec(Spec):
-    """Query-side estimator of method.md section 3: K timesteps, M noise draws each, one seed."""
+    """Query-side estimator of method.md section 3: K timesteps, M noise draws each, one seed, and
+    how the query meets the training slots (`estimator`, method.md section 4)."""
 
     timesteps: int = Field(DEFAULT_TIMESTEPS, ge=1, le=1000, description="K, the size of the timestep grid")
     draws: int = Field(DEFAULT_DRAWS, ge=1, le=256, description="M, noise draws per timestep")
     seed: int = Field(0, ge=0, description="seed of the query's noise draws")
+    estimator: Estimator = Field(
+        "paper",
+        description="paper: mean over slots . mean over timesteps; matched: per timestep against the "
+        "index's shared-noise grid slots (K, M and seed then default to the index's)",
+    )
 
 
 class TrainSpec(Spec):

@@ -173,8 +173,8 @@ def scan_store(folder: Path, rows: int, dim: int) -> Path:
 
 def random_queries(count: int, dim: int) -> list[QueryVectors]:
     generator = torch.Generator().manual_seed(1)
-    vectors = torch.randn(2, count, dim, generator=generator)
-    return [QueryVectors(tracin=vectors[0], retrac=vectors[1], timestep_norms=torch.ones(count, 1))]
+    vectors = torch.randn(count, 1, dim, generator=generator)
+    return [QueryVectors(vectors, timestep_norms=torch.ones(count, 1), bands=torch.zeros(1, dtype=torch.int64))]
 
 
 def inmemory_products(array: torch.Tensor, count: int) -> list[Callable[[], object]]:

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from api_schemas import QuerySpec
+from api_schemas import Estimator, QuerySpec
 from api_schemas.specs import DEFAULT_TOP_K
 from cli.common import default, print_notices, validated
 from cli.progress import PhaseBars
@@ -61,6 +61,7 @@ def print_csv(files: list[Path], results: list) -> None:
 
 
 def run(
+    context: typer.Context,
     store: Annotated[Path, typer.Argument(help="a filled gradient store (retrac index create/run)")],
     images: Annotated[list[Path], typer.Argument(help="query images (PNG, JPEG or .npy) or folders of them")],
     top_k: Annotated[int, typer.Option(help="proponents and opponents per method")] = DEFAULT_TOP_K,
@@ -72,6 +73,10 @@ def run(
     ),
     draws: Annotated[int, typer.Option(help="M, noise draws per timestep")] = default(QuerySpec, "draws"),
     seed: Annotated[int, typer.Option(help="seed of the query's noise draws")] = default(QuerySpec, "seed"),
+    estimator: Annotated[
+        Estimator,
+        typer.Option(help="paper, or matched: per timestep against the store's shared-noise slots (its K, M, seed)"),
+    ] = default(QuerySpec, "estimator"),
     gallery: Annotated[
         Path | None, typer.Option(help="write a PNG of each query's top proponents per method")
     ] = None,
@@ -86,7 +91,11 @@ def run(
     from retrac.datasets import Conversions, ImageDataset, load_image_file
     from storage import GradientStore, attribute
 
-    query = validated(QuerySpec, {"timesteps": timesteps, "draws": draws, "seed": seed})
+    # only the knobs given on the command line: the matched estimator takes the others from the store
+    # (compared by name: typer bundles its own click, whose ParameterSource is not click.core's)
+    knobs = {"timesteps": timesteps, "draws": draws, "seed": seed}
+    given = {k: v for k, v in knobs.items() if context.get_parameter_source(k).name != "DEFAULT"}
+    query = validated(QuerySpec, {**given, "estimator": estimator})
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
     output = "json" if as_json else output
@@ -113,6 +122,7 @@ def run(
             json.dumps(
                 {
                     "queries": [str(p) for p in files],
+                    "query": answer.query.model_dump(mode="json"),
                     "results": [result.model_dump(mode="json") for result in answer.results],
                     "timings": asdict(answer.timings),
                 },
@@ -128,7 +138,9 @@ def run(
                         f"{i.sample_id} ({i.score:.3g})" for i in getattr(result.methods[method], side)
                     )
                     print(f"  {method:6} {side:10} {ranked}")
-        print(f"\nquery gradients {answer.timings.gradient_s:.2f} s, scan {answer.timings.scan_s:.3f} s")
+        ran = answer.query
+        print(f"\n{ran.estimator} estimator, K = {ran.timesteps}, M = {ran.draws}, seed {ran.seed}: "
+              f"query gradients {answer.timings.gradient_s:.2f} s, scan {answer.timings.scan_s:.3f} s")
     if gallery is not None:
         queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
         row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from api_schemas import IndexSpec, LossKind, LossWeighting, ProjectorSpec, SlotSpec
+from api_schemas import IndexSpec, LossKind, LossWeighting, ProjectorSpec, SlotNoise, SlotSpec
 from api_schemas.specs import ProjectorKind, StoreDType
 from cli.common import (
     Channels,
@@ -96,6 +96,13 @@ def create(
     grid: Annotated[int, typer.Option(help="grid timestep slots per sample")] = SLOTS.grid,
     random: Annotated[int, typer.Option(help="random timestep slots per sample")] = SLOTS.random,
     slot_seed: Annotated[int, typer.Option(help="seed of the slots' timesteps and noise")] = SLOTS.seed,
+    slot_noise: Annotated[
+        SlotNoise,
+        typer.Option(help="grid slots' noise: their own seeds, or shared with the query (for --estimator matched)"),
+    ] = SLOTS.noise,
+    slot_draws: Annotated[
+        int, typer.Option(help="M of shared-noise grid slots: noise images averaged per slot")
+    ] = SLOTS.draws,
     projector: Annotated[
         ProjectorKind, typer.Option(help="random projection of the gradients")
     ] = PROJECTION.kind,
@@ -137,7 +144,10 @@ def create(
                 loss=loss,
                 loss_weighting=loss_weighting,
                 train_batch_size=train_batch_size,
-                slots=SlotSpec(replay=not no_replay, grid=grid, random=random, seed=slot_seed),
+                slots=SlotSpec(
+                    replay=not no_replay, grid=grid, random=random, seed=slot_seed, noise=slot_noise,
+                    draws=slot_draws,
+                ),
                 projector=ProjectorSpec(kind=projector, dim=dim, seed=projector_seed),
                 dtype=dtype,
                 batch_size=batch_size,

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from api_schemas import IndexSpec, Method, QuerySpec
-from api_schemas.attribution import AttributionPublic, InfluencePublic, RankingPublic
+from api_schemas.attribution import AttributionPublic, BandsPublic, InfluencePublic, RankingPublic
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer
 from retrac.models import DiffusionModel
 from retrac.plan import IndexPlan, Rows
-from retrac.query_side import QueryVectors, query_vectors
-from retrac.scoring import METHODS, SCAN_ROWS, Ranked, Ranking, RowChunk, scan
+from retrac.query_side import BANDS, QueryVectors, query_vectors, resolve_query
+from retrac.scoring import METHODS, SCAN_ROWS, Ranked, Ranking, RowChunk, matched_slots, scan
 
 ProgressCallback = Callable[[int], None]
 """Called with the number of rows just finished."""
@@ -72,10 +72,12 @@ class Timings:
 
 @dataclass(frozen=True)
 class Attribution:
-    """Per-query answers (proponents and opponents per method), in image order, and their timings."""
+    """Per-query answers (proponents and opponents per method), in image order, their timings, and
+    the query as run (`resolve_query`: the matched estimator takes K, M and seed from the index)."""
 
     results: list[AttributionPublic]
     timings: Timings
+    query: QuerySpec
 
 
 def attribute(
@@ -96,6 +98,8 @@ def attribute(
     `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
     """
     chosen = _checked_request(source, images, top_k, checkpoints)
+    query = resolve_query(query, source.spec.slots)
+    matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
     started = time.perf_counter()
     on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
@@ -108,9 +112,9 @@ def attribute(
     if on_rows is not None:
         chunks = _reported(chunks, on_rows)
     weights = [source.weights[c] for c in chosen]
-    ranking = scan(chunks, vectors, weights, top_k=top_k, methods=list(dict.fromkeys(methods)))
-    answers = public_results(ranking, source, chosen[-1])
-    return Attribution(answers, Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started))
+    ranking = scan(chunks, vectors, weights, top_k=top_k, methods=list(dict.fromkeys(methods)), matched=matched)
+    answers = public_results(ranking, source, chosen[-1], query)
+    return Attribution(answers, Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started), query)
 
 
 def _phase(on_progress: QueryProgress | None, phase: str, total: int) -> ProgressCallback | None:
@@ -151,8 +155,11 @@ def _checked_request(
     return chosen
 
 
-def public_results(ranking: Ranking, source: RowSource, checkpoint: int) -> list[AttributionPublic]:
-    """Turn a `Ranking` (row numbers) into the answer per query, naming each row's sample and slots.
+def public_results(
+    ranking: Ranking, source: RowSource, checkpoint: int, query: QuerySpec
+) -> list[AttributionPublic]:
+    """Turn a `Ranking` (row numbers) into the answer per query, naming each row's sample and slots
+    and the estimator of `query`.
 
     The slot timesteps are those stored at `checkpoint`, read for the ranked rows only.
     """
@@ -162,21 +169,22 @@ def public_results(ranking: Ranking, source: RowSource, checkpoint: int) -> list
     stored = source.timesteps_of(checkpoint, ranked_rows)
     timesteps = {int(row): [int(t) for t in stored[i]] for i, row in enumerate(ranked_rows)}
 
-    def listed(ranked: Ranked, query: int) -> list[InfluencePublic]:
+    def listed(ranked: Ranked, image: int) -> list[InfluencePublic]:
         return [
             InfluencePublic(
                 sample_id=source.sample_ids[row],
                 rank=rank + 1,
-                score=float(ranked.scores[query, rank]),
-                contributions=[float(v) for v in ranked.contributions[query, rank]],
+                score=float(ranked.scores[image, rank]),
+                contributions=[float(v) for v in ranked.contributions[image, rank]],
                 timesteps=timesteps[row],
+                bands=BandsPublic(**dict(zip(BANDS, map(float, ranked.bands[image, rank]), strict=True))),
             )
-            for rank, row in enumerate(ranked.rows[query].tolist())
+            for rank, row in enumerate(ranked.rows[image].tolist())
         ]
 
     count = next(iter(ranking.proponents.values())).rows.shape[0]
     return [
-        AttributionPublic(methods={
+        AttributionPublic(estimator=query.estimator, methods={
             m: RankingPublic(
                 proponents=listed(ranking.proponents[m], q), opponents=listed(ranking.opponents[m], q)
             )

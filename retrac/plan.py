@@ -31,7 +31,7 @@ from retrac.models import (
     require_weights,
     sample_shape,
 )
-from retrac.noise import draw_seeds, noise_from_seeds
+from retrac.noise import draw_seeds, noise_from_seeds, query_noise
 from retrac.paths import resolve_inside
 from retrac.projections import derive_seed, make_projector
 from retrac.query_side import query_timesteps
@@ -127,7 +127,9 @@ class IndexPlan:
         """(timesteps, seeds) `(n, S)` int64 of the rows `rows` at checkpoint `checkpoint`.
 
         Slot order: the replayed step (if any), then grid slots, then random slots. Grid and random
-        slots derive from (slot seed, sample id) alone, so they do not depend on sharding.
+        slots derive from (slot seed, sample id) alone, so they do not depend on sharding. A
+        shared-noise grid slot records the slot seed itself: its noise is that seed's query noise
+        at the slot's grid position (`slot_noise`).
         """
         ids = self.dataset.ids[rows]
         slots = self.spec.slots
@@ -141,7 +143,25 @@ class IndexPlan:
             per_sample = [_sample_slots(slots.seed, i, grid, slots.random, self.num_timesteps) for i in ids]
             columns_t.append(torch.stack([t for t, _ in per_sample]))
             columns_s.append(torch.stack([s for _, s in per_sample]))
+            if slots.noise == "shared":
+                columns_s[-1][:, : slots.grid] = slots.seed
         return torch.cat(columns_t, dim=1), torch.cat(columns_s, dim=1)
+
+    def slot_noise(self, seeds: torch.Tensor) -> list[tuple[slice, torch.Tensor]]:
+        """The noise of slots with seeds `seeds` `(n, S)`, by groups of adjacent slots:
+        (slots, noise `(n, s, G, C, H, W)`), G = 1 for a slot with a seed of its own and G = M
+        (`slots.draws`) for shared-noise grid slots, whose noise is the query's (`query_noise`)."""
+        shape, slots = self.dataset.images.shape[1:], self.spec.slots
+        count = seeds.shape[1]
+        if slots.noise == "independent":
+            return [(slice(0, count), noise_from_seeds(seeds, shape).unsqueeze(2))]
+        grid = slice(int(slots.replay), int(slots.replay) + slots.grid)
+        shared = query_noise(slots.seed, slots.grid, slots.draws, shape).expand(seeds.shape[0], -1, -1, *shape)
+        groups = [(slice(0, grid.start), None), (grid, shared), (slice(grid.stop, count), None)]
+        return [
+            (part, noise if noise is not None else noise_from_seeds(seeds[:, part], shape).unsqueeze(2))
+            for part, noise in groups if part.stop > part.start
+        ]
 
     def compute_rows(
         self,
@@ -152,19 +172,26 @@ class IndexPlan:
     ) -> Rows:
         """Projected gradients and exact norms of rows `rows` at checkpoint `checkpoint`.
 
-        `on_rows(n)` is called after each gradient batch with the n rows it completed (all slots done).
+        `on_rows(n)` is called after each gradient batch with the n rows it completed (all slots done:
+        slots of different noise kinds are computed group after group, so rows complete in the last).
         """
         timesteps, seeds = self.slots(checkpoint, rows)
         images = self.dataset.images[rows]
-        n, s = timesteps.shape
-        noise = noise_from_seeds(seeds.reshape(-1), images.shape[1:]).unsqueeze(1)  # (n*S, 1, C, H, W)
-        on_chunk = whole_groups(on_rows, s) if on_rows is not None else None
-        batch = computer.compute(images.repeat_interleave(s, dim=0), timesteps.reshape(-1), noise, on_chunk)
+        n = timesteps.shape[0]
+        projected, norms = [], []
+        groups = self.slot_noise(seeds)
+        for number, (part, noise) in enumerate(groups, start=1):
+            steps = timesteps[:, part]
+            width = steps.shape[1]
+            last = number == len(groups) and on_rows is not None
+            on_chunk = whole_groups(on_rows, width) if last else None  # type: ignore[arg-type]
+            batch = computer.compute(
+                images.repeat_interleave(width, dim=0), steps.reshape(-1), noise.flatten(0, 1), on_chunk
+            )
+            projected.append(batch.projected.reshape(n, width, -1).cpu())
+            norms.append(batch.norms.reshape(n, width).cpu())
         return Rows(
-            projected=batch.projected.reshape(n, s, -1).cpu(),
-            norms=batch.norms.reshape(n, s).cpu(),
-            timesteps=timesteps,
-            seeds=seeds,
+            projected=torch.cat(projected, dim=1), norms=torch.cat(norms, dim=1), timesteps=timesteps, seeds=seeds,
         )
 
 

@@ -1,4 +1,4 @@
-"""The query-side estimator (method.md section 3): TracIn and ReTrac query vectors of images.
+"""Query-side vectors (method.md section 3): the per-timestep gradients of a query image.
 
 For a query image q at one checkpoint, with the grid `S_K = floor(linspace(1, T-1, K))` and M noise
 draws per timestep:
@@ -7,6 +7,8 @@ draws per timestep:
     G(q)     = (1/K) sum_t P h(q, t)                     TracIn query vector
     G^(q)    = (1/K) sum_t P h(q, t) / ||h(q, t)||       ReTrac query vector (norm before projection)
 
+`QueryVectors` keeps every `P h(q, t)`, not only their means: the matched estimator pairs each with a
+training slot at the same timestep, and the timestep bands split a score by where its timesteps lie.
 Every query image uses the same seeded draws (`retrac.noise.query_noise`), so a query's vectors do
 not depend on which other images share its batch, and the same draws serve every checkpoint.
 """
@@ -14,27 +16,102 @@ not depend on which other images share its batch, and the same draws serve every
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 
-from api_schemas import QuerySpec
+from api_schemas import Method, QuerySpec, SlotSpec
+from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer, inverse_norms, whole_groups
 from retrac.noise import query_noise
+
+AnyQuery = TypeVar("AnyQuery", bound=QuerySpec)
+
+BANDS = ("coarse", "middle", "fine")
+"""Timestep bands, in thirds of the schedule: coarse t >= 2T/3 (composition), middle, fine t < T/3
+(texture). A score's band parts sum to it."""
+
+
+def timestep_bands(timesteps: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """The band of each timestep, int64 like `timesteps`: its position in `BANDS`."""
+    return len(BANDS) - 1 - (len(BANDS) * timesteps) // num_timesteps
 
 
 @dataclass(frozen=True)
 class QueryVectors:
-    """Query vectors of Q images at one checkpoint: `tracin`, `retrac` `(Q, k)`; `timestep_norms` `(Q, K)`."""
+    """Query vectors of Q images at one checkpoint over a K-timestep grid.
 
-    tracin: torch.Tensor
-    retrac: torch.Tensor
+    `per_timestep` `(Q, K, k)`: `P h(q, t)`; `timestep_norms` `(Q, K)`: the exact `||h(q, t)||`;
+    `bands` `(K,)` int64: each timestep's position in `BANDS`.
+    """
+
+    per_timestep: torch.Tensor
     timestep_norms: torch.Tensor
+    bands: torch.Tensor
+    _band_vectors: dict[Method, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def timestep_vectors(self, method: Method) -> torch.Tensor:
+        """`(Q, K, k)`: `P h(q, t)` (TracIn) or `P h(q, t) / ||h(q, t)||` (ReTrac) at each timestep."""
+        if method == "tracin":
+            return self.per_timestep
+        return self.per_timestep * inverse_norms(self.timestep_norms).unsqueeze(-1)
+
+    def band_weights(self) -> torch.Tensor:
+        """`(K, B)`: 1/K where timestep t lies in band b, else 0. A timestep mean is this sum."""
+        return F.one_hot(self.bands, len(BANDS)).to(torch.float32) / self.bands.shape[0]
+
+    def band_vectors(self, method: Method) -> torch.Tensor:
+        """`(Q, B, k)`: the part of the method's query vector from each band's timesteps (sum over B: G or G^).
+        Computed once per method: a scan asks for it per chunk."""
+        if method not in self._band_vectors:
+            self._band_vectors[method] = torch.einsum("qkd,kb->qbd", self.timestep_vectors(method), self.band_weights())
+        return self._band_vectors[method]
+
+    @property
+    def tracin(self) -> torch.Tensor:
+        """G `(Q, k)`: the mean over timesteps of `P h(q, t)`."""
+        return self.timestep_vectors("tracin").mean(dim=1)
+
+    @property
+    def retrac(self) -> torch.Tensor:
+        """G^ `(Q, k)`: the mean over timesteps of `P h(q, t) / ||h(q, t)||`."""
+        return self.timestep_vectors("retrac").mean(dim=1)
 
 
 def query_timesteps(count: int, num_timesteps: int) -> torch.Tensor:
     """The grid `floor(linspace(1, T-1, K))`, int64 `(K,)`."""
     return torch.linspace(1, num_timesteps - 1, count, dtype=torch.float64).floor().to(torch.int64)
+
+
+def resolve_query(query: AnyQuery, slots: SlotSpec) -> AnyQuery:
+    """The query to run against an index whose slots are `slots`: as given for the paper's estimator.
+
+    The matched estimator pairs query timestep t with the index's shared-noise grid slot t, so it runs
+    with the index's K, M and seed: those not given explicitly are taken from the index, and a given
+    one that differs is refused (the pairing would compare different timesteps or noises). A subclass
+    (the service's request) keeps its class and other fields.
+    """
+    if query.estimator == "paper":
+        return query
+    if slots.noise != "shared":
+        raise SpecError(
+            "estimator 'matched' needs an index with shared-noise grid slots (slot noise 'shared'); "
+            "this index has none: create one with them, or use estimator 'paper'"
+        )
+    needed = {"timesteps": slots.grid, "draws": slots.draws, "seed": slots.seed}
+    clashes = [
+        f"{name}={getattr(query, name)}" for name, value in needed.items()
+        if name in query.model_fields_set and getattr(query, name) != value
+    ]
+    if clashes:
+        wanted = ", ".join(f"{name}={value}" for name, value in needed.items())
+        raise SpecError(
+            f"estimator 'matched' uses this index's shared slots ({wanted}); got {', '.join(clashes)}: "
+            "give those values or leave them out"
+        )
+    return query.model_copy(update=needed)
 
 
 def query_vectors(
@@ -43,7 +120,7 @@ def query_vectors(
     spec: QuerySpec,
     on_images: Callable[[int], None] | None = None,
 ) -> QueryVectors:
-    """TracIn and ReTrac query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint.
+    """The per-timestep query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint.
 
     `on_images(n)` is called after each gradient batch with the n images whose K timesteps it completed.
     """
@@ -57,7 +134,8 @@ def query_vectors(
         noise.repeat(count, 1, 1, 1, 1),
         whole_groups(on_images, k_steps) if on_images is not None else None,
     )
-    projected = batch.projected.reshape(count, k_steps, -1)
-    norms = batch.norms.reshape(count, k_steps)
-    normalised = projected * inverse_norms(norms).unsqueeze(-1)
-    return QueryVectors(tracin=projected.mean(dim=1), retrac=normalised.mean(dim=1), timestep_norms=norms)
+    return QueryVectors(
+        per_timestep=batch.projected.reshape(count, k_steps, -1),
+        timestep_norms=batch.norms.reshape(count, k_steps),
+        bands=timestep_bands(timesteps, computer.model.num_timesteps),
+    )

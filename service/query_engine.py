@@ -62,9 +62,10 @@ class QueryEngine:
         return AttributionsPublic(
             index=name,
             checkpoints=checkpoints,
-            timesteps=options.timesteps,
-            draws=options.draws,
-            seed=options.seed,
+            timesteps=answer.query.timesteps,
+            draws=answer.query.draws,
+            seed=answer.query.seed,
+            estimator=answer.query.estimator,
             data=answer.results,
             count=len(answer.results),
             timings=TimingsPublic(

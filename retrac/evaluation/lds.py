@@ -108,6 +108,7 @@ class LdsConfig(BaseModel):
     def smoke(cls) -> LdsConfig:
         """A check that everything runs: 4 models of 2 epochs on 8 of 16 digits; seconds."""
         return cls(n_train=16, n_queries=3, epochs=2, save_every=1, batch_size=8, models=4,
+                   slots=SlotSpec(replay=True, grid=3, noise="shared", draws=1, seed=0),  # so matched runs too
                    query=QuerySpec(timesteps=3, draws=1, seed=0), removal_queries=1, removal_k=2, bootstrap=50)
 
 

@@ -81,10 +81,11 @@ function render(index, answer) {
       const list = result.methods[method] ? result.methods[method][kind] : [];
       gallery.replaceChildren(...list.map((influence) => card(index, influence,
         kind === "proponents" && proponentIds[other] && proponentIds[other].has(influence.sample_id))));
+      addBands(gallery, list);
     }
   }
   const t = answer.timings;
-  $("timings").textContent = `K = ${answer.timesteps}, M = ${answer.draws}, checkpoints ${answer.checkpoints.join(", ")}: `
+  $("timings").textContent = `${answer.estimator} estimator, K = ${answer.timesteps}, M = ${answer.draws}, checkpoints ${answer.checkpoints.join(", ")}: `
     + `${t.total_s.toFixed(2)} s (query gradients ${t.gradient_s.toFixed(2)} s, scan ${t.scan_s.toFixed(3)} s)`;
 }
 
@@ -95,7 +96,10 @@ async function attribute(event) {
   if (!index || !file) { say("Pick an index and an image first.", true); return; }
   const form = new FormData();
   form.append("images", file, file.name);
-  for (const field of ["top_k", "timesteps", "draws", "seed"]) form.append(field, $(field).value);
+  // the matched estimator runs with the index's own K, M and seed (its shared-noise slots)
+  const matched = $("estimator").value === "matched";
+  for (const field of matched ? ["top_k"] : ["top_k", "timesteps", "draws", "seed"]) form.append(field, $(field).value);
+  form.append("estimator", $("estimator").value);
   form.append("methods", "tracin");
   form.append("methods", "retrac");
   $("run").disabled = true;
@@ -111,6 +115,29 @@ async function attribute(event) {
   } finally {
     $("run").disabled = false;
   }
+}
+
+// --- timestep bands: each card's score split into coarse / middle / fine query timesteps ---------
+
+const BANDS = ["coarse", "middle", "fine"];
+
+function bandsView(bands) {
+  const total = BANDS.reduce((sum, band) => sum + Math.abs(bands[band]), 0) || 1;
+  const element = document.createElement("div");
+  element.className = "bands";
+  element.title = "score by query timestep band (coarse: t >= 2T/3, composition; fine: t < T/3, texture): "
+    + BANDS.map((band) => `${band} ${bands[band].toPrecision(3)}`).join(", ");
+  for (const band of BANDS) {
+    const part = document.createElement("span");
+    part.className = `band ${band}` + (bands[band] < 0 ? " negative" : "");
+    part.style.width = `${(100 * Math.abs(bands[band]) / total).toFixed(1)}%`;
+    element.append(part);
+  }
+  return element;
+}
+
+function addBands(gallery, list) {
+  gallery.querySelectorAll(".card").forEach((element, i) => element.append(bandsView(list[i].bands)));
 }
 
 function preview() {

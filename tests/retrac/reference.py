@@ -37,3 +37,29 @@ def autograd_gradient(
     """The flat gradient over all parameters of one sample's loss, by one autograd call."""
     value = per_sample_losses(unet, scheduler, image[None], torch.tensor([timestep]), noise[None], loss)[0]
     return torch.cat([g.flatten() for g in torch.autograd.grad(value, list(unet.parameters()))])
+
+
+def mean_gradient(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    image: torch.Tensor,
+    timestep: int,
+    noises: torch.Tensor,
+    loss: str,
+) -> torch.Tensor:
+    """The flat gradient of the mean loss of one image at one timestep over noises `(G, C, H, W)`:
+    `h(q, t)` of method.md section 3, by one autograd call."""
+    count = noises.shape[0]
+    images, steps = image.expand(count, *image.shape), torch.full((count,), timestep)
+    value = per_sample_losses(unet, scheduler, images, steps, noises, loss).mean()
+    return torch.cat([g.flatten() for g in torch.autograd.grad(value, list(unet.parameters()))])
+
+
+def query_draws(seed: int, timesteps: int, draws: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The query's noise (method.md section 3) `(K, M, *shape)`: one CPU generator, each timestep's M
+    images in turn, one `randn(shape)` each."""
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.stack([
+        torch.stack([torch.randn(shape, generator=generator, dtype=torch.float32) for _ in range(draws)])
+        for _ in range(timesteps)
+    ])

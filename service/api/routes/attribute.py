@@ -14,6 +14,7 @@ from pydantic import Field
 
 from api_schemas.attribution import AttributeRequest, AttributionsPublic, QueryOptions
 from retrac.datasets import Conversions
+from retrac.query_side import resolve_query
 from service.deps import EngineDep, IndexNameDep, ReadAccess, SettingsDep, StoreDep
 from service.errors import ERROR_RESPONSES
 from service.images import decode_file, decode_json_image
@@ -42,6 +43,7 @@ def attribute_json(
     settings: SettingsDep,
 ) -> AttributionsPublic:
     started = time.perf_counter()
+    body = resolve_query(body, store.spec.slots)
     check_limits(body, len(body.images), settings)
     shape, conversions = store.spec.dataset, Conversions()
     images = [
@@ -63,6 +65,7 @@ def attribute_upload(
     settings: SettingsDep,
 ) -> AttributionsPublic:
     started = time.perf_counter()
+    form = resolve_query(form, store.spec.slots)
     check_limits(form, len(form.images), settings)
     shape, conversions = store.spec.dataset, Conversions()
     decoded = [

@@ -1,0 +1,283 @@
+"""Do attributions find what they should? Prints one JSON object of quality figures per method and estimator.
+
+    .venv/bin/python bench/quality.py --quick      # under 10 minutes on 2 CPU cores
+    .venv/bin/python bench/quality.py              # the larger setting
+
+Trains a tiny DDPM on real digits (with a replay record), then measures, per method (`tracin`,
+`retrac`) and estimator (`paper`: the replayed step against the query's mean over timesteps;
+`matched`: shared-noise grid slots paired with the query per timestep):
+
+- `retrieval`: `self_retrieval_top1` (a training image as the query ranks itself first) and
+  `near_duplicate_top3` (a 1-pixel shift, a JPEG re-encode at quality 75 or Gaussian noise of std 0.02
+  ranks its source in the top 3), with the per-kind rates.
+- `copies`: a model trained long on 64 digits; its generated images whose nearest training image
+  lies within `COPY_RMS` are copies, and `copy_top3` is the share that rank it in their top 3 (null
+  when there is none); `nearest_top3` the same over every generated image.
+- `stability`: two indexes built with other slot seeds (the matched estimator's query noise is its
+  index's) or, for the paper's estimator, whose replayed slot is fixed by the record, two query seeds:
+  `seed_stability_top10` (top-10 overlap) and `seed_stability_spearman`, over held-out queries, at
+  the setting's (K, M) and as a curve over (K = grid slots, M).
+
+Each part is one function of the shared `Setup` returning {method: {estimator: {key: value}}}; its wall
+time goes into `wall_s` and its CPU time into `cpu_s` (on a shared machine the wall time mostly
+measures the other jobs). Timings are for orientation only; nothing here asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from api_schemas import DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSpec, TrainSpec
+from retrac.attribution import Attributor
+from retrac.datasets import ImageDataset, load_dataset
+from retrac.evaluation import retrieval
+from retrac.evaluation.sampling import generate
+from retrac.plan import IndexPlan, Rows
+from retrac.query_side import QueryVectors
+from retrac.replay import TrainingRun
+from retrac.scoring import RowChunk, matched_slots
+from retrac.training import train
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The sizes of one run of the bench."""
+
+    train: int
+    heldout: int
+    resolution: int
+    epochs: int
+    save_every: int
+    last_checkpoint_only: bool
+    timesteps: int
+    draws: int
+    sketch: int
+    retrieval_queries: int
+    curve: tuple[tuple[int, int], ...]
+    copy_train: int
+    copy_epochs: int
+    copy_samples: int
+
+
+QUICK = Setting(
+    train=128, heldout=32, resolution=16, epochs=40, save_every=20, last_checkpoint_only=True,
+    timesteps=8, draws=2, sketch=4096, retrieval_queries=32, curve=((4, 1), (8, 1), (8, 2)),
+    copy_train=64, copy_epochs=300, copy_samples=64,
+)
+FULL = Setting(
+    train=320, heldout=64, resolution=16, epochs=60, save_every=20, last_checkpoint_only=False,
+    timesteps=8, draws=2, sketch=4096, retrieval_queries=64, curve=((4, 1), (8, 1), (8, 2), (16, 2), (16, 4)),
+    copy_train=64, copy_epochs=600, copy_samples=128,
+)
+
+COPY_RMS = 0.05
+"""A generated image is a copy of its nearest training image when their RMS pixel distance (on the
+[0, 1] scale) is at most this: about 13 grey levels of 256 per pixel on average."""
+
+SEEDS = (11, 12)
+"""The two slot (and query) seeds of the stability part; the first is the retrieval part's."""
+
+Figures = dict[str, dict[str, dict[str, Any]]]
+"""{method: {estimator: {key: value}}}."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every part shares: the setting, the trained run, its training images, held-out digits,
+    and a scratch folder (for parts that train runs of their own)."""
+
+    setting: Setting
+    run: TrainingRun
+    data: DatasetSpec
+    train: ImageDataset
+    heldout: torch.Tensor
+    scratch: Path
+
+    def attributor(self, grid: int, draws: int, seed: int, run: TrainingRun | None = None) -> Attributor:
+        """An in-memory index of `run` (default: the shared one), replayed step plus `grid`
+        shared-noise grid slots of `draws` noises, computed at once."""
+        run = run or self.run
+        checkpoints = run.checkpoints()[-1:] if self.setting.last_checkpoint_only else ()
+        spec = IndexSpec(
+            dataset=run.spec.dataset, run=str(run.folder), checkpoints=tuple(checkpoints),
+            slots=SlotSpec(replay=True, grid=grid, noise="shared", draws=draws, seed=seed),
+            projector=ProjectorSpec(kind="sketch", dim=self.setting.sketch, seed=0),
+        )
+        attributor = Attributor(IndexPlan.resolve(spec))
+        attributor.index()
+        return attributor
+
+
+def train_digits(
+    count: int, setting: Setting, epochs: int, save_every: int, folder: Path
+) -> tuple[TrainingRun, ImageDataset]:
+    """A tiny DDPM (mse) trained `epochs` epochs on the first `count` digits, with its replay record."""
+    data = DatasetSpec(source="builtin:digits", resolution=setting.resolution, limit=count)
+    training = load_dataset(data)
+    spec = TrainSpec(
+        dataset=data, preset="tiny", loss="mse", epochs=epochs, batch_size=32, lr=1e-3,
+        save_every=save_every, seed=0,
+    )
+    return train(spec, training, folder), training
+
+
+def prepare(setting: Setting, folder: Path) -> tuple[Setup, float]:
+    """Train the shared run (the first `setting.train` digits); the next `setting.heldout` are held out."""
+    started = time.perf_counter()
+    run, training = train_digits(setting.train, setting, setting.epochs, setting.save_every, folder / "run")
+    everything = load_dataset(run.spec.dataset.model_copy(update={"limit": setting.train + setting.heldout}))
+    setup = Setup(setting, run, run.spec.dataset, training, everything.images[setting.train :], folder)
+    return setup, time.perf_counter() - started
+
+
+def scores(attributor: Attributor, vectors: list[QueryVectors], estimator: str) -> dict[str, np.ndarray]:
+    """`(Q, N)` score matrices per method: `paper` over the replayed slot, `matched` over the grid
+    slots, `paper_over_shared_slots` the paper's form over the grid slots (the ablation)."""
+    rows: list[Rows] = attributor.rows  # type: ignore[assignment]
+    grid = matched_slots(attributor.plan.spec.slots)
+    chosen = {"paper": slice(0, 1), "matched": slice(None), "paper_over_shared_slots": grid}[estimator]
+    chunks = [RowChunk(r.projected[:, chosen], r.norms[:, chosen]) for r in rows]
+    return retrieval.full_scores(
+        chunks, vectors, attributor.plan.weights, matched=grid if estimator == "matched" else None
+    )
+
+
+def query(attributor: Attributor, images: torch.Tensor) -> list[QueryVectors]:
+    """Query vectors at every checkpoint with the index's own K, M and seed."""
+    slots = attributor.plan.spec.slots
+    spec = QuerySpec(timesteps=slots.grid, draws=slots.draws, seed=slots.seed)
+    return attributor.query_vectors(images, spec, list(range(len(attributor.plan.checkpoints))))
+
+
+def retrieval_part(setup: Setup) -> Figures:
+    """Training images as queries (top-1 self) and their near-duplicates (source in the top 3)."""
+    setting = setup.setting
+    attributor = setup.attributor(setting.timesteps, setting.draws, SEEDS[0])
+    own = list(range(setting.retrieval_queries))
+    originals = setup.train.images[own]
+    duplicates = {
+        "shift": retrieval.shifted(originals),
+        "jpeg": retrieval.jpeg_reencoded(originals, quality=75),
+        "noise": retrieval.noised(originals, std=0.02, seed=1),
+    }
+    vectors = query(attributor, torch.cat([originals, *duplicates.values()]))
+    out: Figures = {"tracin": {}, "retrac": {}}
+    for estimator in ("paper", "matched", "paper_over_shared_slots"):
+        for method, table in scores(attributor, vectors, estimator).items():
+            parts = np.split(table, 1 + len(duplicates))
+            by_kind = {kind: retrieval.hit_rate(part, own, 3) for kind, part in zip(duplicates, parts[1:], strict=True)}
+            out[method][estimator] = {
+                "self_retrieval_top1": retrieval.hit_rate(parts[0], own, 1),
+                "near_duplicate_top3": retrieval.hit_rate(np.concatenate(parts[1:]), own * len(duplicates), 3),
+                "near_duplicate_top3_by_kind": by_kind,
+            }
+    return out
+
+
+def stability_part(setup: Setup) -> Figures:
+    """Agreement of two indexes (matched) or two query seeds (paper) on held-out queries, per (K, M)."""
+    curve: dict[str, dict[str, list[dict[str, float]]]] = {
+        m: {"paper": [], "matched": []} for m in ("tracin", "retrac")
+    }
+    for grid, draws in setup.setting.curve:
+        tables = []
+        for seed in SEEDS:
+            attributor = setup.attributor(grid, draws, seed)
+            vectors = query(attributor, setup.heldout)
+            tables.append({e: scores(attributor, vectors, e) for e in ("paper", "matched")})
+        for method, per_estimator in curve.items():
+            for estimator, points in per_estimator.items():
+                first, second = (t[estimator][method] for t in tables)
+                points.append({
+                    "grid": grid, "draws": draws,
+                    "top10": retrieval.top_k_overlap(first, second, 10),
+                    "spearman": retrieval.mean_spearman(first, second),
+                })
+    chosen = (setup.setting.timesteps, setup.setting.draws)
+    out: Figures = {"tracin": {}, "retrac": {}}
+    for method, per_estimator in curve.items():
+        for estimator, points in per_estimator.items():
+            at = next(p for p in points if (p["grid"], p["draws"]) == chosen)
+            out[method][estimator] = {
+                "seed_stability_top10": at["top10"],
+                "seed_stability_spearman": at["spearman"],
+                "seed_stability_curve": points,
+            }
+    return out
+
+
+def copy_part(setup: Setup) -> Figures:
+    """A model trained long on a few digits memorises them: its generated near-copies (nearest
+    training image within `COPY_RMS`) should retrieve that image in their top 3."""
+    setting = setup.setting
+    epochs = setting.copy_epochs
+    run, training = train_digits(setting.copy_train, setting, epochs, epochs, setup.scratch / "copies")  # one checkpoint
+    model = IndexPlan.resolve(IndexSpec(dataset=run.spec.dataset, run=str(run.folder))).load_model(0)
+    generated = generate(model.unet, model.scheduler, setting.copy_samples, sampler="ddim", steps=50, seed=3)
+    nearest, rms = retrieval.nearest_training(generated, training.images)
+    copies = np.flatnonzero(rms <= COPY_RMS)
+    found = {
+        "copies_found": int(len(copies)), "copy_generated": setting.copy_samples,
+        "copy_rms_quartiles": [float(v) for v in np.quantile(rms, [0.25, 0.5, 0.75])],
+        "copy_epochs": epochs,
+    }
+    attributor = setup.attributor(setting.timesteps, setting.draws, SEEDS[0], run=run)
+    vectors = query(attributor, generated)
+    out: Figures = {"tracin": {}, "retrac": {}}
+    for estimator in ("paper", "matched"):
+        for method, table in scores(attributor, vectors, estimator).items():
+            out[method][estimator] = {
+                **found,
+                "copy_top3": retrieval.hit_rate(table[copies], nearest[copies].tolist(), 3) if len(copies) else None,
+                "nearest_top3": retrieval.hit_rate(table, nearest.tolist(), 3),
+            }
+    return out
+
+
+PARTS: dict[str, Callable[[Setup], Figures]] = {
+    "retrieval": retrieval_part, "stability": stability_part, "copies": copy_part,
+}
+"""Every part of the bench, in the order they run."""
+
+
+def merge(into: Figures, figures: Figures) -> None:
+    """Add one part's figures to the report, method by method and estimator by estimator."""
+    for method, per_estimator in figures.items():
+        for estimator, values in per_estimator.items():
+            into.setdefault(method, {}).setdefault(estimator, {}).update(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the smaller setting (under 10 minutes on 2 cores)")
+    parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS), help="parts to run")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)  # one thread: two contending processes run torch far slower on 2 cores
+    setting = QUICK if args.quick else FULL
+    with tempfile.TemporaryDirectory() as folder:
+        setup, train_s = prepare(setting, Path(folder))
+        report: dict[str, Any] = {"setting": asdict(setting), "wall_s": {"train": train_s}, "cpu_s": {}}
+        figures: Figures = {}
+        for name in args.parts:
+            started, used = time.perf_counter(), time.process_time()
+            merge(figures, PARTS[name](setup))
+            report["wall_s"][name] = time.perf_counter() - started
+            report["cpu_s"][name] = time.process_time() - used
+    print(json.dumps({**report, **figures}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""`retrac index create --slot-noise shared` and `retrac attribute --estimator matched`: the store's
+answer equals the engine's, says which estimator and settings made it, and what a store cannot answer
+exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from api_schemas import QuerySpec
+from cli import main
+from retrac.attribution import Attributor
+from storage import GradientStore
+
+
+@pytest.fixture(scope="module")
+def shared_store(tiny_run, tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("shared") / "index.zarr")
+    assert main(["index", "create", path, "--run", str(tiny_run.folder), "--grid", "3", "--slot-noise", "shared",
+                 "--slot-draws", "2", "--slot-seed", "4", "--dim", "256", "--shard-size", "16"]) == 0
+    assert main(["index", "run", path]) == 0
+    return path
+
+
+def test_matched_estimator_from_the_command_line(shared_store, tmp_path, capsys) -> None:
+    plan = GradientStore.open(shared_store).plan
+    assert plan.spec.slots.noise == "shared" and plan.spec.slots.draws == 2
+    query = tmp_path / "query.npy"
+    np.save(query, ((plan.dataset.images[5, 0] + 1) / 2).numpy())
+    capsys.readouterr()
+    assert main(["attribute", shared_store, str(query), "--estimator", "matched", "--top-k", "3", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["query"] == {"timesteps": 3, "draws": 2, "seed": 4, "estimator": "matched"}
+    result = printed["results"][0]
+    want = Attributor(plan).attribute(plan.dataset.images[5:6], QuerySpec(estimator="matched"), top_k=3)[0]
+    assert result["estimator"] == "matched"
+    for method in ("tracin", "retrac"):
+        got = result["methods"][method]["proponents"]
+        assert [i["sample_id"] for i in got] == [i.sample_id for i in want.methods[method].proponents]
+        for influence in got:
+            assert set(influence["bands"]) == {"coarse", "middle", "fine"}
+    assert result["methods"]["retrac"]["proponents"][0]["sample_id"] == plan.dataset.ids[5]
+
+
+@pytest.mark.parametrize(
+    ("store", "flags", "message"),
+    [
+        ("shared", ["--timesteps", "5"], "got timesteps=5"),
+        ("reference", [], "needs an index with shared-noise grid slots"),
+    ],
+)
+def test_a_matched_query_the_store_cannot_answer_exits_2(
+    shared_store, reference_store, tmp_path, capsys, store, flags, message
+) -> None:
+    query = tmp_path / "query.npy"
+    np.save(query, np.zeros((8, 8), dtype=np.float32))
+    path = shared_store if store == "shared" else str(reference_store)
+    capsys.readouterr()
+    assert main(["attribute", path, str(query), "--estimator", "matched", *flags]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("retrac: error:") and message in error and "\n" not in error
