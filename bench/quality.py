@@ -18,6 +18,11 @@ Trains a tiny DDPM on real digits (with a replay record), then measures, per met
   `seed_stability_top10` (top-10 overlap) and `seed_stability_spearman`, over held-out queries, at
   the setting's (K, M) and as a curve over (K = grid slots, M).
 
+- `lds`, `self_influence`, `norm_direction`: the counterfactual and outlier parts of `bench/lds.py`
+  (their own models and data): `lds` and `lds_ci` per method and estimator and
+  `generally_influential_ratio` under `retrac`; `removal`, `self_influence_auc` (per planted mixture
+  and score: self-influence does not depend on the query estimator) and `norm_direction` at the top.
+
 Each part is one function of the shared `Setup` returning {method: {estimator: {key: value}}}; its wall
 time goes into `wall_s` and its CPU time into `cpu_s` (on a shared machine the wall time mostly
 measures the other jobs). Timings are for orientation only; nothing here asserts them.
@@ -31,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,9 @@ from retrac.query_side import QueryVectors
 from retrac.replay import TrainingRun
 from retrac.scoring import RowChunk, matched_slots
 from retrac.training import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+import lds as counterfactual  # noqa: E402  (bench/lds.py, beside this file)
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ Figures = dict[str, dict[str, dict[str, Any]]]
 @dataclass(frozen=True)
 class Setup:
     """What every part shares: the setting, the trained run, its training images, held-out digits,
-    and a scratch folder (for parts that train runs of their own)."""
+    a scratch folder (for parts that train runs of their own) and the report's top-level figures."""
 
     setting: Setting
     run: TrainingRun
@@ -103,6 +111,8 @@ class Setup:
     train: ImageDataset
     heldout: torch.Tensor
     scratch: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Top-level figures of parts that are not per method and estimator."""
 
     def attributor(self, grid: int, draws: int, seed: int, run: TrainingRun | None = None) -> Attributor:
         """An in-memory index of `run` (default: the shared one), replayed step plus `grid`
@@ -245,8 +255,39 @@ def copy_part(setup: Setup) -> Figures:
     return out
 
 
+def lds_part(setup: Setup) -> Figures:
+    """bench/lds.py's LDS and removal check, laid out per method and estimator."""
+    found = counterfactual.lds_part(setup.scratch, quick=setup.setting is QUICK)
+    out: Figures = {
+        method: {
+            estimator: {"lds": value, "lds_ci": found["lds_ci"][method][estimator]}
+            for estimator, value in per_estimator.items()
+        }
+        for method, per_estimator in found["lds"].items()
+    }
+    for estimator, ratio in found["generally_influential_ratio"].items():
+        out.setdefault("retrac", {}).setdefault(estimator, {})["generally_influential_ratio"] = ratio
+    setup.extra.update(removal=found["removal"], lds_setting=found["lds_setting"])
+    return out
+
+
+def self_influence_part(setup: Setup) -> Figures:
+    """bench/lds.py's outlier detection on both planted mixtures (no query estimator involved)."""
+    found = counterfactual.self_influence_part(setup.scratch, quick=setup.setting is QUICK)
+    setup.extra.update(self_influence_auc=found["self_influence_auc"])
+    return {}
+
+
+def norm_direction_part(setup: Setup) -> Figures:
+    """bench/lds.py's norm-vs-timestep direction under MSE and L1 on the paper's schedule."""
+    found = counterfactual.norm_direction_part(setup.scratch, quick=setup.setting is QUICK)
+    setup.extra.update(norm_direction=found["norm_direction"])
+    return {}
+
+
 PARTS: dict[str, Callable[[Setup], Figures]] = {
     "retrieval": retrieval_part, "stability": stability_part, "copies": copy_part,
+    "lds": lds_part, "self_influence": self_influence_part, "norm_direction": norm_direction_part,
 }
 """Every part of the bench, in the order they run."""
 
@@ -275,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             merge(figures, PARTS[name](setup))
             report["wall_s"][name] = time.perf_counter() - started
             report["cpu_s"][name] = time.process_time() - used
-    print(json.dumps({**report, **figures}))
+    print(json.dumps({**report, **setup.extra, **figures}))
     return 0
 
 
