@@ -1,4 +1,4 @@
-"""`retrac index create | run | status | inspect`: build a gradient store and fill it.
+"""`retrac index create | run | status | inspect | delete`: build a gradient store and fill it.
 
 retrac index create STORE --run runs/digits            # spec from flags (dataset from the run)
 retrac index create STORE --spec index.json            # or a full IndexSpec as JSON
@@ -6,6 +6,7 @@ retrac index run STORE                                 # embedded: in this proce
 retrac index run STORE --queue --wait                  # as a Celery job, for `retrac worker`s
 retrac index status STORE [--verify] [--json]
 retrac index inspect STORE [--json]
+retrac index delete STORE                              # safe while workers write it
 """
 
 from __future__ import annotations
@@ -322,6 +323,20 @@ def status(
     rate = f"{now.rate_per_s:.1f} rows/s" if now.rate_per_s else "rate unknown"
     eta = f", about {now.eta_s:.0f} s left" if now.eta_s else ""
     print(f"total: {now.done_rows}/{now.total_rows} rows ({now.fraction:.0%}), {rate}{eta}")
+    return 0
+
+
+@app.command("delete", help="Delete a store, safe while workers write it (they skip it from the mark on).")
+def delete(store: Store) -> int:
+    from storage import delete_store
+    from storage.errors import StoreError
+    from storage.store import DELETED_MARK
+
+    # Only what is a store, or what a deletion left marked: never an unrelated folder.
+    if not ((store / "zarr.json").is_file() or (store / DELETED_MARK).exists()):
+        raise StoreError(f"{store} is not a retrac store (no zarr.json); nothing deleted (if a deletion left it, remove the folder)")
+    delete_store(store)
+    print(f"deleted {store}")
     return 0
 
 

@@ -237,6 +237,11 @@ class GradientStore:
             raise StoreError(
                 f"{path.name} is not a retrac store (no zarr.json); create one with `retrac index create`"
             )
+        if (path / DELETED_MARK).exists():
+            raise DeletedStoreError(
+                f"{path.name} is being deleted, or its deletion was interrupted; finish it with "
+                f"`retrac index delete {path}`"
+            )
         try:
             group = zarr.open_group(path, mode="r+", zarr_format=3)
         except Exception as error:  # zarr raises several kinds on a damaged group
