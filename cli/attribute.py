@@ -11,7 +11,7 @@ from pathlib import Path
 
 from api_schemas import QuerySpec
 from api_schemas.specs import DEFAULT_TOP_K
-from cli.common import validated
+from cli.common import store_location, validated
 from retrac.exceptions import SpecError
 from retrac.scoring import METHODS
 
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rank the training samples of a store for query images (TracIn and ReTrac)",
         description="Compute the query images' gradients at each checkpoint and stream the store once.",
     )
-    parser.add_argument("store", type=Path, help="a filled gradient store (retrac index create/run)")
+    parser.add_argument("store", help="a filled gradient store (retrac index create/run): folder or s3://BUCKET/PREFIX")
     parser.add_argument("images", type=Path, nargs="+", help="query images (PNG, JPEG or .npy) or folders of them")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="proponents and opponents per method")
     parser.add_argument("--all", action="store_true", help="rank every training sample (overrides --top-k)")
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1 or (args.top_k < 1 and not args.all):
         raise SpecError("--threads and --top-k must be at least 1")
     torch.set_num_threads(args.threads)
-    store = GradientStore.open(args.store)
+    store = GradientStore.open(store_location(args.store))
     dataset = store.spec.dataset
     args.images = query_files(args.images)
     images = torch.stack(

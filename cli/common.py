@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from api_schemas import DatasetSpec
 from retrac.exceptions import SpecError
+
+if TYPE_CHECKING:
+    from storage.location import Location
 
 DATASET_FLAGS = {"data": "source", "resolution": "resolution", "channels": "channels", "limit": "limit", "data_seed": "seed"}
 """Dataset flags (argparse dests) and the DatasetSpec fields they set."""
@@ -48,6 +51,15 @@ def absolute_source(source: str) -> str:
 def absolute(path: str | Path) -> Path:
     """`path` against the working directory, as typed by the user (user home expanded), made absolute."""
     return Path(path).expanduser().absolute()
+
+
+def store_location(where: str) -> Location:
+    """The store a command names: a folder, or an `s3://bucket/prefix` URL reached with the object-store
+    settings (`RETRAC_S3_*`, else the AWS environment variables), as workers reach it."""
+    from storage.location import locate  # here, as every command imports torch only when it runs
+    from worker.settings import get_settings
+
+    return locate(where, get_settings().bucket_options())
 
 
 def validated(model: type[SpecT], fields: dict[str, Any]) -> SpecT:

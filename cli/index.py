@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cli.common import absolute, add_dataset_arguments, dataset_spec, first_error
+from cli.common import absolute, add_dataset_arguments, dataset_spec, first_error, store_location
 from retrac.exceptions import SpecError
 
 POLL_SECONDS = 1.0
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
     create = commands.add_parser("create", help="create an empty store for an index spec")
-    create.add_argument("store", type=Path, help="folder of the Zarr store to create")
+    create.add_argument("store", help="folder of the Zarr store to create, or s3://BUCKET/PREFIX")
     create.add_argument(
         "--spec", type=Path, help="IndexSpec as a JSON file (then the flags below are not used)"
     )
@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.set_defaults(run=_create)
 
     run = commands.add_parser("run", help="compute every pending shard (embedded by default)")
-    run.add_argument("store", type=Path)
+    run.add_argument("store", help="folder or s3://BUCKET/PREFIX of the store")
     run.add_argument("--queue", action="store_true", help="submit a Celery job for `retrac worker`s instead")
     run.add_argument(
         "--wait", action="store_true", help="with --queue: follow the job until the store is complete"
@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(run=_run)
 
     status = commands.add_parser("status", help="done/total per checkpoint, rate and time left")
-    status.add_argument("store", type=Path)
+    status.add_argument("store", help="folder or s3://BUCKET/PREFIX of the store")
     status.add_argument(
         "--verify", action="store_true", help="also reread every done shard against its digest"
     )
@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(run=_status)
 
     inspect = commands.add_parser("inspect", help="the store's spec, shapes, fingerprints and freshness")
-    inspect.add_argument("store", type=Path)
+    inspect.add_argument("store", help="folder or s3://BUCKET/PREFIX of the store")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_inspect)
 
@@ -91,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _create(args: argparse.Namespace) -> int:
     from storage import GradientStore
 
-    store = GradientStore.create(args.store, _spec(args))
+    store = GradientStore.create(store_location(args.store), _spec(args))
     print(
         f"{store.path}: {store.num_rows} samples x {store.num_slots} slots x k={store.dim}, "
         f"{store.num_checkpoints} checkpoints, {store.num_shards} shards each; "
@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.queue:
         return _run_queued(args)
-    store = GradientStore.open(args.store)
+    store = GradientStore.open(store_location(args.store))
     pending = store.pending()
     rows = sum(store.shard_length(s) for _, s in pending)
     models = GradientComputerCache(args.device, threads=args.threads)
@@ -228,7 +228,7 @@ def _run_queued(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from storage import GradientStore, progress
 
-    store = GradientStore.open(args.store, check=False)
+    store = GradientStore.open(store_location(args.store), check=False)
     status, now = store.status(verify=args.verify), progress(store)
     info = store.checkpoint_info
     if args.json:
@@ -272,7 +272,7 @@ def _status(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from storage import GradientStore, StaleStoreError
 
-    store = GradientStore.open(args.store, check=False)
+    store = GradientStore.open(store_location(args.store), check=False)
     try:
         store.check()
         freshness = "fresh: checkpoints, dataset, record and schedule unchanged"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+from cli.common import store_location
 
 from retrac.exceptions import SpecError
 from retrac.scoring import METHODS
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "self-influence", help="rank a store's training samples by self-influence (outlier / mislabel hunting)"
     )
-    parser.add_argument("store", type=Path, help="a filled gradient store with grid slots")
+    parser.add_argument("store", help="a filled gradient store with grid slots (folder or s3://BUCKET/PREFIX)")
     parser.add_argument("--top-k", type=int, default=20, help="samples per method")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(run=run)
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise SpecError("--top-k must be at least 1")
-    store = GradientStore.open(args.store)
+    store = GradientStore.open(store_location(args.store))
     scores = self_influence(store)
     ranked = {
         method: [
