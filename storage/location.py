@@ -25,7 +25,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
@@ -69,6 +69,7 @@ class BucketOptions:
     access_key_id: str | None = None
     secret_access_key: str | None = field(default=None, repr=False)
     allow_http: bool | None = None
+    """Plain HTTP to the endpoint (a test server, MinIO on a private network); default AWS_ALLOW_HTTP."""
 
     def config(self) -> dict[str, Any]:
         """The S3Store configuration these options set (the backend reads the environment for the rest)."""
@@ -179,7 +180,7 @@ class BucketLocation:
             self.bucket,
             prefix=self.prefix,
             config=self.options.config(),  # type: ignore[arg-type]
-            client_options={"connect_timeout": CONNECT_TIMEOUT, **_allow_http(self.options)},
+            client_options={"connect_timeout": CONNECT_TIMEOUT, "allow_http": bool(self.options.allow_http)},
             retry_config={"max_retries": RETRIES, "retry_timeout": RETRY_TIMEOUT},
         )
 
@@ -292,14 +293,13 @@ def locate(
             "'-'; no '..'), as s3://BUCKET/PREFIX"
         )
     options = options or BucketOptions()
-    if not options.has_credentials(os.environ if environment is None else environment):
+    environment = os.environ if environment is None else environment
+    if not options.has_credentials(environment):
         raise StoreError(
             f"{text}: no credentials for the object store; set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (or RETRAC_S3_ACCESS_KEY_ID and RETRAC_S3_SECRET_ACCESS_KEY)"
         )
+    if options.allow_http is None:  # given client options replace the backend's own reading of it
+        allowed = environment.get("AWS_ALLOW_HTTP", "").strip().lower() in ("1", "true", "yes")
+        options = replace(options, allow_http=allowed)
     return BucketLocation(bucket, "/".join(parts), options)
-
-
-def _allow_http(options: BucketOptions) -> dict[str, bool]:
-    """Plain HTTP only where asked for (a test server, MinIO on a private network)."""
-    return {} if options.allow_http is None else {"allow_http": options.allow_http}
