@@ -4,19 +4,23 @@ that cannot work refused before anything is written."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 import torch
 
 from api_schemas import QuerySpec
+from cli import main
 from retrac.computers import GradientComputerCache
 from retrac.replay import TrainingRun
 from storage import (
+    BucketLocation,
     BucketOptions,
     GradientStore,
     IncompleteStoreError,
@@ -30,7 +34,14 @@ from storage import (
     run_shard,
 )
 from tests.storage.helpers import store_bytes, tiny_index_spec
-from tests.storage.object_store import S3Server, bucket, bucket_url, objects, s3_server  # noqa: F401
+from tests.storage.object_store import (  # noqa: F401 (fixtures)
+    S3Server,
+    bucket,
+    bucket_url,
+    files,
+    objects,
+    s3_server,
+)
 
 QUERY = QuerySpec(timesteps=6, draws=2, seed=4)
 CPU = GradientComputerCache("cpu", threads=1)
@@ -40,6 +51,14 @@ def filled(location: object, run: TrainingRun) -> GradientStore:
     store = GradientStore.create(location, tiny_index_spec(run))  # type: ignore[arg-type]
     run_pending(store, CPU)
     return store
+
+
+def uploaded(reference: Path, location: BucketLocation) -> GradientStore:
+    """A byte copy of a local store put into the bucket (with boto3): a store there as well."""
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for key, data in files(reference).items():
+        client.put_object(Bucket=location.bucket, Key=f"{location.prefix}/{key}", Body=data)
+    return GradientStore.open(location)
 
 
 def answers(store: GradientStore, images: torch.Tensor) -> list[dict]:
@@ -67,7 +86,8 @@ def test_a_half_written_shard_in_a_bucket_is_not_done_and_a_rerun_completes_it(
     bucket: str, tiny_run: TrainingRun, reference_store: Path
 ) -> None:
     location = bucket_url(bucket, "index.zarr")
-    store = filled(location, tiny_run)
+    store = uploaded(reference_store, location)
+    assert store.status(verify=True).complete
     # What a writer killed between its chunks and its done mark leaves: the pending mark, new chunks.
     store._array(1, "done_at")[2] = 0.0
     store._array(1, "norms")[store.shard_rows(2)] = np.ones((8, store.num_slots), dtype=np.float32)
@@ -80,17 +100,15 @@ def test_a_half_written_shard_in_a_bucket_is_not_done_and_a_rerun_completes_it(
     assert store_bytes(location) == store_bytes(reference_store)
 
 
-def test_a_missing_chunk_object_makes_its_shard_pending(bucket: str, tiny_run: TrainingRun) -> None:
+def test_a_missing_chunk_object_makes_its_shard_pending(bucket: str, reference_store: Path) -> None:
     location = bucket_url(bucket, "index.zarr")
-    store = filled(location, tiny_run)
+    store = uploaded(reference_store, location)
     os_client_delete(location.bucket, f"{location.prefix}/checkpoints/0/seeds/c/3/0")
     assert GradientStore.open(location).pending() == [(0, 3)]
     assert store.is_done(0, 3) is False and store.is_done(0, 2) is True
 
 
 def os_client_delete(bucket_name: str, key: str) -> None:
-    import boto3
-
     boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).delete_object(Bucket=bucket_name, Key=key)
 
 
@@ -165,34 +183,27 @@ def test_an_unreachable_bucket_is_refused_at_create_in_one_line(
     assert "\n" not in str(missing.value)
 
 
-def retrac(*args: str, **environment: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **environment}
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=120
-    )
-
-
 def test_the_cli_refuses_bad_store_urls_and_missing_credentials_with_one_line(
-    s3_server: S3Server, tiny_run: TrainingRun
+    s3_server: S3Server, tiny_run: TrainingRun, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bad = retrac("index", "create", "s3://retrac-stores", "--run", str(tiny_run.folder))
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
-    assert "give a prefix inside the bucket" in bad.stderr
-    anonymous = retrac(
-        "index", "create", "s3://retrac-stores/index", "--run", str(tiny_run.folder),
-        AWS_ACCESS_KEY_ID="",
-    )
-    assert anonymous.returncode == 2 and anonymous.stderr.count("\n") == 1, anonymous.stderr
-    assert "no credentials for the object store" in anonymous.stderr
+    assert main(["index", "create", "s3://retrac-stores", "--run", str(tiny_run.folder)]) == 2
+    bad = capsys.readouterr().err
+    assert bad.count("\n") == 1 and "give a prefix inside the bucket" in bad, bad
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    assert main(["index", "create", "s3://retrac-stores/index", "--run", str(tiny_run.folder)]) == 2
+    anonymous = capsys.readouterr().err
+    assert anonymous.count("\n") == 1 and "no credentials for the object store" in anonymous, anonymous
 
 
-def test_the_cli_indexes_into_and_queries_from_a_bucket(
-    bucket: str, tiny_run: TrainingRun, reference_store: Path, tmp_path: Path
+def test_the_cli_creates_a_store_in_a_bucket_and_reads_its_status(
+    bucket: str, tiny_run: TrainingRun, reference_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = f"s3://{bucket}/cli.zarr"
     spec = tmp_path / "spec.json"
     spec.write_text(tiny_index_spec(tiny_run).model_dump_json())
-    for command in (("index", "create", url, "--spec", str(spec)), ("index", "run", url)):
-        done = retrac(*command)
-        assert done.returncode == 0, done.stderr
-    assert store_bytes(bucket_url(bucket, "cli.zarr")) == store_bytes(reference_store)
+    assert main(["index", "create", f"s3://{bucket}/new.zarr", "--spec", str(spec)]) == 0
+    assert GradientStore.open(f"s3://{bucket}/new.zarr").spec == tiny_index_spec(tiny_run)
+    uploaded(reference_store, bucket_url(bucket, "full.zarr"))
+    capsys.readouterr()
+    assert main(["index", "status", f"s3://{bucket}/full.zarr", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["complete"] and (report["done_rows"], report["total_rows"]) == (144, 144)
