@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -113,3 +114,42 @@ def objects(location: BucketLocation) -> dict[str, bytes]:
 def files(folder: Path) -> dict[str, bytes]:
     """Every file of a local store, by path relative to it."""
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+class FreezingProxy:
+    """A TCP proxy on loopback in front of the S3 server that forwards everything until a request
+    line contains `trigger`, and from then on forwards nothing more: a client caught between two
+    writes, as a worker is when it dies in the middle of a shard, but at a point the test chooses.
+    """
+
+    def __init__(self, endpoint: str, trigger: bytes) -> None:
+        host, port = endpoint.removeprefix("http://").split(":")
+        self.upstream, self.trigger = (host, int(port)), trigger
+        self.frozen = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket, requests: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                if requests and self.trigger in data:
+                    self.frozen.set()
+                if self.frozen.is_set():
+                    continue  # swallowed: the client waits for an answer that never comes
+                target.sendall(data)
+        except OSError:
+            pass

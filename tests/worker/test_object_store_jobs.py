@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from pathlib import Path
 
 import boto3
@@ -15,9 +14,16 @@ import pytest
 from celery.result import GroupResult
 
 from retrac.replay import TrainingRun
-from storage import BucketLocation, GradientStore
+from storage import BucketLocation, GradientStore, IncompleteStoreError
 from tests.storage.helpers import store_bytes, tiny_index_spec
-from tests.storage.object_store import S3Server, bucket, bucket_url, s3_server  # noqa: F401 (fixtures)
+from tests.storage.object_store import (  # noqa: F401 (fixtures)
+    FreezingProxy,
+    S3Server,
+    bucket,
+    bucket_url,
+    objects,
+    s3_server,
+)
 from tests.worker.conftest import Workers, wait_until
 from worker import control
 from worker.app import app
@@ -29,7 +35,6 @@ SHARDS = 18  # 3 checkpoints x 6 shards
 PENDING_MARK = '"' + hashlib.md5(np.zeros(1, dtype=np.float64).tobytes()).hexdigest() + '"'
 """The ETag of a done mark that reads 0: written first when a shard is (re)written, replaced last."""
 DONE_MARK_KEY = re.compile(r"checkpoints/(\d+)/done_at/c/(\d+)")
-KILL_TRIES = 3
 
 
 def fresh_store(bucket_name: str, run: TrainingRun) -> BucketLocation:
@@ -84,25 +89,30 @@ def test_a_worker_killed_mid_shard_leaves_it_invisible_and_the_rerun_completes_i
     queue: str,
 ) -> None:
     location = fresh_store(bucket, tiny_run)
-    job = control.submit(str(location), queue=queue)
-    half: set[tuple[int, int]] = set()
-    for attempt in range(KILL_TRIES):  # the kill must land between a shard's first and last write
-        name = f"doomed-{attempt}"
-        workers.start(name, RETRAC_VISIBILITY_TIMEOUT="3")
-        deadline = time.monotonic() + JOB_SECONDS
-        while not shards_being_written(s3_server, location) and time.monotonic() < deadline:
-            pass
-        workers.kill(name)
-        half = shards_being_written(s3_server, location)
-        if half:
-            break
-    assert half, f"no kill landed while a shard was being written in {KILL_TRIES} tries"
+    # The doomed worker reaches the bucket through a proxy that stops at its first `norms` chunk:
+    # its first shard then has its pending mark and its `projected` chunk written, nothing more.
+    proxy = FreezingProxy(s3_server.endpoint, trigger=b"/norms/c/")
+    try:
+        job = control.submit(str(location), queue=queue)
+        # (frozen in its task, a solo worker cannot answer pings: not waited for)
+        workers.start("doomed", wait=False, RETRAC_VISIBILITY_TIMEOUT="3", AWS_ENDPOINT_URL=proxy.endpoint)
+        wait_until(proxy.frozen.is_set, JOB_SECONDS, "the doomed worker to start writing a shard")
+        wait_until(lambda: bool(shards_being_written(s3_server, location)), 10, "the pending mark")
+        workers.kill("doomed")
+    finally:
+        proxy.close()
+    half = shards_being_written(s3_server, location)
+    assert len(half) == 1
+    (checkpoint, shard), = half
+    keys = set(objects(location))
+    assert f"checkpoints/{checkpoint}/projected/c/{shard}/0/0" in keys  # half written...
+    assert f"checkpoints/{checkpoint}/norms/c/{shard}/0" not in keys
 
-    reader = GradientStore.open(location)
-    for checkpoint, shard in half:
-        assert not reader.is_done(checkpoint, shard)
-        assert (checkpoint, shard) in reader.pending()
+    reader = GradientStore.open(location)  # ...and invisible: not done, pending, not scanned
+    assert not reader.is_done(checkpoint, shard) and (checkpoint, shard) in reader.pending()
     assert not control.progress(str(location)).complete
+    with pytest.raises(IncompleteStoreError):
+        list(reader.chunks([checkpoint]))
     workers.start("rescuer", RETRAC_VISIBILITY_TIMEOUT="3")
     wait_until(lambda: control.state(job) == "done", JOB_SECONDS, "the job to complete after the kill")
     assert_same_as_embedded(location, reference_store)
