@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -43,6 +43,14 @@ class ObjectStoreSettings(BaseSettings):
     s3_access_key_id: str | None = Field(None, description="default AWS_ACCESS_KEY_ID")
     s3_secret_access_key: SecretStr | None = Field(None, description="default AWS_SECRET_ACCESS_KEY")
     s3_allow_http: bool | None = Field(None, description="allow a plain-HTTP endpoint; default AWS_ALLOW_HTTP")
+
+    @field_validator(
+        "s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key", "s3_allow_http", mode="before"
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty variable (a compose file's `${X:-}`) leaves the field to the AWS variables."""
+        return None if value == "" else value
 
     def bucket_options(self) -> BucketOptions:
         from storage.location import BucketOptions  # here: reading settings must not import torch
