@@ -28,6 +28,9 @@ digest, and marks a damaged shard not done so that the next run recomputes exact
 scores (a resident load or a streamed chunk) checks each shard's bytes against its digest and refuses a
 damaged store with a DamagedStoreError. Nothing is compressed: zstd saves ~9% on projected gradients
 and slows every scan.
+
+The same layout lives in a folder or under an `s3://bucket/prefix` (`storage.location`): each chunk
+file is then one object, written whole by one PUT, so the rules above hold unchanged in a bucket.
 """
 
 from __future__ import annotations
