@@ -9,7 +9,9 @@
    copied object by object into the bucket (the same bytes), is scanned for one query streamed
    chunk by chunk (nothing resident, every chunk's digest checked), alternately from each, `--repeats`
    times. `scan_ratio_to_local` is the bucket's median rate over the local one; `load_ratio_to_local`
-   compares the first read that makes an index resident.
+   compares the first read that makes an index resident; `scan.scan_ratio_to_plain_get` compares the
+   streamed scan with fetching every object of the store by plain concurrent GETs (the server's own
+   limit, without zarr or retrac).
 
 The S3 server is moto's (PyPI `moto[server]`), on loopback: a Python server, far slower per request
 than S3 or MinIO, so the ratios here are a lower bound of what a real object store gives.
@@ -31,6 +33,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,8 @@ from retrac.query_side import QueryVectors
 from retrac.scoring import scan
 from storage import GradientStore, Location, locate, run_pending
 
+GET_THREADS = 8
+"""Concurrent plain GETs of the reference read (zarr too fetches a read's chunks concurrently)."""
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "retrac-bench", "AWS_SECRET_ACCESS_KEY": "retrac-bench-secret"}
 
 
@@ -121,7 +126,9 @@ def index_ratio(folder: Path, bucket: str, rows: int) -> dict[str, float]:
         return store.num_rows * store.num_slots / seconds_of(lambda: run_pending(store, models))
 
     fill(folder / "warm-up.zarr")
-    before, remote, after = fill(folder / "a.zarr"), fill(f"s3://{bucket}/index.zarr"), fill(folder / "b.zarr")
+    before = fill(folder / "a.zarr")
+    remote = fill(f"s3://{bucket}/index.zarr")
+    after = fill(folder / "b.zarr")
     local = 2 / (1 / before + 1 / after)
     log(f"indexing: local {before:.0f} and {after:.0f}, bucket {remote:.0f} sample-slots/s")
     return {"local_per_s": local, "bucket_per_s": remote, "ratio": remote / local}
@@ -157,6 +164,13 @@ def copied(store: GradientStore, target: Location) -> GradientStore:
     return GradientStore.open(target, check=False)
 
 
+def get_all(location: Location) -> None:
+    """Every object of the store fetched once, concurrently, without zarr or retrac: the server's rate."""
+    keys = list(location.sizes())
+    with ThreadPoolExecutor(GET_THREADS) as pool:
+        list(pool.map(location.read, keys))
+
+
 def scan_ratio(folder: Path, bucket: str, rows: int, dim: int, repeats: int) -> dict[str, float]:
     local = random_store(folder, rows, dim)
     remote = copied(local, locate(f"s3://{bucket}/scan.zarr"))
@@ -168,17 +182,21 @@ def scan_ratio(folder: Path, bucket: str, rows: int, dim: int, repeats: int) -> 
         opened = GradientStore.open(store.location, check=False, resident_bytes=(2 << 30) if resident else 0)
         return rows / seconds_of(lambda: scan(opened.chunks([0]), queries, [1.0], top_k=10))
 
-    rates: dict[str, list[float]] = {"local": [], "bucket": [], "local_load": [], "bucket_load": []}
+    rates: dict[str, list[float]] = {
+        "local": [], "bucket": [], "local_load": [], "bucket_load": [], "bucket_get": []
+    }
     for _ in range(repeats):  # interleaved, so that the machine's load drifts over both alike
         for name, store in (("local", local), ("bucket", remote)):
             rates[name].append(rate(store, resident=False))
             rates[f"{name}_load"].append(rate(store, resident=True))  # the first, resident-making read
+        rates["bucket_get"].append(rows / seconds_of(lambda: get_all(remote.location)))
     medians = {name: statistics.median(values) for name, values in rates.items()}
     log(", ".join(f"{name} {value:,.0f} rows/s" for name, value in medians.items()))
     return {
         **{f"{name}_rows_per_s": value for name, value in medians.items()},
         "ratio": medians["bucket"] / medians["local"],
         "load_ratio": medians["bucket_load"] / medians["local_load"],
+        "scan_ratio_to_plain_get": medians["bucket"] / medians["bucket_get"],
     }
 
 

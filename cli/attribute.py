@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rank the training samples of a store for query images (TracIn and ReTrac)",
         description="Compute the query images' gradients at each checkpoint and stream the store once.",
     )
-    parser.add_argument("store", help="a filled gradient store (retrac index create/run): folder or s3://BUCKET/PREFIX")
+    parser.add_argument("store", help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")
     parser.add_argument("images", type=Path, nargs="+", help="query images (PNG, JPEG or .npy) or folders of them")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="proponents and opponents per method")
     parser.add_argument("--all", action="store_true", help="rank every training sample (overrides --top-k)")

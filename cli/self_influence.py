@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "self-influence", help="rank a store's training samples by self-influence (outlier / mislabel hunting)"
     )
-    parser.add_argument("store", help="a filled gradient store with grid slots (folder or s3://BUCKET/PREFIX)")
+    parser.add_argument("store", help="a filled store with grid slots: folder or s3://BUCKET/PREFIX")
     parser.add_argument("--top-k", type=int, default=20, help="samples per method")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(run=run)

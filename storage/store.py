@@ -146,12 +146,16 @@ class GradientStore:
         self.attrs: dict[str, Any] = dict(group.attrs)
         recorded = self.attrs.get("root")
         self.location, self.resident_bytes = location, resident_bytes
-        self.path: Path | BucketLocation = location.folder if isinstance(location, LocalLocation) else location
+        self.path: Path | BucketLocation = (
+            location.folder if isinstance(location, LocalLocation) else location
+        )
         self.root = root if root is not None else (Path(recorded) if recorded else None)
         try:
             self.spec = IndexSpec.model_validate(self.attrs["spec"])
         except (KeyError, ValueError) as error:
-            raise StoreError(f"{path.name}: its spec is unreadable ({error}); delete it and create it again")
+            raise StoreError(
+                f"{self.path.name}: its spec is unreadable ({error}); delete it and create it again"
+            )
         self._plan: IndexPlan | None = None
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._sample_ids: tuple[str, ...] | None = None
@@ -442,7 +446,8 @@ class GradientStore:
         """
         marks = self.done_marks(checkpoint) > 0
         sizes = self.location.sizes(f"checkpoints/{checkpoint}") if marks.any() else {}  # one listing
-        done = np.array([marks[i] and self._files_intact(checkpoint, i, sizes.get) for i in range(len(marks))])
+        intact = [marks[i] and self._files_intact(checkpoint, i, sizes.get) for i in range(len(marks))]
+        done = np.array(intact, dtype=bool)
         if verify:
             for shard in np.flatnonzero(done):
                 if not self._digest_matches(checkpoint, int(shard)):

@@ -42,10 +42,17 @@ class ObjectStoreSettings(BaseSettings):
     s3_region: str | None = Field(None, description="the bucket's region; default AWS_REGION")
     s3_access_key_id: str | None = Field(None, description="default AWS_ACCESS_KEY_ID")
     s3_secret_access_key: SecretStr | None = Field(None, description="default AWS_SECRET_ACCESS_KEY")
-    s3_allow_http: bool | None = Field(None, description="allow a plain-HTTP endpoint; default AWS_ALLOW_HTTP")
+    s3_allow_http: bool | None = Field(
+        None, description="allow a plain-HTTP endpoint; default AWS_ALLOW_HTTP"
+    )
 
     @field_validator(
-        "s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key", "s3_allow_http", mode="before"
+        "s3_endpoint_url",
+        "s3_region",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "s3_allow_http",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -2,7 +2,7 @@
 process of its own (PyPI `moto[server]`), reached through the AWS environment variables, so that
 worker subprocesses started by a test reach it the same way. Each test gets a bucket of its own.
 
-Import the fixtures into a test module: `from tests.storage.object_store import bucket, s3_server`.
+The fixtures `s3_server` and `bucket` are registered for every test package by tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,6 @@ import boto3
 import pytest
 
 from storage import BucketLocation, locate
-from tests.worker.conftest import wait_until
 
 STARTUP_SECONDS = 30
 
@@ -69,7 +69,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     try:
-        wait_until(lambda: process.poll() is None and _answers(endpoint), STARTUP_SECONDS, "moto's server")
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while process.poll() is None and not _answers(endpoint):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"moto's server did not answer within {STARTUP_SECONDS} s")
+            time.sleep(0.1)
+        if process.poll() is not None:
+            raise AssertionError(f"moto's server exited: see {log.name}")
         yield S3Server(endpoint, environment)
     finally:
         process.kill()

@@ -32,14 +32,7 @@ from storage import (
     run_shard,
 )
 from tests.storage.helpers import store_bytes, tiny_index_spec
-from tests.storage.object_store import (  # noqa: F401 (fixtures)
-    S3Server,
-    bucket,
-    bucket_url,
-    files,
-    objects,
-    s3_server,
-)
+from tests.storage.object_store import S3Server, bucket_url, files, objects
 
 QUERY = QuerySpec(timesteps=6, draws=2, seed=4)
 CPU = GradientComputerCache("cpu", threads=1)
@@ -182,7 +175,10 @@ def test_an_unreachable_bucket_is_refused_at_create_in_one_line(
 
 
 def test_the_cli_refuses_bad_store_urls_and_missing_credentials_with_one_line(
-    s3_server: S3Server, tiny_run: TrainingRun, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    s3_server: S3Server,
+    tiny_run: TrainingRun,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert main(["index", "create", "s3://retrac-stores", "--run", str(tiny_run.folder)]) == 2
     bad = capsys.readouterr().err
@@ -194,7 +190,11 @@ def test_the_cli_refuses_bad_store_urls_and_missing_credentials_with_one_line(
 
 
 def test_the_cli_creates_a_store_in_a_bucket_and_reads_its_status(
-    bucket: str, tiny_run: TrainingRun, reference_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bucket: str,
+    tiny_run: TrainingRun,
+    reference_store: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text(tiny_index_spec(tiny_run).model_dump_json())

@@ -16,14 +16,7 @@ from celery.result import GroupResult
 from retrac.replay import TrainingRun
 from storage import BucketLocation, GradientStore, IncompleteStoreError
 from tests.storage.helpers import store_bytes, tiny_index_spec
-from tests.storage.object_store import (  # noqa: F401 (fixtures)
-    FreezingProxy,
-    S3Server,
-    bucket,
-    bucket_url,
-    objects,
-    s3_server,
-)
+from tests.storage.object_store import FreezingProxy, S3Server, bucket_url, objects
 from tests.worker.conftest import Workers, wait_until
 from worker import control
 from worker.app import app
