@@ -11,6 +11,7 @@ from storage.errors import (
     NothingToIndexError,
     StaleStoreError,
     StoreError,
+    UnreachableStoreError,
 )
 from storage.cache import OpenStores
 from storage.location import BucketLocation, BucketOptions, LocalLocation, Location, locate
@@ -43,6 +44,7 @@ __all__ = [
     "StaleStoreError",
     "StoreError",
     "StoreStatus",
+    "UnreachableStoreError",
     "attribute",
     "delete_store",
     "is_leftover",

@@ -37,7 +37,7 @@ from obstore.store import S3Store
 from zarr.abc.store import Store
 from zarr.storage import LocalStore, ObjectStore
 
-from storage.errors import StoreError
+from storage.errors import StoreError, UnreachableStoreError
 
 BUCKET_SCHEME = "s3://"
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -197,7 +197,7 @@ class BucketLocation:
 
     def exists(self) -> bool:
         """Whether any object lies under the prefix."""
-        return bool(self._call(lambda: obstore.list(self._objects, chunk_size=1).collect()))
+        return bool(self._call(lambda: next(iter(obstore.list(self._objects, chunk_size=1)), [])))
 
     def is_empty(self) -> bool:
         """Whether a new store may be created here: no object under the prefix. Also the check that
@@ -244,14 +244,15 @@ class BucketLocation:
         self._call(lambda: obstore.delete(self._objects, mark))
 
     def _call(self, request: Any) -> Any:
-        """Run one request; a backend failure other than a missing object becomes a one-line StoreError."""
+        """Run one request; a backend failure other than a missing object becomes a one-line
+        UnreachableStoreError."""
         try:
             return request()
         except FileNotFoundError:
             raise
         except ObjectStoreError as error:
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise StoreError(
+            raise UnreachableStoreError(
                 f"{self}: the object store did not answer as expected ({first[:300]}); check the "
                 "bucket, the endpoint (AWS_ENDPOINT_URL or RETRAC_S3_ENDPOINT_URL) and the credentials"
             ) from error

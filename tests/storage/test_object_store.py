@@ -172,6 +172,7 @@ def test_an_unreachable_bucket_is_refused_at_create_in_one_line(
     with pytest.raises(StoreError, match="the object store did not answer as expected") as missing:
         GradientStore.create("s3://retrac-no-such-bucket/index", tiny_index_spec(tiny_run))
     assert "\n" not in str(missing.value)
+    assert isinstance(missing.value, ConnectionError)  # a worker retries it with backoff
 
 
 def test_the_cli_refuses_bad_store_urls_and_missing_credentials_with_one_line(
