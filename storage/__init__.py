@@ -4,6 +4,7 @@ See `storage.store` for the on-disk layout and its rules (one writer per chunk, 
 data, stale inputs refused), and `storage.location` for where a store lives: a folder or a bucket.
 """
 
+from storage.cache import OpenStores
 from storage.errors import (
     DamagedStoreError,
     DeletedStoreError,
@@ -13,10 +14,9 @@ from storage.errors import (
     StoreError,
     UnreachableStoreError,
 )
-from storage.cache import OpenStores
 from storage.location import BucketLocation, BucketOptions, LocalLocation, Location, locate
-from storage.runner import run_pending, run_shard
 from storage.progress import Progress, progress
+from storage.runner import run_pending, run_shard
 from storage.statistics import StoredNorms, attribute, self_influence, stored_norms
 from storage.store import (
     CheckpointStatus,

@@ -50,6 +50,9 @@ _CREDENTIAL_VARIABLES = (
 )
 """Any of these lets the backend sign requests (static keys, web identity, container credentials)."""
 
+ASIDE_PREFIX = ".deleted-"
+"""A local store being deleted is renamed to a hidden sibling starting so (`LocalLocation.remove`)."""
+
 RETRIES = 3
 """Attempts per request after the first, with backoff: enough for a busy server, short enough that
 a wrong endpoint is refused in seconds rather than obstore's default minutes."""
@@ -154,7 +157,7 @@ class LocalLocation:
         free at once and no listing sees half a store), then remove that."""
         if self.folder.is_dir():
             (self.folder / mark).touch()
-        aside = self.folder.with_name(f".deleted-{self.folder.name}-{uuid.uuid4().hex[:8]}")
+        aside = self.folder.with_name(f"{ASIDE_PREFIX}{self.folder.name}-{uuid.uuid4().hex[:8]}")
         self.folder.rename(aside)
         shutil.rmtree(aside, ignore_errors=True)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import threading
 import time
 import uuid
@@ -54,8 +55,8 @@ import zarr
 from api_schemas import IndexSpec
 from retrac.exceptions import RetracError
 from retrac.gradients import num_parameters
-from retrac.plan import IndexPlan, Rows
 from retrac.models import fingerprint_checkpoint
+from retrac.plan import IndexPlan, Rows
 from retrac.replay import RECORD_NAME
 from retrac.scoring import SCAN_ROWS, RowChunk
 from storage.errors import (
@@ -65,7 +66,7 @@ from storage.errors import (
     StaleStoreError,
     StoreError,
 )
-from storage.location import BucketLocation, LocalLocation, Location, locate
+from storage.location import ASIDE_PREFIX, BucketLocation, LocalLocation, Location, locate
 
 FORMAT = "retrac-store/2"
 """Format 2: xxh3_64 digests (three times crc32's speed, so checking every scanned chunk costs ~5% of a
@@ -616,6 +617,13 @@ def delete_store(path: str | Path | Location) -> None:
     clears.
     """
     locate(path).remove(DELETED_MARK)
+
+
+def remove_set_aside(root: Path) -> None:
+    """Finish every deletion under `root` that was killed after its rename: the folders set aside are
+    no store's any more (their names are free), only their files are left to remove."""
+    for aside in root.glob(f"{ASIDE_PREFIX}*") if root.is_dir() else ():
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def is_leftover(path: str | Path | Location) -> bool:

@@ -17,8 +17,7 @@ from celery import group
 from celery.result import GroupResult
 
 from retrac.exceptions import RetracError
-from storage import GradientStore, NothingToIndexError, Progress
-from storage import Location, locate
+from storage import GradientStore, Location, NothingToIndexError, Progress, locate
 from storage import progress as store_progress
 from worker.app import app
 from worker.cancellation import is_cancelled, mark_cancelled
