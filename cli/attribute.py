@@ -13,7 +13,7 @@ import typer
 
 from api_schemas import Estimator, QuerySpec
 from api_schemas.specs import DEFAULT_TOP_K
-from cli.common import default, print_notices, validated
+from cli.common import default, print_notices, store_location, validated
 from cli.progress import PhaseBars
 from retrac.exceptions import SpecError
 from retrac.scoring import METHODS
@@ -62,7 +62,7 @@ def print_csv(files: list[Path], results: list) -> None:
 
 def run(
     context: typer.Context,
-    store: Annotated[Path, typer.Argument(help="a filled gradient store (retrac index create/run)")],
+    store: Annotated[str, typer.Argument(help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")],
     images: Annotated[list[Path], typer.Argument(help="query images (PNG, JPEG or .npy) or folders of them")],
     top_k: Annotated[int, typer.Option(help="proponents and opponents per method")] = DEFAULT_TOP_K,
     rank_all: Annotated[
@@ -100,7 +100,7 @@ def run(
         raise SpecError("--threads and --top-k must be at least 1")
     output = "json" if as_json else output
     torch.set_num_threads(threads)
-    opened = GradientStore.open(store)
+    opened = GradientStore.open(store_location(store))
     dataset = opened.spec.dataset
     files = query_files(images)
     conversions = Conversions()

@@ -5,13 +5,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
 
 from api_schemas import DatasetSpec
 from retrac.exceptions import SpecError
+
+if TYPE_CHECKING:
+    from storage.location import Location
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
@@ -92,3 +95,12 @@ def print_notices(notices: Sequence[str]) -> None:
     """What loading images converted (resized, cropped, channels, ...), as one line on stderr."""
     if notices:
         print("notice: " + "; ".join(notices), file=sys.stderr)
+
+
+def store_location(where: str) -> Location:
+    """The store a command names: a folder, or an `s3://bucket/prefix` URL reached with the object-store
+    settings (`RETRAC_S3_*`, else the AWS environment variables), as workers reach it."""
+    from storage.location import locate  # here, as every command imports torch only when it runs
+    from worker.settings import get_settings
+
+    return locate(where, get_settings().bucket_options())

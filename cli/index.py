@@ -32,6 +32,7 @@ from cli.common import (
     default,
     first_error,
     print_notices,
+    store_location,
 )
 from retrac.exceptions import SpecError
 
@@ -43,7 +44,7 @@ app = typer.Typer(
     short_help="build a gradient store and fill it (embedded or with workers)",
 )
 
-Store = Annotated[Path, typer.Argument(help="a gradient store (retrac index create)")]
+Store = Annotated[str, typer.Argument(help="a gradient store (retrac index create): folder or s3://BUCKET/PREFIX")]
 
 SLOTS, PROJECTION = SlotSpec(), ProjectorSpec()
 """The specs' defaults, which `create`'s flags show and start from."""
@@ -55,7 +56,7 @@ def register(parent: typer.Typer) -> None:
 
 @app.command("create", help="Create an empty store for an index spec.")
 def create(
-    store: Annotated[Path, typer.Argument(help="folder of the Zarr store to create")],
+    store: Annotated[str, typer.Argument(help="folder of the Zarr store to create, or s3://BUCKET/PREFIX")],
     spec: Annotated[
         Path | None, typer.Option(help="IndexSpec as a JSON file (then the flags below are not used)")
     ] = None,
@@ -158,7 +159,7 @@ def create(
         raise SpecError(f"invalid index spec: {first_error(error)}") from error
     except OSError as error:
         raise SpecError(f"cannot read the spec: {error}") from error
-    opened = GradientStore.create(store, _recorded(index_spec))
+    opened = GradientStore.create(store_location(store), _recorded(index_spec))
     print_notices(opened.plan.dataset.notices)
     print(
         f"{opened.path}: {opened.num_rows} samples x {opened.num_slots} slots x k={opened.dim}, "
@@ -232,7 +233,7 @@ def run(
 
     if queue:
         return _run_queued(store, wait)
-    opened = GradientStore.open(store)
+    opened = GradientStore.open(store_location(store))
     rows = sum(opened.shard_length(s) for _, s in opened.pending())
     models = GradientComputerCache(device, threads=threads)
     with tqdm(total=rows, unit="rows", desc="indexing", smoothing=0.1) as bar:
@@ -285,7 +286,7 @@ def status(
 ) -> int:
     from storage import GradientStore, progress
 
-    opened = GradientStore.open(store, check=False)
+    opened = GradientStore.open(store_location(store), check=False)
     counts, now = opened.status(verify=verify), progress(opened)
     info = opened.checkpoint_info
     if as_json:
@@ -332,10 +333,13 @@ def delete(store: Store) -> int:
     from storage.errors import StoreError
     from storage.store import DELETED_MARK
 
+    location = store_location(store)
     # Only what is a store, or what a deletion left marked: never an unrelated folder.
-    if not ((store / "zarr.json").is_file() or (store / DELETED_MARK).exists()):
-        raise StoreError(f"{store} is not a retrac store (no zarr.json); nothing deleted (if a deletion left it, remove the folder)")
-    delete_store(store)
+    if not (location.has("zarr.json") or location.has(DELETED_MARK)):
+        raise StoreError(
+            f"{store} is not a retrac store (no zarr.json); nothing deleted (if a deletion left it, remove it)"
+        )
+    delete_store(location)
     print(f"deleted {store}")
     return 0
 
@@ -344,7 +348,7 @@ def delete(store: Store) -> int:
 def inspect(store: Store, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> int:
     from storage import GradientStore, StaleStoreError
 
-    opened = GradientStore.open(store, check=False)
+    opened = GradientStore.open(store_location(store), check=False)
     try:
         opened.check()
         freshness = "fresh: checkpoints, dataset, record and schedule unchanged"

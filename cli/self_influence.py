@@ -9,11 +9,11 @@ groups, each group's ROC AUC under each ranking.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from cli.common import store_location
 from retrac.exceptions import SpecError
 
 
@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
 
 
 def run(
-    store: Annotated[Path, typer.Argument(help="a filled gradient store with grid slots")],
+    store: Annotated[str, typer.Argument(help="a filled store with grid slots: folder or s3://BUCKET/PREFIX")],
     top_k: Annotated[int, typer.Option(help="samples per ranking")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> int:
@@ -43,7 +43,7 @@ def run(
 
     if top_k < 1:
         raise SpecError("--top-k must be at least 1")
-    opened = GradientStore.open(store)
+    opened = GradientStore.open(store_location(store))
     scores = self_influence(opened)  # checks that every checkpoint is complete
     norms = [torch.from_numpy(opened.norms(c)) for c in range(opened.num_checkpoints)]
     scores["relative_norm"] = relative_norms(norms, opened.weights, self_influence_slots(opened.slot_kinds)[1])

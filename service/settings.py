@@ -14,12 +14,12 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from worker.settings import ComputeSettings
+from worker.settings import ComputeSettings, ObjectStoreSettings
 
 MIN_KEY_LENGTH = 16
 
 
-class Settings(ComputeSettings):
+class Settings(ComputeSettings, ObjectStoreSettings):
     """The service's settings; `device` and `torch_threads` (query gradients) come from
     `ComputeSettings`, shared with the workers."""
 

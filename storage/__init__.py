@@ -1,9 +1,10 @@
 """The Zarr gradient store: create an index, fill it shard by shard, and answer queries from it.
 
 See `storage.store` for the on-disk layout and its rules (one writer per chunk, done marks after the
-data, stale inputs refused).
+data, stale inputs refused), and `storage.location` for where a store lives: a folder or a bucket.
 """
 
+from storage.cache import OpenStores
 from storage.errors import (
     DamagedStoreError,
     DeletedStoreError,
@@ -11,19 +12,31 @@ from storage.errors import (
     NothingToIndexError,
     StaleStoreError,
     StoreError,
+    UnreachableStoreError,
 )
-from storage.cache import OpenStores
-from storage.runner import run_pending, run_shard
+from storage.location import BucketLocation, BucketOptions, LocalLocation, Location, locate
 from storage.progress import Progress, progress
+from storage.runner import run_pending, run_shard
 from storage.statistics import StoredNorms, attribute, self_influence, stored_norms
-from storage.store import CheckpointStatus, GradientStore, StoreStatus, delete_store, is_leftover
+from storage.store import (
+    CheckpointStatus,
+    GradientStore,
+    StoreStatus,
+    delete_store,
+    is_leftover,
+    list_stores,
+)
 
 __all__ = [
+    "BucketLocation",
+    "BucketOptions",
     "CheckpointStatus",
     "DamagedStoreError",
     "DeletedStoreError",
     "GradientStore",
     "IncompleteStoreError",
+    "LocalLocation",
+    "Location",
     "Progress",
     "StoredNorms",
     "NothingToIndexError",
@@ -31,9 +44,12 @@ __all__ = [
     "StaleStoreError",
     "StoreError",
     "StoreStatus",
+    "UnreachableStoreError",
     "attribute",
     "delete_store",
     "is_leftover",
+    "list_stores",
+    "locate",
     "stored_norms",
     "progress",
     "run_pending",

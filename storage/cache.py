@@ -11,31 +11,35 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from storage.location import BucketOptions, Location, locate
 from storage.store import GradientStore
 
 
 class OpenStores:
-    """Opened stores by path, each with the `signature` it had when opened; safe to share between threads."""
+    """Opened stores by location, each with the `signature` it had when opened; safe to share between
+    threads. `options` say how to reach buckets that stores given by URL live in."""
 
-    def __init__(self) -> None:
-        self._open: dict[Path, tuple[tuple[Any, ...], GradientStore]] = {}
+    def __init__(self, options: BucketOptions | None = None) -> None:
+        self.options = options
+        self._open: dict[Location, tuple[tuple[Any, ...], GradientStore]] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path) -> GradientStore:
+    def get(self, path: str | Path | Location) -> GradientStore:
         """The store at `path`, opened (and checked) again if its files changed since it was opened."""
+        location = locate(path, self.options)
         with self._lock:
-            cached = self._open.get(path)
+            cached = self._open.get(location)
             if cached is not None and cached[0] == cached[1].signature():
                 return cached[1]
-            store = GradientStore.open(path)
-            self._open[path] = (store.signature(), store)
+            store = GradientStore.open(location)
+            self._open[location] = (store.signature(), store)
             return store
 
     def put(self, store: GradientStore) -> None:
         """Keep a store this process has just created."""
         with self._lock:
-            self._open[store.path] = (store.signature(), store)
+            self._open[store.location] = (store.signature(), store)
 
-    def forget(self, path: Path) -> None:
+    def forget(self, path: str | Path | Location) -> None:
         with self._lock:
-            self._open.pop(path, None)
+            self._open.pop(locate(path, self.options), None)

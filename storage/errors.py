@@ -23,5 +23,10 @@ class DamagedStoreError(StoreError):
     """A shard marked done holds bytes that do not match its done mark's digest: never scored."""
 
 
+class UnreachableStoreError(StoreError, ConnectionError):
+    """The object store holding a store did not answer as expected (endpoint, bucket, credentials or
+    the network). A ConnectionError too, so that a worker retries it with backoff."""
+
+
 class DeletedStoreError(StoreError):
     """The store was deleted (or deleted and recreated) since it was opened: nothing more is written."""

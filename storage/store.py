@@ -29,6 +29,9 @@ digest, and marks a damaged shard not done so that the next run recomputes exact
 scores (a resident load or a streamed chunk) checks each shard's bytes against its digest and refuses a
 damaged store with a DamagedStoreError. Nothing is compressed: zstd saves ~9% on projected gradients
 and slows every scan.
+
+The same layout lives in a folder or under an `s3://bucket/prefix` (`storage.location`): each chunk
+file is then one object, written whole by one PUT, so the rules above hold unchanged in a bucket.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,7 @@ from storage.errors import (
     StaleStoreError,
     StoreError,
 )
+from storage.location import ASIDE_PREFIX, BucketLocation, LocalLocation, Location, locate
 
 FORMAT = "retrac-store/2"
 """Format 2: xxh3_64 digests (three times crc32's speed, so checking every scanned chunk costs ~5% of a
@@ -83,8 +87,6 @@ spend less on per-step work (allocations, top-k merges)."""
 
 DELETED_MARK = "deleted"
 """A file in a store's folder: the store is being deleted. Workers skip it and write nothing more."""
-ASIDE_PREFIX = ".deleted-"
-"""A store being deleted is renamed to a hidden sibling starting so (`delete_store`)."""
 
 _ARRAY_CONFIG = {"write_empty_chunks": True}  # an all-zero shard must still leave its files behind
 _CHUNK_KEYS = {"name": "default", "separator": "/"}
@@ -133,18 +135,27 @@ class StoreStatus:
 
 
 class GradientStore:
-    """An index on disk. Build one with `create`, reopen it with `open`; never construct directly."""
+    """An index in a folder or a bucket. Build one with `create`, reopen it with `open`; never
+    construct directly. `location` is where it lives (`storage.location`); `path` is its folder, or
+    for a store in a bucket its `BucketLocation` (printable as its URL, with a `name` too)."""
 
-    def __init__(self, path: Path, group: zarr.Group, *, root: Path | None, resident_bytes: int) -> None:
+    def __init__(
+        self, location: Location, group: zarr.Group, *, root: Path | None, resident_bytes: int
+    ) -> None:
         self._group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
         recorded = self.attrs.get("root")
-        self.path, self.resident_bytes = path, resident_bytes
+        self.location, self.resident_bytes = location, resident_bytes
+        self.path: Path | BucketLocation = (
+            location.folder if isinstance(location, LocalLocation) else location
+        )
         self.root = root if root is not None else (Path(recorded) if recorded else None)
         try:
             self.spec = IndexSpec.model_validate(self.attrs["spec"])
         except (KeyError, ValueError) as error:
-            raise StoreError(f"{path.name}: its spec is unreadable ({error}); delete it and create it again")
+            raise StoreError(
+                f"{self.path.name}: its spec is unreadable ({error}); delete it and create it again"
+            )
         self._plan: IndexPlan | None = None
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._sample_ids: tuple[str, ...] | None = None
@@ -156,7 +167,7 @@ class GradientStore:
     @classmethod
     def create(
         cls,
-        path: str | Path,
+        path: str | Path | Location,
         spec: IndexSpec,
         *,
         root: Path | None = None,
@@ -171,8 +182,8 @@ class GradientStore:
         An existing store with the same spec is reopened (and checked); one with another spec, or any
         other non-empty folder, is refused rather than overwritten.
         """
-        path = Path(path)
-        if (path / "zarr.json").is_file():
+        path = locate(path)
+        if path.has("zarr.json"):
             existing = cls.open(path, root=root, check=False, resident_bytes=resident_bytes)
             if existing.spec != spec:
                 raise StoreError(
@@ -180,7 +191,7 @@ class GradientStore:
                 )
             existing.check()
             return existing
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not path.is_empty():
             raise StoreError(f"{path.name} exists and is not a retrac store; choose another path")
         plan = _resolve(spec, root, path, data_root=data_root)
         attrs = {
@@ -189,7 +200,7 @@ class GradientStore:
             "data_root": str(Path(data_root).resolve()) if data_root is not None else None,
             "uid": uuid.uuid4().hex,  # tells this store from a later one at the same path
         }
-        group = zarr.open_group(path, mode="w-", zarr_format=3)
+        group = zarr.open_group(path.zarr_store(), mode="w-", zarr_format=3)
         ids = group.create_array("sample_ids", shape=(plan.num_rows,), dtype=str, chunks=(plan.num_rows,))
         ids[:] = np.asarray(plan.dataset.ids, dtype=object)
         rows, slots, dim, shard = plan.num_rows, attrs["num_slots"], attrs["dim"], attrs["shard_size"]
@@ -221,7 +232,7 @@ class GradientStore:
     @classmethod
     def open(
         cls,
-        path: str | Path,
+        path: str | Path | Location,
         *,
         root: Path | None = None,
         check: bool = True,
@@ -232,18 +243,18 @@ class GradientStore:
         Paths in the spec resolve inside `root`, by default the root the store was created with, so a
         worker opens a service's store without knowing the service's folders.
         """
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+        path = locate(path)
+        if not path.has("zarr.json"):
             raise StoreError(
                 f"{path.name} is not a retrac store (no zarr.json); create one with `retrac index create`"
             )
-        if (path / DELETED_MARK).exists():
+        if path.has(DELETED_MARK):
             raise DeletedStoreError(
                 f"{path.name} is being deleted, or its deletion was interrupted; finish it with "
                 f"`retrac index delete {path}`"
             )
         try:
-            group = zarr.open_group(path, mode="r+", zarr_format=3)
+            group = zarr.open_group(path.zarr_store(), mode="r+", zarr_format=3)
         except Exception as error:  # zarr raises several kinds on a damaged group
             raise StoreError(f"{path.name}: cannot open the Zarr group: {error}") from error
         found = group.attrs.get("format")
@@ -321,13 +332,12 @@ class GradientStore:
         return [dict(c) for c in self.attrs["checkpoints"]]
 
     def signature(self) -> tuple[Any, ...]:
-        """(inode, mtime, size) of the group's metadata and of every checkpoint file: cheap to read on
-        every use, and different after the store is deleted and recreated or a checkpoint replaced.
-        Long-lived processes compare it to reopen (and recheck) a store instead of using it stale."""
-        files = [self.path / "zarr.json"] + [
-            f for c in self.checkpoint_info for f in sorted(Path(c["path"]).rglob("*"))
-        ]
-        return tuple(_stat(f) for f in files)
+        """The stamp of the group's metadata (`Location.stamp`) and (inode, mtime, size) of every
+        checkpoint file: cheap to read on every use, and different after the store is deleted and
+        recreated or a checkpoint replaced. Long-lived processes compare it to reopen (and recheck) a
+        store instead of using it stale."""
+        files = [f for c in self.checkpoint_info for f in sorted(Path(c["path"]).rglob("*"))]
+        return (self.location.stamp("zarr.json"), *(_stat(f) for f in files))
 
     @property
     def slot_kinds(self) -> tuple[str, ...]:
@@ -335,8 +345,8 @@ class GradientStore:
         return tuple(self.attrs["slot_kinds"])
 
     def size_bytes(self) -> int:
-        """Bytes the store takes on disk."""
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes the store takes on disk (or in the bucket)."""
+        return sum(self.location.sizes().values())
 
     def shard_rows(self, shard: int) -> slice:
         """The rows of shard `shard`."""
@@ -401,11 +411,11 @@ class GradientStore:
     def require_live(self) -> None:
         """A DeletedStoreError if the store is being deleted, or was replaced by another at its path:
         a worker that opened it before must not write into what is left, or into the new one."""
-        if (self.path / DELETED_MARK).exists():
+        if self.location.has(DELETED_MARK):
             raise DeletedStoreError(f"{self.path.name} is being deleted; nothing more is written to it")
         try:
-            uid = json.loads((self.path / "zarr.json").read_text())["attributes"].get("uid")
-        except (OSError, ValueError, KeyError):
+            uid = json.loads(self.location.read("zarr.json") or b"")["attributes"].get("uid")
+        except (ValueError, KeyError):
             uid = None
         if uid != self.attrs.get("uid"):
             raise DeletedStoreError(f"{self.path.name} was deleted since it was opened; nothing is written")
@@ -426,7 +436,9 @@ class GradientStore:
         With `verify`, each done shard's bytes are also reread and checked against its digest.
         """
         marks = self.done_marks(checkpoint) > 0
-        done = np.array([marks[i] and self._files_intact(checkpoint, i) for i in range(self.num_shards)])
+        sizes = self.location.sizes(f"checkpoints/{checkpoint}") if marks.any() else {}  # one listing
+        intact = [marks[i] and self._files_intact(checkpoint, i, sizes.get) for i in range(len(marks))]
+        done = np.array(intact, dtype=bool)
         if verify:
             for shard in np.flatnonzero(done):
                 if not self._digest_matches(checkpoint, int(shard)):
@@ -438,7 +450,7 @@ class GradientStore:
         """Whether one shard is done (its mark set and its files intact)."""
         self.shard_rows(shard)
         return _read_or_zero(self._array(checkpoint, "done_at"), shard) > 0 and self._files_intact(
-            checkpoint, shard
+            checkpoint, shard, self.location.size
         )
 
     def status(self, *, verify: bool = False) -> StoreStatus:
@@ -559,17 +571,14 @@ class GradientStore:
             self._arrays[key] = array.with_config(_ARRAY_CONFIG)
         return self._arrays[key]
 
-    def _files_intact(self, checkpoint: int, shard: int) -> bool:
-        """Every chunk file of the shard exists with the exact size of its uncompressed chunk."""
+    def _files_intact(self, checkpoint: int, shard: int, size_of: Callable[[str], int | None]) -> bool:
+        """Every chunk file (or object) of the shard exists with the exact size of its uncompressed
+        chunk; `size_of` gives the size of a key in the store, None if missing."""
         for name in ROW_ARRAYS + SHARD_ARRAYS:
             array = self._array(checkpoint, name)
             coords = (shard,) + (0,) * (array.ndim - 1)
-            file = self.path / array.path / array.metadata.encode_chunk_key(coords)
-            expected = math.prod(array.chunks) * array.dtype.itemsize
-            try:
-                if file.stat().st_size != expected:
-                    return False
-            except OSError:
+            key = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+            if size_of(key) != math.prod(array.chunks) * array.dtype.itemsize:
                 return False
         return True
 
@@ -581,23 +590,23 @@ class GradientStore:
         return True
 
 
-def mark_deleted(path: Path) -> None:
+def mark_deleted(path: str | Path | Location) -> None:
     """Mark the store at `path` as being deleted (see `delete_store`)."""
-    if path.is_dir():
-        (path / DELETED_MARK).touch()
+    location = locate(path)
+    if location.exists():
+        location.write(DELETED_MARK, b"")
 
 
-def delete_store(path: Path) -> None:
-    """Delete the store at `path`, safe against workers writing it: mark it, move it aside to a hidden
-    sibling in one rename (so `path` is free at once and no listing sees half a store), remove that.
+def delete_store(path: str | Path | Location) -> None:
+    """Delete the store at `path`, safe against workers writing it: mark it, then remove it so that no
+    listing sees half a store (a folder is moved aside in one rename, so `path` is free at once; in a
+    bucket `zarr.json` goes first, then the other objects; `Location.remove`).
 
     A worker that passed its last check before the mark may still write one shard under `path`; that
-    leaves a folder without `zarr.json`, which `is_leftover` recognises and the next create clears.
+    leaves a folder (or prefix) without `zarr.json`, which `is_leftover` recognises and the next create
+    clears.
     """
-    mark_deleted(path)
-    aside = path.with_name(f"{ASIDE_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    path.rename(aside)
-    shutil.rmtree(aside, ignore_errors=True)
+    locate(path).remove(DELETED_MARK)
 
 
 def remove_set_aside(root: Path) -> None:
@@ -607,13 +616,24 @@ def remove_set_aside(root: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def is_leftover(path: Path) -> bool:
-    """A folder without `zarr.json`, or one marked deleted: what a deletion leaves, never a store."""
-    return path.is_dir() and (not (path / "zarr.json").is_file() or (path / DELETED_MARK).exists())
+def is_leftover(path: str | Path | Location) -> bool:
+    """Something without `zarr.json`, or marked deleted: what a deletion leaves, never a store."""
+    location = locate(path)
+    return location.exists() and (not location.has("zarr.json") or location.has(DELETED_MARK))
+
+
+def list_stores(root: str | Path | Location) -> list[str]:
+    """Names of the stores directly under `root` (a folder or a bucket prefix), sorted; hidden names
+    and what a deletion left are not stores."""
+    return [
+        child.name
+        for child in locate(root).children()
+        if not child.name.startswith(".") and child.has("zarr.json") and not child.has(DELETED_MARK)
+    ]
 
 
 def _resolve(
-    spec: IndexSpec, root: Path | None, path: Path, *, data_root: Path | None, stale: bool = False
+    spec: IndexSpec, root: Path | None, path: Path | Location, *, data_root: Path | None, stale: bool = False
 ) -> IndexPlan:
     """The spec's plan; when reopening a store, a failure to resolve means its inputs changed."""
     try:

@@ -2,6 +2,7 @@
 
 - `tiny_run`: a micro DDPM trained in about a second, with replay record and three checkpoints.
 - `reference_store`: an index of `tiny_run` filled by the embedded runner, to compare stores with.
+- `s3_server` and `bucket` (tests/storage/object_store.py): moto's S3 server on loopback, a bucket.
 - `redis_url`, and the `redis` marker: tests that need the real Redis at 127.0.0.1:6379 skip with a
   reason when it is unreachable, and fail instead under `CI=true` (where it must be running).
 """
@@ -20,6 +21,7 @@ from api_schemas import DatasetSpec, TrainSpec
 from retrac.datasets import load_dataset
 from retrac.replay import TrainingRun
 from retrac.training import train
+from tests.storage.object_store import bucket, s3_server  # noqa: F401 (fixtures: an S3 server, a bucket)
 
 torch.set_num_threads(1)  # two processes contending with torch's default threads run ~100x slower
 

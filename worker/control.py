@@ -17,7 +17,7 @@ from celery import group
 from celery.result import GroupResult
 
 from retrac.exceptions import RetracError
-from storage import GradientStore, NothingToIndexError, Progress
+from storage import GradientStore, Location, NothingToIndexError, Progress, locate
 from storage import progress as store_progress
 from worker.app import app
 from worker.cancellation import is_cancelled, mark_cancelled
@@ -44,7 +44,7 @@ def submit(store_path: str | Path, *, root: Path | None = None, queue: str | Non
     The store is opened and checked first, so a stale store is refused before anything is queued,
     and a complete one raises `NothingToIndexError` (Celery cannot save an empty group).
     """
-    path = Path(store_path).resolve()
+    path = _locate(store_path)
     store = GradientStore.open(path, root=root)
     pending = store.pending()
     if not pending:
@@ -58,7 +58,7 @@ def submit(store_path: str | Path, *, root: Path | None = None, queue: str | Non
 
 def progress(store_path: str | Path) -> Progress:
     """Done/total rows, recent rate and time left of the store at `store_path`, from its done marks."""
-    return store_progress(GradientStore.open(store_path, check=False))
+    return store_progress(GradientStore.open(_locate(store_path), check=False))
 
 
 def state(job_id: str) -> JobState:
@@ -97,6 +97,11 @@ def stalled(job_id: str, store_path: str | Path, *, seconds: float) -> str | Non
         f"no shard finished and no worker answered for {idle:.0f} s; start workers with `retrac worker` "
         "on a machine that sees the store"
     )
+
+
+def _locate(store_path: str | Path) -> Location:
+    """The store's folder (absolute, as workers must see it) or bucket URL, reached by the settings."""
+    return locate(store_path, get_settings().bucket_options())
 
 
 def _consumers(queue: str) -> list[str]:

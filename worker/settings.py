@@ -6,8 +6,13 @@ same there. Only the worker, the job functions and the CLI read these; the engin
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import TYPE_CHECKING
+
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from storage.location import BucketOptions
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -26,7 +31,48 @@ class ComputeSettings(BaseSettings):
     )
 
 
-class WorkerSettings(ComputeSettings):
+class ObjectStoreSettings(BaseSettings):
+    """How to reach the S3-compatible service of stores at `s3://bucket/prefix` URLs: the same for
+    workers and the service. Unset fields are left to the usual AWS environment variables
+    (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="RETRAC_", extra="ignore")
+
+    s3_endpoint_url: str | None = Field(None, description="e.g. http://minio:9000; default AWS_ENDPOINT_URL")
+    s3_region: str | None = Field(None, description="the bucket's region; default AWS_REGION")
+    s3_access_key_id: str | None = Field(None, description="default AWS_ACCESS_KEY_ID")
+    s3_secret_access_key: SecretStr | None = Field(None, description="default AWS_SECRET_ACCESS_KEY")
+    s3_allow_http: bool | None = Field(
+        None, description="allow a plain-HTTP endpoint; default AWS_ALLOW_HTTP"
+    )
+
+    @field_validator(
+        "s3_endpoint_url",
+        "s3_region",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "s3_allow_http",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty variable (a compose file's `${X:-}`) leaves the field to the AWS variables."""
+        return None if value == "" else value
+
+    def bucket_options(self) -> BucketOptions:
+        from storage.location import BucketOptions  # here: reading settings must not import torch
+
+        secret = self.s3_secret_access_key
+        return BucketOptions(
+            endpoint_url=self.s3_endpoint_url,
+            region=self.s3_region,
+            access_key_id=self.s3_access_key_id,
+            secret_access_key=secret.get_secret_value() if secret else None,
+            allow_http=self.s3_allow_http,
+        )
+
+
+class WorkerSettings(ComputeSettings, ObjectStoreSettings):
     broker_url: str = Field(DEFAULT_REDIS, description="Celery broker (Redis)")
     result_backend: str = Field(DEFAULT_REDIS, description="Celery result backend (Redis)")
     queue: str = Field("retrac-index", description="queue the indexing tasks go to and workers consume")

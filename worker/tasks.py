@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,17 +18,18 @@ from celery.utils.log import get_task_logger
 
 from retrac.computers import GradientComputerCache, parse_device
 from storage import DeletedStoreError, OpenStores, is_leftover, run_shard
+from storage.location import TRANSIENT_STORE_ERRORS, locate
 from worker.app import app
 from worker.cancellation import is_cancelled
 from worker.settings import get_settings
 
 logger = get_task_logger(__name__)
 
-TRANSIENT_ERRORS = (OSError, torch.OutOfMemoryError)
-"""Errors worth retrying with backoff: file systems and devices that may recover. Retrac's named
-errors (stale store, bad spec) are not: retrying would fail the same way."""
+TRANSIENT_ERRORS = (OSError, torch.OutOfMemoryError, *TRANSIENT_STORE_ERRORS)
+"""Errors worth retrying with backoff: file systems, object stores and devices that may recover.
+Retrac's named errors (stale store, bad spec) are not: retrying would fail the same way."""
 
-_stores = OpenStores()
+_stores: OpenStores | None = None
 _models: GradientComputerCache | None = None
 
 
@@ -60,16 +60,17 @@ def index_shard(self: Any, store_path: str, checkpoint: int, shard: int) -> dict
     if self.request.group and is_cancelled(self.request.group):
         logger.info("job %s cancelled: shard %d/%d skipped", self.request.group, checkpoint, shard)
         return _outcome("cancelled", checkpoint, shard, 0.0)
-    return _index_shard(Path(store_path), checkpoint, shard)
+    return _index_shard(store_path, checkpoint, shard)
 
 
-def _index_shard(path: Path, checkpoint: int, shard: int) -> dict[str, Any]:
-    if is_leftover(path) or not path.exists():
+def _index_shard(store_path: str, checkpoint: int, shard: int) -> dict[str, Any]:
+    path = locate(store_path, get_settings().bucket_options())  # a folder or an s3:// URL
+    if is_leftover(path) or not path.has("zarr.json"):
         logger.warning("store %s is gone or being deleted: shard %d/%d skipped", path, checkpoint, shard)
         return _outcome("missing", checkpoint, shard, 0.0)
     started = time.perf_counter()
     try:
-        computed = run_shard(_stores.get(path), checkpoint, shard, _model_cache())
+        computed = run_shard(_open_stores().get(path), checkpoint, shard, _model_cache())
     except DeletedStoreError as error:  # deleted while this shard was computed: nothing was written
         logger.warning("%s: shard %d/%d dropped", error, checkpoint, shard)
         return _outcome("missing", checkpoint, shard, 0.0)
@@ -79,6 +80,13 @@ def _index_shard(path: Path, checkpoint: int, shard: int) -> dict[str, Any]:
 def _outcome(status: str, checkpoint: int, shard: int, seconds: float) -> dict[str, Any]:
     worker = f"{socket.gethostname()}:{os.getpid()}"
     return {"status": status, "checkpoint": checkpoint, "shard": shard, "seconds": seconds, "worker": worker}
+
+
+def _open_stores() -> OpenStores:
+    global _stores
+    if _stores is None:
+        _stores = OpenStores(get_settings().bucket_options())
+    return _stores
 
 
 def _model_cache() -> GradientComputerCache:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from api_schemas import IndexSpec, ProjectorSpec, SlotSpec
 from retrac.replay import TrainingRun
+from storage import BucketLocation
 from tests.conftest import TINY_DATASET
 
 SHARD_SIZE = 8
@@ -27,13 +28,17 @@ def tiny_index_spec(run: TrainingRun | Path, **changes: object) -> IndexSpec:
     return IndexSpec(**{**fields, **changes})
 
 
-def store_bytes(path: Path) -> dict[str, bytes]:
-    """Every file of a store except the done-mark times and the store's uid (which differ between
-    runs), keyed by path relative to the store."""
+def store_bytes(path: Path | BucketLocation) -> dict[str, bytes]:
+    """Every file (or object, for a store in a bucket) of a store except the done-mark times and the
+    store's uid (which differ between runs), keyed by path relative to the store."""
+    from tests.storage.object_store import files as local_files
+    from tests.storage.object_store import objects
+
+    every = objects(path) if isinstance(path, BucketLocation) else local_files(path)
     files = {
-        str(f.relative_to(path)): f.read_bytes()
-        for f in sorted(path.rglob("*"))
-        if f.is_file() and not ("done_at" in f.parts and f.name != "zarr.json")
+        key: data
+        for key, data in sorted(every.items())
+        if not ("done_at" in key.split("/") and not key.endswith("/zarr.json"))
     }
     root = json.loads(files["zarr.json"])
     root["attributes"].pop("uid")
