@@ -247,6 +247,18 @@ def _resolve_weighting(spec: IndexSpec, run: TrainingRun | None, prediction: Pre
     return given or "none"
 
 
+def pin_checkpoints(spec: IndexSpec, root: Path | None = None) -> IndexSpec:
+    """`spec` with the checkpoints its run has saved so far written in, when it names none.
+
+    A store records the spec it was built from; pinned, that spec keeps meaning the same checkpoints
+    when the run trains on and saves more, so a store stays fresh (and answers for the checkpoints it
+    holds) instead of turning stale with every new checkpoint."""
+    if spec.checkpoints or not spec.run:
+        return spec
+    run = TrainingRun.load(resolve_inside(root, spec.run))
+    return spec.model_copy(update={"checkpoints": tuple(_given_checkpoints(spec, run))})
+
+
 def _given_checkpoints(spec: IndexSpec, run: TrainingRun | None) -> list[CheckpointSpec]:
     """The spec's checkpoints, or else those its run saved."""
     given = list(spec.checkpoints) or (run.checkpoints() if run else [])

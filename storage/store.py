@@ -55,7 +55,7 @@ import zarr
 from api_schemas import IndexSpec
 from retrac.exceptions import RetracError
 from retrac.gradients import num_parameters
-from retrac.plan import IndexPlan, Rows
+from retrac.plan import IndexPlan, Rows, pin_checkpoints
 from retrac.scoring import SCAN_ROWS, RowChunk
 from storage.freshness import REBUILD, changes, fingerprints
 from storage.errors import (
@@ -180,12 +180,14 @@ class GradientStore:
         reopened (it is recorded), so a link added to an image folder later cannot lead outside.
 
         An existing store with the same spec is reopened (and checked); one with another spec, or any
-        other non-empty folder, is refused rather than overwritten.
+        other non-empty folder, is refused rather than overwritten. The spec is recorded with its run's
+        checkpoints written in (`pin_checkpoints`), so the run may go on training.
         """
         path = locate(path)
+        requested, spec = spec, pin_checkpoints(spec, root)
         if path.has("zarr.json"):
             existing = cls.open(path, root=root, check=False, resident_bytes=resident_bytes)
-            if existing.spec != spec:
+            if existing.spec not in (requested, spec):
                 raise StoreError(
                     f"{path.name} already holds a different index; choose another path or delete it"
                 )

@@ -20,7 +20,7 @@ from retrac.plan import IndexPlan
 from retrac.training import train
 from retrac.models import WEIGHTS_NAME, fingerprint_checkpoint, sha256_file
 from retrac.replay import RECORD_NAME, TrainingRun
-from storage import GradientStore, StaleStoreError
+from storage import GradientStore, StaleStoreError, StoreError
 from tests.conftest import TINY_DATASET
 from tests.storage.helpers import tiny_index_spec
 
@@ -161,3 +161,22 @@ def test_a_run_of_the_old_sample_id_rule_is_refused_with_why(inputs: dict[str, P
     (run / "manifest.json").write_text(json.dumps({**manifest, "sample_ids": list(old_sample_ids(manifest["sample_ids"]))}))
     with pytest.raises(SpecError, match=r"by the rule of earlier versions \('class-0_00.png'\); .* \('class-0/00.png'\)"):
         IndexPlan.resolve(IndexSpec(dataset=data, run=str(run)))
+
+
+def test_a_run_that_trains_on_leaves_its_stores_fresh(tmp_path: Path, tiny_run: TrainingRun) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.folder, run)
+    manifest_file = run / "manifest.json"
+    full = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**full, "checkpoints": full["checkpoints"][:2]}))  # before epoch 6 was saved
+    store = GradientStore.create(tmp_path / "s.zarr", tiny_index_spec(run))
+    assert [c.epoch for c in store.spec.checkpoints] == [2, 4]
+
+    manifest_file.write_text(json.dumps(full))  # training went on and saved another checkpoint
+    reopened = GradientStore.open(tmp_path / "s.zarr")
+    assert reopened.num_checkpoints == 2 and [c.weight for c in reopened.plan.checkpoints] == [
+        c.weight for c in store.plan.checkpoints
+    ]
+    # The same request now means the three checkpoints, which is another index.
+    with pytest.raises(StoreError, match="different index"):
+        GradientStore.create(tmp_path / "s.zarr", tiny_index_spec(run))
