@@ -25,6 +25,9 @@ ProjectorKind = Literal["identity", "sketch", "dense"]
 
 StoreDType = Literal["float16", "float32"]
 Method = Literal["tracin", "retrac"]
+Search = Literal["exact", "approximate"]
+"""How a query finds its top-k: a scan of every stored row (the reference), or the candidates of the
+store's approximate maximum-inner-product index, rescored exactly (`storage.ann`)."""
 
 
 DEFAULT_TOP_K = 10
@@ -103,6 +106,9 @@ class QuerySpec(Spec):
     timesteps: int = Field(DEFAULT_TIMESTEPS, ge=1, le=1000, description="K, the size of the timestep grid")
     draws: int = Field(DEFAULT_DRAWS, ge=1, le=256, description="M, noise draws per timestep")
     seed: int = Field(0, ge=0, description="seed of the query's noise draws")
+    search: Search = Field(
+        "exact", description="exact: scan every row; approximate: rescore the ANN index's candidates"
+    )
 
 
 class TrainSpec(Spec):

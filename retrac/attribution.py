@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from api_schemas import IndexSpec, Method, QuerySpec
+from api_schemas import IndexSpec, Method, QuerySpec, Search
 from api_schemas.attribution import AttributionPublic, InfluencePublic, RankingPublic
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer
@@ -57,6 +57,12 @@ class RowSource(Protocol):
     def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
         """Slot timesteps `(len(rows), S)` of `rows` at `checkpoint`: only the ranked rows are read."""
 
+    def candidates(
+        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+    ) -> tuple[np.ndarray, list[RowChunk]]:
+        """Approximate search: sorted candidate rows for every query and method, with their stored rows
+        at each of `checkpoints` (to rescore exactly); a named error if the source has no ANN index."""
+
 
 @dataclass(frozen=True)
 class Timings:
@@ -72,6 +78,7 @@ class Attribution:
 
     results: list[AttributionPublic]
     timings: Timings
+    search: Search = "exact"
 
 
 def attribute(
@@ -94,14 +101,30 @@ def attribute(
     started = time.perf_counter()
     vectors = [query_vectors(computer(c), images, query) for c in chosen]
     gradient_s = time.perf_counter() - started
-    # 2. One streamed pass over the stored rows for every query and method.
+    # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
     started = time.perf_counter()
-    ranking = scan(
-        source.chunks(chosen, SCAN_ROWS), vectors, [source.weights[c] for c in chosen],
-        top_k=top_k, methods=list(dict.fromkeys(methods)),
-    )
+    weights, methods = [source.weights[c] for c in chosen], list(dict.fromkeys(methods))
+    if query.search == "approximate":
+        rows, chunk = source.candidates(chosen, vectors, top_k=top_k, methods=methods)
+        ranking = _renumbered(scan([(0, chunk)], vectors, weights, top_k=top_k, methods=methods), rows)
+    else:
+        ranking = scan(source.chunks(chosen, SCAN_ROWS), vectors, weights, top_k=top_k, methods=methods)
     answers = public_results(ranking, source, chosen[-1])
-    return Attribution(answers, Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started))
+    timings = Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started)
+    return Attribution(answers, timings, query.search)
+
+
+def _renumbered(ranking: Ranking, rows: np.ndarray) -> Ranking:
+    """A ranking of the chunk of `rows`, in the rows' own numbers."""
+    numbers = torch.from_numpy(rows)
+
+    def moved(ranked: Ranked) -> Ranked:
+        return Ranked(rows=numbers[ranked.rows], scores=ranked.scores, contributions=ranked.contributions)
+
+    return Ranking(
+        proponents={m: moved(r) for m, r in ranking.proponents.items()},
+        opponents={m: moved(r) for m, r in ranking.opponents.items()},
+    )
 
 
 def _checked_request(
@@ -187,6 +210,13 @@ class MemoryRows:
 
     def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
         return self.rows[checkpoint].timesteps[torch.from_numpy(rows)].numpy()
+
+    def candidates(
+        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+    ) -> tuple[np.ndarray, list[RowChunk]]:
+        raise SpecError(
+            "approximate search needs a store's ANN index; in-memory rows are searched exactly (search 'exact')"
+        )
 
 
 class Attributor:

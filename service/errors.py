@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from api_schemas.common import ErrorPublic
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
 from service.settings import Settings
-from storage import DamagedStoreError, IncompleteStoreError, StaleStoreError, StoreError
+from storage import AnnIndexError, DamagedStoreError, IncompleteStoreError, StaleStoreError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (StaleStoreError, 409),
     (IncompleteStoreError, 409),
     (DamagedStoreError, 409),
+    (AnnIndexError, 409),
     (StoreError, 422),
     (DatasetError, 422),
     (SpecError, 422),
@@ -56,7 +57,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         (401, "the API key is missing"),
         (403, "the API key is wrong"),
         (404, "no such index, job or sample"),
-        (409, "the index is not ready for this (still building, stale, damaged, or already exists)"),
+        (409, "the index is not ready for this (still building, stale, damaged, no ANN index, or already exists)"),
         (413, "the request body is too large"),
         (422, "a field, image or spec is invalid"),
         (503, "a dependency (the job queue) is unavailable"),

@@ -65,6 +65,7 @@ class QueryEngine:
             timesteps=options.timesteps,
             draws=options.draws,
             seed=options.seed,
+            search=answer.search,
             data=answer.results,
             count=len(answer.results),
             timings=TimingsPublic(

@@ -5,6 +5,7 @@ data, stale inputs refused).
 """
 
 from storage.errors import (
+    AnnIndexError,
     DamagedStoreError,
     DeletedStoreError,
     IncompleteStoreError,
@@ -12,6 +13,7 @@ from storage.errors import (
     StaleStoreError,
     StoreError,
 )
+from storage.ann import build_ann, build_ann_when_complete
 from storage.cache import OpenStores
 from storage.runner import run_pending, run_shard
 from storage.progress import Progress, progress
@@ -19,6 +21,7 @@ from storage.statistics import StoredNorms, attribute, self_influence, stored_no
 from storage.store import CheckpointStatus, GradientStore, StoreStatus, delete_store, is_leftover
 
 __all__ = [
+    "AnnIndexError",
     "CheckpointStatus",
     "DamagedStoreError",
     "DeletedStoreError",
@@ -32,6 +35,8 @@ __all__ = [
     "StoreError",
     "StoreStatus",
     "attribute",
+    "build_ann",
+    "build_ann_when_complete",
     "delete_store",
     "is_leftover",
     "stored_norms",

@@ -1,0 +1,298 @@
+"""An approximate maximum-inner-product (ANN) index over a store's rows: sub-linear queries.
+
+Over C checkpoints a score is one inner product (method.md section 4, weights folded into the rows):
+
+    TracIn(z, q) = < concat_c w_c mean_s g_c(z, s),            concat_c G_c(q)  >
+    ReTrac(z, q) = < concat_c w_c mean_s g_c(z, s)/||g_c(z, s)||, concat_c G^_c(q) >
+
+so a query's proponents are a maximum-inner-product search over the row vectors, and its opponents
+the same search for the negated query (the minimum of a.b is the maximum of a.(-b)). One FAISS index
+per method holds the row vectors.
+
+Structure: an inverted file (IVF, `nlist` k-means lists, `nprobe` of them searched) over 8-bit
+scalar-quantised vectors. Inner products are turned into distances by one extra coordinate (Bachrach
+et al., RecSys 2014): a row `a` becomes `[a, sqrt(R^2 - |a|^2)]` with R the largest row norm, a query
+`b` becomes `[b, 0]`, and `|a' - b'|^2 = R^2 + |b|^2 - 2 a.b`, so the nearest row is the one of
+largest inner product whatever the rows' norms (TracIn's vary by orders of magnitude with the
+timestep, which plain inner-product lists handle badly). The index only proposes candidates
+(`CANDIDATES_PER_K` per k asked): they are rescored exactly from the store by the scan's own
+arithmetic, so every score and contribution returned is exact, and what approximation can cost is a
+row missed, never a wrong number.
+
+Layout, in the store's folder (deleted with it):
+
+    ann/manifest.json    format, the store's uid, the rows digest (of the weights and every shard digest
+                         it was built from), the structure and its parameters, and per method its file
+                         and the xxh3_64 of that file's bytes
+    ann/<method>.faiss   the FAISS index (`faiss.serialize_index`)
+
+The files are written first and the manifest last, each by a rename, so a half-written ANN index is
+no index. A search checks the manifest against the store (rebuilt or other shards: stale) and each
+file against its digest (damaged) and refuses with an `AnnIndexError` saying how to rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+import xxhash
+
+from api_schemas import Method
+from retrac.query_side import QueryVectors
+from retrac.scoring import METHODS, SCAN_ROWS, RowChunk, slot_means
+from storage.errors import AnnIndexError, IncompleteStoreError
+from storage.store import GradientStore
+
+FORMAT = "retrac-ann/1"
+FOLDER = "ann"
+MANIFEST = "manifest.json"
+
+CANDIDATES_PER_K = 4
+"""Candidates the index proposes per row asked (at least `MIN_CANDIDATES`), all rescored exactly: a
+wider net costs a few more rows read and raises recall (bench/scale.py)."""
+MIN_CANDIDATES = 64
+
+TRAINING_ROWS_PER_LIST = 64
+"""k-means training rows per IVF list (FAISS warns below 39): more fit the lists better, slower."""
+
+PROBED_SHARE = 1 / 8
+"""Share of the lists a search probes by default (at least one): recall against speed, measured in
+bench/scale.py (recall@10 >= 0.95 there)."""
+
+REBUILD = "build it with `retrac index ann STORE` (an indexing job builds it when it completes)"
+
+
+@dataclass(frozen=True)
+class AnnParams:
+    """The structure of an ANN index: `nlist` IVF lists, `nprobe` searched per query."""
+
+    nlist: int
+    nprobe: int
+
+    @classmethod
+    def for_rows(cls, rows: int) -> AnnParams:
+        """About sqrt(N) lists (FAISS's guidance is 4-16 sqrt(N) at millions of rows; fewer, larger lists
+        recall better at the same share probed), and never fewer training rows than lists need."""
+        nlist = max(1, min(round(math.sqrt(rows)), rows // TRAINING_ROWS_PER_LIST))
+        return cls(nlist=nlist, nprobe=max(1, round(nlist * PROBED_SHARE)))
+
+
+def row_vectors(chunks: Sequence[RowChunk], weights: Sequence[float]) -> dict[Method, np.ndarray]:
+    """Row vectors `(n, C k)` float32 per method: each checkpoint's slot mean, times its weight, side
+    by side (the training side of the one inner product)."""
+    parts: dict[Method, list[torch.Tensor]] = {m: [] for m in METHODS}
+    for chunk, weight in zip(chunks, weights, strict=True):
+        for method, vectors in slot_means(chunk).items():
+            parts[method].append(weight * vectors)
+    return {m: torch.cat(p, dim=1).numpy() for m, p in parts.items()}
+
+
+def query_matrix(
+    vectors: Sequence[QueryVectors], checkpoints: Sequence[int], num_checkpoints: int, method: Method
+) -> np.ndarray:
+    """Query vectors `(Q, C k)` float32 of one method over every checkpoint of the index: zeros at the
+    checkpoints not chosen, so the inner product is the score over the chosen ones alone."""
+    chosen = dict(zip(checkpoints, vectors, strict=True))
+    first = getattr(vectors[0], method)
+    return torch.cat([
+        getattr(chosen[c], method).float() if c in chosen else torch.zeros_like(first, dtype=torch.float32)
+        for c in range(num_checkpoints)
+    ], dim=1).numpy()
+
+
+def rows_digest(store: GradientStore) -> str:
+    """xxh3_64 of what the row vectors are made of: the store's uid, the weights and every shard digest."""
+    hasher = xxhash.xxh3_64()
+    hasher.update(json.dumps([store.attrs.get("uid"), store.weights]).encode())
+    for checkpoint in range(store.num_checkpoints):
+        hasher.update(store.shard_digests(checkpoint).tobytes())
+    return hasher.hexdigest()
+
+
+def build_ann(store: GradientStore, params: AnnParams | None = None) -> AnnParams:
+    """Build the ANN index of a complete store (both methods, every checkpoint) and write it beside the
+    store, replacing any earlier one. Two passes over the rows: the first finds the largest norm and
+    keeps the k-means training rows, the second adds every row. Returns the parameters used."""
+    everything = list(range(store.num_checkpoints))
+    if not store.status().complete:
+        raise IncompleteStoreError(
+            f"{store.path.name}: not every shard is done; finish indexing (`retrac index run`) first"
+        )
+    params = params or AnnParams.for_rows(store.num_rows)
+    digest = rows_digest(store)
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    stride = max(1, store.num_rows // (params.nlist * TRAINING_ROWS_PER_LIST))
+    largest = {m: 0.0 for m in METHODS}
+    training: dict[Method, list[np.ndarray]] = {m: [] for m in METHODS}
+    for first, chunks in store.chunks(everything, SCAN_ROWS):
+        keep = (np.arange(first, first + chunks[0].projected.shape[0]) % stride) == 0
+        for method, rows in row_vectors(chunks, store.weights).items():
+            largest[method] = max(largest[method], float(np.linalg.norm(rows, axis=1).max()))
+            training[method].append(rows[keep])
+    indexes = {}
+    for method in METHODS:
+        index = faiss.index_factory(
+            store.dim * store.num_checkpoints + 1, f"IVF{params.nlist},SQ8", faiss.METRIC_L2
+        )
+        index.train(_augmented(np.concatenate(training[method]), largest[method]))
+        index.nprobe = params.nprobe
+        indexes[method] = index
+    for _, chunks in store.chunks(everything, SCAN_ROWS):
+        for method, rows in row_vectors(chunks, store.weights).items():
+            indexes[method].add(_augmented(rows, largest[method]))
+    _write(store, indexes, params, digest)
+    return params
+
+
+def build_ann_when_complete(store: GradientStore) -> bool:
+    """The job step after indexing: build the ANN index once every shard is done, unless a current one
+    is there. Returns whether it built. Two workers finishing the last shards together may both build;
+    each writes whole files by rename, so either's complete index is what remains."""
+    if not store.status().complete or _current(store):
+        return False
+    build_ann(store)
+    return True
+
+
+class AnnIndex:
+    """A loaded, checked ANN index: candidate rows for query matrices."""
+
+    def __init__(self, indexes: dict[Method, Any], params: AnnParams) -> None:
+        self.indexes, self.params = indexes, params
+
+    def candidates(self, queries: dict[Method, np.ndarray], count: int) -> np.ndarray:
+        """Sorted unique rows that the index proposes as the `count` largest and the `count` smallest
+        inner products of each query `(Q, C k)` of each method (`count` at most the rows indexed): a
+        search whose probed lists hold fewer rows than that is redone over all of them."""
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        found = []
+        for method, matrix in queries.items():
+            index = self.indexes[method]
+            for sign in (1.0, -1.0):
+                signed = np.hstack([sign * matrix, np.zeros((matrix.shape[0], 1), np.float32)])
+                labels = index.search(signed, count)[1]
+                if (labels < 0).any():
+                    labels = index.search(signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist))[1]
+                found.append(labels[labels >= 0])
+        return np.unique(np.concatenate(found)).astype(np.int64)
+
+
+def candidate_chunks(
+    store: GradientStore, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int,
+    methods: Sequence[Method],
+) -> tuple[np.ndarray, list[RowChunk]]:
+    """The rows the ANN index proposes for every query and method, and their stored rows at each of
+    `checkpoints`, to rescore exactly. An AnnIndexError if the index is missing, stale or damaged."""
+    ann = load_ann(store)
+    queries = {m: query_matrix(vectors, checkpoints, store.num_checkpoints, m) for m in methods}
+    count = min(store.num_rows, max(CANDIDATES_PER_K * top_k, MIN_CANDIDATES))
+    rows = ann.candidates(queries, count)
+    return rows, [store.rows_at(c, rows) for c in checkpoints]
+
+
+_loaded: weakref.WeakKeyDictionary[GradientStore, tuple[str, AnnIndex]] = weakref.WeakKeyDictionary()
+_loading = threading.Lock()
+
+
+def load_ann(store: GradientStore) -> AnnIndex:
+    """The store's ANN index, checked against the store's current rows on every call and read (and its
+    files checked against their digests) once per opened store and manifest."""
+    manifest = _manifest(store)
+    with _loading:
+        cached = _loaded.get(store)
+        if cached is not None and cached[0] == manifest["rows_digest"]:
+            return cached[1]
+        indexes = {}
+        for method in METHODS:
+            entry = manifest["methods"][method]
+            data = (_folder(store) / entry["file"]).read_bytes()
+            if xxhash.xxh3_64_hexdigest(data) != entry["digest"]:
+                raise AnnIndexError(
+                    f"{store.path.name}: the ANN index file {entry['file']} does not match its digest "
+                    f"(damaged); {_rebuild(store)}"
+                )
+            indexes[method] = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        loaded = AnnIndex(indexes, AnnParams(**manifest["params"]))
+        _loaded[store] = (manifest["rows_digest"], loaded)
+        return loaded
+
+
+def _manifest(store: GradientStore) -> dict[str, Any]:
+    """The manifest of a current ANN index of `store`, or an AnnIndexError saying what is wrong."""
+    file = _folder(store) / MANIFEST
+    if not file.is_file():
+        raise AnnIndexError(
+            f"{store.path.name} has no ANN index for approximate search; {_rebuild(store)}, or search exactly"
+        )
+    try:
+        manifest = json.loads(file.read_text())
+        fresh = manifest["format"] == FORMAT and manifest["rows_digest"] == rows_digest(store)
+    except (ValueError, KeyError, TypeError) as error:
+        raise AnnIndexError(f"{store.path.name}: its ANN manifest is unreadable ({error}); {_rebuild(store)}")
+    if not fresh:
+        raise AnnIndexError(
+            f"{store.path.name}: its ANN index was built from other rows than the store holds now (stale); "
+            f"{_rebuild(store)}"
+        )
+    return manifest
+
+
+def _current(store: GradientStore) -> bool:
+    try:
+        _manifest(store)
+    except AnnIndexError:
+        return False
+    return True
+
+
+def _write(store: GradientStore, indexes: dict[Method, Any], params: AnnParams, digest: str) -> None:
+    """Each index file, then the manifest, each written aside and renamed into place."""
+    folder = _folder(store)
+    folder.mkdir(exist_ok=True)
+    files = {}
+    for method, index in indexes.items():
+        data = faiss.serialize_index(index).tobytes()
+        store.require_live()
+        _replace(folder / f"{method}.faiss", data)
+        files[method] = {"file": f"{method}.faiss", "digest": xxhash.xxh3_64_hexdigest(data)}
+    manifest = {
+        "format": FORMAT,
+        "rows_digest": digest,
+        "structure": f"IVF{params.nlist},SQ8 over [a, sqrt(R^2 - |a|^2)] (inner product as L2)",
+        "params": {"nlist": params.nlist, "nprobe": params.nprobe},
+        "methods": files,
+    }
+    store.require_live()
+    _replace(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def _replace(file: Path, data: bytes) -> None:
+    aside = file.with_name(f".{file.name}.{os.getpid()}.{threading.get_ident()}")
+    aside.write_bytes(data)
+    os.replace(aside, file)
+
+
+def _augmented(rows: np.ndarray, largest: float) -> np.ndarray:
+    """`[a, sqrt(R^2 - |a|^2)]` per row: every row at norm R, inner products kept."""
+    squared = np.einsum("ij,ij->i", rows, rows)
+    extra = np.sqrt(np.maximum(largest * largest - squared, 0.0)).astype(np.float32)
+    return np.hstack([rows, extra[:, None]])
+
+
+def _folder(store: GradientStore) -> Path:
+    return store.path / FOLDER
+
+
+def _rebuild(store: GradientStore) -> str:
+    return REBUILD.replace("STORE", store.path.name)
