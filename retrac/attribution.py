@@ -57,11 +57,14 @@ class RowSource(Protocol):
     def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
         """Slot timesteps `(len(rows), S)` of `rows` at `checkpoint`: only the ranked rows are read."""
 
+    def require_ann(self) -> None:
+        """Raise a named error saying how to build it, if the source has no current ANN index."""
+
     def candidates(
         self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
     ) -> tuple[np.ndarray, list[RowChunk]]:
         """Approximate search: sorted candidate rows for every query and method, with their stored rows
-        at each of `checkpoints` (to rescore exactly); a named error if the source has no ANN index."""
+        at each of `checkpoints` (to rescore exactly)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def attribute(
     `computer(c)` is the gradient computer of checkpoint c (a serving process passes a long-lived
     cache's). Everything that can be wrong with the request is checked before the first gradient.
     """
-    chosen = _checked_request(source, images, top_k, checkpoints)
+    chosen = _checked_request(source, images, top_k, checkpoints, query.search)
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
     started = time.perf_counter()
     vectors = [query_vectors(computer(c), images, query) for c in chosen]
@@ -128,9 +131,10 @@ def _renumbered(ranking: Ranking, rows: np.ndarray) -> Ranking:
 
 
 def _checked_request(
-    source: RowSource, images: torch.Tensor, top_k: int, checkpoints: Sequence[int] | None
+    source: RowSource, images: torch.Tensor, top_k: int, checkpoints: Sequence[int] | None, search: Search
 ) -> list[int]:
-    """The checkpoints to use, after checking the image shape, top_k, their range and completeness."""
+    """The checkpoints to use, after checking the image shape, top_k, their range and completeness,
+    and for an approximate search the ANN index."""
     dataset = source.spec.dataset
     expected = (dataset.channels, dataset.resolution, dataset.resolution)
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
@@ -148,6 +152,8 @@ def _checked_request(
     if len(set(chosen)) != len(chosen):
         raise SpecError(f"checkpoints {chosen} repeat one; list each checkpoint once")
     source.require_complete(chosen)
+    if search == "approximate":
+        source.require_ann()
     return chosen
 
 
@@ -211,12 +217,16 @@ class MemoryRows:
     def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
         return self.rows[checkpoint].timesteps[torch.from_numpy(rows)].numpy()
 
+    def require_ann(self) -> None:
+        raise SpecError(_NO_ANN)
+
     def candidates(
         self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
     ) -> tuple[np.ndarray, list[RowChunk]]:
-        raise SpecError(
-            "approximate search needs a store's ANN index; in-memory rows are searched exactly (search 'exact')"
-        )
+        raise SpecError(_NO_ANN)
+
+
+_NO_ANN = "approximate search needs a store's ANN index; in-memory rows are searched exactly (search 'exact')"
 
 
 class Attributor:

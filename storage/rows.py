@@ -13,7 +13,7 @@ from api_schemas import IndexSpec, Method
 from retrac.attribution import Chunks
 from retrac.query_side import QueryVectors
 from retrac.scoring import RowChunk
-from storage.ann import candidate_chunks
+from storage.ann import candidate_chunks, load_ann
 from storage.errors import IncompleteStoreError
 from storage.store import GradientStore
 
@@ -55,6 +55,10 @@ class StoreRows:
 
     def chunks(self, checkpoints: Sequence[int], rows_per_chunk: int) -> Chunks:
         return self.store.chunks(checkpoints, rows_per_chunk)
+
+    def require_ann(self) -> None:
+        """An AnnIndexError saying how to build it, if the store's ANN index is missing, stale or damaged."""
+        load_ann(self.store)
 
     def candidates(
         self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]

@@ -1,0 +1,119 @@
+"""Approximate search (`storage.ann`): the ANN index's answers against the exact scan, and every way an
+ANN index can be missing, stale or damaged refused with what to do."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from api_schemas import QuerySpec
+from retrac.attribution import Attributor
+from retrac.computers import GradientComputerCache
+from retrac.exceptions import SpecError
+from retrac.plan import Rows
+from retrac.replay import TrainingRun
+from storage import AnnIndexError, GradientStore, attribute, build_ann, run_pending
+from storage import ann as ann_module
+from storage.ann import AnnParams
+from tests.storage.helpers import tiny_index_spec
+from tests.storage.test_scan import assert_scores_close
+
+QUERY = QuerySpec(timesteps=6, draws=2, seed=4)
+APPROXIMATE = QUERY.model_copy(update={"search": "approximate"})
+TOP_K = 3
+
+
+@pytest.fixture(scope="module")
+def store_path(tiny_run: TrainingRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete store of `tiny_run` (48 rows, 3 checkpoints), its ANN index built by the runner."""
+    path = tmp_path_factory.mktemp("ann") / "index.zarr"
+    run_pending(GradientStore.create(path, tiny_index_spec(tiny_run)), GradientComputerCache("cpu", threads=1))
+    return path
+
+
+@pytest.fixture
+def own_store(store_path: Path, tmp_path: Path) -> GradientStore:
+    """A copy of `store_path` this test may change."""
+    shutil.copytree(store_path, tmp_path / "index.zarr")
+    return GradientStore.open(tmp_path / "index.zarr")
+
+
+@pytest.fixture(scope="module")
+def images(store_path: Path) -> torch.Tensor:
+    return GradientStore.open(store_path).plan.dataset.images[[3, 17, 40]]
+
+
+def test_the_runner_builds_the_ann_index_after_the_last_shard(store_path: Path) -> None:
+    assert sorted(p.name for p in (store_path / "ann").iterdir()) == ["manifest.json", "retrac.faiss", "tracin.faiss"]
+
+
+@pytest.mark.parametrize("checkpoints", [None, [0, 2]])
+def test_approximate_top_k_equals_exact_on_an_easy_case(
+    own_store: GradientStore, images: torch.Tensor, checkpoints: list[int] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Easy: every list probed, so only the 8-bit codes approximate; 4 candidates per row asked, not all 48.
+    build_ann(own_store, AnnParams(nlist=4, nprobe=4))
+    monkeypatch.setattr(ann_module, "MIN_CANDIDATES", 1)
+    read: list[int] = []
+    original = own_store.rows_at
+
+    def counted(checkpoint: int, rows: np.ndarray):
+        read.append(len(rows))
+        return original(checkpoint, rows)
+
+    monkeypatch.setattr(own_store, "rows_at", counted)
+    models = GradientComputerCache("cpu")
+    exact = attribute(own_store, images, QUERY, top_k=TOP_K, checkpoints=checkpoints, models=models)
+    approximate = attribute(own_store, images, APPROXIMATE, top_k=TOP_K, checkpoints=checkpoints, models=models)
+    assert (exact.search, approximate.search) == ("exact", "approximate")
+    assert read and max(read) < own_store.num_rows  # rescored candidates only, not a scan
+    for got, want in zip(approximate.results, exact.results, strict=True):
+        for method in ("tracin", "retrac"):
+            for side in ("proponents", "opponents"):
+                ours, theirs = getattr(got.methods[method], side), getattr(want.methods[method], side)
+                assert [i.sample_id for i in ours] == [i.sample_id for i in theirs], (method, side)
+                assert [i.timesteps for i in ours] == [i.timesteps for i in theirs]
+                scale = np.array([i.score for i in theirs])
+                assert_scores_close([i.score for i in ours], scale, scale)
+                assert_scores_close(
+                    np.array([i.contributions for i in ours]), np.array([i.contributions for i in theirs]), scale
+                )
+
+
+def test_a_store_without_an_ann_index_is_refused_with_how_to_build_it(
+    own_store: GradientStore, images: torch.Tensor
+) -> None:
+    shutil.rmtree(own_store.path / "ann")
+    with pytest.raises(AnnIndexError, match=r"has no ANN index.*retrac index ann index.zarr"):
+        attribute(own_store, images, APPROXIMATE, top_k=TOP_K)
+    build_ann(own_store)
+    assert attribute(own_store, images, APPROXIMATE, top_k=TOP_K).search == "approximate"
+
+
+def test_an_ann_index_of_other_rows_is_refused_as_stale(own_store: GradientStore, images: torch.Tensor) -> None:
+    shard = own_store.shard_rows(1)
+    stored = own_store.rows_at(0, np.arange(shard.start, shard.stop))
+    timesteps = torch.from_numpy(own_store.timesteps(0)[shard])
+    own_store.write_shard(0, 1, Rows(stored.projected.float() * 2, stored.norms * 2, timesteps, timesteps))  # other bytes
+    with pytest.raises(AnnIndexError, match=r"built from other rows.*\(stale\).*retrac index ann"):
+        attribute(own_store, images, APPROXIMATE, top_k=TOP_K)
+    assert attribute(own_store, images, QUERY, top_k=TOP_K).search == "exact"  # the exact scan still answers
+
+
+def test_a_damaged_ann_index_is_refused(own_store: GradientStore, images: torch.Tensor) -> None:
+    file = own_store.path / "ann" / "retrac.faiss"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+    with pytest.raises(AnnIndexError, match=r"retrac.faiss does not match its digest \(damaged\)"):
+        attribute(GradientStore.open(own_store.path), images, APPROXIMATE, top_k=TOP_K)
+
+
+def test_in_memory_rows_have_no_ann_index(store_path: Path, images: torch.Tensor) -> None:
+    engine = Attributor(GradientStore.open(store_path).plan)
+    with pytest.raises(SpecError, match="approximate search needs a store's ANN index"):
+        engine.attribute(images, APPROXIMATE, top_k=TOP_K)
