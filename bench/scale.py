@@ -19,7 +19,7 @@
    (similar images have similar gradients), and their norms vary by orders of magnitude, unlike
    i.i.d. Gaussian rows (which no index can search). TracIn only (ReTrac's unit rows are easier).
    Exact: `retrac.scoring.scan` over the resident float16 array; approximate: `storage.ann`'s IVF
-   index and the exact rescoring of its candidates, over a sweep of lists probed; each entry is the
+   index (float16 codes) and the exact rescoring of its candidates, over a sweep of lists probed; each entry is the
    fastest setting with recall@10 >= 0.95 (else the best recall), with the sweep beside it.
 3. Scan near the memory limit, on `--scan-rows` rows of the largest k: the read limit is the fastest
    plain reduction over the resident float16 bytes; the store's scan (`retrac.scoring.scan`, float16
@@ -198,7 +198,7 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
     index = build_indexes(chunks, rows, [1.0], params, methods=["tracin"])["tracin"]
     build_s = time.perf_counter() - started
     memory_mb = (index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4) / 2**20
-    log(f"{rows} x {dim}: exact scan {exact_s:.3f} s per query; IVF{params.nlist},SQ8 built in {build_s:.0f} s")
+    log(f"{rows} x {dim}: exact scan {exact_s:.3f} s per query; IVF{params.nlist},SQfp16 built in {build_s:.0f} s")
     count = max(CANDIDATES_PER_K * TOP_K, MIN_CANDIDATES)
 
     def approximate(matrix: np.ndarray, q: list[QueryVectors]):

@@ -28,12 +28,12 @@ def tiny_index_spec(run: TrainingRun | Path, **changes: object) -> IndexSpec:
 
 
 def store_bytes(path: Path) -> dict[str, bytes]:
-    """Every file of a store except the done-mark times and the store's uid (which differ between
-    runs), keyed by path relative to the store."""
+    """Every file of a store except the done-mark times, the store's uid (which differ between runs)
+    and the ANN index (its manifest holds a digest of the uid), keyed by path relative to the store."""
     files = {
         str(f.relative_to(path)): f.read_bytes()
         for f in sorted(path.rglob("*"))
-        if f.is_file() and not ("done_at" in f.parts and f.name != "zarr.json")
+        if f.is_file() and not ("done_at" in f.parts and f.name != "zarr.json") and f.relative_to(path).parts[0] != "ann"
     }
     root = json.loads(files["zarr.json"])
     root["attributes"].pop("uid")

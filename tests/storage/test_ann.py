@@ -18,7 +18,7 @@ from retrac.plan import Rows
 from retrac.replay import TrainingRun
 from storage import AnnIndexError, GradientStore, attribute, build_ann, run_pending
 from storage import ann as ann_module
-from storage.ann import AnnParams
+from storage.ann import AnnParams, load_ann
 from tests.storage.helpers import tiny_index_spec
 from tests.storage.test_scan import assert_scores_close
 
@@ -117,3 +117,10 @@ def test_in_memory_rows_have_no_ann_index(store_path: Path, images: torch.Tensor
     engine = Attributor(GradientStore.open(store_path).plan)
     with pytest.raises(SpecError, match="approximate search needs a store's ANN index"):
         engine.attribute(images, APPROXIMATE, top_k=TOP_K)
+
+
+def test_a_rebuilt_ann_index_is_read_again(own_store: GradientStore) -> None:
+    assert load_ann(own_store).params == AnnParams.for_rows(own_store.num_rows)
+    build_ann(own_store, AnnParams(nlist=4, nprobe=2))
+    assert load_ann(own_store).params == AnnParams(nlist=4, nprobe=2)
+    assert load_ann(own_store).indexes["tracin"].nlist == 4
