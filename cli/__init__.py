@@ -1,63 +1,69 @@
-"""The `retrac` command line. Each subcommand group lives in its own module and registers itself.
+"""The `retrac` command line, on typer: each command group lives in its own module.
 
-Errors that retrac raises on purpose (bad input, stale stores, mismatches) end the command with
-exit code 2 and one line on stderr, never a traceback.
+Every flag's default is shown in `--help` and read from its spec or settings class; `retrac
+--install-completion` installs shell completion. Bad input ends the command with exit code 2 and one
+line on stderr, never a usage dump or a traceback: a flag that does not parse (click's usage errors)
+exits through SystemExit(2) as argparse did, and the errors retrac raises on purpose (bad values, stale
+stores, mismatches) make `main` return 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from importlib.metadata import version
+from typing import Annotated
 
+import typer
+
+from cli import attribute, demo, index, self_influence, serve, train, worker
+from cli import eval as evaluation
 from retrac.exceptions import RetracError
 
-COMMAND_MODULES = ("demo", "train", "index", "attribute", "self_influence", "worker", "serve", "eval")
-"""Modules of `cli` that each define `register(subparsers)`; they add their subcommands."""
+app = typer.Typer(
+    name="retrac",
+    help="Data attribution for diffusion models: Diffusion-TracIn and Diffusion-ReTrac.",
+    rich_markup_mode=None,  # plain click help and errors: one line per error, no boxes
+    pretty_exceptions_enable=False,
+)
 
 
-class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's defaults-in-help, except where there is no default to show or the help already says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"retrac {version('retrac')}")
+        raise typer.Exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="retrac",
-        description="Data attribution for diffusion models: Diffusion-TracIn and Diffusion-ReTrac.",
-        formatter_class=DefaultsFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"retrac {version('retrac')}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"cli.{name}").register(subparsers)
-    _show_defaults(parser)
-    return parser
+@app.callback()
+def _retrac(
+    _version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """The options of `retrac` itself; each command is registered by its module below."""
 
 
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Every (sub)command's --help shows its defaults."""
-    parser.formatter_class = DefaultsFormatter
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                _show_defaults(child)
+for module in (demo, train, index, attribute, self_influence, worker, serve, evaluation):
+    module.register(app)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run `retrac` on `argv` (default: the process's arguments); returns the exit code."""
+    command = typer.main.get_command(app)
+    command._main_shell_completion({}, "retrac", None)  # a completion request (the shell's) answers and exits
     try:
-        return int(args.run(args) or 0)
+        with command.make_context("retrac", list(sys.argv[1:] if argv is None else argv)) as context:
+            return int(command.invoke(context) or 0)
+    except typer.Exit as done:  # --help, --version, --show-completion
+        raise SystemExit(done.exit_code) from None
+    except typer.TyperException as error:  # a flag or argument that does not parse (click's usage errors)
+        print(f"retrac: error: {error.format_message()}", file=sys.stderr)
+        raise SystemExit(2) from None
     except RetracError as error:
         print(f"retrac: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         print("retrac: interrupted", file=sys.stderr)
         return 130
 

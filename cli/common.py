@@ -1,42 +1,63 @@
-"""Pieces several commands share: the dataset flags, and spec validation errors as one line."""
+"""Pieces several commands share: defaults read from the specs, the dataset flags, spec errors as one line."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import typer
 from pydantic import BaseModel, ValidationError
 
 from api_schemas import DatasetSpec
 from retrac.exceptions import SpecError
 
-DATASET_FLAGS = {"data": "source", "resolution": "resolution", "channels": "channels", "limit": "limit", "data_seed": "seed"}
-"""Dataset flags (argparse dests) and the DatasetSpec fields they set."""
-
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
-def add_dataset_arguments(parser: argparse.ArgumentParser, *, default: str) -> None:
-    """The dataset flags; an unset flag keeps `default` (said in the help), i.e. the command's base."""
-    parser.add_argument("--data", "--dataset", dest="data", help=f"builtin:NAME, image folder, .npy or .npz (default: {default})")
-    parser.add_argument("--resolution", type=int, help="image side in pixels")
-    parser.add_argument("--channels", type=int, choices=(1, 3), help="1 grey or 3 RGB")
-    parser.add_argument("--limit", type=int, help="use only the first N samples")
-    parser.add_argument("--data-seed", type=int, help="seed of the source's random choices")
+def default(model: type[BaseModel], field: str) -> Any:
+    """The default of `model.field`: each flag's default lives in its spec or settings class only."""
+    return model.model_fields[field].default
 
 
-def given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
-    """The flags of `names` the user typed, renamed to spec fields."""
-    return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag) is not None}
+def shown(model: type[BaseModel], field: str) -> str:
+    """`--help`'s text for a flag that is unset unless typed (so that it overrides a base spec)."""
+    return str(default(model, field))
 
 
-def dataset_spec(args: argparse.Namespace, base: dict[str, Any] | None = None) -> DatasetSpec:
+def data_option(base: str) -> Any:
+    """`--data`/`--dataset`; unset, the command's `base` dataset is used (shown as the default)."""
+    return typer.Option(
+        "--data", "--dataset", help="builtin:NAME, image folder, .npy or .npz", show_default=base
+    )
+
+
+def _unless_base(field: str) -> str:
+    """`--help`'s default of a dataset flag: DatasetSpec's, unless the base dataset says otherwise."""
+    return f"{shown(DatasetSpec, field)} or the base dataset's"
+
+
+Resolution = Annotated[
+    int | None, typer.Option(help="image side in pixels", show_default=_unless_base("resolution"))
+]
+Channels = Annotated[int | None, typer.Option(help="1 grey or 3 RGB", show_default=_unless_base("channels"))]
+Limit = Annotated[int | None, typer.Option(help="use only the first N samples")]
+DataSeed = Annotated[
+    int | None, typer.Option(help="seed of the source's random choices", show_default=_unless_base("seed"))
+]
+
+
+def typed(**flags: Any) -> dict[str, Any]:
+    """The flags the user typed (those not None), by spec field name."""
+    return {name: value for name, value in flags.items() if value is not None}
+
+
+def dataset_spec(base: dict[str, Any] | None, **flags: Any) -> DatasetSpec:
     """`base` (default: builtin:digits with DatasetSpec's defaults) with the typed dataset flags laid over it.
 
-    A file or folder source is made absolute, so a run or store that records it works from any directory.
+    `flags` are DatasetSpec fields (None: not typed). A file or folder source is made absolute, so a
+    run or store that records it works from any directory.
     """
-    fields = {"source": "builtin:digits", **(base or {}), **given(args, DATASET_FLAGS)}
+    fields = {"source": "builtin:digits", **(base or {}), **typed(**flags)}
     return validated(DatasetSpec, {**fields, "source": absolute_source(fields["source"])})
 
 

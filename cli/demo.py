@@ -6,17 +6,22 @@ it, evaluate TracIn against ReTrac, print the headline table and say where the p
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from cli.eval import run_experiment_command
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+def register(app: typer.Typer) -> None:
+    app.command(
         "demo",
-        help="train, index, query and evaluate a small outlier model on built-in data (CPU, no Redis)",
-        description="The embedded default: the small version of the README's experiment, end to end.",
-    )
-    parser.add_argument("--out", type=Path, default=Path("retrac-demo"), help="output folder (default: retrac-demo)")
-    parser.set_defaults(run=run_experiment_command, preset="small", config=None)
+        help="The embedded default: the small version of the README's experiment, end to end "
+        "(CPU, no Redis).",
+        short_help="train, index, query and evaluate a small outlier model on built-in data (CPU, no Redis)",
+    )(demo)
+
+
+def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("retrac-demo")) -> int:
+    return run_experiment_command(preset="small", config=None, out=out)

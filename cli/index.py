@@ -10,132 +10,143 @@ retrac index inspect STORE [--json]
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from pydantic import ValidationError
 
-from cli.common import absolute, add_dataset_arguments, dataset_spec, first_error
+from api_schemas import IndexSpec, LossKind, ProjectorSpec, SlotSpec
+from api_schemas.specs import ProjectorKind, StoreDType
+from cli.common import (
+    Channels,
+    DataSeed,
+    Limit,
+    Resolution,
+    absolute,
+    data_option,
+    dataset_spec,
+    default,
+    first_error,
+)
 from retrac.exceptions import SpecError
 
 POLL_SECONDS = 1.0
 """How often `run --queue --wait` rereads the store's done marks."""
 
+app = typer.Typer(
+    help="Build a gradient store and fill it (embedded or with workers).",
+    short_help="build a gradient store and fill it (embedded or with workers)",
+)
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "index", help="build a gradient store and fill it (embedded or with workers)"
-    )
-    commands = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+Store = Annotated[Path, typer.Argument(help="a gradient store (retrac index create)")]
 
-    create = commands.add_parser("create", help="create an empty store for an index spec")
-    create.add_argument("store", type=Path, help="folder of the Zarr store to create")
-    create.add_argument(
-        "--spec", type=Path, help="IndexSpec as a JSON file (then the flags below are not used)"
-    )
-    create.add_argument("--run", dest="run_folder", help="training run folder of `retrac train`")
-    create.add_argument(
-        "--checkpoint",
-        action="append",
-        default=[],
-        type=_checkpoint,
-        metavar="DIR[:epoch=E,lr=LR|:weight=W]",
-        help="a diffusers UNet, pipeline or checkpoint-N folder (repeatable), with its epoch and learning "
-        "rate or its TracIn weight",
-    )
-    create.add_argument("--scheduler", help="folder with the scheduler_config.json (default: the run's, or beside the checkpoint)")
-    create.add_argument("--train-batch-size", type=int, help="training batch size, for weights from epoch and lr")
-    add_dataset_arguments(create, default="the run's dataset")
-    create.add_argument("--loss", choices=("mse", "l1"), help="the training loss (default: the run's)")
-    create.add_argument("--no-replay", action="store_true", help="no replayed-step slot")
-    create.add_argument("--grid", type=int, default=0, help="grid timestep slots per sample")
-    create.add_argument("--random", type=int, default=0, help="random timestep slots per sample")
-    create.add_argument("--slot-seed", type=int, default=0)
-    create.add_argument("--projector", choices=("identity", "sketch", "dense"), default="sketch")
-    create.add_argument("--dim", type=int, default=4096, help="projected dimension k")
-    create.add_argument("--projector-seed", type=int, default=0)
-    create.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    create.add_argument("--batch-size", type=int, default=32, help="samples per gradient batch")
-    create.add_argument("--shard-size", type=int, default=256, help="rows per task, chunk and done mark")
-    create.set_defaults(run=_create)
-
-    run = commands.add_parser("run", help="compute every pending shard (embedded by default)")
-    run.add_argument("store", type=Path)
-    run.add_argument("--queue", action="store_true", help="submit a Celery job for `retrac worker`s instead")
-    run.add_argument(
-        "--wait", action="store_true", help="with --queue: follow the job until the store is complete"
-    )
-    run.add_argument("--device", help="embedded: torch device (default: CUDA when available)")
-    run.add_argument(
-        "--threads", type=int, default=1, help="embedded: CPU threads (a shard's bytes depend on it)"
-    )
-    run.set_defaults(run=_run)
-
-    status = commands.add_parser("status", help="done/total per checkpoint, rate and time left")
-    status.add_argument("store", type=Path)
-    status.add_argument(
-        "--verify", action="store_true", help="also reread every done shard against its digest"
-    )
-    status.add_argument("--json", action="store_true", help="print JSON")
-    status.set_defaults(run=_status)
-
-    inspect = commands.add_parser("inspect", help="the store's spec, shapes, fingerprints and freshness")
-    inspect.add_argument("store", type=Path)
-    inspect.add_argument("--json", action="store_true", help="print JSON")
-    inspect.set_defaults(run=_inspect)
+SLOTS, PROJECTION = SlotSpec(), ProjectorSpec()
+"""The specs' defaults, which `create`'s flags show and start from."""
 
 
-def _create(args: argparse.Namespace) -> int:
+def register(parent: typer.Typer) -> None:
+    parent.add_typer(app, name="index")
+
+
+@app.command("create", help="Create an empty store for an index spec.")
+def create(
+    store: Annotated[Path, typer.Argument(help="folder of the Zarr store to create")],
+    spec: Annotated[
+        Path | None, typer.Option(help="IndexSpec as a JSON file (then the flags below are not used)")
+    ] = None,
+    run_folder: Annotated[
+        str | None, typer.Option("--run", help="training run folder of `retrac train`")
+    ] = None,
+    checkpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="DIR[:epoch=E,lr=LR|:weight=W]",
+            help="a diffusers UNet, pipeline or checkpoint-N folder (repeatable), with its epoch and "
+            "learning rate or its TracIn weight",
+        ),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="folder with the scheduler_config.json", show_default="the run's, or beside the checkpoint"
+        ),
+    ] = None,
+    train_batch_size: Annotated[
+        int | None, typer.Option(help="training batch size, for weights from epoch and lr")
+    ] = None,
+    data: Annotated[str | None, data_option("the run's dataset")] = None,
+    resolution: Resolution = None,
+    channels: Channels = None,
+    limit: Limit = None,
+    data_seed: DataSeed = None,
+    loss: Annotated[LossKind | None, typer.Option(help="the training loss", show_default="the run's")] = None,
+    no_replay: Annotated[bool, typer.Option("--no-replay", help="no replayed-step slot")] = False,
+    grid: Annotated[int, typer.Option(help="grid timestep slots per sample")] = SLOTS.grid,
+    random: Annotated[int, typer.Option(help="random timestep slots per sample")] = SLOTS.random,
+    slot_seed: Annotated[int, typer.Option(help="seed of the slots' timesteps and noise")] = SLOTS.seed,
+    projector: Annotated[
+        ProjectorKind, typer.Option(help="random projection of the gradients")
+    ] = PROJECTION.kind,
+    dim: Annotated[int, typer.Option(help="projected dimension k")] = PROJECTION.dim,
+    projector_seed: Annotated[int, typer.Option(help="seed of the projection")] = PROJECTION.seed,
+    dtype: Annotated[StoreDType, typer.Option(help="stored gradient precision")] = default(
+        IndexSpec, "dtype"
+    ),
+    batch_size: Annotated[int, typer.Option(help="samples per gradient batch")] = default(
+        IndexSpec, "batch_size"
+    ),
+    shard_size: Annotated[int, typer.Option(help="rows per task, chunk and done mark")] = default(
+        IndexSpec, "shard_size"
+    ),
+) -> int:
+    from api_schemas import CheckpointSpec
+    from retrac.replay import TrainingRun
     from storage import GradientStore
 
-    store = GradientStore.create(args.store, _spec(args))
+    try:
+        if spec is not None:
+            index_spec = IndexSpec.model_validate_json(spec.read_text())
+        else:
+            checkpoints = [checkpoint_fields(text) for text in checkpoint or ()]
+            trained = TrainingRun.load(run_folder).spec.dataset if run_folder else None
+            if data is None and trained is None:
+                raise SpecError("give --data (or --run, whose dataset is used)")
+            base = trained.model_dump() if trained else _model_shape(checkpoints)
+            if data is not None:
+                base.pop("limit", None)  # the run's sample limit belongs to the run's source
+            dataset = dataset_spec(
+                base, source=data, resolution=resolution, channels=channels, limit=limit, seed=data_seed
+            )
+            index_spec = IndexSpec(
+                dataset=dataset,
+                run=run_folder,
+                checkpoints=tuple(CheckpointSpec(**c) for c in checkpoints),
+                scheduler=scheduler,
+                loss=loss,
+                train_batch_size=train_batch_size,
+                slots=SlotSpec(replay=not no_replay, grid=grid, random=random, seed=slot_seed),
+                projector=ProjectorSpec(kind=projector, dim=dim, seed=projector_seed),
+                dtype=dtype,
+                batch_size=batch_size,
+                shard_size=shard_size,
+            )
+    except ValidationError as error:
+        raise SpecError(f"invalid index spec: {first_error(error)}") from error
+    except OSError as error:
+        raise SpecError(f"cannot read the spec: {error}") from error
+    opened = GradientStore.create(store, _recorded(index_spec))
     print(
-        f"{store.path}: {store.num_rows} samples x {store.num_slots} slots x k={store.dim}, "
-        f"{store.num_checkpoints} checkpoints, {store.num_shards} shards each; "
+        f"{opened.path}: {opened.num_rows} samples x {opened.num_slots} slots x k={opened.dim}, "
+        f"{opened.num_checkpoints} checkpoints, {opened.num_shards} shards each; "
         "fill it with `retrac index run`"
     )
     return 0
 
 
-def _spec(args: argparse.Namespace) -> Any:
-    from api_schemas import CheckpointSpec, IndexSpec, ProjectorSpec, SlotSpec
-    from retrac.replay import TrainingRun
-
-    try:
-        if args.spec is not None:
-            return _recorded(IndexSpec.model_validate_json(args.spec.read_text()))
-        trained = TrainingRun.load(args.run_folder).spec.dataset if args.run_folder else None
-        if args.data is None and trained is None:
-            raise SpecError("give --data (or --run, whose dataset is used)")
-        base = trained.model_dump() if trained else _model_shape(args.checkpoint)
-        if args.data is not None:
-            base.pop("limit", None)  # the run's sample limit belongs to the run's source
-        dataset = dataset_spec(args, base)
-        return _recorded(IndexSpec(
-            dataset=dataset,
-            run=args.run_folder,
-            checkpoints=tuple(CheckpointSpec(**c) for c in args.checkpoint),
-            scheduler=args.scheduler,
-            loss=args.loss,
-            train_batch_size=args.train_batch_size,
-            slots=SlotSpec(
-                replay=not args.no_replay, grid=args.grid, random=args.random, seed=args.slot_seed
-            ),
-            projector=ProjectorSpec(kind=args.projector, dim=args.dim, seed=args.projector_seed),
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-        ))
-    except ValidationError as error:
-        raise SpecError(f"invalid index spec: {first_error(error)}") from error
-    except OSError as error:
-        raise SpecError(f"cannot read the spec: {error}") from error
-
-
-def _recorded(spec: Any) -> Any:
+def _recorded(spec: IndexSpec) -> IndexSpec:
     """`spec` with every path absolute: the store records paths that resolve from any directory."""
     return spec.map_paths(absolute_text, absolute_text)
 
@@ -148,18 +159,21 @@ CHECKPOINT_KEYS = {"epoch": int, "lr": float, "weight": float}
 """What `--checkpoint DIR:key=value,...` may say about a checkpoint."""
 
 
-def _checkpoint(value: str) -> dict[str, Any]:
-    """`DIR` or `DIR:epoch=E,lr=LR` or `DIR:weight=W` as CheckpointSpec fields (argparse type)."""
+def checkpoint_fields(value: str) -> dict[str, Any]:
+    """`DIR`, `DIR:epoch=E,lr=LR` or `DIR:weight=W` as CheckpointSpec fields; a bad option: usage error."""
     path, _, options = value.rpartition(":") if "=" in value.rpartition(":")[2] else (value, "", "")
     fields: dict[str, Any] = {"path": path}
     for option in filter(None, options.split(",")):
         key, _, text = option.partition("=")
         if key not in CHECKPOINT_KEYS:
-            raise argparse.ArgumentTypeError(f"unknown checkpoint option {key!r}; use {', '.join(CHECKPOINT_KEYS)}")
+            raise typer.BadParameter(
+                f"unknown checkpoint option {key!r}; use {', '.join(CHECKPOINT_KEYS)}",
+                param_hint="'--checkpoint'",
+            )
         try:
             fields[key] = CHECKPOINT_KEYS[key](text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{key}={text!r} is not a number") from None
+            raise typer.BadParameter(f"{key}={text!r} is not a number", param_hint="'--checkpoint'") from None
     return fields
 
 
@@ -173,25 +187,39 @@ def _model_shape(checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
     return {"resolution": resolution, "channels": channels}
 
 
-def _run(args: argparse.Namespace) -> int:
+@app.command(
+    "run", help="Compute every pending shard (embedded by default, with a bar that moves per batch)."
+)
+def run(
+    store: Store,
+    queue: Annotated[
+        bool, typer.Option("--queue", help="submit a Celery job for `retrac worker`s instead")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="with --queue: follow the job until the store is complete")
+    ] = False,
+    device: Annotated[
+        str | None, typer.Option(help="embedded: torch device", show_default="CUDA when available")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="embedded: CPU threads (a shard's bytes depend on it)")] = 1,
+) -> int:
     from tqdm import tqdm
 
     from retrac.computers import GradientComputerCache
     from storage import GradientStore, run_pending
 
-    if args.queue:
-        return _run_queued(args)
-    store = GradientStore.open(args.store)
-    pending = store.pending()
-    rows = sum(store.shard_length(s) for _, s in pending)
-    models = GradientComputerCache(args.device, threads=args.threads)
+    if queue:
+        return _run_queued(store, wait)
+    opened = GradientStore.open(store)
+    rows = sum(opened.shard_length(s) for _, s in opened.pending())
+    models = GradientComputerCache(device, threads=threads)
     with tqdm(total=rows, unit="rows", desc="indexing", smoothing=0.1) as bar:
-        count = run_pending(store, models, on_shard=lambda _c, _s, n: bar.update(n))
-    print(f"{store.path}: {count} shards computed; complete: {store.status().complete}")
+        count = run_pending(opened, models, on_rows=bar.update)
+    print(f"{opened.path}: {count} shards computed; complete: {opened.status().complete}")
     return 0
 
 
-def _run_queued(args: argparse.Namespace) -> int:
+def _run_queued(store: Path, wait: bool) -> int:
     from tqdm import tqdm
 
     from storage import NothingToIndexError
@@ -199,14 +227,14 @@ def _run_queued(args: argparse.Namespace) -> int:
     from worker.settings import get_settings as worker_settings
 
     try:
-        job_id = control.submit(args.store)
+        job_id = control.submit(store)
     except NothingToIndexError as done:
         print(done)
         return 0
-    print(f"job {job_id} submitted: start workers with `retrac worker` on machines that see {args.store}")
-    if not args.wait:
+    print(f"job {job_id} submitted: start workers with `retrac worker` on machines that see {store}")
+    if not wait:
         return 0
-    current, warned = control.progress(args.store), False
+    current, warned = control.progress(store), False
     stall_seconds = worker_settings().stall_seconds
     with tqdm(total=current.total_rows, initial=current.done_rows, unit="rows", desc="indexing") as bar:
         while True:
@@ -214,28 +242,35 @@ def _run_queued(args: argparse.Namespace) -> int:
             state = control.state(job_id)
             if current.complete or state in ("failed", "cancelled"):
                 break
-            reason = None if warned else control.stalled(job_id, args.store, seconds=stall_seconds)
+            reason = None if warned else control.stalled(job_id, store, seconds=stall_seconds)
             if reason:
                 bar.write(f"job {job_id} looks stalled: {reason}")
                 warned = True
             time.sleep(POLL_SECONDS)
-            current = control.progress(args.store)
+            current = control.progress(store)
     why = control.failure(job_id) if state == "failed" else None
     print(f"job {job_id}: {state}" + (f": {why}" if why else ""))
     return 0 if current.complete else 1
 
 
-def _status(args: argparse.Namespace) -> int:
+@app.command("status", help="Done/total per checkpoint, rate and time left.")
+def status(
+    store: Store,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="also reread every done shard against its digest")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> int:
     from storage import GradientStore, progress
 
-    store = GradientStore.open(args.store, check=False)
-    status, now = store.status(verify=args.verify), progress(store)
-    info = store.checkpoint_info
-    if args.json:
+    opened = GradientStore.open(store, check=False)
+    counts, now = opened.status(verify=verify), progress(opened)
+    info = opened.checkpoint_info
+    if as_json:
         print(
             json.dumps(
                 {
-                    "complete": status.complete,
+                    "complete": counts.complete,
                     "done_rows": now.done_rows,
                     "total_rows": now.total_rows,
                     "rate_per_s": now.rate_per_s,
@@ -250,14 +285,14 @@ def _status(args: argparse.Namespace) -> int:
                             "total_rows": c.total_rows,
                             "complete": c.complete,
                         }
-                        for c in status.checkpoints
+                        for c in counts.checkpoints
                     ],
                 },
                 indent=2,
             )
         )
         return 0
-    for c in status.checkpoints:
+    for c in counts.checkpoints:
         epoch = info[c.checkpoint]["epoch"]
         print(
             f"checkpoint {c.checkpoint} (epoch {epoch}): {c.done_shards}/{c.total_shards} shards, "
@@ -269,34 +304,38 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
+@app.command("inspect", help="The store's spec, shapes, fingerprints and freshness.")
+def inspect(store: Store, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> int:
     from storage import GradientStore, StaleStoreError
 
-    store = GradientStore.open(args.store, check=False)
+    opened = GradientStore.open(store, check=False)
     try:
-        store.check()
+        opened.check()
         freshness = "fresh: checkpoints, dataset, record and schedule unchanged"
     except StaleStoreError as error:
         freshness = str(error)
     report = {
-        "path": str(store.path),
-        "format": store.attrs["format"],
+        "path": str(opened.path),
+        "format": opened.attrs["format"],
         "shape": {
-            "rows": store.num_rows,
-            "slots": store.num_slots,
-            "dim": store.dim,
-            "dtype": store.spec.dtype,
-            "slot_kinds": list(store.slot_kinds),
+            "rows": opened.num_rows,
+            "slots": opened.num_slots,
+            "dim": opened.dim,
+            "dtype": opened.spec.dtype,
+            "slot_kinds": list(opened.slot_kinds),
         },
-        "shards": {"size": store.shard_size, "per_checkpoint": store.num_shards},
-        "checkpoints": store.checkpoint_info,
-        "scheduler": {"folder": store.attrs.get("scheduler"), "prediction_type": store.attrs.get("prediction_type")},
-        "fingerprints": store.attrs["fingerprints"],
-        "size_bytes": store.size_bytes(),
+        "shards": {"size": opened.shard_size, "per_checkpoint": opened.num_shards},
+        "checkpoints": opened.checkpoint_info,
+        "scheduler": {
+            "folder": opened.attrs.get("scheduler"),
+            "prediction_type": opened.attrs.get("prediction_type"),
+        },
+        "fingerprints": opened.attrs["fingerprints"],
+        "size_bytes": opened.size_bytes(),
         "freshness": freshness,
-        "spec": store.attrs["spec"],
+        "spec": opened.attrs["spec"],
     }
-    if args.json:
+    if as_json:
         print(json.dumps(report, indent=2))
         return 0
     for key, value in report.items():

@@ -5,42 +5,46 @@ Computed from the stored slots alone (method.md section 4), so it needs a store 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from retrac.exceptions import SpecError
 from retrac.scoring import METHODS
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "self-influence", help="rank a store's training samples by self-influence (outlier / mislabel hunting)"
-    )
-    parser.add_argument("store", type=Path, help="a filled gradient store with grid slots")
-    parser.add_argument("--top-k", type=int, default=20, help="samples per method")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.set_defaults(run=run)
+def register(app: typer.Typer) -> None:
+    app.command(
+        "self-influence",
+        help="Rank a store's training samples by self-influence (outlier / mislabel hunting).",
+        short_help="rank a store's training samples by self-influence (outlier / mislabel hunting)",
+    )(run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(
+    store: Annotated[Path, typer.Argument(help="a filled gradient store with grid slots")],
+    top_k: Annotated[int, typer.Option(help="samples per method")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> int:
     import numpy as np
 
     from storage import GradientStore
     from storage.statistics import self_influence
 
-    if args.top_k < 1:
+    if top_k < 1:
         raise SpecError("--top-k must be at least 1")
-    store = GradientStore.open(args.store)
-    scores = self_influence(store)
+    opened = GradientStore.open(store)
+    scores = self_influence(opened)
     ranked = {
         method: [
-            {"rank": rank + 1, "sample_id": store.sample_ids[row], "score": float(scores[method][row])}
-            for rank, row in enumerate(np.argsort(-scores[method], kind="stable")[: args.top_k].tolist())
+            {"rank": rank + 1, "sample_id": opened.sample_ids[row], "score": float(scores[method][row])}
+            for rank, row in enumerate(np.argsort(-scores[method], kind="stable")[:top_k].tolist())
         ]
         for method in METHODS
     }
-    if args.json:
+    if as_json:
         print(json.dumps(ranked, indent=1))
         return 0
     for method, entries in ranked.items():

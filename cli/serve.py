@@ -7,19 +7,25 @@ process answers one query at a time, so `--workers` is how one machine serves qu
 
 from __future__ import annotations
 
-import argparse
+from typing import Annotated
+
+import typer
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve", help="run the attribution REST service and web page")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="default 8000")
-    parser.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
-    parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
-    parser.set_defaults(run=_serve)
+def register(app: typer.Typer) -> None:
+    app.command(
+        "serve",
+        help="Run the attribution REST service and web page.",
+        short_help="run the attribution REST service and web page",
+    )(serve)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    workers: Annotated[int, typer.Option(help="server processes")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> int:
     import uvicorn
     from pydantic import ValidationError
 
@@ -36,9 +42,9 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.run(
         "service.main:create_app",
         factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
     )
     return 0

@@ -2,76 +2,106 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
-from typing import Any, get_args
+from typing import Annotated, Any, Literal
 
+import typer
 from tqdm import tqdm
 
-from api_schemas import BetaSchedule, PredictionType, TrainSpec
-from cli.common import add_dataset_arguments, dataset_spec, given, validated
+from api_schemas import BetaSchedule, LossKind, PredictionType, TrainSpec
+from cli.common import (
+    Channels,
+    DataSeed,
+    Limit,
+    Resolution,
+    data_option,
+    dataset_spec,
+    shown,
+    typed,
+    validated,
+)
 from retrac.datasets import load_dataset
 from retrac.exceptions import SpecError
-from retrac.losses import LOSS_KINDS
 from retrac.models import PRESETS
 from retrac.training import train
 
-TRAIN_FLAGS = {
-    "preset": "preset", "loss": "loss", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-    "save_every": "save_every", "seed": "seed", "timesteps": "num_timesteps",
-    "beta_schedule": "beta_schedule", "prediction_type": "prediction_type",
-}
+PresetName = Literal[tuple(sorted(PRESETS))]  # type: ignore[valid-type]
+"""The UNet presets of `retrac.models.PRESETS`, as the flag's choices."""
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+def register(app: typer.Typer) -> None:
+    app.command(
         "train",
-        help="train a DDPM and record every step's timestep and noise seed",
-        description="Train a diffusers UNet2DModel + DDPMScheduler; save diffusers checkpoints and a replay record. "
-        "Defaults are those of TrainSpec; --config gives a TrainSpec JSON that typed flags override.",
-    )
-    parser.add_argument("out", type=Path, help="run folder to write (manifest, record, checkpoints)")
-    parser.add_argument("--config", type=Path, help="a TrainSpec JSON file")
-    add_dataset_arguments(parser, default="builtin:digits")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="UNet size (default: tiny)")
-    parser.add_argument("--loss", choices=LOSS_KINDS, help="noise-prediction loss (default: mse)")
-    parser.add_argument("--epochs", type=int, help="default: 10")
-    parser.add_argument("--batch-size", type=int, help="default: 32")
-    parser.add_argument("--lr", type=float, help="default: 1e-3")
-    parser.add_argument("--save-every", type=int, help="save a checkpoint every E epochs and after the last (default: 5)")
-    parser.add_argument("--seed", type=int, help="default: 0")
-    parser.add_argument("--timesteps", type=int, help="T of the DDPM schedule (default: 1000)")
-    parser.add_argument(
-        "--beta-schedule", choices=get_args(BetaSchedule), help="diffusers' beta schedule (default: linear)"
-    )
-    parser.add_argument(
-        "--prediction-type", choices=get_args(PredictionType), help="what the UNet predicts (default: epsilon)"
-    )
-    parser.set_defaults(run=run)
+        help="Train a diffusers UNet2DModel + DDPMScheduler; save diffusers checkpoints and a replay record "
+        "(every step's timestep and noise seed). Defaults are those of TrainSpec; --config gives a TrainSpec "
+        "JSON that typed flags override.",
+        short_help="train a DDPM and record every step's timestep and noise seed",
+    )(run)
 
 
-def train_spec(args: argparse.Namespace) -> TrainSpec:
-    """The spec from `--config` (if any) with every flag the user typed laid over it."""
+def _flag(field: str, says: str | None = None) -> Any:
+    """A flag for TrainSpec `field`: unset unless typed (it overrides --config); TrainSpec's default shown."""
+    return typer.Option(help=says, show_default=shown(TrainSpec, field))
+
+
+def run(
+    out: Annotated[Path, typer.Argument(help="run folder to write (manifest, record, checkpoints)")],
+    config: Annotated[Path | None, typer.Option(help="a TrainSpec JSON file")] = None,
+    data: Annotated[str | None, data_option("builtin:digits")] = None,
+    resolution: Resolution = None,
+    channels: Channels = None,
+    limit: Limit = None,
+    data_seed: DataSeed = None,
+    preset: Annotated[PresetName | None, _flag("preset", "UNet size")] = None,
+    loss: Annotated[LossKind | None, _flag("loss", "noise-prediction loss")] = None,
+    epochs: Annotated[int | None, _flag("epochs", "training epochs")] = None,
+    batch_size: Annotated[int | None, _flag("batch_size", "samples per optimiser step")] = None,
+    lr: Annotated[float | None, _flag("lr", "learning rate")] = None,
+    save_every: Annotated[
+        int | None, _flag("save_every", "save a checkpoint every E epochs and after the last")
+    ] = None,
+    seed: Annotated[int | None, _flag("seed", "seed of the run")] = None,
+    timesteps: Annotated[int | None, _flag("num_timesteps", "T of the DDPM schedule")] = None,
+    beta_schedule: Annotated[BetaSchedule | None, _flag("beta_schedule", "diffusers' beta schedule")] = None,
+    prediction_type: Annotated[
+        PredictionType | None, _flag("prediction_type", "what the UNet predicts")
+    ] = None,
+) -> int:
     base: dict[str, Any] = {}
-    if args.config is not None:
+    if config is not None:
         try:
-            base = json.loads(args.config.read_text())
+            base = json.loads(config.read_text())
         except (OSError, ValueError) as error:
-            raise SpecError(f"{args.config}: cannot read the config ({error})") from error
-    dataset = dataset_spec(args, base.pop("dataset", None))
-    return validated(TrainSpec, {**base, **given(args, TRAIN_FLAGS), "dataset": dataset})
-
-
-def run(args: argparse.Namespace) -> int:
-    spec = train_spec(args)
-    dataset = load_dataset(spec.dataset)
+            raise SpecError(f"{config}: cannot read the config ({error})") from error
+    dataset = dataset_spec(
+        base.pop("dataset", None),
+        source=data,
+        resolution=resolution,
+        channels=channels,
+        limit=limit,
+        seed=data_seed,
+    )
+    flags = typed(
+        preset=preset,
+        loss=loss,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        save_every=save_every,
+        seed=seed,
+        num_timesteps=timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+    )
+    spec = validated(TrainSpec, {**base, **flags, "dataset": dataset})
+    loaded = load_dataset(spec.dataset)
     with tqdm(total=spec.epochs, unit="epoch", desc="train") as bar:
 
         def on_epoch(epoch: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
 
-        trained = train(spec, dataset, args.out, on_epoch=on_epoch)
-    print(f"{len(trained.checkpoints())} checkpoints and the replay record of {len(dataset)} samples in {args.out}")
+        trained = train(spec, loaded, out, on_epoch=on_epoch)
+    print(f"{len(trained.checkpoints())} checkpoints and the replay record of {len(loaded)} samples in {out}")
     return 0

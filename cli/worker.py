@@ -7,47 +7,74 @@ cores: each computes with `RETRAC_TORCH_THREADS` threads (default 1).
 
 from __future__ import annotations
 
-import argparse
+from typing import Annotated
+
+import typer
+
+from cli.common import first_error, typed
+from worker.settings import WorkerSettings
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("worker", help="start a Celery worker that fills gradient stores")
-    parser.add_argument("--concurrency", "-c", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--queue", "-Q", help="queue to consume (default: RETRAC_QUEUE or retrac-index)")
-    parser.add_argument(
-        "--device", help="torch device: auto, cpu, cuda, cuda:1 ... (default: RETRAC_DEVICE or auto)"
-    )
-    parser.add_argument(
-        "--threads", type=int, help="CPU threads per process (default: RETRAC_TORCH_THREADS or 1)"
-    )
-    parser.add_argument("--loglevel", "-l", default="INFO")
-    parser.add_argument("--hostname", "-n", help="node name, for several workers on one machine")
-    parser.set_defaults(run=_worker)
+def from_environment(variable: str, field: str) -> str:
+    """`--help`'s default for a flag that, unset, leaves the setting to the environment."""
+    return f"{variable} or {WorkerSettings.model_fields[field].default}"
 
 
-def _worker(args: argparse.Namespace) -> int:
+def register(app: typer.Typer) -> None:
+    app.command(
+        "worker",
+        help="Start a Celery worker that fills gradient stores.",
+        short_help="start a Celery worker that fills gradient stores",
+    )(start_worker)
+
+
+def start_worker(
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="worker processes")] = 1,
+    queue: Annotated[
+        str | None,
+        typer.Option(
+            "--queue", "-Q", help="queue to consume", show_default=from_environment("RETRAC_QUEUE", "queue")
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="torch device: auto, cpu, cuda, cuda:1 ...",
+            show_default=from_environment("RETRAC_DEVICE", "device"),
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads per process",
+            show_default=from_environment("RETRAC_TORCH_THREADS", "torch_threads"),
+        ),
+    ] = None,
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="Celery log level")] = "INFO",
+    hostname: Annotated[
+        str | None, typer.Option("--hostname", "-n", help="node name, for several workers on one machine")
+    ] = None,
+) -> int:
     from pydantic import ValidationError
 
-    from cli.common import first_error
     from retrac.exceptions import SpecError
     from worker.app import app
-    from worker.settings import WorkerSettings, get_settings, use_settings
+    from worker.settings import get_settings, use_settings
 
-    flags = {"queue": args.queue, "device": args.device, "torch_threads": args.threads}
     try:  # the flags laid over the environment; the app reads them when it starts
-        use_settings(WorkerSettings(**{name: value for name, value in flags.items() if value is not None}))
+        use_settings(WorkerSettings(**typed(queue=queue, device=device, torch_threads=threads)))
     except ValidationError as error:
         raise SpecError(first_error(error)) from error
 
     argv = [
         "worker",
-        f"--pool={'solo' if args.concurrency == 1 else 'prefork'}",
-        f"--concurrency={args.concurrency}",
+        f"--pool={'solo' if concurrency == 1 else 'prefork'}",
+        f"--concurrency={concurrency}",
         "--prefetch-multiplier=1",
         f"--queues={get_settings().queue}",
-        f"--loglevel={args.loglevel}",
+        f"--loglevel={loglevel}",
     ]
-    if args.hostname:
-        argv.append(f"--hostname={args.hostname}")
+    if hostname:
+        argv.append(f"--hostname={hostname}")
     app.worker_main(argv)
     return 0

@@ -29,6 +29,10 @@ from retrac.scoring import METHODS, SCAN_ROWS, Ranked, Ranking, RowChunk, scan
 ProgressCallback = Callable[[int], None]
 """Called with the number of rows just finished."""
 
+QueryProgress = Callable[[str, int, int], None]
+"""Called with (phase, units just finished, units in the phase): phase "gradients" counts
+(image, checkpoint) pairs, phase "scan" counts stored rows."""
+
 Chunks = Iterator[tuple[int, list[RowChunk]]]
 """(first row, one RowChunk per checkpoint), as `retrac.scoring.scan` takes them."""
 
@@ -93,16 +97,19 @@ def attribute(
     top_k: int = 10,
     methods: Sequence[Method] = METHODS,
     checkpoints: Sequence[int] | None = None,
+    on_progress: QueryProgress | None = None,
 ) -> Attribution:
     """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over `source`'s rows.
 
     `computer(c)` is the gradient computer of checkpoint c (a serving process passes a long-lived
     cache's). Everything that can be wrong with the request is checked before the first gradient.
+    `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
     """
     chosen = _checked_request(source, images, top_k, checkpoints, query.search)
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
     started = time.perf_counter()
-    vectors = [query_vectors(computer(c), images, query) for c in chosen]
+    on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
+    vectors = [query_vectors(computer(c), images, query, on_images) for c in chosen]
     gradient_s = time.perf_counter() - started
     # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
     started = time.perf_counter()
@@ -111,7 +118,11 @@ def attribute(
         rows, chunk = source.candidates(chosen, vectors, top_k=top_k, methods=methods)
         ranking = _renumbered(scan([(0, chunk)], vectors, weights, top_k=top_k, methods=methods), rows)
     else:
-        ranking = scan(source.chunks(chosen, SCAN_ROWS), vectors, weights, top_k=top_k, methods=methods)
+        chunks = source.chunks(chosen, SCAN_ROWS)
+        on_rows = _phase(on_progress, "scan", len(source.sample_ids))
+        if on_rows is not None:
+            chunks = _reported(chunks, on_rows)
+        ranking = scan(chunks, vectors, weights, top_k=top_k, methods=methods)
     answers = public_results(ranking, source, chosen[-1])
     timings = Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started)
     return Attribution(answers, timings, query.search)
@@ -128,6 +139,20 @@ def _renumbered(ranking: Ranking, rows: np.ndarray) -> Ranking:
         proponents={m: moved(r) for m, r in ranking.proponents.items()},
         opponents={m: moved(r) for m, r in ranking.opponents.items()},
     )
+
+
+def _phase(on_progress: QueryProgress | None, phase: str, total: int) -> ProgressCallback | None:
+    """`on_progress` bound to one phase and its size, as a plain count callback."""
+    if on_progress is None:
+        return None
+    return lambda done: on_progress(phase, done, total)
+
+
+def _reported(chunks: Chunks, on_rows: ProgressCallback) -> Chunks:
+    """`chunks`, calling `on_rows(n)` once each chunk of n rows has been scanned."""
+    for first_row, per_checkpoint in chunks:
+        yield first_row, per_checkpoint
+        on_rows(per_checkpoint[0].norms.shape[0])
 
 
 def _checked_request(
@@ -245,7 +270,8 @@ class Attributor:
         return self.plan.gradient_computer(checkpoint, self.model(checkpoint))
 
     def index(self, shard_size: int | None = None, on_progress: ProgressCallback | None = None) -> list[Rows]:
-        """Compute every row at every checkpoint, in shards of `shard_size` rows."""
+        """Compute every row at every checkpoint, in shards of `shard_size` rows; `on_progress(n)` hears
+        of the n rows each gradient batch completed."""
         step = shard_size or self.plan.spec.shard_size
         per_checkpoint = []
         for c in range(len(self.plan.checkpoints)):
@@ -253,9 +279,7 @@ class Attributor:
             parts = []
             for start in range(0, self.plan.num_rows, step):
                 rows = slice(start, min(start + step, self.plan.num_rows))
-                parts.append(self.plan.compute_rows(c, rows, computer))
-                if on_progress is not None:
-                    on_progress(rows.stop - rows.start)
+                parts.append(self.plan.compute_rows(c, rows, computer, on_progress))
             fields = ("projected", "norms", "timesteps", "seeds")
             per_checkpoint.append(Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in fields)))
         self.rows = per_checkpoint

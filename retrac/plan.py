@@ -8,6 +8,7 @@ idempotent function that the in-memory path, the store's tasks and the Celery wo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from api_schemas import IndexSpec, LossKind, PredictionType
 from retrac.datasets import ImageDataset, load_dataset
 from retrac.exceptions import CheckpointError, SpecError
-from retrac.gradients import GradientComputer, num_parameters
+from retrac.gradients import GradientComputer, num_parameters, whole_groups
 from retrac.models import (
     DiffusionModel,
     check_architecture,
@@ -131,13 +132,23 @@ class IndexPlan:
             columns_s.append(torch.stack([s for _, s in per_sample]))
         return torch.cat(columns_t, dim=1), torch.cat(columns_s, dim=1)
 
-    def compute_rows(self, checkpoint: int, rows: slice, computer: GradientComputer) -> Rows:
-        """Projected gradients and exact norms of rows `rows` at checkpoint `checkpoint`."""
+    def compute_rows(
+        self,
+        checkpoint: int,
+        rows: slice,
+        computer: GradientComputer,
+        on_rows: Callable[[int], None] | None = None,
+    ) -> Rows:
+        """Projected gradients and exact norms of rows `rows` at checkpoint `checkpoint`.
+
+        `on_rows(n)` is called after each gradient batch with the n rows it completed (all slots done).
+        """
         timesteps, seeds = self.slots(checkpoint, rows)
         images = self.dataset.images[rows]
         n, s = timesteps.shape
         noise = noise_from_seeds(seeds.reshape(-1), images.shape[1:]).unsqueeze(1)  # (n*S, 1, C, H, W)
-        batch = computer.compute(images.repeat_interleave(s, dim=0), timesteps.reshape(-1), noise)
+        on_chunk = whole_groups(on_rows, s) if on_rows is not None else None
+        batch = computer.compute(images.repeat_interleave(s, dim=0), timesteps.reshape(-1), noise, on_chunk)
         return Rows(
             projected=batch.projected.reshape(n, s, -1).cpu(),
             norms=batch.norms.reshape(n, s).cpu(),

@@ -13,12 +13,13 @@ not depend on which other images share its batch, and the same draws serve every
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from api_schemas import QuerySpec
-from retrac.gradients import GradientComputer, inverse_norms
+from retrac.gradients import GradientComputer, inverse_norms, whole_groups
 from retrac.noise import query_noise
 
 
@@ -36,8 +37,16 @@ def query_timesteps(count: int, num_timesteps: int) -> torch.Tensor:
     return torch.linspace(1, num_timesteps - 1, count, dtype=torch.float64).floor().to(torch.int64)
 
 
-def query_vectors(computer: GradientComputer, images: torch.Tensor, spec: QuerySpec) -> QueryVectors:
-    """TracIn and ReTrac query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint."""
+def query_vectors(
+    computer: GradientComputer,
+    images: torch.Tensor,
+    spec: QuerySpec,
+    on_images: Callable[[int], None] | None = None,
+) -> QueryVectors:
+    """TracIn and ReTrac query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint.
+
+    `on_images(n)` is called after each gradient batch with the n images whose K timesteps it completed.
+    """
     count, k_steps = images.shape[0], spec.timesteps
     timesteps = query_timesteps(k_steps, computer.model.num_timesteps)
     noise = query_noise(spec.seed, k_steps, spec.draws, images.shape[1:])
@@ -46,6 +55,7 @@ def query_vectors(computer: GradientComputer, images: torch.Tensor, spec: QueryS
         images.repeat_interleave(k_steps, dim=0),
         timesteps.repeat(count),
         noise.repeat(count, 1, 1, 1, 1),
+        whole_groups(on_images, k_steps) if on_images is not None else None,
     )
     projected = batch.projected.reshape(count, k_steps, -1)
     norms = batch.norms.reshape(count, k_steps)

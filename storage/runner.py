@@ -16,9 +16,18 @@ from storage.store import GradientStore
 ShardCallback = Callable[[int, int, int], None]
 """Called after each shard with (checkpoint, shard, rows in it)."""
 
+RowsCallback = Callable[[int], None]
+"""Called after each gradient batch with the rows it completed: a progress bar that moves per batch."""
+
 
 def run_shard(
-    store: GradientStore, checkpoint: int, shard: int, models: GradientComputerCache, *, force: bool = False
+    store: GradientStore,
+    checkpoint: int,
+    shard: int,
+    models: GradientComputerCache,
+    *,
+    force: bool = False,
+    on_rows: RowsCallback | None = None,
 ) -> bool:
     """Compute, write and mark done one shard, unless it is done already (or `force`).
 
@@ -28,20 +37,24 @@ def run_shard(
         return False
     computer = models.computer(store.plan, checkpoint)
     with models.compute():
-        rows = store.plan.compute_rows(checkpoint, store.shard_rows(shard), computer)
+        rows = store.plan.compute_rows(checkpoint, store.shard_rows(shard), computer, on_rows)
     store.write_shard(checkpoint, shard, rows)
     return True
 
 
 def run_pending(
-    store: GradientStore, models: GradientComputerCache | None = None, *, on_shard: ShardCallback | None = None
+    store: GradientStore,
+    models: GradientComputerCache | None = None,
+    *,
+    on_shard: ShardCallback | None = None,
+    on_rows: RowsCallback | None = None,
 ) -> int:
     """The embedded runner: every pending shard, in this process, without a queue, then the ANN index
     (`storage.ann`) when the store is complete and has none. Returns how many shards ran."""
     models = models or GradientComputerCache()
     count = 0
     for checkpoint, shard in store.pending():
-        count += run_shard(store, checkpoint, shard, models)
+        count += run_shard(store, checkpoint, shard, models, on_rows=on_rows)
         if on_shard is not None:
             on_shard(checkpoint, shard, store.shard_length(shard))
     build_ann_when_complete(store)

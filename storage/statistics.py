@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from api_schemas import Method, QuerySpec
-from retrac.attribution import Attribution
+from retrac.attribution import Attribution, QueryProgress
 from retrac.attribution import attribute as attribute_rows
 from retrac.computers import GradientComputerCache
 from retrac.scoring import METHODS, SCAN_ROWS, self_influence_slots
@@ -31,6 +31,7 @@ def attribute(
     methods: Sequence[Method] = METHODS,
     checkpoints: Sequence[int] | None = None,
     models: GradientComputerCache | None = None,
+    on_progress: QueryProgress | None = None,
 ) -> Attribution:
     """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over the stored rows.
 
@@ -40,7 +41,7 @@ def attribute(
     models = models or GradientComputerCache()
     return attribute_rows(
         StoreRows(store), lambda c: models.computer(store.plan, c), images, query,
-        top_k=top_k, methods=methods, checkpoints=checkpoints,
+        top_k=top_k, methods=methods, checkpoints=checkpoints, on_progress=on_progress,
     )
 
 

@@ -92,12 +92,14 @@ def test_the_page_the_api_and_the_cli_share_one_set_of_query_defaults() -> None:
 
     from api_schemas.attribution import QueryOptions
     from api_schemas.specs import DEFAULT_DRAWS, DEFAULT_TIMESTEPS, DEFAULT_TOP_K
-    from cli import build_parser
+    import typer
+
+    from cli import app
 
     page = (REPOSITORY / "service" / "static" / "index.html").read_text()
     shown = {name: int(re.search(rf'id="{name}"[^>]*value="(\d+)"', page).group(1)) for name in ("top_k", "timesteps", "draws")}
     expected = {"top_k": DEFAULT_TOP_K, "timesteps": DEFAULT_TIMESTEPS, "draws": DEFAULT_DRAWS}
     assert shown == expected
     assert {k: getattr(QueryOptions(), k) for k in expected} == expected
-    cli = build_parser().parse_args(["attribute", "store", "image.png"])
-    assert {"top_k": cli.top_k, "timesteps": cli.timesteps, "draws": cli.draws} == expected
+    cli = {option.name: option.default for option in typer.main.get_command(app).commands["attribute"].params}
+    assert {k: cli[k] for k in expected} == expected

@@ -32,11 +32,54 @@ def test_bad_values_exit_2_with_one_line(tmp_path, capsys) -> None:
 def test_every_help_shows_the_defaults(capsys) -> None:
     import pytest
 
-    for command, says in ((["index", "create"], "grid timestep slots per sample (default: 0)"),
-                          (["attribute"], "(default: 10)"), (["serve"], "default 8000")):
+    for command, says in ((["index", "create"], "grid timestep slots per sample [default: 0]"),
+                          (["attribute"], "proponents and opponents per method [default: 10]"),
+                          (["train"], "--epochs <int> training epochs [default: (10)]"), (["serve"], "[default: 8000]")):
         with pytest.raises(SystemExit):
             main([*command, "--help"])
         assert says in " ".join(capsys.readouterr().out.split()), command
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("retrac ")
+
+
+NO_DEFAULT = {"config", "spec", "run_folder", "checkpoint", "train_batch_size", "limit", "gallery", "hostname"}
+"""Options absent unless given: a file to read or write, a name, a count that only a typed value sets."""
+
+
+def test_every_option_with_a_default_shows_it() -> None:
+    import typer
+
+    from cli import app
+
+    def commands(group):
+        for name, command in group.commands.items():
+            yield from commands(command) if hasattr(command, "commands") else [(name, command)]
+
+    for name, command in commands(typer.main.get_command(app)):
+        for option in command.params:
+            if getattr(option, "is_flag", False) or option.required or option.name in {"help", *NO_DEFAULT}:
+                continue
+            assert option.default is not None or isinstance(option.show_default, str), (name, option.name)
+
+
+def test_bad_flags_exit_2_with_one_line(capsys) -> None:
+    import pytest
+
+    for argv, says in ((["attribute", "s.zarr", "q.png", "--top-k", "many"], "--top-k"),
+                       (["index", "create", "s.zarr", "--dtype", "int8"], "--dtype"),
+                       (["index", "run"], "Missing argument"),
+                       (["attribute", "s", "q", "--frobnicate"], "--frobnicate")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        error = capsys.readouterr().err
+        assert exited.value.code == 2 and error.startswith("retrac: error:") and error.count("\n") == 1, error
+        assert says in error and "Usage" not in error
+
+
+def test_the_shell_completion_script_names_the_command(capsys) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--show-completion", "bash"])
+    assert exited.value.code == 0 and "_RETRAC_COMPLETE=complete_bash" in capsys.readouterr().out

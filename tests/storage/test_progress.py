@@ -1,0 +1,70 @@
+"""Progress that moves per gradient batch: `index run` (embedded) and `attribute`, through the callbacks
+of the engine, and the bars the CLI draws from them. Reporting never changes what is computed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from api_schemas import QuerySpec
+from cli import main
+from retrac.computers import GradientComputerCache
+from storage import GradientStore, attribute, run_pending
+from tests.storage.helpers import SHARD_SIZE, store_bytes, tiny_index_spec
+
+
+def test_the_embedded_runner_reports_rows_after_every_gradient_batch(
+    tmp_path: Path, tiny_run, reference_store: Path
+) -> None:
+    store = GradientStore.create(tmp_path / "index.zarr", tiny_index_spec(tiny_run))
+    slots, batch = store.num_slots, store.spec.batch_size
+    per_shard: list[list[int]] = [[]]
+    run_pending(
+        store,
+        GradientComputerCache("cpu", threads=1),
+        on_rows=lambda rows: per_shard[-1].append(rows),
+        on_shard=lambda _c, _s, _n: per_shard.append([]),
+    )
+    per_shard.pop()  # opened after the last shard
+    assert len(per_shard) == store.num_checkpoints * store.num_shards
+    for counts in per_shard:
+        # one report per gradient batch of `batch` (row, slot) pairs; together, every row of the shard once
+        assert len(counts) == math.ceil(SHARD_SIZE * slots / batch) > 1
+        assert sum(counts) == SHARD_SIZE and all(c >= 1 for c in counts)
+    assert store_bytes(store.path) == store_bytes(reference_store)
+
+
+def test_a_query_reports_each_checkpoints_gradient_batches_and_the_scan(reference_store: Path) -> None:
+    store = GradientStore.open(reference_store)
+    images = store.plan.dataset.images[:2]
+    query = QuerySpec(
+        timesteps=6, draws=1
+    )  # 2 images x 6 timesteps = 12 groups: two batches of 8 per checkpoint
+    reports: list[tuple[str, int, int]] = []
+    heard = attribute(store, images, query, top_k=3, on_progress=lambda *report: reports.append(report))
+    gradients = [done for phase, done, total in reports if phase == "gradients"]
+    scanned = [done for phase, done, total in reports if phase == "scan"]
+    assert {total for phase, _, total in reports if phase == "gradients"} == {2 * store.num_checkpoints}
+    assert {total for phase, _, total in reports if phase == "scan"} == {store.num_rows}
+    assert gradients == [1, 1] * store.num_checkpoints  # an image is done when its 6 timesteps are
+    assert sum(scanned) == store.num_rows
+    assert [p for p, _, _ in reports] == ["gradients"] * len(gradients) + ["scan"] * len(scanned)
+    silent = attribute(store, images, query, top_k=3)
+    assert [r.model_dump() for r in heard.results] == [r.model_dump() for r in silent.results]
+
+
+def test_the_cli_draws_bars_on_stderr_and_keeps_stdout_the_answer(
+    tmp_path: Path, tiny_run, reference_store: Path, capsys
+) -> None:
+    path = tmp_path / "index.zarr"
+    GradientStore.create(path, tiny_index_spec(tiny_run))
+    assert main(["index", "run", str(path)]) == 0
+    rows = 48 * 3  # samples x checkpoints
+    assert f"{rows}/{rows}" in capsys.readouterr().err
+    query = tmp_path / "q.npy"
+    np.save(query, ((GradientStore.open(path).plan.dataset.images[0, 0] + 1) / 2).numpy())
+    assert main(["attribute", str(path), str(query), "--timesteps", "2", "--draws", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert out.lstrip().startswith("{") and "gradients" in err and f"{rows // 3}/{rows // 3}" in err
