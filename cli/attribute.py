@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from api_schemas import QuerySpec
+from api_schemas import QuerySpec, Search
 from api_schemas.specs import DEFAULT_TOP_K
 from cli.common import default, validated
 from cli.progress import PhaseBars
@@ -72,6 +72,9 @@ def run(
     ),
     draws: Annotated[int, typer.Option(help="M, noise draws per timestep")] = default(QuerySpec, "draws"),
     seed: Annotated[int, typer.Option(help="seed of the query's noise draws")] = default(QuerySpec, "seed"),
+    search: Annotated[
+        Search, typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates")
+    ] = default(QuerySpec, "search"),
     gallery: Annotated[
         Path | None, typer.Option(help="write a PNG of each query's top proponents per method")
     ] = None,
@@ -86,7 +89,7 @@ def run(
     from retrac.datasets import ImageDataset, load_image_file
     from storage import GradientStore, attribute
 
-    query = validated(QuerySpec, {"timesteps": timesteps, "draws": draws, "seed": seed})
+    query = validated(QuerySpec, {"timesteps": timesteps, "draws": draws, "seed": seed, "search": search})
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
     output = "json" if as_json else output
@@ -109,6 +112,7 @@ def run(
                 {
                     "queries": [str(p) for p in files],
                     "results": [result.model_dump(mode="json") for result in answer.results],
+                    "search": answer.search,
                     "timings": asdict(answer.timings),
                 },
                 indent=1,
@@ -123,7 +127,10 @@ def run(
                         f"{i.sample_id} ({i.score:.3g})" for i in getattr(result.methods[method], side)
                     )
                     print(f"  {method:6} {side:10} {ranked}")
-        print(f"\nquery gradients {answer.timings.gradient_s:.2f} s, scan {answer.timings.scan_s:.3f} s")
+        print(
+            f"\nquery gradients {answer.timings.gradient_s:.2f} s, {answer.search} search "
+            f"{answer.timings.scan_s:.3f} s"
+        )
     if gallery is not None:
         queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
         row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}

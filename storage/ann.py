@@ -86,7 +86,11 @@ class AnnParams:
     def for_rows(cls, rows: int) -> AnnParams:
         """About sqrt(N) lists (FAISS's guidance is 4-16 sqrt(N) at millions of rows; fewer, larger lists
         recall better at the same share probed), and never fewer training rows than lists need."""
-        nlist = max(1, min(round(math.sqrt(rows)), rows // TRAINING_ROWS_PER_LIST))
+        return cls.with_lists(max(1, min(round(math.sqrt(rows)), rows // TRAINING_ROWS_PER_LIST)))
+
+    @classmethod
+    def with_lists(cls, nlist: int) -> AnnParams:
+        """`nlist` lists, `PROBED_SHARE` of them probed."""
         return cls(nlist=nlist, nprobe=max(1, round(nlist * PROBED_SHARE)))
 
 

@@ -3,6 +3,7 @@ ANN index can be missing, stale or damaged refused with what to do."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from api_schemas import QuerySpec
+from cli import main
 from retrac.attribution import Attributor
 from retrac.computers import GradientComputerCache
 from retrac.exceptions import SpecError
@@ -124,3 +126,21 @@ def test_a_rebuilt_ann_index_is_read_again(own_store: GradientStore) -> None:
     build_ann(own_store, AnnParams(nlist=4, nprobe=2))
     assert load_ann(own_store).params == AnnParams(nlist=4, nprobe=2)
     assert load_ann(own_store).indexes["tracin"].nlist == 4
+
+
+def test_the_cli_refuses_approximate_search_without_an_ann_index_then_builds_one(
+    own_store: GradientStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "query.npy"
+    np.save(image, ((own_store.plan.dataset.images[5, 0] + 1) / 2).numpy())
+    shutil.rmtree(own_store.path / "ann")
+    flags = [str(own_store.path), str(image), "--timesteps", "3", "--draws", "1", "--search", "approximate"]
+    assert main(["attribute", *flags]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "has no ANN index" in error and "`retrac index ann index.zarr`" in error
+    assert main(["index", "ann", str(own_store.path), "--lists", "2", "--probe", "1"]) == 0
+    assert "ANN index built (2 lists, 1 probed)" in capsys.readouterr().out
+    assert main(["attribute", *flags, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["search"] == "approximate"
+    assert main(["index", "ann", str(own_store.path), "--lists", "49"]) == 2
+    assert "--lists must be 1..48" in capsys.readouterr().err
