@@ -146,7 +146,7 @@ def real_ann(store: GradientStore, images: torch.Tensor, repeats: int) -> dict[s
     result = {
         **best_of(sweep), "rows": store.num_rows, "dim": store.dim * store.num_checkpoints, "build_s": build_s,
         "memory_mb": sum(f.stat().st_size for f in files) / 2**20, "nlist": params.nlist,
-        "default_nprobe": params.nprobe, "source": "real store (2 checkpoints x k=4096 concatenated; both methods)",
+        "default_nprobe": params.nprobe, "candidates": max(CANDIDATES_PER_K * TOP_K, MIN_CANDIDATES), "source": "real store (2 checkpoints x k=4096 concatenated; both methods)",
         "sweep": sweep,
     }
     log(f"real ANN: {result}")
@@ -235,6 +235,7 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
         log(f"  nprobe {nprobe}: {sweep[-1]}")
     return {
         **best_of(sweep), "rows": rows, "dim": dim, "build_s": build_s, "memory_mb": memory_mb, "nlist": params.nlist,
+        "candidates": count,
         "source": f"synthetic: real rows mixed and perturbed (noise {noise}); TracIn", "sweep": sweep,
     }
 

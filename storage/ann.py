@@ -60,9 +60,10 @@ FORMAT = "retrac-ann/1"
 FOLDER = "ann"
 MANIFEST = "manifest.json"
 
-CANDIDATES_PER_K = 4
+CANDIDATES_PER_K = 16
 """Candidates the index proposes per row asked (at least `MIN_CANDIDATES`), all rescored exactly: a
-wider net costs a few more rows read and raises recall (bench/scale.py)."""
+wider net costs a few more rows read and raises recall (a real store of 2,048 samples, top 10: 0.98
+with 64 candidates, 0.998 with 128; bench/scale.py)."""
 MIN_CANDIDATES = 64
 
 TRAINING_ROWS_PER_LIST = 64

@@ -60,6 +60,7 @@ def test_approximate_top_k_equals_exact_on_an_easy_case(
     # Easy: every list probed, so only the 8-bit codes approximate; 4 candidates per row asked, not all 48.
     build_ann(own_store, AnnParams(nlist=4, nprobe=4))
     monkeypatch.setattr(ann_module, "MIN_CANDIDATES", 1)
+    monkeypatch.setattr(ann_module, "CANDIDATES_PER_K", 4)  # 12 candidates for the top 3
     read: list[int] = []
     original = own_store.rows_at
 
