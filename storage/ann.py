@@ -70,8 +70,8 @@ TRAINING_ROWS_PER_LIST = 64
 """k-means training rows per IVF list (FAISS warns below 39): more fit the lists better, slower."""
 
 PROBED_SHARE = 1 / 4
-"""Share of the lists a search probes by default (at least one): recall against speed, measured in
-bench/scale.py: 1/8 recalled 0.91 on a real store of 4,096 samples)."""
+"""Share of the lists a search probes by default (at least one): recall first. Large stores can probe
+fewer (bench/scale.py: 62 of 1,000 lists recalled 0.97 at 1M rows); `retrac index ann --probe` sets it."""
 
 REBUILD = "build it with `retrac index ann STORE` (an indexing job builds it when it completes)"
 
@@ -110,12 +110,9 @@ def query_matrix(
 ) -> np.ndarray:
     """Query vectors `(Q, C k)` float32 of one method over every checkpoint of the index: zeros at the
     checkpoints not chosen, so the inner product is the score over the chosen ones alone."""
-    chosen = dict(zip(checkpoints, vectors, strict=True))
-    first = getattr(vectors[0], method)
-    return torch.cat([
-        getattr(chosen[c], method).float() if c in chosen else torch.zeros_like(first, dtype=torch.float32)
-        for c in range(num_checkpoints)
-    ], dim=1).numpy()
+    chosen = {c: getattr(v, method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)}
+    zeros = torch.zeros_like(next(iter(chosen.values())))
+    return torch.cat([chosen.get(c, zeros) for c in range(num_checkpoints)], dim=1).numpy()
 
 
 def rows_digest(store: GradientStore) -> str:
