@@ -51,3 +51,8 @@ class SelfInfluencePublic(Public):
     data: list[SelfInfluenceEntryPublic]
     count: int
     total: int = Field(description="samples ranked")
+    group_auc: dict[str, float] | None = Field(
+        None,
+        description="where the training samples carry groups (two or more): per group, the ROC AUC of "
+        "its members against all other samples under this ranking (a planted outlier group near 1)",
+    )

@@ -17,8 +17,9 @@ LossKind = Literal["mse", "l1"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 """What the UNet predicts (diffusers' `prediction_type`): the noise, the velocity, or the clean image."""
 
-BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
-"""diffusers' named beta schedules, for runs of `retrac train`."""
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "cosine_clipped"]
+"""diffusers' named beta schedules, for runs of `retrac train`; `cosine_clipped` is the paper's: cosine
+betas clipped to [1e-4, 0.02], saved as the scheduler's trained betas."""
 
 ProjectorKind = Literal["identity", "sketch", "dense"]
 """Random projection applied to every gradient: exact, sparse sign sketch, or dense Gaussian."""

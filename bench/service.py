@@ -11,8 +11,17 @@ through the ASGI app several times and the fastest answer's own timing split is 
   <= 1.3.
 
 Then `retrac serve --workers 2` serves the tiny index on loopback and 8 concurrent clients send
-queries: requests_per_s_8_clients. Prints one JSON object on stdout; never asserts a timing.
-Usage: `python bench/service.py [--threads 2]`.
+queries: requests_per_s_8_clients.
+
+Then `retrac serve` (one process) serves the small index (R = 32, RGB) at the default limits and 16
+clients at once send each kind of worst-case upload (upload_memory): the largest images accepted
+(`max_images` RGBA PNGs of side 16 R, which are decoded and queried), decompression-bomb PNGs (4096 x
+4096 zeros, 49 KB each, refused from their header) and bodies at the size limit. The server's peak
+RSS is read from /proc (VmHWM, reset before each kind) and set against its RSS before, and against
+the per-request bound docs/deployment.md states.
+
+Prints one JSON object on stdout; never asserts a timing.
+Usage: `python bench/service.py [--threads 2] [--parts latency throughput memory]`.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import httpx  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -43,6 +53,8 @@ from api_schemas import DatasetSpec, IndexSpec, SlotSpec, TrainSpec  # noqa: E40
 from retrac.datasets import load_dataset  # noqa: E402
 from retrac.losses import distance, noised  # noqa: E402
 from retrac.training import train  # noqa: E402
+from retrac.datasets import MAX_IMAGE_SIDE  # noqa: E402
+from service.images import max_side  # noqa: E402
 from service.main import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from retrac.computers import GradientComputerCache  # noqa: E402
@@ -56,6 +68,13 @@ PRESETS = {
 }
 CLIENTS = 8
 REQUESTS = 24
+PARTS = ("latency", "throughput", "memory")
+NEEDS = {"latency": ("tiny", "small"), "throughput": ("tiny",), "memory": ("small",)}
+"""The indexes each part queries."""
+UPLOADERS = 16
+"""Concurrent worst-case uploads of the memory part."""
+UPLOAD_QUERY = {"timesteps": 1, "draws": 1, "top_k": 1, "seed": 0}
+"""The cheapest query: the memory part measures what uploads cost, not query gradients."""
 
 
 def build_index(preset: str, root: Path, threads: int) -> GradientStore:
@@ -140,6 +159,106 @@ async def bench_throughput(url: str, name: str, image: bytes) -> float:
         return REQUESTS / (time.perf_counter() - started)
 
 
+def png_file(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def worst_case_uploads(
+    resolution: int, settings: Settings
+) -> dict[str, tuple[list[tuple[str, bytes]], dict[str, object], int]]:
+    """Per kind: the files of one request, its query fields, and the status it must get.
+
+    `largest_images` asks for a checkpoint the index lacks, which is refused after every image is
+    decoded but before any gradient: what the upload costs. `largest_images_queried` runs the query
+    too (one at a time, behind the engine's lock)."""
+    side = max_side(resolution)
+    ramp = np.linspace(0, 255, side, dtype=np.uint8)
+    rows, columns = np.broadcast_arrays(ramp[:, None], ramp[None, :])
+    largest = png_file(np.stack([rows, columns, rows, columns], -1))  # RGBA, smooth: a small file
+    bomb = png_file(np.zeros((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE), np.uint8))
+    filler = np.random.default_rng(0).bytes(settings.max_upload_bytes - (64 << 10))  # room for the form
+    largest_images = [(f"{i}.png", largest) for i in range(settings.max_images)]
+    return {
+        "largest_images": (largest_images, {**UPLOAD_QUERY, "checkpoints": [99]}, 422),
+        "largest_images_queried": (largest_images, UPLOAD_QUERY, 200),
+        "bomb_pngs": ([(f"{i}.png", bomb) for i in range(settings.max_images)], UPLOAD_QUERY, 422),
+        "max_body": ([("filler.png", filler)], UPLOAD_QUERY, 422),
+    }
+
+
+def rss_kb(pid: int, field: str) -> int:
+    """`VmRSS` (now) or `VmHWM` (peak since the last reset) of process `pid`, in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
+
+
+def reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
+
+
+async def upload_peak(
+    url: str,
+    name: str,
+    pid: int,
+    warm_up: bytes,
+    files: list[tuple[str, bytes]],
+    fields: dict[str, object],
+    status: int,
+) -> tuple[int, int]:
+    """(RSS after one small query, peak RSS while `UPLOADERS` clients send `files` with `fields` at
+    once), in kB, of the server process `pid`."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def send(files: list[tuple[str, bytes]], fields: dict[str, object], status: int) -> None:
+            response = await client.post(
+                f"/v1/indexes/{name}/attribute/upload",
+                data=fields,
+                files=[("images", (file_name, data, "image/png")) for file_name, data in files],
+            )
+            if response.status_code != status:
+                raise RuntimeError(f"expected {status}, got {response.status_code}: {response.text[:300]}")
+
+        await send([("warm-up.png", warm_up)], UPLOAD_QUERY, 200)  # the model and the store are loaded
+        baseline = rss_kb(pid, "VmRSS")
+        reset_peak(pid)
+        await asyncio.gather(*(send(files, fields, status) for _ in range(UPLOADERS)))
+        return baseline, rss_kb(pid, "VmHWM")
+
+
+def bench_upload_memory(root: Path, port: int, store: GradientStore, settings: Settings) -> dict[str, object]:
+    """Per worst-case kind, on a fresh server process each (memory a kind leaves allocated would
+    otherwise count against the next): its RSS before and its peak under `UPLOADERS` such uploads."""
+    resolution = store.spec.dataset.resolution
+    report: dict[str, dict[str, float]] = {}
+    for kind, (files, fields, status) in worst_case_uploads(resolution, settings).items():
+        server = serve(root, port, 1)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            baseline, peak = asyncio.run(
+                upload_peak(url, store.path.name, server.pid, query_png(store), files, fields, status)
+            )
+        finally:
+            server.terminate()
+            server.wait()
+        report[kind] = {
+            "baseline_rss_mb": baseline / 1024,
+            "peak_rss_mb": peak / 1024,
+            "added_mb_per_request": (peak - baseline) / 1024 / UPLOADERS,
+        }
+    side = max_side(resolution)
+    bound = settings.max_upload_bytes + settings.max_images * side * side * 16
+    return {
+        "resolution": resolution,
+        "concurrent_requests": UPLOADERS,
+        **report,
+        "stated_bound_mb_per_request": bound / (1 << 20),
+    }
+
+
 def serve(root: Path, port: int, threads: int) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -178,26 +297,33 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed queries per preset")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report: dict[str, object] = {}
+    presets = [p for p in PRESETS if any(p in NEEDS[part] for part in args.parts)]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         settings = Settings(
             stores_root=root / "stores", models_root=root / "models", torch_threads=args.threads
         )
-        for preset in PRESETS:
+        for preset in presets:
             store = build_index(preset, root, args.threads)
-            report[preset] = bench_latency(store, settings, args.repeats)
-        server = serve(root, args.port, args.threads)
-        try:
-            image = query_png(GradientStore.open(root / "stores" / "tiny"))
-            report["requests_per_s_8_clients"] = asyncio.run(
-                bench_throughput(f"http://127.0.0.1:{args.port}", "tiny", image)
-            )
-        finally:
-            server.terminate()
-            server.wait()
+            if "latency" in args.parts:
+                report[preset] = bench_latency(store, settings, args.repeats)
+        if "throughput" in args.parts:
+            server = serve(root, args.port, args.threads)
+            try:
+                image = query_png(GradientStore.open(root / "stores" / "tiny"))
+                report["requests_per_s_8_clients"] = asyncio.run(
+                    bench_throughput(f"http://127.0.0.1:{args.port}", "tiny", image)
+                )
+            finally:
+                server.terminate()
+                server.wait()
+        if "memory" in args.parts:
+            store = GradientStore.open(root / "stores" / "small")
+            report["upload_memory"] = bench_upload_memory(root, args.port, store, settings)
     print(json.dumps(report))
 
 

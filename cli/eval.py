@@ -4,6 +4,8 @@
   the TracIn-vs-ReTrac table and writes report.json, report.md and PNG figures.
 - `retrac eval norms`: gradient norm against training timestep for one checkpoint of a `retrac train`
   run; writes norms.json and two PNG plots.
+- `retrac eval lds`: counterfactual validation (LDS over models retrained on random subsets, and the
+  removal check); prints the table and writes lds.json.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Annotated, Literal
 import typer
 
 ExperimentPreset = Literal["smoke", "small", "paper"]
+LdsPreset = Literal["smoke", "quick"]
 
 app = typer.Typer(
-    help="Evaluate attributions: reproduce the paper's findings on built-in data (run), or measure gradient "
-    "norm against training timestep on your own training run (norms).",
-    short_help="evaluate attributions: outlier experiment, norm vs timestep",
+    help="Evaluate attributions: reproduce the paper's findings on built-in data (run), measure gradient "
+    "norm against training timestep on your own training run (norms), or validate attributions against "
+    "retrained models (lds).",
+    short_help="evaluate attributions: outlier experiment, norm vs timestep, LDS",
 )
 
 
@@ -105,6 +109,42 @@ def norms_command(
         f"(Spearman of norm with |t - t_max| {result.distance_spearman:.3f})"
     )
     print(f"wrote {out / 'norms.json'}, {out / 'norm_timestep.png'}, {out / 'norm_curve.png'}")
+    return 0
+
+
+
+@app.command(
+    "lds",
+    help="Counterfactual validation: train models on seeded random subsets of a training set, and report the "
+    "linear datamodeling score (Spearman, averaged over held-out queries, of each query's actual loss against "
+    "the loss its attributions predict) per method and estimator, with a bootstrap interval; and the change of "
+    "each query's loss when its top-k proponents or k random samples are removed and the model retrained.",
+    short_help="linear datamodeling score (LDS) and the removal check",
+)
+def lds_command(
+    preset: Annotated[LdsPreset, typer.Option(help="smoke (seconds), quick (32 models, minutes)")] = "quick",
+    config: Annotated[Path | None, typer.Option(help="an LdsConfig JSON file (overrides --preset)")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="training processes", show_default="the config's (2)")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("retrac-lds"),
+) -> int:
+    import torch
+    from pydantic import ValidationError
+
+    from retrac.evaluation.lds import LDS_PRESETS, LdsConfig, lds_table, run_lds
+    from retrac.exceptions import SpecError
+
+    torch.set_num_threads(1)
+    try:
+        chosen = LdsConfig.model_validate_json(config.read_text()) if config is not None else LDS_PRESETS[preset]()
+        if workers is not None:
+            chosen = LdsConfig.model_validate(chosen.model_dump() | {"workers": workers})
+    except (OSError, ValueError, ValidationError) as error:
+        raise SpecError(f"{config or '--workers'}: not a valid LDS config ({_first_line(error)})") from error
+    report = run_lds(chosen, out, progress=True)
+    print(lds_table(report))
+    print(f"\nreport: {out / 'lds.json'}")
     return 0
 
 

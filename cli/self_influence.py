@@ -1,6 +1,9 @@
 """`retrac self-influence STORE`: the training samples that most influence their own loss.
 
 Computed from the stored slots alone (method.md section 4), so it needs a store with grid slots.
+Three rankings: self-influence under TracIn and under ReTrac, and the timestep-relative gradient norm
+(`retrac.evaluation.outliers`), the best outlier score measured; where the training samples carry
+groups, each group's ROC AUC under each ranking.
 """
 
 from __future__ import annotations
@@ -12,41 +15,53 @@ from typing import Annotated
 import typer
 
 from retrac.exceptions import SpecError
-from retrac.scoring import METHODS
 
 
 def register(app: typer.Typer) -> None:
     app.command(
         "self-influence",
-        help="Rank a store's training samples by self-influence (outlier / mislabel hunting).",
+        help="Rank a store's training samples by self-influence under TracIn and ReTrac, and by timestep-"
+        "relative gradient norm (outlier / mislabel hunting); with each group's ROC AUC where samples carry "
+        "groups.",
         short_help="rank a store's training samples by self-influence (outlier / mislabel hunting)",
     )(run)
 
 
 def run(
     store: Annotated[Path, typer.Argument(help="a filled gradient store with grid slots")],
-    top_k: Annotated[int, typer.Option(help="samples per method")] = 20,
+    top_k: Annotated[int, typer.Option(help="samples per ranking")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> int:
     import numpy as np
+    import torch
 
+    from retrac.evaluation.metrics import group_auc
+    from retrac.evaluation.outliers import relative_norms
+    from retrac.scoring import self_influence_slots
     from storage import GradientStore
     from storage.statistics import self_influence
 
     if top_k < 1:
         raise SpecError("--top-k must be at least 1")
     opened = GradientStore.open(store)
-    scores = self_influence(opened)
+    scores = self_influence(opened)  # checks that every checkpoint is complete
+    norms = [torch.from_numpy(opened.norms(c)) for c in range(opened.num_checkpoints)]
+    scores["relative_norm"] = relative_norms(norms, opened.weights, self_influence_slots(opened.slot_kinds)[1])
     ranked = {
-        method: [
-            {"rank": rank + 1, "sample_id": opened.sample_ids[row], "score": float(scores[method][row])}
-            for rank, row in enumerate(np.argsort(-scores[method], kind="stable")[:top_k].tolist())
+        name: [
+            {"rank": rank + 1, "sample_id": opened.sample_ids[row], "score": float(values[row])}
+            for rank, row in enumerate(np.argsort(-values, kind="stable")[:top_k].tolist())
         ]
-        for method in METHODS
+        for name, values in scores.items()
     }
+    groups = opened.plan.dataset.groups
+    known = groups is not None and len(set(groups)) > 1
+    aucs = {name: group_auc(values, groups) for name, values in scores.items()} if known else {}
     if as_json:
-        print(json.dumps(ranked, indent=1))
+        print(json.dumps({**ranked, **({"group_auc": aucs} if aucs else {})}, indent=1))
         return 0
-    for method, entries in ranked.items():
-        print(f"{method}: " + ", ".join(f"{e['sample_id']} ({e['score']:.3g})" for e in entries))
+    for name, entries in ranked.items():
+        print(f"{name}: " + ", ".join(f"{e['sample_id']} ({e['score']:.3g})" for e in entries))
+    for name, by_group in aucs.items():
+        print(f"ROC AUC by group, {name}: " + ", ".join(f"{g} {v:.3f}" for g, v in by_group.items()))
     return 0

@@ -24,10 +24,12 @@ from cli.common import (
 from retrac.datasets import load_dataset
 from retrac.exceptions import SpecError
 from retrac.models import PRESETS
-from retrac.training import train
+from retrac.training import RECIPES, train
 
 PresetName = Literal[tuple(sorted(PRESETS))]  # type: ignore[valid-type]
 """The UNet presets of `retrac.models.PRESETS`, as the flag's choices."""
+RecipeName = Literal[tuple(sorted(RECIPES))]  # type: ignore[valid-type]
+"""The named settings of `retrac.training.RECIPES`, as the flag's choices."""
 
 
 def register(app: typer.Typer) -> None:
@@ -53,6 +55,12 @@ def run(
     channels: Channels = None,
     limit: Limit = None,
     data_seed: DataSeed = None,
+    recipe: Annotated[
+        RecipeName | None,
+        typer.Option(help="a named setting under --config and the typed flags: paper = L1 loss, cosine betas "
+                     "clipped to [1e-4, 0.02], T = 1000 (query it with --timesteps 100 --draws 16)",
+                     show_default="none: TrainSpec's defaults"),
+    ] = None,
     preset: Annotated[PresetName | None, _flag("preset", "UNet size")] = None,
     loss: Annotated[LossKind | None, _flag("loss", "noise-prediction loss")] = None,
     epochs: Annotated[int | None, _flag("epochs", "training epochs")] = None,
@@ -94,7 +102,8 @@ def run(
         beta_schedule=beta_schedule,
         prediction_type=prediction_type,
     )
-    spec = validated(TrainSpec, {**base, **flags, "dataset": dataset})
+    setting = RECIPES[recipe] if recipe is not None else None
+    spec = validated(TrainSpec, {**(setting.train if setting else {}), **base, **flags, "dataset": dataset})
     loaded = load_dataset(spec.dataset)
     with tqdm(total=spec.epochs, unit="epoch", desc="train") as bar:
 
@@ -104,4 +113,7 @@ def run(
 
         trained = train(spec, loaded, out, on_epoch=on_epoch)
     print(f"{len(trained.checkpoints())} checkpoints and the replay record of {len(loaded)} samples in {out}")
+    if setting is not None:
+        print(f"query it as the {recipe} recipe does: --timesteps {setting.query.timesteps} "
+              f"--draws {setting.query.draws}")
     return 0

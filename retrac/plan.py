@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from api_schemas import IndexSpec, LossKind, PredictionType
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, LossKind, PredictionType
 from retrac.datasets import ImageDataset, load_dataset
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.gradients import GradientComputer, num_parameters, whole_groups
@@ -71,24 +71,29 @@ class IndexPlan:
     @classmethod
     def resolve(cls, spec: IndexSpec, root: Path | None = None, *, data_root: Path | None = None) -> IndexPlan:
         """Check and resolve `spec`; paths in it stay inside `root` when one is given, and the
-        dataset's files inside `data_root` (default `root`)."""
+        dataset's files inside `data_root` (default `root`).
+
+        Everything that can be checked without the images (loss, checkpoints, shape, scheduler) is
+        checked before the dataset is loaded, so a refused spec never costs the dataset's memory."""
         run = TrainingRun.load(resolve_inside(root, spec.run)) if spec.run else None
-        dataset = load_dataset(spec.dataset, data_root if data_root is not None else root)
         loss = _resolve_loss(spec, run)
-        checkpoints = _resolve_checkpoints(spec, run, len(dataset), root)
-        architecture = read_architecture(checkpoints[0].path)
-        for checkpoint in checkpoints:
-            require_weights(checkpoint.path)
-            check_architecture(checkpoint.path, read_architecture(checkpoint.path), architecture)
-        _check_shape(dataset, architecture)
-        if spec.slots.replay:
-            _check_replay(run, dataset, checkpoints)
+        given = _given_checkpoints(spec, run)
+        paths = [resolve_inside(root, c.path) for c in given]
+        architecture = read_architecture(paths[0])
+        for path in paths:
+            require_weights(path)
+            check_architecture(path, read_architecture(path), architecture)
+        _check_shape(spec.dataset, architecture)
         if spec.scheduler:
             folder = resolve_inside(root, spec.scheduler)
         else:
-            folder = run.scheduler_folder if run else find_scheduler(checkpoints[0].path)
+            folder = run.scheduler_folder if run else find_scheduler(paths[0])
         scheduler = load_scheduler(folder)
         check_compatible(architecture, scheduler)
+        dataset = load_dataset(spec.dataset, data_root if data_root is not None else root)
+        checkpoints = _resolve_checkpoints(spec, run, given, paths, len(dataset))
+        if spec.slots.replay:
+            _check_replay(run, dataset, checkpoints)
         return cls(
             spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
             int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type,
@@ -157,13 +162,14 @@ class IndexPlan:
         )
 
 
-def _check_shape(dataset: ImageDataset, architecture: dict[str, Any]) -> None:
-    """A SpecError naming both shapes if the dataset's images are not the ones the UNet takes."""
+def _check_shape(dataset: DatasetSpec, architecture: dict[str, Any]) -> None:
+    """A SpecError naming both shapes if the dataset's images (every image is brought to the spec's
+    channels and resolution) are not the ones the UNet takes."""
     channels, resolution = sample_shape(architecture)
-    got = tuple(dataset.images.shape[1:])
-    if got != (channels, resolution, resolution):
+    if (dataset.channels, dataset.resolution) != (channels, resolution):
+        shape = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
         raise SpecError(
-            f"the dataset is {got[0]}x{got[1]}x{got[2]} (channels x height x width) but the model takes "
+            f"the dataset is {shape} (channels x height x width) but the model takes "
             f"{channels}x{resolution}x{resolution}; give resolution {resolution} and channels {channels}"
         )
 
@@ -187,13 +193,21 @@ def _resolve_loss(spec: IndexSpec, run: TrainingRun | None) -> LossKind:
     return loss
 
 
-def _resolve_checkpoints(
-    spec: IndexSpec, run: TrainingRun | None, num_samples: int, root: Path | None
-) -> list[ResolvedCheckpoint]:
+def _given_checkpoints(spec: IndexSpec, run: TrainingRun | None) -> list[CheckpointSpec]:
+    """The spec's checkpoints, or else those its run saved."""
     given = list(spec.checkpoints) or (run.checkpoints() if run else [])
     if not given:
         raise SpecError("the index names no checkpoints and its run saved none")
-    paths = [resolve_inside(root, c.path) for c in given]
+    return given
+
+
+def _resolve_checkpoints(
+    spec: IndexSpec,
+    run: TrainingRun | None,
+    given: list[CheckpointSpec],
+    paths: list[Path],
+    num_samples: int,
+) -> list[ResolvedCheckpoint]:
     has_lr = run is not None or all(c.lr is not None for c in given)
     if all(c.weight is not None for c in given):
         weights = [float(c.weight) for c in given]  # type: ignore[arg-type]

@@ -10,17 +10,23 @@ epoch is simply smaller, never dropped. A run folder holds:
     checkpoints/epoch-0005/            a diffusers UNet folder per saved checkpoint
 
 The same seed gives the same run, bit for bit, on the CPU.
+
+`RECIPES` names whole settings: `paper` is the paper's own (L1 loss, cosine betas clipped to
+[1e-4, 0.02], T = 1000; queried with K = 100, M = 16).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from api_schemas import TrainSpec
+from api_schemas import QuerySpec, TrainSpec
 from retrac.datasets import ImageDataset
 from retrac.losses import distance, noised, target
 from retrac.models import DiffusionModel, build_unet
@@ -29,6 +35,45 @@ from retrac.replay import TrainingRun, write_run
 
 ProgressCallback = Callable[[int, float], None]
 """Called after each epoch with (epoch, mean loss)."""
+
+PAPER_BETA_RANGE = (1e-4, 0.02)
+"""Where the paper's models clip their cosine betas: the range of DDPM's linear schedule."""
+COSINE_OFFSET = 0.008
+"""s of the cosine schedule (Nichol and Dhariwal 2021, eq. 17): keeps beta_0 away from zero."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named setting: the TrainSpec fields it fixes, and the query estimator to attribute with."""
+
+    train: dict[str, Any] = field(default_factory=dict)
+    query: QuerySpec = field(default_factory=QuerySpec)
+
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(
+        train={"loss": "l1", "beta_schedule": "cosine_clipped", "num_timesteps": 1000},
+        query=QuerySpec(timesteps=100, draws=16),
+    ),
+}
+"""`retrac train --recipe NAME` lays `train` over its spec; `query` is the K and M to query it with."""
+
+
+def clipped_cosine_betas(num_timesteps: int) -> np.ndarray:
+    """`(T,)` float64 betas of the cosine schedule, `1 - alpha_bar(t + 1) / alpha_bar(t)` with
+    `alpha_bar(t) = cos^2((t / T + s) / (1 + s) * pi / 2)`, clipped to `PAPER_BETA_RANGE`."""
+    steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    alpha_bar = np.cos((steps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * np.pi / 2) ** 2
+    return np.clip(1 - alpha_bar[1:] / alpha_bar[:-1], *PAPER_BETA_RANGE)
+
+
+def noise_scheduler(spec: TrainSpec) -> DDPMScheduler:
+    """The DDPM schedule of a run. `cosine_clipped` is saved as trained betas, so that any diffusers
+    reader (and `retrac index`) gets the exact schedule without knowing the name."""
+    common = {"num_train_timesteps": spec.num_timesteps, "prediction_type": spec.prediction_type}
+    if spec.beta_schedule == "cosine_clipped":
+        return DDPMScheduler(trained_betas=clipped_cosine_betas(spec.num_timesteps).tolist(), **common)
+    return DDPMScheduler(beta_schedule=spec.beta_schedule, **common)
 
 
 def train(
@@ -42,9 +87,7 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n, (channels, resolution) = len(dataset), dataset.images.shape[1:3]
-    scheduler = DDPMScheduler(
-        num_train_timesteps=spec.num_timesteps, beta_schedule=spec.beta_schedule, prediction_type=spec.prediction_type
-    )
+    scheduler = noise_scheduler(spec)
     scheduler.save_pretrained(out / "scheduler")
     model = DiffusionModel.from_parts(
         build_unet(spec.preset, resolution=resolution, channels=channels, seed=spec.seed), scheduler

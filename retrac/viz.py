@@ -110,13 +110,18 @@ def norm_scatter(
 
 
 def norm_curve(
-    path: str | Path, timesteps: np.ndarray, curves: Mapping[str, np.ndarray], *, title: str = ""
+    path: str | Path,
+    timesteps: np.ndarray,
+    curves: Mapping[str, np.ndarray],
+    *,
+    title: str = "",
+    ylabel: str = "gradient norm",
 ) -> Path:
     """Norm over the timestep grid `(K,)` for each labelled curve `(K,)`."""
     figure, axis = plt.subplots(figsize=(5, 3.4))
     for label, values in curves.items():
         axis.plot(timesteps, values, label=label, linewidth=1.2)
-    axis.set(xlabel="timestep t", ylabel="gradient norm", title=title)
+    axis.set(xlabel="timestep t", ylabel=ylabel, title=title)
     axis.legend(fontsize=7)
     return _save(figure, path)
 

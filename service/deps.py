@@ -20,8 +20,16 @@ from storage import GradientStore
 
 API_KEY_HEADER = "X-API-Key"
 
-_api_key = APIKeyHeader(
-    name=API_KEY_HEADER, auto_error=False, description="the service's API key, when one is configured"
+WRITE_SCHEME = "APIKey"
+READ_SCHEME = "APIKeyForReads"
+"""Security scheme names of the two guards (one header): the OpenAPI schema keeps the read guard's
+only when reads need the key (`service.openapi`)."""
+
+_write_key = APIKeyHeader(
+    name=API_KEY_HEADER, scheme_name=WRITE_SCHEME, auto_error=False, description="the service's API key"
+)
+_read_key = APIKeyHeader(
+    name=API_KEY_HEADER, scheme_name=READ_SCHEME, auto_error=False, description="the service's API key"
 )
 
 
@@ -67,12 +75,12 @@ def _check_key(settings: Settings, sent: str | None) -> None:
         )
 
 
-def require_key(settings: SettingsDep, sent: Annotated[str | None, Security(_api_key)]) -> None:
+def require_key(settings: SettingsDep, sent: Annotated[str | None, Security(_write_key)]) -> None:
     """Guards every mutating request when an API key is configured."""
     _check_key(settings, sent)
 
 
-def require_query_key(settings: SettingsDep, sent: Annotated[str | None, Security(_api_key)]) -> None:
+def require_query_key(settings: SettingsDep, sent: Annotated[str | None, Security(_read_key)]) -> None:
     """Guards queries and reads too, when the settings say so (`protect_queries`)."""
     if settings.protect_queries:
         _check_key(settings, sent)

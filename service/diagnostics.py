@@ -18,6 +18,7 @@ from api_schemas.diagnostics import (
     SelfInfluenceEntryPublic,
     SelfInfluencePublic,
 )
+from retrac.evaluation.metrics import group_auc
 from retrac.evaluation.norms import norm_fit
 from storage import StoredNorms
 
@@ -85,12 +86,18 @@ def norm_plot(norms: StoredNorms, statistics: NormTimestepPublic, title: str) ->
 
 
 def self_influence_ranking(
-    scores: np.ndarray, sample_ids: tuple[str, ...], method: Method, limit: int
+    scores: np.ndarray,
+    sample_ids: tuple[str, ...],
+    method: Method,
+    limit: int,
+    groups: tuple[str, ...] | None = None,
 ) -> SelfInfluencePublic:
-    """The `limit` samples of highest self-influence, highest first."""
+    """The `limit` samples of highest self-influence, highest first, and each group's AUC if known."""
     order = np.argsort(-scores, kind="stable")[:limit]
     data = [
         SelfInfluenceEntryPublic(sample_id=sample_ids[row], rank=rank + 1, score=float(scores[row]))
         for rank, row in enumerate(order.tolist())
     ]
-    return SelfInfluencePublic(method=method, data=data, count=len(data), total=int(scores.size))
+    return SelfInfluencePublic(
+        method=method, data=data, count=len(data), total=int(scores.size), group_auc=group_auc(scores, groups)
+    )

@@ -7,16 +7,26 @@ else is a bug, logged with its traceback and answered with a bare 500.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
 
 from api_schemas.common import ErrorPublic
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
 from service.settings import Settings
 from storage import AnnIndexError, DamagedStoreError, IncompleteStoreError, StaleStoreError, StoreError
+
+if TYPE_CHECKING:  # the repository raises these errors, so it cannot be imported at run time
+    from service.repository import StoreRepository
+
+BuildingAdvice = Callable[["StoreRepository", str], str]
+"""What to tell a client about an index still being built (`service.queue.still_building`)."""
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +99,29 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     if error.status_code == 404 and detail == "Not Found":  # no route or file: say where the routes are
         detail = f"no such path {request.url.path!r}; the API is described at /docs"
     elif error.status_code == 405:
-        detail = f"{request.method} is not allowed on {request.url.path!r}; the API is described at /docs"
+        allowed = _allowed_methods(request, error)
+        detail = (
+            f"{request.method} is not allowed on {request.url.path!r}; use {allowed} "
+            "(the API is described at /docs)"
+        )
+        return _answer(405, detail, {"Allow": allowed})
     return _answer(error.status_code, detail, getattr(error, "headers", None))
+
+
+METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request, error: HTTPException) -> str:
+    """Every method some API route takes at the request's path: a path may have one route per method
+    (GET and POST /v1/indexes), and the route that raised the 405 names only its own. Mounted file
+    servers (the web page) take any path, so they are left out and name their own methods."""
+    routes = [route for route in request.app.router.routes if not isinstance(route, Mount)]
+    allowed = [
+        method
+        for method in METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed) or (error.headers or {}).get("Allow", "")
 
 
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -106,14 +137,33 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
     return _answer(422, "invalid request: " + "; ".join(problems))
 
 
+def _incomplete_store(
+    advice: BuildingAdvice,
+) -> Callable[[Request, IncompleteStoreError], Awaitable[JSONResponse]]:
+    """The handler of IncompleteStoreError: the store's own message tells a command-line user what to
+    run; an API client is told by `advice(repository, name)` whether to wait for a job or start one."""
+
+    async def handler(request: Request, error: IncompleteStoreError) -> JSONResponse:
+        name = request.path_params.get("name")
+        if name is None:
+            return await _named_error(request, error)
+        return _answer(409, await run_in_threadpool(advice, request.app.state.repository, name))
+
+    return handler
+
+
 async def _bug(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=error)
     return _answer(500, "internal error; the service logged it")
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, building_advice: BuildingAdvice) -> None:
+    """Every error becomes an `ErrorPublic` answer; `building_advice(repository, name)` says what to do
+    about an index still being built (`service.queue.still_building`: the job queue is not known here)."""
     for kind in (NotFound, Conflict, Unavailable, RetracError):
         app.add_exception_handler(kind, _named_error)
+    handler = _incomplete_store(building_advice)
+    app.add_exception_handler(IncompleteStoreError, handler)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _bug)

@@ -17,16 +17,32 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Match, Mount
+from starlette.types import Scope
 
-from service.api.main import api_router
+from service.api.main import API_PREFIX, api_router
 from service.errors import install_error_handlers
 from service.limits import BodyLimit
+from service.openapi import install_schema
 from service.query_engine import QueryEngine
+from service.queue import still_building
 from service.repository import StoreRepository
 from service.settings import Settings, get_settings
 from retrac.computers import GradientComputerCache, parse_device
 
 STATIC = Path(__file__).parent / "static"
+
+
+class WebPage(Mount):
+    """The web page's files at `/`, for every path outside the API. A request to an API path never
+    reaches them, so a wrong method there gets the API's 405 (with the route's `Allow`) and an unknown
+    API path the API's 404, not the file server's answer."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        path = scope.get("path", "")
+        if path == API_PREFIX or path.startswith(f"{API_PREFIX}/"):
+            return Match.NONE, {}
+        return super().matches(scope)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -46,9 +62,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = QueryEngine(
         GradientComputerCache(parse_device(settings.device), threads=settings.torch_threads)
     )
-    install_error_handlers(app)
+    install_error_handlers(app, still_building)
+    install_schema(app, settings)
     app.include_router(api_router)
-    app.mount("/", StaticFiles(directory=STATIC, html=True), name="web")
+    app.router.routes.append(WebPage("/", app=StaticFiles(directory=STATIC, html=True), name="web"))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]

@@ -16,6 +16,7 @@ from api_schemas.common import CheckPublic, IndexName
 from api_schemas.jobs import JobPublic, JobState
 from service.errors import Conflict, NotFound, Unavailable
 from service.repository import StoreRepository
+from storage import is_leftover
 from worker import control
 from worker.settings import get_settings as queue_settings
 
@@ -87,11 +88,32 @@ def cancel_job(repository: StoreRepository, job_id: str) -> JobPublic:
 def cancel_index_job(repository: StoreRepository, name: IndexName) -> None:
     """Cancel the job of index `name` if it may still run (before the index is deleted)."""
     job_id = repository.job_of(name)
-    if job_id is None or control.progress(repository.path(name)).complete:
+    path = repository.path(name)
+    if job_id is None or (not is_leftover(path) and control.progress(path).complete):
         return
     require_queue()
     with _queue_errors(), suppress(control.JobNotFoundError):  # a forgotten job has nothing left to cancel
         control.cancel(job_id)
+
+
+def still_building(repository: StoreRepository, name: IndexName) -> str:
+    """Why index `name` cannot answer yet and what to do: wait for its job only when one is queued or
+    running, else start one (a cancelled, failed or forgotten job builds nothing)."""
+    progress = control.progress(repository.path(name))
+    building = f"index {name!r} is still being built ({progress.done_rows}/{progress.total_rows} rows done)"
+    start = f'start its job with POST /v1/jobs {{"index": "{name}"}}'
+    job_id = repository.job_of(name)
+    if job_id is None:
+        return f"{building}, and no job is building it: {start}"
+    try:
+        state = control.state(job_id)
+    except control.JobNotFoundError:
+        return f"{building}, and the queue forgot its job {job_id}: {start}"
+    except QUEUE_ERRORS:
+        return f"{building}; the job queue does not answer, so its job {job_id} cannot be checked: retry"
+    if state in ("queued", "running"):
+        return f"{building}; wait for its job {job_id} (GET /v1/jobs/{job_id} shows its progress)"
+    return f"{building}, and its job {job_id} is {state}: {start}"
 
 
 def require_queue() -> None:

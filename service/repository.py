@@ -23,7 +23,7 @@ from retrac.paths import resolve_inside
 from service.errors import Conflict, NotFound
 from service.settings import Settings
 from storage import GradientStore, OpenStores, delete_store, is_leftover
-from storage.store import mark_deleted
+from storage.store import mark_deleted, remove_set_aside
 
 logger = logging.getLogger(__name__)
 
@@ -48,22 +48,27 @@ class StoreRepository:
             raise NotFound(f"no index {name!r}; index names are single folder names")
         return path
 
-    def require(self, name: IndexName) -> Path:
-        """The folder of index `name`, which must hold a store (else NotFound)."""
+    def require(self, name: IndexName, *, or_leftover: bool = False) -> Path:
+        """The folder of index `name`, which must hold a store, or with `or_leftover` what an
+        interrupted deletion left of one (else NotFound)."""
         path = self.path(name)
-        if not (path / "zarr.json").is_file():
+        if not (or_leftover if is_leftover(path) else (path / "zarr.json").is_file()):
             raise NotFound(f"no index {name!r}; list the indexes with GET /v1/indexes")
         return path
 
     def names(self) -> list[str]:
         """Names of the stores under the root, sorted."""
+        return [p.name for p in self._folders() if (p / "zarr.json").is_file() and not is_leftover(p)]
+
+    def leftovers(self) -> list[str]:
+        """Names of the folders that an interrupted deletion left (a killed process, a worker's last
+        shard written after the delete), sorted: not stores, but their names are taken on disk."""
+        return [p.name for p in self._folders() if is_leftover(p)]
+
+    def _folders(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if (p / "zarr.json").is_file() and not p.name.startswith(".") and not is_leftover(p)
-        )
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def open(self, name: IndexName) -> GradientStore:
         """The opened store of `name`: checked against its inputs when first opened, and opened and
@@ -101,9 +106,13 @@ class StoreRepository:
         )
 
     def describe_all(self) -> tuple[list[IndexPublic], list[BrokenIndexPublic]]:
-        """Every index that opens, and every one that does not (stale, damaged) with the reason: one
-        broken store never hides the others."""
+        """Every index that opens, and every one that does not (stale, damaged, half deleted) with the
+        reason: one broken store never hides the others."""
         described, broken = [], []
+        for name in self.leftovers():
+            removal = f"DELETE /v1/indexes/{name} removes it"
+            reason = f"not a whole store (what an interrupted deletion leaves); {removal}"
+            broken.append(BrokenIndexPublic(name=name, reason=reason))
         for name in self.names():
             try:
                 described.append(self.describe(name))
@@ -113,7 +122,7 @@ class StoreRepository:
                 logger.warning("index %s listed as broken: %s", name, error)
                 reason = str(error) if isinstance(error, RetracError) else "it does not open; delete it"
                 broken.append(BrokenIndexPublic(name=name, reason=reason))
-        return described, broken
+        return described, sorted(broken, key=lambda b: b.name)
 
     def check_new(self, request: IndexCreate) -> IndexSpec:
         """The spec of a new index with its paths confined; a Conflict if the name is taken."""
@@ -127,6 +136,7 @@ class StoreRepository:
     def create(self, request: IndexCreate) -> GradientStore:
         """A new, empty store for `request` (its spec's paths confined and made absolute)."""
         with self._lock:
+            remove_set_aside(self.root)
             spec = self.check_new(request)
             path = self.path(request.name)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,17 +149,19 @@ class StoreRepository:
             return store
 
     def delete(self, name: IndexName) -> None:
-        """Remove the store of `name` and its job record (`storage.delete_store`: safe while workers
-        write it)."""
+        """Remove the store of `name`, or what an interrupted deletion left of it, and its job record
+        (`storage.delete_store`: safe while workers write it); then finish any deletion killed after
+        its rename."""
         with self._lock:
-            path = self.require(name)
+            path = self.require(name, or_leftover=True)
             self._stores.forget(path)
             delete_store(path)
             self._job_file(name).unlink(missing_ok=True)
+            remove_set_aside(self.root)
 
     def mark_deleted(self, name: IndexName) -> None:
         """Mark index `name` as being deleted, so workers skip its shards from now on."""
-        mark_deleted(self.require(name))
+        mark_deleted(self.require(name, or_leftover=True))
 
     def confine(self, spec: IndexSpec) -> IndexSpec:
         """`spec` with its paths resolved inside the models and data roots (SpecError if one leaves them)."""

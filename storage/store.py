@@ -84,6 +84,8 @@ spend less on per-step work (allocations, top-k merges)."""
 
 DELETED_MARK = "deleted"
 """A file in a store's folder: the store is being deleted. Workers skip it and write nothing more."""
+ASIDE_PREFIX = ".deleted-"
+"""A store being deleted is renamed to a hidden sibling starting so (`delete_store`)."""
 
 _ARRAY_CONFIG = {"write_empty_chunks": True}  # an all-zero shard must still leave its files behind
 _CHUNK_KEYS = {"name": "default", "separator": "/"}
@@ -623,9 +625,16 @@ def delete_store(path: Path) -> None:
     leaves a folder without `zarr.json`, which `is_leftover` recognises and the next create clears.
     """
     mark_deleted(path)
-    aside = path.with_name(f".deleted-{path.name}-{uuid.uuid4().hex[:8]}")
+    aside = path.with_name(f"{ASIDE_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
     path.rename(aside)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_set_aside(root: Path) -> None:
+    """Finish every deletion under `root` that was killed after its rename: the folders set aside are
+    no store's any more (their names are free), only their files are left to remove."""
+    for aside in root.glob(f"{ASIDE_PREFIX}*") if root.is_dir() else ():
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def is_leftover(path: Path) -> bool:

@@ -234,7 +234,7 @@ def build_data(config: ExperimentConfig, folder: str | Path) -> ExperimentData:
         n_outliers=config.n_outliers,
         seed=config.seed,
     )
-    source = _save_npz(mixture, Path(folder).resolve() / "train.npz")
+    source = save_npz(mixture, Path(folder).resolve() / "train.npz")
     training = load_dataset(DatasetSpec(source=str(source), **shape))
 
     rng = np.random.default_rng(config.seed)
@@ -336,7 +336,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clock = _Clock()
+    clock = Clock()
     with clock("data"):
         data = build_data(config, out / "data")
     dataset_spec = DatasetSpec(
@@ -538,19 +538,15 @@ def _setup(plan: IndexPlan, data: ExperimentData, parameters: int) -> Setup:
     )
 
 
-def _save_npz(dataset: ImageDataset, path: Path) -> Path:
-    """Images in [0, 1] with their ids and groups: a source `load_dataset` reads back as it was."""
+def save_npz(dataset: ImageDataset, path: Path) -> Path:
+    """Images in [0, 1] with their ids and groups (if any): a source `load_dataset` reads back as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        path,
-        images=((dataset.images + 1) / 2).clamp(0, 1).numpy(),
-        ids=np.asarray(dataset.ids),
-        groups=np.asarray(dataset.groups),  # a mixture always carries its groups
-    )
+    groups = {} if dataset.groups is None else {"groups": np.asarray(dataset.groups)}
+    np.savez(path, images=((dataset.images + 1) / 2).clamp(0, 1).numpy(), ids=np.asarray(dataset.ids), **groups)
     return path
 
 
-class _Clock:
+class Clock:
     """Seconds spent per named phase."""
 
     def __init__(self) -> None:

@@ -9,8 +9,10 @@ Group labels are plain strings per query and per training sample.
   top-k lists they fill.
 - `precision_at_k`, `intrusion`: do a query's proponents come from its own group?
 - `self_ranks`: the rank of a query among the training samples when it is one of them.
-- `recall_at_count`, `roc_auc`: outlier detection by self-influence.
+- `recall_at_count`, `roc_auc`, `group_auc`: outlier detection by self-influence.
 - `fit`: Pearson, Spearman and the least-squares slope of y on x (norm vs timestep).
+- `subset_predictions`, `lds_per_query`, `bootstrap_interval`: the linear datamodeling score (LDS)
+  of attributions against losses of models retrained on subsets, with its bootstrap interval.
 """
 
 from __future__ import annotations
@@ -110,6 +112,17 @@ def roc_auc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.
     return float(roc_auc_score(labels, values))
 
 
+def group_auc(scores: Sequence[float] | np.ndarray, groups: Sequence[str] | None) -> dict[str, float] | None:
+    """Per group: the ROC AUC of its members against every other sample (one against the rest).
+
+    None when the samples carry no groups or only one: there is nothing to tell apart.
+    """
+    labels = np.asarray(list(groups or ()), dtype=object)
+    if len(set(labels.tolist())) < 2:
+        return None
+    return {str(g): roc_auc(scores, labels == g) for g in sorted(set(labels.tolist()))}
+
+
 @dataclass(frozen=True)
 class Fit:
     """Correlations of y with x and the least-squares line `y = slope x + intercept`."""
@@ -136,6 +149,63 @@ def fit(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> Fit
         slope=float(line.slope),
         intercept=float(line.intercept),
     )
+
+
+def subset_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """`(M, Q)` predicted loss of each query under each subset model: `-sum_{i in S_m} score(q, i)`.
+
+    `scores` `(Q, N)` with higher meaning more supportive (a proponent lowers the query's loss), `masks`
+    `(M, N)` booleans, true where model m trained on sample i. The sign makes a good attribution
+    correlate positively with the actual loss.
+    """
+    scores = _matrix(scores, "scores")
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 2 or masks.shape[1] != scores.shape[1]:
+        raise EvaluationError(f"need one (M, {scores.shape[1]}) mask of kept samples, got {masks.shape}")
+    return -(masks.astype(np.float64) @ scores.astype(np.float64).T)
+
+
+def lds_per_query(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """`(Q,)` Spearman correlation, over the M models, of each query's actual and predicted loss `(M, Q)`.
+
+    Ties take average ranks (as `scipy.stats.spearmanr`). A query whose actual or predicted loss is the
+    same under every model has no rank correlation: an EvaluationError, never a NaN in an average.
+    """
+    actual, predicted = np.asarray(actual, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    if actual.ndim != 2 or actual.shape != predicted.shape or actual.shape[0] < 3:
+        raise EvaluationError(
+            f"need (M, Q) actual and predicted losses over 3 or more models, got {actual.shape}, {predicted.shape}"
+        )
+    ranks = [stats.rankdata(values, axis=0) for values in (actual, predicted)]
+    centred = [r - r.mean(axis=0) for r in ranks]
+    spread = np.sqrt((centred[0] ** 2).sum(axis=0) * (centred[1] ** 2).sum(axis=0))
+    flat = np.flatnonzero(spread == 0)
+    if flat.size:
+        raise EvaluationError(
+            f"queries {flat.tolist()[:5]} have the same actual or predicted loss under every model; "
+            "train more models or on subsets that differ"
+        )
+    return (centred[0] * centred[1]).sum(axis=0) / spread
+
+
+def bootstrap_interval(
+    values: Sequence[float] | np.ndarray, *, resamples: int, confidence: float, seed: int
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (one per query).
+
+    Resample b draws `len(values)` positions with replacement from `np.random.default_rng(seed)`,
+    resample after resample; the interval is the (1 - confidence) / 2 and (1 + confidence) / 2
+    quantiles of the resampled means (numpy's linear interpolation).
+    """
+    data = np.asarray(values, dtype=np.float64)
+    if data.ndim != 1 or data.size < 2:
+        raise EvaluationError(f"a bootstrap interval needs 2 or more values, got shape {data.shape}")
+    if resamples < 1 or not 0 < confidence < 1:
+        raise EvaluationError(f"need resamples >= 1 and 0 < confidence < 1, got {resamples}, {confidence}")
+    rng = np.random.default_rng(seed)
+    means = np.array([data[rng.integers(0, data.size, data.size)].mean() for _ in range(resamples)])
+    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
 
 
 def _matrix(values: np.ndarray, name: str) -> np.ndarray:

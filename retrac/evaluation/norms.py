@@ -12,12 +12,14 @@ Views of one checkpoint:
   training timestep to `t_max` (the paper's Fig. 1 statistic).
 - `write_norm_figures`: the scatter and the curve as PNGs.
 - `analyse_run`: all of it for one checkpoint of any `retrac train` run (`retrac eval norms`).
+- `direction_figure`: several runs' mean norm curves, each relative to its own mean, on one plot (the
+  direction of the bias under MSE and under L1, side by side).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +186,21 @@ def analyse_run(
     (out / "norms.json").write_text(json.dumps(saved, indent=1) + "\n")
     write_norm_figures(out, timesteps, norms, plan.dataset.groups, result, curves, plan.dataset.ids[0])
     return result
+
+
+def direction_figure(path: str | Path, statistics: Mapping[str, NormTimestepStatistics], *, title: str) -> Path:
+    """One PNG of each labelled run's mean norm curve divided by its own mean.
+
+    Losses scale gradients differently (an L1 gradient is bounded per pixel, an MSE one grows with the
+    error), so only relative curves can share an axis; the direction is what they compare.
+    """
+    if not statistics:
+        raise EvaluationError("a direction figure needs at least one run")
+    grids = {tuple(s.curve_timesteps) for s in statistics.values()}
+    if len(grids) != 1:
+        raise EvaluationError("runs compared on one figure need the same curve grid (curve_timesteps)")
+    curves = {
+        f"{label} (Spearman {s.spearman:+.2f})": np.asarray(s.curve_mean_norms) / np.mean(s.curve_mean_norms)
+        for label, s in statistics.items()
+    }
+    return viz.norm_curve(path, np.asarray(grids.pop()), curves, title=title, ylabel="norm / its mean")

@@ -1,5 +1,6 @@
-"""Bad requests, one kind per row: each gets a 4xx whose message says what to fix; the service stays
-up and no store changes on disk."""
+"""Bad requests, one kind per row: each gets a 4xx whose message says what to fix (a 405 with the
+methods the path takes); the service stays up, no store changes on disk, and a refused index spec
+loads no dataset. `test_keep_alive` sends the same rows over one connection."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import retrac.plan
+from api_schemas import DatasetSpec
+from api_schemas.indexes import IndexCreate
+from retrac.datasets import load_dataset
+from service.repository import StoreRepository
 from service.settings import Settings
 from tests.service.conftest import API_KEY, BUILDING, INDEX, QUERY, index_spec
 
@@ -55,6 +61,8 @@ class Bad:
     says: str
     send: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str] | None = None
+    allow: str | None = None
+    """The `Allow` header a 405 must carry."""
 
 
 def nul_specs() -> dict[str, dict[str, Any]]:
@@ -162,7 +170,12 @@ CASES = [
     ),
     Bad("unknown index", "post", "/v1/indexes/nope/attribute", 404, "GET /v1/indexes", body()),
     Bad(
-        "index still building", "post", f"/v1/indexes/{BUILDING}/attribute", 409, "still being built", body()
+        "index still building, no job",
+        "post",
+        f"/v1/indexes/{BUILDING}/attribute",
+        409,
+        f'no job is building it: start its job with POST /v1/jobs {{"index": "{BUILDING}"}}',
+        body(),
     ),
     Bad("bad method", "post", JSON, 422, "methods", body(methods=["tracn"])),
     Bad("top_k 0", "post", JSON, 422, "top_k", body(top_k=0)),
@@ -185,6 +198,14 @@ CASES = [
         {"files": [("images", (f"{i}.png", DIGIT, "image/png")) for i in range(5)], "data": QUERY},
     ),
     Bad("body over the size limit", "post", UPLOAD, 413, "at most", upload(b"\x00" * (300 << 10))),
+    Bad(
+        "chunked body over the size limit (no Content-Length)",
+        "post",
+        JSON,
+        413,
+        "at most",
+        {"content": [b"{" + b" " * (64 << 10)] * 5, "headers": {"content-type": "application/json"}},
+    ),
     Bad("checkpoint out of range", "post", JSON, 422, "checkpoints 0..2", body(checkpoints=[3])),
     Bad("unknown field", "post", JSON, 422, "topk", body(topk=3)),
     Bad(
@@ -252,6 +273,22 @@ CASES = [
         {"json": {"name": "shape", "spec": {**index_spec().model_dump(mode="json"), "dataset": {"source": "builtin:digits", "resolution": 12, "limit": 48}}}},
     ),
     Bad(
+        "the largest resolution for a model of 8 px (7.5 GB if it were loaded)",
+        "post",
+        "/v1/indexes",
+        422,
+        "give resolution 8 and channels 1",
+        {
+            "json": {
+                "name": "huge",
+                "spec": {
+                    **index_spec().model_dump(mode="json"),
+                    "dataset": {"source": "builtin:digits", "resolution": 1024},
+                },
+            }
+        },
+    ),
+    Bad(
         "scheduler folder without a config",
         "post",
         "/v1/indexes",
@@ -280,8 +317,15 @@ CASES = [
         "get",
         f"/v1/indexes/{BUILDING}/diagnostics/self-influence",
         409,
-        "still being built",
+        "still being built (0/144 rows done), and no job is building it",
     ),
+    Bad("GET on a POST-only route", "get", JSON, 405, "use POST", allow="POST"),
+    Bad("GET on the upload route", "get", UPLOAD, 405, "use POST", allow="POST"),
+    Bad("GET on the jobs collection", "get", "/v1/jobs", 405, "use POST", allow="POST"),
+    Bad("PUT on the indexes collection", "put", "/v1/indexes", 405, "use GET, POST", allow="GET, POST"),
+    Bad("PUT on an index", "put", f"/v1/indexes/{INDEX}", 405, "use DELETE, GET", allow="DELETE, GET"),
+    Bad("POST on health", "post", "/v1/health", 405, "use GET", allow="GET"),
+    Bad("unknown API path", "get", "/v1/nothing-here", 404, "the API is described at /docs"),
 ]
 
 
@@ -294,8 +338,23 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+@pytest.fixture
+def dataset_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The source of every dataset the engine loads while the test runs."""
+    loads: list[str] = []
+
+    def counted(spec: DatasetSpec, *args: Any, **kwargs: Any) -> Any:
+        loads.append(spec.source)
+        return load_dataset(spec, *args, **kwargs)
+
+    monkeypatch.setattr(retrac.plan, "load_dataset", counted)
+    return loads
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.kind for c in CASES])
-def test_bad_request_is_refused_clearly(case: Bad, client: TestClient, settings: Settings) -> None:
+def test_bad_request_is_refused_clearly(
+    case: Bad, client: TestClient, settings: Settings, dataset_loads: list[str]
+) -> None:
     before = snapshot(settings.stores_root)
     headers = {"X-API-Key": API_KEY} if case.headers is None else case.headers
     send = dict(case.send)
@@ -309,6 +368,15 @@ def test_bad_request_is_refused_clearly(case: Bad, client: TestClient, settings:
     assert response.status_code == case.status, response.text
     detail = response.json()["detail"]
     assert isinstance(detail, str) and case.says in detail
+    assert response.headers.get("allow") == case.allow
+    if case.url == "/v1/indexes":
+        assert dataset_loads == []  # a refused spec is refused before its dataset is loaded
     assert str(settings.stores_root.parent) not in response.text  # no server path in any message
     assert client.get("/v1/health").status_code == 200
     assert snapshot(settings.stores_root) == before
+
+
+def test_an_accepted_spec_loads_its_dataset(own_roots: Settings, dataset_loads: list[str]) -> None:
+    """The counter above sees the engine's loads: a spec that passes every check is loaded once."""
+    StoreRepository(own_roots).create(IndexCreate(name="counted", spec=index_spec()))
+    assert dataset_loads == [index_spec().dataset.source]

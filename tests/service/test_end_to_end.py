@@ -31,22 +31,20 @@ JOB_SECONDS = 240
 
 
 class Server:
-    """`retrac serve` in a subprocess on a free loopback port."""
+    """`retrac serve` (or another server `module` taking the port first, then `arguments`) in a
+    subprocess on a free loopback port."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log: Path, *, module: str = "", arguments: tuple[str, ...] = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [
-            sys.executable,
-            "-m",
-            "cli",
-            "serve",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-        ]
+        if module:
+            command = [sys.executable, "-m", module, str(self.port), *arguments]
+        else:
+            command = [sys.executable, "-m", "cli", "serve", "--port", str(self.port)]
+            command += ["--log-level", "warning"]
         self.process = subprocess.Popen(command, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
     def ready(self) -> bool:

@@ -18,6 +18,7 @@ from service.main import create_app
 from service.repository import StoreRepository
 from service.settings import Settings
 from storage import GradientStore
+from storage.store import mark_deleted
 from tests.service.conftest import API_KEY, BUILDING, INDEX, index_spec
 
 
@@ -139,6 +140,26 @@ def test_a_leftover_folder_does_not_block_a_new_index(own_roots: Settings) -> No
     repository.create(IndexCreate(name="x", spec=index_spec()))
     assert len(GradientStore.open(own_roots.stores_root / "x").pending()) == 3 * 3  # fresh, empty
     assert not (leftover / "0").exists()
+
+
+def test_what_an_interrupted_delete_left_is_listed_and_deletes(own_roots: Settings) -> None:
+    """A delete killed after its mark (the store is still whole), or after moving the store aside
+    (`test_delete_kill` kills real processes at each step)."""
+    client = TestClient(create_app(own_roots), headers={"X-API-Key": API_KEY})
+    repository = StoreRepository(own_roots)
+    for name in ("x", "y"):
+        repository.create(IndexCreate(name=name, spec=index_spec()))
+    mark_deleted(own_roots.stores_root / "x")
+    aside = own_roots.stores_root / ".deleted-z-0123abcd" / "checkpoints"
+    aside.mkdir(parents=True)
+    listed = client.get("/v1/indexes").json()
+    assert [i["name"] for i in listed["data"]] == ["y"]
+    assert [b["name"] for b in listed["broken"]] == ["x"]
+    assert "DELETE /v1/indexes/x removes it" in listed["broken"][0]["reason"]
+    assert client.get("/v1/indexes/x").status_code == 404  # never served half deleted
+    assert client.delete("/v1/indexes/x").status_code == 204
+    assert sorted(p.name for p in own_roots.stores_root.iterdir()) == ["y"]  # the set-aside folder too
+    assert client.get("/v1/indexes").json()["broken"] == []
 
 
 @pytest.mark.redis

@@ -9,7 +9,15 @@ from fastapi.testclient import TestClient
 from api_schemas.jobs import JobPublic
 from service.main import create_app
 from service.settings import Settings
-from tests.service.conftest import API_KEY, index_spec
+from tests.service.conftest import API_KEY, QUERY, index_spec
+
+
+def still_building(client: TestClient, name: str) -> str:
+    """The 409 message of a query on index `name`, which is not complete."""
+    image = {"array": [[0.5] * 8] * 8}
+    response = client.post(f"/v1/indexes/{name}/attribute", json={**QUERY, "images": [image]})
+    assert response.status_code == 409, response.text
+    return response.json()["detail"]
 
 
 @pytest.mark.redis
@@ -32,14 +40,19 @@ def test_create_follow_cancel_restart_delete(own_roots: Settings) -> None:
         None,
     )
 
+    assert f"wait for its job {first}" in still_building(client, "queued")
+
     cancelled = client.delete(f"/v1/jobs/{first}")
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    advice = still_building(client, "queued")  # nothing builds it now: say how to
+    assert "wait" not in advice and f"its job {first} is cancelled" in advice and "POST /v1/jobs" in advice
 
     restarted = client.post("/v1/jobs", json={"index": "queued"})
     assert restarted.status_code == 202, restarted.text
     second = restarted.json()["id"]
     assert second != first and restarted.json()["state"] == "queued"
     assert client.get("/v1/indexes/queued").json()["job_id"] == second
+    assert f"wait for its job {second}" in still_building(client, "queued")
 
     assert client.delete("/v1/indexes/queued").status_code == 204  # cancels the second job first
     assert not (own_roots.stores_root / "queued").exists()

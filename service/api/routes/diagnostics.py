@@ -77,4 +77,4 @@ def self_influence(
     limit: Annotated[int, Query(ge=1, le=1000, description="samples returned, highest first")] = 20,
 ) -> SelfInfluencePublic:
     scores = engine.self_influence(store)[method]
-    return self_influence_ranking(scores, store.sample_ids, method, limit)
+    return self_influence_ranking(scores, store.sample_ids, method, limit, store.plan.dataset.groups)

@@ -1,0 +1,145 @@
+"""Outlier detection by self-influence on mixtures with planted outliers (method.md section 6).
+
+Two mixtures, each a majority plus about 4% planted outliers (the paper's ratio, 200 / 5,200):
+
+- `patches+zeros`: `builtin:outliers`, photo patches with planted digit zeros;
+- `digits+faces`: scikit-learn's digits with planted LFW faces.
+
+Outlier scores, higher meaning more suspect (`outlier_scores`):
+
+- `tracin`, `retrac`: self-influence as the paper defines it (`retrac.scoring.self_influence`: the
+  replayed step against the mean over grid slots).
+- `relative_norm`: the mean over checkpoints (by weight) and grid slots of
+  `log(||g(z, t)|| / median_n ||g(n, t)||)`: how large a sample's exact gradient is next to every
+  other sample's at the same timestep. Dividing by the population at t removes the timestep's own
+  scale, the bias ReTrac removes from scores, without discarding magnitude, which self-influence needs.
+
+`detect_outliers` trains on one mixture, indexes every sample in memory (the replayed step plus grid
+slots), scores them as `retrac self-influence` does, and reports each score's ROC AUC and recall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from api_schemas import DatasetSpec, IndexSpec, LossKind, ProjectorSpec, SlotSpec, TrainSpec
+from retrac.attribution import Attributor
+from retrac.datasets import ImageDataset, load_dataset, outlier_mixture
+from retrac.evaluation import metrics
+from retrac.evaluation.experiment import Clock, save_npz
+from retrac.exceptions import SpecError
+from retrac.plan import IndexPlan
+from retrac.scoring import METHODS, RowChunk, self_influence, self_influence_slots
+from retrac.training import train
+
+MixName = Literal["patches+zeros", "digits+faces"]
+MIXES: tuple[MixName, ...] = ("patches+zeros", "digits+faces")
+OUTLIER_SHARE = 0.04
+"""Planted outliers per training sample, as in `builtin:outliers`."""
+OUTLIER = "outlier"
+OUTLIER_SCORES = (*METHODS, "relative_norm")
+"""Every outlier score `outlier_scores` gives, in order."""
+
+
+class OutlierConfig(BaseModel):
+    """One outlier-detection run: the mixture, the model and its training, the index's slots."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mix: MixName = "patches+zeros"
+    n_train: int = Field(400, ge=4)
+    resolution: int = Field(8, ge=4)
+    preset: str = "micro"
+    loss: LossKind = "mse"
+    epochs: int = Field(30, ge=1)
+    save_every: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    grid: int = Field(8, ge=1, description="grid slots per sample: self-influence's query side")
+    projector: ProjectorSpec = ProjectorSpec(kind="sketch", dim=4096, seed=0)
+    seed: int = Field(0, ge=0)
+
+
+class OutlierResult(BaseModel):
+    """How well self-influence finds the planted group, per method."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    config: dict
+    samples: int
+    outliers: int
+    auc: dict[str, float] = Field(description="ROC AUC of the planted group under each outlier score")
+    recall: dict[str, float] = Field(description="planted outliers among the |outliers| highest self-influences")
+    timings: dict[str, float]
+
+
+def planted_mix(mix: MixName, n_train: int, resolution: int, seed: int) -> ImageDataset:
+    """`n_train` images, about `OUTLIER_SHARE` of them planted outliers (group "outlier"), shuffled."""
+    shape = {"resolution": resolution, "channels": 1, "seed": seed}
+    if mix == "patches+zeros":
+        return load_dataset(DatasetSpec(source="builtin:outliers", limit=n_train, **shape))
+    count = max(1, round(OUTLIER_SHARE * n_train))
+    digits = load_dataset(DatasetSpec(source="builtin:digits", **shape))
+    faces = load_dataset(DatasetSpec(source="builtin:faces", **shape))
+    return outlier_mixture(digits, faces, n_majority=n_train - count, n_outliers=count, seed=seed)
+
+
+def detect_outliers(config: OutlierConfig, out_dir: str | Path) -> OutlierResult:
+    """Train on the mixture into `out_dir`, index it in memory and score self-influence (see module)."""
+    out = Path(out_dir)
+    clock = Clock()
+    with clock("train"):
+        data = planted_mix(config.mix, config.n_train, config.resolution, config.seed)
+        dataset = DatasetSpec(source=str(save_npz(data, out.resolve() / "train.npz")), resolution=config.resolution)
+        spec = TrainSpec(dataset=dataset, preset=config.preset, loss=config.loss, epochs=config.epochs,
+                         batch_size=config.batch_size, lr=config.lr, save_every=config.save_every, seed=config.seed)
+        train(spec, data, out / "run")
+    with clock("index"):
+        slots = SlotSpec(replay=True, grid=config.grid, seed=config.seed)
+        plan = IndexPlan.resolve(IndexSpec(dataset=dataset, run=str(out / "run"), slots=slots,
+                                           projector=config.projector))
+        rows = Attributor(plan).index()
+    with clock("score"):
+        scores = outlier_scores(rows, plan.weights, slots.kinds)
+        planted = [g == OUTLIER for g in data.groups or ()]
+    return OutlierResult(
+        config=config.model_dump(mode="json"),
+        samples=len(data),
+        outliers=sum(planted),
+        auc={name: metrics.roc_auc(values, planted) for name, values in scores.items()},
+        recall={name: metrics.recall_at_count(values, planted) for name, values in scores.items()},
+        timings=clock.seconds | {"total": clock.total()},
+    )
+
+
+def relative_norms(norms: Sequence[torch.Tensor], weights: Sequence[float], slots: Sequence[int]) -> np.ndarray:
+    """`(N,)` the `relative_norm` score from exact norms `(N, S)` per checkpoint (see the module docstring).
+
+    Weights are normalised to sum to one, so the score does not scale with the learning rate. A zero
+    norm counts as the smallest positive float32 (its log stays finite and ranks it lowest).
+    """
+    total = float(sum(weights))
+    if not slots or total <= 0:
+        raise SpecError("the relative-norm score needs grid slots and checkpoints of positive weight")
+    tiny = torch.finfo(torch.float32).tiny
+    score = torch.zeros(norms[0].shape[0], dtype=torch.float64)
+    for per_slot, weight in zip(norms, weights, strict=True):
+        logs = per_slot[:, list(slots)].double().clamp_min(tiny).log()
+        score += weight / total * (logs - logs.median(dim=0).values).mean(dim=1)
+    return score.numpy()
+
+
+def outlier_scores(
+    chunks: Sequence[RowChunk], weights: Sequence[float], slot_kinds: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Every score of `OUTLIER_SCORES`, `(N,)` each, from every row of every checkpoint."""
+    train_slots, query_slots = self_influence_slots(slot_kinds)
+    influence = self_influence(chunks, weights, train_slots, query_slots)
+    scores = {m: influence[m].numpy() for m in METHODS}
+    return scores | {"relative_norm": relative_norms([c.norms for c in chunks], weights, query_slots)}
