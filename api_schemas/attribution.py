@@ -100,3 +100,8 @@ class AttributionsPublic(Public):
     data: list[AttributionPublic]
     count: int
     timings: TimingsPublic
+    notices: list[str] = Field(
+        default_factory=list,
+        description="what decoding the query images converted (resized, cropped, channels, alpha, pixel type), "
+        "one sentence per kind",
+    )

@@ -6,9 +6,10 @@ rule from the OpenAPI schema and the service never turns an unchecked string int
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 IndexName = Annotated[
     str,
@@ -17,10 +18,31 @@ IndexName = Annotated[
 ]
 """The name of an index, also its folder under the stores root: it cannot hold '/' or start with '.'."""
 
+_ID_CHAR, _ID_NOT_DOT = r"[^/\\\x00-\x1f\x7f]", r"[^/.\\\x00-\x1f\x7f]"
+SAMPLE_ID_PATTERN = rf"^(?:{_ID_CHAR}*{_ID_NOT_DOT}{_ID_CHAR}*/)*{_ID_CHAR}*{_ID_NOT_DOT}{_ID_CHAR}*$"
+"""A sample id is a relative path (`2/0084.png`: an image folder's ids are its files' paths): parts
+joined by '/', none empty or only dots, no backslash or control characters. So it never names a
+place outside its folder, and it travels in a URL path segment by segment."""
+MAX_SAMPLE_ID_LENGTH = 1024
+
+SAMPLE_ID_RULE = (
+    "a sample id is a relative path such as '2/0084.png': parts joined by '/', none empty or only dots, "
+    "no backslash or control characters"
+)
+
+
+def _sample_id(value: str) -> str:
+    """The pattern checked with a message that says the rule (pydantic's would print the regex)."""
+    if not re.fullmatch(SAMPLE_ID_PATTERN, value):
+        raise ValueError(SAMPLE_ID_RULE)
+    return value
+
+
 SampleId = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Za-z0-9._-]*[A-Za-z0-9_-][A-Za-z0-9._-]*$", max_length=200),
-    Field(description="a training sample's id: letters, digits, '.', '_', '-', not only dots"),
+    StringConstraints(max_length=MAX_SAMPLE_ID_LENGTH),
+    AfterValidator(_sample_id),
+    Field(description=f"a training sample's id; {SAMPLE_ID_RULE}", json_schema_extra={"pattern": SAMPLE_ID_PATTERN}),
 ]
 
 

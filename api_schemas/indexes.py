@@ -42,6 +42,11 @@ class IndexPublic(Public):
     complete: bool = Field(description="every row of every checkpoint is stored: the index answers queries")
     progress: list[CheckpointProgressPublic]
     job_id: str | None = Field(None, description="the indexing job started with the index, if any")
+    notices: list[str] = Field(
+        default_factory=list,
+        description="in the creation answer: what loading the training images converted (resized, cropped, "
+        "channels, alpha, pixel type), one sentence per kind",
+    )
 
 
 class BrokenIndexPublic(Public):

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 LossKind = Literal["mse", "l1"]
 """Per-pixel distance of the noise-prediction loss: squared error (DDPM "simple") or absolute error."""
 
+LossWeighting = Literal["none", "snr"]
+"""Per-sample weight of the loss: none, or the signal-to-noise ratio `alpha_bar_t / (1 - alpha_bar_t)` of
+its timestep, as diffusers' `train_unconditional.py` weighs the MSE of sample-prediction models."""
+
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 """What the UNet predicts (diffusers' `prediction_type`): the noise, the velocity, or the clean image."""
 
@@ -126,6 +130,7 @@ class TrainSpec(Spec):
     num_timesteps: int = Field(1000, ge=2, le=100_000, description="T of the DDPM schedule")
     beta_schedule: BetaSchedule = Field("linear", description="diffusers' beta schedule of the DDPMScheduler")
     prediction_type: PredictionType = Field("epsilon", description="what the UNet learns to predict")
+    loss_weighting: LossWeighting = Field("none", description="per-sample weight of the loss: none or snr")
 
 
 class IndexSpec(Spec):
@@ -143,6 +148,11 @@ class IndexSpec(Spec):
         None, description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint"
     )
     loss: LossKind | None = Field(None, description="the loss the model was trained with; default: the run's")
+    loss_weighting: LossWeighting | None = Field(
+        None,
+        description="the loss weighting the model was trained with (none or snr); default: the run's, or none "
+        "(a sample-prediction model without a run must declare it)",
+    )
     train_batch_size: int | None = Field(
         None, ge=1, description="training batch size B, for weights from epoch and lr without a run"
     )

@@ -13,7 +13,7 @@ import typer
 
 from api_schemas import QuerySpec, Search
 from api_schemas.specs import DEFAULT_TOP_K
-from cli.common import default, validated
+from cli.common import default, print_notices, validated
 from cli.progress import PhaseBars
 from retrac.exceptions import SpecError
 from retrac.scoring import METHODS
@@ -86,7 +86,7 @@ def run(
     import torch
 
     from retrac import viz
-    from retrac.datasets import ImageDataset, load_image_file
+    from retrac.datasets import Conversions, ImageDataset, load_image_file
     from storage import GradientStore, attribute
 
     query = validated(QuerySpec, {"timesteps": timesteps, "draws": draws, "seed": seed, "search": search})
@@ -97,9 +97,14 @@ def run(
     opened = GradientStore.open(store)
     dataset = opened.spec.dataset
     files = query_files(images)
+    conversions = Conversions()
     pixels = torch.stack(
-        [load_image_file(path, resolution=dataset.resolution, channels=dataset.channels) for path in files]
+        [
+            load_image_file(path, resolution=dataset.resolution, channels=dataset.channels, conversions=conversions)
+            for path in files
+        ]
     )
+    print_notices(conversions.notices(len(files), "query images"))
     with PhaseBars() as bars:
         answer = attribute(
             opened, pixels, query, top_k=opened.num_rows if rank_all else top_k, on_progress=bars

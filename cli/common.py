@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -84,3 +86,9 @@ def first_error(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
     return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+def print_notices(notices: Sequence[str]) -> None:
+    """What loading images converted (resized, cropped, channels, ...), as one line on stderr."""
+    if notices:
+        print("notice: " + "; ".join(notices), file=sys.stderr)

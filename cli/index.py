@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from api_schemas import IndexSpec, LossKind, ProjectorSpec, SlotSpec
+from api_schemas import IndexSpec, LossKind, LossWeighting, ProjectorSpec, SlotSpec
 from api_schemas.specs import ProjectorKind, StoreDType
 from cli.common import (
     Channels,
@@ -31,6 +31,7 @@ from cli.common import (
     dataset_spec,
     default,
     first_error,
+    print_notices,
 )
 from retrac.exceptions import SpecError
 
@@ -84,6 +85,14 @@ def create(
     limit: Limit = None,
     data_seed: DataSeed = None,
     loss: Annotated[LossKind | None, typer.Option(help="the training loss", show_default="the run's")] = None,
+    loss_weighting: Annotated[
+        LossWeighting | None,
+        typer.Option(
+            help="the training loss's per-sample weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t) (diffusers' "
+            "train_unconditional.py for sample-prediction models, which must declare it)",
+            show_default="the run's, or none",
+        ),
+    ] = None,
     no_replay: Annotated[bool, typer.Option("--no-replay", help="no replayed-step slot")] = False,
     grid: Annotated[int, typer.Option(help="grid timestep slots per sample")] = SLOTS.grid,
     random: Annotated[int, typer.Option(help="random timestep slots per sample")] = SLOTS.random,
@@ -127,6 +136,7 @@ def create(
                 checkpoints=tuple(CheckpointSpec(**c) for c in checkpoints),
                 scheduler=scheduler,
                 loss=loss,
+                loss_weighting=loss_weighting,
                 train_batch_size=train_batch_size,
                 slots=SlotSpec(replay=not no_replay, grid=grid, random=random, seed=slot_seed),
                 projector=ProjectorSpec(kind=projector, dim=dim, seed=projector_seed),
@@ -139,6 +149,7 @@ def create(
     except OSError as error:
         raise SpecError(f"cannot read the spec: {error}") from error
     opened = GradientStore.create(store, _recorded(index_spec))
+    print_notices(opened.plan.dataset.notices)
     print(
         f"{opened.path}: {opened.num_rows} samples x {opened.num_slots} slots x k={opened.dim}, "
         f"{opened.num_checkpoints} checkpoints, {opened.num_shards} shards each; "
@@ -362,6 +373,7 @@ def inspect(store: Store, as_json: Annotated[bool, typer.Option("--json", help="
             "folder": opened.attrs.get("scheduler"),
             "prediction_type": opened.attrs.get("prediction_type"),
         },
+        "loss_weighting": opened.attrs.get("loss_weighting", "none"),  # stores from before it: none
         "fingerprints": opened.attrs["fingerprints"],
         "size_bytes": opened.size_bytes(),
         "freshness": freshness,

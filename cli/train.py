@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import typer
 from tqdm import tqdm
 
-from api_schemas import BetaSchedule, LossKind, PredictionType, TrainSpec
+from api_schemas import BetaSchedule, LossKind, LossWeighting, PredictionType, TrainSpec
 from cli.common import (
     Channels,
     DataSeed,
@@ -75,6 +75,10 @@ def run(
     prediction_type: Annotated[
         PredictionType | None, _flag("prediction_type", "what the UNet predicts")
     ] = None,
+    loss_weighting: Annotated[
+        LossWeighting | None,
+        _flag("loss_weighting", "per-sample loss weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t)"),
+    ] = None,
 ) -> int:
     base: dict[str, Any] = {}
     if config is not None:
@@ -101,6 +105,7 @@ def run(
         num_timesteps=timesteps,
         beta_schedule=beta_schedule,
         prediction_type=prediction_type,
+        loss_weighting=loss_weighting,
     )
     setting = RECIPES[recipe] if recipe is not None else None
     spec = validated(TrainSpec, {**(setting.train if setting else {}), **base, **flags, "dataset": dataset})

@@ -56,6 +56,7 @@ def main() -> None:
         dataset=data, preset="custom", loss="mse", epochs=args.epochs, batch_size=args.train_batch_size,
         lr=args.learning_rate, save_every=args.save_model_epochs, seed=args.seed,
         num_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule, prediction_type=args.prediction_type,
+        loss_weighting="snr" if args.prediction_type == "sample" else "none",
     )
     out = args.output_dir
     torch.manual_seed(args.seed)
@@ -98,6 +99,9 @@ def main() -> None:
             else:
                 target = clean_images
             per_sample = F.mse_loss(model_output, target, reduction="none").flatten(1).mean(dim=1)
+            if args.prediction_type == "sample":  # as diffusers' example: the MSE weighted by the SNR
+                alpha_t = noise_scheduler.alphas_cumprod[timesteps].float()
+                per_sample = alpha_t / (1 - alpha_t) * per_sample
             per_sample.mean().backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -56,6 +56,7 @@ class GradientComputerCache:
             str(plan.checkpoints[checkpoint].path),
             str(plan.scheduler_folder),
             plan.loss,
+            plan.loss_weighting,
             spec.projector.model_dump_json(),
             str(spec.batch_size),
             str(checkpoint),

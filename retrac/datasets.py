@@ -2,8 +2,9 @@
 
 Every source goes through the same conversion (channel layout, center crop to square, values to [0, 1],
 channel count, resize, then x = 2z - 1), so an image gets the same pixels whether it is a training sample
-or a query. Ids are stable across loads and safe as file names, because the gradient store keys its rows
-by them and a stale store is detected through the dataset's fingerprint.
+or a query. Ids are stable across loads, because the gradient store keys its rows by them and a stale
+store is detected through the dataset's fingerprint. An image folder's ids are its files' relative
+paths (`2/0084.png`), so an answer names the file it came from.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import struct
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from api_schemas.common import MAX_SAMPLE_ID_LENGTH, SAMPLE_ID_PATTERN
 from api_schemas.specs import DatasetSpec
 from retrac.exceptions import DatasetError
 from retrac.paths import resolve_inside
@@ -34,10 +36,10 @@ from retrac.paths import resolve_inside
 MAX_IMAGE_SIDE = 4096
 """Largest accepted image side, checked before pixels are decoded (guards against decompression bombs)."""
 
-_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".npy"})
 _PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")  # no EPS/PDF: those run external programs
-_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
-_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9._-]")
+_SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
+_OLD_ID_CHAR = re.compile(r"[^A-Za-z0-9._-]")
 _LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601, the weights of PIL's convert("L")
 _PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "coins", "moon", "page", "text", "rocket", "horse")
 _IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # PIL names its file object; say nothing of it
@@ -48,9 +50,27 @@ _SOURCES = (
 )
 
 
+@dataclass
+class Conversions:
+    """What the conversion path changed in the images of one load (a dataset, or one request's
+    queries), counted per kind, so that a user learns their images were not used as they are."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def note(self, kind: str, count: int) -> None:
+        """`count` images underwent `kind` (a phrase such as "resized from 28x28 to 16x16 px")."""
+        if count:
+            self.counts[kind] += count
+
+    def notices(self, total: int, what: str) -> tuple[str, ...]:
+        """One sentence per kind, e.g. "training images: 48 of 48 resized from 28x28 to 16x16 px"."""
+        return tuple(f"{what}: {n} of {total} {kind}" for kind, n in self.counts.items())
+
+
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """Training images (N, C, H, W) in [-1, 1] with one unique, file-name-safe id per sample.
+    """Training images (N, C, H, W) in [-1, 1] with one unique id per sample (a relative path, see
+    `api_schemas.common.SAMPLE_ID_PATTERN`), and the notices of what loading them converted.
 
     Treat `images` as read-only: the fingerprint is computed once and cached.
     """
@@ -59,6 +79,7 @@ class ImageDataset:
     ids: tuple[str, ...]
     name: str
     groups: tuple[str, ...] | None = None
+    notices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.float32:
@@ -67,9 +88,12 @@ class ImageDataset:
         count = self.images.shape[0]
         if len(self.ids) != count:
             raise DatasetError(f"{len(self.ids)} ids for {count} images")
-        unsafe = [i for i in self.ids if not _SAFE_ID.fullmatch(i) or set(i) == {"."}]
-        if unsafe:
-            raise DatasetError(f"ids must match [A-Za-z0-9._-]+ and not be only dots; bad: {unsafe[:5]}")
+        bad = [i for i in self.ids if not _SAMPLE_ID.fullmatch(i) or len(i) > MAX_SAMPLE_ID_LENGTH]
+        if bad:
+            raise DatasetError(
+                f"sample ids must be relative paths of at most {MAX_SAMPLE_ID_LENGTH} characters (parts joined "
+                f"by '/', none empty or only dots, no backslash or control characters); rename: {bad[:5]}"
+            )
         if len(set(self.ids)) != count:
             repeated = sorted(i for i, n in Counter(self.ids).items() if n > 1)
             raise DatasetError(f"duplicate ids in {self.name!r}: {repeated[:5]}")
@@ -135,12 +159,19 @@ def load_dataset(spec: DatasetSpec, root: Path | None = None) -> ImageDataset:
 
 
 def load_image_file(
-    data: bytes | Path, *, resolution: int, channels: int, max_side: int = MAX_IMAGE_SIDE
+    data: bytes | Path,
+    *,
+    resolution: int,
+    channels: int,
+    max_side: int = MAX_IMAGE_SIDE,
+    conversions: Conversions | None = None,
 ) -> torch.Tensor:
     """One image file or its bytes (PNG, JPEG, ... or .npy) as (channels, resolution, resolution) in [-1, 1].
 
     A side over `max_side` is refused from the declared size, before any pixel is decoded (a .npy's
-    allocation is bounded by its bytes), so what one image costs in memory is bounded by `max_side`."""
+    allocation is bounded by its bytes), so what one image costs in memory is bounded by `max_side`.
+    What was converted is counted in `conversions`, when given."""
+    conversions = conversions if conversions is not None else Conversions()
     where = str(data) if isinstance(data, Path) else "image bytes"
     if isinstance(data, Path):
         try:
@@ -152,10 +183,17 @@ def load_image_file(
     if data.startswith(b"\x93NUMPY"):
         array = _read_npy(data, where)
     else:
-        array = _decode_image(data, where, max_side)
+        array = _decode_image(data, where, max_side, conversions)
     return _to_tensor(
-        array, batched=False, resolution=resolution, channels=channels, where=where, max_side=max_side
+        array, batched=False, resolution=resolution, channels=channels, where=where, max_side=max_side,
+        conversions=conversions,
     )[0]
+
+
+def old_sample_ids(sample_ids: Sequence[str]) -> tuple[str, ...]:
+    """The ids earlier versions gave the same samples (every character outside `A-Za-z0-9._-`, '/'
+    included, replaced by '_'): to recognise runs and stores made before ids kept folder paths."""
+    return tuple(_OLD_ID_CHAR.sub("_", i) for i in sample_ids)
 
 
 def outlier_mixture(majority: ImageDataset, outliers: ImageDataset, *, n_majority: int, n_outliers: int,
@@ -204,14 +242,16 @@ def _load_digits(spec: DatasetSpec, label: str) -> ImageDataset:
     digits = load_digits()
     keep = np.flatnonzero(digits.target == int(label)) if label else np.arange(len(digits.target))
     ids = tuple(f"digit-{i:04d}-{digits.target[i]}" for i in keep)
-    return _array_dataset(digits.images[keep] / 16.0, ids, None, spec, spec.source)
+    pixels = (digits.images[keep] / 16.0).astype(np.float32)  # exact: 0..16 / 16; float32 needs no notice
+    return _array_dataset(pixels, ids, None, spec, spec.source)
 
 
 def _load_faces(spec: DatasetSpec) -> ImageDataset:
     from skimage import data
 
     faces = data.lfw_subset()
-    return _array_dataset(faces, tuple(f"face-{i:03d}" for i in range(len(faces))), None, spec, spec.source)
+    ids = tuple(f"face-{i:03d}" for i in range(len(faces)))
+    return _array_dataset(faces.astype(np.float32), ids, None, spec, spec.source)  # the float32 it becomes anyway
 
 
 def _load_patches(spec: DatasetSpec) -> ImageDataset:
@@ -225,14 +265,15 @@ def _load_patches(spec: DatasetSpec) -> ImageDataset:
     ys = rng.integers(0, np.array([p.shape[0] - side + 1 for _, p in photos])[which])
     xs = rng.integers(0, np.array([p.shape[1] - side + 1 for _, p in photos])[which])
     images = torch.empty(count, spec.channels, spec.resolution, spec.resolution)
+    conversions = Conversions()
     for k, (name, photo) in enumerate(photos):
         rows = np.flatnonzero(which == k)
         if rows.size:
             cuts = np.stack([photo[y:y + side, x:x + side] for y, x in zip(ys[rows], xs[rows])])
             images[torch.from_numpy(rows)] = _to_tensor(cuts, batched=True, resolution=spec.resolution,
-                                                        channels=spec.channels, where=name)
+                                                        channels=spec.channels, where=name, conversions=conversions)
     ids = tuple(f"patch-{photos[k][0]}-{i:05d}" for i, k in enumerate(which))
-    return ImageDataset(images, ids, spec.source)
+    return ImageDataset(images, ids, spec.source, notices=conversions.notices(count, spec.source))
 
 
 @functools.cache
@@ -259,7 +300,7 @@ def _load_outliers(spec: DatasetSpec) -> ImageDataset:
     zeros = load_dataset(DatasetSpec(source="builtin:digits:0", **shape))
     mixture = outlier_mixture(majority, zeros, n_majority=total - n_outliers, n_outliers=n_outliers,
                               seed=spec.seed)
-    return replace(mixture, name=spec.source)
+    return replace(mixture, name=spec.source, notices=majority.notices + zeros.notices)
 
 
 def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDataset:
@@ -268,11 +309,13 @@ def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDat
         raise DatasetError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in folder {folder}")
     grouped = all("/" in rel for rel in found)  # every image in a class subfolder: the subfolder is its group
     kept = found[:spec.limit]
-    images = [load_image_file(resolve_inside(root, folder / rel), resolution=spec.resolution, channels=spec.channels)
+    conversions = Conversions()
+    images = [load_image_file(resolve_inside(root, folder / rel), resolution=spec.resolution, channels=spec.channels,
+                              conversions=conversions)
               for rel in kept]
-    ids = tuple(_UNSAFE_CHAR.sub("_", rel) for rel in kept)
+    ids = tuple(kept)  # the relative paths themselves: an answer names the file
     groups = tuple(rel.split("/", 1)[0] for rel in kept) if grouped else None
-    return ImageDataset(torch.stack(images), ids, folder.name, groups)
+    return ImageDataset(torch.stack(images), ids, folder.name, groups, conversions.notices(len(kept), folder.name))
 
 
 def _image_files(folder: Path) -> list[str]:
@@ -319,9 +362,12 @@ def _array_dataset(array: np.ndarray, ids: tuple[str, ...] | None, groups: tuple
     if array.ndim not in (3, 4) or len(array) == 0:
         raise DatasetError(f"{name} must hold images as (N, H, W[, C]) or (N, C, H, W), got {array.shape}")
     kept = array[:spec.limit]
-    images = _to_tensor(kept, batched=True, resolution=spec.resolution, channels=spec.channels, where=name)
+    conversions = Conversions()
+    images = _to_tensor(kept, batched=True, resolution=spec.resolution, channels=spec.channels, where=name,
+                        conversions=conversions)
     ids = ids[:spec.limit] if ids is not None else tuple(f"sample-{i:05d}" for i in range(len(kept)))
-    return ImageDataset(images, ids, name, None if groups is None else groups[:spec.limit])
+    return ImageDataset(images, ids, name, None if groups is None else groups[:spec.limit],
+                        conversions.notices(len(kept), name))
 
 
 # --- decoding and the one conversion path ------------------------------------------------------------------
@@ -344,17 +390,21 @@ def _read_npy(data: bytes, where: str) -> np.ndarray:
         raise DatasetError(f"{where} is not a readable .npy array: {exc}") from exc
 
 
-def _decode_image(data: bytes, where: str, max_side: int) -> np.ndarray:
+def _decode_image(data: bytes, where: str, max_side: int, conversions: Conversions) -> np.ndarray:
     """Pixels as (H, W) or (H, W, 3); alpha is composited onto black. Size is checked before decoding."""
     try:
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
             _check_side(image.size[1], image.size[0], where, max_side)
             image.load()
             if image.mode == "F" or image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grey, float
+                conversions.note(f"converted from {'float' if image.mode == 'F' else '16-bit'} grey pixels", 1)
                 return np.asarray(image).astype(np.float32) / (1.0 if image.mode == "F" else 65535.0)
             if "A" in image.getbands() or "transparency" in image.info:
+                conversions.note("had their transparency composited onto black", 1)
                 rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
                 return rgba[:, :, :3] * rgba[:, :, 3:]
+            if image.mode not in ("L", "RGB"):
+                conversions.note(f"converted from PIL mode {image.mode} pixels", 1)
             return np.asarray(image.convert("L" if image.mode in ("1", "L") else "RGB"))
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{where} is not a readable image: {_IN_MEMORY.sub('the data', str(exc))}") from exc
@@ -366,12 +416,13 @@ def _check_side(height: int, width: int, where: str, max_side: int) -> None:
 
 
 def _to_tensor(array: np.ndarray, *, batched: bool, resolution: int, channels: int, where: str,
-               max_side: int = MAX_IMAGE_SIDE) -> torch.Tensor:
-    """(N, H, W), (N, H, W, C) or (N, C, H, W) (no N when not batched) → (N, channels, R, R) in [-1, 1]."""
+               conversions: Conversions, max_side: int = MAX_IMAGE_SIDE) -> torch.Tensor:
+    """(N, H, W), (N, H, W, C) or (N, C, H, W) (no N when not batched) → (N, channels, R, R) in [-1, 1];
+    what is cropped, resized or converted on the way is counted in `conversions`."""
     if channels not in (1, 3) or resolution < 1:
         raise DatasetError(f"cannot bring images to {channels} channels at {resolution} px")
-    nchw = _center_crop(_nchw(array if batched else array[None], where, max_side))
-    converted = [_fit(_unit(nchw[i:i + _CHUNK], where), resolution, channels)
+    nchw = _center_crop(_nchw(array if batched else array[None], where, max_side), conversions)
+    converted = [_fit(_unit(nchw[i:i + _CHUNK], where, conversions), resolution, channels, conversions)
                  for i in range(0, len(nchw), _CHUNK)]
     return torch.cat(converted)
 
@@ -392,18 +443,22 @@ def _nchw(array: np.ndarray, where: str, max_side: int) -> np.ndarray:
     return array
 
 
-def _center_crop(nchw: np.ndarray) -> np.ndarray:
+def _center_crop(nchw: np.ndarray, conversions: Conversions) -> np.ndarray:
     height, width = nchw.shape[2:]
     side = min(height, width)
+    if height != width:
+        conversions.note(f"center-cropped from {width}x{height} to {side}x{side} (width x height)", len(nchw))
     top, left = (height - side) // 2, (width - side) // 2
     return nchw[:, :, top:top + side, left:left + side]
 
 
-def _unit(array: np.ndarray, where: str) -> torch.Tensor:
+def _unit(array: np.ndarray, where: str, conversions: Conversions) -> torch.Tensor:
     """Pixels as float32 in [0, 1]: uint8 / 255, uint16 / 65535, bool as 0/1, floats checked."""
     scale = {"u1": 255.0, "u2": 65535.0, "b1": 1.0}.get(f"{array.dtype.kind}{array.dtype.itemsize}")
     if scale is None and array.dtype.kind != "f":
         raise DatasetError(f"{where}: pixel type {array.dtype} unsupported; use uint8 0..255 or float in [0, 1]")
+    if array.dtype not in (np.uint8, np.float32):  # the two pixel types taken as they are
+        conversions.note(f"converted from {array.dtype} pixels", len(array))
     values = np.array(array, dtype=np.float32)  # a writable copy, also of read-only memory maps
     if scale is not None:
         return torch.from_numpy(values / scale)
@@ -414,12 +469,16 @@ def _unit(array: np.ndarray, where: str) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def _fit(unit: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
+def _fit(unit: torch.Tensor, resolution: int, channels: int, conversions: Conversions) -> torch.Tensor:
     if unit.shape[1] == 3 and channels == 1:
+        conversions.note("converted from RGB to grey (ITU-R BT.601 luma)", len(unit))
         unit = torch.einsum("nchw,c->nhw", unit, _LUMA)[:, None]
     elif unit.shape[1] == 1 and channels == 3:
+        conversions.note("converted from grey to RGB (the channel repeated)", len(unit))
         unit = unit.expand(-1, 3, -1, -1)
     if unit.shape[-1] != resolution:
+        side = unit.shape[-1]
+        conversions.note(f"resized from {side}x{side} to {resolution}x{resolution} px (bilinear)", len(unit))
         unit = F.interpolate(unit, size=(resolution, resolution), mode="bilinear", align_corners=False,
                              antialias=unit.shape[-1] > resolution)
     return (unit * 2 - 1).clamp(-1, 1)

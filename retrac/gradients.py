@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from api_schemas import LossKind
-from retrac.losses import distance, noised, target
+from api_schemas import LossKind, LossWeighting
+from retrac.losses import noised, per_sample_loss
 from retrac.models import DiffusionModel
 from retrac.projections import IdentityProjector, Projector
 
@@ -92,6 +92,7 @@ def group_losses(
     images: torch.Tensor,
     timesteps: torch.Tensor,
     noise: torch.Tensor,
+    weighting: LossWeighting = "none",
 ) -> torch.Tensor:
     """Mean loss of each of B groups, `(B,)`.
 
@@ -105,8 +106,8 @@ def group_losses(
     x_t = noised(clean, steps, flat_noise, model.scheduler)
     buffers = dict(model.unet.named_buffers())
     prediction = functional_call(model.unet, (params, buffers), (x_t, steps)).sample
-    wanted = target(clean, steps, flat_noise, model.scheduler)
-    return distance(prediction, wanted, loss).reshape(groups, draws).mean(dim=1)
+    values = per_sample_loss(prediction, clean, steps, flat_noise, model.scheduler, loss, weighting)
+    return values.reshape(groups, draws).mean(dim=1)
 
 
 def group_loss(
@@ -116,9 +117,10 @@ def group_loss(
     image: torch.Tensor,
     timestep: torch.Tensor,
     noise: torch.Tensor,
+    weighting: LossWeighting = "none",
 ) -> torch.Tensor:
     """Mean loss of one image `(C, H, W)` at one timestep `()` over G noises `(G, C, H, W)`."""
-    return group_losses(model, loss, params, image[None], timestep[None], noise[None])[0]
+    return group_losses(model, loss, params, image[None], timestep[None], noise[None], weighting)[0]
 
 
 # Layer rules: a layer's per-sample parameter gradients `(B, *shape)` from its inputs and output
@@ -192,8 +194,10 @@ class GradientComputer:
         loss: LossKind,
         projector: Projector | None = None,
         chunk: int = DEFAULT_CHUNK,
+        *,
+        weighting: LossWeighting = "none",
     ) -> None:
-        self.model, self.loss, self.chunk = model, loss, chunk
+        self.model, self.loss, self.weighting, self.chunk = model, loss, weighting, chunk
         self.params = trainable_parameters(model)
         self.num_params = sum(p.numel() for p in self.params.values())
         self.projector = projector or IdentityProjector(self.num_params)
@@ -203,7 +207,7 @@ class GradientComputer:
         self._layers = _rule_layers(model.unet, self.params)
 
         def one(params: dict[str, torch.Tensor], image, timestep, noise) -> torch.Tensor:
-            return group_loss(model, loss, params, image, timestep, noise)
+            return group_loss(model, loss, params, image, timestep, noise, weighting)
 
         self._batched_grad = vmap(grad(one), in_dims=(None, 0, 0, 0))
 
@@ -279,7 +283,7 @@ class GradientComputer:
         try:
             with torch.enable_grad():
                 params = dict(self.model.unet.named_parameters())
-                total = group_losses(self.model, self.loss, params, images, timesteps, noise).sum()
+                total = group_losses(self.model, self.loss, params, images, timesteps, noise, self.weighting).sum()
         finally:
             for handle in handles:
                 handle.remove()
@@ -307,14 +311,19 @@ def _layer_gradients(layers: Layers, records: Records, batch: int) -> Iterator[t
 
 
 def loop_gradients(
-    model: DiffusionModel, loss: LossKind, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
+    model: DiffusionModel,
+    loss: LossKind,
+    images: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    weighting: LossWeighting = "none",
 ) -> torch.Tensor:
     """Reference: unprojected per-sample gradients `(B, P)`, one ordinary autograd call per sample."""
     params = [p for p in model.unet.parameters() if p.requires_grad]
     named = dict(model.unet.named_parameters())
     rows = []
     for b in range(images.shape[0]):
-        value = group_loss(model, loss, named, images[b], timesteps[b], noise[b])
+        value = group_loss(model, loss, named, images[b], timesteps[b], noise[b], weighting)
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
     return torch.stack(rows)
 

@@ -1,22 +1,39 @@
 """The DDPM training loss, per sample, exactly as training computes it.
 
-`l(theta; z, t, eps) = mean_pixels d(f_theta(x_t, t), y)` with `x_t` the scheduler's `add_noise`
+`l(theta; z, t, eps) = w(t) mean_pixels d(f_theta(x_t, t), y)` with `x_t` the scheduler's `add_noise`
 (`sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) eps`), the target `y` the noise `eps` (epsilon), the
-scheduler's `get_velocity` (v_prediction) or the clean image `x` (sample), and `d` squared (`mse`)
-or absolute (`l1`) error. The schedule is diffusers' own scheduler object, never a copy of its
-formulas. Training and gradient code both call `noised`, `target` and `distance`, so a replayed
-step reproduces the training loss to the last bit.
+scheduler's `get_velocity` (v_prediction) or the clean image `x` (sample), `d` squared (`mse`)
+or absolute (`l1`) error, and the weight `w(t)` 1 (`none`) or the signal-to-noise ratio
+`alpha_bar_t / (1 - alpha_bar_t)` (`snr`: diffusers' `train_unconditional.py` trains sample-prediction
+models so). The schedule is diffusers' own scheduler object, never a copy of its formulas. Training
+and gradient code both call `per_sample_loss`, so a replayed step reproduces the training loss to
+the last bit.
 """
 
 from __future__ import annotations
 
 import torch
 
-from api_schemas import LossKind, PredictionType
+from api_schemas import LossKind, LossWeighting, PredictionType
 from retrac.exceptions import SpecError
 from retrac.models import Scheduler
 
 LOSS_KINDS: tuple[LossKind, ...] = ("mse", "l1")
+LOSS_WEIGHTINGS: tuple[LossWeighting, ...] = ("none", "snr")
+
+
+def per_sample_loss(
+    prediction: torch.Tensor,
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    scheduler: Scheduler,
+    kind: LossKind,
+    weighting: LossWeighting = "none",
+) -> torch.Tensor:
+    """`l` of the module docstring `(B,)`, for the UNet's `prediction` on `noised(x0, timesteps, noise)`."""
+    values = distance(prediction, target(x0, timesteps, noise, scheduler), kind)
+    return values if weighting == "none" else loss_weights(timesteps, scheduler, weighting) * values
 
 
 def noised(x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, scheduler: Scheduler) -> torch.Tensor:
@@ -41,3 +58,23 @@ def distance(prediction: torch.Tensor, wanted: torch.Tensor, kind: LossKind) -> 
     error = prediction - wanted
     pointwise = error.square() if kind == "mse" else error.abs()
     return pointwise.flatten(1).mean(dim=1)
+
+
+def loss_weights(timesteps: torch.Tensor, scheduler: Scheduler, weighting: LossWeighting) -> torch.Tensor:
+    """`w(t)` `(B,)` float32 of timesteps `(B,)`; `snr` is computed in float32 from the scheduler's
+    `alphas_cumprod`, as diffusers' `train_unconditional.py` computes it."""
+    if weighting == "none":
+        return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+    if weighting == "snr":
+        alpha_bar = scheduler.alphas_cumprod.to(device=timesteps.device)[timesteps].float()
+        return alpha_bar / (1 - alpha_bar)
+    raise SpecError(f"unknown loss weighting {weighting!r}; choose one of {list(LOSS_WEIGHTINGS)}")
+
+
+def check_weighting(scheduler: Scheduler, weighting: LossWeighting) -> None:
+    """A SpecError if `weighting` is unknown, or infinite at some timestep of the schedule
+    (`snr` where `alpha_bar_t = 1`, a zero beta): the model could not have been trained so."""
+    if weighting not in LOSS_WEIGHTINGS:
+        raise SpecError(f"unknown loss weighting {weighting!r}; choose one of {list(LOSS_WEIGHTINGS)}")
+    if weighting == "snr" and not bool((scheduler.alphas_cumprod.float() < 1).all()):
+        raise SpecError("the snr loss weighting is infinite where alpha_bar_t = 1 (a zero beta) in this schedule")

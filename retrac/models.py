@@ -180,8 +180,30 @@ def sample_shape(architecture: dict[str, Any]) -> tuple[int, int]:
     return int(architecture.get("in_channels", 3)), size
 
 
+def weights_file(path: str | Path) -> Path:
+    """The safetensors weights file of a checkpoint folder (a UNet, pipeline or `checkpoint-N` folder)."""
+    return _model_folder(path) / WEIGHTS_NAME
+
+
+def scheduler_settings(folder: str | Path) -> dict[str, Any]:
+    """The entries of the scheduler config in `folder` that fix the schedule: all but the diffusers
+    version that saved it, so a config saved again by another diffusers compares equal."""
+    config = json.loads((Path(folder) / SCHEDULER_CONFIG).read_text())
+    return {k: _jsonable(v) for k, v in sorted(config.items()) if k != "_diffusers_version"}
+
+
+def sha256_file(file: Path) -> str:
+    """sha256 of a file's bytes, read in blocks (weights files can be large)."""
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fingerprint_checkpoint(path: str | Path) -> str:
-    """sha256 of the weights file and config: a changed checkpoint is detected, not silently used."""
+    """sha256 of the config and weights files together, as format-2 stores before per-input
+    fingerprints recorded a checkpoint (`storage.freshness` still compares old stores by it)."""
     folder = _model_folder(path)
     digest = hashlib.sha256()
     for name in ("config.json", WEIGHTS_NAME):

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, LossKind, PredictionType
-from retrac.datasets import ImageDataset, load_dataset
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, LossKind, LossWeighting, PredictionType
+from retrac.datasets import ImageDataset, load_dataset, old_sample_ids
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.gradients import GradientComputer, num_parameters, whole_groups
+from retrac.losses import check_weighting
 from retrac.models import (
     DiffusionModel,
     check_architecture,
@@ -67,6 +68,7 @@ class IndexPlan:
     scheduler_folder: Path
     num_timesteps: int
     prediction_type: PredictionType
+    loss_weighting: LossWeighting
 
     @classmethod
     def resolve(cls, spec: IndexSpec, root: Path | None = None, *, data_root: Path | None = None) -> IndexPlan:
@@ -90,13 +92,15 @@ class IndexPlan:
             folder = run.scheduler_folder if run else find_scheduler(paths[0])
         scheduler = load_scheduler(folder)
         check_compatible(architecture, scheduler)
+        weighting = _resolve_weighting(spec, run, scheduler.config.prediction_type)
+        check_weighting(scheduler, weighting)
         dataset = load_dataset(spec.dataset, data_root if data_root is not None else root)
         checkpoints = _resolve_checkpoints(spec, run, given, paths, len(dataset))
         if spec.slots.replay:
             _check_replay(run, dataset, checkpoints)
         return cls(
             spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
-            int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type,
+            int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type, weighting,
         )
 
     @property
@@ -115,7 +119,9 @@ class IndexPlan:
     def gradient_computer(self, checkpoint: int, model: DiffusionModel) -> GradientComputer:
         """The computer that projects with this index's operator for checkpoint `checkpoint`."""
         projector = make_projector(self.spec.projector, num_parameters(model), checkpoint)
-        return GradientComputer(model, self.loss, projector, chunk=self.spec.batch_size)
+        return GradientComputer(
+            model, self.loss, projector, chunk=self.spec.batch_size, weighting=self.loss_weighting
+        )
 
     def slots(self, checkpoint: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps, seeds) `(n, S)` int64 of the rows `rows` at checkpoint `checkpoint`.
@@ -193,6 +199,27 @@ def _resolve_loss(spec: IndexSpec, run: TrainingRun | None) -> LossKind:
     return loss
 
 
+def _resolve_weighting(spec: IndexSpec, run: TrainingRun | None, prediction: PredictionType) -> LossWeighting:
+    """The run's loss weighting (a different one given is an error), else the one given. A
+    sample-prediction model without a run must declare it: diffusers' `train_unconditional.py` trains
+    such models with the snr weighting, other scripts without, and a guess would be silently wrong."""
+    given = spec.loss_weighting
+    if run is not None:
+        if given is not None and given != run.spec.loss_weighting:
+            raise CheckpointError(
+                f"loss weighting {given!r} does not match the record: the run was trained with "
+                f"{run.spec.loss_weighting!r}; attribution must use the training loss"
+            )
+        return run.spec.loss_weighting
+    if given is None and prediction == "sample":
+        raise SpecError(
+            "the model predicts the clean image (prediction_type sample), which diffusers' train_unconditional.py "
+            "trains with an SNR-weighted MSE; declare the weighting it was trained with: --loss-weighting snr or "
+            "none (loss_weighting in a spec)"
+        )
+    return given or "none"
+
+
 def _given_checkpoints(spec: IndexSpec, run: TrainingRun | None) -> list[CheckpointSpec]:
     """The spec's checkpoints, or else those its run saved."""
     given = list(spec.checkpoints) or (run.checkpoints() if run else [])
@@ -235,6 +262,12 @@ def _check_replay(run: TrainingRun | None, dataset: ImageDataset, checkpoints: l
         if checkpoint.epoch is None:
             raise SpecError(f"{checkpoint.path}: replay needs the epoch the checkpoint was saved after")
     missing = set(dataset.ids) - set(run.sample_ids)
+    if missing and set(old_sample_ids(dataset.ids)) <= set(run.sample_ids):
+        raise SpecError(
+            f"the run names its samples by the rule of earlier versions ({old_sample_ids(sorted(missing))[0]!r}); "
+            f"sample ids are now the files' relative paths ({sorted(missing)[0]!r}): train the run again to "
+            "replay it, or index it without replay (grid or random slots)"
+        )
     if missing:
         run.replayed(sorted(missing), 1)  # raises ReplayError naming them
     if dataset.ids == run.sample_ids and dataset.fingerprint != run.dataset_fingerprint:

@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler
 
 from api_schemas import QuerySpec, TrainSpec
 from retrac.datasets import ImageDataset
-from retrac.losses import distance, noised, target
+from retrac.losses import noised, per_sample_loss
 from retrac.models import DiffusionModel, build_unet
 from retrac.noise import draw_seeds, noise_from_seeds
 from retrac.replay import TrainingRun, write_run
@@ -134,7 +134,7 @@ def _step(
     """One optimiser step on a batch; returns the per-sample losses `(B,)` it trained on."""
     noise = noise_from_seeds(seeds, images.shape[1:])
     prediction = model.unet(noised(images, timesteps, noise, model.scheduler), timesteps).sample
-    per_sample = distance(prediction, target(images, timesteps, noise, model.scheduler), spec.loss)
+    per_sample = per_sample_loss(prediction, images, timesteps, noise, model.scheduler, spec.loss, spec.loss_weighting)
     optimizer.zero_grad(set_to_none=True)
     per_sample.mean().backward()
     optimizer.step()

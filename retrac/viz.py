@@ -1,7 +1,7 @@
 """PNG figures of attributions and gradient norms (matplotlib, Agg backend: no display needed).
 
-- `gallery`: per query, its top proponents under each method side by side, with scores; samples of
-  a highlighted group (the planted outliers) get a red frame.
+- `gallery`: per query, its top proponents under each method side by side, each with its sample id
+  and score; samples of a highlighted group (the planted outliers) get a red frame.
 - `norm_scatter`: (training timestep, gradient norm) of every training sample, coloured by group.
 - `norm_curve`: norms of a few samples over the whole timestep grid.
 """
@@ -21,6 +21,8 @@ from retrac.datasets import ImageDataset  # noqa: E402
 
 DPI = 100
 HIGHLIGHT = "tab:red"
+ID_CHARS = 16
+"""Characters of a sample id a gallery tile shows (its title is as wide as the tile)."""
 
 
 def gallery(
@@ -32,44 +34,58 @@ def gallery(
     query_labels: Sequence[str] | None = None,
     highlight: str | None = "outlier",
 ) -> Path:
+    """`gallery_figure` saved as a PNG at `path`."""
+    figure = gallery_figure(queries, rankings, train, query_labels=query_labels, highlight=highlight)
+    return _save(figure, path, tight=False)
+
+
+def gallery_figure(
+    queries: ImageDataset,
+    rankings: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    train: ImageDataset,
+    *,
+    query_labels: Sequence[str] | None = None,
+    highlight: str | None = "outlier",
+) -> plt.Figure:
     """One row per query: the query (titled by `query_labels`, default its id), then for each method
-    (label -> (positions, scores) `(Q, k)`) its top-k training samples with their scores."""
+    (label -> (positions, scores) `(Q, k)`) its top-k training samples, each titled with its sample id
+    and score. Samples of group `highlight` get a red frame, explained by a note only when the
+    training data has that group."""
     methods = list(rankings)
     k = rankings[methods[0]][0].shape[1]
     columns = 1 + len(methods) * (k + 1)
-    width, height = 0.8 * columns, 0.95 * len(queries) + 0.5
+    width, height = 0.8 * columns, 1.05 * len(queries) + 0.5
     figure, axes = plt.subplots(len(queries), columns, figsize=(width, height), squeeze=False)
     figure.subplots_adjust(
-        left=0.01, right=0.99, top=1 - 0.4 / height, bottom=0.2 / height, wspace=0.1, hspace=0.4
+        left=0.01, right=0.99, top=1 - 0.4 / height, bottom=0.2 / height, wspace=0.1, hspace=0.6
     )
+    highlighted = highlight is not None and train.groups is not None and highlight in train.groups
     for q in range(len(queries)):
         label = query_labels[q] if query_labels is not None else queries.ids[q]
-        _thumb(axes[q, 0], queries.to_uint8(q), label, frame=None)
+        _thumb(axes[q, 0], queries.to_uint8(q), _short(label), frame=None)
         for m, method in enumerate(methods):
             axes[q, 1 + m * (k + 1)].axis("off")  # a blank column between methods
             positions, scores = rankings[method]
             for j in range(k):
                 row = int(positions[q, j])
-                outlier = (
-                    highlight is not None and train.groups is not None and train.groups[row] == highlight
-                )
+                framed = highlighted and train.groups[row] == highlight  # type: ignore[index]
                 _thumb(
                     axes[q, 2 + m * (k + 1) + j],
                     train.to_uint8(row),
-                    f"{scores[q, j]:.2g}",
-                    frame=HIGHLIGHT if outlier else None,
+                    f"{_short(train.ids[row])}\n{scores[q, j]:.2g}",
+                    frame=HIGHLIGHT if framed else None,
                 )
     for m, method in enumerate(methods):
         left = axes[0, 2 + m * (k + 1)].get_position().x0
         figure.text(
             left,
             1 - 0.12 / height,
-            f"{method}: top {k} proponents (score)",
+            f"{method}: top {k} proponents (sample id, score)",
             fontsize=9,
             weight="bold",
             va="top",
         )
-    if highlight is not None:
+    if highlighted:
         figure.text(
             0.01,
             0.05 / height,
@@ -77,7 +93,7 @@ def gallery(
             fontsize=7,
             color=HIGHLIGHT,
         )
-    return _save(figure, path, tight=False)
+    return figure
 
 
 def norm_scatter(
@@ -124,6 +140,13 @@ def norm_curve(
     axis.set(xlabel="timestep t", ylabel=ylabel, title=title)
     axis.legend(fontsize=7)
     return _save(figure, path)
+
+
+def _short(label: str, most: int = ID_CHARS) -> str:
+    """`label` cut to its last `most` characters (a file name's end tells most), `$` kept literal
+    (matplotlib would read text between two `$` as math)."""
+    cut = label if len(label) <= most else "…" + label[-(most - 1):]
+    return cut.replace("$", r"\$")
 
 
 def _thumb(axis: plt.Axes, pixels: np.ndarray, label: str, *, frame: str | None) -> None:

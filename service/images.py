@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from api_schemas.attribution import ArrayImage, EncodedImage
-from retrac.datasets import MAX_IMAGE_SIDE, load_image_file
+from retrac.datasets import MAX_IMAGE_SIDE, Conversions, load_image_file
 from retrac.exceptions import DatasetError
 
 FORMATS_HINT = "send a PNG, JPEG, BMP, WEBP, GIF or TIFF file, or a .npy array"
@@ -32,10 +32,15 @@ def max_side(resolution: int) -> int:
     return min(MAX_IMAGE_SIDE, SIDE_PER_RESOLUTION * resolution)
 
 
-def decode_file(data: bytes, *, resolution: int, channels: int, name: str) -> torch.Tensor:
-    """One uploaded file as `(channels, resolution, resolution)` in [-1, 1]; DatasetError names it."""
+def decode_file(
+    data: bytes, *, resolution: int, channels: int, name: str, conversions: Conversions
+) -> torch.Tensor:
+    """One uploaded file as `(channels, resolution, resolution)` in [-1, 1], what it converted counted
+    in `conversions`; DatasetError names it."""
     try:
-        return load_image_file(data, resolution=resolution, channels=channels, max_side=max_side(resolution))
+        return load_image_file(
+            data, resolution=resolution, channels=channels, max_side=max_side(resolution), conversions=conversions
+        )
     except DatasetError as error:
         message = str(error).replace("image bytes", name, 1)  # the engine's name for bytes without a path
         if "not a readable" in message:
@@ -44,7 +49,7 @@ def decode_file(data: bytes, *, resolution: int, channels: int, name: str) -> to
 
 
 def decode_json_image(
-    image: EncodedImage | ArrayImage, *, resolution: int, channels: int, name: str
+    image: EncodedImage | ArrayImage, *, resolution: int, channels: int, name: str, conversions: Conversions
 ) -> torch.Tensor:
     """One image of a JSON request (base64 file or nested array) as `decode_file` returns it."""
     if isinstance(image, EncodedImage):
@@ -54,7 +59,7 @@ def decode_json_image(
             raise DatasetError(
                 f"{name}: not valid base64 ({error}); send the file's bytes in standard base64"
             ) from error
-        return decode_file(data, resolution=resolution, channels=channels, name=name)
+        return decode_file(data, resolution=resolution, channels=channels, name=name, conversions=conversions)
     try:
         array = np.asarray(image.array, dtype=np.float32)
     except ValueError as error:
@@ -63,7 +68,7 @@ def decode_json_image(
         ) from error
     packed = io.BytesIO()
     np.save(packed, array, allow_pickle=False)
-    return decode_file(packed.getvalue(), resolution=resolution, channels=channels, name=name)
+    return decode_file(packed.getvalue(), resolution=resolution, channels=channels, name=name, conversions=conversions)
 
 
 def png_bytes(pixels: np.ndarray, size: int | None = None) -> bytes:

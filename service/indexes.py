@@ -13,13 +13,13 @@ def create_index(repository: StoreRepository, request: IndexCreate) -> IndexPubl
     """Create the store and start its job; if the job cannot start, the store is removed again."""
     repository.check_new(request)  # a bad request is told so, whether or not the queue is up
     require_queue()  # before the store is written: an index nobody fills would only mislead
-    repository.create(request)
+    store = repository.create(request)
     try:
         start_job(repository, request.name)
     except BaseException:
         repository.delete(request.name)
         raise
-    return repository.describe(request.name)
+    return repository.describe(request.name).model_copy(update={"notices": list(store.plan.dataset.notices)})
 
 
 def delete_index(repository: StoreRepository, name: IndexName) -> None:

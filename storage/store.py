@@ -4,7 +4,8 @@ Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k pr
 
     zarr.json attributes     format, a uid, the full IndexSpec, the root its paths resolve in and
                              the data root its dataset files must stay in,
-                             fingerprints of the checkpoints, dataset, replay record and schedule,
+                             fingerprints of the checkpoints, dataset, replay record and schedule
+                             (`storage.freshness`),
                              the resolved checkpoints (path, epoch, weight), num_rows, num_slots,
                              dim, shard_size, num_shards, slot_kinds, and the noise rule that turns
                              a stored seed into noise
@@ -32,7 +33,6 @@ and slows every scan.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -53,9 +53,8 @@ from api_schemas import IndexSpec
 from retrac.exceptions import RetracError
 from retrac.gradients import num_parameters
 from retrac.plan import IndexPlan, Rows
-from retrac.models import fingerprint_checkpoint
-from retrac.replay import RECORD_NAME
 from retrac.scoring import SCAN_ROWS, RowChunk
+from storage.freshness import REBUILD, changes, fingerprints
 from storage.errors import (
     DamagedStoreError,
     DeletedStoreError,
@@ -262,23 +261,9 @@ class GradientStore:
         """A StaleStoreError naming what changed, if the checkpoints, data, record or schedule did."""
         data_root = Path(self.attrs["data_root"]) if self.attrs.get("data_root") else None
         plan = _resolve(self.spec, self.root, self.path, data_root=data_root, stale=True)
-        now, then = _fingerprints(plan), self.attrs["fingerprints"]
-        if len(now["checkpoints"]) != len(then["checkpoints"]):
-            changed = [
-                f"the number of checkpoints ({len(then['checkpoints'])} then, {len(now['checkpoints'])} now)"
-            ]
-        else:
-            changed = [
-                f"checkpoint {c} ({plan.checkpoints[c].path.name})"
-                for c, (a, b) in enumerate(zip(now["checkpoints"], then["checkpoints"], strict=True))
-                if a != b
-            ]
-        changed += [f"the {name}" for name in ("dataset", "record", "scheduler") if now[name] != then[name]]
+        changed = changes(self.attrs["fingerprints"], plan, self.sample_ids)
         if changed:
-            raise StaleStoreError(
-                f"{self.path.name} is stale: {', '.join(changed)} changed since it was indexed; "
-                "create a new index (or delete this one and recreate it)"
-            )
+            raise StaleStoreError(f"{self.path.name} is stale: {'; '.join(changed)}; restore the input, or {REBUILD}")
         self._plan = plan
 
     # --- what the store holds -------------------------------------------------------------------------
@@ -651,7 +636,10 @@ def _resolve(
     except RetracError as error:
         if not stale:
             raise
-        raise StaleStoreError(f"{path.name} is stale: its inputs no longer resolve: {error}") from error
+        raise StaleStoreError(
+            f"{path.name} is stale: its inputs no longer resolve: {error}; put them back where they were "
+            f"(its paths are recorded absolute), or {REBUILD}"
+        ) from error
 
 
 def _describe(plan: IndexPlan) -> dict[str, Any]:
@@ -663,7 +651,7 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "spec": json.loads(spec.model_dump_json()),
-        "fingerprints": _fingerprints(plan),
+        "fingerprints": fingerprints(plan),
         "checkpoints": [
             {"path": str(c.path), "epoch": c.epoch, "weight": c.weight} for c in plan.checkpoints
         ],
@@ -674,27 +662,11 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "num_shards": math.ceil(plan.num_rows / shard_size),
         "slot_kinds": kinds,
         "prediction_type": plan.prediction_type,
+        "loss_weighting": plan.loss_weighting,
         "scheduler": str(plan.scheduler_folder),
         "noise_rule": NOISE_RULE,
         "torch_version": torch.__version__,
     }
-
-
-def _fingerprints(plan: IndexPlan) -> dict[str, Any]:
-    record = plan.run.folder / RECORD_NAME if plan.run is not None and plan.spec.slots.replay else None
-    scheduler = plan.scheduler_folder / "scheduler_config.json" if plan.scheduler_folder else None
-    return {
-        "dataset": plan.dataset.fingerprint,
-        "checkpoints": [fingerprint_checkpoint(c.path) for c in plan.checkpoints],
-        "record": _file_digest(record),
-        "scheduler": _file_digest(scheduler),
-    }
-
-
-def _file_digest(file: Path | None) -> str | None:
-    if file is None or not file.is_file():
-        return None
-    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def _even_shard_size(rows: int, most: int) -> int:

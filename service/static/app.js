@@ -45,7 +45,8 @@ async function loadIndexes() {
 }
 
 async function thumbnail(index, sampleId) {
-  const response = await call(`indexes/${encodeURIComponent(index)}/samples/${encodeURIComponent(sampleId)}?size=80`);
+  const path = sampleId.split("/").map(encodeURIComponent).join("/");  // ids are relative paths: 2/0084.png
+  const response = await call(`indexes/${encodeURIComponent(index)}/samples/${path}?size=80`);
   return URL.createObjectURL(await response.blob());
 }
 

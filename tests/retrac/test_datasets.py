@@ -14,9 +14,11 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from skimage import data as skdata
 
+from api_schemas.common import SAMPLE_ID_PATTERN
 from api_schemas.specs import DatasetSpec
 from retrac.datasets import (
     MAX_IMAGE_SIDE,
+    Conversions,
     ImageDataset,
     load_dataset,
     load_image_file,
@@ -27,7 +29,7 @@ from retrac.exceptions import DatasetError, SpecError
 
 torch.set_num_threads(1)
 
-SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
+SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
 
 
 def _png(array: np.ndarray, **kwargs: object) -> bytes:
@@ -58,7 +60,7 @@ def test_builtin_shapes_ranges_and_ids(source: str, channels: int) -> None:
     assert dataset.images.dtype == torch.float32
     assert dataset.images.min() >= -1 and dataset.images.max() <= 1
     assert dataset.images.std() > 0.05
-    assert len(set(dataset.ids)) == 30 and all(SAFE_ID.fullmatch(i) for i in dataset.ids)
+    assert len(set(dataset.ids)) == 30 and all(SAMPLE_ID.fullmatch(i) for i in dataset.ids)
     again = _load(source, resolution=16, channels=channels, limit=30)
     assert again.ids == dataset.ids
     assert again.fingerprint == dataset.fingerprint
@@ -167,8 +169,10 @@ def test_subset_index_of_and_bad_ids() -> None:
         dataset.index_of(["s1", "nope"])
     with pytest.raises(DatasetError, match="out of range"):
         dataset.subset([4])
-    for bad_ids in [("a", "a"), ("a/b", "c"), ("..", "c")]:
-        with pytest.raises(DatasetError):
+    assert _tiny([0.0, 0.1], ("2/0084.png", "my photos/é.png")).ids == ("2/0084.png", "my photos/é.png")
+    for bad_ids in [("a", "a"), ("a/../b", "c"), ("..", "c"), ("/a", "c"), ("a//b", "c"), ("a\\b", "c"),
+                    ("a\nb", "c"), ("", "c"), ("a/", "c"), ("x" * 1025, "c")]:
+        with pytest.raises(DatasetError, match="sample ids must be relative paths|duplicate ids"):
             _tiny([0.0, 0.1], bad_ids)
 
 
@@ -206,7 +210,7 @@ def test_image_folder_modes_groups_and_ids(tmp_path: Path) -> None:
     (folder / "dogs" / ".hidden.png").write_bytes(_png(rgb))
 
     dataset = load_dataset(DatasetSpec(source="data", resolution=8, channels=3), root=tmp_path)
-    assert dataset.ids == ("cats_a_rgb.png", "cats_b.png", "dogs_c.png", "dogs_deep_d.png", "dogs_e.JPG")
+    assert dataset.ids == ("cats/a rgb.png", "cats/b.png", "dogs/c.png", "dogs/deep/d.png", "dogs/e.JPG")
     assert dataset.groups == ("cats", "cats", "dogs", "dogs", "dogs")
     unit = (dataset.images + 1) / 2
     torch.testing.assert_close(unit[0], torch.from_numpy(rgb).permute(2, 0, 1) / 255.0)
@@ -222,8 +226,19 @@ def test_image_folder_modes_groups_and_ids(tmp_path: Path) -> None:
     assert np.array_equal(dataset.to_uint8(0), rgb)
 
     limited = load_dataset(DatasetSpec(source=str(folder / "dogs"), resolution=4, limit=2))
-    assert limited.ids == ("c.png", "deep_d.png") and limited.groups is None
+    assert limited.ids == ("c.png", "deep/d.png") and limited.groups is None
     assert limited.images.shape == (2, 1, 4, 4)
+
+
+def test_image_folder_reads_every_listed_format(tmp_path: Path) -> None:
+    grey = _pattern(10, (4, 4))
+    for suffix in ("bmp", "gif", "tiff", "webp"):
+        Image.fromarray(grey).save(tmp_path / f"x.{suffix}", **({"lossless": True} if suffix == "webp" else {}))
+    np.save(tmp_path / "x.npy", grey)
+    dataset = load_dataset(DatasetSpec(source=str(tmp_path), resolution=4))
+    assert dataset.ids == ("x.bmp", "x.gif", "x.npy", "x.tiff", "x.webp")
+    for row in range(len(dataset)):
+        assert np.array_equal(dataset.to_uint8(row), grey), dataset.ids[row]
 
 
 def test_npy_layouts_round_trip(tmp_path: Path) -> None:
@@ -367,3 +382,42 @@ def test_npz_integer_group_labels_are_accepted(tmp_path) -> None:
     np.savez(tmp_path / "d.npz", images=np.zeros((3, 4, 4), dtype=np.uint8), groups=np.array([0, 1, 1]))
     dataset = load_dataset(DatasetSpec(source=str(tmp_path / "d.npz"), resolution=4))
     assert dataset.groups == ("0", "1", "1")
+
+
+# --- notices of what loading converted --------------------------------------------------------------------
+
+
+def test_notices_count_each_conversion_once_per_load(tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png(_pattern(11, (8, 8))))  # grey uint8 at 8 px: as it is
+    (folder / "b.png").write_bytes(_png(_pattern(12, (8, 8, 4))))  # RGBA: alpha, and RGB to grey
+    (folder / "c.png").write_bytes(_png(_pattern(13, (8, 12))))  # 12 wide, 8 high: cropped
+    (folder / "d.png").write_bytes(_png(_pattern(14, (16, 16))))  # resized
+    (folder / "e.png").write_bytes(_png(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000))  # 16-bit
+    dataset = load_dataset(DatasetSpec(source=str(folder), resolution=8))
+    assert dataset.notices == (
+        "mixed: 1 of 5 had their transparency composited onto black",
+        "mixed: 1 of 5 converted from RGB to grey (ITU-R BT.601 luma)",
+        "mixed: 1 of 5 center-cropped from 12x8 to 8x8 (width x height)",
+        "mixed: 1 of 5 resized from 16x16 to 8x8 px (bilinear)",
+        "mixed: 1 of 5 converted from 16-bit grey pixels",
+    )
+    again = load_dataset(DatasetSpec(source=str(folder), resolution=8))
+    assert again.notices == dataset.notices  # counted per load, never accumulated across loads
+    np.save(tmp_path / "wide.npy", np.zeros((3, 4, 4), dtype=np.uint16))
+    assert load_dataset(DatasetSpec(source=str(tmp_path / "wide.npy"), resolution=4, channels=3)).notices == (
+        "wide.npy: 3 of 3 converted from uint16 pixels",
+        "wide.npy: 3 of 3 converted from grey to RGB (the channel repeated)",
+    )
+    assert load_dataset(DatasetSpec(source="builtin:digits", resolution=8, limit=5)).notices == ()
+
+
+def test_query_image_conversions_are_counted_by_the_caller() -> None:
+    conversions = Conversions()
+    for side in (6, 12, 12):
+        load_image_file(_png(_pattern(side, (side, side, 3))), resolution=6, channels=1, conversions=conversions)
+    assert conversions.notices(3, "query images") == (
+        "query images: 3 of 3 converted from RGB to grey (ITU-R BT.601 luma)",
+        "query images: 2 of 3 resized from 12x12 to 6x6 px (bilinear)",
+    )

@@ -2,7 +2,8 @@
 
 The reference is written from the formulas with plain diffusers and autograd (no retrac code):
 `x_t = sqrt(a) x + sqrt(1 - a) eps` with `a` the scheduler's `alphas_cumprod[t]`, and the target
-`eps`, `sqrt(a) eps - sqrt(1 - a) x` (velocity) or `x` (sample). Three layouts are indexed: a
+`eps`, `sqrt(a) eps - sqrt(1 - a) x` (velocity) or `x` (sample), the squared error weighted by 1 or
+by the SNR `a / (1 - a)` (diffusers' train_unconditional.py for sample prediction). Three layouts are indexed: a
 `retrac train` run with replay, a `DDPMPipeline.save_pretrained` folder and a training script's
 `checkpoint-N/unet` folders (no replay: the slots the plan chose are read back as data).
 """
@@ -15,8 +16,10 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler, UNet2DModel
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSpec, TrainSpec
@@ -26,6 +29,7 @@ from retrac.exceptions import RetracError
 from retrac.losses import noised, target
 from retrac.models import load_scheduler
 from retrac.plan import IndexPlan
+from retrac.replay import TrainingRun
 from retrac.training import train
 
 torch.set_num_threads(1)
@@ -52,6 +56,7 @@ def brute_force(
     scheduler: DDPMScheduler,
     images: torch.Tensor,
     queries: torch.Tensor,
+    weighting: str,
 ) -> dict[str, torch.Tensor]:
     """(N, Q) TracIn and ReTrac scores, one autograd call per gradient; `slots[c][n]` is sample n's
     (timestep, seed) list at checkpoint c; a sample's score is the mean over its slots."""
@@ -65,11 +70,12 @@ def brute_force(
 
         def gradient(image: torch.Tensor, t: int, noises: list[torch.Tensor]) -> torch.Tensor:
             a = float(alpha_bar[t])
+            weight = a / (1 - a) if weighting == "snr" else 1.0
             losses = []
             for eps in noises:
                 x_t = math.sqrt(a) * image + math.sqrt(1 - a) * eps
                 wanted = {"epsilon": eps, "v_prediction": math.sqrt(a) * eps - math.sqrt(1 - a) * image, "sample": image}[kind]
-                losses.append((unet(x_t[None].float(), torch.tensor([t])).sample[0] - wanted).square().mean())
+                losses.append(weight * (unet(x_t[None].float(), torch.tensor([t])).sample[0] - wanted).square().mean())
             grads = torch.autograd.grad(torch.stack(losses).mean(), params)
             return torch.cat([g.flatten() for g in grads]).double()
 
@@ -106,7 +112,7 @@ def relative_error(plan: IndexPlan, unets: list[UNet2DModel], scheduler: DDPMSch
     for c in range(len(plan.checkpoints)):
         timesteps, seeds = plan.slots(c, slice(0, plan.num_rows))
         slots.append([list(zip(timesteps[i].tolist(), seeds[i].tolist())) for i in range(plan.num_rows)])
-    expected = brute_force(unets, plan.weights, slots, scheduler, plan.dataset.images, queries)
+    expected = brute_force(unets, plan.weights, slots, scheduler, plan.dataset.images, queries, plan.loss_weighting)
     got = engine_scores(plan, queries)
     return max(float((got[m] - expected[m]).abs().max() / expected[m].abs().max()) for m in got)
 
@@ -116,18 +122,20 @@ def dataset():
     return load_dataset(DATA)
 
 
-def trained(tmp: Path, prediction: str, schedule: str) -> Path:
+def trained(tmp: Path, prediction: str, schedule: str, weighting: str = "none") -> Path:
     spec = TrainSpec(
         dataset=DATA, preset="micro", loss="mse", epochs=2, batch_size=5, lr=2e-3, save_every=1, seed=1,
-        prediction_type=prediction, beta_schedule=schedule,
+        prediction_type=prediction, beta_schedule=schedule, loss_weighting=weighting,
     )
     return train(spec, load_dataset(DATA), tmp / "run").folder
 
 
 @pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"], ids=["linear", "cosine"])
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
-def test_exact_scores_equal_brute_force_for_every_layout(tmp_path, dataset, prediction, schedule) -> None:
-    run = trained(tmp_path, prediction, schedule)
+@pytest.mark.parametrize(
+    "prediction, weighting", [("epsilon", "none"), ("v_prediction", "none"), ("sample", "none"), ("sample", "snr")]
+)
+def test_exact_scores_equal_brute_force_for_every_layout(tmp_path, dataset, prediction, weighting, schedule) -> None:
+    run = trained(tmp_path, prediction, schedule, weighting)
     scheduler = DDPMScheduler.from_pretrained(run / "scheduler")
     assert scheduler.config.prediction_type == prediction
     queries = torch.stack([dataset.images[2], torch.flip(dataset.images[5], dims=[-1])])
@@ -137,13 +145,16 @@ def test_exact_scores_equal_brute_force_for_every_layout(tmp_path, dataset, pred
 
     # 1. the run of `retrac train`, replayed steps
     plan = IndexPlan.resolve(IndexSpec(dataset=DATA, run=str(run), slots=SlotSpec(replay=True), projector=identity))
-    assert plan.prediction_type == prediction
+    assert (plan.prediction_type, plan.loss_weighting) == (prediction, weighting)
     errors["replay"] = relative_error(plan, unets, scheduler, queries)
 
     # 2. a DDPMPipeline folder, its scheduler found inside; no replay
     pipeline = tmp_path / "pipeline"
     DDPMPipeline(unet=unets[1], scheduler=scheduler).save_pretrained(pipeline)
-    external = dict(dataset=DATA, loss="mse", slots=SlotSpec(replay=False, grid=2, random=1, seed=3), projector=identity)
+    external = dict(
+        dataset=DATA, loss="mse", loss_weighting=weighting, slots=SlotSpec(replay=False, grid=2, random=1, seed=3),
+        projector=identity,
+    )
     plan = IndexPlan.resolve(IndexSpec(checkpoints=(CheckpointSpec(path=str(pipeline), weight=0.5),), **external))
     assert plan.scheduler_folder == pipeline / "scheduler"
     errors["pipeline"] = relative_error(plan, unets[1:], scheduler, queries)
@@ -158,7 +169,7 @@ def test_exact_scores_equal_brute_force_for_every_layout(tmp_path, dataset, pred
     assert plan.weights == pytest.approx([2e-3 * 5 / len(dataset)] * 2)
     errors["checkpoints"] = relative_error(plan, unets, scheduler, queries)
 
-    print(f"\n{prediction:>12} {schedule:>18} " + " ".join(f"{k}={v:.2e}" for k, v in errors.items()))
+    print(f"\n{prediction:>12} {weighting:>4} {schedule:>18} " + " ".join(f"{k}={v:.2e}" for k, v in errors.items()))
     assert max(errors.values()) < RELATIVE_ERROR, errors
 
 
@@ -243,6 +254,43 @@ def test_cli_indexes_a_pipeline_folder_with_its_shape_schedule_and_weights(tmp_p
     assert report["checkpoints"][0]["weight"] == pytest.approx(2e-3 * 5 * 2 / 10)
 
 
+def test_cli_sample_prediction_needs_its_weighting_and_inspect_shows_it(tmp_path, capsys) -> None:
+    from cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(run), "--data", "builtin:digits", "--resolution", "8", "--limit", "10", "--preset",
+                 "micro", "--epochs", "1", "--prediction-type", "sample", "--loss-weighting", "snr"]) == 0
+    assert TrainingRun.load(run).spec.loss_weighting == "snr"
+    folder = f"{run / 'checkpoints' / 'epoch-0001'}:weight=1"
+    external = ["--checkpoint", folder, "--scheduler", str(run / "scheduler"), "--data", "builtin:digits",
+                "--limit", "10", "--loss", "mse", "--no-replay", "--grid", "2"]
+    capsys.readouterr()
+    assert main(["index", "create", str(tmp_path / "refused.zarr"), *external]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "declare the weighting it was trained with: --loss-weighting snr or none" in error[0]
+    for name, flags in (("external.zarr", [*external, "--loss-weighting", "snr"]), ("run.zarr", ["--run", str(run)])):
+        assert main(["index", "create", str(tmp_path / name), *flags]) == 0
+        capsys.readouterr()
+        assert main(["index", "inspect", str(tmp_path / name), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["scheduler"]["prediction_type"], report["loss_weighting"]) == ("sample", "snr")
+
+
+def test_cli_index_create_says_what_loading_the_images_converted(tmp_path, pipeline, capsys) -> None:
+    from cli import main
+
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 70 * i, np.uint8)).save(folder / f"{i}.png")
+    assert main(["index", "create", str(tmp_path / "s.zarr"), "--checkpoint", str(pipeline), "--data", str(folder),
+                 "--loss", "mse", "--no-replay", "--grid", "1"]) == 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [
+        "notice: rgb: 3 of 3 converted from RGB to grey (ITU-R BT.601 luma); rgb: 3 of 3 resized from 16x16 to 8x8 px (bilinear)"
+    ]
+
+
 @pytest.mark.parametrize(
     "flags, says",
     [
@@ -266,3 +314,34 @@ def test_cli_refuses_at_create_in_one_line(tmp_path, pipeline, capsys, flags, sa
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and says in error[-1], error
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_snr_weighted_training_records_diffusers_train_unconditional_loss(tmp_path) -> None:
+    # One batch per epoch: every step of epoch 2 starts from the checkpoint saved after epoch 1.
+    spec = TrainSpec(
+        dataset=DATA, preset="micro", loss="mse", epochs=2, batch_size=10, save_every=1, seed=4,
+        prediction_type="sample", loss_weighting="snr",
+    )
+    run = train(spec, load_dataset(DATA), tmp_path / "run")
+    scheduler = DDPMScheduler.from_pretrained(run.scheduler_folder)
+    unet = UNet2DModel.from_pretrained(run.folder / "checkpoints" / "epoch-0001").eval()
+    images, timesteps = load_dataset(DATA).images, run.timesteps[1]
+    noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator("cpu").manual_seed(s)) for s in run.seeds[1].tolist()])
+    alpha_t = scheduler.alphas_cumprod[timesteps].float().reshape(-1, 1, 1, 1)  # as train_unconditional.py
+    with torch.no_grad():
+        output = unet(scheduler.add_noise(images, noise, timesteps), timesteps).sample
+    expected = (alpha_t / (1 - alpha_t) * torch.nn.functional.mse_loss(output, images, reduction="none")).flatten(1).mean(1)
+    torch.testing.assert_close(run.losses[1], expected, rtol=1e-6, atol=0)
+
+
+def test_a_sample_prediction_model_must_declare_its_loss_weighting(tmp_path) -> None:
+    run = trained(tmp_path, "sample", "linear", "snr")
+    pipeline = tmp_path / "pipeline"
+    DDPMPipeline(
+        unet=UNet2DModel.from_pretrained(run / "checkpoints" / "epoch-0002"), scheduler=DDPMScheduler.from_pretrained(run / "scheduler")
+    ).save_pretrained(pipeline)
+    assert "--loss-weighting snr or none" in refusal(external_spec(pipeline))
+    assert IndexPlan.resolve(external_spec(pipeline, loss_weighting="snr")).loss_weighting == "snr"
+    mismatch = IndexSpec(dataset=DATA, run=str(run), loss_weighting="none")
+    assert "the run was trained with 'snr'" in refusal(mismatch)
+    assert IndexPlan.resolve(IndexSpec(dataset=DATA, run=str(run))).loss_weighting == "snr"

@@ -33,7 +33,7 @@ def example(*args: str) -> float:
     return time.perf_counter() - start
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])  # sample: snr-weighted, as diffusers'
 def test_an_index_of_the_examples_run_replays_its_losses_across_resume(tmp_path, prediction) -> None:
     # One batch per epoch: every step of epoch e+1 starts from exactly the checkpoint of epoch e.
     run_dir = tmp_path / "run"
@@ -47,6 +47,7 @@ def test_an_index_of_the_examples_run_replays_its_losses_across_resume(tmp_path,
 
     data = DatasetSpec(source="builtin:digits", resolution=8, limit=12)
     plan = IndexPlan.resolve(IndexSpec(dataset=data, run=str(run_dir), slots=SlotSpec(replay=True), projector=ProjectorSpec(kind="identity")))
+    assert plan.loss_weighting == ("snr" if prediction == "sample" else "none")
     assert plan.prediction_type == prediction and [c.epoch for c in plan.checkpoints] == [1, 2, 3]
     worst = 0.0
     for c, checkpoint in enumerate(plan.checkpoints[:-1]):
@@ -54,7 +55,7 @@ def test_an_index_of_the_examples_run_replays_its_losses_across_resume(tmp_path,
         timesteps, seeds = run.replayed(plan.dataset.ids, checkpoint.epoch + 1)
         noise = noise_from_seeds(seeds, plan.dataset.images.shape[1:]).unsqueeze(1)
         with torch.no_grad():
-            replayed = group_losses(model, plan.loss, trainable_parameters(model), plan.dataset.images, timesteps, noise)
+            replayed = group_losses(model, plan.loss, trainable_parameters(model), plan.dataset.images, timesteps, noise, plan.loss_weighting)
         recorded = run.losses[checkpoint.epoch]
         worst = max(worst, float(((replayed - recorded).abs() / recorded.abs()).max()))
     print(f"\nexample {prediction}: 2 + 1 (--resume) epochs in {seconds:.1f} s, replay max relative error {worst:.2e}")

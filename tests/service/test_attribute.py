@@ -70,6 +70,19 @@ def test_upload_png_matches_engine(client: TestClient, reference: Attributor) ->
     assert answer.checkpoints == [0, 1, 2] and answer.timesteps == QUERY["timesteps"]
     assert answer.timings.gradient_s > 0 and answer.timings.scan_s > 0
     assert answer.timings.total_s >= answer.timings.gradient_s + answer.timings.scan_s
+    assert answer.notices == []  # a grey 8 px PNG is taken as it is
+
+
+def test_the_answer_says_what_decoding_the_queries_converted(client: TestClient, reference: Attributor) -> None:
+    grey = digit_pixels(reference, 3)
+    rgb = np.repeat(np.repeat(np.stack([grey] * 3, axis=-1), 2, axis=0), 2, axis=1)  # 16x16 RGB
+    files = [("images", ("a.png", png(rgb), "image/png")), ("images", ("b.png", png(grey), "image/png"))]
+    response = client.post(f"/v1/indexes/{INDEX}/attribute/upload", files=files, data=QUERY)
+    assert response.status_code == 200, response.text
+    assert response.json()["notices"] == [
+        "query images: 1 of 2 converted from RGB to grey (ITU-R BT.601 luma)",
+        "query images: 1 of 2 resized from 16x16 to 8x8 px (bilinear)",
+    ]
 
 
 def test_several_images_share_one_request(client: TestClient, reference: Attributor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -100,7 +101,7 @@ def test_a_changed_checkpoint_makes_the_index_stale(own_roots: Settings) -> None
     StoreRepository(own_roots).create(IndexCreate(name="x", spec=index_spec()))
     assert client.get("/v1/indexes/x").status_code == 200
     config = own_roots.models_root / "run" / "checkpoints" / "epoch-0004" / "config.json"
-    config.write_text(config.read_text() + "\n")
+    config.write_text(json.dumps({**json.loads(config.read_text()), "norm_eps": 1e-6}))
     response = client.get("/v1/indexes/x")
     assert response.status_code == 409 and "stale" in response.json()["detail"]
     listed = client.get("/v1/indexes").json()

@@ -3,9 +3,12 @@ cancellation and restart can be checked exactly."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, SlotSpec
 from api_schemas.jobs import JobPublic
 from service.main import create_app
 from service.settings import Settings
@@ -28,7 +31,7 @@ def test_create_follow_cancel_restart_delete(own_roots: Settings) -> None:
         "/v1/indexes", json={"name": "queued", "spec": index_spec().model_dump(mode="json")}
     )
     assert created.status_code == 202, created.text
-    assert created.json()["complete"] is False
+    assert created.json()["complete"] is False and created.json()["notices"] == []  # digits at their 8 px
     first = created.json()["job_id"]
     job = JobPublic.model_validate(client.get(f"/v1/jobs/{first}").json())
     assert (job.state, job.index, job.done, job.total, job.fraction, job.eta_s) == (
@@ -57,6 +60,28 @@ def test_create_follow_cancel_restart_delete(own_roots: Settings) -> None:
     assert client.delete("/v1/indexes/queued").status_code == 204  # cancels the second job first
     assert not (own_roots.stores_root / "queued").exists()
     assert client.get(f"/v1/jobs/{second}").status_code == 404
+
+
+@pytest.mark.redis
+def test_the_creation_answer_says_what_loading_the_images_converted(own_roots: Settings) -> None:
+    folder = own_roots.data_root / f"rgb-{own_roots.stores_root.parent.name}"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    spec = IndexSpec(
+        dataset=DatasetSpec(source=folder.name, resolution=8),
+        checkpoints=(CheckpointSpec(path="run/checkpoints/epoch-0002"),),
+        loss="mse",
+        slots=SlotSpec(replay=False, grid=1),
+    )
+    client = TestClient(create_app(own_roots), headers={"X-API-Key": API_KEY})
+    created = client.post("/v1/indexes", json={"name": "rgb", "spec": spec.model_dump(mode="json")})
+    assert created.status_code == 202, created.text
+    assert created.json()["notices"] == [
+        f"{folder.name}: 3 of 3 converted from RGB to grey (ITU-R BT.601 luma)",
+        f"{folder.name}: 3 of 3 resized from 16x16 to 8x8 px (bilinear)",
+    ]
+    assert client.delete("/v1/indexes/rgb").status_code == 204
 
 
 def test_a_complete_index_has_nothing_to_run(client: TestClient) -> None:

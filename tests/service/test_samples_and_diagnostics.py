@@ -11,10 +11,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from scipy import stats
 
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
 from api_schemas.diagnostics import NormTimestepPublic, SelfInfluencePublic
+from api_schemas.indexes import IndexCreate
 from retrac.attribution import Attributor
 from retrac.scoring import self_influence
-from tests.service.conftest import INDEX
+from service.main import create_app
+from service.repository import StoreRepository
+from service.settings import Settings
+from tests.service.conftest import API_KEY, INDEX
 
 
 def decode(response) -> np.ndarray:
@@ -76,3 +81,29 @@ def test_self_influence_ranking_matches_engine(
     assert [e.sample_id for e in ranking.data] == [reference.plan.dataset.ids[i] for i in order]
     assert [e.score for e in ranking.data] == pytest.approx(scores[order].tolist(), rel=1e-5)
     assert (ranking.count, ranking.total) == (10, 48)
+
+
+def test_folder_sample_ids_keep_their_path_and_are_served(own_roots: Settings, tmp_path) -> None:
+    folder = own_roots.data_root / f"classes-{tmp_path.name}"
+    for group, value in (("cats", 30), ("dogs", 200)):
+        (folder / group).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), value + i, np.uint8)).save(folder / group / f"{i}.png")
+    spec = IndexSpec(
+        dataset=DatasetSpec(source=folder.name, resolution=8),
+        checkpoints=(CheckpointSpec(path="run/checkpoints/epoch-0002"),),
+        loss="mse",
+        slots=SlotSpec(replay=False, grid=1),
+        projector=ProjectorSpec(kind="sketch", dim=64, seed=3),
+    )
+    store = StoreRepository(own_roots).create(IndexCreate(name="classes", spec=spec))
+    assert store.sample_ids == ("cats/0.png", "cats/1.png", "dogs/0.png", "dogs/1.png")
+    client = TestClient(create_app(own_roots), headers={"X-API-Key": API_KEY})
+    for url in ("/v1/indexes/classes/samples/dogs/1.png", "/v1/indexes/classes/samples/dogs%2F1.png"):
+        assert np.array_equal(decode(client.get(url)), np.full((8, 8), 201, np.uint8))
+    for unknown in ("dogs/7.png", "dogs", "dogs/1.png/x", "1.png"):
+        answer = client.get(f"/v1/indexes/classes/samples/{unknown}")
+        assert answer.status_code == 404 and "no sample" in answer.json()["detail"], unknown
+    for outside in ("cats/%2E%2E/dogs/1.png", "%2Fetc/passwd", "cats//0.png"):
+        answer = client.get(f"/v1/indexes/classes/samples/{outside}")
+        assert answer.status_code in (404, 422) and "Traceback" not in answer.text, outside

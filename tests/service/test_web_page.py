@@ -105,6 +105,9 @@ def test_page_shows_both_methods_like_the_api(served: str, reference: Attributor
             for method in ("tracin", "retrac")
             for kind in ("proponents", "opponents")
         }
+        for card in driver.find_elements(By.CSS_SELECTOR, ".card"):  # every tile names its sample
+            rank, sample_id = card.get_attribute("data-rank"), card.get_attribute("data-sample-id")
+            assert card.find_element(By.CSS_SELECTOR, ".id").text == f"#{rank} {sample_id}"
         answer = httpx.post(
             f"{served}/v1/indexes/{INDEX}/attribute/upload",
             data=QUERY,

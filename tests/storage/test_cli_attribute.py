@@ -38,6 +38,24 @@ def test_attribute_prints_the_engine_ranking_and_draws_a_gallery(reference_store
     assert gallery.stat().st_size > 1000 and gallery.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_attribute_says_in_one_line_what_decoding_the_queries_converted(reference_store, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    rgb = tmp_path / "rgb.png"
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(rgb)
+    grey = tmp_path / "grey.npy"
+    np.save(grey, np.full((8, 8), 0.5, np.float32))
+    assert main(["attribute", str(reference_store), str(rgb), str(grey), "--timesteps", "2", "--draws", "1",
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)["results"]) == 2
+    notices = [line for line in captured.err.splitlines() if line.startswith("notice:")]
+    assert notices == [
+        "notice: query images: 1 of 2 converted from RGB to grey (ITU-R BT.601 luma); "
+        "query images: 1 of 2 resized from 16x16 to 8x8 px (bilinear)"
+    ]
+
+
 def test_attribute_with_a_bad_image_exits_2(reference_store, tmp_path, capsys) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")

@@ -3,6 +3,7 @@ byte for byte, whatever happens to the workers or the broker on the way."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -255,7 +256,7 @@ def test_a_job_without_workers_is_reported_stalled_and_a_failed_one_says_why(
     )
     assert "no worker answered" in control.stalled(job, path, seconds=STALL_SECONDS)
     config = run / "checkpoints" / "epoch-0004" / "config.json"
-    config.write_text(config.read_text() + "\n")  # the store is stale: every shard fails
+    config.write_text(json.dumps({**json.loads(config.read_text()), "norm_eps": 1e-6}))  # the store is stale: every shard fails
     workers.start("picky")
     wait_until(lambda: control.state(job) == "failed", JOB_SECONDS, "the job to fail")
     reason = control.failure(job)

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Form, UploadFile
 from pydantic import Field
 
 from api_schemas.attribution import AttributeRequest, AttributionsPublic, QueryOptions
+from retrac.datasets import Conversions
 from service.deps import EngineDep, IndexNameDep, ReadAccess, SettingsDep, StoreDep
 from service.errors import ERROR_RESPONSES
 from service.images import decode_file, decode_json_image
@@ -42,12 +43,15 @@ def attribute_json(
 ) -> AttributionsPublic:
     started = time.perf_counter()
     check_limits(body, len(body.images), settings)
-    shape = store.spec.dataset
+    shape, conversions = store.spec.dataset, Conversions()
     images = [
-        decode_json_image(image, resolution=shape.resolution, channels=shape.channels, name=f"images[{i}]")
+        decode_json_image(
+            image, resolution=shape.resolution, channels=shape.channels, name=f"images[{i}]", conversions=conversions
+        )
         for i, image in enumerate(body.images)
     ]
-    return engine.attribute(name, store, images, body, started=started)
+    answer = engine.attribute(name, store, images, body, started=started)
+    return answer.model_copy(update={"notices": list(conversions.notices(len(images), "query images"))})
 
 
 @router.post("/attribute/upload", summary="Attribute uploaded image files (PNG, JPEG, ... or .npy)")
@@ -60,14 +64,16 @@ def attribute_upload(
 ) -> AttributionsPublic:
     started = time.perf_counter()
     check_limits(form, len(form.images), settings)
-    shape = store.spec.dataset
+    shape, conversions = store.spec.dataset, Conversions()
     decoded = [
         decode_file(
             upload.file.read(),
             resolution=shape.resolution,
             channels=shape.channels,
             name=upload.filename or f"images[{i}]",
+            conversions=conversions,
         )
         for i, upload in enumerate(form.images)
     ]
-    return engine.attribute(name, store, decoded, form, started=started)
+    answer = engine.attribute(name, store, decoded, form, started=started)
+    return answer.model_copy(update={"notices": list(conversions.notices(len(decoded), "query images"))})

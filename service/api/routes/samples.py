@@ -1,4 +1,8 @@
-"""Training samples of an index: the image of a sample id, as PNG, optionally resized."""
+"""Training samples of an index: the image of a sample id, as PNG, optionally resized.
+
+A sample id is a relative path (`2/0084.png`), so the route takes the rest of the URL path. The id is
+only ever looked up among the index's ids, never opened as a file: no id reaches outside the index.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ router = APIRouter(
 
 
 @router.get(
-    "/{sample_id}",
+    "/{sample_id:path}",
     summary="The image of a training sample, as PNG",
     response_class=Response,
     responses={
