@@ -145,3 +145,13 @@ def test_the_cli_refuses_approximate_search_without_an_ann_index_then_builds_one
     assert json.loads(capsys.readouterr().out)["search"] == "approximate"
     assert main(["index", "ann", str(own_store.path), "--lists", "49"]) == 2
     assert "--lists must be 1..48" in capsys.readouterr().err
+
+
+def test_candidate_rows_read_from_zarr_equal_the_resident_ones(store_path: Path) -> None:
+    rows = np.array([0, 5, 7, 8, 30, 47])  # across shards 0, 1, 3 and 5 of 8 rows each
+    streamed = GradientStore.open(store_path, resident_bytes=0).rows_at(1, rows)
+    resident = GradientStore.open(store_path).rows_at(1, rows)
+    full = GradientStore.open(store_path).chunks([1], rows_per_chunk=48)
+    whole = next(iter(full))[1][0]
+    for got in (streamed, resident):
+        assert torch.equal(got.projected, whole.projected[rows]) and torch.equal(got.norms, whole.norms[rows])
