@@ -304,7 +304,7 @@ def main() -> None:
         images = held_out(args.real_rows)
         ann = [real_ann(store, images, args.repeats)]
         last = store.num_checkpoints - 1
-        base = torch.from_numpy(store._load_resident(last)[0]).float().reshape(-1, store.dim)
+        base = store.rows_at(last, np.arange(store.num_rows)).projected.float().reshape(-1, store.dim)
         base = base[base.norm(dim=1) > 0]
         models = GradientComputerCache("cpu", threads=args.threads)
         queries = query_vectors(models.computer(store.plan, last), images, QUERY).tracin
