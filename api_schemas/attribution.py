@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field
 
 from api_schemas.common import Public, SampleId
-from api_schemas.specs import DEFAULT_TOP_K, Estimator, Method, QuerySpec
+from api_schemas.specs import DEFAULT_TOP_K, Estimator, Method, QuerySpec, Search
 
 MAX_ARRAY_SIDE = 4096
 """Longest axis of a nested-array image the schema accepts (the engine's image side limit)."""
@@ -109,6 +109,7 @@ class AttributionsPublic(Public):
     draws: int
     seed: int
     estimator: Estimator
+    search: Search = Field(description="which search produced the ranking: exact or approximate")
     data: list[AttributionPublic]
     count: int
     timings: TimingsPublic

@@ -30,6 +30,9 @@ ProjectorKind = Literal["identity", "sketch", "dense"]
 
 StoreDType = Literal["float16", "float32"]
 Method = Literal["tracin", "retrac"]
+Search = Literal["exact", "approximate"]
+"""How a query finds its top-k: a scan of every stored row (the reference), or the candidates of the
+store's approximate maximum-inner-product index, rescored exactly (`storage.ann`)."""
 
 SlotNoise = Literal["independent", "shared"]
 """Noise of grid slots: one seed of its own per slot (the paper's), or the query's own draws (common
@@ -129,6 +132,9 @@ class QuerySpec(Spec):
         "paper",
         description="paper: mean over slots . mean over timesteps; matched: per timestep against the "
         "index's shared-noise grid slots (K, M and seed then default to the index's)",
+    )
+    search: Search = Field(
+        "exact", description="exact: scan every row; approximate: rescore the ANN index's candidates"
     )
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from api_schemas import Estimator, QuerySpec
+from api_schemas import Estimator, QuerySpec, Search
 from api_schemas.specs import DEFAULT_TOP_K
 from cli.common import default, print_notices, store_location, validated
 from cli.progress import PhaseBars
@@ -77,6 +77,9 @@ def run(
         Estimator,
         typer.Option(help="paper, or matched: per timestep against the store's shared-noise slots (its K, M, seed)"),
     ] = default(QuerySpec, "estimator"),
+    search: Annotated[
+        Search, typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates")
+    ] = default(QuerySpec, "search"),
     gallery: Annotated[
         Path | None, typer.Option(help="write a PNG of each query's top proponents per method")
     ] = None,
@@ -95,7 +98,7 @@ def run(
     # (compared by name: typer bundles its own click, whose ParameterSource is not click.core's)
     knobs = {"timesteps": timesteps, "draws": draws, "seed": seed}
     given = {k: v for k, v in knobs.items() if context.get_parameter_source(k).name != "DEFAULT"}
-    query = validated(QuerySpec, {**given, "estimator": estimator})
+    query = validated(QuerySpec, {**given, "estimator": estimator, "search": search})
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
     output = "json" if as_json else output
@@ -124,6 +127,7 @@ def run(
                     "queries": [str(p) for p in files],
                     "query": answer.query.model_dump(mode="json"),
                     "results": [result.model_dump(mode="json") for result in answer.results],
+                    "search": answer.search,
                     "timings": asdict(answer.timings),
                 },
                 indent=1,
@@ -140,7 +144,7 @@ def run(
                     print(f"  {method:6} {side:10} {ranked}")
         ran = answer.query
         print(f"\n{ran.estimator} estimator, K = {ran.timesteps}, M = {ran.draws}, seed {ran.seed}: "
-              f"query gradients {answer.timings.gradient_s:.2f} s, scan {answer.timings.scan_s:.3f} s")
+              f"query gradients {answer.timings.gradient_s:.2f} s, {answer.search} search {answer.timings.scan_s:.3f} s")
     if gallery is not None:
         queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
         row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}

@@ -7,6 +7,7 @@ retrac index run STORE --queue --wait                  # as a Celery job, for `r
 retrac index status STORE [--verify] [--json]
 retrac index inspect STORE [--json]
 retrac index delete STORE                              # safe while workers write it
+retrac index ann STORE [--lists N] [--probe N]          # (re)build the ANN index of approximate search
 """
 
 from __future__ import annotations
@@ -341,6 +342,37 @@ def delete(store: Store) -> int:
         )
     delete_store(location)
     print(f"deleted {store}")
+    return 0
+
+
+@app.command(
+    "ann",
+    help="Build (or rebuild) the ANN index that `attribute --search approximate` uses; an indexing job "
+    "builds one when it completes.",
+)
+def ann(
+    store: Store,
+    lists: Annotated[int | None, typer.Option(help="IVF lists", show_default="about sqrt(rows)")] = None,
+    probe: Annotated[
+        int | None, typer.Option(help="lists searched per query", show_default="a quarter of the lists")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads")] = 1,
+) -> int:
+    import torch
+
+    from storage import GradientStore, build_ann
+    from storage.ann import AnnParams
+
+    opened = GradientStore.open(store_location(store))
+    params = AnnParams.for_rows(opened.num_rows) if lists is None else AnnParams.with_lists(lists)
+    params = params if probe is None else AnnParams(nlist=params.nlist, nprobe=probe)
+    if not 1 <= params.nlist <= opened.num_rows or not 1 <= params.nprobe <= params.nlist:
+        raise SpecError(f"--lists must be 1..{opened.num_rows} (the rows) and --probe 1..--lists")
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    build_ann(opened, params)
+    print(f"{opened.path}: ANN index built ({params.nlist} lists, {params.nprobe} probed) in "
+          f"{time.perf_counter() - started:.1f} s")
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 
 from api_schemas import IndexSpec, Method, QuerySpec
 from api_schemas.attribution import AttributionPublic, BandsPublic, InfluencePublic, RankingPublic
+from api_schemas.specs import Search
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer
 from retrac.models import DiffusionModel
@@ -61,6 +62,15 @@ class RowSource(Protocol):
     def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
         """Slot timesteps `(len(rows), S)` of `rows` at `checkpoint`: only the ranked rows are read."""
 
+    def require_ann(self) -> None:
+        """Raise a named error saying how to build it, if the source has no current ANN index."""
+
+    def candidates(
+        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+    ) -> tuple[np.ndarray, list[RowChunk]]:
+        """Approximate search: sorted candidate rows for every query and method, with their stored rows
+        at each of `checkpoints` (to rescore exactly)."""
+
 
 @dataclass(frozen=True)
 class Timings:
@@ -78,6 +88,11 @@ class Attribution:
     results: list[AttributionPublic]
     timings: Timings
     query: QuerySpec
+
+    @property
+    def search(self) -> Search:
+        """Which search produced the ranking: the exact scan or the ANN index's candidates."""
+        return self.query.search
 
 
 def attribute(
@@ -97,24 +112,48 @@ def attribute(
     cache's). Everything that can be wrong with the request is checked before the first gradient.
     `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
     """
-    chosen = _checked_request(source, images, top_k, checkpoints)
+    if query.search == "approximate" and query.estimator == "matched":
+        raise SpecError(
+            "approximate search serves the paper estimator (its ANN index holds the rows' mean over slots); "
+            "use search exact with the matched estimator"
+        )
     query = resolve_query(query, source.spec.slots)
+    chosen = _checked_request(source, images, top_k, checkpoints, query.search)
     matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
     started = time.perf_counter()
     on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
     vectors = [query_vectors(computer(c), images, query, on_images) for c in chosen]
     gradient_s = time.perf_counter() - started
-    # 2. One streamed pass over the stored rows for every query and method.
+    # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
     started = time.perf_counter()
-    chunks = source.chunks(chosen, SCAN_ROWS)
-    on_rows = _phase(on_progress, "scan", len(source.sample_ids))
-    if on_rows is not None:
-        chunks = _reported(chunks, on_rows)
-    weights = [source.weights[c] for c in chosen]
-    ranking = scan(chunks, vectors, weights, top_k=top_k, methods=list(dict.fromkeys(methods)), matched=matched)
+    weights, methods = [source.weights[c] for c in chosen], list(dict.fromkeys(methods))
+    if query.search == "approximate":
+        rows, chunk = source.candidates(chosen, vectors, top_k=top_k, methods=methods)
+        ranking = _renumbered(scan([(0, chunk)], vectors, weights, top_k=top_k, methods=methods), rows)
+    else:
+        chunks = source.chunks(chosen, SCAN_ROWS)
+        on_rows = _phase(on_progress, "scan", len(source.sample_ids))
+        if on_rows is not None:
+            chunks = _reported(chunks, on_rows)
+        ranking = scan(chunks, vectors, weights, top_k=top_k, methods=methods, matched=matched)
     answers = public_results(ranking, source, chosen[-1], query)
     return Attribution(answers, Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started), query)
+
+
+def _renumbered(ranking: Ranking, rows: np.ndarray) -> Ranking:
+    """A ranking of the chunk of `rows`, in the rows' own numbers."""
+    numbers = torch.from_numpy(rows)
+
+    def moved(ranked: Ranked) -> Ranked:
+        return Ranked(
+            rows=numbers[ranked.rows], scores=ranked.scores, contributions=ranked.contributions, bands=ranked.bands
+        )
+
+    return Ranking(
+        proponents={m: moved(r) for m, r in ranking.proponents.items()},
+        opponents={m: moved(r) for m, r in ranking.opponents.items()},
+    )
 
 
 def _phase(on_progress: QueryProgress | None, phase: str, total: int) -> ProgressCallback | None:
@@ -132,9 +171,10 @@ def _reported(chunks: Chunks, on_rows: ProgressCallback) -> Chunks:
 
 
 def _checked_request(
-    source: RowSource, images: torch.Tensor, top_k: int, checkpoints: Sequence[int] | None
+    source: RowSource, images: torch.Tensor, top_k: int, checkpoints: Sequence[int] | None, search: Search
 ) -> list[int]:
-    """The checkpoints to use, after checking the image shape, top_k, their range and completeness."""
+    """The checkpoints to use, after checking the image shape, top_k, their range and completeness,
+    and for an approximate search the ANN index."""
     dataset = source.spec.dataset
     expected = (dataset.channels, dataset.resolution, dataset.resolution)
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
@@ -152,6 +192,8 @@ def _checked_request(
     if len(set(chosen)) != len(chosen):
         raise SpecError(f"checkpoints {chosen} repeat one; list each checkpoint once")
     source.require_complete(chosen)
+    if search == "approximate":
+        source.require_ann()
     return chosen
 
 
@@ -218,6 +260,17 @@ class MemoryRows:
 
     def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
         return self.rows[checkpoint].timesteps[torch.from_numpy(rows)].numpy()
+
+    def require_ann(self) -> None:
+        raise SpecError(_NO_ANN)
+
+    def candidates(
+        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+    ) -> tuple[np.ndarray, list[RowChunk]]:
+        raise SpecError(_NO_ANN)
+
+
+_NO_ANN = "approximate search needs a store's ANN index; in-memory rows are searched exactly (search 'exact')"
 
 
 class Attributor:

@@ -20,7 +20,7 @@ from starlette.routing import Match, Mount
 from api_schemas.common import ErrorPublic
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
 from service.settings import Settings
-from storage import DamagedStoreError, IncompleteStoreError, StaleStoreError, StoreError
+from storage import AnnIndexError, DamagedStoreError, IncompleteStoreError, StaleStoreError, StoreError
 
 if TYPE_CHECKING:  # the repository raises these errors, so it cannot be imported at run time
     from service.repository import StoreRepository
@@ -50,6 +50,7 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (StaleStoreError, 409),
     (IncompleteStoreError, 409),
     (DamagedStoreError, 409),
+    (AnnIndexError, 409),
     (StoreError, 422),
     (DatasetError, 422),
     (SpecError, 422),
@@ -66,7 +67,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         (401, "the API key is missing"),
         (403, "the API key is wrong"),
         (404, "no such index, job or sample"),
-        (409, "the index is not ready for this (still building, stale, damaged, or already exists)"),
+        (409, "the index is not ready for this (still building, stale, damaged, no ANN index, or already exists)"),
         (413, "the request body is too large"),
         (422, "a field, image or spec is invalid"),
         (503, "a dependency (the job queue) is unavailable"),

@@ -66,6 +66,7 @@ class QueryEngine:
             draws=answer.query.draws,
             seed=answer.query.seed,
             estimator=answer.query.estimator,
+            search=answer.search,
             data=answer.results,
             count=len(answer.results),
             timings=TimingsPublic(

@@ -6,6 +6,7 @@ data, stale inputs refused), and `storage.location` for where a store lives: a f
 
 from storage.cache import OpenStores
 from storage.errors import (
+    AnnIndexError,
     DamagedStoreError,
     DeletedStoreError,
     IncompleteStoreError,
@@ -14,6 +15,7 @@ from storage.errors import (
     StoreError,
     UnreachableStoreError,
 )
+from storage.ann import build_ann, build_ann_when_complete
 from storage.location import BucketLocation, BucketOptions, LocalLocation, Location, locate
 from storage.progress import Progress, progress
 from storage.runner import run_pending, run_shard
@@ -28,6 +30,7 @@ from storage.store import (
 )
 
 __all__ = [
+    "AnnIndexError",
     "BucketLocation",
     "BucketOptions",
     "CheckpointStatus",
@@ -46,6 +49,8 @@ __all__ = [
     "StoreStatus",
     "UnreachableStoreError",
     "attribute",
+    "build_ann",
+    "build_ann_when_complete",
     "delete_store",
     "is_leftover",
     "list_stores",

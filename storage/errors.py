@@ -30,3 +30,7 @@ class UnreachableStoreError(StoreError, ConnectionError):
 
 class DeletedStoreError(StoreError):
     """The store was deleted (or deleted and recreated) since it was opened: nothing more is written."""
+
+
+class AnnIndexError(StoreError):
+    """An approximate search was asked of a store whose ANN index is missing, stale or damaged."""

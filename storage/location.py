@@ -131,7 +131,12 @@ class LocalLocation:
             return None
 
     def write(self, key: str, data: bytes) -> None:
-        (self.folder / key).write_bytes(data)
+        """Write `key` whole or not at all (aside, then renamed into place), as an object put is."""
+        file = self.folder / key
+        file.parent.mkdir(parents=True, exist_ok=True)
+        aside = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}")
+        aside.write_bytes(data)
+        os.replace(aside, file)
 
     def size(self, key: str) -> int | None:
         try:

@@ -9,8 +9,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from api_schemas import IndexSpec
+from api_schemas import IndexSpec, Method
 from retrac.attribution import Chunks
+from retrac.query_side import QueryVectors
+from retrac.scoring import RowChunk
+from storage.ann import candidate_chunks, load_ann
 from storage.errors import IncompleteStoreError
 from storage.store import GradientStore
 
@@ -52,6 +55,16 @@ class StoreRows:
 
     def chunks(self, checkpoints: Sequence[int], rows_per_chunk: int) -> Chunks:
         return self.store.chunks(checkpoints, rows_per_chunk)
+
+    def require_ann(self) -> None:
+        """An AnnIndexError saying how to build it, if the store's ANN index is missing, stale or damaged."""
+        load_ann(self.store)
+
+    def candidates(
+        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+    ) -> tuple[np.ndarray, list[RowChunk]]:
+        """The ANN index's candidate rows and their stored rows (`storage.ann.candidate_chunks`)."""
+        return candidate_chunks(self.store, checkpoints, vectors, top_k=top_k, methods=methods)
 
     def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
         return self.store.timesteps_of(checkpoint, rows)

@@ -508,6 +508,26 @@ class GradientStore:
             part = slice(start, min(start + step, self.num_rows))
             yield start, [self._rows(c, part, resident[c]) for c in chosen]
 
+    def rows_at(self, checkpoint: int, rows: np.ndarray) -> RowChunk:
+        """Projected rows and norms of the given `rows` (sorted, unique) of one checkpoint, as a scan
+        reads them: from resident memory, or by whole shards, each checked against its digest."""
+        resident = self._load_resident(self._checkpoint(checkpoint))
+        if resident is not None:
+            return RowChunk(torch.from_numpy(resident[0][rows]), torch.from_numpy(resident[1][rows]))
+        projected, norms = [], []
+        shards = rows // self.shard_size
+        for shard in np.unique(shards):
+            part = self.shard_rows(int(shard))
+            stored = self._verified(checkpoint, part)
+            local = rows[shards == shard] - part.start
+            projected.append(stored[0][local])
+            norms.append(stored[1][local])
+        return RowChunk(torch.from_numpy(np.concatenate(projected)), torch.from_numpy(np.concatenate(norms)))
+
+    def shard_digests(self, checkpoint: int) -> np.ndarray:
+        """The digests `(shards,)` uint64 of one checkpoint's shards, as their done marks hold them."""
+        return np.asarray(self._array(checkpoint, "digest")[:], dtype=np.uint64)
+
     def _rows(self, checkpoint: int, part: slice, resident: tuple[np.ndarray, np.ndarray] | None) -> RowChunk:
         if resident is not None:
             projected, norms = resident[0][part], resident[1][part]

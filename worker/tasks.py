@@ -2,7 +2,8 @@
 
 A task takes ids (store path, checkpoint, shard), rereads the store, and calls the one idempotent
 engine step `storage.run_shard`: a shard already done is skipped, a redelivered one rewrites the same
-bytes. Each worker process keeps its opened stores and loaded models between tasks.
+bytes. The task that completes a store then builds its ANN index (`storage.build_ann_when_complete`).
+Each worker process keeps its opened stores and loaded models between tasks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 
 from retrac.computers import GradientComputerCache, parse_device
-from storage import DeletedStoreError, OpenStores, is_leftover, run_shard
+from storage import DeletedStoreError, OpenStores, build_ann_when_complete, is_leftover, run_shard
 from storage.location import TRANSIENT_STORE_ERRORS, locate
 from worker.app import app
 from worker.cancellation import is_cancelled
@@ -70,7 +71,10 @@ def _index_shard(store_path: str, checkpoint: int, shard: int) -> dict[str, Any]
         return _outcome("missing", checkpoint, shard, 0.0)
     started = time.perf_counter()
     try:
-        computed = run_shard(_open_stores().get(path), checkpoint, shard, _model_cache())
+        store = _open_stores().get(path)
+        computed = run_shard(store, checkpoint, shard, _model_cache())
+        if computed and build_ann_when_complete(store):  # the job's last step, after its last shard
+            logger.info("store %s complete: ANN index built", path)
     except DeletedStoreError as error:  # deleted while this shard was computed: nothing was written
         logger.warning("%s: shard %d/%d dropped", error, checkpoint, shard)
         return _outcome("missing", checkpoint, shard, 0.0)

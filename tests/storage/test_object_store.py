@@ -207,3 +207,17 @@ def test_the_cli_creates_a_store_in_a_bucket_and_reads_its_status(
     assert main(["index", "status", f"s3://{bucket}/full.zarr", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["complete"] and (report["done_rows"], report["total_rows"]) == (144, 144)
+
+
+def test_approximate_search_reads_its_ann_index_from_the_bucket(
+    bucket: str, tiny_run: TrainingRun, reference_store: Path
+) -> None:
+    store = filled(bucket_url(bucket, "ann.zarr"), tiny_run)  # the runner's last step builds the ANN index
+    assert store.location.has("ann/manifest.json")
+    local = GradientStore.open(reference_store)
+    images = local.plan.dataset.images[[3, 17]]
+    approximate = QUERY.model_copy(update={"search": "approximate"})
+    got = attribute(store, images, approximate, top_k=5, models=CPU)
+    want = attribute(local, images, approximate, top_k=5, models=CPU)
+    assert got.search == "approximate"
+    assert [r.model_dump() for r in got.results] == [r.model_dump() for r in want.results]

@@ -17,6 +17,7 @@ from celery.result import GroupResult
 
 from retrac.replay import TrainingRun
 from storage import GradientStore, delete_store, is_leftover, progress
+from storage.ann import load_ann
 from tests.storage.helpers import store_bytes, tiny_index_spec
 from tests.worker.conftest import Workers, wait_until
 from worker import control
@@ -57,6 +58,7 @@ def test_a_job_run_by_a_real_worker_equals_the_embedded_run(
     ]
     assert {r["status"] for r in results(job)} == {"computed"}
     assert_same_as_embedded(path, reference_store)
+    load_ann(GradientStore.open(path))  # the job's last task built a current ANN index
     done = control.progress(path)
     assert (done.done_rows, done.total_rows, done.eta_s) == (144, 144, 0.0) and done.rate_per_s > 0
 

@@ -1,0 +1,322 @@
+"""Benchmark: sub-linear queries (the ANN index) and the exact scan against the memory read limit.
+
+1. ANN on a real store. A micro UNet trained on `builtin:outliers` (8x8 photo patches plus ~4% digit
+   zeros) for 4 epochs, checkpoints after epochs 2 and 4, indexes `--real-rows` samples with all
+   slots (the replayed step and 2 grid timesteps) at k = 4,096 through the embedded runner; the ANN
+   index is then built again, timed (`build_s`). 16 held-out patches are queried (K = 10, M = 2) by
+   `storage.attribute` with search "exact" and "approximate": `recall_at_10` is the share of the
+   exact top-10 proponents and bottom-10 opponents (both methods) that the approximate answer has;
+   `speedup` is the exact scan's time over the approximate search's (candidates plus their exact
+   rescoring), per single query, the store resident; `memory_mb` the ANN files' size. Over a sweep of
+   lists probed, the entry is the fastest setting with recall@10 >= 0.95 (else the best recall).
+2. ANN at scale, on synthetic rows made from real ones: `--sizes` (rows x k, default 1M x 1,024 and
+   250k x 4,096; 1M x 4,096 needs ~13 GB). Base rows are the real store's per-slot projected
+   gradients at its last checkpoint; k = 1,024 folds them (and the real query vectors) by a count
+   sketch, itself a count sketch of the gradient. A synthetic row is the direction of a random mix
+   `l u_a + (1 - l) u_b` of two real rows' directions, perturbed by isotropic noise of relative size
+   `--noise`, and scaled by a norm drawn from the real rows' norms. So the rows lie near the segments
+   between real gradient directions, with the real, timestep-driven spread of norms: like real
+   gradients, they concentrate near the low-dimensional span of a few thousand training directions
+   (similar images have similar gradients), and their norms vary by orders of magnitude, unlike
+   i.i.d. Gaussian rows (which no index can search). TracIn only (ReTrac's unit rows are easier).
+   Exact: `retrac.scoring.scan` over the resident float16 array; approximate: `storage.ann`'s IVF
+   index (float16 codes) and the exact rescoring of its candidates, over a sweep of lists probed; each entry is the
+   fastest setting with recall@10 >= 0.95 (else the best recall), with the sweep beside it.
+3. Scan near the memory limit, on `--scan-rows` synthetic rows at the real k (4,096): the read limit is the fastest
+   plain reduction over the resident float16 bytes; the store's scan (`retrac.scoring.scan`, float16
+   rows converted to float32 by blocks) for 1 and 16 queries is given as a ratio to it. Then the
+   same products from float32, bfloat16 (bf16 matmul) and int8 rows (a scale per row and per query,
+   `torch._int_mm`), each with its rate and its largest score error against float64 scores of the
+   float32 rows, relative to the largest score.
+
+Prints one JSON object on stdout (progress on stderr); never asserts a timing. One thread throughout
+(`--threads`), as workers run several to a machine. Usage: `python bench/scale.py [--real-rows 4096]
+[--sizes 1000000x1024,250000x4096] [--scan-rows 65536]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from api_schemas import DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSpec, TrainSpec
+from retrac.computers import GradientComputerCache
+from retrac.datasets import load_dataset
+from retrac.query_side import QueryVectors, query_vectors
+from retrac.scoring import RowChunk, scan
+from retrac.training import train
+from storage import GradientStore, attribute, build_ann, run_pending
+from storage.ann import CANDIDATES_PER_K, MIN_CANDIDATES, AnnIndex, AnnParams, build_indexes, load_ann
+from storage.store import RESIDENT_STEP
+
+TOP_K = 10
+TARGET_RECALL = 0.95
+QUERY = QuerySpec(timesteps=10, draws=2, seed=0)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def median_seconds(job: Callable[[], object], repeats: int) -> float:
+    job()  # warm
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        job()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def best_of(sweep: list[dict]) -> dict:
+    """The fastest setting of a sweep with recall@10 >= TARGET_RECALL, else the best recall."""
+    good = [s for s in sweep if s["recall_at_10"] >= TARGET_RECALL]
+    return dict(max(good, key=lambda s: s["speedup"]) if good else max(sweep, key=lambda s: s["recall_at_10"]))
+
+
+def recall(exact: list[set[int]], found: list[set[int]]) -> float:
+    return sum(len(e & f) for e, f in zip(exact, found, strict=True)) / sum(len(e) for e in exact)
+
+
+# --- 1. a real store ------------------------------------------------------------------------------------
+
+
+def real_store(folder: Path, rows: int) -> GradientStore:
+    dataset = DatasetSpec(source="builtin:outliers", resolution=8, limit=rows)
+    spec = TrainSpec(dataset=dataset, preset="micro", epochs=4, batch_size=64, lr=2e-3, save_every=2)
+    run = train(spec, load_dataset(dataset), folder / "run")
+    store = GradientStore.create(folder / "real.zarr", IndexSpec(
+        dataset=dataset, run=str(run.folder), slots=SlotSpec(replay=True, grid=2),
+        projector=ProjectorSpec(kind="sketch", dim=4096), batch_size=64, shard_size=512,
+    ))
+    started = time.perf_counter()
+    run_pending(store, GradientComputerCache("cpu", threads=torch.get_num_threads()))
+    log(f"real store: {rows} samples x 3 slots x 2 checkpoints indexed in {time.perf_counter() - started:.0f} s")
+    return store
+
+
+def held_out(rows: int) -> torch.Tensor:
+    return load_dataset(DatasetSpec(source="builtin:outliers", resolution=8, limit=16, seed=rows + 1)).images
+
+
+def answer_sets(results: list) -> list[set[str]]:
+    return [
+        {(m, side, i.sample_id) for m, ranking in r.methods.items() for side in ("proponents", "opponents")
+         for i in getattr(ranking, side)}
+        for r in results
+    ]
+
+
+def real_ann(store: GradientStore, images: torch.Tensor, repeats: int) -> dict[str, float]:
+    started = time.perf_counter()
+    params = build_ann(store)
+    build_s = time.perf_counter() - started
+    models = GradientComputerCache("cpu", threads=torch.get_num_threads())
+    approximate = QUERY.model_copy(update={"search": "approximate"})
+    exact_sets = answer_sets(attribute(store, images, QUERY, top_k=TOP_K, models=models).results)
+    one = images[:1]
+
+    def scan_s(query: QuerySpec) -> float:
+        attribute(store, one, query, top_k=TOP_K, models=models)  # warm
+        return statistics.median(
+            attribute(store, one, query, top_k=TOP_K, models=models).timings.scan_s for _ in range(repeats)
+        )
+
+    exact_s, sweep = scan_s(QUERY), []
+    loaded = load_ann(store)
+    for nprobe in sorted({max(1, params.nlist // d) for d in (16, 8, 4, 2)}):
+        for index in loaded.indexes.values():
+            index.nprobe = nprobe
+        found_sets = answer_sets(attribute(store, images, approximate, top_k=TOP_K, models=models).results)
+        sweep.append({"nprobe": nprobe, "recall_at_10": recall(exact_sets, found_sets),
+                      "speedup": exact_s / scan_s(approximate)})
+        log(f"  real, nprobe {nprobe}: {sweep[-1]}")
+    files = (store.path / "ann").glob("*.faiss")
+    result = {
+        **best_of(sweep), "rows": store.num_rows, "dim": store.dim * store.num_checkpoints, "build_s": build_s,
+        "memory_mb": sum(f.stat().st_size for f in files) / 2**20, "nlist": params.nlist,
+        "default_nprobe": params.nprobe, "candidates": max(CANDIDATES_PER_K * TOP_K, MIN_CANDIDATES), "source": "real store (2 checkpoints x k=4096 concatenated; both methods)",
+        "sweep": sweep,
+    }
+    log(f"real ANN: {result}")
+    return result
+
+
+# --- 2. synthetic rows from real ones -------------------------------------------------------------------
+
+
+def fold(matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """A count sketch of `(n, K)` rows to `dim`: one random bucket and sign per coordinate."""
+    generator = torch.Generator().manual_seed(7)
+    buckets = torch.randint(dim, (matrix.shape[1],), generator=generator)
+    signs = torch.randint(2, (matrix.shape[1],), generator=generator).float() * 2 - 1
+    out = torch.zeros(matrix.shape[0], dim)
+    return out.index_add_(1, buckets, matrix * signs)
+
+
+def synthetic_rows(base: torch.Tensor, rows: int, noise: float, seed: int = 0) -> torch.Tensor:
+    """`(rows, 1, k)` float16 rows: mixes of two real directions, perturbed, at real norms."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = base.norm(dim=1)
+    directions = base / norms.clamp_min(1e-30).unsqueeze(1)
+    out = torch.empty(rows, 1, base.shape[1], dtype=torch.float16)
+    for start in range(0, rows, 65536):
+        n = min(65536, rows - start)
+        a, b = (torch.randint(base.shape[0], (n,), generator=generator) for _ in range(2))
+        mix = torch.rand(n, 1, generator=generator)
+        row = mix * directions[a] + (1 - mix) * directions[b]
+        row = row / row.norm(dim=1, keepdim=True)
+        row = row + torch.randn(n, base.shape[1], generator=generator) * (noise / base.shape[1] ** 0.5)
+        scale = norms[torch.randint(base.shape[0], (n,), generator=generator)]
+        out[start : start + n, 0] = (row / row.norm(dim=1, keepdim=True) * scale.unsqueeze(1)).half()
+    return out
+
+
+def resident_chunks(projected: torch.Tensor, norms: torch.Tensor) -> Callable[[], Iterator[tuple[int, list[RowChunk]]]]:
+    def chunks() -> Iterator[tuple[int, list[RowChunk]]]:
+        for start in range(0, projected.shape[0], RESIDENT_STEP):
+            part = slice(start, start + RESIDENT_STEP)
+            yield start, [RowChunk(projected[part], norms[part])]
+    return chunks
+
+
+def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: float, repeats: int) -> dict:
+    """ANN against the exact scan on `rows` synthetic rows of `base`'s k, for the real `queries` `(Q, k)`."""
+    dim = base.shape[1]
+    started = time.perf_counter()
+    projected = synthetic_rows(base, rows, noise)
+    norms = torch.ones(rows, 1)  # TracIn alone reads no norms
+    log(f"{rows} x {dim}: synthetic rows made in {time.perf_counter() - started:.0f} s")
+    chunks = resident_chunks(projected, norms)
+    vectors = [QueryVectors(tracin=queries, retrac=queries, timestep_norms=torch.ones(len(queries), 1))]
+
+    def exact(q: list[QueryVectors]):
+        return scan(chunks(), q, [1.0], top_k=TOP_K, methods=["tracin"])
+
+    truth = exact(vectors)
+    exact_sets = [set(truth.proponents["tracin"].rows[i].tolist()) | {-1 - r for r in truth.opponents["tracin"].rows[i].tolist()}
+                  for i in range(len(queries))]
+    one = [QueryVectors(tracin=queries[:1], retrac=queries[:1], timestep_norms=torch.ones(1, 1))]
+    exact_s = median_seconds(lambda: exact(one), repeats)
+    params = AnnParams.for_rows(rows)
+    started = time.perf_counter()
+    index = build_indexes(chunks, rows, [1.0], params, methods=["tracin"])["tracin"]
+    build_s = time.perf_counter() - started
+    memory_mb = (index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4) / 2**20
+    log(f"{rows} x {dim}: exact scan {exact_s:.3f} s per query; IVF{params.nlist},SQfp16 built in {build_s:.0f} s")
+    count = max(CANDIDATES_PER_K * TOP_K, MIN_CANDIDATES)
+
+    def approximate(matrix: np.ndarray, q: list[QueryVectors]):
+        candidates = AnnIndex({"tracin": index}, params).candidates({"tracin": matrix}, count, TOP_K)
+        chunk = [RowChunk(projected[candidates], norms[candidates])]
+        ranking = scan([(0, chunk)], q, [1.0], top_k=TOP_K, methods=["tracin"])
+        return candidates, ranking
+
+    sweep = []
+    matrix = queries.numpy()
+    for nprobe in sorted({max(1, params.nlist // d) for d in (256, 128, 64, 32, 16, 8, 4)}):
+        index.nprobe = nprobe
+        candidates, ranking = approximate(matrix, vectors)
+        found = [set(candidates[ranking.proponents["tracin"].rows[i]].tolist())
+                 | {-1 - r for r in candidates[ranking.opponents["tracin"].rows[i]].tolist()} for i in range(len(queries))]
+        seconds = median_seconds(lambda: approximate(matrix[:1], one), repeats)
+        sweep.append({"nprobe": nprobe, "recall_at_10": recall(exact_sets, found), "speedup": exact_s / seconds})
+        log(f"  nprobe {nprobe}: {sweep[-1]}")
+    return {
+        **best_of(sweep), "rows": rows, "dim": dim, "build_s": build_s, "memory_mb": memory_mb, "nlist": params.nlist,
+        "candidates": count,
+        "source": f"synthetic: real rows mixed and perturbed (noise {noise}); TracIn", "sweep": sweep,
+    }
+
+
+# --- 3. the scan near the read limit --------------------------------------------------------------------
+
+
+def scan_limits(rows_f32: torch.Tensor, repeats: int) -> dict:
+    """Read limit, the store's scan as a ratio to it, and the float32, bf16 and int8 products."""
+    n = rows_f32.shape[0]
+    half = rows_f32.half()
+    reductions = {
+        "sum_as_float32": lambda: half.view(torch.float32).sum(),
+        "sum_as_int64": lambda: half.view(torch.int64).sum(),
+    }
+    limit = max(n / median_seconds(f, repeats) for f in reductions.values())
+    log(f"read limit over {n} float16 rows: {limit:,.0f} rows/s ({limit * half.shape[1] * 2 / 1e9:.1f} GB/s)")
+    bf16 = rows_f32.bfloat16()
+    scales = rows_f32.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
+    int8 = (rows_f32 / scales).round().clamp(-127, 127).to(torch.int8)
+    generator = torch.Generator().manual_seed(3)
+    result: dict = {"read_limit_rows_per_s": limit, "read_limit_gb_per_s": limit * half.shape[1] * 2 / 1e9}
+    chunks = resident_chunks(half.unsqueeze(1), torch.ones(n, 1))
+    for count in (1, 16):
+        queries = torch.randn(count, rows_f32.shape[1], generator=generator)
+        reference = rows_f32.double() @ queries.double().T
+        top = reference.abs().max().item()
+        vectors = [QueryVectors(tracin=queries, retrac=queries, timestep_norms=torch.ones(count, 1))]
+        q_scales = queries.abs().amax(dim=1, keepdim=True) / 127
+        q_int8 = (queries / q_scales).round().to(torch.int8).T.contiguous()
+        padded = torch.nn.functional.pad(q_int8, (0, max(0, 8 - count)))  # _int_mm wants >= 8 columns
+
+        def int8_product() -> torch.Tensor:
+            return torch._int_mm(int8, padded)[:, :count].float() * scales * q_scales.T
+
+        products = {
+            "float32": lambda: rows_f32 @ queries.T,
+            "bfloat16": lambda: bf16 @ queries.bfloat16().T,
+            "int8_row_scale": int8_product,
+        }
+        seconds = median_seconds(lambda: scan(chunks(), vectors, [1.0], top_k=TOP_K, methods=["tracin"]), repeats)
+        entry = {"rows_per_s": n / seconds, "ratio_to_limit": n / seconds / limit, "formats": {}}
+        for name, product in products.items():
+            rate = n / median_seconds(product, repeats)
+            error = (product().double() - reference).abs().max().item() / top
+            entry["formats"][name] = {"rows_per_s": rate, "ratio_to_limit": rate / limit, "score_error": error}
+        result[f"q{count}"] = entry
+        log(f"q{count}: {entry}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--real-rows", type=int, default=4096, help="samples of the real store")
+    parser.add_argument("--sizes", default="1000000x1024,250000x4096", help="synthetic rows x k, comma-separated")
+    parser.add_argument("--noise", type=float, default=0.5, help="relative size of the synthetic rows' perturbation")
+    parser.add_argument("--scan-rows", type=int, default=65536, help="rows of the scan-limit measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    folder = Path(tempfile.mkdtemp(prefix="retrac-bench-scale-"))
+    try:
+        store = real_store(folder, args.real_rows)
+        images = held_out(args.real_rows)
+        ann = [real_ann(store, images, args.repeats)]
+        last = store.num_checkpoints - 1
+        base = store.rows_at(last, np.arange(store.num_rows)).projected.float().reshape(-1, store.dim)
+        base = base[base.norm(dim=1) > 0]
+        models = GradientComputerCache("cpu", threads=args.threads)
+        queries = query_vectors(models.computer(store.plan, last), images, QUERY).tracin
+        for size in filter(None, args.sizes.split(",")):
+            rows, dim = (int(v) for v in size.lower().split("x"))
+            folded = (base, queries) if dim == base.shape[1] else (fold(base, dim), fold(queries, dim))
+            ann.append(synthetic_ann(*folded, rows, args.noise, args.repeats))
+        scan_result = scan_limits(synthetic_rows(base, args.scan_rows, args.noise)[:, 0].float(), args.repeats)
+        print(json.dumps({"ann": ann, "scan": scan_result}))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

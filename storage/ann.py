@@ -1,0 +1,294 @@
+"""An approximate maximum-inner-product (ANN) index over a store's rows: sub-linear queries.
+
+Over C checkpoints a score is one inner product (method.md section 4, weights folded into the rows):
+
+    TracIn(z, q) = < concat_c w_c mean_s g_c(z, s),            concat_c G_c(q)  >
+    ReTrac(z, q) = < concat_c w_c mean_s g_c(z, s)/||g_c(z, s)||, concat_c G^_c(q) >
+
+so a query's proponents are a maximum-inner-product search over the row vectors, and its opponents
+the same search for the negated query (the minimum of a.b is the maximum of a.(-b)). One FAISS index
+per method holds the row vectors.
+
+Structure: an inverted file (IVF, `nlist` k-means lists, `nprobe` of them searched, each row in the
+list of largest inner product) over float16 vectors (the store's own precision), searched by inner
+product. Measured on a real store (2,048 samples, bench/scale.py's model), recall@10 with 64
+candidates: float16 codes 0.98, float32 0.98, 8-bit codes 0.62 even with every list probed (the
+coordinates of projected gradients are heavy-tailed, and a uniform 8-bit grid per coordinate loses
+the rows that matter). Turning inner products into distances by one extra coordinate,
+`[a, sqrt(R^2 - |a|^2)]`, recalled less than plain inner-product lists (0.53 against 0.99 with 40
+candidates, 40 of 316 lists probed, on bench/scale.py's synthetic rows). The index only proposes candidates
+(`CANDIDATES_PER_K` per k asked): they are rescored exactly from the store by the scan's own
+arithmetic, so every score and contribution returned is exact, and what approximation can cost is a
+row missed, never a wrong number.
+
+Layout, in the store's folder (deleted with it):
+
+    ann/manifest.json    format, the store's uid, the rows digest (of the weights and every shard digest
+                         it was built from), the structure and its parameters, and per method its file
+                         and the xxh3_64 of that file's bytes
+    ann/<method>.faiss   the FAISS index (`faiss.serialize_index`)
+
+The files are written first and the manifest last, each by a rename, so a half-written ANN index is
+no index. A search checks the manifest against the store (rebuilt or other shards: stale) and each
+file against its digest (damaged) and refuses with an `AnnIndexError` saying how to rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+import xxhash
+
+from api_schemas import Method
+from retrac.query_side import QueryVectors
+from retrac.scoring import METHODS, SCAN_ROWS, RowChunk, slot_means
+from storage.errors import AnnIndexError, IncompleteStoreError
+from storage.store import GradientStore
+
+FORMAT = "retrac-ann/1"
+FOLDER = "ann"
+MANIFEST = "manifest.json"
+
+CANDIDATES_PER_K = 16
+"""Candidates the index proposes per row asked (at least `MIN_CANDIDATES`), all rescored exactly: a
+wider net costs a few more rows read and raises recall (a real store of 2,048 samples, top 10: 0.98
+with 64 candidates, 0.998 with 128; bench/scale.py)."""
+MIN_CANDIDATES = 64
+
+TRAINING_ROWS_PER_LIST = 64
+"""k-means training rows per IVF list (FAISS warns below 39): more fit the lists better, slower."""
+
+PROBED_SHARE = 1 / 4
+"""Share of the lists a search probes by default (at least one): recall first. Large stores can probe
+fewer (bench/scale.py: 62 of 1,000 lists recalled 0.97 at 1M rows); `retrac index ann --probe` sets it."""
+
+REBUILD = "build it with `retrac index ann STORE` (an indexing job builds it when it completes)"
+
+
+@dataclass(frozen=True)
+class AnnParams:
+    """The structure of an ANN index: `nlist` IVF lists, `nprobe` searched per query."""
+
+    nlist: int
+    nprobe: int
+
+    @classmethod
+    def for_rows(cls, rows: int) -> AnnParams:
+        """About sqrt(N) lists (FAISS's guidance is 4-16 sqrt(N) at millions of rows; fewer, larger lists
+        recall better at the same share probed), and never fewer training rows than lists need."""
+        return cls.with_lists(max(1, min(round(math.sqrt(rows)), rows // TRAINING_ROWS_PER_LIST)))
+
+    @classmethod
+    def with_lists(cls, nlist: int) -> AnnParams:
+        """`nlist` lists, `PROBED_SHARE` of them probed."""
+        return cls(nlist=nlist, nprobe=max(1, round(nlist * PROBED_SHARE)))
+
+
+def row_vectors(chunks: Sequence[RowChunk], weights: Sequence[float]) -> dict[Method, np.ndarray]:
+    """Row vectors `(n, C k)` float32 per method: each checkpoint's slot mean, times its weight, side
+    by side (the training side of the one inner product)."""
+    parts: dict[Method, list[torch.Tensor]] = {m: [] for m in METHODS}
+    for chunk, weight in zip(chunks, weights, strict=True):
+        for method, vectors in slot_means(chunk).items():
+            parts[method].append(weight * vectors)
+    return {m: torch.cat(p, dim=1).numpy() for m, p in parts.items()}
+
+
+def query_matrix(
+    vectors: Sequence[QueryVectors], checkpoints: Sequence[int], num_checkpoints: int, method: Method
+) -> np.ndarray:
+    """Query vectors `(Q, C k)` float32 of one method over every checkpoint of the index: zeros at the
+    checkpoints not chosen, so the inner product is the score over the chosen ones alone."""
+    chosen = {c: getattr(v, method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)}
+    zeros = torch.zeros_like(next(iter(chosen.values())))
+    return torch.cat([chosen.get(c, zeros) for c in range(num_checkpoints)], dim=1).numpy()
+
+
+def rows_digest(store: GradientStore) -> str:
+    """xxh3_64 of what the row vectors are made of: the store's uid, the weights and every shard digest."""
+    hasher = xxhash.xxh3_64()
+    hasher.update(json.dumps([store.attrs.get("uid"), store.weights]).encode())
+    for checkpoint in range(store.num_checkpoints):
+        hasher.update(store.shard_digests(checkpoint).tobytes())
+    return hasher.hexdigest()
+
+
+def build_ann(store: GradientStore, params: AnnParams | None = None) -> AnnParams:
+    """Build the ANN index of a complete store (both methods, every checkpoint) and write it beside the
+    store, replacing any earlier one. Returns the parameters used."""
+    everything = list(range(store.num_checkpoints))
+    if not store.status().complete:
+        raise IncompleteStoreError(
+            f"{store.path.name}: not every shard is done; finish indexing (`retrac index run`) first"
+        )
+    params = params or AnnParams.for_rows(store.num_rows)
+    digest = rows_digest(store)
+    indexes = build_indexes(lambda: store.chunks(everything, SCAN_ROWS), store.num_rows, store.weights, params)
+    _write(store, indexes, params, digest)
+    return params
+
+
+def build_indexes(
+    chunks: Callable[[], Iterable[tuple[int, Sequence[RowChunk]]]],
+    num_rows: int,
+    weights: Sequence[float],
+    params: AnnParams,
+    methods: Sequence[Method] = METHODS,
+) -> dict[Method, Any]:
+    """One FAISS index per method over the row vectors of every row `chunks()` yields, in two passes:
+    the first keeps the k-means training rows (every `stride`-th row), the second adds every row."""
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    stride = max(1, num_rows // (params.nlist * TRAINING_ROWS_PER_LIST))
+    training: dict[Method, list[np.ndarray]] = {m: [] for m in methods}
+    for first, part in chunks():
+        keep = (np.arange(first, first + part[0].projected.shape[0]) % stride) == 0
+        vectors = row_vectors(part, weights)
+        for method in methods:
+            training[method].append(vectors[method][keep])
+    indexes = {}
+    for method in methods:
+        rows = np.concatenate(training[method])
+        index = faiss.index_factory(rows.shape[1], f"IVF{params.nlist},SQfp16", faiss.METRIC_INNER_PRODUCT)
+        index.train(rows)
+        index.nprobe = params.nprobe
+        indexes[method] = index
+    for _, part in chunks():
+        vectors = row_vectors(part, weights)
+        for method in methods:
+            indexes[method].add(vectors[method])
+    return indexes
+
+
+def build_ann_when_complete(store: GradientStore) -> bool:
+    """The job step after indexing: build the ANN index once every shard is done, unless a current one
+    is there. Returns whether it built. Two workers finishing the last shards together may both build;
+    each writes whole files by rename, so either's complete index is what remains."""
+    if not store.status().complete or _current(store):
+        return False
+    build_ann(store)
+    return True
+
+
+class AnnIndex:
+    """A loaded, checked ANN index: candidate rows for query matrices."""
+
+    def __init__(self, indexes: dict[Method, Any], params: AnnParams) -> None:
+        self.indexes, self.params = indexes, params
+
+    def candidates(self, queries: dict[Method, np.ndarray], count: int, needed: int) -> np.ndarray:
+        """Sorted unique rows that the index proposes as the `count` largest and the `count` smallest
+        inner products of each query `(Q, C k)` of each method: a search whose probed lists hold fewer
+        than `needed` rows (the k asked, at most the rows indexed) is redone over every list."""
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        found = []
+        for method, matrix in queries.items():
+            index = self.indexes[method]
+            for signed in (matrix, -matrix):
+                labels = index.search(np.ascontiguousarray(signed), count)[1]
+                if (labels >= 0).sum(axis=1).min() < needed:
+                    labels = index.search(signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist))[1]
+                found.append(labels[labels >= 0])
+        return np.unique(np.concatenate(found)).astype(np.int64)
+
+
+def candidate_chunks(
+    store: GradientStore, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int,
+    methods: Sequence[Method],
+) -> tuple[np.ndarray, list[RowChunk]]:
+    """The rows the ANN index proposes for every query and method, and their stored rows at each of
+    `checkpoints`, to rescore exactly. An AnnIndexError if the index is missing, stale or damaged."""
+    ann = load_ann(store)
+    queries = {m: query_matrix(vectors, checkpoints, store.num_checkpoints, m) for m in methods}
+    count = min(store.num_rows, max(CANDIDATES_PER_K * top_k, MIN_CANDIDATES))
+    rows = ann.candidates(queries, count, min(top_k, store.num_rows))
+    return rows, [store.rows_at(c, rows) for c in checkpoints]
+
+
+_loaded: weakref.WeakKeyDictionary[GradientStore, tuple[str, AnnIndex]] = weakref.WeakKeyDictionary()
+_loading = threading.Lock()
+
+
+def load_ann(store: GradientStore) -> AnnIndex:
+    """The store's ANN index, checked against the store's current rows on every call and read (and its
+    files checked against their digests) once per opened store and manifest (a rebuilt index is read
+    again)."""
+    manifest = _manifest(store)
+    key = json.dumps(manifest, sort_keys=True)
+    with _loading:
+        cached = _loaded.get(store)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        indexes = {}
+        for method in METHODS:
+            entry = manifest["methods"][method]
+            data = store.location.read(f"{FOLDER}/{entry['file']}") or b""
+            if xxhash.xxh3_64_hexdigest(data) != entry["digest"]:
+                raise AnnIndexError(
+                    f"{store.path.name}: the ANN index file {entry['file']} does not match its digest "
+                    f"(damaged); {_rebuild(store)}"
+                )
+            indexes[method] = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        loaded = AnnIndex(indexes, AnnParams(**manifest["params"]))
+        _loaded[store] = (key, loaded)
+        return loaded
+
+
+def _manifest(store: GradientStore) -> dict[str, Any]:
+    """The manifest of a current ANN index of `store`, or an AnnIndexError saying what is wrong."""
+    text = store.location.read(f"{FOLDER}/{MANIFEST}")
+    if text is None:
+        raise AnnIndexError(
+            f"{store.path.name} has no ANN index for approximate search; {_rebuild(store)}, or search exactly"
+        )
+    try:
+        manifest = json.loads(text)
+        fresh = manifest["format"] == FORMAT and manifest["rows_digest"] == rows_digest(store)
+    except (ValueError, KeyError, TypeError) as error:
+        raise AnnIndexError(f"{store.path.name}: its ANN manifest is unreadable ({error}); {_rebuild(store)}")
+    if not fresh:
+        raise AnnIndexError(
+            f"{store.path.name}: its ANN index was built from other rows than the store holds now (stale); "
+            f"{_rebuild(store)}"
+        )
+    return manifest
+
+
+def _current(store: GradientStore) -> bool:
+    try:
+        _manifest(store)
+    except AnnIndexError:
+        return False
+    return True
+
+
+def _write(store: GradientStore, indexes: dict[Method, Any], params: AnnParams, digest: str) -> None:
+    """Each index file, then the manifest, each written whole (`Location.write`): a reader sees the
+    old index or the new one, and a manifest only after its files."""
+    files = {}
+    for method, index in indexes.items():
+        data = faiss.serialize_index(index).tobytes()
+        store.require_live()
+        store.location.write(f"{FOLDER}/{method}.faiss", data)
+        files[method] = {"file": f"{method}.faiss", "digest": xxhash.xxh3_64_hexdigest(data)}
+    manifest = {
+        "format": FORMAT,
+        "rows_digest": digest,
+        "structure": f"IVF{params.nlist},SQfp16, inner product",
+        "params": {"nlist": params.nlist, "nprobe": params.nprobe},
+        "methods": files,
+    }
+    store.require_live()
+    store.location.write(f"{FOLDER}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+
+
+def _rebuild(store: GradientStore) -> str:
+    return REBUILD.replace("STORE", store.path.name)
