@@ -21,7 +21,7 @@ import uvicorn
 
 import service.indexes
 import service.repository
-import storage.store
+import storage.location
 from service.main import create_app
 
 
@@ -42,7 +42,7 @@ def inject(step: str) -> None:
     elif step == "cancelled":
         service.repository.delete_store = die  # type: ignore[assignment]
     elif step == "removing":
-        storage.store.shutil = SimpleNamespace(rmtree=remove_half_then_die)  # type: ignore[assignment]
+        storage.location.shutil = SimpleNamespace(rmtree=remove_half_then_die)  # type: ignore[assignment]
     else:
         raise SystemExit(f"unknown step {step!r}; give marked, cancelled or removing")
 
