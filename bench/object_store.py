@@ -45,10 +45,12 @@ from diffusers import DDPMScheduler
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
 from retrac.computers import GradientComputerCache
 from retrac.models import build_unet
-from retrac.plan import Rows
 from retrac.query_side import QueryVectors
 from retrac.scoring import scan
 from storage import GradientStore, Location, locate, run_pending
+
+sys.path.insert(0, str(Path(__file__).parent))
+from store import scan_store  # noqa: E402  (bench/store.py, beside this file)
 
 GET_THREADS = 8
 """Concurrent plain GETs of the reference read (zarr too fetches a read's chunks concurrently)."""
@@ -137,26 +139,6 @@ def index_ratio(folder: Path, bucket: str, rows: int) -> dict[str, float]:
 # --- 2. scan -----------------------------------------------------------------------------------------------
 
 
-def random_store(folder: Path, rows: int, dim: int) -> GradientStore:
-    """A local store of `rows` random float16 rows (one slot), written shard by shard."""
-    spec = IndexSpec(
-        dataset=DatasetSpec(source="builtin:patches", resolution=8, limit=rows),
-        checkpoints=(CheckpointSpec(path=str(model_folder(folder, "micro", 8)), weight=1.0),),
-        loss="mse",
-        slots=SlotSpec(replay=False, grid=1),
-        projector=ProjectorSpec(kind="sketch", dim=dim),
-        shard_size=1024,
-    )
-    store = GradientStore.create(folder / "scan.zarr", spec)
-    generator = torch.Generator().manual_seed(0)
-    for shard in range(store.num_shards):
-        n = store.shard_length(shard)
-        projected = torch.randn(n, 1, dim, generator=generator)
-        slots = torch.zeros(n, 1, dtype=torch.int64)
-        store.write_shard(0, shard, Rows(projected, projected.norm(dim=-1), slots, slots))
-    return store
-
-
 def copied(store: GradientStore, target: Location) -> GradientStore:
     """The local `store`'s files put, object by object, under `target`: the same bytes there."""
     for key in store.location.sizes():
@@ -172,7 +154,7 @@ def get_all(location: Location) -> None:
 
 
 def scan_ratio(folder: Path, bucket: str, rows: int, dim: int, repeats: int) -> dict[str, float]:
-    local = random_store(folder, rows, dim)
+    local = GradientStore.open(scan_store(folder, rows, dim))
     remote = copied(local, locate(f"s3://{bucket}/scan.zarr"))
     generator = torch.Generator().manual_seed(1)
     vectors = torch.randn(2, 1, dim, generator=generator)
