@@ -86,7 +86,7 @@ function render(index, answer) {
   }
   const t = answer.timings;
   $("timings").textContent = `${answer.estimator} estimator, K = ${answer.timesteps}, M = ${answer.draws}, checkpoints ${answer.checkpoints.join(", ")}: `
-    + `${t.total_s.toFixed(2)} s (query gradients ${t.gradient_s.toFixed(2)} s, scan ${t.scan_s.toFixed(3)} s)`;
+    + `${t.total_s.toFixed(2)} s (query gradients ${t.gradient_s.toFixed(2)} s, ${answer.search} search ${t.scan_s.toFixed(3)} s)`;
 }
 
 async function attribute(event) {
@@ -100,6 +100,7 @@ async function attribute(event) {
   const matched = $("estimator").value === "matched";
   for (const field of matched ? ["top_k"] : ["top_k", "timesteps", "draws", "seed"]) form.append(field, $(field).value);
   form.append("estimator", $("estimator").value);
+  form.append("search", $("search").value);
   form.append("methods", "tracin");
   form.append("methods", "retrac");
   $("run").disabled = true;
