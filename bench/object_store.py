@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,21 +50,11 @@ from retrac.scoring import scan
 from storage import GradientStore, Location, locate, run_pending
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import scan_store  # noqa: E402  (bench/store.py, beside this file)
+from store import log, scan_store, seconds_of  # noqa: E402  (bench/store.py, beside this file)
 
 GET_THREADS = 8
 """Concurrent plain GETs of the reference read (zarr too fetches a read's chunks concurrently)."""
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "retrac-bench", "AWS_SECRET_ACCESS_KEY": "retrac-bench-secret"}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def seconds_of(job: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    job()
-    return time.perf_counter() - start
 
 
 @contextmanager

@@ -5,8 +5,6 @@ to exactly the bytes an undisturbed run writes."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import uuid
 from pathlib import Path
@@ -24,7 +22,7 @@ from service.repository import StoreRepository
 from service.settings import Settings
 from storage import GradientStore, run_pending
 from tests.service.conftest import API_KEY, index_spec
-from tests.service.test_end_to_end import Server
+from tests.service.test_end_to_end import Server, service_environment
 from tests.storage.helpers import store_bytes
 from tests.worker.conftest import STARTUP_SECONDS, Workers, wait_until
 from worker import control
@@ -53,20 +51,8 @@ def test_a_delete_killed_at_any_step_leaves_every_index_usable(tmp_path: Path, t
     from worker.settings import get_settings
 
     queue = f"retrac-kill-test-{uuid.uuid4().hex[:10]}"
-    models, stores = tmp_path / "models", tmp_path / "stores"
-    shutil.copytree(tiny_run.folder, models / "run")
-    stores.mkdir()
-    settings = get_settings()
-    env = {
-        **os.environ,
-        "RETRAC_QUEUE": queue,
-        "RETRAC_BROKER_URL": settings.broker_url,
-        "RETRAC_RESULT_BACKEND": settings.result_backend,
-        "RETRAC_STORES_ROOT": str(stores),
-        "RETRAC_MODELS_ROOT": str(models),
-        "RETRAC_DATA_ROOT": str(tmp_path),
-        "RETRAC_API_KEY": API_KEY,
-    }
+    env, stores = service_environment(tmp_path, tiny_run, queue)
+    models, settings = tmp_path / "models", get_settings()
     body = {"spec": SPEC.model_dump(mode="json")}
     workers = Workers(queue, tmp_path)
     servers: list[Server] = []

@@ -64,17 +64,16 @@ class Server:
             self.process.wait()
 
 
-@pytest.fixture
-def deployment(tmp_path: Path, tiny_run: TrainingRun, redis_url: str) -> Iterator[tuple[Server, Path]]:
-    """A server and one worker sharing a queue of their own, and the server's stores root."""
+def service_environment(tmp_path: Path, tiny_run: TrainingRun, queue: str) -> tuple[dict[str, str], Path]:
+    """The environment of a `retrac serve` and its workers on `queue`: a copy of `tiny_run` under a
+    models root, an empty stores root (returned too), the data root `tmp_path`, the test API key."""
     from worker.settings import get_settings
 
-    queue = f"retrac-service-test-{uuid.uuid4().hex[:10]}"
     models, stores = tmp_path / "models", tmp_path / "stores"
     shutil.copytree(tiny_run.folder, models / "run")
     stores.mkdir()
     settings = get_settings()
-    env = {
+    return {
         **os.environ,
         "RETRAC_QUEUE": queue,
         "RETRAC_BROKER_URL": settings.broker_url,
@@ -83,7 +82,14 @@ def deployment(tmp_path: Path, tiny_run: TrainingRun, redis_url: str) -> Iterato
         "RETRAC_MODELS_ROOT": str(models),
         "RETRAC_DATA_ROOT": str(tmp_path),
         "RETRAC_API_KEY": API_KEY,
-    }
+    }, stores
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, tiny_run: TrainingRun, redis_url: str) -> Iterator[tuple[Server, Path]]:
+    """A server and one worker sharing a queue of their own, and the server's stores root."""
+    queue = f"retrac-service-test-{uuid.uuid4().hex[:10]}"
+    env, stores = service_environment(tmp_path, tiny_run, queue)
     workers = Workers(queue, tmp_path)
     server = Server(env, tmp_path / "server.log")
     try:
@@ -93,7 +99,7 @@ def deployment(tmp_path: Path, tiny_run: TrainingRun, redis_url: str) -> Iterato
     finally:
         server.stop()
         workers.stop_all()
-        redis.Redis.from_url(settings.broker_url).delete(queue)
+        redis.Redis.from_url(env["RETRAC_BROKER_URL"]).delete(queue)
 
 
 def test_index_then_query_over_http_equals_the_engine(
