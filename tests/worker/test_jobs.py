@@ -27,6 +27,8 @@ pytestmark = pytest.mark.redis
 
 JOB_SECONDS = 60
 SHARDS = 18  # 3 checkpoints x 6 shards
+RARE_REDELIVERIES = 2
+"""Tasks of one job that may be handed out twice: more would mean workers routinely duplicate work."""
 
 
 def results(job_id: str) -> list[dict]:
@@ -89,8 +91,12 @@ def test_two_workers_share_a_job_and_write_each_shard_once(
     job = control.submit(path, queue=queue)
     wait_until(lambda: control.state(job) == "done", JOB_SECONDS, "the job")
     outcomes = results(job)
-    assert [r["status"] for r in outcomes] == ["computed"] * SHARDS
-    assert len({(r["checkpoint"], r["shard"]) for r in outcomes}) == SHARDS  # each written once
+    # Delivery is at least once: a task handed out again (a dropped broker connection gives back the
+    # channel's unacknowledged task) finds its shard done and is "skipped"; the task's result is its
+    # last run. Nothing else may happen to a shard, and none may be left out.
+    assert {r["status"] for r in outcomes} <= {"computed", "skipped"}
+    assert [r["status"] for r in outcomes].count("computed") >= SHARDS - RARE_REDELIVERIES, outcomes
+    assert len({(r["checkpoint"], r["shard"]) for r in outcomes}) == SHARDS  # one task per shard
     assert len({r["worker"] for r in outcomes}) == 2  # both took part
     assert_same_as_embedded(path, reference_store)
 
