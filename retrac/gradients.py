@@ -10,7 +10,7 @@ two strategies, picked per model:
 - layer-wise (every diffusers `UNet2DModel`): one ordinary batched forward that records each
   layer's input, one backward to the layer outputs only (no parameter gradients), then each layer's
   per-sample parameter gradients from its input and output gradient (`LAYER_RULES`: Linear,
-  Conv2d, GroupNorm). A training step, with per-sample weight gradients in place of summed ones.
+  Conv2d, GroupNorm, LayerNorm). A training step, with per-sample weight gradients in place of summed ones.
 - vmap: `torch.func.vmap(grad(...))` over the unmodified model. Any model, but slower on a CPU
   (figures below; its batching rules run 1x1 convolutions' weight gradients as per-sample loops).
   Used when a module of another kind holds trainable parameters, or when a recorded layer's input
@@ -154,10 +154,20 @@ def _group_norm(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor
     return {"weight": (out_grads * normalised).sum(dim=summed), "bias": out_grads.sum(dim=summed)}
 
 
+def _layer_norm(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`y = x_hat * weight + bias` elementwise over the normalised (last) dims, `x_hat` the input
+    normalised without affine: each sample's gradients sum `dy * x_hat` and `dy` over its copies and
+    every other position, keeping the normalised dims."""
+    normalised = F.layer_norm(inputs, module.normalized_shape, eps=module.eps)
+    summed = list(range(1, out_grads.dim() - len(module.normalized_shape)))  # copies and positions
+    return {"weight": (out_grads * normalised).sum(dim=summed), "bias": out_grads.sum(dim=summed)}
+
+
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {
     nn.Linear: _linear,
     nn.Conv2d: _conv2d,
     nn.GroupNorm: _group_norm,
+    nn.LayerNorm: _layer_norm,
 }
 Layers = list[tuple[str, nn.Module]]
 """(name, module) of each module holding trainable parameters, in `named_modules` order."""
