@@ -10,7 +10,7 @@ from api_schemas.specs import IndexSpec
 
 class IndexCreate(Public):
     """Create an index: its name and the spec of what to index. Paths in the spec are relative to
-    the service's models root (run, checkpoints, scheduler) and data root (dataset source)."""
+    the service's models root (run, checkpoints, scheduler, VAE) and data root (dataset source)."""
 
     name: IndexName
     spec: IndexSpec

@@ -169,6 +169,11 @@ class IndexSpec(Spec):
     scheduler: str | None = Field(
         None, description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint"
     )
+    vae: str | None = Field(
+        None,
+        description="folder of the AutoencoderKL of a latent model; default: the vae/ of the checkpoint's "
+        "pipeline folder, none for a pixel-space model",
+    )
     loss: LossKind | None = Field(None, description="the loss the model was trained with; default: the run's")
     loss_weighting: LossWeighting | None = Field(
         None,
@@ -185,7 +190,7 @@ class IndexSpec(Spec):
     shard_size: int = Field(256, ge=1, le=1 << 20, description="rows per task, chunk and done mark")
 
     def map_paths(self, model_path: Callable[[str], str], data_path: Callable[[str], str]) -> IndexSpec:
-        """This spec with `model_path` applied to the run, scheduler and checkpoint paths and
+        """This spec with `model_path` applied to the run, scheduler, VAE and checkpoint paths and
         `data_path` to a file or folder dataset source (built-in names are not paths)."""
         source = self.dataset.source
         return self.model_copy(
@@ -195,6 +200,7 @@ class IndexSpec(Spec):
                 ),
                 "run": self.run and model_path(self.run),
                 "scheduler": self.scheduler and model_path(self.scheduler),
+                "vae": self.vae and model_path(self.vae),
                 "checkpoints": tuple(c.model_copy(update={"path": model_path(c.path)}) for c in self.checkpoints),
             }
         )

@@ -78,6 +78,13 @@ def create(
             help="folder with the scheduler_config.json", show_default="the run's, or beside the checkpoint"
         ),
     ] = None,
+    vae: Annotated[
+        str | None,
+        typer.Option(
+            help="folder of a latent model's AutoencoderKL (its config.json and safetensors weights)",
+            show_default="the vae/ of the checkpoint's pipeline folder; none for a pixel model",
+        ),
+    ] = None,
     train_batch_size: Annotated[
         int | None, typer.Option(help="training batch size, for weights from epoch and lr")
     ] = None,
@@ -133,7 +140,7 @@ def create(
             trained = TrainingRun.load(run_folder).spec.dataset if run_folder else None
             if data is None and trained is None:
                 raise SpecError("give --data (or --run, whose dataset is used)")
-            base = trained.model_dump() if trained else _model_shape(checkpoints)
+            base = trained.model_dump() if trained else _model_shape(checkpoints, vae)
             if data is not None:
                 base.pop("limit", None)  # the run's sample limit belongs to the run's source
             dataset = dataset_spec(
@@ -144,6 +151,7 @@ def create(
                 run=run_folder,
                 checkpoints=tuple(CheckpointSpec(**c) for c in checkpoints),
                 scheduler=scheduler,
+                vae=vae,
                 loss=loss,
                 loss_weighting=loss_weighting,
                 train_batch_size=train_batch_size,
@@ -201,13 +209,17 @@ def checkpoint_fields(value: str) -> dict[str, Any]:
     return fields
 
 
-def _model_shape(checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
-    """resolution and channels of the first checkpoint's UNet: the default shape of its dataset."""
-    from retrac.models import read_architecture, sample_shape
+def _model_shape(checkpoints: list[dict[str, Any]], vae: str | None) -> dict[str, Any]:
+    """resolution and channels of the images the first checkpoint takes (through its VAE, for a latent
+    model): the default shape of its dataset."""
+    from retrac.latents import latent_space_of
+    from retrac.models import read_architecture
+    from retrac.plan import model_image_shape
 
     if not checkpoints:
         return {}
-    channels, resolution = sample_shape(read_architecture(checkpoints[0]["path"]))
+    path = checkpoints[0]["path"]
+    channels, resolution = model_image_shape(read_architecture(path), latent_space_of(path, vae))
     return {"resolution": resolution, "channels": channels}
 
 
@@ -383,7 +395,7 @@ def inspect(store: Store, as_json: Annotated[bool, typer.Option("--json", help="
     opened = GradientStore.open(store_location(store), check=False)
     try:
         opened.check()
-        freshness = "fresh: checkpoints, dataset, record and schedule unchanged"
+        freshness = "fresh: checkpoints, dataset, record, schedule and VAE (if any) unchanged"
     except StaleStoreError as error:
         freshness = str(error)
     report = {
@@ -402,6 +414,7 @@ def inspect(store: Store, as_json: Annotated[bool, typer.Option("--json", help="
             "folder": opened.attrs.get("scheduler"),
             "prediction_type": opened.attrs.get("prediction_type"),
         },
+        "vae": opened.attrs.get("vae"),  # None: a pixel-space model
         "loss_weighting": opened.attrs.get("loss_weighting", "none"),  # stores from before it: none
         "fingerprints": opened.attrs["fingerprints"],
         "size_bytes": opened.size_bytes(),

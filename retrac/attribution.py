@@ -105,12 +105,15 @@ def attribute(
     methods: Sequence[Method] = METHODS,
     checkpoints: Sequence[int] | None = None,
     on_progress: QueryProgress | None = None,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Attribution:
     """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over `source`'s rows.
 
     `computer(c)` is the gradient computer of checkpoint c (a serving process passes a long-lived
-    cache's). Everything that can be wrong with the request is checked before the first gradient.
-    `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
+    cache's). `encode` turns the checked images into what the denoiser takes (`IndexPlan.encode`: a
+    latent model's VAE); without it they are taken as they are. Everything that can be wrong with the
+    request is checked before the first gradient. `on_progress` hears of each gradient batch and each
+    scanned chunk (`QueryProgress`).
     """
     if query.search == "approximate" and query.estimator == "matched":
         raise SpecError(
@@ -122,6 +125,7 @@ def attribute(
     matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
     started = time.perf_counter()
+    images = encode(images) if encode is not None else images
     on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
     vectors = [query_vectors(computer(c), images, query, on_images) for c in chosen]
     gradient_s = time.perf_counter() - started
@@ -313,7 +317,8 @@ class Attributor:
         self, images: torch.Tensor, spec: QuerySpec, checkpoints: Sequence[int]
     ) -> list[QueryVectors]:
         """Query vectors of `images` `(Q, C, H, W)` at each checkpoint of `checkpoints`."""
-        return [query_vectors(self.computer(c), images, spec) for c in checkpoints]
+        inputs = self.plan.encode(images)
+        return [query_vectors(self.computer(c), inputs, spec) for c in checkpoints]
 
     def attribute(
         self,
@@ -326,5 +331,6 @@ class Attributor:
     ) -> list[AttributionPublic]:
         """Proponents and opponents of each image, from the in-memory rows (see `attribute`)."""
         return attribute(
-            self.source(), self.computer, images, spec, top_k=top_k, methods=methods, checkpoints=checkpoints
+            self.source(), self.computer, images, spec, top_k=top_k, methods=methods, checkpoints=checkpoints,
+            encode=self.plan.encode,
         ).results

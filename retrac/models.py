@@ -186,9 +186,14 @@ def weights_file(path: str | Path) -> Path:
 
 
 def scheduler_settings(folder: str | Path) -> dict[str, Any]:
-    """The entries of the scheduler config in `folder` that fix the schedule: all but the diffusers
-    version that saved it, so a config saved again by another diffusers compares equal."""
-    config = json.loads((Path(folder) / SCHEDULER_CONFIG).read_text())
+    """The entries of the scheduler config in `folder` that fix the schedule (`config_settings`)."""
+    return config_settings(Path(folder) / SCHEDULER_CONFIG)
+
+
+def config_settings(file: Path) -> dict[str, Any]:
+    """The entries of a diffusers config file: all but the diffusers version that saved it, so a
+    config saved again by another diffusers compares equal."""
+    config = json.loads(file.read_text())
     return {k: _jsonable(v) for k, v in sorted(config.items()) if k != "_diffusers_version"}
 
 

@@ -1,15 +1,18 @@
 """Resolving an `IndexSpec` into what indexing needs, and computing any block of an index's rows.
 
 `IndexPlan.resolve` loads the dataset and the run, checks that checkpoints, loss and replay record
-fit together (each mismatch a named error), and fixes every slot's (timestep, noise seed).
+fit together (each mismatch a named error), and fixes every slot's (timestep, noise seed). For a
+latent model (a VAE beside its UNet, `retrac.latents`) the plan's `inputs` are the images' latents,
+encoded once; gradient code sees only `inputs`, whichever they are.
 `IndexPlan.compute_rows` then computes the rows of one checkpoint for any row range: the one
 idempotent function that the in-memory path, the store's tasks and the Celery workers all call.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, LossKind, LossWe
 from retrac.datasets import ImageDataset, load_dataset, old_sample_ids
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.gradients import GradientComputer, num_parameters, whole_groups
+from retrac.latents import LatentSpace, check_pixel_shape, latent_space_of
 from retrac.losses import check_weighting
 from retrac.models import (
     DiffusionModel,
@@ -69,6 +73,9 @@ class IndexPlan:
     num_timesteps: int
     prediction_type: PredictionType
     loss_weighting: LossWeighting
+    latent_space: LatentSpace | None = None
+    latents: torch.Tensor | None = None
+    """The dataset's latents `(N, c, h, w)` when known (a store keeps them); else encoded on first use."""
 
     @classmethod
     def resolve(cls, spec: IndexSpec, root: Path | None = None, *, data_root: Path | None = None) -> IndexPlan:
@@ -85,7 +92,8 @@ class IndexPlan:
         for path in paths:
             require_weights(path)
             check_architecture(path, read_architecture(path), architecture)
-        _check_shape(spec.dataset, architecture)
+        latent_space = latent_space_of(paths[0], resolve_inside(root, spec.vae) if spec.vae else None)
+        _check_shape(spec.dataset, model_image_shape(architecture, latent_space))
         if spec.scheduler:
             folder = resolve_inside(root, spec.scheduler)
         else:
@@ -100,12 +108,32 @@ class IndexPlan:
             _check_replay(run, dataset, checkpoints)
         return cls(
             spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
-            int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type, weighting,
+            int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type, weighting, latent_space,
         )
 
     @property
     def num_rows(self) -> int:
         return len(self.dataset)
+
+    @functools.cached_property
+    def inputs(self) -> torch.Tensor:
+        """What the denoiser was trained on, `(N, C, H, W)`: the dataset's images, or their latents."""
+        if self.latent_space is None:
+            return self.dataset.images
+        return self.latents if self.latents is not None else self.latent_space.encode(self.dataset.images)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Query images `(Q, C, H, W)` in [-1, 1] as the denoiser takes them: as they are, or their latents
+        (encoded exactly as the training images were)."""
+        return images if self.latent_space is None else self.latent_space.encode(images)
+
+    def with_latents(self, latents: torch.Tensor) -> IndexPlan:
+        """This plan with its latents known (read back from a store), so that they are not encoded again."""
+        channels, size = sample_shape(self.architecture)
+        expected = (self.num_rows, channels, size, size)
+        if self.latent_space is None or tuple(latents.shape) != expected:
+            raise SpecError(f"latents of shape {tuple(latents.shape)} do not fit this plan (expected {expected})")
+        return replace(self, latents=latents)
 
     @property
     def weights(self) -> list[float]:
@@ -151,7 +179,7 @@ class IndexPlan:
         """The noise of slots with seeds `seeds` `(n, S)`, by groups of adjacent slots:
         (slots, noise `(n, s, G, C, H, W)`), G = 1 for a slot with a seed of its own and G = M
         (`slots.draws`) for shared-noise grid slots, whose noise is the query's (`query_noise`)."""
-        shape, slots = self.dataset.images.shape[1:], self.spec.slots
+        shape, slots = self.inputs.shape[1:], self.spec.slots
         count = seeds.shape[1]
         if slots.noise == "independent":
             return [(slice(0, count), noise_from_seeds(seeds, shape).unsqueeze(2))]
@@ -176,7 +204,7 @@ class IndexPlan:
         slots of different noise kinds are computed group after group, so rows complete in the last).
         """
         timesteps, seeds = self.slots(checkpoint, rows)
-        images = self.dataset.images[rows]
+        images = self.inputs[rows]
         n = timesteps.shape[0]
         projected, norms = [], []
         groups = self.slot_noise(seeds)
@@ -195,10 +223,19 @@ class IndexPlan:
         )
 
 
-def _check_shape(dataset: DatasetSpec, architecture: dict[str, Any]) -> None:
+def model_image_shape(architecture: dict[str, Any], latent_space: LatentSpace | None) -> tuple[int, int]:
+    """(channels, resolution) of the images a model takes: the UNet's own shape, or for a latent model
+    the images its VAE encodes to the UNet's shape (`LatentSpace.image_shape`)."""
+    if latent_space is not None:
+        return latent_space.image_shape(architecture)
+    check_pixel_shape(architecture)
+    return sample_shape(architecture)
+
+
+def _check_shape(dataset: DatasetSpec, shape: tuple[int, int]) -> None:
     """A SpecError naming both shapes if the dataset's images (every image is brought to the spec's
-    channels and resolution) are not the ones the UNet takes."""
-    channels, resolution = sample_shape(architecture)
+    channels and resolution) are not the `shape` (channels, resolution) the model takes."""
+    channels, resolution = shape
     if (dataset.channels, dataset.resolution) != (channels, resolution):
         shape = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
         raise SpecError(

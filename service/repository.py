@@ -3,7 +3,7 @@ while its files stay the same (another API process may delete and recreate an in
 
 Every path a client can influence is confined here: an index name becomes a folder directly under
 the stores root, and the paths inside a new index's spec must lie under the models root (run,
-checkpoints, scheduler) or the data root (dataset source). They are stored absolute, so the API and
+checkpoints, scheduler, VAE) or the data root (dataset source). They are stored absolute, so the API and
 the workers must see the models and data at the same paths (the compose file mounts them so).
 """
 
@@ -178,6 +178,7 @@ class StoreRepository:
                 "dataset": DatasetSpec.model_validate({**spec.dataset.model_dump(), "source": source}),
                 "run": inside_models(spec.run),
                 "scheduler": inside_models(spec.scheduler),
+                "vae": inside_models(spec.vae),
                 "checkpoints": tuple(
                     CheckpointSpec.model_validate({**c.model_dump(), "path": inside_models(c.path)})
                     for c in spec.checkpoints

@@ -10,6 +10,9 @@ Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k pr
                              dim, shard_size, num_shards, slot_kinds, and the noise rule that turns
                              a stored seed into noise
     sample_ids                          (N,)       string
+    latents                             (N, c, h, w) float32: a latent model's training latents, encoded
+                                                   once at create (`retrac.latents`); their xxh3_64 in
+                                                   the `latents_digest` attribute; absent for pixel models
     checkpoints/<c>/projected           (N, S, k)  float16 (or float32): projected gradients
     checkpoints/<c>/norms               (N, S)     float32: exact L2 norms before projection
     checkpoints/<c>/timesteps           (N, S)     int64
@@ -205,6 +208,8 @@ class GradientStore:
         group = zarr.open_group(path.zarr_store(), mode="w-", zarr_format=3)
         ids = group.create_array("sample_ids", shape=(plan.num_rows,), dtype=str, chunks=(plan.num_rows,))
         ids[:] = np.asarray(plan.dataset.ids, dtype=object)
+        if plan.latent_space is not None:
+            attrs["latents_digest"] = _write_latents(group, plan.inputs, attrs["shard_size"])
         rows, slots, dim, shard = plan.num_rows, attrs["num_slots"], attrs["dim"], attrs["shard_size"]
         for c in range(len(plan.checkpoints)):
             shapes = {
@@ -282,7 +287,20 @@ class GradientStore:
         changed = changes(self.attrs["fingerprints"], plan, self.sample_ids)
         if changed:
             raise StaleStoreError(f"{self.path.name} is stale: {'; '.join(changed)}; restore the input, or {REBUILD}")
-        self._plan = plan
+        self._plan = plan if plan.latent_space is None else plan.with_latents(self._stored_latents())
+
+    def _stored_latents(self) -> torch.Tensor:
+        """The latents written at create, checked against their digest: every worker computes from
+        these same bytes, so a shard is the same whichever machine (and VAE kernel) computes it."""
+        try:
+            latents = np.asarray(self._group["latents"][:], dtype=np.float32)
+        except KeyError as error:
+            raise StoreError(f"{self.path.name}: a latent model's store without its latents; {REBUILD}") from error
+        if _digest([latents]) != int(self.attrs.get("latents_digest", -1)):
+            raise DamagedStoreError(
+                f"{self.path.name}: its stored latents do not match their digest (damaged); {REBUILD}"
+            )
+        return torch.from_numpy(latents)
 
     # --- what the store holds -------------------------------------------------------------------------
 
@@ -669,6 +687,17 @@ def _resolve(
         ) from error
 
 
+def _write_latents(group: zarr.Group, latents: torch.Tensor, shard_size: int) -> int:
+    """Write a latent model's training latents (chunks of one shard's rows); returns their digest."""
+    values = latents.detach().cpu().to(torch.float32).numpy()
+    array = group.create_array(
+        "latents", shape=values.shape, chunks=(shard_size, *values.shape[1:]), dtype="float32",
+        fill_value=0, compressors=None, chunk_key_encoding=_CHUNK_KEYS, config=_ARRAY_CONFIG,
+    )
+    array[:] = values
+    return _digest([values])
+
+
 def _describe(plan: IndexPlan) -> dict[str, Any]:
     """The root attributes of a new store for `plan`."""
     spec = plan.spec
@@ -691,8 +720,23 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "prediction_type": plan.prediction_type,
         "loss_weighting": plan.loss_weighting,
         "scheduler": str(plan.scheduler_folder),
+        "vae": _vae_description(plan),
         "noise_rule": NOISE_RULE,
         "torch_version": torch.__version__,
+    }
+
+
+def _vae_description(plan: IndexPlan) -> dict[str, Any] | None:
+    """What a latent model's store says of its VAE and latents (None for a pixel-space model)."""
+    space = plan.latent_space
+    if space is None:
+        return None
+    return {
+        "folder": str(space.folder),
+        "scaling_factor": space.scaling_factor,
+        "shift_factor": space.shift_factor,
+        "latent_shape": list(plan.inputs.shape[1:]),
+        "encoding": "latents = (mean of the VAE's latent distribution - shift_factor) * scaling_factor",
     }
 
 
