@@ -175,7 +175,7 @@ def analyse_run(
     timesteps, norms = (
         v[:, 0].numpy() for v in recompute_slot_norms(plan, checkpoint, computer, on_progress=on_progress)
     )
-    grid, curves = norm_curves(computer, plan.dataset.images[:curve_samples], curve_timesteps, seed)
+    grid, curves = norm_curves(computer, plan.inputs[:curve_samples], curve_timesteps, seed)
     result = norm_timestep_statistics(
         timesteps, norms, grid, curves, num_timesteps=plan.num_timesteps, checkpoint_epoch=int(chosen or 0)
     )
