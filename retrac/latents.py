@@ -56,11 +56,15 @@ class LatentSpace:
         folder = Path(folder)
         config = folder / "config.json"
         if not config.is_file():
-            raise CheckpointError(f"{folder}: no config.json; give --vae DIR, a VAE folder as diffusers saves it")
+            raise CheckpointError(
+                f"{folder}: no config.json; give --vae DIR, a VAE folder as diffusers saves it"
+            )
         settings = config_settings(config)
         name = settings.get("_class_name")
         if name != "AutoencoderKL":
-            raise CheckpointError(f"{folder}: VAE class {name!r} is not handled; retrac encodes with an AutoencoderKL")
+            raise CheckpointError(
+                f"{folder}: VAE class {name!r} is not handled; retrac encodes with an AutoencoderKL"
+            )
         if settings.get("latents_mean") is not None or settings.get("latents_std") is not None:
             raise CheckpointError(
                 f"{folder}: the VAE config sets latents_mean/latents_std, whose use differs between training "
@@ -68,7 +72,8 @@ class LatentSpace:
             )
         if not (folder / WEIGHTS_NAME).is_file():
             raise CheckpointError(
-                f"{folder}: no {WEIGHTS_NAME}; retrac loads safetensors only (convert pickled .bin weights first)"
+                f"{folder}: no {WEIGHTS_NAME}; retrac loads safetensors only (convert pickled .bin "
+                "weights first)"
             )
         return cls(folder, settings)
 
@@ -102,7 +107,9 @@ class LatentSpace:
             )
         image_channels = int(self.settings.get("in_channels", 3))
         if image_channels not in _IMAGE_CHANNELS:
-            raise CheckpointError(f"{self.folder}: a VAE of {image_channels}-channel images; retrac handles grey or RGB")
+            raise CheckpointError(
+                f"{self.folder}: a VAE of {image_channels}-channel images; retrac handles grey or RGB"
+            )
         return image_channels, size * self.downsampling
 
     @functools.cached_property
@@ -117,7 +124,7 @@ class LatentSpace:
         return vae.eval().float().requires_grad_(False)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Latents `(N, c, h, w)` float32 of images `(N, C, H, W)` in [-1, 1] (module docstring), on the CPU."""
+        """Latents `(N, c, h, w)` float32 of images `(N, C, H, W)` in [-1, 1] (module docstring)."""
         with torch.no_grad():
             means = [
                 self.vae.encode(images[start : start + ENCODE_CHUNK].float()).latent_dist.mean

@@ -108,7 +108,8 @@ class IndexPlan:
             _check_replay(run, dataset, checkpoints)
         return cls(
             spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
-            int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type, weighting, latent_space,
+            int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type, weighting,
+            latent_space,
         )
 
     @property
@@ -132,7 +133,9 @@ class IndexPlan:
         channels, size = sample_shape(self.architecture)
         expected = (self.num_rows, channels, size, size)
         if self.latent_space is None or tuple(latents.shape) != expected:
-            raise SpecError(f"latents of shape {tuple(latents.shape)} do not fit this plan (expected {expected})")
+            raise SpecError(
+                f"latents of shape {tuple(latents.shape)} do not fit this plan (expected {expected})"
+            )
         return replace(self, latents=latents)
 
     @property

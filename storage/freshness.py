@@ -163,9 +163,14 @@ def _vae_changes(then: dict[str, Any] | None, latent_space: LatentSpace | None) 
     if latent_space is None:
         if then is None:
             return []
-        return ["the VAE: the store's latents were encoded by one, and none is found beside the checkpoint now"]
+        return [
+            "the VAE: the store's latents were encoded by one, and none is found beside the checkpoint now"
+        ]
     if then is None:
-        return [f"the VAE ({latent_space.folder}): found now, none when the store was built on the images themselves"]
+        return [
+            f"the VAE ({latent_space.folder}): found now, none when the store was built on the images "
+            "themselves"
+        ]
     found = []
     weights = sha256_file(latent_space.weights_file)
     if weights != then["weights"]:

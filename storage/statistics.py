@@ -41,7 +41,8 @@ def attribute(
     models = models or GradientComputerCache()
     return attribute_rows(
         StoreRows(store), lambda c: models.computer(store.plan, c), images, query,
-        top_k=top_k, methods=methods, checkpoints=checkpoints, on_progress=on_progress, encode=store.plan.encode,
+        top_k=top_k, methods=methods, checkpoints=checkpoints, on_progress=on_progress,
+        encode=store.plan.encode,
     )
 
 

@@ -295,7 +295,9 @@ class GradientStore:
         try:
             latents = np.asarray(self._group["latents"][:], dtype=np.float32)
         except KeyError as error:
-            raise StoreError(f"{self.path.name}: a latent model's store without its latents; {REBUILD}") from error
+            raise StoreError(
+                f"{self.path.name}: a latent model's store without its latents; {REBUILD}"
+            ) from error
         if _digest([latents]) != int(self.attrs.get("latents_digest", -1)):
             raise DamagedStoreError(
                 f"{self.path.name}: its stored latents do not match their digest (damaged); {REBUILD}"

@@ -24,8 +24,9 @@ VAE_CONFIG = dict(
     shift_factor=0.1,
 )
 UNET_CONFIG = dict(
-    sample_size=LATENT_SIDE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, block_out_channels=(8, 16),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    sample_size=LATENT_SIDE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+    block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
 )
 
@@ -49,9 +50,8 @@ def save_latent_pipeline(folder: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         unet = UNet2DModel(**UNET_CONFIG)
-    LatentPipeline(vae=tiny_vae(seed), unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
-        folder
-    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    LatentPipeline(vae=tiny_vae(seed), unet=unet, scheduler=scheduler).save_pretrained(folder)
     return folder
 
 
@@ -66,8 +66,13 @@ def latent_index_spec(folder: Path | str, **changes: object) -> IndexSpec:
 
 
 def brute_force_scores(
-    folder: Path, weight: float, slots: list[list[tuple[int, int]]], images: torch.Tensor, queries: torch.Tensor,
-    *, timesteps: int, draws: int, seed: int,
+    folder: Path,
+    weight: float,
+    slots: list[list[tuple[int, int]]],
+    images: torch.Tensor,
+    queries: torch.Tensor,
+    *,
+    timesteps: int, draws: int, seed: int,
 ) -> dict[str, torch.Tensor]:
     """(N, Q) TracIn and ReTrac scores of one checkpoint (method.md sections 1-4) with plain diffusers:
     each image encoded alone as `(mean - shift_factor) * scaling_factor`, noise by the store's rule,
@@ -85,15 +90,20 @@ def brute_force_scores(
 
     latents = [encode(image) for image in images]
     shape = tuple(latents[0].shape)
-    grid = torch.linspace(1, scheduler.config.num_train_timesteps - 1, timesteps, dtype=torch.float64).floor().long()
+    count = scheduler.config.num_train_timesteps
+    grid = torch.linspace(1, count - 1, timesteps, dtype=torch.float64).floor().long()
     train_side = [
-        torch.stack([autograd_gradient(unet, scheduler, z, t, seeded_noise(s, shape), "mse") for t, s in slots[n]])
+        torch.stack([
+            autograd_gradient(unet, scheduler, z, t, seeded_noise(s, shape), "mse") for t, s in slots[n]
+        ])
         for n, z in enumerate(latents)
     ]
-    scores = {"tracin": torch.zeros(len(images), len(queries)), "retrac": torch.zeros(len(images), len(queries))}
+    scores = {method: torch.zeros(len(images), len(queries)) for method in ("tracin", "retrac")}
     for q, query in enumerate(queries):
         z, noise = encode(query), query_draws(seed, timesteps, draws, shape)
-        hs = torch.stack([mean_gradient(unet, scheduler, z, int(t), noise[k], "mse") for k, t in enumerate(grid)])
+        hs = torch.stack([
+            mean_gradient(unet, scheduler, z, int(t), noise[k], "mse") for k, t in enumerate(grid)
+        ])
         tracin, retrac = hs.mean(0), (hs / hs.norm(dim=1, keepdim=True)).mean(0)
         for n, g in enumerate(train_side):
             scores["tracin"][n, q] = weight * (g @ tracin).mean()
@@ -102,7 +112,7 @@ def brute_force_scores(
 
 
 def score_table(results: list[dict], sample_ids: list[str] | tuple[str, ...], method: str) -> torch.Tensor:
-    """(N, Q) scores from answers that rank every sample, as JSON (`AttributionPublic.model_dump(mode="json")`)."""
+    """(N, Q) scores from answers that rank every sample, as JSON (`AttributionPublic` dumped)."""
     position = {s: i for i, s in enumerate(sample_ids)}
     table = torch.zeros(len(sample_ids), len(results))
     for q, result in enumerate(results):

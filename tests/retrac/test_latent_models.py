@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from api_schemas import DatasetSpec, QuerySpec
+from api_schemas import QuerySpec
 from cli import main
 from retrac.attribution import Attributor
 from retrac.exceptions import CheckpointError, SpecError
@@ -49,7 +49,8 @@ def test_exact_scores_equal_brute_force(pipeline: Path) -> None:
     assert tuple(plan.inputs.shape) == (6, LATENT_CHANNELS, LATENT_SIDE, LATENT_SIDE)
     assert tuple(plan.dataset.images.shape) == (6, 3, IMAGE_SIDE, IMAGE_SIDE)
     queries = torch.stack([plan.dataset.images[1], torch.flip(plan.dataset.images[4], dims=[-1])])
-    results = Attributor(plan).attribute(queries, QuerySpec(timesteps=K, draws=M, seed=SEED), top_k=len(plan.dataset))
+    query = QuerySpec(timesteps=K, draws=M, seed=SEED)
+    results = Attributor(plan).attribute(queries, query, top_k=len(plan.dataset))
     timesteps, seeds = plan.slots(0, slice(0, plan.num_rows))
     slots = [list(zip(timesteps[n].tolist(), seeds[n].tolist())) for n in range(plan.num_rows)]
     expected = brute_force_scores(
@@ -57,7 +58,8 @@ def test_exact_scores_equal_brute_force(pipeline: Path) -> None:
     )
     answers = [r.model_dump(mode="json") for r in results]
     for method in ("tracin", "retrac"):
-        assert relative_error(score_table(answers, plan.dataset.ids, method), expected[method]) < RELATIVE_ERROR
+        got = score_table(answers, plan.dataset.ids, method)
+        assert relative_error(got, expected[method]) < RELATIVE_ERROR
 
 
 def refusal(spec_changes: dict, folder: Path) -> str:
@@ -67,7 +69,7 @@ def refusal(spec_changes: dict, folder: Path) -> str:
 
 
 def test_a_dataset_of_another_size_than_the_vae_makes_is_refused(pipeline: Path) -> None:
-    message = refusal({"dataset": DatasetSpec(source="builtin:patches", resolution=8, channels=3, limit=6)}, pipeline)
+    message = refusal({"dataset": DATA.model_copy(update={"resolution": 8})}, pipeline)
     assert "3x8x8" in message and "takes 3x16x16" in message and "resolution 16" in message
     message = refusal({"dataset": DATA.model_copy(update={"channels": 1})}, pipeline)
     assert "1x16x16" in message and "channels 3" in message
@@ -113,7 +115,8 @@ def test_index_create_refuses_in_one_line_and_defaults_the_shape_to_the_vaes(
     capsys.readouterr()
     assert main(["index", "inspect", str(tmp_path / "right.zarr"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["spec"]["dataset"]["resolution"] == IMAGE_SIDE and report["spec"]["dataset"]["channels"] == 3
+    dataset = report["spec"]["dataset"]
+    assert (dataset["resolution"], dataset["channels"]) == (IMAGE_SIDE, 3)
     assert report["vae"]["folder"] == str(pipeline / "vae")
     assert (report["vae"]["scaling_factor"], report["vae"]["shift_factor"]) == (0.7, 0.1)
     assert report["vae"]["latent_shape"] == [LATENT_CHANNELS, LATENT_SIDE, LATENT_SIDE]

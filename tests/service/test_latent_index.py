@@ -12,12 +12,18 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from api_schemas import DatasetSpec
 from retrac.computers import GradientComputerCache
 from service.main import create_app
 from service.settings import Settings
 from storage import GradientStore, run_pending
-from tests.retrac.latent_pipeline import IMAGE_SIDE, latent_index_spec, relative_error, save_latent_pipeline, score_table
+from tests.retrac.latent_pipeline import (
+    DATA,
+    IMAGE_SIDE,
+    latent_index_spec,
+    relative_error,
+    save_latent_pipeline,
+    score_table,
+)
 from tests.service.conftest import API_KEY
 from tests.storage.test_latent_store import K, M, RELATIVE_ERROR, SEED, expected_scores, query_files
 
@@ -30,7 +36,7 @@ def test_a_latent_pipeline_over_http(own_roots: Settings, tmp_path: Path) -> Non
     client = TestClient(create_app(own_roots), headers={"X-API-Key": API_KEY})
     spec = latent_index_spec("pipeline")  # relative to the models root
 
-    small = spec.model_copy(update={"dataset": DatasetSpec(source="builtin:patches", resolution=8, channels=3, limit=6)})
+    small = spec.model_copy(update={"dataset": DATA.model_copy(update={"resolution": 8})})
     refused = client.post("/v1/indexes", json={"name": NAME, "spec": small.model_dump(mode="json")})
     assert 400 <= refused.status_code < 500 and "takes 3x16x16" in refused.json()["detail"], refused.text
     assert not (own_roots.stores_root / NAME).exists()

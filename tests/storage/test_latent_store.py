@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from cli import main
 from retrac.datasets import load_dataset
 from retrac.models import WEIGHTS_NAME
-from storage import GradientStore, StaleStoreError
+from storage import GradientStore
 from storage.errors import DamagedStoreError
 from tests.retrac.latent_pipeline import (
     DATA,
@@ -52,7 +52,8 @@ def test_the_store_keeps_the_latents_it_was_built_on(pipeline: Path, tmp_path: P
         means = torch.cat([vae.encode(image[None]).latent_dist.mean for image in created.plan.dataset.images])
     torch.testing.assert_close(stored, (means - 0.1) * 0.7, rtol=0, atol=ENCODING_ERROR)
     reopened = GradientStore.open(tmp_path / "store.zarr").plan
-    assert reopened.latents is not None and torch.equal(reopened.inputs, stored)  # read back, not encoded again
+    assert reopened.latents is not None  # read back, not encoded again
+    assert torch.equal(reopened.inputs, stored)
 
     chunk = tmp_path / "store.zarr" / "latents" / "c" / "0" / "0" / "0" / "0"
     damaged = bytearray(chunk.read_bytes())
@@ -105,7 +106,8 @@ def expected_scores(pipeline: Path, store: GradientStore, queries: torch.Tensor)
     timesteps, seeds = store.timesteps(0), store.seeds(0)
     slots = [list(zip(timesteps[n].tolist(), seeds[n].tolist())) for n in range(store.num_rows)]
     images = load_dataset(DATA).images
-    return brute_force_scores(pipeline, store.weights[0], slots, images, queries, timesteps=K, draws=M, seed=SEED)
+    weight = store.weights[0]
+    return brute_force_scores(pipeline, weight, slots, images, queries, timesteps=K, draws=M, seed=SEED)
 
 
 def test_index_and_query_a_latent_pipeline_through_the_cli(
@@ -120,8 +122,8 @@ def test_index_and_query_a_latent_pipeline_through_the_cli(
     assert main(["index", "run", store]) == 0
     files, queries = query_files(tmp_path)
     capsys.readouterr()
-    assert main(["attribute", store, *map(str, files), "--all", "--json", "--timesteps", str(K), "--draws", str(M),
-                 "--seed", str(SEED)]) == 0
+    knobs = ["--timesteps", str(K), "--draws", str(M), "--seed", str(SEED)]
+    assert main(["attribute", store, *map(str, files), "--all", "--json", *knobs]) == 0
     printed = json.loads(capsys.readouterr().out)
     opened = GradientStore.open(store)
     expected = expected_scores(pipeline, opened, queries)
