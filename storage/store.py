@@ -355,10 +355,12 @@ class GradientStore:
 
     def signature(self) -> tuple[Any, ...]:
         """The stamp of the group's metadata (`Location.stamp`) and (inode, mtime, size) of every
-        checkpoint file: cheap to read on every use, and different after the store is deleted and
-        recreated or a checkpoint replaced. Long-lived processes compare it to reopen (and recheck) a
-        store instead of using it stale."""
-        files = [f for c in self.checkpoint_info for f in sorted(Path(c["path"]).rglob("*"))]
+        checkpoint file and VAE file: cheap to read on every use, and different after the store is
+        deleted and recreated or a checkpoint or the VAE replaced. Long-lived processes compare it to
+        reopen (and recheck) a store instead of using it stale."""
+        folders = [Path(c["path"]) for c in self.checkpoint_info]
+        folders += [Path(self.attrs["vae"]["folder"])] if self.attrs.get("vae") else []
+        files = [f for folder in folders for f in sorted(folder.rglob("*"))]
         return (self.location.stamp("zarr.json"), *(_stat(f) for f in files))
 
     @property

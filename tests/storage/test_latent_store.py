@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from cli import main
 from retrac.datasets import load_dataset
+from retrac.exceptions import CheckpointError
 from retrac.models import WEIGHTS_NAME
 from storage import GradientStore
 from storage.errors import DamagedStoreError
@@ -130,3 +131,21 @@ def test_index_and_query_a_latent_pipeline_through_the_cli(
     for method in ("tracin", "retrac"):
         got = score_table(printed["results"], opened.sample_ids, method)
         assert relative_error(got, expected[method]) < RELATIVE_ERROR
+
+
+def test_a_vae_given_apart_from_the_unet(pipeline: Path, tmp_path: Path) -> None:
+    """`vae` in the spec (`--vae DIR`) for a UNet folder whose pipeline has none; a long-lived process
+    sees the VAE replaced (`signature`) and reopens the store, stale."""
+    alone, vae = tmp_path / "alone", tmp_path / "vaes" / "kl"
+    shutil.copytree(pipeline / "unet", alone / "unet")
+    shutil.copytree(pipeline / "scheduler", alone / "scheduler")
+    shutil.copytree(pipeline / "vae", vae)
+    with pytest.raises(CheckpointError, match="a latent model"):
+        GradientStore.create(tmp_path / "store.zarr", latent_index_spec(alone / "unet"))
+    store = GradientStore.create(tmp_path / "store.zarr", latent_index_spec(alone / "unet", vae=str(vae)))
+    assert store.attrs["vae"]["folder"] == str(vae)
+    before = store.signature()
+    tensors = load_file(vae / WEIGHTS_NAME)
+    save_file({name: value * 1.01 for name, value in tensors.items()}, vae / WEIGHTS_NAME)
+    assert store.signature() != before
+    assert f"the VAE ({vae / WEIGHTS_NAME}): content changed" in stale_message(tmp_path / "store.zarr")
