@@ -20,11 +20,12 @@ container credentials), and requests issued concurrently from zarr's event loop.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import cached_property
@@ -124,6 +125,10 @@ class LocalLocation:
     def has(self, key: str) -> bool:
         return (self.folder / key).is_file()
 
+    def delete(self, key: str) -> None:
+        """Remove file `key`; nothing if it is missing."""
+        (self.folder / key).unlink(missing_ok=True)
+
     def read(self, key: str) -> bytes | None:
         try:
             return (self.folder / key).read_bytes()
@@ -193,7 +198,7 @@ class BucketLocation:
         )
 
     def zarr_store(self) -> Store:
-        return ObjectStore(self._objects)
+        return _NamingObjectStore(self._objects)
 
     def child(self, name: str) -> BucketLocation:
         return BucketLocation(self.bucket, f"{self.prefix}/{name}", self.options)
@@ -214,6 +219,10 @@ class BucketLocation:
 
     def has(self, key: str) -> bool:
         return self.size(key) is not None
+
+    def delete(self, key: str) -> None:
+        """Remove object `key`; nothing if it is missing (S3 deletes are idempotent)."""
+        self._call(lambda: obstore.delete(self._objects, key))
 
     def read(self, key: str) -> bytes | None:
         try:
@@ -259,11 +268,54 @@ class BucketLocation:
         except FileNotFoundError:
             raise
         except ObjectStoreError as error:
-            first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise UnreachableStoreError(
-                f"{self}: the object store did not answer as expected ({first[:300]}); check the "
-                "bucket, the endpoint (AWS_ENDPOINT_URL or RETRAC_S3_ENDPOINT_URL) and the credentials"
-            ) from error
+            raise unreachable(str(self), error) from error
+
+
+_CONNECTION_FAILURES = ("error sending request", "timed out", "connection refused", "connection reset")
+"""How the backend's message says a request never got an answer (as opposed to an answer refusing it)."""
+
+
+def unreachable(where: str, error: Exception) -> UnreachableStoreError:
+    """The one-line error for a failed request to the object store holding `where` (a URL): it is
+    unreachable (no answer: down, wrong endpoint, network), or it answered otherwise than expected
+    (no such bucket, credentials refused)."""
+    text = str(error)
+    first = (text.splitlines()[0] if text else type(error).__name__)[:300]
+    if any(sign in text.lower() for sign in _CONNECTION_FAILURES):
+        return UnreachableStoreError(
+            f"{where}: the object store is unreachable ({first}); check that it is up and the endpoint "
+            "(AWS_ENDPOINT_URL or RETRAC_S3_ENDPOINT_URL), then retry"
+        )
+    return UnreachableStoreError(
+        f"{where}: the object store did not answer as expected ({first}); check the bucket, the endpoint "
+        "(AWS_ENDPOINT_URL or RETRAC_S3_ENDPOINT_URL) and the credentials"
+    )
+
+
+def _naming(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """`method` of zarr's obstore backend, raising `unreachable`'s error where the backend fails."""
+
+    @functools.wraps(method)
+    async def wrapped(self: _NamingObjectStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except ObjectStoreError as error:
+            where = f"{BUCKET_SCHEME}{self.store.config.get('bucket')}/{self.store.prefix}"
+            raise unreachable(where, error) from error
+
+    return wrapped
+
+
+class _NamingObjectStore(ObjectStore):  # type: ignore[type-arg]
+    """zarr's obstore backend, whose failed requests raise `unreachable`'s one-line error naming the
+    store (`s3://bucket/prefix`) instead of the backend's many-line report: zarr reads and writes the
+    arrays itself, outside `BucketLocation._call`."""
+
+    get = _naming(ObjectStore.get)
+    get_partial_values = _naming(ObjectStore.get_partial_values)
+    exists = _naming(ObjectStore.exists)
+    set = _naming(ObjectStore.set)
+    delete = _naming(ObjectStore.delete)
 
 
 Location = LocalLocation | BucketLocation

@@ -64,6 +64,7 @@ from storage.errors import (
     IncompleteStoreError,
     StaleStoreError,
     StoreError,
+    UnreachableStoreError,
 )
 from storage.location import ASIDE_PREFIX, BucketLocation, LocalLocation, Location, locate
 
@@ -257,6 +258,8 @@ class GradientStore:
             )
         try:
             group = zarr.open_group(path.zarr_store(), mode="r+", zarr_format=3)
+        except UnreachableStoreError:
+            raise
         except Exception as error:  # zarr raises several kinds on a damaged group
             raise StoreError(f"{path.name}: cannot open the Zarr group: {error}") from error
         found = group.attrs.get("format")
@@ -429,6 +432,8 @@ class GradientStore:
         array = self._array(checkpoint, "done_at")
         try:
             return np.asarray(array[:], dtype=np.float64)
+        except UnreachableStoreError:  # an outage is no damage: never read as "not done"
+            raise
         except Exception:  # one damaged mark must not hide the others
             return np.array([_read_or_zero(array, i) for i in range(self.num_shards)], dtype=np.float64)
 
@@ -607,6 +612,8 @@ class GradientStore:
     def _digest_matches(self, checkpoint: int, shard: int) -> bool:
         try:
             self._verified(checkpoint, self.shard_rows(shard))
+        except UnreachableStoreError:
+            raise
         except Exception:  # a damaged or unreadable chunk is simply not done
             return False
         return True
@@ -631,10 +638,14 @@ def delete_store(path: str | Path | Location) -> None:
     locate(path).remove(DELETED_MARK)
 
 
-def remove_set_aside(root: Path) -> None:
-    """Finish every deletion under `root` that was killed after its rename: the folders set aside are
-    no store's any more (their names are free), only their files are left to remove."""
-    for aside in root.glob(f"{ASIDE_PREFIX}*") if root.is_dir() else ():
+def remove_set_aside(root: Path | Location) -> None:
+    """Finish every deletion under the folder `root` that was killed after its rename: the folders set
+    aside are no store's any more (their names are free), only their files are left to remove. A
+    bucket sets nothing aside (`BucketLocation.remove`)."""
+    if isinstance(root, BucketLocation):
+        return
+    folder = root.folder if isinstance(root, LocalLocation) else root
+    for aside in folder.glob(f"{ASIDE_PREFIX}*") if folder.is_dir() else ():
         shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -713,6 +724,8 @@ def _digest(arrays: Sequence[np.ndarray] | Any) -> int:
 def _read_or_zero(array: zarr.Array, index: int) -> float:
     try:
         return float(array[index])
+    except UnreachableStoreError:
+        raise
     except Exception:  # a missing or truncated mark reads as not done
         return 0.0
 
