@@ -27,7 +27,7 @@ from cli.common import (
     DataSeed,
     Limit,
     Resolution,
-    absolute,
+    absolute_text,
     data_option,
     dataset_spec,
     default,
@@ -175,8 +175,6 @@ def _recorded(spec: IndexSpec) -> IndexSpec:
     return spec.map_paths(absolute_text, absolute_text)
 
 
-def absolute_text(path: str) -> str:
-    return str(absolute(path))
 
 
 CHECKPOINT_KEYS = {"epoch": int, "lr": float, "weight": float}
@@ -205,7 +203,7 @@ def _model_shape(checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
     """resolution and channels of the first checkpoint's UNet: the default shape of its dataset."""
     from retrac.models import read_architecture, sample_shape
 
-    if not checkpoints:
+    if not checkpoints or checkpoints[0]["path"].startswith("s3://"):  # at a URL: give --resolution
         return {}
     channels, resolution = sample_shape(read_architecture(checkpoints[0]["path"]))
     return {"resolution": resolution, "channels": channels}

@@ -16,15 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from pathlib import Path
 
-from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec
+from api_schemas import IndexSpec
 from api_schemas.common import IndexName
 from api_schemas.indexes import BrokenIndexPublic, CheckpointProgressPublic, IndexCreate, IndexPublic
-from retrac.exceptions import RetracError
+from retrac.exceptions import RetracError, SpecError
 from retrac.paths import resolve_inside
 from service.errors import Conflict, NotFound
 from service.settings import Settings
 from storage import GradientStore, LocalLocation, Location, OpenStores, UnreachableStoreError, delete_store, is_leftover
+from storage.inputs import is_url
+from storage.location import parse_url
 from storage.store import DELETED_MARK, mark_deleted, remove_set_aside
 
 logger = logging.getLogger(__name__)
@@ -147,7 +150,8 @@ class StoreRepository:
             spec = self.check_new(request)
             path = self.path(request.name)
             try:
-                store = GradientStore.create(path, spec, data_root=self.settings.data_root)
+                data_root = self.settings.data_root  # at a URL, `confine` kept the source inside it
+                store = GradientStore.create(path, spec, data_root=data_root if isinstance(data_root, Path) else None)
             except BaseException:
                 if path.exists():  # a store half written, or an empty folder
                     delete_store(path)
@@ -172,25 +176,8 @@ class StoreRepository:
 
     def confine(self, spec: IndexSpec) -> IndexSpec:
         """`spec` with its paths resolved inside the models and data roots (SpecError if one leaves them)."""
-        models = self.settings.models_root
-
-        def inside_models(path: str | None) -> str | None:
-            return None if path is None else str(resolve_inside(models, path))
-
-        source = spec.dataset.source
-        if not source.startswith("builtin:"):
-            source = str(resolve_inside(self.settings.data_root, source))
-        return spec.model_copy(
-            update={
-                "dataset": DatasetSpec.model_validate({**spec.dataset.model_dump(), "source": source}),
-                "run": inside_models(spec.run),
-                "scheduler": inside_models(spec.scheduler),
-                "checkpoints": tuple(
-                    CheckpointSpec.model_validate({**c.model_dump(), "path": inside_models(c.path)})
-                    for c in spec.checkpoints
-                ),
-            }
-        )
+        models, data = self.settings.models_root, self.settings.data_root
+        return spec.map_paths(lambda path: _inside(models, path), lambda path: _inside(data, path))
 
     # --- job records ----------------------------------------------------------------------------------------
 
@@ -219,3 +206,18 @@ class StoreRepository:
     @staticmethod
     def _job_key(name: str) -> str:
         return f"{name}.json"
+
+
+def _inside(root: Path | str, path: str) -> str:
+    """`path` resolved inside `root`: a folder (`resolve_inside`: no `..`, no link out), or a bucket
+    URL, under which a relative path is joined and an absolute URL must lie. A SpecError if it leaves."""
+    if isinstance(root, Path):
+        if is_url(path):
+            raise SpecError(f"{path!r}: this service reads its inputs from folders; give a path inside its root")
+        return str(resolve_inside(root, path))
+    url = path if is_url(path) else f"{root}/{path}"
+    if not url.startswith(f"{root}/") or any(part in ("", ".", "..") for part in url.split("/")[3:]):
+        where = path if is_url(path) else Path(path).name
+        raise SpecError(f"path {where!r} leaves the configured root; give a path inside it (no '..')")
+    parse_url(url)  # the rest of its form: plain parts
+    return url

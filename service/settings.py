@@ -32,8 +32,14 @@ class Settings(ComputeSettings, ObjectStoreSettings):
         description="one Zarr store per index, in a folder (or under a prefix) named after it: a local "
         "folder, or an s3://BUCKET/PREFIX URL reached by the RETRAC_S3_* settings",
     )
-    models_root: Path = Field(Path("models"), description="training runs and checkpoints that specs may name")
-    data_root: Path = Field(Path("data"), description="image folders and arrays that dataset specs may name")
+    models_root: Path | str = Field(
+        Path("models"),
+        description="training runs and checkpoints that specs may name: a folder, or an s3://BUCKET/PREFIX "
+        "URL (checkpoints and schedulers only; runs are read from folders)",
+    )
+    data_root: Path | str = Field(
+        Path("data"), description="image folders and arrays that dataset specs may name: a folder or an s3:// URL"
+    )
 
     api_key: SecretStr | None = Field(None, description="the X-API-Key that mutating requests must send")
     protect_queries: bool = Field(False, description="queries and reads need the API key too")
@@ -47,15 +53,10 @@ class Settings(ComputeSettings, ObjectStoreSettings):
 
     cors_origins: list[str] = Field([], description="origins allowed to call the API from a browser")
 
-    @field_validator("models_root", "data_root")
-    @classmethod
-    def _absolute(cls, root: Path) -> Path:
-        return root.expanduser().resolve()
-
-    @field_validator("stores_root", mode="before")
+    @field_validator("stores_root", "models_root", "data_root", mode="before")
     @classmethod
     def _folder_or_url(cls, root: object) -> object:
-        """A URL as given (`stores_location` checks it), a folder made absolute."""
+        """A URL as given (`storage.location.locate` checks it where it is used), a folder made absolute."""
         if isinstance(root, str) and "://" in root:
             return root.rstrip("/")
         return Path(str(root)).expanduser().resolve()

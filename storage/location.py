@@ -239,8 +239,23 @@ class BucketLocation:
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """Size of every object under `prefix`, keyed by its path relative to the store: one listing."""
+        return {key: size for key, (_, size) in self.stamps(prefix).items()}
+
+    def stamps(self, prefix: str = "") -> dict[str, tuple[str, int]]:
+        """(ETag, size) of every object under `prefix`, keyed by its path relative to the store."""
         listed = self._call(lambda: obstore.list(self._objects, prefix or None).collect())
-        return {str(o["path"]): int(o["size"]) for o in listed}
+        return {str(o["path"]): (str(o["e_tag"]), int(o["size"])) for o in listed}
+
+    def download(self, key: str, file: Path) -> None:
+        """Stream object `key` into `file` (its folders made), never holding it whole in memory."""
+        file.parent.mkdir(parents=True, exist_ok=True)
+
+        def fetch() -> None:
+            with file.open("wb") as out:
+                for block in obstore.get(self._objects, key).stream():
+                    out.write(block)
+
+        self._call(fetch)
 
     def stamp(self, key: str) -> tuple[Any, ...] | None:
         """(ETag, size) of one object: different once it is rewritten; None if missing."""
@@ -341,6 +356,23 @@ def locate(
         if "://" in text:
             raise StoreError(f"{text!r}: only s3://BUCKET/PREFIX URLs and local folders can hold a store")
         return LocalLocation(Path(where).expanduser().resolve())
+    bucket, prefix = parse_url(text)
+    options = options or BucketOptions()
+    environment = os.environ if environment is None else environment
+    if not options.has_credentials(environment):
+        raise StoreError(
+            f"{text}: no credentials for the object store; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or RETRAC_S3_ACCESS_KEY_ID and RETRAC_S3_SECRET_ACCESS_KEY)"
+        )
+    if options.allow_http is None:  # given client options replace the backend's own reading of it
+        allowed = environment.get("AWS_ALLOW_HTTP", "").strip().lower() in ("1", "true", "yes")
+        options = replace(options, allow_http=allowed)
+    return BucketLocation(bucket, prefix, options)
+
+
+def parse_url(text: str) -> tuple[str, str]:
+    """(bucket, prefix) of an `s3://bucket/prefix` URL, checked: a bucket name S3 accepts and a
+    prefix of plain parts, no `..`. A StoreError in one line says what to fix."""
     bucket, _, prefix = text[len(BUCKET_SCHEME) :].partition("/")
     parts = prefix.strip("/").split("/") if prefix.strip("/") else []
     if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
@@ -353,14 +385,4 @@ def locate(
             f"{text!r}: give a prefix inside the bucket, of plain parts (letters, digits, '.', '_', "
             "'-'; no '..'), as s3://BUCKET/PREFIX"
         )
-    options = options or BucketOptions()
-    environment = os.environ if environment is None else environment
-    if not options.has_credentials(environment):
-        raise StoreError(
-            f"{text}: no credentials for the object store; set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY (or RETRAC_S3_ACCESS_KEY_ID and RETRAC_S3_SECRET_ACCESS_KEY)"
-        )
-    if options.allow_http is None:  # given client options replace the backend's own reading of it
-        allowed = environment.get("AWS_ALLOW_HTTP", "").strip().lower() in ("1", "true", "yes")
-        options = replace(options, allow_http=allowed)
-    return BucketLocation(bucket, "/".join(parts), options)
+    return bucket, "/".join(parts)

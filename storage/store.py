@@ -36,6 +36,7 @@ file is then one object, written whole by one PUT, so the rules above hold uncha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -66,6 +67,7 @@ from storage.errors import (
     StoreError,
     UnreachableStoreError,
 )
+from storage.inputs import InputMirrors, current_inputs, is_url
 from storage.location import ASIDE_PREFIX, BucketLocation, LocalLocation, Location, locate
 
 FORMAT = "retrac-store/2"
@@ -196,9 +198,9 @@ class GradientStore:
             return existing
         if not path.is_empty():
             raise StoreError(f"{path.name} exists and is not a retrac store; choose another path")
-        plan = _resolve(spec, root, path, data_root=data_root)
+        plan, mirrors = _resolve(spec, root, path, data_root=data_root)
         attrs = {
-            **_describe(plan),
+            **_describe(plan, mirrors),
             "root": str(Path(root).resolve()) if root is not None else None,
             "data_root": str(Path(data_root).resolve()) if data_root is not None else None,
             "uid": uuid.uuid4().hex,  # tells this store from a later one at the same path
@@ -281,10 +283,10 @@ class GradientStore:
     def check(self) -> None:
         """A StaleStoreError naming what changed, if the checkpoints, data, record or schedule did."""
         data_root = Path(self.attrs["data_root"]) if self.attrs.get("data_root") else None
-        plan = _resolve(self.spec, self.root, self.path, data_root=data_root, stale=True)
-        changed = changes(self.attrs["fingerprints"], plan, self.sample_ids)
+        plan, mirrors = _resolve(self.spec, self.root, self.path, data_root=data_root, stale=True)
+        changed = mirrors.named("; ".join(changes(self.attrs["fingerprints"], plan, self.sample_ids)))
         if changed:
-            raise StaleStoreError(f"{self.path.name} is stale: {'; '.join(changed)}; restore the input, or {REBUILD}")
+            raise StaleStoreError(f"{self.path.name} is stale: {changed}; restore the input, or {REBUILD}")
         self._plan = plan
 
     # --- what the store holds -------------------------------------------------------------------------
@@ -341,8 +343,12 @@ class GradientStore:
         checkpoint file: cheap to read on every use, and different after the store is deleted and
         recreated or a checkpoint replaced. Long-lived processes compare it to reopen (and recheck) a
         store instead of using it stale."""
-        files = [f for c in self.checkpoint_info for f in sorted(Path(c["path"]).rglob("*"))]
-        return (self.location.stamp("zarr.json"), *(_stat(f) for f in files))
+        inputs = current_inputs()
+        checkpoints = [
+            inputs.stamp(c["path"]) if is_url(c["path"]) else tuple(_stat(f) for f in sorted(Path(c["path"]).rglob("*")))
+            for c in self.checkpoint_info
+        ]
+        return (self.location.stamp("zarr.json"), *checkpoints)
 
     @property
     def slot_kinds(self) -> tuple[str, ...]:
@@ -667,21 +673,33 @@ def list_stores(root: str | Path | Location) -> list[str]:
 
 def _resolve(
     spec: IndexSpec, root: Path | None, path: Path | Location, *, data_root: Path | None, stale: bool = False
-) -> IndexPlan:
-    """The spec's plan; when reopening a store, a failure to resolve means its inputs changed."""
+) -> tuple[IndexPlan, InputMirrors]:
+    """The spec's plan, its inputs at URLs read from their local mirrors (`storage.inputs`), and the
+    mirrors; when reopening a store, a failure to resolve means its inputs changed."""
+    mirrors: InputMirrors | None = None
     try:
-        return IndexPlan.resolve(spec, root, data_root=data_root)
+        mirrors = current_inputs().localize(spec)
+        if is_url(spec.dataset.source):  # its files must stay inside its mirror
+            local = Path(mirrors.spec.dataset.source)
+            data_root = local if local.is_dir() else local.parent
+        plan = IndexPlan.resolve(mirrors.spec, root, data_root=data_root)
+    except UnreachableStoreError:  # the inputs' bucket is out of reach: no input changed
+        raise
     except RetracError as error:
+        message = mirrors.named(str(error)) if mirrors is not None else str(error)
         if not stale:
-            raise
+            if message == str(error):
+                raise
+            raise type(error)(message) from error
         raise StaleStoreError(
-            f"{path.name} is stale: its inputs no longer resolve: {error}; put them back where they were "
+            f"{path.name} is stale: its inputs no longer resolve: {message}; put them back where they were "
             f"(its paths are recorded absolute), or {REBUILD}"
         ) from error
+    return dataclasses.replace(plan, spec=spec), mirrors
 
 
-def _describe(plan: IndexPlan) -> dict[str, Any]:
-    """The root attributes of a new store for `plan`."""
+def _describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
+    """The root attributes of a new store for `plan`; inputs read from mirrors are recorded by URL."""
     spec = plan.spec
     dim = num_parameters(plan.load_model(0)) if spec.projector.kind == "identity" else spec.projector.dim
     shard_size = _even_shard_size(plan.num_rows, spec.shard_size)
@@ -691,7 +709,7 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "spec": json.loads(spec.model_dump_json()),
         "fingerprints": fingerprints(plan),
         "checkpoints": [
-            {"path": str(c.path), "epoch": c.epoch, "weight": c.weight} for c in plan.checkpoints
+            {"path": mirrors.named(str(c.path)), "epoch": c.epoch, "weight": c.weight} for c in plan.checkpoints
         ],
         "num_rows": plan.num_rows,
         "num_slots": len(kinds),
@@ -701,7 +719,7 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "slot_kinds": kinds,
         "prediction_type": plan.prediction_type,
         "loss_weighting": plan.loss_weighting,
-        "scheduler": str(plan.scheduler_folder),
+        "scheduler": mirrors.named(str(plan.scheduler_folder)),
         "noise_rule": NOISE_RULE,
         "torch_version": torch.__version__,
     }

@@ -128,6 +128,13 @@ def objects(location: BucketLocation) -> dict[str, bytes]:
     return found
 
 
+def upload(folder: Path, bucket: str, prefix: str) -> None:
+    """Put every file under `folder` into `bucket` under `prefix`, with boto3 (not the code under test)."""
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    for key, data in files(folder).items():
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
+
+
 def files(folder: Path) -> dict[str, bytes]:
     """Every file of a local store, by path relative to it."""
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
