@@ -20,7 +20,9 @@ from api_schemas.attribution import AttributionsPublic
 from api_schemas.indexes import IndexCreate
 from api_schemas.jobs import JobPublic
 from cli import main
+from retrac.exceptions import SpecError
 from retrac.attribution import Attributor
+from retrac.plan import IndexPlan
 from retrac.computers import GradientComputerCache
 from retrac.replay import TrainingRun
 from service.main import create_app
@@ -30,6 +32,7 @@ from storage import run_pending
 from tests.service.conftest import API_KEY, QUERY, index_spec
 from tests.service.test_attribute import assert_matches, digit_pixels, expected, png
 from tests.service.test_end_to_end import JOB_SECONDS, Server, service_environment
+from tests.storage.helpers import inputs_spec, put_inputs
 from tests.storage.object_store import S3Server, bucket_url, moto_server, objects
 from tests.worker.conftest import STARTUP_SECONDS, Workers, wait_until
 
@@ -41,16 +44,19 @@ ROOT = "indexes"
 def bucket_deployment(
     tmp_path: Path, tiny_run: TrainingRun, redis_url: str, bucket: str, s3_server: S3Server
 ) -> Iterator[Server]:
-    """`retrac serve` with its stores root in `bucket`, and one worker that knows no roots at all:
-    the two share the queue's Redis and the bucket, nothing else."""
+    """`retrac serve` with its stores, models and data roots in `bucket`, and one worker that knows no
+    roots at all: the two share the queue's Redis and the bucket, nothing else (each mirrors the
+    inputs into a cache of its own)."""
     queue = f"retrac-bucket-test-{uuid.uuid4().hex[:10]}"
-    env, stores = service_environment(tmp_path, tiny_run, queue)
-    stores.rmdir()  # no local stores root: a write there would fail
-    env["RETRAC_STORES_ROOT"] = f"s3://{bucket}/{ROOT}"
+    put_inputs(bucket, tiny_run, tmp_path / "local")
+    env, _ = service_environment(tmp_path, tiny_run, queue)
+    for root, prefix in (("STORES", ROOT), ("MODELS", "models"), ("DATA", "data")):
+        env[f"RETRAC_{root}_ROOT"] = f"s3://{bucket}/{prefix}"
+    env["RETRAC_INPUT_CACHE"] = str(tmp_path / "server-cache")
     workers = Workers(queue, tmp_path)
     server = Server(env, tmp_path / "server.log")
     try:
-        workers.start("worker")  # its tasks name stores by URL: it needs no roots
+        workers.start("worker", RETRAC_INPUT_CACHE=str(tmp_path / "worker-cache"))
         wait_until(server.ready, STARTUP_SECONDS, f"retrac serve to be ready (log: {server.log})")
         yield server
     finally:
@@ -62,15 +68,17 @@ def bucket_deployment(
 @pytest.mark.redis
 @pytest.mark.slow
 def test_an_index_in_a_bucket_is_created_built_queried_and_deleted_over_http(
-    bucket_deployment: Server, bucket: str, reference: Attributor
+    bucket_deployment: Server, bucket: str, tiny_run: TrainingRun, tmp_path: Path
 ) -> None:
     api = httpx.Client(base_url=f"{bucket_deployment.url}/v1", headers={"X-API-Key": API_KEY}, timeout=300)
     ready = api.get("/ready").json()
     assert ready["checks"]["stores"] == {"ok": True, "detail": f"the object store holding s3://{bucket}/{ROOT} answers"}
 
-    created = api.post("/indexes", json={"name": "digits", "spec": index_spec().model_dump(mode="json")})
+    spec = inputs_spec("run", "digits.npz")  # relative: inside the models and data roots, in the bucket
+    created = api.post("/indexes", json={"name": "digits", "spec": spec.model_dump(mode="json")})
     assert created.status_code == 202, created.text
     job_id = created.json()["job_id"]
+    assert created.json()["spec"]["checkpoints"][0]["path"] == f"s3://{bucket}/models/run/checkpoints/epoch-0002"
     in_bucket = objects(bucket_url(bucket, ROOT))  # read with boto3, not through retrac
     assert "digits/zarr.json" in in_bucket and f'"job_id": "{job_id}"' in in_bucket[".jobs/digits.json"].decode()
 
@@ -84,7 +92,11 @@ def test_an_index_in_a_bucket_is_created_built_queried_and_deleted_over_http(
     listed = api.get("/indexes").json()
     assert [i["name"] for i in listed["data"]] == ["digits"] and listed["broken"] == []
     assert listed["data"][0]["complete"] is True and listed["data"][0]["job_id"] == job_id
+    assert any((tmp_path / "worker-cache").iterdir())  # the worker read the inputs from the bucket
 
+    local = inputs_spec(str(tiny_run.folder), str(tmp_path / "local/data/digits.npz"))
+    reference = Attributor(IndexPlan.resolve(local))
+    reference.index()
     pixels = digit_pixels(reference, 4)
     response = api.post(
         "/indexes/digits/attribute/upload", files={"images": ("q.png", png(pixels), "image/png")}, data=QUERY
@@ -156,3 +168,24 @@ def test_a_bucket_that_stops_answering_is_a_503_naming_the_store(
     assert main(["index", "status", f"{root}/digits"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"{root}/digits: the object store is unreachable" in error, error
+
+
+def test_client_paths_stay_inside_roots_that_are_bucket_urls(own_roots: Settings) -> None:
+    url_roots = own_roots.model_copy(update={"models_root": "s3://retrac-models/m", "data_root": "s3://retrac-data/d"})
+    confined = StoreRepository(url_roots).confine(inputs_spec("run", "sets/digits.npz"))
+    assert confined.checkpoints[0].path == "s3://retrac-models/m/run/checkpoints/epoch-0002"
+    assert (confined.scheduler, confined.dataset.source) == ("s3://retrac-models/m/run/scheduler", "s3://retrac-data/d/sets/digits.npz")
+    assert StoreRepository(url_roots).confine(inputs_spec("s3://retrac-models/m/run", "x.npz")).scheduler == (
+        "s3://retrac-models/m/run/scheduler"
+    )
+    for run, dataset in (
+        ("../m2/run", "x.npz"),  # out through '..'
+        ("run", "a/../../d2/x.npz"),
+        ("s3://retrac-models/m2/run", "x.npz"),  # another prefix, given whole
+        ("s3://other-bucket/m/run", "x.npz"),
+        ("/etc/run", "x.npz"),
+    ):
+        with pytest.raises(SpecError, match="leaves the configured root"):
+            StoreRepository(url_roots).confine(inputs_spec(run, dataset))
+    with pytest.raises(SpecError, match="reads its inputs from folders"):  # local roots take no URLs
+        StoreRepository(own_roots).confine(inputs_spec("s3://retrac-models/m/run", "x.npz"))

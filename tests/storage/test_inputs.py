@@ -11,18 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
+from api_schemas import CheckpointSpec, IndexSpec
+from cli import main
 from retrac.computers import GradientComputerCache
-from retrac.datasets import load_dataset
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.replay import TrainingRun
 from storage import GradientStore, StaleStoreError, run_pending
 from storage.inputs import InputCache, current_inputs, use_inputs
-from tests.conftest import TINY_DATASET, TINY_TRAIN
-from tests.storage.object_store import S3Server, upload
+from tests.storage.helpers import EPOCHS, inputs_spec, put_inputs
+from tests.storage.object_store import S3Server
 
 CPU = GradientComputerCache("cpu", threads=1)
-EPOCHS = (2, 4, 6)
 INPUTS = 5
 """Mirrors one index of the tiny run needs: its dataset, three checkpoints and the scheduler."""
 
@@ -38,36 +37,18 @@ def cache(tmp_path: Path) -> Iterator[InputCache]:
 
 @pytest.fixture
 def inputs(bucket: str, tiny_run: TrainingRun, tmp_path: Path) -> tuple[str, Path]:
-    """The tiny run (checkpoints, scheduler) under `models/run` and its dataset as `data/digits.npz`
-    in the bucket, and a local folder holding both the same way (`run/`, `digits.npz`)."""
+    """The tiny run and its dataset in the bucket (`put_inputs`), and a local folder holding both the
+    same way (`run/`, `data/digits.npz`); the bucket's URL."""
     local = tmp_path / "local"
-    dataset = load_dataset(TINY_DATASET)
-    images = np.stack([dataset.to_uint8(i) for i in range(len(dataset))])
-    (local / "data").mkdir(parents=True)
-    np.savez(local / "data" / "digits.npz", images=images, ids=np.array(dataset.ids))
-    upload(tiny_run.folder, bucket, "models/run")
-    upload(local / "data", bucket, "data")
+    put_inputs(bucket, tiny_run, local)
     os.symlink(tiny_run.folder, local / "run")
     return f"s3://{bucket}", local
 
 
 def spec_under(base: str) -> IndexSpec:
-    """The index of the tiny run's checkpoints and dataset with its inputs under `base` (a URL or a
-    folder): weights from epoch and lr, 2 grid slots (a run's replay record is read from folders only)."""
-    models = f"{base}/models/run" if base.startswith("s3://") else f"{base}/run"
-    return IndexSpec(
-        dataset=DatasetSpec(source=f"{base}/data/digits.npz", resolution=8),
-        checkpoints=tuple(
-            CheckpointSpec(path=f"{models}/checkpoints/epoch-{e:04d}", epoch=e, lr=TINY_TRAIN.lr) for e in EPOCHS
-        ),
-        scheduler=f"{models}/scheduler",
-        loss="mse",
-        train_batch_size=TINY_TRAIN.batch_size,
-        slots=SlotSpec(replay=False, grid=2, seed=1),
-        projector=ProjectorSpec(kind="sketch", dim=256, seed=3),
-        batch_size=8,
-        shard_size=8,
-    )
+    if base.startswith("s3://"):
+        return inputs_spec(f"{base}/models/run", f"{base}/data/digits.npz")
+    return inputs_spec(f"{base}/run", f"{base}/data/digits.npz")
 
 
 def mirrors(cache: InputCache) -> list[Path]:
@@ -146,3 +127,27 @@ def test_an_input_larger_than_the_cache_is_refused_and_old_mirrors_make_room(
     assert (third / "diffusion_pytorch_model.safetensors").read_bytes() == (
         tiny_run.folder / "checkpoints/epoch-0006/diffusion_pytorch_model.safetensors"
     ).read_bytes()
+
+
+def test_the_cli_indexes_checkpoints_and_a_dataset_given_by_url(
+    inputs: tuple[str, Path],
+    cache: InputCache,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, _ = inputs
+    monkeypatch.setenv("RETRAC_INPUT_CACHE", str(tmp_path / "cli-cache"))
+    monkeypatch.setattr("worker.settings._current", None)  # read the environment afresh
+    run = f"{url}/models/run"
+    command = ["index", "create", str(tmp_path / "cli.zarr"), "--data", f"{url}/data/digits.npz"]
+    command += ["--checkpoint", f"{run}/checkpoints/epoch-0002:epoch=2,lr=0.002", "--scheduler", f"{run}/scheduler"]
+    command += ["--resolution", "8", "--loss", "mse", "--no-replay", "--grid", "1", "--train-batch-size", "16"]
+    assert main(command) == 0, capsys.readouterr().err
+    store = GradientStore.open(tmp_path / "cli.zarr")
+    assert store.spec.dataset.source == f"{url}/data/digits.npz"  # recorded as given, not made a path
+    assert store.checkpoint_info[0]["path"] == f"{run}/checkpoints/epoch-0002"
+    assert len(list((tmp_path / "cli-cache").iterdir())) == 3  # the CLI's settings chose the mirrors' folder
+    assert main(["index", "create", str(tmp_path / "bad.zarr"), "--data", f"{url}/data/none.npz"] + command[5:]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{url}/data/none.npz: no such object in the bucket" in error, error
