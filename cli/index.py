@@ -175,8 +175,6 @@ def _recorded(spec: IndexSpec) -> IndexSpec:
     return spec.map_paths(absolute_text, absolute_text)
 
 
-
-
 CHECKPOINT_KEYS = {"epoch": int, "lr": float, "weight": float}
 """What `--checkpoint DIR:key=value,...` may say about a checkpoint."""
 

@@ -7,8 +7,8 @@ else is a bug, logged with its traceback and answered with a bare 500.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -96,9 +96,10 @@ async def _named_error(request: Request, error: Exception) -> JSONResponse:
 
 def without_server_paths(message: str, settings: Settings) -> str:
     """`message` with the service's root folders cut off, so a path reads as the client names it
-    (relative to its root) and no server folder is revealed."""
+    (relative to its root) and no server folder is revealed. Roots in a bucket stay whole: they name
+    the store or input a message is about (an unreachable one, say), and are no server folder."""
     folders = (settings.stores_root, settings.models_root, settings.data_root)
-    roots = sorted((str(r) for r in folders if isinstance(r, Path)), key=len)  # a bucket URL stays: it names the store
+    roots = sorted((str(r) for r in folders if isinstance(r, Path)), key=len)  # a bucket URL names the store
     for root in reversed(roots):  # the longest first, in case one root lies inside another
         message = message.replace(f"{root}/", "").replace(root, ".")
     return message

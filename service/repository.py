@@ -7,8 +7,9 @@ nothing but the queue's Redis and the bucket.
 
 Every path a client can influence is confined here: an index name becomes a folder (or prefix) directly
 under the stores root, and the paths inside a new index's spec must lie under the models root (run,
-checkpoints, scheduler) or the data root (dataset source). They are stored absolute, so the API and
-the workers must see the models and data at the same paths (the compose file mounts them so).
+checkpoints, scheduler) or the data root (dataset source), folders or bucket URLs. They are stored
+absolute, so the API and the workers must see the models and data at the same paths (the compose file
+mounts them so) or reach the same bucket.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from retrac.exceptions import RetracError, SpecError
 from retrac.paths import resolve_inside
 from service.errors import Conflict, NotFound
 from service.settings import Settings
-from storage import GradientStore, LocalLocation, Location, OpenStores, UnreachableStoreError, delete_store, is_leftover
+from storage import (
+    GradientStore,
+    LocalLocation,
+    Location,
+    OpenStores,
+    UnreachableStoreError,
+    delete_store,
+    is_leftover,
+)
 from storage.inputs import is_url
 from storage.location import parse_url
 from storage.store import DELETED_MARK, mark_deleted, remove_set_aside
@@ -150,8 +159,8 @@ class StoreRepository:
             spec = self.check_new(request)
             path = self.path(request.name)
             try:
-                data_root = self.settings.data_root  # at a URL, `confine` kept the source inside it
-                store = GradientStore.create(path, spec, data_root=data_root if isinstance(data_root, Path) else None)
+                data = self.settings.data_root  # at a URL, `confine` kept the source inside it
+                store = GradientStore.create(path, spec, data_root=data if isinstance(data, Path) else None)
             except BaseException:
                 if path.exists():  # a store half written, or an empty folder
                     delete_store(path)
@@ -213,7 +222,9 @@ def _inside(root: Path | str, path: str) -> str:
     URL, under which a relative path is joined and an absolute URL must lie. A SpecError if it leaves."""
     if isinstance(root, Path):
         if is_url(path):
-            raise SpecError(f"{path!r}: this service reads its inputs from folders; give a path inside its root")
+            raise SpecError(
+                f"{path!r}: this service reads its inputs from folders; give a path inside its root"
+            )
         return str(resolve_inside(root, path))
     url = path if is_url(path) else f"{root}/{path}"
     if not url.startswith(f"{root}/") or any(part in ("", ".", "..") for part in url.split("/")[3:]):

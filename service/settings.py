@@ -38,7 +38,8 @@ class Settings(ComputeSettings, ObjectStoreSettings):
         "URL (checkpoints and schedulers only; runs are read from folders)",
     )
     data_root: Path | str = Field(
-        Path("data"), description="image folders and arrays that dataset specs may name: a folder or an s3:// URL"
+        Path("data"),
+        description="image folders and arrays that dataset specs may name: a folder or an s3:// URL",
     )
 
     api_key: SecretStr | None = Field(None, description="the X-API-Key that mutating requests must send")

@@ -14,8 +14,9 @@ input given by URL is mirrored first, then resolved from its mirror exactly as a
   stale as it is for a changed local file. Objects are written beside the mirror and renamed into
   place whole, so processes sharing the cache never read half a mirror.
 - The cache holds at most `max_bytes`: an input larger than that is refused in one line, and the
-  mirrors used least recently are removed to make room. Keys that would leave the mirror's folder
-  (`..`) are refused.
+  mirrors used least recently are removed to make room (a process loads a checkpoint's weights when
+  it first computes with it, so size the cache above the inputs of the indexes in use). Keys that
+  would leave the mirror's folder (`..`) are refused.
 
 Messages and a store's records name the URL, not the mirror (`InputMirrors.named`).
 """
@@ -39,7 +40,8 @@ from storage.location import BUCKET_SCHEME, BucketLocation, BucketOptions, locat
 FILE_SUFFIXES = (".npz", ".npy")
 """A URL ending so names one object; any other names a folder (a prefix)."""
 MIRRORED_SUFFIXES = frozenset(
-    {".json", ".safetensors", ".npy", ".npz", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+    {".json", ".safetensors", ".npy", ".npz"}
+    | {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 )
 """What a dataset, a checkpoint or a scheduler is made of; nothing else is fetched."""
 DEFAULT_CACHE = Path("~/.cache/retrac/inputs")
@@ -72,12 +74,13 @@ class InputCache:
                 mirrors[path] = self.mirror(path)  # type: ignore[arg-type]
             return str(mirrors[path])
 
-        if spec.run is not None and any(is_url(p) for p in _urls(spec)):
+        if spec.run is not None and any(is_url(p) for p in (spec.run, *_urls(spec))):
             raise SpecError(
                 "a training run is read from a local folder only; with checkpoints or a dataset at URLs, "
                 "give the checkpoints (with epoch and lr, or weights) and the scheduler instead of the run"
             )
-        dataset = DatasetSpec.model_validate({**spec.dataset.model_dump(), "source": local(spec.dataset.source)})
+        source = local(spec.dataset.source)
+        dataset = DatasetSpec.model_validate({**spec.dataset.model_dump(), "source": source})
         localized = spec.model_copy(
             update={
                 "dataset": dataset,
@@ -100,7 +103,7 @@ class InputCache:
                 raise SpecError(f"{url}: no such object in the bucket")
             return ((single, str(found[0]), int(found[1])),)
         listed = location.stamps()
-        kept = [
+        kept = [  # hidden files are no part of an input, as in a local folder
             (key, str(etag), int(size))
             for key, (etag, size) in sorted(listed.items())
             if Path(key).suffix.lower() in MIRRORED_SUFFIXES and not any(p.startswith(".") for p in key.split("/"))

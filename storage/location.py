@@ -34,6 +34,7 @@ from typing import Any
 
 import obstore
 from obstore.exceptions import BaseError as ObjectStoreError
+from obstore.exceptions import InvalidPathError
 from obstore.store import S3Store
 from zarr.abc.store import Store
 from zarr.storage import LocalStore, ObjectStore
@@ -282,6 +283,11 @@ class BucketLocation:
             return request()
         except FileNotFoundError:
             raise
+        except InvalidPathError as error:  # a key such as `a/../b`: the bucket answered, with a bad key
+            raise StoreError(
+                f"{self}: holds an object whose key is not a plain path ({_first_line(error)}); rename or "
+                "remove it"
+            ) from error
         except ObjectStoreError as error:
             raise unreachable(str(self), error) from error
 
@@ -294,9 +300,8 @@ def unreachable(where: str, error: Exception) -> UnreachableStoreError:
     """The one-line error for a failed request to the object store holding `where` (a URL): it is
     unreachable (no answer: down, wrong endpoint, network), or it answered otherwise than expected
     (no such bucket, credentials refused)."""
-    text = str(error)
-    first = (text.splitlines()[0] if text else type(error).__name__)[:300]
-    if any(sign in text.lower() for sign in _CONNECTION_FAILURES):
+    first = _first_line(error)
+    if any(sign in str(error).lower() for sign in _CONNECTION_FAILURES):
         return UnreachableStoreError(
             f"{where}: the object store is unreachable ({first}); check that it is up and the endpoint "
             "(AWS_ENDPOINT_URL or RETRAC_S3_ENDPOINT_URL), then retry"
@@ -319,6 +324,12 @@ def _naming(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
             raise unreachable(where, error) from error
 
     return wrapped
+
+
+def _first_line(error: Exception) -> str:
+    """The backend's first line about `error` (its report goes on for many), at most 300 characters."""
+    text = str(error)
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
 class _NamingObjectStore(ObjectStore):  # type: ignore[type-arg]

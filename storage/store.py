@@ -344,9 +344,9 @@ class GradientStore:
         recreated or a checkpoint replaced. Long-lived processes compare it to reopen (and recheck) a
         store instead of using it stale."""
         inputs = current_inputs()
-        checkpoints = [
-            inputs.stamp(c["path"]) if is_url(c["path"]) else tuple(_stat(f) for f in sorted(Path(c["path"]).rglob("*")))
-            for c in self.checkpoint_info
+        checkpoints = [  # at a URL: the ETags of its objects, one listing
+            inputs.stamp(path) if is_url(path) else tuple(_stat(f) for f in sorted(Path(path).rglob("*")))
+            for path in (c["path"] for c in self.checkpoint_info)
         ]
         return (self.location.stamp("zarr.json"), *checkpoints)
 

@@ -174,7 +174,8 @@ def test_client_paths_stay_inside_roots_that_are_bucket_urls(own_roots: Settings
     url_roots = own_roots.model_copy(update={"models_root": "s3://retrac-models/m", "data_root": "s3://retrac-data/d"})
     confined = StoreRepository(url_roots).confine(inputs_spec("run", "sets/digits.npz"))
     assert confined.checkpoints[0].path == "s3://retrac-models/m/run/checkpoints/epoch-0002"
-    assert (confined.scheduler, confined.dataset.source) == ("s3://retrac-models/m/run/scheduler", "s3://retrac-data/d/sets/digits.npz")
+    assert confined.scheduler == "s3://retrac-models/m/run/scheduler"
+    assert confined.dataset.source == "s3://retrac-data/d/sets/digits.npz"
     assert StoreRepository(url_roots).confine(inputs_spec("s3://retrac-models/m/run", "x.npz")).scheduler == (
         "s3://retrac-models/m/run/scheduler"
     )

@@ -85,7 +85,8 @@ def test_the_object_store_profile_shares_only_redis_and_the_bucket() -> None:
     assert "volumes" not in api  # nothing but the bucket and Redis
     roots = {name: api["environment"][f"RETRAC_{name}_ROOT"] for name in ("STORES", "MODELS", "DATA")}
     assert roots == {"STORES": "s3://retrac/indexes", "MODELS": "s3://retrac/models", "DATA": "s3://retrac/datasets"}
-    reach = [{k: v for k, v in s["environment"].items() if k.startswith(("RETRAC_S3_", "RETRAC_BROKER"))} for s in (api, worker)]
+    shared = ("RETRAC_S3_", "RETRAC_BROKER")
+    reach = [{k: v for k, v in s["environment"].items() if k.startswith(shared)} for s in (api, worker)]
     assert reach[0] == reach[1] and reach[0]["RETRAC_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert reach[0]["RETRAC_S3_SECRET_ACCESS_KEY"] == "minio-secret"
 

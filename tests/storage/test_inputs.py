@@ -16,7 +16,7 @@ from cli import main
 from retrac.computers import GradientComputerCache
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.replay import TrainingRun
-from storage import GradientStore, StaleStoreError, run_pending
+from storage import GradientStore, StaleStoreError, StoreError, UnreachableStoreError, run_pending
 from storage.inputs import InputCache, current_inputs, use_inputs
 from tests.storage.helpers import EPOCHS, inputs_spec, put_inputs
 from tests.storage.object_store import S3Server
@@ -151,3 +151,13 @@ def test_the_cli_indexes_checkpoints_and_a_dataset_given_by_url(
     assert main(["index", "create", str(tmp_path / "bad.zarr"), "--data", f"{url}/data/none.npz"] + command[5:]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"{url}/data/none.npz: no such object in the bucket" in error, error
+
+
+def test_a_key_that_would_leave_its_mirror_is_refused(
+    s3_server: S3Server, bucket: str, cache: InputCache
+) -> None:
+    s3_server.client().put_object(Bucket=bucket, Key="models/evil/../../outside.json", Body=b"{}")
+    with pytest.raises(StoreError, match="holds an object whose key is not a plain path") as refused:
+        cache.mirror(f"s3://{bucket}/models/evil")
+    assert not isinstance(refused.value, UnreachableStoreError) and "\n" not in str(refused.value)
+    assert not cache.folder.exists() or mirrors(cache) == []
