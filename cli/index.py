@@ -27,7 +27,7 @@ from cli.common import (
     DataSeed,
     Limit,
     Resolution,
-    absolute,
+    absolute_text,
     data_option,
     dataset_spec,
     default,
@@ -183,10 +183,6 @@ def _recorded(spec: IndexSpec) -> IndexSpec:
     return spec.map_paths(absolute_text, absolute_text)
 
 
-def absolute_text(path: str) -> str:
-    return str(absolute(path))
-
-
 CHECKPOINT_KEYS = {"epoch": int, "lr": float, "weight": float}
 """What `--checkpoint DIR:key=value,...` may say about a checkpoint."""
 
@@ -216,7 +212,7 @@ def _model_shape(checkpoints: list[dict[str, Any]], vae: str | None) -> dict[str
     from retrac.models import read_architecture
     from retrac.plan import model_image_shape
 
-    if not checkpoints:
+    if not checkpoints or checkpoints[0]["path"].startswith("s3://"):  # at a URL: give --resolution
         return {}
     path = checkpoints[0]["path"]
     channels, resolution = model_image_shape(read_architecture(path), latent_space_of(path, vae))

@@ -39,6 +39,7 @@ file is then one object, written whole by one PUT, so the rules above hold uncha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -67,7 +68,9 @@ from storage.errors import (
     IncompleteStoreError,
     StaleStoreError,
     StoreError,
+    UnreachableStoreError,
 )
+from storage.inputs import InputMirrors, current_inputs, is_url
 from storage.location import ASIDE_PREFIX, BucketLocation, LocalLocation, Location, locate
 
 FORMAT = "retrac-store/2"
@@ -198,9 +201,9 @@ class GradientStore:
             return existing
         if not path.is_empty():
             raise StoreError(f"{path.name} exists and is not a retrac store; choose another path")
-        plan = _resolve(spec, root, path, data_root=data_root)
+        plan, mirrors = _resolve(spec, root, path, data_root=data_root)
         attrs = {
-            **_describe(plan),
+            **_describe(plan, mirrors),
             "root": str(Path(root).resolve()) if root is not None else None,
             "data_root": str(Path(data_root).resolve()) if data_root is not None else None,
             "uid": uuid.uuid4().hex,  # tells this store from a later one at the same path
@@ -262,6 +265,8 @@ class GradientStore:
             )
         try:
             group = zarr.open_group(path.zarr_store(), mode="r+", zarr_format=3)
+        except UnreachableStoreError:
+            raise
         except Exception as error:  # zarr raises several kinds on a damaged group
             raise StoreError(f"{path.name}: cannot open the Zarr group: {error}") from error
         found = group.attrs.get("format")
@@ -283,10 +288,10 @@ class GradientStore:
     def check(self) -> None:
         """A StaleStoreError naming what changed, if the checkpoints, data, record or schedule did."""
         data_root = Path(self.attrs["data_root"]) if self.attrs.get("data_root") else None
-        plan = _resolve(self.spec, self.root, self.path, data_root=data_root, stale=True)
-        changed = changes(self.attrs["fingerprints"], plan, self.sample_ids)
+        plan, mirrors = _resolve(self.spec, self.root, self.path, data_root=data_root, stale=True)
+        changed = mirrors.named("; ".join(changes(self.attrs["fingerprints"], plan, self.sample_ids)))
         if changed:
-            raise StaleStoreError(f"{self.path.name} is stale: {'; '.join(changed)}; restore the input, or {REBUILD}")
+            raise StaleStoreError(f"{self.path.name} is stale: {changed}; restore the input, or {REBUILD}")
         self._plan = plan if plan.latent_space is None else plan.with_latents(self._stored_latents())
 
     def _stored_latents(self) -> torch.Tensor:
@@ -358,10 +363,14 @@ class GradientStore:
         checkpoint file and VAE file: cheap to read on every use, and different after the store is
         deleted and recreated or a checkpoint or the VAE replaced. Long-lived processes compare it to
         reopen (and recheck) a store instead of using it stale."""
-        folders = [Path(c["path"]) for c in self.checkpoint_info]
-        folders += [Path(self.attrs["vae"]["folder"])] if self.attrs.get("vae") else []
-        files = [f for folder in folders for f in sorted(folder.rglob("*"))]
-        return (self.location.stamp("zarr.json"), *(_stat(f) for f in files))
+        inputs = current_inputs()
+        folders = [c["path"] for c in self.checkpoint_info]
+        folders += [self.attrs["vae"]["folder"]] if self.attrs.get("vae") else []
+        stamps = [  # at a URL: the ETags of its objects, one listing
+            inputs.stamp(path) if is_url(path) else tuple(_stat(f) for f in sorted(Path(path).rglob("*")))
+            for path in folders
+        ]
+        return (self.location.stamp("zarr.json"), *stamps)
 
     @property
     def slot_kinds(self) -> tuple[str, ...]:
@@ -451,6 +460,8 @@ class GradientStore:
         array = self._array(checkpoint, "done_at")
         try:
             return np.asarray(array[:], dtype=np.float64)
+        except UnreachableStoreError:  # an outage is no damage: never read as "not done"
+            raise
         except Exception:  # one damaged mark must not hide the others
             return np.array([_read_or_zero(array, i) for i in range(self.num_shards)], dtype=np.float64)
 
@@ -629,6 +640,8 @@ class GradientStore:
     def _digest_matches(self, checkpoint: int, shard: int) -> bool:
         try:
             self._verified(checkpoint, self.shard_rows(shard))
+        except UnreachableStoreError:
+            raise
         except Exception:  # a damaged or unreadable chunk is simply not done
             return False
         return True
@@ -653,10 +666,14 @@ def delete_store(path: str | Path | Location) -> None:
     locate(path).remove(DELETED_MARK)
 
 
-def remove_set_aside(root: Path) -> None:
-    """Finish every deletion under `root` that was killed after its rename: the folders set aside are
-    no store's any more (their names are free), only their files are left to remove."""
-    for aside in root.glob(f"{ASIDE_PREFIX}*") if root.is_dir() else ():
+def remove_set_aside(root: Path | Location) -> None:
+    """Finish every deletion under the folder `root` that was killed after its rename: the folders set
+    aside are no store's any more (their names are free), only their files are left to remove. A
+    bucket sets nothing aside (`BucketLocation.remove`)."""
+    if isinstance(root, BucketLocation):
+        return
+    folder = root.folder if isinstance(root, LocalLocation) else root
+    for aside in folder.glob(f"{ASIDE_PREFIX}*") if folder.is_dir() else ():
         shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -678,17 +695,29 @@ def list_stores(root: str | Path | Location) -> list[str]:
 
 def _resolve(
     spec: IndexSpec, root: Path | None, path: Path | Location, *, data_root: Path | None, stale: bool = False
-) -> IndexPlan:
-    """The spec's plan; when reopening a store, a failure to resolve means its inputs changed."""
+) -> tuple[IndexPlan, InputMirrors]:
+    """The spec's plan, its inputs at URLs read from their local mirrors (`storage.inputs`), and the
+    mirrors; when reopening a store, a failure to resolve means its inputs changed."""
+    mirrors: InputMirrors | None = None
     try:
-        return IndexPlan.resolve(spec, root, data_root=data_root)
+        mirrors = current_inputs().localize(spec)
+        if is_url(spec.dataset.source):  # its files must stay inside its mirror
+            local = Path(mirrors.spec.dataset.source)
+            data_root = local if local.is_dir() else local.parent
+        plan = IndexPlan.resolve(mirrors.spec, root, data_root=data_root)
+    except UnreachableStoreError:  # the inputs' bucket is out of reach: no input changed
+        raise
     except RetracError as error:
+        message = mirrors.named(str(error)) if mirrors is not None else str(error)
         if not stale:
-            raise
+            if message == str(error):
+                raise
+            raise type(error)(message) from error
         raise StaleStoreError(
-            f"{path.name} is stale: its inputs no longer resolve: {error}; put them back where they were "
+            f"{path.name} is stale: its inputs no longer resolve: {message}; put them back where they were "
             f"(its paths are recorded absolute), or {REBUILD}"
         ) from error
+    return dataclasses.replace(plan, spec=spec), mirrors
 
 
 def _write_latents(group: zarr.Group, latents: torch.Tensor, shard_size: int) -> int:
@@ -702,8 +731,8 @@ def _write_latents(group: zarr.Group, latents: torch.Tensor, shard_size: int) ->
     return _digest([values])
 
 
-def _describe(plan: IndexPlan) -> dict[str, Any]:
-    """The root attributes of a new store for `plan`."""
+def _describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
+    """The root attributes of a new store for `plan`; inputs read from mirrors are recorded by URL."""
     spec = plan.spec
     dim = num_parameters(plan.load_model(0)) if spec.projector.kind == "identity" else spec.projector.dim
     shard_size = _even_shard_size(plan.num_rows, spec.shard_size)
@@ -713,7 +742,7 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "spec": json.loads(spec.model_dump_json()),
         "fingerprints": fingerprints(plan),
         "checkpoints": [
-            {"path": str(c.path), "epoch": c.epoch, "weight": c.weight} for c in plan.checkpoints
+            {"path": mirrors.named(str(c.path)), "epoch": c.epoch, "weight": c.weight} for c in plan.checkpoints
         ],
         "num_rows": plan.num_rows,
         "num_slots": len(kinds),
@@ -723,7 +752,7 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "slot_kinds": kinds,
         "prediction_type": plan.prediction_type,
         "loss_weighting": plan.loss_weighting,
-        "scheduler": str(plan.scheduler_folder),
+        "scheduler": mirrors.named(str(plan.scheduler_folder)),
         "vae": _vae_description(plan),
         "noise_rule": NOISE_RULE,
         "torch_version": torch.__version__,
@@ -761,6 +790,8 @@ def _digest(arrays: Sequence[np.ndarray] | Any) -> int:
 def _read_or_zero(array: zarr.Array, index: int) -> float:
     try:
         return float(array[index])
+    except UnreachableStoreError:
+        raise
     except Exception:  # a missing or truncated mark reads as not done
         return 0.0
 
