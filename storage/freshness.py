@@ -13,6 +13,8 @@ Recorded in the store's `fingerprints` attribute:
     record            sha256 of the replay record file (None without replay)
     replayed          per checkpoint, sha256 of the replayed (timestep, seed) of each sample at its epoch
     scheduler_config  the scheduler config's entries (`retrac.models.scheduler_settings`)
+    labels            sha256 of the label mapping and each sample's class label (class-conditional
+                      indexes only; None otherwise)
 
 Stores written before these (format 2 all the same) hold `checkpoints` (config and weights hashed
 together) and `scheduler` (the config file's sha256) instead; they are compared by those.
@@ -52,6 +54,7 @@ def fingerprints(plan: IndexPlan) -> dict[str, Any]:
         "record": sha256_file(record) if record is not None else None,
         "replayed": _replayed(plan, plan.run) if plan.run is not None and record is not None else None,
         "scheduler_config": scheduler_settings(plan.scheduler_folder),
+        "labels": _labels(plan),
     }
 
 
@@ -63,6 +66,7 @@ def changes(then: dict[str, Any], plan: IndexPlan, stored_ids: Sequence[str]) ->
         *_checkpoint_changes(then, plan),
         *_record_changes(then, plan),
         *_scheduler_changes(then, plan),
+        *_label_changes(then, plan),
     ]
 
 
@@ -144,6 +148,22 @@ def _scheduler_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
         return [f"the scheduler ({file}): content changed since the store was built"]
     differing = _differing(then["scheduler_config"], scheduler_settings(plan.scheduler_folder))
     return [f"the scheduler ({file}): {differing}"] if differing else []
+
+
+def _label_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
+    now = _labels(plan)
+    if then.get("labels") == now:
+        return []
+    return [
+        f"the dataset's class labels ({plan.spec.dataset.source}): the label mapping or a sample's label "
+        "changed since the store was built"
+    ]
+
+
+def _labels(plan: IndexPlan) -> str | None:
+    if plan.classes is None or plan.dataset.labels is None:
+        return None
+    return plan.classes.fingerprint(plan.dataset.labels)
 
 
 def _record_file(plan: IndexPlan) -> Path | None:

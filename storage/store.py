@@ -7,8 +7,9 @@ Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k pr
                              fingerprints of the checkpoints, dataset, replay record and schedule
                              (`storage.freshness`),
                              the resolved checkpoints (path, epoch, weight), num_rows, num_slots,
-                             dim, shard_size, num_shards, slot_kinds, and the noise rule that turns
-                             a stored seed into noise
+                             dim, shard_size, num_shards, slot_kinds, the noise rule that turns
+                             a stored seed into noise, and `classes`: a class-conditional index's
+                             label mapping (class name -> the integer the model takes), else null
     sample_ids                          (N,)       string
     checkpoints/<c>/projected           (N, S, k)  float16 (or float32): projected gradients
     checkpoints/<c>/norms               (N, S)     float32: exact L2 norms before projection
@@ -53,6 +54,7 @@ import xxhash
 import zarr
 
 from api_schemas import IndexSpec
+from retrac.conditions import ClassLabels
 from retrac.exceptions import RetracError
 from retrac.gradients import num_parameters
 from retrac.plan import IndexPlan, Rows, pin_checkpoints
@@ -340,6 +342,12 @@ class GradientStore:
         store instead of using it stale."""
         files = [f for c in self.checkpoint_info for f in sorted(Path(c["path"]).rglob("*"))]
         return (self.location.stamp("zarr.json"), *(_stat(f) for f in files))
+
+    @property
+    def classes(self) -> ClassLabels | None:
+        """The label mapping of a class-conditional index (its queries give a label); None if unconditional."""
+        recorded = self.attrs.get("classes")
+        return ClassLabels(recorded) if recorded is not None else None
 
     @property
     def slot_kinds(self) -> tuple[str, ...]:
@@ -692,6 +700,7 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "loss_weighting": plan.loss_weighting,
         "scheduler": str(plan.scheduler_folder),
         "noise_rule": NOISE_RULE,
+        "classes": plan.classes.to_json() if plan.classes is not None else None,
         "torch_version": torch.__version__,
     }
 
