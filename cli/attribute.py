@@ -86,6 +86,13 @@ def run(
     output: Annotated[OutputFormat, typer.Option("--format", help="how to print the results")] = "text",
     as_json: Annotated[bool, typer.Option("--json", help="same as --format json")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for the query gradients")] = 1,
+    label: Annotated[
+        str | None,
+        typer.Option(
+            help="class of the query images, for a class-conditional store: a class name or its integer "
+            "(`retrac index inspect` lists them); required there, refused by an unconditional store",
+        ),
+    ] = None,
 ) -> int:
     import numpy as np
     import torch
@@ -98,7 +105,7 @@ def run(
     # (compared by name: typer bundles its own click, whose ParameterSource is not click.core's)
     knobs = {"timesteps": timesteps, "draws": draws, "seed": seed}
     given = {k: v for k, v in knobs.items() if context.get_parameter_source(k).name != "DEFAULT"}
-    query = validated(QuerySpec, {**given, "estimator": estimator, "search": search})
+    query = validated(QuerySpec, {**given, "estimator": estimator, "search": search, "label": label})
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
     output = "json" if as_json else output
