@@ -150,7 +150,8 @@ def run(
                     )
                     print(f"  {method:6} {side:10} {ranked}")
         ran = answer.query
-        print(f"\n{ran.estimator} estimator, K = {ran.timesteps}, M = {ran.draws}, seed {ran.seed}: "
+        label = f", label {ran.label}" if ran.label is not None else ""
+        print(f"\n{ran.estimator} estimator, K = {ran.timesteps}, M = {ran.draws}, seed {ran.seed}{label}: "
               f"query gradients {answer.timings.gradient_s:.2f} s, {answer.search} search {answer.timings.scan_s:.3f} s")
     if gallery is not None:
         queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
