@@ -91,6 +91,7 @@ def run(
         typer.Option(
             help="class of the query images, for a class-conditional store: a class name or its integer "
             "(`retrac index inspect` lists them); required there, refused by an unconditional store",
+            show_default="none: an unconditional store",
         ),
     ] = None,
 ) -> int:
