@@ -46,7 +46,7 @@ class Conditions:
         return Conditions({k: v[rows] for k, v in self.tensors.items()})
 
     def repeat_interleave(self, count: int) -> Conditions:
-        """Each sample's condition `count` times in a row, as `images.repeat_interleave(count, 0)` lays out images."""
+        """Each sample's condition `count` times in a row, as `images.repeat_interleave(count, 0)` lays them out."""
         return Conditions({k: v.repeat_interleave(count, dim=0) for k, v in self.tensors.items()})
 
     def to(self, device: torch.device | str) -> Conditions:
@@ -71,7 +71,7 @@ class ClassLabels:
     classes: Mapping[str, int]
 
     def resolve(self, label: int | str) -> int:
-        """The integer of a query's `label`; a SpecError listing the classes if it is neither a name nor one's integer."""
+        """The integer of a query's `label`: a class name, else a class's integer; a SpecError listing the classes."""
         text = str(label)
         if text in self.classes:
             return self.classes[text]

@@ -140,8 +140,8 @@ class ImageDataset:
             raise DatasetError(f"indices {outside[:5]} out of range for {len(self)} samples")
         groups = None if self.groups is None else tuple(self.groups[i] for i in index)
         labels = None if self.labels is None else tuple(self.labels[i] for i in index)
-        return ImageDataset(self.images[torch.tensor(index, dtype=torch.long)],
-                            tuple(self.ids[i] for i in index), self.name, groups, labels=labels, classes=self.classes)
+        return ImageDataset(self.images[torch.tensor(index, dtype=torch.long)], tuple(self.ids[i] for i in index),
+                            self.name, groups, labels=labels, classes=self.classes)
 
     def index_of(self, sample_ids: Iterable[str]) -> list[int]:
         """Positions of the given ids, so callers can address samples by their stable names."""
@@ -332,8 +332,9 @@ def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDat
               for rel in kept]
     ids = tuple(kept)  # the relative paths themselves: an answer names the file
     groups = tuple(rel.split("/", 1)[0] for rel in kept) if grouped else None
-    labels, classes = _class_labels(np.asarray([rel.split("/", 1)[0] for rel in found]), spec.limit) if grouped \
-        else (None, None)
+    labels, classes = None, None
+    if grouped:  # numbered over every file found, so that a limit never renumbers the classes
+        labels, classes = _class_labels(np.asarray([rel.split("/", 1)[0] for rel in found]), spec.limit)
     return ImageDataset(torch.stack(images), ids, folder.name, groups, conversions.notices(len(kept), folder.name),
                         labels, classes)
 
@@ -384,7 +385,9 @@ def _labels_array(archive: np.lib.npyio.NpzFile, count: int, path: Path) -> np.n
         return None
     values = archive["labels"]
     if values.dtype.kind not in "USiu" or values.shape != (count,):
-        raise DatasetError(f"{path}: 'labels' must be {count} integers or strings, got {values.dtype} {values.shape}")
+        raise DatasetError(
+            f"{path}: 'labels' must be {count} integers or strings, got {values.dtype} {values.shape}"
+        )
     if values.dtype.kind in "iu" and values.size and values.min() < 0:
         raise DatasetError(f"{path}: 'labels' must be non-negative integers, got {values.min()}")
     return values

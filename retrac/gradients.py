@@ -198,7 +198,9 @@ def _rule_layers(unet: nn.Module, params: dict[str, torch.Tensor]) -> Layers | N
         odd_padding = isinstance(module, nn.Conv2d) and (
             module.padding_mode != "zeros" or isinstance(module.padding, str)
         )
-        odd_lookup = isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq)
+        odd_lookup = isinstance(module, nn.Embedding) and (
+            module.max_norm is not None or module.scale_grad_by_freq  # renormed rows, frequency-scaled gradients
+        )
         if type(module) not in LAYER_RULES or odd_padding or odd_lookup:
             return None
         layers.append((prefix, module))
@@ -241,7 +243,11 @@ class GradientComputer:
         return "vmap" if self._layers is None else "layerwise"
 
     def flat_gradients(
-        self, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, conditions: Conditions = Conditions()
+        self,
+        images: torch.Tensor,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        conditions: Conditions = Conditions(),
     ) -> torch.Tensor:
         """Unprojected per-sample gradients `(B, P)` for one chunk."""
         blocks = dict(self._gradient_blocks(images, timesteps, noise, conditions))
@@ -303,7 +309,12 @@ class GradientComputer:
         yield from self._batched_grad(self.params, images, timesteps, noise, dict(conditions.tensors)).items()
 
     def _layer_records(
-        self, layers: Layers, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, conditions: Conditions
+        self,
+        layers: Layers,
+        images: torch.Tensor,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        conditions: Conditions,
     ) -> Records | None:
         """One forward and a backward to the layer outputs; None if a layer's tensors changed in place."""
         calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor, tuple[int, int]]] = []

@@ -133,7 +133,7 @@ class IndexPlan:
         )
 
     def conditions(self, rows: slice) -> Conditions:
-        """What the model takes beside each image of rows `rows`: its class label (class-conditional), or nothing."""
+        """What the model takes beside each image of rows `rows`: its class label, or nothing (unconditional)."""
         if self.classes is None or self.dataset.labels is None:
             return Conditions()
         return Conditions.of_labels(self.dataset.labels[rows])
@@ -328,7 +328,10 @@ def _resolve_checkpoints(
 
 
 def _check_replay(
-    run: TrainingRun | None, dataset: ImageDataset, checkpoints: list[ResolvedCheckpoint], classes: ClassLabels | None
+    run: TrainingRun | None,
+    dataset: ImageDataset,
+    checkpoints: list[ResolvedCheckpoint],
+    classes: ClassLabels | None,
 ) -> None:
     if run is None:
         raise SpecError("replay slots need a training run with a replay record")
@@ -368,6 +371,6 @@ def _check_replayed_labels(run: TrainingRun, dataset: ImageDataset, classes: Cla
         )
     if dict(run.classes.classes) != dict(classes.classes):
         raise SpecError(
-            f"the dataset's label mapping {dict(classes.classes)} differs from the run's {dict(run.classes.classes)}; "
-            "replay would be wrong"
+            f"the dataset's label mapping {dict(classes.classes)} differs from the run's "
+            f"{dict(run.classes.classes)}; replay would be wrong"
         )

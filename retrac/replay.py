@@ -166,7 +166,9 @@ class Recorder:
         classes: ClassLabels | None = None,
     ) -> None:
         if (labels is None) != (classes is None) or (labels is not None and len(labels) != len(sample_ids)):
-            raise ReplayError("give one class label per sample together with the label mapping (classes), or neither")
+            raise ReplayError(
+                "give one class label per sample together with the label mapping (classes), or neither"
+            )
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.spec = spec
@@ -224,7 +226,9 @@ class Recorder:
     def resume(cls, folder: str | Path) -> Recorder:
         """The recorder of the run in `folder`, just after its last checkpoint."""
         run = TrainingRun.load(folder)
-        recorder = cls(folder, run.sample_ids, run.dataset_fingerprint, run.spec, labels=run.labels, classes=run.classes)
+        recorder = cls(
+            folder, run.sample_ids, run.dataset_fingerprint, run.spec, labels=run.labels, classes=run.classes
+        )
         last = run.checkpoint_entries[-1]["epoch"] if run.checkpoint_entries else 0
         recorder._record = {
             "timesteps": run.timesteps[:last].clone(), "seeds": run.seeds[:last].clone(), "losses": run.losses[:last].clone()

@@ -96,7 +96,9 @@ def train(
     scheduler = noise_scheduler(spec)
     scheduler.save_pretrained(out / "scheduler")
     model = DiffusionModel.from_parts(
-        build_unet(spec.preset, resolution=resolution, channels=channels, seed=spec.seed, num_class_embeds=num_classes),
+        build_unet(
+            spec.preset, resolution=resolution, channels=channels, seed=spec.seed, num_class_embeds=num_classes
+        ),
         scheduler,
     )
     model.unet.train()
