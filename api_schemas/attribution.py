@@ -110,6 +110,9 @@ class AttributionsPublic(Public):
     seed: int
     estimator: Estimator
     search: Search = Field(description="which search produced the ranking: exact or approximate")
+    label: int | str | None = Field(
+        None, description="the class label the images were attributed under, as given (class-conditional indexes)"
+    )
     data: list[AttributionPublic]
     count: int
     timings: TimingsPublic

@@ -38,6 +38,11 @@ class IndexPublic(Public):
     dim: int = Field(description="k, the projected dimension of a stored gradient")
     resolution: int = Field(description="side of the square images the index's model takes")
     channels: int
+    classes: dict[str, int] | None = Field(
+        None,
+        description="a class-conditional index's label mapping (class name -> the integer its model takes): "
+        "every query must give one of these labels; null for an unconditional index, which takes none",
+    )
     size_bytes: int = Field(description="bytes the store takes on disk")
     complete: bool = Field(description="every row of every checkpoint is stored: the index answers queries")
     progress: list[CheckpointProgressPublic]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LossKind = Literal["mse", "l1"]
 """Per-pixel distance of the noise-prediction loss: squared error (DDPM "simple") or absolute error."""
@@ -49,6 +49,8 @@ DEFAULT_TIMESTEPS = 50
 """K, the query's timestep grid, unless told (the paper's query-side setting)."""
 DEFAULT_DRAWS = 4
 """M, noise draws per query timestep, unless told."""
+MAX_LABEL_LENGTH = 255
+"""Longest class name a query's label may give (a folder name's limit on common file systems)."""
 
 
 class Spec(BaseModel):
@@ -136,6 +138,20 @@ class QuerySpec(Spec):
     search: Search = Field(
         "exact", description="exact: scan every row; approximate: rescore the ANN index's candidates"
     )
+    label: int | str | None = Field(
+        None,
+        description="the class the query images are attributed under, for a class-conditional index (its "
+        "class name, or the class's integer): required there, refused by an unconditional index",
+    )
+
+    @field_validator("label")
+    @classmethod
+    def _short_label(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, str) and not 1 <= len(value) <= MAX_LABEL_LENGTH:
+            raise ValueError(f"a label is 1 to {MAX_LABEL_LENGTH} characters")
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a label's integer is at least 0")
+        return value
 
 
 class TrainSpec(Spec):
@@ -153,6 +169,11 @@ class TrainSpec(Spec):
     beta_schedule: BetaSchedule = Field("linear", description="diffusers' beta schedule of the DDPMScheduler")
     prediction_type: PredictionType = Field("epsilon", description="what the UNet learns to predict")
     loss_weighting: LossWeighting = Field("none", description="per-sample weight of the loss: none or snr")
+    class_conditional: bool = Field(
+        False,
+        description="train a class-conditional UNet (num_class_embeds = largest class label + 1) on the "
+        "dataset's class labels (class subfolders, .npz labels, the digit of builtin:digits)",
+    )
 
 
 class IndexSpec(Spec):

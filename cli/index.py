@@ -175,6 +175,8 @@ def create(
         f"{opened.num_checkpoints} checkpoints, {opened.num_shards} shards each; "
         "fill it with `retrac index run`"
     )
+    if opened.classes is not None:
+        print(f"class-conditional: {len(opened.classes.classes)} classes; query it with --label NAME")
     return 0
 
 
@@ -412,6 +414,7 @@ def inspect(store: Store, as_json: Annotated[bool, typer.Option("--json", help="
         },
         "vae": opened.attrs.get("vae"),  # None: a pixel-space model
         "loss_weighting": opened.attrs.get("loss_weighting", "none"),  # stores from before it: none
+        "classes": opened.attrs.get("classes"),  # a class-conditional index's labels; null: unconditional
         "fingerprints": opened.attrs["fingerprints"],
         "size_bytes": opened.size_bytes(),
         "freshness": freshness,

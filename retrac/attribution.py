@@ -20,6 +20,7 @@ import torch
 from api_schemas import IndexSpec, Method, QuerySpec
 from api_schemas.attribution import AttributionPublic, BandsPublic, InfluencePublic, RankingPublic
 from api_schemas.specs import Search
+from retrac.conditions import ClassLabels, query_conditions
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer
 from retrac.models import DiffusionModel
@@ -52,6 +53,10 @@ class RowSource(Protocol):
 
     @property
     def num_checkpoints(self) -> int: ...
+
+    @property
+    def classes(self) -> ClassLabels | None:
+        """The label mapping of a class-conditional index (a query must give a label); None if unconditional."""
 
     def require_complete(self, checkpoints: Sequence[int]) -> None:
         """Raise a named error saying how to finish, if any of `checkpoints` lacks rows."""
@@ -111,9 +116,10 @@ def attribute(
 
     `computer(c)` is the gradient computer of checkpoint c (a serving process passes a long-lived
     cache's). `encode` turns the checked images into what the denoiser takes (`IndexPlan.encode`: a
-    latent model's VAE); without it they are taken as they are. Everything that can be wrong with the
-    request is checked before the first gradient. `on_progress` hears of each gradient batch and each
-    scanned chunk (`QueryProgress`).
+    latent model's VAE); without it they are taken as they are. Every image is attributed under
+    `query.label` (`retrac.conditions.query_conditions`: needed by a class-conditional index, refused
+    by an unconditional one). Everything that can be wrong with the request is checked before the
+    first gradient. `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
     """
     if query.search == "approximate" and query.estimator == "matched":
         raise SpecError(
@@ -122,12 +128,13 @@ def attribute(
         )
     query = resolve_query(query, source.spec.slots)
     chosen = _checked_request(source, images, top_k, checkpoints, query.search)
+    conditions = query_conditions(source.classes, query.label, images.shape[0])
     matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
     started = time.perf_counter()
     images = encode(images) if encode is not None else images
     on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
-    vectors = [query_vectors(computer(c), images, query, on_images) for c in chosen]
+    vectors = [query_vectors(computer(c), images, query, on_images, conditions) for c in chosen]
     gradient_s = time.perf_counter() - started
     # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
     started = time.perf_counter()
@@ -248,6 +255,7 @@ class MemoryRows:
     rows: Sequence[Rows]
     weights: Sequence[float]
     sample_ids: Sequence[str]
+    classes: ClassLabels | None = None
 
     @property
     def num_checkpoints(self) -> int:
@@ -311,14 +319,15 @@ class Attributor:
     def source(self) -> MemoryRows:
         """The in-memory rows (computed first if not yet) as a `RowSource`."""
         rows = self.rows if self.rows is not None else self.index()
-        return MemoryRows(self.plan.spec, rows, self.plan.weights, self.plan.dataset.ids)
+        return MemoryRows(self.plan.spec, rows, self.plan.weights, self.plan.dataset.ids, self.plan.classes)
 
     def query_vectors(
         self, images: torch.Tensor, spec: QuerySpec, checkpoints: Sequence[int]
     ) -> list[QueryVectors]:
-        """Query vectors of `images` `(Q, C, H, W)` at each checkpoint of `checkpoints`."""
+        """Query vectors of `images` `(Q, C, H, W)` under `spec.label` at each checkpoint of `checkpoints`."""
+        conditions = query_conditions(self.plan.classes, spec.label, images.shape[0])
         inputs = self.plan.encode(images)
-        return [query_vectors(self.computer(c), inputs, spec) for c in checkpoints]
+        return [query_vectors(self.computer(c), inputs, spec, conditions=conditions) for c in checkpoints]
 
     def attribute(
         self,

@@ -106,6 +106,7 @@ class StoreRepository:
             dim=store.dim,
             resolution=store.spec.dataset.resolution,
             channels=store.spec.dataset.channels,
+            classes=store.classes.to_json() if store.classes is not None else None,
             size_bytes=store.size_bytes(),
             complete=status.complete,
             progress=[

@@ -15,6 +15,8 @@ Recorded in the store's `fingerprints` attribute:
     scheduler_config  the scheduler config's entries (`retrac.models.scheduler_settings`)
     vae               a latent model's VAE: sha256 of its safetensors weights and its config's entries
                       (None for a pixel-space model, and in stores written before it)
+    labels            sha256 of the label mapping and each sample's class label (class-conditional
+                      indexes only; None otherwise)
 
 Stores written before these (format 2 all the same) hold `checkpoints` (config and weights hashed
 together) and `scheduler` (the config file's sha256) instead; they are compared by those.
@@ -56,6 +58,7 @@ def fingerprints(plan: IndexPlan) -> dict[str, Any]:
         "replayed": _replayed(plan, plan.run) if plan.run is not None and record is not None else None,
         "scheduler_config": scheduler_settings(plan.scheduler_folder),
         "vae": _vae(plan.latent_space),
+        "labels": _labels(plan),
     }
 
 
@@ -68,6 +71,7 @@ def changes(then: dict[str, Any], plan: IndexPlan, stored_ids: Sequence[str]) ->
         *_record_changes(then, plan),
         *_scheduler_changes(then, plan),
         *_vae_changes(then.get("vae"), plan.latent_space),
+        *_label_changes(then, plan),
     ]
 
 
@@ -182,6 +186,22 @@ def _vae_changes(then: dict[str, Any] | None, latent_space: LatentSpace | None) 
     if differing:
         found.append(f"the VAE's config.json ({latent_space.folder}): {differing}")
     return found
+
+
+def _label_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
+    now = _labels(plan)
+    if then.get("labels") == now:
+        return []
+    return [
+        f"the dataset's class labels ({plan.spec.dataset.source}): the label mapping or a sample's label "
+        "changed since the store was built"
+    ]
+
+
+def _labels(plan: IndexPlan) -> str | None:
+    if plan.classes is None or plan.dataset.labels is None:
+        return None
+    return plan.classes.fingerprint(plan.dataset.labels)
 
 
 def _record_file(plan: IndexPlan) -> Path | None:

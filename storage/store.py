@@ -7,8 +7,9 @@ Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k pr
                              fingerprints of the checkpoints, dataset, replay record and schedule
                              (`storage.freshness`),
                              the resolved checkpoints (path, epoch, weight), num_rows, num_slots,
-                             dim, shard_size, num_shards, slot_kinds, and the noise rule that turns
-                             a stored seed into noise
+                             dim, shard_size, num_shards, slot_kinds, the noise rule that turns
+                             a stored seed into noise, and `classes`: a class-conditional index's
+                             label mapping (class name -> the integer the model takes), else null
     sample_ids                          (N,)       string
     latents                             (N, c, h, w) float32: a latent model's training latents, encoded
                                                    once at create (`retrac.latents`); their xxh3_64 in
@@ -57,6 +58,7 @@ import xxhash
 import zarr
 
 from api_schemas import IndexSpec
+from retrac.conditions import ClassLabels
 from retrac.exceptions import RetracError
 from retrac.gradients import num_parameters
 from retrac.plan import IndexPlan, Rows, pin_checkpoints
@@ -371,6 +373,12 @@ class GradientStore:
             for path in folders
         ]
         return (self.location.stamp("zarr.json"), *stamps)
+
+    @property
+    def classes(self) -> ClassLabels | None:
+        """The label mapping of a class-conditional index (its queries give a label); None if unconditional."""
+        recorded = self.attrs.get("classes")
+        return ClassLabels(recorded) if recorded is not None else None
 
     @property
     def slot_kinds(self) -> tuple[str, ...]:
@@ -755,6 +763,7 @@ def _describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
         "scheduler": mirrors.named(str(plan.scheduler_folder)),
         "vae": _vae_description(plan),
         "noise_rule": NOISE_RULE,
+        "classes": plan.classes.to_json() if plan.classes is not None else None,
         "torch_version": torch.__version__,
     }
 
