@@ -190,3 +190,27 @@ def test_a_class_conditional_run_needs_labels(tmp_path: Path) -> None:
                      class_conditional=True)
     with pytest.raises(SpecError, match="a class-conditional run needs class labels"):
         train(spec, load_dataset(spec.dataset), tmp_path / "run")
+
+
+def test_norm_curves_of_a_class_conditional_run_take_each_sample_under_its_label(
+    labelled_run: TrainingRun, tmp_path: Path
+) -> None:
+    """`retrac eval norms`' curves: each sample's gradient norm at each grid step under its own label,
+    equal to one autograd call per (sample, step) with the query's noise rule (M = 1)."""
+    from retrac.evaluation.norms import analyse_run
+
+    shown, grid_size, seed = 2, 3, 5
+    result = analyse_run(labelled_run.folder, tmp_path, curve_samples=shown, curve_timesteps=grid_size, seed=seed)
+    scheduler = DDPMScheduler.from_pretrained(labelled_run.folder / "scheduler")
+    last = labelled_run.checkpoint_entries[-1]
+    unet = UNet2DModel.from_pretrained(labelled_run.folder / last["path"]).eval()
+    images, labels = load_dataset(LABELLED).images[:shown], targets()[:shown]
+    steps = torch.linspace(1, scheduler.config.num_train_timesteps - 1, grid_size, dtype=torch.float64).tolist()
+    draws = query_draws(seed, grid_size, 1, tuple(images.shape[1:]))  # the same draws for every image
+    expected = [
+        torch.stack([
+            mean_gradient(unet, scheduler, images[i], t, draws[k], "mse", int(labels[i])).norm() for i in range(shown)
+        ]).mean()
+        for k, t in enumerate(math.floor(v) for v in steps)
+    ]
+    assert torch.allclose(torch.tensor(result.curve_mean_norms), torch.stack(expected), rtol=SCORE_TOLERANCE)
