@@ -7,11 +7,13 @@ noise); the query side uses G = M draws, which gives `h(q, t)` of method.md dire
 `GradientComputer` computes a batch of them at once, with no Python loop over samples, by one of
 two strategies, picked per model:
 
-- layer-wise (every diffusers `UNet2DModel`): one ordinary batched forward that records each
+- layer-wise (every diffusers `UNet2DModel` and DiT): one ordinary batched forward that records each
   layer's input, one backward to the layer outputs only (no parameter gradients), then each layer's
   per-sample parameter gradients from its input and output gradient (`LAYER_RULES`: Linear,
-  Conv2d, GroupNorm, LayerNorm, Embedding: a class-conditional UNet's class embedding). A training
-  step, with per-sample weight gradients in place of summed ones.
+  Conv2d, GroupNorm, LayerNorm, Embedding: a class-conditional UNet's class embedding, a DiT's label
+  table; a DiT's patch embedding is a Conv2d, its attention, MLP and adaLN-Zero layers Linear, its
+  norms LayerNorms without parameters). A training step, with per-sample weight gradients in place
+  of summed ones.
 - vmap: `torch.func.vmap(grad(...))` over the unmodified model. Any model, but slower on a CPU
   (figures below; its batching rules run 1x1 convolutions' weight gradients as per-sample loops).
   Used when a module of another kind holds trainable parameters, or when a recorded layer's input
@@ -113,7 +115,8 @@ def group_losses(
     x_t = noised(clean, steps, flat_noise, model.scheduler)
     buffers = dict(model.unet.named_buffers())
     inputs = conditions.repeat_interleave(draws).tensors
-    prediction = functional_call(model.unet, (params, buffers), (x_t, steps), dict(inputs)).sample
+    arguments = {"timestep": steps, **inputs}  # by keyword: a Transformer2DModel's second argument is text
+    prediction = functional_call(model.unet, (params, buffers), (x_t,), arguments).sample
     values = per_sample_loss(prediction, clean, steps, flat_noise, model.scheduler, loss, weighting)
     return values.reshape(groups, draws).mean(dim=1)
 
