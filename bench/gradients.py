@@ -10,10 +10,13 @@ that machine noise hits all of them alike, and their medians compared:
 
 With `--classes C` every model is class-conditional (`num_class_embeds = C`, a random label per
 sample, passed to all three jobs), so the class embedding's layer rule is measured the same way.
+`--presets dit` measures a transformer denoiser: a `DiTTransformer2DModel` (4 blocks of 4 x 32 heads
+over 2x2 patches of 16x16x4 latents, ~1.5M parameters), always class-conditional (C classes, 10 by
+default), its patch embedding, attention, MLP and adaLN-Zero layers through the same layer rules.
 
 Prints one JSON object on stdout, `{"tiny": {...}, "small": {...}}` with rates in samples/s, plus the
 thread count, batch size, classes and the computer's strategy; never asserts a timing.
-Usage: `python bench/gradients.py [--threads N] [--repeats R] [--classes C]`.
+Usage: `python bench/gradients.py [--threads N] [--repeats R] [--classes C] [--presets tiny small dit]`.
 """
 
 from __future__ import annotations
@@ -26,17 +29,31 @@ import time
 from collections.abc import Callable
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 from api_schemas import ProjectorSpec
 from retrac.conditions import Conditions
 from retrac.gradients import GradientComputer, loop_gradients, num_parameters
 from retrac.losses import distance, noised
-from retrac.models import DiffusionModel, build_unet
+from retrac.models import Denoiser, DiffusionModel, build_unet, with_plain_attention
 from retrac.projections import make_projector
 
-SHAPES = {"tiny": (16, 1), "small": (32, 3)}
+SHAPES = {"tiny": (16, 1), "small": (32, 3), "dit": (16, 4)}
 """Preset -> (resolution, channels)."""
+DEFAULT_PRESETS = ("tiny", "small")
+DIT_CONFIG = dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, patch_size=2, norm_num_groups=1)
+DIT_CLASSES = 10
+
+
+def build_denoiser(preset: str, classes: int | None) -> Denoiser:
+    """The UNet of a preset, or for `dit` the DiT of `DIT_CONFIG` (predicting epsilon alone)."""
+    resolution, channels = SHAPES[preset]
+    if preset != "dit":
+        return build_unet(preset, resolution=resolution, channels=channels, num_class_embeds=classes)
+    torch.manual_seed(0)
+    return with_plain_attention(DiTTransformer2DModel(
+        in_channels=channels, out_channels=channels, sample_size=resolution, num_embeds_ada_norm=classes, **DIT_CONFIG
+    ))
 
 
 def _seconds(job: Callable[[], object]) -> float:
@@ -49,10 +66,7 @@ def bench_preset(
     preset: str, batch: int, repeats: int, classes: int | None = None
 ) -> dict[str, float | int | str]:
     resolution, channels = SHAPES[preset]
-    model = DiffusionModel.from_parts(
-        build_unet(preset, resolution=resolution, channels=channels, num_class_embeds=classes),
-        DDPMScheduler(num_train_timesteps=1000),
-    )
+    model = DiffusionModel.from_parts(build_denoiser(preset, classes), DDPMScheduler(num_train_timesteps=1000))
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, classes, (batch,), generator=generator) if classes else None
     conditions = Conditions.of_labels(labels) if labels is not None else Conditions()
@@ -92,7 +106,13 @@ def bench_preset(
         "ratio_to_plain": round(rate["per_sample"] / rate["plain"], 3),
         "ratio_to_loop": round(rate["per_sample"] / rate["loop"], 3),
         "strategy": computer.strategy,
+        "classes": classes,
     }
+
+
+def _classes(preset: str, given: int | None) -> int | None:
+    """The classes a preset's model takes: those given, and for a DiT (always class-conditional) 10 by default."""
+    return given or (DIT_CLASSES if preset == "dit" else None)
 
 
 def main() -> None:
@@ -100,12 +120,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--presets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), choices=list(SHAPES))
     parser.add_argument("--classes", type=int, default=None, help="class-conditional models with C classes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result: dict[str, object] = {
-        preset: bench_preset(preset, args.batch, args.repeats, args.classes) for preset in args.presets
+        preset: bench_preset(preset, args.batch, args.repeats, _classes(preset, args.classes))
+        for preset in args.presets
     }
     result["threads"] = torch.get_num_threads()
     result["batch"] = args.batch

@@ -107,3 +107,32 @@ def test_create_refuses_a_learned_sigma_dit_in_one_line(built: Built) -> None:
     detail = response.json()["detail"]
     assert "\n" not in detail and "maps 1 channels to 2 (learned variances" in detail
     assert not (built.settings.stores_root / "sigma").exists()
+
+
+def test_eval_generate_records_the_label_and_attributes_under_it(
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`retrac eval generate` with guidance: generated.json records each image's label, and the printed
+    attributions equal `retrac attribute` of the written PNG under that recorded label."""
+    out = tmp_path / "generated"
+    knobs = ["--top-k", str(QUERY["top_k"]), "--timesteps", str(QUERY["timesteps"]), "--draws", str(QUERY["draws"])]
+    capsys.readouterr()
+    assert main(["eval", "generate", str(built.store), "--count", "2", "--label", "3", "--guidance-scale", "2.5",
+                 "--steps", "3", "--out", str(out), *knobs]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    records = json.loads((out / "generated.json").read_text())
+    assert printed["generated"] == records and [r["label"] for r in records] == ["3", "3"]
+    assert records[1]["guidance_scale"] == 2.5 and printed["query"]["label"] == "3"
+    again = records[1]
+    assert main(["attribute", str(built.store), str(out / again["file"]), "--label", again["label"], *knobs,
+                 "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)["results"][0]
+    for method in ("tracin", "retrac"):  # the query gradients of one image against those of two, batched
+        got, want = printed["results"][1]["methods"][method], alone["methods"][method]
+        for side in ("proponents", "opponents"):
+            assert [i["sample_id"] for i in got[side]] == [i["sample_id"] for i in want[side]]
+            np.testing.assert_allclose([i["score"] for i in got[side]], [i["score"] for i in want[side]], rtol=1e-5)
+    # a DiT generates under a label only: one line saying to give one
+    assert main(["eval", "generate", str(built.store), "--steps", "2", "--out", str(tmp_path / "none")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "give the query's label" in error
