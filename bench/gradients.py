@@ -52,7 +52,8 @@ def build_denoiser(preset: str, classes: int | None) -> Denoiser:
         return build_unet(preset, resolution=resolution, channels=channels, num_class_embeds=classes)
     torch.manual_seed(0)
     return with_plain_attention(DiTTransformer2DModel(
-        in_channels=channels, out_channels=channels, sample_size=resolution, num_embeds_ada_norm=classes, **DIT_CONFIG
+        in_channels=channels, out_channels=channels, sample_size=resolution, num_embeds_ada_norm=classes,
+        **DIT_CONFIG,
     ))
 
 
@@ -66,7 +67,8 @@ def bench_preset(
     preset: str, batch: int, repeats: int, classes: int | None = None
 ) -> dict[str, float | int | str]:
     resolution, channels = SHAPES[preset]
-    model = DiffusionModel.from_parts(build_denoiser(preset, classes), DDPMScheduler(num_train_timesteps=1000))
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    model = DiffusionModel.from_parts(build_denoiser(preset, classes), scheduler)
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, classes, (batch,), generator=generator) if classes else None
     conditions = Conditions.of_labels(labels) if labels is not None else Conditions()
@@ -111,7 +113,7 @@ def bench_preset(
 
 
 def _classes(preset: str, given: int | None) -> int | None:
-    """The classes a preset's model takes: those given, and for a DiT (always class-conditional) 10 by default."""
+    """The classes a preset's model takes: those given; for a DiT (always conditional), 10 by default."""
     return given or (DIT_CLASSES if preset == "dit" else None)
 
 

@@ -19,6 +19,9 @@ from typing import Annotated, Literal
 
 import typer
 
+from api_schemas import QuerySpec
+from cli.common import default
+
 ExperimentPreset = Literal["smoke", "small", "paper"]
 LdsPreset = Literal["smoke", "quick"]
 
@@ -153,14 +156,14 @@ def lds_command(
 
 @app.command(
     "generate",
-    help="Generate query images from a store's last checkpoint (a class-conditional model under --label, with "
-    "classifier-free guidance for a model with a null class, as a DiT), write them as PNGs with generated.json "
-    "recording each one's label, guidance scale, sampler and seed, and attribute each under the label it was "
-    "generated with (as `retrac attribute STORE IMAGE --label LABEL` would).",
+    help="Generate query images from a store's last checkpoint (a class-conditional model under --label, "
+    "with classifier-free guidance for a model with a null class, as a DiT), write them as PNGs with "
+    "generated.json recording each one's label, guidance scale, sampler and seed, and attribute each under "
+    "the label it was generated with (as `retrac attribute STORE IMAGE --label LABEL` would).",
     short_help="generate query images (label, guidance scale) and attribute them",
 )
 def generate_command(
-    store: Annotated[str, typer.Argument(help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")],
+    store: Annotated[str, typer.Argument(help="a filled store (retrac index create/run): folder or URL")],
     count: Annotated[int, typer.Option(help="images to generate")] = 1,
     label: Annotated[
         str | None,
@@ -169,8 +172,8 @@ def generate_command(
     guidance_scale: Annotated[
         float | None,
         typer.Option(
-            help="classifier-free guidance s: eps_uncond + s (eps_cond - eps_uncond); needs a model with a null "
-            "class (a DiT); refused for a UNet2DModel",
+            help="classifier-free guidance s: eps_uncond + s (eps_cond - eps_uncond); needs a model with a "
+            "null class (a DiT); refused for a UNet2DModel",
             show_default="no guidance",
         ),
     ] = None,
@@ -180,14 +183,13 @@ def generate_command(
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 0,
     top_k: Annotated[int, typer.Option(help="proponents and opponents per method")] = 10,
-    timesteps: Annotated[int | None, typer.Option(help="K of the attribution", show_default="QuerySpec's")] = None,
-    draws: Annotated[int | None, typer.Option(help="M of the attribution", show_default="QuerySpec's")] = None,
+    timesteps: Annotated[int, typer.Option(help="K of the attribution")] = default(QuerySpec, "timesteps"),
+    draws: Annotated[int, typer.Option(help="M of the attribution")] = default(QuerySpec, "draws"),
     out: Annotated[Path, typer.Option(help="output folder")] = Path("retrac-generated"),
 ) -> int:
     import torch
     from PIL import Image
 
-    from api_schemas import QuerySpec
     from cli.common import store_location, validated
     from retrac.conditions import CLASS_LABELS, query_conditions
     from retrac.datasets import ImageDataset, load_image_file
@@ -198,33 +200,32 @@ def generate_command(
     opened = GradientStore.open(store_location(store))
     plan = opened.plan
     if plan.latent_space is not None:
-        raise SpecError("generating from a latent model (a VAE beside its denoiser) is not handled; give a pixel model")
-    knobs = {k: v for k, v in {"timesteps": timesteps, "draws": draws}.items() if v is not None}
-    query = validated(QuerySpec, {**knobs, "label": label})
+        raise SpecError("generating from a latent model (a VAE beside its denoiser) is not handled")
+    query = validated(QuerySpec, {"timesteps": timesteps, "draws": draws, "label": label})
     conditions = query_conditions(plan.classes, label, 1)
     integer = int(conditions.tensors[CLASS_LABELS][0]) if conditions else None
-    checkpoint = len(plan.checkpoints) - 1
-    model = plan.load_model(checkpoint)
-    images = generate(model.unet, model.scheduler, count, sampler=sampler, steps=steps, seed=seed, label=integer,
-                      guidance_scale=guidance_scale)
+    last = len(plan.checkpoints) - 1
+    model = plan.load_model(last)
+    images = generate(
+        model.unet, model.scheduler, count, sampler=sampler, steps=steps, seed=seed, label=integer,
+        guidance_scale=guidance_scale,
+    )
     out.mkdir(parents=True, exist_ok=True)
     generated = ImageDataset(images, tuple(f"generated-{i:03d}" for i in range(count)), "generated")
+    condition = {"label": label, "guidance_scale": guidance_scale, "sampler": sampler, "steps": steps}
     records = []
     for i, name in enumerate(generated.ids):
         Image.fromarray(generated.to_uint8(i)).save(out / f"{name}.png")
-        records.append({"file": f"{name}.png", "label": label, "guidance_scale": guidance_scale, "sampler": sampler,
-                        "steps": steps, "seed": seed, "image": i, "checkpoint": str(plan.checkpoints[checkpoint].path)})
+        checkpoint = str(plan.checkpoints[last].path)
+        record = {"file": f"{name}.png", **condition, "seed": seed, "image": i, "checkpoint": checkpoint}
+        records.append(record)
     (out / "generated.json").write_text(json.dumps(records, indent=1))
-    dataset = opened.spec.dataset
-    pixels = torch.stack([
-        load_image_file(out / r["file"], resolution=dataset.resolution, channels=dataset.channels) for r in records
-    ])
-    answer = attribute(opened, pixels, query, top_k=top_k)
-    print(json.dumps({
-        "generated": records,
-        "query": answer.query.model_dump(mode="json"),
-        "results": [result.model_dump(mode="json") for result in answer.results],
-    }, indent=1))
+    shape = {"resolution": opened.spec.dataset.resolution, "channels": opened.spec.dataset.channels}
+    pixels = torch.stack([load_image_file(out / record["file"], **shape) for record in records])
+    answer = attribute(opened, pixels, query, top_k=top_k)  # under the label the images were generated with
+    results = [result.model_dump(mode="json") for result in answer.results]
+    printed = {"generated": records, "query": answer.query.model_dump(mode="json"), "results": results}
+    print(json.dumps(printed, indent=1))
     return 0
 
 

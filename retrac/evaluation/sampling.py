@@ -38,13 +38,19 @@ def null_label(denoiser: Denoiser) -> int | None:
 
 
 def guided_prediction(
-    denoiser: Denoiser, x_t: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor, scale: float, null: int
+    denoiser: Denoiser,
+    x_t: torch.Tensor,
+    timestep: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float,
+    null: int,
 ) -> torch.Tensor:
     """`eps_uncond + scale (eps_cond - eps_uncond)` `(B, C, H, W)`: one forward of the B images under
     `labels` and under the null label `null`, batched as diffusers' DiT pipeline does."""
     steps = timestep.reshape(-1).expand(2 * x_t.shape[0])
     both = torch.cat([labels, torch.full_like(labels, null)])
-    conditional, unconditional = denoiser(torch.cat([x_t, x_t]), timestep=steps, class_labels=both).sample.chunk(2)
+    predictions = denoiser(torch.cat([x_t, x_t]), timestep=steps, class_labels=both).sample
+    conditional, unconditional = predictions.chunk(2)
     return unconditional + scale * (conditional - unconditional)
 
 
@@ -78,7 +84,9 @@ def generate(
         pipeline = pipeline_kind(unet=unet, scheduler=kind.from_config(scheduler.config))
         pipeline.set_progress_bar_config(disable=not progress, desc=f"sampling ({sampler})", leave=False)
         with torch.no_grad():
-            images = pipeline(batch_size=count, generator=generator, num_inference_steps=steps, output_type="pt").images
+            images = pipeline(
+                batch_size=count, generator=generator, num_inference_steps=steps, output_type="pt"
+            ).images
         return (images.float().cpu() * 2 - 1).clamp(-1, 1)
     return _conditional_loop(unet, kind.from_config(scheduler.config), count, steps, generator, label,
                              guidance_scale, null)
@@ -103,8 +111,8 @@ def _check_condition(unet: Denoiser, label: int | None, guidance_scale: float | 
     null = null_label(unet)
     if null is None:
         raise EvaluationError(
-            "the model has no null class (a UNet2DModel's class embedding has none unless its training reserved a "
-            "label for it, which its config does not say): generate without a guidance scale"
+            "the model has no null class (a UNet2DModel's class embedding has none unless its training "
+            "reserved a label for it, which its config does not say): generate without a guidance scale"
         )
     return null
 

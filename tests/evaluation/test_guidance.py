@@ -30,12 +30,13 @@ def dit():
 
 def prediction(dit, x: torch.Tensor, t: int, label: int) -> torch.Tensor:
     with torch.no_grad():
-        return dit(x, timestep=torch.full((x.shape[0],), t), class_labels=torch.full((x.shape[0],), label)).sample
+        count = x.shape[0]
+        return dit(x, timestep=torch.full((count,), t), class_labels=torch.full((count,), label)).sample
 
 
 def test_the_guided_prediction_is_the_formula(dit) -> None:
     table = dit.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
-    assert table.num_embeddings == CLASSES + 1 and null_label(dit) == CLASSES  # the null row after the classes
+    assert table.num_embeddings == CLASSES + 1 and null_label(dit) == CLASSES  # null row after the classes
     x, scale = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), 2.5
     with torch.no_grad():
         got = guided_prediction(dit, x, torch.tensor(40), torch.tensor([4, 4, 4]), scale, CLASSES)
@@ -61,12 +62,14 @@ def test_guided_generation_equals_the_reference_loop(dit) -> None:
     scheduler = DDPMScheduler(num_train_timesteps=TIMESTEPS)
     knobs = dict(sampler="ddim", steps=3, seed=9, label=4)
     guided = generate(dit, scheduler, 2, guidance_scale=3.0, **knobs)
-    torch.testing.assert_close(guided, reference_sampling(dit, 2, 3, 9, 4, 3.0), rtol=0, atol=SAMPLE_TOLERANCE)
+    expected = reference_sampling(dit, 2, 3, 9, 4, 3.0)
+    torch.testing.assert_close(guided, expected, rtol=0, atol=SAMPLE_TOLERANCE)
     unguided = generate(dit, scheduler, 2, **knobs)
     torch.testing.assert_close(generate(dit, scheduler, 2, guidance_scale=1.0, **knobs), unguided, rtol=0,
                                atol=SAMPLE_TOLERANCE)  # s = 1 is the conditional prediction itself
     assert float((guided - unguided).abs().max()) > 100 * SAMPLE_TOLERANCE
-    assert float((generate(dit, scheduler, 2, **{**knobs, "label": 7}) - unguided).abs().max()) > 100 * SAMPLE_TOLERANCE
+    other_label = generate(dit, scheduler, 2, **{**knobs, "label": 7})
+    assert float((other_label - unguided).abs().max()) > 100 * SAMPLE_TOLERANCE
 
 
 def test_conditions_that_do_not_fit_the_model_are_refused(dit) -> None:
@@ -81,4 +84,5 @@ def test_conditions_that_do_not_fit_the_model_are_refused(dit) -> None:
     with pytest.raises(EvaluationError, match="label 10 is not one of the model's classes 0..9"):
         generate(dit, scheduler, 1, sampler="ddim", steps=2, label=CLASSES)
     with pytest.raises(EvaluationError, match="unconditional: generate without a label"):
-        generate(build_unet("micro", resolution=8, channels=1), scheduler, 1, sampler="ddim", steps=2, label=0)
+        unconditional = build_unet("micro", resolution=8, channels=1)
+        generate(unconditional, scheduler, 1, sampler="ddim", steps=2, label=0)

@@ -31,7 +31,7 @@ def tiny_dit(seed: int = 0, **config: object) -> DiTTransformer2DModel:
 
 
 def save_dit_pipeline(folder: Path, seed: int = 0, **config: object) -> Path:
-    """`folder` with `transformer/` (weights drawn from `seed`, `config` over `DIT_CONFIG`) and `scheduler/`."""
+    """`folder` with `transformer/` (weights from `seed`, `config` over `DIT_CONFIG`) and `scheduler/`."""
     tiny_dit(seed, **config).save_pretrained(folder / "transformer", safe_serialization=True)
     DDPMScheduler(num_train_timesteps=TIMESTEPS).save_pretrained(folder / "scheduler")
     return folder

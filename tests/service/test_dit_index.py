@@ -25,6 +25,7 @@ from tests.service.conftest import API_KEY, QUERY
 from tests.service.test_attribute import assert_matches, png
 
 STORE = "dit"
+KNOBS = [f"--{name.replace('_', '-')}={QUERY[name]}" for name in ("top_k", "timesteps", "draws")]
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     (base / "stores").mkdir()
     store = base / "stores" / STORE
     assert main(["index", "create", str(store), "--checkpoint", f"{pipeline}:weight=0.5", "--loss", "mse",
-                 "--data", "builtin:digits", "--limit", "8", "--no-replay", "--grid", "2", "--projector", "sketch",
-                 "--dim", "256", "--dtype", "float32", "--shard-size", "4"]) == 0
+                 "--data", "builtin:digits", "--limit", "8", "--no-replay", "--grid", "2",
+                 "--projector", "sketch", "--dim", "256", "--dtype", "float32", "--shard-size", "4"]) == 0
     assert main(["index", "run", str(store)]) == 0
     reference = Attributor(GradientStore.open(store).plan)
     reference.index()
@@ -62,22 +63,23 @@ def expected(built: Built, label: int | str) -> list:
     return built.reference.attribute(image, spec, top_k=QUERY["top_k"])
 
 
-def test_cli_indexes_and_attributes_under_a_label(built: Built, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_indexes_and_attributes_under_a_label(
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     capsys.readouterr()
     assert main(["index", "inspect", str(built.store), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["classes"] == {str(d): d for d in range(10)}
     query = tmp_path / "five.png"
     query.write_bytes(png(built.query))
-    knobs = ["--top-k", str(QUERY["top_k"]), "--timesteps", str(QUERY["timesteps"]), "--draws", str(QUERY["draws"]),
-             "--seed", str(QUERY["seed"])]
+    knobs = [*KNOBS, "--seed", str(QUERY["seed"])]
     assert main(["attribute", str(built.store), str(query), *knobs, "--label", "5", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     want = expected(built, 5)
     for method in ("tracin", "retrac"):
         got = printed["results"][0]["methods"][method]["proponents"]
         assert [i["sample_id"] for i in got] == [i.sample_id for i in want[0].methods[method].proponents]
-        np.testing.assert_allclose([i["score"] for i in got], [i.score for i in want[0].methods[method].proponents],
-                                   rtol=1e-5)
+        scores = [i.score for i in want[0].methods[method].proponents]
+        np.testing.assert_allclose([i["score"] for i in got], scores, rtol=1e-5)
     assert main(["attribute", str(built.store), str(query), *knobs]) == 2  # a DiT needs the query's label
     assert "class-conditional: give the query's label" in capsys.readouterr().err
 
@@ -85,7 +87,8 @@ def test_cli_indexes_and_attributes_under_a_label(built: Built, tmp_path: Path, 
 def test_http_answers_under_the_label(built: Built) -> None:
     with TestClient(create_app(built.settings), headers={"X-API-Key": API_KEY}) as session:
         files = {"images": ("five.png", png(built.query), "image/png")}
-        response = session.post(f"/v1/indexes/{STORE}/attribute/upload", files=files, data={**QUERY, "label": "5"})
+        upload = f"/v1/indexes/{STORE}/attribute/upload"
+        response = session.post(upload, files=files, data={**QUERY, "label": "5"})
         assert response.status_code == 200, response.text
         answer = AttributionsPublic.model_validate(response.json())
         assert answer.label == "5"
@@ -115,10 +118,10 @@ def test_eval_generate_records_the_label_and_attributes_under_it(
     """`retrac eval generate` with guidance: generated.json records each image's label, and the printed
     attributions equal `retrac attribute` of the written PNG under that recorded label."""
     out = tmp_path / "generated"
-    knobs = ["--top-k", str(QUERY["top_k"]), "--timesteps", str(QUERY["timesteps"]), "--draws", str(QUERY["draws"])]
+    knobs = KNOBS
     capsys.readouterr()
-    assert main(["eval", "generate", str(built.store), "--count", "2", "--label", "3", "--guidance-scale", "2.5",
-                 "--steps", "3", "--out", str(out), *knobs]) == 0
+    assert main(["eval", "generate", str(built.store), "--count", "2", "--label", "3",
+                 "--guidance-scale", "2.5", "--steps", "3", "--out", str(out), *knobs]) == 0
     printed = json.loads(capsys.readouterr().out)
     records = json.loads((out / "generated.json").read_text())
     assert printed["generated"] == records and [r["label"] for r in records] == ["3", "3"]
@@ -131,7 +134,8 @@ def test_eval_generate_records_the_label_and_attributes_under_it(
         got, want = printed["results"][1]["methods"][method], alone["methods"][method]
         for side in ("proponents", "opponents"):
             assert [i["sample_id"] for i in got[side]] == [i["sample_id"] for i in want[side]]
-            np.testing.assert_allclose([i["score"] for i in got[side]], [i["score"] for i in want[side]], rtol=1e-5)
+            scores = [i["score"] for i in want[side]]
+            np.testing.assert_allclose([i["score"] for i in got[side]], scores, rtol=1e-5)
     # a DiT generates under a label only: one line saying to give one
     assert main(["eval", "generate", str(built.store), "--steps", "2", "--out", str(tmp_path / "none")]) == 2
     error = capsys.readouterr().err
