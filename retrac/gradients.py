@@ -20,7 +20,8 @@ two strategies, picked per model:
   or output is modified in place during the forward.
 
 Measured with a k=4096 sketch and norms, one thread, batch 32, as a fraction of a plain training
-step's rate: layer-wise 0.57-0.62x (tiny UNet), 0.69-0.75x (small); vmap 0.51-0.56x, 0.54x.
+step's rate: layer-wise 0.57-0.62x (tiny UNet), 0.69-0.75x (small); vmap 0.51-0.56x, 0.54x. A 1.4M-parameter
+DiT (`bench/gradients.py --presets dit`), layer-wise: 0.52x.
 
 Either way the gradient comes out one parameter tensor at a time, and is projected and measured
 block by block (`Projector.project_blocks`): the `(B, P)` matrix exists only if asked for
