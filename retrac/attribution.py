@@ -19,7 +19,7 @@ import torch
 
 from api_schemas import IndexSpec, Method, QuerySpec
 from api_schemas.attribution import AttributionPublic, BandsPublic, InfluencePublic, RankingPublic
-from api_schemas.specs import Search
+from api_schemas.specs import Search, StoreDType
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer
 from retrac.models import DiffusionModel
@@ -52,6 +52,10 @@ class RowSource(Protocol):
 
     @property
     def num_checkpoints(self) -> int: ...
+
+    @property
+    def dtype(self) -> StoreDType:
+        """Precision of the rows `chunks` yields."""
 
     def require_complete(self, checkpoints: Sequence[int]) -> None:
         """Raise a named error saying how to finish, if any of `checkpoints` lacks rows."""
@@ -88,6 +92,8 @@ class Attribution:
     results: list[AttributionPublic]
     timings: Timings
     query: QuerySpec
+    dtype: StoreDType
+    """Precision of the rows scored (a store's `dtype`): bfloat16 scores are bf16 products."""
 
     @property
     def search(self) -> Search:
@@ -138,7 +144,8 @@ def attribute(
             chunks = _reported(chunks, on_rows)
         ranking = scan(chunks, vectors, weights, top_k=top_k, methods=methods, matched=matched)
     answers = public_results(ranking, source, chosen[-1], query)
-    return Attribution(answers, Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started), query)
+    timings = Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started)
+    return Attribution(answers, timings, query, source.dtype)
 
 
 def _renumbered(ranking: Ranking, rows: np.ndarray) -> Ranking:
@@ -248,6 +255,11 @@ class MemoryRows:
     @property
     def num_checkpoints(self) -> int:
         return len(self.rows)
+
+    @property
+    def dtype(self) -> StoreDType:
+        """In-memory rows are kept as computed, float32, whatever the spec stores."""
+        return "float32"
 
     def require_complete(self, checkpoints: Sequence[int]) -> None:
         """In-memory rows are computed whole: nothing can be missing."""

@@ -67,6 +67,7 @@ class QueryEngine:
             seed=answer.query.seed,
             estimator=answer.query.estimator,
             search=answer.search,
+            dtype=answer.dtype,
             data=answer.results,
             count=len(answer.results),
             timings=TimingsPublic(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from api_schemas import IndexSpec, Method
+from api_schemas import IndexSpec, Method, StoreDType
 from retrac.attribution import Chunks
 from retrac.query_side import QueryVectors
 from retrac.scoring import RowChunk
@@ -39,6 +39,10 @@ class StoreRows:
     @property
     def num_checkpoints(self) -> int:
         return self.store.num_checkpoints
+
+    @property
+    def dtype(self) -> StoreDType:
+        return self.store.spec.dtype
 
     def require_complete(self, checkpoints: Sequence[int]) -> None:
         """An IncompleteStoreError naming the unfinished checkpoints and their rows done, if any."""
