@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
@@ -111,12 +112,15 @@ def attribute(
     methods: Sequence[Method] = METHODS,
     checkpoints: Sequence[int] | None = None,
     on_progress: QueryProgress | None = None,
+    gradient_lock: AbstractContextManager[object] | None = None,
 ) -> Attribution:
     """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over `source`'s rows.
 
     `computer(c)` is the gradient computer of checkpoint c (a serving process passes a long-lived
     cache's). Everything that can be wrong with the request is checked before the first gradient.
     `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
+    `gradient_lock` is held while the query gradients are computed, and only then: computers that
+    threads share swap their model's parameters while they run, while the scan only reads.
     """
     if query.search == "approximate" and query.estimator == "matched":
         raise SpecError(
@@ -129,7 +133,8 @@ def attribute(
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
     started = time.perf_counter()
     on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
-    vectors = [query_vectors(computer(c), images, query, on_images) for c in chosen]
+    with gradient_lock or nullcontext():
+        vectors = [query_vectors(computer(c), images, query, on_images) for c in chosen]
     gradient_s = time.perf_counter() - started
     # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
     started = time.perf_counter()

@@ -37,10 +37,10 @@ SCAN_ROWS = 4096
 """Training rows per scan step (in memory or read from a store): bounds a scan's working memory at
 SCAN_ROWS * S * k values per checkpoint, beyond what a store keeps resident."""
 
-SCAN_BLOCK_BYTES = 1 << 19
+SCAN_BLOCK_BYTES = 1 << 20
 """float32 bytes a scan converts at a time from float16 rows: the block stays in the core's L2 cache
 between its conversion and its matmul. (bench/scale.py, one thread, k = 4,096: 512-row blocks, 8 MB,
-ran at 0.3x of the read limit for one query, 32-row ones, 512 KB, at 0.8x. A direct float16 matmul
+ran at 0.3x of the read limit for one query, 32- and 64-row ones, 0.5-1 MB, at 0.8x. A direct float16 matmul
 rounds scores to float16; a float32 copy of a whole chunk costs extra passes over memory.)"""
 
 
