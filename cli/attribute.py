@@ -145,8 +145,8 @@ def run(
                     print(f"  {method:6} {side:10} {ranked}")
         ran = answer.query
         print(f"\n{ran.estimator} estimator, K = {ran.timesteps}, M = {ran.draws}, seed {ran.seed}: "
-              f"query gradients {answer.timings.gradient_s:.2f} s, {answer.search} search {answer.timings.scan_s:.3f} s "
-              f"over {answer.dtype} rows")
+              f"query gradients {answer.timings.gradient_s:.2f} s, {answer.search} search "
+              f"{answer.timings.scan_s:.3f} s over {answer.dtype} rows")
     if gallery is not None:
         queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
         row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}

@@ -91,10 +91,15 @@ def _blocks(projected: torch.Tensor, slots: slice) -> Iterator[tuple[int, torch.
         yield start, converted
 
 
-def _products(block: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
-    """`(b * S, m)` float32: every stored row of `block` `(b, S, k)` times every column of `sides`
-    `(m, k)` float32, in the block's dtype (the query side rounded to bfloat16 for bfloat16 rows)."""
-    return torch.mm(block.reshape(-1, block.shape[-1]), sides.to(block.dtype).T).float()
+def _products(block: torch.Tensor, sides: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`(b * S, m)` float32 (into `out` if given): every stored row of `block` `(b, S, k)` times every
+    column of `sides` `(m, k)` float32, in the block's dtype (the query side rounded to bfloat16 for
+    bfloat16 rows)."""
+    rows = block.reshape(-1, block.shape[-1])
+    if block.dtype != torch.float32:
+        products = torch.mm(rows, sides.to(block.dtype).T).float()
+        return products if out is None else out.copy_(products)
+    return torch.mm(rows, sides.T) if out is None else torch.mm(rows, sides.T, out=out)
 
 
 def _paper_parts(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
@@ -150,21 +155,24 @@ def _paper_scores(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method
     """`(n, Q)` per method: `mean_s g_s . G` (ReTrac: `g_s / ||g_s||` and G^), without band parts.
 
     One pass over the stored rows: each block (`_blocks`) is multiplied with the query vectors of
-    every method at once (two columns per query: a third of `_paper_parts`' matmul, the cost of a scan).
+    every method at once (two columns per query: a third of `_paper_parts`' matmul, the cost of a
+    scan), into one table of the chunk's products; slot means and norms are then taken over the whole
+    table, so that a block costs its conversion and its matmul alone.
     """
-    n, slots, dim = chunk.projected.shape
+    n, slots, _ = chunk.projected.shape
     device = chunk.projected.device
     sides = torch.cat([getattr(query, m).to(device, torch.float32) for m in methods])  # (methods * Q, k)
-    inverse = inverse_norms(chunk.norms.to(device))
-    out = {m: torch.empty(n, sides.shape[0] // len(methods), device=device) for m in methods}
+    products = torch.empty(n * slots, sides.shape[0], device=device)
     for start, block in _blocks(chunk.projected, slice(None)):
-        rows = slice(start, start + block.shape[0])
-        products = _products(block, sides).view(block.shape[0], slots, len(methods), -1)
-        for i, method in enumerate(methods):
-            per_slot = products[:, :, i]
-            if method == "retrac":
-                per_slot = per_slot * inverse[rows, :, None]
-            out[method][rows] = per_slot.mean(dim=1)
+        _products(block, sides, products[start * slots : (start + block.shape[0]) * slots])
+    table = products.view(n, slots, len(methods), -1)
+    inverse = inverse_norms(chunk.norms.to(device))
+    out = {}
+    for i, method in enumerate(methods):
+        per_slot = table[:, :, i]
+        if method == "retrac":
+            per_slot = per_slot * inverse[:, :, None]
+        out[method] = per_slot.mean(dim=1)
     return out
 
 

@@ -60,7 +60,8 @@ def test_bfloat16_scores_are_the_rounded_rows_bf16_products(stores) -> None:
     models = GradientComputerCache("cpu", threads=1)
     answer = attribute(store, images, QUERY, top_k=TOP_K, models=models)
     assert answer.dtype == "bfloat16"
-    vectors = [query_vectors(models.computer(store.plan, c), images, QUERY) for c in range(store.num_checkpoints)]
+    checkpoints = range(store.num_checkpoints)
+    vectors = [query_vectors(models.computer(store.plan, c), images, QUERY) for c in checkpoints]
     count, rows = len(images), store.num_rows
     for method in ("tracin", "retrac"):
         expected, bound = np.zeros((count, rows)), np.zeros((count, rows))
@@ -75,7 +76,8 @@ def test_bfloat16_scores_are_the_rounded_rows_bf16_products(stores) -> None:
             terms = BFLOAT16_ROUNDOFF * products.abs() + gamma(projected.shape[2]) * magnitudes
             expected += weight * products.mean(dim=2).numpy()
             bound += abs(weight) * terms.mean(dim=2).numpy()
-        bound += gamma(2 * projected.shape[1] * store.num_checkpoints) * np.abs(expected)  # the float32 means and sums
+        # The float32 means over slots and sums over checkpoints:
+        bound += gamma(2 * projected.shape[1] * store.num_checkpoints) * np.abs(expected)
         row_of = {sample_id: row for row, sample_id in enumerate(store.sample_ids)}
         for q, result in enumerate(answer.results):
             for side, sign in (("proponents", 1), ("opponents", -1)):
@@ -101,3 +103,23 @@ def test_bfloat16_and_float32_stores_rank_alike(stores) -> None:
             largest = max(abs(v) for v in theirs.values())
             error = max(abs(mine[k] - theirs[k]) for k in theirs) / largest
             assert 0 < error < 8 * BFLOAT16_ROUNDOFF, (method, error)  # rounded, and not more than that
+
+
+def test_float16_rows_are_resident_as_float32_only_when_every_checkpoint_fits(reference_store: Path) -> None:
+    """Widening is exact (the same numbers, scanned without a conversion per block), and costs twice the
+    memory, so a budget that holds the float16 rows but not their float32 copies keeps them float16."""
+    group = zarr.open_group(reference_store, mode="r")
+    stored = [torch.from_numpy(group[f"checkpoints/{c}/projected"][:]) for c in range(3)]
+    assert stored[0].dtype == torch.float16
+    rows = np.arange(stored[0].shape[0])
+    wide = GradientStore.open(reference_store)
+    for c in range(3):
+        read = wide.rows_at(c, rows).projected
+        assert read.dtype == torch.float32 and torch.equal(read, stored[c].float())
+    arrays = [group[f"checkpoints/{c}/{name}"] for c in range(3) for name in ("projected", "norms")]
+    float16_bytes = sum(a.nbytes for a in arrays)
+    narrow = GradientStore.open(reference_store, resident_bytes=float16_bytes)
+    for c in range(3):
+        read = narrow.rows_at(c, rows).projected
+        assert read.dtype == torch.float16 and torch.equal(read, stored[c])
+    assert len(narrow._resident) == 3  # every checkpoint resident still, as float16
