@@ -39,9 +39,10 @@ SCAN_ROWS * S * k values per checkpoint, beyond what a store keeps resident."""
 
 SCAN_BLOCK_BYTES = 1 << 20
 """float32 bytes a scan converts at a time from float16 rows: the block stays in the core's L2 cache
-between its conversion and its matmul. (bench/scale.py, one thread, k = 4,096: 512-row blocks, 8 MB,
-ran at 0.3x of the read limit for one query, 32- and 64-row ones, 0.5-1 MB, at 0.8x. A direct float16 matmul
-rounds scores to float16; a float32 copy of a whole chunk costs extra passes over memory.)"""
+between its conversion and its matmul. (One thread, k = 4,096, one query: 512-row blocks, 8 MB, ran
+at 0.3x of a plain sum over the same float16 bytes, 32- and 64-row ones, 0.5-1 MB, at 0.5-0.8x in
+runs on a shared machine. A direct float16 matmul rounds scores to float16; a float32 copy of a whole
+chunk costs extra passes over memory.)"""
 
 
 @dataclass(frozen=True)

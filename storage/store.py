@@ -591,7 +591,7 @@ class GradientStore:
 
     def _widens(self) -> bool:
         """Whether resident float16 rows are kept as float32 (exactly the same numbers): a scan then
-        multiplies them uncopied, 1.3x faster for one query than converting them block by block
+        multiplies them uncopied, 1.8x faster for one query than converting them block by block
         (bench/scale.py), at twice the memory, so only when all checkpoints fit the budget so."""
         if self.spec.dtype != "float16":
             return False
