@@ -114,6 +114,9 @@ class AttributionsPublic(Public):
         description="precision of the stored gradients scored: bfloat16 scores are bf16 products (~3e-3 of "
         "the largest score), float16 and float32 ones float32 products"
     )
+    label: int | str | None = Field(
+        None, description="the class label the images were attributed under, as given (class-conditional indexes)"
+    )
     data: list[AttributionPublic]
     count: int
     timings: TimingsPublic

@@ -10,7 +10,7 @@ from api_schemas.specs import IndexSpec
 
 class IndexCreate(Public):
     """Create an index: its name and the spec of what to index. Paths in the spec are relative to
-    the service's models root (run, checkpoints, scheduler) and data root (dataset source)."""
+    the service's models root (run, checkpoints, scheduler, VAE) and data root (dataset source)."""
 
     name: IndexName
     spec: IndexSpec
@@ -38,6 +38,11 @@ class IndexPublic(Public):
     dim: int = Field(description="k, the projected dimension of a stored gradient")
     resolution: int = Field(description="side of the square images the index's model takes")
     channels: int
+    classes: dict[str, int] | None = Field(
+        None,
+        description="a class-conditional index's label mapping (class name -> the integer its model takes): "
+        "every query must give one of these labels; null for an unconditional index, which takes none",
+    )
     size_bytes: int = Field(description="bytes the store takes on disk")
     complete: bool = Field(description="every row of every checkpoint is stored: the index answers queries")
     progress: list[CheckpointProgressPublic]

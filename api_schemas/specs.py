@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LossKind = Literal["mse", "l1"]
 """Per-pixel distance of the noise-prediction loss: squared error (DDPM "simple") or absolute error."""
@@ -53,6 +53,8 @@ DEFAULT_TIMESTEPS = 50
 """K, the query's timestep grid, unless told (the paper's query-side setting)."""
 DEFAULT_DRAWS = 4
 """M, noise draws per query timestep, unless told."""
+MAX_LABEL_LENGTH = 255
+"""Longest class name a query's label may give (a folder name's limit on common file systems)."""
 
 
 class Spec(BaseModel):
@@ -140,6 +142,20 @@ class QuerySpec(Spec):
     search: Search = Field(
         "exact", description="exact: scan every row; approximate: rescore the ANN index's candidates"
     )
+    label: int | str | None = Field(
+        None,
+        description="the class the query images are attributed under, for a class-conditional index (its "
+        "class name, or the class's integer): required there, refused by an unconditional index",
+    )
+
+    @field_validator("label")
+    @classmethod
+    def _short_label(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, str) and not 1 <= len(value) <= MAX_LABEL_LENGTH:
+            raise ValueError(f"a label is 1 to {MAX_LABEL_LENGTH} characters")
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a label's integer is at least 0")
+        return value
 
 
 class TrainSpec(Spec):
@@ -157,6 +173,11 @@ class TrainSpec(Spec):
     beta_schedule: BetaSchedule = Field("linear", description="diffusers' beta schedule of the DDPMScheduler")
     prediction_type: PredictionType = Field("epsilon", description="what the UNet learns to predict")
     loss_weighting: LossWeighting = Field("none", description="per-sample weight of the loss: none or snr")
+    class_conditional: bool = Field(
+        False,
+        description="train a class-conditional UNet (num_class_embeds = largest class label + 1) on the "
+        "dataset's class labels (class subfolders, .npz labels, the digit of builtin:digits)",
+    )
 
 
 class IndexSpec(Spec):
@@ -172,6 +193,11 @@ class IndexSpec(Spec):
     checkpoints: tuple[CheckpointSpec, ...] = ()
     scheduler: str | None = Field(
         None, description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint"
+    )
+    vae: str | None = Field(
+        None,
+        description="folder of the AutoencoderKL of a latent model; default: the vae/ of the checkpoint's "
+        "pipeline folder, none for a pixel-space model",
     )
     loss: LossKind | None = Field(None, description="the loss the model was trained with; default: the run's")
     loss_weighting: LossWeighting | None = Field(
@@ -189,7 +215,7 @@ class IndexSpec(Spec):
     shard_size: int = Field(256, ge=1, le=1 << 20, description="rows per task, chunk and done mark")
 
     def map_paths(self, model_path: Callable[[str], str], data_path: Callable[[str], str]) -> IndexSpec:
-        """This spec with `model_path` applied to the run, scheduler and checkpoint paths and
+        """This spec with `model_path` applied to the run, scheduler, VAE and checkpoint paths and
         `data_path` to a file or folder dataset source (built-in names are not paths)."""
         source = self.dataset.source
         return self.model_copy(
@@ -199,6 +225,7 @@ class IndexSpec(Spec):
                 ),
                 "run": self.run and model_path(self.run),
                 "scheduler": self.scheduler and model_path(self.scheduler),
+                "vae": self.vae and model_path(self.vae),
                 "checkpoints": tuple(c.model_copy(update={"path": model_path(c.path)}) for c in self.checkpoints),
             }
         )

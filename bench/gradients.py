@@ -8,9 +8,12 @@ that machine noise hits all of them alike, and their medians compared:
 - per_sample: `GradientComputer.compute` (default chunk) with the default sketch projector, k = 4096;
 - loop: `loop_gradients` (one backward per sample), then the same projection and norms.
 
+With `--classes C` every model is class-conditional (`num_class_embeds = C`, a random label per
+sample, passed to all three jobs), so the class embedding's layer rule is measured the same way.
+
 Prints one JSON object on stdout, `{"tiny": {...}, "small": {...}}` with rates in samples/s, plus the
-thread count, batch size and the computer's strategy; never asserts a timing.
-Usage: `python bench/gradients.py [--threads N] [--repeats R]`.
+thread count, batch size, classes and the computer's strategy; never asserts a timing.
+Usage: `python bench/gradients.py [--threads N] [--repeats R] [--classes C]`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from api_schemas import ProjectorSpec
+from retrac.conditions import Conditions
 from retrac.gradients import GradientComputer, loop_gradients, num_parameters
 from retrac.losses import distance, noised
 from retrac.models import DiffusionModel, build_unet
@@ -41,12 +45,17 @@ def _seconds(job: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def bench_preset(preset: str, batch: int, repeats: int) -> dict[str, float | int | str]:
+def bench_preset(
+    preset: str, batch: int, repeats: int, classes: int | None = None
+) -> dict[str, float | int | str]:
     resolution, channels = SHAPES[preset]
     model = DiffusionModel.from_parts(
-        build_unet(preset, resolution=resolution, channels=channels), DDPMScheduler(num_train_timesteps=1000)
+        build_unet(preset, resolution=resolution, channels=channels, num_class_embeds=classes),
+        DDPMScheduler(num_train_timesteps=1000),
     )
     generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, classes, (batch,), generator=generator) if classes else None
+    conditions = Conditions.of_labels(labels) if labels is not None else Conditions()
     images = torch.randn(batch, channels, resolution, resolution, generator=generator)
     timesteps = torch.randint(0, model.num_timesteps, (batch,), generator=generator)
     noise = torch.randn(batch, 1, channels, resolution, resolution, generator=generator)
@@ -56,14 +65,14 @@ def bench_preset(preset: str, batch: int, repeats: int) -> dict[str, float | int
 
     def plain() -> None:
         x_t = noised(images, timesteps, noise[:, 0], model.scheduler)
-        value = distance(model.unet(x_t, timesteps).sample, noise[:, 0], "mse").mean()
+        value = distance(model.unet(x_t, timesteps, **conditions.tensors).sample, noise[:, 0], "mse").mean()
         torch.autograd.grad(value, weights)
 
     def per_sample() -> None:
-        computer.compute(images, timesteps, noise)
+        computer.compute(images, timesteps, noise, conditions=conditions)
 
     def loop() -> None:
-        flat = loop_gradients(model, "mse", images, timesteps, noise)
+        flat = loop_gradients(model, "mse", images, timesteps, noise, conditions=conditions)
         torch.linalg.vector_norm(flat, dim=1)
         projector.project(flat)
 
@@ -92,13 +101,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--presets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--classes", type=int, default=None, help="class-conditional models with C classes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result: dict[str, object] = {
-        preset: bench_preset(preset, args.batch, args.repeats) for preset in args.presets
+        preset: bench_preset(preset, args.batch, args.repeats, args.classes) for preset in args.presets
     }
     result["threads"] = torch.get_num_threads()
     result["batch"] = args.batch
+    result["classes"] = args.classes
     print(json.dumps(result))
 
 

@@ -86,6 +86,14 @@ def run(
     output: Annotated[OutputFormat, typer.Option("--format", help="how to print the results")] = "text",
     as_json: Annotated[bool, typer.Option("--json", help="same as --format json")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for the query gradients")] = 1,
+    label: Annotated[
+        str | None,
+        typer.Option(
+            help="class of the query images, for a class-conditional store: a class name or its integer "
+            "(`retrac index inspect` lists them); required there, refused by an unconditional store",
+            show_default="none: an unconditional store",
+        ),
+    ] = None,
 ) -> int:
     import numpy as np
     import torch
@@ -98,7 +106,7 @@ def run(
     # (compared by name: typer bundles its own click, whose ParameterSource is not click.core's)
     knobs = {"timesteps": timesteps, "draws": draws, "seed": seed}
     given = {k: v for k, v in knobs.items() if context.get_parameter_source(k).name != "DEFAULT"}
-    query = validated(QuerySpec, {**given, "estimator": estimator, "search": search})
+    query = validated(QuerySpec, {**given, "estimator": estimator, "search": search, "label": label})
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
     output = "json" if as_json else output
@@ -144,7 +152,8 @@ def run(
                     )
                     print(f"  {method:6} {side:10} {ranked}")
         ran = answer.query
-        print(f"\n{ran.estimator} estimator, K = {ran.timesteps}, M = {ran.draws}, seed {ran.seed}: "
+        label = f", label {ran.label}" if ran.label is not None else ""
+        print(f"\n{ran.estimator} estimator, K = {ran.timesteps}, M = {ran.draws}, seed {ran.seed}{label}: "
               f"query gradients {answer.timings.gradient_s:.2f} s, {answer.search} search "
               f"{answer.timings.scan_s:.3f} s over {answer.dtype} rows")
     if gallery is not None:

@@ -68,7 +68,12 @@ def dataset_spec(base: dict[str, Any] | None, **flags: Any) -> DatasetSpec:
 
 def absolute_source(source: str) -> str:
     """A dataset source as it should be recorded: built-in names as they are, paths absolute."""
-    return source if source.startswith("builtin:") else str(absolute(source))
+    return source if source.startswith("builtin:") else absolute_text(source)
+
+
+def absolute_text(path: str) -> str:
+    """A model or data path as it should be recorded: an `s3://` URL as it is, a path made absolute."""
+    return path if path.startswith("s3://") else str(absolute(path))
 
 
 def absolute(path: str | Path) -> Path:
@@ -99,8 +104,11 @@ def print_notices(notices: Sequence[str]) -> None:
 
 def store_location(where: str) -> Location:
     """The store a command names: a folder, or an `s3://bucket/prefix` URL reached with the object-store
-    settings (`RETRAC_S3_*`, else the AWS environment variables), as workers reach it."""
+    settings (`RETRAC_S3_*`, else the AWS environment variables), as workers reach it; datasets and
+    checkpoints at URLs are mirrored by the same settings (`RETRAC_INPUT_CACHE*`)."""
     from storage.location import locate  # here, as every command imports torch only when it runs
     from worker.settings import get_settings
 
-    return locate(where, get_settings().bucket_options())
+    settings = get_settings()
+    settings.use_input_cache()  # inputs at URLs are reached and mirrored by the same settings
+    return locate(where, settings.bucket_options())

@@ -27,7 +27,7 @@ from cli.common import (
     DataSeed,
     Limit,
     Resolution,
-    absolute,
+    absolute_text,
     data_option,
     dataset_spec,
     default,
@@ -76,6 +76,13 @@ def create(
         str | None,
         typer.Option(
             help="folder with the scheduler_config.json", show_default="the run's, or beside the checkpoint"
+        ),
+    ] = None,
+    vae: Annotated[
+        str | None,
+        typer.Option(
+            help="folder of a latent model's AutoencoderKL (its config.json and safetensors weights)",
+            show_default="the vae/ of the checkpoint's pipeline folder; none for a pixel model",
         ),
     ] = None,
     train_batch_size: Annotated[
@@ -134,7 +141,7 @@ def create(
             trained = TrainingRun.load(run_folder).spec.dataset if run_folder else None
             if data is None and trained is None:
                 raise SpecError("give --data (or --run, whose dataset is used)")
-            base = trained.model_dump() if trained else _model_shape(checkpoints)
+            base = trained.model_dump() if trained else _model_shape(checkpoints, vae)
             if data is not None:
                 base.pop("limit", None)  # the run's sample limit belongs to the run's source
             dataset = dataset_spec(
@@ -145,6 +152,7 @@ def create(
                 run=run_folder,
                 checkpoints=tuple(CheckpointSpec(**c) for c in checkpoints),
                 scheduler=scheduler,
+                vae=vae,
                 loss=loss,
                 loss_weighting=loss_weighting,
                 train_batch_size=train_batch_size,
@@ -168,16 +176,14 @@ def create(
         f"{opened.num_checkpoints} checkpoints, {opened.num_shards} shards each; "
         "fill it with `retrac index run`"
     )
+    if opened.classes is not None:
+        print(f"class-conditional: {len(opened.classes.classes)} classes; query it with --label NAME")
     return 0
 
 
 def _recorded(spec: IndexSpec) -> IndexSpec:
     """`spec` with every path absolute: the store records paths that resolve from any directory."""
     return spec.map_paths(absolute_text, absolute_text)
-
-
-def absolute_text(path: str) -> str:
-    return str(absolute(path))
 
 
 CHECKPOINT_KEYS = {"epoch": int, "lr": float, "weight": float}
@@ -202,13 +208,17 @@ def checkpoint_fields(value: str) -> dict[str, Any]:
     return fields
 
 
-def _model_shape(checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
-    """resolution and channels of the first checkpoint's UNet: the default shape of its dataset."""
-    from retrac.models import read_architecture, sample_shape
+def _model_shape(checkpoints: list[dict[str, Any]], vae: str | None) -> dict[str, Any]:
+    """resolution and channels of the images the first checkpoint takes (through its VAE, for a latent
+    model): the default shape of its dataset."""
+    from retrac.latents import latent_space_of
+    from retrac.models import read_architecture
+    from retrac.plan import model_image_shape
 
-    if not checkpoints:
+    if not checkpoints or checkpoints[0]["path"].startswith("s3://"):  # at a URL: give --resolution
         return {}
-    channels, resolution = sample_shape(read_architecture(checkpoints[0]["path"]))
+    path = checkpoints[0]["path"]
+    channels, resolution = model_image_shape(read_architecture(path), latent_space_of(path, vae))
     return {"resolution": resolution, "channels": channels}
 
 
@@ -384,7 +394,7 @@ def inspect(store: Store, as_json: Annotated[bool, typer.Option("--json", help="
     opened = GradientStore.open(store_location(store), check=False)
     try:
         opened.check()
-        freshness = "fresh: checkpoints, dataset, record and schedule unchanged"
+        freshness = "fresh: checkpoints, dataset, record, schedule and VAE (if any) unchanged"
     except StaleStoreError as error:
         freshness = str(error)
     report = {
@@ -403,7 +413,9 @@ def inspect(store: Store, as_json: Annotated[bool, typer.Option("--json", help="
             "folder": opened.attrs.get("scheduler"),
             "prediction_type": opened.attrs.get("prediction_type"),
         },
+        "vae": opened.attrs.get("vae"),  # None: a pixel-space model
         "loss_weighting": opened.attrs.get("loss_weighting", "none"),  # stores from before it: none
+        "classes": opened.attrs.get("classes"),  # a class-conditional index's labels; null: unconditional
         "fingerprints": opened.attrs["fingerprints"],
         "size_bytes": opened.size_bytes(),
         "freshness": freshness,

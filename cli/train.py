@@ -79,6 +79,15 @@ def run(
         LossWeighting | None,
         _flag("loss_weighting", "per-sample loss weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t)"),
     ] = None,
+    class_conditional: Annotated[
+        bool | None,
+        typer.Option(
+            "--class-conditional/--unconditional",
+            help="train a class-conditional UNet on the dataset's class labels (class subfolders, .npz labels, "
+            "the digit of builtin:digits)",
+            show_default=shown(TrainSpec, "class_conditional"),
+        ),
+    ] = None,
 ) -> int:
     base: dict[str, Any] = {}
     if config is not None:
@@ -106,6 +115,7 @@ def run(
         beta_schedule=beta_schedule,
         prediction_type=prediction_type,
         loss_weighting=loss_weighting,
+        class_conditional=class_conditional,
     )
     setting = RECIPES[recipe] if recipe is not None else None
     spec = validated(TrainSpec, {**(setting.train if setting else {}), **base, **flags, "dataset": dataset})

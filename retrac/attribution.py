@@ -21,6 +21,7 @@ import torch
 from api_schemas import IndexSpec, Method, QuerySpec
 from api_schemas.attribution import AttributionPublic, BandsPublic, InfluencePublic, RankingPublic
 from api_schemas.specs import Search, StoreDType
+from retrac.conditions import ClassLabels, query_conditions
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer
 from retrac.models import DiffusionModel
@@ -57,6 +58,10 @@ class RowSource(Protocol):
     @property
     def dtype(self) -> StoreDType:
         """Precision of the rows `chunks` yields."""
+
+    @property
+    def classes(self) -> ClassLabels | None:
+        """The label mapping of a class-conditional index (a query must give a label); None if unconditional."""
 
     def require_complete(self, checkpoints: Sequence[int]) -> None:
         """Raise a named error saying how to finish, if any of `checkpoints` lacks rows."""
@@ -113,12 +118,16 @@ def attribute(
     checkpoints: Sequence[int] | None = None,
     on_progress: QueryProgress | None = None,
     gradient_lock: AbstractContextManager[object] | None = None,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Attribution:
     """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over `source`'s rows.
 
     `computer(c)` is the gradient computer of checkpoint c (a serving process passes a long-lived
-    cache's). Everything that can be wrong with the request is checked before the first gradient.
-    `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
+    cache's). `encode` turns the checked images into what the denoiser takes (`IndexPlan.encode`: a
+    latent model's VAE); without it they are taken as they are. Every image is attributed under
+    `query.label` (`retrac.conditions.query_conditions`: needed by a class-conditional index, refused
+    by an unconditional one). Everything that can be wrong with the request is checked before the
+    first gradient. `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
     `gradient_lock` is held while the query gradients are computed, and only then: computers that
     threads share swap their model's parameters while they run, while the scan only reads.
     """
@@ -129,12 +138,14 @@ def attribute(
         )
     query = resolve_query(query, source.spec.slots)
     chosen = _checked_request(source, images, top_k, checkpoints, query.search)
+    conditions = query_conditions(source.classes, query.label, images.shape[0])
     matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
     started = time.perf_counter()
     on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
     with gradient_lock or nullcontext():
-        vectors = [query_vectors(computer(c), images, query, on_images) for c in chosen]
+        images = encode(images) if encode is not None else images
+        vectors = [query_vectors(computer(c), images, query, on_images, conditions) for c in chosen]
     gradient_s = time.perf_counter() - started
     # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
     started = time.perf_counter()
@@ -256,6 +267,7 @@ class MemoryRows:
     rows: Sequence[Rows]
     weights: Sequence[float]
     sample_ids: Sequence[str]
+    classes: ClassLabels | None = None
 
     @property
     def num_checkpoints(self) -> int:
@@ -324,13 +336,15 @@ class Attributor:
     def source(self) -> MemoryRows:
         """The in-memory rows (computed first if not yet) as a `RowSource`."""
         rows = self.rows if self.rows is not None else self.index()
-        return MemoryRows(self.plan.spec, rows, self.plan.weights, self.plan.dataset.ids)
+        return MemoryRows(self.plan.spec, rows, self.plan.weights, self.plan.dataset.ids, self.plan.classes)
 
     def query_vectors(
         self, images: torch.Tensor, spec: QuerySpec, checkpoints: Sequence[int]
     ) -> list[QueryVectors]:
-        """Query vectors of `images` `(Q, C, H, W)` at each checkpoint of `checkpoints`."""
-        return [query_vectors(self.computer(c), images, spec) for c in checkpoints]
+        """Query vectors of `images` `(Q, C, H, W)` under `spec.label` at each checkpoint of `checkpoints`."""
+        conditions = query_conditions(self.plan.classes, spec.label, images.shape[0])
+        inputs = self.plan.encode(images)
+        return [query_vectors(self.computer(c), inputs, spec, conditions=conditions) for c in checkpoints]
 
     def attribute(
         self,
@@ -343,5 +357,6 @@ class Attributor:
     ) -> list[AttributionPublic]:
         """Proponents and opponents of each image, from the in-memory rows (see `attribute`)."""
         return attribute(
-            self.source(), self.computer, images, spec, top_k=top_k, methods=methods, checkpoints=checkpoints
+            self.source(), self.computer, images, spec, top_k=top_k, methods=methods, checkpoints=checkpoints,
+            encode=self.plan.encode,
         ).results

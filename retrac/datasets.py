@@ -5,6 +5,11 @@ channel count, resize, then x = 2z - 1), so an image gets the same pixels whethe
 or a query. Ids are stable across loads, because the gradient store keys its rows by them and a stale
 store is detected through the dataset's fingerprint. An image folder's ids are its files' relative
 paths (`2/0084.png`), so an answer names the file it came from.
+
+Class labels, for class-conditional models, come with the source: an image folder whose every image
+lies in a class subfolder (`train/<class>/...`: sorted class names numbered 0..n-1), an `.npz` with a
+`labels` array (integers kept as given, or names numbered in sorted order), and `builtin:digits` (the
+digit). A dataset's `classes` is that mapping (`retrac.conditions.ClassLabels`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from PIL import Image
 
 from api_schemas.common import MAX_SAMPLE_ID_LENGTH, SAMPLE_ID_PATTERN
 from api_schemas.specs import DatasetSpec
+from retrac.conditions import ClassLabels
 from retrac.exceptions import DatasetError
 from retrac.paths import resolve_inside
 
@@ -80,6 +86,8 @@ class ImageDataset:
     name: str
     groups: tuple[str, ...] | None = None
     notices: tuple[str, ...] = ()
+    labels: tuple[int, ...] | None = None
+    classes: ClassLabels | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.float32:
@@ -99,6 +107,14 @@ class ImageDataset:
             raise DatasetError(f"duplicate ids in {self.name!r}: {repeated[:5]}")
         if self.groups is not None and len(self.groups) != count:
             raise DatasetError(f"{len(self.groups)} group labels for {count} images")
+        if (self.labels is None) != (self.classes is None):
+            raise DatasetError("class labels need their mapping (classes), and a mapping needs labels")
+        if self.labels is not None and self.classes is not None:
+            if len(self.labels) != count:
+                raise DatasetError(f"{len(self.labels)} class labels for {count} images")
+            unknown = set(self.labels) - set(self.classes.classes.values())
+            if unknown:
+                raise DatasetError(f"class labels {sorted(unknown)[:5]} are not in the dataset's classes")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -123,8 +139,9 @@ class ImageDataset:
         if outside:
             raise DatasetError(f"indices {outside[:5]} out of range for {len(self)} samples")
         groups = None if self.groups is None else tuple(self.groups[i] for i in index)
-        return ImageDataset(self.images[torch.tensor(index, dtype=torch.long)],
-                            tuple(self.ids[i] for i in index), self.name, groups)
+        labels = None if self.labels is None else tuple(self.labels[i] for i in index)
+        return ImageDataset(self.images[torch.tensor(index, dtype=torch.long)], tuple(self.ids[i] for i in index),
+                            self.name, groups, labels=labels, classes=self.classes)
 
     def index_of(self, sample_ids: Iterable[str]) -> list[int]:
         """Positions of the given ids, so callers can address samples by their stable names."""
@@ -243,7 +260,7 @@ def _load_digits(spec: DatasetSpec, label: str) -> ImageDataset:
     keep = np.flatnonzero(digits.target == int(label)) if label else np.arange(len(digits.target))
     ids = tuple(f"digit-{i:04d}-{digits.target[i]}" for i in keep)
     pixels = (digits.images[keep] / 16.0).astype(np.float32)  # exact: 0..16 / 16; float32 needs no notice
-    return _array_dataset(pixels, ids, None, spec, spec.source)
+    return _array_dataset(pixels, ids, None, spec, spec.source, labels=digits.target[keep])
 
 
 def _load_faces(spec: DatasetSpec) -> ImageDataset:
@@ -315,7 +332,11 @@ def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDat
               for rel in kept]
     ids = tuple(kept)  # the relative paths themselves: an answer names the file
     groups = tuple(rel.split("/", 1)[0] for rel in kept) if grouped else None
-    return ImageDataset(torch.stack(images), ids, folder.name, groups, conversions.notices(len(kept), folder.name))
+    labels, classes = None, None
+    if grouped:  # numbered over every file found, so that a limit never renumbers the classes
+        labels, classes = _class_labels(np.asarray([rel.split("/", 1)[0] for rel in found]), spec.limit)
+    return ImageDataset(torch.stack(images), ids, folder.name, groups, conversions.notices(len(kept), folder.name),
+                        labels, classes)
 
 
 def _image_files(folder: Path) -> list[str]:
@@ -329,7 +350,7 @@ def _image_files(folder: Path) -> list[str]:
 
 
 def _load_array_file(path: Path, spec: DatasetSpec) -> ImageDataset:
-    ids = groups = None
+    ids = groups = labels = None
     try:
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)  # .npy is memory-mapped: `limit` reads less
         if isinstance(loaded, np.ndarray):
@@ -343,9 +364,10 @@ def _load_array_file(path: Path, spec: DatasetSpec) -> ImageDataset:
                     raise DatasetError(f"{path}: 'images' must be an (N, H, W[, C]) array")
                 ids = _strings(archive, "ids", len(images), path)
                 groups = _strings(archive, "groups", len(images), path)
+                labels = _labels_array(archive, len(images), path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(f"cannot read {path} as a .npy/.npz array: {exc}") from exc
-    return _array_dataset(images, ids, groups, spec, path.name)
+    return _array_dataset(images, ids, groups, spec, path.name, labels=labels)
 
 
 def _strings(archive: np.lib.npyio.NpzFile, key: str, count: int, path: Path) -> tuple[str, ...] | None:
@@ -357,8 +379,35 @@ def _strings(archive: np.lib.npyio.NpzFile, key: str, count: int, path: Path) ->
     return tuple(values.astype(str).tolist())
 
 
+def _labels_array(archive: np.lib.npyio.NpzFile, count: int, path: Path) -> np.ndarray | None:
+    """The `labels` of an .npz, `(count,)` non-negative integers or strings (class names), if it has them."""
+    if "labels" not in archive.files:
+        return None
+    values = archive["labels"]
+    if values.dtype.kind not in "USiu" or values.shape != (count,):
+        raise DatasetError(
+            f"{path}: 'labels' must be {count} integers or strings, got {values.dtype} {values.shape}"
+        )
+    if values.dtype.kind in "iu" and values.size and values.min() < 0:
+        raise DatasetError(f"{path}: 'labels' must be non-negative integers, got {values.min()}")
+    return values
+
+
+def _class_labels(values: np.ndarray, kept: int | None) -> tuple[tuple[int, ...], ClassLabels]:
+    """The integer labels of the first `kept` samples (all if None) and the mapping, made from every
+    sample's label so that a `limit` never renumbers the classes: integers as given (named by their
+    decimal text), names numbered 0..n-1 in sorted order (as torchvision's and Hugging Face's image
+    folders number them)."""
+    if values.dtype.kind in "iu":
+        classes = {str(v): int(v) for v in sorted(set(values.tolist()))}
+    else:
+        values = values.astype(str)
+        classes = {name: i for i, name in enumerate(sorted(set(values.tolist())))}
+    return tuple(classes[str(v)] for v in values[:kept].tolist()), ClassLabels(classes)
+
+
 def _array_dataset(array: np.ndarray, ids: tuple[str, ...] | None, groups: tuple[str, ...] | None,
-                   spec: DatasetSpec, name: str) -> ImageDataset:
+                   spec: DatasetSpec, name: str, *, labels: np.ndarray | None = None) -> ImageDataset:
     if array.ndim not in (3, 4) or len(array) == 0:
         raise DatasetError(f"{name} must hold images as (N, H, W[, C]) or (N, C, H, W), got {array.shape}")
     kept = array[:spec.limit]
@@ -366,8 +415,9 @@ def _array_dataset(array: np.ndarray, ids: tuple[str, ...] | None, groups: tuple
     images = _to_tensor(kept, batched=True, resolution=spec.resolution, channels=spec.channels, where=name,
                         conversions=conversions)
     ids = ids[:spec.limit] if ids is not None else tuple(f"sample-{i:05d}" for i in range(len(kept)))
+    per_sample, classes = _class_labels(labels, spec.limit) if labels is not None else (None, None)
     return ImageDataset(images, ids, name, None if groups is None else groups[:spec.limit],
-                        conversions.notices(len(kept), name))
+                        conversions.notices(len(kept), name), per_sample, classes)
 
 
 # --- decoding and the one conversion path ------------------------------------------------------------------

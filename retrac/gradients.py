@@ -10,7 +10,8 @@ two strategies, picked per model:
 - layer-wise (every diffusers `UNet2DModel`): one ordinary batched forward that records each
   layer's input, one backward to the layer outputs only (no parameter gradients), then each layer's
   per-sample parameter gradients from its input and output gradient (`LAYER_RULES`: Linear,
-  Conv2d, GroupNorm). A training step, with per-sample weight gradients in place of summed ones.
+  Conv2d, GroupNorm, LayerNorm, Embedding: a class-conditional UNet's class embedding). A training
+  step, with per-sample weight gradients in place of summed ones.
 - vmap: `torch.func.vmap(grad(...))` over the unmodified model. Any model, but slower on a CPU
   (figures below; its batching rules run 1x1 convolutions' weight gradients as per-sample loops).
   Used when a module of another kind holds trainable parameters, or when a recorded layer's input
@@ -23,6 +24,9 @@ Either way the gradient comes out one parameter tensor at a time, and is project
 block by block (`Projector.project_blocks`): the `(B, P)` matrix exists only if asked for
 (`flat_gradients`). `loop_gradients` is the plain reference (one autograd call per sample) that
 tests compare both strategies with.
+
+A conditional model's per-sample inputs (`retrac.conditions.Conditions`: class labels) go along with
+the images through every path, so each sample's gradient is taken under its own condition.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from api_schemas import LossKind, LossWeighting
+from retrac.conditions import Conditions
 from retrac.losses import noised, per_sample_loss
 from retrac.models import DiffusionModel
 from retrac.projections import IdentityProjector, Projector
@@ -93,11 +98,13 @@ def group_losses(
     timesteps: torch.Tensor,
     noise: torch.Tensor,
     weighting: LossWeighting = "none",
+    conditions: Conditions = Conditions(),
 ) -> torch.Tensor:
     """Mean loss of each of B groups, `(B,)`.
 
-    Images `(B, C, H, W)`, timesteps `(B,)`, noise `(B, G, C, H, W)`: group b is image b at timestep b
-    noised by each of its G noises. One batched forward of the B * G noised copies.
+    Images `(B, C, H, W)`, timesteps `(B,)`, noise `(B, G, C, H, W)`, conditions `(B, ...)` each: group b
+    is image b at timestep b under condition b, noised by each of its G noises. One batched forward of
+    the B * G noised copies.
     """
     groups, draws = noise.shape[:2]
     steps = timesteps.unsqueeze(1).expand(groups, draws).flatten()
@@ -105,7 +112,8 @@ def group_losses(
     clean = images.unsqueeze(1).expand_as(noise).flatten(0, 1)
     x_t = noised(clean, steps, flat_noise, model.scheduler)
     buffers = dict(model.unet.named_buffers())
-    prediction = functional_call(model.unet, (params, buffers), (x_t, steps)).sample
+    inputs = conditions.repeat_interleave(draws).tensors
+    prediction = functional_call(model.unet, (params, buffers), (x_t, steps), dict(inputs)).sample
     values = per_sample_loss(prediction, clean, steps, flat_noise, model.scheduler, loss, weighting)
     return values.reshape(groups, draws).mean(dim=1)
 
@@ -118,9 +126,12 @@ def group_loss(
     timestep: torch.Tensor,
     noise: torch.Tensor,
     weighting: LossWeighting = "none",
+    condition: Conditions = Conditions(),
 ) -> torch.Tensor:
-    """Mean loss of one image `(C, H, W)` at one timestep `()` over G noises `(G, C, H, W)`."""
-    return group_losses(model, loss, params, image[None], timestep[None], noise[None], weighting)[0]
+    """Mean loss of one image `(C, H, W)` at one timestep `()` under one condition (each tensor
+    without the batch axis) over G noises `(G, C, H, W)`."""
+    batched = Conditions({k: v[None] for k, v in condition.tensors.items()})
+    return group_losses(model, loss, params, image[None], timestep[None], noise[None], weighting, batched)[0]
 
 
 # Layer rules: a layer's per-sample parameter gradients `(B, *shape)` from its inputs and output
@@ -154,10 +165,32 @@ def _group_norm(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor
     return {"weight": (out_grads * normalised).sum(dim=summed), "bias": out_grads.sum(dim=summed)}
 
 
+def _layer_norm(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`y = x_hat * weight + bias` elementwise over the normalised (last) dims, `x_hat` the input
+    normalised without affine: each sample's gradients sum `dy * x_hat` and `dy` over its copies and
+    every other position, keeping the normalised dims."""
+    normalised = F.layer_norm(inputs, module.normalized_shape, eps=module.eps)
+    summed = list(range(1, out_grads.dim() - len(module.normalized_shape)))  # copies and positions
+    return {"weight": (out_grads * normalised).sum(dim=summed), "bias": out_grads.sum(dim=summed)}
+
+
+def _embedding(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Row i of the weight gradient is the sum of the output gradients at the positions that looked up
+    index i (a class embedding: the rows of the groups' labels), as a one-hot matmul per sample."""
+    batch = inputs.shape[0]
+    picked = F.one_hot(inputs.reshape(batch, -1), module.num_embeddings).to(out_grads.dtype)
+    weight = torch.bmm(picked.transpose(1, 2), out_grads.reshape(batch, -1, out_grads.shape[-1]))
+    if module.padding_idx is not None:
+        weight[:, module.padding_idx] = 0  # the padding row is never trained
+    return {"weight": weight}
+
+
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {
     nn.Linear: _linear,
     nn.Conv2d: _conv2d,
     nn.GroupNorm: _group_norm,
+    nn.LayerNorm: _layer_norm,
+    nn.Embedding: _embedding,
 }
 Layers = list[tuple[str, nn.Module]]
 """(name, module) of each module holding trainable parameters, in `named_modules` order."""
@@ -175,7 +208,10 @@ def _rule_layers(unet: nn.Module, params: dict[str, torch.Tensor]) -> Layers | N
         odd_padding = isinstance(module, nn.Conv2d) and (
             module.padding_mode != "zeros" or isinstance(module.padding, str)
         )
-        if type(module) not in LAYER_RULES or odd_padding:
+        odd_lookup = isinstance(module, nn.Embedding) and (
+            module.max_norm is not None or module.scale_grad_by_freq  # renormed rows, frequency-scaled gradients
+        )
+        if type(module) not in LAYER_RULES or odd_padding or odd_lookup:
             return None
         layers.append((prefix, module))
         covered += own
@@ -206,19 +242,25 @@ class GradientComputer:
         self._starts = dict(zip(self.params, starts))
         self._layers = _rule_layers(model.unet, self.params)
 
-        def one(params: dict[str, torch.Tensor], image, timestep, noise) -> torch.Tensor:
-            return group_loss(model, loss, params, image, timestep, noise, weighting)
+        def one(params: dict[str, torch.Tensor], image, timestep, noise, condition) -> torch.Tensor:
+            return group_loss(model, loss, params, image, timestep, noise, weighting, Conditions(condition))
 
-        self._batched_grad = vmap(grad(one), in_dims=(None, 0, 0, 0))
+        self._batched_grad = vmap(grad(one), in_dims=(None, 0, 0, 0, 0))
 
     @property
     def strategy(self) -> str:
         """`"layerwise"` or `"vmap"`: how this computer gets per-sample gradients (module docstring)."""
         return "vmap" if self._layers is None else "layerwise"
 
-    def flat_gradients(self, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def flat_gradients(
+        self,
+        images: torch.Tensor,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        conditions: Conditions = Conditions(),
+    ) -> torch.Tensor:
         """Unprojected per-sample gradients `(B, P)` for one chunk."""
-        blocks = dict(self._gradient_blocks(images, timesteps, noise))
+        blocks = dict(self._gradient_blocks(images, timesteps, noise, conditions))
         return torch.cat([blocks[name].reshape(images.shape[0], -1) for name in self.params], dim=1)
 
     def compute(
@@ -227,15 +269,20 @@ class GradientComputer:
         timesteps: torch.Tensor,
         noise: torch.Tensor,
         on_chunk: ChunkCallback | None = None,
+        conditions: Conditions = Conditions(),
     ) -> GradientBatch:
-        """Projected gradients and exact norms for any B, in chunks of `self.chunk`.
+        """Projected gradients and exact norms for any B, in chunks of `self.chunk`; sample b is
+        computed under its condition b (`conditions`, one row per sample; none for an unconditional model).
 
         `on_chunk(n)` is called after each chunk with its size n, so a long batch can show progress.
         """
+        conditions.check(images.shape[0])
         projected, norms = [], []
         for start in range(0, images.shape[0], self.chunk):
             part = slice(start, start + self.chunk)
-            chunk_projected, chunk_norms = self._project_chunk(images[part], timesteps[part], noise[part])
+            chunk_projected, chunk_norms = self._project_chunk(
+                images[part], timesteps[part], noise[part], conditions.select(part)
+            )
             projected.append(chunk_projected)
             norms.append(chunk_norms)
             if on_chunk is not None:
@@ -243,13 +290,13 @@ class GradientComputer:
         return GradientBatch(torch.cat(projected).float().detach(), torch.cat(norms).float().detach())
 
     def _project_chunk(
-        self, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
+        self, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, conditions: Conditions
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected gradients and norms of one chunk, one parameter tensor at a time."""
         squares = torch.zeros(images.shape[0], device=self.device)
 
         def measured_blocks() -> Iterator[tuple[int, torch.Tensor]]:
-            for name, block in self._gradient_blocks(images, timesteps, noise):
+            for name, block in self._gradient_blocks(images, timesteps, noise, conditions):
                 flat = block.reshape(block.shape[0], -1)
                 squares.add_(torch.linalg.vector_norm(flat, dim=1).square())
                 yield self._starts[name], flat
@@ -258,20 +305,26 @@ class GradientComputer:
         return projected, squares.sqrt()
 
     def _gradient_blocks(
-        self, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
+        self, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, conditions: Conditions
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, per-sample gradient `(B, *shape)`) of each trainable parameter tensor."""
         images, timesteps, noise = images.to(self.device), timesteps.to(self.device), noise.to(self.device)
+        conditions = conditions.to(self.device)
         if self._layers is not None:
-            records = self._layer_records(self._layers, images, timesteps, noise)
+            records = self._layer_records(self._layers, images, timesteps, noise, conditions)
             if records is not None:
                 yield from _layer_gradients(self._layers, records, images.shape[0])
                 return
             self._layers = None  # the model modifies a layer's input or output in place: vmap from now on
-        yield from self._batched_grad(self.params, images, timesteps, noise).items()
+        yield from self._batched_grad(self.params, images, timesteps, noise, dict(conditions.tensors)).items()
 
     def _layer_records(
-        self, layers: Layers, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
+        self,
+        layers: Layers,
+        images: torch.Tensor,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        conditions: Conditions,
     ) -> Records | None:
         """One forward and a backward to the layer outputs; None if a layer's tensors changed in place."""
         calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor, tuple[int, int]]] = []
@@ -283,7 +336,9 @@ class GradientComputer:
         try:
             with torch.enable_grad():
                 params = dict(self.model.unet.named_parameters())
-                total = group_losses(self.model, self.loss, params, images, timesteps, noise, self.weighting).sum()
+                total = group_losses(
+                    self.model, self.loss, params, images, timesteps, noise, self.weighting, conditions
+                ).sum()
         finally:
             for handle in handles:
                 handle.remove()
@@ -317,13 +372,15 @@ def loop_gradients(
     timesteps: torch.Tensor,
     noise: torch.Tensor,
     weighting: LossWeighting = "none",
+    conditions: Conditions = Conditions(),
 ) -> torch.Tensor:
     """Reference: unprojected per-sample gradients `(B, P)`, one ordinary autograd call per sample."""
     params = [p for p in model.unet.parameters() if p.requires_grad]
     named = dict(model.unet.named_parameters())
     rows = []
     for b in range(images.shape[0]):
-        value = group_loss(model, loss, named, images[b], timesteps[b], noise[b], weighting)
+        condition = Conditions({k: v[b] for k, v in conditions.tensors.items()})
+        value = group_loss(model, loss, named, images[b], timesteps[b], noise[b], weighting, condition)
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
     return torch.stack(rows)
 

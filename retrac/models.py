@@ -62,16 +62,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_unet(preset: str, *, resolution: int, channels: int, seed: int = 0) -> UNet2DModel:
-    """A freshly initialised UNet of a named preset, with weights drawn from `seed`."""
+def build_unet(
+    preset: str, *, resolution: int, channels: int, seed: int = 0, num_class_embeds: int | None = None
+) -> UNet2DModel:
+    """A freshly initialised UNet of a named preset, with weights drawn from `seed`; with
+    `num_class_embeds`, class-conditional (a class embedding added to the timestep embedding)."""
     if preset not in PRESETS:
         raise CheckpointError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DModel(
-            sample_size=resolution, in_channels=channels, out_channels=channels, **PRESETS[preset]
+            sample_size=resolution, in_channels=channels, out_channels=channels,
+            num_class_embeds=num_class_embeds, **PRESETS[preset],
         )
     return with_plain_attention(unet)
+
+
+def class_conditioning(architecture: dict[str, Any]) -> int | None:
+    """How many class labels a UNet with `architecture` takes: `num_class_embeds` for a class
+    embedding table, 0 for `class_embed_type="timestep"` (any integer label, sinusoidally embedded),
+    None for an unconditional UNet. Class embeddings that take vectors, not labels, are refused."""
+    kind, count = architecture.get("class_embed_type"), architecture.get("num_class_embeds")
+    if kind is None:
+        return int(count) if count is not None else None
+    if kind == "timestep":
+        return 0
+    raise CheckpointError(
+        f"the UNet's class_embed_type {kind!r} takes embedding vectors, not class labels; retrac handles "
+        "class-conditional UNets with num_class_embeds (a class embedding table) or class_embed_type 'timestep'"
+    )
 
 
 def with_plain_attention(unet: UNet2DModel) -> UNet2DModel:
@@ -186,9 +205,14 @@ def weights_file(path: str | Path) -> Path:
 
 
 def scheduler_settings(folder: str | Path) -> dict[str, Any]:
-    """The entries of the scheduler config in `folder` that fix the schedule: all but the diffusers
-    version that saved it, so a config saved again by another diffusers compares equal."""
-    config = json.loads((Path(folder) / SCHEDULER_CONFIG).read_text())
+    """The entries of the scheduler config in `folder` that fix the schedule (`config_settings`)."""
+    return config_settings(Path(folder) / SCHEDULER_CONFIG)
+
+
+def config_settings(file: Path) -> dict[str, Any]:
+    """The entries of a diffusers config file: all but the diffusers version that saved it, so a
+    config saved again by another diffusers compares equal."""
+    config = json.loads(file.read_text())
     return {k: _jsonable(v) for k, v in sorted(config.items()) if k != "_diffusers_version"}
 
 

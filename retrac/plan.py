@@ -1,29 +1,37 @@
 """Resolving an `IndexSpec` into what indexing needs, and computing any block of an index's rows.
 
 `IndexPlan.resolve` loads the dataset and the run, checks that checkpoints, loss and replay record
-fit together (each mismatch a named error), and fixes every slot's (timestep, noise seed).
+fit together (each mismatch a named error), and fixes every slot's (timestep, noise seed). For a
+latent model (a VAE beside its UNet, `retrac.latents`) the plan's `inputs` are the images' latents,
+encoded once; gradient code sees only `inputs`, whichever they are. A class-conditional UNet's
+index takes each sample's class label from the dataset (`classes`: the label mapping, recorded in
+the store); a dataset without labels, or with labels the model has no embedding for, is refused here.
 `IndexPlan.compute_rows` then computes the rows of one checkpoint for any row range: the one
 idempotent function that the in-memory path, the store's tasks and the Celery workers all call.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, LossKind, LossWeighting, PredictionType
+from retrac.conditions import ClassLabels, Conditions
 from retrac.datasets import ImageDataset, load_dataset, old_sample_ids
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.gradients import GradientComputer, num_parameters, whole_groups
+from retrac.latents import LatentSpace, check_pixel_shape, latent_space_of
 from retrac.losses import check_weighting
 from retrac.models import (
     DiffusionModel,
     check_architecture,
     check_compatible,
+    class_conditioning,
     find_scheduler,
     load_scheduler,
     load_unet,
@@ -69,6 +77,11 @@ class IndexPlan:
     num_timesteps: int
     prediction_type: PredictionType
     loss_weighting: LossWeighting
+    latent_space: LatentSpace | None = None
+    latents: torch.Tensor | None = None
+    """The dataset's latents `(N, c, h, w)` when known (a store keeps them); else encoded on first use."""
+    classes: ClassLabels | None = None
+    """The label mapping of a class-conditional model's index; None for an unconditional model."""
 
     @classmethod
     def resolve(cls, spec: IndexSpec, root: Path | None = None, *, data_root: Path | None = None) -> IndexPlan:
@@ -85,7 +98,9 @@ class IndexPlan:
         for path in paths:
             require_weights(path)
             check_architecture(path, read_architecture(path), architecture)
-        _check_shape(spec.dataset, architecture)
+        latent_space = latent_space_of(paths[0], resolve_inside(root, spec.vae) if spec.vae else None)
+        _check_shape(spec.dataset, model_image_shape(architecture, latent_space))
+        num_classes = class_conditioning(architecture)
         if spec.scheduler:
             folder = resolve_inside(root, spec.scheduler)
         else:
@@ -95,17 +110,41 @@ class IndexPlan:
         weighting = _resolve_weighting(spec, run, scheduler.config.prediction_type)
         check_weighting(scheduler, weighting)
         dataset = load_dataset(spec.dataset, data_root if data_root is not None else root)
+        classes = _check_labels(dataset, num_classes) if num_classes is not None else None
         checkpoints = _resolve_checkpoints(spec, run, given, paths, len(dataset))
         if spec.slots.replay:
-            _check_replay(run, dataset, checkpoints)
+            _check_replay(run, dataset, checkpoints, classes)
         return cls(
             spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
             int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type, weighting,
+            latent_space=latent_space, classes=classes,
         )
 
     @property
     def num_rows(self) -> int:
         return len(self.dataset)
+
+    @functools.cached_property
+    def inputs(self) -> torch.Tensor:
+        """What the denoiser was trained on, `(N, C, H, W)`: the dataset's images, or their latents."""
+        if self.latent_space is None:
+            return self.dataset.images
+        return self.latents if self.latents is not None else self.latent_space.encode(self.dataset.images)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Query images `(Q, C, H, W)` in [-1, 1] as the denoiser takes them: as they are, or their latents
+        (encoded exactly as the training images were)."""
+        return images if self.latent_space is None else self.latent_space.encode(images)
+
+    def with_latents(self, latents: torch.Tensor) -> IndexPlan:
+        """This plan with its latents known (read back from a store), so that they are not encoded again."""
+        channels, size = sample_shape(self.architecture)
+        expected = (self.num_rows, channels, size, size)
+        if self.latent_space is None or tuple(latents.shape) != expected:
+            raise SpecError(
+                f"latents of shape {tuple(latents.shape)} do not fit this plan (expected {expected})"
+            )
+        return replace(self, latents=latents)
 
     @property
     def weights(self) -> list[float]:
@@ -122,6 +161,12 @@ class IndexPlan:
         return GradientComputer(
             model, self.loss, projector, chunk=self.spec.batch_size, weighting=self.loss_weighting
         )
+
+    def conditions(self, rows: slice) -> Conditions:
+        """What the model takes beside each image of rows `rows`: its class label, or nothing (unconditional)."""
+        if self.classes is None or self.dataset.labels is None:
+            return Conditions()
+        return Conditions.of_labels(self.dataset.labels[rows])
 
     def slots(self, checkpoint: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps, seeds) `(n, S)` int64 of the rows `rows` at checkpoint `checkpoint`.
@@ -151,7 +196,7 @@ class IndexPlan:
         """The noise of slots with seeds `seeds` `(n, S)`, by groups of adjacent slots:
         (slots, noise `(n, s, G, C, H, W)`), G = 1 for a slot with a seed of its own and G = M
         (`slots.draws`) for shared-noise grid slots, whose noise is the query's (`query_noise`)."""
-        shape, slots = self.dataset.images.shape[1:], self.spec.slots
+        shape, slots = self.inputs.shape[1:], self.spec.slots
         count = seeds.shape[1]
         if slots.noise == "independent":
             return [(slice(0, count), noise_from_seeds(seeds, shape).unsqueeze(2))]
@@ -176,7 +221,7 @@ class IndexPlan:
         slots of different noise kinds are computed group after group, so rows complete in the last).
         """
         timesteps, seeds = self.slots(checkpoint, rows)
-        images = self.dataset.images[rows]
+        images, conditions = self.inputs[rows], self.conditions(rows)
         n = timesteps.shape[0]
         projected, norms = [], []
         groups = self.slot_noise(seeds)
@@ -186,7 +231,8 @@ class IndexPlan:
             last = number == len(groups) and on_rows is not None
             on_chunk = whole_groups(on_rows, width) if last else None  # type: ignore[arg-type]
             batch = computer.compute(
-                images.repeat_interleave(width, dim=0), steps.reshape(-1), noise.flatten(0, 1), on_chunk
+                images.repeat_interleave(width, dim=0), steps.reshape(-1), noise.flatten(0, 1), on_chunk,
+                conditions.repeat_interleave(width),
             )
             projected.append(batch.projected.reshape(n, width, -1).cpu())
             norms.append(batch.norms.reshape(n, width).cpu())
@@ -195,16 +241,42 @@ class IndexPlan:
         )
 
 
-def _check_shape(dataset: DatasetSpec, architecture: dict[str, Any]) -> None:
+def model_image_shape(architecture: dict[str, Any], latent_space: LatentSpace | None) -> tuple[int, int]:
+    """(channels, resolution) of the images a model takes: the UNet's own shape, or for a latent model
+    the images its VAE encodes to the UNet's shape (`LatentSpace.image_shape`)."""
+    if latent_space is not None:
+        return latent_space.image_shape(architecture)
+    check_pixel_shape(architecture)
+    return sample_shape(architecture)
+
+
+def _check_shape(dataset: DatasetSpec, shape: tuple[int, int]) -> None:
     """A SpecError naming both shapes if the dataset's images (every image is brought to the spec's
-    channels and resolution) are not the ones the UNet takes."""
-    channels, resolution = sample_shape(architecture)
+    channels and resolution) are not the `shape` (channels, resolution) the model takes."""
+    channels, resolution = shape
     if (dataset.channels, dataset.resolution) != (channels, resolution):
         shape = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
         raise SpecError(
             f"the dataset is {shape} (channels x height x width) but the model takes "
             f"{channels}x{resolution}x{resolution}; give resolution {resolution} and channels {channels}"
         )
+
+
+def _check_labels(dataset: ImageDataset, num_classes: int) -> ClassLabels:
+    """The dataset's label mapping, after checking that a class-conditional UNet taking `num_classes`
+    labels (0: any integer) has an embedding for every one; a SpecError saying what to do otherwise."""
+    if dataset.labels is None or dataset.classes is None:
+        raise SpecError(
+            f"the model is class-conditional but the dataset {dataset.name!r} has no class labels: put each "
+            "class's images in a subfolder (train/<class>/...), or give 'labels' in the .npz"
+        )
+    largest = max(dataset.classes.classes.values())
+    if num_classes and largest >= num_classes:
+        raise SpecError(
+            f"the dataset's class labels go up to {largest} but the model has num_class_embeds {num_classes} "
+            f"(labels 0..{num_classes - 1}); give the dataset the model was trained on, or relabel it"
+        )
+    return dataset.classes
 
 
 def _sample_slots(seed: int, sample_id: str, grid: torch.Tensor, random: int, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +366,12 @@ def _resolve_checkpoints(
     return [ResolvedCheckpoint(p, c.epoch, w) for p, c, w in zip(paths, given, weights, strict=True)]
 
 
-def _check_replay(run: TrainingRun | None, dataset: ImageDataset, checkpoints: list[ResolvedCheckpoint]) -> None:
+def _check_replay(
+    run: TrainingRun | None,
+    dataset: ImageDataset,
+    checkpoints: list[ResolvedCheckpoint],
+    classes: ClassLabels | None,
+) -> None:
     if run is None:
         raise SpecError("replay slots need a training run with a replay record")
     for checkpoint in checkpoints:
@@ -311,3 +388,28 @@ def _check_replay(run: TrainingRun | None, dataset: ImageDataset, checkpoints: l
         run.replayed(sorted(missing), 1)  # raises ReplayError naming them
     if dataset.ids == run.sample_ids and dataset.fingerprint != run.dataset_fingerprint:
         raise SpecError("the dataset's images differ from those the run was trained on; replay would be wrong")
+    if classes is not None:
+        _check_replayed_labels(run, dataset, classes)
+
+
+def _check_replayed_labels(run: TrainingRun, dataset: ImageDataset, classes: ClassLabels) -> None:
+    """A SpecError unless the run recorded each sample's class label, and the dataset gives the same."""
+    if run.labels is None or run.classes is None:
+        raise SpecError(
+            f"{run.folder}: the run records no class labels, so its steps cannot be replayed under them; record "
+            "them (Recorder(labels=..., classes=...)) or index it without replay (grid or random slots)"
+        )
+    trained = dict(zip(run.sample_ids, run.labels, strict=True))
+    now = dict(zip(dataset.ids, dataset.labels or (), strict=True))
+    differing = [i for i in dataset.ids if trained[i] != now[i]]
+    if differing:
+        first = differing[0]
+        raise SpecError(
+            f"the dataset's class labels differ from those the run was trained with ({len(differing)} samples, "
+            f"e.g. {first}: {trained[first]} then, {now[first]} now); replay would be wrong"
+        )
+    if dict(run.classes.classes) != dict(classes.classes):
+        raise SpecError(
+            f"the dataset's label mapping {dict(classes.classes)} differs from the run's "
+            f"{dict(run.classes.classes)}; replay would be wrong"
+        )

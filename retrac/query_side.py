@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from api_schemas import Method, QuerySpec, SlotSpec
+from retrac.conditions import Conditions
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer, inverse_norms, whole_groups
 from retrac.noise import query_noise
@@ -119,8 +120,10 @@ def query_vectors(
     images: torch.Tensor,
     spec: QuerySpec,
     on_images: Callable[[int], None] | None = None,
+    conditions: Conditions = Conditions(),
 ) -> QueryVectors:
-    """The per-timestep query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint.
+    """The per-timestep query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint, each
+    image under its condition (`conditions`, one row per image: a class-conditional model's label).
 
     `on_images(n)` is called after each gradient batch with the n images whose K timesteps it completed.
     """
@@ -133,6 +136,7 @@ def query_vectors(
         timesteps.repeat(count),
         noise.repeat(count, 1, 1, 1, 1),
         whole_groups(on_images, k_steps) if on_images is not None else None,
+        conditions.repeat_interleave(k_steps),
     )
     return QueryVectors(
         per_timestep=batch.projected.reshape(count, k_steps, -1),

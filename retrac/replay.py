@@ -7,6 +7,9 @@ TracIn sums over the training steps that used a sample. At checkpoint c (saved a
 replayed step of sample z is the one of epoch e_c: `g(theta_c; z, t_{e_c}(z), eps_{e_c}(z))`, and the
 checkpoint's weight covers the epochs since the previous checkpoint,
 `w_c = lr_c * B * (e_c - e_{c-1}) / N` (method.md section 1).
+
+A class-conditional run also records each sample's class label and the label mapping (manifest
+`labels` and `classes`), so that replay computes each step under the label it was trained with.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from api_schemas import CheckpointSpec, LossKind, TrainSpec
+from retrac.conditions import ClassLabels
 from retrac.exceptions import ReplayError
 from retrac.noise import draw_seeds, noise_from_seeds
 
@@ -48,6 +52,8 @@ class TrainingRun:
     timesteps: torch.Tensor  # (E, N) int64
     seeds: torch.Tensor  # (E, N) int64
     losses: torch.Tensor  # (E, N) float32
+    labels: tuple[int, ...] | None = None  # (N,) each sample's class label, for a class-conditional run
+    classes: ClassLabels | None = None
 
     @classmethod
     def load(cls, folder: str | Path) -> TrainingRun:
@@ -59,6 +65,7 @@ class TrainingRun:
         if manifest.get("format") != RUN_FORMAT:
             raise ReplayError(f"{folder}: unknown run format {manifest.get('format')!r}, expected {RUN_FORMAT}")
         record = load_file(folder / RECORD_NAME)
+        labels, classes = manifest.get("labels"), manifest.get("classes")
         return cls(
             folder=folder,
             spec=TrainSpec.model_validate(manifest["spec"]),
@@ -68,6 +75,8 @@ class TrainingRun:
             timesteps=record["timesteps"],
             seeds=record["seeds"],
             losses=record["losses"],
+            labels=tuple(labels) if labels is not None else None,
+            classes=ClassLabels(classes) if classes is not None else None,
         )
 
     @property
@@ -112,8 +121,12 @@ def write_run(
     dataset_fingerprint: str,
     checkpoints: Sequence[dict[str, Any]],
     record: dict[str, torch.Tensor],
+    *,
+    labels: Sequence[int] | None = None,
+    classes: ClassLabels | None = None,
 ) -> None:
-    """Write a run's replay record (`timesteps`, `seeds`, `losses`, each `(E, N)`) and its manifest."""
+    """Write a run's replay record (`timesteps`, `seeds`, `losses`, each `(E, N)`) and its manifest,
+    with each sample's class label and the mapping when the run is class-conditional."""
     save_file({k: v.contiguous() for k, v in record.items()}, folder / RECORD_NAME)
     manifest = {
         "format": RUN_FORMAT,
@@ -123,6 +136,8 @@ def write_run(
         "dataset_fingerprint": dataset_fingerprint,
         "checkpoints": list(checkpoints),
     }
+    if labels is not None and classes is not None:
+        manifest |= {"labels": [int(v) for v in labels], "classes": classes.to_json()}
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
 
@@ -135,12 +150,29 @@ class Recorder:
     once per epoch (refused otherwise: the record could not say which step to replay). Each
     checkpoint rewrites the run folder, so a run is always loadable, and `Recorder.resume` continues
     from the last checkpoint with the same seeds an unbroken run would have drawn.
+
+    A class-conditional loop gives each sample's class `labels` (in `sample_ids` order) and the
+    mapping `classes` (the dataset's); they are recorded for replay.
     """
 
-    def __init__(self, folder: str | Path, sample_ids: Sequence[str], dataset_fingerprint: str, spec: TrainSpec) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        sample_ids: Sequence[str],
+        dataset_fingerprint: str,
+        spec: TrainSpec,
+        *,
+        labels: Sequence[int] | None = None,
+        classes: ClassLabels | None = None,
+    ) -> None:
+        if (labels is None) != (classes is None) or (labels is not None and len(labels) != len(sample_ids)):
+            raise ReplayError(
+                "give one class label per sample together with the label mapping (classes), or neither"
+            )
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.spec = spec
+        self.labels, self.classes = labels, classes
         self.sample_ids = tuple(sample_ids)
         self.dataset_fingerprint = dataset_fingerprint
         self._position = {s: i for i, s in enumerate(self.sample_ids)}
@@ -184,14 +216,19 @@ class Recorder:
         relative = Path(path).resolve().relative_to(self.folder.resolve())
         self._checkpoints.append({"epoch": self.epoch, "path": str(relative), "lr": self.spec.lr})
         done = {k: v[: self.epoch] for k, v in self._record.items()}
-        write_run(self.folder, self.spec, self.sample_ids, self.dataset_fingerprint, self._checkpoints, done)
+        write_run(
+            self.folder, self.spec, self.sample_ids, self.dataset_fingerprint, self._checkpoints, done,
+            labels=self.labels, classes=self.classes,
+        )
         save_file({"generator": self._generator.get_state()}, self.folder / RECORDER_STATE_NAME)
 
     @classmethod
     def resume(cls, folder: str | Path) -> Recorder:
         """The recorder of the run in `folder`, just after its last checkpoint."""
         run = TrainingRun.load(folder)
-        recorder = cls(folder, run.sample_ids, run.dataset_fingerprint, run.spec)
+        recorder = cls(
+            folder, run.sample_ids, run.dataset_fingerprint, run.spec, labels=run.labels, classes=run.classes
+        )
         last = run.checkpoint_entries[-1]["epoch"] if run.checkpoint_entries else 0
         recorder._record = {
             "timesteps": run.timesteps[:last].clone(), "seeds": run.seeds[:last].clone(), "losses": run.losses[:last].clone()

@@ -9,7 +9,10 @@ epoch is simply smaller, never dropped. A run folder holds:
     scheduler/scheduler_config.json    the DDPM noise schedule
     checkpoints/epoch-0005/            a diffusers UNet folder per saved checkpoint
 
-The same seed gives the same run, bit for bit, on the CPU.
+The same seed gives the same run, bit for bit, on the CPU. A class-conditional run
+(`TrainSpec.class_conditional`) trains a UNet with a class embedding on the dataset's labels,
+records them in the manifest, and saves each checkpoint as diffusers saves it (`num_class_embeds`
+in its config.json).
 
 `RECIPES` names whole settings: `paper` is the paper's own (L1 loss, cosine betas clipped to
 [1e-4, 0.02], T = 1000; queried with K = 100, M = 16).
@@ -27,7 +30,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from api_schemas import QuerySpec, TrainSpec
+from retrac.conditions import Conditions
 from retrac.datasets import ImageDataset
+from retrac.exceptions import SpecError
 from retrac.losses import noised, per_sample_loss
 from retrac.models import DiffusionModel, build_unet
 from retrac.noise import draw_seeds, noise_from_seeds
@@ -87,10 +92,14 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n, (channels, resolution) = len(dataset), dataset.images.shape[1:3]
+    conditions, num_classes = _class_conditions(spec, dataset)
     scheduler = noise_scheduler(spec)
     scheduler.save_pretrained(out / "scheduler")
     model = DiffusionModel.from_parts(
-        build_unet(spec.preset, resolution=resolution, channels=channels, seed=spec.seed), scheduler
+        build_unet(
+            spec.preset, resolution=resolution, channels=channels, seed=spec.seed, num_class_embeds=num_classes
+        ),
+        scheduler,
     )
     model.unet.train()
     optimizer = torch.optim.AdamW(model.unet.parameters(), lr=spec.lr)
@@ -108,7 +117,10 @@ def train(
         # 2. One optimiser step per batch, the last one possibly smaller.
         for start in range(0, n, spec.batch_size):
             rows = order[start : start + spec.batch_size]
-            losses[epoch, rows] = _step(model, optimizer, spec, dataset.images[rows], timesteps[epoch, rows], seeds[epoch, rows])
+            losses[epoch, rows] = _step(
+                model, optimizer, spec, dataset.images[rows], timesteps[epoch, rows], seeds[epoch, rows],
+                conditions.select(rows),
+            )
         # 3. Save a checkpoint every `save_every` epochs and after the last.
         done = epoch + 1
         if done % spec.save_every == 0 or done == spec.epochs:
@@ -119,8 +131,22 @@ def train(
             on_epoch(done, float(losses[epoch].mean()))
 
     record = {"timesteps": timesteps, "seeds": seeds, "losses": losses}
-    write_run(out, spec, dataset.ids, dataset.fingerprint, checkpoints, record)
+    labelled = {"labels": dataset.labels, "classes": dataset.classes} if conditions else {}
+    write_run(out, spec, dataset.ids, dataset.fingerprint, checkpoints, record, **labelled)
     return TrainingRun.load(out)
+
+
+def _class_conditions(spec: TrainSpec, dataset: ImageDataset) -> tuple[Conditions, int | None]:
+    """Every sample's class label as conditions, and the UNet's `num_class_embeds` (the largest class
+    integer + 1), for a class-conditional run; none and None otherwise."""
+    if not spec.class_conditional:
+        return Conditions(), None
+    if dataset.labels is None or dataset.classes is None:
+        raise SpecError(
+            f"a class-conditional run needs class labels, and {dataset.name!r} has none: put each class's "
+            "images in a subfolder (train/<class>/...), or give 'labels' in the .npz"
+        )
+    return Conditions.of_labels(dataset.labels), max(dataset.classes.classes.values()) + 1
 
 
 def _step(
@@ -130,10 +156,12 @@ def _step(
     images: torch.Tensor,
     timesteps: torch.Tensor,
     seeds: torch.Tensor,
+    conditions: Conditions,
 ) -> torch.Tensor:
-    """One optimiser step on a batch; returns the per-sample losses `(B,)` it trained on."""
+    """One optimiser step on a batch under its conditions; returns the per-sample losses `(B,)` it trained on."""
     noise = noise_from_seeds(seeds, images.shape[1:])
-    prediction = model.unet(noised(images, timesteps, noise, model.scheduler), timesteps).sample
+    noisy = noised(images, timesteps, noise, model.scheduler)
+    prediction = model.unet(noisy, timesteps, **conditions.tensors).sample
     per_sample = per_sample_loss(prediction, images, timesteps, noise, model.scheduler, spec.loss, spec.loss_weighting)
     optimizer.zero_grad(set_to_none=True)
     per_sample.mean().backward()

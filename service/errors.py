@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -20,7 +21,14 @@ from starlette.routing import Match, Mount
 from api_schemas.common import ErrorPublic
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
 from service.settings import Settings
-from storage import AnnIndexError, DamagedStoreError, IncompleteStoreError, StaleStoreError, StoreError
+from storage import (
+    AnnIndexError,
+    DamagedStoreError,
+    IncompleteStoreError,
+    StaleStoreError,
+    StoreError,
+    UnreachableStoreError,
+)
 
 if TYPE_CHECKING:  # the repository raises these errors, so it cannot be imported at run time
     from service.repository import StoreRepository
@@ -51,6 +59,7 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (IncompleteStoreError, 409),
     (DamagedStoreError, 409),
     (AnnIndexError, 409),
+    (UnreachableStoreError, 503),
     (StoreError, 422),
     (DatasetError, 422),
     (SpecError, 422),
@@ -70,7 +79,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         (409, "the index is not ready for this (still building, stale, damaged, no ANN index, or already exists)"),
         (413, "the request body is too large"),
         (422, "a field, image or spec is invalid"),
-        (503, "a dependency (the job queue) is unavailable"),
+        (503, "a dependency (the job queue, the object store holding the indexes) is unreachable"),
     )
 }
 """Error responses declared on every route, so the OpenAPI schema lists them."""
@@ -87,8 +96,10 @@ async def _named_error(request: Request, error: Exception) -> JSONResponse:
 
 def without_server_paths(message: str, settings: Settings) -> str:
     """`message` with the service's root folders cut off, so a path reads as the client names it
-    (relative to its root) and no server folder is revealed."""
-    roots = sorted((str(r) for r in (settings.stores_root, settings.models_root, settings.data_root)), key=len)
+    (relative to its root) and no server folder is revealed. Roots in a bucket stay whole: they name
+    the store or input a message is about (an unreachable one, say), and are no server folder."""
+    folders = (settings.stores_root, settings.models_root, settings.data_root)
+    roots = sorted((str(r) for r in folders if isinstance(r, Path)), key=len)  # a bucket URL names the store
     for root in reversed(roots):  # the longest first, in case one root lies inside another
         message = message.replace(f"{root}/", "").replace(root, ".")
     return message

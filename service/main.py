@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json",
     )
     app.state.settings = settings
+    settings.use_input_cache()
     app.state.repository = StoreRepository(settings)
     app.state.engine = QueryEngine(
         GradientComputerCache(parse_device(settings.device), threads=settings.torch_threads)

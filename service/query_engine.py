@@ -69,6 +69,7 @@ class QueryEngine:
             estimator=answer.query.estimator,
             search=answer.search,
             dtype=answer.dtype,
+            label=answer.query.label,
             data=answer.results,
             count=len(answer.results),
             timings=TimingsPublic(

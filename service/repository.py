@@ -1,29 +1,43 @@
 """The service's indexes: one gradient store per name under the stores root, opened once and kept
 while its files stay the same (another API process may delete and recreate an index of that name).
 
-Every path a client can influence is confined here: an index name becomes a folder directly under
-the stores root, and the paths inside a new index's spec must lie under the models root (run,
-checkpoints, scheduler) or the data root (dataset source). They are stored absolute, so the API and
-the workers must see the models and data at the same paths (the compose file mounts them so).
+The stores root is a folder or a prefix in an S3-compatible bucket (`storage.location`): the index
+stores and the job records live there alike, so API processes and workers on other machines share
+nothing but the queue's Redis and the bucket.
+
+Every path a client can influence is confined here: an index name becomes a folder (or prefix) directly
+under the stores root, and the paths inside a new index's spec must lie under the models root (run,
+checkpoints, scheduler, VAE) or the data root (dataset source), folders or bucket URLs. They are stored
+absolute, so the API and the workers must see the models and data at the same paths (the compose file
+mounts them so) or reach the same bucket.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 from pathlib import Path
 
-from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec
+from api_schemas import IndexSpec
 from api_schemas.common import IndexName
 from api_schemas.indexes import BrokenIndexPublic, CheckpointProgressPublic, IndexCreate, IndexPublic
-from retrac.exceptions import RetracError
+from retrac.exceptions import RetracError, SpecError
 from retrac.paths import resolve_inside
 from service.errors import Conflict, NotFound
 from service.settings import Settings
-from storage import GradientStore, OpenStores, delete_store, is_leftover
-from storage.store import mark_deleted, remove_set_aside
+from storage import (
+    GradientStore,
+    LocalLocation,
+    Location,
+    OpenStores,
+    UnreachableStoreError,
+    delete_store,
+    is_leftover,
+)
+from storage.inputs import is_url
+from storage.location import parse_url
+from storage.store import DELETED_MARK, mark_deleted, remove_set_aside
 
 logger = logging.getLogger(__name__)
 
@@ -37,38 +51,41 @@ class StoreRepository:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.root = settings.stores_root
-        self._stores = OpenStores()
+        self.root: Location = settings.stores_location()
+        self._stores = OpenStores(settings.bucket_options())
         self._lock = threading.Lock()
 
-    def path(self, name: IndexName) -> Path:
-        """The folder of index `name`; an error if the name would leave the stores root."""
-        path = resolve_inside(self.root, name)
-        if path.parent != self.root:
+    def path(self, name: IndexName) -> Location:
+        """Where index `name` lives (its folder or prefix); an error if the name would leave the root."""
+        if name.startswith(".") or "/" in name or "\\" in name:
             raise NotFound(f"no index {name!r}; index names are single folder names")
-        return path
+        if isinstance(self.root, LocalLocation):
+            folder = resolve_inside(self.root.folder, name)
+            if folder.parent != self.root.folder:
+                raise NotFound(f"no index {name!r}; index names are single folder names")
+            return LocalLocation(folder)
+        return self.root.child(name)
 
-    def require(self, name: IndexName, *, or_leftover: bool = False) -> Path:
-        """The folder of index `name`, which must hold a store, or with `or_leftover` what an
+    def require(self, name: IndexName, *, or_leftover: bool = False) -> Location:
+        """Where index `name` lives, which must hold a store, or with `or_leftover` what an
         interrupted deletion left of one (else NotFound)."""
         path = self.path(name)
-        if not (or_leftover if is_leftover(path) else (path / "zarr.json").is_file()):
+        if not (or_leftover if is_leftover(path) else path.has("zarr.json")):
             raise NotFound(f"no index {name!r}; list the indexes with GET /v1/indexes")
         return path
 
     def names(self) -> list[str]:
         """Names of the stores under the root, sorted."""
-        return [p.name for p in self._folders() if (p / "zarr.json").is_file() and not is_leftover(p)]
+        return [p.name for p in self._children() if p.has("zarr.json") and not p.has(DELETED_MARK)]
 
     def leftovers(self) -> list[str]:
         """Names of the folders that an interrupted deletion left (a killed process, a worker's last
         shard written after the delete), sorted: not stores, but their names are taken on disk."""
-        return [p.name for p in self._folders() if is_leftover(p)]
+        return [p.name for p in self._children() if is_leftover(p)]
 
-    def _folders(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    def _children(self) -> list[Location]:
+        """The folders (or prefixes) directly under the root, hidden ones (job records) left out."""
+        return [child for child in self.root.children() if not child.name.startswith(".")]
 
     def open(self, name: IndexName) -> GradientStore:
         """The opened store of `name`: checked against its inputs when first opened, and opened and
@@ -89,6 +106,7 @@ class StoreRepository:
             dim=store.dim,
             resolution=store.spec.dataset.resolution,
             channels=store.spec.dataset.channels,
+            classes=store.classes.to_json() if store.classes is not None else None,
             size_bytes=store.size_bytes(),
             complete=status.complete,
             progress=[
@@ -118,6 +136,8 @@ class StoreRepository:
                 described.append(self.describe(name))
             except NotFound:  # deleted meanwhile
                 continue
+            except UnreachableStoreError:  # the whole root is out of reach: no index is broken, all wait
+                raise
             except Exception as error:  # anything, even a bug: the list of the others must answer
                 logger.warning("index %s listed as broken: %s", name, error)
                 reason = str(error) if isinstance(error, RetracError) else "it does not open; delete it"
@@ -139,11 +159,12 @@ class StoreRepository:
             remove_set_aside(self.root)
             spec = self.check_new(request)
             path = self.path(request.name)
-            path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                store = GradientStore.create(path, spec, data_root=self.settings.data_root)
+                data = self.settings.data_root  # at a URL, `confine` kept the source inside it
+                store = GradientStore.create(path, spec, data_root=data if isinstance(data, Path) else None)
             except BaseException:
-                shutil.rmtree(path, ignore_errors=True)
+                if path.exists():  # a store half written, or an empty folder
+                    delete_store(path)
                 raise
             self._stores.put(store)
             return store
@@ -156,7 +177,7 @@ class StoreRepository:
             path = self.require(name, or_leftover=True)
             self._stores.forget(path)
             delete_store(path)
-            self._job_file(name).unlink(missing_ok=True)
+            self._jobs().delete(self._job_key(name))
             remove_set_aside(self.root)
 
     def mark_deleted(self, name: IndexName) -> None:
@@ -165,47 +186,50 @@ class StoreRepository:
 
     def confine(self, spec: IndexSpec) -> IndexSpec:
         """`spec` with its paths resolved inside the models and data roots (SpecError if one leaves them)."""
-        models = self.settings.models_root
-
-        def inside_models(path: str | None) -> str | None:
-            return None if path is None else str(resolve_inside(models, path))
-
-        source = spec.dataset.source
-        if not source.startswith("builtin:"):
-            source = str(resolve_inside(self.settings.data_root, source))
-        return spec.model_copy(
-            update={
-                "dataset": DatasetSpec.model_validate({**spec.dataset.model_dump(), "source": source}),
-                "run": inside_models(spec.run),
-                "scheduler": inside_models(spec.scheduler),
-                "checkpoints": tuple(
-                    CheckpointSpec.model_validate({**c.model_dump(), "path": inside_models(c.path)})
-                    for c in spec.checkpoints
-                ),
-            }
-        )
+        models, data = self.settings.models_root, self.settings.data_root
+        return spec.map_paths(lambda path: _inside(models, path), lambda path: _inside(data, path))
 
     # --- job records ----------------------------------------------------------------------------------------
 
     def record_job(self, name: IndexName, job_id: str) -> None:
-        """Remember that `job_id` indexes `name` (a file beside the stores, so it survives restarts)."""
-        file = self._job_file(name)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_text(json.dumps({"index": name, "job_id": job_id}))
+        """Remember that `job_id` indexes `name` (a small object beside the stores, so it survives
+        restarts and every API process sees it)."""
+        self._jobs().write(self._job_key(name), json.dumps({"index": name, "job_id": job_id}).encode())
 
     def job_of(self, name: IndexName) -> str | None:
         """The id of the job started with index `name`, if any."""
-        file = self._job_file(name)
-        return json.loads(file.read_text())["job_id"] if file.is_file() else None
+        record = self._jobs().read(self._job_key(name))
+        return json.loads(record)["job_id"] if record is not None else None
 
     def index_of(self, job_id: str) -> str:
         """The index that job `job_id` builds."""
-        folder = self.root / JOBS_FOLDER
-        for file in folder.glob("*.json") if folder.is_dir() else ():
-            record = json.loads(file.read_text())
-            if record["job_id"] == job_id:
-                return str(record["index"])
+        jobs = self._jobs()
+        for key in sorted(jobs.sizes()) if jobs.exists() else ():
+            record = jobs.read(key)
+            if key.endswith(".json") and record is not None and json.loads(record)["job_id"] == job_id:
+                return str(json.loads(record)["index"])
         raise NotFound(f"no job {job_id!r}; a job's id is in its index's description (GET /v1/indexes/NAME)")
 
-    def _job_file(self, name: str) -> Path:
-        return self.root / JOBS_FOLDER / f"{name}.json"
+    def _jobs(self) -> Location:
+        return self.root.child(JOBS_FOLDER)
+
+    @staticmethod
+    def _job_key(name: str) -> str:
+        return f"{name}.json"
+
+
+def _inside(root: Path | str, path: str) -> str:
+    """`path` resolved inside `root`: a folder (`resolve_inside`: no `..`, no link out), or a bucket
+    URL, under which a relative path is joined and an absolute URL must lie. A SpecError if it leaves."""
+    if isinstance(root, Path):
+        if is_url(path):
+            raise SpecError(
+                f"{path!r}: this service reads its inputs from folders; give a path inside its root"
+            )
+        return str(resolve_inside(root, path))
+    url = path if is_url(path) else f"{root}/{path}"
+    if not url.startswith(f"{root}/") or any(part in ("", ".", "..") for part in url.split("/")[3:]):
+        where = path if is_url(path) else Path(path).name
+        raise SpecError(f"path {where!r} leaves the configured root; give a path inside it (no '..')")
+    parse_url(url)  # the rest of its form: plain parts
+    return url

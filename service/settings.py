@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from worker.settings import ComputeSettings, ObjectStoreSettings
+
+if TYPE_CHECKING:
+    from storage.location import Location
 
 MIN_KEY_LENGTH = 16
 
@@ -24,11 +27,20 @@ class Settings(ComputeSettings, ObjectStoreSettings):
     `ComputeSettings`, shared with the workers."""
 
     environment: Literal["development", "production"] = "development"
-    stores_root: Path = Field(
-        Path("stores"), description="one Zarr store per index, in a folder named after it"
+    stores_root: Path | str = Field(
+        Path("stores"),
+        description="one Zarr store per index, in a folder (or under a prefix) named after it: a local "
+        "folder, or an s3://BUCKET/PREFIX URL reached by the RETRAC_S3_* settings",
     )
-    models_root: Path = Field(Path("models"), description="training runs and checkpoints that specs may name")
-    data_root: Path = Field(Path("data"), description="image folders and arrays that dataset specs may name")
+    models_root: Path | str = Field(
+        Path("models"),
+        description="training runs and checkpoints that specs may name: a folder, or an s3://BUCKET/PREFIX "
+        "URL (checkpoints and schedulers only; runs are read from folders)",
+    )
+    data_root: Path | str = Field(
+        Path("data"),
+        description="image folders and arrays that dataset specs may name: a folder or an s3:// URL",
+    )
 
     api_key: SecretStr | None = Field(None, description="the X-API-Key that mutating requests must send")
     protect_queries: bool = Field(False, description="queries and reads need the API key too")
@@ -42,10 +54,20 @@ class Settings(ComputeSettings, ObjectStoreSettings):
 
     cors_origins: list[str] = Field([], description="origins allowed to call the API from a browser")
 
-    @field_validator("stores_root", "models_root", "data_root")
+    @field_validator("stores_root", "models_root", "data_root", mode="before")
     @classmethod
-    def _absolute(cls, root: Path) -> Path:
-        return root.expanduser().resolve()
+    def _folder_or_url(cls, root: object) -> object:
+        """A URL as given (`storage.location.locate` checks it where it is used), a folder made absolute."""
+        if isinstance(root, str) and "://" in root:
+            return root.rstrip("/")
+        return Path(str(root)).expanduser().resolve()
+
+    def stores_location(self) -> Location:
+        """Where the stores live: the stores root's folder, or its bucket prefix reached by the
+        object-store settings. A StoreError in one line if the URL or the credentials cannot work."""
+        from storage.location import locate  # here: reading settings must not import torch
+
+        return locate(self.stores_root, self.bucket_options())
 
     @model_validator(mode="after")
     def _safe_outside_development(self) -> Settings:

@@ -13,6 +13,10 @@ Recorded in the store's `fingerprints` attribute:
     record            sha256 of the replay record file (None without replay)
     replayed          per checkpoint, sha256 of the replayed (timestep, seed) of each sample at its epoch
     scheduler_config  the scheduler config's entries (`retrac.models.scheduler_settings`)
+    vae               a latent model's VAE: sha256 of its safetensors weights and its config's entries
+                      (None for a pixel-space model, and in stores written before it)
+    labels            sha256 of the label mapping and each sample's class label (class-conditional
+                      indexes only; None otherwise)
 
 Stores written before these (format 2 all the same) hold `checkpoints` (config and weights hashed
 together) and `scheduler` (the config file's sha256) instead; they are compared by those.
@@ -28,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from retrac.datasets import old_sample_ids
+from retrac.latents import LatentSpace
 from retrac.models import (
     SCHEDULER_CONFIG,
     fingerprint_checkpoint,
@@ -52,6 +57,8 @@ def fingerprints(plan: IndexPlan) -> dict[str, Any]:
         "record": sha256_file(record) if record is not None else None,
         "replayed": _replayed(plan, plan.run) if plan.run is not None and record is not None else None,
         "scheduler_config": scheduler_settings(plan.scheduler_folder),
+        "vae": _vae(plan.latent_space),
+        "labels": _labels(plan),
     }
 
 
@@ -63,6 +70,8 @@ def changes(then: dict[str, Any], plan: IndexPlan, stored_ids: Sequence[str]) ->
         *_checkpoint_changes(then, plan),
         *_record_changes(then, plan),
         *_scheduler_changes(then, plan),
+        *_vae_changes(then.get("vae"), plan.latent_space),
+        *_label_changes(then, plan),
     ]
 
 
@@ -144,6 +153,55 @@ def _scheduler_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
         return [f"the scheduler ({file}): content changed since the store was built"]
     differing = _differing(then["scheduler_config"], scheduler_settings(plan.scheduler_folder))
     return [f"the scheduler ({file}): {differing}"] if differing else []
+
+
+def _vae(latent_space: LatentSpace | None) -> dict[str, Any] | None:
+    if latent_space is None:
+        return None
+    return {"weights": sha256_file(latent_space.weights_file), "config": latent_space.settings}
+
+
+def _vae_changes(then: dict[str, Any] | None, latent_space: LatentSpace | None) -> list[str]:
+    """The VAE's change: its weights or config, or one found now where the store was built without
+    (a pixel-space index whose pipeline gained a `vae/`), or none found where it had one."""
+    if latent_space is None:
+        if then is None:
+            return []
+        return [
+            "the VAE: the store's latents were encoded by one, and none is found beside the checkpoint now"
+        ]
+    if then is None:
+        return [
+            f"the VAE ({latent_space.folder}): found now, none when the store was built on the images "
+            "themselves"
+        ]
+    found = []
+    weights = sha256_file(latent_space.weights_file)
+    if weights != then["weights"]:
+        found.append(
+            f"the VAE ({latent_space.weights_file}): content changed since the store was built "
+            f"(sha256 {_short(then['weights'])} then, {_short(weights)} now)"
+        )
+    differing = _differing(then["config"], latent_space.settings)
+    if differing:
+        found.append(f"the VAE's config.json ({latent_space.folder}): {differing}")
+    return found
+
+
+def _label_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
+    now = _labels(plan)
+    if then.get("labels") == now:
+        return []
+    return [
+        f"the dataset's class labels ({plan.spec.dataset.source}): the label mapping or a sample's label "
+        "changed since the store was built"
+    ]
+
+
+def _labels(plan: IndexPlan) -> str | None:
+    if plan.classes is None or plan.dataset.labels is None:
+        return None
+    return plan.classes.fingerprint(plan.dataset.labels)
 
 
 def _record_file(plan: IndexPlan) -> Path | None:

@@ -20,11 +20,12 @@ container credentials), and requests issued concurrently from zarr's event loop.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import cached_property
@@ -33,6 +34,7 @@ from typing import Any
 
 import obstore
 from obstore.exceptions import BaseError as ObjectStoreError
+from obstore.exceptions import InvalidPathError
 from obstore.store import S3Store
 from zarr.abc.store import Store
 from zarr.storage import LocalStore, ObjectStore
@@ -124,6 +126,10 @@ class LocalLocation:
     def has(self, key: str) -> bool:
         return (self.folder / key).is_file()
 
+    def delete(self, key: str) -> None:
+        """Remove file `key`; nothing if it is missing."""
+        (self.folder / key).unlink(missing_ok=True)
+
     def read(self, key: str) -> bytes | None:
         try:
             return (self.folder / key).read_bytes()
@@ -193,7 +199,7 @@ class BucketLocation:
         )
 
     def zarr_store(self) -> Store:
-        return ObjectStore(self._objects)
+        return _NamingObjectStore(self._objects)
 
     def child(self, name: str) -> BucketLocation:
         return BucketLocation(self.bucket, f"{self.prefix}/{name}", self.options)
@@ -215,6 +221,10 @@ class BucketLocation:
     def has(self, key: str) -> bool:
         return self.size(key) is not None
 
+    def delete(self, key: str) -> None:
+        """Remove object `key`; nothing if it is missing (S3 deletes are idempotent)."""
+        self._call(lambda: obstore.delete(self._objects, key))
+
     def read(self, key: str) -> bytes | None:
         try:
             return bytes(self._call(lambda: obstore.get(self._objects, key).bytes()))
@@ -230,8 +240,23 @@ class BucketLocation:
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """Size of every object under `prefix`, keyed by its path relative to the store: one listing."""
+        return {key: size for key, (_, size) in self.stamps(prefix).items()}
+
+    def stamps(self, prefix: str = "") -> dict[str, tuple[str, int]]:
+        """(ETag, size) of every object under `prefix`, keyed by its path relative to the store."""
         listed = self._call(lambda: obstore.list(self._objects, prefix or None).collect())
-        return {str(o["path"]): int(o["size"]) for o in listed}
+        return {str(o["path"]): (str(o["e_tag"]), int(o["size"])) for o in listed}
+
+    def download(self, key: str, file: Path) -> None:
+        """Stream object `key` into `file` (its folders made), never holding it whole in memory."""
+        file.parent.mkdir(parents=True, exist_ok=True)
+
+        def fetch() -> None:
+            with file.open("wb") as out:
+                for block in obstore.get(self._objects, key).stream():
+                    out.write(block)
+
+        self._call(fetch)
 
     def stamp(self, key: str) -> tuple[Any, ...] | None:
         """(ETag, size) of one object: different once it is rewritten; None if missing."""
@@ -258,12 +283,65 @@ class BucketLocation:
             return request()
         except FileNotFoundError:
             raise
-        except ObjectStoreError as error:
-            first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise UnreachableStoreError(
-                f"{self}: the object store did not answer as expected ({first[:300]}); check the "
-                "bucket, the endpoint (AWS_ENDPOINT_URL or RETRAC_S3_ENDPOINT_URL) and the credentials"
+        except InvalidPathError as error:  # a key such as `a/../b`: the bucket answered, with a bad key
+            raise StoreError(
+                f"{self}: holds an object whose key is not a plain path ({_first_line(error)}); rename or "
+                "remove it"
             ) from error
+        except ObjectStoreError as error:
+            raise unreachable(str(self), error) from error
+
+
+_CONNECTION_FAILURES = ("error sending request", "timed out", "connection refused", "connection reset")
+"""How the backend's message says a request never got an answer (as opposed to an answer refusing it)."""
+
+
+def unreachable(where: str, error: Exception) -> UnreachableStoreError:
+    """The one-line error for a failed request to the object store holding `where` (a URL): it is
+    unreachable (no answer: down, wrong endpoint, network), or it answered otherwise than expected
+    (no such bucket, credentials refused)."""
+    first = _first_line(error)
+    if any(sign in str(error).lower() for sign in _CONNECTION_FAILURES):
+        return UnreachableStoreError(
+            f"{where}: the object store is unreachable ({first}); check that it is up and the endpoint "
+            "(AWS_ENDPOINT_URL or RETRAC_S3_ENDPOINT_URL), then retry"
+        )
+    return UnreachableStoreError(
+        f"{where}: the object store did not answer as expected ({first}); check the bucket, the endpoint "
+        "(AWS_ENDPOINT_URL or RETRAC_S3_ENDPOINT_URL) and the credentials"
+    )
+
+
+def _naming(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """`method` of zarr's obstore backend, raising `unreachable`'s error where the backend fails."""
+
+    @functools.wraps(method)
+    async def wrapped(self: _NamingObjectStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except ObjectStoreError as error:
+            where = f"{BUCKET_SCHEME}{self.store.config.get('bucket')}/{self.store.prefix}"
+            raise unreachable(where, error) from error
+
+    return wrapped
+
+
+def _first_line(error: Exception) -> str:
+    """The backend's first line about `error` (its report goes on for many), at most 300 characters."""
+    text = str(error)
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+class _NamingObjectStore(ObjectStore):  # type: ignore[type-arg]
+    """zarr's obstore backend, whose failed requests raise `unreachable`'s one-line error naming the
+    store (`s3://bucket/prefix`) instead of the backend's many-line report: zarr reads and writes the
+    arrays itself, outside `BucketLocation._call`."""
+
+    get = _naming(ObjectStore.get)
+    get_partial_values = _naming(ObjectStore.get_partial_values)
+    exists = _naming(ObjectStore.exists)
+    set = _naming(ObjectStore.set)
+    delete = _naming(ObjectStore.delete)
 
 
 Location = LocalLocation | BucketLocation
@@ -289,6 +367,23 @@ def locate(
         if "://" in text:
             raise StoreError(f"{text!r}: only s3://BUCKET/PREFIX URLs and local folders can hold a store")
         return LocalLocation(Path(where).expanduser().resolve())
+    bucket, prefix = parse_url(text)
+    options = options or BucketOptions()
+    environment = os.environ if environment is None else environment
+    if not options.has_credentials(environment):
+        raise StoreError(
+            f"{text}: no credentials for the object store; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or RETRAC_S3_ACCESS_KEY_ID and RETRAC_S3_SECRET_ACCESS_KEY)"
+        )
+    if options.allow_http is None:  # given client options replace the backend's own reading of it
+        allowed = environment.get("AWS_ALLOW_HTTP", "").strip().lower() in ("1", "true", "yes")
+        options = replace(options, allow_http=allowed)
+    return BucketLocation(bucket, prefix, options)
+
+
+def parse_url(text: str) -> tuple[str, str]:
+    """(bucket, prefix) of an `s3://bucket/prefix` URL, checked: a bucket name S3 accepts and a
+    prefix of plain parts, no `..`. A StoreError in one line says what to fix."""
     bucket, _, prefix = text[len(BUCKET_SCHEME) :].partition("/")
     parts = prefix.strip("/").split("/") if prefix.strip("/") else []
     if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
@@ -301,14 +396,4 @@ def locate(
             f"{text!r}: give a prefix inside the bucket, of plain parts (letters, digits, '.', '_', "
             "'-'; no '..'), as s3://BUCKET/PREFIX"
         )
-    options = options or BucketOptions()
-    environment = os.environ if environment is None else environment
-    if not options.has_credentials(environment):
-        raise StoreError(
-            f"{text}: no credentials for the object store; set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY (or RETRAC_S3_ACCESS_KEY_ID and RETRAC_S3_SECRET_ACCESS_KEY)"
-        )
-    if options.allow_http is None:  # given client options replace the backend's own reading of it
-        allowed = environment.get("AWS_ALLOW_HTTP", "").strip().lower() in ("1", "true", "yes")
-        options = replace(options, allow_http=allowed)
-    return BucketLocation(bucket, "/".join(parts), options)
+    return bucket, "/".join(parts)

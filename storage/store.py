@@ -7,9 +7,13 @@ Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k pr
                              fingerprints of the checkpoints, dataset, replay record and schedule
                              (`storage.freshness`),
                              the resolved checkpoints (path, epoch, weight), num_rows, num_slots,
-                             dim, shard_size, num_shards, slot_kinds, and the noise rule that turns
-                             a stored seed into noise
+                             dim, shard_size, num_shards, slot_kinds, the noise rule that turns
+                             a stored seed into noise, and `classes`: a class-conditional index's
+                             label mapping (class name -> the integer the model takes), else null
     sample_ids                          (N,)       string
+    latents                             (N, c, h, w) float32: a latent model's training latents, encoded
+                                                   once at create (`retrac.latents`); their xxh3_64 in
+                                                   the `latents_digest` attribute; absent for pixel models
     checkpoints/<c>/projected           (N, S, k)  the spec's dtype: float16, float32, or bfloat16
                                                    held as its raw bits in uint16 (`ZARR_DTYPES`)
     checkpoints/<c>/norms               (N, S)     float32: exact L2 norms before projection
@@ -37,6 +41,7 @@ file is then one object, written whole by one PUT, so the rules above hold uncha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -54,6 +59,7 @@ import xxhash
 import zarr
 
 from api_schemas import IndexSpec
+from retrac.conditions import ClassLabels
 from retrac.exceptions import RetracError
 from retrac.gradients import num_parameters
 from retrac.plan import IndexPlan, Rows, pin_checkpoints
@@ -65,7 +71,9 @@ from storage.errors import (
     IncompleteStoreError,
     StaleStoreError,
     StoreError,
+    UnreachableStoreError,
 )
+from storage.inputs import InputMirrors, current_inputs, is_url
 from storage.location import ASIDE_PREFIX, BucketLocation, LocalLocation, Location, locate
 
 FORMAT = "retrac-store/2"
@@ -201,9 +209,9 @@ class GradientStore:
             return existing
         if not path.is_empty():
             raise StoreError(f"{path.name} exists and is not a retrac store; choose another path")
-        plan = _resolve(spec, root, path, data_root=data_root)
+        plan, mirrors = _resolve(spec, root, path, data_root=data_root)
         attrs = {
-            **_describe(plan),
+            **_describe(plan, mirrors),
             "root": str(Path(root).resolve()) if root is not None else None,
             "data_root": str(Path(data_root).resolve()) if data_root is not None else None,
             "uid": uuid.uuid4().hex,  # tells this store from a later one at the same path
@@ -211,6 +219,8 @@ class GradientStore:
         group = zarr.open_group(path.zarr_store(), mode="w-", zarr_format=3)
         ids = group.create_array("sample_ids", shape=(plan.num_rows,), dtype=str, chunks=(plan.num_rows,))
         ids[:] = np.asarray(plan.dataset.ids, dtype=object)
+        if plan.latent_space is not None:
+            attrs["latents_digest"] = _write_latents(group, plan.inputs, attrs["shard_size"])
         rows, slots, dim, shard = plan.num_rows, attrs["num_slots"], attrs["dim"], attrs["shard_size"]
         for c in range(len(plan.checkpoints)):
             shapes = {
@@ -263,6 +273,8 @@ class GradientStore:
             )
         try:
             group = zarr.open_group(path.zarr_store(), mode="r+", zarr_format=3)
+        except UnreachableStoreError:
+            raise
         except Exception as error:  # zarr raises several kinds on a damaged group
             raise StoreError(f"{path.name}: cannot open the Zarr group: {error}") from error
         found = group.attrs.get("format")
@@ -284,11 +296,26 @@ class GradientStore:
     def check(self) -> None:
         """A StaleStoreError naming what changed, if the checkpoints, data, record or schedule did."""
         data_root = Path(self.attrs["data_root"]) if self.attrs.get("data_root") else None
-        plan = _resolve(self.spec, self.root, self.path, data_root=data_root, stale=True)
-        changed = changes(self.attrs["fingerprints"], plan, self.sample_ids)
+        plan, mirrors = _resolve(self.spec, self.root, self.path, data_root=data_root, stale=True)
+        changed = mirrors.named("; ".join(changes(self.attrs["fingerprints"], plan, self.sample_ids)))
         if changed:
-            raise StaleStoreError(f"{self.path.name} is stale: {'; '.join(changed)}; restore the input, or {REBUILD}")
-        self._plan = plan
+            raise StaleStoreError(f"{self.path.name} is stale: {changed}; restore the input, or {REBUILD}")
+        self._plan = plan if plan.latent_space is None else plan.with_latents(self._stored_latents())
+
+    def _stored_latents(self) -> torch.Tensor:
+        """The latents written at create, checked against their digest: every worker computes from
+        these same bytes, so a shard is the same whichever machine (and VAE kernel) computes it."""
+        try:
+            latents = np.asarray(self._group["latents"][:], dtype=np.float32)
+        except KeyError as error:
+            raise StoreError(
+                f"{self.path.name}: a latent model's store without its latents; {REBUILD}"
+            ) from error
+        if _digest([latents]) != int(self.attrs.get("latents_digest", -1)):
+            raise DamagedStoreError(
+                f"{self.path.name}: its stored latents do not match their digest (damaged); {REBUILD}"
+            )
+        return torch.from_numpy(latents)
 
     # --- what the store holds -------------------------------------------------------------------------
 
@@ -341,11 +368,23 @@ class GradientStore:
 
     def signature(self) -> tuple[Any, ...]:
         """The stamp of the group's metadata (`Location.stamp`) and (inode, mtime, size) of every
-        checkpoint file: cheap to read on every use, and different after the store is deleted and
-        recreated or a checkpoint replaced. Long-lived processes compare it to reopen (and recheck) a
-        store instead of using it stale."""
-        files = [f for c in self.checkpoint_info for f in sorted(Path(c["path"]).rglob("*"))]
-        return (self.location.stamp("zarr.json"), *(_stat(f) for f in files))
+        checkpoint file and VAE file: cheap to read on every use, and different after the store is
+        deleted and recreated or a checkpoint or the VAE replaced. Long-lived processes compare it to
+        reopen (and recheck) a store instead of using it stale."""
+        inputs = current_inputs()
+        folders = [c["path"] for c in self.checkpoint_info]
+        folders += [self.attrs["vae"]["folder"]] if self.attrs.get("vae") else []
+        stamps = [  # at a URL: the ETags of its objects, one listing
+            inputs.stamp(path) if is_url(path) else tuple(_stat(f) for f in sorted(Path(path).rglob("*")))
+            for path in folders
+        ]
+        return (self.location.stamp("zarr.json"), *stamps)
+
+    @property
+    def classes(self) -> ClassLabels | None:
+        """The label mapping of a class-conditional index (its queries give a label); None if unconditional."""
+        recorded = self.attrs.get("classes")
+        return ClassLabels(recorded) if recorded is not None else None
 
     @property
     def slot_kinds(self) -> tuple[str, ...]:
@@ -437,6 +476,8 @@ class GradientStore:
         array = self._array(checkpoint, "done_at")
         try:
             return np.asarray(array[:], dtype=np.float64)
+        except UnreachableStoreError:  # an outage is no damage: never read as "not done"
+            raise
         except Exception:  # one damaged mark must not hide the others
             return np.array([_read_or_zero(array, i) for i in range(self.num_shards)], dtype=np.float64)
 
@@ -634,6 +675,8 @@ class GradientStore:
     def _digest_matches(self, checkpoint: int, shard: int) -> bool:
         try:
             self._verified(checkpoint, self.shard_rows(shard))
+        except UnreachableStoreError:
+            raise
         except Exception:  # a damaged or unreadable chunk is simply not done
             return False
         return True
@@ -658,10 +701,14 @@ def delete_store(path: str | Path | Location) -> None:
     locate(path).remove(DELETED_MARK)
 
 
-def remove_set_aside(root: Path) -> None:
-    """Finish every deletion under `root` that was killed after its rename: the folders set aside are
-    no store's any more (their names are free), only their files are left to remove."""
-    for aside in root.glob(f"{ASIDE_PREFIX}*") if root.is_dir() else ():
+def remove_set_aside(root: Path | Location) -> None:
+    """Finish every deletion under the folder `root` that was killed after its rename: the folders set
+    aside are no store's any more (their names are free), only their files are left to remove. A
+    bucket sets nothing aside (`BucketLocation.remove`)."""
+    if isinstance(root, BucketLocation):
+        return
+    folder = root.folder if isinstance(root, LocalLocation) else root
+    for aside in folder.glob(f"{ASIDE_PREFIX}*") if folder.is_dir() else ():
         shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -683,21 +730,44 @@ def list_stores(root: str | Path | Location) -> list[str]:
 
 def _resolve(
     spec: IndexSpec, root: Path | None, path: Path | Location, *, data_root: Path | None, stale: bool = False
-) -> IndexPlan:
-    """The spec's plan; when reopening a store, a failure to resolve means its inputs changed."""
+) -> tuple[IndexPlan, InputMirrors]:
+    """The spec's plan, its inputs at URLs read from their local mirrors (`storage.inputs`), and the
+    mirrors; when reopening a store, a failure to resolve means its inputs changed."""
+    mirrors: InputMirrors | None = None
     try:
-        return IndexPlan.resolve(spec, root, data_root=data_root)
+        mirrors = current_inputs().localize(spec)
+        if is_url(spec.dataset.source):  # its files must stay inside its mirror
+            local = Path(mirrors.spec.dataset.source)
+            data_root = local if local.is_dir() else local.parent
+        plan = IndexPlan.resolve(mirrors.spec, root, data_root=data_root)
+    except UnreachableStoreError:  # the inputs' bucket is out of reach: no input changed
+        raise
     except RetracError as error:
+        message = mirrors.named(str(error)) if mirrors is not None else str(error)
         if not stale:
-            raise
+            if message == str(error):
+                raise
+            raise type(error)(message) from error
         raise StaleStoreError(
-            f"{path.name} is stale: its inputs no longer resolve: {error}; put them back where they were "
+            f"{path.name} is stale: its inputs no longer resolve: {message}; put them back where they were "
             f"(its paths are recorded absolute), or {REBUILD}"
         ) from error
+    return dataclasses.replace(plan, spec=spec), mirrors
 
 
-def _describe(plan: IndexPlan) -> dict[str, Any]:
-    """The root attributes of a new store for `plan`."""
+def _write_latents(group: zarr.Group, latents: torch.Tensor, shard_size: int) -> int:
+    """Write a latent model's training latents (chunks of one shard's rows); returns their digest."""
+    values = latents.detach().cpu().to(torch.float32).numpy()
+    array = group.create_array(
+        "latents", shape=values.shape, chunks=(shard_size, *values.shape[1:]), dtype="float32",
+        fill_value=0, compressors=None, chunk_key_encoding=_CHUNK_KEYS, config=_ARRAY_CONFIG,
+    )
+    array[:] = values
+    return _digest([values])
+
+
+def _describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
+    """The root attributes of a new store for `plan`; inputs read from mirrors are recorded by URL."""
     spec = plan.spec
     dim = num_parameters(plan.load_model(0)) if spec.projector.kind == "identity" else spec.projector.dim
     shard_size = _even_shard_size(plan.num_rows, spec.shard_size)
@@ -707,7 +777,7 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "spec": json.loads(spec.model_dump_json()),
         "fingerprints": fingerprints(plan),
         "checkpoints": [
-            {"path": str(c.path), "epoch": c.epoch, "weight": c.weight} for c in plan.checkpoints
+            {"path": mirrors.named(str(c.path)), "epoch": c.epoch, "weight": c.weight} for c in plan.checkpoints
         ],
         "num_rows": plan.num_rows,
         "num_slots": len(kinds),
@@ -717,9 +787,25 @@ def _describe(plan: IndexPlan) -> dict[str, Any]:
         "slot_kinds": kinds,
         "prediction_type": plan.prediction_type,
         "loss_weighting": plan.loss_weighting,
-        "scheduler": str(plan.scheduler_folder),
+        "scheduler": mirrors.named(str(plan.scheduler_folder)),
+        "vae": _vae_description(plan),
         "noise_rule": NOISE_RULE,
+        "classes": plan.classes.to_json() if plan.classes is not None else None,
         "torch_version": torch.__version__,
+    }
+
+
+def _vae_description(plan: IndexPlan) -> dict[str, Any] | None:
+    """What a latent model's store says of its VAE and latents (None for a pixel-space model)."""
+    space = plan.latent_space
+    if space is None:
+        return None
+    return {
+        "folder": str(space.folder),
+        "scaling_factor": space.scaling_factor,
+        "shift_factor": space.shift_factor,
+        "latent_shape": list(plan.inputs.shape[1:]),
+        "encoding": "latents = (mean of the VAE's latent distribution - shift_factor) * scaling_factor",
     }
 
 
@@ -740,6 +826,8 @@ def _digest(arrays: Sequence[np.ndarray] | Any) -> int:
 def _read_or_zero(array: zarr.Array, index: int) -> float:
     try:
         return float(array[index])
+    except UnreachableStoreError:
+        raise
     except Exception:  # a missing or truncated mark reads as not done
         return 0.0
 

@@ -37,7 +37,7 @@ class JobNotFoundError(RetracError):
     """The result backend does not know the job (wrong id, expired, or lost with the broker)."""
 
 
-def submit(store_path: str | Path, *, root: Path | None = None, queue: str | None = None) -> str:
+def submit(store_path: str | Path | Location, *, root: Path | None = None, queue: str | None = None) -> str:
     """Queue every pending shard of the store at `store_path` (on `queue`, default the settings');
     return the job id.
 
@@ -56,7 +56,7 @@ def submit(store_path: str | Path, *, root: Path | None = None, queue: str | Non
     return str(job.id)
 
 
-def progress(store_path: str | Path) -> Progress:
+def progress(store_path: str | Path | Location) -> Progress:
     """Done/total rows, recent rate and time left of the store at `store_path`, from its done marks."""
     return store_progress(GradientStore.open(_locate(store_path), check=False))
 
@@ -84,7 +84,7 @@ def failure(job_id: str) -> str | None:
     return None
 
 
-def stalled(job_id: str, store_path: str | Path, *, seconds: float) -> str | None:
+def stalled(job_id: str, store_path: str | Path | Location, *, seconds: float) -> str | None:
     """Why an unfinished job looks stalled: no shard finished (done marks) and no worker answered a
     ping on its queue for `seconds` since the later of its submission and its last shard; else None."""
     done = progress(store_path)
@@ -99,7 +99,7 @@ def stalled(job_id: str, store_path: str | Path, *, seconds: float) -> str | Non
     )
 
 
-def _locate(store_path: str | Path) -> Location:
+def _locate(store_path: str | Path | Location) -> Location:
     """The store's folder (absolute, as workers must see it) or bucket URL, reached by the settings."""
     return locate(store_path, get_settings().bucket_options())
 

@@ -6,6 +6,7 @@ same there. Only the worker, the job functions and the CLI read these; the engin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, field_validator
@@ -45,6 +46,13 @@ class ObjectStoreSettings(BaseSettings):
     s3_allow_http: bool | None = Field(
         None, description="allow a plain-HTTP endpoint; default AWS_ALLOW_HTTP"
     )
+    input_cache: Path = Field(
+        Path("~/.cache/retrac/inputs"),
+        description="where datasets and checkpoints given by s3:// URL are mirrored (`storage.inputs`)",
+    )
+    input_cache_bytes: int = Field(
+        20 << 30, ge=1 << 20, description="most bytes the input cache holds; a larger input is refused"
+    )
 
     @field_validator(
         "s3_endpoint_url",
@@ -58,6 +66,12 @@ class ObjectStoreSettings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """An empty variable (a compose file's `${X:-}`) leaves the field to the AWS variables."""
         return None if value == "" else value
+
+    def use_input_cache(self) -> None:
+        """Mirror this process's inputs given by URL as these settings say (`storage.inputs.use_inputs`)."""
+        from storage.inputs import InputCache, use_inputs  # here: reading settings must not import torch
+
+        use_inputs(InputCache(self.input_cache, self.input_cache_bytes, self.bucket_options()))
 
     def bucket_options(self) -> BucketOptions:
         from storage.location import BucketOptions  # here: reading settings must not import torch

@@ -89,6 +89,7 @@ def _outcome(status: str, checkpoint: int, shard: int, seconds: float) -> dict[s
 def _open_stores() -> OpenStores:
     global _stores
     if _stores is None:
+        get_settings().use_input_cache()
         _stores = OpenStores(get_settings().bucket_options())
     return _stores
 

@@ -27,6 +27,7 @@ import torch
 
 from api_schemas import IndexSpec, ProjectorSpec, QuerySpec, SlotSpec
 from retrac import viz
+from retrac.conditions import Conditions
 from retrac.evaluation.metrics import Fit, fit
 from retrac.evaluation.report import NormTimestepStatistics
 from retrac.exceptions import EvaluationError
@@ -59,13 +60,19 @@ def recompute_slot_norms(
 
 
 def norm_curves(
-    computer: GradientComputer, images: torch.Tensor, grid: int, seed: int = 0
+    computer: GradientComputer,
+    images: torch.Tensor,
+    grid: int,
+    seed: int = 0,
+    conditions: Conditions = Conditions(),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps `(K,)`, norms `(n, K)`) of `images` at the grid `floor(linspace(1, T-1, K))`.
+    """(timesteps `(K,)`, norms `(n, K)`) of `images` (each under its row of `conditions`) at the grid
+    `floor(linspace(1, T-1, K))`.
 
     Each norm is that of one gradient with one seeded noise draw: the query estimator with M = 1.
     """
-    vectors = query_vectors(computer, images, QuerySpec(timesteps=grid, draws=1, seed=seed))
+    spec = QuerySpec(timesteps=grid, draws=1, seed=seed)
+    vectors = query_vectors(computer, images, spec, conditions=conditions)
     steps = query_timesteps(grid, computer.model.num_timesteps)
     return steps.numpy(), vectors.timestep_norms.numpy()
 
@@ -175,7 +182,8 @@ def analyse_run(
     timesteps, norms = (
         v[:, 0].numpy() for v in recompute_slot_norms(plan, checkpoint, computer, on_progress=on_progress)
     )
-    grid, curves = norm_curves(computer, plan.dataset.images[:curve_samples], curve_timesteps, seed)
+    shown = slice(0, curve_samples)
+    grid, curves = norm_curves(computer, plan.inputs[shown], curve_timesteps, seed, plan.conditions(shown))
     result = norm_timestep_statistics(
         timesteps, norms, grid, curves, num_timesteps=plan.num_timesteps, checkpoint_epoch=int(chosen or 0)
     )

@@ -26,11 +26,22 @@ function say(text, isError = false) {
   $("status").classList.toggle("error", isError);
 }
 
+const classesOf = {};  // index name -> its label mapping (class-conditional) or null
+
+function showLabels() {
+  // a class-conditional index needs the query's label; an unconditional one takes none
+  const classes = classesOf[$("index").value];
+  $("label-field").hidden = !classes;
+  $("label").replaceChildren(...Object.entries(classes || {}).map(([name, value]) =>
+    new Option(name === String(value) ? name : `${name} (${value})`, name)));
+}
+
 async function loadIndexes() {
   const { data } = await (await call("indexes")).json();
   const select = $("index");
   select.replaceChildren();
   for (const index of data) {
+    classesOf[index.name] = index.classes;
     const done = index.progress.reduce((sum, c) => sum + c.done, 0);
     const total = index.progress.reduce((sum, c) => sum + c.total, 0);
     const option = new Option(
@@ -41,6 +52,7 @@ async function loadIndexes() {
   }
   const ready = [...select.options].find((o) => !o.disabled);
   if (ready) select.value = ready.value;
+  showLabels();
   say(data.length ? "" : "No index yet: create one with POST /v1/indexes (see the API documentation).");
 }
 
@@ -85,7 +97,8 @@ function render(index, answer) {
     }
   }
   const t = answer.timings;
-  $("timings").textContent = `${answer.estimator} estimator, K = ${answer.timesteps}, M = ${answer.draws}, checkpoints ${answer.checkpoints.join(", ")}: `
+  const label = answer.label === null ? "" : `, label ${answer.label}`;
+  $("timings").textContent = `${answer.estimator} estimator, K = ${answer.timesteps}, M = ${answer.draws}${label}, checkpoints ${answer.checkpoints.join(", ")}: `
     + `${t.total_s.toFixed(2)} s (query gradients ${t.gradient_s.toFixed(2)} s, ${answer.search} search ${t.scan_s.toFixed(3)} s over ${answer.dtype} rows)`;
 }
 
@@ -101,6 +114,7 @@ async function attribute(event) {
   for (const field of matched ? ["top_k"] : ["top_k", "timesteps", "draws", "seed"]) form.append(field, $(field).value);
   form.append("estimator", $("estimator").value);
   form.append("search", $("search").value);
+  if (classesOf[index]) form.append("label", $("label").value);
   form.append("methods", "tracin");
   form.append("methods", "retrac");
   $("run").disabled = true;
@@ -150,5 +164,6 @@ function preview() {
 $("api_key").value = localStorage.getItem("retrac-api-key") || "";
 $("query").addEventListener("submit", attribute);
 $("image").addEventListener("change", preview);
+$("index").addEventListener("change", showLabels);
 $("api_key").addEventListener("change", () => loadIndexes().catch((error) => say(error.message, true)));
 loadIndexes().catch((error) => say(error.message, true));

@@ -17,11 +17,12 @@ def seeded_noise(seed: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor
 
 def per_sample_losses(
     unet: UNet2DModel, scheduler: DDPMScheduler, images: torch.Tensor, timesteps: torch.Tensor,
-    noise: torch.Tensor, loss: str,
+    noise: torch.Tensor, loss: str, class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`l(theta; z, t, eps) = mean_pixels d(eps_theta(x_t, t), eps)` `(B,)`, with x_t from `add_noise`."""
+    """`l(theta; z, t, eps) = mean_pixels d(eps_theta(x_t, t[, y]), eps)` `(B,)`, with x_t from
+    `add_noise` and, for a class-conditional UNet, each sample's class label `y` `(B,)`."""
     noisy = scheduler.add_noise(images, noise, timesteps)
-    prediction = unet(noisy, timesteps).sample
+    prediction = unet(noisy, timesteps, class_labels=class_labels).sample
     pointwise = F.mse_loss if loss == "mse" else F.l1_loss
     return pointwise(prediction, noise, reduction="none").flatten(1).mean(dim=1)
 
@@ -46,12 +47,14 @@ def mean_gradient(
     timestep: int,
     noises: torch.Tensor,
     loss: str,
+    class_label: int | None = None,
 ) -> torch.Tensor:
-    """The flat gradient of the mean loss of one image at one timestep over noises `(G, C, H, W)`:
-    `h(q, t)` of method.md section 3, by one autograd call."""
+    """The flat gradient of the mean loss of one image (of class `class_label`, for a class-conditional
+    UNet) at one timestep over noises `(G, C, H, W)`: `h(q, t)` of method.md section 3, by one autograd call."""
     count = noises.shape[0]
     images, steps = image.expand(count, *image.shape), torch.full((count,), timestep)
-    value = per_sample_losses(unet, scheduler, images, steps, noises, loss).mean()
+    labels = None if class_label is None else torch.full((count,), class_label)
+    value = per_sample_losses(unet, scheduler, images, steps, noises, loss, labels).mean()
     return torch.cat([g.flatten() for g in torch.autograd.grad(value, list(unet.parameters()))])
 
 

@@ -384,6 +384,32 @@ def test_npz_integer_group_labels_are_accepted(tmp_path) -> None:
     assert dataset.groups == ("0", "1", "1")
 
 
+def test_class_labels_from_subfolders_npz_and_digits(tmp_path: Path) -> None:
+    """Sorted class names numbered 0..n-1 (from every sample, so a limit never renumbers), integers as given."""
+    for name in ("dog", "ant", "cat"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "0.png").write_bytes(_png(_pattern(0, (4, 4))))
+    folder = load_dataset(DatasetSpec(source="data", resolution=4), root=tmp_path)
+    assert folder.classes is not None and dict(folder.classes.classes) == {"ant": 0, "cat": 1, "dog": 2}
+    assert folder.labels == (0, 1, 2)
+    limited = load_dataset(DatasetSpec(source="data", resolution=4, limit=2), root=tmp_path)
+    assert limited.labels == (0, 1) and limited.classes == folder.classes
+    assert limited.subset([1]).labels == (1,)
+    images = np.zeros((3, 4, 4), dtype=np.uint8)
+    np.savez(tmp_path / "ints.npz", images=images, labels=np.array([7, 3, 7]))
+    ints = load_dataset(DatasetSpec(source=str(tmp_path / "ints.npz"), resolution=4))
+    assert ints.labels == (7, 3, 7) and dict(ints.classes.classes) == {"3": 3, "7": 7}
+    np.savez(tmp_path / "names.npz", images=images, labels=np.array(["zebra", "yak", "zebra"]))
+    names = load_dataset(DatasetSpec(source=str(tmp_path / "names.npz"), resolution=4))
+    assert names.labels == (1, 0, 1) and dict(names.classes.classes) == {"yak": 0, "zebra": 1}
+    np.savez(tmp_path / "negative.npz", images=images, labels=np.array([0, -1, 2]))
+    with pytest.raises(DatasetError, match="'labels' must be non-negative integers"):
+        load_dataset(DatasetSpec(source=str(tmp_path / "negative.npz"), resolution=4))
+    digits = load_dataset(DatasetSpec(source="builtin:digits", resolution=8, limit=12))
+    assert digits.labels == tuple(load_digits().target[:12].tolist())
+    assert _load("builtin:faces", resolution=8, limit=2).labels is None  # no classes: nothing to condition on
+
+
 # --- notices of what loading converted --------------------------------------------------------------------
 
 

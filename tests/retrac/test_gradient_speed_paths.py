@@ -16,6 +16,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from api_schemas import ProjectorSpec
+from retrac.conditions import Conditions
 from retrac.gradients import GradientComputer, loop_gradients
 from retrac.models import DiffusionModel, build_unet, with_plain_attention
 from retrac.projections import DENSE_BLOCK, SketchProjector, derive_seed, make_projector
@@ -50,13 +51,16 @@ def relative_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
     return float(((fast - reference).norm(dim=1) / reference.norm(dim=1)).max())
 
 
-def assert_matches_loop(model: DiffusionModel, loss: str, batch: Batch, strategy: str) -> None:
-    """flat_gradients, norms and sketch projections of `compute` all equal the loop's."""
-    reference = loop_gradients(model, loss, *batch)
+def assert_matches_loop(
+    model: DiffusionModel, loss: str, batch: Batch, strategy: str, conditions: Conditions = Conditions()
+) -> None:
+    """flat_gradients, norms and sketch projections of `compute` all equal the loop's (each sample
+    under its condition, when given)."""
+    reference = loop_gradients(model, loss, *batch, conditions=conditions)
     projector = make_projector(ProjectorSpec(kind="sketch", dim=4096, seed=3), reference.shape[1])
     computer = GradientComputer(model, loss, projector, chunk=3)
-    assert relative_error(computer.flat_gradients(*batch), reference) < RELATIVE_TOLERANCE
-    result = computer.compute(*batch)
+    assert relative_error(computer.flat_gradients(*batch, conditions), reference) < RELATIVE_TOLERANCE
+    result = computer.compute(*batch, conditions=conditions)
     assert computer.strategy == strategy
     exact_norms = reference.double().norm(dim=1).float()  # a float32 norm of 0.7M entries is off by 2e-5
     torch.testing.assert_close(result.norms, exact_norms, rtol=RELATIVE_TOLERANCE, atol=0)
@@ -71,6 +75,38 @@ def test_layerwise_gradients_equal_the_loop(preset: str, resolution: int, loss: 
     model = preset_model(preset, resolution)
     assert GradientComputer(model, loss).strategy == "layerwise"
     assert_matches_loop(model, loss, inputs(model, 5, draws), "layerwise")
+
+
+LABELS = Conditions.of_labels([0, 3, 3, 1, 2])
+"""Class labels of a batch of 5, one repeated: the Embedding rule must add a label's rows per sample only."""
+
+
+@pytest.mark.parametrize("embedding", ["table", "timestep"])
+def test_class_conditional_gradients_equal_the_loop(embedding: str) -> None:
+    """A class embedding table (nn.Embedding, its own layer rule) or a timestep-style class embedding
+    (Linear layers): the layer-wise path still applies and equals the loop, each sample under its label."""
+    kind = {"table": {"num_class_embeds": 4}, "timestep": {"class_embed_type": "timestep"}}[embedding]
+    torch.manual_seed(4)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1, norm_num_groups=4, attention_head_dim=8, **kind,
+    )
+    model = model_of(with_plain_attention(unet))
+    assert GradientComputer(model, "mse").strategy == "layerwise"
+    batch = inputs(model, 5, 2, seed=5)
+    assert_matches_loop(model, "l1", batch, "layerwise", LABELS)
+    # the label really enters: another label for sample 0 changes its gradient
+    other = Conditions.of_labels([1, 3, 3, 1, 2])
+    moved = loop_gradients(model, "l1", *batch, conditions=other) - loop_gradients(model, "l1", *batch, conditions=LABELS)
+    assert float(moved[0].norm()) > 0 and float(moved[1:].norm()) == 0
+
+
+def test_class_conditional_vmap_fallback_equals_the_loop() -> None:
+    model = model_of(build_unet("micro", resolution=8, channels=1, seed=7, num_class_embeds=4))
+    model.unet.conv_in.padding_mode = "reflect"  # no rule: the whole model goes through vmap
+    assert GradientComputer(model, "mse").strategy == "vmap"
+    assert_matches_loop(model, "mse", inputs(model, 5, 1, seed=6), "vmap", LABELS)
 
 
 def test_frozen_parameters_are_left_out() -> None:

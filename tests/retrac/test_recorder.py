@@ -74,3 +74,22 @@ def test_the_recorder_refuses_a_sample_twice_or_missed(tmp_path) -> None:
         recorder.end_epoch()
     with pytest.raises(ReplayError, match="not in the recorded dataset"):
         recorder.noise(["z"], torch.tensor([4]), (1, 2, 2))
+
+
+def test_the_recorder_records_class_labels_and_keeps_them_on_resume(tmp_path) -> None:
+    from api_schemas import TrainSpec
+    from retrac.conditions import ClassLabels
+
+    spec = TrainSpec(dataset=DatasetSpec(source="builtin:digits"), epochs=1)
+    classes = ClassLabels({"cat": 0, "dog": 1})
+    with pytest.raises(ReplayError, match="one class label per sample together with the label mapping"):
+        Recorder(tmp_path, ["a", "b"], "fingerprint", spec, labels=[0])
+    recorder = Recorder(tmp_path, ["a", "b"], "fingerprint", spec, labels=[1, 0], classes=classes)
+    recorder.noise(["a", "b"], torch.tensor([3, 4]), (1, 2, 2))
+    recorder.end_epoch()
+    (tmp_path / "checkpoint-1").mkdir()
+    recorder.checkpoint(tmp_path / "checkpoint-1")
+    run = TrainingRun.load(tmp_path)
+    assert run.labels == (1, 0) and run.classes == classes
+    resumed = Recorder.resume(tmp_path)
+    assert tuple(resumed.labels or ()) == (1, 0) and resumed.classes == classes

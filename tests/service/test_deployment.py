@@ -77,6 +77,20 @@ def test_compose_services_share_stores_and_models_and_check_health() -> None:
     assert broker == {"redis://redis:6379/0"}
 
 
+def test_the_object_store_profile_shares_only_redis_and_the_bucket() -> None:
+    rendered = compose(RETRAC_API_KEY=KEY, RETRAC_MINIO_PASSWORD="minio-secret", COMPOSE_PROFILES="object-store")
+    assert rendered.returncode == 0, rendered.stderr
+    services = yaml.safe_load(rendered.stdout)["services"]
+    api, worker = services["api-s3"], services["worker-s3"]
+    assert "volumes" not in api  # nothing but the bucket and Redis
+    roots = {name: api["environment"][f"RETRAC_{name}_ROOT"] for name in ("STORES", "MODELS", "DATA")}
+    assert roots == {"STORES": "s3://retrac/indexes", "MODELS": "s3://retrac/models", "DATA": "s3://retrac/datasets"}
+    shared = ("RETRAC_S3_", "RETRAC_BROKER")
+    reach = [{k: v for k, v in s["environment"].items() if k.startswith(shared)} for s in (api, worker)]
+    assert reach[0] == reach[1] and reach[0]["RETRAC_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert reach[0]["RETRAC_S3_SECRET_ACCESS_KEY"] == "minio-secret"
+
+
 def test_dockerfile_passes_hadolint() -> None:
     linted = subprocess.run(
         [

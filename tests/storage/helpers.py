@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from api_schemas import IndexSpec, ProjectorSpec, SlotSpec
+import numpy as np
+
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
+from retrac.datasets import load_dataset
 from retrac.replay import TrainingRun
 from storage import BucketLocation
-from tests.conftest import TINY_DATASET
+from tests.conftest import TINY_DATASET, TINY_TRAIN
 
 SHARD_SIZE = 8
 """48 samples in shards of 8: 6 shards per checkpoint, 18 tasks over the 3 checkpoints of `tiny_run`."""
@@ -26,6 +29,43 @@ def tiny_index_spec(run: TrainingRun | Path, **changes: object) -> IndexSpec:
         shard_size=SHARD_SIZE,
     )
     return IndexSpec(**{**fields, **changes})
+
+
+EPOCHS = (2, 4, 6)
+"""The epochs `tiny_run` saved checkpoints after."""
+
+
+def put_inputs(bucket: str, run: TrainingRun, folder: Path) -> None:
+    """Put the run's folder under `models/run` and its dataset (48 digits, uint8, with ids) as
+    `data/digits.npz` into `bucket`; the dataset file also into `folder/data`."""
+    from tests.storage.object_store import upload
+
+    dataset = load_dataset(TINY_DATASET)
+    images = np.stack([dataset.to_uint8(i) for i in range(len(dataset))])
+    (folder / "data").mkdir(parents=True)
+    np.savez(folder / "data" / "digits.npz", images=images, ids=np.array(dataset.ids))
+    upload(run.folder, bucket, "models/run")
+    upload(folder / "data", bucket, "data")
+
+
+def inputs_spec(run: str, dataset: str) -> IndexSpec:
+    """The index of the tiny run's checkpoints (in `run`: a URL, a folder or a relative path) and the
+    `put_inputs` dataset at `dataset`: weights from epoch and lr, 2 grid slots (a run's replay record
+    is read from folders only), float32 so that answers match the in-memory engine to rounding."""
+    return IndexSpec(
+        dataset=DatasetSpec(source=dataset, resolution=8),
+        checkpoints=tuple(
+            CheckpointSpec(path=f"{run}/checkpoints/epoch-{e:04d}", epoch=e, lr=TINY_TRAIN.lr) for e in EPOCHS
+        ),
+        scheduler=f"{run}/scheduler",
+        loss="mse",
+        train_batch_size=TINY_TRAIN.batch_size,
+        slots=SlotSpec(replay=False, grid=2, seed=1),
+        projector=ProjectorSpec(kind="sketch", dim=256, seed=3),
+        dtype="float32",
+        batch_size=8,
+        shard_size=8,
+    )
 
 
 def store_bytes(path: Path | BucketLocation) -> dict[str, bytes]:

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,29 +46,20 @@ def _answers(endpoint: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """moto's S3 server on a free loopback port for the whole session, and the AWS variables to
-    reach it in `os.environ` (restored afterwards)."""
+@contextmanager
+def moto_server(logs: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """moto's S3 server on a free loopback port until the block ends: its endpoint and process (a
+    test may stop it early, to see what an unreachable store does)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+    log = (logs / "moto.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    environment = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "retrac-test",
-        "AWS_SECRET_ACCESS_KEY": "retrac-test-secret",
-        "AWS_REGION": "us-east-1",
-        "AWS_ALLOW_HTTP": "true",
-    }
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
         while process.poll() is None and not _answers(endpoint):
@@ -76,15 +68,34 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             time.sleep(0.1)
         if process.poll() is not None:
             raise AssertionError(f"moto's server exited: see {log.name}")
-        yield S3Server(endpoint, environment)
+        yield endpoint, process
     finally:
         process.kill()
         process.wait()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server on a free loopback port for the whole session, and the AWS variables to
+    reach it in `os.environ` (restored afterwards)."""
+    with moto_server(tmp_path_factory.mktemp("moto")) as (endpoint, _):
+        environment = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "retrac-test",
+            "AWS_SECRET_ACCESS_KEY": "retrac-test-secret",
+            "AWS_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        }
+        saved = {name: os.environ.get(name) for name in environment}
+        os.environ.update(environment)
+        try:
+            yield S3Server(endpoint, environment)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 @pytest.fixture
@@ -115,6 +126,13 @@ def objects(location: BucketLocation) -> dict[str, bytes]:
                 Bucket=location.bucket, Key=key
             )["Body"].read()
     return found
+
+
+def upload(folder: Path, bucket: str, prefix: str) -> None:
+    """Put every file under `folder` into `bucket` under `prefix`, with boto3 (not the code under test)."""
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    for key, data in files(folder).items():
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
 
 
 def files(folder: Path) -> dict[str, bytes]:

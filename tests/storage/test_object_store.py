@@ -33,7 +33,7 @@ from storage import (
     run_shard,
 )
 from tests.storage.helpers import store_bytes, tiny_index_spec
-from tests.storage.object_store import S3Server, bucket_url, files, objects
+from tests.storage.object_store import S3Server, bucket_url, files, objects, upload
 
 QUERY = QuerySpec(timesteps=6, draws=2, seed=4)
 CPU = GradientComputerCache("cpu", threads=1)
@@ -47,9 +47,7 @@ def filled(location: object, run: TrainingRun) -> GradientStore:
 
 def uploaded(reference: Path, location: BucketLocation) -> GradientStore:
     """A byte copy of a local store put into the bucket (with boto3): a store there as well."""
-    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    for key, data in files(reference).items():
-        client.put_object(Bucket=location.bucket, Key=f"{location.prefix}/{key}", Body=data)
+    upload(reference, location.bucket, location.prefix)
     return GradientStore.open(location)
 
 

@@ -8,8 +8,9 @@ from importlib.metadata import version
 from fastapi import APIRouter, Response
 
 from api_schemas.common import CheckPublic, HealthPublic, ReadinessPublic
-from service.deps import SettingsDep
+from service.deps import RepositoryDep
 from service.queue import queue_check
+from storage import LocalLocation, Location, UnreachableStoreError
 
 router = APIRouter(tags=["health"])
 
@@ -29,16 +30,24 @@ async def health() -> HealthPublic:
     summary="The job queue answers and the stores root is readable",
     responses={503: {"model": ReadinessPublic, "description": "a dependency is not ready"}},
 )
-def ready(settings: SettingsDep, response: Response) -> ReadinessPublic:
-    root = settings.stores_root
-    usable = root.is_dir() and os.access(root, os.R_OK | os.W_OK | os.X_OK)
-    checks = {
-        "queue": queue_check(),
-        "stores": CheckPublic(
-            ok=usable, detail="the stores root is writable" if usable else "the stores root is not a writable folder"
-        ),
-    }
+def ready(repository: RepositoryDep, response: Response) -> ReadinessPublic:
+    checks = {"queue": queue_check(), "stores": _stores_check(repository.root)}
     answer = ReadinessPublic(ready=all(c.ok for c in checks.values()), checks=checks)
     if not answer.ready:
         response.status_code = 503
     return answer
+
+
+def _stores_check(root: Location) -> CheckPublic:
+    """A folder must be writable; a bucket must answer a listing of the stores' prefix (one request)."""
+    if isinstance(root, LocalLocation):
+        folder = root.folder
+        usable = folder.is_dir() and os.access(folder, os.R_OK | os.W_OK | os.X_OK)
+        return CheckPublic(
+            ok=usable, detail="the stores root is writable" if usable else "the stores root is not a writable folder"
+        )
+    try:
+        root.exists()
+    except UnreachableStoreError as error:
+        return CheckPublic(ok=False, detail=str(error))
+    return CheckPublic(ok=True, detail=f"the object store holding {root} answers")
