@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from diffusers.models.embeddings import LabelEmbedding
+from tqdm.auto import tqdm
 
 from retrac.exceptions import EvaluationError
 from retrac.models import Denoiser, architecture, class_conditioning
@@ -88,8 +89,9 @@ def generate(
                 batch_size=count, generator=generator, num_inference_steps=steps, output_type="pt"
             ).images
         return (images.float().cpu() * 2 - 1).clamp(-1, 1)
-    return _conditional_loop(unet, kind.from_config(scheduler.config), count, steps, generator, label,
-                             guidance_scale, null)
+    return _conditional_loop(
+        unet, kind.from_config(scheduler.config), count, steps, generator, label, guidance_scale, null, progress
+    )
 
 
 def _check_condition(unet: Denoiser, label: int | None, guidance_scale: float | None) -> int | None:
@@ -126,6 +128,7 @@ def _conditional_loop(
     label: int,
     guidance_scale: float | None,
     null: int | None,
+    progress: bool,
 ) -> torch.Tensor:
     """The pipelines' loop with every image under `label`: noise from `generator`, then per timestep
     the (guided) prediction and the scheduler's step (its variance noise from the same generator)."""
@@ -134,7 +137,7 @@ def _conditional_loop(
     labels = torch.full((count,), label, dtype=torch.int64)
     scheduler.set_timesteps(steps)
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
             if guidance_scale is None:
                 eps = unet(x, timestep=t.reshape(1).expand(count), class_labels=labels).sample
             else:
