@@ -167,7 +167,10 @@ def generate_command(
     count: Annotated[int, typer.Option(help="images to generate")] = 1,
     label: Annotated[
         str | None,
-        typer.Option(help="class to generate, for a class-conditional store: a class name or its integer"),
+        typer.Option(
+            help="class to generate, for a class-conditional store: a class name or its integer",
+            show_default="none: an unconditional store",
+        ),
     ] = None,
     guidance_scale: Annotated[
         float | None,
