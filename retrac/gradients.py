@@ -73,8 +73,8 @@ and bookkeeping; `bench/gradients.py` reports the split."""
 DEFAULT_CHUNK = 32
 """Samples per batched call. Memory per sample: the activations, plus the gradient of one parameter
 tensor at a time (layer-wise) or of all P parameters (vmap, and one backward per group: 2.8 MB for
-the tiny UNet). Smaller
-chunks ran slower per sample on a CPU (tiny UNet: 0.6x the rate at 4, 0.8x at 8, 16 about equal)."""
+the tiny UNet). Smaller chunks ran slower per sample on a CPU (tiny UNet: 0.6x the rate at 4, 0.8x
+at 8, 16 about equal)."""
 
 
 GROUP_BACKWARD_WORK = 10_000_000
