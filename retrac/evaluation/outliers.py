@@ -71,7 +71,7 @@ class OutlierConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
     grid: int = Field(8, ge=1, description="grid slots per sample: self-influence's query side")
-    noise: SlotNoise = Field("shared", description="grid slots' noise: shared by every sample, or a seed each")
+    noise: SlotNoise = Field("shared", description="grid slots' noise: shared by all samples, or a seed each")
     projector: ProjectorSpec = ProjectorSpec(kind="sketch", dim=4096, seed=0)
     seed: int = Field(0, ge=0)
 
@@ -145,7 +145,9 @@ def relative_norms(norms: Sequence[torch.Tensor], weights: Sequence[float], slot
     return score.numpy()
 
 
-def atypical_directions(chunks: Sequence[RowChunk], weights: Sequence[float], slots: Sequence[int]) -> np.ndarray:
+def atypical_directions(
+    chunks: Sequence[RowChunk], weights: Sequence[float], slots: Sequence[int]
+) -> np.ndarray:
     """`(N,)` the `atypical_direction` score from every row of each checkpoint (see the module docstring).
 
     Weights are normalised to sum to one, as in `relative_norms`; a zero gradient (no direction) scores 0.
@@ -156,7 +158,8 @@ def atypical_directions(chunks: Sequence[RowChunk], weights: Sequence[float], sl
     score = torch.zeros(chunks[0].projected.shape[0], dtype=torch.float64)
     for chunk, weight in zip(chunks, weights, strict=True):
         chosen = list(slots)
-        units = chunk.projected[:, chosen].double() * inverse_norms(chunk.norms[:, chosen]).double().unsqueeze(-1)
+        inverse = inverse_norms(chunk.norms[:, chosen]).double()
+        units = chunk.projected[:, chosen].double() * inverse.unsqueeze(-1)
         alignment = (units * units.mean(dim=0)).sum(dim=-1)  # (N, S'): u(z, t) . mean_n u(n, t)
         score -= weight / total * alignment.mean(dim=1)
     return score.numpy()
