@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quality.py --quick      # under 10 minutes on 2 CPU cores
     .venv/bin/python bench/quality.py              # the larger setting
+    .venv/bin/python bench/quality.py --quick --parts stability --curve 8,1 8,2 8,4 16,1 32,1
 
 Trains a tiny DDPM on real digits (with a replay record), then measures, per method (`tracin`,
 `retrac`) and estimator (`paper`: the replayed step against the query's mean over timesteps;
@@ -10,13 +11,14 @@ Trains a tiny DDPM on real digits (with a replay record), then measures, per met
 - `retrieval`: `self_retrieval_top1` (a training image as the query ranks itself first) and
   `near_duplicate_top3` (a 1-pixel shift, a JPEG re-encode at quality 75 or Gaussian noise of std 0.02
   ranks its source in the top 3), with the per-kind rates.
-- `copies`: a model trained long on 64 digits; its generated images whose nearest training image
+- `copies`: a `micro` model trained long on 64 digits at 8 px (4,000 full-batch steps; the quick
+  setting's 1,000 are too few to memorise: `copy_top3` is then null); its generated images whose nearest training image
   lies within `COPY_RMS` are copies, and `copy_top3` is the share that rank it in their top 3 (null
   when there is none); `nearest_top3` the same over every generated image.
 - `stability`: two indexes built with other slot seeds (the matched estimator's query noise is its
   index's) or, for the paper's estimator, whose replayed slot is fixed by the record, two query seeds:
   `seed_stability_top10` (top-10 overlap) and `seed_stability_spearman`, over held-out queries, at
-  the setting's (K, M) and as a curve over (K = grid slots, M).
+  the setting's (K, M) and as a curve over (K = grid slots, M) (`--curve` picks the points).
 
 - `lds`, `self_influence`, `norm_direction`: the counterfactual and outlier parts of `bench/lds.py`
   (their own models and data): `lds` and `lds_ci` per method and estimator and
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,8 @@ import lds as counterfactual  # noqa: E402  (bench/lds.py, beside this file)
 class Setting:
     """The sizes of one run of the bench."""
 
+    quick: bool
+    """Whether bench/lds.py's parts run their quick settings too."""
     train: int
     heldout: int
     resolution: int
@@ -83,13 +87,13 @@ class Setting:
 
 
 QUICK = Setting(
-    train=128, heldout=32, resolution=16, epochs=40, save_every=20, last_checkpoint_only=True,
+    quick=True, train=128, heldout=32, resolution=16, epochs=40, save_every=20, last_checkpoint_only=True,
     timesteps=16, draws=1, sketch=4096, retrieval_queries=32, curve=((8, 1), (8, 2), (16, 1)),
     copy_train=64, copy_resolution=8, copy_preset="micro", copy_batch=64, copy_lr=3e-3, copy_epochs=1000,
     copy_samples=64,
 )
 FULL = Setting(
-    train=320, heldout=64, resolution=16, epochs=60, save_every=20, last_checkpoint_only=False,
+    quick=False, train=320, heldout=64, resolution=16, epochs=60, save_every=20, last_checkpoint_only=False,
     timesteps=16, draws=1, sketch=4096, retrieval_queries=64,
     curve=((4, 1), (8, 1), (8, 2), (8, 4), (16, 1), (16, 2), (32, 1)),
     copy_train=64, copy_resolution=8, copy_preset="micro", copy_batch=64, copy_lr=3e-3, copy_epochs=4000,
@@ -230,10 +234,10 @@ def stability_part(setup: Setup) -> Figures:
     out: Figures = {"tracin": {}, "retrac": {}}
     for method, per_estimator in curve.items():
         for estimator, points in per_estimator.items():
-            at = next(p for p in points if (p["grid"], p["draws"]) == chosen)
+            at = next((p for p in points if (p["grid"], p["draws"]) == chosen), {})  # None: not on the curve
             out[method][estimator] = {
-                "seed_stability_top10": at["top10"],
-                "seed_stability_spearman": at["spearman"],
+                "seed_stability_top10": at.get("top10"),
+                "seed_stability_spearman": at.get("spearman"),
                 "seed_stability_curve": points,
             }
     return out
@@ -279,7 +283,7 @@ def copy_figures(setup: Setup, run: TrainingRun, training: ImageDataset) -> Figu
 
 def lds_part(setup: Setup) -> Figures:
     """bench/lds.py's LDS and removal check, laid out per method and estimator."""
-    found = counterfactual.lds_part(setup.scratch, quick=setup.setting is QUICK)
+    found = counterfactual.lds_part(setup.scratch, quick=setup.setting.quick)
     out: Figures = {
         method: {
             estimator: {"lds": value, "lds_ci": found["lds_ci"][method][estimator]}
@@ -295,14 +299,14 @@ def lds_part(setup: Setup) -> Figures:
 
 def self_influence_part(setup: Setup) -> Figures:
     """bench/lds.py's outlier detection on both planted mixtures (no query estimator involved)."""
-    found = counterfactual.self_influence_part(setup.scratch, quick=setup.setting is QUICK)
+    found = counterfactual.self_influence_part(setup.scratch, quick=setup.setting.quick)
     setup.extra.update(self_influence_auc=found["self_influence_auc"])
     return {}
 
 
 def norm_direction_part(setup: Setup) -> Figures:
     """bench/lds.py's norm-vs-timestep direction under MSE and L1 on the paper's schedule."""
-    found = counterfactual.norm_direction_part(setup.scratch, quick=setup.setting is QUICK)
+    found = counterfactual.norm_direction_part(setup.scratch, quick=setup.setting.quick)
     setup.extra.update(norm_direction=found["norm_direction"])
     return {}
 
@@ -321,14 +325,27 @@ def merge(into: Figures, figures: Figures) -> None:
             into.setdefault(method, {}).setdefault(estimator, {}).update(values)
 
 
+def grid_and_draws(text: str) -> tuple[int, int]:
+    """`K,M` from the command line."""
+    try:
+        grid, draws = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K,M (two integers), got {text!r}") from None
+    return grid, draws
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the smaller setting (under 10 minutes on 2 cores)")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS), help="parts to run")
+    parser.add_argument("--curve", nargs="+", type=grid_and_draws, metavar="K,M",
+                        help="the stability part's (grid slots, draws) points instead of the setting's")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # one thread: two contending processes run torch far slower on 2 cores
     setting = QUICK if args.quick else FULL
+    if args.curve:
+        setting = replace(setting, curve=tuple(args.curve))
     with tempfile.TemporaryDirectory() as folder:
         setup, train_s = prepare(setting, Path(folder))
         report: dict[str, Any] = {"setting": asdict(setting), "wall_s": {"train": train_s}, "cpu_s": {}}
