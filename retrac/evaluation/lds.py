@@ -103,8 +103,11 @@ class LdsConfig(BaseModel):
     def quick(cls) -> LdsConfig:
         """32 micro models on half of 128 digits at 8 px: a few minutes on 2 cores. The index holds
         shared-noise grid slots at the query's K, M and seed besides the replayed step, so both
-        estimators are scored."""
-        return cls(slots=matched_slots_for(cls.model_fields["query"].default))
+        estimators are scored, projected by a count sketch of k = 4,096: full-length rows of 11 slots
+        make the band parts of every sample for every query (the attribution path ranks all N)
+        take 12 GB at 45k parameters."""
+        return cls(slots=matched_slots_for(cls.model_fields["query"].default),
+                   projector=ProjectorSpec(kind="sketch", dim=4096, seed=0))
 
     @classmethod
     def smoke(cls) -> LdsConfig:
