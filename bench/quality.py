@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quality.py --quick      # under 10 minutes on 2 CPU cores
     .venv/bin/python bench/quality.py              # the larger setting
+    .venv/bin/python bench/quality.py --quick --parts stability --curve 8,1 8,2 8,4 16,1 32,1
 
 Trains a tiny DDPM on real digits (with a replay record), then measures, per method (`tracin`,
 `retrac`) and estimator (`paper`: the replayed step against the query's mean over timesteps;
@@ -10,13 +11,14 @@ Trains a tiny DDPM on real digits (with a replay record), then measures, per met
 - `retrieval`: `self_retrieval_top1` (a training image as the query ranks itself first) and
   `near_duplicate_top3` (a 1-pixel shift, a JPEG re-encode at quality 75 or Gaussian noise of std 0.02
   ranks its source in the top 3), with the per-kind rates.
-- `copies`: a model trained long on 64 digits; its generated images whose nearest training image
+- `copies`: a `micro` model trained long on 64 digits at 8 px (4,000 full-batch steps; the quick
+  setting's 1,000 are too few to memorise: `copy_top3` is then null); its generated images whose nearest training image
   lies within `COPY_RMS` are copies, and `copy_top3` is the share that rank it in their top 3 (null
   when there is none); `nearest_top3` the same over every generated image.
 - `stability`: two indexes built with other slot seeds (the matched estimator's query noise is its
   index's) or, for the paper's estimator, whose replayed slot is fixed by the record, two query seeds:
   `seed_stability_top10` (top-10 overlap) and `seed_stability_spearman`, over held-out queries, at
-  the setting's (K, M) and as a curve over (K = grid slots, M).
+  the setting's (K, M) and as a curve over (K = grid slots, M) (`--curve` picks the points).
 
 - `lds`, `self_influence`, `norm_direction`: the counterfactual and outlier parts of `bench/lds.py`
   (their own models and data): `lds` and `lds_ci` per method and estimator and
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,8 @@ import lds as counterfactual  # noqa: E402  (bench/lds.py, beside this file)
 class Setting:
     """The sizes of one run of the bench."""
 
+    quick: bool
+    """Whether bench/lds.py's parts run their quick settings too."""
     train: int
     heldout: int
     resolution: int
@@ -74,20 +78,33 @@ class Setting:
     retrieval_queries: int
     curve: tuple[tuple[int, int], ...]
     copy_train: int
+    copy_resolution: int
+    copy_preset: str
+    copy_batch: int
+    copy_lr: float
     copy_epochs: int
     copy_samples: int
 
 
 QUICK = Setting(
-    train=128, heldout=32, resolution=16, epochs=40, save_every=20, last_checkpoint_only=True,
-    timesteps=8, draws=2, sketch=4096, retrieval_queries=32, curve=((4, 1), (8, 1), (8, 2)),
-    copy_train=64, copy_epochs=300, copy_samples=64,
+    quick=True, train=128, heldout=32, resolution=16, epochs=40, save_every=20, last_checkpoint_only=True,
+    timesteps=16, draws=1, sketch=4096, retrieval_queries=32, curve=((8, 1), (8, 2), (16, 1)),
+    copy_train=64, copy_resolution=8, copy_preset="micro", copy_batch=64, copy_lr=3e-3, copy_epochs=1000,
+    copy_samples=64,
 )
 FULL = Setting(
-    train=320, heldout=64, resolution=16, epochs=60, save_every=20, last_checkpoint_only=False,
-    timesteps=8, draws=2, sketch=4096, retrieval_queries=64, curve=((4, 1), (8, 1), (8, 2), (16, 2), (16, 4)),
-    copy_train=64, copy_epochs=600, copy_samples=128,
+    quick=False, train=320, heldout=64, resolution=16, epochs=60, save_every=20, last_checkpoint_only=False,
+    timesteps=16, draws=1, sketch=4096, retrieval_queries=64,
+    curve=((4, 1), (8, 1), (8, 2), (8, 4), (16, 1), (16, 2), (32, 1)),
+    copy_train=64, copy_resolution=8, copy_preset="micro", copy_batch=64, copy_lr=3e-3, copy_epochs=4000,
+    copy_samples=128,
 )
+"""The recommended setting is K = 16 grid slots of M = 1 draw each: the cheapest point of the measured
+curve whose matched ReTrac rankings are stable (docs/experiment.md). Averaging M draws into one slot
+estimates the cosine of the mean gradients, another quantity than the mean cosine over draws that
+more timesteps of one draw each estimate, so M > 1 costs as much as more K and is less stable.
+The copies part trains the `micro` UNet at the digits' own 8 px, one full batch per step: a model
+memorises 64 images within a few thousand steps there, which 2 CPU cores can afford."""
 
 COPY_RMS = 0.05
 """A generated image is a copy of its nearest training image when their RMS pixel distance (on the
@@ -130,22 +147,21 @@ class Setup:
 
 
 def train_digits(
-    count: int, setting: Setting, epochs: int, save_every: int, folder: Path
+    count: int, resolution: int, folder: Path, **recipe: Any
 ) -> tuple[TrainingRun, ImageDataset]:
-    """A tiny DDPM (mse) trained `epochs` epochs on the first `count` digits, with its replay record."""
-    data = DatasetSpec(source="builtin:digits", resolution=setting.resolution, limit=count)
+    """A DDPM (mse) trained on the first `count` digits with `recipe` (TrainSpec fields: preset,
+    epochs, batch_size, lr, save_every), with its replay record."""
+    data = DatasetSpec(source="builtin:digits", resolution=resolution, limit=count)
     training = load_dataset(data)
-    spec = TrainSpec(
-        dataset=data, preset="tiny", loss="mse", epochs=epochs, batch_size=32, lr=1e-3,
-        save_every=save_every, seed=0,
-    )
+    spec = TrainSpec(dataset=data, loss="mse", seed=0, **recipe)
     return train(spec, training, folder), training
 
 
 def prepare(setting: Setting, folder: Path) -> tuple[Setup, float]:
     """Train the shared run (the first `setting.train` digits); the next `setting.heldout` are held out."""
     started = time.perf_counter()
-    run, training = train_digits(setting.train, setting, setting.epochs, setting.save_every, folder / "run")
+    run, training = train_digits(setting.train, setting.resolution, folder / "run", preset="tiny",
+                                 epochs=setting.epochs, batch_size=32, lr=1e-3, save_every=setting.save_every)
     everything = load_dataset(run.spec.dataset.model_copy(update={"limit": setting.train + setting.heldout}))
     setup = Setup(setting, run, run.spec.dataset, training, everything.images[setting.train :], folder)
     return setup, time.perf_counter() - started
@@ -218,10 +234,10 @@ def stability_part(setup: Setup) -> Figures:
     out: Figures = {"tracin": {}, "retrac": {}}
     for method, per_estimator in curve.items():
         for estimator, points in per_estimator.items():
-            at = next(p for p in points if (p["grid"], p["draws"]) == chosen)
+            at = next((p for p in points if (p["grid"], p["draws"]) == chosen), {})  # None: not on the curve
             out[method][estimator] = {
-                "seed_stability_top10": at["top10"],
-                "seed_stability_spearman": at["spearman"],
+                "seed_stability_top10": at.get("top10"),
+                "seed_stability_spearman": at.get("spearman"),
                 "seed_stability_curve": points,
             }
     return out
@@ -232,15 +248,25 @@ def copy_part(setup: Setup) -> Figures:
     training image within `COPY_RMS`) should retrieve that image in their top 3."""
     setting = setup.setting
     epochs = setting.copy_epochs
-    run, training = train_digits(setting.copy_train, setting, epochs, epochs, setup.scratch / "copies")  # one checkpoint
-    model = IndexPlan.resolve(IndexSpec(dataset=run.spec.dataset, run=str(run.folder))).load_model(0)
+    run, training = train_digits(
+        setting.copy_train, setting.copy_resolution, setup.scratch / "copies", preset=setting.copy_preset,
+        epochs=epochs, batch_size=setting.copy_batch, lr=setting.copy_lr, save_every=epochs,  # one checkpoint
+    )
+    return copy_figures(setup, run, training)
+
+
+def copy_figures(setup: Setup, run: TrainingRun, training: ImageDataset) -> Figures:
+    """The copies part's figures for a trained `run` on `training`, generated by its last checkpoint."""
+    setting = setup.setting
+    plan = IndexPlan.resolve(IndexSpec(dataset=run.spec.dataset, run=str(run.folder)))
+    model = plan.load_model(len(plan.checkpoints) - 1)
     generated = generate(model.unet, model.scheduler, setting.copy_samples, sampler="ddim", steps=50, seed=3)
     nearest, rms = retrieval.nearest_training(generated, training.images)
     copies = np.flatnonzero(rms <= COPY_RMS)
     found = {
         "copies_found": int(len(copies)), "copy_generated": setting.copy_samples,
         "copy_rms_quartiles": [float(v) for v in np.quantile(rms, [0.25, 0.5, 0.75])],
-        "copy_epochs": epochs,
+        "copy_epochs": run.spec.epochs,
     }
     attributor = setup.attributor(setting.timesteps, setting.draws, SEEDS[0], run=run)
     vectors = query(attributor, generated)
@@ -257,7 +283,7 @@ def copy_part(setup: Setup) -> Figures:
 
 def lds_part(setup: Setup) -> Figures:
     """bench/lds.py's LDS and removal check, laid out per method and estimator."""
-    found = counterfactual.lds_part(setup.scratch, quick=setup.setting is QUICK)
+    found = counterfactual.lds_part(setup.scratch, quick=setup.setting.quick)
     out: Figures = {
         method: {
             estimator: {"lds": value, "lds_ci": found["lds_ci"][method][estimator]}
@@ -273,14 +299,14 @@ def lds_part(setup: Setup) -> Figures:
 
 def self_influence_part(setup: Setup) -> Figures:
     """bench/lds.py's outlier detection on both planted mixtures (no query estimator involved)."""
-    found = counterfactual.self_influence_part(setup.scratch, quick=setup.setting is QUICK)
+    found = counterfactual.self_influence_part(setup.scratch, quick=setup.setting.quick)
     setup.extra.update(self_influence_auc=found["self_influence_auc"])
     return {}
 
 
 def norm_direction_part(setup: Setup) -> Figures:
     """bench/lds.py's norm-vs-timestep direction under MSE and L1 on the paper's schedule."""
-    found = counterfactual.norm_direction_part(setup.scratch, quick=setup.setting is QUICK)
+    found = counterfactual.norm_direction_part(setup.scratch, quick=setup.setting.quick)
     setup.extra.update(norm_direction=found["norm_direction"])
     return {}
 
@@ -299,14 +325,27 @@ def merge(into: Figures, figures: Figures) -> None:
             into.setdefault(method, {}).setdefault(estimator, {}).update(values)
 
 
+def grid_and_draws(text: str) -> tuple[int, int]:
+    """`K,M` from the command line."""
+    try:
+        grid, draws = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K,M (two integers), got {text!r}") from None
+    return grid, draws
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the smaller setting (under 10 minutes on 2 cores)")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS), help="parts to run")
+    parser.add_argument("--curve", nargs="+", type=grid_and_draws, metavar="K,M",
+                        help="the stability part's (grid slots, draws) points instead of the setting's")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # one thread: two contending processes run torch far slower on 2 cores
     setting = QUICK if args.quick else FULL
+    if args.curve:
+        setting = replace(setting, curve=tuple(args.curve))
     with tempfile.TemporaryDirectory() as folder:
         setup, train_s = prepare(setting, Path(folder))
         report: dict[str, Any] = {"setting": asdict(setting), "wall_s": {"train": train_s}, "cpu_s": {}}

@@ -2,8 +2,9 @@
 
 Computed from the stored slots alone (method.md section 4), so it needs a store with grid slots.
 Three rankings: self-influence under TracIn and under ReTrac, and the timestep-relative gradient norm
-(`retrac.evaluation.outliers`), the best outlier score measured; where the training samples carry
-groups, each group's ROC AUC under each ranking.
+(`retrac.evaluation.outliers`); where the training samples carry groups, each group's ROC AUC under
+each ranking. Samples are compared slot by slot, so a store whose grid slots share their noise
+(`retrac index create --slot-noise shared`) ranks outliers far better: docs/experiment.md.
 """
 
 from __future__ import annotations

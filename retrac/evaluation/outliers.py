@@ -13,6 +13,14 @@ Outlier scores, higher meaning more suspect (`outlier_scores`):
   `log(||g(z, t)|| / median_n ||g(n, t)||)`: how large a sample's exact gradient is next to every
   other sample's at the same timestep. Dividing by the population at t removes the timestep's own
   scale, the bias ReTrac removes from scores, without discarding magnitude, which self-influence needs.
+- `atypical_direction`: minus the mean over checkpoints (by weight) and grid slots of
+  `u(z, t) . mean_n u(n, t)`, `u = g / ||g||`: minus the mean cosine of a sample's gradient with every
+  training sample's at the same slot, i.e. minus the matched ReTrac influence of the sample on the
+  average training sample. A sample that training on helps the others least is unlike them.
+
+Both compare samples slot by slot, so the slots should share their noise across samples
+(`OutlierConfig.noise = "shared"`, common random numbers): with a noise image of its own per sample
+and slot, most of a gradient's norm and direction at a given timestep is that noise's, not the image's.
 
 `detect_outliers` trains on one mixture, indexes every sample in memory (the replayed step plus grid
 slots), scores them as `retrac self-influence` does, and reports each score's ROC AUC and recall.
@@ -28,12 +36,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from api_schemas import DatasetSpec, IndexSpec, LossKind, ProjectorSpec, SlotSpec, TrainSpec
+from api_schemas import DatasetSpec, IndexSpec, LossKind, ProjectorSpec, SlotNoise, SlotSpec, TrainSpec
 from retrac.attribution import Attributor
 from retrac.datasets import ImageDataset, load_dataset, outlier_mixture
 from retrac.evaluation import metrics
 from retrac.evaluation.experiment import Clock, save_npz
 from retrac.exceptions import SpecError
+from retrac.gradients import inverse_norms
 from retrac.plan import IndexPlan
 from retrac.scoring import METHODS, RowChunk, self_influence, self_influence_slots
 from retrac.training import train
@@ -43,7 +52,7 @@ MIXES: tuple[MixName, ...] = ("patches+zeros", "digits+faces")
 OUTLIER_SHARE = 0.04
 """Planted outliers per training sample, as in `builtin:outliers`."""
 OUTLIER = "outlier"
-OUTLIER_SCORES = (*METHODS, "relative_norm")
+OUTLIER_SCORES = (*METHODS, "relative_norm", "atypical_direction")
 """Every outlier score `outlier_scores` gives, in order."""
 
 
@@ -62,6 +71,7 @@ class OutlierConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
     grid: int = Field(8, ge=1, description="grid slots per sample: self-influence's query side")
+    noise: SlotNoise = Field("shared", description="grid slots' noise: shared by all samples, or a seed each")
     projector: ProjectorSpec = ProjectorSpec(kind="sketch", dim=4096, seed=0)
     seed: int = Field(0, ge=0)
 
@@ -101,7 +111,7 @@ def detect_outliers(config: OutlierConfig, out_dir: str | Path) -> OutlierResult
                          batch_size=config.batch_size, lr=config.lr, save_every=config.save_every, seed=config.seed)
         train(spec, data, out / "run")
     with clock("index"):
-        slots = SlotSpec(replay=True, grid=config.grid, seed=config.seed)
+        slots = SlotSpec(replay=True, grid=config.grid, noise=config.noise, seed=config.seed)
         plan = IndexPlan.resolve(IndexSpec(dataset=dataset, run=str(out / "run"), slots=slots,
                                            projector=config.projector))
         rows = Attributor(plan).index()
@@ -135,6 +145,26 @@ def relative_norms(norms: Sequence[torch.Tensor], weights: Sequence[float], slot
     return score.numpy()
 
 
+def atypical_directions(
+    chunks: Sequence[RowChunk], weights: Sequence[float], slots: Sequence[int]
+) -> np.ndarray:
+    """`(N,)` the `atypical_direction` score from every row of each checkpoint (see the module docstring).
+
+    Weights are normalised to sum to one, as in `relative_norms`; a zero gradient (no direction) scores 0.
+    """
+    total = float(sum(weights))
+    if not slots or total <= 0:
+        raise SpecError("the atypical-direction score needs grid slots and checkpoints of positive weight")
+    score = torch.zeros(chunks[0].projected.shape[0], dtype=torch.float64)
+    for chunk, weight in zip(chunks, weights, strict=True):
+        chosen = list(slots)
+        inverse = inverse_norms(chunk.norms[:, chosen]).double()
+        units = chunk.projected[:, chosen].double() * inverse.unsqueeze(-1)
+        alignment = (units * units.mean(dim=0)).sum(dim=-1)  # (N, S'): u(z, t) . mean_n u(n, t)
+        score -= weight / total * alignment.mean(dim=1)
+    return score.numpy()
+
+
 def outlier_scores(
     chunks: Sequence[RowChunk], weights: Sequence[float], slot_kinds: Sequence[str]
 ) -> dict[str, np.ndarray]:
@@ -142,4 +172,7 @@ def outlier_scores(
     train_slots, query_slots = self_influence_slots(slot_kinds)
     influence = self_influence(chunks, weights, train_slots, query_slots)
     scores = {m: influence[m].numpy() for m in METHODS}
-    return scores | {"relative_norm": relative_norms([c.norms for c in chunks], weights, query_slots)}
+    return scores | {
+        "relative_norm": relative_norms([c.norms for c in chunks], weights, query_slots),
+        "atypical_direction": atypical_directions(chunks, weights, query_slots),
+    }

@@ -163,3 +163,10 @@ def test_a_retrained_model_in_a_worker_gives_the_losses_computed_here(smoke) -> 
                      config.query)
     # One thread in both processes, the same machine: the same bytes, so the same losses.
     assert train_and_measure(job).tolist() == report.actual_losses[0]
+
+
+def test_the_quick_preset_indexes_the_slots_of_every_estimator() -> None:
+    config = LdsConfig.quick()
+    slots, query = config.slots, config.query
+    assert slots.replay and slots.noise == "shared"
+    assert (slots.grid, slots.draws, slots.seed) == (query.timesteps, query.draws, query.seed)

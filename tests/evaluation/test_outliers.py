@@ -16,11 +16,13 @@ from retrac.evaluation.outliers import (
     OUTLIER,
     OUTLIER_SCORES,
     OutlierConfig,
+    atypical_directions,
     detect_outliers,
     planted_mix,
     relative_norms,
 )
 from retrac.exceptions import SpecError
+from retrac.scoring import RowChunk
 
 torch.set_num_threads(1)
 
@@ -42,6 +44,35 @@ def test_relative_norms_match_a_loop_over_checkpoints_samples_and_slots() -> Non
     assert relative_norms(norms, weights, slots) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(SpecError, match="needs grid slots"):
         relative_norms(norms, weights, [])
+
+
+def test_atypical_directions_match_a_loop_of_cosines_with_every_sample() -> None:
+    rng = np.random.default_rng(1)
+    projected = [torch.tensor(rng.normal(size=(4, 3, 5)), dtype=torch.float32) for _ in range(2)]
+    projected[0][3, 2] = 0.0  # a zero gradient has no direction: it adds 0 to everyone's mean
+    chunks = [RowChunk(p, p.norm(dim=-1)) for p in projected]
+    weights, slots = [1.0, 3.0], [1, 2]
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+        size = float(a.norm() * b.norm())
+        return float(a @ b) / size if size else 0.0
+
+    expected = []
+    for n in range(4):
+        total = 0.0
+        for c in range(2):
+            for s in slots:
+                mean_cosine = sum(cosine(projected[c][n, s], projected[c][m, s]) for m in range(4)) / 4
+                total -= weights[c] / 4.0 * mean_cosine / len(slots)
+        expected.append(total)
+    assert atypical_directions(chunks, weights, slots) == pytest.approx(expected, rel=1e-6)
+    # a sample pointing against the other three at every slot is the most atypical
+    lone = torch.ones(4, 1, 5)
+    lone[2] = -1.0
+    found = atypical_directions([RowChunk(lone, lone.norm(dim=-1))], [1.0], [0])
+    assert int(np.argmax(found)) == 2 and found[2] == pytest.approx(0.5) and found[0] == pytest.approx(-0.5)
+    with pytest.raises(SpecError, match="needs grid slots"):
+        atypical_directions(chunks, weights, [])
 
 
 def test_group_auc_is_one_against_the_rest_per_group() -> None:
