@@ -151,11 +151,16 @@ class QuerySpec(Spec):
     @field_validator("label")
     @classmethod
     def _short_label(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, str) and not 1 <= len(value) <= MAX_LABEL_LENGTH:
-            raise ValueError(f"a label is 1 to {MAX_LABEL_LENGTH} characters")
-        if isinstance(value, int) and value < 0:
-            raise ValueError("a label's integer is at least 0")
-        return value
+        return check_label(value)
+
+
+def check_label(value: int | str | None) -> int | str | None:
+    """A query's label as given, if it can name a class: a short name or an integer >= 0."""
+    if isinstance(value, str) and not 1 <= len(value) <= MAX_LABEL_LENGTH:
+        raise ValueError(f"a label is 1 to {MAX_LABEL_LENGTH} characters")
+    if isinstance(value, int) and value < 0:
+        raise ValueError("a label's integer is at least 0")
+    return value
 
 
 class TrainSpec(Spec):

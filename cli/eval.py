@@ -194,25 +194,17 @@ def generate_command(
     from PIL import Image
 
     from cli.common import store_location, validated
-    from retrac.conditions import CLASS_LABELS, query_conditions
     from retrac.datasets import ImageDataset, load_image_file
-    from retrac.evaluation.sampling import generate
-    from retrac.exceptions import SpecError
+    from retrac.evaluation.sampling import generate_for_index
     from storage import GradientStore, attribute
 
     opened = GradientStore.open(store_location(store))
     plan = opened.plan
-    if plan.latent_space is not None:
-        raise SpecError("generating from a latent model (a VAE beside its denoiser) is not handled")
     query = validated(QuerySpec, {"timesteps": timesteps, "draws": draws, "label": label})
-    conditions = query_conditions(plan.classes, label, 1)
-    integer = int(conditions.tensors[CLASS_LABELS][0]) if conditions else None
-    last = len(plan.checkpoints) - 1
-    model = plan.load_model(last)
-    images = generate(
-        model.unet, model.scheduler, count, sampler=sampler, steps=steps, seed=seed, label=integer,
-        guidance_scale=guidance_scale,
+    made = generate_for_index(
+        plan, count, label=label, guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed
     )
+    images, last = made.images, made.checkpoint
     out.mkdir(parents=True, exist_ok=True)
     generated = ImageDataset(images, tuple(f"generated-{i:03d}" for i in range(count)), "generated")
     condition = {"label": label, "guidance_scale": guidance_scale, "sampler": sampler, "steps": steps}

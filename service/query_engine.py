@@ -1,5 +1,5 @@
 """Queries against an index: checked against the service's limits, their gradients computed one at a
-time, turned into `api_schemas` answers.
+time, turned into `api_schemas` answers; generated query images, sampled under the same lock.
 
 Query gradients one at a time, because a shared gradient computer is not thread-safe:
 `torch.func.functional_call` swaps its UNet's parameters while it runs. Scans only read (an opened
@@ -10,6 +10,7 @@ service processes (`retrac serve --workers N`, docs/deployment.md) or machines.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import weakref
@@ -20,8 +21,12 @@ import torch
 
 from api_schemas import Method
 from api_schemas.attribution import AttributionsPublic, QueryOptions, TimingsPublic
+from api_schemas.generation import GeneratedImagePublic, GenerateRequest, GenerationPublic
 from retrac.computers import GradientComputerCache
+from retrac.datasets import ImageDataset
+from retrac.evaluation.sampling import generate_for_index
 from retrac.exceptions import SpecError
+from service.images import png_bytes
 from service.settings import Settings
 from storage import GradientStore, StoredNorms, attribute, stored_norms, self_influence
 
@@ -78,6 +83,36 @@ class QueryEngine:
                 total_s=time.perf_counter() - started,
             ),
         )
+
+    def generate(self, name: str, store: GradientStore, request: GenerateRequest) -> GenerationPublic:
+        """Images sampled from the store's last checkpoint as PNGs, each with its condition.
+
+        Sampling runs under the gradient lock with the cache's fixed thread count, as query gradients do:
+        it is the same kind of work on the same CPU, and the same seed gives the same bytes.
+        """
+        with self._lock, self.models.compute():
+            made = generate_for_index(
+                store.plan,
+                request.count,
+                label=request.label,
+                guidance_scale=request.guidance_scale,
+                sampler=request.sampler,
+                steps=request.steps,
+                seed=request.seed,
+            )
+        images = ImageDataset(made.images, tuple(str(i) for i in range(request.count)), "generated")
+        condition = request.model_dump(include={"label", "guidance_scale", "sampler", "seed"})
+        data = [
+            GeneratedImagePublic(
+                png_base64=base64.b64encode(png_bytes(images.to_uint8(i))).decode(),
+                image=i,
+                steps=made.steps,
+                checkpoint=made.checkpoint,
+                **condition,
+            )
+            for i in range(request.count)
+        ]
+        return GenerationPublic(index=name, data=data, count=len(data))
 
     def self_influence(self, store: GradientStore) -> dict[Method, np.ndarray]:
         """Self-influence `(N,)` per method over all checkpoints, computed once per opened store."""

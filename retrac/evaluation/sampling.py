@@ -15,15 +15,20 @@ generated with is the one its attribution must be asked under (`retrac eval gene
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from diffusers.models.embeddings import LabelEmbedding
 from tqdm.auto import tqdm
 
-from retrac.exceptions import EvaluationError
+from retrac.conditions import CLASS_LABELS, query_conditions
+from retrac.exceptions import EvaluationError, SpecError
 from retrac.models import Denoiser, architecture, class_conditioning
+
+if TYPE_CHECKING:
+    from retrac.plan import IndexPlan
 
 SamplerKind = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[SamplerKind, ...] = ("ddpm", "ddim")
@@ -55,6 +60,11 @@ def guided_prediction(
     return unconditional + scale * (conditional - unconditional)
 
 
+def default_steps(scheduler: DDPMScheduler, sampler: SamplerKind) -> int:
+    """Denoising steps when none are given: the full schedule (T) for DDPM, 50 for DDIM."""
+    return int(scheduler.config.num_train_timesteps) if sampler == "ddpm" else DDIM_DEFAULT_STEPS
+
+
 def generate(
     unet: Denoiser,
     scheduler: DDPMScheduler,
@@ -78,7 +88,7 @@ def generate(
         raise EvaluationError(f"need at least one image to generate, got {count}")
     null = _check_condition(unet, label, guidance_scale)
     kind = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-    steps = steps or (scheduler.config.num_train_timesteps if sampler == "ddpm" else DDIM_DEFAULT_STEPS)
+    steps = steps or default_steps(scheduler, sampler)
     generator = torch.Generator("cpu").manual_seed(seed)
     if label is None:
         pipeline_kind = DDPMPipeline if sampler == "ddpm" else DDIMPipeline
@@ -144,3 +154,39 @@ def _conditional_loop(
                 eps = guided_prediction(unet, x, t, labels, guidance_scale, null)  # type: ignore[arg-type]
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return (x / 2 + 0.5).clamp(0, 1) * 2 - 1
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Images an index's model generated, with the checkpoint position (in the plan) that made them and
+    the denoising steps taken."""
+
+    images: torch.Tensor
+    checkpoint: int
+    steps: int
+
+
+def generate_for_index(
+    plan: IndexPlan,
+    count: int,
+    *,
+    label: int | str | None = None,
+    guidance_scale: float | None = None,
+    sampler: SamplerKind = "ddim",
+    steps: int | None = None,
+    seed: int = 0,
+) -> Generated:
+    """`generate` from an index's last checkpoint (on the CPU), `label` a class name or its integer as
+    a query gives it; refused for a latent model, whose images would need the VAE's decoder."""
+    if plan.latent_space is not None:
+        raise SpecError("generating from a latent model (a VAE beside its denoiser) is not handled")
+    conditions = query_conditions(plan.classes, label, 1)
+    integer = int(conditions.tensors[CLASS_LABELS][0]) if conditions else None
+    last = len(plan.checkpoints) - 1
+    model = plan.load_model(last)
+    steps = steps or default_steps(model.scheduler, sampler)
+    images = generate(
+        model.unet, model.scheduler, count, sampler=sampler, steps=steps, seed=seed, label=integer,
+        guidance_scale=guidance_scale,
+    )
+    return Generated(images, last, steps)

@@ -2,10 +2,10 @@
 
 from fastapi import APIRouter
 
-from service.api.routes import attribute, diagnostics, health, indexes, jobs, samples
+from service.api.routes import attribute, diagnostics, generate, health, indexes, jobs, samples
 
 API_PREFIX = "/v1"
 
 api_router = APIRouter(prefix=API_PREFIX)
-for module in (health, indexes, jobs, attribute, samples, diagnostics):
+for module in (health, indexes, jobs, attribute, generate, samples, diagnostics):
     api_router.include_router(module.router)

@@ -121,6 +121,23 @@ def test_http_answers_under_the_label_and_refuses_a_missing_one(built: Built, cl
     assert client.get(f"/v1/indexes/{INDEX}").json()["classes"] is None
 
 
+def test_generate_refuses_guidance_without_a_null_class_and_a_label_unconditionally(
+    built: Built, client: TestClient
+) -> None:
+    """POST /generate of a class-conditional UNet under a label answers; with a guidance scale it is
+    refused in one line (no null class), as is a label sent to an unconditional index."""
+    with TestClient(create_app(built.settings), headers={"X-API-Key": API_KEY}) as session:
+        url = f"/v1/indexes/{STORE}/generate"
+        made = session.post(url, json={"label": "two", "steps": 2})
+        assert made.status_code == 200, made.text
+        assert [(g["label"], g["guidance_scale"], g["steps"]) for g in made.json()["data"]] == [("two", None, 2)]
+        guided = session.post(url, json={"label": "two", "steps": 2, "guidance_scale": 3.0})
+        assert guided.status_code == 400, guided.text
+        assert "\n" not in guided.json()["detail"] and "has no null class" in guided.json()["detail"]
+    refused = client.post(f"/v1/indexes/{INDEX}/generate", json={"label": 1, "steps": 2})
+    assert refused.status_code == 422 and "unconditional: it takes no label" in refused.json()["detail"]
+
+
 @pytest.mark.redis
 def test_create_refuses_a_dataset_without_labels_in_one_line(built: Built) -> None:
     """POST /v1/indexes of the class-conditional run over data without class labels: a 422 before any store is written."""

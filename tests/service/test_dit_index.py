@@ -4,6 +4,8 @@ the same label; a learned-sigma DiT refused by POST /v1/indexes in one line."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,17 +14,22 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from api_schemas import QuerySpec
 from api_schemas.attribution import AttributionsPublic
+from api_schemas.generation import GenerationPublic
 from cli import main
 from retrac.attribution import Attributor
+from retrac.datasets import ImageDataset
+from retrac.evaluation.sampling import generate
 from service.main import create_app
 from service.settings import Settings
 from storage import GradientStore
 from tests.retrac.dit_model import save_dit_pipeline
 from tests.service.conftest import API_KEY, QUERY
 from tests.service.test_attribute import assert_matches, png
+from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 STORE = "dit"
 KNOBS = [f"--{name.replace('_', '-')}={QUERY[name]}" for name in ("top_k", "timesteps", "draws")]
@@ -57,8 +64,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return Built(settings, store, reference, query)
 
 
-def expected(built: Built, label: int | str) -> list:
-    image = torch.from_numpy(built.query.copy()).float().div(255).mul(2).sub(1)[None, None]
+def expected(built: Built, label: int | str, query: np.ndarray | None = None) -> list:
+    pixels = built.query if query is None else query
+    image = torch.from_numpy(pixels.copy()).float().div(255).mul(2).sub(1)[None, None]
     spec = QuerySpec(timesteps=QUERY["timesteps"], draws=QUERY["draws"], seed=QUERY["seed"], label=label)
     return built.reference.attribute(image, spec, top_k=QUERY["top_k"])
 
@@ -140,3 +148,36 @@ def test_eval_generate_records_the_label_and_attributes_under_it(
     assert main(["eval", "generate", str(built.store), "--steps", "2", "--out", str(tmp_path / "none")]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "give the query's label" in error
+
+
+def test_http_generates_under_a_label_with_guidance_and_attributes_it(built: Built) -> None:
+    """POST /generate: each PNG equals `generate()` on the pipeline folder loaded by plain diffusers with
+    the same arguments, its record says what made it, and uploading it under its label answers as the
+    in-memory engine does; a label the model lacks is refused in one line."""
+    body = {"count": 2, "label": "3", "guidance_scale": 2.5, "sampler": "ddim", "steps": 3, "seed": 7}
+    with TestClient(create_app(built.settings), headers={"X-API-Key": API_KEY}) as session:
+        response = session.post(f"/v1/indexes/{STORE}/generate", json=body)
+        assert response.status_code == 200, response.text
+        answer = GenerationPublic.model_validate(response.json())
+        folder = built.settings.models_root / "dit"
+        direct = generate(DiTTransformer2DModel.from_pretrained(folder / "transformer"),
+                          DDPMScheduler.from_pretrained(folder / "scheduler"), 2, sampler="ddim", steps=3,
+                          seed=7, label=3, guidance_scale=2.5)
+        want = ImageDataset(direct, ("0", "1"), "direct")
+        assert answer.count == 2 and [g.image for g in answer.data] == [0, 1]
+        for i, made in enumerate(answer.data):
+            assert (made.label, made.guidance_scale, made.sampler, made.steps, made.seed, made.checkpoint) == (
+                "3", 2.5, "ddim", 3, 7, 0)
+            pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(made.png_base64))))
+            np.testing.assert_array_equal(pixels, want.to_uint8(i))
+        made = answer.data[1]
+        files = {"images": ("generated.png", base64.b64decode(made.png_base64), "image/png")}
+        attributed = session.post(f"/v1/indexes/{STORE}/attribute/upload", files=files,
+                                  data={**QUERY, "label": made.label})
+        assert attributed.status_code == 200, attributed.text
+        assert_matches(AttributionsPublic.model_validate(attributed.json()), expected(built, 3, want.to_uint8(1)))
+        refused = session.post(f"/v1/indexes/{STORE}/generate", json={**body, "label": 12})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["detail"].startswith("label '12' is not a class of this index; give one of: 0 (0)")
+        too_many = session.post(f"/v1/indexes/{STORE}/generate", json={**body, "count": 9})
+        assert too_many.status_code == 422, too_many.text

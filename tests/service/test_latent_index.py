@@ -57,6 +57,9 @@ def test_a_latent_pipeline_over_http(own_roots: Settings, tmp_path: Path) -> Non
             got = score_table(answered.json()["data"], store.sample_ids, method)
             assert relative_error(got, expected[method]) < RELATIVE_ERROR
 
+        generated = client.post(f"/v1/indexes/{NAME}/generate", json={"steps": 2})
+        assert generated.status_code == 422 and "latent model" in generated.json()["detail"], generated.text
+
         sample = client.get(f"/v1/indexes/{NAME}/samples/{store.sample_ids[0]}")
         assert sample.status_code == 200
         assert Image.open(io.BytesIO(sample.content)).mode == "RGB"  # the image, not its 4-channel latent
