@@ -1,4 +1,4 @@
-// The retrac web page: pick an index, upload an image, show TracIn and ReTrac galleries side by side.
+// The retrac web page: pick an index, upload (or generate) an image, show TracIn and ReTrac galleries side by side.
 // Plain browser JavaScript talking to the /v1 API; no build step.
 "use strict";
 
@@ -31,14 +31,17 @@ const classesOf = {};  // index name -> its label mapping (class-conditional) or
 function showLabels() {
   // a class-conditional index needs the query's label; an unconditional one takes none
   const classes = classesOf[$("index").value];
+  const chosen = $("label").value;  // kept when the new list has it (a reload of the same index)
   $("label-field").hidden = !classes;
   $("label").replaceChildren(...Object.entries(classes || {}).map(([name, value]) =>
     new Option(name === String(value) ? name : `${name} (${value})`, name)));
+  if (classes && chosen in classes) $("label").value = chosen;
 }
 
 async function loadIndexes() {
   const { data } = await (await call("indexes")).json();
   const select = $("index");
+  const chosen = select.value;  // kept when still ready (a reload after the API key changed)
   select.replaceChildren();
   for (const index of data) {
     classesOf[index.name] = index.classes;
@@ -50,7 +53,8 @@ async function loadIndexes() {
     option.disabled = !index.complete;
     select.append(option);
   }
-  const ready = [...select.options].find((o) => !o.disabled);
+  const ready = [...select.options].find((o) => o.value === chosen && !o.disabled)
+    || [...select.options].find((o) => !o.disabled);
   if (ready) select.value = ready.value;
   showLabels();
   say(data.length ? "" : "No index yet: create one with POST /v1/indexes (see the API documentation).");
@@ -107,6 +111,11 @@ async function attribute(event) {
   const index = $("index").value;
   const file = $("image").files[0];
   if (!index || !file) { say("Pick an index and an image first.", true); return; }
+  await attributeFile(index, file, classesOf[index] ? $("label").value : null);
+}
+
+async function attributeFile(index, file, label) {
+  // `label`: the class the image is attributed under (null for an unconditional index)
   const form = new FormData();
   form.append("images", file, file.name);
   // the matched estimator runs with the index's own K, M and seed (its shared-noise slots)
@@ -114,7 +123,7 @@ async function attribute(event) {
   for (const field of matched ? ["top_k"] : ["top_k", "timesteps", "draws", "seed"]) form.append(field, $(field).value);
   form.append("estimator", $("estimator").value);
   form.append("search", $("search").value);
-  if (classesOf[index]) form.append("label", $("label").value);
+  if (label !== null) form.append("label", label);
   form.append("methods", "tracin");
   form.append("methods", "retrac");
   $("run").disabled = true;
@@ -129,6 +138,35 @@ async function attribute(event) {
     document.body.dataset.state = "error";
   } finally {
     $("run").disabled = false;
+  }
+}
+
+async function generateQuery() {
+  // sample one image from the index's model, make it the query, attribute it under its label
+  const index = $("index").value;
+  if (!index) { say("Pick an index first.", true); return; }
+  const body = { count: 1, label: classesOf[index] ? $("label").value : null, seed: Number($("sampling_seed").value) };
+  if ($("guidance_scale").value !== "") body.guidance_scale = Number($("guidance_scale").value);
+  $("generate").disabled = true;
+  say("Generating a query from the index's model…");
+  try {
+    const request = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+    const { data: [made] } = await (await call(`indexes/${encodeURIComponent(index)}/generate`, request)).json();
+    const bytes = Uint8Array.from(atob(made.png_base64), (c) => c.charCodeAt(0));
+    const file = new File([bytes], `generated-${made.seed}.png`, { type: "image/png" });
+    const files = new DataTransfer();
+    files.items.add(file);
+    $("image").files = files.files;
+    preview();
+    const guidance = made.guidance_scale === null ? "no guidance" : `guidance ${made.guidance_scale}`;
+    const label = made.label === null ? "" : `label ${made.label}, `;
+    $("preview-caption").textContent = `generated: ${label}${guidance}, ${made.sampler} ${made.steps} steps, seed ${made.seed}, checkpoint ${made.checkpoint}`;
+    await attributeFile(index, file, made.label);
+  } catch (error) {
+    say(error.message, true);
+    document.body.dataset.state = "error";
+  } finally {
+    $("generate").disabled = false;
   }
 }
 
@@ -158,12 +196,14 @@ function addBands(gallery, list) {
 function preview() {
   const file = $("image").files[0];
   $("query-view").hidden = !file;
+  $("preview-caption").textContent = "query";
   if (file) $("preview").src = file.name.endsWith(".npy") ? "" : URL.createObjectURL(file);
 }
 
 $("api_key").value = localStorage.getItem("retrac-api-key") || "";
 $("query").addEventListener("submit", attribute);
 $("image").addEventListener("change", preview);
+$("generate").addEventListener("click", generateQuery);
 $("index").addEventListener("change", showLabels);
 $("api_key").addEventListener("change", () => loadIndexes().catch((error) => say(error.message, true)));
 loadIndexes().catch((error) => say(error.message, true));

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler, DiTTransformer2DModel
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -28,8 +29,8 @@ from service.settings import Settings
 from storage import GradientStore
 from tests.retrac.dit_model import save_dit_pipeline
 from tests.service.conftest import API_KEY, QUERY
+from tests.service.servers import serve_in_thread
 from tests.service.test_attribute import assert_matches, png
-from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 STORE = "dit"
 KNOBS = [f"--{name.replace('_', '-')}={QUERY[name]}" for name in ("top_k", "timesteps", "draws")]
@@ -181,3 +182,49 @@ def test_http_generates_under_a_label_with_guidance_and_attributes_it(built: Bui
         assert refused.json()["detail"].startswith("label '12' is not a class of this index; give one of: 0 (0)")
         too_many = session.post(f"/v1/indexes/{STORE}/generate", json={**body, "count": 9})
         assert too_many.status_code == 422, too_many.text
+
+
+def test_page_generates_a_query_and_attributes_it_under_its_label(built: Built, tmp_path: Path) -> None:
+    """The page's "Generate a query" (label 3, guidance 2.5, seed 7) shows the image the API generates
+    with those arguments and the galleries of that image attributed under label 3."""
+    from tests.service.test_web_page import CHROMIUM_FLAGS, WAIT_S, browser_tools
+
+    chromium, chromedriver = browser_tools()
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    with serve_in_thread(create_app(built.settings)) as url:
+        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
+        try:
+            wait = WebDriverWait(driver, WAIT_S)
+            driver.get(url + "/")
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#index option[value='{STORE}']"))
+            driver.find_element(By.ID, "api_key").send_keys(API_KEY)
+            Select(driver.find_element(By.ID, "index")).select_by_value(STORE)
+            Select(driver.find_element(By.ID, "label")).select_by_value("3")
+            for field, value in (*((f, QUERY[f]) for f in ("top_k", "timesteps", "draws", "seed")),
+                                 ("guidance_scale", 2.5), ("sampling_seed", 7)):
+                box = driver.find_element(By.ID, field)
+                box.clear()
+                box.send_keys(str(value))
+            driver.find_element(By.ID, "generate").click()
+            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+            assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", (
+                driver.find_element(By.ID, "status").text
+            )
+            caption = driver.find_element(By.ID, "preview-caption").text
+            assert caption == "generated: label 3, guidance 2.5, ddim 50 steps, seed 7, checkpoint 0"
+            shown = [c.get_attribute("data-sample-id") for c in driver.find_elements(
+                By.CSS_SELECTOR, ".method[data-method=retrac] .gallery[data-kind=proponents] .card")]
+        finally:
+            driver.quit()
+    with TestClient(create_app(built.settings), headers={"X-API-Key": API_KEY}) as session:
+        body = {"label": "3", "guidance_scale": 2.5, "seed": 7}
+        made = session.post(f"/v1/indexes/{STORE}/generate", json=body).json()["data"][0]
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(made["png_base64"]))))
+    assert shown == [i.sample_id for i in expected(built, 3, pixels)[0].methods["retrac"].proponents]
