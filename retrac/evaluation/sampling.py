@@ -89,6 +89,10 @@ def generate(
     null = _check_condition(unet, label, guidance_scale)
     kind = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
     steps = steps or default_steps(scheduler, sampler)
+    if not 1 <= steps <= scheduler.config.num_train_timesteps:
+        raise EvaluationError(
+            f"{steps} denoising steps; give 1 to the schedule's {scheduler.config.num_train_timesteps}"
+        )
     generator = torch.Generator("cpu").manual_seed(seed)
     if label is None:
         pipeline_kind = DDPMPipeline if sampler == "ddpm" else DDIMPipeline

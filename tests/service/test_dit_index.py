@@ -27,7 +27,7 @@ from retrac.evaluation.sampling import generate
 from service.main import create_app
 from service.settings import Settings
 from storage import GradientStore
-from tests.retrac.dit_model import save_dit_pipeline
+from tests.retrac.dit_model import TIMESTEPS, save_dit_pipeline
 from tests.service.conftest import API_KEY, QUERY
 from tests.service.servers import serve_in_thread
 from tests.service.test_attribute import assert_matches, png
@@ -180,6 +180,9 @@ def test_http_generates_under_a_label_with_guidance_and_attributes_it(built: Bui
         refused = session.post(f"/v1/indexes/{STORE}/generate", json={**body, "label": 12})
         assert refused.status_code == 422, refused.text
         assert refused.json()["detail"].startswith("label '12' is not a class of this index; give one of: 0 (0)")
+        too_long = session.post(f"/v1/indexes/{STORE}/generate", json={**body, "steps": TIMESTEPS + 1})
+        assert too_long.status_code == 400, too_long.text
+        assert too_long.json()["detail"] == f"{TIMESTEPS + 1} denoising steps; give 1 to the schedule's {TIMESTEPS}"
         too_many = session.post(f"/v1/indexes/{STORE}/generate", json={**body, "count": 9})
         assert too_many.status_code == 422, too_many.text
 
