@@ -113,17 +113,22 @@ def _checkpoint_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
         ]
     found = []
     for c, (checkpoint, old) in enumerate(zip(plan.checkpoints, recorded, strict=True)):
-        file = weights_file(checkpoint.path)
-        new = sha256_file(file)
-        if new != old:
-            found.append(
-                f"checkpoint {c} ({file}): content changed since the store was built "
-                f"(sha256 {_short(old)} then, {_short(new)} now)"
-            )
+        found += _weights_change(f"checkpoint {c}", weights_file(checkpoint.path), old)
     differing = _differing(then["architecture"], plan.architecture)
     if differing:
         found.append(f"the checkpoints' config.json ({plan.checkpoints[0].path}): {differing}")
     return found
+
+
+def _weights_change(what: str, file: Path, then: str) -> list[str]:
+    """`what`'s weights `file`, if its sha256 is no longer `then`."""
+    now = sha256_file(file)
+    if now == then:
+        return []
+    return [
+        f"{what} ({file}): content changed since the store was built "
+        f"(sha256 {_short(then)} then, {_short(now)} now)"
+    ]
 
 
 def _record_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
@@ -175,13 +180,7 @@ def _vae_changes(then: dict[str, Any] | None, latent_space: LatentSpace | None) 
             f"the VAE ({latent_space.folder}): found now, none when the store was built on the images "
             "themselves"
         ]
-    found = []
-    weights = sha256_file(latent_space.weights_file)
-    if weights != then["weights"]:
-        found.append(
-            f"the VAE ({latent_space.weights_file}): content changed since the store was built "
-            f"(sha256 {_short(then['weights'])} then, {_short(weights)} now)"
-        )
+    found = _weights_change("the VAE", latent_space.weights_file, then["weights"])
     differing = _differing(then["config"], latent_space.settings)
     if differing:
         found.append(f"the VAE's config.json ({latent_space.folder}): {differing}")
