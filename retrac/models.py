@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from api_schemas import PredictionType
@@ -93,6 +93,62 @@ def class_conditioning(architecture: dict[str, Any]) -> int | None:
     )
 
 
+UNET_CLASSES: dict[str, type[UNet2DModel] | type[UNet2DConditionModel]] = {
+    "UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel,
+}
+"""Denoiser classes retrac loads, by the `_class_name` diffusers writes in their config."""
+
+_TEXT_UNSUPPORTED = (
+    "addition_embed_type", "class_embed_type", "num_class_embeds", "encoder_hid_dim_type", "time_cond_proj_dim",
+)
+"""UNet2DConditionModel options that take inputs beside the text's hidden states (SDXL's added time and
+text embeddings, class labels, image embeddings, a guidance embedding): retrac has none of them to give."""
+
+
+def unet_class(path: str | Path) -> str:
+    """The `_class_name` of a checkpoint's UNet config; a CheckpointError for a class retrac does not load."""
+    config = _model_folder(path) / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{path}: not a diffusers model folder (no config.json)")
+    name = json.loads(config.read_text()).get("_class_name", "UNet2DModel")
+    if name not in UNET_CLASSES:
+        raise CheckpointError(
+            f"{path}: denoiser class {name!r} is not handled; retrac loads a {' or a '.join(UNET_CLASSES)}"
+        )
+    return name
+
+
+def text_conditioning(path: str | Path, architecture: dict[str, Any]) -> int | None:
+    """The hidden size a text-conditional UNet's cross-attention takes (`cross_attention_dim`), or None
+    for a UNet2DModel; a CheckpointError for options that need inputs retrac cannot give."""
+    if unet_class(path) != "UNet2DConditionModel":
+        return None
+    used = [k for k in _TEXT_UNSUPPORTED if architecture.get(k) is not None]
+    if used:
+        raise CheckpointError(
+            f"{path}: the UNet2DConditionModel sets {', '.join(used)}, which take inputs beside the text "
+            "encoder's hidden states; retrac handles UNets conditioned on the text alone"
+        )
+    width = architecture.get("cross_attention_dim")
+    if not isinstance(width, int):
+        raise CheckpointError(
+            f"{path}: cross_attention_dim {width!r} differs between blocks; retrac handles one text width"
+        )
+    return width
+
+
+def pipeline_folder(checkpoint: str | Path) -> Path | None:
+    """The pipeline folder a checkpoint belongs to: the nearest of the checkpoint folder, its parent and
+    grandparent (a pipeline folder, its `unet/`, a training script's `checkpoint-N/unet`) that holds
+    `model_index.json` or `scheduler/`; None if none does. Its other parts (`vae/`, `text_encoder/`)
+    lie there, as diffusers saves them."""
+    folder = Path(checkpoint)
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / "model_index.json").is_file() or (candidate / "scheduler").is_dir():
+            return candidate
+    return None
+
+
 def with_plain_attention(unet: UNet2DModel) -> UNet2DModel:
     """Switch attention to the plain matmul-softmax processor, in place.
 
@@ -132,14 +188,15 @@ def require_weights(path: str | Path) -> Path:
 
 
 def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> UNet2DModel:
-    """Load a diffusers UNet folder from safetensors, in eval mode, float32.
+    """Load a diffusers UNet folder (a `UNet2DModel`, or a text-conditional `UNet2DConditionModel`)
+    from safetensors, in eval mode, float32.
 
     `expect` is an `architecture()` the checkpoint must match (all checkpoints of one index must
     share one parameter layout, or their gradients could not be compared).
     """
     folder = require_weights(path)
     try:
-        model = UNet2DModel.from_pretrained(
+        model = UNET_CLASSES[unet_class(folder)].from_pretrained(
             folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
         )
     except Exception as error:  # diffusers raises many kinds; the user needs the path and the cause

@@ -42,7 +42,7 @@ def attribute(
     return attribute_rows(
         StoreRows(store), lambda c: models.computer(store.plan, c), images, query,
         top_k=top_k, methods=methods, checkpoints=checkpoints, on_progress=on_progress,
-        encode=store.plan.encode,
+        encode=store.plan.encode, conditions=store.plan.query_conditions,
     )
 
 
