@@ -68,6 +68,7 @@ class QueryEngine:
             estimator=answer.query.estimator,
             search=answer.search,
             label=answer.query.label,
+            prompt=answer.query.prompt,
             data=answer.results,
             count=len(answer.results),
             timings=TimingsPublic(
