@@ -348,16 +348,16 @@ def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDat
     if grouped:  # numbered over every file found, so that a limit never renumbers the classes
         labels, classes = _class_labels(np.asarray([rel.split("/", 1)[0] for rel in found]), spec.limit)
     return ImageDataset(torch.stack(images), ids, folder.name, groups, conversions.notices(len(kept), folder.name),
-                        labels, classes, _folder_captions(folder, ids, spec.caption_column))
+                        labels, classes, _folder_captions(folder, ids, spec.caption_column, root))
 
 
-def _folder_captions(folder: Path, ids: tuple[str, ...], column: str) -> tuple[str, ...] | None:
+def _folder_captions(folder: Path, ids: tuple[str, ...], column: str, root: Path | None) -> tuple[str, ...] | None:
     """Each image's caption from the folder's metadata.jsonl (module docstring), in `ids` order; None
     without one. A DatasetError for a line that is no JSON object, a missing column, or an image without
     its caption (or with two)."""
-    file = folder / METADATA_NAME
-    if not file.is_file():
+    if not (folder / METADATA_NAME).is_file():
         return None
+    file = resolve_inside(root, folder / METADATA_NAME)  # a link out of the data root is refused
     if file.stat().st_size > MAX_METADATA_BYTES:
         raise DatasetError(f"{file} is over {MAX_METADATA_BYTES >> 20} MiB; split the dataset")
     found: dict[str, str] = {}

@@ -110,6 +110,11 @@ class IndexPlan:
         _check_shape(spec.dataset, model_image_shape(architecture, latent_space))
         num_classes = class_conditioning(architecture)
         text = _text_encoder(paths[0], architecture)
+        if text is not None and spec.slots.replay:
+            raise SpecError(
+                "replay of a text-conditional model is not handled (a replay record holds no captions); index it "
+                "without replay (--no-replay, with grid or random slots)"
+            )
         if spec.scheduler:
             folder = resolve_inside(root, spec.scheduler)
         else:

@@ -145,12 +145,13 @@ def test_a_dataset_or_pipeline_that_does_not_fit_is_refused(pipeline: Path, tmp_
     np.savez(tmp_path / "plain.npz", images=np.zeros((2, SIDE, SIDE), np.float32))
     with pytest.raises(SpecError, match="text-conditional but the dataset 'plain.npz' has no captions"):
         IndexPlan.resolve(spec_of(pipeline, tmp_path / "plain.npz"))
+    data = write_captioned_folder(tmp_path / "data")
     bare = tmp_path / "bare"
     bare.mkdir()
     for part in ("unet", "scheduler"):
         (bare / part).symlink_to(pipeline / part)
     with pytest.raises(CheckpointError, match="has no text_encoder/config.json"):
-        IndexPlan.resolve(spec_of(bare, write_captioned_folder(tmp_path / "data")))
+        IndexPlan.resolve(spec_of(bare, data))
 
 
 def test_a_changed_caption_makes_the_store_stale(pipeline: Path, tmp_path: Path) -> None:
