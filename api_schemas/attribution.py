@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field
 
 from api_schemas.common import Public, SampleId
-from api_schemas.specs import DEFAULT_TOP_K, Estimator, Method, QuerySpec, Search
+from api_schemas.specs import DEFAULT_TOP_K, Estimator, Method, QuerySpec, Search, StoreDType
 
 MAX_ARRAY_SIDE = 4096
 """Longest axis of a nested-array image the schema accepts (the engine's image side limit)."""
@@ -110,6 +110,10 @@ class AttributionsPublic(Public):
     seed: int
     estimator: Estimator
     search: Search = Field(description="which search produced the ranking: exact or approximate")
+    dtype: StoreDType = Field(
+        description="precision of the stored gradients scored: bfloat16 scores are bf16 products (~3e-3 of "
+        "the largest score), float16 and float32 ones float32 products"
+    )
     label: int | str | None = Field(
         None, description="the class label the images were attributed under, as given (class-conditional indexes)"
     )

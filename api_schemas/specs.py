@@ -28,7 +28,11 @@ betas clipped to [1e-4, 0.02], saved as the scheduler's trained betas."""
 ProjectorKind = Literal["identity", "sketch", "dense"]
 """Random projection applied to every gradient: exact, sparse sign sketch, or dense Gaussian."""
 
-StoreDType = Literal["float16", "float32"]
+StoreDType = Literal["float16", "bfloat16", "float32"]
+"""Precision of the stored projected gradients. float16 (the default): half the bytes of float32, scores
+converted exactly to float32 products. bfloat16: the same bytes with float32's range, scanned by the CPU's
+bf16 matmul (its scores are rounded to bfloat16, ~3e-3 of the largest score: docs/architecture.md).
+float32: the reference, twice the bytes."""
 Method = Literal["tracin", "retrac"]
 Search = Literal["exact", "approximate"]
 """How a query finds its top-k: a scan of every stored row (the reference), or the candidates of the

@@ -1,22 +1,35 @@
 """Benchmark: per-sample gradients + k=4096 sketch + exact norms, against a plain batched backward.
 
 For the "tiny" (16x16x1) and "small" (32x32x3, one attention level) presets, on one batch of
-random images, timesteps and noise, three jobs are timed, interleaved repetition by repetition so
-that machine noise hits all of them alike, and their medians compared:
+random images, timesteps and noise, jobs are timed interleaved repetition by repetition, so that
+machine noise hits all of them alike, and their medians compared:
 
 - plain: one batched forward and backward of the mean loss (what training does per step);
 - per_sample: `GradientComputer.compute` (default chunk) with the default sketch projector, k = 4096;
-- loop: `loop_gradients` (one backward per sample), then the same projection and norms.
+- loop: `loop_gradients` (one backward per sample), then the same projection and norms;
+- query side: `query_vectors` of one image (K = 50 timesteps, M = 4 draws, as bench/service.py's
+  query, and K = 10, M = 16, past `GROUP_BACKWARD_WORK` on both models), against one plain forward
+  and backward of its K*M noised copies.
+
+`phases_share` splits one profiled `compute` of the batch by the engine's phase labels
+(`retrac.gradients.PHASES`): forward, backward to the layer outputs, each layer type's rules, norms;
+the rest is the sketch projection and bookkeeping. Shares, not times: the profiler's own cost per op
+inflates every phase. The default clock is this process's CPU time,
+which other processes on a shared machine do not inflate (`--clock wall` for elapsed time).
 
 With `--classes C` every model is class-conditional (`num_class_embeds = C`, a random label per
-sample, passed to all three jobs), so the class embedding's layer rule is measured the same way.
-With `--text D` every model is a text-conditional `UNet2DConditionModel` of the preset's channels and
+sample, passed to all jobs), so the class embedding's layer rule is measured the same way.
+`--presets dit` measures a transformer denoiser: a `DiTTransformer2DModel` (4 blocks of 4 x 32 heads
+over 2x2 patches of 16x16x4 latents, ~1.5M parameters), always class-conditional (C classes, 10 by
+default), its patch embedding, attention, MLP and adaLN-Zero layers through the same layer rules.
+With `--text D` every UNet is a text-conditional `UNet2DConditionModel` of the preset's channels and
 levels (its attention blocks cross-attention blocks, `cross_attention_dim = D`, plain attention), given
 random text encoder states `(B, 77, D)`: the cross-attention's Linear and LayerNorm rules, measured alike.
 
 Prints one JSON object on stdout, `{"tiny": {...}, "small": {...}}` with rates in samples/s, plus the
-thread count, batch size, classes and the computer's strategy; never asserts a timing.
-Usage: `python bench/gradients.py [--threads N] [--repeats R] [--classes C | --text D]`.
+thread count, batch size, classes, clock and the computer's strategy; never asserts a timing.
+Usage: `python bench/gradients.py [--threads N] [--repeats R] [--query-repeats R] [--clock cpu|wall]
+[--classes C | --text D] [--presets tiny small dit]`.
 """
 
 from __future__ import annotations
@@ -29,48 +42,128 @@ import time
 from collections.abc import Callable
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from api_schemas import ProjectorSpec
+from api_schemas import ProjectorSpec, QuerySpec
 from retrac.conditions import Conditions
-from retrac.gradients import GradientComputer, loop_gradients, num_parameters
+from retrac.gradients import PHASES, GradientComputer, loop_gradients, num_parameters
 from retrac.losses import distance, noised
-from retrac.models import PRESETS, DiffusionModel, build_unet, with_plain_attention
+from retrac.models import PRESETS, Denoiser, DiffusionModel, build_unet, with_plain_attention
+from retrac.noise import query_noise
 from retrac.projections import make_projector
+from retrac.query_side import query_timesteps, query_vectors
 
-SHAPES = {"tiny": (16, 1), "small": (32, 3)}
+SHAPES = {"tiny": (16, 1), "small": (32, 3), "dit": (16, 4)}
 """Preset -> (resolution, channels)."""
+DEFAULT_PRESETS = ("tiny", "small")
+DIT_CONFIG = dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, patch_size=2, norm_num_groups=1)
+DIT_CLASSES = 10
 TEXT_TOKENS = 77
 """Tokens of the text encoder states a text-conditional model gets: CLIP's padded length."""
 CROSS_ATTENTION = {"AttnDownBlock2D": "CrossAttnDownBlock2D", "AttnUpBlock2D": "CrossAttnUpBlock2D"}
 
 
-def text_unet(preset: str, resolution: int, channels: int, width: int) -> UNet2DConditionModel:
-    """A UNet2DConditionModel with the preset's levels, its attention blocks cross-attending to `width`."""
-    config = dict(PRESETS[preset])
-    for key in ("down_block_types", "up_block_types"):
-        config[key] = tuple(CROSS_ATTENTION.get(kind, kind) for kind in config[key])
+def build_denoiser(preset: str, classes: int | None, text: int | None = None) -> Denoiser:
+    """The UNet of a preset (text-conditional of width `text`, when given), or for `dit` the DiT of
+    `DIT_CONFIG` (predicting epsilon alone)."""
+    resolution, channels = SHAPES[preset]
+    if text and preset != "dit":
+        config = dict(PRESETS[preset])
+        for key in ("down_block_types", "up_block_types"):
+            config[key] = tuple(CROSS_ATTENTION.get(kind, kind) for kind in config[key])
+        torch.manual_seed(0)
+        return with_plain_attention(UNet2DConditionModel(
+            sample_size=resolution, in_channels=channels, out_channels=channels, cross_attention_dim=text, **config,
+        ))
+    if preset != "dit":
+        return build_unet(preset, resolution=resolution, channels=channels, num_class_embeds=classes)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=resolution, in_channels=channels, out_channels=channels,
-                                cross_attention_dim=width, **config)
-    return with_plain_attention(unet)
+    return with_plain_attention(DiTTransformer2DModel(
+        in_channels=channels, out_channels=channels, sample_size=resolution, num_embeds_ada_norm=classes,
+        **DIT_CONFIG,
+    ))
+
+QUERIES = (QuerySpec(timesteps=50, draws=4), QuerySpec(timesteps=10, draws=16))
+"""The query side's K and M: bench/service.py's query, and one with many draws."""
+
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-def _seconds(job: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    job()
-    return time.perf_counter() - start
+def plain_step(
+    model: DiffusionModel, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+    conditions: Conditions,
+) -> Callable[[], None]:
+    """One plain batched forward and backward of the mean loss over `images` `(B, C, H, W)` noised by
+    `noise` `(B, C, H, W)` under `conditions`: a training step without the update."""
+    weights = [p for p in model.unet.parameters() if p.requires_grad]
+
+    def run() -> None:
+        x_t = noised(images, timesteps, noise, model.scheduler)
+        value = distance(model.unet(x_t, timesteps, **conditions.tensors).sample, noise, "mse").mean()
+        torch.autograd.grad(value, weights)
+
+    return run
+
+
+def interleaved_medians(
+    jobs: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    """Median seconds of each job after one warm-up run each (allocator, kernels, lazy device moves)."""
+    for job in jobs.values():
+        job()
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            start = clock()
+            job()
+            times[name].append(clock() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def phases_share(
+    computer: GradientComputer, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+    conditions: Conditions,
+) -> dict[str, float]:
+    """The share of one profiled `compute` in each labelled phase, and of the unlabelled rest."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("compute"):
+            computer.compute(images, timesteps, noise, conditions=conditions)
+    totals = {event.key: event.cpu_time_total / 1000 for event in prof.key_averages()}
+    labelled = {name: ms for name, ms in totals.items() if name in PHASES or name.startswith(f"{PHASES[2]} ")}
+    labelled["projection and rest"] = totals["compute"] - sum(labelled.values())
+    return {name: round(ms / totals["compute"], 3) for name, ms in labelled.items()}
+
+
+def bench_query(
+    model: DiffusionModel, computer: GradientComputer, image: torch.Tensor, condition: Conditions,
+    query: QuerySpec, repeats: int, clock: Callable[[], float],
+) -> dict[str, float | int]:
+    """The query's gradients against one plain forward and backward of its K*M noised copies."""
+    copies = query.timesteps * query.draws
+    noise = query_noise(query.seed, query.timesteps, query.draws, image.shape[1:]).flatten(0, 1)
+    timesteps = query_timesteps(query.timesteps, model.num_timesteps).repeat_interleave(query.draws)
+    copied = image.expand(copies, -1, -1, -1)
+    plain = plain_step(model, copied, timesteps, noise, condition.repeat_interleave(copies))
+    jobs = {"plain": plain, "query": lambda: query_vectors(computer, image, query, conditions=condition)}
+    seconds = interleaved_medians(jobs, repeats, clock)
+    return {
+        "timesteps": query.timesteps,
+        "draws": query.draws,
+        "plain_s": round(seconds["plain"], 3),
+        "gradient_s": round(seconds["query"], 3),
+        "ratio_to_plain": round(seconds["query"] / seconds["plain"], 3),
+    }
 
 
 def bench_preset(
-    preset: str, batch: int, repeats: int, classes: int | None = None, text: int | None = None
-) -> dict[str, float | int | str]:
+    preset: str, batch: int, repeats: int, query_repeats: int, clock: Callable[[], float],
+    classes: int | None = None, text: int | None = None,
+) -> dict[str, object]:
     resolution, channels = SHAPES[preset]
-    unet = (
-        text_unet(preset, resolution, channels, text) if text
-        else build_unet(preset, resolution=resolution, channels=channels, num_class_embeds=classes)
-    )
-    model = DiffusionModel.from_parts(unet, DDPMScheduler(num_train_timesteps=1000))
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    text = text if preset != "dit" else None  # the DiT takes class labels only
+    model = DiffusionModel.from_parts(build_denoiser(preset, classes, text), scheduler)
     generator = torch.Generator().manual_seed(0)
     if text:
         conditions = Conditions.of_text(torch.randn(batch, TEXT_TOKENS, text, generator=generator))
@@ -83,29 +176,19 @@ def bench_preset(
     noise = torch.randn(batch, 1, channels, resolution, resolution, generator=generator)
     projector = make_projector(ProjectorSpec(kind="sketch", dim=4096), num_parameters(model))
     computer = GradientComputer(model, "mse", projector)
-    weights = [p for p in model.unet.parameters() if p.requires_grad]
-
-    def plain() -> None:
-        x_t = noised(images, timesteps, noise[:, 0], model.scheduler)
-        value = distance(model.unet(x_t, timesteps, **conditions.tensors).sample, noise[:, 0], "mse").mean()
-        torch.autograd.grad(value, weights)
-
-    def per_sample() -> None:
-        computer.compute(images, timesteps, noise, conditions=conditions)
 
     def loop() -> None:
         flat = loop_gradients(model, "mse", images, timesteps, noise, conditions=conditions)
         torch.linalg.vector_norm(flat, dim=1)
         projector.project(flat)
 
-    jobs = {"plain": plain, "per_sample": per_sample, "loop": loop}
-    for job in jobs.values():  # warm-up: allocator, kernels, lazy device moves
-        job()
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    for _ in range(repeats):
-        for name, job in jobs.items():
-            times[name].append(_seconds(job))
-    rate = {name: batch / statistics.median(t) for name, t in times.items()}
+    jobs = {
+        "plain": plain_step(model, images, timesteps, noise[:, 0], conditions),
+        "per_sample": lambda: computer.compute(images, timesteps, noise, conditions=conditions),
+        "loop": loop,
+    }
+    first = conditions.select(slice(0, 1))  # the query image's condition
+    rate = {name: batch / seconds for name, seconds in interleaved_medians(jobs, repeats, clock).items()}
     return {
         "params": num_parameters(model),
         "plain_per_s": round(rate["plain"], 2),
@@ -114,27 +197,44 @@ def bench_preset(
         "ratio_to_plain": round(rate["per_sample"] / rate["plain"], 3),
         "ratio_to_loop": round(rate["per_sample"] / rate["loop"], 3),
         "strategy": computer.strategy,
+        "classes": classes,
+        "text": text,
+        "phases_share": phases_share(computer, images, timesteps, noise, conditions),
+        "query": [
+            bench_query(model, computer, images[:1], first, query, query_repeats, clock) for query in QUERIES
+        ],
     }
+
+
+def _classes(preset: str, given: int | None) -> int | None:
+    """The classes a preset's model takes: those given; for a DiT (always conditional), 10 by default."""
+    return given or (DIT_CLASSES if preset == "dit" else None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--query-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--presets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--clock", choices=list(CLOCKS), default="cpu")
+    parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), choices=list(SHAPES))
     condition = parser.add_mutually_exclusive_group()
     condition.add_argument("--classes", type=int, default=None, help="class-conditional models with C classes")
-    condition.add_argument("--text", type=int, default=None, help="text-conditional models of text width D")
+    condition.add_argument("--text", type=int, default=None, help="text-conditional UNets of text width D")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
     result: dict[str, object] = {
-        preset: bench_preset(preset, args.batch, args.repeats, args.classes, args.text) for preset in args.presets
+        preset: bench_preset(
+            preset, args.batch, args.repeats, args.query_repeats, clock, _classes(preset, args.classes), args.text
+        )
+        for preset in args.presets
     }
     result["threads"] = torch.get_num_threads()
     result["batch"] = args.batch
     result["classes"] = args.classes
-    result["text"] = args.text
+    result["clock"] = args.clock
     print(json.dumps(result))
 
 

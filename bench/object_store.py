@@ -45,12 +45,11 @@ from diffusers import DDPMScheduler
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
 from retrac.computers import GradientComputerCache
 from retrac.models import build_unet
-from retrac.query_side import QueryVectors
 from retrac.scoring import scan
 from storage import GradientStore, Location, locate, run_pending
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import log, scan_store, seconds_of  # noqa: E402  (bench/store.py, beside this file)
+from store import log, random_queries, scan_store, seconds_of  # noqa: E402  (bench/store.py, beside this file)
 
 GET_THREADS = 8
 """Concurrent plain GETs of the reference read (zarr too fetches a read's chunks concurrently)."""
@@ -146,9 +145,7 @@ def get_all(location: Location) -> None:
 def scan_ratio(folder: Path, bucket: str, rows: int, dim: int, repeats: int) -> dict[str, float]:
     local = GradientStore.open(scan_store(folder, rows, dim))
     remote = copied(local, locate(f"s3://{bucket}/scan.zarr"))
-    generator = torch.Generator().manual_seed(1)
-    vectors = torch.randn(2, 1, dim, generator=generator)
-    queries = [QueryVectors(tracin=vectors[0], retrac=vectors[1], timestep_norms=torch.ones(1, 1))]
+    queries = random_queries(1, dim)
 
     def rate(store: GradientStore, resident: bool) -> float:
         opened = GradientStore.open(store.location, check=False, resident_bytes=(2 << 30) if resident else 0)

@@ -22,16 +22,17 @@
    Exact: `retrac.scoring.scan` over the resident float16 array; approximate: `storage.ann`'s IVF
    index (float16 codes) and the exact rescoring of its candidates, over a sweep of lists probed; each entry is the
    fastest setting with recall@10 >= 0.95 (else the best recall), with the sweep beside it.
-3. Scan near the memory limit, on `--scan-rows` synthetic rows at the real k (4,096): the read limit is the fastest
-   plain reduction over the resident float16 bytes; the store's scan (`retrac.scoring.scan`, float16
-   rows converted to float32 by blocks) for 1 and 16 queries is given as a ratio to it. Then the
-   same products from float32, bfloat16 (bf16 matmul) and int8 rows (a scale per row and per query,
-   `torch._int_mm`), each with its rate and its largest score error against float64 scores of the
-   float32 rows, relative to the largest score.
+3. Scan near the memory limit, on `--scan-rows` synthetic rows at the real k (4,096), resident in each
+   store format (float16, bfloat16, float32): the store's scan (`retrac.scoring.scan`) for 1 and 16
+   queries as a ratio to that format's read limit, the fastest plain reduction over the same resident
+   bytes (`read_limits`), timed alternately with it (the median of the paired ratios), with its
+   largest score error against float64 scores of the float32 rows, relative to the largest score. `q1`/`q16` `ratio_to_limit` is
+   the default format's (float16); every format's is under `formats`, with int8 products (a scale per
+   row and per query, `torch._int_mm`) as a trial.
 
 Prints one JSON object on stdout (progress on stderr); never asserts a timing. One thread throughout
 (`--threads`), as workers run several to a machine. Usage: `python bench/scale.py [--real-rows 4096]
-[--sizes 1000000x1024,250000x4096] [--scan-rows 65536]`.
+[--sizes 1000000x1024,250000x4096] [--scan-rows 65536] [--parts ann scan]`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from api_schemas import DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSp
 from retrac.computers import GradientComputerCache
 from retrac.datasets import load_dataset
 from retrac.query_side import QueryVectors, query_vectors
-from retrac.scoring import RowChunk, scan
+from retrac.scoring import RowChunk, contributions, scan
 from retrac.training import train
 from storage import GradientStore, attribute, build_ann, run_pending
 from storage.ann import CANDIDATES_PER_K, MIN_CANDIDATES, AnnIndex, AnnParams, build_indexes, load_ann
@@ -199,7 +200,7 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
     norms = torch.ones(rows, 1)  # TracIn alone reads no norms
     log(f"{rows} x {dim}: synthetic rows made in {time.perf_counter() - started:.0f} s")
     chunks = resident_chunks(projected, norms)
-    vectors = [QueryVectors(tracin=queries, retrac=queries, timestep_norms=torch.ones(len(queries), 1))]
+    vectors = flat_vectors(queries)
 
     def exact(q: list[QueryVectors]):
         return scan(chunks(), q, [1.0], top_k=TOP_K, methods=["tracin"])
@@ -207,7 +208,7 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
     truth = exact(vectors)
     exact_sets = [set(truth.proponents["tracin"].rows[i].tolist()) | {-1 - r for r in truth.opponents["tracin"].rows[i].tolist()}
                   for i in range(len(queries))]
-    one = [QueryVectors(tracin=queries[:1], retrac=queries[:1], timestep_norms=torch.ones(1, 1))]
+    one = flat_vectors(queries[:1])
     exact_s = median_seconds(lambda: exact(one), repeats)
     params = AnnParams.for_rows(rows)
     started = time.perf_counter()
@@ -242,48 +243,90 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
 
 # --- 3. the scan near the read limit --------------------------------------------------------------------
 
+STORE_FORMATS = ("float16", "bfloat16", "float32")
+
+
+def flat_vectors(queries: torch.Tensor) -> list[QueryVectors]:
+    """Query vectors of one checkpoint whose G (and G^) are the rows of `queries` `(Q, k)`: one timestep."""
+    return [QueryVectors(per_timestep=queries.unsqueeze(1), timestep_norms=torch.ones(len(queries), 1),
+                         bands=torch.zeros(1, dtype=torch.int64))]
+
+
+def read_limits(rows: torch.Tensor) -> list[Callable[[], object]]:
+    """Plain reductions over the bytes of `rows` `(n, ..., k)`: sums as int64 words and as float32
+    ones, and a float32 matrix-vector product with ones (BLAS streams it faster than torch's sums); the
+    fastest is the limit."""
+    words = rows.reshape(rows.shape[0], -1).view(torch.float32)
+    ones = torch.ones(words.shape[1])
+    return [rows.view(torch.int64).sum, words.sum, lambda: words @ ones]
+
+
+def paired_ratio(
+    limits: list[Callable[[], object]], job: Callable[[], object], repeats: int
+) -> tuple[float, float]:
+    """(median seconds of `job`, median of limit seconds / job seconds), the limit the fastest of
+    `limits`, timed alternately with the job so that what other processes take from the memory bus
+    hits both alike."""
+    for run in (*limits, job):
+        run()
+    times, ratios = [], []
+    for _ in range(repeats):
+        limit_s = min(seconds_of(run) for run in limits)
+        times.append(seconds_of(job))
+        ratios.append(limit_s / times[-1])
+    return statistics.median(times), statistics.median(ratios)
+
+
+def seconds_of(job: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    job()
+    return time.perf_counter() - started
+
 
 def scan_limits(rows_f32: torch.Tensor, repeats: int) -> dict:
-    """Read limit, the store's scan as a ratio to it, and the float32, bf16 and int8 products."""
+    """The store's scan (`retrac.scoring.scan`, TracIn, top-10) of resident rows in each store format,
+    as a ratio to that format's read limit (a plain reduction over the same resident bytes), with its
+    largest score error against float64 scores of the float32 rows, relative to the largest score. The
+    top-level `ratio_to_limit` is the default format's (float16). Then int8 products with a scale per
+    row and per query (`torch._int_mm`), a trial rather than a store format."""
     n = rows_f32.shape[0]
-    half = rows_f32.half()
-    reductions = {
-        "sum_as_float32": lambda: half.view(torch.float32).sum(),
-        "sum_as_int64": lambda: half.view(torch.int64).sum(),
-    }
-    limit = max(n / median_seconds(f, repeats) for f in reductions.values())
-    log(f"read limit over {n} float16 rows: {limit:,.0f} rows/s ({limit * half.shape[1] * 2 / 1e9:.1f} GB/s)")
-    bf16 = rows_f32.bfloat16()
+    generator = torch.Generator().manual_seed(3)
     scales = rows_f32.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
     int8 = (rows_f32 / scales).round().clamp(-127, 127).to(torch.int8)
-    generator = torch.Generator().manual_seed(3)
-    result: dict = {"read_limit_rows_per_s": limit, "read_limit_gb_per_s": limit * half.shape[1] * 2 / 1e9}
-    chunks = resident_chunks(half.unsqueeze(1), torch.ones(n, 1))
+    stored = {name: rows_f32.to(getattr(torch, name)).unsqueeze(1) for name in STORE_FORMATS}
+    ones = torch.ones(n, 1)
+    result: dict = {"rows": n, "dim": rows_f32.shape[1]}
     for count in (1, 16):
         queries = torch.randn(count, rows_f32.shape[1], generator=generator)
         reference = rows_f32.double() @ queries.double().T
         top = reference.abs().max().item()
-        vectors = [QueryVectors(tracin=queries, retrac=queries, timestep_norms=torch.ones(count, 1))]
+        vectors = flat_vectors(queries)
+        formats = {}
+        for name, rows in stored.items():
+            chunks = resident_chunks(rows, ones)
+            def scanned() -> object:
+                return scan(chunks(), vectors, [1.0], top_k=TOP_K, methods=["tracin"])
+
+            seconds, ratio = paired_ratio(read_limits(rows), scanned, repeats)
+            scores = contributions([RowChunk(rows, ones)], vectors, [1.0], ["tracin"])["tracin"][:, :, 0]
+            formats[name] = {
+                "rows_per_s": n / seconds, "ratio_to_limit": ratio, "limit_rows_per_s": n / seconds / ratio,
+                "score_error": (scores.double() - reference).abs().max().item() / top,
+            }
         q_scales = queries.abs().amax(dim=1, keepdim=True) / 127
-        q_int8 = (queries / q_scales).round().to(torch.int8).T.contiguous()
-        padded = torch.nn.functional.pad(q_int8, (0, max(0, 8 - count)))  # _int_mm wants >= 8 columns
+        padded = torch.nn.functional.pad((queries / q_scales).round().to(torch.int8).T.contiguous(),
+                                         (0, max(0, 8 - count)))  # _int_mm wants >= 8 columns
 
         def int8_product() -> torch.Tensor:
             return torch._int_mm(int8, padded)[:, :count].float() * scales * q_scales.T
 
-        products = {
-            "float32": lambda: rows_f32 @ queries.T,
-            "bfloat16": lambda: bf16 @ queries.bfloat16().T,
-            "int8_row_scale": int8_product,
+        seconds, ratio = paired_ratio(read_limits(int8), int8_product, repeats)
+        formats["int8_row_scale_product"] = {
+            "rows_per_s": n / seconds, "ratio_to_limit": ratio, "limit_rows_per_s": n / seconds / ratio,
+            "score_error": (int8_product().double() - reference).abs().max().item() / top,
         }
-        seconds = median_seconds(lambda: scan(chunks(), vectors, [1.0], top_k=TOP_K, methods=["tracin"]), repeats)
-        entry = {"rows_per_s": n / seconds, "ratio_to_limit": n / seconds / limit, "formats": {}}
-        for name, product in products.items():
-            rate = n / median_seconds(product, repeats)
-            error = (product().double() - reference).abs().max().item() / top
-            entry["formats"][name] = {"rows_per_s": rate, "ratio_to_limit": rate / limit, "score_error": error}
-        result[f"q{count}"] = entry
-        log(f"q{count}: {entry}")
+        result[f"q{count}"] = {**formats["float16"], "formats": formats}
+        log(f"q{count}: {formats}")
     return result
 
 
@@ -295,6 +338,9 @@ def main() -> None:
     parser.add_argument("--scan-rows", type=int, default=65536, help="rows of the scan-limit measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--parts", nargs="+", choices=("ann", "scan"), default=["ann", "scan"], help="what to measure"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -302,18 +348,22 @@ def main() -> None:
     try:
         store = real_store(folder, args.real_rows)
         images = held_out(args.real_rows)
-        ann = [real_ann(store, images, args.repeats)]
+        report: dict = {}
         last = store.num_checkpoints - 1
         base = store.rows_at(last, np.arange(store.num_rows)).projected.float().reshape(-1, store.dim)
         base = base[base.norm(dim=1) > 0]
         models = GradientComputerCache("cpu", threads=args.threads)
         queries = query_vectors(models.computer(store.plan, last), images, QUERY).tracin
-        for size in filter(None, args.sizes.split(",")):
-            rows, dim = (int(v) for v in size.lower().split("x"))
-            folded = (base, queries) if dim == base.shape[1] else (fold(base, dim), fold(queries, dim))
-            ann.append(synthetic_ann(*folded, rows, args.noise, args.repeats))
-        scan_result = scan_limits(synthetic_rows(base, args.scan_rows, args.noise)[:, 0].float(), args.repeats)
-        print(json.dumps({"ann": ann, "scan": scan_result}))
+        if "ann" in args.parts:
+            report["ann"] = [real_ann(store, images, args.repeats)]
+            for size in filter(None, args.sizes.split(",")):
+                rows, dim = (int(v) for v in size.lower().split("x"))
+                folded = (base, queries) if dim == base.shape[1] else (fold(base, dim), fold(queries, dim))
+                report["ann"].append(synthetic_ann(*folded, rows, args.noise, args.repeats))
+        if "scan" in args.parts:
+            rows_f32 = synthetic_rows(base, args.scan_rows, args.noise)[:, 0].float()
+            report["scan"] = scan_limits(rows_f32, args.repeats)
+        print(json.dumps(report))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

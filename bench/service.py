@@ -10,8 +10,10 @@ through the ASGI app several times and the fastest answer's own timing split is 
   samples on the same model and thread count (per checkpoint), the two timed alternately; target
   <= 1.3.
 
-Then `retrac serve --workers 2` serves the tiny index on loopback and 8 concurrent clients send
-queries: requests_per_s_8_clients.
+Then `retrac serve` serves the tiny index through uvicorn on loopback, in each of `SERVERS` (server
+processes x torch threads each), and 8 concurrent clients send `REQUESTS` queries (each client's next
+after its last answer): `concurrency` lists the throughput and the p50/p99 latency of each, and
+requests_per_s_8_clients is the 2-process one's throughput.
 
 Then `retrac serve` (one process) serves the small index (R = 32, RGB) at the default limits and 16
 clients at once send each kind of worst-case upload (upload_memory): the largest images accepted
@@ -67,7 +69,9 @@ PRESETS = {
     "small": (DatasetSpec(source="builtin:patches", resolution=32, channels=3), 96),
 }
 CLIENTS = 8
-REQUESTS = 24
+REQUESTS = 32
+SERVERS = ((1, 1), (1, 2), (2, 1), (4, 1))
+"""(uvicorn worker processes, torch threads each) of the concurrency part."""
 PARTS = ("latency", "throughput", "memory")
 NEEDS = {"latency": ("tiny", "small"), "throughput": ("tiny",), "memory": ("small",)}
 """The indexes each part queries."""
@@ -140,23 +144,46 @@ def bench_latency(store: GradientStore, settings: Settings, repeats: int) -> dic
     }
 
 
-async def bench_throughput(url: str, name: str, image: bytes) -> float:
-    """Requests per second of `REQUESTS` queries sent by `CLIENTS` concurrent clients."""
+async def bench_throughput(url: str, name: str, image: bytes) -> dict[str, float]:
+    """Requests per second, p50 and p99 latency of `REQUESTS` queries sent by `CLIENTS` concurrent
+    clients, after one round that warms every server process."""
+    latencies: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
 
         async def send(count: int) -> None:
             for _ in range(count):
+                started = time.perf_counter()
                 response = await client.post(
                     f"/v1/indexes/{name}/attribute/upload",
                     data=QUERY,
                     files={"images": ("query.png", image, "image/png")},
                 )
                 response.raise_for_status()
+                latencies.append(time.perf_counter() - started)
 
         await asyncio.gather(*(send(1) for _ in range(CLIENTS)))  # warm every server process
+        latencies.clear()
         started = time.perf_counter()
         await asyncio.gather(*(send(REQUESTS // CLIENTS) for _ in range(CLIENTS)))
-        return REQUESTS / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+    p50, p99 = np.percentile(latencies, [50, 99])
+    return {"requests_per_s": len(latencies) / elapsed, "p50_s": float(p50), "p99_s": float(p99)}
+
+
+def bench_concurrency(root: Path, port: int) -> list[dict[str, float]]:
+    """`bench_throughput` against the tiny index for each of `SERVERS`."""
+    image = query_png(GradientStore.open(root / "stores" / "tiny"))
+    report = []
+    for processes, threads in SERVERS:
+        server = serve(root, port, processes, threads)
+        try:
+            measured = asyncio.run(bench_throughput(f"http://127.0.0.1:{port}", "tiny", image))
+        finally:
+            server.terminate()
+            server.wait()
+        report.append({"processes": processes, "torch_threads": threads, "clients": CLIENTS, **measured})
+        print(f"concurrency: {report[-1]}", file=sys.stderr, flush=True)
+    return report
 
 
 def png_file(pixels: np.ndarray) -> bytes:
@@ -235,7 +262,7 @@ def bench_upload_memory(root: Path, port: int, store: GradientStore, settings: S
     resolution = store.spec.dataset.resolution
     report: dict[str, dict[str, float]] = {}
     for kind, (files, fields, status) in worst_case_uploads(resolution, settings).items():
-        server = serve(root, port, 1)
+        server = serve(root, port, 1, 1)
         try:
             url = f"http://127.0.0.1:{port}"
             baseline, peak = asyncio.run(
@@ -259,12 +286,13 @@ def bench_upload_memory(root: Path, port: int, store: GradientStore, settings: S
     }
 
 
-def serve(root: Path, port: int, threads: int) -> subprocess.Popen[bytes]:
+def serve(root: Path, port: int, processes: int, threads: int) -> subprocess.Popen[bytes]:
+    """`retrac serve --workers processes` with `threads` torch threads each, once it answers."""
     env = {
         **os.environ,
         "RETRAC_STORES_ROOT": str(root / "stores"),
         "RETRAC_MODELS_ROOT": str(root / "models"),
-        "RETRAC_TORCH_THREADS": "1",
+        "RETRAC_TORCH_THREADS": str(threads),
     }
     command = [
         sys.executable,
@@ -274,7 +302,7 @@ def serve(root: Path, port: int, threads: int) -> subprocess.Popen[bytes]:
         "--port",
         str(port),
         "--workers",
-        str(threads),
+        str(processes),
         "--log-level",
         "warning",
     ]
@@ -312,15 +340,10 @@ def main() -> None:
             if "latency" in args.parts:
                 report[preset] = bench_latency(store, settings, args.repeats)
         if "throughput" in args.parts:
-            server = serve(root, args.port, args.threads)
-            try:
-                image = query_png(GradientStore.open(root / "stores" / "tiny"))
-                report["requests_per_s_8_clients"] = asyncio.run(
-                    bench_throughput(f"http://127.0.0.1:{args.port}", "tiny", image)
-                )
-            finally:
-                server.terminate()
-                server.wait()
+            report["concurrency"] = bench_concurrency(root, args.port)
+            report["requests_per_s_8_clients"] = next(
+                c["requests_per_s"] for c in report["concurrency"] if c["processes"] == 2
+            )
         if "memory" in args.parts:
             store = GradientStore.open(root / "stores" / "small")
             report["upload_memory"] = bench_upload_memory(root, args.port, store, settings)

@@ -145,6 +145,7 @@ def run(
                     "query": answer.query.model_dump(mode="json"),
                     "results": [result.model_dump(mode="json") for result in answer.results],
                     "search": answer.search,
+                    "dtype": answer.dtype,
                     "timings": asdict(answer.timings),
                 },
                 indent=1,
@@ -163,7 +164,8 @@ def run(
         label = f", label {ran.label}" if ran.label is not None else ""
         label += f", prompt {ran.prompt!r}" if ran.prompt is not None else ""
         print(f"\n{ran.estimator} estimator, K = {ran.timesteps}, M = {ran.draws}, seed {ran.seed}{label}: "
-              f"query gradients {answer.timings.gradient_s:.2f} s, {answer.search} search {answer.timings.scan_s:.3f} s")
+              f"query gradients {answer.timings.gradient_s:.2f} s, {answer.search} search "
+              f"{answer.timings.scan_s:.3f} s over {answer.dtype} rows")
     if gallery is not None:
         queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
         row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}

@@ -125,9 +125,10 @@ def create(
     ] = PROJECTION.kind,
     dim: Annotated[int, typer.Option(help="projected dimension k")] = PROJECTION.dim,
     projector_seed: Annotated[int, typer.Option(help="seed of the projection")] = PROJECTION.seed,
-    dtype: Annotated[StoreDType, typer.Option(help="stored gradient precision")] = default(
-        IndexSpec, "dtype"
-    ),
+    dtype: Annotated[
+        StoreDType,
+        typer.Option(help="stored gradient precision (bfloat16: float32's range, bf16 matmul scans)"),
+    ] = default(IndexSpec, "dtype"),
     batch_size: Annotated[int, typer.Option(help="samples per gradient batch")] = default(
         IndexSpec, "batch_size"
     ),

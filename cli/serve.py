@@ -2,7 +2,8 @@
 
 Settings come from the environment (`RETRAC_STORES_ROOT`, `RETRAC_API_KEY`, ...; see
 `service.settings`); the flags only choose where to listen and how many processes to run. Each
-process answers one query at a time, so `--workers` is how one machine serves queries in parallel.
+process computes one query's gradients at a time, with `RETRAC_TORCH_THREADS` threads;
+docs/deployment.md says when more processes (`--workers`) serve more.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
@@ -19,7 +20,7 @@ import torch
 
 from api_schemas import IndexSpec, Method, QuerySpec
 from api_schemas.attribution import AttributionPublic, BandsPublic, InfluencePublic, RankingPublic
-from api_schemas.specs import Search
+from api_schemas.specs import Search, StoreDType
 from retrac.conditions import ClassLabels, Conditions, query_conditions
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer
@@ -53,6 +54,10 @@ class RowSource(Protocol):
 
     @property
     def num_checkpoints(self) -> int: ...
+
+    @property
+    def dtype(self) -> StoreDType:
+        """Precision of the rows `chunks` yields."""
 
     @property
     def classes(self) -> ClassLabels | None:
@@ -93,6 +98,8 @@ class Attribution:
     results: list[AttributionPublic]
     timings: Timings
     query: QuerySpec
+    dtype: StoreDType
+    """Precision of the rows scored (a store's `dtype`): bfloat16 scores are bf16 products."""
 
     @property
     def search(self) -> Search:
@@ -110,6 +117,7 @@ def attribute(
     methods: Sequence[Method] = METHODS,
     checkpoints: Sequence[int] | None = None,
     on_progress: QueryProgress | None = None,
+    gradient_lock: AbstractContextManager[object] | None = None,
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     conditions: Callable[[QuerySpec, int], Conditions] | None = None,
 ) -> Attribution:
@@ -120,8 +128,10 @@ def attribute(
     latent model's VAE); without it they are taken as they are. Every image is attributed under
     `query.label` or `query.prompt`, as `conditions(query, count)` gives them (`IndexPlan.query_conditions`;
     without it, `retrac.conditions.query_conditions` of the source's classes: a label is needed by a
-    class-conditional index, refused by an unconditional one, and a prompt refused). Everything that can be wrong with the request is checked before the
-    first gradient. `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
+    class-conditional index, refused by an unconditional one, and a prompt refused). Everything that
+    can be wrong with the request is checked before the first gradient. `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
+    `gradient_lock` is held while the query gradients are computed, and only then: computers that
+    threads share swap their model's parameters while they run, while the scan only reads.
     """
     if query.search == "approximate" and query.estimator == "matched":
         raise SpecError(
@@ -137,9 +147,10 @@ def attribute(
     matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
     started = time.perf_counter()
-    images = encode(images) if encode is not None else images
     on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
-    vectors = [query_vectors(computer(c), images, query, on_images, given) for c in chosen]
+    with gradient_lock or nullcontext():
+        images = encode(images) if encode is not None else images
+        vectors = [query_vectors(computer(c), images, query, on_images, given) for c in chosen]
     gradient_s = time.perf_counter() - started
     # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
     started = time.perf_counter()
@@ -154,7 +165,8 @@ def attribute(
             chunks = _reported(chunks, on_rows)
         ranking = scan(chunks, vectors, weights, top_k=top_k, methods=methods, matched=matched)
     answers = public_results(ranking, source, chosen[-1], query)
-    return Attribution(answers, Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started), query)
+    timings = Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started)
+    return Attribution(answers, timings, query, source.dtype)
 
 
 def _renumbered(ranking: Ranking, rows: np.ndarray) -> Ranking:
@@ -265,6 +277,11 @@ class MemoryRows:
     @property
     def num_checkpoints(self) -> int:
         return len(self.rows)
+
+    @property
+    def dtype(self) -> StoreDType:
+        """In-memory rows are kept as computed, float32, whatever the spec stores."""
+        return "float32"
 
     def require_complete(self, checkpoints: Sequence[int]) -> None:
         """In-memory rows are computed whole: nothing can be missing."""

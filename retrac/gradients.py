@@ -7,18 +7,39 @@ noise); the query side uses G = M draws, which gives `h(q, t)` of method.md dire
 `GradientComputer` computes a batch of them at once, with no Python loop over samples, by one of
 two strategies, picked per model:
 
-- layer-wise (every diffusers `UNet2DModel`): one ordinary batched forward that records each
+- layer-wise (every diffusers `UNet2DModel` and DiT): one ordinary batched forward that records each
   layer's input, one backward to the layer outputs only (no parameter gradients), then each layer's
   per-sample parameter gradients from its input and output gradient (`LAYER_RULES`: Linear,
-  Conv2d, GroupNorm, LayerNorm, Embedding: a class-conditional UNet's class embedding). A training
-  step, with per-sample weight gradients in place of summed ones.
+  Conv2d, GroupNorm, LayerNorm, Embedding: a class-conditional UNet's class embedding, a DiT's label
+  table; a DiT's patch embedding is a Conv2d, its attention, MLP and adaLN-Zero layers Linear, its
+  norms LayerNorms without parameters). A training step, with per-sample weight gradients in place
+  of summed ones.
 - vmap: `torch.func.vmap(grad(...))` over the unmodified model. Any model, but slower on a CPU
   (figures below; its batching rules run 1x1 convolutions' weight gradients as per-sample loops).
   Used when a module of another kind holds trainable parameters, or when a recorded layer's input
   or output is modified in place during the forward.
 
-Measured with a k=4096 sketch and norms, one thread, batch 32, as a fraction of a plain training
-step's rate: layer-wise 0.57-0.62x (tiny UNet), 0.69-0.75x (small); vmap 0.51-0.56x, 0.54x.
+Measured with a k=4096 sketch and norms, one thread, batch 32, CPU time, as a fraction of a plain
+training step's rate (`bench/gradients.py`): layer-wise 0.57x (tiny UNet), 0.67x (small); vmap
+0.51-0.56x, 0.54x; a 1.4M-parameter DiT (`--presets dit`), layer-wise,
+0.52x. Where a layer-wise chunk's time goes, as a fraction of the plain step's (tiny;
+small): forward 0.41; 0.35, backward to the layer outputs 0.40; 0.37, layer rules 0.72; 0.85 (Conv2d
+0.61; 0.78: a per-sample weight gradient is many small matrix products where the plain step runs
+one large one, 2.6x (tiny) and 1.6x (small) its time), norms 0.06; 0.03, projection 0.21; 0.18. The
+forward and backward alone are 0.81x; 0.72x of the plain step and the norms and projection another
+0.26x; 0.21x, so even rules as cheap as the plain step's summed weight gradients would leave the tiny
+UNet below 0.8x of its rate. Tried on this CPU and left out: torch.compile of the rules (Conv2d
+1.0x, GroupNorm 1.07x, Linear 0.74x, a recompile per shape); the conv weight gradient as one
+grouped convolution, a per-sample loop, unfold + bmm, shifted views + bmm or channels-last (0.9-1.1x
+at best, up to 3x slower on 16x16 maps); GroupNorm's from its statistics without the normalised
+input (5x slower eagerly); the sketch by a transposed index_add_ or a sparse matmul (1.4-1.5x
+slower than scatter_add_); a TensorSketch of each layer's per-sample outer products, which never
+forms the weight gradient (at k = 4,096 on a 64x64x3x3 layer: inner-product error 0.0172 of the
+norms' product against the count sketch's 0.0153, but 28x slower: it costs L FFTs of size k per
+sample, where forming the gradient costs L * fan-in * fan-out).
+
+Groups of many copies (a query's M draws, past `GROUP_BACKWARD_WORK`) take neither: each group's
+gradient is one ordinary backward of its mean loss, cheaper there than any per-sample trick.
 
 Either way the gradient comes out one parameter tensor at a time, and is projected and measured
 block by block (`Projector.project_blocks`): the `(B, P)` matrix exists only if asked for
@@ -39,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.profiler import record_function
 
 from api_schemas import LossKind, LossWeighting
 from retrac.conditions import Conditions
@@ -46,10 +68,28 @@ from retrac.losses import noised, per_sample_loss
 from retrac.models import DiffusionModel
 from retrac.projections import IdentityProjector, Projector
 
+PHASES = ("forward", "backward to layer outputs", "layer rule", "norms")
+"""Labels (`torch.profiler.record_function`) of a layer-wise chunk's phases; a rule's label adds its
+layer type ("layer rule Conv2d"). What a profile of `compute` leaves outside them is the projection
+and bookkeeping; `bench/gradients.py` reports the split."""
+
 DEFAULT_CHUNK = 32
 """Samples per batched call. Memory per sample: the activations, plus the gradient of one parameter
-tensor at a time (layer-wise) or of all P parameters (vmap: 2.8 MB for the tiny UNet). Smaller
-chunks ran slower per sample on a CPU (tiny UNet: 0.6x the rate at 4, 0.8x at 8, 16 about equal)."""
+tensor at a time (layer-wise) or of all P parameters (vmap, and one backward per group: 2.8 MB for
+the tiny UNet). Smaller chunks ran slower per sample on a CPU (tiny UNet: 0.6x the rate at 4, 0.8x
+at 8, 16 about equal)."""
+
+
+GROUP_BACKWARD_WORK = 10_000_000
+"""Groups whose copies times the model's trainable parameters reach this take one ordinary backward
+of their mean loss each (a plain training step's kernels at batch G) instead of the per-sample
+strategy: the query side needs one gradient per (image, timestep) of M draws, no per-sample trick,
+and a backward's fixed costs (one kernel call per op) matter less the more work a group holds. As a
+fraction of one plain pass over the same K*M copies (CPU time, one thread, before projection), one
+backward per group against the layer-wise path took, on the tiny UNet (0.7 M parameters): 1.84x vs
+1.28x at M = 4, 1.35x vs 1.25x at M = 8, 1.12-1.16x vs 1.21x at M = 16, 0.99x vs 1.17x at M = 64;
+on the small one (4.4 M): 1.16x vs 1.18x at M = 4, 1.05x vs 1.27x at M = 8, 1.01x vs 1.26x at M = 16.
+Never for single copies (the training side), where a per-sample strategy is what saves the loop."""
 
 
 ChunkCallback = Callable[[int], None]
@@ -113,7 +153,8 @@ def group_losses(
     x_t = noised(clean, steps, flat_noise, model.scheduler)
     buffers = dict(model.unet.named_buffers())
     inputs = conditions.repeat_interleave(draws).tensors
-    prediction = functional_call(model.unet, (params, buffers), (x_t, steps), dict(inputs)).sample
+    arguments = {"timestep": steps, **inputs}  # by keyword: a Transformer2DModel's second argument is text
+    prediction = functional_call(model.unet, (params, buffers), (x_t,), arguments).sample
     values = per_sample_loss(prediction, clean, steps, flat_noise, model.scheduler, loss, weighting)
     return values.reshape(groups, draws).mean(dim=1)
 
@@ -298,7 +339,8 @@ class GradientComputer:
         def measured_blocks() -> Iterator[tuple[int, torch.Tensor]]:
             for name, block in self._gradient_blocks(images, timesteps, noise, conditions):
                 flat = block.reshape(block.shape[0], -1)
-                squares.add_(torch.linalg.vector_norm(flat, dim=1).square())
+                with record_function(PHASES[3]):
+                    squares.add_(torch.linalg.vector_norm(flat, dim=1).square())
                 yield self._starts[name], flat
 
         projected = self.projector.project_blocks(measured_blocks(), images.shape[0], self.device)
@@ -310,6 +352,10 @@ class GradientComputer:
         """(name, per-sample gradient `(B, *shape)`) of each trainable parameter tensor."""
         images, timesteps, noise = images.to(self.device), timesteps.to(self.device), noise.to(self.device)
         conditions = conditions.to(self.device)
+        draws = noise.shape[1]
+        if draws > 1 and draws * self.num_params >= GROUP_BACKWARD_WORK:
+            yield from self._group_backward_blocks(images, timesteps, noise, conditions)
+            return
         if self._layers is not None:
             records = self._layer_records(self._layers, images, timesteps, noise, conditions)
             if records is not None:
@@ -317,6 +363,24 @@ class GradientComputer:
                 return
             self._layers = None  # the model modifies a layer's input or output in place: vmap from now on
         yield from self._batched_grad(self.params, images, timesteps, noise, dict(conditions.tensors)).items()
+
+    def _group_backward_blocks(
+        self, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, conditions: Conditions
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, gradient `(B, *shape)`) of each trainable tensor, by one backward per group of its
+        mean loss (`GROUP_BACKWARD_WORK`)."""
+        named = dict(self.model.unet.named_parameters())
+        wanted = [named[name] for name in self.params]
+        blocks = {name: p.new_empty(images.shape[0], *p.shape) for name, p in self.params.items()}
+        with torch.enable_grad():
+            for b in range(images.shape[0]):
+                condition = Conditions({k: v[b] for k, v in conditions.tensors.items()})
+                value = group_loss(
+                    self.model, self.loss, named, images[b], timesteps[b], noise[b], self.weighting, condition
+                )
+                for block, gradient in zip(blocks.values(), torch.autograd.grad(value, wanted)):
+                    block[b] = gradient
+        yield from blocks.items()
 
     def _layer_records(
         self,
@@ -334,7 +398,7 @@ class GradientComputer:
 
         handles = [module.register_forward_hook(record) for _, module in layers]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), record_function(PHASES[0]):
                 params = dict(self.model.unet.named_parameters())
                 total = group_losses(
                     self.model, self.loss, params, images, timesteps, noise, self.weighting, conditions
@@ -345,7 +409,8 @@ class GradientComputer:
         if any((x._version, y._version) != versions for _, x, y, versions in calls):
             return None
         # d total / d (layer output): its rows are per-sample, as groups do not interact in the UNet.
-        out_grads = torch.autograd.grad(total, [y for _, _, y, _ in calls], allow_unused=True)
+        with record_function(PHASES[1]):
+            out_grads = torch.autograd.grad(total, [y for _, _, y, _ in calls], allow_unused=True)
         records: Records = defaultdict(list)
         split = noise.shape[:2]
         for (module, x, _, _), dy in zip(calls, out_grads):
@@ -357,7 +422,8 @@ class GradientComputer:
 def _layer_gradients(layers: Layers, records: Records, batch: int) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, per-sample gradient `(B, *shape)`) of each trainable tensor, freeing records as it goes."""
     for prefix, module in layers:
-        results = [LAYER_RULES[type(module)](module, x, dy) for x, dy in records.pop(module, [])]
+        with record_function(f"{PHASES[2]} {type(module).__name__}"):
+            results = [LAYER_RULES[type(module)](module, x, dy) for x, dy in records.pop(module, [])]
         for name, param in module.named_parameters(recurse=False):
             if param.requires_grad:
                 calls = [result[name] for result in results]  # more than one if the layer is reused

@@ -1,8 +1,11 @@
 """Diffusion models: building diffusers UNets from named presets, and loading checkpoints safely.
 
-A checkpoint is a diffusers folder as diffusers saves it: a `UNet2DModel.save_pretrained` folder
-(`config.json` + `diffusion_pytorch_model.safetensors`), a `DDPMPipeline.save_pretrained` folder (its
-`unet/`), or a training script's `checkpoint-N/` (its `unet/`). Weights are only ever read from
+A checkpoint is a diffusers folder as diffusers saves it: a model's `save_pretrained` folder
+(`config.json` + `diffusion_pytorch_model.safetensors`), a pipeline folder (its `unet/`, or the
+`transformer/` of a `DiTPipeline`), or a training script's `checkpoint-N/` (its `unet/`). The denoiser
+is the class its config names (`DENOISER_CLASSES`): a `UNet2DModel`, a text-conditional
+`UNet2DConditionModel`, or a DiT (`DiTTransformer2DModel`,
+or a `Transformer2DModel` in DiT's patched, class-conditional form). Weights are only ever read from
 safetensors, never unpickled. The noise schedule is diffusers' own scheduler object, loaded from a
 `scheduler_config.json` (found beside the checkpoint, or given): noising and training targets call
 its `add_noise` and `get_velocity`, so every schedule its config describes is reproduced exactly.
@@ -18,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, Transformer2DModel, UNet2DConditionModel, UNet2DModel,
+)
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from api_schemas import PredictionType
@@ -32,6 +37,19 @@ SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {"DDPMScheduler": DDPMScheduler,
 """Scheduler classes whose `add_noise`/`get_velocity` define the DDPM training objective retrac replays."""
 
 PREDICTION_TYPES: tuple[PredictionType, ...] = ("epsilon", "v_prediction", "sample")
+
+Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | Transformer2DModel
+DENOISER_CLASSES: dict[str, type[Denoiser]] = {
+    "UNet2DModel": UNet2DModel,
+    "UNet2DConditionModel": UNet2DConditionModel,
+    "DiTTransformer2DModel": DiTTransformer2DModel,
+    "Transformer2DModel": Transformer2DModel,
+}
+"""The denoiser classes a checkpoint's config may name (`_class_name`; none named: a UNet2DModel).
+Each takes `(sample, timestep=..., class_labels=...)` (a text-conditional `UNet2DConditionModel`
+`encoder_hidden_states=...` instead, `retrac.text`) and returns its prediction as `.sample`."""
+DENOISER_FOLDERS = ("unet", "transformer")
+"""The denoiser's folder in a pipeline folder: `unet/` (DDPM and latent pipelines), `transformer/` (DiT)."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~45k parameters: for tests that train and score in seconds.
@@ -79,9 +97,12 @@ def build_unet(
 
 
 def class_conditioning(architecture: dict[str, Any]) -> int | None:
-    """How many class labels a UNet with `architecture` takes: `num_class_embeds` for a class
+    """How many class labels a denoiser with `architecture` takes: a DiT's `num_embeds_ada_norm` (its
+    label table, which also holds a null class after them); a UNet's `num_class_embeds` for a class
     embedding table, 0 for `class_embed_type="timestep"` (any integer label, sinusoidally embedded),
     None for an unconditional UNet. Class embeddings that take vectors, not labels, are refused."""
+    if architecture.get("num_embeds_ada_norm") is not None:
+        return int(architecture["num_embeds_ada_norm"])
     kind, count = architecture.get("class_embed_type"), architecture.get("num_class_embeds")
     if kind is None:
         return int(count) if count is not None else None
@@ -93,11 +114,6 @@ def class_conditioning(architecture: dict[str, Any]) -> int | None:
     )
 
 
-UNET_CLASSES: dict[str, type[UNet2DModel] | type[UNet2DConditionModel]] = {
-    "UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel,
-}
-"""Denoiser classes retrac loads, by the `_class_name` diffusers writes in their config."""
-
 _TEXT_UNSUPPORTED = (
     "addition_embed_type", "class_embed_type", "num_class_embeds", "encoder_hid_dim_type", "time_cond_proj_dim",
 )
@@ -105,23 +121,10 @@ _TEXT_UNSUPPORTED = (
 text embeddings, class labels, image embeddings, a guidance embedding): retrac has none of them to give."""
 
 
-def unet_class(path: str | Path) -> str:
-    """The `_class_name` of a checkpoint's UNet config; a CheckpointError for a class retrac does not load."""
-    config = _model_folder(path) / "config.json"
-    if not config.is_file():
-        raise CheckpointError(f"{path}: not a diffusers model folder (no config.json)")
-    name = json.loads(config.read_text()).get("_class_name", "UNet2DModel")
-    if name not in UNET_CLASSES:
-        raise CheckpointError(
-            f"{path}: denoiser class {name!r} is not handled; retrac loads a {' or a '.join(UNET_CLASSES)}"
-        )
-    return name
-
-
 def text_conditioning(path: str | Path, architecture: dict[str, Any]) -> int | None:
     """The hidden size a text-conditional UNet's cross-attention takes (`cross_attention_dim`), or None
-    for a UNet2DModel; a CheckpointError for options that need inputs retrac cannot give."""
-    if unet_class(path) != "UNet2DConditionModel":
+    for any other denoiser; a CheckpointError for options that need inputs retrac cannot give."""
+    if denoiser_class(path) is not UNet2DConditionModel:
         return None
     used = [k for k in _TEXT_UNSUPPORTED if architecture.get(k) is not None]
     if used:
@@ -149,7 +152,7 @@ def pipeline_folder(checkpoint: str | Path) -> Path | None:
     return None
 
 
-def with_plain_attention(unet: UNet2DModel) -> UNet2DModel:
+def with_plain_attention(unet: Denoiser) -> Denoiser:
     """Switch attention to the plain matmul-softmax processor, in place.
 
     torch.func has no batching rule for the fused CPU attention kernel and falls back to a slow
@@ -176,10 +179,12 @@ def read_architecture(path: str | Path) -> dict[str, Any]:
 
 
 def require_weights(path: str | Path) -> Path:
-    """The UNet folder of `path`, after checking that it has a config and safetensors weights."""
+    """The denoiser folder of `path`, after checking that it has a config of a denoiser retrac
+    handles (`denoiser_class`) and safetensors weights."""
     folder = _model_folder(path)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{path}: not a diffusers model folder (no config.json)")
+    denoiser_class(path)
     if not (folder / WEIGHTS_NAME).is_file():
         raise CheckpointError(
             f"{path}: no {WEIGHTS_NAME}; retrac loads safetensors only (convert pickled .bin weights first)"
@@ -187,20 +192,37 @@ def require_weights(path: str | Path) -> Path:
     return folder
 
 
-def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> UNet2DModel:
-    """Load a diffusers UNet folder (a `UNet2DModel`, or a text-conditional `UNet2DConditionModel`)
-    from safetensors, in eval mode, float32.
+def denoiser_class(path: str | Path) -> type[Denoiser]:
+    """The diffusers class of the denoiser in `path`, from its config's `_class_name`; a CheckpointError
+    for another class, or a `Transformer2DModel` that is not a DiT (patched, `ada_norm_zero`, labels)."""
+    config = json.loads((_model_folder(path) / "config.json").read_text())
+    name = config.get("_class_name", "UNet2DModel")
+    if name not in DENOISER_CLASSES:
+        raise CheckpointError(
+            f"{path}: a {name} is not handled; retrac attributes {', '.join(DENOISER_CLASSES)} denoisers"
+        )
+    dit_form = config.get("patch_size") is not None and config.get("norm_type") == "ada_norm_zero"
+    if name == "Transformer2DModel" and not (dit_form and config.get("cross_attention_dim") is None):
+        raise CheckpointError(
+            f"{path}: a Transformer2DModel that is not DiT's patched, class-conditional form (patch_size, "
+            "norm_type ada_norm_zero, no cross attention) is not handled"
+        )
+    return DENOISER_CLASSES[name]
+
+
+def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> Denoiser:
+    """Load a diffusers denoiser folder (a UNet or a DiT) from safetensors, in eval mode, float32.
 
     `expect` is an `architecture()` the checkpoint must match (all checkpoints of one index must
     share one parameter layout, or their gradients could not be compared).
     """
     folder = require_weights(path)
     try:
-        model = UNET_CLASSES[unet_class(folder)].from_pretrained(
+        model = denoiser_class(path).from_pretrained(
             folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
         )
     except Exception as error:  # diffusers raises many kinds; the user needs the path and the cause
-        raise CheckpointError(f"{path}: cannot load UNet: {error}") from error
+        raise CheckpointError(f"{path}: cannot load the denoiser: {error}") from error
     if expect is not None:
         check_architecture(path, architecture(model.config), expect)
     return with_plain_attention(model.eval().float())
@@ -299,9 +321,10 @@ def fingerprint_checkpoint(path: str | Path) -> str:
 
 @dataclass(frozen=True)
 class DiffusionModel:
-    """A UNet and the diffusers scheduler it was trained with: what every gradient needs."""
+    """A denoiser (a UNet or a DiT, named `unet` throughout) and the diffusers scheduler it was trained
+    with: what every gradient needs."""
 
-    unet: UNet2DModel
+    unet: Denoiser
     scheduler: Scheduler
 
     @property
@@ -313,7 +336,7 @@ class DiffusionModel:
         return self.scheduler.config.prediction_type
 
     @classmethod
-    def from_parts(cls, unet: UNet2DModel, scheduler: Scheduler) -> DiffusionModel:
+    def from_parts(cls, unet: Denoiser, scheduler: Scheduler) -> DiffusionModel:
         check_compatible(architecture(unet.config), scheduler)
         return cls(unet=unet, scheduler=scheduler)
 
@@ -328,10 +351,13 @@ def check_compatible(unet_architecture: dict[str, Any], scheduler: Scheduler) ->
     if scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise CheckpointError(f"prediction type {scheduler.config.prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
     channels_in, channels_out = unet_architecture.get("in_channels"), unet_architecture.get("out_channels")
+    if channels_out is None and unet_architecture.get("patch_size") is not None:
+        channels_out = channels_in  # a DiT's default: as many channels out as in
     if channels_in != channels_out:
         raise CheckpointError(
-            f"the UNet maps {channels_in} channels to {channels_out} (learned variances?); retrac handles "
-            "models whose output is the prediction alone"
+            f"the denoiser maps {channels_in} channels to {channels_out} (learned variances, as DiT's "
+            "learned-sigma split, are trained with a variational-bound term besides the prediction loss); "
+            "retrac handles models whose output is the prediction alone (out_channels = in_channels)"
         )
 
 
@@ -346,10 +372,13 @@ def check_architecture(path: str | Path, found: dict[str, Any], expect: dict[str
 
 
 def _model_folder(path: str | Path) -> Path:
-    """The UNet folder itself, also when `path` is a full pipeline folder with a `unet/` inside."""
+    """The denoiser folder itself, also when `path` is a full pipeline folder with a `unet/` or
+    `transformer/` inside."""
     folder = Path(path)
-    if (folder / "unet").is_dir() and not (folder / "config.json").exists():
-        return folder / "unet"
+    if not (folder / "config.json").exists():
+        for name in DENOISER_FOLDERS:
+            if (folder / name).is_dir():
+                return folder / name
     return folder
 
 

@@ -1,10 +1,11 @@
-"""Queries against an index: checked against the service's limits, run one at a time, turned into
-`api_schemas` answers.
+"""Queries against an index: checked against the service's limits, their gradients computed one at a
+time, turned into `api_schemas` answers.
 
-One at a time, because the engine is not thread-safe: `torch.func.functional_call` swaps a shared
-UNet's parameters while it runs, and an opened store fills its resident arrays on first read. A
-query already uses every core (or the GPU), so a lock costs little; more throughput comes from more
-service processes (`retrac serve --workers N`) or machines.
+Query gradients one at a time, because a shared gradient computer is not thread-safe:
+`torch.func.functional_call` swaps its UNet's parameters while it runs. Scans only read (an opened
+store fills its resident arrays under its own lock), so one request's scan runs beside another's
+gradients. A query's gradients already use every torch thread; more throughput comes from more
+service processes (`retrac serve --workers N`, docs/deployment.md) or machines.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from storage import GradientStore, StoredNorms, attribute, stored_norms, self_in
 
 
 class QueryEngine:
-    """The model cache of this process and the lock that serialises work on models and stores."""
+    """The model cache of this process and the lock that serialises query gradients on its models."""
 
     def __init__(self, models: GradientComputerCache) -> None:
         self.models = models
@@ -49,16 +50,16 @@ class QueryEngine:
         `started` is when the request began (`time.perf_counter()`), so the total includes decoding.
         """
         checkpoints = options.checkpoints or list(range(store.num_checkpoints))
-        with self._lock:
-            answer = attribute(
-                store,
-                torch.stack(list(images)),
-                options,
-                top_k=options.top_k,
-                methods=options.methods,
-                checkpoints=checkpoints,
-                models=self.models,
-            )
+        answer = attribute(
+            store,
+            torch.stack(list(images)),
+            options,
+            top_k=options.top_k,
+            methods=options.methods,
+            checkpoints=checkpoints,
+            models=self.models,
+            gradient_lock=self._lock,
+        )
         return AttributionsPublic(
             index=name,
             checkpoints=checkpoints,
@@ -67,6 +68,7 @@ class QueryEngine:
             seed=answer.query.seed,
             estimator=answer.query.estimator,
             search=answer.search,
+            dtype=answer.dtype,
             label=answer.query.label,
             prompt=answer.query.prompt,
             data=answer.results,

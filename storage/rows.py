@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from api_schemas import IndexSpec, Method
+from api_schemas import IndexSpec, Method, StoreDType
 from retrac.attribution import Chunks
 from retrac.conditions import ClassLabels
 from retrac.query_side import QueryVectors
@@ -40,6 +40,10 @@ class StoreRows:
     @property
     def num_checkpoints(self) -> int:
         return self.store.num_checkpoints
+
+    @property
+    def dtype(self) -> StoreDType:
+        return self.store.spec.dtype
 
     @property
     def classes(self) -> ClassLabels | None:

@@ -7,6 +7,7 @@ the gradient computers of a `GradientComputerCache`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,16 +33,18 @@ def attribute(
     checkpoints: Sequence[int] | None = None,
     models: GradientComputerCache | None = None,
     on_progress: QueryProgress | None = None,
+    gradient_lock: AbstractContextManager[object] | None = None,
 ) -> Attribution:
     """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over the stored rows.
 
     Pass a long-lived `models` cache (a serving process keeps one): without it, every call loads the
-    checkpoints again.
+    checkpoints again, and with it a `gradient_lock` if threads share it (`retrac.attribution.attribute`).
     """
     models = models or GradientComputerCache()
     return attribute_rows(
         StoreRows(store), lambda c: models.computer(store.plan, c), images, query,
         top_k=top_k, methods=methods, checkpoints=checkpoints, on_progress=on_progress,
+        gradient_lock=gradient_lock,
         encode=store.plan.encode, conditions=store.plan.query_conditions,
     )
 

@@ -16,7 +16,8 @@ Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k pr
     latents                             (N, c, h, w) float32: a latent model's training latents, encoded
                                                    once at create (`retrac.latents`); their xxh3_64 in
                                                    the `latents_digest` attribute; absent for pixel models
-    checkpoints/<c>/projected           (N, S, k)  float16 (or float32): projected gradients
+    checkpoints/<c>/projected           (N, S, k)  the spec's dtype: float16, float32, or bfloat16
+                                                   held as its raw bits in uint16 (`ZARR_DTYPES`)
     checkpoints/<c>/norms               (N, S)     float32: exact L2 norms before projection
     checkpoints/<c>/timesteps           (N, S)     int64
     checkpoints/<c>/seeds               (N, S)     int64: noise seeds
@@ -87,7 +88,8 @@ NOISE_RULE = (
 ROW_ARRAYS = ("projected", "norms", "timesteps", "seeds")
 SHARD_ARRAYS = ("digest", "done_at")
 DEFAULT_RESIDENT_BYTES = 2 << 30
-"""Bytes of projected gradients and norms an opened store keeps in memory after a first full read.
+"""Bytes of projected gradients and norms an opened store keeps in memory after a first full read
+(float16 rows as float32 when all of them fit so, `GradientStore._widens`).
 Reading Zarr back is 30-40x slower than scanning memory (bench/store.py), so a serving process keeps an
 index resident when it fits, and streams only what does not."""
 
@@ -97,6 +99,10 @@ spend less on per-step work (allocations, top-k merges)."""
 
 DELETED_MARK = "deleted"
 """A file in a store's folder: the store is being deleted. Workers skip it and write nothing more."""
+
+ZARR_DTYPES = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
+"""Zarr dtype of the projected array per stored dtype: Zarr and NumPy have no bfloat16, so its 16 bits
+are kept as uint16 and viewed as bfloat16 again on reading (`_projected`); the spec says which."""
 
 _ARRAY_CONFIG = {"write_empty_chunks": True}  # an all-zero shard must still leave its files behind
 _CHUNK_KEYS = {"name": "default", "separator": "/"}
@@ -220,7 +226,7 @@ class GradientStore:
         rows, slots, dim, shard = plan.num_rows, attrs["num_slots"], attrs["dim"], attrs["shard_size"]
         for c in range(len(plan.checkpoints)):
             shapes = {
-                "projected": ((rows, slots, dim), (shard, slots, dim), spec.dtype),
+                "projected": ((rows, slots, dim), (shard, slots, dim), ZARR_DTYPES[spec.dtype]),
                 "norms": ((rows, slots), (shard, slots), "float32"),
                 "timesteps": ((rows, slots), (shard, slots), "int64"),
                 "seeds": ((rows, slots), (shard, slots), "int64"),
@@ -434,8 +440,10 @@ class GradientStore:
         """Store the computed rows of one shard: data, then digest, then the done mark."""
         part = self.shard_rows(shard)
         n = part.stop - part.start
+        projected = rows.projected.detach().cpu().to(getattr(torch, self.spec.dtype))
+        bits = projected.view(torch.uint16) if self.spec.dtype == "bfloat16" else projected  # ZARR_DTYPES
         data = {
-            "projected": rows.projected.detach().cpu().to(getattr(torch, self.spec.dtype)).numpy(),
+            "projected": bits.numpy(),
             "norms": rows.norms.detach().cpu().to(torch.float32).numpy(),
             "timesteps": rows.timesteps.detach().cpu().to(torch.int64).numpy(),
             "seeds": rows.seeds.detach().cpu().to(torch.int64).numpy(),
@@ -445,7 +453,7 @@ class GradientStore:
             shape = expected.get(name, (n, self.num_slots))
             if values.shape != shape:
                 raise StoreError(f"shard {shard}: {name} has shape {values.shape}, the store expects {shape}")
-        if not (np.isfinite(data["projected"]).all() and np.isfinite(data["norms"]).all()):
+        if not (bool(torch.isfinite(projected).all()) and np.isfinite(data["norms"]).all()):
             raise StoreError(
                 f"checkpoint {checkpoint} shard {shard}: non-finite gradients (beyond {self.spec.dtype}'s "
                 "range?); index with dtype float32, or check the checkpoint"
@@ -563,7 +571,7 @@ class GradientStore:
         reads them: from resident memory, or by whole shards, each checked against its digest."""
         resident = self._load_resident(self._checkpoint(checkpoint))
         if resident is not None:
-            return RowChunk(torch.from_numpy(resident[0][rows]), torch.from_numpy(resident[1][rows]))
+            return RowChunk(self._projected(resident[0][rows]), torch.from_numpy(resident[1][rows]))
         projected, norms = [], []
         shards = rows // self.shard_size
         for shard in np.unique(shards):
@@ -572,7 +580,7 @@ class GradientStore:
             local = rows[shards == shard] - part.start
             projected.append(stored[0][local])
             norms.append(stored[1][local])
-        return RowChunk(torch.from_numpy(np.concatenate(projected)), torch.from_numpy(np.concatenate(norms)))
+        return RowChunk(self._projected(np.concatenate(projected)), torch.from_numpy(np.concatenate(norms)))
 
     def shard_digests(self, checkpoint: int) -> np.ndarray:
         """The digests `(shards,)` uint64 of one checkpoint's shards, as their done marks hold them."""
@@ -583,7 +591,13 @@ class GradientStore:
             projected, norms = resident[0][part], resident[1][part]
         else:
             projected, norms = self._verified(checkpoint, part)
-        return RowChunk(torch.from_numpy(projected), torch.from_numpy(norms))
+        return RowChunk(self._projected(projected), torch.from_numpy(norms))
+
+    def _projected(self, stored: np.ndarray) -> torch.Tensor:
+        """Stored projected rows as a tensor of the spec's dtype, sharing their memory (bfloat16 is
+        stored as its bits, `ZARR_DTYPES`)."""
+        tensor = torch.from_numpy(stored)
+        return tensor.view(torch.bfloat16) if self.spec.dtype == "bfloat16" else tensor
 
     def _verified(self, checkpoint: int, part: slice) -> tuple[np.ndarray, np.ndarray]:
         """Projected rows and norms of whole shards `part`, each shard checked against its digest.
@@ -608,18 +622,31 @@ class GradientStore:
         return arrays[0], arrays[1]
 
     def _load_resident(self, checkpoint: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """The checkpoint's arrays in memory, read once, if they fit what is left of the budget."""
+        """The checkpoint's arrays in memory, read once, if they fit what is left of the budget;
+        float16 rows widened to float32 if every checkpoint's float32 copy fits (`_widens`)."""
         with self._resident_lock:
             if checkpoint in self._resident:
                 return self._resident[checkpoint]
-            arrays = [self._array(checkpoint, name) for name in ("projected", "norms")]
-            needed = sum(a.nbytes for a in arrays)
+            projected, norms = (self._array(checkpoint, name) for name in ("projected", "norms"))
+            widen = self._widens()
+            needed = projected.nbytes * (2 if widen else 1) + norms.nbytes
             used = sum(p.nbytes + n.nbytes for p, n in self._resident.values())
             if used + needed > self.resident_bytes:
                 return None
             loaded = self._verified(checkpoint, slice(0, self.num_rows))
+            if widen:
+                loaded = (loaded[0].astype(np.float32), loaded[1])
             self._resident[checkpoint] = loaded
             return loaded
+
+    def _widens(self) -> bool:
+        """Whether resident float16 rows are kept as float32 (exactly the same numbers): a scan then
+        multiplies them uncopied, 1.8x faster for one query than converting them block by block
+        (bench/scale.py), at twice the memory, so only when all checkpoints fit the budget so."""
+        if self.spec.dtype != "float16":
+            return False
+        per_checkpoint = self.num_rows * self.num_slots * (self.dim * 4 + 4)
+        return per_checkpoint * self.num_checkpoints <= self.resident_bytes
 
     # --- internals ------------------------------------------------------------------------------------
 

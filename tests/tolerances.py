@@ -26,3 +26,7 @@ def probable(terms: int) -> float:
     lambda sqrt(n) u. For sums whose terms and order are not known exactly, where `gamma`'s worst case
     is far above any real difference."""
     return CONFIDENCE * terms**0.5 * UNIT_ROUNDOFF
+
+
+BFLOAT16_ROUNDOFF = 2.0**-8
+"""bfloat16 (8 significant bits): the relative error of rounding one value to it."""

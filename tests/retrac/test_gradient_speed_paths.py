@@ -150,8 +150,8 @@ class ReusedLayers(nn.Module):
         self.norm = nn.GroupNorm(1, 1)
         self.embed = nn.Linear(1, 1)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> SimpleNamespace:
-        shift = self.embed(timesteps.float().unsqueeze(1) / 1000)[:, :, None, None]
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> SimpleNamespace:
+        shift = self.embed(timestep.float().unsqueeze(1) / 1000)[:, :, None, None]
         h = torch.tanh(self.norm(self.conv(x) + shift))
         return SimpleNamespace(sample=self.conv(self.norm(h)))
 

@@ -7,10 +7,14 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention
 
-from api_schemas import ProjectorSpec
-from retrac.gradients import GradientComputer, loop_gradients
+from torch.profiler import ProfilerActivity, profile
+
+from api_schemas import ProjectorSpec, QuerySpec
+from retrac.gradients import GROUP_BACKWARD_WORK, PHASES, GradientComputer, loop_gradients
 from retrac.models import DiffusionModel, build_unet
 from retrac.projections import make_projector
+from retrac.query_side import query_vectors
+from tests.retrac.reference import mean_gradient, query_draws
 from tests.tolerances import probable
 
 RELATIVE_TOLERANCE = 1e-5
@@ -90,3 +94,39 @@ def test_thread_counts_agree_within_float32_accumulation() -> None:
         torch.set_num_threads(threads)
     assert relative_error(two.projected, one.projected) <= float32_bound(model, 8)
     assert relative_error(two.norms[:, None], one.norms[:, None]) <= float32_bound(model, 8)
+
+
+TINY_PARAMETERS = 701_345
+"""Trainable parameters of the tiny preset at 16x16x1: the fewest draws of a query that takes one
+backward per group is ceil(GROUP_BACKWARD_WORK / TINY_PARAMETERS) = 15."""
+
+
+@pytest.mark.parametrize("draws", [4, -(-GROUP_BACKWARD_WORK // TINY_PARAMETERS)])
+def test_query_vectors_equal_one_autograd_call_per_timestep(draws: int) -> None:
+    """The query side's groups of M draws (layer-wise over all K*M copies, or one backward per group
+    past GROUP_BACKWARD_WORK) give each `h(q, t)`: the reference takes it by one plain backward
+    of the mean loss per timestep."""
+    model = model_of("tiny", 16)
+    assert sum(p.numel() for p in model.unet.parameters()) == TINY_PARAMETERS
+    image = inputs(1, 1, 16, seed=4)[0]
+    spec = QuerySpec(timesteps=3, draws=draws, seed=5)
+    grid = torch.linspace(1, 999, spec.timesteps, dtype=torch.float64).floor().long().tolist()
+    noise = query_draws(spec.seed, spec.timesteps, spec.draws, (1, 16, 16))
+    reference = torch.stack(
+        [mean_gradient(model.unet, model.scheduler, image[0], t, noise[k], "mse") for k, t in enumerate(grid)]
+    )
+    projector = make_projector(ProjectorSpec(kind="sketch", dim=4096, seed=6), reference.shape[1])
+    vectors = query_vectors(GradientComputer(model, "mse", projector), image, spec)
+    exact_norms = reference.double().norm(dim=1).float()
+    torch.testing.assert_close(vectors.timestep_norms[0], exact_norms, rtol=RELATIVE_TOLERANCE, atol=0)
+    assert relative_error(vectors.per_timestep[0], projector.project(reference)) < RELATIVE_TOLERANCE
+
+
+def test_a_profile_splits_compute_by_phase() -> None:
+    """bench/gradients.py reads these labels; each phase and each layer type's rule must show."""
+    model = model_of("micro", 8)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        GradientComputer(model, "mse").compute(*inputs(2, 1, 8))
+    labels = {event.key for event in prof.key_averages()}
+    rules = {f"{PHASES[2]} {kind}" for kind in ("Conv2d", "Linear", "GroupNorm")}
+    assert {*PHASES[:2], PHASES[3], *rules} <= labels

@@ -35,8 +35,8 @@ class TransformerDenoiser(nn.Module):
         self.norm_out = nn.LayerNorm(width)
         self.out = nn.Linear(width, CHANNELS)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> SimpleNamespace:
-        tokens = self.embed(x.flatten(2).transpose(1, 2)) + self.time(timesteps.float()[:, None, None] / 1000)
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> SimpleNamespace:
+        tokens = self.embed(x.flatten(2).transpose(1, 2)) + self.time(timestep.float()[:, None, None] / 1000)
         tokens = self.out(self.norm_out(self.block(tokens)))
         return SimpleNamespace(sample=tokens.transpose(1, 2).reshape(x.shape))
 
@@ -53,8 +53,8 @@ class PlaneNorms(nn.Module):
         self.plain = nn.LayerNorm(SIDE, elementwise_affine=False)
         self.time = nn.Linear(1, CHANNELS)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> SimpleNamespace:
-        h = self.conv(x) + self.time(timesteps.float()[:, None] / 1000)[:, :, None, None]
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> SimpleNamespace:
+        h = self.conv(x) + self.time(timestep.float()[:, None] / 1000)[:, :, None, None]
         return SimpleNamespace(sample=self.volume(torch.tanh(self.plane(self.plain(h)))) * 1.5)
 
 

@@ -86,6 +86,10 @@ def test_cli_indexes_and_attributes_under_a_prompt(built: Built, tmp_path: Path,
     assert main(["attribute", str(built.store), str(query), *knobs]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "text-conditional: give the query's prompt" in error
+    # generating from it is refused in one line, not attempted without its text
+    assert main(["eval", "generate", str(built.store), "--out", str(tmp_path / "generated")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "generating from a text-conditional model is not handled" in error
 
 
 def test_http_answers_under_the_prompt_and_refuses_a_missing_one(built: Built, client: TestClient) -> None:

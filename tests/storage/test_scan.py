@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,28 @@ def test_norm_timestep_pairs(reference_store: Path, tiny_run: TrainingRun) -> No
     assert np.array_equal(pairs.timesteps[:, 0], tiny_run.timesteps[5].numpy())  # epoch 6's replayed steps
     assert (pairs.timesteps[:, 1:] == [1, 999]).all()  # floor(linspace(1, T-1, 2))
     assert (pairs.norms > 0).all()
+
+
+def test_the_gradient_lock_is_held_for_the_gradients_alone(
+    reference_store: Path, query_images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A serving process serialises query gradients (its shared models are not thread-safe), never scans."""
+    store = GradientStore.open(reference_store)
+    lock = threading.Lock()
+    models = GradientComputerCache("cpu")
+    held_while: dict[str, list[bool]] = {"gradients": [], "scan": []}
+    computer = models.computer
+
+    def recorded_computer(*args: object):
+        held_while["gradients"].append(lock.locked())
+        return computer(*args)
+
+    def recorded_chunks(checkpoints, rows_per_chunk):
+        for item in GradientStore.chunks(store, checkpoints, rows_per_chunk):
+            held_while["scan"].append(lock.locked())
+            yield item
+
+    monkeypatch.setattr(models, "computer", recorded_computer)
+    monkeypatch.setattr(store, "chunks", recorded_chunks)
+    attribute(store, query_images, QUERY, top_k=TOP_K, models=models, gradient_lock=lock)
+    assert held_while["gradients"] == [True] * 3 and held_while["scan"] and not any(held_while["scan"])

@@ -1,0 +1,142 @@
+"""A DiT end to end: a pipeline folder with `transformer/` indexed by `retrac index create/run`, queried by
+`retrac attribute --label` and over HTTP (the ASGI app), each answer equal to the in-memory engine's under
+the same label; a learned-sigma DiT refused by POST /v1/indexes in one line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from api_schemas import QuerySpec
+from api_schemas.attribution import AttributionsPublic
+from cli import main
+from retrac.attribution import Attributor
+from service.main import create_app
+from service.settings import Settings
+from storage import GradientStore
+from tests.retrac.dit_model import save_dit_pipeline
+from tests.service.conftest import API_KEY, QUERY
+from tests.service.test_attribute import assert_matches, png
+
+STORE = "dit"
+KNOBS = [f"--{name.replace('_', '-')}={QUERY[name]}" for name in ("top_k", "timesteps", "draws")]
+
+
+@dataclass(frozen=True)
+class Built:
+    settings: Settings
+    store: Path
+    reference: Attributor
+    query: np.ndarray  # uint8 (8, 8): training digit 5 mirrored
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """Models and stores roots: a tiny DiT pipeline (and a learned-sigma one), store `dit` of 8 digits
+    created and filled by the CLI."""
+    base = tmp_path_factory.mktemp("dit")
+    pipeline = save_dit_pipeline(base / "models" / "dit")
+    save_dit_pipeline(base / "models" / "sigma", out_channels=2)
+    (base / "stores").mkdir()
+    store = base / "stores" / STORE
+    assert main(["index", "create", str(store), "--checkpoint", f"{pipeline}:weight=0.5", "--loss", "mse",
+                 "--data", "builtin:digits", "--limit", "8", "--no-replay", "--grid", "2",
+                 "--projector", "sketch", "--dim", "256", "--dtype", "float32", "--shard-size", "4"]) == 0
+    assert main(["index", "run", str(store)]) == 0
+    reference = Attributor(GradientStore.open(store).plan)
+    reference.index()
+    query = np.ascontiguousarray(reference.plan.dataset.to_uint8(5)[:, ::-1])
+    settings = Settings(stores_root=base / "stores", models_root=base / "models", data_root=base / "data",
+                        api_key=API_KEY, max_top_k=20, max_query_gradients=64)
+    return Built(settings, store, reference, query)
+
+
+def expected(built: Built, label: int | str) -> list:
+    image = torch.from_numpy(built.query.copy()).float().div(255).mul(2).sub(1)[None, None]
+    spec = QuerySpec(timesteps=QUERY["timesteps"], draws=QUERY["draws"], seed=QUERY["seed"], label=label)
+    return built.reference.attribute(image, spec, top_k=QUERY["top_k"])
+
+
+def test_cli_indexes_and_attributes_under_a_label(
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    capsys.readouterr()
+    assert main(["index", "inspect", str(built.store), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["classes"] == {str(d): d for d in range(10)}
+    query = tmp_path / "five.png"
+    query.write_bytes(png(built.query))
+    knobs = [*KNOBS, "--seed", str(QUERY["seed"])]
+    assert main(["attribute", str(built.store), str(query), *knobs, "--label", "5", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    want = expected(built, 5)
+    for method in ("tracin", "retrac"):
+        got = printed["results"][0]["methods"][method]["proponents"]
+        assert [i["sample_id"] for i in got] == [i.sample_id for i in want[0].methods[method].proponents]
+        scores = [i.score for i in want[0].methods[method].proponents]
+        np.testing.assert_allclose([i["score"] for i in got], scores, rtol=1e-5)
+    assert main(["attribute", str(built.store), str(query), *knobs]) == 2  # a DiT needs the query's label
+    assert "class-conditional: give the query's label" in capsys.readouterr().err
+
+
+def test_http_answers_under_the_label(built: Built) -> None:
+    with TestClient(create_app(built.settings), headers={"X-API-Key": API_KEY}) as session:
+        files = {"images": ("five.png", png(built.query), "image/png")}
+        upload = f"/v1/indexes/{STORE}/attribute/upload"
+        response = session.post(upload, files=files, data={**QUERY, "label": "5"})
+        assert response.status_code == 200, response.text
+        answer = AttributionsPublic.model_validate(response.json())
+        assert answer.label == "5"
+        assert_matches(answer, expected(built, 5))
+        other = session.post(f"/v1/indexes/{STORE}/attribute",
+                             json={**QUERY, "images": [{"array": (built.query / 255).tolist()}], "label": 2})
+        assert other.status_code == 200, other.text
+        assert_matches(AttributionsPublic.model_validate(other.json()), expected(built, 2))
+
+
+@pytest.mark.redis
+def test_create_refuses_a_learned_sigma_dit_in_one_line(built: Built) -> None:
+    spec = {"dataset": {"source": "builtin:digits", "resolution": 8, "limit": 4}, "loss": "mse",
+            "checkpoints": [{"path": "sigma", "weight": 1.0}], "slots": {"replay": False, "grid": 1},
+            "projector": {"dim": 64}}
+    with TestClient(create_app(built.settings), headers={"X-API-Key": API_KEY}) as session:
+        response = session.post("/v1/indexes", json={"name": "sigma", "spec": spec})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "\n" not in detail and "maps 1 channels to 2 (learned variances" in detail
+    assert not (built.settings.stores_root / "sigma").exists()
+
+
+def test_eval_generate_records_the_label_and_attributes_under_it(
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`retrac eval generate` with guidance: generated.json records each image's label, and the printed
+    attributions equal `retrac attribute` of the written PNG under that recorded label."""
+    out = tmp_path / "generated"
+    knobs = KNOBS
+    capsys.readouterr()
+    assert main(["eval", "generate", str(built.store), "--count", "2", "--label", "3",
+                 "--guidance-scale", "2.5", "--steps", "3", "--out", str(out), *knobs]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    records = json.loads((out / "generated.json").read_text())
+    assert printed["generated"] == records and [r["label"] for r in records] == ["3", "3"]
+    assert records[1]["guidance_scale"] == 2.5 and printed["query"]["label"] == "3"
+    again = records[1]
+    assert main(["attribute", str(built.store), str(out / again["file"]), "--label", again["label"], *knobs,
+                 "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)["results"][0]
+    for method in ("tracin", "retrac"):  # the query gradients of one image against those of two, batched
+        got, want = printed["results"][1]["methods"][method], alone["methods"][method]
+        for side in ("proponents", "opponents"):
+            assert [i["sample_id"] for i in got[side]] == [i["sample_id"] for i in want[side]]
+            scores = [i["score"] for i in want[side]]
+            np.testing.assert_allclose([i["score"] for i in got[side]], scores, rtol=1e-5)
+    # a DiT generates under a label only: one line saying to give one
+    assert main(["eval", "generate", str(built.store), "--steps", "2", "--out", str(tmp_path / "none")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "give the query's label" in error
