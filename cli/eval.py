@@ -204,6 +204,11 @@ def generate_command(
     plan = opened.plan
     if plan.latent_space is not None:
         raise SpecError("generating from a latent model (a VAE beside its denoiser) is not handled")
+    if plan.text is not None:
+        raise SpecError(
+            "generating from a text-conditional model is not handled; generate with its diffusers pipeline and "
+            "attribute the image with `retrac attribute STORE IMAGE --prompt TEXT`"
+        )
     query = validated(QuerySpec, {"timesteps": timesteps, "draws": draws, "label": label})
     conditions = query_conditions(plan.classes, label, 1)
     integer = int(conditions.tensors[CLASS_LABELS][0]) if conditions else None

@@ -27,6 +27,7 @@ function say(text, isError = false) {
 }
 
 const classesOf = {};  // index name -> its label mapping (class-conditional) or null
+const textual = {};  // index name -> whether its model is text-conditional (queries give a prompt)
 
 function showLabels() {
   // a class-conditional index needs the query's label; an unconditional one takes none
@@ -34,6 +35,7 @@ function showLabels() {
   $("label-field").hidden = !classes;
   $("label").replaceChildren(...Object.entries(classes || {}).map(([name, value]) =>
     new Option(name === String(value) ? name : `${name} (${value})`, name)));
+  $("prompt-field").hidden = !textual[$("index").value];
 }
 
 async function loadIndexes() {
@@ -42,6 +44,7 @@ async function loadIndexes() {
   select.replaceChildren();
   for (const index of data) {
     classesOf[index.name] = index.classes;
+    textual[index.name] = index.text_conditional;
     const done = index.progress.reduce((sum, c) => sum + c.done, 0);
     const total = index.progress.reduce((sum, c) => sum + c.total, 0);
     const option = new Option(
@@ -97,7 +100,8 @@ function render(index, answer) {
     }
   }
   const t = answer.timings;
-  const label = answer.label === null ? "" : `, label ${answer.label}`;
+  const label = (answer.label === null ? "" : `, label ${answer.label}`)
+    + (answer.prompt === null ? "" : `, prompt "${answer.prompt}"`);
   $("timings").textContent = `${answer.estimator} estimator, K = ${answer.timesteps}, M = ${answer.draws}${label}, checkpoints ${answer.checkpoints.join(", ")}: `
     + `${t.total_s.toFixed(2)} s (query gradients ${t.gradient_s.toFixed(2)} s, ${answer.search} search ${t.scan_s.toFixed(3)} s over ${answer.dtype} rows)`;
 }
@@ -115,6 +119,7 @@ async function attribute(event) {
   form.append("estimator", $("estimator").value);
   form.append("search", $("search").value);
   if (classesOf[index]) form.append("label", $("label").value);
+  if (textual[index]) form.append("prompt", $("prompt").value);  // "" is the empty prompt, sent as such
   form.append("methods", "tracin");
   form.append("methods", "retrac");
   $("run").disabled = true;
