@@ -21,7 +21,7 @@ from service.main import create_app
 from service.settings import Settings
 from storage import GradientStore
 from tests.retrac.text_pipeline import SIDE, save_text_pipeline, write_captioned_folder
-from tests.service.conftest import API_KEY, INDEX, QUERY
+from tests.service.conftest import API_KEY, INDEX, QUERY, assert_create_refused
 from tests.service.servers import serve_in_thread
 from tests.service.test_attribute import assert_matches, png
 
@@ -120,12 +120,8 @@ def test_create_refuses_a_dataset_without_captions_in_one_line(built: Built) -> 
     spec = {"dataset": {"source": "builtin:faces", "resolution": 8, "limit": 4},
             "checkpoints": [{"path": "pipeline"}], "loss": "mse", "slots": {"replay": False, "grid": 1},
             "projector": {"dim": 64}}
-    with TestClient(create_app(built.settings), headers={"X-API-Key": API_KEY}) as session:
-        response = session.post("/v1/indexes", json={"name": "nocaptions", "spec": spec})
-    assert response.status_code == 422, response.text
-    detail = response.json()["detail"]
-    assert "\n" not in detail and "text-conditional but the dataset 'builtin:faces' has no captions" in detail
-    assert not (built.settings.stores_root / "nocaptions").exists()
+    message = "text-conditional but the dataset 'builtin:faces' has no captions"
+    assert_create_refused(built.settings, "nocaptions", spec, message)
 
 
 def test_page_shows_the_prompt_field_and_attributes_under_it(built: Built, tmp_path: Path) -> None:
