@@ -117,6 +117,9 @@ class AttributionsPublic(Public):
     label: int | str | None = Field(
         None, description="the class label the images were attributed under, as given (class-conditional indexes)"
     )
+    prompt: str | None = Field(
+        None, description="the prompt the images were attributed under (text-conditional indexes)"
+    )
     data: list[AttributionPublic]
     count: int
     timings: TimingsPublic

@@ -43,6 +43,10 @@ class IndexPublic(Public):
         description="a class-conditional index's label mapping (class name -> the integer its model takes): "
         "every query must give one of these labels; null for an unconditional index, which takes none",
     )
+    text_conditional: bool = Field(
+        False, description="the index's model is text-conditional: every query must give a prompt (\"\" for the "
+        "empty one); any other index refuses a prompt",
+    )
     size_bytes: int = Field(description="bytes the store takes on disk")
     complete: bool = Field(description="every row of every checkpoint is stored: the index answers queries")
     progress: list[CheckpointProgressPublic]

@@ -53,6 +53,8 @@ DEFAULT_TIMESTEPS = 50
 """K, the query's timestep grid, unless told (the paper's query-side setting)."""
 DEFAULT_DRAWS = 4
 """M, noise draws per query timestep, unless told."""
+MAX_PROMPT_LENGTH = 2000
+"""Longest prompt a query may give, in characters (a tokenizer cuts it to its padded length anyway)."""
 MAX_LABEL_LENGTH = 255
 """Longest class name a query's label may give (a folder name's limit on common file systems)."""
 
@@ -75,6 +77,11 @@ class DatasetSpec(Spec):
     channels: Literal[1, 3] = Field(1, description="1 (grey) or 3 (RGB)")
     limit: int | None = Field(None, ge=1, description="keep only the first `limit` samples")
     seed: int = Field(0, description="seed of any random choice the source makes (patches, mixtures)")
+    caption_column: str = Field(
+        "text", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="the column of an image folder's metadata.jsonl that holds each image's caption "
+        "(text-conditional models; Hugging Face imagefolder's default is text)",
+    )
 
 
 class ProjectorSpec(Spec):
@@ -146,6 +153,13 @@ class QuerySpec(Spec):
         None,
         description="the class the query images are attributed under, for a class-conditional index (its "
         "class name, or the class's integer): required there, refused by an unconditional index",
+    )
+
+    prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_LENGTH,
+        description="the text the query images are attributed under, for a text-conditional index: required "
+        "there (give \"\" for the empty prompt, classifier-free guidance's unconditional one), refused by "
+        "an index of another model",
     )
 
     @field_validator("label")

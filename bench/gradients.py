@@ -22,11 +22,14 @@ sample, passed to all jobs), so the class embedding's layer rule is measured the
 `--presets dit` measures a transformer denoiser: a `DiTTransformer2DModel` (4 blocks of 4 x 32 heads
 over 2x2 patches of 16x16x4 latents, ~1.5M parameters), always class-conditional (C classes, 10 by
 default), its patch embedding, attention, MLP and adaLN-Zero layers through the same layer rules.
+With `--text D` every UNet is a text-conditional `UNet2DConditionModel` of the preset's channels and
+levels (its attention blocks cross-attention blocks, `cross_attention_dim = D`, plain attention), given
+random text encoder states `(B, 77, D)`: the cross-attention's Linear and LayerNorm rules, measured alike.
 
 Prints one JSON object on stdout, `{"tiny": {...}, "small": {...}}` with rates in samples/s, plus the
 thread count, batch size, classes, clock and the computer's strategy; never asserts a timing.
 Usage: `python bench/gradients.py [--threads N] [--repeats R] [--query-repeats R] [--clock cpu|wall]
-[--classes C] [--presets tiny small dit]`.
+[--classes C | --text D] [--presets tiny small dit]`.
 """
 
 from __future__ import annotations
@@ -39,14 +42,14 @@ import time
 from collections.abc import Callable
 
 import torch
-from diffusers import DDPMScheduler, DiTTransformer2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from api_schemas import ProjectorSpec, QuerySpec
 from retrac.conditions import Conditions
 from retrac.gradients import PHASES, GradientComputer, loop_gradients, num_parameters
 from retrac.losses import distance, noised
-from retrac.models import Denoiser, DiffusionModel, build_unet, with_plain_attention
+from retrac.models import PRESETS, Denoiser, DiffusionModel, build_unet, with_plain_attention
 from retrac.noise import query_noise
 from retrac.projections import make_projector
 from retrac.query_side import query_timesteps, query_vectors
@@ -56,11 +59,23 @@ SHAPES = {"tiny": (16, 1), "small": (32, 3), "dit": (16, 4)}
 DEFAULT_PRESETS = ("tiny", "small")
 DIT_CONFIG = dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, patch_size=2, norm_num_groups=1)
 DIT_CLASSES = 10
+TEXT_TOKENS = 77
+"""Tokens of the text encoder states a text-conditional model gets: CLIP's padded length."""
+CROSS_ATTENTION = {"AttnDownBlock2D": "CrossAttnDownBlock2D", "AttnUpBlock2D": "CrossAttnUpBlock2D"}
 
 
-def build_denoiser(preset: str, classes: int | None) -> Denoiser:
-    """The UNet of a preset, or for `dit` the DiT of `DIT_CONFIG` (predicting epsilon alone)."""
+def build_denoiser(preset: str, classes: int | None, text: int | None = None) -> Denoiser:
+    """The UNet of a preset (text-conditional of width `text`, when given), or for `dit` the DiT of
+    `DIT_CONFIG` (predicting epsilon alone)."""
     resolution, channels = SHAPES[preset]
+    if text and preset != "dit":
+        config = dict(PRESETS[preset])
+        for key in ("down_block_types", "up_block_types"):
+            config[key] = tuple(CROSS_ATTENTION.get(kind, kind) for kind in config[key])
+        torch.manual_seed(0)
+        return with_plain_attention(UNet2DConditionModel(
+            sample_size=resolution, in_channels=channels, out_channels=channels, cross_attention_dim=text, **config,
+        ))
     if preset != "dit":
         return build_unet(preset, resolution=resolution, channels=channels, num_class_embeds=classes)
     torch.manual_seed(0)
@@ -143,14 +158,19 @@ def bench_query(
 
 def bench_preset(
     preset: str, batch: int, repeats: int, query_repeats: int, clock: Callable[[], float],
-    classes: int | None = None,
+    classes: int | None = None, text: int | None = None,
 ) -> dict[str, object]:
     resolution, channels = SHAPES[preset]
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    model = DiffusionModel.from_parts(build_denoiser(preset, classes), scheduler)
+    text = text if preset != "dit" else None  # the DiT takes class labels only
+    model = DiffusionModel.from_parts(build_denoiser(preset, classes, text), scheduler)
     generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, classes, (batch,), generator=generator) if classes else None
-    conditions = Conditions.of_labels(labels) if labels is not None else Conditions()
+    if text:
+        conditions = Conditions.of_text(torch.randn(batch, TEXT_TOKENS, text, generator=generator))
+    elif classes:
+        conditions = Conditions.of_labels(torch.randint(0, classes, (batch,), generator=generator))
+    else:
+        conditions = Conditions()
     images = torch.randn(batch, channels, resolution, resolution, generator=generator)
     timesteps = torch.randint(0, model.num_timesteps, (batch,), generator=generator)
     noise = torch.randn(batch, 1, channels, resolution, resolution, generator=generator)
@@ -178,6 +198,7 @@ def bench_preset(
         "ratio_to_loop": round(rate["per_sample"] / rate["loop"], 3),
         "strategy": computer.strategy,
         "classes": classes,
+        "text": text,
         "phases_share": phases_share(computer, images, timesteps, noise, conditions),
         "query": [
             bench_query(model, computer, images[:1], first, query, query_repeats, clock) for query in QUERIES
@@ -198,13 +219,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--clock", choices=list(CLOCKS), default="cpu")
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), choices=list(SHAPES))
-    parser.add_argument("--classes", type=int, default=None, help="class-conditional models with C classes")
+    condition = parser.add_mutually_exclusive_group()
+    condition.add_argument("--classes", type=int, default=None, help="class-conditional models with C classes")
+    condition.add_argument("--text", type=int, default=None, help="text-conditional UNets of text width D")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
     result: dict[str, object] = {
         preset: bench_preset(
-            preset, args.batch, args.repeats, args.query_repeats, clock, _classes(preset, args.classes)
+            preset, args.batch, args.repeats, args.query_repeats, clock, _classes(preset, args.classes), args.text
         )
         for preset in args.presets
     }

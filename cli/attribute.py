@@ -94,6 +94,14 @@ def run(
             show_default="none: an unconditional store",
         ),
     ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            help="text the query images are attributed under, for a text-conditional store: required there "
+            "(--prompt '' for the empty, unconditional prompt), refused by any other store",
+            show_default="none: not a text-conditional store",
+        ),
+    ] = None,
 ) -> int:
     import numpy as np
     import torch
@@ -106,7 +114,8 @@ def run(
     # (compared by name: typer bundles its own click, whose ParameterSource is not click.core's)
     knobs = {"timesteps": timesteps, "draws": draws, "seed": seed}
     given = {k: v for k, v in knobs.items() if context.get_parameter_source(k).name != "DEFAULT"}
-    query = validated(QuerySpec, {**given, "estimator": estimator, "search": search, "label": label})
+    query = validated(QuerySpec, {**given, "estimator": estimator, "search": search, "label": label,
+                                     "prompt": prompt})
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
     output = "json" if as_json else output
@@ -153,6 +162,7 @@ def run(
                     print(f"  {method:6} {side:10} {ranked}")
         ran = answer.query
         label = f", label {ran.label}" if ran.label is not None else ""
+        label += f", prompt {ran.prompt!r}" if ran.prompt is not None else ""
         print(f"\n{ran.estimator} estimator, K = {ran.timesteps}, M = {ran.draws}, seed {ran.seed}{label}: "
               f"query gradients {answer.timings.gradient_s:.2f} s, {answer.search} search "
               f"{answer.timings.scan_s:.3f} s over {answer.dtype} rows")

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from api_schemas import IndexSpec, LossKind, LossWeighting, ProjectorSpec, SlotNoise, SlotSpec
+from api_schemas import DatasetSpec, IndexSpec, LossKind, LossWeighting, ProjectorSpec, SlotNoise, SlotSpec
 from api_schemas.specs import ProjectorKind, StoreDType
 from cli.common import (
     Channels,
@@ -93,6 +93,13 @@ def create(
     channels: Channels = None,
     limit: Limit = None,
     data_seed: DataSeed = None,
+    caption_column: Annotated[
+        str | None,
+        typer.Option(
+            help="column of the image folder's metadata.jsonl holding each caption (text-conditional models)",
+            show_default=default(DatasetSpec, "caption_column"),
+        ),
+    ] = None,
     loss: Annotated[LossKind | None, typer.Option(help="the training loss", show_default="the run's")] = None,
     loss_weighting: Annotated[
         LossWeighting | None,
@@ -145,7 +152,8 @@ def create(
             if data is not None:
                 base.pop("limit", None)  # the run's sample limit belongs to the run's source
             dataset = dataset_spec(
-                base, source=data, resolution=resolution, channels=channels, limit=limit, seed=data_seed
+                base, source=data, resolution=resolution, channels=channels, limit=limit, seed=data_seed,
+                caption_column=caption_column,
             )
             index_spec = IndexSpec(
                 dataset=dataset,
@@ -178,6 +186,8 @@ def create(
     )
     if opened.classes is not None:
         print(f"class-conditional: {len(opened.classes.classes)} classes; query it with --label NAME")
+    if opened.text_conditional:
+        print("text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT")
     return 0
 
 
@@ -416,6 +426,7 @@ def inspect(store: Store, as_json: Annotated[bool, typer.Option("--json", help="
         "vae": opened.attrs.get("vae"),  # None: a pixel-space model
         "loss_weighting": opened.attrs.get("loss_weighting", "none"),  # stores from before it: none
         "classes": opened.attrs.get("classes"),  # a class-conditional index's labels; null: unconditional
+        "text": opened.attrs.get("text"),  # a text-conditional index's text encoder; null: no text
         "fingerprints": opened.attrs["fingerprints"],
         "size_bytes": opened.size_bytes(),
         "freshness": freshness,

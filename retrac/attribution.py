@@ -21,7 +21,7 @@ import torch
 from api_schemas import IndexSpec, Method, QuerySpec
 from api_schemas.attribution import AttributionPublic, BandsPublic, InfluencePublic, RankingPublic
 from api_schemas.specs import Search, StoreDType
-from retrac.conditions import ClassLabels, query_conditions
+from retrac.conditions import ClassLabels, Conditions, query_conditions
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer
 from retrac.models import DiffusionModel
@@ -119,15 +119,17 @@ def attribute(
     on_progress: QueryProgress | None = None,
     gradient_lock: AbstractContextManager[object] | None = None,
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    conditions: Callable[[QuerySpec, int], Conditions] | None = None,
 ) -> Attribution:
     """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over `source`'s rows.
 
     `computer(c)` is the gradient computer of checkpoint c (a serving process passes a long-lived
     cache's). `encode` turns the checked images into what the denoiser takes (`IndexPlan.encode`: a
     latent model's VAE); without it they are taken as they are. Every image is attributed under
-    `query.label` (`retrac.conditions.query_conditions`: needed by a class-conditional index, refused
-    by an unconditional one). Everything that can be wrong with the request is checked before the
-    first gradient. `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
+    `query.label` or `query.prompt`, as `conditions(query, count)` gives them (`IndexPlan.query_conditions`;
+    without it, `retrac.conditions.query_conditions` of the source's classes: a label is needed by a
+    class-conditional index, refused by an unconditional one, and a prompt refused). Everything that
+    can be wrong with the request is checked before the first gradient. `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
     `gradient_lock` is held while the query gradients are computed, and only then: computers that
     threads share swap their model's parameters while they run, while the scan only reads.
     """
@@ -138,14 +140,17 @@ def attribute(
         )
     query = resolve_query(query, source.spec.slots)
     chosen = _checked_request(source, images, top_k, checkpoints, query.search)
-    conditions = query_conditions(source.classes, query.label, images.shape[0])
+    if conditions is None:
+        given = query_conditions(source.classes, query.label, images.shape[0], prompt=query.prompt)
+    else:
+        given = conditions(query, images.shape[0])
     matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
     started = time.perf_counter()
     on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
     with gradient_lock or nullcontext():
         images = encode(images) if encode is not None else images
-        vectors = [query_vectors(computer(c), images, query, on_images, conditions) for c in chosen]
+        vectors = [query_vectors(computer(c), images, query, on_images, given) for c in chosen]
     gradient_s = time.perf_counter() - started
     # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
     started = time.perf_counter()
@@ -341,8 +346,8 @@ class Attributor:
     def query_vectors(
         self, images: torch.Tensor, spec: QuerySpec, checkpoints: Sequence[int]
     ) -> list[QueryVectors]:
-        """Query vectors of `images` `(Q, C, H, W)` under `spec.label` at each checkpoint of `checkpoints`."""
-        conditions = query_conditions(self.plan.classes, spec.label, images.shape[0])
+        """Query vectors of `images` `(Q, C, H, W)` under `spec`'s label or prompt at each checkpoint of `checkpoints`."""
+        conditions = self.plan.query_conditions(spec, images.shape[0])
         inputs = self.plan.encode(images)
         return [query_vectors(self.computer(c), inputs, spec, conditions=conditions) for c in checkpoints]
 
@@ -358,5 +363,5 @@ class Attributor:
         """Proponents and opponents of each image, from the in-memory rows (see `attribute`)."""
         return attribute(
             self.source(), self.computer, images, spec, top_k=top_k, methods=methods, checkpoints=checkpoints,
-            encode=self.plan.encode,
+            encode=self.plan.encode, conditions=self.plan.query_conditions,
         ).results

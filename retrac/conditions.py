@@ -2,8 +2,8 @@
 
 A `Conditions` maps the keyword a diffusers model's forward takes to a tensor whose first axis runs
 over samples: `class_labels` `(B,)` int64 for a class-conditional `UNet2DModel` (`num_class_embeds`
-or `class_embed_type="timestep"`); a text-conditional model's `encoder_hidden_states` `(B, L, D)`
-would be one more entry. Every gradient path takes one and lays it out like the images it goes with
+or `class_embed_type="timestep"`); a text-conditional `UNet2DConditionModel`'s `encoder_hidden_states`
+`(B, L, D)` float32, its caption's (or prompt's) text encoder states (`retrac.text`). Every gradient path takes one and lays it out like the images it goes with
 (repeated per slot, per query timestep, per noise draw), so a sample's loss is always computed under
 its own condition. An unconditional model gets the empty `Conditions()`.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,8 @@ from retrac.exceptions import SpecError
 
 CLASS_LABELS = "class_labels"
 """The forward keyword of diffusers' class-conditional UNets."""
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+"""The forward keyword of diffusers' text-conditional UNets: what cross-attention attends to."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class Conditions:
     def of_labels(cls, labels: Sequence[int] | torch.Tensor) -> Conditions:
         """Integer class labels `(B,)` as the conditions of a class-conditional UNet."""
         return cls({CLASS_LABELS: torch.as_tensor(labels, dtype=torch.int64)})
+
+    @classmethod
+    def of_text(cls, states: torch.Tensor) -> Conditions:
+        """Text encoder states `(B, L, D)` as the conditions of a text-conditional UNet."""
+        return cls({ENCODER_HIDDEN_STATES: states.float()})
 
     def __bool__(self) -> bool:
         return bool(self.tensors)
@@ -90,11 +97,34 @@ class ClassLabels:
         return dict(self.classes)
 
 
-def query_conditions(classes: ClassLabels | None, label: int | str | None, count: int) -> Conditions:
-    """The conditions of `count` query images asked with `label` of an index with `classes`.
+def query_conditions(
+    classes: ClassLabels | None,
+    label: int | str | None,
+    count: int,
+    *,
+    text: Callable[[Sequence[str]], torch.Tensor] | None = None,
+    prompt: str | None = None,
+) -> Conditions:
+    """The conditions of `count` query images asked with `label` and `prompt` of an index with `classes`
+    (class-conditional) or `text` (text-conditional: its caption encoder, `retrac.text.TextEncoder.encode`).
 
-    A class-conditional index needs a label (the model's answer depends on it, and no label is
-    neutral); an unconditional one refuses a label rather than ignore it."""
+    A conditional index needs its condition: a class-conditional one a label (no label is neutral), a
+    text-conditional one a prompt, where the empty prompt "" (the unconditional input of classifier-free
+    guidance) must be given as such, never assumed. An index refuses a condition its model does not take,
+    rather than ignore it."""
+    if prompt is not None and text is None:
+        raise SpecError(
+            f"this index's model is not text-conditional: it takes no prompt (got {prompt[:40]!r}); leave the prompt out"
+        )
+    if text is not None:
+        if prompt is None:
+            raise SpecError(
+                "this index's model is text-conditional: give the query's prompt (--prompt TEXT; --prompt '' "
+                "for the empty, unconditional prompt)"
+            )
+        if label is not None:
+            raise SpecError(f"this index's model is text-conditional: it takes no label (got {label!r}); give a prompt")
+        return Conditions.of_text(text([prompt]).expand(count, -1, -1))
     if classes is None:
         if label is not None:
             raise SpecError(

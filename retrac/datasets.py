@@ -10,6 +10,11 @@ Class labels, for class-conditional models, come with the source: an image folde
 lies in a class subfolder (`train/<class>/...`: sorted class names numbered 0..n-1), an `.npz` with a
 `labels` array (integers kept as given, or names numbered in sorted order), and `builtin:digits` (the
 digit). A dataset's `classes` is that mapping (`retrac.conditions.ClassLabels`).
+
+Captions, for text-conditional models, come as Hugging Face's `imagefolder` gives them: a
+`metadata.jsonl` at the folder's top, one JSON object per line with the image's `file_name` (relative to
+the folder) and its caption in the column `DatasetSpec.caption_column` (default `text`); or a
+`captions` string array in an `.npz`. Every kept image needs its caption, once.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from retrac.conditions import ClassLabels
 from retrac.exceptions import DatasetError
 from retrac.paths import resolve_inside
 
+METADATA_NAME = "metadata.jsonl"
+MAX_METADATA_BYTES = 256 << 20
+"""Largest metadata.jsonl read (captions of about a million images)."""
 MAX_IMAGE_SIDE = 4096
 """Largest accepted image side, checked before pixels are decoded (guards against decompression bombs)."""
 
@@ -88,6 +96,7 @@ class ImageDataset:
     notices: tuple[str, ...] = ()
     labels: tuple[int, ...] | None = None
     classes: ClassLabels | None = None
+    captions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.float32:
@@ -115,6 +124,8 @@ class ImageDataset:
             unknown = set(self.labels) - set(self.classes.classes.values())
             if unknown:
                 raise DatasetError(f"class labels {sorted(unknown)[:5]} are not in the dataset's classes")
+        if self.captions is not None and len(self.captions) != count:
+            raise DatasetError(f"{len(self.captions)} captions for {count} images")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -140,8 +151,9 @@ class ImageDataset:
             raise DatasetError(f"indices {outside[:5]} out of range for {len(self)} samples")
         groups = None if self.groups is None else tuple(self.groups[i] for i in index)
         labels = None if self.labels is None else tuple(self.labels[i] for i in index)
+        captions = None if self.captions is None else tuple(self.captions[i] for i in index)
         return ImageDataset(self.images[torch.tensor(index, dtype=torch.long)], tuple(self.ids[i] for i in index),
-                            self.name, groups, labels=labels, classes=self.classes)
+                            self.name, groups, labels=labels, classes=self.classes, captions=captions)
 
     def index_of(self, sample_ids: Iterable[str]) -> list[int]:
         """Positions of the given ids, so callers can address samples by their stable names."""
@@ -336,7 +348,41 @@ def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDat
     if grouped:  # numbered over every file found, so that a limit never renumbers the classes
         labels, classes = _class_labels(np.asarray([rel.split("/", 1)[0] for rel in found]), spec.limit)
     return ImageDataset(torch.stack(images), ids, folder.name, groups, conversions.notices(len(kept), folder.name),
-                        labels, classes)
+                        labels, classes, _folder_captions(folder, ids, spec.caption_column, root))
+
+
+def _folder_captions(folder: Path, ids: tuple[str, ...], column: str, root: Path | None) -> tuple[str, ...] | None:
+    """Each image's caption from the folder's metadata.jsonl (module docstring), in `ids` order; None
+    without one. A DatasetError for a line that is no JSON object, a missing column, or an image without
+    its caption (or with two)."""
+    if not (folder / METADATA_NAME).is_file():
+        return None
+    file = resolve_inside(root, folder / METADATA_NAME)  # a link out of the data root is refused
+    if file.stat().st_size > MAX_METADATA_BYTES:
+        raise DatasetError(f"{file} is over {MAX_METADATA_BYTES >> 20} MiB; split the dataset")
+    found: dict[str, str] = {}
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{file}, line {number}: not JSON ({exc.msg})") from exc
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+            raise DatasetError(f"{file}, line {number}: needs a \"file_name\" string")
+        if not isinstance(entry.get(column), str):
+            raise DatasetError(
+                f"{file}, line {number}: no caption string in column {column!r} (it has {sorted(entry)}); "
+                "name the caption column (caption_column, --caption-column)"
+            )
+        name = Path(entry["file_name"]).as_posix().removeprefix("./")
+        if name in found:
+            raise DatasetError(f"{file}, line {number}: a second caption for {name}")
+        found[name] = entry[column]
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise DatasetError(f"{file} gives no caption to {len(missing)} images, e.g. {missing[:3]}; caption every image")
+    return tuple(found[i] for i in ids)
 
 
 def _image_files(folder: Path) -> list[str]:
@@ -350,7 +396,7 @@ def _image_files(folder: Path) -> list[str]:
 
 
 def _load_array_file(path: Path, spec: DatasetSpec) -> ImageDataset:
-    ids = groups = labels = None
+    ids = groups = labels = captions = None
     try:
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)  # .npy is memory-mapped: `limit` reads less
         if isinstance(loaded, np.ndarray):
@@ -365,9 +411,21 @@ def _load_array_file(path: Path, spec: DatasetSpec) -> ImageDataset:
                 ids = _strings(archive, "ids", len(images), path)
                 groups = _strings(archive, "groups", len(images), path)
                 labels = _labels_array(archive, len(images), path)
+                captions = _captions_array(archive, len(images), path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(f"cannot read {path} as a .npy/.npz array: {exc}") from exc
-    return _array_dataset(images, ids, groups, spec, path.name, labels=labels)
+    dataset = _array_dataset(images, ids, groups, spec, path.name, labels=labels)
+    return dataset if captions is None else replace(dataset, captions=captions[:spec.limit])
+
+
+def _captions_array(archive: np.lib.npyio.NpzFile, count: int, path: Path) -> tuple[str, ...] | None:
+    """The `captions` of an .npz, `(count,)` strings, if it has them."""
+    if "captions" not in archive.files:
+        return None
+    values = archive["captions"]
+    if values.dtype.kind not in "US" or values.shape != (count,):
+        raise DatasetError(f"{path}: 'captions' must be {count} strings, got {values.dtype} {values.shape}")
+    return tuple(values.astype(str).tolist())
 
 
 def _strings(archive: np.lib.npyio.NpzFile, key: str, count: int, path: Path) -> tuple[str, ...] | None:

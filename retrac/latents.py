@@ -28,7 +28,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from retrac.exceptions import CheckpointError
-from retrac.models import WEIGHTS_NAME, config_settings, sample_shape
+from retrac.models import WEIGHTS_NAME, config_settings, pipeline_folder, sample_shape
 
 VAE_FOLDER = "vae"
 """The VAE's folder in a pipeline folder, as diffusers names it."""
@@ -142,16 +142,15 @@ def find_vae(checkpoint: str | Path) -> Path | None:
     whose autoencoder is a VQ model (`vqvae/`, diffusers' `LDMPipeline`) is refused: its UNet may take
     3-channel latents, which images of the right size would pass for.
     """
-    folder = Path(checkpoint)
-    for candidate in (folder, folder.parent, folder.parent.parent):
-        if (candidate / "model_index.json").is_file() or (candidate / "scheduler").is_dir():
-            if (candidate / "vqvae").is_dir():
-                raise CheckpointError(
-                    f"{candidate}: a VQ-VAE (vqvae/) latent pipeline is not handled; retrac encodes with an "
-                    "AutoencoderKL in vae/"
-                )
-            return candidate / VAE_FOLDER if (candidate / VAE_FOLDER).is_dir() else None
-    return None
+    candidate = pipeline_folder(checkpoint)
+    if candidate is None:
+        return None
+    if (candidate / "vqvae").is_dir():
+        raise CheckpointError(
+            f"{candidate}: a VQ-VAE (vqvae/) latent pipeline is not handled; retrac encodes with an "
+            "AutoencoderKL in vae/"
+        )
+    return candidate / VAE_FOLDER if (candidate / VAE_FOLDER).is_dir() else None
 
 
 def latent_space_of(checkpoint: str | Path, vae: str | Path | None = None) -> LatentSpace | None:

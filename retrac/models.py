@@ -3,7 +3,8 @@
 A checkpoint is a diffusers folder as diffusers saves it: a model's `save_pretrained` folder
 (`config.json` + `diffusion_pytorch_model.safetensors`), a pipeline folder (its `unet/`, or the
 `transformer/` of a `DiTPipeline`), or a training script's `checkpoint-N/` (its `unet/`). The denoiser
-is the class its config names (`DENOISER_CLASSES`): a `UNet2DModel`, or a DiT (`DiTTransformer2DModel`,
+is the class its config names (`DENOISER_CLASSES`): a `UNet2DModel`, a text-conditional
+`UNet2DConditionModel`, or a DiT (`DiTTransformer2DModel`,
 or a `Transformer2DModel` in DiT's patched, class-conditional form). Weights are only ever read from
 safetensors, never unpickled. The noise schedule is diffusers' own scheduler object, loaded from a
 `scheduler_config.json` (found beside the checkpoint, or given): noising and training targets call
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, Transformer2DModel, UNet2DModel
+from diffusers import (
+    DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, Transformer2DModel, UNet2DConditionModel, UNet2DModel,
+)
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from api_schemas import PredictionType
@@ -35,14 +38,16 @@ SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {"DDPMScheduler": DDPMScheduler,
 
 PREDICTION_TYPES: tuple[PredictionType, ...] = ("epsilon", "v_prediction", "sample")
 
-Denoiser = UNet2DModel | DiTTransformer2DModel | Transformer2DModel
+Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | Transformer2DModel
 DENOISER_CLASSES: dict[str, type[Denoiser]] = {
     "UNet2DModel": UNet2DModel,
+    "UNet2DConditionModel": UNet2DConditionModel,
     "DiTTransformer2DModel": DiTTransformer2DModel,
     "Transformer2DModel": Transformer2DModel,
 }
 """The denoiser classes a checkpoint's config may name (`_class_name`; none named: a UNet2DModel).
-Each takes `(sample, timestep=..., class_labels=...)` and returns its prediction as `.sample`."""
+Each takes `(sample, timestep=..., class_labels=...)` (a text-conditional `UNet2DConditionModel`
+`encoder_hidden_states=...` instead, `retrac.text`) and returns its prediction as `.sample`."""
 DENOISER_FOLDERS = ("unet", "transformer")
 """The denoiser's folder in a pipeline folder: `unet/` (DDPM and latent pipelines), `transformer/` (DiT)."""
 
@@ -107,6 +112,44 @@ def class_conditioning(architecture: dict[str, Any]) -> int | None:
         f"the UNet's class_embed_type {kind!r} takes embedding vectors, not class labels; retrac handles "
         "class-conditional UNets with num_class_embeds (a class embedding table) or class_embed_type 'timestep'"
     )
+
+
+_TEXT_UNSUPPORTED = (
+    "addition_embed_type", "class_embed_type", "num_class_embeds", "encoder_hid_dim_type", "time_cond_proj_dim",
+)
+"""UNet2DConditionModel options that take inputs beside the text's hidden states (SDXL's added time and
+text embeddings, class labels, image embeddings, a guidance embedding): retrac has none of them to give."""
+
+
+def text_conditioning(path: str | Path, architecture: dict[str, Any]) -> int | None:
+    """The hidden size a text-conditional UNet's cross-attention takes (`cross_attention_dim`), or None
+    for any other denoiser; a CheckpointError for options that need inputs retrac cannot give."""
+    if denoiser_class(path) is not UNet2DConditionModel:
+        return None
+    used = [k for k in _TEXT_UNSUPPORTED if architecture.get(k) is not None]
+    if used:
+        raise CheckpointError(
+            f"{path}: the UNet2DConditionModel sets {', '.join(used)}, which take inputs beside the text "
+            "encoder's hidden states; retrac handles UNets conditioned on the text alone"
+        )
+    width = architecture.get("cross_attention_dim")
+    if not isinstance(width, int):
+        raise CheckpointError(
+            f"{path}: cross_attention_dim {width!r} differs between blocks; retrac handles one text width"
+        )
+    return width
+
+
+def pipeline_folder(checkpoint: str | Path) -> Path | None:
+    """The pipeline folder a checkpoint belongs to: the nearest of the checkpoint folder, its parent and
+    grandparent (a pipeline folder, its `unet/`, a training script's `checkpoint-N/unet`) that holds
+    `model_index.json` or `scheduler/`; None if none does. Its other parts (`vae/`, `text_encoder/`)
+    lie there, as diffusers saves them."""
+    folder = Path(checkpoint)
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / "model_index.json").is_file() or (candidate / "scheduler").is_dir():
+            return candidate
+    return None
 
 
 def with_plain_attention(unet: Denoiser) -> Denoiser:

@@ -6,6 +6,9 @@ latent model (a VAE beside its UNet, `retrac.latents`) the plan's `inputs` are t
 encoded once; gradient code sees only `inputs`, whichever they are. A class-conditional UNet's
 index takes each sample's class label from the dataset (`classes`: the label mapping, recorded in
 the store); a dataset without labels, or with labels the model has no embedding for, is refused here.
+A text-conditional `UNet2DConditionModel`'s index takes each sample's caption from the dataset and
+encodes it once with the pipeline's frozen text encoder (`text`, `retrac.text`); a pipeline without
+one, a text width the UNet does not take, or a dataset without captions is refused here.
 `IndexPlan.compute_rows` then computes the rows of one checkpoint for any row range: the one
 idempotent function that the in-memory path, the store's tasks and the Celery workers all call.
 """
@@ -20,8 +23,8 @@ from typing import Any
 
 import torch
 
-from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, LossKind, LossWeighting, PredictionType
-from retrac.conditions import ClassLabels, Conditions
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, LossKind, LossWeighting, PredictionType, QuerySpec
+from retrac.conditions import ClassLabels, Conditions, query_conditions
 from retrac.datasets import ImageDataset, load_dataset, old_sample_ids
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.gradients import GradientComputer, num_parameters, whole_groups
@@ -35,15 +38,18 @@ from retrac.models import (
     find_scheduler,
     load_scheduler,
     load_unet,
+    pipeline_folder,
     read_architecture,
     require_weights,
     sample_shape,
+    text_conditioning,
 )
 from retrac.noise import draw_seeds, noise_from_seeds, query_noise
 from retrac.paths import resolve_inside
 from retrac.projections import derive_seed, make_projector
 from retrac.query_side import query_timesteps
 from retrac.replay import TrainingRun, default_weights
+from retrac.text import TextEncoder
 from retrac.scoring import RowChunk
 
 
@@ -82,6 +88,8 @@ class IndexPlan:
     """The dataset's latents `(N, c, h, w)` when known (a store keeps them); else encoded on first use."""
     classes: ClassLabels | None = None
     """The label mapping of a class-conditional model's index; None for an unconditional model."""
+    text: TextEncoder | None = None
+    """The frozen text encoder of a text-conditional model's index; None for any other model."""
 
     @classmethod
     def resolve(cls, spec: IndexSpec, root: Path | None = None, *, data_root: Path | None = None) -> IndexPlan:
@@ -101,6 +109,12 @@ class IndexPlan:
         latent_space = latent_space_of(paths[0], resolve_inside(root, spec.vae) if spec.vae else None)
         _check_shape(spec.dataset, model_image_shape(architecture, latent_space))
         num_classes = class_conditioning(architecture)
+        text = _text_encoder(paths[0], architecture)
+        if text is not None and spec.slots.replay:
+            raise SpecError(
+                "replay of a text-conditional model is not handled (a replay record holds no captions); index it "
+                "without replay (--no-replay, with grid or random slots)"
+            )
         if spec.scheduler:
             folder = resolve_inside(root, spec.scheduler)
         else:
@@ -111,13 +125,15 @@ class IndexPlan:
         check_weighting(scheduler, weighting)
         dataset = load_dataset(spec.dataset, data_root if data_root is not None else root)
         classes = _check_labels(dataset, num_classes) if num_classes is not None else None
+        if text is not None:
+            _check_captions(dataset)
         checkpoints = _resolve_checkpoints(spec, run, given, paths, len(dataset))
         if spec.slots.replay:
             _check_replay(run, dataset, checkpoints, classes)
         return cls(
             spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
             int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type, weighting,
-            latent_space=latent_space, classes=classes,
+            latent_space=latent_space, classes=classes, text=text,
         )
 
     @property
@@ -162,11 +178,27 @@ class IndexPlan:
             model, self.loss, projector, chunk=self.spec.batch_size, weighting=self.loss_weighting
         )
 
+    @functools.cached_property
+    def text_states(self) -> torch.Tensor:
+        """Every sample's caption encoded, `(N, L, D)`: once per plan (a text-conditional model's only)."""
+        if self.text is None or self.dataset.captions is None:
+            raise SpecError("this index's model is not text-conditional: it has no caption states")
+        return self.text.encode(self.dataset.captions)
+
     def conditions(self, rows: slice) -> Conditions:
-        """What the model takes beside each image of rows `rows`: its class label, or nothing (unconditional)."""
+        """What the model takes beside each image of rows `rows`: its class label, its caption's text
+        encoder states, or nothing (unconditional)."""
+        if self.text is not None:
+            return Conditions.of_text(self.text_states[rows])
         if self.classes is None or self.dataset.labels is None:
             return Conditions()
         return Conditions.of_labels(self.dataset.labels[rows])
+
+    def query_conditions(self, query: QuerySpec, count: int) -> Conditions:
+        """The conditions of `count` query images asked with `query`'s label or prompt
+        (`retrac.conditions.query_conditions`: each refused by a model that does not take it)."""
+        text = self.text.encode if self.text is not None else None
+        return query_conditions(self.classes, query.label, count, text=text, prompt=query.prompt)
 
     def slots(self, checkpoint: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps, seeds) `(n, S)` int64 of the rows `rows` at checkpoint `checkpoint`.
@@ -259,6 +291,36 @@ def _check_shape(dataset: DatasetSpec, shape: tuple[int, int]) -> None:
         raise SpecError(
             f"the dataset is {shape} (channels x height x width) but the model takes "
             f"{channels}x{resolution}x{resolution}; give resolution {resolution} and channels {channels}"
+        )
+
+
+def _text_encoder(checkpoint: Path, architecture: dict[str, Any]) -> TextEncoder | None:
+    """The text encoder of a text-conditional UNet's pipeline, checked against the width its cross-attention
+    takes; None for a UNet2DModel."""
+    width = text_conditioning(checkpoint, architecture)
+    if width is None:
+        return None
+    pipeline = pipeline_folder(checkpoint)
+    if pipeline is None:
+        raise CheckpointError(
+            f"{checkpoint}: a text-conditional UNet outside a pipeline folder; give the pipeline folder, with "
+            "its text_encoder/, tokenizer/ and scheduler/ beside unet/"
+        )
+    text = TextEncoder.load(pipeline)
+    if text.hidden_size != width:
+        raise CheckpointError(
+            f"{pipeline}: the text encoder's hidden size {text.hidden_size} is not the UNet's cross_attention_dim "
+            f"{width}; give the pipeline with the text encoder the UNet was trained with"
+        )
+    return text
+
+
+def _check_captions(dataset: ImageDataset) -> None:
+    """A SpecError unless every sample of a text-conditional model's dataset has its caption."""
+    if dataset.captions is None:
+        raise SpecError(
+            f"the model is text-conditional but the dataset {dataset.name!r} has no captions: put a metadata.jsonl "
+            "beside the images ({\"file_name\": ..., \"text\": ...} per line) or give 'captions' in the .npz"
         )
 
 

@@ -75,6 +75,7 @@ class QueryEngine:
             search=answer.search,
             dtype=answer.dtype,
             label=answer.query.label,
+            prompt=answer.query.prompt,
             data=answer.results,
             count=len(answer.results),
             timings=TimingsPublic(

@@ -107,6 +107,7 @@ class StoreRepository:
             resolution=store.spec.dataset.resolution,
             channels=store.spec.dataset.channels,
             classes=store.classes.to_json() if store.classes is not None else None,
+            text_conditional=store.text_conditional,
             size_bytes=store.size_bytes(),
             complete=status.complete,
             progress=[

@@ -17,6 +17,8 @@ Recorded in the store's `fingerprints` attribute:
                       (None for a pixel-space model, and in stores written before it)
     labels            sha256 of the label mapping and each sample's class label (class-conditional
                       indexes only; None otherwise)
+    text              a text-conditional model's: sha256 of its text encoder (config entries and weights),
+                      of its tokenizer's files, and of each sample's caption (`retrac.text`; None otherwise)
 
 Stores written before these (format 2 all the same) hold `checkpoints` (config and weights hashed
 together) and `scheduler` (the config file's sha256) instead; they are compared by those.
@@ -42,6 +44,7 @@ from retrac.models import (
 )
 from retrac.plan import IndexPlan
 from retrac.replay import RECORD_NAME, TrainingRun
+from retrac.text import captions_fingerprint
 
 REBUILD = "rebuild the index: delete it and create it again (`retrac index create`, then `retrac index run`)"
 """What to do about a stale store, when its inputs cannot be restored; ends every stale message."""
@@ -59,6 +62,7 @@ def fingerprints(plan: IndexPlan) -> dict[str, Any]:
         "scheduler_config": scheduler_settings(plan.scheduler_folder),
         "vae": _vae(plan.latent_space),
         "labels": _labels(plan),
+        "text": _text(plan),
     }
 
 
@@ -72,6 +76,7 @@ def changes(then: dict[str, Any], plan: IndexPlan, stored_ids: Sequence[str]) ->
         *_scheduler_changes(then, plan),
         *_vae_changes(then.get("vae"), plan.latent_space),
         *_label_changes(then, plan),
+        *_text_changes(then.get("text"), plan),
     ]
 
 
@@ -113,17 +118,22 @@ def _checkpoint_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
         ]
     found = []
     for c, (checkpoint, old) in enumerate(zip(plan.checkpoints, recorded, strict=True)):
-        file = weights_file(checkpoint.path)
-        new = sha256_file(file)
-        if new != old:
-            found.append(
-                f"checkpoint {c} ({file}): content changed since the store was built "
-                f"(sha256 {_short(old)} then, {_short(new)} now)"
-            )
+        found += _weights_change(f"checkpoint {c}", weights_file(checkpoint.path), old)
     differing = _differing(then["architecture"], plan.architecture)
     if differing:
         found.append(f"the checkpoints' config.json ({plan.checkpoints[0].path}): {differing}")
     return found
+
+
+def _weights_change(what: str, file: Path, then: str) -> list[str]:
+    """`what`'s weights `file`, if its sha256 is no longer `then`."""
+    now = sha256_file(file)
+    if now == then:
+        return []
+    return [
+        f"{what} ({file}): content changed since the store was built "
+        f"(sha256 {_short(then)} then, {_short(now)} now)"
+    ]
 
 
 def _record_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
@@ -175,13 +185,7 @@ def _vae_changes(then: dict[str, Any] | None, latent_space: LatentSpace | None) 
             f"the VAE ({latent_space.folder}): found now, none when the store was built on the images "
             "themselves"
         ]
-    found = []
-    weights = sha256_file(latent_space.weights_file)
-    if weights != then["weights"]:
-        found.append(
-            f"the VAE ({latent_space.weights_file}): content changed since the store was built "
-            f"(sha256 {_short(then['weights'])} then, {_short(weights)} now)"
-        )
+    found = _weights_change("the VAE", latent_space.weights_file, then["weights"])
     differing = _differing(then["config"], latent_space.settings)
     if differing:
         found.append(f"the VAE's config.json ({latent_space.folder}): {differing}")
@@ -202,6 +206,32 @@ def _labels(plan: IndexPlan) -> str | None:
     if plan.classes is None or plan.dataset.labels is None:
         return None
     return plan.classes.fingerprint(plan.dataset.labels)
+
+
+_TEXT_PARTS = {
+    "text_encoder": "the text encoder ({folder}): its weights or config changed since the store was built",
+    "tokenizer": "the tokenizer ({folder}): its files changed since the store was built",
+    "captions": "the dataset's captions ({folder}): a sample's caption changed since the store was built",
+}
+
+
+def _text_changes(then: dict[str, str] | None, plan: IndexPlan) -> list[str]:
+    """The text side's changes: the encoder, the tokenizer, the captions, each named with its folder."""
+    now = _text(plan)
+    if then == now:
+        return []
+    if then is None or now is None:
+        return ["the UNet's text conditioning: the store was built for another kind of UNet"]
+    assert plan.text is not None  # `now` is not None
+    folders = {"text_encoder": plan.text.encoder_folder, "tokenizer": plan.text.tokenizer_folder,
+               "captions": plan.spec.dataset.source}
+    return [_TEXT_PARTS[part].format(folder=folders[part]) for part in _TEXT_PARTS if then.get(part) != now[part]]
+
+
+def _text(plan: IndexPlan) -> dict[str, str] | None:
+    if plan.text is None or plan.dataset.captions is None:
+        return None
+    return {**plan.text.fingerprint(), "captions": captions_fingerprint(plan.dataset.captions)}
 
 
 def _record_file(plan: IndexPlan) -> Path | None:

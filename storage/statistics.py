@@ -45,7 +45,7 @@ def attribute(
         StoreRows(store), lambda c: models.computer(store.plan, c), images, query,
         top_k=top_k, methods=methods, checkpoints=checkpoints, on_progress=on_progress,
         gradient_lock=gradient_lock,
-        encode=store.plan.encode,
+        encode=store.plan.encode, conditions=store.plan.query_conditions,
     )
 
 

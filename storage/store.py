@@ -9,7 +9,9 @@ Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k pr
                              the resolved checkpoints (path, epoch, weight), num_rows, num_slots,
                              dim, shard_size, num_shards, slot_kinds, the noise rule that turns
                              a stored seed into noise, and `classes`: a class-conditional index's
-                             label mapping (class name -> the integer the model takes), else null
+                             label mapping (class name -> the integer the model takes), else null,
+                             and `text`: a text-conditional index's text encoder and tokenizer
+                             (folders, padded length, width), else null
     sample_ids                          (N,)       string
     latents                             (N, c, h, w) float32: a latent model's training latents, encoded
                                                    once at create (`retrac.latents`); their xxh3_64 in
@@ -368,12 +370,14 @@ class GradientStore:
 
     def signature(self) -> tuple[Any, ...]:
         """The stamp of the group's metadata (`Location.stamp`) and (inode, mtime, size) of every
-        checkpoint file and VAE file: cheap to read on every use, and different after the store is
+        checkpoint, VAE, text encoder and tokenizer file: cheap to read on every use, and different after the store is
         deleted and recreated or a checkpoint or the VAE replaced. Long-lived processes compare it to
         reopen (and recheck) a store instead of using it stale."""
         inputs = current_inputs()
         folders = [c["path"] for c in self.checkpoint_info]
         folders += [self.attrs["vae"]["folder"]] if self.attrs.get("vae") else []
+        text = self.attrs.get("text")
+        folders += [text["text_encoder"], text["tokenizer"]] if text else []
         stamps = [  # at a URL: the ETags of its objects, one listing
             inputs.stamp(path) if is_url(path) else tuple(_stat(f) for f in sorted(Path(path).rglob("*")))
             for path in folders
@@ -385,6 +389,11 @@ class GradientStore:
         """The label mapping of a class-conditional index (its queries give a label); None if unconditional."""
         recorded = self.attrs.get("classes")
         return ClassLabels(recorded) if recorded is not None else None
+
+    @property
+    def text_conditional(self) -> bool:
+        """Whether the index's model is text-conditional (its queries give a prompt)."""
+        return self.attrs.get("text") is not None
 
     @property
     def slot_kinds(self) -> tuple[str, ...]:
@@ -791,6 +800,7 @@ def _describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
         "vae": _vae_description(plan),
         "noise_rule": NOISE_RULE,
         "classes": plan.classes.to_json() if plan.classes is not None else None,
+        "text": _text_description(plan),
         "torch_version": torch.__version__,
     }
 
@@ -806,6 +816,21 @@ def _vae_description(plan: IndexPlan) -> dict[str, Any] | None:
         "shift_factor": space.shift_factor,
         "latent_shape": list(plan.inputs.shape[1:]),
         "encoding": "latents = (mean of the VAE's latent distribution - shift_factor) * scaling_factor",
+    }
+
+
+def _text_description(plan: IndexPlan) -> dict[str, Any] | None:
+    """What a text-conditional model's store says of its text encoder (None for any other model)."""
+    text = plan.text
+    if text is None:
+        return None
+    return {
+        "text_encoder": str(text.encoder_folder),
+        "tokenizer": str(text.tokenizer_folder),
+        "max_length": text.max_length,
+        "hidden_size": text.hidden_size,
+        "caption_column": plan.spec.dataset.caption_column,
+        "encoding": "encoder_hidden_states = last_hidden_state of the caption padded to max_length",
     }
 
 

@@ -181,9 +181,15 @@ def generate_for_index(
     seed: int = 0,
 ) -> Generated:
     """`generate` from an index's last checkpoint (on the CPU), `label` a class name or its integer as
-    a query gives it; refused for a latent model, whose images would need the VAE's decoder."""
+    a query gives it; refused for a latent model, whose images would need the VAE's decoder, and for a
+    text-conditional one, whose sampling needs the prompt's encoding and its pipeline."""
     if plan.latent_space is not None:
         raise SpecError("generating from a latent model (a VAE beside its denoiser) is not handled")
+    if plan.text is not None:
+        raise SpecError(
+            "generating from a text-conditional model is not handled; generate with its diffusers pipeline and "
+            "attribute the image with its prompt (`retrac attribute STORE IMAGE --prompt TEXT`)"
+        )
     conditions = query_conditions(plan.classes, label, 1)
     integer = int(conditions.tensors[CLASS_LABELS][0]) if conditions else None
     last = len(plan.checkpoints) - 1

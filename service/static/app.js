@@ -27,6 +27,7 @@ function say(text, isError = false) {
 }
 
 const classesOf = {};  // index name -> its label mapping (class-conditional) or null
+const textual = {};  // index name -> whether its model is text-conditional (queries give a prompt)
 
 function showLabels() {
   // a class-conditional index needs the query's label; an unconditional one takes none
@@ -36,6 +37,7 @@ function showLabels() {
   $("label").replaceChildren(...Object.entries(classes || {}).map(([name, value]) =>
     new Option(name === String(value) ? name : `${name} (${value})`, name)));
   if (classes && chosen in classes) $("label").value = chosen;
+  $("prompt-field").hidden = !textual[$("index").value];
 }
 
 async function loadIndexes() {
@@ -45,6 +47,7 @@ async function loadIndexes() {
   select.replaceChildren();
   for (const index of data) {
     classesOf[index.name] = index.classes;
+    textual[index.name] = index.text_conditional;
     const done = index.progress.reduce((sum, c) => sum + c.done, 0);
     const total = index.progress.reduce((sum, c) => sum + c.total, 0);
     const option = new Option(
@@ -101,7 +104,8 @@ function render(index, answer) {
     }
   }
   const t = answer.timings;
-  const label = answer.label === null ? "" : `, label ${answer.label}`;
+  const label = (answer.label === null ? "" : `, label ${answer.label}`)
+    + (answer.prompt === null ? "" : `, prompt "${answer.prompt}"`);
   $("timings").textContent = `${answer.estimator} estimator, K = ${answer.timesteps}, M = ${answer.draws}${label}, checkpoints ${answer.checkpoints.join(", ")}: `
     + `${t.total_s.toFixed(2)} s (query gradients ${t.gradient_s.toFixed(2)} s, ${answer.search} search ${t.scan_s.toFixed(3)} s over ${answer.dtype} rows)`;
 }
@@ -124,6 +128,7 @@ async function attributeFile(index, file, label) {
   form.append("estimator", $("estimator").value);
   form.append("search", $("search").value);
   if (label !== null) form.append("label", label);
+  if (textual[index]) form.append("prompt", $("prompt").value);  // "" is the empty prompt, sent as such
   form.append("methods", "tracin");
   form.append("methods", "retrac");
   $("run").disabled = true;

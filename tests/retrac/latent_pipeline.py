@@ -77,7 +77,9 @@ def brute_force_scores(
     """(N, Q) TracIn and ReTrac scores of one checkpoint (method.md sections 1-4) with plain diffusers:
     each image encoded alone as `(mean - shift_factor) * scaling_factor`, noise by the store's rule,
     one autograd call per gradient over the UNet's parameters; `slots[n]` is sample n's (timestep, seed)."""
-    from tests.retrac.reference import autograd_gradient, mean_gradient, query_draws, seeded_noise
+    from tests.retrac.reference import (
+        autograd_gradient, mean_gradient, query_draws, seeded_noise, slot_scores,
+    )
 
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
     unet = UNet2DModel.from_pretrained(folder / "unet").eval()
@@ -98,17 +100,13 @@ def brute_force_scores(
         ])
         for n, z in enumerate(latents)
     ]
-    scores = {method: torch.zeros(len(images), len(queries)) for method in ("tracin", "retrac")}
-    for q, query in enumerate(queries):
+    query_side = []
+    for query in queries:
         z, noise = encode(query), query_draws(seed, timesteps, draws, shape)
-        hs = torch.stack([
+        query_side.append(torch.stack([
             mean_gradient(unet, scheduler, z, int(t), noise[k], "mse") for k, t in enumerate(grid)
-        ])
-        tracin, retrac = hs.mean(0), (hs / hs.norm(dim=1, keepdim=True)).mean(0)
-        for n, g in enumerate(train_side):
-            scores["tracin"][n, q] = weight * (g @ tracin).mean()
-            scores["retrac"][n, q] = weight * ((g / g.norm(dim=1, keepdim=True)) @ retrac).mean()
-    return scores
+        ]))
+    return slot_scores(train_side, query_side, weight)
 
 
 def score_table(results: list[dict], sample_ids: list[str] | tuple[str, ...], method: str) -> torch.Tensor:

@@ -66,3 +66,18 @@ def query_draws(seed: int, timesteps: int, draws: int, shape: tuple[int, ...]) -
         torch.stack([torch.randn(shape, generator=generator, dtype=torch.float32) for _ in range(draws)])
         for _ in range(timesteps)
     ])
+
+
+def slot_scores(
+    train_side: list[torch.Tensor], query_side: list[torch.Tensor], weight: float
+) -> dict[str, torch.Tensor]:
+    """(N, Q) TracIn and ReTrac scores of one checkpoint (method.md sections 1-4) from flat gradients:
+    `train_side[n]` `(S, P)` sample n's slots, `query_side[q]` `(K, P)` query q's `h(q, t)` per timestep.
+    Slot scores are averaged over a sample's slots; ReTrac normalises each slot and each timestep."""
+    scores = {method: torch.zeros(len(train_side), len(query_side)) for method in ("tracin", "retrac")}
+    for q, hs in enumerate(query_side):
+        tracin, retrac = hs.mean(0), (hs / hs.norm(dim=1, keepdim=True)).mean(0)
+        for n, g in enumerate(train_side):
+            scores["tracin"][n, q] = weight * (g @ tracin).mean()
+            scores["retrac"][n, q] = weight * ((g / g.norm(dim=1, keepdim=True)) @ retrac).mean()
+    return scores

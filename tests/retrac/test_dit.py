@@ -22,7 +22,7 @@ from retrac.models import DiffusionModel, load_unet
 from retrac.plan import IndexPlan
 from tests.retrac.dit_model import DIT_CONFIG, TIMESTEPS, dit_index_spec, save_dit_pipeline
 from tests.retrac.latent_pipeline import relative_error, score_table
-from tests.retrac.reference import mean_gradient, query_draws, seeded_noise
+from tests.retrac.reference import mean_gradient, query_draws, seeded_noise, slot_scores
 from tests.tolerances import probable
 
 torch.set_num_threads(1)
@@ -60,17 +60,14 @@ def brute_force_scores(
         ])
         for n, image in enumerate(images)
     ]
-    scores = {method: torch.zeros(len(images), len(queries)) for method in ("tracin", "retrac")}
-    for q, query in enumerate(queries):
-        noise = query_draws(SEED, K, M, shape)
-        hs = torch.stack([
+    noise = query_draws(SEED, K, M, shape)
+    query_side = [
+        torch.stack([
             mean_gradient(dit, scheduler, query, t, noise[k], "mse", LABEL) for k, t in enumerate(grid)
         ])
-        tracin, retrac = hs.mean(0), (hs / hs.norm(dim=1, keepdim=True)).mean(0)
-        for n, g in enumerate(train_side):
-            scores["tracin"][n, q] = weight * (g @ tracin).mean()
-            scores["retrac"][n, q] = weight * ((g / g.norm(dim=1, keepdim=True)) @ retrac).mean()
-    return scores
+        for query in queries
+    ]
+    return slot_scores(train_side, query_side, weight)
 
 
 def test_exact_scores_equal_brute_force(pipeline: Path) -> None:

@@ -34,6 +34,16 @@ QUERY = {"timesteps": 5, "draws": 2, "seed": 7, "top_k": 5}
 """Query knobs small enough for 2 CPU cores."""
 
 
+def assert_create_refused(settings: Settings, name: str, spec: dict, message: str) -> None:
+    """POST /v1/indexes of `spec` answers a 422 whose one-line detail holds `message`, and writes nothing."""
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as session:
+        response = session.post("/v1/indexes", json={"name": name, "spec": spec})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "\n" not in detail and message in detail, detail
+    assert not (settings.stores_root / name).exists()
+
+
 def index_spec(run: str = "run") -> IndexSpec:
     """The test index: replayed and grid slots (so self-influence works), float32 (so scores match the
     in-memory engine to float rounding), a count sketch of 256 dims, shards of 16 rows."""

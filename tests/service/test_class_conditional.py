@@ -21,7 +21,7 @@ from retrac.attribution import Attributor
 from service.main import create_app
 from service.settings import Settings
 from storage import GradientStore
-from tests.service.conftest import API_KEY, INDEX, QUERY
+from tests.service.conftest import API_KEY, INDEX, QUERY, assert_create_refused
 from tests.service.servers import serve_in_thread
 from tests.service.test_attribute import assert_matches, png
 
@@ -143,12 +143,8 @@ def test_create_refuses_a_dataset_without_labels_in_one_line(built: Built) -> No
     """POST /v1/indexes of the class-conditional run over data without class labels: a 422 before any store is written."""
     spec = {"dataset": {"source": "builtin:faces", "resolution": 8, "limit": 4}, "run": "run",
             "slots": {"replay": False, "grid": 1}, "projector": {"dim": 64}}
-    with TestClient(create_app(built.settings), headers={"X-API-Key": API_KEY}) as session:
-        response = session.post("/v1/indexes", json={"name": "nolabels", "spec": spec})
-    assert response.status_code == 422, response.text
-    detail = response.json()["detail"]
-    assert "\n" not in detail and "the model is class-conditional but the dataset 'builtin:faces' has no class labels" in detail
-    assert not (built.settings.stores_root / "nolabels").exists()
+    message = "the model is class-conditional but the dataset 'builtin:faces' has no class labels"
+    assert_create_refused(built.settings, "nolabels", spec, message)
 
 
 def test_page_shows_the_label_field_and_attributes_under_it(built: Built, tmp_path: Path) -> None:

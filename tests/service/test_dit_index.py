@@ -28,7 +28,7 @@ from service.main import create_app
 from service.settings import Settings
 from storage import GradientStore
 from tests.retrac.dit_model import TIMESTEPS, save_dit_pipeline
-from tests.service.conftest import API_KEY, QUERY
+from tests.service.conftest import API_KEY, QUERY, assert_create_refused
 from tests.service.servers import serve_in_thread
 from tests.service.test_attribute import assert_matches, png
 
@@ -113,12 +113,7 @@ def test_create_refuses_a_learned_sigma_dit_in_one_line(built: Built) -> None:
     spec = {"dataset": {"source": "builtin:digits", "resolution": 8, "limit": 4}, "loss": "mse",
             "checkpoints": [{"path": "sigma", "weight": 1.0}], "slots": {"replay": False, "grid": 1},
             "projector": {"dim": 64}}
-    with TestClient(create_app(built.settings), headers={"X-API-Key": API_KEY}) as session:
-        response = session.post("/v1/indexes", json={"name": "sigma", "spec": spec})
-    assert response.status_code == 422, response.text
-    detail = response.json()["detail"]
-    assert "\n" not in detail and "maps 1 channels to 2 (learned variances" in detail
-    assert not (built.settings.stores_root / "sigma").exists()
+    assert_create_refused(built.settings, "sigma", spec, "maps 1 channels to 2 (learned variances")
 
 
 def test_eval_generate_records_the_label_and_attributes_under_it(

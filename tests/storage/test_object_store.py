@@ -33,7 +33,7 @@ from storage import (
     run_shard,
 )
 from tests.storage.helpers import store_bytes, tiny_index_spec
-from tests.storage.object_store import S3Server, bucket_url, files, objects, upload
+from tests.storage.object_store import S3Server, bucket_url, objects, upload
 
 QUERY = QuerySpec(timesteps=6, draws=2, seed=4)
 CPU = GradientComputerCache("cpu", threads=1)
