@@ -29,6 +29,7 @@ from service.settings import Settings
 from storage import GradientStore
 from tests.retrac.dit_model import TIMESTEPS, save_dit_pipeline
 from tests.service.conftest import API_KEY, QUERY, assert_create_refused
+from tests.service.browser import open_page
 from tests.service.servers import serve_in_thread
 from tests.service.test_attribute import assert_matches, png
 
@@ -185,42 +186,15 @@ def test_http_generates_under_a_label_with_guidance_and_attributes_it(built: Bui
 def test_page_generates_a_query_and_attributes_it_under_its_label(built: Built, tmp_path: Path) -> None:
     """The page's "Generate a query" (label 3, guidance 2.5, seed 7) shows the image the API generates
     with those arguments and the galleries of that image attributed under label 3."""
-    from tests.service.test_web_page import CHROMIUM_FLAGS, WAIT_S, browser_tools
-
-    chromium, chromedriver = browser_tools()
-    from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    with serve_in_thread(create_app(built.settings)) as url:
-        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
-        try:
-            wait = WebDriverWait(driver, WAIT_S)
-            driver.get(url + "/")
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#index option[value='{STORE}']"))
-            driver.find_element(By.ID, "api_key").send_keys(API_KEY)
-            Select(driver.find_element(By.ID, "index")).select_by_value(STORE)
-            Select(driver.find_element(By.ID, "label")).select_by_value("3")
-            for field, value in (*((f, QUERY[f]) for f in ("top_k", "timesteps", "draws", "seed")),
-                                 ("guidance_scale", 2.5), ("sampling_seed", 7)):
-                box = driver.find_element(By.ID, field)
-                box.clear()
-                box.send_keys(str(value))
-            driver.find_element(By.ID, "generate").click()
-            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-            assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", (
-                driver.find_element(By.ID, "status").text
-            )
-            caption = driver.find_element(By.ID, "preview-caption").text
-            assert caption == "generated: label 3, guidance 2.5, ddim 50 steps, seed 7, checkpoint 0"
-            shown = [c.get_attribute("data-sample-id") for c in driver.find_elements(
-                By.CSS_SELECTOR, ".method[data-method=retrac] .gallery[data-kind=proponents] .card")]
-        finally:
-            driver.quit()
+    with serve_in_thread(create_app(built.settings)) as url, open_page(url, tmp_path / "profile") as page:
+        page.element("api_key").send_keys(API_KEY)
+        page.choose_index(STORE)
+        page.select("label", "3")
+        page.fill({**{f: QUERY[f] for f in ("top_k", "timesteps", "draws", "seed")}, "guidance_scale": 2.5, "sampling_seed": 7})
+        page.press("generate")
+        caption = page.element("preview-caption").text
+        assert caption == "generated: label 3, guidance 2.5, ddim 50 steps, seed 7, checkpoint 0"
+        shown = page.gallery("retrac", "proponents")
     with TestClient(create_app(built.settings), headers={"X-API-Key": API_KEY}) as session:
         body = {"label": "3", "guidance_scale": 2.5, "seed": 7}
         made = session.post(f"/v1/indexes/{STORE}/generate", json=body).json()["data"][0]

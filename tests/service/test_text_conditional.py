@@ -22,6 +22,7 @@ from service.settings import Settings
 from storage import GradientStore
 from tests.retrac.text_pipeline import SIDE, save_text_pipeline, write_captioned_folder
 from tests.service.conftest import API_KEY, INDEX, QUERY, assert_create_refused
+from tests.service.browser import open_page
 from tests.service.servers import serve_in_thread
 from tests.service.test_attribute import assert_matches, png
 
@@ -127,42 +128,16 @@ def test_create_refuses_a_dataset_without_captions_in_one_line(built: Built) -> 
 
 
 def test_page_shows_the_prompt_field_and_attributes_under_it(built: Built, tmp_path: Path) -> None:
-    from tests.service.test_web_page import CHROMIUM_FLAGS, WAIT_S, browser_tools
-
-    chromium, chromedriver = browser_tools()
-    from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-
     query = tmp_path / "query.png"
     query.write_bytes(png(built.query))
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    with serve_in_thread(create_app(built.settings)) as url:
-        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
-        try:
-            wait = WebDriverWait(driver, WAIT_S)
-            driver.get(url + "/")
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#index option[value='{STORE}']"))
-            Select(driver.find_element(By.ID, "index")).select_by_value(STORE)
-            assert driver.find_element(By.ID, "prompt-field").is_displayed()
-            assert not driver.find_element(By.ID, "label-field").is_displayed()
-            driver.find_element(By.ID, "prompt").send_keys(PROMPT)
-            driver.find_element(By.ID, "image").send_keys(str(query))
-            for field in ("top_k", "timesteps", "draws", "seed"):
-                box = driver.find_element(By.ID, field)
-                box.clear()
-                box.send_keys(str(QUERY[field]))
-            driver.find_element(By.ID, "run").click()
-            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-            assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", (
-                driver.find_element(By.ID, "status").text
-            )
-            shown = [c.get_attribute("data-sample-id") for c in driver.find_elements(
-                By.CSS_SELECTOR, ".method[data-method=retrac] .gallery[data-kind=proponents] .card")]
-            assert shown == [i.sample_id for i in expected(built, PROMPT)[0].methods["retrac"].proponents]
-            assert f'prompt "{PROMPT}"' in driver.find_element(By.ID, "timings").text
-        finally:
-            driver.quit()
+    with serve_in_thread(create_app(built.settings)) as url, open_page(url, tmp_path / "profile") as page:
+        page.choose_index(STORE)
+        assert page.element("prompt-field").is_displayed()
+        assert not page.element("label-field").is_displayed()
+        page.element("prompt").send_keys(PROMPT)
+        page.element("image").send_keys(str(query))
+        page.fill({f: QUERY[f] for f in ("top_k", "timesteps", "draws", "seed")})
+        page.press("run")
+        shown = page.gallery("retrac", "proponents")
+        assert shown == [i.sample_id for i in expected(built, PROMPT)[0].methods["retrac"].proponents]
+        assert f'prompt "{PROMPT}"' in page.element("timings").text
