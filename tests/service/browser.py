@@ -86,6 +86,12 @@ class Page:
         self.wait.until(lambda d: state(d) in ("done", "error"))
         assert state(self.driver) == "done", self.element("status").text
 
+    def attribute(self, image: Path, knobs: dict[str, Any]) -> None:
+        """Upload `image`, set the query's knobs (`top_k`, `timesteps`, ...) and run it to the answer."""
+        self.element("image").send_keys(str(image))
+        self.fill(knobs)
+        self.press("run")
+
     def gallery(self, method: str, kind: str) -> list[str]:
         """The sample ids of one gallery, in the order shown."""
         from selenium.webdriver.common.by import By

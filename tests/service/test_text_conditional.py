@@ -135,9 +135,7 @@ def test_page_shows_the_prompt_field_and_attributes_under_it(built: Built, tmp_p
         assert page.element("prompt-field").is_displayed()
         assert not page.element("label-field").is_displayed()
         page.element("prompt").send_keys(PROMPT)
-        page.element("image").send_keys(str(query))
-        page.fill({f: QUERY[f] for f in ("top_k", "timesteps", "draws", "seed")})
-        page.press("run")
+        page.attribute(query, {f: QUERY[f] for f in ("top_k", "timesteps", "draws", "seed")})
         shown = page.gallery("retrac", "proponents")
         assert shown == [i.sample_id for i in expected(built, PROMPT)[0].methods["retrac"].proponents]
         assert f'prompt "{PROMPT}"' in page.element("timings").text

@@ -39,9 +39,7 @@ def test_page_shows_both_methods_like_the_api(served: str, reference: Attributor
     query.write_bytes(png(digit_pixels(reference, 4)))
     with open_page(served, tmp_path / "profile") as page:
         page.choose_index(INDEX)
-        page.element("image").send_keys(str(query))
-        page.fill({field: QUERY[field] for field in ("top_k", "timesteps", "draws", "seed")})
-        page.press("run")
+        page.attribute(query, {field: QUERY[field] for field in ("top_k", "timesteps", "draws", "seed")})
         page.wait.until(
             lambda d: d.execute_script(
                 "return [...document.querySelectorAll('.card img')]"
