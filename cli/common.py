@@ -73,7 +73,9 @@ def absolute_source(source: str) -> str:
 
 def absolute_text(path: str) -> str:
     """A model or data path as it should be recorded: an `s3://` URL as it is, a path made absolute."""
-    return path if path.startswith("s3://") else str(absolute(path))
+    from storage.inputs import is_url
+
+    return path if is_url(path) else str(absolute(path))
 
 
 def absolute(path: str | Path) -> Path:
