@@ -21,7 +21,7 @@ import torch
 from api_schemas import IndexSpec, Method, QuerySpec
 from api_schemas.attribution import AttributionPublic, BandsPublic, InfluencePublic, RankingPublic
 from api_schemas.specs import Search, StoreDType
-from retrac.conditions import ClassLabels, Conditions, query_conditions
+from retrac.conditions import Conditions
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer
 from retrac.models import DiffusionModel
@@ -58,10 +58,6 @@ class RowSource(Protocol):
     @property
     def dtype(self) -> StoreDType:
         """Precision of the rows `chunks` yields."""
-
-    @property
-    def classes(self) -> ClassLabels | None:
-        """The label mapping of a class-conditional index (a query must give a label); None if unconditional."""
 
     def require_complete(self, checkpoints: Sequence[int]) -> None:
         """Raise a named error saying how to finish, if any of `checkpoints` lacks rows."""
@@ -118,18 +114,18 @@ def attribute(
     checkpoints: Sequence[int] | None = None,
     on_progress: QueryProgress | None = None,
     gradient_lock: AbstractContextManager[object] | None = None,
-    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    conditions: Callable[[QuerySpec, int], Conditions] | None = None,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    conditions: Callable[[QuerySpec, int], Conditions],
 ) -> Attribution:
     """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over `source`'s rows.
 
     `computer(c)` is the gradient computer of checkpoint c (a serving process passes a long-lived
-    cache's). `encode` turns the checked images into what the denoiser takes (`IndexPlan.encode`: a
-    latent model's VAE); without it they are taken as they are. Every image is attributed under
-    `query.label` or `query.prompt`, as `conditions(query, count)` gives them (`IndexPlan.query_conditions`;
-    without it, `retrac.conditions.query_conditions` of the source's classes: a label is needed by a
-    class-conditional index, refused by an unconditional one, and a prompt refused). Everything that
-    can be wrong with the request is checked before the first gradient. `on_progress` hears of each gradient batch and each scanned chunk (`QueryProgress`).
+    cache's). `encode` turns the checked images into what the denoiser takes (`IndexPlan.encode`: as
+    they are, or a latent model's VAE latents). Every image is attributed under `query.label` or
+    `query.prompt`, as `conditions(query, count)` gives them (`IndexPlan.query_conditions`: each needed
+    by a model that takes it, refused by one that does not). Everything that can be wrong with the
+    request is checked before the first gradient. `on_progress` hears of each gradient batch and each
+    scanned chunk (`QueryProgress`).
     `gradient_lock` is held while the query gradients are computed, and only then: computers that
     threads share swap their model's parameters while they run, while the scan only reads.
     """
@@ -140,16 +136,13 @@ def attribute(
         )
     query = resolve_query(query, source.spec.slots)
     chosen = _checked_request(source, images, top_k, checkpoints, query.search)
-    if conditions is None:
-        given = query_conditions(source.classes, query.label, images.shape[0], prompt=query.prompt)
-    else:
-        given = conditions(query, images.shape[0])
+    given = conditions(query, images.shape[0])
     matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
     started = time.perf_counter()
     on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
     with gradient_lock or nullcontext():
-        images = encode(images) if encode is not None else images
+        images = encode(images)
         vectors = [query_vectors(computer(c), images, query, on_images, given) for c in chosen]
     gradient_s = time.perf_counter() - started
     # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
@@ -272,7 +265,6 @@ class MemoryRows:
     rows: Sequence[Rows]
     weights: Sequence[float]
     sample_ids: Sequence[str]
-    classes: ClassLabels | None = None
 
     @property
     def num_checkpoints(self) -> int:
@@ -341,7 +333,7 @@ class Attributor:
     def source(self) -> MemoryRows:
         """The in-memory rows (computed first if not yet) as a `RowSource`."""
         rows = self.rows if self.rows is not None else self.index()
-        return MemoryRows(self.plan.spec, rows, self.plan.weights, self.plan.dataset.ids, self.plan.classes)
+        return MemoryRows(self.plan.spec, rows, self.plan.weights, self.plan.dataset.ids)
 
     def query_vectors(
         self, images: torch.Tensor, spec: QuerySpec, checkpoints: Sequence[int]

@@ -11,7 +11,6 @@ import numpy as np
 
 from api_schemas import IndexSpec, Method, StoreDType
 from retrac.attribution import Chunks
-from retrac.conditions import ClassLabels
 from retrac.query_side import QueryVectors
 from retrac.scoring import RowChunk
 from storage.ann import candidate_chunks, load_ann
@@ -44,10 +43,6 @@ class StoreRows:
     @property
     def dtype(self) -> StoreDType:
         return self.store.spec.dtype
-
-    @property
-    def classes(self) -> ClassLabels | None:
-        return self.store.classes
 
     def require_complete(self, checkpoints: Sequence[int]) -> None:
         """An IncompleteStoreError naming the unfinished checkpoints and their rows done, if any."""
