@@ -21,7 +21,7 @@ import pytest
 os.environ.setdefault("RETRAC_BROKER_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("RETRAC_RESULT_BACKEND", "redis://127.0.0.1:6379/15")
 
-STARTUP_SECONDS = 45
+STARTUP_SECONDS = 90
 """A worker imports torch and diffusers before it answers: allow for a loaded 2-core machine."""
 
 
