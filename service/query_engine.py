@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from api_schemas import Method
 from api_schemas.attribution import AttributionsPublic, QueryOptions, TimingsPublic
+from api_schemas.diagnostics import OutlierScore
 from api_schemas.generation import GeneratedImagePublic, GenerateRequest, GenerationPublic
 from retrac.computers import GradientComputerCache
 from retrac.datasets import ImageDataset
@@ -28,7 +28,7 @@ from retrac.evaluation.sampling import generate_for_index
 from retrac.exceptions import SpecError
 from service.images import png_bytes
 from service.settings import Settings
-from storage import GradientStore, StoredNorms, attribute, stored_norms, self_influence
+from storage import GradientStore, StoredNorms, attribute, outlier_scores, stored_norms
 
 
 class QueryEngine:
@@ -37,7 +37,7 @@ class QueryEngine:
     def __init__(self, models: GradientComputerCache) -> None:
         self.models = models
         self._lock = threading.Lock()
-        self._self_influence: weakref.WeakKeyDictionary[GradientStore, dict[Method, np.ndarray]] = (
+        self._outlier_scores: weakref.WeakKeyDictionary[GradientStore, dict[OutlierScore, np.ndarray]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -115,12 +115,13 @@ class QueryEngine:
         ]
         return GenerationPublic(index=name, data=data, count=len(data))
 
-    def self_influence(self, store: GradientStore) -> dict[Method, np.ndarray]:
-        """Self-influence `(N,)` per method over all checkpoints, computed once per opened store."""
+    def outlier_scores(self, store: GradientStore) -> dict[OutlierScore, np.ndarray]:
+        """Every outlier score `(N,)` (self-influence per method and the rest) over all checkpoints,
+        computed once per opened store."""
         with self._lock:
-            if store not in self._self_influence:
-                self._self_influence[store] = self_influence(store)
-            return self._self_influence[store]
+            if store not in self._outlier_scores:
+                self._outlier_scores[store] = outlier_scores(store)
+            return self._outlier_scores[store]
 
     def norms(self, store: GradientStore, checkpoint: int) -> StoredNorms:
         """Stored (timestep, norm) of every slot of one checkpoint."""
