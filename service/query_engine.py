@@ -89,7 +89,8 @@ class QueryEngine:
         """Images sampled from the store's last checkpoint as PNGs, each with its condition.
 
         Sampling runs under the gradient lock with the cache's fixed thread count, as query gradients do:
-        it is the same kind of work on the same CPU, and the same seed gives the same bytes.
+        it is the same kind of work on the same CPU, and the same seed gives the same bytes. It samples
+        from the cached model of the last checkpoint, the one its queries use, loaded once per process.
         """
         with self._lock, self.models.compute():
             made = generate_for_index(
@@ -100,6 +101,7 @@ class QueryEngine:
                 sampler=request.sampler,
                 steps=request.steps,
                 seed=request.seed,
+                load_model=lambda c: self.models.computer(store.plan, c).model,
             )
         images = ImageDataset(made.images, tuple(str(i) for i in range(request.count)), "generated")
         condition = request.model_dump(include={"label", "guidance_scale", "sampler", "seed"})
