@@ -240,7 +240,7 @@ def _model_shape(checkpoints: list[dict[str, Any]], vae: str | None) -> dict[str
     from retrac.plan import model_image_shape
     from storage.inputs import is_url
 
-    if not checkpoints or is_url(checkpoints[0]["path"]):  # at a URL: give --resolution
+    if not checkpoints or is_url(checkpoints[0]["path"]) or is_url(vae):  # at a URL: give --resolution
         return {}
     path = checkpoints[0]["path"]
     channels, resolution = model_image_shape(read_architecture(path), latent_space_of(path, vae))

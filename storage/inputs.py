@@ -5,10 +5,11 @@ makes there: safetensors weights only, image sides bounded, sample ids that are 
 input given by URL is mirrored first, then resolved from its mirror exactly as a local one:
 
 - A URL ending in `.npz` or `.npy` names one object (an array dataset); any other URL names a folder,
-  every object under its prefix (an image folder, a diffusers model or pipeline folder, a scheduler
-  folder). Only the kinds of file an input can be made of are mirrored: configs (`.json`),
-  `.safetensors` weights, images and arrays. Pickled weights (`.bin`, `.ckpt`) are never fetched,
-  so a checkpoint without safetensors weights is refused as a local one is.
+  every object under its prefix (an image folder, a diffusers model or pipeline folder, a scheduler or
+  VAE folder). Only the kinds of file an input can be made of are mirrored: configs (`.json`),
+  `.safetensors` weights, images, arrays, a tokenizer's merges (`.txt`) and an image folder's captions
+  (`metadata.jsonl`). Pickled weights (`.bin`, `.ckpt`) are never fetched, so a checkpoint without
+  safetensors weights is refused as a local one is.
 - A mirror is keyed by the URL and the ETag and size of every object mirrored, so a changed object
   is fetched again into a new mirror: its content changes the store's fingerprints, and the store is
   stale as it is for a changed local file. Objects are written beside the mirror and renamed into
@@ -40,10 +41,11 @@ from storage.location import BUCKET_SCHEME, BucketLocation, BucketOptions, locat
 FILE_SUFFIXES = (".npz", ".npy")
 """A URL ending so names one object; any other names a folder (a prefix)."""
 MIRRORED_SUFFIXES = frozenset(
-    {".json", ".safetensors", ".npy", ".npz"}
+    {".json", ".safetensors", ".npy", ".npz", ".txt", ".jsonl"}
     | {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 )
-"""What a dataset, a checkpoint or a scheduler is made of; nothing else is fetched."""
+"""What a dataset (images, arrays, captions), a checkpoint, a pipeline's parts (a tokenizer's vocab and
+merges among them), a scheduler or a VAE is made of; nothing else is fetched."""
 DEFAULT_CACHE = Path("~/.cache/retrac/inputs")
 DEFAULT_CACHE_BYTES = 20 << 30
 _DONE = ".mirrored"
@@ -63,8 +65,8 @@ class InputCache:
     options: BucketOptions | None = None
 
     def localize(self, spec: IndexSpec) -> InputMirrors:
-        """`spec` with every URL (dataset source, checkpoint paths, scheduler) replaced by the folder
-        or file of its mirror, fetched now unless a mirror of the same objects exists."""
+        """`spec` with every URL (dataset source, checkpoint paths, scheduler, VAE) replaced by the
+        folder or file of its mirror, fetched now unless a mirror of the same objects exists."""
         mirrors: dict[str, Path] = {}
 
         def local(path: str | None) -> str | None:
@@ -85,6 +87,7 @@ class InputCache:
             update={
                 "dataset": dataset,
                 "scheduler": local(spec.scheduler),
+                "vae": local(spec.vae),
                 "checkpoints": tuple(
                     CheckpointSpec.model_validate({**c.model_dump(), "path": local(c.path)})
                     for c in spec.checkpoints
@@ -190,7 +193,7 @@ class InputMirrors:
 
 
 def _urls(spec: IndexSpec) -> list[str | None]:
-    return [spec.dataset.source, spec.scheduler, *(c.path for c in spec.checkpoints)]
+    return [spec.dataset.source, spec.scheduler, spec.vae, *(c.path for c in spec.checkpoints)]
 
 
 def _size(folder: Path) -> int:

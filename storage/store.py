@@ -797,21 +797,22 @@ def _describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
         "prediction_type": plan.prediction_type,
         "loss_weighting": plan.loss_weighting,
         "scheduler": mirrors.named(str(plan.scheduler_folder)),
-        "vae": _vae_description(plan),
+        "vae": _vae_description(plan, mirrors),
         "noise_rule": NOISE_RULE,
         "classes": plan.classes.to_json() if plan.classes is not None else None,
-        "text": _text_description(plan),
+        "text": _text_description(plan, mirrors),
         "torch_version": torch.__version__,
     }
 
 
-def _vae_description(plan: IndexPlan) -> dict[str, Any] | None:
-    """What a latent model's store says of its VAE and latents (None for a pixel-space model)."""
+def _vae_description(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any] | None:
+    """What a latent model's store says of its VAE and latents (None for a pixel-space model); a VAE
+    read from a mirror is named by its URL."""
     space = plan.latent_space
     if space is None:
         return None
     return {
-        "folder": str(space.folder),
+        "folder": mirrors.named(str(space.folder)),
         "scaling_factor": space.scaling_factor,
         "shift_factor": space.shift_factor,
         "latent_shape": list(plan.inputs.shape[1:]),
@@ -819,14 +820,15 @@ def _vae_description(plan: IndexPlan) -> dict[str, Any] | None:
     }
 
 
-def _text_description(plan: IndexPlan) -> dict[str, Any] | None:
-    """What a text-conditional model's store says of its text encoder (None for any other model)."""
+def _text_description(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any] | None:
+    """What a text-conditional model's store says of its text encoder (None for any other model); its
+    folders in a mirror are named by their URLs."""
     text = plan.text
     if text is None:
         return None
     return {
-        "text_encoder": str(text.encoder_folder),
-        "tokenizer": str(text.tokenizer_folder),
+        "text_encoder": mirrors.named(str(text.encoder_folder)),
+        "tokenizer": mirrors.named(str(text.tokenizer_folder)),
         "max_length": text.max_length,
         "hidden_size": text.hidden_size,
         "caption_column": plan.spec.dataset.caption_column,

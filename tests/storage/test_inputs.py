@@ -11,15 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api_schemas import CheckpointSpec, IndexSpec
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
 from cli import main
 from retrac.computers import GradientComputerCache
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.replay import TrainingRun
 from storage import GradientStore, StaleStoreError, StoreError, UnreachableStoreError, run_pending
 from storage.inputs import InputCache, current_inputs, use_inputs
+from tests.retrac.latent_pipeline import latent_index_spec, save_latent_pipeline
+from tests.retrac.text_pipeline import CHANNELS, SIDE, save_text_pipeline, write_captioned_folder
 from tests.storage.helpers import EPOCHS, inputs_spec, put_inputs
-from tests.storage.object_store import S3Server
+from tests.storage.object_store import S3Server, upload
 
 CPU = GradientComputerCache("cpu", threads=1)
 INPUTS = 5
@@ -161,3 +163,57 @@ def test_a_key_that_would_leave_its_mirror_is_refused(
         cache.mirror(f"s3://{bucket}/models/evil")
     assert not isinstance(refused.value, UnreachableStoreError) and "\n" not in str(refused.value)
     assert not cache.folder.exists() or mirrors(cache) == []
+
+
+def test_a_latent_model_whose_vae_is_in_the_bucket_gives_the_rows_of_the_local_one(
+    bucket: str, cache: InputCache, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pipeline = save_latent_pipeline(tmp_path / "local" / "pipeline")
+    upload(pipeline, bucket, "models/pipeline")
+    url = f"s3://{bucket}/models/pipeline"
+
+    def spec(base: str) -> IndexSpec:  # the UNet alone: its VAE and scheduler given, not found beside it
+        return latent_index_spec(f"{base}/unet", vae=f"{base}/vae", scheduler=f"{base}/scheduler")
+
+    remote = GradientStore.create(tmp_path / "remote.zarr", spec(url))
+    here = GradientStore.create(tmp_path / "local.zarr", spec(str(pipeline)))
+    run_pending(remote, CPU)
+    run_pending(here, CPU)
+    assert remote.attrs["fingerprints"] == here.attrs["fingerprints"]
+    assert np.array_equal(remote.rows_at(0, np.arange(6)).projected, here.rows_at(0, np.arange(6)).projected)
+    recorded = GradientStore.open(tmp_path / "remote.zarr")
+    assert recorded.spec.vae == recorded.attrs["vae"]["folder"] == f"{url}/vae"  # named by URL, not mirror
+
+    command = ["index", "create", str(tmp_path / "cli.zarr"), "--checkpoint", f"{pipeline}/unet:weight=0.5"]
+    command += ["--vae", f"{url}/vae", "--data", "builtin:patches", "--limit", "6", "--loss", "mse"]
+    command += ["--no-replay", "--grid", "1"]
+    assert main(command) == 2  # the model's shape is not read ahead through a VAE at a URL...
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "give resolution 16 and channels 3" in error, error
+    assert main([*command, "--resolution", "16", "--channels", "3"]) == 0, capsys.readouterr().err
+
+
+def test_a_text_pipeline_and_a_captioned_folder_in_the_bucket_give_the_local_fingerprints(
+    bucket: str, cache: InputCache, tmp_path: Path
+) -> None:
+    pipeline = save_text_pipeline(tmp_path / "local" / "pipeline")
+    captioned = write_captioned_folder(tmp_path / "local" / "captioned")
+    upload(pipeline, bucket, "models/pipeline")
+    upload(captioned, bucket, "data/captioned")
+
+    def spec(models: str, data: str) -> IndexSpec:
+        return IndexSpec(
+            dataset=DatasetSpec(source=data, resolution=SIDE, channels=CHANNELS),
+            checkpoints=(CheckpointSpec(path=models, weight=0.5),),
+            loss="mse",
+            slots=SlotSpec(replay=False, grid=1, seed=3),
+            projector=ProjectorSpec(kind="sketch", dim=64, seed=1),
+            shard_size=6,
+        )
+
+    url = f"s3://{bucket}"
+    remote = GradientStore.create(tmp_path / "remote.zarr", spec(f"{url}/models/pipeline", f"{url}/data/captioned"))
+    here = GradientStore.create(tmp_path / "local.zarr", spec(str(pipeline), str(captioned)))
+    assert remote.attrs["fingerprints"] == here.attrs["fingerprints"]  # tokenizer files and captions included
+    assert remote.attrs["text"]["tokenizer"] == f"{url}/models/pipeline/tokenizer"
+    assert GradientStore.open(tmp_path / "remote.zarr").text_conditional
