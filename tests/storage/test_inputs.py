@@ -212,7 +212,8 @@ def test_a_text_pipeline_and_a_captioned_folder_in_the_bucket_give_the_local_fin
         )
 
     url = f"s3://{bucket}"
-    remote = GradientStore.create(tmp_path / "remote.zarr", spec(f"{url}/models/pipeline", f"{url}/data/captioned"))
+    remote_spec = spec(f"{url}/models/pipeline", f"{url}/data/captioned")
+    remote = GradientStore.create(tmp_path / "remote.zarr", remote_spec)
     here = GradientStore.create(tmp_path / "local.zarr", spec(str(pipeline), str(captioned)))
     assert remote.attrs["fingerprints"] == here.attrs["fingerprints"]  # tokenizer files and captions included
     assert remote.attrs["text"]["tokenizer"] == f"{url}/models/pipeline/tokenizer"
