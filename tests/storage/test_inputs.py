@@ -4,7 +4,10 @@ and fingerprinted so that a rewritten object makes the store stale with a messag
 
 from __future__ import annotations
 
+import gc
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -218,3 +221,57 @@ def test_a_text_pipeline_and_a_captioned_folder_in_the_bucket_give_the_local_fin
     assert remote.attrs["fingerprints"] == here.attrs["fingerprints"]  # tokenizer files and captions included
     assert remote.attrs["text"]["tokenizer"] == f"{url}/models/pipeline/tokenizer"
     assert GradientStore.open(tmp_path / "remote.zarr").text_conditional
+
+
+def test_a_mirror_in_use_is_never_evicted_and_goes_once_released(
+    inputs: tuple[str, Path], tmp_path: Path, tiny_run: TrainingRun
+) -> None:
+    url, _ = inputs
+    checkpoint = tiny_run.folder / "checkpoints/epoch-0002"
+    size = sum(f.stat().st_size for f in checkpoint.iterdir())
+    two = InputCache(tmp_path / "two", max_bytes=2 * size + size // 2)  # room for two checkpoints
+    first_url, second_url, third_url = (f"{url}/models/run/checkpoints/epoch-{e:04d}" for e in EPOCHS)
+    first, lease = two.leased(first_url)
+    second = two.mirror(second_url)
+    third = two.mirror(third_url)  # room made: not from the least recently used, which is in use
+    assert first.is_dir() and not second.exists() and third.is_dir()
+    _, held = two.leased(third_url)
+    with pytest.raises(SpecError, match="bytes do not fit in the input cache .* beside the inputs in use"):
+        two.mirror(second_url)  # both mirrors in use: refused, neither removed
+    assert first.is_dir() and third.is_dir()
+    lease.release()
+    assert two.mirror(second_url).is_dir() and not first.exists()  # released: evicted in its turn
+    held.release()
+
+
+EVICT = """
+import sys
+from pathlib import Path
+from retrac.exceptions import SpecError
+from storage.inputs import InputCache
+try:
+    InputCache(Path(sys.argv[1]), int(sys.argv[2])).mirror(sys.argv[3])
+    print("mirrored")
+except SpecError as error:
+    print(error)
+"""
+
+
+def test_an_opened_store_keeps_its_mirrors_from_another_process_until_dropped(
+    inputs: tuple[str, Path], cache: InputCache, tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
+    url, _ = inputs
+    store = GradientStore.create(tmp_path / "index.zarr", spec_under(url))
+    used = sum(f.stat().st_size for m in mirrors(cache) for f in m.rglob("*") if f.is_file())
+    bound, extra = used + 1000, f"{url}/models/extra"
+    s3_server.client().put_object(Bucket=bucket, Key="models/extra/config.json", Body=b" " * 2000)
+    other = subprocess.run(
+        [sys.executable, "-c", EVICT, str(cache.folder), str(bound), extra],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "do not fit in the input cache" in other.stdout, other.stdout + other.stderr
+    assert len(mirrors(cache)) == INPUTS  # the store's mirrors, all still there
+    del store
+    gc.collect()  # the store dropped: its leases with it
+    assert InputCache(cache.folder, bound).mirror(extra).is_dir()
+    assert len(mirrors(cache)) <= INPUTS  # the extra one among them: room made from the released mirrors
