@@ -152,7 +152,7 @@ def test_the_cli_indexes_checkpoints_and_a_dataset_given_by_url(
     store = GradientStore.open(tmp_path / "cli.zarr")
     assert store.spec.dataset.source == f"{url}/data/digits.npz"  # recorded as given, not made a path
     assert store.checkpoint_info[0]["path"] == f"{run}/checkpoints/epoch-0002"
-    assert len(list((tmp_path / "cli-cache").iterdir())) == 3  # the CLI's settings chose the mirrors' folder
+    assert len(mirrors(InputCache(tmp_path / "cli-cache"))) == 3  # the CLI's settings chose the mirrors' folder
     assert main(["index", "create", str(tmp_path / "bad.zarr"), "--data", f"{url}/data/none.npz"] + command[5:]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"{url}/data/none.npz: no such object in the bucket" in error, error
