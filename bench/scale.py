@@ -58,11 +58,21 @@ from retrac.query_side import QueryVectors, query_vectors
 from retrac.scoring import RowChunk, contributions, scan
 from retrac.training import train
 from storage import GradientStore, attribute, build_ann, run_pending
-from storage.ann import CANDIDATES_PER_K, MIN_CANDIDATES, AnnIndex, AnnParams, build_indexes, load_ann
+from storage.ann import (
+    CANDIDATES_PER_K,
+    MIN_CANDIDATES,
+    AnnIndex,
+    AnnParams,
+    build_indexes,
+    load_ann,
+    structure,
+)
 from storage.store import RESIDENT_STEP
 
 TOP_K = 10
 TARGET_RECALL = 0.95
+PER_K_SWEPT = (16, CANDIDATES_PER_K, 2 * CANDIDATES_PER_K)
+"""Candidates per row asked that a synthetic sweep tries (`storage.ann.CANDIDATES_PER_K` the default)."""
 QUERY = QuerySpec(timesteps=10, draws=2, seed=0)
 
 
@@ -215,10 +225,9 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
     index = build_indexes(chunks, rows, [1.0], params, methods=["tracin"])["tracin"]
     build_s = time.perf_counter() - started
     memory_mb = (index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4) / 2**20
-    log(f"{rows} x {dim}: exact scan {exact_s:.3f} s per query; IVF{params.nlist},SQfp16 built in {build_s:.0f} s")
-    count = max(CANDIDATES_PER_K * TOP_K, MIN_CANDIDATES)
+    log(f"{rows} x {dim}: exact scan {exact_s:.3f} s per query; {structure(index)} built in {build_s:.0f} s")
 
-    def approximate(matrix: np.ndarray, q: list[QueryVectors]):
+    def approximate(matrix: np.ndarray, q: list[QueryVectors], count: int):
         candidates = AnnIndex({"tracin": index}, params).candidates({"tracin": matrix}, count, TOP_K)
         chunk = [RowChunk(projected[candidates], norms[candidates])]
         ranking = scan([(0, chunk)], q, [1.0], top_k=TOP_K, methods=["tracin"])
@@ -226,17 +235,20 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
 
     sweep = []
     matrix = queries.numpy()
-    for nprobe in sorted({max(1, params.nlist // d) for d in (256, 128, 64, 32, 16, 8, 4)}):
-        index.nprobe = nprobe
-        candidates, ranking = approximate(matrix, vectors)
-        found = [set(candidates[ranking.proponents["tracin"].rows[i]].tolist())
-                 | {-1 - r for r in candidates[ranking.opponents["tracin"].rows[i]].tolist()} for i in range(len(queries))]
-        seconds = median_seconds(lambda: approximate(matrix[:1], one), repeats)
-        sweep.append({"nprobe": nprobe, "recall_at_10": recall(exact_sets, found), "speedup": exact_s / seconds})
-        log(f"  nprobe {nprobe}: {sweep[-1]}")
+    for nprobe in sorted({max(1, params.nlist // d) for d in (64, 32, 16, 8, 4)}):
+        for count in sorted({max(n * TOP_K, MIN_CANDIDATES) for n in PER_K_SWEPT}):
+            index.nprobe = nprobe
+            candidates, ranking = approximate(matrix, vectors, count)
+            found = [set(candidates[ranking.proponents["tracin"].rows[i]].tolist())
+                     | {-1 - r for r in candidates[ranking.opponents["tracin"].rows[i]].tolist()}
+                     for i in range(len(queries))]
+            seconds = median_seconds(lambda: approximate(matrix[:1], one, count), repeats)  # noqa: B023
+            sweep.append({"nprobe": nprobe, "candidates": count, "recall_at_10": recall(exact_sets, found),
+                          "speedup": exact_s / seconds})
+            log(f"  nprobe {nprobe}, {count} candidates: {sweep[-1]}")
     return {
         **best_of(sweep), "rows": rows, "dim": dim, "build_s": build_s, "memory_mb": memory_mb, "nlist": params.nlist,
-        "candidates": count,
+        "structure": structure(index), "exact_s": exact_s,
         "source": f"synthetic: real rows mixed and perturbed (noise {noise}); TracIn", "sweep": sweep,
     }
 
