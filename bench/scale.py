@@ -10,18 +10,20 @@
    rescoring), per single query, the store resident; `memory_mb` the ANN files' size. Over a sweep of
    lists probed, the entry is the fastest setting with recall@10 >= 0.95 (else the best recall).
 2. ANN at scale, on synthetic rows made from real ones: `--sizes` (rows x k, default 1M x 1,024 and
-   250k x 4,096; 1M x 4,096 needs ~13 GB). Base rows are the real store's per-slot projected
-   gradients at its last checkpoint; k = 1,024 folds them (and the real query vectors) by a count
-   sketch, itself a count sketch of the gradient. A synthetic row is the direction of a random mix
-   `l u_a + (1 - l) u_b` of two real rows' directions, perturbed by isotropic noise of relative size
-   `--noise`, and scaled by a norm drawn from the real rows' norms. So the rows lie near the segments
-   between real gradient directions, with the real, timestep-driven spread of norms: like real
-   gradients, they concentrate near the low-dimensional span of a few thousand training directions
-   (similar images have similar gradients), and their norms vary by orders of magnitude, unlike
-   i.i.d. Gaussian rows (which no index can search). TracIn only (ReTrac's unit rows are easier).
-   Exact: `retrac.scoring.scan` over the resident float16 array; approximate: `storage.ann`'s IVF
-   index (float16 codes) and the exact rescoring of its candidates, over a sweep of lists probed; each entry is the
-   fastest setting with recall@10 >= 0.95 (else the best recall), with the sweep beside it.
+   250k x 4,096; 1M x 4,096 and 4M x 1,024 need ~10 GB each). Base rows are the real store's per-slot
+   projected gradients at its last checkpoint; k = 1,024 folds them (and the real query vectors) by a
+   count sketch, itself a count sketch of the gradient. A synthetic row is the direction of a random
+   mix `l u_a + (1 - l) u_b` of two real rows' directions, perturbed by isotropic noise of relative
+   size `--noise`, and scaled by a norm drawn from the real rows' norms. So the rows lie near the
+   segments between real gradient directions, with the real, timestep-driven spread of norms: like
+   real gradients, which concentrate near a low-dimensional span (of 4,096 real directions at
+   k = 4,096, the top 16 principal directions hold 72% of the energy, the top 256 96%: similar images
+   have similar gradients) and whose norms span ~100x, unlike i.i.d. Gaussian rows (which no index
+   can search). TracIn only (ReTrac's unit rows are easier). Exact: `retrac.scoring.scan` over the
+   resident float16 array; approximate: `storage.ann`'s index (IVF lists of 4-bit product-quantizer
+   codes, fast-scan) for the query and its negation, and the exact rescoring of the candidates, over
+   a sweep of lists probed and candidates per row asked (`PER_K_SWEPT`); each entry is the fastest
+   setting with recall@10 >= 0.95 (else the best recall), with the sweep beside it.
 3. Scan near the memory limit, on `--scan-rows` synthetic rows at the real k (4,096), resident in each
    store format (float16, bfloat16, float32): the store's scan (`retrac.scoring.scan`) for 1 and 16
    queries as a ratio to that format's read limit, the fastest plain reduction over the same resident
@@ -176,14 +178,29 @@ def fold(matrix: torch.Tensor, dim: int) -> torch.Tensor:
     return out.index_add_(1, buckets, matrix * signs)
 
 
+def base_structure(base: torch.Tensor, sample: int = 4096) -> dict:
+    """What makes real gradient rows searchable, measured on up to `sample` of the base rows `(n, k)`:
+    the share of their directions' energy in the top principal directions, and the spread of norms."""
+    picked = base[torch.randperm(base.shape[0], generator=torch.Generator().manual_seed(0))[:sample]]
+    norms = picked.norm(dim=1)
+    energy = torch.linalg.svdvals(picked / norms.unsqueeze(1)).square().cumsum(0)
+    shares = {f"energy_top_{d}": (energy[d - 1] / energy[-1]).item() for d in (16, 64, 256)}
+    low, high = torch.quantile(norms, torch.tensor([0.01, 0.99])).tolist()
+    return {"rows": len(picked), "dim": base.shape[1], **shares, "norm_p99_over_p1": high / low}
+
+
+SYNTHETIC_STEP = 16384
+"""Rows made at a time: at k = 4,096 each float32 temporary is 256 MB."""
+
+
 def synthetic_rows(base: torch.Tensor, rows: int, noise: float, seed: int = 0) -> torch.Tensor:
     """`(rows, 1, k)` float16 rows: mixes of two real directions, perturbed, at real norms."""
     generator = torch.Generator().manual_seed(seed)
     norms = base.norm(dim=1)
     directions = base / norms.clamp_min(1e-30).unsqueeze(1)
     out = torch.empty(rows, 1, base.shape[1], dtype=torch.float16)
-    for start in range(0, rows, 65536):
-        n = min(65536, rows - start)
+    for start in range(0, rows, SYNTHETIC_STEP):
+        n = min(SYNTHETIC_STEP, rows - start)
         a, b = (torch.randint(base.shape[0], (n,), generator=generator) for _ in range(2))
         mix = torch.rand(n, 1, generator=generator)
         row = mix * directions[a] + (1 - mix) * directions[b]
@@ -367,6 +384,8 @@ def main() -> None:
         models = GradientComputerCache("cpu", threads=args.threads)
         queries = query_vectors(models.computer(store.plan, last), images, QUERY).tracin
         if "ann" in args.parts:
+            report["base_rows"] = base_structure(base)
+            log(f"base rows: {report['base_rows']}")
             report["ann"] = [real_ann(store, images, args.repeats)]
             for size in filter(None, args.sizes.split(",")):
                 rows, dim = (int(v) for v in size.lower().split("x"))

@@ -11,18 +11,18 @@ per method holds the row vectors.
 
 Structure: an inverted file (IVF, `nlist` k-means lists, `nprobe` of them searched, each row in the
 list of largest inner product) whose rows are held as 4-bit product-quantizer codes of their residual
-to the list's centroid (`PQ{d/8}x4fs`: one 4-bit code per 8 coordinates, 1/32 of the float16 row),
-scanned by FAISS's fast-scan kernels (lookup tables in SIMD registers). Search is two-stage: the codes
-rank the probed lists' rows roughly and propose `CANDIDATES_PER_K` per row asked; those candidates are
-rescored exactly from the store by the scan's own arithmetic, so every score and contribution
-returned is exact, and what approximation can cost is a row missed, never a wrong number. Measured
-(bench/scale.py, 250k synthetic rows at k = 4,096 made from real rows, 62 of 500 lists probed): with
-float16 codes 160 candidates recalled 0.98 at 6.7x the exact scan, the float16 lists being the cost;
-4-bit codes with 640 candidates recalled 0.99 at 25x, and 8 coordinates per code recalled as well as
-4 at half the bytes. A uniform 8-bit grid per coordinate (`SQ8`) recalled 0.62 with 64 candidates on
-a real store (projected gradients' coordinates are heavy-tailed; a product quantizer's codebooks fit
-them), and turning inner products into distances by one extra coordinate, `[a, sqrt(R^2 - |a|^2)]`,
-recalled less than plain inner-product lists (0.53 against 0.99).
+to the list's centroid (`PQ{d/8}x4fs`: one 4-bit code per 8 coordinates, 1/32 of the float16 row;
+per fewer coordinates below 2,048, `sub_dim`), scanned by FAISS's fast-scan kernels (lookup tables
+in SIMD registers). Search is two-stage: the codes rank the probed lists' rows roughly and propose
+`CANDIDATES_PER_K` per row asked; those candidates are rescored exactly from the store by the scan's
+own arithmetic, so every score and contribution returned is exact, and what approximation can cost
+is a row missed, never a wrong number. Measured (bench/scale.py, 250k synthetic rows at k = 4,096
+made from real rows): float16 codes, 160 candidates, 31 of 500 lists recalled 0.98 at 6.7x the exact
+scan, the float16 lists being the cost; 4-bit codes, 640 candidates, 62 lists recalled 0.99 at 27x.
+A uniform 8-bit grid per coordinate (`SQ8`) recalled 0.62 with 64 candidates on a real store
+(projected gradients' coordinates are heavy-tailed; a product quantizer's codebooks fit them), and
+turning inner products into distances by one extra coordinate, `[a, sqrt(R^2 - |a|^2)]`, recalled
+less than plain inner-product lists (0.53 against 0.99).
 
 Layout, in the store's folder (deleted with it):
 
@@ -69,8 +69,10 @@ MIN_CANDIDATES = 256
 
 SUB_DIM = 8
 """Coordinates per 4-bit product-quantizer code (rows are padded with zeros to a multiple of it), fewer
-for short vectors so that they keep `MIN_CODES` codes: each code ranks roughly, many average out."""
-MIN_CODES = 64
+for short vectors so that they keep `MIN_CODES` codes: each code ranks roughly, many average out
+(bench/scale.py, 1M rows at k = 1,024, 640 candidates, 62 of 1,000 lists: 128 codes of 8 coordinates
+recalled 0.94, 256 codes of 4 recalled 0.975)."""
+MIN_CODES = 256
 CODEBOOK = 16
 """Centroids of a 4-bit codebook: a store of fewer rows trains on its rows repeated."""
 

@@ -206,7 +206,7 @@ def test_rescored_candidates_of_a_clustered_store_are_its_brute_force_extremes()
 
 
 def test_vectors_are_padded_with_zeros_to_whole_codes() -> None:
-    vectors = np.random.default_rng(2).standard_normal((5, 131))  # 131 coordinates: codes of 2
+    vectors = np.random.default_rng(2).standard_normal((5, 515))  # 515 coordinates: codes of 2
     padded = ann_module.coded(vectors)
-    assert padded.shape == (5, 132) and padded.dtype == np.float32 and padded.flags.c_contiguous
-    assert np.array_equal(padded[:, :131], vectors.astype(np.float32)) and not padded[:, 131].any()
+    assert padded.shape == (5, 516) and padded.dtype == np.float32 and padded.flags.c_contiguous
+    assert np.array_equal(padded[:, :515], vectors.astype(np.float32)) and not padded[:, 515].any()
