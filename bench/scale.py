@@ -66,6 +66,7 @@ from storage.ann import (
     AnnIndex,
     AnnParams,
     build_indexes,
+    candidate_count,
     load_ann,
     structure,
 )
@@ -159,7 +160,8 @@ def real_ann(store: GradientStore, images: torch.Tensor, repeats: int) -> dict[s
     result = {
         **best_of(sweep), "rows": store.num_rows, "dim": store.dim * store.num_checkpoints, "build_s": build_s,
         "memory_mb": sum(f.stat().st_size for f in files) / 2**20, "nlist": params.nlist,
-        "default_nprobe": params.nprobe, "candidates": max(CANDIDATES_PER_K * TOP_K, MIN_CANDIDATES), "source": "real store (2 checkpoints x k=4096 concatenated; both methods)",
+        "default_nprobe": params.nprobe, "candidates": candidate_count(store.num_rows, TOP_K),
+        "source": "real store (2 checkpoints x k=4096 concatenated; both methods)",
         "sweep": sweep,
     }
     log(f"real ANN: {result}")

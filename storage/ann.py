@@ -66,6 +66,10 @@ CANDIDATES_PER_K = 64
 4-bit codes rank roughly, so the net is wide; a wider one costs rows read and rescored (bench/scale.py,
 250k rows at k = 4,096, top 10: 0.96 with 160 candidates, 0.99 with 640, 0.99+ with 1,280)."""
 MIN_CANDIDATES = 256
+CANDIDATE_SHARE = 1 / 16
+"""Most candidates per query, method and side, as a share of the rows (but at least `MIN_CANDIDATES`):
+four such searches rescore up to a quarter of a small store, and more would cost as much as the exact
+scan (4,096 samples at k = 4,096, 640 candidates: 0.7x the exact scan's speed; bench/scale.py)."""
 
 SUB_DIM = 8
 """Coordinates per 4-bit product-quantizer code (rows are padded with zeros to a multiple of it), fewer
@@ -243,9 +247,15 @@ def candidate_chunks(
     `checkpoints`, to rescore exactly. An AnnIndexError if the index is missing, stale or damaged."""
     ann = load_ann(store)
     queries = {m: query_matrix(vectors, checkpoints, store.num_checkpoints, m) for m in methods}
-    count = min(store.num_rows, max(CANDIDATES_PER_K * top_k, MIN_CANDIDATES))
+    count = candidate_count(store.num_rows, top_k)
     rows = ann.candidates(queries, count, min(top_k, store.num_rows))
     return rows, [store.rows_at(c, rows) for c in checkpoints]
+
+
+def candidate_count(num_rows: int, top_k: int) -> int:
+    """Candidates the index proposes per query, method and side for the top `top_k` of `num_rows`."""
+    wanted = min(CANDIDATES_PER_K * top_k, round(num_rows * CANDIDATE_SHARE))
+    return min(num_rows, max(wanted, MIN_CANDIDATES, top_k))
 
 
 _loaded: weakref.WeakKeyDictionary[GradientStore, tuple[str, AnnIndex]] = weakref.WeakKeyDictionary()

@@ -62,6 +62,7 @@ def test_approximate_top_k_equals_exact_on_an_easy_case(
     # Easy: every list probed, so only the 4-bit codes approximate; 4 candidates per row asked, not all 48.
     build_ann(own_store, AnnParams(nlist=4, nprobe=4))
     monkeypatch.setattr(ann_module, "MIN_CANDIDATES", 1)
+    monkeypatch.setattr(ann_module, "CANDIDATE_SHARE", 1.0)
     monkeypatch.setattr(ann_module, "CANDIDATES_PER_K", 4)  # 12 candidates for the top 3
     read: list[int] = []
     original = own_store.rows_at
@@ -203,6 +204,15 @@ def test_rescored_candidates_of_a_clustered_store_are_its_brute_force_extremes()
             want = np.argsort(order * scores, axis=1)[:, :top_k]
             assert np.array_equal(candidates[got.rows.numpy()], want), (method, side)  # recall 1.0, in order
             assert_scores_close(got.scores, np.take_along_axis(scores, want, 1), scores)
+
+
+@pytest.mark.parametrize(
+    ("rows", "top_k", "count"),
+    [(48, 3, 48), (4096, 10, 256), (250_000, 10, 640), (250_000, 1, 256), (250_000, 1000, 15_625),
+     (100, 200, 100)],
+)
+def test_candidates_are_64_per_row_asked_within_a_share_of_rows(rows: int, top_k: int, count: int) -> None:
+    assert ann_module.candidate_count(rows, top_k) == count
 
 
 def test_vectors_are_padded_with_zeros_to_whole_codes() -> None:
