@@ -61,7 +61,6 @@ from retrac.scoring import RowChunk, contributions, scan
 from retrac.training import train
 from storage import GradientStore, attribute, build_ann, run_pending
 from storage.ann import (
-    CANDIDATES_PER_K,
     MIN_CANDIDATES,
     AnnIndex,
     AnnParams,
@@ -74,7 +73,7 @@ from storage.store import RESIDENT_STEP
 
 TOP_K = 10
 TARGET_RECALL = 0.95
-PER_K_SWEPT = (16, CANDIDATES_PER_K, 2 * CANDIDATES_PER_K)
+PER_K_SWEPT = (16, 64, 128)
 """Candidates per row asked that a synthetic sweep tries (`storage.ann.CANDIDATES_PER_K` the default)."""
 QUERY = QuerySpec(timesteps=10, draws=2, seed=0)
 

@@ -61,15 +61,16 @@ FORMAT = "retrac-ann/2"
 FOLDER = "ann"
 MANIFEST = "manifest.json"
 
-CANDIDATES_PER_K = 64
+CANDIDATES_PER_K = 128
 """Candidates the index proposes per row asked (at least `MIN_CANDIDATES`), all rescored exactly: the
 4-bit codes rank roughly, so the net is wide; a wider one costs rows read and rescored (bench/scale.py,
-250k rows at k = 4,096, top 10: 0.96 with 160 candidates, 0.99 with 640, 0.99+ with 1,280)."""
+an eighth of the lists probed, top 10: 1M rows at k = 1,024 0.96 with 640 candidates at 32x the exact
+scan, 0.98 with 1,280 at 26x; 250k rows at k = 4,096 0.98-0.99 with 640, 0.99 with 1,280 at 17-21x)."""
 MIN_CANDIDATES = 256
 CANDIDATE_SHARE = 1 / 16
 """Most candidates per query, method and side, as a share of the rows (but at least `MIN_CANDIDATES`):
 four such searches rescore up to a quarter of a small store, and more would cost as much as the exact
-scan (4,096 samples at k = 4,096, 640 candidates: 0.7x the exact scan's speed; bench/scale.py)."""
+scan (4,096 samples at k = 4,096, 640 candidates: 0.6-0.7x the exact scan's speed; bench/scale.py)."""
 
 SUB_DIM = 8
 """Coordinates per 4-bit product-quantizer code (rows are padded with zeros to a multiple of it), fewer
@@ -85,8 +86,8 @@ TRAINING_ROWS_PER_LIST = 64
 
 PROBED_SHARE = 1 / 8
 """Share of the lists a search probes by default (at least one): probing the 4-bit codes is cheap, so
-recall first (bench/scale.py, 250k rows at k = 4,096: 31 of 500 lists 0.97, 62 0.99, 125 0.997 with
-640 candidates); `retrac index ann --probe` sets it."""
+recall first (bench/scale.py, 250k rows at k = 4,096, 640 candidates: 31 of 500 lists 0.97, 62 0.98-0.99,
+125 0.98-0.997); `retrac index ann --probe` sets it."""
 
 REBUILD = "build it with `retrac index ann STORE` (an indexing job builds it when it completes)"
 

@@ -208,10 +208,10 @@ def test_rescored_candidates_of_a_clustered_store_are_its_brute_force_extremes()
 
 @pytest.mark.parametrize(
     ("rows", "top_k", "count"),
-    [(48, 3, 48), (4096, 10, 256), (250_000, 10, 640), (250_000, 1, 256), (250_000, 1000, 15_625),
+    [(48, 3, 48), (4096, 10, 256), (250_000, 10, 1280), (250_000, 1, 256), (250_000, 1000, 15_625),
      (100, 200, 100)],
 )
-def test_candidates_are_64_per_row_asked_within_a_share_of_rows(rows: int, top_k: int, count: int) -> None:
+def test_candidates_are_128_per_row_asked_within_a_share_of_rows(rows: int, top_k: int, count: int) -> None:
     assert ann_module.candidate_count(rows, top_k) == count
 
 
