@@ -220,3 +220,15 @@ def test_vectors_are_padded_with_zeros_to_whole_codes() -> None:
     padded = ann_module.coded(vectors)
     assert padded.shape == (5, 516) and padded.dtype == np.float32 and padded.flags.c_contiguous
     assert np.array_equal(padded[:, :515], vectors.astype(np.float32)) and not padded[:, 515].any()
+
+
+def test_a_store_of_fewer_rows_than_a_codebook_has_centroids_is_indexed_and_searched() -> None:
+    generator = torch.Generator().manual_seed(1)
+    stored = [clustered_rows(generator, 5, 2, 1, 40)]  # 5 rows: fewer than a 4-bit codebook's 16
+    one_timestep = torch.zeros(1, dtype=torch.int64)
+    queries = [QueryVectors(torch.randn(2, 1, 40, generator=generator), torch.ones(2, 1), one_timestep)]
+    params = AnnParams(nlist=1, nprobe=1)
+    index = AnnIndex(build_indexes(lambda: iter([(0, stored)]), 5, [1.0], params, methods=["tracin"]), params)
+    assert index.indexes["tracin"].ntotal == 5
+    found = index.candidates({"tracin": query_matrix(queries, [0], 1, "tracin")}, 5, 5)
+    assert np.array_equal(found, np.arange(5))
