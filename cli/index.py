@@ -390,7 +390,7 @@ def ann(
     store: Store,
     lists: Annotated[int | None, typer.Option(help="IVF lists", show_default="about sqrt(rows)")] = None,
     probe: Annotated[
-        int | None, typer.Option(help="lists searched per query", show_default="a quarter of the lists")
+        int | None, typer.Option(help="lists searched per query", show_default="an eighth of the lists")
     ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads")] = 1,
 ) -> int:
