@@ -297,9 +297,14 @@ def _manifest(store: GradientStore) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(text)
-        fresh = manifest["format"] == FORMAT and manifest["rows_digest"] == rows_digest(store)
+        built_as, fresh = manifest["format"], manifest["rows_digest"] == rows_digest(store)
     except (ValueError, KeyError, TypeError) as error:
         raise AnnIndexError(f"{store.path.name}: its ANN manifest is unreadable ({error}); {_rebuild(store)}")
+    if built_as != FORMAT:
+        raise AnnIndexError(
+            f"{store.path.name}: its ANN index is in format {built_as!r}, which this version does not read "
+            f"(it reads {FORMAT!r}); {_rebuild(store)}"
+        )
     if not fresh:
         raise AnnIndexError(
             f"{store.path.name}: its ANN index was built from other rows than the store holds now (stale); "

@@ -110,6 +110,14 @@ def test_an_ann_index_of_other_rows_is_refused_as_stale(own_store: GradientStore
     assert attribute(own_store, images, QUERY, top_k=TOP_K).search == "exact"  # the exact scan still answers
 
 
+def test_an_ann_index_of_an_older_format_is_refused_as_such(own_store: GradientStore, images: torch.Tensor) -> None:
+    manifest = own_store.path / "ann" / "manifest.json"
+    old = json.loads(manifest.read_text()) | {"format": "retrac-ann/1"}
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(AnnIndexError, match=r"format 'retrac-ann/1', which this version does not read.*retrac index ann"):
+        attribute(GradientStore.open(own_store.path), images, APPROXIMATE, top_k=TOP_K)
+
+
 def test_a_damaged_ann_index_is_refused(own_store: GradientStore, images: torch.Tensor) -> None:
     file = own_store.path / "ann" / "retrac.faiss"
     data = bytearray(file.read_bytes())
