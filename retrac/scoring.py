@@ -174,9 +174,9 @@ def _matched_parts(
 
 
 def _paper_scores(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
-    """`(n, Q)` per method: `mean_s g_s . G` (ReTrac: `g_s / ||g_s||` and G^), without band parts:
+    """`(Q, n)` per method: `mean_s g_s . G` (ReTrac: `g_s / ||g_s||` and G^), without band parts:
     two columns per query, a third of `_paper_parts`' matmul, the cost of a scan."""
-    return {m: table.T for m, table in _paper_products(chunk, {m: getattr(query, m) for m in methods}).items()}
+    return _paper_products(chunk, {m: getattr(query, m) for m in methods})
 
 
 def _check_pairing(chunk: RowChunk, query: QueryVectors, matched: slice) -> None:
@@ -217,7 +217,8 @@ def contributions(
 ) -> dict[Method, torch.Tensor]:
     """Per-checkpoint weighted contributions `(n, Q, C)` per method (estimator as in `parts`); scores
     are their sum over C. The paper's estimator skips the band split (a scan's matmul is its cost);
-    the matched one has it for free (its per-timestep products are needed anyway)."""
+    the matched one has it for free (its per-timestep products are needed anyway). The paper's
+    contributions are a view of `(Q, n, C)`: each query's scores contiguous, as a top-k reads them."""
     if matched is not None:
         return {m: table.sum(dim=-1) for m, table in parts(chunks, queries, weights, methods, matched).items()}
     out: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
@@ -225,7 +226,7 @@ def contributions(
         table = _paper_scores(chunk, query, methods)
         for method in methods:
             out[method].append(weight * table[method])
-    return {m: torch.stack(p, dim=-1) for m, p in out.items()}
+    return {m: torch.stack(p, dim=-1).permute(1, 0, 2) for m, p in out.items()}
 
 
 def _band_parts(
@@ -284,9 +285,10 @@ class _Extremes:
         """Merge rows `first_row..` with contributions `(n, Q, C)` into the kept k. `band_parts` gives
         the band parts `(P, B)` of chunk rows `(P,)` for their queries `(P,)`: asked only for the rows
         that enter the kept k (after the first chunks, a few)."""
-        scores = contribution.sum(dim=-1).T  # (Q, n)
+        per_query = contribution.permute(1, 0, 2)  # (Q, n, C)
+        scores = per_query[..., 0] if per_query.shape[2] == 1 else per_query.sum(dim=-1)  # (Q, n)
         local = scores.topk(min(self.top_k, scores.shape[1]), dim=1, largest=self.largest, sorted=False).indices
-        merged = [local + first_row, scores.gather(1, local), _gathered(contribution.permute(1, 0, 2), local)]
+        merged = [local + first_row, scores.gather(1, local), _gathered(per_query, local)]
         previous = 0
         if self.best is not None:
             previous = self.best.rows.shape[1]
