@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
+from retrac import scoring
 from retrac.query_side import BANDS, QueryVectors
 from retrac.scoring import Ranked, RowChunk, scan
 from tests.tolerances import BFLOAT16_ROUNDOFF, gamma
@@ -117,8 +118,9 @@ def check_side(ranked: Ranked, truth: torch.Tensor, bound: torch.Tensor, largest
 )
 @pytest.mark.parametrize("count", [1, 16])
 def test_scan_of_each_format_equals_float64_brute_force(
-    dtype: torch.dtype, estimator: str, slots: int, checkpoints: int, count: int
+    dtype: torch.dtype, estimator: str, slots: int, checkpoints: int, count: int, monkeypatch
 ) -> None:
+    monkeypatch.setattr(scoring, "SCAN_BLOCK_BYTES", 16 * DIM * 4)  # float16 chunks in several blocks
     chunks = stored_rows(dtype, slots, checkpoints)
     queries = query_side(count, checkpoints)
     matched = slice(0, TIMESTEPS) if estimator == "matched" else None
