@@ -287,23 +287,24 @@ def seconds_of(job: Callable[[], object]) -> float:
 
 
 def roofline(dim: int, repeats: int) -> dict:
-    """GFLOP/s of this machine's matmul in each dtype on one thread: a square 2,048^3 product, and the
+    """GFLOP/s of this machine's matmul in each dtype on one thread: a square 1,024^3 product, and the
     scan's own product (`retrac.scoring._products`: 16 query columns times 16,384 rows of `dim`).
-    A scan of 16 queries can go no faster than the latter allows, whatever the memory."""
+    A scan of 16 queries can go no faster than the latter allows, whatever the memory. (float16 rows
+    are multiplied in float32: a CPU without float16 arithmetic runs torch's float16 matmul slowly.)"""
     generator = torch.Generator().manual_seed(5)
-    square = torch.randn(2048, 2048, generator=generator)
+    square = torch.randn(1024, 1024, generator=generator)
     rows = torch.randn(RESIDENT_STEP, 1, dim, generator=generator)
     sides = torch.randn(16, dim, generator=generator)
     out = torch.empty(16, RESIDENT_STEP)
     result = {}
     for name in ("float32", "bfloat16", "float16"):
         matrix, block = square.to(getattr(torch, name)), rows.to(getattr(torch, name))
-        result[name] = {"gemm_gflops": 2 * 2048**3 / median_seconds(lambda m=matrix: m @ m, repeats) / 1e9}
+        result[name] = {"gemm_gflops": 2 * 1024**3 / median_seconds(lambda m=matrix: m @ m, repeats) / 1e9}
         if name != "float16":  # the scan converts float16 rows to float32 before its product
             seconds = median_seconds(partial(_products, block, sides, out), repeats)
             result[name]["scan_product_gflops_q16"] = 2 * 16 * RESIDENT_STEP * dim / seconds / 1e9
     codes = square.clamp(-127, 127).to(torch.int8)
-    result["int8"] = {"gemm_gflops": 2 * 2048**3 / median_seconds(lambda: torch._int_mm(codes, codes), repeats) / 1e9}
+    result["int8"] = {"gemm_gflops": 2 * 1024**3 / median_seconds(lambda: torch._int_mm(codes, codes), repeats) / 1e9}
     log(f"roofline: {result}")
     return result
 
