@@ -15,7 +15,8 @@ query's own timestep t and noise):
 Either score splits into parts per checkpoint and timestep band (`retrac.query_side.BANDS`), which
 sum to it. `scan` keeps the top-k (proponents) and bottom-k (opponents) per method and query, with
 their parts, over any number of chunks in memory bounded by the chunk size; the band parts are
-computed for each chunk's best k alone. The in-memory engine and the Zarr store feed it the same way.
+computed for the rows that enter the kept k alone. The in-memory engine and the Zarr store feed it
+the same way.
 """
 
 from __future__ import annotations
