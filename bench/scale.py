@@ -28,9 +28,11 @@
    store format (float16, bfloat16, float32): the store's scan (`retrac.scoring.scan`) for 1 and 16
    queries as a ratio to that format's read limit, the fastest plain reduction over the same resident
    bytes (`read_limits`), timed alternately with it (the median of the paired ratios), with its
-   largest score error against float64 scores of the float32 rows, relative to the largest score. `q1`/`q16` `ratio_to_limit` is
-   the default format's (float16); every format's is under `formats`, with int8 products (a scale per
-   row and per query, `torch._int_mm`) as a trial.
+   largest score error against float64 scores of the float32 rows, relative to the largest score, and
+   the same ratio for the scan's matmul alone (`matmul_ratio_to_limit`, the most the scan can reach).
+   `q1`/`q16` `ratio_to_limit` is the default format's (float16); every format's is under `formats`,
+   with int8 products (a scale per row and per query, `torch._int_mm`) as a trial. `roofline`: the
+   matmul's GFLOP/s in each dtype (square, and the scan's 16-column shape), the ceiling of 16 queries.
 
 Prints one JSON object on stdout (progress on stderr); never asserts a timing. One thread throughout
 (`--threads`), as workers run several to a machine. Usage: `python bench/scale.py [--real-rows 4096]
@@ -47,6 +49,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -57,7 +60,7 @@ from api_schemas import DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSp
 from retrac.computers import GradientComputerCache
 from retrac.datasets import load_dataset
 from retrac.query_side import QueryVectors, query_vectors
-from retrac.scoring import RowChunk, contributions, scan
+from retrac.scoring import RowChunk, _blocks, _products, contributions, scan  # the scan's own product
 from retrac.training import train
 from storage import GradientStore, attribute, build_ann, run_pending
 from storage.ann import (
@@ -313,12 +316,37 @@ def seconds_of(job: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
+def roofline(dim: int, repeats: int) -> dict:
+    """GFLOP/s of this machine's matmul in each dtype on one thread: a square 1,024^3 product, and the
+    scan's own product (`retrac.scoring._products`: 16 query columns times 16,384 rows of `dim`).
+    A scan of 16 queries can go no faster than the latter allows, whatever the memory. (float16 rows
+    are multiplied in float32: a CPU without float16 arithmetic runs torch's float16 matmul slowly.)"""
+    generator = torch.Generator().manual_seed(5)
+    square = torch.randn(1024, 1024, generator=generator)
+    rows = torch.randn(RESIDENT_STEP, 1, dim, generator=generator)
+    sides = torch.randn(16, dim, generator=generator)
+    out = torch.empty(16, RESIDENT_STEP)
+    result = {}
+    for name in ("float32", "bfloat16", "float16"):
+        matrix, block = square.to(getattr(torch, name)), rows.to(getattr(torch, name))
+        result[name] = {"gemm_gflops": 2 * 1024**3 / median_seconds(lambda m=matrix: m @ m, repeats) / 1e9}
+        if name != "float16":  # the scan converts float16 rows to float32 before its product
+            seconds = median_seconds(partial(_products, block, sides, out), repeats)
+            result[name]["scan_product_gflops_q16"] = 2 * 16 * RESIDENT_STEP * dim / seconds / 1e9
+    codes = square.clamp(-127, 127).to(torch.int8)
+    result["int8"] = {"gemm_gflops": 2 * 1024**3 / median_seconds(lambda: torch._int_mm(codes, codes), repeats) / 1e9}
+    log(f"roofline: {result}")
+    return result
+
+
 def scan_limits(rows_f32: torch.Tensor, repeats: int) -> dict:
     """The store's scan (`retrac.scoring.scan`, TracIn, top-10) of resident rows in each store format,
     as a ratio to that format's read limit (a plain reduction over the same resident bytes), with its
-    largest score error against float64 scores of the float32 rows, relative to the largest score. The
-    top-level `ratio_to_limit` is the default format's (float16). Then int8 products with a scale per
-    row and per query (`torch._int_mm`), a trial rather than a store format."""
+    largest score error against float64 scores of the float32 rows, relative to the largest score, and
+    the ratio of its matmul alone (`matmul_ratio_to_limit`: the products of every chunk, nothing else),
+    the most the scan could reach. The top-level `ratio_to_limit` is the default format's (float16).
+    Then int8 products with a scale per row and per query (`torch._int_mm`), a trial rather than a
+    store format, and the `roofline`."""
     n = rows_f32.shape[0]
     generator = torch.Generator().manual_seed(3)
     scales = rows_f32.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
@@ -334,20 +362,28 @@ def scan_limits(rows_f32: torch.Tensor, repeats: int) -> dict:
         formats = {}
         for name, rows in stored.items():
             chunks = resident_chunks(rows, ones)
-            def scanned() -> object:
+            products = torch.empty(count, RESIDENT_STEP)
+
+            def scanned(chunks=chunks, vectors=vectors) -> object:
                 return scan(chunks(), vectors, [1.0], top_k=TOP_K, methods=["tracin"])
+
+            def matmul(chunks=chunks, queries=queries, products=products) -> None:
+                for _, (chunk,) in chunks():
+                    for start, block in _blocks(chunk.projected, slice(None)):
+                        _products(block, queries, products[:, start : start + block.shape[0]])
 
             seconds, ratio = paired_ratio(read_limits(rows), scanned, repeats)
             scores = contributions([RowChunk(rows, ones)], vectors, [1.0], ["tracin"])["tracin"][:, :, 0]
             formats[name] = {
                 "rows_per_s": n / seconds, "ratio_to_limit": ratio, "limit_rows_per_s": n / seconds / ratio,
+                "matmul_ratio_to_limit": paired_ratio(read_limits(rows), matmul, repeats)[1],
                 "score_error": (scores.double() - reference).abs().max().item() / top,
             }
         q_scales = queries.abs().amax(dim=1, keepdim=True) / 127
         padded = torch.nn.functional.pad((queries / q_scales).round().to(torch.int8).T.contiguous(),
                                          (0, max(0, 8 - count)))  # _int_mm wants >= 8 columns
 
-        def int8_product() -> torch.Tensor:
+        def int8_product(padded=padded, count=count, q_scales=q_scales) -> torch.Tensor:
             return torch._int_mm(int8, padded)[:, :count].float() * scales * q_scales.T
 
         seconds, ratio = paired_ratio(read_limits(int8), int8_product, repeats)
@@ -357,6 +393,7 @@ def scan_limits(rows_f32: torch.Tensor, repeats: int) -> dict:
         }
         result[f"q{count}"] = {**formats["float16"], "formats": formats}
         log(f"q{count}: {formats}")
+    result["roofline"] = roofline(rows_f32.shape[1], repeats)
     return result
 
 
