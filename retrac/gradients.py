@@ -190,7 +190,15 @@ def _linear(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) ->
 def _conv2d(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
     """The weight gradient of each group's G copies, batched over groups by vmap (which runs it as
     one grouped convolution). Im2col-and-bmm variants (unfold, or patches cut from channels-last
-    inputs) were no faster over the tiny and small UNets."""
+    inputs) were no faster over the tiny and small UNets. A pointwise convolution is a Linear layer
+    over positions: one bmm with each group's copies and positions on the inner dimension, as fast as
+    the plain step's summed weight gradient (vmap's grouped convolution took 1.3-1.5x as long)."""
+    if _pointwise(module):
+        batch = inputs.shape[0]
+        x = inputs.transpose(1, 2).reshape(batch, inputs.shape[2], -1)  # (B, C_in, G * positions)
+        dy = out_grads.transpose(1, 2).reshape(batch, out_grads.shape[2], -1)
+        weight = torch.bmm(dy, x.transpose(1, 2)).view(batch, *module.weight.shape)
+        return {"weight": weight, "bias": dy.sum(dim=2)}
 
     def weight_gradient(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         return torch.nn.grad.conv2d_weight(
@@ -198,6 +206,14 @@ def _conv2d(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) ->
         )
 
     return {"weight": vmap(weight_gradient)(inputs, out_grads), "bias": out_grads.sum(dim=(1, 3, 4))}
+
+
+def _pointwise(module: nn.Module) -> bool:
+    """A 1x1 convolution that reads each input position once: its output is a matmul per position."""
+    return (
+        module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0)
+        and module.groups == 1
+    )
 
 
 def _group_norm(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
