@@ -11,7 +11,8 @@ Also timed, whole: `query_vectors` as it runs (`default`: layer-wise, or one bac
 `GROUP_BACKWARD_WORK`), and forced down each path (`layerwise`, `group_backward`), which checks the
 threshold for this model's K and M.
 
-Prints one JSON object on stdout, per query `{"plain": {...}, "layerwise": {...}, "query_ratio": {...}, ...}`; never asserts.
+Prints one JSON object on stdout, per query `{"plain": {...}, "layerwise": {...}, "query_ratio": {...},
+...}`; never asserts.
 Usage: `python bench/query_split.py [--preset tiny|small] [--repeats R]`.
 """
 
