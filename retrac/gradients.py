@@ -46,20 +46,20 @@ tiny UNet, one thread, CPU time, medians on a 2-core machine at load 4-7 (`bench
 phases timed by the clock, not the profiler; run-to-run spread about +-0.08): K = 50, M = 4,
 layer-wise, forward with the records 0.38, backward to the layer outputs 0.38 (the plain step's
 forward 0.40 and backward 0.60 of which its weight gradients about 0.25), rules 0.39 (Conv2d 0.32,
-Linear 0.04, GroupNorm 0.04), norms 0.007, sketch 0.04: 1.17-1.20x in all; K = 10, M = 16: forward
-0.41, backward 0.44, rules 0.38, norms 0.003, sketch 0.012, layer-wise 1.27-1.32x, one backward per
+Linear 0.04, GroupNorm 0.04), norms 0.007, sketch 0.04: 1.12-1.23x in all; K = 10, M = 16: forward
+0.41, backward 0.44, rules 0.38, norms 0.003, sketch 0.012, layer-wise 1.25-1.32x, one backward per
 group 1.09-1.29x (the path taken: the threshold holds for tiny at both M). The excess over the plain
 step is the rules: Conv2d's 3x3 weight gradients by vmap's grouped convolution take 1.35-1.5x
 (M = 4) and 1.2-1.3x (M = 16) of the plain step's summed ones over the same copies; the forward and
 backward to the outputs cost what the plain step's do less its weight gradients, and the norms and
 the sketch (one scatter_add_ per parameter tensor over all K rows) together 0.02-0.05. Kept: a 1x1
-convolution's rule as one bmm with each group's copies and positions on the inner dimension (0.8x
+convolution's rule as one bmm with each group's copies and positions on the inner dimension (0.7-0.8x
 of vmap's time, equal to the summed weight gradient); GroupNorm's and LayerNorm's `dy * x_hat` in
 the normalised input's buffer (0.8x the GroupNorm rules' time). Tried and left out: a 3x3 weight
 gradient as K * (kh * kw) bmm's over each group's copies stacked into one zero-padded tall map
 (shifted views, no copies; 1.65x vmap's time: the padding's wasted products and small matmuls), as
-unfold + bmm or einsum (4-5x), as a loop of K ordinary weight gradients of M copies (1.17x at M = 4,
-0.97x at M = 16), as one grouped weight gradient in channels-last (1.2x) or without oneDNN (1.4-2.4x);
+unfold + bmm or einsum (4.5-5.3x), as a loop of K ordinary weight gradients of M copies (1.17x at M = 4,
+0.97x at M = 16), as one grouped weight gradient in channels-last (1.1-1.2x) or without oneDNN (1.4-2.4x);
 the whole query in one chunk rather than chunks of 32 groups (1.29-1.33x of the plain step against
 1.14-1.16x) or smaller chunks (8 or 16 groups: 1.24-1.36x); GroupNorm's weight gradient as a batched
 dot product (bmm, 2.1-2.7x). Not tried: norms fused with the sketch, which together cost under 0.05
