@@ -41,30 +41,29 @@ sample, where forming the gradient costs L * fan-in * fan-out).
 Groups of many copies (a query's M draws, past `GROUP_BACKWARD_WORK`) take neither: each group's
 gradient is one ordinary backward of its mean loss, cheaper there than any per-sample trick.
 
-The query side (K groups of M copies) against one plain forward and backward of its K*M copies,
-tiny UNet, one thread, CPU time, medians on a 2-core machine at load 4-7 (`bench/query_split.py`,
-phases timed by the clock, not the profiler; run-to-run spread about +-0.08): K = 50, M = 4,
-layer-wise, forward with the records 0.38, backward to the layer outputs 0.38 (the plain step's
-forward 0.40 and backward 0.60 of which its weight gradients about 0.25), rules 0.39 (Conv2d 0.32,
-Linear 0.04, GroupNorm 0.04), norms 0.007, sketch 0.04: 1.12-1.23x in all; K = 10, M = 16: forward
-0.41, backward 0.44, rules 0.38, norms 0.003, sketch 0.012, layer-wise 1.25-1.32x, one backward per
-group 1.09-1.29x (the path taken: the threshold holds for tiny at both M). The excess over the plain
-step is the rules: Conv2d's 3x3 weight gradients by vmap's grouped convolution take 1.35-1.5x
-(M = 4) and 1.2-1.3x (M = 16) of the plain step's summed ones over the same copies; the forward and
-backward to the outputs cost what the plain step's do less its weight gradients, and the norms and
-the sketch (one scatter_add_ per parameter tensor over all K rows) together 0.02-0.05. Kept: a 1x1
-convolution's rule as one bmm with each group's copies and positions on the inner dimension (0.7-0.8x
-of vmap's time, equal to the summed weight gradient); GroupNorm's and LayerNorm's `dy * x_hat` in
-the normalised input's buffer (0.8x the GroupNorm rules' time). Tried and left out: a 3x3 weight
-gradient as K * (kh * kw) bmm's over each group's copies stacked into one zero-padded tall map
-(shifted views, no copies; 1.65x vmap's time: the padding's wasted products and small matmuls), as
-unfold + bmm or einsum (4.5-5.3x), as a loop of K ordinary weight gradients of M copies (1.17x at M = 4,
-0.97x at M = 16), as one grouped weight gradient in channels-last (1.1-1.2x) or without oneDNN (1.4-2.4x);
-the whole query in one chunk rather than chunks of 32 groups (1.29-1.33x of the plain step against
-1.14-1.16x) or smaller chunks (8 or 16 groups: 1.24-1.36x); GroupNorm's weight gradient as a batched
-dot product (bmm, 2.1-2.7x). Not tried: norms fused with the sketch, which together cost under 0.05
-of the plain step. 1.1x on the tiny UNet is not reached: it needs per-group 3x3 weight gradients as
-cheap as summed ones.
+The query side (K groups of M copies) against one plain forward and backward of its K*M copies, tiny
+UNet, one thread, CPU time, medians on a 2-core machine at load 4-7 (`bench/query_split.py`, phases
+timed by the clock, not the profiler; run-to-run spread about +-0.08): K = 50, M = 4, layer-wise,
+forward with the records 0.38, backward to the layer outputs 0.38 (the plain step's forward 0.40 and
+backward 0.60, of it the weight gradients 0.2-0.25), rules 0.39 (Conv2d 0.32, Linear 0.04, GroupNorm
+0.04), norms 0.007, sketch 0.04: 1.12-1.23x in all; K = 10, M = 16: forward 0.41, backward 0.44, rules
+0.38, norms 0.003, sketch 0.012, layer-wise 1.25-1.32x, one backward per group 1.09-1.29x (the path
+taken: the threshold holds for tiny at both M). The excess over the plain step is the rules: Conv2d's
+3x3 weight gradients by vmap's grouped convolution take 1.35-1.5x (M = 4) and 1.2-1.3x (M = 16) of the
+plain step's summed ones over the same copies; the forward and backward to the outputs cost what the
+plain step's do less its weight gradients, and the norms and the sketch (one scatter_add_ per parameter
+tensor over all K rows) together 0.02-0.05. Kept: a 1x1 convolution's rule as one bmm with each group's
+copies and positions on the inner dimension (0.7-0.8x of vmap's time, equal to the summed weight
+gradient; 0.56x at G = 1, batch 32); GroupNorm's and LayerNorm's `dy * x_hat` in the normalised input's
+buffer (0.8x the GroupNorm rules' time). Tried and left out: a 3x3 weight gradient as K * (kh * kw)
+bmm's over each group's copies stacked into one zero-padded tall map (shifted views, no copies; 1.65x
+vmap's time: the padding's wasted products and small matmuls), as unfold + bmm or einsum (4.5-5.3x), as
+a loop of K ordinary weight gradients of M copies (1.17x at M = 4, 0.97x at M = 16), as one grouped
+weight gradient in channels-last (1.1-1.2x) or without oneDNN (1.4-2.4x); the whole query in one chunk
+rather than chunks of 32 groups (1.29-1.33x of the plain step against 1.14-1.16x) or smaller chunks (8
+or 16 groups: 1.24-1.36x); GroupNorm's weight gradient as a batched dot product (bmm, 2.1-2.7x). Not
+tried: norms fused with the sketch, which together cost under 0.05 of the plain step. 1.1x on the tiny
+UNet is not reached: it needs per-group 3x3 weight gradients as cheap as summed ones.
 
 Either way the gradient comes out one parameter tensor at a time, and is projected and measured
 block by block (`Projector.project_blocks`): the `(B, P)` matrix exists only if asked for
