@@ -41,6 +41,30 @@ sample, where forming the gradient costs L * fan-in * fan-out).
 Groups of many copies (a query's M draws, past `GROUP_BACKWARD_WORK`) take neither: each group's
 gradient is one ordinary backward of its mean loss, cheaper there than any per-sample trick.
 
+The query side (K groups of M copies) against one plain forward and backward of its K*M copies, tiny
+UNet, one thread, CPU time, medians on a 2-core machine at load 4-7 (`bench/query_split.py`, phases
+timed by the clock, not the profiler; run-to-run spread about +-0.08): K = 50, M = 4, layer-wise,
+forward with the records 0.38, backward to the layer outputs 0.38 (the plain step's forward 0.40 and
+backward 0.60, of it the weight gradients 0.2-0.25), rules 0.39 (Conv2d 0.32, Linear 0.04, GroupNorm
+0.04), norms 0.007, sketch 0.04: 1.12-1.23x in all; K = 10, M = 16: forward 0.41, backward 0.44, rules
+0.38, norms 0.003, sketch 0.012, layer-wise 1.25-1.32x, one backward per group 1.09-1.29x (the path
+taken: the threshold holds for tiny at both M). The excess over the plain step is the rules: Conv2d's
+3x3 weight gradients by vmap's grouped convolution take 1.35-1.5x (M = 4) and 1.2-1.3x (M = 16) of the
+plain step's summed ones over the same copies; the forward and backward to the outputs cost what the
+plain step's do less its weight gradients, and the norms and the sketch (one scatter_add_ per parameter
+tensor over all K rows) together 0.02-0.05. Kept: a 1x1 convolution's rule as one bmm with each group's
+copies and positions on the inner dimension (0.7-0.8x of vmap's time, equal to the summed weight
+gradient; 0.56x at G = 1, batch 32); GroupNorm's and LayerNorm's `dy * x_hat` in the normalised input's
+buffer (0.8x the GroupNorm rules' time). Tried and left out: a 3x3 weight gradient as K * (kh * kw)
+bmm's over each group's copies stacked into one zero-padded tall map (shifted views, no copies; 1.65x
+vmap's time: the padding's wasted products and small matmuls), as unfold + bmm or einsum (4.5-5.3x), as
+a loop of K ordinary weight gradients of M copies (1.17x at M = 4, 0.97x at M = 16), as one grouped
+weight gradient in channels-last (1.1-1.2x) or without oneDNN (1.4-2.4x); the whole query in one chunk
+rather than chunks of 32 groups (1.29-1.33x of the plain step against 1.14-1.16x) or smaller chunks (8
+or 16 groups: 1.24-1.36x); GroupNorm's weight gradient as a batched dot product (bmm, 2.1-2.7x). Not
+tried: norms fused with the sketch, which together cost under 0.05 of the plain step. 1.1x on the tiny
+UNet is not reached: it needs per-group 3x3 weight gradients as cheap as summed ones.
+
 Either way the gradient comes out one parameter tensor at a time, and is projected and measured
 block by block (`Projector.project_blocks`): the `(B, P)` matrix exists only if asked for
 (`flat_gradients`). `loop_gradients` is the plain reference (one autograd call per sample) that
@@ -190,7 +214,15 @@ def _linear(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) ->
 def _conv2d(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
     """The weight gradient of each group's G copies, batched over groups by vmap (which runs it as
     one grouped convolution). Im2col-and-bmm variants (unfold, or patches cut from channels-last
-    inputs) were no faster over the tiny and small UNets."""
+    inputs) were no faster over the tiny and small UNets. A pointwise convolution is a Linear layer
+    over positions: one bmm with each group's copies and positions on the inner dimension, as fast as
+    the plain step's summed weight gradient (vmap's grouped convolution took 1.3-1.5x as long)."""
+    if _pointwise(module):
+        batch = inputs.shape[0]
+        x = inputs.transpose(1, 2).reshape(batch, inputs.shape[2], -1)  # (B, C_in, G * positions)
+        dy = out_grads.transpose(1, 2).reshape(batch, out_grads.shape[2], -1)
+        weight = torch.bmm(dy, x.transpose(1, 2)).view(batch, *module.weight.shape)
+        return {"weight": weight, "bias": dy.sum(dim=2)}
 
     def weight_gradient(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         return torch.nn.grad.conv2d_weight(
@@ -200,19 +232,29 @@ def _conv2d(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) ->
     return {"weight": vmap(weight_gradient)(inputs, out_grads), "bias": out_grads.sum(dim=(1, 3, 4))}
 
 
+def _pointwise(module: nn.Module) -> bool:
+    """A 1x1 convolution that reads each input position once: its output is a matmul per position."""
+    return (
+        module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0)
+        and module.groups == 1
+    )
+
+
 def _group_norm(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The product `dy * x_hat` is formed in the normalised input's own buffer (a fresh tensor): one
+    allocation of the layer's activations fewer, 0.8x the rule's time on the tiny UNet's query."""
     normalised = F.group_norm(inputs.flatten(0, 1), module.num_groups, eps=module.eps).view_as(out_grads)
     summed = [1, *range(3, out_grads.dim())]  # copies and positions; keep B and channels
-    return {"weight": (out_grads * normalised).sum(dim=summed), "bias": out_grads.sum(dim=summed)}
+    return {"weight": normalised.mul_(out_grads).sum(dim=summed), "bias": out_grads.sum(dim=summed)}
 
 
 def _layer_norm(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
     """`y = x_hat * weight + bias` elementwise over the normalised (last) dims, `x_hat` the input
     normalised without affine: each sample's gradients sum `dy * x_hat` and `dy` over its copies and
-    every other position, keeping the normalised dims."""
+    every other position, keeping the normalised dims; the product in `x_hat`'s buffer, as for GroupNorm."""
     normalised = F.layer_norm(inputs, module.normalized_shape, eps=module.eps)
     summed = list(range(1, out_grads.dim() - len(module.normalized_shape)))  # copies and positions
-    return {"weight": (out_grads * normalised).sum(dim=summed), "bias": out_grads.sum(dim=summed)}
+    return {"weight": normalised.mul_(out_grads).sum(dim=summed), "bias": out_grads.sum(dim=summed)}
 
 
 def _embedding(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:

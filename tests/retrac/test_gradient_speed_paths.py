@@ -17,7 +17,7 @@ from torch import nn
 
 from api_schemas import ProjectorSpec
 from retrac.conditions import Conditions
-from retrac.gradients import GradientComputer, loop_gradients
+from retrac.gradients import LAYER_RULES, GradientComputer, loop_gradients
 from retrac.models import DiffusionModel, build_unet, with_plain_attention
 from retrac.projections import DENSE_BLOCK, SketchProjector, derive_seed, make_projector
 from tests.tolerances import gamma
@@ -161,6 +161,23 @@ def test_layers_called_twice_sum_their_calls() -> None:
     model = model_of(ReusedLayers())
     images, timesteps, noise = inputs(preset_model("micro", 8), 4, 2, seed=4)
     assert_matches_loop(model, "mse", (images, timesteps, noise), "layerwise")
+
+
+def test_pointwise_conv_rule_equals_autograd_per_group() -> None:
+    """The 1x1 convolution's bmm rule, on its own: each group's weight and bias gradients are those
+    autograd gives for the sum of its G copies' outputs weighted by their output gradients."""
+    generator = torch.Generator().manual_seed(2)
+    conv = nn.Conv2d(6, 5, kernel_size=1)
+    x = torch.randn(3, 4, 6, 7, 7, generator=generator)  # B groups of G copies
+    dy = torch.randn(3, 4, 5, 7, 7, generator=generator)
+    rule = LAYER_RULES[nn.Conv2d](conv, x, dy)
+    for b in range(x.shape[0]):
+        weight, bias = torch.autograd.grad((conv(x[b]) * dy[b]).sum(), [conv.weight, conv.bias])
+        # Each entry sums G * 7 * 7 products; two orders of that sum differ by twice gamma of it.
+        bound = 2 * gamma(4 * 49)
+        scale = (dy[b].abs().transpose(0, 1).flatten(1) @ x[b].abs().transpose(0, 1).flatten(1).T).max()
+        torch.testing.assert_close(rule["weight"][b], weight, rtol=0, atol=bound * scale.item())
+        torch.testing.assert_close(rule["bias"][b], bias, rtol=0, atol=bound * dy[b].abs().sum().item())
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"], ids=["layerwise", "vmap"])
