@@ -74,11 +74,15 @@ class QueryPool:
             self._idle.put(self._spawned())
 
     def close(self) -> None:
-        """Stop every process: each finishes the query it computes (up to `STOP_WAIT_S`), then exits."""
+        """Stop every process: an idle one at once, a busy one once it has finished its query (up to
+        `STOP_WAIT_S`)."""
         with self._lock:
             running, self._running, self._started = list(self._running), set(), False
+        idle = set()
+        while not self._idle.empty():
+            idle.add(self._idle.get_nowait())
         for process in running:
-            process.stop()
+            process.stop(now=process in idle)
         for process in running:
             process.join(STOP_WAIT_S)
 
@@ -168,9 +172,12 @@ class PoolProcess:
             return f"(pid {self.process.pid}) was killed by {signal.Signals(-code).name}"
         return f"(pid {self.process.pid}) exited with status {code}"
 
-    def stop(self) -> None:
-        """Close the pipe: the process exits once it has answered the query it computes."""
+    def stop(self, *, now: bool) -> None:
+        """Close the pipe, so the process exits once it has answered the query it computes; `now`
+        (an idle process, which may still be importing torch) terminates it too."""
         self._connection.close()
+        if now:
+            self.process.terminate()
 
     def join(self, timeout: float) -> None:
         """Wait up to `timeout` for the process to exit, then kill it."""
