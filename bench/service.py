@@ -11,9 +11,10 @@ through the ASGI app several times and the fastest answer's own timing split is 
   <= 1.3.
 
 Then `retrac serve` serves the tiny index through uvicorn on loopback, in each of `SERVERS` (server
-processes x torch threads each), and 8 concurrent clients send `REQUESTS` queries (each client's next
-after its last answer): `concurrency` lists the throughput and the p50/p99 latency of each, and
-requests_per_s_8_clients is the 2-process one's throughput.
+processes x torch threads each, and the processes of a query pool computing their query gradients,
+`--query-pool`), and 8 concurrent clients send `REQUESTS` queries (each client's next after its last
+answer): `concurrency` lists the throughput and the p50/p99 latency of each, and
+requests_per_s_8_clients is the 2-process (no pool) one's throughput.
 
 Then `retrac serve` (one process) serves the small index (R = 32, RGB) at the default limits and 16
 clients at once send each kind of worst-case upload (upload_memory): the largest images accepted
@@ -70,8 +71,9 @@ PRESETS = {
 }
 CLIENTS = 8
 REQUESTS = 32
-SERVERS = ((1, 1), (1, 2), (2, 1), (4, 1))
-"""(uvicorn worker processes, torch threads each) of the concurrency part."""
+SERVERS = ((1, 1, 0), (1, 2, 0), (2, 1, 0), (4, 1, 0), (1, 1, 1), (1, 1, 2), (1, 2, 1))
+"""(uvicorn worker processes, torch threads each, query pool processes each: 0 for none) of the
+concurrency part; a pool's processes have the same torch threads."""
 PARTS = ("latency", "throughput", "memory")
 NEEDS = {"latency": ("tiny", "small"), "throughput": ("tiny",), "memory": ("small",)}
 """The indexes each part queries."""
@@ -174,14 +176,16 @@ def bench_concurrency(root: Path, port: int) -> list[dict[str, float]]:
     """`bench_throughput` against the tiny index for each of `SERVERS`."""
     image = query_png(GradientStore.open(root / "stores" / "tiny"))
     report = []
-    for processes, threads in SERVERS:
-        server = serve(root, port, processes, threads)
+    for processes, threads, pool in SERVERS:
+        server = serve(root, port, processes, threads, pool)
         try:
             measured = asyncio.run(bench_throughput(f"http://127.0.0.1:{port}", "tiny", image))
         finally:
             server.terminate()
             server.wait()
-        report.append({"processes": processes, "torch_threads": threads, "clients": CLIENTS, **measured})
+        report.append(
+            {"processes": processes, "torch_threads": threads, "query_pool": pool, "clients": CLIENTS, **measured}
+        )
         print(f"concurrency: {report[-1]}", file=sys.stderr, flush=True)
     return report
 
@@ -286,8 +290,9 @@ def bench_upload_memory(root: Path, port: int, store: GradientStore, settings: S
     }
 
 
-def serve(root: Path, port: int, processes: int, threads: int) -> subprocess.Popen[bytes]:
-    """`retrac serve --workers processes` with `threads` torch threads each, once it answers."""
+def serve(root: Path, port: int, processes: int, threads: int, pool: int = 0) -> subprocess.Popen[bytes]:
+    """`retrac serve --workers processes --query-pool pool` with `threads` torch threads each, once it
+    answers."""
     env = {
         **os.environ,
         "RETRAC_STORES_ROOT": str(root / "stores"),
@@ -303,6 +308,8 @@ def serve(root: Path, port: int, processes: int, threads: int) -> subprocess.Pop
         str(port),
         "--workers",
         str(processes),
+        "--query-pool",
+        str(pool),
         "--log-level",
         "warning",
     ]
@@ -342,7 +349,7 @@ def main() -> None:
         if "throughput" in args.parts:
             report["concurrency"] = bench_concurrency(root, args.port)
             report["requests_per_s_8_clients"] = next(
-                c["requests_per_s"] for c in report["concurrency"] if c["processes"] == 2
+                c["requests_per_s"] for c in report["concurrency"] if c["processes"] == 2 and not c["query_pool"]
             )
         if "memory" in args.parts:
             store = GradientStore.open(root / "stores" / "small")
