@@ -44,7 +44,7 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -172,11 +172,13 @@ async def bench_throughput(url: str, name: str, image: bytes) -> dict[str, float
     return {"requests_per_s": len(latencies) / elapsed, "p50_s": float(p50), "p99_s": float(p99)}
 
 
-def bench_concurrency(root: Path, port: int) -> list[dict[str, float]]:
-    """`bench_throughput` against the tiny index for each of `SERVERS`."""
+def bench_concurrency(
+    root: Path, port: int, servers: Sequence[tuple[int, int, int]] = SERVERS
+) -> list[dict[str, float]]:
+    """`bench_throughput` against the tiny index for each of `servers`, in their order."""
     image = query_png(GradientStore.open(root / "stores" / "tiny"))
     report = []
-    for processes, threads, pool in SERVERS:
+    for processes, threads, pool in servers:
         server = serve(root, port, processes, threads, pool)
         try:
             measured = asyncio.run(bench_throughput(f"http://127.0.0.1:{port}", "tiny", image))
@@ -325,6 +327,15 @@ def serve(root: Path, port: int, processes: int, threads: int, pool: int = 0) ->
     raise RuntimeError("retrac serve did not start")
 
 
+def server_setup(text: str) -> tuple[int, int, int]:
+    """`PxTxN` (processes, torch threads, query pool) as a tuple: a `--servers` item."""
+    try:
+        processes, threads, pool = (int(part) for part in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give processes x threads x pool, e.g. 1x1x2") from None
+    return processes, threads, pool
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -333,6 +344,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed queries per preset")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        type=server_setup,
+        default=list(SERVERS),
+        metavar="PxTxN",
+        help="throughput servers as processes x torch threads x query pool, e.g. 1x1x2 (default: SERVERS)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report: dict[str, object] = {}
@@ -347,9 +366,10 @@ def main() -> None:
             if "latency" in args.parts:
                 report[preset] = bench_latency(store, settings, args.repeats)
         if "throughput" in args.parts:
-            report["concurrency"] = bench_concurrency(root, args.port)
+            report["concurrency"] = bench_concurrency(root, args.port, args.servers)
             report["requests_per_s_8_clients"] = next(
-                c["requests_per_s"] for c in report["concurrency"] if c["processes"] == 2 and not c["query_pool"]
+                (c["requests_per_s"] for c in report["concurrency"] if c["processes"] == 2 and not c["query_pool"]),
+                None,
             )
         if "memory" in args.parts:
             store = GradientStore.open(root / "stores" / "small")
