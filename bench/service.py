@@ -24,7 +24,8 @@ RSS is read from /proc (VmHWM, reset before each kind) and set against its RSS b
 the per-request bound docs/deployment.md states.
 
 Prints one JSON object on stdout; never asserts a timing.
-Usage: `python bench/service.py [--threads 2] [--parts latency throughput memory]`.
+Usage: `python bench/service.py [--threads 2] [--parts latency throughput memory]
+[--servers 1x1x0 1x1x2 ...]` (throughput rows as processes x threads x pool).
 """
 
 from __future__ import annotations
@@ -186,7 +187,10 @@ def bench_concurrency(
             server.terminate()
             server.wait()
         report.append(
-            {"processes": processes, "torch_threads": threads, "query_pool": pool, "clients": CLIENTS, **measured}
+            {
+                "processes": processes, "torch_threads": threads, "query_pool": pool, "clients": CLIENTS,
+                **measured,
+            }
         )
         print(f"concurrency: {report[-1]}", file=sys.stderr, flush=True)
     return report
@@ -368,7 +372,10 @@ def main() -> None:
         if "throughput" in args.parts:
             report["concurrency"] = bench_concurrency(root, args.port, args.servers)
             report["requests_per_s_8_clients"] = next(
-                (c["requests_per_s"] for c in report["concurrency"] if c["processes"] == 2 and not c["query_pool"]),
+                (
+                    c["requests_per_s"] for c in report["concurrency"]
+                    if c["processes"] == 2 and not c["query_pool"]
+                ),
                 None,
             )
         if "memory" in args.parts:

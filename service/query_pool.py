@@ -95,7 +95,8 @@ class QueryPool:
         ) -> list[QueryVectors]:
             spec = QuerySpec.model_validate(query.model_dump(include=set(QuerySpec.model_fields)))
             request: Request = (
-                location, images.contiguous(), spec.model_dump_json(), list(checkpoints), dict(conditions.tensors)
+                location, images.contiguous(), spec.model_dump_json(), list(checkpoints),
+                dict(conditions.tensors),
             )
             return [QueryVectors(*tensors) for tensors in self._run(request)]
 
