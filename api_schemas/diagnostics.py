@@ -6,10 +6,17 @@ Norms that grow toward some timesteps are why Diffusion-TracIn favours the sampl
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from api_schemas.common import Public, SampleId
-from api_schemas.specs import Method
+
+OutlierScore = Literal["tracin", "retrac", "relative_norm", "atypical_direction"]
+"""Rankings of training samples as outlier candidates, higher meaning more suspect: self-influence
+under each method, the timestep-relative gradient norm, and the atypical gradient direction (minus a
+sample's mean cosine with every training sample's gradient at the same slot), which finds planted
+outliers best (docs/experiment.md)."""
 
 
 class NormBinPublic(Public):
@@ -45,9 +52,9 @@ class SelfInfluenceEntryPublic(Public):
 
 
 class SelfInfluencePublic(Public):
-    """Training samples by decreasing self-influence under one method: the top ones are outlier candidates."""
+    """Training samples by one outlier score, decreasing (`OutlierScore`): the top ones are outlier candidates."""
 
-    method: Method
+    method: OutlierScore
     data: list[SelfInfluenceEntryPublic]
     count: int
     total: int = Field(description="samples ranked")

@@ -10,25 +10,29 @@
    rescoring), per single query, the store resident; `memory_mb` the ANN files' size. Over a sweep of
    lists probed, the entry is the fastest setting with recall@10 >= 0.95 (else the best recall).
 2. ANN at scale, on synthetic rows made from real ones: `--sizes` (rows x k, default 1M x 1,024 and
-   250k x 4,096; 1M x 4,096 needs ~13 GB). Base rows are the real store's per-slot projected
-   gradients at its last checkpoint; k = 1,024 folds them (and the real query vectors) by a count
-   sketch, itself a count sketch of the gradient. A synthetic row is the direction of a random mix
-   `l u_a + (1 - l) u_b` of two real rows' directions, perturbed by isotropic noise of relative size
-   `--noise`, and scaled by a norm drawn from the real rows' norms. So the rows lie near the segments
-   between real gradient directions, with the real, timestep-driven spread of norms: like real
-   gradients, they concentrate near the low-dimensional span of a few thousand training directions
-   (similar images have similar gradients), and their norms vary by orders of magnitude, unlike
-   i.i.d. Gaussian rows (which no index can search). TracIn only (ReTrac's unit rows are easier).
-   Exact: `retrac.scoring.scan` over the resident float16 array; approximate: `storage.ann`'s IVF
-   index (float16 codes) and the exact rescoring of its candidates, over a sweep of lists probed; each entry is the
-   fastest setting with recall@10 >= 0.95 (else the best recall), with the sweep beside it.
+   250k x 4,096; 1M x 4,096 and 4M x 1,024 need ~10 GB each). Base rows are the real store's per-slot
+   projected gradients at its last checkpoint; k = 1,024 folds them (and the real query vectors) by a
+   count sketch, itself a count sketch of the gradient. A synthetic row is the direction of a random
+   mix `l u_a + (1 - l) u_b` of two real rows' directions, perturbed by isotropic noise of relative
+   size `--noise`, and scaled by a norm drawn from the real rows' norms. So the rows lie near the
+   segments between real gradient directions, with the real, timestep-driven spread of norms: like
+   real gradients, which concentrate near a low-dimensional span (of 4,096 real directions at
+   k = 4,096, the top 16 principal directions hold 72% of the energy, the top 256 96%: similar images
+   have similar gradients) and whose norms span ~100x, unlike i.i.d. Gaussian rows (which no index
+   can search). TracIn only (ReTrac's unit rows are easier). Exact: `retrac.scoring.scan` over the
+   resident float16 array; approximate: `storage.ann`'s index (IVF lists of 4-bit product-quantizer
+   codes, fast-scan) for the query and its negation, and the exact rescoring of the candidates, over
+   a sweep of lists probed and candidates per row asked (`PER_K_SWEPT`); each entry is the fastest
+   setting with recall@10 >= 0.95 (else the best recall), with the sweep beside it.
 3. Scan near the memory limit, on `--scan-rows` synthetic rows at the real k (4,096), resident in each
    store format (float16, bfloat16, float32): the store's scan (`retrac.scoring.scan`) for 1 and 16
    queries as a ratio to that format's read limit, the fastest plain reduction over the same resident
    bytes (`read_limits`), timed alternately with it (the median of the paired ratios), with its
-   largest score error against float64 scores of the float32 rows, relative to the largest score. `q1`/`q16` `ratio_to_limit` is
-   the default format's (float16); every format's is under `formats`, with int8 products (a scale per
-   row and per query, `torch._int_mm`) as a trial.
+   largest score error against float64 scores of the float32 rows, relative to the largest score, and
+   the same ratio for the scan's matmul alone (`matmul_ratio_to_limit`, the most the scan can reach).
+   `q1`/`q16` `ratio_to_limit` is the default format's (float16); every format's is under `formats`,
+   with int8 products (a scale per row and per query, `torch._int_mm`) as a trial. `roofline`: the
+   matmul's GFLOP/s in each dtype (square, and the scan's 16-column shape), the ceiling of 16 queries.
 
 Prints one JSON object on stdout (progress on stderr); never asserts a timing. One thread throughout
 (`--threads`), as workers run several to a machine. Usage: `python bench/scale.py [--real-rows 4096]
@@ -45,6 +49,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -55,14 +60,24 @@ from api_schemas import DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSp
 from retrac.computers import GradientComputerCache
 from retrac.datasets import load_dataset
 from retrac.query_side import QueryVectors, query_vectors
-from retrac.scoring import RowChunk, contributions, scan
+from retrac.scoring import RowChunk, _blocks, _products, contributions, scan  # the scan's own product
 from retrac.training import train
 from storage import GradientStore, attribute, build_ann, run_pending
-from storage.ann import CANDIDATES_PER_K, MIN_CANDIDATES, AnnIndex, AnnParams, build_indexes, load_ann
+from storage.ann import (
+    MIN_CANDIDATES,
+    AnnIndex,
+    AnnParams,
+    build_indexes,
+    candidate_count,
+    load_ann,
+    structure,
+)
 from storage.store import RESIDENT_STEP
 
 TOP_K = 10
 TARGET_RECALL = 0.95
+PER_K_SWEPT = (16, 64, 128)
+"""Candidates per row asked that a synthetic sweep tries (`storage.ann.CANDIDATES_PER_K` the default)."""
 QUERY = QuerySpec(timesteps=10, draws=2, seed=0)
 
 
@@ -147,7 +162,8 @@ def real_ann(store: GradientStore, images: torch.Tensor, repeats: int) -> dict[s
     result = {
         **best_of(sweep), "rows": store.num_rows, "dim": store.dim * store.num_checkpoints, "build_s": build_s,
         "memory_mb": sum(f.stat().st_size for f in files) / 2**20, "nlist": params.nlist,
-        "default_nprobe": params.nprobe, "candidates": max(CANDIDATES_PER_K * TOP_K, MIN_CANDIDATES), "source": "real store (2 checkpoints x k=4096 concatenated; both methods)",
+        "default_nprobe": params.nprobe, "candidates": candidate_count(store.num_rows, TOP_K),
+        "source": "real store (2 checkpoints x k=4096 concatenated; both methods)",
         "sweep": sweep,
     }
     log(f"real ANN: {result}")
@@ -166,14 +182,29 @@ def fold(matrix: torch.Tensor, dim: int) -> torch.Tensor:
     return out.index_add_(1, buckets, matrix * signs)
 
 
+def base_structure(base: torch.Tensor, sample: int = 4096) -> dict:
+    """What makes real gradient rows searchable, measured on up to `sample` of the base rows `(n, k)`:
+    the share of their directions' energy in the top principal directions, and the spread of norms."""
+    picked = base[torch.randperm(base.shape[0], generator=torch.Generator().manual_seed(0))[:sample]]
+    norms = picked.norm(dim=1)
+    energy = torch.linalg.svdvals(picked / norms.unsqueeze(1)).square().cumsum(0)
+    shares = {f"energy_top_{d}": (energy[d - 1] / energy[-1]).item() for d in (16, 64, 256)}
+    low, high = torch.quantile(norms, torch.tensor([0.01, 0.99])).tolist()
+    return {"rows": len(picked), "dim": base.shape[1], **shares, "norm_p99_over_p1": high / low}
+
+
+SYNTHETIC_STEP = 16384
+"""Rows made at a time: at k = 4,096 each float32 temporary is 256 MB."""
+
+
 def synthetic_rows(base: torch.Tensor, rows: int, noise: float, seed: int = 0) -> torch.Tensor:
     """`(rows, 1, k)` float16 rows: mixes of two real directions, perturbed, at real norms."""
     generator = torch.Generator().manual_seed(seed)
     norms = base.norm(dim=1)
     directions = base / norms.clamp_min(1e-30).unsqueeze(1)
     out = torch.empty(rows, 1, base.shape[1], dtype=torch.float16)
-    for start in range(0, rows, 65536):
-        n = min(65536, rows - start)
+    for start in range(0, rows, SYNTHETIC_STEP):
+        n = min(SYNTHETIC_STEP, rows - start)
         a, b = (torch.randint(base.shape[0], (n,), generator=generator) for _ in range(2))
         mix = torch.rand(n, 1, generator=generator)
         row = mix * directions[a] + (1 - mix) * directions[b]
@@ -215,10 +246,9 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
     index = build_indexes(chunks, rows, [1.0], params, methods=["tracin"])["tracin"]
     build_s = time.perf_counter() - started
     memory_mb = (index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4) / 2**20
-    log(f"{rows} x {dim}: exact scan {exact_s:.3f} s per query; IVF{params.nlist},SQfp16 built in {build_s:.0f} s")
-    count = max(CANDIDATES_PER_K * TOP_K, MIN_CANDIDATES)
+    log(f"{rows} x {dim}: exact scan {exact_s:.3f} s per query; {structure(index)} built in {build_s:.0f} s")
 
-    def approximate(matrix: np.ndarray, q: list[QueryVectors]):
+    def approximate(matrix: np.ndarray, q: list[QueryVectors], count: int):
         candidates = AnnIndex({"tracin": index}, params).candidates({"tracin": matrix}, count, TOP_K)
         chunk = [RowChunk(projected[candidates], norms[candidates])]
         ranking = scan([(0, chunk)], q, [1.0], top_k=TOP_K, methods=["tracin"])
@@ -226,17 +256,20 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
 
     sweep = []
     matrix = queries.numpy()
-    for nprobe in sorted({max(1, params.nlist // d) for d in (256, 128, 64, 32, 16, 8, 4)}):
-        index.nprobe = nprobe
-        candidates, ranking = approximate(matrix, vectors)
-        found = [set(candidates[ranking.proponents["tracin"].rows[i]].tolist())
-                 | {-1 - r for r in candidates[ranking.opponents["tracin"].rows[i]].tolist()} for i in range(len(queries))]
-        seconds = median_seconds(lambda: approximate(matrix[:1], one), repeats)
-        sweep.append({"nprobe": nprobe, "recall_at_10": recall(exact_sets, found), "speedup": exact_s / seconds})
-        log(f"  nprobe {nprobe}: {sweep[-1]}")
+    for nprobe in sorted({max(1, params.nlist // d) for d in (64, 32, 16, 8, 4)}):
+        for count in sorted({max(n * TOP_K, MIN_CANDIDATES) for n in PER_K_SWEPT}):
+            index.nprobe = nprobe
+            candidates, ranking = approximate(matrix, vectors, count)
+            found = [set(candidates[ranking.proponents["tracin"].rows[i]].tolist())
+                     | {-1 - r for r in candidates[ranking.opponents["tracin"].rows[i]].tolist()}
+                     for i in range(len(queries))]
+            seconds = median_seconds(lambda: approximate(matrix[:1], one, count), repeats)  # noqa: B023
+            sweep.append({"nprobe": nprobe, "candidates": count, "recall_at_10": recall(exact_sets, found),
+                          "speedup": exact_s / seconds})
+            log(f"  nprobe {nprobe}, {count} candidates: {sweep[-1]}")
     return {
         **best_of(sweep), "rows": rows, "dim": dim, "build_s": build_s, "memory_mb": memory_mb, "nlist": params.nlist,
-        "candidates": count,
+        "structure": structure(index), "exact_s": exact_s,
         "source": f"synthetic: real rows mixed and perturbed (noise {noise}); TracIn", "sweep": sweep,
     }
 
@@ -283,12 +316,37 @@ def seconds_of(job: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
+def roofline(dim: int, repeats: int) -> dict:
+    """GFLOP/s of this machine's matmul in each dtype on one thread: a square 1,024^3 product, and the
+    scan's own product (`retrac.scoring._products`: 16 query columns times 16,384 rows of `dim`).
+    A scan of 16 queries can go no faster than the latter allows, whatever the memory. (float16 rows
+    are multiplied in float32: a CPU without float16 arithmetic runs torch's float16 matmul slowly.)"""
+    generator = torch.Generator().manual_seed(5)
+    square = torch.randn(1024, 1024, generator=generator)
+    rows = torch.randn(RESIDENT_STEP, 1, dim, generator=generator)
+    sides = torch.randn(16, dim, generator=generator)
+    out = torch.empty(16, RESIDENT_STEP)
+    result = {}
+    for name in ("float32", "bfloat16", "float16"):
+        matrix, block = square.to(getattr(torch, name)), rows.to(getattr(torch, name))
+        result[name] = {"gemm_gflops": 2 * 1024**3 / median_seconds(lambda m=matrix: m @ m, repeats) / 1e9}
+        if name != "float16":  # the scan converts float16 rows to float32 before its product
+            seconds = median_seconds(partial(_products, block, sides, out), repeats)
+            result[name]["scan_product_gflops_q16"] = 2 * 16 * RESIDENT_STEP * dim / seconds / 1e9
+    codes = square.clamp(-127, 127).to(torch.int8)
+    result["int8"] = {"gemm_gflops": 2 * 1024**3 / median_seconds(lambda: torch._int_mm(codes, codes), repeats) / 1e9}
+    log(f"roofline: {result}")
+    return result
+
+
 def scan_limits(rows_f32: torch.Tensor, repeats: int) -> dict:
     """The store's scan (`retrac.scoring.scan`, TracIn, top-10) of resident rows in each store format,
     as a ratio to that format's read limit (a plain reduction over the same resident bytes), with its
-    largest score error against float64 scores of the float32 rows, relative to the largest score. The
-    top-level `ratio_to_limit` is the default format's (float16). Then int8 products with a scale per
-    row and per query (`torch._int_mm`), a trial rather than a store format."""
+    largest score error against float64 scores of the float32 rows, relative to the largest score, and
+    the ratio of its matmul alone (`matmul_ratio_to_limit`: the products of every chunk, nothing else),
+    the most the scan could reach. The top-level `ratio_to_limit` is the default format's (float16).
+    Then int8 products with a scale per row and per query (`torch._int_mm`), a trial rather than a
+    store format, and the `roofline`."""
     n = rows_f32.shape[0]
     generator = torch.Generator().manual_seed(3)
     scales = rows_f32.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
@@ -304,20 +362,28 @@ def scan_limits(rows_f32: torch.Tensor, repeats: int) -> dict:
         formats = {}
         for name, rows in stored.items():
             chunks = resident_chunks(rows, ones)
-            def scanned() -> object:
+            products = torch.empty(count, RESIDENT_STEP)
+
+            def scanned(chunks=chunks, vectors=vectors) -> object:
                 return scan(chunks(), vectors, [1.0], top_k=TOP_K, methods=["tracin"])
+
+            def matmul(chunks=chunks, queries=queries, products=products) -> None:
+                for _, (chunk,) in chunks():
+                    for start, block in _blocks(chunk.projected, slice(None)):
+                        _products(block, queries, products[:, start : start + block.shape[0]])
 
             seconds, ratio = paired_ratio(read_limits(rows), scanned, repeats)
             scores = contributions([RowChunk(rows, ones)], vectors, [1.0], ["tracin"])["tracin"][:, :, 0]
             formats[name] = {
                 "rows_per_s": n / seconds, "ratio_to_limit": ratio, "limit_rows_per_s": n / seconds / ratio,
+                "matmul_ratio_to_limit": paired_ratio(read_limits(rows), matmul, repeats)[1],
                 "score_error": (scores.double() - reference).abs().max().item() / top,
             }
         q_scales = queries.abs().amax(dim=1, keepdim=True) / 127
         padded = torch.nn.functional.pad((queries / q_scales).round().to(torch.int8).T.contiguous(),
                                          (0, max(0, 8 - count)))  # _int_mm wants >= 8 columns
 
-        def int8_product() -> torch.Tensor:
+        def int8_product(padded=padded, count=count, q_scales=q_scales) -> torch.Tensor:
             return torch._int_mm(int8, padded)[:, :count].float() * scales * q_scales.T
 
         seconds, ratio = paired_ratio(read_limits(int8), int8_product, repeats)
@@ -327,6 +393,7 @@ def scan_limits(rows_f32: torch.Tensor, repeats: int) -> dict:
         }
         result[f"q{count}"] = {**formats["float16"], "formats": formats}
         log(f"q{count}: {formats}")
+    result["roofline"] = roofline(rows_f32.shape[1], repeats)
     return result
 
 
@@ -355,6 +422,8 @@ def main() -> None:
         models = GradientComputerCache("cpu", threads=args.threads)
         queries = query_vectors(models.computer(store.plan, last), images, QUERY).tracin
         if "ann" in args.parts:
+            report["base_rows"] = base_structure(base)
+            log(f"base rows: {report['base_rows']}")
             report["ann"] = [real_ann(store, images, args.repeats)]
             for size in filter(None, args.sizes.split(",")):
                 rows, dim = (int(v) for v in size.lower().split("x"))

@@ -135,6 +135,18 @@ def create(
     shard_size: Annotated[int, typer.Option(help="rows per task, chunk and done mark")] = default(
         IndexSpec, "shard_size"
     ),
+    models_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="keep the run, checkpoints, scheduler, VAE and the parts found beside a checkpoint inside "
+            "this folder, links followed, as the service's RETRAC_MODELS_ROOT does (recorded in the store)",
+            show_default="not confined",
+        ),
+    ] = None,
+    data_root: Annotated[
+        Path | None,
+        typer.Option(help="keep the dataset's files inside this folder", show_default="the models root"),
+    ] = None,
 ) -> int:
     from api_schemas import CheckpointSpec
     from retrac.replay import TrainingRun
@@ -177,7 +189,9 @@ def create(
         raise SpecError(f"invalid index spec: {first_error(error)}") from error
     except OSError as error:
         raise SpecError(f"cannot read the spec: {error}") from error
-    opened = GradientStore.create(store_location(store), _recorded(index_spec))
+    opened = GradientStore.create(
+        store_location(store), _recorded(index_spec), root=models_root, data_root=data_root
+    )
     print_notices(opened.plan.dataset.notices)
     print(
         f"{opened.path}: {opened.num_rows} samples x {opened.num_slots} slots x k={opened.dim}, "
@@ -226,7 +240,7 @@ def _model_shape(checkpoints: list[dict[str, Any]], vae: str | None) -> dict[str
     from retrac.plan import model_image_shape
     from storage.inputs import is_url
 
-    if not checkpoints or is_url(checkpoints[0]["path"]):  # at a URL: give --resolution
+    if not checkpoints or is_url(checkpoints[0]["path"]) or is_url(vae):  # at a URL: give --resolution
         return {}
     path = checkpoints[0]["path"]
     channels, resolution = model_image_shape(read_architecture(path), latent_space_of(path, vae))
@@ -376,7 +390,7 @@ def ann(
     store: Store,
     lists: Annotated[int | None, typer.Option(help="IVF lists", show_default="about sqrt(rows)")] = None,
     probe: Annotated[
-        int | None, typer.Option(help="lists searched per query", show_default="a quarter of the lists")
+        int | None, typer.Option(help="lists searched per query", show_default="an eighth of the lists")
     ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads")] = 1,
 ) -> int:

@@ -1,9 +1,9 @@
 """`retrac self-influence STORE`: the training samples that most influence their own loss.
 
 Computed from the stored slots alone (method.md section 4), so it needs a store with grid slots.
-Three rankings: self-influence under TracIn and under ReTrac, and the timestep-relative gradient norm
-(`retrac.evaluation.outliers`); where the training samples carry groups, each group's ROC AUC under
-each ranking. Samples are compared slot by slot, so a store whose grid slots share their noise
+Four rankings (`retrac.evaluation.outliers`): self-influence under TracIn and under ReTrac, the
+timestep-relative gradient norm, and the atypical gradient direction, which finds planted outliers
+best; where the training samples carry groups, each group's ROC AUC under each ranking. Samples are compared slot by slot, so a store whose grid slots share their noise
 (`retrac index create --slot-noise shared`) ranks outliers far better: docs/experiment.md.
 """
 
@@ -21,9 +21,9 @@ from retrac.exceptions import SpecError
 def register(app: typer.Typer) -> None:
     app.command(
         "self-influence",
-        help="Rank a store's training samples by self-influence under TracIn and ReTrac, and by timestep-"
-        "relative gradient norm (outlier / mislabel hunting); with each group's ROC AUC where samples carry "
-        "groups.",
+        help="Rank a store's training samples by self-influence under TracIn and ReTrac, by timestep-"
+        "relative gradient norm and by atypical gradient direction (outlier / mislabel hunting); with each "
+        "group's ROC AUC where samples carry groups.",
         short_help="rank a store's training samples by self-influence (outlier / mislabel hunting)",
     )(run)
 
@@ -34,20 +34,14 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> int:
     import numpy as np
-    import torch
 
     from retrac.evaluation.metrics import group_auc
-    from retrac.evaluation.outliers import relative_norms
-    from retrac.scoring import self_influence_slots
-    from storage import GradientStore
-    from storage.statistics import self_influence
+    from storage import GradientStore, outlier_scores
 
     if top_k < 1:
         raise SpecError("--top-k must be at least 1")
     opened = GradientStore.open(store_location(store))
-    scores = self_influence(opened)  # checks that every checkpoint is complete
-    norms = [torch.from_numpy(opened.norms(c)) for c in range(opened.num_checkpoints)]
-    scores["relative_norm"] = relative_norms(norms, opened.weights, self_influence_slots(opened.slot_kinds)[1])
+    scores = outlier_scores(opened)  # checks that every checkpoint is complete
     ranked = {
         name: [
             {"rank": rank + 1, "sample_id": opened.sample_ids[row], "score": float(values[row])}

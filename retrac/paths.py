@@ -28,3 +28,25 @@ def resolve_inside(root: Path | None, path: str | Path) -> Path:
             "path inside it"
         )
     return target
+
+
+def confine_folder(root: Path | None, folder: Path, what: str) -> Path:
+    """`folder` (a model part: a checkpoint, its scheduler, VAE, text encoder or tokenizer) as it is,
+    after checking that it and every file in it resolve inside `root` (symlinks followed).
+
+    `resolve_inside` confines the paths a spec names; the parts found beside a checkpoint (`vae/`,
+    `scheduler/`, `text_encoder/`, `tokenizer/`) and the files inside any model folder are not named
+    by the client, so without this a link among them would lead anywhere. `what` names the part in
+    the message, which names only the folder's last part. With no root, nothing is checked.
+    """
+    if root is None:
+        return folder
+    base = Path(root).resolve()
+    for path in (folder, *sorted(folder.rglob("*"))):
+        if not path.resolve().is_relative_to(base):
+            where = folder.name if path == folder else f"{folder.name}/{path.relative_to(folder)}"
+            raise SpecError(
+                f"the {what} {where!r} leads outside the configured root through a link; put the {what} "
+                "itself inside the root"
+            )
+    return folder

@@ -28,7 +28,7 @@ from retrac.conditions import ClassLabels, Conditions, query_conditions
 from retrac.datasets import ImageDataset, load_dataset, old_sample_ids
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.gradients import GradientComputer, num_parameters, whole_groups
-from retrac.latents import LatentSpace, check_pixel_shape, latent_space_of
+from retrac.latents import LatentSpace, check_pixel_shape, find_vae
 from retrac.losses import check_weighting
 from retrac.models import (
     DiffusionModel,
@@ -43,13 +43,14 @@ from retrac.models import (
     require_weights,
     sample_shape,
     text_conditioning,
+    weights_file,
 )
 from retrac.noise import draw_seeds, noise_from_seeds, query_noise
-from retrac.paths import resolve_inside
+from retrac.paths import confine_folder, resolve_inside
 from retrac.projections import derive_seed, make_projector
 from retrac.query_side import query_timesteps
 from retrac.replay import TrainingRun, default_weights
-from retrac.text import TextEncoder
+from retrac.text import TEXT_ENCODER_FOLDER, TOKENIZER_FOLDER, TextEncoder
 from retrac.scoring import RowChunk
 
 
@@ -102,14 +103,17 @@ class IndexPlan:
         loss = _resolve_loss(spec, run)
         given = _given_checkpoints(spec, run)
         paths = [resolve_inside(root, c.path) for c in given]
+        for path in paths:  # the denoiser's own folder; a pipeline's other parts are checked when found
+            confine_folder(root, weights_file(path).parent, "checkpoint")
         architecture = read_architecture(paths[0])
         for path in paths:
             require_weights(path)
             check_architecture(path, read_architecture(path), architecture)
-        latent_space = latent_space_of(paths[0], resolve_inside(root, spec.vae) if spec.vae else None)
+        vae = resolve_inside(root, spec.vae) if spec.vae else find_vae(paths[0])
+        latent_space = LatentSpace.load(confine_folder(root, vae, "VAE")) if vae is not None else None
         _check_shape(spec.dataset, model_image_shape(architecture, latent_space))
         num_classes = class_conditioning(architecture)
-        text = _text_encoder(paths[0], architecture)
+        text = _text_encoder(paths[0], architecture, root)
         if text is not None and spec.slots.replay:
             raise SpecError(
                 "replay of a text-conditional model is not handled (a replay record holds no captions); index it "
@@ -119,7 +123,7 @@ class IndexPlan:
             folder = resolve_inside(root, spec.scheduler)
         else:
             folder = run.scheduler_folder if run else find_scheduler(paths[0])
-        scheduler = load_scheduler(folder)
+        scheduler = load_scheduler(confine_folder(root, folder, "scheduler"))
         check_compatible(architecture, scheduler)
         weighting = _resolve_weighting(spec, run, scheduler.config.prediction_type)
         check_weighting(scheduler, weighting)
@@ -294,9 +298,9 @@ def _check_shape(dataset: DatasetSpec, shape: tuple[int, int]) -> None:
         )
 
 
-def _text_encoder(checkpoint: Path, architecture: dict[str, Any]) -> TextEncoder | None:
+def _text_encoder(checkpoint: Path, architecture: dict[str, Any], root: Path | None) -> TextEncoder | None:
     """The text encoder of a text-conditional UNet's pipeline, checked against the width its cross-attention
-    takes; None for a UNet2DModel."""
+    takes (its folders inside `root`, when one is given); None for a UNet2DModel."""
     width = text_conditioning(checkpoint, architecture)
     if width is None:
         return None
@@ -306,6 +310,8 @@ def _text_encoder(checkpoint: Path, architecture: dict[str, Any]) -> TextEncoder
             f"{checkpoint}: a text-conditional UNet outside a pipeline folder; give the pipeline folder, with "
             "its text_encoder/, tokenizer/ and scheduler/ beside unet/"
         )
+    for part in (TEXT_ENCODER_FOLDER, TOKENIZER_FOLDER):
+        confine_folder(root, pipeline / part, part.replace("_", " "))
     text = TextEncoder.load(pipeline)
     if text.hidden_size != width:
         raise CheckpointError(

@@ -15,16 +15,18 @@ query's own timestep t and noise):
 Either score splits into parts per checkpoint and timestep band (`retrac.query_side.BANDS`), which
 sum to it. `scan` keeps the top-k (proponents) and bottom-k (opponents) per method and query, with
 their parts, over any number of chunks in memory bounded by the chunk size; the band parts are
-computed for each chunk's best k alone. The in-memory engine and the Zarr store feed it the same way.
+computed for the rows that enter the kept k alone. The in-memory engine and the Zarr store feed it
+the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from api_schemas import Method, SlotSpec
 from retrac.exceptions import SpecError
@@ -92,39 +94,68 @@ def _blocks(projected: torch.Tensor, slots: slice) -> Iterator[tuple[int, torch.
         yield start, converted
 
 
-def _products(block: torch.Tensor, sides: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`(b * S, m)` float32 (into `out` if given): every stored row of `block` `(b, S, k)` times every
-    column of `sides` `(m, k)` float32, in the block's dtype (the query side rounded to bfloat16 for
-    bfloat16 rows)."""
+_ONEDNN = torch.backends.mkldnn.is_available()
+"""Whether this torch build has oneDNN (every x86-64 CPU wheel does): its float32 product is private API."""
+
+BF16_MIN_COLUMNS = 2
+"""Query columns a bfloat16 matmul is given at least (zero columns added): with one column oneDNN
+runs a matrix-vector product that reads bfloat16 rows slower than with two (bench/scale.py)."""
+
+
+def _products(block: torch.Tensor, sides: torch.Tensor, out: torch.Tensor) -> None:
+    """Write into `out` `(m, b * S)` float32 every column of `sides` `(m, k)` float32 times every
+    stored row of `block` `(b, S, k)`, in the block's dtype (bfloat16 rows: the query side rounded to
+    bfloat16, products rounded to bfloat16, then widened into `out`).
+
+    The rows are the matmul's long side (`sides @ rows.T`): a few columns times many rows is the shape
+    the CPU's bf16 kernels run fastest, and each column's products land contiguous, as a top-k and a
+    slot mean read them. float32 rows on a CPU with more than one column go through oneDNN's
+    float32 product (`mkldnn._linear_pointwise`, float32 throughout): 16 columns times 16,384 rows
+    of 4,096 ran at 0.48x of the memory read limit, `torch.mm`'s MKL product at 0.13x (one AMD EPYC
+    thread); one column stays with `torch.mm`, whose matrix-vector product ran 2x oneDNN's.
+    """
     rows = block.reshape(-1, block.shape[-1])
-    if block.dtype != torch.float32:
-        products = torch.mm(rows, sides.to(block.dtype).T).float()
-        return products if out is None else out.copy_(products)
-    return torch.mm(rows, sides.T) if out is None else torch.mm(rows, sides.T, out=out)
+    if block.dtype == torch.float32 and len(sides) > 1 and block.device.type == "cpu" and _ONEDNN:
+        out.copy_(torch.ops.mkldnn._linear_pointwise(rows, sides, None, "none", [], "").T)
+        return
+    if block.dtype == torch.float32:
+        torch.mm(sides, rows.T, out=out)
+        return
+    narrow = sides.to(block.dtype)
+    padded = F.pad(narrow, (0, 0, 0, max(0, BF16_MIN_COLUMNS - len(narrow))))
+    out.copy_(torch.mm(padded, rows.T)[: len(narrow)])
 
 
-def _paper_parts(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
-    """`(n, Q, B)` per method: `mean_s g_s . G_b` (ReTrac: `g_s / ||g_s||`), G_b band b's part of G.
+def _paper_products(chunk: RowChunk, sides: dict[Method, torch.Tensor]) -> dict[Method, torch.Tensor]:
+    """`(..., n)` per method: `mean_s g_s . v` for every vector v `(..., k)` of `sides[method]`
+    (ReTrac: `g_s / ||g_s||`).
 
-    The slot mean is taken after the product (`mean_s(g_s) . G = mean_s(g_s . G)`) and ReTrac's
-    `1 / ||g_s||` per slot: the numbers of `slot_means(chunk) @ query`, one matmul for every method.
+    The slot mean is taken after the product (`mean_s(g_s) . v = mean_s(g_s . v)`) and ReTrac's
+    `1 / ||g_s||` per slot: the numbers of `slot_means(chunk) @ v`. One pass over the stored rows:
+    each block (`_blocks`) is multiplied with every method's vectors at once into one table of the
+    chunk's products, which norms and slot means then read in place (no pass at all with one slot).
     """
     n, slots, dim = chunk.projected.shape
     device = chunk.projected.device
-    sides = torch.stack([query.band_vectors(m) for m in methods]).to(device, torch.float32)  # (methods, Q, B, k)
-    shape = sides.shape[1:3]
-    sides = sides.reshape(-1, dim)
-    inverse = inverse_norms(chunk.norms.to(device))
-    out = {m: torch.empty(n, *shape, device=device) for m in methods}
+    stacked = torch.stack(list(sides.values())).to(device, torch.float32)  # (methods, ..., k)
+    shape = stacked.shape[1:-1]
+    flat = stacked.reshape(-1, dim)
+    products = torch.empty(len(flat), n * slots, device=device)
     for start, block in _blocks(chunk.projected, slice(None)):
-        rows = slice(start, start + block.shape[0])
-        products = _products(block, sides).view(block.shape[0], slots, len(methods), *shape)
-        for i, method in enumerate(methods):
-            per_slot = products[:, :, i]
-            if method == "retrac":
-                per_slot = per_slot * inverse[rows, :, None, None]
-            out[method][rows] = per_slot.mean(dim=1)
+        _products(block, flat, products[:, start * slots : (start + block.shape[0]) * slots])
+    table = products.view(len(sides), *shape, n, slots)
+    out = {}
+    for per_slot, method in zip(table, sides, strict=True):
+        if method == "retrac":
+            per_slot.mul_(inverse_norms(chunk.norms.to(device)))
+        out[method] = per_slot[..., 0] if slots == 1 else per_slot.mean(dim=-1)
     return out
+
+
+def _paper_parts(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
+    """`(n, Q, B)` per method: `mean_s g_s . G_b` (ReTrac: `g_s / ||g_s||`), G_b band b's part of G."""
+    tables = _paper_products(chunk, {m: query.band_vectors(m) for m in methods})
+    return {m: table.permute(2, 0, 1) for m, table in tables.items()}
 
 
 def _matched_parts(
@@ -153,28 +184,9 @@ def _matched_parts(
 
 
 def _paper_scores(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
-    """`(n, Q)` per method: `mean_s g_s . G` (ReTrac: `g_s / ||g_s||` and G^), without band parts.
-
-    One pass over the stored rows: each block (`_blocks`) is multiplied with the query vectors of
-    every method at once (two columns per query: a third of `_paper_parts`' matmul, the cost of a
-    scan), into one table of the chunk's products; slot means and norms are then taken over the whole
-    table, so that a block costs its conversion and its matmul alone.
-    """
-    n, slots, _ = chunk.projected.shape
-    device = chunk.projected.device
-    sides = torch.cat([getattr(query, m).to(device, torch.float32) for m in methods])  # (methods * Q, k)
-    products = torch.empty(n * slots, sides.shape[0], device=device)
-    for start, block in _blocks(chunk.projected, slice(None)):
-        _products(block, sides, products[start * slots : (start + block.shape[0]) * slots])
-    table = products.view(n, slots, len(methods), -1)
-    inverse = inverse_norms(chunk.norms.to(device))
-    out = {}
-    for i, method in enumerate(methods):
-        per_slot = table[:, :, i]
-        if method == "retrac":
-            per_slot = per_slot * inverse[:, :, None]
-        out[method] = per_slot.mean(dim=1)
-    return out
+    """`(Q, n)` per method: `mean_s g_s . G` (ReTrac: `g_s / ||g_s||` and G^), without band parts:
+    two columns per query, a third of `_paper_parts`' matmul, the cost of a scan."""
+    return _paper_products(chunk, {m: getattr(query, m) for m in methods})
 
 
 def _check_pairing(chunk: RowChunk, query: QueryVectors, matched: slice) -> None:
@@ -215,7 +227,8 @@ def contributions(
 ) -> dict[Method, torch.Tensor]:
     """Per-checkpoint weighted contributions `(n, Q, C)` per method (estimator as in `parts`); scores
     are their sum over C. The paper's estimator skips the band split (a scan's matmul is its cost);
-    the matched one has it for free (its per-timestep products are needed anyway)."""
+    the matched one has it for free (its per-timestep products are needed anyway). The paper's
+    contributions are a view of `(Q, n, C)`: each query's scores contiguous, as a top-k reads them."""
     if matched is not None:
         return {m: table.sum(dim=-1) for m, table in parts(chunks, queries, weights, methods, matched).items()}
     out: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
@@ -223,7 +236,7 @@ def contributions(
         table = _paper_scores(chunk, query, methods)
         for method in methods:
             out[method].append(weight * table[method])
-    return {m: torch.stack(p, dim=-1) for m, p in out.items()}
+    return {m: torch.stack(p, dim=-1).permute(1, 0, 2) for m, p in out.items()}
 
 
 def _band_parts(
@@ -232,16 +245,14 @@ def _band_parts(
     weights: Sequence[float],
     method: Method,
     matched: slice | None,
+    query: torch.Tensor,
     rows: torch.Tensor,
 ) -> torch.Tensor:
-    """Band parts `(Q, k, B)` of the rows `rows` `(Q, k)` (positions in `chunks`) for their own query."""
-    count, kept = rows.shape
-    flat = rows.reshape(-1)
-    subset = [RowChunk(c.projected[flat], c.norms[flat]) for c in chunks]
-    table = parts(subset, queries, weights, [method], matched)[method]  # (Q * k, Q, C, B)
-    table = table.view(count, kept, count, *table.shape[2:])
-    own = torch.arange(count)
-    return table[own, :, own].sum(dim=2)
+    """Band parts `(P, B)` of the chunk rows `rows` `(P,)` (positions in `chunks`), each for its own
+    query `query` `(P,)`."""
+    subset = [RowChunk(c.projected[rows], c.norms[rows]) for c in chunks]
+    table = parts(subset, queries, weights, [method], matched)[method]  # (P, Q, C, B)
+    return table[torch.arange(len(rows)), query].sum(dim=1)
 
 
 @dataclass(frozen=True)
@@ -263,7 +274,9 @@ class Ranking:
     opponents: dict[Method, Ranked]
 
 
-_RANKED = tuple(f.name for f in fields(Ranked))
+def _gathered(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`values` `(Q, n)` or `(Q, n, C)` at the positions `index` `(Q, k)` along n."""
+    return values.gather(1, index if values.ndim == 2 else index.unsqueeze(-1).expand(-1, -1, values.shape[2]))
 
 
 class _Extremes:
@@ -274,27 +287,32 @@ class _Extremes:
         self.best: Ranked | None = None
 
     def add(
-        self, first_row: int, contribution: torch.Tensor, band_parts: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        first_row: int,
+        contribution: torch.Tensor,
+        band_parts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> None:
-        """Merge rows `first_row..` with contributions `(n, Q, C)` into the kept k; `band_parts`
-        gives the band parts `(Q, k, B)` of chunk rows `(Q, k)`, asked for this chunk's best k only."""
-        scores = contribution.sum(dim=-1).T  # (Q, n)
-        local = scores.topk(min(self.top_k, scores.shape[1]), dim=1, largest=self.largest, sorted=True).indices
-        per_checkpoint = contribution.permute(1, 0, 2)  # (Q, n, C)
-        candidates = Ranked(
-            rows=local + first_row, scores=scores.gather(1, local),
-            contributions=per_checkpoint.gather(1, local.unsqueeze(-1).expand(-1, -1, per_checkpoint.shape[2])),
-            bands=band_parts(local),
-        )
+        """Merge rows `first_row..` with contributions `(n, Q, C)` into the kept k. `band_parts` gives
+        the band parts `(P, B)` of chunk rows `(P,)` for their queries `(P,)`: asked only for the rows
+        that enter the kept k (after the first chunks, a few)."""
+        per_query = contribution.permute(1, 0, 2)  # (Q, n, C)
+        scores = per_query[..., 0] if per_query.shape[2] == 1 else per_query.sum(dim=-1)  # (Q, n)
+        local = scores.topk(min(self.top_k, scores.shape[1]), dim=1, largest=self.largest, sorted=False).indices
+        merged = [local + first_row, scores.gather(1, local), _gathered(per_query, local)]
+        previous = 0
         if self.best is not None:
-            candidates = Ranked(*(torch.cat([getattr(self.best, f), getattr(candidates, f)], dim=1) for f in _RANKED))
-        kept = candidates.scores.topk(min(self.top_k, candidates.scores.shape[1]), dim=1, largest=self.largest).indices
-
-        def gathered(values: torch.Tensor) -> torch.Tensor:
-            index = kept if values.ndim == 2 else kept.unsqueeze(-1).expand(-1, -1, values.shape[2])
-            return values.gather(1, index)
-
-        self.best = Ranked(*(gathered(getattr(candidates, f)) for f in _RANKED))
+            previous = self.best.rows.shape[1]
+            kept_before = (self.best.rows, self.best.scores, self.best.contributions)
+            merged = [torch.cat(pair, dim=1) for pair in zip(kept_before, merged, strict=True)]
+        kept = merged[1].topk(min(self.top_k, merged[1].shape[1]), dim=1, largest=self.largest).indices
+        query, place = (kept >= previous).nonzero(as_tuple=True)
+        entering = band_parts(query, local[query, kept[query, place] - previous])
+        if self.best is None:
+            bands = entering.new_empty(*kept.shape, entering.shape[1])
+        else:
+            bands = _gathered(self.best.bands, kept.clamp_max(previous - 1))
+        bands[query, place] = entering
+        self.best = Ranked(*(_gathered(values, kept) for values in merged), bands=bands)
 
 
 def scan(

@@ -11,10 +11,10 @@ import io
 import numpy as np
 from matplotlib.figure import Figure
 
-from api_schemas import Method
 from api_schemas.diagnostics import (
     NormBinPublic,
     NormTimestepPublic,
+    OutlierScore,
     SelfInfluenceEntryPublic,
     SelfInfluencePublic,
 )
@@ -88,11 +88,11 @@ def norm_plot(norms: StoredNorms, statistics: NormTimestepPublic, title: str) ->
 def self_influence_ranking(
     scores: np.ndarray,
     sample_ids: tuple[str, ...],
-    method: Method,
+    method: OutlierScore,
     limit: int,
     groups: tuple[str, ...] | None = None,
 ) -> SelfInfluencePublic:
-    """The `limit` samples of highest self-influence, highest first, and each group's AUC if known."""
+    """The `limit` samples of highest score `method`, highest first, and each group's AUC if known."""
     order = np.argsort(-scores, kind="stable")[:limit]
     data = [
         SelfInfluenceEntryPublic(sample_id=sample_ids[row], rank=rank + 1, score=float(scores[row]))

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from api_schemas import Method
 from api_schemas.attribution import AttributionsPublic, QueryOptions, TimingsPublic
+from api_schemas.diagnostics import OutlierScore
 from api_schemas.generation import GeneratedImagePublic, GenerateRequest, GenerationPublic
 from retrac.computers import GradientComputerCache
 from retrac.datasets import ImageDataset
@@ -31,7 +31,7 @@ from retrac.exceptions import SpecError
 from service.images import png_bytes
 from service.query_pool import QueryPool
 from service.settings import Settings
-from storage import GradientStore, StoredNorms, attribute, stored_norms, self_influence
+from storage import GradientStore, StoredNorms, attribute, outlier_scores, stored_norms
 
 
 class QueryEngine:
@@ -41,7 +41,7 @@ class QueryEngine:
     def __init__(self, models: GradientComputerCache, pool: QueryPool | None = None) -> None:
         self.models, self.pool = models, pool
         self._lock = threading.Lock()
-        self._self_influence: weakref.WeakKeyDictionary[GradientStore, dict[Method, np.ndarray]] = (
+        self._outlier_scores: weakref.WeakKeyDictionary[GradientStore, dict[OutlierScore, np.ndarray]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -94,7 +94,8 @@ class QueryEngine:
         """Images sampled from the store's last checkpoint as PNGs, each with its condition.
 
         Sampling runs under the gradient lock with the cache's fixed thread count, as query gradients do:
-        it is the same kind of work on the same CPU, and the same seed gives the same bytes.
+        it is the same kind of work on the same CPU, and the same seed gives the same bytes. It samples
+        from the cached model of the last checkpoint, the one its queries use, loaded once per process.
         """
         with self._lock, self.models.compute():
             made = generate_for_index(
@@ -105,6 +106,7 @@ class QueryEngine:
                 sampler=request.sampler,
                 steps=request.steps,
                 seed=request.seed,
+                load_model=lambda c: self.models.computer(store.plan, c).model,
             )
         images = ImageDataset(made.images, tuple(str(i) for i in range(request.count)), "generated")
         condition = request.model_dump(include={"label", "guidance_scale", "sampler", "seed"})
@@ -120,12 +122,13 @@ class QueryEngine:
         ]
         return GenerationPublic(index=name, data=data, count=len(data))
 
-    def self_influence(self, store: GradientStore) -> dict[Method, np.ndarray]:
-        """Self-influence `(N,)` per method over all checkpoints, computed once per opened store."""
+    def outlier_scores(self, store: GradientStore) -> dict[OutlierScore, np.ndarray]:
+        """Every outlier score `(N,)` (self-influence per method and the rest) over all checkpoints,
+        computed once per opened store."""
         with self._lock:
-            if store not in self._self_influence:
-                self._self_influence[store] = self_influence(store)
-            return self._self_influence[store]
+            if store not in self._outlier_scores:
+                self._outlier_scores[store] = outlier_scores(store)
+            return self._outlier_scores[store]
 
     def norms(self, store: GradientStore, checkpoint: int) -> StoredNorms:
         """Stored (timestep, norm) of every slot of one checkpoint."""

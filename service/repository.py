@@ -9,7 +9,9 @@ Every path a client can influence is confined here: an index name becomes a fold
 under the stores root, and the paths inside a new index's spec must lie under the models root (run,
 checkpoints, scheduler, VAE) or the data root (dataset source), folders or bucket URLs. They are stored
 absolute, so the API and the workers must see the models and data at the same paths (the compose file
-mounts them so) or reach the same bucket.
+mounts them so) or reach the same bucket. A models root that is a folder is recorded in the store too:
+the parts found beside a checkpoint (`scheduler/`, `vae/`, `text_encoder/`, `tokenizer/`) and every
+model file must resolve inside it, links followed, at create and whenever the store is reopened.
 """
 
 from __future__ import annotations
@@ -161,8 +163,15 @@ class StoreRepository:
             spec = self.check_new(request)
             path = self.path(request.name)
             try:
-                data = self.settings.data_root  # at a URL, `confine` kept the source inside it
-                store = GradientStore.create(path, spec, data_root=data if isinstance(data, Path) else None)
+                # At a URL, `confine` kept the paths inside the root. A folder root is recorded in the
+                # store, so the parts found beside the checkpoints stay inside it whenever it is reopened.
+                models, data = self.settings.models_root, self.settings.data_root
+                store = GradientStore.create(
+                    path,
+                    spec,
+                    root=models if isinstance(models, Path) else None,
+                    data_root=data if isinstance(data, Path) else None,
+                )
             except BaseException:
                 if path.exists():  # a store half written, or an empty folder
                     delete_store(path)

@@ -10,16 +10,19 @@ the same search for the negated query (the minimum of a.b is the maximum of a.(-
 per method holds the row vectors.
 
 Structure: an inverted file (IVF, `nlist` k-means lists, `nprobe` of them searched, each row in the
-list of largest inner product) over float16 vectors (the store's own precision), searched by inner
-product. Measured on a real store (2,048 samples, bench/scale.py's model), recall@10 with 64
-candidates: float16 codes 0.98, float32 0.98, 8-bit codes 0.62 even with every list probed (the
-coordinates of projected gradients are heavy-tailed, and a uniform 8-bit grid per coordinate loses
-the rows that matter). Turning inner products into distances by one extra coordinate,
-`[a, sqrt(R^2 - |a|^2)]`, recalled less than plain inner-product lists (0.53 against 0.99 with 40
-candidates, 40 of 316 lists probed, on bench/scale.py's synthetic rows). The index only proposes candidates
-(`CANDIDATES_PER_K` per k asked): they are rescored exactly from the store by the scan's own
-arithmetic, so every score and contribution returned is exact, and what approximation can cost is a
-row missed, never a wrong number.
+list of largest inner product) whose rows are held as 4-bit product-quantizer codes of their residual
+to the list's centroid (`PQ{d/8}x4fs`: one 4-bit code per 8 coordinates, 1/32 of the float16 row;
+per fewer coordinates below 2,048, `sub_dim`), scanned by FAISS's fast-scan kernels (lookup tables
+in SIMD registers). Search is two-stage: the codes rank the probed lists' rows roughly and propose
+`CANDIDATES_PER_K` per row asked; those candidates are rescored exactly from the store by the scan's
+own arithmetic, so every score and contribution returned is exact, and what approximation can cost
+is a row missed, never a wrong number. Measured (bench/scale.py, 250k synthetic rows at k = 4,096
+made from real rows): float16 codes, 160 candidates, 31 of 500 lists recalled 0.98 at 6.7x the exact
+scan, the float16 lists being the cost; 4-bit codes, 640 candidates, 62 lists recalled 0.99 at 27x.
+A uniform 8-bit grid per coordinate (`SQ8`) recalled 0.62 with 64 candidates on a real store
+(projected gradients' coordinates are heavy-tailed; a product quantizer's codebooks fit them), and
+turning inner products into distances by one extra coordinate, `[a, sqrt(R^2 - |a|^2)]`, recalled
+less than plain inner-product lists (0.53 against 0.99).
 
 Layout, in the store's folder (deleted with it):
 
@@ -54,22 +57,37 @@ from retrac.scoring import METHODS, SCAN_ROWS, RowChunk, slot_means
 from storage.errors import AnnIndexError, IncompleteStoreError
 from storage.store import GradientStore
 
-FORMAT = "retrac-ann/1"
+FORMAT = "retrac-ann/2"
 FOLDER = "ann"
 MANIFEST = "manifest.json"
 
-CANDIDATES_PER_K = 16
-"""Candidates the index proposes per row asked (at least `MIN_CANDIDATES`), all rescored exactly: a
-wider net costs a few more rows read and raises recall (a real store of 2,048 samples, top 10: 0.98
-with 64 candidates, 0.998 with 128; bench/scale.py)."""
-MIN_CANDIDATES = 64
+CANDIDATES_PER_K = 128
+"""Candidates the index proposes per row asked (at least `MIN_CANDIDATES`), all rescored exactly: the
+4-bit codes rank roughly, so the net is wide; a wider one costs rows read and rescored (bench/scale.py,
+an eighth of the lists probed, top 10: 1M rows at k = 1,024 0.96 with 640 candidates at 32x the exact
+scan, 0.98 with 1,280 at 26x; 250k rows at k = 4,096 0.98-0.99 with 640, 0.99 with 1,280 at 17-21x)."""
+MIN_CANDIDATES = 256
+CANDIDATE_SHARE = 1 / 16
+"""Most candidates per query, method and side, as a share of the rows (but at least `MIN_CANDIDATES`):
+four such searches rescore up to a quarter of a small store, and more would cost as much as the exact
+scan (4,096 samples at k = 4,096, 640 candidates: 0.6-0.7x the exact scan's speed; bench/scale.py)."""
+
+SUB_DIM = 8
+"""Coordinates per 4-bit product-quantizer code (rows are padded with zeros to a multiple of it), fewer
+for short vectors so that they keep `MIN_CODES` codes: each code ranks roughly, many average out
+(bench/scale.py, 1M rows at k = 1,024, 640 candidates, 62 of 1,000 lists: 128 codes of 8 coordinates
+recalled 0.94, 256 codes of 4 recalled 0.975)."""
+MIN_CODES = 256
+CODEBOOK = 16
+"""Centroids of a 4-bit codebook: a store of fewer rows trains on its rows repeated."""
 
 TRAINING_ROWS_PER_LIST = 64
 """k-means training rows per IVF list (FAISS warns below 39): more fit the lists better, slower."""
 
-PROBED_SHARE = 1 / 4
-"""Share of the lists a search probes by default (at least one): recall first. Large stores can probe
-fewer (bench/scale.py: 62 of 1,000 lists recalled 0.97 at 1M rows); `retrac index ann --probe` sets it."""
+PROBED_SHARE = 1 / 8
+"""Share of the lists a search probes by default (at least one): probing the 4-bit codes is cheap, so
+recall first (bench/scale.py, 250k rows at k = 4,096, 640 candidates: 31 of 500 lists 0.97, 62 0.98-0.99,
+125 0.98-0.997); `retrac index ann --probe` sets it."""
 
 REBUILD = "build it with `retrac index ann STORE` (an indexing job builds it when it completes)"
 
@@ -156,16 +174,38 @@ def build_indexes(
             training[method].append(vectors[method][keep])
     indexes = {}
     for method in methods:
-        rows = np.concatenate(training[method])
-        index = faiss.index_factory(rows.shape[1], f"IVF{params.nlist},SQfp16", faiss.METRIC_INNER_PRODUCT)
-        index.train(rows)
+        rows = coded(np.concatenate(training[method]))
+        index = faiss.index_factory(
+            rows.shape[1], f"IVF{params.nlist},PQ{rows.shape[1] // sub_dim(rows.shape[1])}x4fs",
+            faiss.METRIC_INNER_PRODUCT,
+        )
+        index.pq.cp.min_points_per_centroid = 1  # a small store's codebooks fit what rows it has
+        index.train(rows if len(rows) >= CODEBOOK else np.resize(rows, (CODEBOOK, rows.shape[1])))
         index.nprobe = params.nprobe
         indexes[method] = index
     for _, part in chunks():
         vectors = row_vectors(part, weights)
         for method in methods:
-            indexes[method].add(vectors[method])
+            indexes[method].add(coded(vectors[method]))
     return indexes
+
+
+def structure(index: Any) -> str:
+    """An index's FAISS factory string: its lists and codes."""
+    return f"IVF{index.nlist},PQ{index.pq.M}x4fs"
+
+
+def sub_dim(dim: int) -> int:
+    """Coordinates per code of `dim`-coordinate vectors (`SUB_DIM`, fewer for short vectors)."""
+    return max(1, min(SUB_DIM, dim // MIN_CODES))
+
+
+def coded(matrix: np.ndarray) -> np.ndarray:
+    """`(n, d)` vectors as FAISS takes them: contiguous float32, zero-padded to a multiple of
+    `sub_dim(d)` coordinates (zeros change no inner product)."""
+    padding = -matrix.shape[1] % sub_dim(matrix.shape[1])
+    padded = np.pad(matrix, ((0, 0), (0, padding))) if padding else matrix
+    return np.ascontiguousarray(padded, dtype=np.float32)
 
 
 def build_ann_when_complete(store: GradientStore) -> bool:
@@ -192,8 +232,8 @@ class AnnIndex:
         found = []
         for method, matrix in queries.items():
             index = self.indexes[method]
-            for signed in (matrix, -matrix):
-                labels = index.search(np.ascontiguousarray(signed), count)[1]
+            for signed in (coded(matrix), coded(-matrix)):
+                labels = index.search(signed, count)[1]
                 if (labels >= 0).sum(axis=1).min() < needed:
                     labels = index.search(signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist))[1]
                 found.append(labels[labels >= 0])
@@ -208,9 +248,15 @@ def candidate_chunks(
     `checkpoints`, to rescore exactly. An AnnIndexError if the index is missing, stale or damaged."""
     ann = load_ann(store)
     queries = {m: query_matrix(vectors, checkpoints, store.num_checkpoints, m) for m in methods}
-    count = min(store.num_rows, max(CANDIDATES_PER_K * top_k, MIN_CANDIDATES))
+    count = candidate_count(store.num_rows, top_k)
     rows = ann.candidates(queries, count, min(top_k, store.num_rows))
     return rows, [store.rows_at(c, rows) for c in checkpoints]
+
+
+def candidate_count(num_rows: int, top_k: int) -> int:
+    """Candidates the index proposes per query, method and side for the top `top_k` of `num_rows`."""
+    wanted = min(CANDIDATES_PER_K * top_k, round(num_rows * CANDIDATE_SHARE))
+    return min(num_rows, max(wanted, MIN_CANDIDATES, top_k))
 
 
 _loaded: weakref.WeakKeyDictionary[GradientStore, tuple[str, AnnIndex]] = weakref.WeakKeyDictionary()
@@ -251,9 +297,14 @@ def _manifest(store: GradientStore) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(text)
-        fresh = manifest["format"] == FORMAT and manifest["rows_digest"] == rows_digest(store)
+        built_as, fresh = manifest["format"], manifest["rows_digest"] == rows_digest(store)
     except (ValueError, KeyError, TypeError) as error:
         raise AnnIndexError(f"{store.path.name}: its ANN manifest is unreadable ({error}); {_rebuild(store)}")
+    if built_as != FORMAT:
+        raise AnnIndexError(
+            f"{store.path.name}: its ANN index is in format {built_as!r}, which this version does not read "
+            f"(it reads {FORMAT!r}); {_rebuild(store)}"
+        )
     if not fresh:
         raise AnnIndexError(
             f"{store.path.name}: its ANN index was built from other rows than the store holds now (stale); "
@@ -282,7 +333,7 @@ def _write(store: GradientStore, indexes: dict[Method, Any], params: AnnParams, 
     manifest = {
         "format": FORMAT,
         "rows_digest": digest,
-        "structure": f"IVF{params.nlist},SQfp16, inner product",
+        "structure": f"{structure(next(iter(indexes.values())))}, inner product",
         "params": {"nlist": params.nlist, "nprobe": params.nprobe},
         "methods": files,
     }

@@ -5,17 +5,23 @@ makes there: safetensors weights only, image sides bounded, sample ids that are 
 input given by URL is mirrored first, then resolved from its mirror exactly as a local one:
 
 - A URL ending in `.npz` or `.npy` names one object (an array dataset); any other URL names a folder,
-  every object under its prefix (an image folder, a diffusers model or pipeline folder, a scheduler
-  folder). Only the kinds of file an input can be made of are mirrored: configs (`.json`),
-  `.safetensors` weights, images and arrays. Pickled weights (`.bin`, `.ckpt`) are never fetched,
-  so a checkpoint without safetensors weights is refused as a local one is.
+  every object under its prefix (an image folder, a diffusers model or pipeline folder, a scheduler or
+  VAE folder). Only the kinds of file an input can be made of are mirrored: configs (`.json`),
+  `.safetensors` weights, images, arrays, a tokenizer's merges (`.txt`) and an image folder's captions
+  (`metadata.jsonl`). Pickled weights (`.bin`, `.ckpt`) are never fetched, so a checkpoint without
+  safetensors weights is refused as a local one is.
 - A mirror is keyed by the URL and the ETag and size of every object mirrored, so a changed object
   is fetched again into a new mirror: its content changes the store's fingerprints, and the store is
   stale as it is for a changed local file. Objects are written beside the mirror and renamed into
   place whole, so processes sharing the cache never read half a mirror.
 - The cache holds at most `max_bytes`: an input larger than that is refused in one line, and the
-  mirrors used least recently are removed to make room (a process loads a checkpoint's weights when
-  it first computes with it, so size the cache above the inputs of the indexes in use). Keys that
+  mirrors used least recently are removed to make room, but never one in use. A process holds a
+  lease on every mirror of a spec it resolved (`InputMirrors`, kept by an opened store for as long
+  as it computes or answers from it: it loads a checkpoint's weights when it first computes with
+  it): a shared `flock` on the mirror's lease file, which eviction must take exclusively, so no
+  process, this one included, removes a mirror another still reads. The kernel drops the locks of a
+  process that dies, so no lease outlives its holder. An input that does not fit beside the mirrors
+  in use is refused in one line (size the cache above the inputs of the indexes in use). Keys that
   would leave the mirror's folder (`..`) are refused.
 
 Messages and a store's records name the URL, not the mirror (`InputMirrors.named`).
@@ -23,6 +29,7 @@ Messages and a store's records name the URL, not the mirror (`InputMirrors.named
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +38,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec
 from retrac.exceptions import SpecError
@@ -40,14 +48,34 @@ from storage.location import BUCKET_SCHEME, BucketLocation, BucketOptions, locat
 FILE_SUFFIXES = (".npz", ".npy")
 """A URL ending so names one object; any other names a folder (a prefix)."""
 MIRRORED_SUFFIXES = frozenset(
-    {".json", ".safetensors", ".npy", ".npz"}
+    {".json", ".safetensors", ".npy", ".npz", ".txt", ".jsonl"}
     | {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 )
-"""What a dataset, a checkpoint or a scheduler is made of; nothing else is fetched."""
+"""What a dataset (images, arrays, captions), a checkpoint, a pipeline's parts (a tokenizer's vocab and
+merges among them), a scheduler or a VAE is made of; nothing else is fetched."""
 DEFAULT_CACHE = Path("~/.cache/retrac/inputs")
 DEFAULT_CACHE_BYTES = 20 << 30
 _DONE = ".mirrored"
 """In a mirror's folder: the listing it was made from. A folder without it is not a mirror."""
+_LEASE = ".{}.lease"
+"""Beside a mirror's folder (named after it): the file its users lock shared and eviction exclusively.
+Never removed, so every process locks the same file (one empty file per mirror ever made)."""
+
+
+class Lease:
+    """A shared lock on one mirror's lease file: while it is held, no process evicts the mirror."""
+
+    def __init__(self, entry: Path) -> None:
+        self._file: IO[bytes] | None = entry.with_name(_LEASE.format(entry.name)).open("ab")
+        fcntl.flock(self._file, fcntl.LOCK_SH)  # waits only while an eviction of this mirror runs
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock
+            self._file = None
+
+    def __del__(self) -> None:  # a dropped holder (an opened store let go) releases its mirrors
+        self.release()
 
 
 def is_url(path: str | None) -> bool:
@@ -63,15 +91,17 @@ class InputCache:
     options: BucketOptions | None = None
 
     def localize(self, spec: IndexSpec) -> InputMirrors:
-        """`spec` with every URL (dataset source, checkpoint paths, scheduler) replaced by the folder
-        or file of its mirror, fetched now unless a mirror of the same objects exists."""
+        """`spec` with every URL (dataset source, checkpoint paths, scheduler, VAE) replaced by the
+        folder or file of its mirror, fetched now unless a mirror of the same objects exists."""
         mirrors: dict[str, Path] = {}
+        leases: list[Lease] = []
 
         def local(path: str | None) -> str | None:
             if not is_url(path):
                 return path
             if path not in mirrors:
-                mirrors[path] = self.mirror(path)  # type: ignore[arg-type]
+                mirrors[path], lease = self.leased(path)  # type: ignore[arg-type]
+                leases.append(lease)
             return str(mirrors[path])
 
         if spec.run is not None and any(is_url(p) for p in (spec.run, *_urls(spec))):
@@ -79,19 +109,25 @@ class InputCache:
                 "a training run is read from a local folder only; with checkpoints or a dataset at URLs, "
                 "give the checkpoints (with epoch and lr, or weights) and the scheduler instead of the run"
             )
-        source = local(spec.dataset.source)
-        dataset = DatasetSpec.model_validate({**spec.dataset.model_dump(), "source": source})
-        localized = spec.model_copy(
-            update={
-                "dataset": dataset,
-                "scheduler": local(spec.scheduler),
-                "checkpoints": tuple(
-                    CheckpointSpec.model_validate({**c.model_dump(), "path": local(c.path)})
-                    for c in spec.checkpoints
-                ),
-            }
-        )
-        return InputMirrors(localized, {url: str(path) for url, path in mirrors.items()})
+        try:
+            source = local(spec.dataset.source)
+            dataset = DatasetSpec.model_validate({**spec.dataset.model_dump(), "source": source})
+            localized = spec.model_copy(
+                update={
+                    "dataset": dataset,
+                    "scheduler": local(spec.scheduler),
+                    "vae": local(spec.vae),
+                    "checkpoints": tuple(
+                        CheckpointSpec.model_validate({**c.model_dump(), "path": local(c.path)})
+                        for c in spec.checkpoints
+                    ),
+                }
+            )
+        except BaseException:
+            for lease in leases:
+                lease.release()
+            raise
+        return InputMirrors(localized, {url: str(path) for url, path in mirrors.items()}, tuple(leases))
 
     def stamp(self, url: str) -> tuple[tuple[str, str, int], ...]:
         """(key, ETag, size) of every object the input at `url` is mirrored from: one listing, and
@@ -113,7 +149,14 @@ class InputCache:
         return tuple(kept)
 
     def mirror(self, url: str) -> Path:
-        """The local folder (or, for a file URL, file) mirroring the input at `url`."""
+        """The local folder (or, for a file URL, file) mirroring the input at `url`, leased only while
+        it is found or fetched: a caller that reads it later holds a lease (`leased`)."""
+        path, lease = self.leased(url)
+        lease.release()
+        return path
+
+    def leased(self, url: str) -> tuple[Path, Lease]:
+        """`mirror`'s path, and a lease that keeps it from eviction until released."""
         listing = self.stamp(url)
         total = sum(size for _, _, size in listing)
         if total > self.max_bytes:
@@ -122,17 +165,23 @@ class InputCache:
                 "RETRAC_INPUT_CACHE_BYTES or give a smaller input"
             )
         folder = self.folder.expanduser().resolve()
+        folder.mkdir(parents=True, exist_ok=True)
         entry = folder / hashlib.sha256(json.dumps([url, listing]).encode()).hexdigest()[:32]
-        if not (entry / _DONE).is_file():
-            self._fetch(url, listing, entry, total)
-        os.utime(entry / _DONE)  # used now: the last to be evicted
+        lease = Lease(entry)  # before looking: a mirror found is then one no eviction is removing
+        try:
+            if not (entry / _DONE).is_file():
+                self._fetch(url, listing, entry, total)
+            os.utime(entry / _DONE)  # used now: the last to be evicted
+        except BaseException:
+            lease.release()
+            raise
         _, single = self._location(url)
-        return entry / single if single is not None else entry
+        return (entry / single if single is not None else entry), lease
 
     def _fetch(self, url: str, listing: tuple[tuple[str, str, int], ...], entry: Path, total: int) -> None:
         """Fetch every object of `listing` into a new folder beside `entry`, then rename it into place."""
         location, _ = self._location(url)
-        self._make_room(total, keep=entry)
+        self._make_room(url, total)
         aside = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}")
         aside.mkdir(parents=True)
         try:
@@ -147,16 +196,23 @@ class InputCache:
         finally:
             shutil.rmtree(aside, ignore_errors=True)
 
-    def _make_room(self, needed: int, *, keep: Path) -> None:
-        """Remove the mirrors used least recently until `needed` more bytes fit under `max_bytes`."""
+    def _make_room(self, url: str, needed: int) -> None:
+        """Remove the mirrors used least recently, none in use (leased), until the `needed` bytes of
+        the input at `url` fit under `max_bytes`; a SpecError if the mirrors in use leave no room."""
         mirrors = sorted(self._mirrors(), key=lambda m: (m / _DONE).stat().st_mtime)
-        used = sum(_size(m) for m in mirrors)
+        sizes = {mirror: _size(mirror) for mirror in mirrors}
+        used = sum(sizes.values())
         for mirror in mirrors:
             if used + needed <= self.max_bytes:
                 return
-            if mirror != keep:
-                used -= _size(mirror)
-                shutil.rmtree(mirror, ignore_errors=True)
+            if _evict(mirror):
+                used -= sizes[mirror]
+        if used + needed > self.max_bytes:
+            raise SpecError(
+                f"{url}: {needed} bytes do not fit in the input cache ({self.max_bytes} bytes) beside the "
+                f"inputs in use ({used} bytes); raise RETRAC_INPUT_CACHE_BYTES above the inputs of the "
+                "indexes in use"
+            )
 
     def _mirrors(self) -> Iterator[Path]:
         folder = self.folder.expanduser()
@@ -181,6 +237,13 @@ class InputMirrors:
     spec: IndexSpec
     urls: dict[str, str]
     """URL -> its mirror's local path."""
+    leases: tuple[Lease, ...] = ()
+    """One per mirror, held until `release`: whoever computes from `spec` keeps these mirrors."""
+
+    def release(self) -> None:
+        """Let the mirrors be evicted again (their reader is done with them)."""
+        for lease in self.leases:
+            lease.release()
 
     def named(self, text: str) -> str:
         """`text` (a message, a recorded path) with each mirror's path replaced by its URL."""
@@ -190,11 +253,22 @@ class InputMirrors:
 
 
 def _urls(spec: IndexSpec) -> list[str | None]:
-    return [spec.dataset.source, spec.scheduler, *(c.path for c in spec.checkpoints)]
+    return [spec.dataset.source, spec.scheduler, spec.vae, *(c.path for c in spec.checkpoints)]
 
 
 def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _evict(mirror: Path) -> bool:
+    """Remove `mirror` unless some process (this one included) holds a lease on it; whether it went."""
+    with mirror.with_name(_LEASE.format(mirror.name)).open("ab") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        shutil.rmtree(mirror, ignore_errors=True)  # under the lock: no reader can take a lease meanwhile
+        return True
 
 
 _current = InputCache()

@@ -59,7 +59,15 @@ RETRIES = 3
 """Attempts per request after the first, with backoff: enough for a busy server, short enough that
 a wrong endpoint is refused in seconds rather than obstore's default minutes."""
 RETRY_TIMEOUT = timedelta(seconds=20)
-CONNECT_TIMEOUT = timedelta(seconds=5)
+CONNECT_TIMEOUT_S = 5.0
+"""Default seconds to open a connection (`RETRAC_S3_CONNECT_TIMEOUT`)."""
+READ_TIMEOUT_S = 30.0
+"""Default seconds a request may wait for its next bytes (`RETRAC_S3_READ_TIMEOUT`): a server that
+accepts a connection and never answers fails the request after this, retries included at most
+(RETRIES + 1) times, instead of hanging a query or a command."""
+REQUEST_TIMEOUT = timedelta(days=1)
+"""No practical cap on a request that keeps receiving bytes (obstore's default cuts every request at
+30 s, a multi-gigabyte checkpoint included): stalls are caught by the read timeout instead."""
 
 TRANSIENT_STORE_ERRORS: tuple[type[Exception], ...] = (ObjectStoreError,)
 """Errors of the object-store backend (network, throttling) that a task may retry with backoff."""
@@ -75,6 +83,10 @@ class BucketOptions:
     secret_access_key: str | None = field(default=None, repr=False)
     allow_http: bool | None = None
     """Plain HTTP to the endpoint (a test server, MinIO on a private network); default AWS_ALLOW_HTTP."""
+    connect_timeout: float = CONNECT_TIMEOUT_S
+    """Seconds to open a connection to the endpoint."""
+    read_timeout: float = READ_TIMEOUT_S
+    """Seconds a request may wait for the server's next bytes (its answer, or more of a download)."""
 
     def config(self) -> dict[str, Any]:
         """The S3Store configuration these options set (the backend reads the environment for the rest)."""
@@ -194,7 +206,12 @@ class BucketLocation:
             self.bucket,
             prefix=self.prefix,
             config=self.options.config(),  # type: ignore[arg-type]
-            client_options={"connect_timeout": CONNECT_TIMEOUT, "allow_http": bool(self.options.allow_http)},
+            client_options={
+                "connect_timeout": timedelta(seconds=self.options.connect_timeout),
+                "read_timeout": timedelta(seconds=self.options.read_timeout),
+                "timeout": REQUEST_TIMEOUT,
+                "allow_http": bool(self.options.allow_http),
+            },
             retry_config={"max_retries": RETRIES, "retry_timeout": RETRY_TIMEOUT},
         )
 

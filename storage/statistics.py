@@ -7,7 +7,7 @@ for a process that computes them for another (`attribute(..., gradients=...)`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -15,14 +15,16 @@ import numpy as np
 import torch
 
 from api_schemas import Method, QuerySpec
+from api_schemas.diagnostics import OutlierScore
 from retrac.attribution import Attribution, QueryGradients, QueryProgress
 from retrac.attribution import attribute as attribute_rows
 from retrac.attribution import query_gradients as query_gradients_of
 from retrac.computers import GradientComputerCache
 from retrac.conditions import Conditions
+from retrac.evaluation.outliers import relative_norms, streamed_atypical_directions
 from retrac.gradients import GradientComputer
 from retrac.query_side import QueryVectors
-from retrac.scoring import METHODS, SCAN_ROWS, self_influence_slots
+from retrac.scoring import METHODS, SCAN_ROWS, RowChunk, self_influence_slots
 from retrac.scoring import self_influence as score_self_influence
 from storage.rows import StoreRows
 from storage.store import GradientStore
@@ -90,6 +92,25 @@ def self_influence(
         for method in METHODS:
             parts[method].append(values[method].numpy())
     return {m: np.concatenate(v) for m, v in parts.items()}
+
+
+def outlier_scores(
+    store: GradientStore, checkpoints: Sequence[int] | None = None
+) -> dict[OutlierScore, np.ndarray]:
+    """Every outlier score `(N,)` (`api_schemas.diagnostics.OutlierScore`) from the stored slots alone,
+    as `retrac.evaluation.outliers.outlier_scores` gives them for rows in memory, read chunk by chunk."""
+    chosen = list(range(store.num_checkpoints)) if checkpoints is None else list(checkpoints)
+    scores: dict[OutlierScore, np.ndarray] = dict(self_influence(store, chosen))  # checks completeness
+    weights = [store.weights[c] for c in chosen]
+    grid = self_influence_slots(store.slot_kinds)[1]
+    norms = [torch.from_numpy(store.norms(c)) for c in chosen]
+    scores["relative_norm"] = relative_norms(norms, weights, grid)
+
+    def rows() -> Iterator[Sequence[RowChunk]]:
+        return (chunk for _, chunk in store.chunks(chosen, SCAN_ROWS))
+
+    scores["atypical_direction"] = streamed_atypical_directions(rows, weights, grid)
+    return scores
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,9 @@ class GradientStore:
                 f"{self.path.name}: its spec is unreadable ({error}); delete it and create it again"
             )
         self._plan: IndexPlan | None = None
+        self._inputs: InputMirrors | None = None
+        """The mirrors of the plan's inputs at URLs, leased while this store may read them: until the
+        store is dropped (a long-lived process drops it when it reopens a changed store)."""
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._sample_ids: tuple[str, ...] | None = None
         self._resident: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -212,6 +215,26 @@ class GradientStore:
         if not path.is_empty():
             raise StoreError(f"{path.name} exists and is not a retrac store; choose another path")
         plan, mirrors = _resolve(spec, root, path, data_root=data_root)
+        try:
+            store = cls._created(path, spec, plan, mirrors, root, data_root, resident_bytes)
+        except BaseException:
+            mirrors.release()
+            raise
+        store._plan, store._inputs = plan, mirrors
+        return store
+
+    @classmethod
+    def _created(
+        cls,
+        path: Location,
+        spec: IndexSpec,
+        plan: IndexPlan,
+        mirrors: InputMirrors,
+        root: Path | None,
+        data_root: Path | None,
+        resident_bytes: int,
+    ) -> GradientStore:
+        """`create`'s writing: the group, its arrays and its attributes, last."""
         attrs = {
             **_describe(plan, mirrors),
             "root": str(Path(root).resolve()) if root is not None else None,
@@ -245,9 +268,7 @@ class GradientStore:
                     config=_ARRAY_CONFIG,
                 )
         group.attrs.update(attrs)  # last: a folder without `format` is an unfinished create, not a store
-        store = cls(path, group, root=root, resident_bytes=resident_bytes)
-        store._plan = plan
-        return store
+        return cls(path, group, root=root, resident_bytes=resident_bytes)
 
     @classmethod
     def open(
@@ -299,10 +320,19 @@ class GradientStore:
         """A StaleStoreError naming what changed, if the checkpoints, data, record or schedule did."""
         data_root = Path(self.attrs["data_root"]) if self.attrs.get("data_root") else None
         plan, mirrors = _resolve(self.spec, self.root, self.path, data_root=data_root, stale=True)
-        changed = mirrors.named("; ".join(changes(self.attrs["fingerprints"], plan, self.sample_ids)))
-        if changed:
-            raise StaleStoreError(f"{self.path.name} is stale: {changed}; restore the input, or {REBUILD}")
-        self._plan = plan if plan.latent_space is None else plan.with_latents(self._stored_latents())
+        try:
+            changed = mirrors.named("; ".join(changes(self.attrs["fingerprints"], plan, self.sample_ids)))
+            if changed:
+                raise StaleStoreError(
+                    f"{self.path.name} is stale: {changed}; restore the input, or {REBUILD}"
+                )
+            self._plan = plan if plan.latent_space is None else plan.with_latents(self._stored_latents())
+        except BaseException:
+            mirrors.release()
+            raise
+        previous, self._inputs = self._inputs, mirrors
+        if previous is not None:
+            previous.release()
 
     def _stored_latents(self) -> torch.Tensor:
         """The latents written at create, checked against their digest: every worker computes from
@@ -745,10 +775,14 @@ def _resolve(
     mirrors: InputMirrors | None = None
     try:
         mirrors = current_inputs().localize(spec)
-        if is_url(spec.dataset.source):  # its files must stay inside its mirror
-            local = Path(mirrors.spec.dataset.source)
-            data_root = local if local.is_dir() else local.parent
-        plan = IndexPlan.resolve(mirrors.spec, root, data_root=data_root)
+        try:
+            if is_url(spec.dataset.source):  # its files must stay inside its mirror
+                local = Path(mirrors.spec.dataset.source)
+                data_root = local if local.is_dir() else local.parent
+            plan = IndexPlan.resolve(mirrors.spec, root, data_root=data_root)
+        except BaseException:
+            mirrors.release()  # no plan reads them
+            raise
     except UnreachableStoreError:  # the inputs' bucket is out of reach: no input changed
         raise
     except RetracError as error:
@@ -797,21 +831,22 @@ def _describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
         "prediction_type": plan.prediction_type,
         "loss_weighting": plan.loss_weighting,
         "scheduler": mirrors.named(str(plan.scheduler_folder)),
-        "vae": _vae_description(plan),
+        "vae": _vae_description(plan, mirrors),
         "noise_rule": NOISE_RULE,
         "classes": plan.classes.to_json() if plan.classes is not None else None,
-        "text": _text_description(plan),
+        "text": _text_description(plan, mirrors),
         "torch_version": torch.__version__,
     }
 
 
-def _vae_description(plan: IndexPlan) -> dict[str, Any] | None:
-    """What a latent model's store says of its VAE and latents (None for a pixel-space model)."""
+def _vae_description(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any] | None:
+    """What a latent model's store says of its VAE and latents (None for a pixel-space model); a VAE
+    read from a mirror is named by its URL."""
     space = plan.latent_space
     if space is None:
         return None
     return {
-        "folder": str(space.folder),
+        "folder": mirrors.named(str(space.folder)),
         "scaling_factor": space.scaling_factor,
         "shift_factor": space.shift_factor,
         "latent_shape": list(plan.inputs.shape[1:]),
@@ -819,14 +854,15 @@ def _vae_description(plan: IndexPlan) -> dict[str, Any] | None:
     }
 
 
-def _text_description(plan: IndexPlan) -> dict[str, Any] | None:
-    """What a text-conditional model's store says of its text encoder (None for any other model)."""
+def _text_description(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any] | None:
+    """What a text-conditional model's store says of its text encoder (None for any other model); its
+    folders in a mirror are named by their URLs."""
     text = plan.text
     if text is None:
         return None
     return {
-        "text_encoder": str(text.encoder_folder),
-        "tokenizer": str(text.tokenizer_folder),
+        "text_encoder": mirrors.named(str(text.encoder_folder)),
+        "tokenizer": mirrors.named(str(text.tokenizer_folder)),
         "max_length": text.max_length,
         "hidden_size": text.hidden_size,
         "caption_column": plan.spec.dataset.caption_column,

@@ -46,6 +46,15 @@ class ObjectStoreSettings(BaseSettings):
     s3_allow_http: bool | None = Field(
         None, description="allow a plain-HTTP endpoint; default AWS_ALLOW_HTTP"
     )
+    s3_connect_timeout: float = Field(
+        5.0, gt=0, description="seconds to open a connection to the object store before a request fails"
+    )
+    s3_read_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a request to the object store waits for the server's next bytes before it "
+        "fails (retried 3 times): a server that never answers is refused, not waited for",
+    )
     input_cache: Path = Field(
         Path("~/.cache/retrac/inputs"),
         description="where datasets and checkpoints given by s3:// URL are mirrored (`storage.inputs`)",
@@ -83,6 +92,8 @@ class ObjectStoreSettings(BaseSettings):
             access_key_id=self.s3_access_key_id,
             secret_access_key=secret.get_secret_value() if secret else None,
             allow_http=self.s3_allow_http,
+            connect_timeout=self.s3_connect_timeout,
+            read_timeout=self.s3_read_timeout,
         )
 
 

@@ -28,15 +28,16 @@ slots), scores them as `retrac self-influence` does, and reports each score's RO
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_schemas import DatasetSpec, IndexSpec, LossKind, ProjectorSpec, SlotNoise, SlotSpec, TrainSpec
+from api_schemas.diagnostics import OutlierScore
 from retrac.attribution import Attributor
 from retrac.datasets import ImageDataset, load_dataset, outlier_mixture
 from retrac.evaluation import metrics
@@ -52,7 +53,7 @@ MIXES: tuple[MixName, ...] = ("patches+zeros", "digits+faces")
 OUTLIER_SHARE = 0.04
 """Planted outliers per training sample, as in `builtin:outliers`."""
 OUTLIER = "outlier"
-OUTLIER_SCORES = (*METHODS, "relative_norm", "atypical_direction")
+OUTLIER_SCORES: tuple[OutlierScore, ...] = get_args(OutlierScore)
 """Every outlier score `outlier_scores` gives, in order."""
 
 
@@ -148,21 +149,47 @@ def relative_norms(norms: Sequence[torch.Tensor], weights: Sequence[float], slot
 def atypical_directions(
     chunks: Sequence[RowChunk], weights: Sequence[float], slots: Sequence[int]
 ) -> np.ndarray:
-    """`(N,)` the `atypical_direction` score from every row of each checkpoint (see the module docstring).
+    """`(N,)` the `atypical_direction` score from every row of each checkpoint (see the module docstring)."""
+    return streamed_atypical_directions(lambda: [chunks], weights, slots)
 
-    Weights are normalised to sum to one, as in `relative_norms`; a zero gradient (no direction) scores 0.
+
+def streamed_atypical_directions(
+    passes: Callable[[], Iterable[Sequence[RowChunk]]], weights: Sequence[float], slots: Sequence[int]
+) -> np.ndarray:
+    """`(N,)` the `atypical_direction` score in two passes over rows read chunk by chunk.
+
+    `passes()` yields the rows once per call, as one `RowChunk` per checkpoint for each run of rows:
+    the first pass sums the unit vectors `u(n, t)` (their mean needs every row), the second scores
+    each row against that mean, so a store larger than memory is scored in a chunk's memory. Weights
+    are normalised to sum to one, as in `relative_norms`; a zero gradient (no direction) scores 0.
     """
     total = float(sum(weights))
     if not slots or total <= 0:
         raise SpecError("the atypical-direction score needs grid slots and checkpoints of positive weight")
-    score = torch.zeros(chunks[0].projected.shape[0], dtype=torch.float64)
-    for chunk, weight in zip(chunks, weights, strict=True):
-        chosen = list(slots)
-        inverse = inverse_norms(chunk.norms[:, chosen]).double()
-        units = chunk.projected[:, chosen].double() * inverse.unsqueeze(-1)
-        alignment = (units * units.mean(dim=0)).sum(dim=-1)  # (N, S'): u(z, t) . mean_n u(n, t)
-        score -= weight / total * alignment.mean(dim=1)
-    return score.numpy()
+    chosen = list(slots)
+    sums: list[torch.Tensor] | None = None
+    count = 0
+    for per_checkpoint in passes():
+        part = [_units(chunk, chosen).sum(dim=0) for chunk in per_checkpoint]
+        sums = part if sums is None else [a + b for a, b in zip(sums, part, strict=True)]
+        count += per_checkpoint[0].projected.shape[0]
+    if sums is None:
+        raise SpecError("the atypical-direction score needs at least one row")
+    means = [s / count for s in sums]  # (S', k) per checkpoint: mean_n u(n, t)
+    scores = []
+    for per_checkpoint in passes():
+        score = torch.zeros(per_checkpoint[0].projected.shape[0], dtype=torch.float64)
+        for chunk, weight, mean in zip(per_checkpoint, weights, means, strict=True):
+            alignment = (_units(chunk, chosen) * mean).sum(dim=-1)  # (n, S'): u(z, t) . mean_n u(n, t)
+            score -= weight / total * alignment.mean(dim=1)
+        scores.append(score)
+    return torch.cat(scores).numpy()
+
+
+def _units(chunk: RowChunk, slots: list[int]) -> torch.Tensor:
+    """`(n, S', k)` float64 unit vectors `g / ||g||` of the slots `slots` (zero for a zero gradient)."""
+    inverse = inverse_norms(chunk.norms[:, slots]).double()
+    return chunk.projected[:, slots].double() * inverse.unsqueeze(-1)
 
 
 def outlier_scores(

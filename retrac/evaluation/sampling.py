@@ -15,6 +15,7 @@ generated with is the one its attribution must be asked under (`retrac eval gene
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from retrac.conditions import CLASS_LABELS, query_conditions
 from retrac.exceptions import EvaluationError, SpecError
-from retrac.models import Denoiser, architecture, class_conditioning
+from retrac.models import Denoiser, DiffusionModel, architecture, class_conditioning
 
 if TYPE_CHECKING:
     from retrac.plan import IndexPlan
@@ -179,10 +180,16 @@ def generate_for_index(
     sampler: SamplerKind = "ddim",
     steps: int | None = None,
     seed: int = 0,
+    load_model: Callable[[int], DiffusionModel] | None = None,
 ) -> Generated:
-    """`generate` from an index's last checkpoint (on the CPU), `label` a class name or its integer as
-    a query gives it; refused for a latent model, whose images would need the VAE's decoder, and for a
-    text-conditional one, whose sampling needs the prompt's encoding and its pipeline."""
+    """`generate` from an index's last checkpoint, `label` a class name or its integer as a query gives
+    it; refused for a latent model, whose images would need the VAE's decoder, and for a text-conditional
+    one, whose sampling needs the prompt's encoding and its pipeline.
+
+    `load_model(c)` gives checkpoint c's model, asked once the request is known to be possible (a
+    serving process passes its model cache, which its queries use too); without it, the checkpoint is
+    loaded on the CPU.
+    """
     if plan.latent_space is not None:
         raise SpecError("generating from a latent model (a VAE beside its denoiser) is not handled")
     if plan.text is not None:
@@ -193,7 +200,7 @@ def generate_for_index(
     conditions = query_conditions(plan.classes, label, 1)
     integer = int(conditions.tensors[CLASS_LABELS][0]) if conditions else None
     last = len(plan.checkpoints) - 1
-    model = plan.load_model(last)
+    model = (load_model or plan.load_model)(last)
     steps = steps or default_steps(model.scheduler, sampler)
     images = generate(
         model.unet, model.scheduler, count, sampler=sampler, steps=steps, seed=seed, label=integer,

@@ -9,7 +9,7 @@ import torch
 
 from cli import main
 from retrac.evaluation.lds import LdsConfig
-from retrac.evaluation.outliers import relative_norms
+from retrac.evaluation.outliers import OUTLIER_SCORES, relative_norms
 from retrac.models import load_scheduler
 from retrac.replay import TrainingRun
 from retrac.training import clipped_cosine_betas
@@ -35,7 +35,7 @@ def test_eval_lds_with_a_bad_config_exits_2_with_one_line(tmp_path, capsys) -> N
     assert error.startswith("retrac: error:") and "not a valid LDS config" in error and error.count("\n") == 1
 
 
-def test_self_influence_adds_the_relative_norm_ranking(reference_store, capsys) -> None:
+def test_self_influence_adds_the_norm_and_direction_rankings(reference_store, capsys) -> None:
     store = GradientStore.open(reference_store)
     assert main(["self-influence", str(reference_store), "--top-k", "4", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -44,6 +44,7 @@ def test_self_influence_adds_the_relative_norm_ranking(reference_store, capsys) 
     expected = relative_norms(norms, store.weights, grid)
     top = np.argsort(-expected, kind="stable")[:4]
     assert [e["sample_id"] for e in printed["relative_norm"]] == [store.sample_ids[i] for i in top]
+    assert list(printed) == list(OUTLIER_SCORES)  # the atypical direction too
     assert "group_auc" not in printed  # digits carry no groups
 
 

@@ -5,6 +5,7 @@ HTTP; and a bucket that stops answering is a 503 (and a one-line CLI error) that
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +21,10 @@ from api_schemas.attribution import AttributionsPublic
 from api_schemas.indexes import IndexCreate
 from api_schemas.jobs import JobPublic
 from cli import main
-from retrac.exceptions import SpecError
 from retrac.attribution import Attributor
-from retrac.plan import IndexPlan
 from retrac.computers import GradientComputerCache
+from retrac.exceptions import SpecError
+from retrac.plan import IndexPlan
 from retrac.replay import TrainingRun
 from service.main import create_app
 from service.repository import StoreRepository
@@ -33,7 +34,14 @@ from tests.service.conftest import API_KEY, QUERY, index_spec
 from tests.service.test_attribute import assert_matches, digit_pixels, expected, png
 from tests.service.test_end_to_end import JOB_SECONDS, Server, service_environment
 from tests.storage.helpers import inputs_spec, put_inputs
-from tests.storage.object_store import S3Server, bucket_url, moto_server, objects
+from tests.storage.object_store import (
+    S3Server,
+    bucket_url,
+    longest_wait,
+    moto_server,
+    objects,
+    silent_endpoint,
+)
 from tests.worker.conftest import STARTUP_SECONDS, Workers, wait_until
 
 ROOT = "indexes"
@@ -168,6 +176,38 @@ def test_a_bucket_that_stops_answering_is_a_503_naming_the_store(
     assert main(["index", "status", f"{root}/digits"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"{root}/digits: the object store is unreachable" in error, error
+
+
+def test_a_bucket_server_that_never_answers_is_a_503_naming_the_store_in_bounded_time(
+    own_roots: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeout = 1.0
+    with silent_endpoint(monkeypatch, timeout) as endpoint:
+        settings = own_roots.model_copy(
+            update={
+                "stores_root": f"s3://retrac-silent/{ROOT}",
+                "s3_endpoint_url": endpoint,
+                "s3_access_key_id": "k",
+                "s3_secret_access_key": SecretStr("s"),
+                "s3_allow_http": True,
+                "s3_connect_timeout": timeout,
+                "s3_read_timeout": timeout,
+            }
+        )
+        client = TestClient(create_app(settings), headers={"X-API-Key": API_KEY})
+        image = {"images": [{"array": [[0.5] * 8] * 8}], **QUERY}
+        root = str(settings.stores_root)
+        for method, path, body, store in (
+            ("GET", "/v1/indexes", None, root),
+            ("POST", "/v1/indexes/digits/attribute", image, f"{root}/digits"),
+        ):
+            started = time.monotonic()
+            response = client.request(method, path, json=body)
+            assert time.monotonic() - started < longest_wait(timeout), path
+            assert response.status_code == 503, (path, response.text)
+            detail = response.json()["detail"]
+            assert detail.startswith(f"{store}: the object store is unreachable"), detail
+            assert "\n" not in detail
 
 
 def test_client_paths_stay_inside_roots_that_are_bucket_urls(own_roots: Settings) -> None:

@@ -20,7 +20,7 @@ from service.repository import StoreRepository
 from service.settings import Settings
 from storage import GradientStore
 from storage.store import mark_deleted
-from tests.service.conftest import API_KEY, BUILDING, INDEX, index_spec
+from tests.service.conftest import API_KEY, BUILDING, INDEX, assert_create_refused, index_spec
 
 
 def test_health(client: TestClient) -> None:
@@ -173,6 +173,29 @@ def test_ready_when_queue_and_stores_answer(client: TestClient, own_roots: Setti
     answer = missing.get("/v1/ready")
     assert answer.status_code == 503
     assert answer.json()["checks"]["stores"]["ok"] is False and answer.json()["checks"]["queue"]["ok"] is True
+
+
+def test_a_scheduler_found_through_a_link_out_of_the_models_root_is_refused_at_create_and_reopen(
+    own_roots: Settings, tiny_run, tmp_path
+) -> None:
+    """The run's `scheduler/` (found, never named by the client) as a link to the same files outside the
+    models root: a 422 at create; linked inside the root it is used, and the index made so is refused
+    by a process that reopens it once the link leads out."""
+    scheduler = own_roots.models_root / "run" / "scheduler"
+    spec = index_spec().model_copy(update={"slots": SlotSpec(replay=False, grid=1)})
+    shutil.rmtree(scheduler)
+    scheduler.symlink_to(tiny_run.folder / "scheduler", target_is_directory=True)
+    message = "the scheduler 'scheduler' leads outside the configured root through a link"
+    assert_create_refused(own_roots, "linked", spec.model_dump(mode="json"), message)
+    inside = shutil.copytree(tiny_run.folder / "scheduler", own_roots.models_root / "shared-scheduler")
+    scheduler.unlink()
+    scheduler.symlink_to(inside, target_is_directory=True)  # a link that stays inside: used
+    StoreRepository(own_roots).create(IndexCreate(name="linked", spec=spec))
+    scheduler.unlink()
+    scheduler.symlink_to(tiny_run.folder / "scheduler", target_is_directory=True)  # turned outward later
+    answer = TestClient(create_app(own_roots)).get("/v1/indexes/linked")  # a fresh process opens it
+    assert answer.status_code == 409 and message in answer.json()["detail"], answer.text
+    assert str(tiny_run.folder) not in answer.text
 
 
 def test_a_link_out_of_the_data_root_is_refused_at_create_and_at_read(own_roots: Settings, tmp_path) -> None:

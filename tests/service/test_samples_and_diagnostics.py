@@ -15,6 +15,7 @@ from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, S
 from api_schemas.diagnostics import NormTimestepPublic, SelfInfluencePublic
 from api_schemas.indexes import IndexCreate
 from retrac.attribution import Attributor
+from retrac.evaluation.outliers import outlier_scores
 from retrac.scoring import self_influence
 from service.main import create_app
 from service.repository import StoreRepository
@@ -81,6 +82,22 @@ def test_self_influence_ranking_matches_engine(
     assert [e.sample_id for e in ranking.data] == [reference.plan.dataset.ids[i] for i in order]
     assert [e.score for e in ranking.data] == pytest.approx(scores[order].tolist(), rel=1e-5)
     assert (ranking.count, ranking.total) == (10, 48)
+
+
+@pytest.mark.parametrize("score", ["relative_norm", "atypical_direction"])
+def test_the_outlier_scores_are_served_as_the_engine_computes_them(
+    client: TestClient, reference: Attributor, score: str
+) -> None:
+    response = client.get(
+        f"/v1/indexes/{INDEX}/diagnostics/self-influence", params={"method": score, "limit": 5}
+    )
+    assert response.status_code == 200, response.text
+    ranking = SelfInfluencePublic.model_validate(response.json())
+    expected = outlier_scores(reference.rows, reference.plan.weights, reference.plan.spec.slots.kinds)[score]
+    order = np.argsort(-expected, kind="stable")[:5]
+    assert ranking.method == score
+    assert [e.sample_id for e in ranking.data] == [reference.plan.dataset.ids[i] for i in order]
+    assert [e.score for e in ranking.data] == pytest.approx(expected[order].tolist(), rel=1e-5)
 
 
 def test_folder_sample_ids_keep_their_path_and_are_served(own_roots: Settings, tmp_path) -> None:

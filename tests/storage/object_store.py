@@ -23,8 +23,20 @@ import boto3
 import pytest
 
 from storage import BucketLocation, locate
+from storage.location import RETRIES
 
 STARTUP_SECONDS = 30
+BACKOFF_S = 0.1 * (2**RETRIES - 1)
+"""The backend's waits between the attempts of one request, at most (100 ms, doubling)."""
+LOAD_MARGIN_S = 10.0
+"""Time for everything but the waits themselves on a loaded machine (a query's setup, a command's imports
+are outside the bound: it starts once the call is made)."""
+
+
+def longest_wait(timeout: float) -> float:
+    """The longest a request to a server that never answers may take, with `timeout` seconds for each
+    of its attempts: every attempt times out, then the backoff between them."""
+    return (RETRIES + 1) * timeout + BACKOFF_S + LOAD_MARGIN_S
 
 
 @dataclass(frozen=True)
@@ -177,3 +189,44 @@ class FreezingProxy:
                 target.sendall(data)
         except OSError:
             pass
+
+
+class SilentServer:
+    """A TCP server on loopback that accepts every connection and never sends a byte: an endpoint
+    that is up (no connection refused) but never answers, as a hung or overloaded S3 server is."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+        for connection in self.connections:
+            connection.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            self.connections.append(connection)  # kept open, read from never
+
+
+@contextmanager
+def silent_endpoint(monkeypatch: pytest.MonkeyPatch, timeout: float) -> Iterator[str]:
+    """A `SilentServer`, and the RETRAC_S3_* settings that reach it with `timeout` seconds to connect
+    and to wait for an answer (in the environment, read afresh by the CLI): its endpoint."""
+    server = SilentServer()
+    settings = {"ENDPOINT_URL": server.endpoint, "REGION": "us-east-1", "ACCESS_KEY_ID": "k"}
+    settings |= {"SECRET_ACCESS_KEY": "s", "ALLOW_HTTP": "true"}
+    settings |= {"CONNECT_TIMEOUT": str(timeout), "READ_TIMEOUT": str(timeout)}
+    for name, value in settings.items():
+        monkeypatch.setenv(f"RETRAC_S3_{name}", value)
+    monkeypatch.setattr("worker.settings._current", None)
+    try:
+        yield server.endpoint
+    finally:
+        server.close()

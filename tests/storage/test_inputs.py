@@ -4,22 +4,27 @@ and fingerprinted so that a rewritten object makes the store stale with a messag
 
 from __future__ import annotations
 
+import gc
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from api_schemas import CheckpointSpec, IndexSpec
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
 from cli import main
 from retrac.computers import GradientComputerCache
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.replay import TrainingRun
 from storage import GradientStore, StaleStoreError, StoreError, UnreachableStoreError, run_pending
 from storage.inputs import InputCache, current_inputs, use_inputs
+from tests.retrac.latent_pipeline import latent_index_spec, save_latent_pipeline
+from tests.retrac.text_pipeline import CHANNELS, SIDE, save_text_pipeline, write_captioned_folder
 from tests.storage.helpers import EPOCHS, inputs_spec, put_inputs
-from tests.storage.object_store import S3Server
+from tests.storage.object_store import S3Server, upload
 
 CPU = GradientComputerCache("cpu", threads=1)
 INPUTS = 5
@@ -147,7 +152,7 @@ def test_the_cli_indexes_checkpoints_and_a_dataset_given_by_url(
     store = GradientStore.open(tmp_path / "cli.zarr")
     assert store.spec.dataset.source == f"{url}/data/digits.npz"  # recorded as given, not made a path
     assert store.checkpoint_info[0]["path"] == f"{run}/checkpoints/epoch-0002"
-    assert len(list((tmp_path / "cli-cache").iterdir())) == 3  # the CLI's settings chose the mirrors' folder
+    assert len(mirrors(InputCache(tmp_path / "cli-cache"))) == 3  # the CLI's settings chose the mirrors' folder
     assert main(["index", "create", str(tmp_path / "bad.zarr"), "--data", f"{url}/data/none.npz"] + command[5:]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"{url}/data/none.npz: no such object in the bucket" in error, error
@@ -161,3 +166,112 @@ def test_a_key_that_would_leave_its_mirror_is_refused(
         cache.mirror(f"s3://{bucket}/models/evil")
     assert not isinstance(refused.value, UnreachableStoreError) and "\n" not in str(refused.value)
     assert not cache.folder.exists() or mirrors(cache) == []
+
+
+def test_a_latent_model_whose_vae_is_in_the_bucket_gives_the_rows_of_the_local_one(
+    bucket: str, cache: InputCache, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pipeline = save_latent_pipeline(tmp_path / "local" / "pipeline")
+    upload(pipeline, bucket, "models/pipeline")
+    url = f"s3://{bucket}/models/pipeline"
+
+    def spec(base: str) -> IndexSpec:  # the UNet alone: its VAE and scheduler given, not found beside it
+        return latent_index_spec(f"{base}/unet", vae=f"{base}/vae", scheduler=f"{base}/scheduler")
+
+    remote = GradientStore.create(tmp_path / "remote.zarr", spec(url))
+    here = GradientStore.create(tmp_path / "local.zarr", spec(str(pipeline)))
+    run_pending(remote, CPU)
+    run_pending(here, CPU)
+    assert remote.attrs["fingerprints"] == here.attrs["fingerprints"]
+    assert np.array_equal(remote.rows_at(0, np.arange(6)).projected, here.rows_at(0, np.arange(6)).projected)
+    recorded = GradientStore.open(tmp_path / "remote.zarr")
+    assert recorded.spec.vae == recorded.attrs["vae"]["folder"] == f"{url}/vae"  # named by URL, not mirror
+
+    command = ["index", "create", str(tmp_path / "cli.zarr"), "--checkpoint", f"{pipeline}/unet:weight=0.5"]
+    command += ["--vae", f"{url}/vae", "--data", "builtin:patches", "--limit", "6", "--loss", "mse"]
+    command += ["--no-replay", "--grid", "1"]
+    assert main(command) == 2  # the model's shape is not read ahead through a VAE at a URL...
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "give resolution 16 and channels 3" in error, error
+    assert main([*command, "--resolution", "16", "--channels", "3"]) == 0, capsys.readouterr().err
+
+
+def test_a_text_pipeline_and_a_captioned_folder_in_the_bucket_give_the_local_fingerprints(
+    bucket: str, cache: InputCache, tmp_path: Path
+) -> None:
+    pipeline = save_text_pipeline(tmp_path / "local" / "pipeline")
+    captioned = write_captioned_folder(tmp_path / "local" / "captioned")
+    upload(pipeline, bucket, "models/pipeline")
+    upload(captioned, bucket, "data/captioned")
+
+    def spec(models: str, data: str) -> IndexSpec:
+        return IndexSpec(
+            dataset=DatasetSpec(source=data, resolution=SIDE, channels=CHANNELS),
+            checkpoints=(CheckpointSpec(path=models, weight=0.5),),
+            loss="mse",
+            slots=SlotSpec(replay=False, grid=1, seed=3),
+            projector=ProjectorSpec(kind="sketch", dim=64, seed=1),
+            shard_size=6,
+        )
+
+    url = f"s3://{bucket}"
+    remote_spec = spec(f"{url}/models/pipeline", f"{url}/data/captioned")
+    remote = GradientStore.create(tmp_path / "remote.zarr", remote_spec)
+    here = GradientStore.create(tmp_path / "local.zarr", spec(str(pipeline), str(captioned)))
+    assert remote.attrs["fingerprints"] == here.attrs["fingerprints"]  # tokenizer files and captions included
+    assert remote.attrs["text"]["tokenizer"] == f"{url}/models/pipeline/tokenizer"
+    assert GradientStore.open(tmp_path / "remote.zarr").text_conditional
+
+
+def test_a_mirror_in_use_is_never_evicted_and_goes_once_released(
+    inputs: tuple[str, Path], tmp_path: Path, tiny_run: TrainingRun
+) -> None:
+    url, _ = inputs
+    checkpoint = tiny_run.folder / "checkpoints/epoch-0002"
+    size = sum(f.stat().st_size for f in checkpoint.iterdir())
+    two = InputCache(tmp_path / "two", max_bytes=2 * size + size // 2)  # room for two checkpoints
+    first_url, second_url, third_url = (f"{url}/models/run/checkpoints/epoch-{e:04d}" for e in EPOCHS)
+    first, lease = two.leased(first_url)
+    second = two.mirror(second_url)
+    third = two.mirror(third_url)  # room made: not from the least recently used, which is in use
+    assert first.is_dir() and not second.exists() and third.is_dir()
+    _, held = two.leased(third_url)
+    with pytest.raises(SpecError, match="bytes do not fit in the input cache .* beside the inputs in use"):
+        two.mirror(second_url)  # both mirrors in use: refused, neither removed
+    assert first.is_dir() and third.is_dir()
+    lease.release()
+    assert two.mirror(second_url).is_dir() and not first.exists()  # released: evicted in its turn
+    held.release()
+
+
+EVICT = """
+import sys
+from pathlib import Path
+from retrac.exceptions import SpecError
+from storage.inputs import InputCache
+try:
+    InputCache(Path(sys.argv[1]), int(sys.argv[2])).mirror(sys.argv[3])
+    print("mirrored")
+except SpecError as error:
+    print(error)
+"""
+
+
+def test_an_opened_store_keeps_its_mirrors_from_another_process_until_dropped(
+    inputs: tuple[str, Path], cache: InputCache, tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
+    url, _ = inputs
+    store = GradientStore.create(tmp_path / "index.zarr", spec_under(url))
+    used = sum(f.stat().st_size for m in mirrors(cache) for f in m.rglob("*") if f.is_file())
+    bound, extra = used + 1000, f"{url}/models/extra"
+    s3_server.client().put_object(Bucket=bucket, Key="models/extra/config.json", Body=b" " * 2000)
+    other = subprocess.run(
+        [sys.executable, "-c", EVICT, str(cache.folder), str(bound), extra],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "do not fit in the input cache" in other.stdout, other.stdout + other.stderr
+    assert len(mirrors(cache)) == INPUTS  # the store's mirrors, all still there
+    del store
+    gc.collect()  # the store dropped: its leases with it
+    assert InputCache(cache.folder, bound).mirror(extra).is_dir()
+    assert len(mirrors(cache)) <= INPUTS  # the extra one among them: room made from the released mirrors

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import boto3
@@ -32,8 +33,9 @@ from storage import (
     run_pending,
     run_shard,
 )
+from storage.inputs import InputCache
 from tests.storage.helpers import store_bytes, tiny_index_spec
-from tests.storage.object_store import S3Server, bucket_url, objects, upload
+from tests.storage.object_store import S3Server, bucket_url, longest_wait, objects, silent_endpoint, upload
 
 QUERY = QuerySpec(timesteps=6, draws=2, seed=4)
 CPU = GradientComputerCache("cpu", threads=1)
@@ -172,6 +174,39 @@ def test_an_unreachable_bucket_is_refused_at_create_in_one_line(
         GradientStore.create("s3://retrac-no-such-bucket/index", tiny_index_spec(tiny_run))
     assert "\n" not in str(missing.value)
     assert isinstance(missing.value, ConnectionError)  # a worker retries it with backoff
+
+
+TIMEOUT_S = 1.0
+"""The connect and read timeouts of the silent-server tests."""
+
+
+def test_a_server_that_never_answers_fails_reads_and_mirrors_in_bounded_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with silent_endpoint(monkeypatch, TIMEOUT_S):
+        from worker.settings import get_settings
+
+        options = get_settings().bucket_options()
+        for attempt in (
+            lambda: GradientStore.open(locate("s3://retrac-silent/index", options)),
+            lambda: InputCache(tmp_path / "cache", options=options).mirror("s3://retrac-silent/models/run"),
+        ):
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="the object store is unreachable") as refused:
+                attempt()
+            assert time.monotonic() - started < longest_wait(TIMEOUT_S)
+            assert "\n" not in str(refused.value) and "s3://retrac-silent/" in str(refused.value)
+
+
+def test_the_cli_gives_up_on_a_server_that_never_answers_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with silent_endpoint(monkeypatch, TIMEOUT_S):
+        started = time.monotonic()
+        assert main(["index", "status", "s3://retrac-silent/index"]) == 2
+        assert time.monotonic() - started < longest_wait(TIMEOUT_S)
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "retrac-silent/index: the object store is unreachable" in error, error
 
 
 def test_the_cli_refuses_bad_store_urls_and_missing_credentials_with_one_line(

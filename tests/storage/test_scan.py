@@ -12,18 +12,21 @@ import zarr
 
 from api_schemas import QuerySpec
 from retrac.attribution import Attributor
+from retrac.computers import GradientComputerCache
+from retrac.evaluation.outliers import OUTLIER_SCORES
+from retrac.evaluation.outliers import outlier_scores as in_memory_outlier_scores
 from retrac.exceptions import SpecError
 from retrac.query_side import query_vectors
 from retrac.replay import TrainingRun
-from retrac.scoring import scan
-from retrac.computers import GradientComputerCache
+from retrac.scoring import RowChunk, scan
 from storage import (
     GradientStore,
     IncompleteStoreError,
     attribute,
-    stored_norms,
+    outlier_scores,
     run_pending,
     self_influence,
+    stored_norms,
 )
 from tests.storage.helpers import SHARD_SIZE, tiny_index_spec
 
@@ -178,6 +181,29 @@ def test_self_influence_from_stored_slots(reference_store: Path) -> None:
             expected["retrac"][n] += weight * (train / norms[n, 0]) @ unit.mean(axis=0)
     for method in ("tracin", "retrac"):
         assert_scores_close(got[method], expected[method], expected[method])
+
+
+def test_outlier_scores_read_chunk_by_chunk_equal_the_in_memory_ones(
+    reference_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's scores, read 7 rows at a time (the atypical direction's mean unit vectors spanning
+    chunks), against `retrac.evaluation.outliers` over every row at once (itself checked against a
+    loop in tests/evaluation/test_outliers.py)."""
+    monkeypatch.setattr("storage.statistics.SCAN_ROWS", 7)
+    store = GradientStore.open(reference_store)
+    got = outlier_scores(store)
+    group = zarr.open_group(reference_store, mode="r")
+    rows = [
+        RowChunk(
+            torch.from_numpy(group[f"checkpoints/{c}/projected"][:].astype(np.float32)),
+            torch.from_numpy(group[f"checkpoints/{c}/norms"][:]),
+        )
+        for c in range(store.num_checkpoints)
+    ]
+    expected = in_memory_outlier_scores(rows, store.weights, store.slot_kinds)
+    assert list(got) == list(OUTLIER_SCORES)
+    for name in OUTLIER_SCORES:
+        assert_scores_close(got[name], expected[name], expected[name])
 
 
 def test_self_influence_needs_grid_slots(tmp_path: Path, tiny_run: TrainingRun) -> None:

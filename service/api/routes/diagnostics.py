@@ -6,8 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from api_schemas import Method
-from api_schemas.diagnostics import NormTimestepPublic, SelfInfluencePublic
+from api_schemas.diagnostics import NormTimestepPublic, OutlierScore, SelfInfluencePublic
 from retrac.exceptions import SpecError
 from service.deps import EngineDep, IndexNameDep, ReadAccess, StoreDep
 from service.diagnostics import norm_plot, norm_statistics, self_influence_ranking
@@ -73,8 +72,12 @@ def self_influence(
     name: IndexNameDep,
     store: StoreDep,
     engine: EngineDep,
-    method: Method = "retrac",
+    method: Annotated[
+        OutlierScore,
+        Query(description="self-influence under `tracin` or `retrac`, or the `relative_norm` or "
+              "`atypical_direction` score (the best at finding planted outliers)"),
+    ] = "retrac",
     limit: Annotated[int, Query(ge=1, le=1000, description="samples returned, highest first")] = 20,
 ) -> SelfInfluencePublic:
-    scores = engine.self_influence(store)[method]
+    scores = engine.outlier_scores(store)[method]
     return self_influence_ranking(scores, store.sample_ids, method, limit, store.plan.dataset.groups)
