@@ -11,9 +11,10 @@ through the ASGI app several times and the fastest answer's own timing split is 
   <= 1.3.
 
 Then `retrac serve` serves the tiny index through uvicorn on loopback, in each of `SERVERS` (server
-processes x torch threads each), and 8 concurrent clients send `REQUESTS` queries (each client's next
-after its last answer): `concurrency` lists the throughput and the p50/p99 latency of each, and
-requests_per_s_8_clients is the 2-process one's throughput.
+processes x torch threads each, and the processes of a query pool computing their query gradients,
+`--query-pool`), and 8 concurrent clients send `REQUESTS` queries (each client's next after its last
+answer): `concurrency` lists the throughput and the p50/p99 latency of each, and
+requests_per_s_8_clients is the 2-process (no pool) one's throughput.
 
 Then `retrac serve` (one process) serves the small index (R = 32, RGB) at the default limits and 16
 clients at once send each kind of worst-case upload (upload_memory): the largest images accepted
@@ -23,7 +24,8 @@ RSS is read from /proc (VmHWM, reset before each kind) and set against its RSS b
 the per-request bound docs/deployment.md states.
 
 Prints one JSON object on stdout; never asserts a timing.
-Usage: `python bench/service.py [--threads 2] [--parts latency throughput memory]`.
+Usage: `python bench/service.py [--threads 2] [--parts latency throughput memory]
+[--servers 1x1x0 1x1x2 ...]` (throughput rows as processes x threads x pool).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -70,8 +72,9 @@ PRESETS = {
 }
 CLIENTS = 8
 REQUESTS = 32
-SERVERS = ((1, 1), (1, 2), (2, 1), (4, 1))
-"""(uvicorn worker processes, torch threads each) of the concurrency part."""
+SERVERS = ((1, 1, 0), (1, 2, 0), (2, 1, 0), (4, 1, 0), (1, 1, 1), (1, 1, 2), (1, 2, 1))
+"""(uvicorn worker processes, torch threads each, query pool processes each: 0 for none) of the
+concurrency part; a pool's processes have the same torch threads."""
 PARTS = ("latency", "throughput", "memory")
 NEEDS = {"latency": ("tiny", "small"), "throughput": ("tiny",), "memory": ("small",)}
 """The indexes each part queries."""
@@ -170,18 +173,25 @@ async def bench_throughput(url: str, name: str, image: bytes) -> dict[str, float
     return {"requests_per_s": len(latencies) / elapsed, "p50_s": float(p50), "p99_s": float(p99)}
 
 
-def bench_concurrency(root: Path, port: int) -> list[dict[str, float]]:
-    """`bench_throughput` against the tiny index for each of `SERVERS`."""
+def bench_concurrency(
+    root: Path, port: int, servers: Sequence[tuple[int, int, int]] = SERVERS
+) -> list[dict[str, float]]:
+    """`bench_throughput` against the tiny index for each of `servers`, in their order."""
     image = query_png(GradientStore.open(root / "stores" / "tiny"))
     report = []
-    for processes, threads in SERVERS:
-        server = serve(root, port, processes, threads)
+    for processes, threads, pool in servers:
+        server = serve(root, port, processes, threads, pool)
         try:
             measured = asyncio.run(bench_throughput(f"http://127.0.0.1:{port}", "tiny", image))
         finally:
             server.terminate()
             server.wait()
-        report.append({"processes": processes, "torch_threads": threads, "clients": CLIENTS, **measured})
+        report.append(
+            {
+                "processes": processes, "torch_threads": threads, "query_pool": pool, "clients": CLIENTS,
+                **measured,
+            }
+        )
         print(f"concurrency: {report[-1]}", file=sys.stderr, flush=True)
     return report
 
@@ -286,8 +296,9 @@ def bench_upload_memory(root: Path, port: int, store: GradientStore, settings: S
     }
 
 
-def serve(root: Path, port: int, processes: int, threads: int) -> subprocess.Popen[bytes]:
-    """`retrac serve --workers processes` with `threads` torch threads each, once it answers."""
+def serve(root: Path, port: int, processes: int, threads: int, pool: int = 0) -> subprocess.Popen[bytes]:
+    """`retrac serve --workers processes --query-pool pool` with `threads` torch threads each, once it
+    answers."""
     env = {
         **os.environ,
         "RETRAC_STORES_ROOT": str(root / "stores"),
@@ -303,6 +314,8 @@ def serve(root: Path, port: int, processes: int, threads: int) -> subprocess.Pop
         str(port),
         "--workers",
         str(processes),
+        "--query-pool",
+        str(pool),
         "--log-level",
         "warning",
     ]
@@ -318,6 +331,15 @@ def serve(root: Path, port: int, processes: int, threads: int) -> subprocess.Pop
     raise RuntimeError("retrac serve did not start")
 
 
+def server_setup(text: str) -> tuple[int, int, int]:
+    """`PxTxN` (processes, torch threads, query pool) as a tuple: a `--servers` item."""
+    try:
+        processes, threads, pool = (int(part) for part in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give processes x threads x pool, e.g. 1x1x2") from None
+    return processes, threads, pool
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -326,6 +348,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed queries per preset")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        type=server_setup,
+        default=list(SERVERS),
+        metavar="PxTxN",
+        help="throughput servers as processes x torch threads x query pool, e.g. 1x1x2 (default: SERVERS)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report: dict[str, object] = {}
@@ -340,9 +370,13 @@ def main() -> None:
             if "latency" in args.parts:
                 report[preset] = bench_latency(store, settings, args.repeats)
         if "throughput" in args.parts:
-            report["concurrency"] = bench_concurrency(root, args.port)
+            report["concurrency"] = bench_concurrency(root, args.port, args.servers)
             report["requests_per_s_8_clients"] = next(
-                c["requests_per_s"] for c in report["concurrency"] if c["processes"] == 2
+                (
+                    c["requests_per_s"] for c in report["concurrency"]
+                    if c["processes"] == 2 and not c["query_pool"]
+                ),
+                None,
             )
         if "memory" in args.parts:
             store = GradientStore.open(root / "stores" / "small")

@@ -2,12 +2,14 @@
 
 Settings come from the environment (`RETRAC_STORES_ROOT`, `RETRAC_API_KEY`, ...; see
 `service.settings`); the flags only choose where to listen and how many processes to run. Each
-process computes one query's gradients at a time, with `RETRAC_TORCH_THREADS` threads;
-docs/deployment.md says when more processes (`--workers`) serve more.
+server process computes one query's gradients at a time, with `RETRAC_TORCH_THREADS` threads, or
+hands them to a pool of `--query-pool N` processes (`RETRAC_QUERY_POOL`) that compute N at once;
+docs/deployment.md says what served the most.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -25,6 +27,14 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     workers: Annotated[int, typer.Option(help="server processes")] = 1,
+    query_pool: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="processes computing query gradients per server process (default RETRAC_QUERY_POOL; "
+            "0: in the server process, one query at a time)",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> int:
     import uvicorn
@@ -33,6 +43,8 @@ def serve(
     from retrac.exceptions import SpecError
     from service.settings import get_settings
 
+    if query_pool is not None:  # the server processes read their settings from the environment
+        os.environ["RETRAC_QUERY_POOL"] = str(query_pool)
     try:
         get_settings()  # refuse bad settings with one line, before uvicorn starts
     except ValidationError as error:

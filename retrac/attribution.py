@@ -39,6 +39,11 @@ QueryProgress = Callable[[str, int, int], None]
 Chunks = Iterator[tuple[int, list[RowChunk]]]
 """(first row, one RowChunk per checkpoint), as `retrac.scoring.scan` takes them."""
 
+QueryGradients = Callable[[torch.Tensor, QuerySpec, Sequence[int], Conditions], list[QueryVectors]]
+"""Computes the query vectors of checked images `(Q, C, H, W)` in [-1, 1] under a resolved query and
+its conditions at each of the chosen checkpoints, as `query_gradients` does: a serving process may
+compute them in other processes, since the gradient step needs only the models, never the rows."""
+
 
 class RowSource(Protocol):
     """Stored training rows an attribution scans: in memory (`MemoryRows`) or in a store."""
@@ -116,6 +121,7 @@ def attribute(
     gradient_lock: AbstractContextManager[object] | None = None,
     encode: Callable[[torch.Tensor], torch.Tensor],
     conditions: Callable[[QuerySpec, int], Conditions],
+    gradients: QueryGradients | None = None,
 ) -> Attribution:
     """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over `source`'s rows.
 
@@ -128,6 +134,9 @@ def attribute(
     scanned chunk (`QueryProgress`).
     `gradient_lock` is held while the query gradients are computed, and only then: computers that
     threads share swap their model's parameters while they run, while the scan only reads.
+    `gradients`, when given, computes the query vectors instead of `query_gradients` over `computer`
+    and `encode` (a serving process's pool of gradient processes): it is called after every check,
+    so a refused request never reaches it.
     """
     if query.search == "approximate" and query.estimator == "matched":
         raise SpecError(
@@ -142,8 +151,12 @@ def attribute(
     started = time.perf_counter()
     on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
     with gradient_lock or nullcontext():
-        images = encode(images)
-        vectors = [query_vectors(computer(c), images, query, on_images, given) for c in chosen]
+        if gradients is None:
+            vectors = query_gradients(
+                computer, images, query, chosen, given, encode=encode, on_images=on_images
+            )
+        else:
+            vectors = gradients(images, query, chosen, given)
     gradient_s = time.perf_counter() - started
     # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
     started = time.perf_counter()
@@ -160,6 +173,27 @@ def attribute(
     answers = public_results(ranking, source, chosen[-1], query)
     timings = Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started)
     return Attribution(answers, timings, query, source.dtype)
+
+
+def query_gradients(
+    computer: Callable[[int], GradientComputer],
+    images: torch.Tensor,
+    query: QuerySpec,
+    checkpoints: Sequence[int],
+    conditions: Conditions,
+    *,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    on_images: ProgressCallback | None = None,
+) -> list[QueryVectors]:
+    """The query vectors of `images` `(Q, C, H, W)` in [-1, 1] at each of `checkpoints`: the
+    gradient step of `attribute`, on its own so that it can run where the models are.
+
+    The images are encoded once (`IndexPlan.encode`: a latent model's VAE) for every checkpoint;
+    `on_images(n)` hears of the n images each gradient batch completed. Nothing is checked here:
+    `attribute` checks the request first.
+    """
+    inputs = encode(images)
+    return [query_vectors(computer(c), inputs, query, on_images, conditions) for c in checkpoints]
 
 
 def _renumbered(ranking: Ranking, rows: np.ndarray) -> Ranking:
@@ -340,8 +374,7 @@ class Attributor:
     ) -> list[QueryVectors]:
         """Query vectors of `images` `(Q, C, H, W)` under `spec`'s label or prompt at each checkpoint of `checkpoints`."""
         conditions = self.plan.query_conditions(spec, images.shape[0])
-        inputs = self.plan.encode(images)
-        return [query_vectors(self.computer(c), inputs, spec, conditions=conditions) for c in checkpoints]
+        return query_gradients(self.computer, images, spec, checkpoints, conditions, encode=self.plan.encode)
 
     def attribute(
         self,

@@ -9,6 +9,8 @@ import). Tests build apps with their own `Settings`.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from service.errors import install_error_handlers
 from service.limits import BodyLimit
 from service.openapi import install_schema
 from service.query_engine import QueryEngine
+from service.query_pool import QueryPool
 from service.queue import still_building
 from service.repository import StoreRepository
 from service.settings import Settings, get_settings
@@ -49,6 +52,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app serving the stores under `settings.stores_root` (default settings: the environment's)."""
     settings = settings or get_settings()
     torch.set_num_threads(settings.torch_threads)
+    pool = QueryPool(settings.query_pool, settings) if settings.query_pool else None
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        """The query pool's processes live as long as the server: started before the first request,
+        stopped at shutdown."""
+        if pool is not None:
+            pool.start()
+        try:
+            yield
+        finally:
+            if pool is not None:
+                pool.close()
+
     app = FastAPIOffline(
         title="retrac",
         version=version("retrac"),
@@ -56,12 +73,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs",
         redoc_url="/redoc",
         openapi_url="/openapi.json",
+        lifespan=lifespan,
     )
     app.state.settings = settings
     settings.use_input_cache()
     app.state.repository = StoreRepository(settings)
     app.state.engine = QueryEngine(
-        GradientComputerCache(parse_device(settings.device), threads=settings.torch_threads)
+        GradientComputerCache(parse_device(settings.device), threads=settings.torch_threads), pool
     )
     install_error_handlers(app, still_building)
     install_schema(app, settings)

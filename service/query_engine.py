@@ -1,11 +1,13 @@
 """Queries against an index: checked against the service's limits, their gradients computed one at a
-time, turned into `api_schemas` answers; generated query images, sampled under the same lock.
+time (or by a pool of processes), turned into `api_schemas` answers; generated query images, sampled
+under the same lock.
 
-Query gradients one at a time, because a shared gradient computer is not thread-safe:
-`torch.func.functional_call` swaps its UNet's parameters while it runs. Scans only read (an opened
-store fills its resident arrays under its own lock), so one request's scan runs beside another's
-gradients. A query's gradients already use every torch thread; more throughput comes from more
-service processes (`retrac serve --workers N`, docs/deployment.md) or machines.
+Query gradients in the service process run one at a time, because a shared gradient computer is not
+thread-safe: `torch.func.functional_call` swaps its UNet's parameters while it runs. With a
+`QueryPool` (`RETRAC_QUERY_POOL=N`) they run in N processes of their own, N at once. Scans only read
+(an opened store fills its resident arrays under its own lock), so one request's scan runs beside
+another's gradients. More throughput comes from a pool, more service processes (`retrac serve
+--workers N`) or machines: docs/deployment.md says which measured best.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from retrac.datasets import ImageDataset
 from retrac.evaluation.sampling import generate_for_index
 from retrac.exceptions import SpecError
 from service.images import png_bytes
+from service.query_pool import QueryPool
 from service.settings import Settings
 from storage import GradientStore, StoredNorms, attribute, outlier_scores, stored_norms
 
 
 class QueryEngine:
-    """The model cache of this process and the lock that serialises query gradients on its models."""
+    """The model cache of this process and the lock that serialises query gradients on its models, or
+    the pool of processes that computes them (`pool`; sampling and statistics stay here)."""
 
-    def __init__(self, models: GradientComputerCache) -> None:
-        self.models = models
+    def __init__(self, models: GradientComputerCache, pool: QueryPool | None = None) -> None:
+        self.models, self.pool = models, pool
         self._lock = threading.Lock()
         self._outlier_scores: weakref.WeakKeyDictionary[GradientStore, dict[OutlierScore, np.ndarray]] = (
             weakref.WeakKeyDictionary()
@@ -63,7 +67,8 @@ class QueryEngine:
             methods=options.methods,
             checkpoints=checkpoints,
             models=self.models,
-            gradient_lock=self._lock,
+            gradient_lock=None if self.pool else self._lock,
+            gradients=self.pool.gradients(store) if self.pool else None,
         )
         return AttributionsPublic(
             index=name,

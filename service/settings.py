@@ -52,6 +52,14 @@ class Settings(ComputeSettings, ObjectStoreSettings):
         1600, ge=1, description="largest K*M per query image (the paper's K=100, M=16 is 1600)"
     )
 
+    query_pool: int = Field(
+        0,
+        ge=0,
+        description="processes computing query gradients beside each server process, each with "
+        "torch_threads threads and its own models (docs/deployment.md); 0: in the server process, one "
+        "query's gradients at a time",
+    )
+
     cors_origins: list[str] = Field([], description="origins allowed to call the API from a browser")
 
     @field_validator("stores_root", "models_root", "data_root", mode="before")

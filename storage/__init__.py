@@ -19,7 +19,14 @@ from storage.ann import build_ann, build_ann_when_complete
 from storage.location import BucketLocation, BucketOptions, LocalLocation, Location, locate
 from storage.progress import Progress, progress
 from storage.runner import run_pending, run_shard
-from storage.statistics import StoredNorms, attribute, outlier_scores, self_influence, stored_norms
+from storage.statistics import (
+    StoredNorms,
+    attribute,
+    outlier_scores,
+    query_gradients,
+    self_influence,
+    stored_norms,
+)
 from storage.store import (
     CheckpointStatus,
     GradientStore,
@@ -57,6 +64,7 @@ __all__ = [
     "locate",
     "stored_norms",
     "progress",
+    "query_gradients",
     "run_pending",
     "run_shard",
     "outlier_scores",

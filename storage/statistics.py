@@ -1,12 +1,13 @@
 """Answers computed from a store: attribution of query images, self-influence, norm/timestep data.
 
 `attribute` is `retrac.attribution.attribute` over the store's rows (`storage.rows.StoreRows`), with
-the gradient computers of a `GradientComputerCache`.
+the gradient computers of a `GradientComputerCache`; `query_gradients` is its gradient step alone,
+for a process that computes them for another (`attribute(..., gradients=...)`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -15,10 +16,14 @@ import torch
 
 from api_schemas import Method, QuerySpec
 from api_schemas.diagnostics import OutlierScore
-from retrac.attribution import Attribution, QueryProgress
+from retrac.attribution import Attribution, QueryGradients, QueryProgress
 from retrac.attribution import attribute as attribute_rows
+from retrac.attribution import query_gradients as query_gradients_of
 from retrac.computers import GradientComputerCache
+from retrac.conditions import Conditions
 from retrac.evaluation.outliers import relative_norms, streamed_atypical_directions
+from retrac.gradients import GradientComputer
+from retrac.query_side import QueryVectors
 from retrac.scoring import METHODS, SCAN_ROWS, RowChunk, self_influence_slots
 from retrac.scoring import self_influence as score_self_influence
 from storage.rows import StoreRows
@@ -36,19 +41,41 @@ def attribute(
     models: GradientComputerCache | None = None,
     on_progress: QueryProgress | None = None,
     gradient_lock: AbstractContextManager[object] | None = None,
+    gradients: QueryGradients | None = None,
 ) -> Attribution:
     """Proponents and opponents of each of `images` `(Q, C, H, W)` in [-1, 1], over the stored rows.
 
     Pass a long-lived `models` cache (a serving process keeps one): without it, every call loads the
     checkpoints again, and with it a `gradient_lock` if threads share it (`retrac.attribution.attribute`).
+    `gradients` computes the query vectors elsewhere instead (`query_gradients` in another process).
     """
     models = models or GradientComputerCache()
     return attribute_rows(
-        StoreRows(store), lambda c: models.computer(store.plan, c), images, query,
+        StoreRows(store), _computers(store, models), images, query,
         top_k=top_k, methods=methods, checkpoints=checkpoints, on_progress=on_progress,
-        gradient_lock=gradient_lock,
+        gradient_lock=gradient_lock, gradients=gradients,
         encode=store.plan.encode, conditions=store.plan.query_conditions,
     )
+
+
+def query_gradients(
+    store: GradientStore,
+    images: torch.Tensor,
+    query: QuerySpec,
+    checkpoints: Sequence[int],
+    conditions: Conditions,
+    models: GradientComputerCache,
+) -> list[QueryVectors]:
+    """The query vectors `attribute` would compute for checked `images` at `checkpoints`, with the
+    gradient computers of `models`: the same computers and encoding, so the same numbers."""
+    return query_gradients_of(
+        _computers(store, models), images, query, checkpoints, conditions, encode=store.plan.encode
+    )
+
+
+def _computers(store: GradientStore, models: GradientComputerCache) -> Callable[[int], GradientComputer]:
+    """The gradient computer of each of the store's checkpoints, from `models`."""
+    return lambda c: models.computer(store.plan, c)
 
 
 def self_influence(
