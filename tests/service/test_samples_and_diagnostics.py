@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from scipy import stats
@@ -15,8 +14,8 @@ from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, S
 from api_schemas.diagnostics import NormTimestepPublic, SelfInfluencePublic
 from api_schemas.indexes import IndexCreate
 from retrac.attribution import Attributor
-from retrac.evaluation.outliers import outlier_scores
-from retrac.scoring import self_influence
+from retrac.evaluation.outliers import OUTLIER_SCORES, outlier_scores
+from retrac.scoring import self_influence_slots
 from service.main import create_app
 from service.repository import StoreRepository
 from service.settings import Settings
@@ -67,37 +66,23 @@ def test_norm_plot_is_a_png(client: TestClient) -> None:
     assert image.format == "PNG" and image.size == (600, 400)
 
 
-@pytest.mark.parametrize("method", ["tracin", "retrac"])
-def test_self_influence_ranking_matches_engine(
-    client: TestClient, reference: Attributor, method: str
-) -> None:
-    response = client.get(
-        f"/v1/indexes/{INDEX}/diagnostics/self-influence", params={"method": method, "limit": 10}
-    )
-    assert response.status_code == 200, response.text
-    ranking = SelfInfluencePublic.model_validate(response.json())
-    # Engine: replayed slot 0 as the training side, grid slots 1-2 as the query side, all checkpoints.
-    scores = self_influence(reference.rows, reference.plan.weights, [0], [1, 2])[method]
-    order = torch.argsort(scores, descending=True, stable=True)[:10]
-    assert [e.sample_id for e in ranking.data] == [reference.plan.dataset.ids[i] for i in order]
-    assert [e.score for e in ranking.data] == pytest.approx(scores[order].tolist(), rel=1e-5)
-    assert (ranking.count, ranking.total) == (10, 48)
-
-
-@pytest.mark.parametrize("score", ["relative_norm", "atypical_direction"])
-def test_the_outlier_scores_are_served_as_the_engine_computes_them(
+@pytest.mark.parametrize("score", OUTLIER_SCORES)
+def test_each_outlier_ranking_is_served_as_the_engine_computes_it(
     client: TestClient, reference: Attributor, score: str
 ) -> None:
     response = client.get(
-        f"/v1/indexes/{INDEX}/diagnostics/self-influence", params={"method": score, "limit": 5}
+        f"/v1/indexes/{INDEX}/diagnostics/self-influence", params={"method": score, "limit": 10}
     )
     assert response.status_code == 200, response.text
     ranking = SelfInfluencePublic.model_validate(response.json())
+    # Engine, rows in memory: self-influence of replayed slot 0 against grid slots 1-2, all checkpoints.
+    assert self_influence_slots(reference.plan.spec.slots.kinds) == ([0], [1, 2])
     expected = outlier_scores(reference.rows, reference.plan.weights, reference.plan.spec.slots.kinds)[score]
-    order = np.argsort(-expected, kind="stable")[:5]
+    order = np.argsort(-expected, kind="stable")[:10]
     assert ranking.method == score
     assert [e.sample_id for e in ranking.data] == [reference.plan.dataset.ids[i] for i in order]
     assert [e.score for e in ranking.data] == pytest.approx(expected[order].tolist(), rel=1e-5)
+    assert (ranking.count, ranking.total) == (10, 48)
 
 
 def test_folder_sample_ids_keep_their_path_and_are_served(own_roots: Settings, tmp_path) -> None:
