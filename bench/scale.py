@@ -34,9 +34,13 @@
    with int8 products (a scale per row and per query, `torch._int_mm`) as a trial. `roofline`: the
    matmul's GFLOP/s in each dtype (square, and the scan's 16-column shape), the ceiling of 16 queries.
 
+4. The object store (`bench/object_store.py`'s `object_store_ratios`): indexing into a bucket and a
+   streamed scan from it, each as a ratio to the same work on a local folder, moto's S3 server on
+   loopback (`object_store`: `index_ratio_to_local`, `scan_ratio_to_local` and their details).
+
 Prints one JSON object on stdout (progress on stderr); never asserts a timing. One thread throughout
 (`--threads`), as workers run several to a machine. Usage: `python bench/scale.py [--real-rows 4096]
-[--sizes 1000000x1024,250000x4096] [--scan-rows 65536] [--parts ann scan]`.
+[--sizes 1000000x1024,250000x4096] [--scan-rows 65536] [--parts ann scan object_store]`.
 """
 
 from __future__ import annotations
@@ -73,6 +77,11 @@ from storage.ann import (
     structure,
 )
 from storage.store import RESIDENT_STEP
+
+sys.path.insert(0, str(Path(__file__).parent))
+from object_store import object_store_ratios  # bench/object_store.py, beside this file
+
+PARTS = ("ann", "scan", "object_store")
 
 TOP_K = 10
 TARGET_RECALL = 0.95
@@ -397,20 +406,8 @@ def scan_limits(rows_f32: torch.Tensor, repeats: int) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--real-rows", type=int, default=4096, help="samples of the real store")
-    parser.add_argument("--sizes", default="1000000x1024,250000x4096", help="synthetic rows x k, comma-separated")
-    parser.add_argument("--noise", type=float, default=0.5, help="relative size of the synthetic rows' perturbation")
-    parser.add_argument("--scan-rows", type=int, default=65536, help="rows of the scan-limit measurement")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--parts", nargs="+", choices=("ann", "scan"), default=["ann", "scan"], help="what to measure"
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
+def rows_parts(args: argparse.Namespace) -> dict:
+    """The ANN and scan parts, on a real store and rows made from it."""
     folder = Path(tempfile.mkdtemp(prefix="retrac-bench-scale-"))
     try:
         store = real_store(folder, args.real_rows)
@@ -432,9 +429,32 @@ def main() -> None:
         if "scan" in args.parts:
             rows_f32 = synthetic_rows(base, args.scan_rows, args.noise)[:, 0].float()
             report["scan"] = scan_limits(rows_f32, args.repeats)
-        print(json.dumps(report))
+        return report
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--real-rows", type=int, default=4096, help="samples of the real store")
+    parser.add_argument("--sizes", default="1000000x1024,250000x4096", help="synthetic rows x k, comma-separated")
+    parser.add_argument("--noise", type=float, default=0.5, help="relative size of the synthetic rows' perturbation")
+    parser.add_argument("--scan-rows", type=int, default=65536, help="rows of the scan-limit measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    report: dict = {}
+    if {"ann", "scan"} & set(args.parts):
+        report |= rows_parts(args)
+    if "object_store" in args.parts:
+        report["object_store"] = object_store_ratios(repeats=args.repeats)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
