@@ -30,7 +30,8 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext, SpawnProcess
@@ -99,8 +100,10 @@ class QueryPool:
         for process in running:
             process.join(STOP_WAIT_S)
 
-    def gradients(self, store: GradientStore) -> QueryGradients:
-        """The pool as `storage.attribute`'s gradient step (`gradients=`) over `store`'s plan."""
+    def gradients(self, store: GradientStore, on_wait: Callable[[float], None]) -> QueryGradients:
+        """The pool as `storage.attribute`'s gradient step (`gradients=`) over `store`'s plan;
+        `on_wait(s)` hears how long it waited for an idle process (part of the step's time, not of its
+        gradients)."""
         location = str(store.location)
 
         def compute(
@@ -111,15 +114,20 @@ class QueryPool:
                 location, images.contiguous(), spec.model_dump_json(), list(checkpoints),
                 dict(conditions.tensors),
             )
-            return [QueryVectors(*tensors) for tensors in self._run(request)]
+            return [QueryVectors(*tensors) for tensors in self._run(request, on_wait)]
 
         return compute
 
-    def _run(self, request: Request) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The answer of the next idle process to `request` (waiting for one if all are busy)."""
+    def _run(
+        self, request: Request, on_wait: Callable[[float], None]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The answer of the next idle process to `request` (waiting for one if all are busy, for
+        `on_wait(s)` seconds)."""
         if not self._started:
             raise RuntimeError("the query pool was not started: the app's lifespan starts it")
+        asked = time.perf_counter()
         process = self._idle.get()
+        on_wait(time.perf_counter() - asked)
         try:
             if not process.alive():
                 process = self._replaced(process)
