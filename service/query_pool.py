@@ -18,7 +18,7 @@ A pool process starts with `OMP_NUM_THREADS` at its thread count and `OMP_WAIT_P
 before sleeping whenever they wait, and a query's gradients are many small operations with Python
 between them, so a second thread spun nearly the whole time. On a 2-core machine shared with other
 jobs the spinning thread took the core the computing one needed: 2 threads used 3 times the CPU time
-of one and took 3 to 7 times as long (docs/deployment.md). The service process's own threads were
+of one and took 3.5 times as long (docs/deployment.md). The service process's own threads were
 spared only by accident: libgomp spins briefly once its threads outnumber the cores, which the many
 request threads' teams made so there.
 """

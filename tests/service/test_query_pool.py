@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.main import create_app
-from service.query_pool import PROCESS_NAME
+from service.query_pool import PROCESS_NAME, openmp_environment
 from service.settings import Settings
 from tests.service.conftest import API_KEY, HEAVY, INDEX, assert_wait_reported_apart, body, wait_until
 
@@ -138,3 +138,15 @@ def test_a_query_behind_busy_pool_processes_reports_its_wait_apart(pooled: TestC
         return lambda: wait_until(lambda: all(cpu_seconds(p) - c >= STARTED_CPU_S for p, c in before.items()))
 
     assert_wait_reported_apart(pooled, [body(14, 4, HEAVY), body(15, 4, HEAVY)], body(16), computing)
+
+
+def test_pool_processes_start_with_their_threads_and_a_passive_openmp_wait(
+    pooled: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for process in pool_processes():
+        with open(f"/proc/{process.pid}/environ") as environ:
+            started = dict(v.split("=", 1) for v in environ.read().split("\0") if "=" in v)
+        assert started["OMP_NUM_THREADS"] == str(settings.torch_threads)
+        assert started["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # an operator's own choice is kept
+    assert openmp_environment(3) == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
