@@ -95,7 +95,11 @@ class AttributionPublic(Public):
 class TimingsPublic(Public):
     """Where a query's time went, in seconds."""
 
-    gradient_s: float = Field(description="query-side gradients at every checkpoint")
+    wait_s: float = Field(
+        description="waiting for other queries' gradients to finish (this process's gradient lock, or an "
+        "idle query-pool process) before this query's own began"
+    )
+    gradient_s: float = Field(description="query-side gradients at every checkpoint, waiting excluded")
     scan_s: float = Field(description="the pass over the stored gradients")
     total_s: float = Field(description="the whole request, decoding included")
 

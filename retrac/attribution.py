@@ -85,8 +85,10 @@ class RowSource(Protocol):
 
 @dataclass(frozen=True)
 class Timings:
-    """Where a query's time went, in seconds: query gradients, and the scan over the stored rows."""
+    """Where a query's time went, in seconds: waiting for `gradient_lock` (other queries' gradients),
+    the query gradients themselves, and the scan over the stored rows."""
 
+    wait_s: float
     gradient_s: float
     scan_s: float
 
@@ -133,7 +135,8 @@ def attribute(
     request is checked before the first gradient. `on_progress` hears of each gradient batch and each
     scanned chunk (`QueryProgress`).
     `gradient_lock` is held while the query gradients are computed, and only then: computers that
-    threads share swap their model's parameters while they run, while the scan only reads.
+    threads share swap their model's parameters while they run, while the scan only reads. The time
+    spent waiting for it is the timings' `wait_s`, apart from `gradient_s`.
     `gradients`, when given, computes the query vectors instead of `query_gradients` over `computer`
     and `encode` (a serving process's pool of gradient processes): it is called after every check,
     so a refused request never reaches it.
@@ -148,16 +151,17 @@ def attribute(
     given = conditions(query, images.shape[0])
     matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
-    started = time.perf_counter()
+    asked = time.perf_counter()
     on_images = _phase(on_progress, "gradients", len(images) * len(chosen))
     with gradient_lock or nullcontext():
+        started = time.perf_counter()
         if gradients is None:
             vectors = query_gradients(
                 computer, images, query, chosen, given, encode=encode, on_images=on_images
             )
         else:
             vectors = gradients(images, query, chosen, given)
-    gradient_s = time.perf_counter() - started
+    wait_s, gradient_s = started - asked, time.perf_counter() - started
     # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
     started = time.perf_counter()
     weights, methods = [source.weights[c] for c in chosen], list(dict.fromkeys(methods))
@@ -171,7 +175,7 @@ def attribute(
             chunks = _reported(chunks, on_rows)
         ranking = scan(chunks, vectors, weights, top_k=top_k, methods=methods, matched=matched)
     answers = public_results(ranking, source, chosen[-1], query)
-    timings = Timings(gradient_s=gradient_s, scan_s=time.perf_counter() - started)
+    timings = Timings(wait_s=wait_s, gradient_s=gradient_s, scan_s=time.perf_counter() - started)
     return Attribution(answers, timings, query, source.dtype)
 
 

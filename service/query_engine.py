@@ -59,6 +59,7 @@ class QueryEngine:
         `started` is when the request began (`time.perf_counter()`), so the total includes decoding.
         """
         checkpoints = options.checkpoints or list(range(store.num_checkpoints))
+        pool_waits: list[float] = []  # inside the gradient step's time: the pool's wait for a process
         answer = attribute(
             store,
             torch.stack(list(images)),
@@ -68,8 +69,9 @@ class QueryEngine:
             checkpoints=checkpoints,
             models=self.models,
             gradient_lock=None if self.pool else self._lock,
-            gradients=self.pool.gradients(store) if self.pool else None,
+            gradients=self.pool.gradients(store, pool_waits.append) if self.pool else None,
         )
+        pool_wait = sum(pool_waits)
         return AttributionsPublic(
             index=name,
             checkpoints=checkpoints,
@@ -84,7 +86,8 @@ class QueryEngine:
             data=answer.results,
             count=len(answer.results),
             timings=TimingsPublic(
-                gradient_s=answer.timings.gradient_s,
+                wait_s=answer.timings.wait_s + pool_wait,
+                gradient_s=answer.timings.gradient_s - pool_wait,
                 scan_s=answer.timings.scan_s,
                 total_s=time.perf_counter() - started,
             ),

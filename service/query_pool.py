@@ -12,15 +12,27 @@ tensors, the resolved query as JSON, the checkpoints and the conditions' tensors
 tensors, or a failure's class name and message. A process that dies while computing (killed, out of
 memory) fails that query with a 503 that says how it ended, and a new process takes its place for
 the next query; one found dead while idle is replaced before it is given a query.
+
+A pool process starts with `OMP_NUM_THREADS` at its thread count and `OMP_WAIT_POLICY=PASSIVE`
+(unless the environment sets a wait policy): by default torch's OpenMP threads spin for about 3 ms
+before sleeping whenever they wait, and a query's gradients are many small operations with Python
+between them, so a second thread spun nearly the whole time. On a 2-core machine shared with other
+jobs the spinning thread took the core the computing one needed: 2 threads used 3 times the CPU time
+of one and took 3.5 times as long (docs/deployment.md). The service process's own threads were
+spared only by accident: libgomp spins briefly once its threads outnumber the cores, which the many
+request threads' teams made so there.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import signal
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext, SpawnProcess
 
@@ -39,6 +51,8 @@ from storage import GradientStore, OpenStores, query_gradients
 PROCESS_NAME = "retrac-query-gradients"
 STOP_WAIT_S = 10.0
 """How long `close` waits for a process to finish its query before killing it."""
+_ENVIRONMENT = threading.Lock()
+"""Held while a pool process starts under its own environment variables (`_environment`)."""
 
 Request = tuple[str, torch.Tensor, str, list[int], dict[str, torch.Tensor]]
 """(store location, images, query JSON, checkpoints, condition tensors by forward keyword)."""
@@ -86,8 +100,10 @@ class QueryPool:
         for process in running:
             process.join(STOP_WAIT_S)
 
-    def gradients(self, store: GradientStore) -> QueryGradients:
-        """The pool as `storage.attribute`'s gradient step (`gradients=`) over `store`'s plan."""
+    def gradients(self, store: GradientStore, on_wait: Callable[[float], None]) -> QueryGradients:
+        """The pool as `storage.attribute`'s gradient step (`gradients=`) over `store`'s plan;
+        `on_wait(s)` hears how long it waited for an idle process (part of the step's time, not of its
+        gradients)."""
         location = str(store.location)
 
         def compute(
@@ -98,15 +114,20 @@ class QueryPool:
                 location, images.contiguous(), spec.model_dump_json(), list(checkpoints),
                 dict(conditions.tensors),
             )
-            return [QueryVectors(*tensors) for tensors in self._run(request)]
+            return [QueryVectors(*tensors) for tensors in self._run(request, on_wait)]
 
         return compute
 
-    def _run(self, request: Request) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The answer of the next idle process to `request` (waiting for one if all are busy)."""
+    def _run(
+        self, request: Request, on_wait: Callable[[float], None]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The answer of the next idle process to `request` (waiting for one if all are busy, for
+        `on_wait(s)` seconds)."""
         if not self._started:
             raise RuntimeError("the query pool was not started: the app's lifespan starts it")
+        asked = time.perf_counter()
         process = self._idle.get()
+        on_wait(time.perf_counter() - asked)
         try:
             if not process.alive():
                 process = self._replaced(process)
@@ -144,7 +165,8 @@ class PoolProcess:
         self.process: SpawnProcess = context.Process(
             target=serve_gradients, args=(theirs, settings), name=PROCESS_NAME, daemon=True
         )
-        self.process.start()
+        with _environment(openmp_environment(settings.torch_threads)):
+            self.process.start()
         theirs.close()
 
     def alive(self) -> bool:
@@ -186,6 +208,30 @@ class PoolProcess:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
+
+
+def openmp_environment(threads: int) -> dict[str, str]:
+    """The OpenMP variables a pool process starts with: `threads` threads (torch sets them too; this
+    sets every OpenMP runtime's first team), which sleep when they wait unless the environment says
+    otherwise (`OMP_WAIT_POLICY`, or libgomp's `GOMP_SPINCOUNT`, which overrides the policy)."""
+    return {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+@contextmanager
+def _environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """`os.environ` with `variables` while the block runs (a spawned process inherits it when it
+    starts; the runtimes read it once, as they load), as it was afterwards."""
+    with _ENVIRONMENT:
+        before = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
+        try:
+            yield
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
 
 def failure(kind: str, message: str, *, pid: int | None) -> Exception:

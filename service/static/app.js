@@ -107,7 +107,7 @@ function render(index, answer) {
   const label = (answer.label === null ? "" : `, label ${answer.label}`)
     + (answer.prompt === null ? "" : `, prompt "${answer.prompt}"`);
   $("timings").textContent = `${answer.estimator} estimator, K = ${answer.timesteps}, M = ${answer.draws}${label}, checkpoints ${answer.checkpoints.join(", ")}: `
-    + `${t.total_s.toFixed(2)} s (query gradients ${t.gradient_s.toFixed(2)} s, ${answer.search} search ${t.scan_s.toFixed(3)} s over ${answer.dtype} rows)`;
+    + `${t.total_s.toFixed(2)} s (waiting for other queries ${t.wait_s.toFixed(2)} s, query gradients ${t.gradient_s.toFixed(2)} s, ${answer.search} search ${t.scan_s.toFixed(3)} s over ${answer.dtype} rows)`;
 }
 
 async function attribute(event) {

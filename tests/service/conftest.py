@@ -7,10 +7,13 @@ reference is the engine's in-memory `Attributor` over the same plan.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -32,6 +35,15 @@ INDEX = "digits"
 BUILDING = "digits-building"
 QUERY = {"timesteps": 5, "draws": 2, "seed": 7, "top_k": 5}
 """Query knobs small enough for 2 CPU cores."""
+HEAVY = {**QUERY, "timesteps": 16, "draws": 4}
+"""K*M = 64, the test settings' limit: a query whose gradients last long enough to be killed midway or
+waited for (about 0.5 CPU seconds for 4 images)."""
+
+
+def body(seed: int, images: int = 1, query: dict = QUERY) -> dict:
+    """A JSON query of different images (and noise seed) per seed, so that a mixed-up answer would show."""
+    pixels = np.random.default_rng(seed).random((images, 8, 8)).round(3)
+    return {**query, "seed": seed, "images": [{"array": p.tolist()} for p in pixels]}
 
 
 def assert_create_refused(settings: Settings, name: str, spec: dict, message: str) -> None:
@@ -127,3 +139,38 @@ def reference(settings: Settings, built_index: str) -> Attributor:
     attributor = Attributor(plan)
     attributor.index()
     return attributor
+
+
+def assert_wait_reported_apart(
+    client: TestClient, heavy: list[dict], light: dict, computing: Callable[[], Callable[[], None]]
+) -> None:
+    """Send the `heavy` queries at once, then the `light` one once their gradients are under way (the
+    function that `computing()`, called before they are sent, returns has returned): the light one waits
+    for a heavy one's gradients to end, and its timings report that wait in `wait_s`, apart from its own
+    `gradient_s`.
+
+    No heavy query's gradients end before it was sent plus its own wait and gradients, so the light
+    one's gradients cannot start before the earliest such time: its gradients and scan fit between
+    then and its answer (a wait counted into its gradients would overflow that span by the wait).
+    """
+    url = f"/v1/indexes/{INDEX}/attribute"
+    with ThreadPoolExecutor(len(heavy)) as threads:
+        under_way = computing()
+        sent = time.perf_counter()
+        pending = [threads.submit(client.post, url, json=request) for request in heavy]
+        under_way()
+        light_answer = client.post(url, json=light)
+        answered = time.perf_counter()
+        heavy_timings = [future.result().json()["timings"] for future in pending]
+    assert light_answer.status_code == 200, light_answer.text
+    timings = light_answer.json()["timings"]
+    released = sent + min(t["wait_s"] + t["gradient_s"] for t in heavy_timings)
+    assert timings["gradient_s"] + timings["scan_s"] <= answered - released, (timings, heavy_timings)
+    assert timings["wait_s"] > 0
+    assert timings["total_s"] >= timings["wait_s"] + timings["gradient_s"] + timings["scan_s"]
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    """Return once `condition()` holds (polled every 5 ms)."""
+    while not condition():
+        time.sleep(0.005)

@@ -1,24 +1,24 @@
-"""Twenty attribution requests at once all succeed and equal the same requests sent one by one."""
+"""Twenty attribution requests at once all succeed and equal the same requests sent one by one, and a
+query waiting for another's gradients reports that wait apart from its own."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 
 import anyio.to_thread
 import httpx
-import numpy as np
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
-from tests.service.conftest import API_KEY, INDEX, QUERY
+from tests.service.conftest import API_KEY, HEAVY, INDEX, assert_wait_reported_apart, body, wait_until
 
 REQUESTS = 20
-
-
-def request_body(seed: int) -> dict:
-    """A different query image and seed per request, so a mixed-up answer would show."""
-    pixels = np.random.default_rng(seed).random((8, 8)).round(3)
-    return {**QUERY, "seed": seed, "images": [{"array": pixels.tolist()}]}
+STARTED_CPU_S = 0.1
+"""CPU seconds this process spends past sending a heavy query once its gradients are under way: decoding
+and checking it take milliseconds."""
 
 
 async def send_all(app: FastAPI, concurrent: bool) -> list[dict]:
@@ -28,7 +28,7 @@ async def send_all(app: FastAPI, concurrent: bool) -> list[dict]:
     ) as client:
 
         async def one(seed: int) -> dict:
-            response = await client.post(f"/v1/indexes/{INDEX}/attribute", json=request_body(seed))
+            response = await client.post(f"/v1/indexes/{INDEX}/attribute", json=body(seed))
             assert response.status_code == 200, response.text
             answer = response.json()
             answer.pop("timings")
@@ -71,3 +71,12 @@ async def health_with_a_full_thread_pool(app: FastAPI) -> int:
 
 def test_health_answers_while_queries_fill_the_thread_pool(app: FastAPI) -> None:
     assert asyncio.run(health_with_a_full_thread_pool(app)) == 200
+
+
+def test_a_query_behind_another_reports_its_wait_apart(client: TestClient) -> None:
+    def computing() -> Callable[[], None]:
+        before = time.process_time()  # the app runs in this process: its gradients are this CPU time
+        return lambda: wait_until(lambda: time.process_time() - before >= STARTED_CPU_S)
+
+    client.post(f"/v1/indexes/{INDEX}/attribute", json=body(0)).raise_for_status()  # models loaded
+    assert_wait_reported_apart(client, [body(1, 4, HEAVY)], body(2), computing)

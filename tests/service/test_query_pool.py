@@ -13,26 +13,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from service.main import create_app
-from service.query_pool import PROCESS_NAME
+from service.query_pool import PROCESS_NAME, openmp_environment
 from service.settings import Settings
-from tests.service.conftest import API_KEY, INDEX, QUERY
+from tests.service.conftest import API_KEY, HEAVY, INDEX, assert_wait_reported_apart, body, wait_until
 
-HEAVY = {**QUERY, "timesteps": 16, "draws": 4}
-"""K*M = 64, the test settings' limit: a query whose gradients last long enough to be killed midway."""
 STARTED_CPU_S = 0.1
 """CPU seconds a pool process spends on a query before it is killed: past receiving the request
 (milliseconds), well before its gradients (about 0.5 CPU seconds for 4 images at K*M = 64) are done."""
-
-
-def body(seed: int, images: int = 1, query: dict = QUERY) -> dict:
-    """A different query image (and noise seed) per seed, so that a mixed-up answer would show."""
-    pixels = np.random.default_rng(seed).random((images, 8, 8)).round(3)
-    return {**query, "seed": seed, "images": [{"array": p.tolist()} for p in pixels]}
 
 
 def pool_processes() -> list[multiprocessing.Process]:
@@ -135,3 +126,27 @@ def wait_for_busy(cpu: dict[int, float], sender: threading.Thread) -> int:
                 return pid
         time.sleep(0.01)
     raise AssertionError("the query was answered before a pool process could be killed")
+
+
+def test_a_query_behind_busy_pool_processes_reports_its_wait_apart(pooled: TestClient) -> None:
+    with ThreadPoolExecutor(2) as threads:  # both processes have their models loaded
+        list(threads.map(lambda seed: answer(attribute(pooled, body(seed))), (12, 13)))
+    pids = [p.pid for p in pool_processes()]
+
+    def computing() -> Callable[[], None]:
+        before = {pid: cpu_seconds(pid) for pid in pids}
+        return lambda: wait_until(lambda: all(cpu_seconds(p) - c >= STARTED_CPU_S for p, c in before.items()))
+
+    assert_wait_reported_apart(pooled, [body(14, 4, HEAVY), body(15, 4, HEAVY)], body(16), computing)
+
+
+def test_pool_processes_start_with_their_threads_and_a_passive_openmp_wait(
+    pooled: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for process in pool_processes():
+        with open(f"/proc/{process.pid}/environ") as environ:
+            started = dict(v.split("=", 1) for v in environ.read().split("\0") if "=" in v)
+        assert started["OMP_NUM_THREADS"] == str(settings.torch_threads)
+        assert started["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # an operator's own choice is kept
+    assert openmp_environment(3) == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
