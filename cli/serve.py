@@ -31,8 +31,9 @@ def serve(
         int | None,
         typer.Option(
             min=0,
-            help="processes computing query gradients per server process (default RETRAC_QUERY_POOL; "
-            "0: in the server process, one query at a time)",
+            help="processes computing query gradients per server process (0: in the server process, one "
+            "query at a time)",
+            show_default="RETRAC_QUERY_POOL, else 0",
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
