@@ -23,7 +23,8 @@
    resident float16 array; approximate: `storage.ann`'s index (IVF lists of 4-bit product-quantizer
    codes, fast-scan) for the query and its negation, and the exact rescoring of the candidates, over
    a sweep of lists probed and candidates per row asked (`PER_K_SWEPT`); each entry is the fastest
-   setting with recall@10 >= 0.95 (else the best recall), with the sweep beside it.
+   setting with recall@10 >= 0.95 (else the best recall), with the sweep beside it, and the process's
+   peak resident memory so far (`peak_rss_mb`).
 3. Scan near the memory limit, on `--scan-rows` synthetic rows at the real k (4,096), resident in each
    store format (float16, bfloat16, float32): the store's scan (`retrac.scoring.scan`) for 1 and 16
    queries as a ratio to that format's read limit, the fastest plain reduction over the same resident
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import sys
@@ -224,6 +226,12 @@ def synthetic_rows(base: torch.Tensor, rows: int, noise: float, seed: int = 0) -
     return out
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB): what a size needs, with the
+    real store and the models beside it, as it only grows over a run."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
 def resident_chunks(projected: torch.Tensor, norms: torch.Tensor) -> Callable[[], Iterator[tuple[int, list[RowChunk]]]]:
     def chunks() -> Iterator[tuple[int, list[RowChunk]]]:
         for start in range(0, projected.shape[0], RESIDENT_STEP):
@@ -278,7 +286,7 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
             log(f"  nprobe {nprobe}, {count} candidates: {sweep[-1]}")
     return {
         **best_of(sweep), "rows": rows, "dim": dim, "build_s": build_s, "memory_mb": memory_mb, "nlist": params.nlist,
-        "structure": structure(index), "exact_s": exact_s,
+        "structure": structure(index), "exact_s": exact_s, "peak_rss_mb": peak_rss_mb(),
         "source": f"synthetic: real rows mixed and perturbed (noise {noise}); TracIn", "sweep": sweep,
     }
 
