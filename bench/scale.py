@@ -10,21 +10,21 @@
    rescoring), per single query, the store resident; `memory_mb` the ANN files' size. Over a sweep of
    lists probed, the entry is the fastest setting with recall@10 >= 0.95 (else the best recall).
 2. ANN at scale, on synthetic rows made from real ones: `--sizes` (rows x k, default 1M x 1,024 and
-   250k x 4,096; 1M x 4,096 and 4M x 1,024 need ~13 GB each, 8 GB of it the rows). Base rows are the real store's per-slot
-   projected gradients at its last checkpoint; k = 1,024 folds them (and the real query vectors) by a
-   count sketch, itself a count sketch of the gradient. A synthetic row is the direction of a random
-   mix `l u_a + (1 - l) u_b` of two real rows' directions, perturbed by isotropic noise of relative
-   size `--noise`, and scaled by a norm drawn from the real rows' norms. So the rows lie near the
-   segments between real gradient directions, with the real, timestep-driven spread of norms: like
-   real gradients, which concentrate near a low-dimensional span (of 4,096 real directions at
-   k = 4,096, the top 16 principal directions hold 72% of the energy, the top 256 96%: similar images
-   have similar gradients) and whose norms span ~100x, unlike i.i.d. Gaussian rows (which no index
-   can search). TracIn only (ReTrac's unit rows are easier). Exact: `retrac.scoring.scan` over the
-   resident float16 array; approximate: `storage.ann`'s index (IVF lists of 4-bit product-quantizer
-   codes, fast-scan) for the query and its negation, and the exact rescoring of the candidates, over
-   a sweep of lists probed and candidates per row asked (`PER_K_SWEPT`); each entry is the fastest
-   setting with recall@10 >= 0.95 (else the best recall), with the sweep beside it, and the process's
-   peak resident memory so far (`peak_rss_mb`).
+   250k x 4,096; 1M x 4,096 and 4M x 1,024 need ~12.5 GB each, 7.6 GB of it the rows: `peak_rss_mb`).
+   Base rows are the real store's per-slot projected gradients at its last checkpoint; k = 1,024 folds
+   them (and the real query vectors) by a count sketch, itself a count sketch of the gradient. A
+   synthetic row is the direction of a random mix `l u_a + (1 - l) u_b` of two real rows' directions,
+   perturbed by isotropic noise of relative size `--noise`, and scaled by a norm drawn from the real
+   rows' norms. So the rows lie near the segments between real gradient directions, with the real,
+   timestep-driven spread of norms: like real gradients, which concentrate near a low-dimensional
+   span (of 4,096 real directions at k = 4,096, the top 16 principal directions hold 72% of the
+   energy, the top 256 96%: similar images have similar gradients) and whose norms span ~100x, unlike
+   i.i.d. Gaussian rows (which no index can search). TracIn only (ReTrac's unit rows are easier).
+   Exact: `retrac.scoring.scan` over the resident float16 array; approximate: `storage.ann`'s index
+   (IVF lists of 4-bit product-quantizer codes, fast-scan) for the query and its negation, and the
+   exact rescoring of the candidates, over a sweep of lists probed and candidates per row asked
+   (`PER_K_SWEPT`); each entry is the fastest setting with recall@10 >= 0.95 (else the best recall),
+   with the sweep beside it, and the process's peak resident memory so far (`peak_rss_mb`).
 3. Scan near the memory limit, on `--scan-rows` synthetic rows at the real k (4,096), resident in each
    store format (float16, bfloat16, float32): the store's scan (`retrac.scoring.scan`) for 1 and 16
    queries as a ratio to that format's read limit, the fastest plain reduction over the same resident
