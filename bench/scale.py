@@ -10,7 +10,7 @@
    rescoring), per single query, the store resident; `memory_mb` the ANN files' size. Over a sweep of
    lists probed, the entry is the fastest setting with recall@10 >= 0.95 (else the best recall).
 2. ANN at scale, on synthetic rows made from real ones: `--sizes` (rows x k, default 1M x 1,024 and
-   250k x 4,096; 1M x 4,096 and 4M x 1,024 need ~12.5 GB each, 7.6 GB of it the rows: `peak_rss_mb`).
+   250k x 4,096; 1M x 4,096 and 4M x 1,024 took 12.3 and 10.6 GB, 7.6 GB of it the rows: `peak_rss_mb`).
    Base rows are the real store's per-slot projected gradients at its last checkpoint; k = 1,024 folds
    them (and the real query vectors) by a count sketch, itself a count sketch of the gradient. A
    synthetic row is the direction of a random mix `l u_a + (1 - l) u_b` of two real rows' directions,
