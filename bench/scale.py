@@ -10,20 +10,21 @@
    rescoring), per single query, the store resident; `memory_mb` the ANN files' size. Over a sweep of
    lists probed, the entry is the fastest setting with recall@10 >= 0.95 (else the best recall).
 2. ANN at scale, on synthetic rows made from real ones: `--sizes` (rows x k, default 1M x 1,024 and
-   250k x 4,096; 1M x 4,096 and 4M x 1,024 need ~10 GB each). Base rows are the real store's per-slot
-   projected gradients at its last checkpoint; k = 1,024 folds them (and the real query vectors) by a
-   count sketch, itself a count sketch of the gradient. A synthetic row is the direction of a random
-   mix `l u_a + (1 - l) u_b` of two real rows' directions, perturbed by isotropic noise of relative
-   size `--noise`, and scaled by a norm drawn from the real rows' norms. So the rows lie near the
-   segments between real gradient directions, with the real, timestep-driven spread of norms: like
-   real gradients, which concentrate near a low-dimensional span (of 4,096 real directions at
-   k = 4,096, the top 16 principal directions hold 72% of the energy, the top 256 96%: similar images
-   have similar gradients) and whose norms span ~100x, unlike i.i.d. Gaussian rows (which no index
-   can search). TracIn only (ReTrac's unit rows are easier). Exact: `retrac.scoring.scan` over the
-   resident float16 array; approximate: `storage.ann`'s index (IVF lists of 4-bit product-quantizer
-   codes, fast-scan) for the query and its negation, and the exact rescoring of the candidates, over
-   a sweep of lists probed and candidates per row asked (`PER_K_SWEPT`); each entry is the fastest
-   setting with recall@10 >= 0.95 (else the best recall), with the sweep beside it.
+   250k x 4,096; 1M x 4,096 and 4M x 1,024 took 12.3 and 10.6 GB, 7.6 GB of it the rows: `peak_rss_mb`).
+   Base rows are the real store's per-slot projected gradients at its last checkpoint; k = 1,024 folds
+   them (and the real query vectors) by a count sketch, itself a count sketch of the gradient. A
+   synthetic row is the direction of a random mix `l u_a + (1 - l) u_b` of two real rows' directions,
+   perturbed by isotropic noise of relative size `--noise`, and scaled by a norm drawn from the real
+   rows' norms. So the rows lie near the segments between real gradient directions, with the real,
+   timestep-driven spread of norms: like real gradients, which concentrate near a low-dimensional
+   span (of 4,096 real directions at k = 4,096, the top 16 principal directions hold 72% of the
+   energy, the top 256 96%: similar images have similar gradients) and whose norms span ~100x, unlike
+   i.i.d. Gaussian rows (which no index can search). TracIn only (ReTrac's unit rows are easier).
+   Exact: `retrac.scoring.scan` over the resident float16 array; approximate: `storage.ann`'s index
+   (IVF lists of 4-bit product-quantizer codes, fast-scan) for the query and its negation, and the
+   exact rescoring of the candidates, over a sweep of lists probed and candidates per row asked
+   (`PER_K_SWEPT`); each entry is the fastest setting with recall@10 >= 0.95 (else the best recall),
+   with the sweep beside it, and the process's peak resident memory so far (`peak_rss_mb`).
 3. Scan near the memory limit, on `--scan-rows` synthetic rows at the real k (4,096), resident in each
    store format (float16, bfloat16, float32): the store's scan (`retrac.scoring.scan`) for 1 and 16
    queries as a ratio to that format's read limit, the fastest plain reduction over the same resident
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import sys
@@ -224,6 +226,12 @@ def synthetic_rows(base: torch.Tensor, rows: int, noise: float, seed: int = 0) -
     return out
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB): what a size needs, with the
+    real store and the models beside it, as it only grows over a run."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
 def resident_chunks(projected: torch.Tensor, norms: torch.Tensor) -> Callable[[], Iterator[tuple[int, list[RowChunk]]]]:
     def chunks() -> Iterator[tuple[int, list[RowChunk]]]:
         for start in range(0, projected.shape[0], RESIDENT_STEP):
@@ -278,7 +286,7 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
             log(f"  nprobe {nprobe}, {count} candidates: {sweep[-1]}")
     return {
         **best_of(sweep), "rows": rows, "dim": dim, "build_s": build_s, "memory_mb": memory_mb, "nlist": params.nlist,
-        "structure": structure(index), "exact_s": exact_s,
+        "structure": structure(index), "exact_s": exact_s, "peak_rss_mb": peak_rss_mb(),
         "source": f"synthetic: real rows mixed and perturbed (noise {noise}); TracIn", "sweep": sweep,
     }
 

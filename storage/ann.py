@@ -111,13 +111,16 @@ class AnnParams:
         return cls(nlist=nlist, nprobe=max(1, round(nlist * PROBED_SHARE)))
 
 
-def row_vectors(chunks: Sequence[RowChunk], weights: Sequence[float]) -> dict[Method, np.ndarray]:
-    """Row vectors `(n, C k)` float32 per method: each checkpoint's slot mean, times its weight, side
-    by side (the training side of the one inner product)."""
-    parts: dict[Method, list[torch.Tensor]] = {m: [] for m in METHODS}
+def row_vectors(
+    chunks: Sequence[RowChunk], weights: Sequence[float], methods: Sequence[Method] = METHODS
+) -> dict[Method, np.ndarray]:
+    """Row vectors `(n, C k)` float32 of each of `methods`: each checkpoint's slot mean, times its
+    weight, side by side (the training side of the one inner product)."""
+    parts: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
     for chunk, weight in zip(chunks, weights, strict=True):
-        for method, vectors in slot_means(chunk).items():
-            parts[method].append(weight * vectors)
+        means = slot_means(chunk)
+        for method in methods:
+            parts[method].append(weight * means[method])
     return {m: torch.cat(p, dim=1).numpy() for m, p in parts.items()}
 
 
@@ -163,18 +166,19 @@ def build_indexes(
     methods: Sequence[Method] = METHODS,
 ) -> dict[Method, Any]:
     """One FAISS index per method over the row vectors of every row `chunks()` yields, in two passes:
-    the first keeps the k-means training rows (every `stride`-th row), the second adds every row."""
+    the first keeps the k-means training rows (every `stride`-th row), the second adds every row. A
+    method's training rows are let go as they are joined (at 1M rows of k = 4,096 they are 1 GB)."""
     faiss.omp_set_num_threads(torch.get_num_threads())
     stride = max(1, num_rows // (params.nlist * TRAINING_ROWS_PER_LIST))
     training: dict[Method, list[np.ndarray]] = {m: [] for m in methods}
     for first, part in chunks():
         keep = (np.arange(first, first + part[0].projected.shape[0]) % stride) == 0
-        vectors = row_vectors(part, weights)
+        vectors = row_vectors(part, weights, methods)
         for method in methods:
             training[method].append(vectors[method][keep])
     indexes = {}
     for method in methods:
-        rows = coded(np.concatenate(training[method]))
+        rows = coded(np.concatenate(training.pop(method)))
         index = faiss.index_factory(
             rows.shape[1], f"IVF{params.nlist},PQ{rows.shape[1] // sub_dim(rows.shape[1])}x4fs",
             faiss.METRIC_INNER_PRODUCT,
@@ -184,7 +188,7 @@ def build_indexes(
         index.nprobe = params.nprobe
         indexes[method] = index
     for _, part in chunks():
-        vectors = row_vectors(part, weights)
+        vectors = row_vectors(part, weights, methods)
         for method in methods:
             indexes[method].add(coded(vectors[method]))
     return indexes
