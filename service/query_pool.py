@@ -46,7 +46,7 @@ from retrac.exceptions import RetracError
 from retrac.query_side import QueryVectors
 from service.errors import Unavailable
 from service.settings import Settings
-from storage import GradientStore, OpenStores, query_gradients
+from storage import GradientStore, OpenStores, StaleStoreError, query_gradients
 
 PROCESS_NAME = "retrac-query-gradients"
 STOP_WAIT_S = 10.0
@@ -54,8 +54,8 @@ STOP_WAIT_S = 10.0
 _ENVIRONMENT = threading.Lock()
 """Held while a pool process starts under its own environment variables (`_environment`)."""
 
-Request = tuple[str, torch.Tensor, str, list[int], dict[str, torch.Tensor]]
-"""(store location, images, query JSON, checkpoints, condition tensors by forward keyword)."""
+Request = tuple[str, str, torch.Tensor, str, list[int], dict[str, torch.Tensor]]
+"""(store location, the store's uid, images, query JSON, checkpoints, condition tensors by forward keyword)."""
 Answer = tuple[str, object]
 """("done", [(per_timestep, timestep_norms, bands) per checkpoint]) or ("failed", (class, message))."""
 
@@ -104,14 +104,14 @@ class QueryPool:
         """The pool as `storage.attribute`'s gradient step (`gradients=`) over `store`'s plan;
         `on_wait(s)` hears how long it waited for an idle process (part of the step's time, not of its
         gradients)."""
-        location = str(store.location)
+        location, uid = str(store.location), store.attrs["uid"]
 
         def compute(
             images: torch.Tensor, query: QuerySpec, checkpoints: Sequence[int], conditions: Conditions
         ) -> list[QueryVectors]:
             spec = QuerySpec.model_validate(query.model_dump(include=set(QuerySpec.model_fields)))
             request: Request = (
-                location, images.contiguous(), spec.model_dump_json(), list(checkpoints),
+                location, uid, images.contiguous(), spec.model_dump_json(), list(checkpoints),
                 dict(conditions.tensors),
             )
             return [QueryVectors(*tensors) for tensors in self._run(request, on_wait)]
@@ -269,11 +269,15 @@ def serve_gradients(connection: Connection, settings: Settings) -> None:
 
 
 def _answer(request: Request, models: GradientComputerCache, stores: OpenStores) -> Answer:
-    location, images, query, checkpoints, conditions = request
+    location, uid, images, query, checkpoints, conditions = request
     try:
+        store = stores.get(location)
+        if store.attrs["uid"] != uid:  # the service scans the rows of the store it opened, not of this one
+            raise StaleStoreError(
+                f"index {store.path.name!r} was deleted and created again while this query ran; send it again"
+            )
         vectors = query_gradients(
-            stores.get(location), images, QuerySpec.model_validate_json(query), checkpoints,
-            Conditions(conditions), models,
+            store, images, QuerySpec.model_validate_json(query), checkpoints, Conditions(conditions), models
         )
     except Exception as error:  # noqa: BLE001 - every failure goes back to the query that caused it
         return "failed", (f"{type(error).__module__}.{type(error).__qualname__}", str(error))

@@ -16,9 +16,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from api_schemas import QuerySpec
+from retrac.computers import GradientComputerCache
 from service.main import create_app
-from service.query_pool import PROCESS_NAME, openmp_environment
+from service.query_pool import PROCESS_NAME, _answer, failure, openmp_environment
+from service.repository import StoreRepository
 from service.settings import Settings
+from storage import OpenStores, StaleStoreError
 from tests.service.conftest import API_KEY, HEAVY, INDEX, assert_wait_reported_apart, body, wait_until
 
 STARTED_CPU_S = 0.1
@@ -150,3 +154,15 @@ def test_pool_processes_start_with_their_threads_and_a_passive_openmp_wait(
         assert started["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # an operator's own choice is kept
     assert openmp_environment(3) == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_a_store_created_again_under_the_query_is_refused_as_stale(settings: Settings, built_index: str) -> None:
+    """The pool process computes for the store the service opened (its uid), never for a later one at
+    the same location: the service would scan the old rows with the new store's query vectors."""
+    store = StoreRepository(settings).open(INDEX)
+    images = store.plan.dataset.images[:1]
+    request = (str(store.location), "another-uid", images, QuerySpec(timesteps=2, draws=1).model_dump_json(), [0], {})
+    status, (kind, message) = _answer(request, GradientComputerCache("cpu", threads=1), OpenStores())
+    assert (status, kind) == ("failed", "storage.errors.StaleStoreError")
+    assert isinstance(failure(kind, message, pid=None), StaleStoreError)
+    assert "deleted and created again while this query ran" in message
