@@ -36,6 +36,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -244,6 +245,15 @@ class InputMirrors:
         """Let the mirrors be evicted again (their reader is done with them)."""
         for lease in self.leases:
             lease.release()
+
+    @contextmanager
+    def released_on_error(self) -> Iterator[None]:
+        """Release the leases if the block fails: no plan it would have made reads these mirrors."""
+        try:
+            yield
+        except BaseException:
+            self.release()
+            raise
 
     def named(self, text: str) -> str:
         """`text` (a message, a recorded path) with each mirror's path replaced by its URL."""

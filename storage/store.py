@@ -215,11 +215,8 @@ class GradientStore:
         if not path.is_empty():
             raise StoreError(f"{path.name} exists and is not a retrac store; choose another path")
         plan, mirrors = _resolve(spec, root, path, data_root=data_root)
-        try:
+        with mirrors.released_on_error():
             store = cls._created(path, spec, plan, mirrors, root, data_root, resident_bytes)
-        except BaseException:
-            mirrors.release()
-            raise
         store._plan, store._inputs = plan, mirrors
         return store
 
@@ -320,16 +317,13 @@ class GradientStore:
         """A StaleStoreError naming what changed, if the checkpoints, data, record or schedule did."""
         data_root = Path(self.attrs["data_root"]) if self.attrs.get("data_root") else None
         plan, mirrors = _resolve(self.spec, self.root, self.path, data_root=data_root, stale=True)
-        try:
+        with mirrors.released_on_error():
             changed = mirrors.named("; ".join(changes(self.attrs["fingerprints"], plan, self.sample_ids)))
             if changed:
                 raise StaleStoreError(
                     f"{self.path.name} is stale: {changed}; restore the input, or {REBUILD}"
                 )
             self._plan = plan if plan.latent_space is None else plan.with_latents(self._stored_latents())
-        except BaseException:
-            mirrors.release()
-            raise
         previous, self._inputs = self._inputs, mirrors
         if previous is not None:
             previous.release()
@@ -775,14 +769,11 @@ def _resolve(
     mirrors: InputMirrors | None = None
     try:
         mirrors = current_inputs().localize(spec)
-        try:
+        with mirrors.released_on_error():
             if is_url(spec.dataset.source):  # its files must stay inside its mirror
                 local = Path(mirrors.spec.dataset.source)
                 data_root = local if local.is_dir() else local.parent
             plan = IndexPlan.resolve(mirrors.spec, root, data_root=data_root)
-        except BaseException:
-            mirrors.release()  # no plan reads them
-            raise
     except UnreachableStoreError:  # the inputs' bucket is out of reach: no input changed
         raise
     except RetracError as error:
