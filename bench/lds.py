@@ -2,11 +2,13 @@
 and the direction of the norm-vs-timestep bias under MSE and under L1; prints one JSON object.
 
     .venv/bin/python bench/lds.py --quick --out out/lds --figures docs/figures
+    .venv/bin/python bench/lds.py --preset standard --out /work/lds-cache   # resumes when rerun
 
 Parts (each a function returning a dict with its wall time, so bench/quality.py can call them):
 
-- `lds_part`: `retrac.evaluation.lds.run_lds` (32 models on random halves in --quick): `lds` and
-  `lds_ci` per method and estimator, `removal`, and `generally_influential_ratio` (ReTrac's count
+- `lds_part`: `retrac.evaluation.lds.run_lds` (32 models on random halves in --quick, 64 in the
+  standard preset): `lds` and `lds_ci` per query split, method and estimator, `self_retrieval`,
+  `seed_variance`, `removal`, and `generally_influential_ratio` (ReTrac's count
   over TracIn's, per estimator, on the same full model).
 - `self_influence_part`: `retrac.evaluation.outliers.detect_outliers` on both planted mixtures:
   `self_influence_auc` per mixture and method.
@@ -31,20 +33,24 @@ import torch
 
 from api_schemas import DatasetSpec, TrainSpec
 from retrac.datasets import load_dataset
-from retrac.evaluation.lds import LdsConfig, run_lds
+from retrac.evaluation.lds import LDS_PRESETS, run_lds
 from retrac.evaluation.norms import analyse_run, direction_figure
 from retrac.evaluation.outliers import MIXES, OutlierConfig, detect_outliers
 from retrac.training import RECIPES, train
 
 
-def lds_part(out: Path, quick: bool) -> dict[str, Any]:
-    config = LdsConfig.quick() if quick else LdsConfig(n_train=256, n_queries=24, models=64, epochs=40)
+def lds_part(out: Path, quick: bool, preset: str | None = None) -> dict[str, Any]:
+    config = LDS_PRESETS[preset or ("quick" if quick else "standard")]()
     began = time.perf_counter()
     report = run_lds(config, out / "lds", progress=True)
     counts = report.generally_influential
     return {
         "lds": report.lds,
         "lds_ci": report.lds_ci,
+        "self_retrieval": report.self_retrieval,
+        "seed_variance": {s: v.model_dump() for s, v in report.seed_variance.items()} if report.seed_variance else None,
+        "bytes_per_sample": report.bytes_per_sample,
+        "skipped": report.skipped,
         "removal": report.removal.model_dump() if report.removal else None,
         "generally_influential": counts,
         "generally_influential_ratio": {
@@ -53,6 +59,7 @@ def lds_part(out: Path, quick: bool) -> dict[str, Any]:
             for estimator in counts["tracin"]
         },
         "lds_setting": {"models": config.models, "n_train": config.n_train, "n_queries": config.n_queries,
+                        "n_generated": config.n_generated, "sources": list(config.sources),
                         "preset": config.preset, "resolution": config.resolution, "epochs": config.epochs},
         "lds_timings": report.timings,
         "lds_wall_s": round(time.perf_counter() - began, 1),
@@ -105,14 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the small setting (under 10 minutes on 2 cores)")
     parser.add_argument("--out", type=Path, default=Path("out/lds"), help="working folder")
     parser.add_argument("--figures", type=Path, help="also copy norm_direction.png here (e.g. docs/figures)")
-    parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
+    parser.add_argument("--preset", choices=sorted(LDS_PRESETS),
+                        help="the LDS part's preset (standard: the benchmark; alone, it runs the LDS part only)")
+    parser.add_argument("--parts", nargs="+", choices=sorted(PARTS),
+                        help="parts to run (default: every part, or the LDS part with --preset)")
     args = parser.parse_args(argv)
+    parts = args.parts or (["lds"] if args.preset else list(PARTS))
 
     torch.set_num_threads(1)  # one thread: contending processes run torch far slower on 2 cores
     began = time.perf_counter()
-    result: dict[str, Any] = {"quick": args.quick}
-    for name in args.parts:
-        result |= PARTS[name](args.out, args.quick)
+    result: dict[str, Any] = {"quick": args.quick, "preset": args.preset}
+    for name in parts:
+        result |= lds_part(args.out, args.quick, args.preset) if name == "lds" else PARTS[name](args.out, args.quick)
     if args.figures is not None and "norm_direction_figure" in result:
         args.figures.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result["norm_direction_figure"], args.figures / "norm_direction.png")

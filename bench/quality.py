@@ -21,7 +21,9 @@ Trains a tiny DDPM on real digits (with a replay record), then measures, per met
   the setting's (K, M) and as a curve over (K = grid slots, M) (`--curve` picks the points).
 
 - `lds`, `self_influence`, `norm_direction`: the counterfactual and outlier parts of `bench/lds.py`
-  (their own models and data): `lds` and `lds_ci` per method and estimator and
+  (their own models and data): `lds` and `lds_ci` (validation queries), `lds_generated` and
+  `lds_generated_ci` (queries the model generated) per method and estimator (and the pixel-cosine
+  baseline, estimator `baseline`), and
   `generally_influential_ratio` under `retrac`; `removal`, `self_influence_auc` (per planted mixture
   and score: self-influence does not depend on the query estimator) and `norm_direction` at the top.
 
@@ -284,13 +286,14 @@ def copy_figures(setup: Setup, run: TrainingRun, training: ImageDataset) -> Figu
 def lds_part(setup: Setup) -> Figures:
     """bench/lds.py's LDS and removal check, laid out per method and estimator."""
     found = counterfactual.lds_part(setup.scratch, quick=setup.setting.quick)
-    out: Figures = {
-        method: {
-            estimator: {"lds": value, "lds_ci": found["lds_ci"][method][estimator]}
-            for estimator, value in per_estimator.items()
-        }
-        for method, per_estimator in found["lds"].items()
-    }
+    out: Figures = {}
+    for split, by_method in found["lds"].items():
+        suffix = "" if split == "validation" else f"_{split}"  # validation queries: plain `lds`
+        for method, per_estimator in by_method.items():
+            for estimator, value in per_estimator.items():
+                out.setdefault(method, {}).setdefault(estimator, {}).update({
+                    f"lds{suffix}": value, f"lds{suffix}_ci": found["lds_ci"][split][method][estimator],
+                })
     for estimator, ratio in found["generally_influential_ratio"].items():
         out.setdefault("retrac", {}).setdefault(estimator, {})["generally_influential_ratio"] = ratio
     setup.extra.update(removal=found["removal"], lds_setting=found["lds_setting"])
