@@ -129,7 +129,7 @@ def query_matrix(
 ) -> np.ndarray:
     """Query vectors `(Q, C k)` float32 of one method over every checkpoint of the index: zeros at the
     checkpoints not chosen, so the inner product is the score over the chosen ones alone."""
-    chosen = {c: getattr(v, method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)}
+    chosen = {c: v.mean_vector(method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)}
     zeros = torch.zeros_like(next(iter(chosen.values())))
     return torch.cat([chosen.get(c, zeros) for c in range(num_checkpoints)], dim=1).numpy()
 
