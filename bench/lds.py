@@ -10,6 +10,9 @@ Parts (each a function returning a dict with its wall time, so bench/quality.py 
   standard preset): `lds` and `lds_ci` per query split, method and estimator, `self_retrieval`,
   `seed_variance`, `removal`, and `generally_influential_ratio` (ReTrac's count
   over TracIn's, per estimator, on the same full model).
+- `curve_part` (`--parts curve`, not run by default): the quality-per-byte curve, LDS and
+  self-retrieval of every method and estimator against the rows per sample (the replayed step plus
+  K = 0..32 shared-noise grid slots), which chose `index create`'s default slots.
 - `self_influence_part`: `retrac.evaluation.outliers.detect_outliers` on both planted mixtures:
   `self_influence_auc` per mixture and method.
 - `norm_direction_part`: two runs of the paper's recipe (cosine betas clipped to [1e-4, 0.02],
@@ -31,9 +34,9 @@ from typing import Any
 
 import torch
 
-from api_schemas import DatasetSpec, TrainSpec
+from api_schemas import DatasetSpec, SlotSpec, TrainSpec
 from retrac.datasets import load_dataset
-from retrac.evaluation.lds import LDS_PRESETS, run_lds
+from retrac.evaluation.lds import LDS_PRESETS, matched_slots_for, run_lds
 from retrac.evaluation.norms import analyse_run, direction_figure
 from retrac.evaluation.outliers import MIXES, OutlierConfig, detect_outliers
 from retrac.training import RECIPES, train
@@ -104,7 +107,32 @@ def norm_direction_part(out: Path, quick: bool) -> dict[str, Any]:
     }
 
 
-PARTS = {"lds": lds_part, "self_influence": self_influence_part, "norm_direction": norm_direction_part}
+CURVE_GRIDS = (0, 2, 4, 8, 16, 32)
+"""Shared-noise grid slots per sample of the quality-per-byte curve (0: the replayed step alone)."""
+
+
+def curve_part(out: Path, quick: bool, preset: str | None = None, grids: tuple[int, ...] = CURVE_GRIDS
+               ) -> dict[str, Any]:
+    """LDS and self-retrieval against the rows each sample keeps: the preset's data, models and loss
+    measurement (so the retrained models are shared by every point), indexed with the replayed step
+    and K shared-noise grid slots of one draw each, queried at the same K (M = 1)."""
+    base = LDS_PRESETS[preset or ("quick" if quick else "standard")]()
+    began = time.perf_counter()
+    points = []
+    for grid in grids:
+        query = base.query.model_copy(update={"timesteps": max(grid, 1), "draws": 1})
+        slots = matched_slots_for(query) if grid else SlotSpec(replay=True)
+        config = base.model_copy(update={"slots": slots, "query": query, "removal_queries": 0})
+        report = run_lds(config, out / "lds", progress=True)
+        points.append({"grid": grid, "rows_per_sample": len(slots.kinds), "bytes_per_sample": report.bytes_per_sample,
+                       "lds": report.lds, "lds_ci": report.lds_ci, "self_retrieval": report.self_retrieval,
+                       "skipped": report.skipped, "attribute_s": report.timings["attribute"]})
+    return {"curve": points, "curve_wall_s": round(time.perf_counter() - began, 1)}
+
+
+PARTS = {"lds": lds_part, "self_influence": self_influence_part, "norm_direction": norm_direction_part,
+         "curve": curve_part}
+DEFAULT_PARTS = ("lds", "self_influence", "norm_direction")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,15 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(LDS_PRESETS),
                         help="the LDS part's preset (standard: the benchmark; alone, it runs the LDS part only)")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS),
-                        help="parts to run (default: every part, or the LDS part with --preset)")
+                        help=f"parts to run (default: {', '.join(DEFAULT_PARTS)}, or the LDS part with --preset)")
     args = parser.parse_args(argv)
-    parts = args.parts or (["lds"] if args.preset else list(PARTS))
+    parts = args.parts or (["lds"] if args.preset else list(DEFAULT_PARTS))
 
     torch.set_num_threads(1)  # one thread: contending processes run torch far slower on 2 cores
     began = time.perf_counter()
     result: dict[str, Any] = {"quick": args.quick, "preset": args.preset}
     for name in parts:
-        result |= lds_part(args.out, args.quick, args.preset) if name == "lds" else PARTS[name](args.out, args.quick)
+        if name in ("lds", "curve"):
+            result |= PARTS[name](args.out, args.quick, args.preset)
+        else:
+            result |= PARTS[name](args.out, args.quick)
     if args.figures is not None and "norm_direction_figure" in result:
         args.figures.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result["norm_direction_figure"], args.figures / "norm_direction.png")

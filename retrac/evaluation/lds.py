@@ -54,7 +54,6 @@ from retrac.evaluation.sampling import generate
 from retrac.exceptions import EvaluationError
 from retrac.models import DiffusionModel, fingerprint_checkpoint, load_scheduler, load_unet
 from retrac.replay import TrainingRun
-from retrac.scoring import METHODS
 from retrac.training import train
 
 GENERALLY_INFLUENTIAL_SHARE = 0.25
@@ -127,7 +126,7 @@ class LdsConfig(BaseModel):
 
     @property
     def engine_methods(self) -> tuple[str, ...]:
-        return self.methods if self.methods is not None else tuple(m for m in METHODS if m in METHOD_INDEX)
+        return self.methods if self.methods is not None else tuple(METHOD_INDEX)
 
     @classmethod
     def quick(cls) -> LdsConfig:
@@ -154,11 +153,12 @@ class LdsConfig(BaseModel):
 
     @classmethod
     def smoke(cls) -> LdsConfig:
-        """A check that everything runs: 4 models of 2 epochs on 8 of 16 digits; seconds."""
+        """A check that everything runs: 4 models of 2 epochs on 8 of 16 digits; seconds. A sketch of
+        k = 256 keeps the kernels of trak and dtrak small."""
         query = QuerySpec(timesteps=3, draws=1, seed=0)
         return cls(n_train=16, n_queries=3, n_generated=3, self_queries=4, epochs=2, save_every=1, batch_size=8,
                    models=4, seed_models=3, slots=matched_slots_for(query),  # so matched runs too
-                   query=query, measure=QuerySpec(timesteps=4, draws=1, seed=7), removal_queries=1, removal_k=2,
+                   projector=ProjectorSpec(kind="sketch", dim=256, seed=0), query=query, measure=QuerySpec(timesteps=4, draws=1, seed=7), removal_queries=1, removal_k=2,
                    bootstrap=50)
 
 

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from api_schemas import IndexSpec, QuerySpec
+from api_schemas import IndexSpec, KernelSpec, QuerySpec
 from retrac.attribution import Attributor
 from retrac.exceptions import EvaluationError, RetracError
+from retrac.methods import ROWS
 from retrac.plan import IndexPlan
-from retrac.scoring import METHODS
 
 Scores = dict[str, dict[str, dict[str, np.ndarray]]]
 """method -> estimator -> split -> `(Q, N)` scores."""
@@ -41,8 +41,12 @@ BASELINE_ESTIMATOR = "baseline"
 DEFAULT_ESTIMATOR = "paper"
 """The name under which results appear when `QuerySpec` offers no choice of estimator."""
 
-METHOD_INDEX: dict[str, dict[str, Any]] = {"tracin": {}, "retrac": {}}
-"""IndexSpec fields each engine method needs beyond the base index (methods with equal fields share one)."""
+METHOD_INDEX: dict[str, dict[str, Any]] = {
+    method: {"output_function": rows, "kernel": KernelSpec()} for method, rows in ROWS.items()
+}
+"""IndexSpec fields each engine method needs beyond the base index (methods with equal fields share one):
+its rows' output function, and the TRAK kernel (built for every index, so loss rows serve tracin,
+retrac and trak from one index, output-norm rows dtrak)."""
 
 
 def query_estimators() -> dict[str, dict[str, Any]]:
@@ -122,10 +126,9 @@ def engine_scores(
     """Scores of `methods` under every estimator for each split's images; (scores, skipped estimators).
 
     `on_index(description)` hears of each index built (the expensive step)."""
-    unknown = [m for m in methods if m not in METHOD_INDEX or m not in METHODS]
+    unknown = [m for m in methods if m not in METHOD_INDEX]
     if unknown:
-        raise EvaluationError(f"methods {unknown} are not engine methods the harness knows; choose from "
-                              f"{[m for m in METHODS if m in METHOD_INDEX]}")
+        raise EvaluationError(f"methods {unknown} are not engine methods; choose from {list(METHOD_INDEX)}")
     groups: dict[str, list[str]] = {}
     for method in methods:
         groups.setdefault(json.dumps(METHOD_INDEX[method], sort_keys=True, default=str), []).append(method)

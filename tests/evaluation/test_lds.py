@@ -27,6 +27,7 @@ from retrac.evaluation.lds import (
 from retrac.evaluation.lds_scores import BASELINE, DEFAULT_ESTIMATOR, pixel_cosine, query_estimators
 from retrac.evaluation.retraining import RetrainJob, query_losses, random_subsets, train_and_measure
 from retrac.exceptions import EvaluationError
+from retrac.methods import ROWS
 from retrac.models import DiffusionModel, load_scheduler, load_unet
 from retrac.replay import TrainingRun
 from tests.tolerances import gamma
@@ -138,7 +139,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[LdsConfig, LdsRepor
 def test_the_harness_reports_every_method_and_estimator(smoke) -> None:
     config, report, out = smoke
     assert json.loads((out / "lds.json").read_text()) == json.loads(report.model_dump_json())
-    assert report.methods == ["tracin", "retrac", BASELINE] and report.estimators == sorted(
+    assert report.methods == [*ROWS, BASELINE] and report.estimators == sorted(
         [*query_estimators(), "baseline"])
     assert not report.skipped and list(report.lds) == list(SPLITS)
     counts = {"validation": config.n_queries, "generated": config.n_generated}
@@ -154,12 +155,11 @@ def test_the_harness_reports_every_method_and_estimator(smoke) -> None:
                 assert min(per_query) - slack <= low <= high <= max(per_query) + slack
     removal = report.removal
     assert removal is not None and len(removal.random) == config.removal_queries
-    assert set(removal.top_k) == {"tracin", "retrac", BASELINE}
+    assert set(removal.top_k) == {*ROWS, BASELINE}
     assert report.self_retrieval is not None and report.self_retrieval[BASELINE]["baseline"] == 1.0
     assert report.seed_variance is not None and set(report.seed_variance) == set(SPLITS)
-    # 2 checkpoints x (replay + 3 grid slots) x (a float16 value per parameter + one float32 norm)
-    parameters = sum(p.numel() for p in load_unet(out / "run" / "checkpoints" / "epoch-0002").parameters())
-    assert report.bytes_per_sample == 2 * 4 * (parameters * 2 + 4)
+    # 2 checkpoints x (replay + 3 grid slots) x (k = 256 float16 values + one float32 norm)
+    assert report.bytes_per_sample == 2 * 4 * (256 * 2 + 4)
 
 
 def test_a_retrained_model_in_a_worker_gives_the_losses_computed_here(smoke) -> None:
