@@ -51,7 +51,7 @@ def lds_part(out: Path, quick: bool, preset: str | None = None) -> dict[str, Any
         "lds": report.lds,
         "lds_ci": report.lds_ci,
         "self_retrieval": report.self_retrieval,
-        "seed_variance": {s: v.model_dump() for s, v in report.seed_variance.items()} if report.seed_variance else None,
+        "seed_variance": {s: v.model_dump() for s, v in (report.seed_variance or {}).items()} or None,
         "bytes_per_sample": report.bytes_per_sample,
         "skipped": report.skipped,
         "removal": report.removal.model_dump() if report.removal else None,
@@ -124,8 +124,10 @@ def curve_part(out: Path, quick: bool, preset: str | None = None, grids: tuple[i
         slots = matched_slots_for(query) if grid else SlotSpec(replay=True)
         config = base.model_copy(update={"slots": slots, "query": query, "removal_queries": 0})
         report = run_lds(config, out / "lds", progress=True)
-        points.append({"grid": grid, "rows_per_sample": len(slots.kinds), "bytes_per_sample": report.bytes_per_sample,
-                       "lds": report.lds, "lds_ci": report.lds_ci, "self_retrieval": report.self_retrieval,
+        points.append({"grid": grid, "rows_per_sample": len(slots.kinds),
+                       "bytes_per_sample": report.bytes_per_sample, "lds": report.lds,
+                       "lds_ci": report.lds_ci,
+                       "self_retrieval": report.self_retrieval,
                        "skipped": report.skipped, "attribute_s": report.timings["attribute"]})
     return {"curve": points, "curve_wall_s": round(time.perf_counter() - began, 1)}
 
@@ -141,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/lds"), help="working folder")
     parser.add_argument("--figures", type=Path, help="also copy norm_direction.png here (e.g. docs/figures)")
     parser.add_argument("--preset", choices=sorted(LDS_PRESETS),
-                        help="the LDS part's preset (standard: the benchmark; alone, it runs the LDS part only)")
+                        help="the LDS part's preset (standard: the benchmark); alone, runs the LDS part only")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS),
-                        help=f"parts to run (default: {', '.join(DEFAULT_PARTS)}, or the LDS part with --preset)")
+                        help=f"parts to run (default: {', '.join(DEFAULT_PARTS)}; lds alone with --preset)")
     args = parser.parse_args(argv)
     parts = args.parts or (["lds"] if args.preset else list(DEFAULT_PARTS))
 
@@ -151,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     result: dict[str, Any] = {"quick": args.quick, "preset": args.preset}
     for name in parts:
-        if name in ("lds", "curve"):
-            result |= PARTS[name](args.out, args.quick, args.preset)
+        if name == "lds":
+            result |= lds_part(args.out, args.quick, args.preset)
+        elif name == "curve":
+            result |= curve_part(args.out, args.quick, args.preset)
         else:
             result |= PARTS[name](args.out, args.quick)
     if args.figures is not None and "norm_direction_figure" in result:

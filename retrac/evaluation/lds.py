@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,8 +45,8 @@ from retrac.evaluation.lds_scores import (
     BASELINE,
     BASELINE_ESTIMATOR,
     METHOD_INDEX,
-    Scores,
     ScoreCache,
+    Scores,
     engine_scores,
     pixel_cosine,
 )
@@ -71,8 +72,9 @@ class LdsConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    sources: tuple[str, ...] = Field(("builtin:digits",), min_length=1,
-                                     description="dataset sources, mixed in equal shares")
+    sources: tuple[str, ...] = Field(
+        ("builtin:digits",), min_length=1, description="dataset sources, mixed in equal shares"
+    )
     resolution: int = Field(8, ge=4)
     channels: Literal[1, 3] = 1
     n_train: int = Field(128, ge=4, description="training images of the full model")
@@ -91,15 +93,17 @@ class LdsConfig(BaseModel):
     slots: SlotSpec = SlotSpec(replay=True)
     projector: ProjectorSpec = ProjectorSpec(kind="identity")
     query: QuerySpec = QuerySpec(timesteps=10, draws=2, seed=0)
-    measure: QuerySpec = Field(QuerySpec(timesteps=100, draws=1, seed=1_000_003),
-                               description="K, M and noise seed of the retrained models' query loss")
+    measure: QuerySpec = Field(
+        QuerySpec(timesteps=100, draws=1, seed=1_000_003),
+        description="K, M and noise seed of the retrained models' query loss",
+    )
     methods: tuple[str, ...] | None = Field(None, description="engine methods; default: every one known")
     removal_queries: int = Field(4, ge=0, description="queries of the removal check (0: no removal check)")
     removal_k: int = Field(10, ge=1, description="samples removed per query")
     bootstrap: int = Field(1000, ge=1, description="bootstrap resamples of the LDS interval")
     confidence: float = Field(0.95, gt=0, lt=1)
     workers: int = Field(2, ge=1, description="processes that train the subset models")
-    score_batch: int = Field(2, ge=1, description="queries per attribution call (bounds band-part memory)")
+    score_batch: int = Field(32, ge=1, description="queries per scoring call (bounds its memory)")
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -109,7 +113,9 @@ class LdsConfig(BaseModel):
         if self.removal_k >= self.n_train:
             raise ValueError(f"removal_k {self.removal_k} must be below n_train {self.n_train}")
         if not 2 <= self.subset_size < self.n_train:
-            raise ValueError(f"subset_fraction {self.subset_fraction} of {self.n_train} leaves no real subset")
+            raise ValueError(
+                f"subset_fraction {self.subset_fraction} of {self.n_train} leaves no real subset"
+            )
         if self.seed_models > self.models:
             raise ValueError(f"seed_models {self.seed_models} exceeds models {self.models}")
         if self.seed_models == 1 or self.seed_models == 2:
@@ -135,8 +141,12 @@ class LdsConfig(BaseModel):
         the replayed step, so both estimators are scored, projected by a count sketch of k = 4,096:
         full-length rows of 11 slots make the band parts of every sample for every query (the
         attribution path ranks all N) take 12 GB at 45k parameters."""
-        return cls(n_generated=16, self_queries=32, slots=matched_slots_for(cls.model_fields["query"].default),
-                   projector=ProjectorSpec(kind="sketch", dim=4096, seed=0))
+        return cls(
+            n_generated=16,
+            self_queries=32,
+            slots=matched_slots_for(cls.model_fields["query"].default),
+            projector=ProjectorSpec(kind="sketch", dim=4096, seed=0),
+        )
 
     @classmethod
     def standard(cls) -> LdsConfig:
@@ -146,20 +156,46 @@ class LdsConfig(BaseModel):
         are rare; 64 micro models on random halves (8 of them with a second seed), 100 validation and
         100 generated queries, no removal check; sized to fit 2 hours on 2 CPU cores."""
         query = QuerySpec(timesteps=10, draws=2, seed=0)
-        return cls(sources=("builtin:digits", "builtin:patches"), resolution=16, n_train=1000, n_queries=100,
-                   n_generated=100, self_queries=100, epochs=45, save_every=15, models=64, seed_models=8,
-                   slots=matched_slots_for(query), query=query,
-                   projector=ProjectorSpec(kind="sketch", dim=4096, seed=0), removal_queries=0)
+        return cls(
+            sources=("builtin:digits", "builtin:patches"),
+            resolution=16,
+            n_train=1000,
+            n_queries=100,
+            n_generated=100,
+            self_queries=100,
+            epochs=45,
+            save_every=15,
+            models=64,
+            seed_models=8,
+            slots=matched_slots_for(query),
+            query=query,
+            projector=ProjectorSpec(kind="sketch", dim=4096, seed=0),
+            removal_queries=0,
+        )
 
     @classmethod
     def smoke(cls) -> LdsConfig:
         """A check that everything runs: 4 models of 2 epochs on 8 of 16 digits; seconds. A sketch of
         k = 256 keeps the kernels of trak and dtrak small."""
         query = QuerySpec(timesteps=3, draws=1, seed=0)
-        return cls(n_train=16, n_queries=3, n_generated=3, self_queries=4, epochs=2, save_every=1, batch_size=8,
-                   models=4, seed_models=3, slots=matched_slots_for(query),  # so matched runs too
-                   projector=ProjectorSpec(kind="sketch", dim=256, seed=0), query=query, measure=QuerySpec(timesteps=4, draws=1, seed=7), removal_queries=1, removal_k=2,
-                   bootstrap=50)
+        return cls(
+            n_train=16,
+            n_queries=3,
+            n_generated=3,
+            self_queries=4,
+            epochs=2,
+            save_every=1,
+            batch_size=8,
+            models=4,
+            seed_models=3,
+            slots=matched_slots_for(query),  # so matched runs too
+            projector=ProjectorSpec(kind="sketch", dim=256, seed=0),
+            query=query,
+            measure=QuerySpec(timesteps=4, draws=1, seed=7),
+            removal_queries=1,
+            removal_k=2,
+            bootstrap=50,
+        )
 
 
 def matched_slots_for(query: QuerySpec) -> SlotSpec:
@@ -191,10 +227,14 @@ class SeedVariance(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     models: int
-    loss_spearman: float = Field(description="mean over queries of the Spearman correlation, over the "
-                                 "subsets, of the loss under the first seed and under the second")
-    noise_share: float = Field(description="the seed's share of the loss variance: half the mean squared "
-                               "difference between seeds over the variance across subsets, summed over queries")
+    loss_spearman: float = Field(
+        description="mean over queries of the Spearman correlation, over the "
+        "subsets, of the loss under the first seed and under the second"
+    )
+    noise_share: float = Field(
+        description="the seed's share of the loss variance: half the mean squared "
+        "difference between seeds over the variance across subsets, summed over queries"
+    )
 
 
 class LdsReport(BaseModel):
@@ -209,11 +249,14 @@ class LdsReport(BaseModel):
     skipped: dict[str, str] = Field(description="estimators that could not score an index, and why")
     queries: dict[str, list[str]] = Field(description="split -> query ids")
     subset_size: int
-    bytes_per_sample: int = Field(description="stored bytes of one sample over all checkpoints (rows and norms)")
+    bytes_per_sample: int = Field(
+        description="stored bytes of one sample over all checkpoints (rows and norms)"
+    )
     actual_losses: dict[str, list[list[float]]] = Field(description="split -> (models, queries) loss")
     lds: dict[str, dict[str, dict[str, float]]] = Field(description="split -> method -> estimator -> LDS")
-    lds_ci: dict[str, dict[str, dict[str, list[float]]]] = Field(description="split -> method -> estimator -> "
-                                                                 "[low, high]")
+    lds_ci: dict[str, dict[str, dict[str, list[float]]]] = Field(
+        description="split -> method -> estimator -> [low, high]"
+    )
     lds_per_query: dict[str, dict[str, dict[str, list[float]]]]
     seed_variance: dict[str, SeedVariance] | None
     self_retrieval: dict[str, dict[str, float]] | None = Field(
@@ -236,12 +279,17 @@ def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) ->
     say = _say if progress else (lambda _: None)
     with clock("data"):
         training, validation = split_data(config)
-        dataset = DatasetSpec(source=str(save_npz(training, out.resolve() / "data" / "train.npz")),
-                              resolution=config.resolution, channels=config.channels)
+        dataset = DatasetSpec(
+            source=str(save_npz(training, out.resolve() / "data" / "train.npz")),
+            resolution=config.resolution,
+            channels=config.channels,
+        )
     with clock("train"):
         say("train: the full model")
         run = full_run(config, dataset, training, out / "run")
-        last = DiffusionModel.from_parts(load_unet(run.checkpoints()[-1].path), load_scheduler(run.scheduler_folder))
+        last = DiffusionModel.from_parts(
+            load_unet(run.checkpoints()[-1].path), load_scheduler(run.scheduler_folder)
+        )
     with clock("generate"):
         splits = {"validation": validation.images}
         if config.n_generated:
@@ -249,11 +297,22 @@ def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) ->
         if config.self_queries:
             splits[SELF] = training.images[: config.self_queries]
     with clock("attribute"):
-        base = IndexSpec(dataset=dataset, run=str(out / "run"), slots=config.slots, projector=config.projector)
+        base = IndexSpec(
+            dataset=dataset, run=str(out / "run"), slots=config.slots, projector=config.projector
+        )
         model = " ".join([training.fingerprint, *(fingerprint_checkpoint(c.path) for c in run.checkpoints())])
-        scores, skipped = engine_scores(base, config.engine_methods, splits, config.query,
-                                        ScoreCache(out / "scores", model), batch=config.score_batch, on_index=say)
-        scores[BASELINE] = {BASELINE_ESTIMATOR: {s: pixel_cosine(training.images, q) for s, q in splits.items()}}
+        scores, skipped = engine_scores(
+            base,
+            config.engine_methods,
+            splits,
+            config.query,
+            ScoreCache(out / "scores", model),
+            batch=config.score_batch,
+            on_index=say,
+        )
+        scores[BASELINE] = {
+            BASELINE_ESTIMATOR: {s: pixel_cosine(training.images, q) for s, q in splits.items()}
+        }
         full_loss = query_losses(last, run.loss, validation.images, config.measure)
     with clock("retrain"):
         masks = random_subsets(config.models, config.subset_size, config.n_train, config.seed)
@@ -264,48 +323,79 @@ def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) ->
         spec = train_spec(config, dataset, save_every=config.epochs)
         second = spec.model_copy(update={"seed": config.seed + 1})
         jobs = [RetrainJob(spec, training, keep, measured, config.measure) for keep in keeps]
-        jobs += [RetrainJob(second, training, keep, measured, config.measure) for keep in subsets[: config.seed_models]]
+        jobs += [
+            RetrainJob(second, training, keep, measured, config.measure)
+            for keep in subsets[: config.seed_models]
+        ]
         say(f"retrain: {len(jobs)} models in {config.workers} processes (cached in {out / 'models'})")
         with tqdm(total=len(jobs), desc="retrain", unit="model", disable=not progress) as bar:
             losses = retrain_all(jobs, workers=config.workers, on_done=bar.update, cache=out / "models")
     with clock("evaluate"):
         columns = _columns(splits)
         actual = {s: losses[: config.models, c] for s, c in columns.items()}
-        lds, intervals, per_query = {}, {}, {}
+        lds: dict[str, dict[str, dict[str, float]]] = {}
+        intervals: dict[str, dict[str, dict[str, list[float]]]] = {}
+        per_query: dict[str, dict[str, dict[str, list[float]]]] = {}
         for split in columns:
             for method, by_estimator in scores.items():
                 for estimator, by_split in by_estimator.items():
-                    values = metrics.lds_per_query(actual[split], metrics.subset_predictions(by_split[split], masks))
+                    values = metrics.lds_per_query(
+                        actual[split], metrics.subset_predictions(by_split[split], masks)
+                    )
                     per_query.setdefault(split, {}).setdefault(method, {})[estimator] = values.tolist()
                     lds.setdefault(split, {}).setdefault(method, {})[estimator] = float(values.mean())
                     intervals.setdefault(split, {}).setdefault(method, {})[estimator] = list(
-                        metrics.bootstrap_interval(values, resamples=config.bootstrap,
-                                                   confidence=config.confidence, seed=config.seed)
+                        metrics.bootstrap_interval(
+                            values, resamples=config.bootstrap, confidence=config.confidence, seed=config.seed
+                        )
                     )
         removal_rows = losses[config.models : len(keeps), columns["validation"]]
         removed = dict(zip(keeps[config.models :], removal_rows, strict=True))
-        removal = (_removal(config, validation, full_loss, removals, removed) if config.removal_queries else None)
+        removal = (
+            _removal(config, validation, full_loss, removals, removed) if config.removal_queries else None
+        )
         seeds = losses[len(keeps) :]
-        variance = ({s: seed_variance(losses[: config.seed_models, c], seeds[:, c]) for s, c in columns.items()}
-                    if config.seed_models else None)
+        variance = (
+            {s: seed_variance(losses[: config.seed_models, c], seeds[:, c]) for s, c in columns.items()}
+            if config.seed_models
+            else None
+        )
         recurring = max(2, math.ceil(GENERALLY_INFLUENTIAL_SHARE * config.n_queries))
         influential = {
-            m: {e: len(metrics.generally_influential(metrics.top_k(s["validation"], config.removal_k), recurring))
-                for e, s in by_estimator.items()}
+            m: {
+                e: len(
+                    metrics.generally_influential(metrics.top_k(s["validation"], config.removal_k), recurring)
+                )
+                for e, s in by_estimator.items()
+            }
             for m, by_estimator in scores.items()
         }
         own = list(range(config.self_queries))
-        retrieval = ({m: {e: float(np.mean(metrics.self_ranks(s[SELF], own) == 1)) for e, s in by.items()}
-                      for m, by in scores.items()} if config.self_queries else None)
+        retrieval = (
+            {
+                m: {e: float(np.mean(metrics.self_ranks(s[SELF], own) == 1)) for e, s in by.items()}
+                for m, by in scores.items()
+            }
+            if config.self_queries
+            else None
+        )
     report = LdsReport(
         config=config.model_dump(mode="json"),
         methods=list(scores),
         estimators=sorted({e for by_estimator in scores.values() for e in by_estimator}),
         skipped=skipped,
         queries={"validation": list(validation.ids)}
-        | ({"generated": [f"generated-{i:03d}" for i in range(config.n_generated)]} if config.n_generated else {}),
+        | (
+            {"generated": [f"generated-{i:03d}" for i in range(config.n_generated)]}
+            if config.n_generated
+            else {}
+        ),
         subset_size=config.subset_size,
-        bytes_per_sample=bytes_per_sample(base, len(run.checkpoints()), sum(p.numel() for p in last.unet.parameters())),
+        bytes_per_sample=bytes_per_sample(
+            base,
+            len(run.checkpoints()),
+            sum(p.numel() for p in typing.cast(torch.nn.Module, last.unet).parameters()),
+        ),
         actual_losses={s: a.tolist() for s, a in actual.items()},
         lds=lds,
         lds_ci=intervals,
@@ -327,21 +417,44 @@ def split_data(config: LdsConfig) -> tuple[ImageDataset, ImageDataset]:
     parts = []
     for i, source in enumerate(config.sources):
         share = total // len(config.sources) + int(i < total % len(config.sources))
-        loaded = load_dataset(DatasetSpec(source=source, resolution=config.resolution, channels=config.channels,
-                                          limit=share, seed=config.seed))
+        loaded = load_dataset(
+            DatasetSpec(
+                source=source,
+                resolution=config.resolution,
+                channels=config.channels,
+                limit=share,
+                seed=config.seed,
+            )
+        )
         if len(loaded) < share:
-            raise EvaluationError(f"{source} has {len(loaded)} images; its share of n_train + n_queries is {share}")
+            raise EvaluationError(
+                f"{source} has {len(loaded)} images; its share of n_train + n_queries is {share}"
+            )
         parts.append(loaded)
-    mixed = parts[0] if len(parts) == 1 else ImageDataset(
-        torch.cat([p.images for p in parts]), tuple(i for p in parts for i in p.ids), " + ".join(config.sources)
+    mixed = (
+        parts[0]
+        if len(parts) == 1
+        else ImageDataset(
+            torch.cat([p.images for p in parts]),
+            tuple(i for p in parts for i in p.ids),
+            " + ".join(config.sources),
+        )
     )
     return split_holdout(mixed, config.n_queries, seed=config.seed)
 
 
 def train_spec(config: LdsConfig, dataset: DatasetSpec, *, save_every: int) -> TrainSpec:
     """The TrainSpec of every model: the full one and each retrained one (same seed, other data)."""
-    return TrainSpec(dataset=dataset, preset=config.preset, loss=config.loss, epochs=config.epochs,
-                     batch_size=config.batch_size, lr=config.lr, save_every=save_every, seed=config.seed)
+    return TrainSpec(
+        dataset=dataset,
+        preset=config.preset,
+        loss=config.loss,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        save_every=save_every,
+        seed=config.seed,
+    )
 
 
 def full_run(config: LdsConfig, dataset: DatasetSpec, training: ImageDataset, folder: Path) -> TrainingRun:
@@ -366,8 +479,14 @@ def generated_queries(model: DiffusionModel, config: LdsConfig, file: Path) -> t
         kept = torch.from_numpy(np.load(file, allow_pickle=False))
         if kept.shape[0] == config.n_generated:
             return kept
-    images = generate(model.unet, model.scheduler, config.n_generated, sampler="ddim", steps=GENERATION_STEPS,
-                      seed=config.seed)
+    images = generate(
+        model.unet,
+        model.scheduler,
+        config.n_generated,
+        sampler="ddim",
+        steps=GENERATION_STEPS,
+        seed=config.seed,
+    )
     partial = file.with_name(f".partial-{os.getpid()}-{file.name}")
     np.save(partial, images.numpy())
     os.replace(partial, file)
@@ -386,8 +505,11 @@ def seed_variance(first: np.ndarray, second: np.ndarray) -> SeedVariance:
     """`SeedVariance` of `(models, Q)` losses under two training seeds on the same subsets."""
     spread = first.var(axis=0, ddof=1)
     noise = 0.5 * ((first - second) ** 2).mean(axis=0)
-    return SeedVariance(models=first.shape[0], loss_spearman=float(metrics.lds_per_query(first, second).mean()),
-                        noise_share=float(noise.sum() / spread.sum()))
+    return SeedVariance(
+        models=first.shape[0],
+        loss_spearman=float(metrics.lds_per_query(first, second).mean()),
+        noise_share=float(noise.sum() / spread.sum()),
+    )
 
 
 def _columns(splits: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -413,7 +535,9 @@ def _removal_keeps(config: LdsConfig, scores: Scores) -> dict[tuple[str, str, in
             for estimator, by_split in by_estimator.items():
                 top = metrics.top_k(by_split["validation"][q : q + 1], config.removal_k)[0]
                 keeps[method, estimator, q] = tuple(np.setdiff1d(everyone, top).tolist())
-        drawn = np.random.default_rng([config.seed, q]).choice(config.n_train, config.removal_k, replace=False)
+        drawn = np.random.default_rng([config.seed, q]).choice(
+            config.n_train, config.removal_k, replace=False
+        )
         keeps["random", "", q] = tuple(np.setdiff1d(everyone, drawn).tolist())
     return keeps
 
@@ -450,10 +574,17 @@ def lds_table(report: LdsReport) -> str:
     removal = report.removal
     splits = list(report.lds)
     counts = ", ".join(f"{len(report.queries[s])} {s}" for s in splits)
-    header = (f"| method | estimator | " + " | ".join(f"LDS {s} | {level}% interval" for s in splits)
-              + " | self top-1 | loss change, top-k removed |")
-    lines = [f"LDS over {len(report.actual_losses[splits[0]])} models; queries: {counts}.", "", header,
-             "|---|---|" + "---:|---:|" * len(splits) + "---:|---:|"]
+    header = (
+        "| method | estimator | "
+        + " | ".join(f"LDS {s} | {level}% interval" for s in splits)
+        + " | self top-1 | loss change, top-k removed |"
+    )
+    lines = [
+        f"LDS over {len(report.actual_losses[splits[0]])} models; queries: {counts}.",
+        "",
+        header,
+        "|---|---|" + "---:|---:|" * len(splits) + "---:|---:|",
+    ]
     for method in report.methods:
         for estimator in report.lds[splits[0]][method]:
             cells = []
@@ -461,15 +592,19 @@ def lds_table(report: LdsReport) -> str:
                 low, high = report.lds_ci[split][method][estimator]
                 cells += [f"{report.lds[split][method][estimator]:+.3f}", f"[{low:+.3f}, {high:+.3f}]"]
             own = report.self_retrieval[method][estimator] if report.self_retrieval else None
-            change = (removal.top_k_mean.get(method, {}).get(estimator) if removal else None)
-            lines.append(f"| {method} | {estimator} | " + " | ".join(cells)
-                         + f" | {'-' if own is None else f'{own:.2f}'} | {'-' if change is None else f'{change:+.4f}'} |")
+            change = removal.top_k_mean.get(method, {}).get(estimator) if removal else None
+            cells += ["-" if own is None else f"{own:.2f}", "-" if change is None else f"{change:+.4f}"]
+            lines.append(f"| {method} | {estimator} | " + " | ".join(cells) + " |")
     if removal:
-        lines.append(f"\nLoss change with {removal.k} random samples removed: {removal.random_mean:+.4f} "
-                     f"(mean over {len(removal.queries)} queries; full model's mean loss "
-                     f"{sum(removal.full_loss) / len(removal.full_loss):.4f}).")
+        lines.append(
+            f"\nLoss change with {removal.k} random samples removed: {removal.random_mean:+.4f} "
+            f"(mean over {len(removal.queries)} queries; full model's mean loss "
+            f"{sum(removal.full_loss) / len(removal.full_loss):.4f})."
+        )
     if report.seed_variance:
         for split, found in report.seed_variance.items():
-            lines.append(f"\nSecond training seed on {found.models} subsets, {split}: loss Spearman between seeds "
-                         f"{found.loss_spearman:+.3f}, seed's share of the loss variance {found.noise_share:.3f}.")
+            lines.append(
+                f"\nSecond training seed on {found.models} subsets, {split}: loss Spearman between seeds "
+                f"{found.loss_spearman:+.3f}, seed's share of the loss variance {found.noise_share:.3f}."
+            )
     return "\n".join(lines)

@@ -2,8 +2,8 @@
 pixel-space cosine nearest-neighbour baseline.
 
 `Scores` maps method -> estimator -> query split -> `(Q, N)` float64 scores (higher: more supportive).
-Engine methods are ranked through the one attribution path (`Attributor.attribute`, every sample
-ranked, a few queries at a time to bound the band parts' memory). `METHOD_INDEX` says which IndexSpec
+Engine methods are scored through the one attribution path (`Attributor.score_every_row`: the
+scores `attribute` ranks, for every sample, without ranking or band parts). `METHOD_INDEX` says which IndexSpec
 fields a method needs beyond the harness's base index; methods with the same fields share one index,
 built only when one of its matrices is not in the `ScoreCache` yet. An estimator an index cannot serve
 is skipped with the engine's reason. `pixel_cosine` is the floor: the cosine of the flattened pixels.
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from api_schemas import IndexSpec, KernelSpec, QuerySpec
+from api_schemas import IndexSpec, KernelSpec, Method, QuerySpec
 from retrac.attribution import Attributor
 from retrac.exceptions import EvaluationError, RetracError
 from retrac.methods import ROWS
@@ -81,9 +81,10 @@ class ScoreCache:
 
     def key(self, index: IndexSpec, query: QuerySpec, method: str, images: torch.Tensor) -> str:
         spec = index.model_dump(mode="json", exclude={"run": True, "dataset": {"source"}})
-        digest = hashlib.sha256(json.dumps([self.model, spec, query.model_dump(mode="json"), method,
-                                            list(images.shape)]).encode())
-        digest.update(np.ascontiguousarray(images.numpy(), dtype=np.float32))
+        digest = hashlib.sha256(
+            json.dumps([self.model, spec, query.model_dump(mode="json"), method, list(images.shape)]).encode()
+        )
+        digest.update(np.ascontiguousarray(images.numpy(), dtype=np.float32).tobytes())
         return digest.hexdigest()[:32]
 
     def get(self, key: str) -> np.ndarray | None:
@@ -96,21 +97,18 @@ class ScoreCache:
         os.replace(partial, self.folder / f"{key}.npy")
 
 
-def score_matrix(attributor: Attributor, images: torch.Tensor, query: QuerySpec, methods: Sequence[str],
-                 batch: int) -> dict[str, np.ndarray]:
-    """Full `(Q, N)` score matrices per method through the one attribution path (every sample ranked),
-    `batch` query images at a time."""
-    ids = attributor.plan.dataset.ids
-    position = {sample_id: i for i, sample_id in enumerate(ids)}
-    scores = {m: np.empty((len(images), len(ids))) for m in methods}
+def score_matrix(
+    attributor: Attributor, images: torch.Tensor, query: QuerySpec, methods: Sequence[str], batch: int
+) -> dict[str, np.ndarray]:
+    """Full `(Q, N)` score matrices per method, float64, through the one scoring path
+    (`Attributor.score_every_row`: the scores `attribute` ranks), `batch` query images at a time."""
+    chosen = [typing.cast(Method, m) for m in methods]
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     for start in range(0, len(images), batch):
-        results = attributor.attribute(images[start : start + batch], query, top_k=len(ids),
-                                       methods=methods)  # type: ignore[arg-type]
-        for q, result in enumerate(results, start=start):
-            for method in methods:
-                for entry in result.methods[method].proponents:
-                    scores[method][q, position[entry.sample_id]] = entry.score
-    return scores
+        found = attributor.score_every_row(images[start : start + batch], query, methods=chosen)
+        for method in chosen:
+            parts[method].append(found[method].double().numpy())
+    return {m: np.concatenate(p) for m, p in parts.items()}
 
 
 def engine_scores(
@@ -139,8 +137,12 @@ def engine_scores(
         attributor: Attributor | None = None
         for name, fields in query_estimators().items():
             asked = query.model_copy(update=fields)
-            keys = {(m, s): cache.key(spec, asked, m, images) for m in members for s, images in splits.items()}
-            found = {pair: cache.get(key) for pair, key in keys.items()}
+            keys = {
+                (m, s): cache.key(spec, asked, m, images) for m in members for s, images in splits.items()
+            }
+            found: dict[tuple[str, str], np.ndarray | None] = {
+                pair: cache.get(key) for pair, key in keys.items()
+            }
             for split, images in splits.items():
                 if all(found[m, split] is not None for m in members):
                     continue
@@ -157,9 +159,9 @@ def engine_scores(
                 for method, matrix in computed.items():
                     cache.put(keys[method, split], matrix)
                     found[method, split] = matrix
-            for (method, split), matrix in found.items():
-                if matrix is not None:
-                    scores[method].setdefault(name, {})[split] = matrix
+            for (method, split), stored in found.items():
+                if stored is not None:
+                    scores[method].setdefault(name, {})[split] = stored
     for method in methods:
         complete = {e: by for e, by in scores[method].items() if set(by) == set(splits)}
         scores[method] = complete

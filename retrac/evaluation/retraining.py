@@ -11,8 +11,9 @@ With a `cache` folder, each model is kept as `cache/<model key>/` (its last chec
 `scheduler/`) and its losses as `losses-<losses key>.npy` inside it, each written under a temporary
 name and renamed into place when complete: a run killed at any point resumes with every finished
 model and loss, and a half-written one is never read. The model key is a digest of the TrainSpec
-(less the data file's path), the training data's fingerprint and the kept positions; the losses key adds the measurement and the
-query images. One run at a time per cache folder (leftover `.partial-*` entries are removed on start).
+(less the data file's path), the training data's fingerprint and the kept positions; the losses key
+adds the measurement and the query images. One run at a time per cache folder (leftover
+`.partial-*` entries are removed on start).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class RetrainJob:
         """Digest of what the losses depend on beyond the model: the measurement and the query images."""
         digest = hashlib.sha256(self.measure.model_dump_json().encode())
         digest.update(json.dumps(list(self.queries.shape)).encode())
-        digest.update(np.ascontiguousarray(self.queries.numpy(), dtype=np.float32))
+        digest.update(np.ascontiguousarray(self.queries.numpy(), dtype=np.float32).tobytes())
         return digest.hexdigest()[:24]
 
 
@@ -106,8 +107,8 @@ def query_losses(model: DiffusionModel, loss: LossKind, images: torch.Tensor, qu
 def train_and_measure(job: RetrainJob, cache: Path | None = None) -> np.ndarray:
     """Train one job's model (or take it from `cache`) and return its query losses `(Q,)`, caching both."""
     if cache is None:
-        with tempfile.TemporaryDirectory(prefix="retrac-retrain-") as folder:
-            return query_losses(_trained(job, Path(folder)), job.spec.loss, job.queries, job.measure)
+        with tempfile.TemporaryDirectory(prefix="retrac-retrain-") as scratch:
+            return query_losses(_trained(job, Path(scratch)), job.spec.loss, job.queries, job.measure)
     found = cached_losses(job, cache)
     if found is not None:
         return found
@@ -174,8 +175,9 @@ def retrain_all(
     pending = [i for i in range(len(jobs)) if i not in rows]
     if pending:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=torch.set_num_threads,
-                                 initargs=(1,)) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
             futures = {pool.submit(train_and_measure, jobs[i], cache): i for i in pending}
             for future in as_completed(futures):
                 rows[futures[future]] = future.result()
