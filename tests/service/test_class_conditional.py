@@ -56,7 +56,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     assert main(["train", str(run), "--data", str(data), "--resolution", "8", "--preset", "micro", "--epochs", "2",
                  "--batch-size", "9", "--save-every", "1", "--class-conditional"]) == 0
     assert json.loads((run / "checkpoints" / "epoch-0002" / "config.json").read_text())["num_class_embeds"] == 3
-    assert main(["index", "create", str(store), "--run", str(run), "--grid", "1", "--projector", "sketch",
+    assert main(["index", "create", str(store), "--run", str(run), "--grid", "1", "--slot-noise", "independent", "--projector", "sketch",
                  "--dim", "256", "--dtype", "float32", "--shard-size", "9"]) == 0
     assert main(["index", "run", str(store)]) == 0
     reference = Attributor(GradientStore.open(store).plan)
