@@ -57,7 +57,8 @@ def lds_part(out: Path, quick: bool, preset: str | None = None) -> dict[str, Any
         "removal": report.removal.model_dump() if report.removal else None,
         "generally_influential": counts,
         "generally_influential_ratio": {
-            estimator: counts["retrac"][estimator] / counts["tracin"][estimator] if counts["tracin"][estimator]
+            estimator: counts["retrac"][estimator] / counts["tracin"][estimator]
+            if counts["tracin"][estimator]
             else None
             for estimator in counts["tracin"]
         },
@@ -78,7 +79,9 @@ def self_influence_part(out: Path, quick: bool) -> dict[str, Any]:
     return {
         "self_influence_auc": {mix: r.auc for mix, r in results.items()},
         "self_influence_recall": {mix: r.recall for mix, r in results.items()},
-        "self_influence_setting": {mix: {"samples": r.samples, "outliers": r.outliers} for mix, r in results.items()},
+        "self_influence_setting": {
+            mix: {"samples": r.samples, "outliers": r.outliers} for mix, r in results.items()
+        },
         "self_influence_wall_s": round(time.perf_counter() - began, 1),
     }
 
@@ -139,7 +142,9 @@ DEFAULT_PARTS = ("lds", "self_influence", "norm_direction")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the small setting (under 10 minutes on 2 cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the small setting (under 10 minutes on 2 cores)"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/lds"), help="working folder")
     parser.add_argument("--figures", type=Path, help="also copy norm_direction.png here (e.g. docs/figures)")
     parser.add_argument("--preset", choices=sorted(LDS_PRESETS),

@@ -62,7 +62,9 @@ def print_csv(files: list[Path], results: list) -> None:
 
 def run(
     context: typer.Context,
-    store: Annotated[str, typer.Argument(help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")],
+    store: Annotated[
+        str, typer.Argument(help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")
+    ],
     images: Annotated[list[Path], typer.Argument(help="query images (PNG, JPEG or .npy) or folders of them")],
     top_k: Annotated[int, typer.Option(help="proponents and opponents per method")] = DEFAULT_TOP_K,
     rank_all: Annotated[
@@ -76,14 +78,15 @@ def run(
     estimator: Annotated[
         Estimator | None,
         typer.Option(
-            help="matched: per timestep against the store's shared-noise slots (its K, M, seed), the measured "
-            "best (docs/experiment.md); paper: Diffusion-TracIn/ReTrac exactly as the paper defines them",
-            show_default=f"{DEFAULT_ESTIMATOR} where the store has shared-noise slots (index create's default), "
-            "else paper",
+            help="matched: per timestep against the store's shared-noise slots (its K, M, seed), the "
+            "measured best (docs/experiment.md); paper: Diffusion-TracIn/ReTrac as the paper defines them",
+            show_default=f"{DEFAULT_ESTIMATOR} where the store has shared-noise slots (index create's "
+            "default), else paper",
         ),
     ] = None,
     search: Annotated[
-        Search, typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates")
+        Search,
+        typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates"),
     ] = default(QuerySpec, "search"),
     gallery: Annotated[
         Path | None, typer.Option(help="write a PNG of each query's top proponents per method")
@@ -119,7 +122,8 @@ def run(
     # (compared by name: typer bundles its own click, whose ParameterSource is not click.core's)
     knobs = {"timesteps": timesteps, "draws": draws, "seed": seed}
     given = {k: v for k, v in knobs.items() if context.get_parameter_source(k).name != "DEFAULT"}
-    query = validated(QuerySpec, {**given, "estimator": estimator or "paper", "search": search, "label": label,
+    chosen = estimator or "paper"  # the default is settled once the store is open
+    query = validated(QuerySpec, {**given, "estimator": chosen, "search": search, "label": label,
                                      "prompt": prompt})
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
@@ -127,13 +131,16 @@ def run(
     torch.set_num_threads(threads)
     opened = GradientStore.open(store_location(store))
     if estimator is None:
-        query = query.model_copy(update={"estimator": default_estimator(opened.spec.slots, search, bool(given))})
+        settled = default_estimator(opened.spec.slots, search, bool(given))
+        query = query.model_copy(update={"estimator": settled})
     dataset = opened.spec.dataset
     files = query_files(images)
     conversions = Conversions()
     pixels = torch.stack(
         [
-            load_image_file(path, resolution=dataset.resolution, channels=dataset.channels, conversions=conversions)
+            load_image_file(
+                path, resolution=dataset.resolution, channels=dataset.channels, conversions=conversions
+            )
             for path in files
         ]
     )

@@ -53,7 +53,7 @@ SlotPreset = Literal["default", "paper"]
 
 
 def _slots(preset: SlotPreset, flags: SlotSpec) -> SlotSpec:
-    """The slots of `create`: the flags' (default preset), or the paper's, which the slot flags may not change."""
+    """The slots of `create`: the flags' (default preset), or the paper's (the slot flags may not change)."""
     if preset == "default":
         return flags
     if flags != SLOTS:
@@ -114,8 +114,8 @@ def create(
     loss_weighting: Annotated[
         LossWeighting | None,
         typer.Option(
-            help="the training loss's per-sample weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t) (diffusers' "
-            "train_unconditional.py for sample-prediction models, which must declare it)",
+            help="the training loss's per-sample weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t) "
+            "(diffusers' train_unconditional.py for sample-prediction models, which must declare it)",
             show_default="the run's, or none",
         ),
     ] = None,
@@ -132,7 +132,9 @@ def create(
     slot_seed: Annotated[int, typer.Option(help="seed of the slots' timesteps and noise")] = SLOTS.seed,
     slot_noise: Annotated[
         SlotNoise,
-        typer.Option(help="grid slots' noise: their own seeds, or shared with the query (for --estimator matched)"),
+        typer.Option(
+            help="grid slots' noise: their own seeds, or shared with the query (for --estimator matched)"
+        ),
     ] = SLOTS.noise,
     slot_draws: Annotated[
         int, typer.Option(help="M of shared-noise grid slots: noise images averaged per slot")
@@ -218,7 +220,9 @@ def create(
     if opened.classes is not None:
         print(f"class-conditional: {len(opened.classes.classes)} classes; query it with --label NAME")
     if opened.text_conditional:
-        print("text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT")
+        print(
+            "text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT"
+        )
     return 0
 
 
@@ -391,7 +395,8 @@ def delete(store: Store) -> int:
     # Only what is a store, or what a deletion left marked: never an unrelated folder.
     if not (location.has("zarr.json") or location.has(DELETED_MARK)):
         raise StoreError(
-            f"{store} is not a retrac store (no zarr.json); nothing deleted (if a deletion left it, remove it)"
+            f"{store} is not a retrac store (no zarr.json); nothing deleted (if a deletion left it, remove "
+            "it)"
         )
     delete_store(location)
     print(f"deleted {store}")

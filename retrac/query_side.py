@@ -49,7 +49,8 @@ class QueryVectors:
     """Query vectors of Q images at one checkpoint over a K-timestep grid.
 
     `per_timestep` `(Q, K, k)`: `P h(q, t)`; `timestep_norms` `(Q, K)`: the exact `||h(q, t)||`;
-    `bands` `(K,)` int64: each timestep's position in `BANDS`; `preconditioned` `(Q, K, k)`: `F^{-1} P h(q, t)`
+    `bands` `(K,)` int64: each timestep's position in `BANDS`; `preconditioned` `(Q, K, k)`:
+    `F^{-1} P h(q, t)`
     under the checkpoint's kernel (`preconditioned_by`), for trak and dtrak.
     """
 
@@ -57,7 +58,9 @@ class QueryVectors:
     timestep_norms: torch.Tensor
     bands: torch.Tensor
     preconditioned: torch.Tensor | None = None
-    _band_vectors: dict[Method, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _band_vectors: dict[Method, torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def timestep_vectors(self, method: Method) -> torch.Tensor:
         """`(Q, K, k)`: `P h(q, t)` (TracIn), `P h(q, t) / ||h(q, t)||` (ReTrac) or `F^{-1} P h(q, t)`
@@ -83,10 +86,12 @@ class QueryVectors:
         return F.one_hot(self.bands, len(BANDS)).to(torch.float32) / self.bands.shape[0]
 
     def band_vectors(self, method: Method) -> torch.Tensor:
-        """`(Q, B, k)`: the part of the method's query vector from each band's timesteps (sum over B: G or G^).
-        Computed once per method: a scan asks for it per chunk."""
+        """`(Q, B, k)`: the part of the method's query vector from each band's timesteps (sum over B: G or
+        G^). Computed once per method: a scan asks for it per chunk."""
         if method not in self._band_vectors:
-            self._band_vectors[method] = torch.einsum("qkd,kb->qbd", self.timestep_vectors(method), self.band_weights())
+            self._band_vectors[method] = torch.einsum(
+                "qkd,kb->qbd", self.timestep_vectors(method), self.band_weights()
+            )
         return self._band_vectors[method]
 
     @property

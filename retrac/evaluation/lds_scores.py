@@ -3,9 +3,9 @@ pixel-space cosine nearest-neighbour baseline.
 
 `Scores` maps method -> estimator -> query split -> `(Q, N)` float64 scores (higher: more supportive).
 Engine methods are scored through the one attribution path (`Attributor.score_every_row`: the
-scores `attribute` ranks, for every sample, without ranking or band parts). `METHOD_INDEX` says which IndexSpec
-fields a method needs beyond the harness's base index; methods with the same fields share one index,
-built only when one of its matrices is not in the `ScoreCache` yet. An estimator an index cannot serve
+scores `attribute` ranks, for every sample, without ranking or band parts). `METHOD_INDEX` says which
+IndexSpec fields a method needs beyond the harness's base index; methods with the same fields share one
+index, built only when one of its matrices is not in the `ScoreCache` yet. An estimator an index cannot serve
 is skipped with the engine's reason. `pixel_cosine` is the floor: the cosine of the flattened pixels.
 
 The cache holds one `.npy` per (model, index spec, query spec, method, split images), named by their

@@ -21,10 +21,13 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module", params=["loss", "output-norm"])
 def attributor(request: pytest.FixtureRequest, tiny_run: TrainingRun) -> Attributor:
     spec = IndexSpec(
-        dataset=DatasetSpec(source="builtin:digits", resolution=8, limit=48), run=str(tiny_run.folder),
+        dataset=DatasetSpec(source="builtin:digits", resolution=8, limit=48),
+        run=str(tiny_run.folder),
         slots=SlotSpec(replay=True, grid=3, noise="shared", draws=1, seed=2),
-        projector=ProjectorSpec(kind="sketch", dim=64, seed=1), output_function=request.param,
-        kernel=KernelSpec(), shard_size=16,
+        projector=ProjectorSpec(kind="sketch", dim=64, seed=1),
+        output_function=request.param,
+        kernel=KernelSpec(),
+        shard_size=16,
     )
     found = Attributor(IndexPlan.resolve(spec))
     found.index()
@@ -47,7 +50,9 @@ def test_every_row_scores_are_the_ranked_scores(attributor: Attributor, estimato
             for entry in entries:
                 # Both sum the same three float32 contributions; a ranked score may add them in another order.
                 bound = gamma(3) * sum(abs(c) for c in entry.contributions)
-                assert float(every[method][q, position[entry.sample_id]]) == pytest.approx(entry.score, abs=bound)
+                assert float(every[method][q, position[entry.sample_id]]) == pytest.approx(
+                    entry.score, abs=bound
+                )
 
 
 def test_every_row_scores_refuse_what_attribute_refuses(attributor: Attributor) -> None:

@@ -19,21 +19,26 @@ from storage import GradientStore
 @pytest.fixture(scope="module")
 def shared_store(tiny_run, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("shared") / "index.zarr")
-    assert main(["index", "create", path, "--run", str(tiny_run.folder), "--grid", "3", "--slot-noise", "shared",
-                 "--slot-draws", "2", "--slot-seed", "4", "--dim", "256", "--shard-size", "16"]) == 0
+    assert main(["index", "create", path, "--run", str(tiny_run.folder), "--grid", "3", "--slot-noise",
+                 "shared", "--slot-draws", "2", "--slot-seed", "4", "--dim", "256", "--shard-size",
+                 "16"]) == 0
     assert main(["index", "run", path]) == 0
     return path
 
 
 def test_matched_estimator_from_the_command_line(shared_store, tmp_path, capsys) -> None:
     plan = GradientStore.open(shared_store).plan
-    assert plan.spec.slots.noise == "shared" and plan.spec.slots.draws == 2
+    assert plan.spec.slots.noise == "shared"
+    assert plan.spec.slots.draws == 2
     query = tmp_path / "query.npy"
     np.save(query, ((plan.dataset.images[5, 0] + 1) / 2).numpy())
     capsys.readouterr()
-    assert main(["attribute", shared_store, str(query), "--estimator", "matched", "--top-k", "3", "--json"]) == 0
+    assert (
+        main(["attribute", shared_store, str(query), "--estimator", "matched", "--top-k", "3", "--json"]) == 0
+    )
     printed = json.loads(capsys.readouterr().out)
-    assert printed["query"] == {"timesteps": 3, "draws": 2, "seed": 4, "estimator": "matched", "search": "exact", "label": None, "prompt": None}
+    assert printed["query"] == {"timesteps": 3, "draws": 2, "seed": 4, "estimator": "matched",
+                                "search": "exact", "label": None, "prompt": None}
     result = printed["results"][0]
     want = Attributor(plan).attribute(plan.dataset.images[5:6], QuerySpec(estimator="matched"), top_k=3)[0]
     assert result["estimator"] == "matched"
@@ -61,7 +66,9 @@ def test_a_matched_query_the_store_cannot_answer_exits_2(
     capsys.readouterr()
     assert main(["attribute", path, str(query), "--estimator", "matched", *flags]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("retrac: error:") and message in error and "\n" not in error
+    assert error.startswith("retrac: error:")
+    assert message in error
+    assert "\n" not in error
 
 
 def test_the_defaults_build_the_measured_slots_and_attribute_with_the_matched_estimator(
@@ -71,7 +78,8 @@ def test_the_defaults_build_the_measured_slots_and_attribute_with_the_matched_es
     matched estimator (the same answer as asking for it), and the paper's where the store has no shared
     slots or the user sets K."""
     path = str(tmp_path / "default.zarr")
-    assert main(["index", "create", path, "--run", str(tiny_run.folder), "--dim", "64", "--shard-size", "16"]) == 0
+    run = str(tiny_run.folder)
+    assert main(["index", "create", path, "--run", run, "--dim", "64", "--shard-size", "16"]) == 0
     assert main(["index", "run", path]) == 0
     assert GradientStore.open(path).spec.slots == DEFAULT_SLOTS
     query = tmp_path / "query.npy"
@@ -83,8 +91,10 @@ def test_the_defaults_build_the_measured_slots_and_attribute_with_the_matched_es
         return json.loads(capsys.readouterr().out)
 
     default = answer(path)
-    assert default["query"]["estimator"] == "matched" and default["results"][0]["estimator"] == "matched"
-    assert (default["query"]["timesteps"], default["query"]["draws"]) == (DEFAULT_SLOTS.grid, DEFAULT_SLOTS.draws)
+    assert default["query"]["estimator"] == "matched"
+    assert default["results"][0]["estimator"] == "matched"
+    shape = (default["query"]["timesteps"], default["query"]["draws"])
+    assert shape == (DEFAULT_SLOTS.grid, DEFAULT_SLOTS.draws)
     asked = answer(path, "--estimator", "matched")
     assert (default["query"], default["results"]) == (asked["query"], asked["results"])
     assert answer(path, "--timesteps", "4")["query"]["estimator"] == "paper"
@@ -93,10 +103,12 @@ def test_the_defaults_build_the_measured_slots_and_attribute_with_the_matched_es
 
 def test_the_paper_preset_builds_the_papers_slots_and_refuses_slot_flags(tiny_run, tmp_path, capsys) -> None:
     path = str(tmp_path / "paper.zarr")
-    assert main(["index", "create", path, "--run", str(tiny_run.folder), "--dim", "64", "--preset", "paper"]) == 0
+    run = str(tiny_run.folder)
+    assert main(["index", "create", path, "--run", run, "--dim", "64", "--preset", "paper"]) == 0
     assert GradientStore.open(path).spec.slots == PAPER_SLOTS == SlotSpec()
     capsys.readouterr()
     other = str(tmp_path / "other.zarr")
-    assert main(["index", "create", other, "--run", str(tiny_run.folder), "--preset", "paper", "--grid", "3"]) == 2
+    assert main(["index", "create", other, "--run", run, "--preset", "paper", "--grid", "3"]) == 2
     error = capsys.readouterr().err
-    assert "--preset paper fixes the slots" in error and error.count("\n") == 1
+    assert "--preset paper fixes the slots" in error
+    assert error.count("\n") == 1
