@@ -1,7 +1,6 @@
 """Do attributions find what they should? Prints one JSON object of quality figures per method and estimator.
 
     .venv/bin/python bench/quality.py --quick      # under 10 minutes on 2 CPU cores
-    .venv/bin/python bench/quality.py              # the larger setting
     .venv/bin/python bench/quality.py --quick --parts stability --curve 8,1 8,2 8,4 16,1 32,1
 
 Trains a tiny DDPM on real digits (with a replay record), then measures, per method (`tracin`,
@@ -18,10 +17,9 @@ Trains a tiny DDPM on real digits (with a replay record), then measures, per met
   slot is fixed by the record): `seed_stability_top10` and `seed_stability_spearman` over held-out
   queries, at the setting's (K, M) and as a curve over (K, M) (`--curve` picks the points).
 - `lds`, `self_influence`, `norm_direction`: the counterfactual and outlier parts of `bench/lds.py`
-  (their own models and data): `lds` and `lds_ci` (validation queries), `lds_generated` and
-  `lds_generated_ci` (generated queries) per method and estimator (and the pixel-cosine baseline,
-  estimator `baseline`), `generally_influential_ratio` (under `retrac`); `removal`,
-  `self_influence_auc` (per mixture and score) and `norm_direction` at the top.
+  (their own models and data): `lds`, `lds_ci` (validation), `lds_generated`, `lds_generated_ci` per
+  method and estimator (pixel-cosine: estimator `baseline`), `generally_influential_ratio`; `removal`,
+  `self_influence_auc` and `norm_direction` at the top.
 
 Each part is one function of the shared `Setup` returning {method: {estimator: {key: value}}}, timed
 into `wall_s` and `cpu_s` (never asserted). Figures: see docs/performance.md#attribution-quality.
