@@ -8,26 +8,21 @@ Trains a tiny DDPM on real digits (with a replay record), then measures, per met
 `retrac`) and estimator (`paper`: the replayed step against the query's mean over timesteps;
 `matched`: shared-noise grid slots paired with the query per timestep):
 
-- `retrieval`: `self_retrieval_top1` (a training image as the query ranks itself first) and
-  `near_duplicate_top3` (a 1-pixel shift, a JPEG re-encode at quality 75 or Gaussian noise of std 0.02
-  ranks its source in the top 3), with the per-kind rates.
-- `copies`: a `micro` model trained long on 64 digits at 8 px (4,000 full-batch steps; the quick
-  setting's 1,000 are too few to memorise: `copy_top3` is then null); its generated images whose nearest training image
-  lies within `COPY_RMS` are copies, and `copy_top3` is the share that rank it in their top 3 (null
-  when there is none); `nearest_top3` the same over every generated image.
-- `stability`: two indexes built with other slot seeds (the matched estimator's query noise is its
-  index's) or, for the paper's estimator, whose replayed slot is fixed by the record, two query seeds:
-  `seed_stability_top10` (top-10 overlap) and `seed_stability_spearman`, over held-out queries, at
-  the setting's (K, M) and as a curve over (K = grid slots, M) (`--curve` picks the points).
-
+- `retrieval`: `self_retrieval_top1` (a training image ranks itself first) and `near_duplicate_top3`
+  (a 1-pixel shift, JPEG at quality 75 or noise of std 0.02 ranks its source in the top 3), per kind.
+- `copies`: a `micro` model trained long on 64 digits at 8 px (4,000 full-batch steps; `--quick`'s
+  1,000 are too few to memorise); generated images within `COPY_RMS` of a training image are copies,
+  `copy_top3` the share ranking it in their top 3 (null when there is none), `nearest_top3` the same
+  over every generated image.
+- `stability`: two indexes with other slot seeds (matched) or two query seeds (paper: its replayed
+  slot is fixed by the record): `seed_stability_top10` and `seed_stability_spearman` over held-out
+  queries, at the setting's (K, M) and as a curve over (K, M) (`--curve` picks the points).
 - `lds`, `self_influence`, `norm_direction`: the counterfactual and outlier parts of `bench/lds.py`
-  (their own models and data): `lds` and `lds_ci` per method and estimator and
-  `generally_influential_ratio` under `retrac`; `removal`, `self_influence_auc` (per planted mixture
-  and score: self-influence does not depend on the query estimator) and `norm_direction` at the top.
+  (their own models and data): `lds`, `lds_ci`, `generally_influential_ratio` (under `retrac`);
+  `removal`, `self_influence_auc` (per mixture and score) and `norm_direction` at the top.
 
-Each part is one function of the shared `Setup` returning {method: {estimator: {key: value}}}; its wall
-time goes into `wall_s` and its CPU time into `cpu_s` (on a shared machine the wall time mostly
-measures the other jobs). Timings are for orientation only; nothing here asserts them.
+Each part is one function of the shared `Setup` returning {method: {estimator: {key: value}}}, timed
+into `wall_s` and `cpu_s` (never asserted). Figures: see docs/performance.md#attribution-quality.
 """
 
 from __future__ import annotations

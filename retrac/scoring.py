@@ -41,10 +41,9 @@ SCAN_ROWS * S * k values per checkpoint, beyond what a store keeps resident."""
 
 SCAN_BLOCK_BYTES = 1 << 20
 """float32 bytes a scan converts at a time from float16 rows: the block stays in the core's L2 cache
-between its conversion and its matmul. (One thread, k = 4,096, one query: 512-row blocks, 8 MB, ran
-at 0.3x of a plain sum over the same float16 bytes, 32- and 64-row ones, 0.5-1 MB, at 0.5-0.8x in
-runs on a shared machine. A direct float16 matmul rounds scores to float16; a float32 copy of a whole
-chunk costs extra passes over memory.)"""
+between its conversion and its matmul: larger blocks ran slower, a direct float16 matmul rounds
+scores to float16, and a float32 copy of a whole chunk costs extra passes over memory (see
+docs/performance.md#the-exact-scan-near-the-memory-limit)."""
 
 
 @dataclass(frozen=True)
@@ -112,9 +111,9 @@ def _products(block: torch.Tensor, sides: torch.Tensor, out: torch.Tensor) -> No
     The rows are the matmul's long side (`sides @ rows.T`): a few columns times many rows is the shape
     the CPU's bf16 kernels run fastest, and each column's products land contiguous, as a top-k and a
     slot mean read them. float32 rows on a CPU with more than one column go through oneDNN's
-    float32 product (`mkldnn._linear_pointwise`, float32 throughout): 16 columns times 16,384 rows
-    of 4,096 ran at 0.48x of the memory read limit, `torch.mm`'s MKL product at 0.13x (one AMD EPYC
-    thread); one column stays with `torch.mm`, whose matrix-vector product ran 2x oneDNN's.
+    float32 product (`mkldnn._linear_pointwise`, float32 throughout), several times faster there
+    than `torch.mm`'s MKL product; one column stays with `torch.mm`, whose matrix-vector product is
+    the faster one (see docs/performance.md#the-exact-scan-near-the-memory-limit).
     """
     rows = block.reshape(-1, block.shape[-1])
     if block.dtype == torch.float32 and len(sides) > 1 and block.device.type == "cpu" and _ONEDNN:

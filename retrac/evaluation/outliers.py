@@ -1,9 +1,8 @@
 """Outlier detection by self-influence on mixtures with planted outliers (method.md section 6).
 
 Two mixtures, each a majority plus about 4% planted outliers (the paper's ratio, 200 / 5,200):
-
-- `patches+zeros`: `builtin:outliers`, photo patches with planted digit zeros;
-- `digits+faces`: scikit-learn's digits with planted LFW faces.
+`patches+zeros` (`builtin:outliers`, photo patches with planted digit zeros) and `digits+faces`
+(scikit-learn's digits with planted LFW faces).
 
 Outlier scores, higher meaning more suspect (`outlier_scores`):
 
