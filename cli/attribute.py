@@ -175,7 +175,7 @@ def run(
     if gallery is not None:
         queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
         row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}
-        rankings = {
+        rankings: dict[str, tuple[np.ndarray, np.ndarray]] = {
             name: (
                 np.array([[row_of[i.sample_id] for i in r.methods[name].proponents] for r in answer.results]),
                 np.array([[i.score for i in r.methods[name].proponents] for r in answer.results]),

@@ -41,7 +41,7 @@ def _group(store: GradientStore) -> zarr.Group:
 
 
 def _digest(values: np.ndarray) -> int:
-    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(values).view(np.uint8))
+    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(values).data)
 
 
 def _rows_digest(store: GradientStore, checkpoint: int) -> int:
@@ -61,7 +61,9 @@ def kernel_pending(store: GradientStore, checkpoint: int) -> bool:
     if store.spec.kernel is None:
         return False
     array = _stored(store, checkpoint)
-    return array is None or int(array.attrs["rows_digest"]) != _rows_digest(store, checkpoint) or not _intact(array)
+    if array is None:
+        return True
+    return int(str(array.attrs["rows_digest"])) != _rows_digest(store, checkpoint) or not _intact(array)
 
 
 def _intact(array: zarr.Array) -> bool:
@@ -69,7 +71,7 @@ def _intact(array: zarr.Array) -> bool:
         factor = np.asarray(array[:], dtype=np.float64)
     except Exception:  # a missing or truncated chunk
         return False
-    return _digest(factor) == int(array.attrs["digest"])
+    return _digest(factor) == int(str(array.attrs["digest"]))
 
 
 def build_kernel(store: GradientStore, checkpoint: int) -> Kernel:
@@ -132,7 +134,7 @@ def load_kernel(store: GradientStore, checkpoint: int) -> Kernel:
         raise IncompleteStoreError(
             f"{store.path.name}: checkpoint {checkpoint}'s kernel is not built; build it with {rebuild}"
         )
-    if int(array.attrs["rows_digest"]) != rows_digest:
+    if int(str(array.attrs["rows_digest"])) != rows_digest:
         raise StaleStoreError(
             f"{store.path.name}: checkpoint {checkpoint}'s kernel is stale (a shard changed since it was "
             f"built); rebuild it with {rebuild}"
@@ -144,7 +146,8 @@ def load_kernel(store: GradientStore, checkpoint: int) -> Kernel:
         )
     factor = np.asarray(array[:], dtype=np.float64)
     attrs = array.attrs
-    kernel = Kernel(torch.from_numpy(factor), float(attrs["ridge"]), float(attrs["trace"]), int(attrs["rows"]))
+    ridge, trace, rows = (float(str(attrs[name])) for name in ("ridge", "trace", "rows"))
+    kernel = Kernel(torch.from_numpy(factor), ridge, trace, int(rows))
     _loaded.setdefault(store, {})[checkpoint] = (rows_digest, kernel)
     return kernel
 

@@ -11,9 +11,9 @@ import numpy as np
 
 from api_schemas import IndexSpec, Method, StoreDType
 from retrac.attribution import Chunks
+from retrac.kernels import Kernel
 from retrac.query_side import QueryVectors
 from retrac.scoring import RowChunk
-from retrac.kernels import Kernel
 from storage.ann import candidate_chunks, load_ann
 from storage.errors import IncompleteStoreError
 from storage.kernels import load_kernel

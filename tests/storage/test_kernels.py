@@ -18,7 +18,7 @@ from storage.errors import DamagedStoreError, StaleStoreError
 from storage.kernels import kernel_pending, load_kernel
 
 KERNEL_ERROR = 1e-12
-"""Relative: the store's and the engine's kernels are float64 sums of the same float32 rows, in other orders."""
+"""Relative: the store's and the engine's kernels, float64 sums of the same float32 rows in other orders."""
 
 
 @pytest.fixture
@@ -69,8 +69,8 @@ def test_a_changed_shard_makes_the_kernel_stale_until_the_next_run(kernel_store)
 
 
 def test_a_damaged_kernel_is_refused_and_rebuilt(kernel_store) -> None:
-    chunk = next(p for p in (GradientStore.open(kernel_store).path / "checkpoints" / "0" / "kernel").rglob("*")
-                 if p.is_file() and p.name != "zarr.json")
+    folder = GradientStore.open(kernel_store).path / "checkpoints" / "0" / "kernel"
+    chunk = next(p for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json")
     data = bytearray(chunk.read_bytes())
     data[100] ^= 0xFF
     chunk.write_bytes(bytes(data))
@@ -81,7 +81,9 @@ def test_a_damaged_kernel_is_refused_and_rebuilt(kernel_store) -> None:
     assert bool(torch.isfinite(kernel.factor).all())
 
 
-@pytest.mark.parametrize(("method", "flag"), [("dtrak", "--output-function output-norm"), ("trak", "--kernel")])
+@pytest.mark.parametrize(
+    ("method", "flag"), [("dtrak", "--output-function output-norm"), ("trak", "--kernel")]
+)
 def test_a_method_the_store_cannot_serve_exits_2_naming_the_flag(
     reference_store, tmp_path, capsys, method: str, flag: str
 ) -> None:
