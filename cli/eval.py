@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -218,7 +218,10 @@ def generate_command(
         record = {"file": f"{name}.png", **condition, "seed": seed, "image": i, "checkpoint": checkpoint}
         records.append(record)
     (out / "generated.json").write_text(json.dumps(records, indent=1))
-    shape = {"resolution": opened.spec.dataset.resolution, "channels": opened.spec.dataset.channels}
+    shape: dict[str, Any] = {
+        "resolution": opened.spec.dataset.resolution,
+        "channels": opened.spec.dataset.channels,
+    }
     pixels = torch.stack([load_image_file(out / record["file"], **shape) for record in records])
     answer = attribute(opened, pixels, query, top_k=top_k)  # under the label the images were generated with
     results = [result.model_dump(mode="json") for result in answer.results]

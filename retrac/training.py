@@ -135,7 +135,7 @@ def train(
             on_epoch(done, float(losses[epoch].mean()))
 
     record = {"timesteps": timesteps, "seeds": seeds, "losses": losses}
-    labelled = {"labels": dataset.labels, "classes": dataset.classes} if conditions else {}
+    labelled: dict[str, Any] = {"labels": dataset.labels, "classes": dataset.classes} if conditions else {}
     write_run(out, spec, dataset.ids, dataset.fingerprint, checkpoints, record, **labelled)
     return TrainingRun.load(out)
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -214,7 +214,7 @@ class ExperimentData:
 
 def build_data(config: ExperimentConfig, folder: str | Path) -> ExperimentData:
     """The training mixture (saved as `folder/train.npz`) and the held-out and training-image queries."""
-    shape = {"resolution": config.resolution, "channels": config.channels}
+    shape: dict[str, Any] = {"resolution": config.resolution, "channels": config.channels}
     counts = config.queries
     majority = load_dataset(
         DatasetSpec(
