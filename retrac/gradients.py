@@ -71,7 +71,7 @@ ChunkCallback = Callable[[int], None]
 """Called with the number of samples (groups) a chunk just computed."""
 
 
-def whole_groups(callback: Callable[[int], None], group_size: int) -> ChunkCallback:
+def whole_groups(callback: Callable[[int], object], group_size: int) -> ChunkCallback:
     """A chunk callback that calls `callback(n)` with the n groups of `group_size` samples just completed.
 
     A batch is often laid out as groups of consecutive samples (a row's S slots, a query image's K
