@@ -44,7 +44,7 @@ from retrac.computers import GradientComputerCache, parse_device
 from retrac.conditions import Conditions
 from retrac.exceptions import RetracError
 from retrac.query_side import QueryVectors
-from service.errors import Unavailable
+from service.exceptions import Unavailable
 from service.settings import Settings
 from storage import GradientStore, OpenStores, StaleStoreError, query_gradients
 
