@@ -245,7 +245,8 @@ def _rule_layers(unet: nn.Module, params: dict[str, torch.Tensor]) -> Layers | N
             module.padding_mode != "zeros" or isinstance(module.padding, str)
         )
         odd_lookup = isinstance(module, nn.Embedding) and (
-            module.max_norm is not None or module.scale_grad_by_freq  # renormed rows, frequency-scaled gradients
+            module.max_norm is not None
+            or module.scale_grad_by_freq  # renormed rows, frequency-scaled gradients
         )
         if type(module) not in LAYER_RULES or odd_padding or odd_lookup:
             return None
@@ -275,7 +276,7 @@ class GradientComputer:
         self.projector = projector or IdentityProjector(self.num_params)
         self.device = next(iter(self.params.values())).device
         starts = torch.tensor([0] + [p.numel() for p in self.params.values()]).cumsum(0).tolist()
-        self._starts = dict(zip(self.params, starts))
+        self._starts = dict(zip(self.params, starts, strict=False))  # the last start is the end
         self._layers = _rule_layers(model.unet, self.params)
 
         def one(params: dict[str, torch.Tensor], image, timestep, noise, condition) -> torch.Tensor:
@@ -373,7 +374,7 @@ class GradientComputer:
                 value = group_loss(
                     self.model, self.loss, named, images[b], timesteps[b], noise[b], self.weighting, condition
                 )
-                for block, gradient in zip(blocks.values(), torch.autograd.grad(value, wanted)):
+                for block, gradient in zip(blocks.values(), torch.autograd.grad(value, wanted), strict=True):
                     block[b] = gradient
         yield from blocks.items()
 
@@ -408,7 +409,7 @@ class GradientComputer:
             out_grads = torch.autograd.grad(total, [y for _, _, y, _ in calls], allow_unused=True)
         records: Records = defaultdict(list)
         split = noise.shape[:2]
-        for (module, x, _, _), dy in zip(calls, out_grads):
+        for (module, x, _, _), dy in zip(calls, out_grads, strict=True):
             if dy is not None:
                 records[module].append((x.detach().unflatten(0, split), dy.unflatten(0, split)))
         return records

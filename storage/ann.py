@@ -140,7 +140,9 @@ def build_ann(store: GradientStore, params: AnnParams | None = None) -> AnnParam
         )
     params = params or AnnParams.for_rows(store.num_rows)
     digest = rows_digest(store)
-    indexes = build_indexes(lambda: store.chunks(everything, SCAN_ROWS), store.num_rows, store.weights, params)
+    indexes = build_indexes(
+        lambda: store.chunks(everything, SCAN_ROWS), store.num_rows, store.weights, params
+    )
     _write(store, indexes, params, digest)
     return params
 
@@ -226,7 +228,9 @@ class AnnIndex:
             for signed in (coded(matrix), coded(-matrix)):
                 labels = index.search(signed, count)[1]
                 if (labels >= 0).sum(axis=1).min() < needed:
-                    labels = index.search(signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist))[1]
+                    labels = index.search(
+                        signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist)
+                    )[1]
                 found.append(labels[labels >= 0])
         return np.unique(np.concatenate(found)).astype(np.int64)
 
@@ -290,7 +294,9 @@ def _manifest(store: GradientStore) -> dict[str, Any]:
         manifest = json.loads(text)
         built_as, fresh = manifest["format"], manifest["rows_digest"] == rows_digest(store)
     except (ValueError, KeyError, TypeError) as error:
-        raise AnnIndexError(f"{store.path.name}: its ANN manifest is unreadable ({error}); {_rebuild(store)}")
+        raise AnnIndexError(
+            f"{store.path.name}: its ANN manifest is unreadable ({error}); {_rebuild(store)}"
+        ) from error
     if built_as != FORMAT:
         raise AnnIndexError(
             f"{store.path.name}: its ANN index is in format {built_as!r}, which this version does not read "

@@ -141,7 +141,8 @@ class InputCache:
         kept = [  # hidden files are no part of an input, as in a local folder
             (key, str(etag), int(size))
             for key, (etag, size) in sorted(listed.items())
-            if Path(key).suffix.lower() in MIRRORED_SUFFIXES and not any(p.startswith(".") for p in key.split("/"))
+            if Path(key).suffix.lower() in MIRRORED_SUFFIXES
+            and not any(p.startswith(".") for p in key.split("/"))
         ]
         if not kept:
             raise SpecError(f"{url}: no objects under this prefix (nothing to read as a dataset or model)")
