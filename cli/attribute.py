@@ -118,7 +118,9 @@ def run(
     # only the knobs given on the command line: the matched estimator takes the others from the store
     # (compared by name: typer bundles its own click, whose ParameterSource is not click.core's)
     knobs = {"timesteps": timesteps, "draws": draws, "seed": seed}
-    given = {k: v for k, v in knobs.items() if context.get_parameter_source(k).name != "DEFAULT"}
+    given = {
+        k: v for k, v in knobs.items() if getattr(context.get_parameter_source(k), "name", None) != "DEFAULT"
+    }
     query = validated(QuerySpec, {**given, "estimator": estimator, "search": search, "label": label,
                                      "prompt": prompt})
     if threads < 1 or (top_k < 1 and not rank_all):
@@ -176,7 +178,7 @@ def run(
     if gallery is not None:
         queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
         row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}
-        rankings = {
+        rankings: dict[str, tuple[np.ndarray, np.ndarray]] = {
             method: (
                 np.array(
                     [[row_of[i.sample_id] for i in r.methods[method].proponents] for r in answer.results]

@@ -283,7 +283,7 @@ def run(
     return 0
 
 
-def _run_queued(store: Path, wait: bool) -> int:
+def _run_queued(store: str, wait: bool) -> int:
     from tqdm import tqdm
 
     from storage import NothingToIndexError

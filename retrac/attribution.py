@@ -29,7 +29,7 @@ from retrac.plan import IndexPlan, Rows
 from retrac.query_side import BANDS, QueryVectors, query_vectors, resolve_query
 from retrac.scoring import METHODS, SCAN_ROWS, Ranked, Ranking, RowChunk, matched_slots, scan
 
-ProgressCallback = Callable[[int], None]
+ProgressCallback = Callable[[int], object]
 """Called with the number of rows just finished."""
 
 QueryProgress = Callable[[str, int, int], None]

@@ -265,7 +265,7 @@ class IndexPlan:
         checkpoint: int,
         rows: slice,
         computer: GradientComputer,
-        on_rows: Callable[[int], None] | None = None,
+        on_rows: Callable[[int], object] | None = None,
     ) -> Rows:
         """Projected gradients and exact norms of rows `rows` at checkpoint `checkpoint`.
 
@@ -310,9 +310,9 @@ def _check_shape(dataset: DatasetSpec, shape: tuple[int, int]) -> None:
     channels and resolution) are not the `shape` (channels, resolution) the model takes."""
     channels, resolution = shape
     if (dataset.channels, dataset.resolution) != (channels, resolution):
-        shape = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
+        given = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
         raise SpecError(
-            f"the dataset is {shape} (channels x height x width) but the model takes "
+            f"the dataset is {given} (channels x height x width) but the model takes "
             f"{channels}x{resolution}x{resolution}; give resolution {resolution} and channels {channels}"
         )
 

@@ -123,7 +123,7 @@ def query_vectors(
     computer: GradientComputer,
     images: torch.Tensor,
     spec: QuerySpec,
-    on_images: Callable[[int], None] | None = None,
+    on_images: Callable[[int], object] | None = None,
     conditions: Conditions = Conditions(),
 ) -> QueryVectors:
     """The per-timestep query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint, each

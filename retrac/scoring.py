@@ -323,7 +323,8 @@ class _Extremes:
         else:
             bands = _gathered(self.best.bands, kept.clamp_max(previous - 1))
         bands[query, place] = entering
-        self.best = Ranked(*(_gathered(values, kept) for values in merged), bands=bands)
+        rows, scores, contributions = (_gathered(values, kept) for values in merged)
+        self.best = Ranked(rows, scores, contributions, bands)
 
 
 def scan(

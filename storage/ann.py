@@ -33,7 +33,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -168,10 +168,10 @@ def build_indexes(
     indexes = {}
     for method in methods:
         rows = coded(np.concatenate(training.pop(method)))
-        index = faiss.index_factory(
+        index = cast(faiss.IndexIVFPQFastScan, faiss.index_factory(  # faiss returns the factory's class
             rows.shape[1], f"IVF{params.nlist},PQ{rows.shape[1] // sub_dim(rows.shape[1])}x4fs",
             faiss.METRIC_INNER_PRODUCT,
-        )
+        ))
         index.pq.cp.min_points_per_centroid = 1  # a small store's codebooks fit what rows it has
         index.train(rows if len(rows) >= CODEBOOK else np.resize(rows, (CODEBOOK, rows.shape[1])))
         index.nprobe = params.nprobe
@@ -229,7 +229,7 @@ class AnnIndex:
                 labels = index.search(signed, count)[1]
                 if (labels >= 0).sum(axis=1).min() < needed:
                     labels = index.search(
-                        signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist)
+                        signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist)  # type: ignore[call-arg]
                     )[1]
                 found.append(labels[labels >= 0])
         return np.unique(np.concatenate(found)).astype(np.int64)
