@@ -1,17 +1,17 @@
 """The contract shared by the service, the worker, the CLI and clients (pydantic only, no torch)."""
 
 from api_schemas.specs import (
+    BetaSchedule,
     CheckpointSpec,
     DatasetSpec,
     Estimator,
     IndexSpec,
     KernelSpec,
-    BetaSchedule,
     LossKind,
     LossWeighting,
-    PredictionType,
     Method,
     OutputFunction,
+    PredictionType,
     ProjectorKind,
     ProjectorSpec,
     QuerySpec,

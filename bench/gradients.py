@@ -66,9 +66,15 @@ def build_denoiser(preset: str, classes: int | None, text: int | None = None) ->
         for key in ("down_block_types", "up_block_types"):
             config[key] = tuple(CROSS_ATTENTION.get(kind, kind) for kind in config[key])
         torch.manual_seed(0)
-        return with_plain_attention(UNet2DConditionModel(
-            sample_size=resolution, in_channels=channels, out_channels=channels, cross_attention_dim=text, **config,
-        ))
+        return with_plain_attention(
+            UNet2DConditionModel(
+                sample_size=resolution,
+                in_channels=channels,
+                out_channels=channels,
+                cross_attention_dim=text,
+                **config,
+            )
+        )
     if preset != "dit":
         return build_unet(preset, resolution=resolution, channels=channels, num_class_embeds=classes)
     torch.manual_seed(0)
@@ -119,9 +125,8 @@ def phases_share(
     conditions: Conditions,
 ) -> dict[str, float]:
     """The share of one profiled `compute` in each labelled phase, and of the unlabelled rest."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        with record_function("compute"):
-            computer.compute(images, timesteps, noise, conditions=conditions)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, record_function("compute"):
+        computer.compute(images, timesteps, noise, conditions=conditions)
     totals = {event.key: event.cpu_time_total / 1000 for event in prof.key_averages()}
     labelled = {name: ms for name, ms in totals.items() if name in PHASES or name.startswith(f"{PHASES[2]} ")}
     labelled["projection and rest"] = totals["compute"] - sum(labelled.values())
@@ -213,14 +218,22 @@ def main() -> None:
     parser.add_argument("--clock", choices=list(CLOCKS), default="cpu")
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), choices=list(SHAPES))
     condition = parser.add_mutually_exclusive_group()
-    condition.add_argument("--classes", type=int, default=None, help="class-conditional models with C classes")
+    condition.add_argument(
+        "--classes", type=int, default=None, help="class-conditional models with C classes"
+    )
     condition.add_argument("--text", type=int, default=None, help="text-conditional UNets of text width D")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
     result: dict[str, object] = {
         preset: bench_preset(
-            preset, args.batch, args.repeats, args.query_repeats, clock, _classes(preset, args.classes), args.text
+            preset,
+            args.batch,
+            args.repeats,
+            args.query_repeats,
+            clock,
+            _classes(preset, args.classes),
+            args.text,
         )
         for preset in args.presets
     }

@@ -197,10 +197,15 @@ def retrieval_part(setup: Setup) -> Figures:
     for estimator in ("paper", "matched", "paper_over_shared_slots"):
         for method, table in scores(attributor, vectors, estimator).items():
             parts = np.split(table, 1 + len(duplicates))
-            by_kind = {kind: retrieval.hit_rate(part, own, 3) for kind, part in zip(duplicates, parts[1:], strict=True)}
+            by_kind = {
+                kind: retrieval.hit_rate(part, own, 3)
+                for kind, part in zip(duplicates, parts[1:], strict=True)
+            }
             out[method][estimator] = {
                 "self_retrieval_top1": retrieval.hit_rate(parts[0], own, 1),
-                "near_duplicate_top3": retrieval.hit_rate(np.concatenate(parts[1:]), own * len(duplicates), 3),
+                "near_duplicate_top3": retrieval.hit_rate(
+                    np.concatenate(parts[1:]), own * len(duplicates), 3
+                ),
                 "near_duplicate_top3_by_kind": by_kind,
             }
     return out
@@ -270,7 +275,9 @@ def copy_figures(setup: Setup, run: TrainingRun, training: ImageDataset) -> Figu
         for method, table in scores(attributor, vectors, estimator).items():
             out[method][estimator] = {
                 **found,
-                "copy_top3": retrieval.hit_rate(table[copies], nearest[copies].tolist(), 3) if len(copies) else None,
+                "copy_top3": retrieval.hit_rate(table[copies], nearest[copies].tolist(), 3)
+                if len(copies)
+                else None,
                 "nearest_top3": retrieval.hit_rate(table, nearest.tolist(), 3),
             }
     return out
@@ -331,7 +338,9 @@ def grid_and_draws(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the smaller setting (under 10 minutes on 2 cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the smaller setting (under 10 minutes on 2 cores)"
+    )
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS), help="parts to run")
     parser.add_argument("--curve", nargs="+", type=grid_and_draws, metavar="K,M",
                         help="the stability part's (grid slots, draws) points instead of the setting's")

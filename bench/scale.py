@@ -96,7 +96,9 @@ def median_seconds(job: Callable[[], object], repeats: int) -> float:
 def best_of(sweep: list[dict]) -> dict:
     """The fastest setting of a sweep with recall@10 >= TARGET_RECALL, else the best recall."""
     good = [s for s in sweep if s["recall_at_10"] >= TARGET_RECALL]
-    return dict(max(good, key=lambda s: s["speedup"]) if good else max(sweep, key=lambda s: s["recall_at_10"]))
+    return dict(
+        max(good, key=lambda s: s["speedup"]) if good else max(sweep, key=lambda s: s["recall_at_10"])
+    )
 
 
 def recall(exact: list[set[int]], found: list[set[int]]) -> float:
@@ -116,7 +118,10 @@ def real_store(folder: Path, rows: int) -> GradientStore:
     ))
     started = time.perf_counter()
     run_pending(store, GradientComputerCache("cpu", threads=torch.get_num_threads()))
-    log(f"real store: {rows} samples x 3 slots x 2 checkpoints indexed in {time.perf_counter() - started:.0f} s")
+    log(
+        f"real store: {rows} samples x 3 slots x 2 checkpoints indexed in "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     return store
 
 
@@ -158,9 +163,14 @@ def real_ann(store: GradientStore, images: torch.Tensor, repeats: int) -> dict[s
         log(f"  real, nprobe {nprobe}: {sweep[-1]}")
     files = (store.path / "ann").glob("*.faiss")
     result = {
-        **best_of(sweep), "rows": store.num_rows, "dim": store.dim * store.num_checkpoints, "build_s": build_s,
-        "memory_mb": sum(f.stat().st_size for f in files) / 2**20, "nlist": params.nlist,
-        "default_nprobe": params.nprobe, "candidates": candidate_count(store.num_rows, TOP_K),
+        **best_of(sweep),
+        "rows": store.num_rows,
+        "dim": store.dim * store.num_checkpoints,
+        "build_s": build_s,
+        "memory_mb": sum(f.stat().st_size for f in files) / 2**20,
+        "nlist": params.nlist,
+        "default_nprobe": params.nprobe,
+        "candidates": candidate_count(store.num_rows, TOP_K),
         "source": "real store (2 checkpoints x k=4096 concatenated; both methods)",
         "sweep": sweep,
     }
@@ -219,7 +229,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def resident_chunks(projected: torch.Tensor, norms: torch.Tensor) -> Callable[[], Iterator[tuple[int, list[RowChunk]]]]:
+def resident_chunks(
+    projected: torch.Tensor, norms: torch.Tensor
+) -> Callable[[], Iterator[tuple[int, list[RowChunk]]]]:
     def chunks() -> Iterator[tuple[int, list[RowChunk]]]:
         for start in range(0, projected.shape[0], RESIDENT_STEP):
             part = slice(start, start + RESIDENT_STEP)
@@ -241,8 +253,11 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
         return scan(chunks(), q, [1.0], top_k=TOP_K, methods=["tracin"])
 
     truth = exact(vectors)
-    exact_sets = [set(truth.proponents["tracin"].rows[i].tolist()) | {-1 - r for r in truth.opponents["tracin"].rows[i].tolist()}
-                  for i in range(len(queries))]
+    exact_sets = [
+        set(truth.proponents["tracin"].rows[i].tolist())
+        | {-1 - r for r in truth.opponents["tracin"].rows[i].tolist()}
+        for i in range(len(queries))
+    ]
     one = flat_vectors(queries[:1])
     exact_s = median_seconds(lambda: exact(one), repeats)
     params = AnnParams.for_rows(rows)
@@ -272,9 +287,17 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
                           "speedup": exact_s / seconds})
             log(f"  nprobe {nprobe}, {count} candidates: {sweep[-1]}")
     return {
-        **best_of(sweep), "rows": rows, "dim": dim, "build_s": build_s, "memory_mb": memory_mb, "nlist": params.nlist,
-        "structure": structure(index), "exact_s": exact_s, "peak_rss_mb": peak_rss_mb(),
-        "source": f"synthetic: real rows mixed and perturbed (noise {noise}); TracIn", "sweep": sweep,
+        **best_of(sweep),
+        "rows": rows,
+        "dim": dim,
+        "build_s": build_s,
+        "memory_mb": memory_mb,
+        "nlist": params.nlist,
+        "structure": structure(index),
+        "exact_s": exact_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "source": f"synthetic: real rows mixed and perturbed (noise {noise}); TracIn",
+        "sweep": sweep,
     }
 
 
@@ -338,7 +361,9 @@ def roofline(dim: int, repeats: int) -> dict:
             seconds = median_seconds(partial(_products, block, sides, out), repeats)
             result[name]["scan_product_gflops_q16"] = 2 * 16 * RESIDENT_STEP * dim / seconds / 1e9
     codes = square.clamp(-127, 127).to(torch.int8)
-    result["int8"] = {"gemm_gflops": 2 * 1024**3 / median_seconds(lambda: torch._int_mm(codes, codes), repeats) / 1e9}
+    result["int8"] = {
+        "gemm_gflops": 2 * 1024**3 / median_seconds(lambda: torch._int_mm(codes, codes), repeats) / 1e9
+    }
     log(f"roofline: {result}")
     return result
 
@@ -434,8 +459,12 @@ def rows_parts(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--real-rows", type=int, default=4096, help="samples of the real store")
-    parser.add_argument("--sizes", default="1000000x1024,250000x4096", help="synthetic rows x k, comma-separated")
-    parser.add_argument("--noise", type=float, default=0.5, help="relative size of the synthetic rows' perturbation")
+    parser.add_argument(
+        "--sizes", default="1000000x1024,250000x4096", help="synthetic rows x k, comma-separated"
+    )
+    parser.add_argument(
+        "--noise", type=float, default=0.5, help="relative size of the synthetic rows' perturbation"
+    )
     parser.add_argument("--scan-rows", type=int, default=65536, help="rows of the scan-limit measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)

@@ -51,14 +51,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from api_schemas import DatasetSpec, IndexSpec, SlotSpec, TrainSpec  # noqa: E402
-from retrac.datasets import load_dataset  # noqa: E402
+from retrac.computers import GradientComputerCache  # noqa: E402
+from retrac.datasets import MAX_IMAGE_SIDE, load_dataset  # noqa: E402
 from retrac.losses import distance, noised  # noqa: E402
 from retrac.training import train  # noqa: E402
-from retrac.datasets import MAX_IMAGE_SIDE  # noqa: E402
 from service.images import max_side  # noqa: E402
 from service.main import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from retrac.computers import GradientComputerCache  # noqa: E402
 from storage import GradientStore, run_pending  # noqa: E402
 
 QUERY = {"timesteps": 50, "draws": 4, "top_k": 10, "seed": 0}

@@ -62,7 +62,9 @@ def print_csv(files: list[Path], results: list) -> None:
 
 def run(
     context: typer.Context,
-    store: Annotated[str, typer.Argument(help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")],
+    store: Annotated[
+        str, typer.Argument(help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")
+    ],
     images: Annotated[list[Path], typer.Argument(help="query images (PNG, JPEG or .npy) or folders of them")],
     top_k: Annotated[int, typer.Option(help="proponents and opponents per method")] = DEFAULT_TOP_K,
     rank_all: Annotated[
@@ -75,10 +77,13 @@ def run(
     seed: Annotated[int, typer.Option(help="seed of the query's noise draws")] = default(QuerySpec, "seed"),
     estimator: Annotated[
         Estimator,
-        typer.Option(help="paper, or matched: per timestep against the store's shared-noise slots (its K, M, seed)"),
+        typer.Option(
+            help="paper, or matched: per timestep against the store's shared-noise slots (its K, M, seed)"
+        ),
     ] = default(QuerySpec, "estimator"),
     search: Annotated[
-        Search, typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates")
+        Search,
+        typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates"),
     ] = default(QuerySpec, "search"),
     method: Annotated[
         list[str] | None,
@@ -119,7 +124,9 @@ def run(
     # only the knobs given on the command line: the matched estimator takes the others from the store
     # (compared by name: typer bundles its own click, whose ParameterSource is not click.core's)
     knobs = {"timesteps": timesteps, "draws": draws, "seed": seed}
-    given = {k: v for k, v in knobs.items() if context.get_parameter_source(k).name != "DEFAULT"}
+    given = {
+        k: v for k, v in knobs.items() if getattr(context.get_parameter_source(k), "name", None) != "DEFAULT"
+    }
     query = validated(QuerySpec, {**given, "estimator": estimator, "search": search, "label": label,
                                      "prompt": prompt})
     if threads < 1 or (top_k < 1 and not rank_all):
@@ -133,7 +140,9 @@ def run(
     conversions = Conversions()
     pixels = torch.stack(
         [
-            load_image_file(path, resolution=dataset.resolution, channels=dataset.channels, conversions=conversions)
+            load_image_file(
+                path, resolution=dataset.resolution, channels=dataset.channels, conversions=conversions
+            )
             for path in files
         ]
     )

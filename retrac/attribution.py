@@ -31,7 +31,7 @@ from retrac.plan import IndexPlan, Rows
 from retrac.query_side import BANDS, QueryVectors, query_vectors, resolve_query
 from retrac.scoring import METHODS, SCAN_ROWS, Ranked, Ranking, RowChunk, matched_slots, scan
 
-ProgressCallback = Callable[[int], None]
+ProgressCallback = Callable[[int], object]
 """Called with the number of rows just finished."""
 
 QueryProgress = Callable[[str, int, int], None]
@@ -83,7 +83,12 @@ class RowSource(Protocol):
         """Raise a named error saying how to build it, if the source has no current ANN index."""
 
     def candidates(
-        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+        self,
+        checkpoints: Sequence[int],
+        vectors: Sequence[QueryVectors],
+        *,
+        top_k: int,
+        methods: Sequence[Method],
     ) -> tuple[np.ndarray, list[RowChunk]]:
         """Approximate search: sorted candidate rows for every query and method, with their stored rows
         at each of `checkpoints` (to rescore exactly)."""
@@ -218,7 +223,10 @@ def _renumbered(ranking: Ranking, rows: np.ndarray) -> Ranking:
 
     def moved(ranked: Ranked) -> Ranked:
         return Ranked(
-            rows=numbers[ranked.rows], scores=ranked.scores, contributions=ranked.contributions, bands=ranked.bands
+            rows=numbers[ranked.rows],
+            scores=ranked.scores,
+            contributions=ranked.contributions,
+            bands=ranked.bands,
         )
 
     return Ranking(
@@ -332,7 +340,7 @@ class MemoryRows:
 
     def kernel(self, checkpoint: int) -> Kernel:
         if self.kernels is None:
-            raise SpecError("these in-memory rows have no TRAK kernel: index them with a spec that has kernel set")
+            raise SpecError("these in-memory rows have no TRAK kernel: give the spec a kernel")
         return self.kernels[checkpoint]
 
     def chunks(self, checkpoints: Sequence[int], rows_per_chunk: int) -> Chunks:
@@ -348,7 +356,12 @@ class MemoryRows:
         raise SpecError(_NO_ANN)
 
     def candidates(
-        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+        self,
+        checkpoints: Sequence[int],
+        vectors: Sequence[QueryVectors],
+        *,
+        top_k: int,
+        methods: Sequence[Method],
     ) -> tuple[np.ndarray, list[RowChunk]]:
         raise SpecError(_NO_ANN)
 
@@ -404,7 +417,8 @@ class Attributor:
     def query_vectors(
         self, images: torch.Tensor, spec: QuerySpec, checkpoints: Sequence[int]
     ) -> list[QueryVectors]:
-        """Query vectors of `images` `(Q, C, H, W)` under `spec`'s label or prompt at each checkpoint of `checkpoints`."""
+        """Query vectors of `images` `(Q, C, H, W)` under `spec`'s label or prompt at each checkpoint of
+        `checkpoints`."""
         conditions = self.plan.query_conditions(spec, images.shape[0])
         return query_gradients(self.computer, images, spec, checkpoints, conditions, encode=self.plan.encode)
 

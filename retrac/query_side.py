@@ -60,15 +60,17 @@ class QueryVectors:
     """Query vectors of Q images at one checkpoint over a K-timestep grid.
 
     `per_timestep` `(Q, K, k)`: `P h(q, t)`; `timestep_norms` `(Q, K)`: the exact `||h(q, t)||`;
-    `bands` `(K,)` int64: each timestep's position in `BANDS`; `preconditioned` `(Q, K, k)`: `F^{-1} P h(q, t)`
-    under the checkpoint's kernel (`preconditioned_by`), for trak and dtrak.
+    `bands` `(K,)` int64: each timestep's position in `BANDS`; `preconditioned` `(Q, K, k)`:
+    `F^{-1} P h(q, t)` under the checkpoint's kernel (`preconditioned_by`), for trak and dtrak.
     """
 
     per_timestep: torch.Tensor
     timestep_norms: torch.Tensor
     bands: torch.Tensor
     preconditioned: torch.Tensor | None = None
-    _band_vectors: dict[Method, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _band_vectors: dict[Method, torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def timestep_vectors(self, method: Method) -> torch.Tensor:
         """`(Q, K, k)`: `P h(q, t)` (TracIn), `P h(q, t) / ||h(q, t)||` (ReTrac) or `F^{-1} P h(q, t)`
@@ -95,8 +97,8 @@ class QueryVectors:
         return F.one_hot(self.bands, len(BANDS)).to(torch.float32) / self.bands.shape[0]
 
     def band_vectors(self, method: Method) -> torch.Tensor:
-        """`(Q, B, k)`: the part of the method's query vector from each band's timesteps (sum over B: G or G^).
-        Computed once per method: a scan asks for it per chunk."""
+        """`(Q, B, k)`: the part of the method's query vector from each band's timesteps (sum over B: G or
+        G^). Computed once per method: a scan asks for it per chunk."""
         if method not in self._band_vectors:
             vectors, dtype = self.timestep_vectors(method), accumulator(self.per_timestep.shape[-1])
             weights = self.band_weights().to(dtype)
@@ -152,7 +154,7 @@ def query_vectors(
     computer: GradientComputer,
     images: torch.Tensor,
     spec: QuerySpec,
-    on_images: Callable[[int], None] | None = None,
+    on_images: Callable[[int], object] | None = None,
     conditions: Conditions = Conditions(),
 ) -> QueryVectors:
     """The per-timestep query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint, each

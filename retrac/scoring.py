@@ -153,7 +153,9 @@ def _paper_products(chunk: RowChunk, sides: dict[Method, torch.Tensor]) -> dict[
     return out
 
 
-def _paper_parts(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
+def _paper_parts(
+    chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]
+) -> dict[Method, torch.Tensor]:
     """`(n, Q, B)` per method: `mean_s g_s . G_b` (ReTrac: `g_s / ||g_s||`), G_b band b's part of G."""
     tables = _paper_products(chunk, {m: query.band_vectors(m) for m in methods})
     return {m: table.permute(2, 0, 1) for m, table in tables.items()}
@@ -184,7 +186,9 @@ def _matched_parts(
     return out
 
 
-def _paper_scores(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
+def _paper_scores(
+    chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]
+) -> dict[Method, torch.Tensor]:
     """`(Q, n)` per method: `mean_s g_s . G` (ReTrac: `g_s / ||g_s||` and G^), without band parts:
     two columns per query, a third of `_paper_parts`' matmul, the cost of a scan."""
     return _paper_products(chunk, {m: query.mean_vector(m) for m in methods})
@@ -194,7 +198,9 @@ def _check_pairing(chunk: RowChunk, query: QueryVectors, matched: slice) -> None
     """A SpecError unless the grid slots `matched` are as many as the query's timesteps."""
     stored, asked = len(range(*matched.indices(chunk.projected.shape[1]))), query.per_timestep.shape[1]
     if stored != asked:
-        raise SpecError(f"the matched estimator pairs each of {stored} grid slots with a query timestep; got K = {asked}")
+        raise SpecError(
+            f"the matched estimator pairs each of {stored} grid slots with a query timestep; got K = {asked}"
+        )
 
 
 def parts(
@@ -231,7 +237,9 @@ def contributions(
     the matched one has it for free (its per-timestep products are needed anyway). The paper's
     contributions are a view of `(Q, n, C)`: each query's scores contiguous, as a top-k reads them."""
     if matched is not None:
-        return {m: table.sum(dim=-1) for m, table in parts(chunks, queries, weights, methods, matched).items()}
+        return {
+            m: table.sum(dim=-1) for m, table in parts(chunks, queries, weights, methods, matched).items()
+        }
     out: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
     for chunk, query, weight in zip(chunks, queries, weights, strict=True):
         table = _paper_scores(chunk, query, methods)
@@ -277,7 +285,9 @@ class Ranking:
 
 def _gathered(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`values` `(Q, n)` or `(Q, n, C)` at the positions `index` `(Q, k)` along n."""
-    return values.gather(1, index if values.ndim == 2 else index.unsqueeze(-1).expand(-1, -1, values.shape[2]))
+    return values.gather(
+        1, index if values.ndim == 2 else index.unsqueeze(-1).expand(-1, -1, values.shape[2])
+    )
 
 
 class _Extremes:
@@ -298,7 +308,9 @@ class _Extremes:
         that enter the kept k (after the first chunks, a few)."""
         per_query = contribution.permute(1, 0, 2)  # (Q, n, C)
         scores = per_query[..., 0] if per_query.shape[2] == 1 else per_query.sum(dim=-1)  # (Q, n)
-        local = scores.topk(min(self.top_k, scores.shape[1]), dim=1, largest=self.largest, sorted=False).indices
+        local = scores.topk(
+            min(self.top_k, scores.shape[1]), dim=1, largest=self.largest, sorted=False
+        ).indices
         merged = [local + first_row, scores.gather(1, local), _gathered(per_query, local)]
         previous = 0
         if self.best is not None:
@@ -313,7 +325,8 @@ class _Extremes:
         else:
             bands = _gathered(self.best.bands, kept.clamp_max(previous - 1))
         bands[query, place] = entering
-        self.best = Ranked(*(_gathered(values, kept) for values in merged), bands=bands)
+        rows, scores, contributions = (_gathered(values, kept) for values in merged)
+        self.best = Ranked(rows, scores, contributions, bands)
 
 
 def scan(

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.routing import Match, Mount
 from starlette.types import Scope
 
+from retrac.computers import GradientComputerCache, parse_device
 from service.api.main import API_PREFIX, api_router
-from service.errors import install_error_handlers
+from service.handlers import install_error_handlers
 from service.limits import BodyLimit
 from service.openapi import install_schema
 from service.query_engine import QueryEngine
@@ -31,7 +32,6 @@ from service.query_pool import QueryPool
 from service.queue import still_building
 from service.repository import StoreRepository
 from service.settings import Settings, get_settings
-from retrac.computers import GradientComputerCache, parse_device
 
 STATIC = Path(__file__).parent / "static"
 

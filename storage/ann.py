@@ -33,7 +33,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -117,7 +117,9 @@ def query_matrix(
 ) -> np.ndarray:
     """Query vectors `(Q, C k)` float32 of one method over every checkpoint of the index: zeros at the
     checkpoints not chosen, so the inner product is the score over the chosen ones alone."""
-    chosen = {c: v.mean_vector(method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)}
+    chosen = {
+        c: v.mean_vector(method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)
+    }
     zeros = torch.zeros_like(next(iter(chosen.values())))
     return torch.cat([chosen.get(c, zeros) for c in range(num_checkpoints)], dim=1).numpy()
 
@@ -141,7 +143,9 @@ def build_ann(store: GradientStore, params: AnnParams | None = None) -> AnnParam
         )
     params = params or AnnParams.for_rows(store.num_rows)
     digest = rows_digest(store)
-    indexes = build_indexes(lambda: store.chunks(everything, SCAN_ROWS), store.num_rows, store.weights, params)
+    indexes = build_indexes(
+        lambda: store.chunks(everything, SCAN_ROWS), store.num_rows, store.weights, params
+    )
     _write(store, indexes, params, digest)
     return params
 
@@ -167,10 +171,10 @@ def build_indexes(
     indexes = {}
     for method in methods:
         rows = coded(np.concatenate(training.pop(method)))
-        index = faiss.index_factory(
+        index = cast(faiss.IndexIVFPQFastScan, faiss.index_factory(  # faiss returns the factory's class
             rows.shape[1], f"IVF{params.nlist},PQ{rows.shape[1] // sub_dim(rows.shape[1])}x4fs",
             faiss.METRIC_INNER_PRODUCT,
-        )
+        ))
         index.pq.cp.min_points_per_centroid = 1  # a small store's codebooks fit what rows it has
         index.train(rows if len(rows) >= CODEBOOK else np.resize(rows, (CODEBOOK, rows.shape[1])))
         index.nprobe = params.nprobe
@@ -228,7 +232,9 @@ class AnnIndex:
             for signed in (coded(matrix), coded(-matrix)):
                 labels = index.search(signed, count)[1]
                 if (labels >= 0).sum(axis=1).min() < needed:
-                    labels = index.search(signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist))[1]
+                    labels = index.search(
+                        signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist)  # type: ignore[call-arg]
+                    )[1]
                 found.append(labels[labels >= 0])
         return np.unique(np.concatenate(found)).astype(np.int64)
 
@@ -292,7 +298,9 @@ def _manifest(store: GradientStore) -> dict[str, Any]:
         manifest = json.loads(text)
         built_as, fresh = manifest["format"], manifest["rows_digest"] == rows_digest(store)
     except (ValueError, KeyError, TypeError) as error:
-        raise AnnIndexError(f"{store.path.name}: its ANN manifest is unreadable ({error}); {_rebuild(store)}")
+        raise AnnIndexError(
+            f"{store.path.name}: its ANN manifest is unreadable ({error}); {_rebuild(store)}"
+        ) from error
     if built_as != FORMAT:
         raise AnnIndexError(
             f"{store.path.name}: its ANN index is in format {built_as!r}, which this version does not read "

@@ -96,10 +96,10 @@ class InputCache:
         leases: list[Lease] = []
 
         def local(path: str | None) -> str | None:
-            if not is_url(path):
+            if path is None or not is_url(path):
                 return path
             if path not in mirrors:
-                mirrors[path], lease = self.leased(path)  # type: ignore[arg-type]
+                mirrors[path], lease = self.leased(path)
                 leases.append(lease)
             return str(mirrors[path])
 
@@ -141,7 +141,8 @@ class InputCache:
         kept = [  # hidden files are no part of an input, as in a local folder
             (key, str(etag), int(size))
             for key, (etag, size) in sorted(listed.items())
-            if Path(key).suffix.lower() in MIRRORED_SUFFIXES and not any(p.startswith(".") for p in key.split("/"))
+            if Path(key).suffix.lower() in MIRRORED_SUFFIXES
+            and not any(p.startswith(".") for p in key.split("/"))
         ]
         if not kept:
             raise SpecError(f"{url}: no objects under this prefix (nothing to read as a dataset or model)")

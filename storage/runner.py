@@ -17,7 +17,7 @@ from storage.store import GradientStore
 ShardCallback = Callable[[int, int, int], None]
 """Called after each shard with (checkpoint, shard, rows in it)."""
 
-RowsCallback = Callable[[int], None]
+RowsCallback = Callable[[int], object]
 """Called after each gradient batch with the rows it completed: a progress bar that moves per batch."""
 
 

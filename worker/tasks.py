@@ -41,11 +41,11 @@ def _limit_threads(**_: Any) -> None:
     torch.set_num_threads(get_settings().torch_threads)
 
 
-class ShardTask(app.Task):  # type: ignore[name-defined]
+class ShardTask(app.Task):
     """Reads its retry limit from the settings when a retry is decided, not when the module loads."""
 
     @property
-    def max_retries(self) -> int:  # type: ignore[override]
+    def max_retries(self) -> int:
         return get_settings().max_retries
 
 

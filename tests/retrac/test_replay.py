@@ -47,7 +47,8 @@ def test_every_sample_is_trained_every_epoch(replay_run, digits) -> None:
     # 30 samples in batches of 8: the last batch of each epoch has 6 samples and must not be dropped.
     epochs, n = replay_run.losses.shape
     assert (epochs, n) == (4, len(digits))
-    assert torch.isfinite(replay_run.losses).all() and (replay_run.losses > 0).all()
+    assert torch.isfinite(replay_run.losses).all()
+    assert (replay_run.losses > 0).all()
     assert ((replay_run.timesteps >= 0) & (replay_run.timesteps < 1000)).all()
     assert len(set(replay_run.seeds[0].tolist())) == n  # every step its own noise
 
@@ -81,7 +82,8 @@ def test_an_index_of_a_subset_weighs_checkpoints_as_the_run_trained(replay_run, 
 
 def test_weights_from_epoch_and_lr_without_a_run_refuse_a_limit(replay_run) -> None:
     checkpoints = tuple(
-        CheckpointSpec(path=str(c.path), epoch=c.epoch, lr=replay_run.spec.lr) for c in replay_run.checkpoints()
+        CheckpointSpec(path=str(c.path), epoch=c.epoch, lr=replay_run.spec.lr)
+        for c in replay_run.checkpoints()
     )
     spec = IndexSpec(
         dataset=DatasetSpec(source="builtin:digits", resolution=8, limit=6), checkpoints=checkpoints,

@@ -47,7 +47,8 @@ def test_compose_file_is_valid() -> None:
 
 def test_compose_refuses_to_start_without_an_api_key() -> None:
     checked = compose("-q")
-    assert checked.returncode != 0 and "RETRAC_API_KEY" in checked.stderr
+    assert checked.returncode != 0
+    assert "RETRAC_API_KEY" in checked.stderr
 
 
 def test_compose_services_share_stores_and_models_and_check_health() -> None:
@@ -68,17 +69,21 @@ def test_compose_services_share_stores_and_models_and_check_health() -> None:
         == ["/data/datasets", "/data/models", "/data/stores"]
     )
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert gpu["driver"] == "nvidia"
+    assert "gpu" in gpu["capabilities"]
     assert services["worker"]["environment"]["RETRAC_DEVICE"] == "cuda"
     assert "cu" in services["worker"]["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[-1]
     api = services["api"]["environment"]
-    assert api["RETRAC_API_KEY"] == KEY and api["RETRAC_ENVIRONMENT"] == "production"
+    assert api["RETRAC_API_KEY"] == KEY
+    assert api["RETRAC_ENVIRONMENT"] == "production"
     broker = {services[n]["environment"]["RETRAC_BROKER_URL"] for n in ("api", "worker", "worker-cpu")}
     assert broker == {"redis://redis:6379/0"}
 
 
 def test_the_object_store_profile_shares_only_redis_and_the_bucket() -> None:
-    rendered = compose(RETRAC_API_KEY=KEY, RETRAC_MINIO_PASSWORD="minio-secret", COMPOSE_PROFILES="object-store")
+    rendered = compose(
+        RETRAC_API_KEY=KEY, RETRAC_MINIO_PASSWORD="minio-secret", COMPOSE_PROFILES="object-store"
+    )
     assert rendered.returncode == 0, rendered.stderr
     services = yaml.safe_load(rendered.stdout)["services"]
     api, worker = services["api-s3"], services["worker-s3"]
@@ -87,7 +92,8 @@ def test_the_object_store_profile_shares_only_redis_and_the_bucket() -> None:
     assert roots == {"STORES": "s3://retrac/indexes", "MODELS": "s3://retrac/models", "DATA": "s3://retrac/datasets"}
     shared = ("RETRAC_S3_", "RETRAC_BROKER")
     reach = [{k: v for k, v in s["environment"].items() if k.startswith(shared)} for s in (api, worker)]
-    assert reach[0] == reach[1] and reach[0]["RETRAC_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert reach[0] == reach[1]
+    assert reach[0]["RETRAC_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert reach[0]["RETRAC_S3_SECRET_ACCESS_KEY"] == "minio-secret"
 
 
@@ -109,8 +115,11 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_dockerfile_runs_unprivileged_and_checks_health() -> None:
     text = (REPO / "Dockerfile").read_text()
-    assert "\nUSER 10001:10001\n" in text and "\nHEALTHCHECK " in text
+    assert "\nUSER 10001:10001\n" in text
+    assert "\nHEALTHCHECK " in text
     assert (
         "ARG TORCH_VERSION=2.13.0" in text
-        and "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    )
+    assert (
+        "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
     )

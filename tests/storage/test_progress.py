@@ -32,7 +32,8 @@ def test_the_embedded_runner_reports_rows_after_every_gradient_batch(
     for counts in per_shard:
         # one report per gradient batch of `batch` (row, slot) pairs; together, every row of the shard once
         assert len(counts) == math.ceil(SHARD_SIZE * slots / batch) > 1
-        assert sum(counts) == SHARD_SIZE and all(c >= 1 for c in counts)
+        assert sum(counts) == SHARD_SIZE
+        assert all(c >= 1 for c in counts)
     assert store_bytes(store.path) == store_bytes(reference_store)
 
 
@@ -67,4 +68,6 @@ def test_the_cli_draws_bars_on_stderr_and_keeps_stdout_the_answer(
     np.save(query, ((GradientStore.open(path).plan.dataset.images[0, 0] + 1) / 2).numpy())
     assert main(["attribute", str(path), str(query), "--timesteps", "2", "--draws", "1", "--json"]) == 0
     out, err = capsys.readouterr()
-    assert out.lstrip().startswith("{") and "gradients" in err and f"{rows // 3}/{rows // 3}" in err
+    assert out.lstrip().startswith("{")
+    assert "gradients" in err
+    assert f"{rows // 3}/{rows // 3}" in err
