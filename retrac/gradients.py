@@ -39,9 +39,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.profiler import record_function
 
-from api_schemas import LossKind, LossWeighting
+from api_schemas import LossKind, LossWeighting, OutputFunction
 from retrac.conditions import Conditions
-from retrac.losses import noised, per_sample_loss
+from retrac.losses import noised, per_sample_output
 from retrac.models import DiffusionModel
 from retrac.projections import IdentityProjector, Projector
 
@@ -114,8 +114,9 @@ def group_losses(
     noise: torch.Tensor,
     weighting: LossWeighting = "none",
     conditions: Conditions = Conditions(),
+    output: OutputFunction = "loss",
 ) -> torch.Tensor:
-    """Mean loss of each of B groups, `(B,)`.
+    """Mean loss (or output norm: `output`, `retrac.losses.per_sample_output`) of each of B groups, `(B,)`.
 
     Images `(B, C, H, W)`, timesteps `(B,)`, noise `(B, G, C, H, W)`, conditions `(B, ...)` each: group b
     is image b at timestep b under condition b, noised by each of its G noises. One batched forward of
@@ -130,7 +131,7 @@ def group_losses(
     inputs = conditions.repeat_interleave(draws).tensors
     arguments = {"timestep": steps, **inputs}  # by keyword: a Transformer2DModel's second argument is text
     prediction = functional_call(model.unet, (params, buffers), (x_t,), arguments).sample
-    values = per_sample_loss(prediction, clean, steps, flat_noise, model.scheduler, loss, weighting)
+    values = per_sample_output(prediction, clean, steps, flat_noise, model.scheduler, loss, weighting, output)
     return values.reshape(groups, draws).mean(dim=1)
 
 
@@ -143,11 +144,14 @@ def group_loss(
     noise: torch.Tensor,
     weighting: LossWeighting = "none",
     condition: Conditions = Conditions(),
+    output: OutputFunction = "loss",
 ) -> torch.Tensor:
-    """Mean loss of one image `(C, H, W)` at one timestep `()` under one condition (each tensor
-    without the batch axis) over G noises `(G, C, H, W)`."""
+    """Mean loss (or output norm) of one image `(C, H, W)` at one timestep `()` under one condition (each
+    tensor without the batch axis) over G noises `(G, C, H, W)`."""
     batched = Conditions({k: v[None] for k, v in condition.tensors.items()})
-    return group_losses(model, loss, params, image[None], timestep[None], noise[None], weighting, batched)[0]
+    return group_losses(
+        model, loss, params, image[None], timestep[None], noise[None], weighting, batched, output
+    )[0]
 
 
 # Layer rules: a layer's per-sample parameter gradients `(B, *shape)` from its inputs and output
@@ -278,8 +282,10 @@ class GradientComputer:
         chunk: int = DEFAULT_CHUNK,
         *,
         weighting: LossWeighting = "none",
+        output: OutputFunction = "loss",
     ) -> None:
         self.model, self.loss, self.weighting, self.chunk = model, loss, weighting, chunk
+        self.output = output
         self.params = trainable_parameters(model)
         self.num_params = sum(p.numel() for p in self.params.values())
         self.projector = projector or IdentityProjector(self.num_params)
@@ -289,7 +295,8 @@ class GradientComputer:
         self._layers = _rule_layers(model.unet, self.params)
 
         def one(params: dict[str, torch.Tensor], image, timestep, noise, condition) -> torch.Tensor:
-            return group_loss(model, loss, params, image, timestep, noise, weighting, Conditions(condition))
+            given = Conditions(condition)
+            return group_loss(model, loss, params, image, timestep, noise, weighting, given, output)
 
         self._batched_grad = vmap(grad(one), in_dims=(None, 0, 0, 0, 0))
 
@@ -381,7 +388,8 @@ class GradientComputer:
             for b in range(images.shape[0]):
                 condition = Conditions({k: v[b] for k, v in conditions.tensors.items()})
                 value = group_loss(
-                    self.model, self.loss, named, images[b], timesteps[b], noise[b], self.weighting, condition
+                    self.model, self.loss, named, images[b], timesteps[b], noise[b], self.weighting,
+                    condition, self.output,
                 )
                 for block, gradient in zip(blocks.values(), torch.autograd.grad(value, wanted), strict=True):
                     block[b] = gradient
@@ -406,7 +414,8 @@ class GradientComputer:
             with torch.enable_grad(), record_function(PHASES[0]):
                 params = dict(self.model.unet.named_parameters())
                 total = group_losses(
-                    self.model, self.loss, params, images, timesteps, noise, self.weighting, conditions
+                    self.model, self.loss, params, images, timesteps, noise, self.weighting, conditions,
+                    self.output,
                 ).sum()
         finally:
             for handle in handles:
@@ -444,6 +453,7 @@ def loop_gradients(
     noise: torch.Tensor,
     weighting: LossWeighting = "none",
     conditions: Conditions = Conditions(),
+    output: OutputFunction = "loss",
 ) -> torch.Tensor:
     """Reference: unprojected per-sample gradients `(B, P)`, one ordinary autograd call per sample."""
     params = [p for p in model.unet.parameters() if p.requires_grad]
@@ -451,7 +461,9 @@ def loop_gradients(
     rows = []
     for b in range(images.shape[0]):
         condition = Conditions({k: v[b] for k, v in conditions.tensors.items()})
-        value = group_loss(model, loss, named, images[b], timesteps[b], noise[b], weighting, condition)
+        value = group_loss(
+            model, loss, named, images[b], timesteps[b], noise[b], weighting, condition, output
+        )
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
     return torch.stack(rows)
 

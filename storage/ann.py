@@ -41,6 +41,7 @@ import torch
 import xxhash
 
 from api_schemas import Method
+from retrac.methods import PRECONDITIONED
 from retrac.query_side import QueryVectors
 from retrac.scoring import METHODS, SCAN_ROWS, RowChunk, slot_means
 from storage.errors import AnnIndexError, IncompleteStoreError
@@ -116,7 +117,9 @@ def query_matrix(
 ) -> np.ndarray:
     """Query vectors `(Q, C k)` float32 of one method over every checkpoint of the index: zeros at the
     checkpoints not chosen, so the inner product is the score over the chosen ones alone."""
-    chosen = {c: getattr(v, method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)}
+    chosen = {
+        c: v.mean_vector(method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)
+    }
     zeros = torch.zeros_like(next(iter(chosen.values())))
     return torch.cat([chosen.get(c, zeros) for c in range(num_checkpoints)], dim=1).numpy()
 
@@ -220,11 +223,12 @@ class AnnIndex:
     def candidates(self, queries: dict[Method, np.ndarray], count: int, needed: int) -> np.ndarray:
         """Sorted unique rows that the index proposes as the `count` largest and the `count` smallest
         inner products of each query `(Q, C k)` of each method: a search whose probed lists hold fewer
-        than `needed` rows (the k asked, at most the rows indexed) is redone over every list."""
+        than `needed` rows (the k asked, at most the rows indexed) is redone over every list. trak and
+        dtrak search TracIn's row vectors (the same slot means) with their preconditioned queries."""
         faiss.omp_set_num_threads(torch.get_num_threads())
         found = []
         for method, matrix in queries.items():
-            index = self.indexes[method]
+            index = self.indexes["tracin" if method in PRECONDITIONED else method]
             for signed in (coded(matrix), coded(-matrix)):
                 labels = index.search(signed, count)[1]
                 if (labels >= 0).sum(axis=1).min() < needed:
