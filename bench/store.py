@@ -2,9 +2,8 @@
 
 1. Indexing. A "tiny" UNet (16x16x1) indexes `--index-rows` digits with 2 grid slots and a k=4096
    count sketch, in shards of 256 rows:
-   - engine: `IndexPlan.compute_rows` over the same shards in this process, model loaded, nothing
-     stored: the rate the engine alone reaches (timed before and after the end-to-end run, as the
-     machine's load drifts);
+   - engine: `IndexPlan.compute_rows` over the same shards in this process, nothing stored (timed
+     before and after the end-to-end run, as the machine's load drifts);
    - index: end to end, from job submission to the store complete, by one real `retrac worker`
      process fed through Redis (the embedded runner when Redis is unreachable); the worker is started
      and ready before the clock starts, so its model load counts but its start-up does not.
@@ -14,16 +13,16 @@
    pass (TracIn and ReTrac both, top 10 and bottom 10), once to load it resident and then timed,
    with `--scan-threads` torch threads (default 1: two processes contending over threaded kernels
    run many times slower, which would measure the machine's neighbours rather than the scan).
-   The reference is a plain in-memory torch product over the same float16 array: the faster of a
-   direct float16 product and 512-row blocks copied into a float32 buffer then multiplied. `scan_peak_rss_mb`
-   is the process's peak resident memory during the timed scans (the high-water mark is reset first).
+   The reference is a plain in-memory torch product over the same float16 array (the faster of a
+   direct float16 product and 512-row float32 blocks); `scan_peak_rss_mb` the timed scans' peak RSS.
 3. Kernel. The TRAK kernel of that store's checkpoint (`storage.kernels.build_kernel`: a float64
    `Phi^T Phi` over every stored row, its Cholesky factor, written with its digest): `kernel_build_s`,
    `kernel_bytes` on disk, `kernel_precondition_s` (16 query vectors through `F^{-1}`) and the build
    as a multiple of one 16-query scan of the same rows. `--kernel-only` runs this part alone.
 
-Prints one JSON object on stdout (details on stderr); never asserts a timing. Usage:
-`python bench/store.py [--rows 50000] [--dim 4096] [--index-rows 1024]`.
+Prints one JSON object on stdout (details on stderr); never asserts a timing. Figures: see
+docs/performance.md#the-store-indexing-and-scan. Usage: `python bench/store.py [--rows 50000]`
+`[--dim 4096] [--index-rows 1024]`.
 """
 
 from __future__ import annotations
