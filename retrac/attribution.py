@@ -31,7 +31,7 @@ from retrac.plan import IndexPlan, Rows
 from retrac.query_side import BANDS, QueryVectors, query_vectors, resolve_query
 from retrac.scoring import METHODS, SCAN_ROWS, Ranked, Ranking, RowChunk, contributions, matched_slots, scan
 
-ProgressCallback = Callable[[int], None]
+ProgressCallback = Callable[[int], object]
 """Called with the number of rows just finished."""
 
 QueryProgress = Callable[[str, int, int], None]
@@ -379,9 +379,7 @@ class MemoryRows:
 
     def kernel(self, checkpoint: int) -> Kernel:
         if self.kernels is None:
-            raise SpecError(
-                "these in-memory rows have no TRAK kernel: index them with a spec that has kernel set"
-            )
+            raise SpecError("these in-memory rows have no TRAK kernel: give the spec a kernel")
         return self.kernels[checkpoint]
 
     def chunks(self, checkpoints: Sequence[int], rows_per_chunk: int) -> Chunks:

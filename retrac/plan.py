@@ -276,7 +276,7 @@ class IndexPlan:
         checkpoint: int,
         rows: slice,
         computer: GradientComputer,
-        on_rows: Callable[[int], None] | None = None,
+        on_rows: Callable[[int], object] | None = None,
     ) -> Rows:
         """Projected gradients and exact norms of rows `rows` at checkpoint `checkpoint`.
 
@@ -321,9 +321,9 @@ def _check_shape(dataset: DatasetSpec, shape: tuple[int, int]) -> None:
     channels and resolution) are not the `shape` (channels, resolution) the model takes."""
     channels, resolution = shape
     if (dataset.channels, dataset.resolution) != (channels, resolution):
-        shape = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
+        given = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
         raise SpecError(
-            f"the dataset is {shape} (channels x height x width) but the model takes "
+            f"the dataset is {given} (channels x height x width) but the model takes "
             f"{channels}x{resolution}x{resolution}; give resolution {resolution} and channels {channels}"
         )
 
@@ -468,7 +468,7 @@ def _resolve_checkpoints(
                 "give each checkpoint its weight (weight=...)"
             )
         lrs = [c.lr if c.lr is not None else run.spec.lr for c in given]  # type: ignore[union-attr]
-        trained = len(run.sample_ids) if run is not None else num_samples  # N of the run, whatever is indexed
+        trained = len(run.sample_ids) if run is not None else num_samples  # the run's N, not the indexed
         defaults = default_weights(epochs, lrs, batch_size, trained)
         weights = [c.weight if c.weight is not None else w for c, w in zip(given, defaults, strict=True)]
     elif any(c.epoch is not None or c.lr is not None for c in given) and any(c.weight is None for c in given):

@@ -39,6 +39,17 @@ BANDS = ("coarse", "middle", "fine")
 (texture). A score's band parts sum to it."""
 
 
+WIDE_ROWS = 65_536
+"""Row width past which a scan accumulates in float64 (`accumulator`): a float32 dot product of n
+terms errs by up to ~sqrt(n) u of its terms' sum (u = 2^-24), 1.7e-4 relative seen at the identity
+projector's 701k dimensions; a k = 4,096 sketch's stays near 1e-6 at float32's speed."""
+
+def accumulator(dim: int) -> torch.dtype:
+    """The dtype a scan multiplies and sums rows of width `dim` in: float32, or float64 past
+    `WIDE_ROWS` (the identity projector's rows), where float32's error would grow with the width."""
+    return torch.float64 if dim > WIDE_ROWS else torch.float32
+
+
 def timestep_bands(timesteps: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     """The band of each timestep, int64 like `timesteps`: its position in `BANDS`."""
     return len(BANDS) - 1 - (len(BANDS) * timesteps) // num_timesteps
@@ -50,8 +61,7 @@ class QueryVectors:
 
     `per_timestep` `(Q, K, k)`: `P h(q, t)`; `timestep_norms` `(Q, K)`: the exact `||h(q, t)||`;
     `bands` `(K,)` int64: each timestep's position in `BANDS`; `preconditioned` `(Q, K, k)`:
-    `F^{-1} P h(q, t)`
-    under the checkpoint's kernel (`preconditioned_by`), for trak and dtrak.
+    `F^{-1} P h(q, t)` under the checkpoint's kernel (`preconditioned_by`), for trak and dtrak.
     """
 
     per_timestep: torch.Tensor
@@ -78,8 +88,9 @@ class QueryVectors:
         return replace(self, preconditioned=kernel.precondition(self.per_timestep))
 
     def mean_vector(self, method: Method) -> torch.Tensor:
-        """`(Q, k)`: the method's query vector, the mean over timesteps of `timestep_vectors(method)`."""
-        return self.timestep_vectors(method).mean(dim=1)
+        """`(Q, k)`: the method's query vector, the mean over timesteps of `timestep_vectors(method)`
+        (float64 for rows wider than `WIDE_ROWS`)."""
+        return self.timestep_vectors(method).to(accumulator(self.per_timestep.shape[-1])).mean(dim=1)
 
     def band_weights(self) -> torch.Tensor:
         """`(K, B)`: 1/K where timestep t lies in band b, else 0. A timestep mean is this sum."""
@@ -89,9 +100,9 @@ class QueryVectors:
         """`(Q, B, k)`: the part of the method's query vector from each band's timesteps (sum over B: G or
         G^). Computed once per method: a scan asks for it per chunk."""
         if method not in self._band_vectors:
-            self._band_vectors[method] = torch.einsum(
-                "qkd,kb->qbd", self.timestep_vectors(method), self.band_weights()
-            )
+            vectors, dtype = self.timestep_vectors(method), accumulator(self.per_timestep.shape[-1])
+            weights = self.band_weights().to(dtype)
+            self._band_vectors[method] = torch.einsum("qkd,kb->qbd", vectors.to(dtype), weights)
         return self._band_vectors[method]
 
     @property
@@ -143,7 +154,7 @@ def query_vectors(
     computer: GradientComputer,
     images: torch.Tensor,
     spec: QuerySpec,
-    on_images: Callable[[int], None] | None = None,
+    on_images: Callable[[int], object] | None = None,
     conditions: Conditions = Conditions(),
 ) -> QueryVectors:
     """The per-timestep query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint, each

@@ -31,18 +31,13 @@ import torch.nn.functional as F
 from api_schemas import Method, SlotSpec
 from retrac.exceptions import SpecError
 from retrac.gradients import inverse_norms
-from retrac.query_side import QueryVectors
+from retrac.query_side import QueryVectors, accumulator
 
 METHODS: tuple[Method, ...] = ("tracin", "retrac")
 
 SCAN_ROWS = 4096
 """Training rows per scan step (in memory or read from a store): bounds a scan's working memory at
 SCAN_ROWS * S * k values per checkpoint, beyond what a store keeps resident."""
-
-WIDE_ROWS = 65_536
-"""Row width past which a scan accumulates in float64 (`accumulator`): a float32 dot product of n
-terms errs by up to ~sqrt(n) u of its terms' sum (u = 2^-24), 1.7e-4 relative seen at the identity
-projector's 701k dimensions; a k = 4,096 sketch's stays near 1e-6 at float32's speed."""
 
 SCAN_BLOCK_BYTES = 1 << 20
 """float32 bytes a scan converts at a time from float16 rows: the block stays in the core's L2 cache
@@ -75,12 +70,6 @@ def matched_slots(slots: SlotSpec) -> slice:
     if slots.noise != "shared":
         raise SpecError("the matched estimator needs shared-noise grid slots; this index has none")
     return slice(int(slots.replay), int(slots.replay) + slots.grid)
-
-
-def accumulator(dim: int) -> torch.dtype:
-    """The dtype a scan multiplies and sums rows of width `dim` in: float32, or float64 past
-    `WIDE_ROWS` (the identity projector's rows), where float32's error would grow with the width."""
-    return torch.float64 if dim > WIDE_ROWS else torch.float32
 
 
 def _blocks(projected: torch.Tensor, slots: slice, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
@@ -336,7 +325,8 @@ class _Extremes:
         else:
             bands = _gathered(self.best.bands, kept.clamp_max(previous - 1))
         bands[query, place] = entering
-        self.best = Ranked(*(_gathered(values, kept) for values in merged), bands=bands)
+        rows, scores, contributions = (_gathered(values, kept) for values in merged)
+        self.best = Ranked(rows, scores, contributions, bands)
 
 
 def scan(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from celery import group
 from celery.result import GroupResult
@@ -89,7 +89,7 @@ def stalled(job_id: str, store_path: str | Path | Location, *, seconds: float) -
     ping on its queue for `seconds` since the later of its submission and its last shard; else None."""
     done = progress(store_path)
     stored = app.backend.get(_SUBMITTED + job_id)
-    submitted = json.loads(stored) if stored else {"at": 0.0, "queue": get_settings().queue}
+    submitted: dict[str, Any] = json.loads(stored) if stored else {"at": 0.0, "queue": get_settings().queue}
     idle = time.time() - max(done.last_done_at or 0.0, submitted["at"])
     if done.complete or idle < seconds or _consumers(submitted["queue"]):
         return None

@@ -152,7 +152,7 @@ def retrain_all(
     jobs: Sequence[RetrainJob],
     *,
     workers: int,
-    on_done: Callable[[int], None] | None = None,
+    on_done: Callable[[int], object] | None = None,
     cache: Path | None = None,
 ) -> np.ndarray:
     """`(len(jobs), Q)` query losses, one row per job in order, trained in `workers` processes; with
