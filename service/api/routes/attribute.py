@@ -35,7 +35,7 @@ router = APIRouter(
 
 
 @router.post("/attribute", summary="Attribute images sent in a JSON body")
-def attribute_json(
+def attribute(
     name: IndexNameDep,
     body: AttributeRequest,
     store: StoreDep,
