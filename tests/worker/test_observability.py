@@ -59,9 +59,8 @@ def test_a_job_shows_in_the_metrics_the_json_logs_and_the_heartbeat(
 
         wait_until(lambda: counted("retrac_worker_rows_total") == rows, 30, "every batch's rows event")
         succeeded = {"task": "retrac.index_shard", "state": "succeeded"}
-        wait_until(
-            lambda: counted("retrac_worker_task_duration_seconds_count", **succeeded) == shards, 30, "task events"
-        )
+        durations = "retrac_worker_task_duration_seconds_count"
+        wait_until(lambda: counted(durations, **succeeded) == shards, 30, "task events")
         assert counted("retrac_worker_task_failures_total") == 0
         assert counted("retrac_workers_online") == 1
         assert health(heartbeat) == 0
@@ -69,7 +68,8 @@ def test_a_job_shows_in_the_metrics_the_json_logs_and_the_heartbeat(
         stop.set()
         listener.join(10)
 
-    lines = [json.loads(line) for line in (tmp_path / "solo.log").read_text().splitlines() if line.startswith("{")]
+    log = (tmp_path / "solo.log").read_text().splitlines()
+    lines = [json.loads(line) for line in log if line.startswith("{")]
     stored = [line for line in lines if "rows stored in" in line["message"]]
     assert len(stored) == shards
     assert all((s["request_id"], s["job"], s["index"]) == ("req-42", job, "index.zarr") for s in stored)
