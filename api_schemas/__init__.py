@@ -1,15 +1,15 @@
 """The contract shared by the service, the worker, the CLI and clients (pydantic only, no torch)."""
 
 from api_schemas.specs import (
+    BetaSchedule,
     CheckpointSpec,
     DatasetSpec,
     Estimator,
     IndexSpec,
-    BetaSchedule,
     LossKind,
     LossWeighting,
-    PredictionType,
     Method,
+    PredictionType,
     ProjectorKind,
     ProjectorSpec,
     QuerySpec,

@@ -64,7 +64,9 @@ class QueryOptions(QuerySpec):
         0, ge=0, le=MAX_JSON_INT, description="seed of the query's noise draws (< 2^53: exact in JSON)"
     )
     methods: list[Method] = Field(["tracin", "retrac"], min_length=1, description="scores to rank by")
-    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=1000, description="proponents and opponents returned per method")
+    top_k: int = Field(
+        DEFAULT_TOP_K, ge=1, le=1000, description="proponents and opponents returned per method"
+    )
     checkpoints: list[int] | None = Field(
         None, min_length=1, description="positions of the checkpoints to use; default: all"
     )
@@ -146,7 +148,8 @@ class AttributionsPublic(Public):
         "the largest score), float16 and float32 ones float32 products"
     )
     label: int | str | None = Field(
-        None, description="the class label the images were attributed under, as given (class-conditional indexes)"
+        None,
+        description="the class label the images were attributed under, as given (class-conditional indexes)",
     )
     prompt: str | None = Field(
         None, description="the prompt the images were attributed under (text-conditional indexes)"
@@ -156,6 +159,6 @@ class AttributionsPublic(Public):
     timings: TimingsPublic
     notices: list[str] = Field(
         default_factory=list,
-        description="what decoding the query images converted (resized, cropped, channels, alpha, pixel type), "
-        "one sentence per kind",
+        description="what decoding the query images converted (resized, cropped, channels, alpha, pixel "
+        "type), one sentence per kind",
     )

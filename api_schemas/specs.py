@@ -106,8 +106,12 @@ class SlotSpec(Spec):
     grid: int = Field(0, ge=0, le=1000)
     random: int = Field(0, ge=0, le=1000)
     seed: int = 0
-    noise: SlotNoise = Field("independent", description="grid slots' noise: their own seeds, or the query's draws")
-    draws: int = Field(1, ge=1, le=256, description="M of shared-noise grid slots (noise images averaged per slot)")
+    noise: SlotNoise = Field(
+        "independent", description="grid slots' noise: their own seeds, or the query's draws"
+    )
+    draws: int = Field(
+        1, ge=1, le=256, description="M of shared-noise grid slots (noise images averaged per slot)"
+    )
 
     @model_validator(mode="after")
     def _at_least_one(self) -> SlotSpec:
@@ -131,7 +135,9 @@ class CheckpointSpec(Spec):
     path: str
     epoch: int | None = Field(None, ge=0, description="epoch after which it was saved (needed for replay)")
     weight: float | None = Field(None, description="explicit w_c; default lr*B*(e_c - e_{c-1})/N")
-    lr: float | None = Field(None, gt=0, description="learning rate of the epochs before it; default: the run's")
+    lr: float | None = Field(
+        None, gt=0, description="learning rate of the epochs before it; default: the run's"
+    )
 
 
 class QuerySpec(Spec):
@@ -211,7 +217,8 @@ class IndexSpec(Spec):
     run: str | None = Field(None, description="training run folder (manifest, replay record, checkpoints)")
     checkpoints: tuple[CheckpointSpec, ...] = ()
     scheduler: str | None = Field(
-        None, description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint"
+        None,
+        description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint",
     )
     vae: str | None = Field(
         None,
@@ -221,8 +228,8 @@ class IndexSpec(Spec):
     loss: LossKind | None = Field(None, description="the loss the model was trained with; default: the run's")
     loss_weighting: LossWeighting | None = Field(
         None,
-        description="the loss weighting the model was trained with (none or snr); default: the run's, or none "
-        "(a sample-prediction model without a run must declare it)",
+        description="the loss weighting the model was trained with (none or snr); default: the run's, or "
+        "none (a sample-prediction model without a run must declare it)",
     )
     train_batch_size: int | None = Field(
         None, ge=1, description="training batch size B, for weights from epoch and lr without a run"
@@ -245,7 +252,9 @@ class IndexSpec(Spec):
                 "run": self.run and model_path(self.run),
                 "scheduler": self.scheduler and model_path(self.scheduler),
                 "vae": self.vae and model_path(self.vae),
-                "checkpoints": tuple(c.model_copy(update={"path": model_path(c.path)}) for c in self.checkpoints),
+                "checkpoints": tuple(
+                    c.model_copy(update={"path": model_path(c.path)}) for c in self.checkpoints
+                ),
             }
         )
 
@@ -256,5 +265,7 @@ class IndexSpec(Spec):
         if self.run is None and self.loss is None:
             raise ValueError("without a training run, give the loss the model was trained with")
         if self.run is None and self.slots.replay:
-            raise ValueError("replay slots need a training run with a replay record; use grid or random slots")
+            raise ValueError(
+                "replay slots need a training run with a replay record; use grid or random slots"
+            )
         return self

@@ -40,11 +40,11 @@ import torch
 from diffusers import DDPMScheduler
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
-from retrac.plan import Rows
+from retrac.computers import GradientComputerCache
 from retrac.models import build_unet
+from retrac.plan import Rows
 from retrac.query_side import QueryVectors
 from retrac.scoring import scan
-from retrac.computers import GradientComputerCache
 from storage import GradientStore, run_pending
 from storage.store import ROW_ARRAYS, _digest
 
@@ -174,7 +174,9 @@ def scan_store(folder: Path, rows: int, dim: int) -> Path:
 def random_queries(count: int, dim: int) -> list[QueryVectors]:
     generator = torch.Generator().manual_seed(1)
     vectors = torch.randn(count, 1, dim, generator=generator)
-    return [QueryVectors(vectors, timestep_norms=torch.ones(count, 1), bands=torch.zeros(1, dtype=torch.int64))]
+    return [
+        QueryVectors(vectors, timestep_norms=torch.ones(count, 1), bands=torch.zeros(1, dtype=torch.int64))
+    ]
 
 
 def inmemory_products(array: torch.Tensor, count: int) -> list[Callable[[], object]]:

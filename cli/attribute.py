@@ -62,7 +62,9 @@ def print_csv(files: list[Path], results: list) -> None:
 
 def run(
     context: typer.Context,
-    store: Annotated[str, typer.Argument(help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")],
+    store: Annotated[
+        str, typer.Argument(help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")
+    ],
     images: Annotated[list[Path], typer.Argument(help="query images (PNG, JPEG or .npy) or folders of them")],
     top_k: Annotated[int, typer.Option(help="proponents and opponents per method")] = DEFAULT_TOP_K,
     rank_all: Annotated[
@@ -75,10 +77,13 @@ def run(
     seed: Annotated[int, typer.Option(help="seed of the query's noise draws")] = default(QuerySpec, "seed"),
     estimator: Annotated[
         Estimator,
-        typer.Option(help="paper, or matched: per timestep against the store's shared-noise slots (its K, M, seed)"),
+        typer.Option(
+            help="paper, or matched: per timestep against the store's shared-noise slots (its K, M, seed)"
+        ),
     ] = default(QuerySpec, "estimator"),
     search: Annotated[
-        Search, typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates")
+        Search,
+        typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates"),
     ] = default(QuerySpec, "search"),
     gallery: Annotated[
         Path | None, typer.Option(help="write a PNG of each query's top proponents per method")
@@ -126,7 +131,9 @@ def run(
     conversions = Conversions()
     pixels = torch.stack(
         [
-            load_image_file(path, resolution=dataset.resolution, channels=dataset.channels, conversions=conversions)
+            load_image_file(
+                path, resolution=dataset.resolution, channels=dataset.channels, conversions=conversions
+            )
             for path in files
         ]
     )

@@ -122,9 +122,10 @@ def norms_command(
 @app.command(
     "lds",
     help="Counterfactual validation: train models on seeded random subsets of a training set, and report the "
-    "linear datamodeling score (Spearman, averaged over held-out queries, of each query's actual loss against "
-    "the loss its attributions predict) per method and estimator, with a bootstrap interval; and the change of "
-    "each query's loss when its top-k proponents or k random samples are removed and the model retrained.",
+    "linear datamodeling score (Spearman, averaged over held-out queries, of each query's actual loss "
+    "against the loss its attributions predict) per method and estimator, with a bootstrap interval; and the "
+    "change of each query's loss when its top-k proponents or k random samples are removed and the model "
+    "retrained.",
     short_help="linear datamodeling score (LDS) and the removal check",
 )
 def lds_command(
@@ -143,7 +144,9 @@ def lds_command(
 
     torch.set_num_threads(1)
     try:
-        chosen = LdsConfig.model_validate_json(config.read_text()) if config is not None else LDS_PRESETS[preset]()
+        chosen = (
+            LdsConfig.model_validate_json(config.read_text()) if config is not None else LDS_PRESETS[preset]()
+        )
         if workers is not None:
             chosen = LdsConfig.model_validate(chosen.model_dump() | {"workers": workers})
     except (OSError, ValueError, ValidationError) as error:

@@ -104,8 +104,8 @@ def create(
     loss_weighting: Annotated[
         LossWeighting | None,
         typer.Option(
-            help="the training loss's per-sample weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t) (diffusers' "
-            "train_unconditional.py for sample-prediction models, which must declare it)",
+            help="the training loss's per-sample weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t) "
+            "(diffusers' train_unconditional.py for sample-prediction models, which must declare it)",
             show_default="the run's, or none",
         ),
     ] = None,
@@ -115,7 +115,9 @@ def create(
     slot_seed: Annotated[int, typer.Option(help="seed of the slots' timesteps and noise")] = SLOTS.seed,
     slot_noise: Annotated[
         SlotNoise,
-        typer.Option(help="grid slots' noise: their own seeds, or shared with the query (for --estimator matched)"),
+        typer.Option(
+            help="grid slots' noise: their own seeds, or shared with the query (for --estimator matched)"
+        ),
     ] = SLOTS.noise,
     slot_draws: Annotated[
         int, typer.Option(help="M of shared-noise grid slots: noise images averaged per slot")
@@ -201,7 +203,9 @@ def create(
     if opened.classes is not None:
         print(f"class-conditional: {len(opened.classes.classes)} classes; query it with --label NAME")
     if opened.text_conditional:
-        print("text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT")
+        print(
+            "text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT"
+        )
     return 0
 
 
@@ -374,7 +378,8 @@ def delete(store: Store) -> int:
     # Only what is a store, or what a deletion left marked: never an unrelated folder.
     if not (location.has("zarr.json") or location.has(DELETED_MARK)):
         raise StoreError(
-            f"{store} is not a retrac store (no zarr.json); nothing deleted (if a deletion left it, remove it)"
+            f"{store} is not a retrac store (no zarr.json); nothing deleted (if a deletion left it, remove "
+            "it)"
         )
     delete_store(location)
     print(f"deleted {store}")

@@ -3,8 +3,9 @@
 Computed from the stored slots alone (method.md section 4), so it needs a store with grid slots.
 Four rankings (`retrac.evaluation.outliers`): self-influence under TracIn and under ReTrac, the
 timestep-relative gradient norm, and the atypical gradient direction, which finds planted outliers
-best; where the training samples carry groups, each group's ROC AUC under each ranking. Samples are compared slot by slot, so a store whose grid slots share their noise
-(`retrac index create --slot-noise shared`) ranks outliers far better: docs/experiment.md.
+best; where the training samples carry groups, each group's ROC AUC under each ranking. Samples are compared
+slot by slot, so a store whose grid slots share their noise (`retrac index create --slot-noise shared`) ranks
+outliers far better: docs/experiment.md.
 """
 
 from __future__ import annotations

@@ -57,9 +57,11 @@ def run(
     data_seed: DataSeed = None,
     recipe: Annotated[
         RecipeName | None,
-        typer.Option(help="a named setting under --config and the typed flags: paper = L1 loss, cosine betas "
-                     "clipped to [1e-4, 0.02], T = 1000 (query it with --timesteps 100 --draws 16)",
-                     show_default="none: TrainSpec's defaults"),
+        typer.Option(
+            help="a named setting under --config and the typed flags: paper = L1 loss, cosine betas clipped "
+            "to [1e-4, 0.02], T = 1000 (query it with --timesteps 100 --draws 16)",
+            show_default="none: TrainSpec's defaults",
+        ),
     ] = None,
     preset: Annotated[PresetName | None, _flag("preset", "UNet size")] = None,
     loss: Annotated[LossKind | None, _flag("loss", "noise-prediction loss")] = None,
@@ -83,8 +85,8 @@ def run(
         bool | None,
         typer.Option(
             "--class-conditional/--unconditional",
-            help="train a class-conditional UNet on the dataset's class labels (class subfolders, .npz labels, "
-            "the digit of builtin:digits)",
+            help="train a class-conditional UNet on the dataset's class labels (class subfolders, .npz "
+            "labels, the digit of builtin:digits)",
             show_default=shown(TrainSpec, "class_conditional"),
         ),
     ] = None,

@@ -77,7 +77,12 @@ class RowSource(Protocol):
         """Raise a named error saying how to build it, if the source has no current ANN index."""
 
     def candidates(
-        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+        self,
+        checkpoints: Sequence[int],
+        vectors: Sequence[QueryVectors],
+        *,
+        top_k: int,
+        methods: Sequence[Method],
     ) -> tuple[np.ndarray, list[RowChunk]]:
         """Approximate search: sorted candidate rows for every query and method, with their stored rows
         at each of `checkpoints` (to rescore exactly)."""
@@ -206,7 +211,10 @@ def _renumbered(ranking: Ranking, rows: np.ndarray) -> Ranking:
 
     def moved(ranked: Ranked) -> Ranked:
         return Ranked(
-            rows=numbers[ranked.rows], scores=ranked.scores, contributions=ranked.contributions, bands=ranked.bands
+            rows=numbers[ranked.rows],
+            scores=ranked.scores,
+            contributions=ranked.contributions,
+            bands=ranked.bands,
         )
 
     return Ranking(
@@ -329,7 +337,12 @@ class MemoryRows:
         raise SpecError(_NO_ANN)
 
     def candidates(
-        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+        self,
+        checkpoints: Sequence[int],
+        vectors: Sequence[QueryVectors],
+        *,
+        top_k: int,
+        methods: Sequence[Method],
     ) -> tuple[np.ndarray, list[RowChunk]]:
         raise SpecError(_NO_ANN)
 
@@ -376,7 +389,8 @@ class Attributor:
     def query_vectors(
         self, images: torch.Tensor, spec: QuerySpec, checkpoints: Sequence[int]
     ) -> list[QueryVectors]:
-        """Query vectors of `images` `(Q, C, H, W)` under `spec`'s label or prompt at each checkpoint of `checkpoints`."""
+        """Query vectors of `images` `(Q, C, H, W)` under `spec`'s label or prompt at each checkpoint of
+        `checkpoints`."""
         conditions = self.plan.query_conditions(spec, images.shape[0])
         return query_gradients(self.computer, images, spec, checkpoints, conditions, encode=self.plan.encode)
 

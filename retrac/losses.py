@@ -36,12 +36,16 @@ def per_sample_loss(
     return values if weighting == "none" else loss_weights(timesteps, scheduler, weighting) * values
 
 
-def noised(x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, scheduler: Scheduler) -> torch.Tensor:
+def noised(
+    x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, scheduler: Scheduler
+) -> torch.Tensor:
     """Forward noising `x_t` for images `(B, C, H, W)` at timesteps `(B,)` with noise `(B, C, H, W)`."""
     return scheduler.add_noise(x0, noise, timesteps)
 
 
-def target(x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, scheduler: Scheduler) -> torch.Tensor:
+def target(
+    x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, scheduler: Scheduler
+) -> torch.Tensor:
     """What the UNet is trained to output for `x_t = noised(x0, timesteps, noise)`, `(B, C, H, W)`."""
     kind: PredictionType = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -77,4 +81,6 @@ def check_weighting(scheduler: Scheduler, weighting: LossWeighting) -> None:
     if weighting not in LOSS_WEIGHTINGS:
         raise SpecError(f"unknown loss weighting {weighting!r}; choose one of {list(LOSS_WEIGHTINGS)}")
     if weighting == "snr" and not bool((scheduler.alphas_cumprod.float() < 1).all()):
-        raise SpecError("the snr loss weighting is infinite where alpha_bar_t = 1 (a zero beta) in this schedule")
+        raise SpecError(
+            "the snr loss weighting is infinite where alpha_bar_t = 1 (a zero beta) in this schedule"
+        )

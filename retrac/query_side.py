@@ -51,7 +51,9 @@ class QueryVectors:
     per_timestep: torch.Tensor
     timestep_norms: torch.Tensor
     bands: torch.Tensor
-    _band_vectors: dict[Method, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _band_vectors: dict[Method, torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def timestep_vectors(self, method: Method) -> torch.Tensor:
         """`(Q, K, k)`: `P h(q, t)` (TracIn) or `P h(q, t) / ||h(q, t)||` (ReTrac) at each timestep."""
@@ -64,10 +66,12 @@ class QueryVectors:
         return F.one_hot(self.bands, len(BANDS)).to(torch.float32) / self.bands.shape[0]
 
     def band_vectors(self, method: Method) -> torch.Tensor:
-        """`(Q, B, k)`: the part of the method's query vector from each band's timesteps (sum over B: G or G^).
-        Computed once per method: a scan asks for it per chunk."""
+        """`(Q, B, k)`: the part of the method's query vector from each band's timesteps (sum over B: G or
+        G^). Computed once per method: a scan asks for it per chunk."""
         if method not in self._band_vectors:
-            self._band_vectors[method] = torch.einsum("qkd,kb->qbd", self.timestep_vectors(method), self.band_weights())
+            self._band_vectors[method] = torch.einsum(
+                "qkd,kb->qbd", self.timestep_vectors(method), self.band_weights()
+            )
         return self._band_vectors[method]
 
     @property

@@ -41,10 +41,9 @@ SCAN_ROWS * S * k values per checkpoint, beyond what a store keeps resident."""
 
 SCAN_BLOCK_BYTES = 1 << 20
 """float32 bytes a scan converts at a time from float16 rows: the block stays in the core's L2 cache
-between its conversion and its matmul. (One thread, k = 4,096, one query: 512-row blocks, 8 MB, ran
-at 0.3x of a plain sum over the same float16 bytes, 32- and 64-row ones, 0.5-1 MB, at 0.5-0.8x in
-runs on a shared machine. A direct float16 matmul rounds scores to float16; a float32 copy of a whole
-chunk costs extra passes over memory.)"""
+between its conversion and its matmul: larger blocks ran slower, a direct float16 matmul rounds
+scores to float16, and a float32 copy of a whole chunk costs extra passes over memory (see
+docs/performance.md#the-exact-scan-near-the-memory-limit)."""
 
 
 @dataclass(frozen=True)
@@ -110,9 +109,9 @@ def _products(block: torch.Tensor, sides: torch.Tensor, out: torch.Tensor) -> No
     The rows are the matmul's long side (`sides @ rows.T`): a few columns times many rows is the shape
     the CPU's bf16 kernels run fastest, and each column's products land contiguous, as a top-k and a
     slot mean read them. float32 rows on a CPU with more than one column go through oneDNN's
-    float32 product (`mkldnn._linear_pointwise`, float32 throughout): 16 columns times 16,384 rows
-    of 4,096 ran at 0.48x of the memory read limit, `torch.mm`'s MKL product at 0.13x (one AMD EPYC
-    thread); one column stays with `torch.mm`, whose matrix-vector product ran 2x oneDNN's.
+    float32 product (`mkldnn._linear_pointwise`, float32 throughout), several times faster there
+    than `torch.mm`'s MKL product; one column stays with `torch.mm`, whose matrix-vector product is
+    the faster one (see docs/performance.md#the-exact-scan-near-the-memory-limit).
     """
     rows = block.reshape(-1, block.shape[-1])
     if block.dtype == torch.float32 and len(sides) > 1 and block.device.type == "cpu" and _ONEDNN:
@@ -152,7 +151,9 @@ def _paper_products(chunk: RowChunk, sides: dict[Method, torch.Tensor]) -> dict[
     return out
 
 
-def _paper_parts(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
+def _paper_parts(
+    chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]
+) -> dict[Method, torch.Tensor]:
     """`(n, Q, B)` per method: `mean_s g_s . G_b` (ReTrac: `g_s / ||g_s||`), G_b band b's part of G."""
     tables = _paper_products(chunk, {m: query.band_vectors(m) for m in methods})
     return {m: table.permute(2, 0, 1) for m, table in tables.items()}
@@ -183,7 +184,9 @@ def _matched_parts(
     return out
 
 
-def _paper_scores(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
+def _paper_scores(
+    chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]
+) -> dict[Method, torch.Tensor]:
     """`(Q, n)` per method: `mean_s g_s . G` (ReTrac: `g_s / ||g_s||` and G^), without band parts:
     two columns per query, a third of `_paper_parts`' matmul, the cost of a scan."""
     return _paper_products(chunk, {m: getattr(query, m) for m in methods})
@@ -193,7 +196,9 @@ def _check_pairing(chunk: RowChunk, query: QueryVectors, matched: slice) -> None
     """A SpecError unless the grid slots `matched` are as many as the query's timesteps."""
     stored, asked = len(range(*matched.indices(chunk.projected.shape[1]))), query.per_timestep.shape[1]
     if stored != asked:
-        raise SpecError(f"the matched estimator pairs each of {stored} grid slots with a query timestep; got K = {asked}")
+        raise SpecError(
+            f"the matched estimator pairs each of {stored} grid slots with a query timestep; got K = {asked}"
+        )
 
 
 def parts(
@@ -230,7 +235,9 @@ def contributions(
     the matched one has it for free (its per-timestep products are needed anyway). The paper's
     contributions are a view of `(Q, n, C)`: each query's scores contiguous, as a top-k reads them."""
     if matched is not None:
-        return {m: table.sum(dim=-1) for m, table in parts(chunks, queries, weights, methods, matched).items()}
+        return {
+            m: table.sum(dim=-1) for m, table in parts(chunks, queries, weights, methods, matched).items()
+        }
     out: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
     for chunk, query, weight in zip(chunks, queries, weights, strict=True):
         table = _paper_scores(chunk, query, methods)
@@ -276,7 +283,9 @@ class Ranking:
 
 def _gathered(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`values` `(Q, n)` or `(Q, n, C)` at the positions `index` `(Q, k)` along n."""
-    return values.gather(1, index if values.ndim == 2 else index.unsqueeze(-1).expand(-1, -1, values.shape[2]))
+    return values.gather(
+        1, index if values.ndim == 2 else index.unsqueeze(-1).expand(-1, -1, values.shape[2])
+    )
 
 
 class _Extremes:
@@ -297,7 +306,9 @@ class _Extremes:
         that enter the kept k (after the first chunks, a few)."""
         per_query = contribution.permute(1, 0, 2)  # (Q, n, C)
         scores = per_query[..., 0] if per_query.shape[2] == 1 else per_query.sum(dim=-1)  # (Q, n)
-        local = scores.topk(min(self.top_k, scores.shape[1]), dim=1, largest=self.largest, sorted=False).indices
+        local = scores.topk(
+            min(self.top_k, scores.shape[1]), dim=1, largest=self.largest, sorted=False
+        ).indices
         merged = [local + first_row, scores.gather(1, local), _gathered(per_query, local)]
         previous = 0
         if self.best is not None:

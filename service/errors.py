@@ -76,7 +76,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         (401, "the API key is missing"),
         (403, "the API key is wrong"),
         (404, "no such index, job or sample"),
-        (409, "the index is not ready for this (still building, stale, damaged, no ANN index, or already exists)"),
+        (
+            409,
+            "the index is not ready for this (still building, stale, damaged, no ANN index, or already "
+            "exists)",
+        ),
         (413, "the request body is too large"),
         (422, "a field, image or spec is invalid"),
         (503, "a dependency (the job queue, the object store holding the indexes) is unreachable"),

@@ -55,7 +55,8 @@ _ENVIRONMENT = threading.Lock()
 """Held while a pool process starts under its own environment variables (`_environment`)."""
 
 Request = tuple[str, str, torch.Tensor, str, list[int], dict[str, torch.Tensor]]
-"""(store location, the store's uid, images, query JSON, checkpoints, condition tensors by forward keyword)."""
+"""(store location, the store's uid, images, query JSON, checkpoints, condition tensors by forward
+keyword)."""
 Answer = tuple[str, object]
 """("done", [(per_timestep, timestep_norms, bands) per checkpoint]) or ("failed", (class, message))."""
 

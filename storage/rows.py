@@ -65,7 +65,12 @@ class StoreRows:
         load_ann(self.store)
 
     def candidates(
-        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+        self,
+        checkpoints: Sequence[int],
+        vectors: Sequence[QueryVectors],
+        *,
+        top_k: int,
+        methods: Sequence[Method],
     ) -> tuple[np.ndarray, list[RowChunk]]:
         """The ANN index's candidate rows and their stored rows (`storage.ann.candidate_chunks`)."""
         return candidate_chunks(self.store, checkpoints, vectors, top_k=top_k, methods=methods)

@@ -27,13 +27,13 @@ Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k pr
 Shard i is rows `[i * shard_size, (i + 1) * shard_size)`. The stored `shard_size` is the spec's
 evened out over the rows (`_even_shard_size`): zarr writes every chunk at full size, so a short last
 shard would be padded on disk; evened out, the padding is under one row per shard. Each shard is
-exactly one chunk of every per-row array and one chunk of `digest` and `done_at`, so the one task that computes it is the only writer of
-every file it touches (zarr loses data when two writers share a chunk or shard file). A task writes the
-data, then the digest, then the done mark; a shard counts as done only when its mark is set and every
-one of its chunk files is present with the exact size of an uncompressed chunk, so a half-written,
-deleted or truncated shard is pending again. `status(verify=True)` also rereads the bytes against the
-digest, and marks a damaged shard not done so that the next run recomputes exactly it. Every read that
-scores (a resident load or a streamed chunk) checks each shard's bytes against its digest and refuses a
+exactly one chunk of every per-row array and one chunk of `digest` and `done_at`, so the one task that
+computes it is the only writer of every file it touches (zarr loses data when two writers share a chunk or
+shard file). A task writes the data, then the digest, then the done mark; a shard counts as done only when its
+mark is set and every one of its chunk files is present with the exact size of an uncompressed chunk, so a
+half-written, deleted or truncated shard is pending again. `status(verify=True)` also rereads the bytes
+against the digest, and marks a damaged shard not done so that the next run recomputes exactly it. Every read
+that scores (a resident load or a streamed chunk) checks each shard's bytes against its digest and refuses a
 damaged store with a DamagedStoreError. Nothing is compressed: zstd saves ~9% on projected gradients
 and slows every scan.
 
@@ -66,7 +66,6 @@ from retrac.exceptions import RetracError
 from retrac.gradients import num_parameters
 from retrac.plan import IndexPlan, Rows, pin_checkpoints
 from retrac.scoring import SCAN_ROWS, RowChunk
-from storage.freshness import REBUILD, changes, fingerprints
 from storage.errors import (
     DamagedStoreError,
     DeletedStoreError,
@@ -75,6 +74,7 @@ from storage.errors import (
     StoreError,
     UnreachableStoreError,
 )
+from storage.freshness import REBUILD, changes, fingerprints
 from storage.inputs import InputMirrors, current_inputs, is_url
 from storage.location import ASIDE_PREFIX, BucketLocation, LocalLocation, Location, locate
 
@@ -171,7 +171,7 @@ class GradientStore:
         except (KeyError, ValueError) as error:
             raise StoreError(
                 f"{self.path.name}: its spec is unreadable ({error}); delete it and create it again"
-            )
+            ) from error
         self._plan: IndexPlan | None = None
         self._inputs: InputMirrors | None = None
         """The mirrors of the plan's inputs at URLs, leased while this store may read them: until the
@@ -394,8 +394,8 @@ class GradientStore:
 
     def signature(self) -> tuple[Any, ...]:
         """The stamp of the group's metadata (`Location.stamp`) and (inode, mtime, size) of every
-        checkpoint, VAE, text encoder and tokenizer file: cheap to read on every use, and different after the store is
-        deleted and recreated or a checkpoint or the VAE replaced. Long-lived processes compare it to
+        checkpoint, VAE, text encoder and tokenizer file: cheap to read on every use, and different after the
+        store is deleted and recreated or a checkpoint or the VAE replaced. Long-lived processes compare it to
         reopen (and recheck) a store instead of using it stale."""
         inputs = current_inputs()
         folders = [c["path"] for c in self.checkpoint_info]
@@ -410,7 +410,8 @@ class GradientStore:
 
     @property
     def classes(self) -> ClassLabels | None:
-        """The label mapping of a class-conditional index (its queries give a label); None if unconditional."""
+        """The label mapping of a class-conditional index (its queries give a label); None if
+        unconditional."""
         recorded = self.attrs.get("classes")
         return ClassLabels(recorded) if recorded is not None else None
 
@@ -817,7 +818,8 @@ def _describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
         "spec": json.loads(spec.model_dump_json()),
         "fingerprints": fingerprints(plan),
         "checkpoints": [
-            {"path": mirrors.named(str(c.path)), "epoch": c.epoch, "weight": c.weight} for c in plan.checkpoints
+            {"path": mirrors.named(str(c.path)), "epoch": c.epoch, "weight": c.weight}
+            for c in plan.checkpoints
         ],
         "num_rows": plan.num_rows,
         "num_slots": len(kinds),

@@ -15,8 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("api_schemas", "retrac", "storage", "worker", "service", "cli")
 
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "api_schemas": frozenset({"torch", "diffusers", "numpy", "retrac", "storage", "worker", "service", "cli"}),
-    "retrac": frozenset({"fastapi", "starlette", "celery", "kombu", "redis", "uvicorn", "storage", "worker", "service", "cli"}),
+    "api_schemas": frozenset(
+        {"torch", "diffusers", "numpy", "retrac", "storage", "worker", "service", "cli"}
+    ),
+    "retrac": frozenset(
+        {"fastapi", "starlette", "celery", "kombu", "redis", "uvicorn", "storage", "worker", "service", "cli"}
+    ),
     "storage": frozenset({"fastapi", "starlette", "celery", "kombu", "uvicorn", "worker", "service", "cli"}),
     "worker": frozenset({"fastapi", "starlette", "uvicorn", "service", "cli"}),
     "service": frozenset({"cli"}),

@@ -5,7 +5,8 @@ started once the worker consumes its queue (`worker_ready`, connected by `worker
 `RETRAC_HEARTBEAT_FILE` every `HEARTBEAT_S` seconds, also while a task runs (a solo pool, one task
 at a time, answers no `celery inspect ping` then). The API is healthy when `GET /v1/health` on port
 8000 answers. Without `--role`, the role is read from the container's first process (`retrac
-worker ...` is a worker), so the image's one `HEALTHCHECK` fits both `docker run retrac` and `docker run retrac retrac worker`.
+worker ...` is a worker), so the image's one `HEALTHCHECK` fits both `docker run retrac` and
+`docker run retrac retrac worker`.
 """
 
 from __future__ import annotations

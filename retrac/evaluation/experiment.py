@@ -56,8 +56,8 @@ from retrac.evaluation.report import (
 from retrac.evaluation.sampling import SamplerKind, generate
 from retrac.exceptions import EvaluationError
 from retrac.gradients import num_parameters
-from retrac.plan import IndexPlan, Rows
 from retrac.models import load_scheduler
+from retrac.plan import IndexPlan, Rows
 from retrac.query_side import QueryVectors
 from retrac.scoring import METHODS, RowChunk, contributions, self_influence, self_influence_slots
 from retrac.training import train
@@ -542,7 +542,9 @@ def save_npz(dataset: ImageDataset, path: Path) -> Path:
     """Images in [0, 1] with their ids and groups (if any): a source `load_dataset` reads back as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     groups = {} if dataset.groups is None else {"groups": np.asarray(dataset.groups)}
-    np.savez(path, images=((dataset.images + 1) / 2).clamp(0, 1).numpy(), ids=np.asarray(dataset.ids), **groups)
+    np.savez(
+        path, images=((dataset.images + 1) / 2).clamp(0, 1).numpy(), ids=np.asarray(dataset.ids), **groups
+    )
     return path
 
 

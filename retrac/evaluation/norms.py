@@ -196,7 +196,9 @@ def analyse_run(
     return result
 
 
-def direction_figure(path: str | Path, statistics: Mapping[str, NormTimestepStatistics], *, title: str) -> Path:
+def direction_figure(
+    path: str | Path, statistics: Mapping[str, NormTimestepStatistics], *, title: str
+) -> Path:
     """One PNG of each labelled run's mean norm curve divided by its own mean.
 
     Losses scale gradients differently (an L1 gradient is bounded per pixel, an MSE one grows with the

@@ -43,7 +43,8 @@ def test_every_sample_is_trained_every_epoch(replay_run, digits) -> None:
     # 30 samples in batches of 8: the last batch of each epoch has 6 samples and must not be dropped.
     epochs, n = replay_run.losses.shape
     assert (epochs, n) == (4, len(digits))
-    assert torch.isfinite(replay_run.losses).all() and (replay_run.losses > 0).all()
+    assert torch.isfinite(replay_run.losses).all()
+    assert (replay_run.losses > 0).all()
     assert ((replay_run.timesteps >= 0) & (replay_run.timesteps < 1000)).all()
     assert len(set(replay_run.seeds[0].tolist())) == n  # every step its own noise
 

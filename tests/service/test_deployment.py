@@ -118,7 +118,9 @@ def test_prometheus_scrapes_the_api_and_the_worker_exporter() -> None:
 
 
 def test_the_object_store_profile_shares_only_redis_and_the_bucket() -> None:
-    rendered = compose(RETRAC_API_KEY=KEY, RETRAC_MINIO_PASSWORD="minio-secret", COMPOSE_PROFILES="object-store")
+    rendered = compose(
+        RETRAC_API_KEY=KEY, RETRAC_MINIO_PASSWORD="minio-secret", COMPOSE_PROFILES="object-store"
+    )
     assert rendered.returncode == 0, rendered.stderr
     services = yaml.safe_load(rendered.stdout)["services"]
     api, worker = services["api-s3"], services["worker-s3"]

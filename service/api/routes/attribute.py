@@ -53,7 +53,11 @@ def attribute(
     shape, conversions = store.spec.dataset, Conversions()
     images = [
         decode_json_image(
-            image, resolution=shape.resolution, channels=shape.channels, name=f"images[{i}]", conversions=conversions
+            image,
+            resolution=shape.resolution,
+            channels=shape.channels,
+            name=f"images[{i}]",
+            conversions=conversions,
         )
         for i, image in enumerate(body.images)
     ]

@@ -15,5 +15,7 @@ router = APIRouter(
 
 
 @router.post("/generate", summary="Generate query images from the index's last checkpoint")
-def generate(name: IndexNameDep, body: GenerateRequest, store: StoreDep, engine: EngineDep) -> GenerationPublic:
+def generate(
+    name: IndexNameDep, body: GenerateRequest, store: StoreDep, engine: EngineDep
+) -> GenerationPublic:
     return engine.generate(name, store, body)
