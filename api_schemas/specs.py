@@ -33,7 +33,14 @@ StoreDType = Literal["float16", "bfloat16", "float32"]
 converted exactly to float32 products. bfloat16: the same bytes with float32's range, scanned by the CPU's
 bf16 matmul (its scores are rounded to bfloat16, ~3e-3 of the largest score: docs/architecture.md).
 float32: the reference, twice the bytes."""
-Method = Literal["tracin", "retrac"]
+Method = Literal["tracin", "retrac", "trak", "dtrak"]
+"""Scores a query ranks by (docs/methods.md): Diffusion-TracIn and -ReTrac (method.md section 4), TRAK
+over loss rows and D-TRAK over output-norm rows (method.md section 6b: preconditioned by the kernel)."""
+
+OutputFunction = Literal["loss", "output-norm"]
+"""The function whose gradients an index holds: the training loss (TracIn, ReTrac, TRAK), or D-TRAK's
+`mean_pixels ||f_theta(x_t, t)||^2` of the model output f (the predicted noise of an epsilon model, the
+predicted velocity or clean image of a v- or sample-prediction one), unweighted."""
 Search = Literal["exact", "approximate"]
 """How a query finds its top-k: a scan of every stored row (the reference), or the candidates of the
 store's approximate maximum-inner-product index, rescored exactly (`storage.ann`)."""
@@ -127,6 +134,13 @@ class SlotSpec(Spec):
     def kinds(self) -> list[str]:
         """What each slot is, in slot order: the replayed step first, then grid, then random slots."""
         return ["replay"] * int(self.replay) + ["grid"] * self.grid + ["random"] * self.random
+
+
+class KernelSpec(Spec):
+    """The TRAK kernel of each checkpoint, `F = Phi^T Phi + lambda I` over the stored rows' slot means,
+    with `lambda = ridge * trace(Phi^T Phi) / k` (a fraction of the mean eigenvalue of `Phi^T Phi`)."""
+
+    ridge: float = Field(0.1, gt=0, le=1e6, description="lambda as a fraction of trace(Phi^T Phi) / k")
 
 
 class CheckpointSpec(Spec):
@@ -236,6 +250,12 @@ class IndexSpec(Spec):
     )
     slots: SlotSpec = SlotSpec()
     projector: ProjectorSpec = ProjectorSpec()
+    output_function: OutputFunction = Field(
+        "loss", description="the function differentiated on both sides: loss, or output-norm (D-TRAK's)"
+    )
+    kernel: KernelSpec | None = Field(
+        None, description="build the TRAK kernel of each checkpoint (methods trak and dtrak); none: no kernel"
+    )
     dtype: StoreDType = "float16"
     batch_size: int = Field(32, ge=1, le=4096, description="samples per gradient batch")
     shard_size: int = Field(256, ge=1, le=1 << 20, description="rows per task, chunk and done mark")

@@ -46,7 +46,14 @@ from api_schemas import DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSp
 from retrac.computers import GradientComputerCache
 from retrac.datasets import load_dataset
 from retrac.query_side import QueryVectors, query_vectors
-from retrac.scoring import RowChunk, _blocks, _products, contributions, scan  # the scan's own product
+from retrac.scoring import (  # the scan's own product
+    RowChunk,
+    _blocks,
+    _products,
+    accumulator,
+    contributions,
+    scan,
+)
 from retrac.training import train
 from storage import GradientStore, attribute, build_ann, run_pending
 from storage.ann import (
@@ -391,7 +398,8 @@ def scan_limits(rows_f32: torch.Tensor, repeats: int) -> dict:
 
             def matmul(chunks=chunks, queries=queries, products=products) -> None:
                 for _, (chunk,) in chunks():
-                    for start, block in _blocks(chunk.projected, slice(None)):
+                    widest = accumulator(chunk.projected.shape[-1])
+                    for start, block in _blocks(chunk.projected, slice(None), widest):
                         _products(block, queries, products[:, start : start + block.shape[0]])
 
             seconds, ratio = paired_ratio(read_limits(rows), scanned, repeats)

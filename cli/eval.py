@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -64,12 +64,12 @@ def run_experiment_command(
     torch.set_num_threads(1)  # one thread: the 2-core machines run torch far slower when cores contend
     if config is not None:
         try:
-            config = ExperimentConfig.model_validate(json.loads(config.read_text()))
+            experiment = ExperimentConfig.model_validate(json.loads(config.read_text()))
         except (OSError, ValueError, ValidationError) as error:
             raise SpecError(f"{config}: not a valid experiment config ({_first_line(error)})") from error
     else:
-        config = PRESETS[preset]()
-    report = run_experiment(config, out, progress=True)
+        experiment = PRESETS[preset]()
+    report = run_experiment(experiment, out, progress=True)
     print(headline_table(report))
     figures = ", ".join(str(out / name) for name in report.figures)
     print(f"\nreport: {out / 'report.json'} and {out / 'report.md'}\nfigures: {figures}")
@@ -215,10 +215,19 @@ def generate_command(
     for i, name in enumerate(generated.ids):
         Image.fromarray(generated.to_uint8(i)).save(out / f"{name}.png")
         checkpoint = str(plan.checkpoints[last].path)
-        record = {"file": f"{name}.png", **condition, "seed": seed, "image": i, "checkpoint": checkpoint}
+        record: dict[str, Any] = {
+            "file": f"{name}.png",
+            **condition,
+            "seed": seed,
+            "image": i,
+            "checkpoint": checkpoint,
+        }
         records.append(record)
     (out / "generated.json").write_text(json.dumps(records, indent=1))
-    shape = {"resolution": opened.spec.dataset.resolution, "channels": opened.spec.dataset.channels}
+    shape: dict[str, Any] = {
+        "resolution": opened.spec.dataset.resolution,
+        "channels": opened.spec.dataset.channels,
+    }
     pixels = torch.stack([load_image_file(out / record["file"], **shape) for record in records])
     answer = attribute(opened, pixels, query, top_k=top_k)  # under the label the images were generated with
     results = [result.model_dump(mode="json") for result in answer.results]

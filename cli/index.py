@@ -20,7 +20,17 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from api_schemas import DatasetSpec, IndexSpec, LossKind, LossWeighting, ProjectorSpec, SlotNoise, SlotSpec
+from api_schemas import (
+    DatasetSpec,
+    IndexSpec,
+    KernelSpec,
+    LossKind,
+    LossWeighting,
+    OutputFunction,
+    ProjectorSpec,
+    SlotNoise,
+    SlotSpec,
+)
 from api_schemas.specs import ProjectorKind, StoreDType
 from cli.common import (
     Channels,
@@ -127,6 +137,19 @@ def create(
     ] = PROJECTION.kind,
     dim: Annotated[int, typer.Option(help="projected dimension k")] = PROJECTION.dim,
     projector_seed: Annotated[int, typer.Option(help="seed of the projection")] = PROJECTION.seed,
+    output_function: Annotated[
+        OutputFunction,
+        typer.Option(
+            help="the function differentiated on both sides: loss (tracin, retrac, trak) or output-norm, "
+            "D-TRAK's mean squared model output (dtrak)"
+        ),
+    ] = default(IndexSpec, "output_function"),
+    kernel: Annotated[
+        bool, typer.Option("--kernel", help="build each checkpoint's TRAK kernel (methods trak and dtrak)")
+    ] = False,
+    kernel_ridge: Annotated[
+        float, typer.Option(help="the kernel's lambda as a fraction of trace(Phi^T Phi) / k")
+    ] = default(KernelSpec, "ridge"),
     dtype: Annotated[
         StoreDType,
         typer.Option(help="stored gradient precision (bfloat16: float32's range, bf16 matmul scans)"),
@@ -183,6 +206,8 @@ def create(
                     draws=slot_draws,
                 ),
                 projector=ProjectorSpec(kind=projector, dim=dim, seed=projector_seed),
+                output_function=output_function,
+                kernel=KernelSpec(ridge=kernel_ridge) if kernel else None,
                 dtype=dtype,
                 batch_size=batch_size,
                 shard_size=shard_size,
@@ -283,7 +308,7 @@ def run(
     return 0
 
 
-def _run_queued(store: Path, wait: bool) -> int:
+def _run_queued(store: str, wait: bool) -> int:
     from tqdm import tqdm
 
     from storage import NothingToIndexError

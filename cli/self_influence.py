@@ -51,8 +51,8 @@ def run(
         for name, values in scores.items()
     }
     groups = opened.plan.dataset.groups
-    known = groups is not None and len(set(groups)) > 1
-    aucs = {name: group_auc(values, groups) for name, values in scores.items()} if known else {}
+    by_score = {name: group_auc(values, groups) for name, values in scores.items()}
+    aucs = {name: auc for name, auc in by_score.items() if auc is not None}  # None: fewer than two groups
     if as_json:
         print(json.dumps({**ranked, **({"group_auc": aucs} if aucs else {})}, indent=1))
         return 0

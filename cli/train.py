@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 import typer
 from tqdm import tqdm
@@ -26,10 +26,14 @@ from retrac.exceptions import SpecError
 from retrac.models import PRESETS
 from retrac.training import RECIPES, train
 
-PresetName = Literal[tuple(sorted(PRESETS))]  # type: ignore[valid-type]
-"""The UNet presets of `retrac.models.PRESETS`, as the flag's choices."""
-RecipeName = Literal[tuple(sorted(RECIPES))]  # type: ignore[valid-type]
-"""The named settings of `retrac.training.RECIPES`, as the flag's choices."""
+if TYPE_CHECKING:  # the choices are known at run time only
+    PresetName: TypeAlias = str
+    RecipeName: TypeAlias = str
+else:
+    PresetName = Literal[tuple(sorted(PRESETS))]
+    """The UNet presets of `retrac.models.PRESETS`, as the flag's choices."""
+    RecipeName = Literal[tuple(sorted(RECIPES))]
+    """The named settings of `retrac.training.RECIPES`, as the flag's choices."""
 
 
 def register(app: typer.Typer) -> None:

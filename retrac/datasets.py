@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +140,7 @@ class ImageDataset:
         header = {"shape": list(self.images.shape), "dtype": "float32", "ids": list(self.ids),
                   "groups": None if self.groups is None else list(self.groups)}
         digest = hashlib.sha256(json.dumps(header).encode())
-        digest.update(np.ascontiguousarray(self.images.detach().cpu().numpy(), dtype=np.float32))
+        digest.update(np.ascontiguousarray(self.images.detach().cpu().numpy(), dtype=np.float32).data)
         return digest.hexdigest()
 
     @functools.cached_property
@@ -344,7 +345,7 @@ def _photos() -> tuple[tuple[str, np.ndarray], ...]:
 def _load_outliers(spec: DatasetSpec) -> ImageDataset:
     total = spec.limit or 1000
     n_outliers = max(1, round(0.04 * total))
-    shape = {"resolution": spec.resolution, "channels": spec.channels, "seed": spec.seed}
+    shape: dict[str, Any] = {"resolution": spec.resolution, "channels": spec.channels, "seed": spec.seed}
     majority = load_dataset(DatasetSpec(source="builtin:patches", limit=max(1, total - n_outliers), **shape))
     zeros = load_dataset(DatasetSpec(source="builtin:digits:0", **shape))
     mixture = outlier_mixture(majority, zeros, n_majority=total - n_outliers, n_outliers=n_outliers,

@@ -30,16 +30,18 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.profiler import record_function
 
-from api_schemas import LossKind, LossWeighting
+from api_schemas import LossKind, LossWeighting, OutputFunction
 from retrac.conditions import Conditions
-from retrac.losses import noised, per_sample_loss
+from retrac.losses import noised, per_sample_output
 from retrac.models import DiffusionModel
 from retrac.projections import IdentityProjector, Projector
 
@@ -69,7 +71,7 @@ ChunkCallback = Callable[[int], None]
 """Called with the number of samples (groups) a chunk just computed."""
 
 
-def whole_groups(callback: Callable[[int], None], group_size: int) -> ChunkCallback:
+def whole_groups(callback: Callable[[int], object], group_size: int) -> ChunkCallback:
     """A chunk callback that calls `callback(n)` with the n groups of `group_size` samples just completed.
 
     A batch is often laid out as groups of consecutive samples (a row's S slots, a query image's K
@@ -112,8 +114,9 @@ def group_losses(
     noise: torch.Tensor,
     weighting: LossWeighting = "none",
     conditions: Conditions = Conditions(),
+    output: OutputFunction = "loss",
 ) -> torch.Tensor:
-    """Mean loss of each of B groups, `(B,)`.
+    """Mean loss (or output norm: `output`, `retrac.losses.per_sample_output`) of each of B groups, `(B,)`.
 
     Images `(B, C, H, W)`, timesteps `(B,)`, noise `(B, G, C, H, W)`, conditions `(B, ...)` each: group b
     is image b at timestep b under condition b, noised by each of its G noises. One batched forward of
@@ -128,7 +131,7 @@ def group_losses(
     inputs = conditions.repeat_interleave(draws).tensors
     arguments = {"timestep": steps, **inputs}  # by keyword: a Transformer2DModel's second argument is text
     prediction = functional_call(model.unet, (params, buffers), (x_t,), arguments).sample
-    values = per_sample_loss(prediction, clean, steps, flat_noise, model.scheduler, loss, weighting)
+    values = per_sample_output(prediction, clean, steps, flat_noise, model.scheduler, loss, weighting, output)
     return values.reshape(groups, draws).mean(dim=1)
 
 
@@ -141,26 +144,30 @@ def group_loss(
     noise: torch.Tensor,
     weighting: LossWeighting = "none",
     condition: Conditions = Conditions(),
+    output: OutputFunction = "loss",
 ) -> torch.Tensor:
-    """Mean loss of one image `(C, H, W)` at one timestep `()` under one condition (each tensor
-    without the batch axis) over G noises `(G, C, H, W)`."""
+    """Mean loss (or output norm) of one image `(C, H, W)` at one timestep `()` under one condition (each
+    tensor without the batch axis) over G noises `(G, C, H, W)`."""
     batched = Conditions({k: v[None] for k, v in condition.tensors.items()})
-    return group_losses(model, loss, params, image[None], timestep[None], noise[None], weighting, batched)[0]
+    return group_losses(
+        model, loss, params, image[None], timestep[None], noise[None], weighting, batched, output
+    )[0]
 
 
 # Layer rules: a layer's per-sample parameter gradients `(B, *shape)` from its inputs and output
-# gradients `(B, G, ...)` (G copies per group, whose contributions add up).
-LayerRule = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# gradients `(B, G, ...)` (G copies per group, whose contributions add up). Each takes the layer type
+# it is keyed by in `LAYER_RULES`, hence `Any`.
+LayerRule = Callable[[Any, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
-def _linear(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
+def _linear(module: nn.Linear, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
     batch = inputs.shape[0]
     x = inputs.reshape(batch, -1, inputs.shape[-1])  # every leading dim but B is summed over
     dy = out_grads.reshape(batch, -1, out_grads.shape[-1])
     return {"weight": torch.bmm(dy.transpose(1, 2), x), "bias": dy.sum(dim=1)}
 
 
-def _conv2d(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
+def _conv2d(module: nn.Conv2d, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
     """The weight gradient of each group's G copies, batched over groups by vmap (which runs it as
     one grouped convolution; im2col-and-bmm variants were no faster). A pointwise convolution is a
     Linear layer over positions: one bmm with each group's copies and positions on the inner
@@ -181,7 +188,7 @@ def _conv2d(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) ->
     return {"weight": vmap(weight_gradient)(inputs, out_grads), "bias": out_grads.sum(dim=(1, 3, 4))}
 
 
-def _pointwise(module: nn.Module) -> bool:
+def _pointwise(module: nn.Conv2d) -> bool:
     """A 1x1 convolution that reads each input position once: its output is a matmul per position."""
     return (
         module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0)
@@ -189,7 +196,9 @@ def _pointwise(module: nn.Module) -> bool:
     )
 
 
-def _group_norm(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
+def _group_norm(
+    module: nn.GroupNorm, inputs: torch.Tensor, out_grads: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The product `dy * x_hat` is formed in the normalised input's own buffer (a fresh tensor): one
     allocation of the layer's activations fewer (see docs/performance.md#query-side-gradients)."""
     normalised = F.group_norm(inputs.flatten(0, 1), module.num_groups, eps=module.eps).view_as(out_grads)
@@ -197,7 +206,9 @@ def _group_norm(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor
     return {"weight": normalised.mul_(out_grads).sum(dim=summed), "bias": out_grads.sum(dim=summed)}
 
 
-def _layer_norm(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
+def _layer_norm(
+    module: nn.LayerNorm, inputs: torch.Tensor, out_grads: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """`y = x_hat * weight + bias` elementwise over the normalised (last) dims, `x_hat` the input
     normalised without affine: each sample's gradients sum `dy * x_hat` and `dy` over its copies and
     every other position, keeping the normalised dims; the product in `x_hat`'s buffer, as for GroupNorm."""
@@ -206,7 +217,9 @@ def _layer_norm(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor
     return {"weight": normalised.mul_(out_grads).sum(dim=summed), "bias": out_grads.sum(dim=summed)}
 
 
-def _embedding(module: nn.Module, inputs: torch.Tensor, out_grads: torch.Tensor) -> dict[str, torch.Tensor]:
+def _embedding(
+    module: nn.Embedding, inputs: torch.Tensor, out_grads: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Row i of the weight gradient is the sum of the output gradients at the positions that looked up
     index i (a class embedding: the rows of the groups' labels), as a one-hot matmul per sample."""
     batch = inputs.shape[0]
@@ -269,8 +282,10 @@ class GradientComputer:
         chunk: int = DEFAULT_CHUNK,
         *,
         weighting: LossWeighting = "none",
+        output: OutputFunction = "loss",
     ) -> None:
         self.model, self.loss, self.weighting, self.chunk = model, loss, weighting, chunk
+        self.output = output
         self.params = trainable_parameters(model)
         self.num_params = sum(p.numel() for p in self.params.values())
         self.projector = projector or IdentityProjector(self.num_params)
@@ -280,7 +295,8 @@ class GradientComputer:
         self._layers = _rule_layers(model.unet, self.params)
 
         def one(params: dict[str, torch.Tensor], image, timestep, noise, condition) -> torch.Tensor:
-            return group_loss(model, loss, params, image, timestep, noise, weighting, Conditions(condition))
+            given = Conditions(condition)
+            return group_loss(model, loss, params, image, timestep, noise, weighting, given, output)
 
         self._batched_grad = vmap(grad(one), in_dims=(None, 0, 0, 0, 0))
 
@@ -372,7 +388,8 @@ class GradientComputer:
             for b in range(images.shape[0]):
                 condition = Conditions({k: v[b] for k, v in conditions.tensors.items()})
                 value = group_loss(
-                    self.model, self.loss, named, images[b], timesteps[b], noise[b], self.weighting, condition
+                    self.model, self.loss, named, images[b], timesteps[b], noise[b], self.weighting,
+                    condition, self.output,
                 )
                 for block, gradient in zip(blocks.values(), torch.autograd.grad(value, wanted), strict=True):
                     block[b] = gradient
@@ -397,7 +414,8 @@ class GradientComputer:
             with torch.enable_grad(), record_function(PHASES[0]):
                 params = dict(self.model.unet.named_parameters())
                 total = group_losses(
-                    self.model, self.loss, params, images, timesteps, noise, self.weighting, conditions
+                    self.model, self.loss, params, images, timesteps, noise, self.weighting, conditions,
+                    self.output,
                 ).sum()
         finally:
             for handle in handles:
@@ -435,6 +453,7 @@ def loop_gradients(
     noise: torch.Tensor,
     weighting: LossWeighting = "none",
     conditions: Conditions = Conditions(),
+    output: OutputFunction = "loss",
 ) -> torch.Tensor:
     """Reference: unprojected per-sample gradients `(B, P)`, one ordinary autograd call per sample."""
     params = [p for p in model.unet.parameters() if p.requires_grad]
@@ -442,7 +461,9 @@ def loop_gradients(
     rows = []
     for b in range(images.shape[0]):
         condition = Conditions({k: v[b] for k, v in conditions.tensors.items()})
-        value = group_loss(model, loss, named, images[b], timesteps[b], noise[b], weighting, condition)
+        value = group_loss(
+            model, loss, named, images[b], timesteps[b], noise[b], weighting, condition, output
+        )
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
     return torch.stack(rows)
 

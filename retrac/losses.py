@@ -8,13 +8,17 @@ or absolute (`l1`) error, and the weight `w(t)` 1 (`none`) or the signal-to-nois
 models so). The schedule is diffusers' own scheduler object, never a copy of its formulas. Training
 and gradient code both call `per_sample_loss`, so a replayed step reproduces the training loss to
 the last bit.
+
+`per_sample_output` is the function an index differentiates (`IndexSpec.output_function`): that loss,
+or D-TRAK's output norm `mean_pixels f_theta(x_t, t)^2` of the model's raw output (the predicted noise,
+velocity or clean image, whatever the model predicts), unweighted, at the same `x_t`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from api_schemas import LossKind, LossWeighting, PredictionType
+from api_schemas import LossKind, LossWeighting, OutputFunction, PredictionType
 from retrac.exceptions import SpecError
 from retrac.models import Scheduler
 
@@ -34,6 +38,24 @@ def per_sample_loss(
     """`l` of the module docstring `(B,)`, for the UNet's `prediction` on `noised(x0, timesteps, noise)`."""
     values = distance(prediction, target(x0, timesteps, noise, scheduler), kind)
     return values if weighting == "none" else loss_weights(timesteps, scheduler, weighting) * values
+
+
+def per_sample_output(
+    prediction: torch.Tensor,
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    scheduler: Scheduler,
+    kind: LossKind,
+    weighting: LossWeighting = "none",
+    output: OutputFunction = "loss",
+) -> torch.Tensor:
+    """`(B,)`: the loss (`per_sample_loss`) or the output norm `mean_pixels prediction^2` (see above)."""
+    if output == "loss":
+        return per_sample_loss(prediction, x0, timesteps, noise, scheduler, kind, weighting)
+    if output == "output-norm":
+        return prediction.square().flatten(1).mean(dim=1)
+    raise SpecError(f"unknown output function {output!r}; choose loss or output-norm")
 
 
 def noised(

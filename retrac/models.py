@@ -18,7 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from diffusers import (
@@ -37,7 +37,7 @@ from retrac.exceptions import CheckpointError
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
 
-Scheduler = DDPMScheduler | DDIMScheduler
+Scheduler: TypeAlias = DDPMScheduler | DDIMScheduler
 SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {
     "DDPMScheduler": DDPMScheduler,
     "DDIMScheduler": DDIMScheduler,
@@ -46,7 +46,7 @@ SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {
 
 PREDICTION_TYPES: tuple[PredictionType, ...] = ("epsilon", "v_prediction", "sample")
 
-Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | Transformer2DModel
+Denoiser: TypeAlias = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | Transformer2DModel
 DENOISER_CLASSES: dict[str, type[Denoiser]] = {
     "UNet2DModel": UNet2DModel,
     "UNet2DConditionModel": UNet2DConditionModel,

@@ -36,6 +36,7 @@ from retrac.conditions import ClassLabels, Conditions, query_conditions
 from retrac.datasets import ImageDataset, load_dataset, old_sample_ids
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.gradients import GradientComputer, num_parameters, whole_groups
+from retrac.kernels import check_kernel_width
 from retrac.latents import LatentSpace, check_pixel_shape, find_vae
 from retrac.losses import check_weighting
 from retrac.models import (
@@ -144,11 +145,20 @@ class IndexPlan:
         checkpoints = _resolve_checkpoints(spec, run, given, paths, len(dataset))
         if spec.slots.replay:
             _check_replay(run, dataset, checkpoints, classes)
-        return cls(
+        plan = cls(
             spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
             int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type, weighting,
             latent_space=latent_space, classes=classes, text=text,
         )
+        if spec.kernel is not None:
+            check_kernel_width(plan.row_width())
+        return plan
+
+    def row_width(self) -> int:
+        """k, the width of the projected rows: the projector's dim, or the parameter count (identity)."""
+        if self.spec.projector.kind != "identity":
+            return self.spec.projector.dim
+        return num_parameters(self.load_model(0))
 
     @property
     def num_rows(self) -> int:
@@ -189,7 +199,8 @@ class IndexPlan:
         """The computer that projects with this index's operator for checkpoint `checkpoint`."""
         projector = make_projector(self.spec.projector, num_parameters(model), checkpoint)
         return GradientComputer(
-            model, self.loss, projector, chunk=self.spec.batch_size, weighting=self.loss_weighting
+            model, self.loss, projector, chunk=self.spec.batch_size, weighting=self.loss_weighting,
+            output=self.spec.output_function,
         )
 
     @functools.cached_property
@@ -265,7 +276,7 @@ class IndexPlan:
         checkpoint: int,
         rows: slice,
         computer: GradientComputer,
-        on_rows: Callable[[int], None] | None = None,
+        on_rows: Callable[[int], object] | None = None,
     ) -> Rows:
         """Projected gradients and exact norms of rows `rows` at checkpoint `checkpoint`.
 
@@ -310,9 +321,9 @@ def _check_shape(dataset: DatasetSpec, shape: tuple[int, int]) -> None:
     channels and resolution) are not the `shape` (channels, resolution) the model takes."""
     channels, resolution = shape
     if (dataset.channels, dataset.resolution) != (channels, resolution):
-        shape = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
+        given = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
         raise SpecError(
-            f"the dataset is {shape} (channels x height x width) but the model takes "
+            f"the dataset is {given} (channels x height x width) but the model takes "
             f"{channels}x{resolution}x{resolution}; give resolution {resolution} and channels {channels}"
         )
 
@@ -436,6 +447,9 @@ def _resolve_checkpoints(
     paths: list[Path],
     num_samples: int,
 ) -> list[ResolvedCheckpoint]:
+    """Each checkpoint's folder, epoch and weight: given, or `default_weights` with N the run's training
+    set size (an index of a `--limit` subset weighs its checkpoints as the run trained them), or
+    `num_samples` (the indexed samples) for a model trained elsewhere."""
     has_lr = run is not None or all(c.lr is not None for c in given)
     if all(c.weight is not None for c in given):
         weights = [float(c.weight) for c in given]  # type: ignore[arg-type]
@@ -448,8 +462,14 @@ def _resolve_checkpoints(
             raise SpecError(
                 "weights from epoch and lr need the training batch size; give --train-batch-size B"
             )
+        if run is None and spec.dataset.limit is not None:
+            raise SpecError(
+                "weights from epoch and lr need the training set's size, which --limit hides without a run; "
+                "give each checkpoint its weight (weight=...)"
+            )
         lrs = [c.lr if c.lr is not None else run.spec.lr for c in given]  # type: ignore[union-attr]
-        defaults = default_weights(epochs, lrs, batch_size, num_samples)
+        trained = len(run.sample_ids) if run is not None else num_samples  # the run's N, not the indexed
+        defaults = default_weights(epochs, lrs, batch_size, trained)
         weights = [c.weight if c.weight is not None else w for c, w in zip(given, defaults, strict=True)]
     elif any(c.epoch is not None or c.lr is not None for c in given) and any(c.weight is None for c in given):
         raise SpecError("give every checkpoint a weight, or every checkpoint an epoch and a learning rate")

@@ -38,7 +38,7 @@ from retrac.models import DiffusionModel, build_unet
 from retrac.noise import draw_seeds, noise_from_seeds
 from retrac.replay import TrainingRun, write_run
 
-ProgressCallback = Callable[[int, float], None]
+ProgressCallback = Callable[[int, float], object]
 """Called after each epoch with (epoch, mean loss)."""
 
 PAPER_BETA_RANGE = (1e-4, 0.02)
@@ -135,7 +135,7 @@ def train(
             on_epoch(done, float(losses[epoch].mean()))
 
     record = {"timesteps": timesteps, "seeds": seeds, "losses": losses}
-    labelled = {"labels": dataset.labels, "classes": dataset.classes} if conditions else {}
+    labelled: dict[str, Any] = {"labels": dataset.labels, "classes": dataset.classes} if conditions else {}
     write_run(out, spec, dataset.ids, dataset.fingerprint, checkpoints, record, **labelled)
     return TrainingRun.load(out)
 

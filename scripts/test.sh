@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite: installs retrac, makes sure the real parts the tests use are there, runs ruff,
-# then pytest.
+# Run the test suite: installs retrac, makes sure the real parts the tests use are there, runs ruff and
+# mypy, then pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh test
@@ -27,8 +27,8 @@ if ! (command -v redis-cli >/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping >/d
   fi
 fi
 
-# Static checks first (configured in pyproject.toml): a lint error fails the run.
+# Static checks first (configured in pyproject.toml): a lint or type error fails the run.
 .venv/bin/ruff check .
-
+.venv/bin/mypy
 
 exec .venv/bin/python -m pytest "$@"

@@ -29,7 +29,7 @@ from starlette.types import Scope
 
 from retrac.computers import GradientComputerCache, parse_device
 from service.api.main import API_PREFIX, api_router
-from service.errors import install_error_handlers
+from service.handlers import install_error_handlers
 from service.limits import BodyLimit
 from service.metrics import ServiceMetrics
 from service.openapi import install_schema

@@ -44,7 +44,7 @@ from retrac.computers import GradientComputerCache, parse_device
 from retrac.conditions import Conditions
 from retrac.exceptions import RetracError
 from retrac.query_side import QueryVectors
-from service.errors import Unavailable
+from service.exceptions import Unavailable
 from service.settings import Settings
 from storage import GradientStore, OpenStores, StaleStoreError, query_gradients
 
@@ -189,8 +189,8 @@ class PoolProcess:
         except (EOFError, OSError):
             raise ProcessDied(self._ending()) from None
         if status == "failed":
-            raise failure(*value, pid=self.process.pid)  # type: ignore[misc]
-        return value  # type: ignore[return-value]
+            raise failure(*value, pid=self.process.pid)
+        return value
 
     def _ending(self) -> str:
         """How the process ended, once it has: the signal that killed it or its exit status."""

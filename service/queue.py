@@ -14,7 +14,7 @@ from kombu.exceptions import OperationalError
 
 from api_schemas.common import CheckPublic, IndexName
 from api_schemas.jobs import JobPublic, JobState
-from service.errors import Conflict, NotFound, Unavailable
+from service.exceptions import Conflict, NotFound, Unavailable
 from service.repository import StoreRepository
 from storage import is_leftover
 from worker import control, logs

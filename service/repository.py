@@ -26,7 +26,7 @@ from api_schemas.common import IndexName
 from api_schemas.indexes import BrokenIndexPublic, CheckpointProgressPublic, IndexCreate, IndexPublic
 from retrac.exceptions import RetracError, SpecError
 from retrac.paths import resolve_inside
-from service.errors import Conflict, NotFound
+from service.exceptions import Conflict, NotFound
 from service.settings import Settings
 from storage import (
     GradientStore,

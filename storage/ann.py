@@ -33,7 +33,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -41,6 +41,7 @@ import torch
 import xxhash
 
 from api_schemas import Method
+from retrac.methods import PRECONDITIONED
 from retrac.query_side import QueryVectors
 from retrac.scoring import METHODS, SCAN_ROWS, RowChunk, slot_means
 from storage.errors import AnnIndexError, IncompleteStoreError
@@ -116,7 +117,9 @@ def query_matrix(
 ) -> np.ndarray:
     """Query vectors `(Q, C k)` float32 of one method over every checkpoint of the index: zeros at the
     checkpoints not chosen, so the inner product is the score over the chosen ones alone."""
-    chosen = {c: getattr(v, method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)}
+    chosen = {
+        c: v.mean_vector(method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)
+    }
     zeros = torch.zeros_like(next(iter(chosen.values())))
     return torch.cat([chosen.get(c, zeros) for c in range(num_checkpoints)], dim=1).numpy()
 
@@ -168,10 +171,10 @@ def build_indexes(
     indexes = {}
     for method in methods:
         rows = coded(np.concatenate(training.pop(method)))
-        index = faiss.index_factory(
+        index = cast(faiss.IndexIVFPQFastScan, faiss.index_factory(  # faiss returns the factory's class
             rows.shape[1], f"IVF{params.nlist},PQ{rows.shape[1] // sub_dim(rows.shape[1])}x4fs",
             faiss.METRIC_INNER_PRODUCT,
-        )
+        ))
         index.pq.cp.min_points_per_centroid = 1  # a small store's codebooks fit what rows it has
         index.train(rows if len(rows) >= CODEBOOK else np.resize(rows, (CODEBOOK, rows.shape[1])))
         index.nprobe = params.nprobe
@@ -220,16 +223,17 @@ class AnnIndex:
     def candidates(self, queries: dict[Method, np.ndarray], count: int, needed: int) -> np.ndarray:
         """Sorted unique rows that the index proposes as the `count` largest and the `count` smallest
         inner products of each query `(Q, C k)` of each method: a search whose probed lists hold fewer
-        than `needed` rows (the k asked, at most the rows indexed) is redone over every list."""
+        than `needed` rows (the k asked, at most the rows indexed) is redone over every list. trak and
+        dtrak search TracIn's row vectors (the same slot means) with their preconditioned queries."""
         faiss.omp_set_num_threads(torch.get_num_threads())
         found = []
         for method, matrix in queries.items():
-            index = self.indexes[method]
+            index = self.indexes["tracin" if method in PRECONDITIONED else method]
             for signed in (coded(matrix), coded(-matrix)):
                 labels = index.search(signed, count)[1]
                 if (labels >= 0).sum(axis=1).min() < needed:
                     labels = index.search(
-                        signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist)
+                        signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist)  # type: ignore[call-arg]
                     )[1]
                 found.append(labels[labels >= 0])
         return np.unique(np.concatenate(found)).astype(np.int64)

@@ -250,8 +250,8 @@ def _replayed(plan: IndexPlan, run: TrainingRun) -> list[str]:
     digests = []
     for checkpoint in plan.checkpoints:
         timesteps, seeds = run.replayed(plan.dataset.ids, int(checkpoint.epoch or 0))
-        digest = hashlib.sha256(np.ascontiguousarray(timesteps.numpy(), dtype=np.int64))
-        digest.update(np.ascontiguousarray(seeds.numpy(), dtype=np.int64))
+        digest = hashlib.sha256(np.ascontiguousarray(timesteps.numpy(), dtype=np.int64).data)
+        digest.update(np.ascontiguousarray(seeds.numpy(), dtype=np.int64).data)
         digests.append(digest.hexdigest())
     return digests
 

@@ -96,10 +96,10 @@ class InputCache:
         leases: list[Lease] = []
 
         def local(path: str | None) -> str | None:
-            if not is_url(path):
+            if path is None or not is_url(path):
                 return path
             if path not in mirrors:
-                mirrors[path], lease = self.leased(path)  # type: ignore[arg-type]
+                mirrors[path], lease = self.leased(path)
                 leases.append(lease)
             return str(mirrors[path])
 

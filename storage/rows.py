@@ -11,10 +11,12 @@ import numpy as np
 
 from api_schemas import IndexSpec, Method, StoreDType
 from retrac.attribution import Chunks
+from retrac.kernels import Kernel
 from retrac.query_side import QueryVectors
 from retrac.scoring import RowChunk
 from storage.ann import candidate_chunks, load_ann
 from storage.errors import IncompleteStoreError
+from storage.kernels import load_kernel
 from storage.store import GradientStore
 
 
@@ -56,6 +58,10 @@ class StoreRows:
                 f"the index is still being built ({shown}); finish indexing (`retrac index run`, or wait "
                 "for its job) or query only complete checkpoints"
             )
+
+    def kernel(self, checkpoint: int) -> Kernel:
+        """The checkpoint's stored kernel, checked against its rows and digest (`storage.kernels`)."""
+        return load_kernel(self.store, checkpoint)
 
     def chunks(self, checkpoints: Sequence[int], rows_per_chunk: int) -> Chunks:
         return self.store.chunks(checkpoints, rows_per_chunk)

@@ -11,13 +11,14 @@ from collections.abc import Callable
 
 from retrac.computers import GradientComputerCache
 from storage.ann import build_ann_when_complete
+from storage.kernels import build_kernel_when_complete
 from storage.progress import ShardProgress
 from storage.store import GradientStore
 
 ShardCallback = Callable[[int, int, int], None]
 """Called after each shard with (checkpoint, shard, rows in it)."""
 
-RowsCallback = Callable[[int], None]
+RowsCallback = Callable[[int], object]
 """Called after each gradient batch with the rows it completed: a progress bar that moves per batch."""
 
 
@@ -62,13 +63,16 @@ def run_pending(
     on_shard: ShardCallback | None = None,
     on_rows: RowsCallback | None = None,
 ) -> int:
-    """The embedded runner: every pending shard, in this process, without a queue, then the ANN index
-    (`storage.ann`) when the store is complete and has none. Returns how many shards ran."""
+    """The embedded runner: every pending shard, in this process, without a queue, then each complete
+    checkpoint's kernel if the spec asks for one and none is current (`storage.kernels`), then the ANN
+    index (`storage.ann`) when the store is complete and has none. Returns how many shards ran."""
     models = models or GradientComputerCache()
     count = 0
     for checkpoint, shard in store.pending():
         count += run_shard(store, checkpoint, shard, models, on_rows=on_rows)
         if on_shard is not None:
             on_shard(checkpoint, shard, store.shard_length(shard))
+    for checkpoint in range(store.num_checkpoints):
+        build_kernel_when_complete(store, checkpoint)
     build_ann_when_complete(store)
     return count

@@ -72,3 +72,11 @@ def test_every_cited_section_exists() -> None:
 def test_anchor_follows_github() -> None:
     assert anchor("Approximate search (`search: \"approximate\"`)") == "approximate-search-search-approximate"
     assert anchor("Per-sample gradients (training side)") == "per-sample-gradients-training-side"
+
+
+def test_the_readme_is_a_front_door() -> None:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 160
+    commands = [line.split()[0] for line in lines if line.startswith("./scripts/")]
+    assert commands == ["./scripts/demo.sh", "./scripts/test.sh"]
+    assert all((ROOT / command).is_file() for command in commands)

@@ -2,7 +2,8 @@
 
 A task takes ids (store path, checkpoint, shard), rereads the store, and calls the one idempotent
 engine step `storage.run_shard`: a shard already done is skipped, a redelivered one rewrites the same
-bytes. The task that completes a store then builds its ANN index (`storage.build_ann_when_complete`).
+bytes. The task that completes a checkpoint builds its kernel, if the spec asks for one
+(`storage.kernels`), and the one that completes a store its ANN index (`storage.build_ann_when_complete`).
 After each gradient batch the shard's rows are recorded in the store (`storage.progress`) and sent
 as a `task-rows` event; its log lines carry the job, its index and the request that started it.
 Each worker process keeps its opened stores and loaded models between tasks.
@@ -22,6 +23,7 @@ from celery.utils.log import get_task_logger
 
 from retrac.computers import GradientComputerCache, parse_device
 from storage import DeletedStoreError, OpenStores, build_ann_when_complete, is_leftover, run_shard
+from storage.kernels import build_kernel_when_complete
 from storage.location import TRANSIENT_STORE_ERRORS, locate
 from storage.runner import RowsCallback
 from worker import logs
@@ -45,11 +47,11 @@ def _limit_threads(**_: Any) -> None:
     torch.set_num_threads(get_settings().torch_threads)
 
 
-class ShardTask(app.Task):  # type: ignore[name-defined]
+class ShardTask(app.Task):
     """Reads its retry limit from the settings when a retry is decided, not when the module loads."""
 
     @property
-    def max_retries(self) -> int:  # type: ignore[override]
+    def max_retries(self) -> int:
         return get_settings().max_retries
 
 
@@ -87,6 +89,8 @@ def _index_shard(store_path: str, checkpoint: int, shard: int, on_rows: RowsCall
         store = _open_stores().get(path)
         logger.info("checkpoint %d shard %d: computing %d rows", checkpoint, shard, store.shard_length(shard))
         computed = run_shard(store, checkpoint, shard, _model_cache(), on_rows=on_rows)
+        if computed and build_kernel_when_complete(store, checkpoint):  # the task completing a checkpoint
+            logger.info("store %s checkpoint %d complete: kernel built", path, checkpoint)
         if computed and build_ann_when_complete(store):  # the job's last step, after its last shard
             logger.info("store %s complete: ANN index built", path)
     except DeletedStoreError as error:  # deleted while this shard was computed: nothing was written

@@ -232,7 +232,9 @@ def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) ->
     with clock("evaluate"):
         actual = losses[: config.models]
         removed = dict(zip(keeps[config.models :], losses[config.models :], strict=True))
-        lds, intervals, per_query = {}, {}, {}
+        lds: dict[str, Any] = {}
+        intervals: dict[str, Any] = {}
+        per_query: dict[str, Any] = {}
         for method, by_estimator in scores.items():
             for estimator, matrix in by_estimator.items():
                 values = metrics.lds_per_query(actual, metrics.subset_predictions(matrix, masks))

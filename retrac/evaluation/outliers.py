@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ class OutlierResult(BaseModel):
 
 def planted_mix(mix: MixName, n_train: int, resolution: int, seed: int) -> ImageDataset:
     """`n_train` images, about `OUTLIER_SHARE` of them planted outliers (group "outlier"), shuffled."""
-    shape = {"resolution": resolution, "channels": 1, "seed": seed}
+    shape: dict[str, Any] = {"resolution": resolution, "channels": 1, "seed": seed}
     if mix == "patches+zeros":
         return load_dataset(DatasetSpec(source="builtin:outliers", limit=n_train, **shape))
     count = max(1, round(OUTLIER_SHARE * n_train))

@@ -16,7 +16,7 @@ from api_schemas.attribution import AttributeRequest, AttributionsPublic, QueryO
 from retrac.datasets import Conversions
 from retrac.query_side import resolve_query
 from service.deps import EngineDep, IndexNameDep, ReadAccess, SettingsDep, StoreDep
-from service.errors import ERROR_RESPONSES
+from service.handlers import ERROR_RESPONSES
 from service.images import decode_file, decode_json_image
 from service.query_engine import check_limits
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 
 from api_schemas.generation import GenerateRequest, GenerationPublic
 from service.deps import EngineDep, IndexNameDep, ReadAccess, StoreDep
-from service.errors import ERROR_RESPONSES
+from service.handlers import ERROR_RESPONSES
 
 router = APIRouter(
     prefix="/indexes/{name}", tags=["generate"], dependencies=[ReadAccess], responses=ERROR_RESPONSES

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -20,6 +19,8 @@ from starlette.routing import Match, Mount
 
 from api_schemas.common import ErrorPublic
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
+from service.exceptions import Conflict, NotFound, Unavailable
+from service.repository import StoreRepository
 from service.settings import Settings
 from storage import (
     AnnIndexError,
@@ -30,25 +31,10 @@ from storage import (
     UnreachableStoreError,
 )
 
-if TYPE_CHECKING:  # the repository raises these errors, so it cannot be imported at run time
-    from service.repository import StoreRepository
-
-BuildingAdvice = Callable[["StoreRepository", str], str]
+BuildingAdvice = Callable[[StoreRepository, str], str]
 """What to tell a client about an index still being built (`service.queue.still_building`)."""
 
 logger = logging.getLogger(__name__)
-
-
-class NotFound(LookupError):
-    """No index, job or sample of that name."""
-
-
-class Conflict(RuntimeError):
-    """The request clashes with the state of an index (it exists already, it is still building)."""
-
-
-class Unavailable(RuntimeError):
-    """A dependency of the request (the job queue) does not answer."""
 
 
 STATUS: tuple[tuple[type[Exception], int], ...] = (
