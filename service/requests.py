@@ -19,8 +19,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.main import API_PREFIX
-from service.errors import REQUEST_ID_HEADER as HEADER
-from service.errors import REQUEST_ID_SCOPE
+from service.handlers import REQUEST_ID_HEADER as HEADER
+from service.handlers import REQUEST_ID_SCOPE
 from service.metrics import ServiceMetrics
 from worker.logs import bind
 
