@@ -153,9 +153,22 @@ def _incomplete_store(
     return handler
 
 
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_SCOPE = "retrac.request_id"
+"""Where `service.requests` leaves a request's id in its scope: a bug's answer is sent outside that
+middleware, so it adds the header itself."""
+
+
 async def _bug(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=error)
-    return _answer(500, "internal error; the service logged it")
+    rid = request.scope.get(REQUEST_ID_SCOPE)
+    logger.exception(
+        "unhandled error in %s %s",
+        request.method,
+        request.url.path,
+        exc_info=error,
+        extra={"request_id": rid},
+    )
+    return _answer(500, "internal error; the service logged it", {REQUEST_ID_HEADER: rid} if rid else None)
 
 
 def install_error_handlers(app: FastAPI, building_advice: BuildingAdvice) -> None:

@@ -101,6 +101,10 @@ class QueryPool:
         for process in running:
             process.join(STOP_WAIT_S)
 
+    def busy(self) -> int:
+        """Processes computing a query now (0 before `start`)."""
+        return self.size - self._idle.qsize() if self._started else 0
+
     def gradients(self, store: GradientStore, on_wait: Callable[[float], None]) -> QueryGradients:
         """The pool as `storage.attribute`'s gradient step (`gradients=`) over `store`'s plan;
         `on_wait(s)` hears how long it waited for an idle process (part of the step's time, not of its

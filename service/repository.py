@@ -57,6 +57,11 @@ class StoreRepository:
         self._stores = OpenStores(settings.bucket_options())
         self._lock = threading.Lock()
 
+    @property
+    def open_stores(self) -> OpenStores:
+        """The stores this repository keeps opened (for the metrics of their cache)."""
+        return self._stores
+
     def path(self, name: IndexName) -> Location:
         """Where index `name` lives (its folder or prefix); an error if the name would leave the root."""
         if name.startswith(".") or "/" in name or "\\" in name:

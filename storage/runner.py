@@ -12,6 +12,7 @@ from collections.abc import Callable
 from retrac.computers import GradientComputerCache
 from storage.ann import build_ann_when_complete
 from storage.kernels import build_kernel_when_complete
+from storage.progress import ShardProgress
 from storage.store import GradientStore
 
 ShardCallback = Callable[[int, int, int], None]
@@ -32,14 +33,26 @@ def run_shard(
 ) -> bool:
     """Compute, write and mark done one shard, unless it is done already (or `force`).
 
-    Returns whether it computed. Rows are computed on `models`' device with its fixed thread count.
+    Returns whether it computed. Rows are computed on `models`' device with its fixed thread count;
+    after each batch the shard's progress is recorded in the store (`storage.progress.ShardProgress`)
+    and `on_rows(rows)` is called.
     """
     if not force and store.is_done(checkpoint, shard):
         return False
     computer = models.computer(store.plan, checkpoint)
-    with models.compute():
-        rows = store.plan.compute_rows(checkpoint, store.shard_rows(shard), computer, on_rows)
-    store.write_shard(checkpoint, shard, rows)
+    report = ShardProgress(store, checkpoint, shard)
+
+    def batch_done(rows: int) -> None:
+        report(rows)
+        if on_rows is not None:
+            on_rows(rows)
+
+    try:
+        with models.compute():
+            rows = store.plan.compute_rows(checkpoint, store.shard_rows(shard), computer, batch_done)
+        store.write_shard(checkpoint, shard, rows)
+    finally:
+        report.finish()
     return True
 
 

@@ -654,6 +654,12 @@ class GradientStore:
                 )
         return arrays[0], arrays[1]
 
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes of the checkpoints held in memory for scans (at most `resident_bytes`)."""
+        with self._resident_lock:
+            return sum(p.nbytes + n.nbytes for p, n in self._resident.values())
+
     def _load_resident(self, checkpoint: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The checkpoint's arrays in memory, read once, if they fit what is left of the budget;
         float16 rows widened to float32 if every checkpoint's float32 copy fits (`_widens`)."""
