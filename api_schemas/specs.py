@@ -143,6 +143,28 @@ class KernelSpec(Spec):
     ridge: float = Field(0.1, gt=0, le=1e6, description="lambda as a fraction of trace(Phi^T Phi) / k")
 
 
+DEFAULT_SLOTS = SlotSpec(replay=True, grid=8, noise="shared", draws=1, seed=0)
+"""The slots `retrac index create` builds unless told: the replayed step plus K = 8 shared-noise grid
+slots of one draw each, which every method's matched estimator needs. Chosen by the quality-per-byte
+curve (docs/experiment.md: LDS and self-retrieval level off at K = 8 for every method and estimator).
+The paper's own slots (the replayed step alone) are `SlotSpec()`, `retrac index create --preset paper`."""
+PAPER_SLOTS = SlotSpec()
+"""The paper's training side: the replayed step alone."""
+DEFAULT_ESTIMATOR: Estimator = "matched"
+"""The estimator `retrac attribute` uses unless told, where the store can serve it (`default_estimator`;
+docs/experiment.md: above the paper's for every method at every K >= 4 on the LDS curve);
+`--estimator paper` is Diffusion-TracIn and -ReTrac as the paper defines them, exactly."""
+
+
+def default_estimator(slots: SlotSpec, search: Search, knobs_given: bool) -> Estimator:
+    """`DEFAULT_ESTIMATOR` for a store with shared-noise grid slots, an exact search and no K, M or seed
+    of the user's (the matched estimator takes the store's); else the paper's, which any store serves.
+    The answer names the estimator that ran."""
+    if slots.noise == "shared" and search == "exact" and not knobs_given:
+        return DEFAULT_ESTIMATOR
+    return "paper"
+
+
 class CheckpointSpec(Spec):
     """One checkpoint: a diffusers UNet folder, the epoch it was saved after, and its TracIn weight."""
 

@@ -1,7 +1,6 @@
 """Do attributions find what they should? Prints one JSON object of quality figures per method and estimator.
 
     .venv/bin/python bench/quality.py --quick      # under 10 minutes on 2 CPU cores
-    .venv/bin/python bench/quality.py              # the larger setting
     .venv/bin/python bench/quality.py --quick --parts stability --curve 8,1 8,2 8,4 16,1 32,1
 
 Trains a tiny DDPM on real digits (with a replay record), then measures, per method (`tracin`,
@@ -18,8 +17,9 @@ Trains a tiny DDPM on real digits (with a replay record), then measures, per met
   slot is fixed by the record): `seed_stability_top10` and `seed_stability_spearman` over held-out
   queries, at the setting's (K, M) and as a curve over (K, M) (`--curve` picks the points).
 - `lds`, `self_influence`, `norm_direction`: the counterfactual and outlier parts of `bench/lds.py`
-  (their own models and data): `lds`, `lds_ci`, `generally_influential_ratio` (under `retrac`);
-  `removal`, `self_influence_auc` (per mixture and score) and `norm_direction` at the top.
+  (their own models and data): `lds`, `lds_ci` (validation), `lds_generated`, `lds_generated_ci` per
+  method and estimator (pixel-cosine: estimator `baseline`), `generally_influential_ratio`; `removal`,
+  `self_influence_auc` and `norm_direction` at the top.
 
 Each part is one function of the shared `Setup` returning {method: {estimator: {key: value}}}, timed
 into `wall_s` and `cpu_s` (never asserted). Figures: see docs/performance.md#attribution-quality.
@@ -286,13 +286,14 @@ def copy_figures(setup: Setup, run: TrainingRun, training: ImageDataset) -> Figu
 def lds_part(setup: Setup) -> Figures:
     """bench/lds.py's LDS and removal check, laid out per method and estimator."""
     found = counterfactual.lds_part(setup.scratch, quick=setup.setting.quick)
-    out: Figures = {
-        method: {
-            estimator: {"lds": value, "lds_ci": found["lds_ci"][method][estimator]}
-            for estimator, value in per_estimator.items()
-        }
-        for method, per_estimator in found["lds"].items()
-    }
+    out: Figures = {}
+    for split, by_method in found["lds"].items():
+        suffix = "" if split == "validation" else f"_{split}"  # validation queries: plain `lds`
+        for method, per_estimator in by_method.items():
+            for estimator, value in per_estimator.items():
+                out.setdefault(method, {}).setdefault(estimator, {}).update({
+                    f"lds{suffix}": value, f"lds{suffix}_ci": found["lds_ci"][split][method][estimator],
+                })
     for estimator, ratio in found["generally_influential_ratio"].items():
         out.setdefault("retrac", {}).setdefault(estimator, {})["generally_influential_ratio"] = ratio
     setup.extra.update(removal=found["removal"], lds_setting=found["lds_setting"])

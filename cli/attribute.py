@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import typer
 
 from api_schemas import Estimator, Method, QuerySpec, Search
-from api_schemas.specs import DEFAULT_TOP_K
+from api_schemas.specs import DEFAULT_ESTIMATOR, DEFAULT_TOP_K, default_estimator
 from cli.common import default, print_notices, store_location, validated
 from cli.progress import PhaseBars
 from retrac.exceptions import SpecError
@@ -76,11 +76,14 @@ def run(
     draws: Annotated[int, typer.Option(help="M, noise draws per timestep")] = default(QuerySpec, "draws"),
     seed: Annotated[int, typer.Option(help="seed of the query's noise draws")] = default(QuerySpec, "seed"),
     estimator: Annotated[
-        Estimator,
+        Estimator | None,
         typer.Option(
-            help="paper, or matched: per timestep against the store's shared-noise slots (its K, M, seed)"
+            help="matched: per timestep against the store's shared-noise slots (its K, M, seed), the "
+            "measured best (docs/experiment.md); paper: Diffusion-TracIn/ReTrac as the paper defines them",
+            show_default=f"{DEFAULT_ESTIMATOR} where the store has shared-noise slots (index create's "
+            "default), else paper",
         ),
-    ] = default(QuerySpec, "estimator"),
+    ] = None,
     search: Annotated[
         Search,
         typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates"),
@@ -127,13 +130,17 @@ def run(
     given = {
         k: v for k, v in knobs.items() if getattr(context.get_parameter_source(k), "name", None) != "DEFAULT"
     }
-    query = validated(QuerySpec, {**given, "estimator": estimator, "search": search, "label": label,
+    chosen = estimator or "paper"  # the default is settled once the store is open
+    query = validated(QuerySpec, {**given, "estimator": chosen, "search": search, "label": label,
                                      "prompt": prompt})
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
     output = "json" if as_json else output
     torch.set_num_threads(threads)
     opened = GradientStore.open(store_location(store))
+    if estimator is None:
+        settled = default_estimator(opened.spec.slots, search, bool(given))
+        query = query.model_copy(update={"estimator": settled})
     methods = [typing.cast(Method, m) for m in method] if method else methods_served(opened.spec)
     dataset = opened.spec.dataset
     files = query_files(images)

@@ -23,7 +23,7 @@ from api_schemas import QuerySpec
 from cli.common import default
 
 ExperimentPreset = Literal["smoke", "small", "paper"]
-LdsPreset = Literal["smoke", "quick"]
+LdsPreset = Literal["smoke", "quick", "standard"]
 
 app = typer.Typer(
     help="Evaluate attributions: reproduce the paper's findings on built-in data (run), measure gradient "
@@ -129,7 +129,13 @@ def norms_command(
     short_help="linear datamodeling score (LDS) and the removal check",
 )
 def lds_command(
-    preset: Annotated[LdsPreset, typer.Option(help="smoke (seconds), quick (32 models, minutes)")] = "quick",
+    preset: Annotated[
+        LdsPreset,
+        typer.Option(
+            help="smoke (seconds), quick (32 models, minutes), standard (64 models on 1,000 images: the "
+            "benchmark of docs/experiment.md, under 2 hours on 2 cores); rerun with the same --out to resume"
+        ),
+    ] = "quick",
     config: Annotated[Path | None, typer.Option(help="an LdsConfig JSON file (overrides --preset)")] = None,
     workers: Annotated[
         int | None, typer.Option(help="training processes", show_default="the config's (2)")

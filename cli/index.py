@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import ValidationError
@@ -31,7 +31,7 @@ from api_schemas import (
     SlotNoise,
     SlotSpec,
 )
-from api_schemas.specs import ProjectorKind, StoreDType
+from api_schemas.specs import DEFAULT_SLOTS, PAPER_SLOTS, ProjectorKind, StoreDType
 from cli.common import (
     Channels,
     DataSeed,
@@ -57,8 +57,18 @@ app = typer.Typer(
 
 Store = Annotated[str, typer.Argument(help="a gradient store (retrac index create): folder or s3://BUCKET/PREFIX")]
 
-SLOTS, PROJECTION = SlotSpec(), ProjectorSpec()
-"""The specs' defaults, which `create`'s flags show and start from."""
+SLOTS, PROJECTION = DEFAULT_SLOTS, ProjectorSpec()
+"""The defaults `create`'s flags show and start from (`api_schemas.specs.DEFAULT_SLOTS`)."""
+SlotPreset = Literal["default", "paper"]
+
+
+def _slots(preset: SlotPreset, flags: SlotSpec) -> SlotSpec:
+    """The slots of `create`: the flags' (default preset), or the paper's (the slot flags may not change)."""
+    if preset == "default":
+        return flags
+    if flags != SLOTS:
+        raise SpecError("--preset paper fixes the slots (the replayed step alone); drop the slot flags")
+    return PAPER_SLOTS
 
 
 def register(parent: typer.Typer) -> None:
@@ -119,6 +129,13 @@ def create(
             show_default="the run's, or none",
         ),
     ] = None,
+    preset: Annotated[
+        SlotPreset,
+        typer.Option(
+            help="default: the replayed step plus shared-noise grid slots (the flags below); paper: the "
+            "paper's slots, the replayed step alone (for --estimator paper; the slot flags are then refused)"
+        ),
+    ] = "default",
     no_replay: Annotated[bool, typer.Option("--no-replay", help="no replayed-step slot")] = False,
     grid: Annotated[int, typer.Option(help="grid timestep slots per sample")] = SLOTS.grid,
     random: Annotated[int, typer.Option(help="random timestep slots per sample")] = SLOTS.random,
@@ -201,10 +218,10 @@ def create(
                 loss=loss,
                 loss_weighting=loss_weighting,
                 train_batch_size=train_batch_size,
-                slots=SlotSpec(
+                slots=_slots(preset, SlotSpec(
                     replay=not no_replay, grid=grid, random=random, seed=slot_seed, noise=slot_noise,
                     draws=slot_draws,
-                ),
+                )),
                 projector=ProjectorSpec(kind=projector, dim=dim, seed=projector_seed),
                 output_function=output_function,
                 kernel=KernelSpec(ridge=kernel_ridge) if kernel else None,

@@ -29,7 +29,7 @@ from retrac.methods import needs_kernel, require_methods
 from retrac.models import DiffusionModel
 from retrac.plan import IndexPlan, Rows
 from retrac.query_side import BANDS, QueryVectors, query_vectors, resolve_query
-from retrac.scoring import METHODS, SCAN_ROWS, Ranked, Ranking, RowChunk, matched_slots, scan
+from retrac.scoring import METHODS, SCAN_ROWS, Ranked, Ranking, RowChunk, contributions, matched_slots, scan
 
 ProgressCallback = Callable[[int], object]
 """Called with the number of rows just finished."""
@@ -179,8 +179,7 @@ def attribute(
     # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method,
     # trak's and dtrak's query vectors preconditioned by each checkpoint's kernel first.
     started = time.perf_counter()
-    if kernels is not None:
-        vectors = [v.preconditioned_by(k) for v, k in zip(vectors, kernels, strict=True)]
+    vectors = _preconditioned(vectors, kernels)
     weights = [source.weights[c] for c in chosen]
     if query.search == "approximate":
         rows, chunk = source.candidates(chosen, vectors, top_k=top_k, methods=methods)
@@ -194,6 +193,46 @@ def attribute(
     answers = public_results(ranking, source, chosen[-1], query)
     timings = Timings(wait_s=wait_s, gradient_s=gradient_s, scan_s=time.perf_counter() - started)
     return Attribution(answers, timings, query, source.dtype)
+
+
+def score_every_row(
+    source: RowSource,
+    computer: Callable[[int], GradientComputer],
+    images: torch.Tensor,
+    query: QuerySpec,
+    *,
+    methods: Sequence[Method],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    conditions: Callable[[QuerySpec, int], Conditions],
+) -> dict[Method, torch.Tensor]:
+    """The score `(Q, N)` of every stored row for each of `images` and `methods`, over every checkpoint:
+    the numbers `attribute` ranks (its checks, query vectors and preconditioning, then the scan's
+    per-checkpoint contributions, summed), without ranking or band parts. What a counterfactual
+    evaluation needs (every sample's score, for many queries), at the cost of one scan."""
+    if query.search != "exact":
+        raise SpecError("scores of every row come from the exact scan; use search exact")
+    query = resolve_query(query, source.spec.slots)
+    methods = list(dict.fromkeys(methods))
+    require_methods(source.spec, methods)
+    chosen = _checked_request(source, images, 1, None, query.search)
+    kernels = [source.kernel(c) for c in chosen] if needs_kernel(methods) else None
+    matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
+    given = conditions(query, images.shape[0])
+    vectors = _preconditioned(query_gradients(computer, images, query, chosen, given, encode=encode), kernels)
+    weights = [source.weights[c] for c in chosen]
+    parts: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
+    for _, per_checkpoint in source.chunks(chosen, SCAN_ROWS):
+        table = contributions(per_checkpoint, vectors, weights, methods, matched)  # (n, Q, C) per method
+        for method in methods:
+            parts[method].append(table[method].sum(dim=-1).T)
+    return {m: torch.cat(p, dim=1) for m, p in parts.items()}
+
+
+def _preconditioned(vectors: list[QueryVectors], kernels: Sequence[Kernel] | None) -> list[QueryVectors]:
+    """trak's and dtrak's query vectors: each checkpoint's preconditioned by its kernel (none: as given)."""
+    if kernels is None:
+        return vectors
+    return [v.preconditioned_by(k) for v, k in zip(vectors, kernels, strict=True)]
 
 
 def query_gradients(
@@ -436,3 +475,10 @@ class Attributor:
             self.source(), self.computer, images, spec, top_k=top_k, methods=methods, checkpoints=checkpoints,
             encode=self.plan.encode, conditions=self.plan.query_conditions,
         ).results
+
+    def score_every_row(
+        self, images: torch.Tensor, spec: QuerySpec, *, methods: Sequence[Method] = METHODS
+    ) -> dict[Method, torch.Tensor]:
+        """The score `(Q, N)` of every in-memory row for each image and method (see `score_every_row`)."""
+        return score_every_row(self.source(), self.computer, images, spec, methods=methods,
+                               encode=self.plan.encode, conditions=self.plan.query_conditions)

@@ -17,15 +17,17 @@ from storage import GradientStore
 
 
 def test_eval_lds_prints_the_table_and_writes_the_report(tmp_path, capsys) -> None:
-    config = LdsConfig.smoke().model_copy(update={"models": 3, "removal_queries": 0, "workers": 1})
+    config = LdsConfig.smoke().model_copy(update={"models": 3, "seed_models": 0, "removal_queries": 0,
+                                                  "workers": 1})
     path = tmp_path / "lds.json"
     path.write_text(config.model_dump_json())
     assert main(["eval", "lds", "--config", str(path), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "| method | estimator | LDS (3 models, 3 queries)" in printed
+    assert "LDS over 3 models; queries: 3 validation, 3 generated." in printed
     assert "| tracin |" in printed
+    assert "| method | estimator | LDS validation | 95% interval | LDS generated |" in printed
     saved = json.loads((tmp_path / "out" / "lds.json").read_text())
-    assert len(saved["actual_losses"]) == 3
+    assert len(saved["actual_losses"]["validation"]) == 3
     assert saved["removal"] is None
 
 

@@ -37,7 +37,8 @@ def test_every_help_shows_the_defaults(capsys) -> None:
     import pytest
 
     for command, says in (
-        (["index", "create"], "grid timestep slots per sample [default: 0]"),
+        (["index", "create"], "grid timestep slots per sample [default: 8]"),
+        (["index", "create"], "[default: shared]"),
         (["attribute"], "proponents and opponents per method [default: 10]"),
         (["train"], "--epochs <int> training epochs [default: (10)]"),
         (["serve"], "[default: 8000]"),

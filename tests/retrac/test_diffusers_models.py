@@ -308,7 +308,7 @@ def test_cli_indexes_a_pipeline_folder_with_its_shape_schedule_and_weights(
     checkpoint = f"{pipeline}:epoch=2,lr=0.002"
     assert main(["index", "create", str(store), "--checkpoint", checkpoint, "--train-batch-size", "5",
                  "--data", "builtin:digits", "--limit", "10", "--loss", "mse", "--no-replay", "--grid",
-                 "2"]) == 0
+                 "2", "--slot-noise", "independent"]) == 0
     capsys.readouterr()
     assert main(["index", "inspect", str(store), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -328,7 +328,7 @@ def test_cli_sample_prediction_needs_its_weighting_and_inspect_shows_it(tmp_path
     assert TrainingRun.load(run).spec.loss_weighting == "snr"
     folder = f"{run / 'checkpoints' / 'epoch-0001'}:weight=1"
     external = ["--checkpoint", folder, "--scheduler", str(run / "scheduler"), "--data", "builtin:digits",
-                "--limit", "10", "--loss", "mse", "--no-replay", "--grid", "2"]
+                "--limit", "10", "--loss", "mse", "--no-replay", "--grid", "2", "--slot-noise", "independent"]
     capsys.readouterr()
     assert main(["index", "create", str(tmp_path / "refused.zarr"), *external]) == 2
     error = capsys.readouterr().err.strip().splitlines()
@@ -353,7 +353,8 @@ def test_cli_index_create_says_what_loading_the_images_converted(tmp_path, pipel
     for i in range(3):
         Image.fromarray(np.full((16, 16, 3), 70 * i, np.uint8)).save(folder / f"{i}.png")
     assert main(["index", "create", str(tmp_path / "s.zarr"), "--checkpoint", str(pipeline), "--data",
-                 str(folder), "--loss", "mse", "--no-replay", "--grid", "1"]) == 0
+                 str(folder), "--loss", "mse", "--no-replay", "--grid", "1",
+                 "--slot-noise", "independent"]) == 0
     error = capsys.readouterr().err.strip().splitlines()
     assert error == [
         "notice: rgb: 3 of 3 converted from RGB to grey (ITU-R BT.601 luma); rgb: 3 of 3 resized from 16x16 "
@@ -382,7 +383,8 @@ def test_cli_refuses_at_create_in_one_line(tmp_path, pipeline, capsys, flags, sa
     checkpoint = [] if "--checkpoint" in flags else ["--checkpoint", str(pipeline)]
     with pytest.raises(SystemExit) if "speed" in says else contextlib.nullcontext() as exited:
         code = main(["index", "create", str(tmp_path / "s.zarr"), *checkpoint, "--data", "builtin:digits",
-                     "--limit", "10", "--loss", "mse", "--no-replay", "--grid", "2", *flags])
+                     "--limit", "10", "--loss", "mse", "--no-replay", "--grid", "2",
+                     "--slot-noise", "independent", *flags])
     code = exited.value.code if exited is not None else code
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2, error

@@ -122,7 +122,7 @@ def test_inexact_dits_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture)
     capsys.readouterr()
     assert main(["index", "create", str(tmp_path / "store"), "--checkpoint", f"{sigma}:weight=1",
                  "--loss", "mse", "--data", "builtin:digits", "--limit", "4", "--no-replay",
-                 "--grid", "1"]) == 2
+                 "--grid", "1", "--slot-noise", "independent"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1
     assert "out_channels = in_channels" in error

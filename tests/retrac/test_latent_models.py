@@ -109,7 +109,8 @@ def _checkpoint(folder: Path) -> dict:
 def test_index_create_refuses_in_one_line_and_defaults_the_shape_to_the_vaes(
     pipeline: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    flags = ["--loss", "mse", "--no-replay", "--grid", "1", "--projector", "identity", "--limit", "2"]
+    flags = ["--loss", "mse", "--no-replay", "--grid", "1", "--slot-noise", "independent",
+             "--projector", "identity", "--limit", "2"]
     assert main(["index", "create", str(tmp_path / "wrong.zarr"), "--checkpoint", str(pipeline), "--data",
                  "builtin:patches", "--resolution", "8", "--channels", "3", *flags]) == 2
     error = capsys.readouterr().err.strip()

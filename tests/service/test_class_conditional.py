@@ -61,7 +61,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         json.loads((run / "checkpoints" / "epoch-0002" / "config.json").read_text())["num_class_embeds"] == 3
     )
     assert main(["index", "create", str(store), "--run", str(run), "--grid", "1", "--projector", "sketch",
-                 "--dim", "256", "--dtype", "float32", "--shard-size", "9"]) == 0
+                 "--slot-noise", "independent", "--dim", "256", "--dtype", "float32",
+                 "--shard-size", "9"]) == 0
     assert main(["index", "run", str(store)]) == 0
     reference = Attributor(GradientStore.open(store).plan)
     reference.index()

@@ -56,6 +56,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     store = base / "stores" / STORE
     assert main(["index", "create", str(store), "--checkpoint", f"{pipeline}:weight=0.5", "--loss", "mse",
                  "--data", "builtin:digits", "--limit", "8", "--no-replay", "--grid", "2",
+                 "--slot-noise", "independent",
                  "--projector", "sketch", "--dim", "256", "--dtype", "float32", "--shard-size", "4"]) == 0
     assert main(["index", "run", str(store)]) == 0
     reference = Attributor(GradientStore.open(store).plan)

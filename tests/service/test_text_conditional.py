@@ -48,7 +48,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     (base / "stores").mkdir()
     store = base / "stores" / STORE
     assert main(["index", "create", str(store), "--checkpoint", f"{pipeline}:weight=1", "--data", str(data),
-                 "--loss", "mse", "--no-replay", "--grid", "2", "--random", "1", "--projector", "sketch",
+                 "--loss", "mse", "--no-replay", "--grid", "2", "--slot-noise", "independent",
+                 "--random", "1", "--projector", "sketch",
                  "--dim", "128", "--dtype", "float32", "--shard-size", "3"]) == 0
     assert main(["index", "run", str(store)]) == 0
     reference = Attributor(GradientStore.open(store).plan)

@@ -27,7 +27,7 @@ def test_a_store_made_with_relative_paths_works_from_another_directory(tmp_path,
     assert main(["train", "run", "--data", "data.npy", "--resolution", "8", "--preset", "micro", "--epochs",
                  "2", "--batch-size", "4", "--save-every", "1", "--prediction-type", "v_prediction"]) == 0
     assert main(["index", "create", "store.zarr", "--run", "run", "--grid", "1", "--shard-size", "4",
-                 "--projector", "identity", "--dtype", "float32"]) == 0
+                 "--slot-noise", "independent", "--projector", "identity", "--dtype", "float32"]) == 0
 
     monkeypatch.chdir(elsewhere)
     store = str(made / "store.zarr")

@@ -155,7 +155,7 @@ def test_the_cli_indexes_checkpoints_and_a_dataset_given_by_url(
     command += ["--checkpoint", f"{run}/checkpoints/epoch-0002:epoch=2,lr=0.002", "--scheduler",
                 f"{run}/scheduler"]
     command += ["--resolution", "8", "--loss", "mse", "--no-replay", "--grid", "1", "--train-batch-size",
-                "16"]
+                "16", "--slot-noise", "independent"]
     assert main(command) == 0, capsys.readouterr().err
     store = GradientStore.open(tmp_path / "cli.zarr")
     assert store.spec.dataset.source == f"{url}/data/digits.npz"  # recorded as given, not made a path
@@ -204,7 +204,7 @@ def test_a_latent_model_whose_vae_is_in_the_bucket_gives_the_rows_of_the_local_o
 
     command = ["index", "create", str(tmp_path / "cli.zarr"), "--checkpoint", f"{pipeline}/unet:weight=0.5"]
     command += ["--vae", f"{url}/vae", "--data", "builtin:patches", "--limit", "6", "--loss", "mse"]
-    command += ["--no-replay", "--grid", "1"]
+    command += ["--no-replay", "--grid", "1", "--slot-noise", "independent"]
     assert main(command) == 2  # the model's shape is not read ahead through a VAE at a URL...
     error = capsys.readouterr().err
     assert error.count("\n") == 1, error

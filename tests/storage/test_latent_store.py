@@ -117,7 +117,8 @@ def test_index_and_query_a_latent_pipeline_through_the_cli(
     store = str(tmp_path / "store.zarr")
     assert main([
         "index", "create", store, "--checkpoint", f"{pipeline}:weight=0.5", "--data", "builtin:patches",
-        "--limit", "6", "--loss", "mse", "--no-replay", "--grid", "2", "--random", "1", "--slot-seed", "3",
+        "--limit", "6", "--loss", "mse", "--no-replay", "--grid", "2", "--slot-noise", "independent",
+        "--random", "1", "--slot-seed", "3",
         "--projector", "identity", "--dtype", "float32", "--shard-size", "4",
     ]) == 0
     assert main(["index", "run", store]) == 0
