@@ -48,12 +48,19 @@ def lds_part(out: Path, quick: bool) -> dict[str, Any]:
         "removal": report.removal.model_dump() if report.removal else None,
         "generally_influential": counts,
         "generally_influential_ratio": {
-            estimator: counts["retrac"][estimator] / counts["tracin"][estimator] if counts["tracin"][estimator]
+            estimator: counts["retrac"][estimator] / counts["tracin"][estimator]
+            if counts["tracin"][estimator]
             else None
             for estimator in counts["tracin"]
         },
-        "lds_setting": {"models": config.models, "n_train": config.n_train, "n_queries": config.n_queries,
-                        "preset": config.preset, "resolution": config.resolution, "epochs": config.epochs},
+        "lds_setting": {
+            "models": config.models,
+            "n_train": config.n_train,
+            "n_queries": config.n_queries,
+            "preset": config.preset,
+            "resolution": config.resolution,
+            "epochs": config.epochs,
+        },
         "lds_timings": report.timings,
         "lds_wall_s": round(time.perf_counter() - began, 1),
     }
@@ -68,7 +75,9 @@ def self_influence_part(out: Path, quick: bool) -> dict[str, Any]:
     return {
         "self_influence_auc": {mix: r.auc for mix, r in results.items()},
         "self_influence_recall": {mix: r.recall for mix, r in results.items()},
-        "self_influence_setting": {mix: {"samples": r.samples, "outliers": r.outliers} for mix, r in results.items()},
+        "self_influence_setting": {
+            mix: {"samples": r.samples, "outliers": r.outliers} for mix, r in results.items()
+        },
         "self_influence_wall_s": round(time.perf_counter() - began, 1),
     }
 
@@ -102,7 +111,9 @@ PARTS = {"lds": lds_part, "self_influence": self_influence_part, "norm_direction
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the small setting (under 10 minutes on 2 cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the small setting (under 10 minutes on 2 cores)"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/lds"), help="working folder")
     parser.add_argument("--figures", type=Path, help="also copy norm_direction.png here (e.g. docs/figures)")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))

@@ -18,12 +18,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from accelerate import init_empty_weights
 from diffusers import (
-    DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, Transformer2DModel, UNet2DConditionModel, UNet2DModel,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
 )
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from safetensors import safe_open
@@ -34,13 +39,16 @@ from retrac.exceptions import CheckpointError
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
 
-Scheduler = DDPMScheduler | DDIMScheduler
-SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+Scheduler: TypeAlias = DDPMScheduler | DDIMScheduler
+SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {
+    "DDPMScheduler": DDPMScheduler,
+    "DDIMScheduler": DDIMScheduler,
+}
 """Scheduler classes whose `add_noise`/`get_velocity` define the DDPM training objective retrac replays."""
 
 PREDICTION_TYPES: tuple[PredictionType, ...] = ("epsilon", "v_prediction", "sample")
 
-Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | Transformer2DModel
+Denoiser: TypeAlias = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | Transformer2DModel
 DENOISER_CLASSES: dict[str, type[Denoiser]] = {
     "UNet2DModel": UNet2DModel,
     "UNet2DConditionModel": UNet2DConditionModel,
@@ -112,12 +120,17 @@ def class_conditioning(architecture: dict[str, Any]) -> int | None:
         return 0
     raise CheckpointError(
         f"the UNet's class_embed_type {kind!r} takes embedding vectors, not class labels; retrac handles "
-        "class-conditional UNets with num_class_embeds (a class embedding table) or class_embed_type 'timestep'"
+        "class-conditional UNets with num_class_embeds (a class embedding table) or class_embed_type "
+        "'timestep'"
     )
 
 
 _TEXT_UNSUPPORTED = (
-    "addition_embed_type", "class_embed_type", "num_class_embeds", "encoder_hid_dim_type", "time_cond_proj_dim",
+    "addition_embed_type",
+    "class_embed_type",
+    "num_class_embeds",
+    "encoder_hid_dim_type",
+    "time_cond_proj_dim",
 )
 """UNet2DConditionModel options that take inputs beside the text's hidden states (SDXL's added time and
 text embeddings, class labels, image embeddings, a guidance embedding): retrac has none of them to give."""
@@ -292,7 +305,9 @@ def load_scheduler(folder: str | Path) -> Scheduler:
     """
     config_file = Path(folder) / SCHEDULER_CONFIG
     if not config_file.is_file():
-        raise CheckpointError(f"{folder}: no {SCHEDULER_CONFIG}; give a scheduler folder as diffusers saves it")
+        raise CheckpointError(
+            f"{folder}: no {SCHEDULER_CONFIG}; give a scheduler folder as diffusers saves it"
+        )
     config = json.loads(config_file.read_text())
     name = config.get("_class_name")
     if name not in SCHEDULER_CLASSES:
@@ -302,7 +317,9 @@ def load_scheduler(folder: str | Path) -> Scheduler:
         )
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
-        raise CheckpointError(f"{folder}: prediction type {prediction!r} is not one of {list(PREDICTION_TYPES)}")
+        raise CheckpointError(
+            f"{folder}: prediction type {prediction!r} is not one of {list(PREDICTION_TYPES)}"
+        )
     try:
         return SCHEDULER_CLASSES[name].from_pretrained(folder, local_files_only=True)
     except Exception as error:  # diffusers raises many kinds; the user needs the path and the cause
@@ -327,10 +344,14 @@ def sample_shape(architecture: dict[str, Any]) -> tuple[int, int]:
     size = architecture.get("sample_size")
     if isinstance(size, list):
         if len(set(size)) != 1:
-            raise CheckpointError(f"the UNet's sample_size {size} is not square; retrac handles square images")
+            raise CheckpointError(
+                f"the UNet's sample_size {size} is not square; retrac handles square images"
+            )
         size = size[0]
     if not isinstance(size, int):
-        raise CheckpointError("the UNet config has no sample_size; cannot tell the image size it was trained at")
+        raise CheckpointError(
+            "the UNet config has no sample_size; cannot tell the image size it was trained at"
+        )
     return int(architecture.get("in_channels", 3)), size
 
 
@@ -403,9 +424,13 @@ class DiffusionModel:
 def check_compatible(unet_architecture: dict[str, Any], scheduler: Scheduler) -> None:
     """A CheckpointError if the UNet's output is not exactly the scheduler's prediction."""
     if type(scheduler).__name__ not in SCHEDULER_CLASSES:
-        raise CheckpointError(f"scheduler {type(scheduler).__name__} is not handled; use a DDPM or DDIM scheduler")
+        raise CheckpointError(
+            f"scheduler {type(scheduler).__name__} is not handled; use a DDPM or DDIM scheduler"
+        )
     if scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise CheckpointError(f"prediction type {scheduler.config.prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
+        raise CheckpointError(
+            f"prediction type {scheduler.config.prediction_type!r} is not one of {list(PREDICTION_TYPES)}"
+        )
     channels_in, channels_out = unet_architecture.get("in_channels"), unet_architecture.get("out_channels")
     if channels_out is None and unet_architecture.get("patch_size") is not None:
         channels_out = channels_in  # a DiT's default: as many channels out as in

@@ -4,6 +4,7 @@ See `storage.store` for the on-disk layout and its rules (one writer per chunk, 
 data, stale inputs refused), and `storage.location` for where a store lives: a folder or a bucket.
 """
 
+from storage.ann import build_ann, build_ann_when_complete
 from storage.cache import OpenStores
 from storage.errors import (
     AnnIndexError,
@@ -15,7 +16,6 @@ from storage.errors import (
     StoreError,
     UnreachableStoreError,
 )
-from storage.ann import build_ann, build_ann_when_complete
 from storage.location import BucketLocation, BucketOptions, LocalLocation, Location, locate
 from storage.progress import Progress, progress
 from storage.runner import run_pending, run_shard

@@ -27,13 +27,13 @@ Layout (a plain `zarr.open_group` reader finds everything; N rows, S slots, k pr
 Shard i is rows `[i * shard_size, (i + 1) * shard_size)`. The stored `shard_size` is the spec's
 evened out over the rows (`_even_shard_size`): zarr writes every chunk at full size, so a short last
 shard would be padded on disk; evened out, the padding is under one row per shard. Each shard is
-exactly one chunk of every per-row array and one chunk of `digest` and `done_at`, so the one task that computes it is the only writer of
-every file it touches (zarr loses data when two writers share a chunk or shard file). A task writes the
-data, then the digest, then the done mark; a shard counts as done only when its mark is set and every
-one of its chunk files is present with the exact size of an uncompressed chunk, so a half-written,
-deleted or truncated shard is pending again. `status(verify=True)` also rereads the bytes against the
-digest, and marks a damaged shard not done so that the next run recomputes exactly it. Every read that
-scores (a resident load or a streamed chunk) checks each shard's bytes against its digest and refuses a
+exactly one chunk of every per-row array and one chunk of `digest` and `done_at`, so the one task that
+computes it is the only writer of every file it touches (zarr loses data when two writers share a chunk or
+shard file). A task writes the data, then the digest, then the done mark; a shard counts as done only when its
+mark is set and every one of its chunk files is present with the exact size of an uncompressed chunk, so a
+half-written, deleted or truncated shard is pending again. `status(verify=True)` also rereads the bytes
+against the digest, and marks a damaged shard not done so that the next run recomputes exactly it. Every read
+that scores (a resident load or a streamed chunk) checks each shard's bytes against its digest and refuses a
 damaged store with a DamagedStoreError. Nothing is compressed: zstd saves ~9% on projected gradients
 and slows every scan.
 
@@ -53,7 +53,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -66,7 +66,6 @@ from retrac.exceptions import RetracError
 from retrac.gradients import num_parameters
 from retrac.plan import IndexPlan, Rows, pin_checkpoints
 from retrac.scoring import SCAN_ROWS, RowChunk
-from storage.freshness import REBUILD, changes, fingerprints
 from storage.errors import (
     DamagedStoreError,
     DeletedStoreError,
@@ -75,8 +74,13 @@ from storage.errors import (
     StoreError,
     UnreachableStoreError,
 )
+from storage.freshness import REBUILD, changes, fingerprints
 from storage.inputs import InputMirrors, current_inputs, is_url
 from storage.location import ASIDE_PREFIX, BucketLocation, LocalLocation, Location, locate
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
+    from zarr.core.chunk_key_encodings import ChunkKeyEncodingParams
 
 FORMAT = "retrac-store/2"
 """Format 2: xxh3_64 digests (three times crc32's speed, so checking every scanned chunk costs ~5% of a
@@ -104,8 +108,10 @@ ZARR_DTYPES = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
 """Zarr dtype of the projected array per stored dtype: Zarr and NumPy have no bfloat16, so its 16 bits
 are kept as uint16 and viewed as bfloat16 again on reading (`_projected`); the spec says which."""
 
-_ARRAY_CONFIG = {"write_empty_chunks": True}  # an all-zero shard must still leave its files behind
-_CHUNK_KEYS = {"name": "default", "separator": "/"}
+_ARRAY_CONFIG: ArrayConfigParams = {
+    "write_empty_chunks": True
+}  # an all-zero shard must still leave its files behind
+_CHUNK_KEYS: ChunkKeyEncodingParams = {"name": "default", "separator": "/"}
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,7 @@ class GradientStore:
         except (KeyError, ValueError) as error:
             raise StoreError(
                 f"{self.path.name}: its spec is unreadable ({error}); delete it and create it again"
-            )
+            ) from error
         self._plan: IndexPlan | None = None
         self._inputs: InputMirrors | None = None
         """The mirrors of the plan's inputs at URLs, leased while this store may read them: until the
@@ -332,7 +338,7 @@ class GradientStore:
         """The latents written at create, checked against their digest: every worker computes from
         these same bytes, so a shard is the same whichever machine (and VAE kernel) computes it."""
         try:
-            latents = np.asarray(self._group["latents"][:], dtype=np.float32)
+            latents = np.asarray(_values(self._group["latents"]), dtype=np.float32)
         except KeyError as error:
             raise StoreError(
                 f"{self.path.name}: a latent model's store without its latents; {REBUILD}"
@@ -356,7 +362,7 @@ class GradientStore:
     @property
     def sample_ids(self) -> tuple[str, ...]:
         if self._sample_ids is None:
-            self._sample_ids = tuple(str(i) for i in self._group["sample_ids"][:])
+            self._sample_ids = tuple(str(i) for i in _values(self._group["sample_ids"]))
         return self._sample_ids
 
     @property
@@ -394,8 +400,8 @@ class GradientStore:
 
     def signature(self) -> tuple[Any, ...]:
         """The stamp of the group's metadata (`Location.stamp`) and (inode, mtime, size) of every
-        checkpoint, VAE, text encoder and tokenizer file: cheap to read on every use, and different after the store is
-        deleted and recreated or a checkpoint or the VAE replaced. Long-lived processes compare it to
+        checkpoint, VAE, text encoder and tokenizer file: cheap to read on every use, and different after the
+        store is deleted and recreated or a checkpoint or the VAE replaced. Long-lived processes compare it to
         reopen (and recheck) a store instead of using it stale."""
         inputs = current_inputs()
         folders = [c["path"] for c in self.checkpoint_info]
@@ -410,7 +416,8 @@ class GradientStore:
 
     @property
     def classes(self) -> ClassLabels | None:
-        """The label mapping of a class-conditional index (its queries give a label); None if unconditional."""
+        """The label mapping of a class-conditional index (its queries give a label); None if
+        unconditional."""
         recorded = self.attrs.get("classes")
         return ClassLabels(recorded) if recorded is not None else None
 
@@ -442,21 +449,23 @@ class GradientStore:
 
     def timesteps(self, checkpoint: int) -> np.ndarray:
         """Stored slot timesteps `(N, S)` int64 of one checkpoint (zeros where not done)."""
-        return self._array(checkpoint, "timesteps")[:]
+        return _values(self._array(checkpoint, "timesteps"))
 
     def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
         """Stored slot timesteps `(len(rows), S)` int64 of the given rows only (sorted, unique)."""
         if rows.size == 0:
             return np.zeros((0, self.num_slots), dtype=np.int64)
-        return self._array(checkpoint, "timesteps").get_orthogonal_selection((rows, slice(None)))
+        return cast(
+            np.ndarray, self._array(checkpoint, "timesteps").get_orthogonal_selection((rows, slice(None)))
+        )
 
     def seeds(self, checkpoint: int) -> np.ndarray:
         """Stored slot noise seeds `(N, S)` int64 of one checkpoint (zeros where not done)."""
-        return self._array(checkpoint, "seeds")[:]
+        return _values(self._array(checkpoint, "seeds"))
 
     def norms(self, checkpoint: int) -> np.ndarray:
         """Stored exact gradient norms `(N, S)` float32 of one checkpoint (zeros where not done)."""
-        return self._array(checkpoint, "norms")[:]
+        return _values(self._array(checkpoint, "norms"))
 
     # --- writing --------------------------------------------------------------------------------------
 
@@ -630,10 +639,10 @@ class GradientStore:
         The digest covers all four per-row arrays, so the (small) timesteps and seeds are read too.
         A DamagedStoreError naming the first damaged shard and how to rebuild it.
         """
-        arrays = [self._array(checkpoint, name)[part] for name in ROW_ARRAYS]
+        arrays = [_values(self._array(checkpoint, name), part) for name in ROW_ARRAYS]
         first = part.start // self.shard_size
         count = math.ceil((part.stop - part.start) / self.shard_size)
-        digests = self._array(checkpoint, "digest")[first : first + count]
+        digests = _values(self._array(checkpoint, "digest"), slice(first, first + count))
         for offset, expected in enumerate(digests):
             shard = first + offset
             rows = self.shard_rows(shard)
@@ -645,6 +654,12 @@ class GradientStore:
                     "`retrac index status --verify STORE` then `retrac index run STORE`"
                 )
         return arrays[0], arrays[1]
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes of the checkpoints held in memory for scans (at most `resident_bytes`)."""
+        with self._resident_lock:
+            return sum(p.nbytes + n.nbytes for p, n in self._resident.values())
 
     def _load_resident(self, checkpoint: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The checkpoint's arrays in memory, read once, if they fit what is left of the budget;
@@ -686,7 +701,7 @@ class GradientStore:
         key = (self._checkpoint(checkpoint), name)
         if key not in self._arrays:
             try:
-                array = self._group[f"checkpoints/{checkpoint}/{name}"]
+                array = cast(zarr.Array, self._group[f"checkpoints/{checkpoint}/{name}"])
             except KeyError as error:
                 raise StoreError(
                     f"{self.path.name}: checkpoint {checkpoint} has no {name} array (damaged or half "
@@ -812,7 +827,8 @@ def _describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
         "spec": json.loads(spec.model_dump_json()),
         "fingerprints": fingerprints(plan),
         "checkpoints": [
-            {"path": mirrors.named(str(c.path)), "epoch": c.epoch, "weight": c.weight} for c in plan.checkpoints
+            {"path": mirrors.named(str(c.path)), "epoch": c.epoch, "weight": c.weight}
+            for c in plan.checkpoints
         ],
         "num_rows": plan.num_rows,
         "num_slots": len(kinds),
@@ -872,13 +888,18 @@ def _digest(arrays: Sequence[np.ndarray] | Any) -> int:
     """xxh3_64 of the arrays' bytes in turn: a check against damage, not against an attacker."""
     hasher = xxhash.xxh3_64()
     for array in arrays:
-        hasher.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+        hasher.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
     return hasher.intdigest()
+
+
+def _values(array: zarr.Array | zarr.Group, selection: slice = slice(None)) -> np.ndarray:
+    """`array[selection]`, which zarr types as any scalar or array: a slice of an array reads an ndarray."""
+    return cast(np.ndarray, cast(zarr.Array, array)[selection])
 
 
 def _read_or_zero(array: zarr.Array, index: int) -> float:
     try:
-        return float(array[index])
+        return float(cast(float, array[index]))
     except UnreachableStoreError:
         raise
     except Exception:  # a missing or truncated mark reads as not done

@@ -92,7 +92,9 @@ class LdsConfig(BaseModel):
         if self.removal_k >= self.n_train:
             raise ValueError(f"removal_k {self.removal_k} must be below n_train {self.n_train}")
         if not 2 <= self.subset_size < self.n_train:
-            raise ValueError(f"subset_fraction {self.subset_fraction} of {self.n_train} leaves no real subset")
+            raise ValueError(
+                f"subset_fraction {self.subset_fraction} of {self.n_train} leaves no real subset"
+            )
         return self
 
     @property
@@ -112,9 +114,19 @@ class LdsConfig(BaseModel):
     @classmethod
     def smoke(cls) -> LdsConfig:
         """A check that everything runs: 4 models of 2 epochs on 8 of 16 digits; seconds."""
-        return cls(n_train=16, n_queries=3, epochs=2, save_every=1, batch_size=8, models=4,
-                   slots=matched_slots_for(QuerySpec(timesteps=3, draws=1, seed=0)),  # so matched runs too
-                   query=QuerySpec(timesteps=3, draws=1, seed=0), removal_queries=1, removal_k=2, bootstrap=50)
+        return cls(
+            n_train=16,
+            n_queries=3,
+            epochs=2,
+            save_every=1,
+            batch_size=8,
+            models=4,
+            slots=matched_slots_for(QuerySpec(timesteps=3, draws=1, seed=0)),  # so matched runs too
+            query=QuerySpec(timesteps=3, draws=1, seed=0),
+            removal_queries=1,
+            removal_k=2,
+            bootstrap=50,
+        )
 
 
 def matched_slots_for(query: QuerySpec) -> SlotSpec:
@@ -220,7 +232,9 @@ def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) ->
     with clock("evaluate"):
         actual = losses[: config.models]
         removed = dict(zip(keeps[config.models :], losses[config.models :], strict=True))
-        lds, intervals, per_query = {}, {}, {}
+        lds: dict[str, Any] = {}
+        intervals: dict[str, Any] = {}
+        per_query: dict[str, Any] = {}
         for method, by_estimator in scores.items():
             for estimator, matrix in by_estimator.items():
                 values = metrics.lds_per_query(actual, metrics.subset_predictions(matrix, masks))
@@ -301,7 +315,9 @@ def _removal_keeps(
             for estimator, matrix in by_estimator.items():
                 top = metrics.top_k(matrix[q : q + 1], config.removal_k)[0]
                 keeps[method, estimator, q] = tuple(np.setdiff1d(everyone, top).tolist())
-        drawn = np.random.default_rng([config.seed, q]).choice(config.n_train, config.removal_k, replace=False)
+        drawn = np.random.default_rng([config.seed, q]).choice(
+            config.n_train, config.removal_k, replace=False
+        )
         keeps["random", "", q] = tuple(np.setdiff1d(everyone, drawn).tolist())
     return keeps
 

@@ -80,7 +80,7 @@ def train_and_measure(job: RetrainJob) -> np.ndarray:
 
 
 def retrain_all(
-    jobs: Sequence[RetrainJob], *, workers: int, on_done: Callable[[int], None] | None = None
+    jobs: Sequence[RetrainJob], *, workers: int, on_done: Callable[[int], object] | None = None
 ) -> np.ndarray:
     """`(len(jobs), Q)` query losses, one row per job in order, trained in `workers` processes.
 

@@ -58,7 +58,9 @@ def test_lds_refuses_a_query_whose_loss_never_changes() -> None:
 def test_subset_predictions_are_minus_the_summed_scores_of_the_kept_samples() -> None:
     rng = np.random.default_rng(0)
     scores, masks = rng.normal(size=(3, 9)), rng.random((5, 9)) < 0.5
-    expected = np.array([[-sum(scores[q, i] for i in range(9) if masks[m, i]) for q in range(3)] for m in range(5)])
+    expected = np.array(
+        [[-sum(scores[q, i] for i in range(9) if masks[m, i]) for q in range(3)] for m in range(5)]
+    )
     assert metrics.subset_predictions(scores, masks) == pytest.approx(expected, abs=1e-12)
 
 
@@ -67,7 +69,9 @@ def test_bootstrap_interval_is_the_documented_percentile_rule() -> None:
     rng = np.random.default_rng(11)
     means = [values[rng.integers(0, 6, 6)].mean() for _ in range(200)]
     expected = (np.quantile(means, 0.05), np.quantile(means, 0.95))
-    assert metrics.bootstrap_interval(values, resamples=200, confidence=0.9, seed=11) == pytest.approx(expected)
+    assert metrics.bootstrap_interval(values, resamples=200, confidence=0.9, seed=11) == pytest.approx(
+        expected
+    )
 
 
 def test_bootstrap_interval_agrees_with_scipy() -> None:
@@ -85,7 +89,8 @@ def test_bootstrap_interval_agrees_with_scipy() -> None:
 
 def test_random_subsets_are_seeded_half_sets_that_keep_earlier_models() -> None:
     four = random_subsets(4, 5, 10, seed=2)
-    assert four.shape == (4, 10) and (four.sum(axis=1) == 5).all()
+    assert four.shape == (4, 10)
+    assert (four.sum(axis=1) == 5).all()
     assert (random_subsets(6, 5, 10, seed=2)[:4] == four).all()
     assert not (random_subsets(4, 5, 10, seed=3) == four).all()
     assert len({m.tobytes() for m in four}) == 4
@@ -136,19 +141,22 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[LdsConfig, LdsRepor
 def test_the_harness_reports_every_method_and_estimator(smoke) -> None:
     config, report, out = smoke
     assert json.loads((out / "lds.json").read_text()) == json.loads(report.model_dump_json())
-    assert set(report.lds) == {"tracin", "retrac"} and report.estimators == sorted(query_estimators())
+    assert set(report.lds) == {"tracin", "retrac"}
+    assert report.estimators == sorted(query_estimators())
     assert not report.skipped
     for method in report.lds:
         for estimator, value in report.lds[method].items():
             per_query = report.lds_per_query[method][estimator]
-            assert len(per_query) == config.n_queries and all(-1 <= v <= 1 for v in per_query)
+            assert len(per_query) == config.n_queries
+            assert all(-1 <= v <= 1 for v in per_query)
             assert value == pytest.approx(np.mean(per_query), abs=gamma(config.n_queries))
             low, high = report.lds_ci[method][estimator]
             slack = config.n_queries * np.finfo(np.float64).eps  # resampled means of float64 values
             assert min(per_query) - slack <= low <= high <= max(per_query) + slack
     assert np.asarray(report.actual_losses).shape == (config.models, config.n_queries)
     removal = report.removal
-    assert removal is not None and len(removal.random) == config.removal_queries
+    assert removal is not None
+    assert len(removal.random) == config.removal_queries
     assert set(removal.top_k) == {"tracin", "retrac"}
 
 
@@ -156,7 +164,9 @@ def test_a_retrained_model_in_a_worker_gives_the_losses_computed_here(smoke) -> 
     """Subset model 0, retrained in this process, reproduces the loss the worker process reported."""
     config, report, out = smoke
     training, queries = split_data(config)
-    keep = tuple(np.flatnonzero(random_subsets(1, config.subset_size, config.n_train, config.seed)[0]).tolist())
+    keep = tuple(
+        np.flatnonzero(random_subsets(1, config.subset_size, config.n_train, config.seed)[0]).tolist()
+    )
     dataset = DatasetSpec(source=str(out / "data" / "train.npz"), resolution=config.resolution)
     assert load_dataset(dataset).fingerprint == training.fingerprint
     job = RetrainJob(train_spec(config, dataset, save_every=config.epochs), training, keep, queries.images,
@@ -168,5 +178,6 @@ def test_a_retrained_model_in_a_worker_gives_the_losses_computed_here(smoke) -> 
 def test_the_quick_preset_indexes_the_slots_of_every_estimator() -> None:
     config = LdsConfig.quick()
     slots, query = config.slots, config.query
-    assert slots.replay and slots.noise == "shared"
+    assert slots.replay
+    assert slots.noise == "shared"
     assert (slots.grid, slots.draws, slots.seed) == (query.timesteps, query.draws, query.seed)

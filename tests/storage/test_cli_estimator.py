@@ -18,21 +18,26 @@ from storage import GradientStore
 @pytest.fixture(scope="module")
 def shared_store(tiny_run, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("shared") / "index.zarr")
-    assert main(["index", "create", path, "--run", str(tiny_run.folder), "--grid", "3", "--slot-noise", "shared",
-                 "--slot-draws", "2", "--slot-seed", "4", "--dim", "256", "--shard-size", "16"]) == 0
+    assert main(["index", "create", path, "--run", str(tiny_run.folder), "--grid", "3", "--slot-noise",
+                 "shared", "--slot-draws", "2", "--slot-seed", "4", "--dim", "256", "--shard-size",
+                 "16"]) == 0
     assert main(["index", "run", path]) == 0
     return path
 
 
 def test_matched_estimator_from_the_command_line(shared_store, tmp_path, capsys) -> None:
     plan = GradientStore.open(shared_store).plan
-    assert plan.spec.slots.noise == "shared" and plan.spec.slots.draws == 2
+    assert plan.spec.slots.noise == "shared"
+    assert plan.spec.slots.draws == 2
     query = tmp_path / "query.npy"
     np.save(query, ((plan.dataset.images[5, 0] + 1) / 2).numpy())
     capsys.readouterr()
-    assert main(["attribute", shared_store, str(query), "--estimator", "matched", "--top-k", "3", "--json"]) == 0
+    assert (
+        main(["attribute", shared_store, str(query), "--estimator", "matched", "--top-k", "3", "--json"]) == 0
+    )
     printed = json.loads(capsys.readouterr().out)
-    assert printed["query"] == {"timesteps": 3, "draws": 2, "seed": 4, "estimator": "matched", "search": "exact", "label": None, "prompt": None}
+    assert printed["query"] == {"timesteps": 3, "draws": 2, "seed": 4, "estimator": "matched",
+                                "search": "exact", "label": None, "prompt": None}
     result = printed["results"][0]
     want = Attributor(plan).attribute(plan.dataset.images[5:6], QuerySpec(estimator="matched"), top_k=3)[0]
     assert result["estimator"] == "matched"
@@ -60,4 +65,6 @@ def test_a_matched_query_the_store_cannot_answer_exits_2(
     capsys.readouterr()
     assert main(["attribute", path, str(query), "--estimator", "matched", *flags]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("retrac: error:") and message in error and "\n" not in error
+    assert error.startswith("retrac: error:")
+    assert message in error
+    assert "\n" not in error

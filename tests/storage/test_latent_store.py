@@ -105,7 +105,7 @@ def query_files(folder: Path) -> tuple[list[Path], torch.Tensor]:
 def expected_scores(pipeline: Path, store: GradientStore, queries: torch.Tensor) -> dict[str, torch.Tensor]:
     """The brute force at the slots the store holds (read back as data), with its weight."""
     timesteps, seeds = store.timesteps(0), store.seeds(0)
-    slots = [list(zip(timesteps[n].tolist(), seeds[n].tolist())) for n in range(store.num_rows)]
+    slots = [list(zip(timesteps[n].tolist(), seeds[n].tolist(), strict=True)) for n in range(store.num_rows)]
     images = load_dataset(DATA).images
     weight = store.weights[0]
     return brute_force_scores(pipeline, weight, slots, images, queries, timesteps=K, draws=M, seed=SEED)
