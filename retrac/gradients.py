@@ -41,6 +41,7 @@ from torch.profiler import record_function
 
 from api_schemas import LossKind, LossWeighting, OutputFunction
 from retrac.conditions import Conditions
+from retrac.exceptions import GradientError
 from retrac.losses import noised, per_sample_output
 from retrac.models import DiffusionModel
 from retrac.projections import IdentityProjector, Projector
@@ -69,6 +70,28 @@ per-sample strategy is what saves the loop."""
 
 ChunkCallback = Callable[[int], None]
 """Called with the number of samples (groups) a chunk just computed."""
+
+
+class NonFiniteGradient(GradientError):
+    """Sample `sample` (its index in the batch given to `compute`) has a non-finite gradient; `parameter`
+    is the first parameter tensor, in flattening order, where it is, computed in `dtype`; `where` names
+    the sample for the user."""
+
+    def __init__(self, parameter: str, sample: int, dtype: torch.dtype, weights_finite: bool, where: str = "") -> None:
+        self.parameter, self.sample, self.dtype, self.weights_finite = parameter, sample, dtype, weights_finite
+        cause = (
+            "its weights are finite, so the forward or backward overflows there"
+            if weights_finite
+            else "the checkpoint's weights hold NaN or infinite values: index a checkpoint saved before they diverged"
+        )
+        super().__init__(
+            f"non-finite gradient of {parameter} for {where or f'sample {sample}'}, computed in "
+            f"{str(dtype).removeprefix('torch.')}; {cause}"
+        )
+
+    def at(self, sample: int, where: str = "") -> NonFiniteGradient:
+        """The same error for the sample at index `sample`, called `where`."""
+        return NonFiniteGradient(self.parameter, sample, self.dtype, self.weights_finite, where)
 
 
 def whole_groups(callback: Callable[[int], object], group_size: int) -> ChunkCallback:
@@ -333,9 +356,12 @@ class GradientComputer:
         projected, norms = [], []
         for start in range(0, images.shape[0], self.chunk):
             part = slice(start, start + self.chunk)
-            chunk_projected, chunk_norms = self._project_chunk(
-                images[part], timesteps[part], noise[part], conditions.select(part)
-            )
+            try:
+                chunk_projected, chunk_norms = self._project_chunk(
+                    images[part], timesteps[part], noise[part], conditions.select(part)
+                )
+            except NonFiniteGradient as error:
+                raise error.at(start + error.sample) from None
             projected.append(chunk_projected)
             norms.append(chunk_norms)
             if on_chunk is not None:
@@ -347,16 +373,28 @@ class GradientComputer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected gradients and norms of one chunk, one parameter tensor at a time."""
         squares = torch.zeros(images.shape[0], device=self.device)
+        block_squares: list[tuple[str, torch.Tensor]] = []
 
         def measured_blocks() -> Iterator[tuple[int, torch.Tensor]]:
             for name, block in self._gradient_blocks(images, timesteps, noise, conditions):
                 flat = block.reshape(block.shape[0], -1)
                 with record_function(PHASES[3]):
-                    squares.add_(torch.linalg.vector_norm(flat, dim=1).square())
+                    square = torch.linalg.vector_norm(flat, dim=1).square()
+                    squares.add_(square)
+                    block_squares.append((name, square))
                 yield self._starts[name], flat
 
         projected = self.projector.project_blocks(measured_blocks(), images.shape[0], self.device)
+        if not bool(torch.isfinite(squares).all()):  # one check per chunk; the culprit is looked up only then
+            raise self._non_finite(block_squares)
         return projected, squares.sqrt()
+
+    def _non_finite(self, block_squares: list[tuple[str, torch.Tensor]]) -> NonFiniteGradient:
+        """The error naming the first parameter tensor and sample of a chunk whose gradient is not finite."""
+        name, square = next((n, sq) for n, sq in block_squares if not bool(torch.isfinite(sq).all()))
+        sample = int(torch.nonzero(~torch.isfinite(square))[0, 0])
+        weights_finite = all(bool(torch.isfinite(p).all()) for p in self.model.unet.parameters())
+        return NonFiniteGradient(name, sample, self.params[name].dtype, weights_finite)
 
     def _gradient_blocks(
         self, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, conditions: Conditions

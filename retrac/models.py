@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -30,6 +31,7 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.models.attention_processor import Attention, AttnProcessor
+from safetensors import safe_open
 
 from api_schemas import PredictionType
 from retrac.exceptions import CheckpointError
@@ -202,7 +204,61 @@ def require_weights(path: str | Path) -> Path:
         raise CheckpointError(
             f"{path}: no {WEIGHTS_NAME}; retrac loads safetensors only (convert pickled .bin weights first)"
         )
+    check_weight_keys(path, weight_shapes(folder / WEIGHTS_NAME), expected_shapes(folder))
     return folder
+
+
+def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's name and shape in a safetensors file, read from its header (no weights loaded)."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # a truncated or foreign file: safetensors raises its own kinds
+        raise CheckpointError(f"{file}: not a readable safetensors file: {error}") from error
+
+
+def expected_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The state-dict names and shapes the denoiser that `folder`'s config describes has, from a model
+    built on the meta device (no memory for weights)."""
+    config = json.loads((folder / "config.json").read_text())
+    with init_empty_weights():
+        model = denoiser_class(folder).from_config(config)
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+
+
+PEFT_MARKERS = (".base_layer.", ".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
+"""Name parts of a peft-wrapped layer's tensors (`to_q.base_layer.weight`, `to_q.lora_A.default.weight`)."""
+
+
+def check_weight_keys(path: str | Path, found: dict[str, tuple[int, ...]], expect: dict[str, tuple[int, ...]]) -> None:
+    """A CheckpointError if the weights file's tensors are not exactly those the config's model has:
+    missing ones would be randomly initialised, unexpected ones dropped, mis-shaped ones fail later.
+    The message names a few keys and, for a peft-wrapped model, what it is and how to index it."""
+    missing = sorted(set(expect) - set(found))
+    unexpected = sorted(set(found) - set(expect))
+    misshaped = sorted(k for k in set(found) & set(expect) if found[k] != expect[k])
+    if not (missing or unexpected or misshaped):
+        return
+    if any(marker in key for key in unexpected for marker in PEFT_MARKERS):
+        example = next(key for key in unexpected if any(marker in key for marker in PEFT_MARKERS))
+        raise CheckpointError(
+            f"{path}: a peft-wrapped model (keys like {example}), not the plain denoiser its config describes; "
+            "merge the adapter into its base (peft's merge_and_unload) and save the merged model with "
+            "save_pretrained, then index that folder"
+        )
+    parts = [
+        f"{len(keys)} {what} (e.g. {', '.join(shown(k) for k in keys[:3])})"
+        for what, keys, shown in (
+            ("missing", missing, str),
+            ("unexpected", unexpected, str),
+            ("mis-shaped", misshaped, lambda k: f"{k} {list(found[k])} for {list(expect[k])}"),
+        )
+        if keys
+    ]
+    raise CheckpointError(
+        f"{path}: the weights do not match the config's model: {'; '.join(parts)}; "
+        "save the model with diffusers' save_pretrained, its config and weights together"
+    )
 
 
 def denoiser_class(path: str | Path) -> type[Denoiser]:

@@ -35,7 +35,7 @@ from api_schemas import (
 from retrac.conditions import ClassLabels, Conditions, query_conditions
 from retrac.datasets import ImageDataset, load_dataset, old_sample_ids
 from retrac.exceptions import CheckpointError, SpecError
-from retrac.gradients import GradientComputer, num_parameters, whole_groups
+from retrac.gradients import GradientComputer, NonFiniteGradient, num_parameters, whole_groups
 from retrac.kernels import check_kernel_width
 from retrac.latents import LatentSpace, check_pixel_shape, find_vae
 from retrac.losses import check_weighting
@@ -293,10 +293,16 @@ class IndexPlan:
             width = steps.shape[1]
             last = number == len(groups) and on_rows is not None
             on_chunk = whole_groups(on_rows, width) if last else None  # type: ignore[arg-type]
-            batch = computer.compute(
-                images.repeat_interleave(width, dim=0), steps.reshape(-1), noise.flatten(0, 1), on_chunk,
-                conditions.repeat_interleave(width),
-            )
+            try:
+                batch = computer.compute(
+                    images.repeat_interleave(width, dim=0), steps.reshape(-1), noise.flatten(0, 1), on_chunk,
+                    conditions.repeat_interleave(width),
+                )
+            except NonFiniteGradient as error:
+                row, slot = divmod(error.sample, width)
+                index = range(self.num_rows)[rows][row]
+                where = f"sample {self.dataset.ids[index]!r} (row {index}) at timestep {int(steps[row, slot])}"
+                raise error.at(error.sample, where) from None
             projected.append(batch.projected.reshape(n, width, -1).cpu())
             norms.append(batch.norms.reshape(n, width).cpu())
         return Rows(

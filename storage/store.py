@@ -486,11 +486,12 @@ class GradientStore:
             shape = expected.get(name, (n, self.num_slots))
             if values.shape != shape:
                 raise StoreError(f"shard {shard}: {name} has shape {values.shape}, the store expects {shape}")
-        if not (bool(torch.isfinite(projected).all()) and np.isfinite(data["norms"]).all()):
-            raise StoreError(
-                f"checkpoint {checkpoint} shard {shard}: non-finite gradients (beyond {self.spec.dtype}'s "
-                "range?); index with dtype float32, or check the checkpoint"
-            )
+        if not np.isfinite(data["norms"]).all():
+            raise StoreError(f"checkpoint {checkpoint} shard {shard}: non-finite gradient norms")
+        if not bool(torch.isfinite(projected).all()):
+            overflow = bool(torch.isfinite(rows.projected).all())  # finite in float32: the stored dtype's range
+            advice = f" beyond {self.spec.dtype}'s range; index with dtype float32 or bfloat16" if overflow else ""
+            raise StoreError(f"checkpoint {checkpoint} shard {shard}: non-finite projected gradients{advice}")
         self.require_live()
         done = self._array(checkpoint, "done_at")
         done[shard] = 0.0  # a rewrite is pending until its new mark
