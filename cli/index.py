@@ -15,13 +15,23 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import ValidationError
 
-from api_schemas import DatasetSpec, IndexSpec, LossKind, LossWeighting, ProjectorSpec, SlotNoise, SlotSpec
-from api_schemas.specs import ProjectorKind, StoreDType
+from api_schemas import (
+    DatasetSpec,
+    IndexSpec,
+    KernelSpec,
+    LossKind,
+    LossWeighting,
+    OutputFunction,
+    ProjectorSpec,
+    SlotNoise,
+    SlotSpec,
+)
+from api_schemas.specs import DEFAULT_SLOTS, PAPER_SLOTS, ProjectorKind, StoreDType
 from cli.common import (
     Channels,
     DataSeed,
@@ -47,8 +57,18 @@ app = typer.Typer(
 
 Store = Annotated[str, typer.Argument(help="a gradient store (retrac index create): folder or s3://BUCKET/PREFIX")]
 
-SLOTS, PROJECTION = SlotSpec(), ProjectorSpec()
-"""The specs' defaults, which `create`'s flags show and start from."""
+SLOTS, PROJECTION = DEFAULT_SLOTS, ProjectorSpec()
+"""The defaults `create`'s flags show and start from (`api_schemas.specs.DEFAULT_SLOTS`)."""
+SlotPreset = Literal["default", "paper"]
+
+
+def _slots(preset: SlotPreset, flags: SlotSpec) -> SlotSpec:
+    """The slots of `create`: the flags' (default preset), or the paper's (the slot flags may not change)."""
+    if preset == "default":
+        return flags
+    if flags != SLOTS:
+        raise SpecError("--preset paper fixes the slots (the replayed step alone); drop the slot flags")
+    return PAPER_SLOTS
 
 
 def register(parent: typer.Typer) -> None:
@@ -104,18 +124,27 @@ def create(
     loss_weighting: Annotated[
         LossWeighting | None,
         typer.Option(
-            help="the training loss's per-sample weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t) (diffusers' "
-            "train_unconditional.py for sample-prediction models, which must declare it)",
+            help="the training loss's per-sample weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t) "
+            "(diffusers' train_unconditional.py for sample-prediction models, which must declare it)",
             show_default="the run's, or none",
         ),
     ] = None,
+    preset: Annotated[
+        SlotPreset,
+        typer.Option(
+            help="default: the replayed step plus shared-noise grid slots (the flags below); paper: the "
+            "paper's slots, the replayed step alone (for --estimator paper; the slot flags are then refused)"
+        ),
+    ] = "default",
     no_replay: Annotated[bool, typer.Option("--no-replay", help="no replayed-step slot")] = False,
     grid: Annotated[int, typer.Option(help="grid timestep slots per sample")] = SLOTS.grid,
     random: Annotated[int, typer.Option(help="random timestep slots per sample")] = SLOTS.random,
     slot_seed: Annotated[int, typer.Option(help="seed of the slots' timesteps and noise")] = SLOTS.seed,
     slot_noise: Annotated[
         SlotNoise,
-        typer.Option(help="grid slots' noise: their own seeds, or shared with the query (for --estimator matched)"),
+        typer.Option(
+            help="grid slots' noise: their own seeds, or shared with the query (for --estimator matched)"
+        ),
     ] = SLOTS.noise,
     slot_draws: Annotated[
         int, typer.Option(help="M of shared-noise grid slots: noise images averaged per slot")
@@ -125,6 +154,19 @@ def create(
     ] = PROJECTION.kind,
     dim: Annotated[int, typer.Option(help="projected dimension k")] = PROJECTION.dim,
     projector_seed: Annotated[int, typer.Option(help="seed of the projection")] = PROJECTION.seed,
+    output_function: Annotated[
+        OutputFunction,
+        typer.Option(
+            help="the function differentiated on both sides: loss (tracin, retrac, trak) or output-norm, "
+            "D-TRAK's mean squared model output (dtrak)"
+        ),
+    ] = default(IndexSpec, "output_function"),
+    kernel: Annotated[
+        bool, typer.Option("--kernel", help="build each checkpoint's TRAK kernel (methods trak and dtrak)")
+    ] = False,
+    kernel_ridge: Annotated[
+        float, typer.Option(help="the kernel's lambda as a fraction of trace(Phi^T Phi) / k")
+    ] = default(KernelSpec, "ridge"),
     dtype: Annotated[
         StoreDType,
         typer.Option(help="stored gradient precision (bfloat16: float32's range, bf16 matmul scans)"),
@@ -176,11 +218,13 @@ def create(
                 loss=loss,
                 loss_weighting=loss_weighting,
                 train_batch_size=train_batch_size,
-                slots=SlotSpec(
+                slots=_slots(preset, SlotSpec(
                     replay=not no_replay, grid=grid, random=random, seed=slot_seed, noise=slot_noise,
                     draws=slot_draws,
-                ),
+                )),
                 projector=ProjectorSpec(kind=projector, dim=dim, seed=projector_seed),
+                output_function=output_function,
+                kernel=KernelSpec(ridge=kernel_ridge) if kernel else None,
                 dtype=dtype,
                 batch_size=batch_size,
                 shard_size=shard_size,
@@ -201,7 +245,9 @@ def create(
     if opened.classes is not None:
         print(f"class-conditional: {len(opened.classes.classes)} classes; query it with --label NAME")
     if opened.text_conditional:
-        print("text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT")
+        print(
+            "text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT"
+        )
     return 0
 
 
@@ -279,7 +325,7 @@ def run(
     return 0
 
 
-def _run_queued(store: Path, wait: bool) -> int:
+def _run_queued(store: str, wait: bool) -> int:
     from tqdm import tqdm
 
     from storage import NothingToIndexError
@@ -374,7 +420,8 @@ def delete(store: Store) -> int:
     # Only what is a store, or what a deletion left marked: never an unrelated folder.
     if not (location.has("zarr.json") or location.has(DELETED_MARK)):
         raise StoreError(
-            f"{store} is not a retrac store (no zarr.json); nothing deleted (if a deletion left it, remove it)"
+            f"{store} is not a retrac store (no zarr.json); nothing deleted (if a deletion left it, remove "
+            "it)"
         )
     delete_store(location)
     print(f"deleted {store}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,10 @@ from storage.freshness import fingerprints
 from storage.inputs import InputMirrors
 from storage.location import BucketLocation, LocalLocation, Location
 
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
+    from zarr.core.chunk_key_encodings import ChunkKeyEncodingParams
+
 __all__ = [
     "DELETED_MARK",
     "FORMAT",
@@ -40,6 +44,7 @@ __all__ = [
     "describe",
     "even_shard_size",
     "open_group",
+    "read_values",
 ]
 
 FORMAT = "retrac-store/2"
@@ -58,8 +63,8 @@ ZARR_DTYPES = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
 """Zarr dtype of the projected array per stored dtype: Zarr and NumPy have no bfloat16, so its 16 bits
 are kept as uint16 and viewed as bfloat16 again on reading (`ReadableStore._projected`)."""
 
-ARRAY_CONFIG = {"write_empty_chunks": True}  # an all-zero shard must still leave its files behind
-CHUNK_KEYS = {"name": "default", "separator": "/"}
+ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}  # an all-zero shard still leaves its files
+CHUNK_KEYS: ChunkKeyEncodingParams = {"name": "default", "separator": "/"}
 
 
 class StoreLayout:
@@ -86,7 +91,7 @@ class StoreLayout:
     @property
     def sample_ids(self) -> tuple[str, ...]:
         if self._sample_ids is None:
-            self._sample_ids = tuple(str(i) for i in self._group["sample_ids"][:])
+            self._sample_ids = tuple(str(i) for i in read_values(self._group["sample_ids"]))
         return self._sample_ids
 
     @property
@@ -166,7 +171,7 @@ class StoreLayout:
         key = (self._checkpoint(checkpoint), name)
         if key not in self._arrays:
             try:
-                array = self._group[f"checkpoints/{checkpoint}/{name}"]
+                array = cast(zarr.Array, self._group[f"checkpoints/{checkpoint}/{name}"])
             except KeyError as error:
                 raise StoreError(
                     f"{self.path.name}: checkpoint {checkpoint} has no {name} array (damaged or half "
@@ -286,3 +291,8 @@ def even_shard_size(rows: int, most: int) -> int:
     """Rows per shard: as many shards as `most` rows each need, with the rows spread evenly over them,
     so that the last shard is short by fewer rows than there are shards (docs/store-format.md)."""
     return math.ceil(rows / math.ceil(rows / most))
+
+
+def read_values(array: zarr.Array | zarr.Group, selection: slice = slice(None)) -> np.ndarray:
+    """`array[selection]`, which zarr types as any scalar or array: a slice of an array reads an ndarray."""
+    return cast(np.ndarray, cast(zarr.Array, array)[selection])

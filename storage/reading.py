@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import zarr
 
 from retrac.scoring import SCAN_ROWS, RowChunk
 from storage.errors import IncompleteStoreError
+from storage.layout import read_values
 from storage.location import Location
 from storage.shards import ShardedStore
 
@@ -47,21 +49,23 @@ class ReadableStore(ShardedStore):
 
     def timesteps(self, checkpoint: int) -> np.ndarray:
         """Stored slot timesteps `(N, S)` int64 of one checkpoint (zeros where not done)."""
-        return self._array(checkpoint, "timesteps")[:]
+        return read_values(self._array(checkpoint, "timesteps"))
 
     def timesteps_of(self, checkpoint: int, rows: np.ndarray) -> np.ndarray:
         """Stored slot timesteps `(len(rows), S)` int64 of the given rows only (sorted, unique)."""
         if rows.size == 0:
             return np.zeros((0, self.num_slots), dtype=np.int64)
-        return self._array(checkpoint, "timesteps").get_orthogonal_selection((rows, slice(None)))
+        return cast(
+            np.ndarray, self._array(checkpoint, "timesteps").get_orthogonal_selection((rows, slice(None)))
+        )
 
     def seeds(self, checkpoint: int) -> np.ndarray:
         """Stored slot noise seeds `(N, S)` int64 of one checkpoint (zeros where not done)."""
-        return self._array(checkpoint, "seeds")[:]
+        return read_values(self._array(checkpoint, "seeds"))
 
     def norms(self, checkpoint: int) -> np.ndarray:
         """Stored exact gradient norms `(N, S)` float32 of one checkpoint (zeros where not done)."""
-        return self._array(checkpoint, "norms")[:]
+        return read_values(self._array(checkpoint, "norms"))
 
     def chunks(
         self, checkpoints: Sequence[int], rows_per_chunk: int = SCAN_ROWS
@@ -117,6 +121,12 @@ class ReadableStore(ShardedStore):
         stored as its bits, `ZARR_DTYPES`)."""
         tensor = torch.from_numpy(stored)
         return tensor.view(torch.bfloat16) if self.spec.dtype == "bfloat16" else tensor
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes of the checkpoints held in memory for scans (at most `resident_bytes`)."""
+        with self._resident_lock:
+            return sum(p.nbytes + n.nbytes for p, n in self._resident.values())
 
     def _load_resident(self, checkpoint: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The checkpoint's arrays in memory, read once, if they fit what is left of the budget;

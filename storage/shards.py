@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -25,7 +25,15 @@ import zarr
 from retrac.plan import Rows
 from storage.errors import DamagedStoreError, DeletedStoreError, StoreError, UnreachableStoreError
 from storage.freshness import REBUILD
-from storage.layout import ARRAY_CONFIG, CHUNK_KEYS, DELETED_MARK, ROW_ARRAYS, SHARD_ARRAYS, StoreLayout
+from storage.layout import (
+    ARRAY_CONFIG,
+    CHUNK_KEYS,
+    DELETED_MARK,
+    ROW_ARRAYS,
+    SHARD_ARRAYS,
+    StoreLayout,
+    read_values,
+)
 
 __all__ = ["CheckpointStatus", "ShardedStore", "StoreStatus", "digest", "write_latents"]
 
@@ -92,11 +100,14 @@ class ShardedStore(StoreLayout):
             shape = expected.get(name, (n, self.num_slots))
             if values.shape != shape:
                 raise StoreError(f"shard {shard}: {name} has shape {values.shape}, the store expects {shape}")
-        if not (bool(torch.isfinite(projected).all()) and np.isfinite(data["norms"]).all()):
-            raise StoreError(
-                f"checkpoint {checkpoint} shard {shard}: non-finite gradients (beyond {self.spec.dtype}'s "
-                "range?); index with dtype float32, or check the checkpoint"
-            )
+        if not np.isfinite(data["norms"]).all():
+            raise StoreError(f"checkpoint {checkpoint} shard {shard}: non-finite gradient norms")
+        if not bool(torch.isfinite(projected).all()):
+            # finite in float32: beyond the stored dtype's range
+            overflow = bool(torch.isfinite(rows.projected).all())
+            advice = f" beyond {self.spec.dtype}'s range; index with dtype float32 or bfloat16"
+            advice = advice if overflow else ""
+            raise StoreError(f"checkpoint {checkpoint} shard {shard}: non-finite projected gradients{advice}")
         self.require_live()
         done = self._array(checkpoint, "done_at")
         done[shard] = 0.0  # a rewrite is pending until its new mark
@@ -185,10 +196,10 @@ class ShardedStore(StoreLayout):
         The digest covers all four per-row arrays, so the (small) timesteps and seeds are read too.
         A DamagedStoreError naming the first damaged shard and how to rebuild it.
         """
-        arrays = [self._array(checkpoint, name)[part] for name in ROW_ARRAYS]
+        arrays = [read_values(self._array(checkpoint, name), part) for name in ROW_ARRAYS]
         first = part.start // self.shard_size
         count = math.ceil((part.stop - part.start) / self.shard_size)
-        digests = self._array(checkpoint, "digest")[first : first + count]
+        digests = read_values(self._array(checkpoint, "digest"), slice(first, first + count))
         for offset, expected in enumerate(digests):
             shard = first + offset
             rows = self.shard_rows(shard)
@@ -205,7 +216,7 @@ class ShardedStore(StoreLayout):
         """The latents written at create, checked against their digest: every worker computes from
         these same bytes, so a shard is the same whichever machine (and VAE kernel) computes it."""
         try:
-            latents = np.asarray(self._group["latents"][:], dtype=np.float32)
+            latents = np.asarray(read_values(self._group["latents"]), dtype=np.float32)
         except KeyError as error:
             raise StoreError(
                 f"{self.path.name}: a latent model's store without its latents; {REBUILD}"
@@ -252,13 +263,13 @@ def digest(arrays: Sequence[np.ndarray] | Any) -> int:
     """xxh3_64 of the arrays' bytes in turn: a check against damage, not against an attacker."""
     hasher = xxhash.xxh3_64()
     for array in arrays:
-        hasher.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+        hasher.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
     return hasher.intdigest()
 
 
 def _read_or_zero(array: zarr.Array, index: int) -> float:
     try:
-        return float(array[index])
+        return float(cast(float, array[index]))
     except UnreachableStoreError:
         raise
     except Exception:  # a missing or truncated mark reads as not done
