@@ -50,7 +50,8 @@ from retrac.query_side import QueryVectors
 from retrac.scoring import scan
 from storage import GradientStore, run_pending
 from storage.kernels import build_kernel, kernel_bytes, load_kernel
-from storage.store import ROW_ARRAYS, _digest
+from storage.shards import digest
+from storage.store import ROW_ARRAYS
 
 BLOCK = 512
 """Rows per float32 block of the in-memory reference (the design's measured best on this CPU)."""
@@ -226,7 +227,7 @@ def scan_rates(path: Path, repeats: int) -> tuple[dict[str, dict[str, float]], f
     cold = seconds_of(lambda: scan(store.chunks([0]), random_queries(1, dim), store.weights, top_k=10))
     log(f"first scan (reading {rows} rows from Zarr into memory): {rows / cold:,.0f} rows/s")
     arrays = [store._array(0, name)[:] for name in ROW_ARRAYS]
-    verify = seconds_of(lambda: _digest(arrays))  # the check the first scan made, alone
+    verify = seconds_of(lambda: digest(arrays))  # the check the first scan made, alone
     log(f"digest check: {verify:.3f} s of the first scan's {cold:.3f} s ({verify / cold:.1%})")
     array = torch.from_numpy(store._load_resident(0)[0][:, 0, :])  # the same float16 array, in memory
     results, peak = {}, 0.0

@@ -106,7 +106,7 @@ def test_bad_query_knobs_exit_2_with_one_line(reference_store, tmp_path, capsys)
 
 
 def test_self_influence_prints_the_stores_ranking(reference_store, capsys) -> None:
-    from storage.statistics import self_influence
+    from storage.queries import self_influence
 
     store = GradientStore.open(reference_store)
     expected = self_influence(store)

@@ -190,7 +190,7 @@ def test_outlier_scores_read_chunk_by_chunk_equal_the_in_memory_ones(
     """The store's scores, read 7 rows at a time (the atypical direction's mean unit vectors spanning
     chunks), against `retrac.evaluation.outliers` over every row at once (itself checked against a
     loop in tests/evaluation/test_outliers.py)."""
-    monkeypatch.setattr("storage.statistics.SCAN_ROWS", 7)
+    monkeypatch.setattr("storage.queries.SCAN_ROWS", 7)
     store = GradientStore.open(reference_store)
     got = outlier_scores(store)
     group = zarr.open_group(reference_store, mode="r")

@@ -1,4 +1,4 @@
-"""Answers computed from a store: attribution of query images, self-influence, norm/timestep data.
+"""Queries over a store: attribution of query images, self-influence, outlier scores, norm/timestep data.
 
 `attribute` is `retrac.attribution.attribute` over the store's rows (`storage.rows.StoreRows`), with
 the gradient computers of a `GradientComputerCache`; `query_gradients` is its gradient step alone,
