@@ -301,7 +301,9 @@ class IndexPlan:
             except NonFiniteGradient as error:
                 row, slot = divmod(error.sample, width)
                 index = range(self.num_rows)[rows][row]
-                where = f"sample {self.dataset.ids[index]!r} (row {index}) at timestep {int(steps[row, slot])}"
+                where = (
+                    f"sample {self.dataset.ids[index]!r} (row {index}) at timestep {int(steps[row, slot])}"
+                )
                 raise error.at(error.sample, where) from None
             projected.append(batch.projected.reshape(n, width, -1).cpu())
             norms.append(batch.norms.reshape(n, width).cpu())

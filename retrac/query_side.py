@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,14 @@ from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer, inverse_norms, whole_groups
 from retrac.noise import query_noise
 
-if TYPE_CHECKING:  # retrac.kernels reads rows as retrac.scoring defines them, which reads these vectors
-    from retrac.kernels import Kernel
+
+class Preconditioner(Protocol):
+    """What the query side needs of an index's kernel (`retrac.kernels.Kernel`): `F^{-1} v` per vector.
+    A protocol, not an import: the kernels read rows as `retrac.scoring` defines them, which reads these
+    vectors."""
+
+    def precondition(self, vectors: torch.Tensor) -> torch.Tensor: ...
+
 
 AnyQuery = TypeVar("AnyQuery", bound=QuerySpec)
 
@@ -83,7 +89,7 @@ class QueryVectors:
             raise SpecError(f"method {method} scores query vectors preconditioned by the index's kernel")
         return self.preconditioned
 
-    def preconditioned_by(self, kernel: Kernel) -> QueryVectors:
+    def preconditioned_by(self, kernel: Preconditioner) -> QueryVectors:
         """These vectors with `preconditioned` = `F^{-1} P h(q, t)` under `kernel`."""
         return replace(self, preconditioned=kernel.precondition(self.per_timestep))
 

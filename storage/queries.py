@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -100,8 +101,8 @@ def outlier_scores(
     """Every outlier score `(N,)` (`api_schemas.diagnostics.OutlierScore`) from the stored slots alone,
     as `retrac.evaluation.outliers.outlier_scores` gives them for rows in memory, read chunk by chunk."""
     chosen = list(range(store.num_checkpoints)) if checkpoints is None else list(checkpoints)
-    # self_influence checks that every chosen checkpoint is complete
-    scores: dict[OutlierScore, np.ndarray] = dict(self_influence(store, chosen).items())
+    # self_influence checks that every chosen checkpoint is complete; its methods are TracIn and ReTrac
+    scores = dict(cast(dict[OutlierScore, np.ndarray], self_influence(store, chosen)))
     weights = [store.weights[c] for c in chosen]
     grid = self_influence_slots(store.slot_kinds)[1]
     norms = [torch.from_numpy(store.norms(c)) for c in chosen]
