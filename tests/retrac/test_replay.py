@@ -91,5 +91,6 @@ def test_weights_from_epoch_and_lr_without_a_run_take_the_indexed_set_as_the_tra
         scheduler=str(replay_run.folder / "scheduler"),
     )
     epochs = [c.epoch for c in checkpoints]
-    expected = [replay_run.spec.lr * 8 * (e - before) / 6 for e, before in zip(epochs, [0, *epochs[:-1]], strict=True)]
+    steps = zip(epochs, [0, *epochs[:-1]], strict=True)
+    expected = [replay_run.spec.lr * 8 * (e - before) / 6 for e, before in steps]
     assert IndexPlan.resolve(spec).weights == pytest.approx(expected)
