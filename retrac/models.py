@@ -244,9 +244,10 @@ def check_weight_keys(
     if any(marker in key for key in unexpected for marker in PEFT_MARKERS):
         example = next(key for key in unexpected if any(marker in key for marker in PEFT_MARKERS))
         raise CheckpointError(
-            f"{path}: a peft-wrapped model (keys like {example}), not the plain denoiser its config "
-            "describes; merge the adapter into its base (peft's merge_and_unload) and save the merged model "
-            "with save_pretrained, then index that folder"
+            f"{path}: a peft-wrapped model (keys like {example}), "
+            "not the plain denoiser its config describes; "
+            "merge the adapter into its base (peft's merge_and_unload) and save the merged model with "
+            "save_pretrained, then index that folder"
         )
     parts = [
         f"{len(keys)} {what} (e.g. {', '.join(shown(k) for k in keys[:3])})"

@@ -29,15 +29,6 @@ from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer, inverse_norms, whole_groups
 from retrac.noise import query_noise
 
-
-class Preconditioner(Protocol):
-    """What the query side needs of an index's kernel (`retrac.kernels.Kernel`): `F^{-1} v` per vector.
-    A protocol, not an import: the kernels read rows as `retrac.scoring` defines them, which reads these
-    vectors."""
-
-    def precondition(self, vectors: torch.Tensor) -> torch.Tensor: ...
-
-
 AnyQuery = TypeVar("AnyQuery", bound=QuerySpec)
 
 BANDS = ("coarse", "middle", "fine")
@@ -59,6 +50,13 @@ def accumulator(dim: int) -> torch.dtype:
 def timestep_bands(timesteps: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     """The band of each timestep, int64 like `timesteps`: its position in `BANDS`."""
     return len(BANDS) - 1 - (len(BANDS) * timesteps) // num_timesteps
+
+
+class Preconditioner(Protocol):
+    """What preconditions query vectors: `retrac.kernels.Kernel` (`F^{-1} v`), named here as a protocol
+    so that this module need not import the kernels, which read rows as `retrac.scoring` defines them."""
+
+    def precondition(self, vectors: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

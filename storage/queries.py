@@ -101,8 +101,9 @@ def outlier_scores(
     """Every outlier score `(N,)` (`api_schemas.diagnostics.OutlierScore`) from the stored slots alone,
     as `retrac.evaluation.outliers.outlier_scores` gives them for rows in memory, read chunk by chunk."""
     chosen = list(range(store.num_checkpoints)) if checkpoints is None else list(checkpoints)
-    # self_influence checks that every chosen checkpoint is complete; its methods are TracIn and ReTrac
-    scores = dict(cast(dict[OutlierScore, np.ndarray], self_influence(store, chosen)))
+    # self_influence checks that every chosen checkpoint is complete
+    # self-influence is served for tracin and retrac only, both outlier scores too
+    scores = cast(dict[OutlierScore, np.ndarray], dict(self_influence(store, chosen)))
     weights = [store.weights[c] for c in chosen]
     grid = self_influence_slots(store.slot_kinds)[1]
     norms = [torch.from_numpy(store.norms(c)) for c in chosen]

@@ -1,5 +1,5 @@
-"""A non-finite gradient is refused naming the parameter, the sample, the dtype, and advice only where it
-holds."""
+"""A non-finite gradient is refused naming the parameter, the sample, the dtype,
+and advice only where it holds."""
 
 from __future__ import annotations
 

@@ -21,9 +21,8 @@ from retrac.models import WEIGHTS_NAME, build_unet, load_unet, require_weights
 
 def pipeline_folder(folder: Path) -> Path:
     """A DDPM pipeline folder of an 8x8 grey micro UNet, as diffusers saves it."""
-    DDPMPipeline(
-        unet=build_unet("micro", resolution=8, channels=1), scheduler=DDPMScheduler()
-    ).save_pretrained(folder)
+    unet = build_unet("micro", resolution=8, channels=1)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
     return folder
 
 
