@@ -77,12 +77,16 @@ class NonFiniteGradient(GradientError):
     is the first parameter tensor, in flattening order, where it is, computed in `dtype`; `where` names
     the sample for the user."""
 
-    def __init__(self, parameter: str, sample: int, dtype: torch.dtype, weights_finite: bool, where: str = "") -> None:
-        self.parameter, self.sample, self.dtype, self.weights_finite = parameter, sample, dtype, weights_finite
+    def __init__(
+        self, parameter: str, sample: int, dtype: torch.dtype, weights_finite: bool, where: str = ""
+    ) -> None:
+        self.parameter, self.sample = parameter, sample
+        self.dtype, self.weights_finite = dtype, weights_finite
         cause = (
             "its weights are finite, so the forward or backward overflows there"
             if weights_finite
-            else "the checkpoint's weights hold NaN or infinite values: index a checkpoint saved before they diverged"
+            else "the checkpoint's weights hold NaN or infinite values: "
+            "index a checkpoint saved before they diverged"
         )
         super().__init__(
             f"non-finite gradient of {parameter} for {where or f'sample {sample}'}, computed in "

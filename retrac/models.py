@@ -230,7 +230,9 @@ PEFT_MARKERS = (".base_layer.", ".lora_A.", ".lora_B.", ".lora_magnitude_vector.
 """Name parts of a peft-wrapped layer's tensors (`to_q.base_layer.weight`, `to_q.lora_A.default.weight`)."""
 
 
-def check_weight_keys(path: str | Path, found: dict[str, tuple[int, ...]], expect: dict[str, tuple[int, ...]]) -> None:
+def check_weight_keys(
+    path: str | Path, found: dict[str, tuple[int, ...]], expect: dict[str, tuple[int, ...]]
+) -> None:
     """A CheckpointError if the weights file's tensors are not exactly those the config's model has:
     missing ones would be randomly initialised, unexpected ones dropped, mis-shaped ones fail later.
     The message names a few keys and, for a peft-wrapped model, what it is and how to index it."""
@@ -242,7 +244,8 @@ def check_weight_keys(path: str | Path, found: dict[str, tuple[int, ...]], expec
     if any(marker in key for key in unexpected for marker in PEFT_MARKERS):
         example = next(key for key in unexpected if any(marker in key for marker in PEFT_MARKERS))
         raise CheckpointError(
-            f"{path}: a peft-wrapped model (keys like {example}), not the plain denoiser its config describes; "
+            f"{path}: a peft-wrapped model (keys like {example}), "
+            "not the plain denoiser its config describes; "
             "merge the adapter into its base (peft's merge_and_unload) and save the merged model with "
             "save_pretrained, then index that folder"
         )

@@ -301,7 +301,8 @@ class IndexPlan:
             except NonFiniteGradient as error:
                 row, slot = divmod(error.sample, width)
                 index = range(self.num_rows)[rows][row]
-                where = f"sample {self.dataset.ids[index]!r} (row {index}) at timestep {int(steps[row, slot])}"
+                timestep = int(steps[row, slot])
+                where = f"sample {self.dataset.ids[index]!r} (row {index}) at timestep {timestep}"
                 raise error.at(error.sample, where) from None
             projected.append(batch.projected.reshape(n, width, -1).cpu())
             norms.append(batch.norms.reshape(n, width).cpu())
@@ -467,11 +468,6 @@ def _resolve_checkpoints(
         if batch_size is None:
             raise SpecError(
                 "weights from epoch and lr need the training batch size; give --train-batch-size B"
-            )
-        if run is None and spec.dataset.limit is not None:
-            raise SpecError(
-                "weights from epoch and lr need the training set's size, which --limit hides without a run; "
-                "give each checkpoint its weight (weight=...)"
             )
         lrs = [c.lr if c.lr is not None else run.spec.lr for c in given]  # type: ignore[union-attr]
         trained = len(run.sample_ids) if run is not None else num_samples  # the run's N, not the indexed

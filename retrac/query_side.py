@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,6 @@ from retrac.conditions import Conditions
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer, inverse_norms, whole_groups
 from retrac.noise import query_noise
-
-if TYPE_CHECKING:  # retrac.kernels reads rows as retrac.scoring defines them, which reads these vectors
-    from retrac.kernels import Kernel
 
 AnyQuery = TypeVar("AnyQuery", bound=QuerySpec)
 
@@ -53,6 +50,13 @@ def accumulator(dim: int) -> torch.dtype:
 def timestep_bands(timesteps: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     """The band of each timestep, int64 like `timesteps`: its position in `BANDS`."""
     return len(BANDS) - 1 - (len(BANDS) * timesteps) // num_timesteps
+
+
+class Preconditioner(Protocol):
+    """What preconditions query vectors: `retrac.kernels.Kernel` (`F^{-1} v`), named here as a protocol
+    so that this module need not import the kernels, which read rows as `retrac.scoring` defines them."""
+
+    def precondition(self, vectors: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class QueryVectors:
             raise SpecError(f"method {method} scores query vectors preconditioned by the index's kernel")
         return self.preconditioned
 
-    def preconditioned_by(self, kernel: Kernel) -> QueryVectors:
+    def preconditioned_by(self, kernel: Preconditioner) -> QueryVectors:
         """These vectors with `preconditioned` = `F^{-1} P h(q, t)` under `kernel`."""
         return replace(self, preconditioned=kernel.precondition(self.per_timestep))
 

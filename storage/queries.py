@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -101,7 +102,8 @@ def outlier_scores(
     as `retrac.evaluation.outliers.outlier_scores` gives them for rows in memory, read chunk by chunk."""
     chosen = list(range(store.num_checkpoints)) if checkpoints is None else list(checkpoints)
     # self_influence checks that every chosen checkpoint is complete
-    scores: dict[OutlierScore, np.ndarray] = dict(self_influence(store, chosen).items())
+    # self-influence is served for tracin and retrac only, both outlier scores too
+    scores = cast(dict[OutlierScore, np.ndarray], dict(self_influence(store, chosen)))
     weights = [store.weights[c] for c in chosen]
     grid = self_influence_slots(store.slot_kinds)[1]
     norms = [torch.from_numpy(store.norms(c)) for c in chosen]

@@ -1,4 +1,5 @@
-"""A non-finite gradient is refused naming the parameter, the sample, the dtype, and advice only where it holds."""
+"""A non-finite gradient is refused naming the parameter, the sample, the dtype,
+and advice only where it holds."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def test_broken_weights_are_named_with_the_sample_and_the_advice(replay_run) -> 
         plan.compute_rows(0, slice(2, 5), plan.gradient_computer(0, model))
     message = str(caught.value)
     assert f"for sample {plan.dataset.ids[2]!r} (row 2) at timestep" in message
-    assert "computed in float32" in message and "weights hold NaN or infinite values" in message
+    assert "computed in float32" in message
+    assert "weights hold NaN or infinite values" in message
 
 
 def test_an_overflow_with_finite_weights_names_the_layer_without_advice() -> None:
@@ -34,5 +36,6 @@ def test_an_overflow_with_finite_weights_names_the_layer_without_advice() -> Non
         computer.compute(images, torch.tensor([10, 10, 10]), torch.zeros(3, 1, 1, 8, 8))
     message = str(caught.value)
     assert "for sample 2, computed in float32" in message
-    assert message.startswith("non-finite gradient of ") and "weights are finite" in message
+    assert message.startswith("non-finite gradient of ")
+    assert "weights are finite" in message
     assert "dtype float32" not in message

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, SlotSpec, TrainSpec
 from retrac.datasets import load_dataset
-from retrac.exceptions import SpecError
 from retrac.plan import IndexPlan
 from retrac.training import train
 from tests.retrac.conftest import index_spec
@@ -80,7 +79,8 @@ def test_an_index_of_a_subset_weighs_checkpoints_as_the_run_trained(replay_run, 
     assert plan.weights == [lr * batch * 2 / n, lr * batch * 2 / n]
 
 
-def test_weights_from_epoch_and_lr_without_a_run_refuse_a_limit(replay_run) -> None:
+def test_weights_from_epoch_and_lr_without_a_run_take_the_indexed_set_as_the_training_set(replay_run) -> None:
+    """Without a run nothing records the training set's size: the indexed samples are taken as it."""
     checkpoints = tuple(
         CheckpointSpec(path=str(c.path), epoch=c.epoch, lr=replay_run.spec.lr)
         for c in replay_run.checkpoints()
@@ -90,5 +90,7 @@ def test_weights_from_epoch_and_lr_without_a_run_refuse_a_limit(replay_run) -> N
         loss="l1", train_batch_size=8, slots=SlotSpec(replay=False, grid=2),
         scheduler=str(replay_run.folder / "scheduler"),
     )
-    with pytest.raises(SpecError, match="give each checkpoint its weight"):
-        IndexPlan.resolve(spec)
+    epochs = [c.epoch for c in checkpoints]
+    steps = zip(epochs, [0, *epochs[:-1]], strict=True)
+    expected = [replay_run.spec.lr * 8 * (e - before) / 6 for e, before in steps]
+    assert IndexPlan.resolve(spec).weights == pytest.approx(expected)

@@ -21,7 +21,8 @@ from retrac.models import WEIGHTS_NAME, build_unet, load_unet, require_weights
 
 def pipeline_folder(folder: Path) -> Path:
     """A DDPM pipeline folder of an 8x8 grey micro UNet, as diffusers saves it."""
-    DDPMPipeline(unet=build_unet("micro", resolution=8, channels=1), scheduler=DDPMScheduler()).save_pretrained(folder)
+    unet = build_unet("micro", resolution=8, channels=1)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
     return folder
 
 
@@ -78,6 +79,7 @@ def test_a_peft_wrapped_unet_is_refused_at_create_as_one(tmp_path, capsys) -> No
                  "--data", "builtin:digits", "--limit", "4", "--loss", "mse", "--no-replay", "--grid", "1"])
     error = capsys.readouterr().err.strip()
     assert code == 2
-    assert "a peft-wrapped model (keys like" in error and "merge_and_unload" in error
+    assert "a peft-wrapped model (keys like" in error
+    assert "merge_and_unload" in error
     assert len(error.splitlines()) == 1
     assert not (tmp_path / "store").exists()
