@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from retrac.computers import GradientComputerCache
-from storage.ann import build_ann_when_complete
+from storage.ann import AnnProgress, build_ann_when_complete
 from storage.store import GradientStore
 
 ShardCallback = Callable[[int, int, int], None]
@@ -48,14 +48,16 @@ def run_pending(
     *,
     on_shard: ShardCallback | None = None,
     on_rows: RowsCallback | None = None,
+    on_ann: AnnProgress | None = None,
 ) -> int:
     """The embedded runner: every pending shard, in this process, without a queue, then the ANN index
-    (`storage.ann`) when the store is complete and has none. Returns how many shards ran."""
+    (`storage.ann`, its progress told to `on_ann`) when the store is complete and has none. Returns how
+    many shards ran."""
     models = models or GradientComputerCache()
     count = 0
     for checkpoint, shard in store.pending():
         count += run_shard(store, checkpoint, shard, models, on_rows=on_rows)
         if on_shard is not None:
             on_shard(checkpoint, shard, store.shard_length(shard))
-    build_ann_when_complete(store)
+    build_ann_when_complete(store, on_ann)
     return count

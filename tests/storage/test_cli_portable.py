@@ -38,4 +38,4 @@ def test_a_store_made_with_relative_paths_works_from_another_directory(tmp_path,
     assert report["spec"]["run"] == str(made / "run") and report["spec"]["dataset"]["source"] == str(made / "data.npy")
     assert main(["attribute", store, "query.npy", "--top-k", "2", "--timesteps", "2", "--draws", "1", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert len(printed["results"][0]["methods"]["retrac"]["proponents"]) == 2
+    assert len(printed["data"][0]["methods"]["retrac"]["proponents"]) == 2
