@@ -57,7 +57,8 @@ USER 10001:10001
 EXPOSE 8000
 VOLUME ["/data/stores"]
 
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v1/health', timeout=4)"]
+# Role-aware: the API answers GET /v1/health; a worker (`retrac worker`) keeps its heartbeat file fresh.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
+    CMD ["python", "-m", "worker.health"]
 
 CMD ["retrac", "serve", "--host", "0.0.0.0", "--port", "8000"]

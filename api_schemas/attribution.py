@@ -7,9 +7,9 @@ scored in the same pass over the store.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from api_schemas.common import Public, SampleId
 from api_schemas.specs import DEFAULT_TOP_K, Estimator, Method, QuerySpec, Search, StoreDType
@@ -37,18 +37,47 @@ class ArrayImage(Public):
     array: GreyPixels | ColourPixels
 
 
+STORE_FIXED = ("timesteps", "draws", "seed")
+"""Knobs that an index fixes under the matched estimator: optional in the schema (no default sent by
+generated clients), so a request naming only its images and the estimator is answered."""
+
+
+def _store_fixed_optional(schema: dict[str, Any]) -> None:
+    """The schema of `STORE_FIXED`: an integer or null, no default (left out or null: the index's value
+    under the matched estimator, else the `QuerySpec` default the description names)."""
+    for name in STORE_FIXED:
+        field = schema["properties"][name]
+        default = field.pop("default")
+        number = {key: field.pop(key) for key in ("type", "minimum", "maximum") if key in field}
+        field["anyOf"] = [number, {"type": "null"}]
+        field["description"] += f"; left out or null: the index's under estimator 'matched', else {default}"
+
+
 class QueryOptions(QuerySpec):
     """The knobs of a query, shared by the JSON and the multipart form of the request: the query-side
-    estimator (`QuerySpec`: K, M, seed, with its limits) plus what to rank and return."""
+    estimator (`QuerySpec`: K, M, seed, with its limits) plus what to rank and return. K, M and seed may
+    be null, which means left out (`STORE_FIXED`)."""
+
+    model_config = ConfigDict(json_schema_extra=_store_fixed_optional)
 
     seed: int = Field(
         0, ge=0, le=MAX_JSON_INT, description="seed of the query's noise draws (< 2^53: exact in JSON)"
     )
     methods: list[Method] = Field(["tracin", "retrac"], min_length=1, description="scores to rank by")
-    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=1000, description="proponents and opponents returned per method")
+    top_k: int = Field(
+        DEFAULT_TOP_K, ge=1, le=1000, description="proponents and opponents returned per method"
+    )
     checkpoints: list[int] | None = Field(
         None, min_length=1, description="positions of the checkpoints to use; default: all"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data: Any) -> Any:
+        """A null K, M or seed is left out, so its default (or the index's) applies."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (k in STORE_FIXED and v is None)}
+        return data
 
 
 class AttributeRequest(QueryOptions):
@@ -124,7 +153,8 @@ class AttributionsPublic(Public):
         "the largest score), float16 and float32 ones float32 products"
     )
     label: int | str | None = Field(
-        None, description="the class label the images were attributed under, as given (class-conditional indexes)"
+        None,
+        description="the class label the images were attributed under, as given (class-conditional indexes)",
     )
     prompt: str | None = Field(
         None, description="the prompt the images were attributed under (text-conditional indexes)"
@@ -134,6 +164,6 @@ class AttributionsPublic(Public):
     timings: TimingsPublic
     notices: list[str] = Field(
         default_factory=list,
-        description="what decoding the query images converted (resized, cropped, channels, alpha, pixel type), "
-        "one sentence per kind",
+        description="what decoding the query images converted (resized, cropped, channels, alpha, pixel "
+        "type), one sentence per kind",
     )

@@ -42,7 +42,10 @@ SampleId = Annotated[
     str,
     StringConstraints(max_length=MAX_SAMPLE_ID_LENGTH),
     AfterValidator(_sample_id),
-    Field(description=f"a training sample's id; {SAMPLE_ID_RULE}", json_schema_extra={"pattern": SAMPLE_ID_PATTERN}),
+    Field(
+        description=f"a training sample's id; {SAMPLE_ID_RULE}",
+        json_schema_extra={"pattern": SAMPLE_ID_PATTERN},
+    ),
 ]
 
 

@@ -52,7 +52,8 @@ class SelfInfluenceEntryPublic(Public):
 
 
 class SelfInfluencePublic(Public):
-    """Training samples by one outlier score, decreasing (`OutlierScore`): the top ones are outlier candidates."""
+    """Training samples by one outlier score, decreasing (`OutlierScore`): the top ones are outlier
+    candidates."""
 
     method: OutlierScore
     data: list[SelfInfluenceEntryPublic]

@@ -34,14 +34,16 @@ class GenerateRequest(Public):
         None,
         ge=0,
         le=MAX_GUIDANCE_SCALE,
-        description="classifier-free guidance s: eps_uncond + s (eps_cond - eps_uncond); needs a model with a "
-        "null class (a DiT), refused for a UNet2DModel; default: no guidance",
+        description="classifier-free guidance s: eps_uncond + s (eps_cond - eps_uncond); needs a model with "
+        "a null class (a DiT), refused for a UNet2DModel; default: no guidance",
     )
     sampler: Literal["ddpm", "ddim"] = Field("ddim", description="diffusers sampler")
     steps: int | None = Field(
         None, ge=1, le=MAX_STEPS, description="denoising steps; default: 50 (ddim), the schedule's T (ddpm)"
     )
-    seed: int = Field(0, ge=0, le=MAX_JSON_INT, description="seed of the sampling noise (< 2^53: exact in JSON)")
+    seed: int = Field(
+        0, ge=0, le=MAX_JSON_INT, description="seed of the sampling noise (< 2^53: exact in JSON)"
+    )
 
     @field_validator("label")
     @classmethod
@@ -54,7 +56,9 @@ class GeneratedImagePublic(Public):
 
     png_base64: str = Field(description="the image as a PNG file, in standard base64: attribute it as sent")
     image: int = Field(ge=0, description="its position among the request's images (one noise draw each)")
-    label: int | str | None = Field(description="the label it was generated with, as given: attribute it under it")
+    label: int | str | None = Field(
+        description="the label it was generated with, as given: attribute it under it"
+    )
     guidance_scale: float | None
     sampler: Literal["ddpm", "ddim"]
     steps: int = Field(description="denoising steps (the sampler's default where none was given)")

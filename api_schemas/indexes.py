@@ -44,7 +44,8 @@ class IndexPublic(Public):
         "every query must give one of these labels; null for an unconditional index, which takes none",
     )
     text_conditional: bool = Field(
-        False, description="the index's model is text-conditional: every query must give a prompt (\"\" for the "
+        False,
+        description="the index's model is text-conditional: every query must give a prompt (\"\" for the "
         "empty one); any other index refuses a prompt",
     )
     size_bytes: int = Field(description="bytes the store takes on disk")

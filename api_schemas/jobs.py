@@ -1,4 +1,5 @@
-"""Indexing jobs as the HTTP API shows them. Progress is read from the store's done marks."""
+"""Indexing jobs as the HTTP API shows them. Progress is read from the store: its done marks, and
+the records its running shards rewrite after each gradient batch."""
 
 from __future__ import annotations
 
@@ -20,8 +21,13 @@ class JobPublic(Public):
     state: JobState
     done: int = Field(description="rows stored, over all checkpoints")
     total: int = Field(description="rows to store, over all checkpoints")
+    computing: int = Field(0, description="rows computed by the shards running now, not stored yet")
     fraction: float = Field(ge=0, le=1, description="done / total")
-    rate_per_s: float | None = Field(None, description="rows stored per second lately, if measured")
+    rate_per_s: float | None = Field(
+        None,
+        description="rows per second lately: of the last shards stored, or before two are, of the shards "
+        "running (from their first batch); null until measured",
+    )
     eta_s: float | None = Field(None, description="seconds left at that rate, if known")
     error: str | None = Field(None, description="why the job failed: the error of its first failed shard")
     stalled: str | None = Field(

@@ -35,7 +35,14 @@ StoreDType = Literal["float16", "bfloat16", "float32"]
 converted exactly to float32 products. bfloat16: the same bytes with float32's range, scanned by the CPU's
 bf16 matmul (its scores are rounded to bfloat16, ~3e-3 of the largest score: docs/architecture.md).
 float32: the reference, twice the bytes."""
-Method = Literal["tracin", "retrac"]
+Method = Literal["tracin", "retrac", "trak", "dtrak"]
+"""Scores a query ranks by (docs/methods.md): Diffusion-TracIn and -ReTrac (method.md section 4), TRAK
+over loss rows and D-TRAK over output-norm rows (method.md section 6b: preconditioned by the kernel)."""
+
+OutputFunction = Literal["loss", "output-norm"]
+"""The function whose gradients an index holds: the training loss (TracIn, ReTrac, TRAK), or D-TRAK's
+`mean_pixels ||f_theta(x_t, t)||^2` of the model output f (the predicted noise of an epsilon model, the
+predicted velocity or clean image of a v- or sample-prediction one), unweighted."""
 Search = Literal["exact", "approximate"]
 """How a query finds its top-k: a scan of every stored row (the reference), or the candidates of the
 store's approximate maximum-inner-product index, rescored exactly (`storage.ann`)."""
@@ -108,8 +115,12 @@ class SlotSpec(Spec):
     grid: int = Field(0, ge=0, le=1000)
     random: int = Field(0, ge=0, le=1000)
     seed: int = 0
-    noise: SlotNoise = Field("independent", description="grid slots' noise: their own seeds, or the query's draws")
-    draws: int = Field(1, ge=1, le=256, description="M of shared-noise grid slots (noise images averaged per slot)")
+    noise: SlotNoise = Field(
+        "independent", description="grid slots' noise: their own seeds, or the query's draws"
+    )
+    draws: int = Field(
+        1, ge=1, le=256, description="M of shared-noise grid slots (noise images averaged per slot)"
+    )
 
     @model_validator(mode="after")
     def _at_least_one(self) -> SlotSpec:
@@ -129,13 +140,44 @@ class SlotSpec(Spec):
         return ["replay"] * int(self.replay) + ["grid"] * self.grid + ["random"] * self.random
 
 
+class KernelSpec(Spec):
+    """The TRAK kernel of each checkpoint, `F = Phi^T Phi + lambda I` over the stored rows' slot means,
+    with `lambda = ridge * trace(Phi^T Phi) / k` (a fraction of the mean eigenvalue of `Phi^T Phi`)."""
+
+    ridge: float = Field(0.1, gt=0, le=1e6, description="lambda as a fraction of trace(Phi^T Phi) / k")
+
+
+DEFAULT_SLOTS = SlotSpec(replay=True, grid=8, noise="shared", draws=1, seed=0)
+"""The slots `retrac index create` builds unless told: the replayed step plus K = 8 shared-noise grid
+slots of one draw each, which every method's matched estimator needs. Chosen by the quality-per-byte
+curve (docs/experiment.md: LDS and self-retrieval level off at K = 8 for every method and estimator).
+The paper's own slots (the replayed step alone) are `SlotSpec()`, `retrac index create --preset paper`."""
+PAPER_SLOTS = SlotSpec()
+"""The paper's training side: the replayed step alone."""
+DEFAULT_ESTIMATOR: Estimator = "matched"
+"""The estimator `retrac attribute` uses unless told, where the store can serve it (`default_estimator`;
+docs/experiment.md: above the paper's for every method at every K >= 4 on the LDS curve);
+`--estimator paper` is Diffusion-TracIn and -ReTrac as the paper defines them, exactly."""
+
+
+def default_estimator(slots: SlotSpec, search: Search, knobs_given: bool) -> Estimator:
+    """`DEFAULT_ESTIMATOR` for a store with shared-noise grid slots, an exact search and no K, M or seed
+    of the user's (the matched estimator takes the store's); else the paper's, which any store serves.
+    The answer names the estimator that ran."""
+    if slots.noise == "shared" and search == "exact" and not knobs_given:
+        return DEFAULT_ESTIMATOR
+    return "paper"
+
+
 class CheckpointSpec(Spec):
     """One checkpoint: a diffusers UNet folder, the epoch it was saved after, and its TracIn weight."""
 
     path: str
     epoch: int | None = Field(None, ge=0, description="epoch after which it was saved (needed for replay)")
     weight: float | None = Field(None, description="explicit w_c; default lr*B*(e_c - e_{c-1})/N")
-    lr: float | None = Field(None, gt=0, description="learning rate of the epochs before it; default: the run's")
+    lr: float | None = Field(
+        None, gt=0, description="learning rate of the epochs before it; default: the run's"
+    )
 
 
 class QuerySpec(Spec):
@@ -215,7 +257,8 @@ class IndexSpec(Spec):
     run: str | None = Field(None, description="training run folder (manifest, replay record, checkpoints)")
     checkpoints: tuple[CheckpointSpec, ...] = ()
     scheduler: str | None = Field(
-        None, description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint"
+        None,
+        description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint",
     )
     vae: str | None = Field(
         None,
@@ -225,14 +268,20 @@ class IndexSpec(Spec):
     loss: LossKind | None = Field(None, description="the loss the model was trained with; default: the run's")
     loss_weighting: LossWeighting | None = Field(
         None,
-        description="the loss weighting the model was trained with (none or snr); default: the run's, or none "
-        "(a sample-prediction model without a run must declare it)",
+        description="the loss weighting the model was trained with (none or snr); default: the run's, or "
+        "none (a sample-prediction model without a run must declare it)",
     )
     train_batch_size: int | None = Field(
         None, ge=1, description="training batch size B, for weights from epoch and lr without a run"
     )
     slots: SlotSpec = SlotSpec()
     projector: ProjectorSpec = ProjectorSpec()
+    output_function: OutputFunction = Field(
+        "loss", description="the function differentiated on both sides: loss, or output-norm (D-TRAK's)"
+    )
+    kernel: KernelSpec | None = Field(
+        None, description="build the TRAK kernel of each checkpoint (methods trak and dtrak); none: no kernel"
+    )
     dtype: StoreDType = "float16"
     batch_size: int = Field(32, ge=1, le=4096, description="samples per gradient batch")
     shard_size: int = Field(256, ge=1, le=1 << 20, description="rows per task, chunk and done mark")
@@ -249,7 +298,9 @@ class IndexSpec(Spec):
                 "run": self.run and model_path(self.run),
                 "scheduler": self.scheduler and model_path(self.scheduler),
                 "vae": self.vae and model_path(self.vae),
-                "checkpoints": tuple(c.model_copy(update={"path": model_path(c.path)}) for c in self.checkpoints),
+                "checkpoints": tuple(
+                    c.model_copy(update={"path": model_path(c.path)}) for c in self.checkpoints
+                ),
             }
         )
 

@@ -1,33 +1,26 @@
 """Benchmark: per-sample gradients + k=4096 sketch + exact norms, against a plain batched backward.
 
-For the "tiny" (16x16x1) and "small" (32x32x3, one attention level) presets, on one batch of
-random images, timesteps and noise, jobs are timed interleaved repetition by repetition, so that
-machine noise hits all of them alike, and their medians compared:
+For the "tiny" (16x16x1) and "small" (32x32x3, one attention level) presets, on one random batch,
+jobs are timed interleaved repetition by repetition (machine noise hits all alike), medians compared:
 
-- plain: one batched forward and backward of the mean loss (what training does per step);
-- per_sample: `GradientComputer.compute` (default chunk) with the default sketch projector, k = 4096;
+- plain: one batched forward and backward of the mean loss (a training step); per_sample:
+  `GradientComputer.compute` (default chunk) with the default sketch projector, k = 4096;
 - loop: `loop_gradients` (one backward per sample), then the same projection and norms;
 - query side: `query_vectors` of one image (K = 50 timesteps, M = 4 draws, as bench/service.py's
   query, and K = 10, M = 16, past `GROUP_BACKWARD_WORK` on both models), against one plain forward
   and backward of its K*M noised copies.
 
-`phases_share` splits one profiled `compute` of the batch by the engine's phase labels
-(`retrac.gradients.PHASES`): forward, backward to the layer outputs, each layer type's rules, norms;
-the rest is the sketch projection and bookkeeping. Shares, not times: the profiler's own cost per op
-inflates every phase. The default clock is this process's CPU time,
-which other processes on a shared machine do not inflate (`--clock wall` for elapsed time).
+`phases_share` splits one profiled `compute` by `retrac.gradients.PHASES` (the rest is the sketch and
+bookkeeping; shares, not times: the profiler inflates every phase). The default clock is this
+process's CPU time, which other processes do not inflate (`--clock wall` for elapsed time).
 
-With `--classes C` every model is class-conditional (`num_class_embeds = C`, a random label per
-sample, passed to all jobs), so the class embedding's layer rule is measured the same way.
-`--presets dit` measures a transformer denoiser: a `DiTTransformer2DModel` (4 blocks of 4 x 32 heads
-over 2x2 patches of 16x16x4 latents, ~1.5M parameters), always class-conditional (C classes, 10 by
-default), its patch embedding, attention, MLP and adaLN-Zero layers through the same layer rules.
-With `--text D` every UNet is a text-conditional `UNet2DConditionModel` of the preset's channels and
-levels (its attention blocks cross-attention blocks, `cross_attention_dim = D`, plain attention), given
-random text encoder states `(B, 77, D)`: the cross-attention's Linear and LayerNorm rules, measured alike.
+`--classes C` makes every model class-conditional (a random label per sample); `--presets dit` a
+`DiTTransformer2DModel` (4 blocks of 4 x 32 heads, 2x2 patches of 16x16x4 latents, C classes, 10 by
+default); `--text D` every UNet a `UNet2DConditionModel` given random text states `(B, 77, D)`: each
+through the same layer rules. Figures: see docs/performance.md#per-sample-gradients-training-side.
 
-Prints one JSON object on stdout, `{"tiny": {...}, "small": {...}}` with rates in samples/s, plus the
-thread count, batch size, classes, clock and the computer's strategy; never asserts a timing.
+Prints one JSON object, `{"tiny": {...}, "small": {...}}` with rates in samples/s, the thread count,
+batch size, classes, clock and strategy; never asserts a timing.
 Usage: `python bench/gradients.py [--threads N] [--repeats R] [--query-repeats R] [--clock cpu|wall]
 [--classes C | --text D] [--presets tiny small dit]`.
 """
@@ -73,9 +66,15 @@ def build_denoiser(preset: str, classes: int | None, text: int | None = None) ->
         for key in ("down_block_types", "up_block_types"):
             config[key] = tuple(CROSS_ATTENTION.get(kind, kind) for kind in config[key])
         torch.manual_seed(0)
-        return with_plain_attention(UNet2DConditionModel(
-            sample_size=resolution, in_channels=channels, out_channels=channels, cross_attention_dim=text, **config,
-        ))
+        return with_plain_attention(
+            UNet2DConditionModel(
+                sample_size=resolution,
+                in_channels=channels,
+                out_channels=channels,
+                cross_attention_dim=text,
+                **config,
+            )
+        )
     if preset != "dit":
         return build_unet(preset, resolution=resolution, channels=channels, num_class_embeds=classes)
     torch.manual_seed(0)
@@ -126,9 +125,8 @@ def phases_share(
     conditions: Conditions,
 ) -> dict[str, float]:
     """The share of one profiled `compute` in each labelled phase, and of the unlabelled rest."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        with record_function("compute"):
-            computer.compute(images, timesteps, noise, conditions=conditions)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, record_function("compute"):
+        computer.compute(images, timesteps, noise, conditions=conditions)
     totals = {event.key: event.cpu_time_total / 1000 for event in prof.key_averages()}
     labelled = {name: ms for name, ms in totals.items() if name in PHASES or name.startswith(f"{PHASES[2]} ")}
     labelled["projection and rest"] = totals["compute"] - sum(labelled.values())
@@ -220,14 +218,22 @@ def main() -> None:
     parser.add_argument("--clock", choices=list(CLOCKS), default="cpu")
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), choices=list(SHAPES))
     condition = parser.add_mutually_exclusive_group()
-    condition.add_argument("--classes", type=int, default=None, help="class-conditional models with C classes")
+    condition.add_argument(
+        "--classes", type=int, default=None, help="class-conditional models with C classes"
+    )
     condition.add_argument("--text", type=int, default=None, help="text-conditional UNets of text width D")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
     result: dict[str, object] = {
         preset: bench_preset(
-            preset, args.batch, args.repeats, args.query_repeats, clock, _classes(preset, args.classes), args.text
+            preset,
+            args.batch,
+            args.repeats,
+            args.query_repeats,
+            clock,
+            _classes(preset, args.classes),
+            args.text,
         )
         for preset in args.presets
     }

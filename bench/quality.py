@@ -1,33 +1,28 @@
 """Do attributions find what they should? Prints one JSON object of quality figures per method and estimator.
 
     .venv/bin/python bench/quality.py --quick      # under 10 minutes on 2 CPU cores
-    .venv/bin/python bench/quality.py              # the larger setting
     .venv/bin/python bench/quality.py --quick --parts stability --curve 8,1 8,2 8,4 16,1 32,1
 
 Trains a tiny DDPM on real digits (with a replay record), then measures, per method (`tracin`,
 `retrac`) and estimator (`paper`: the replayed step against the query's mean over timesteps;
 `matched`: shared-noise grid slots paired with the query per timestep):
 
-- `retrieval`: `self_retrieval_top1` (a training image as the query ranks itself first) and
-  `near_duplicate_top3` (a 1-pixel shift, a JPEG re-encode at quality 75 or Gaussian noise of std 0.02
-  ranks its source in the top 3), with the per-kind rates.
-- `copies`: a `micro` model trained long on 64 digits at 8 px (4,000 full-batch steps; the quick
-  setting's 1,000 are too few to memorise: `copy_top3` is then null); its generated images whose nearest training image
-  lies within `COPY_RMS` are copies, and `copy_top3` is the share that rank it in their top 3 (null
-  when there is none); `nearest_top3` the same over every generated image.
-- `stability`: two indexes built with other slot seeds (the matched estimator's query noise is its
-  index's) or, for the paper's estimator, whose replayed slot is fixed by the record, two query seeds:
-  `seed_stability_top10` (top-10 overlap) and `seed_stability_spearman`, over held-out queries, at
-  the setting's (K, M) and as a curve over (K = grid slots, M) (`--curve` picks the points).
-
+- `retrieval`: `self_retrieval_top1` (a training image ranks itself first) and `near_duplicate_top3`
+  (a 1-pixel shift, JPEG at quality 75 or noise of std 0.02 ranks its source in the top 3), per kind.
+- `copies`: a `micro` model trained long on 64 digits at 8 px (4,000 full-batch steps; `--quick`'s
+  1,000 are too few to memorise); generated images within `COPY_RMS` of a training image are copies,
+  `copy_top3` the share ranking it in their top 3 (null when there is none), `nearest_top3` the same
+  over every generated image.
+- `stability`: two indexes with other slot seeds (matched) or two query seeds (paper: its replayed
+  slot is fixed by the record): `seed_stability_top10` and `seed_stability_spearman` over held-out
+  queries, at the setting's (K, M) and as a curve over (K, M) (`--curve` picks the points).
 - `lds`, `self_influence`, `norm_direction`: the counterfactual and outlier parts of `bench/lds.py`
-  (their own models and data): `lds` and `lds_ci` per method and estimator and
-  `generally_influential_ratio` under `retrac`; `removal`, `self_influence_auc` (per planted mixture
-  and score: self-influence does not depend on the query estimator) and `norm_direction` at the top.
+  (their own models and data): `lds`, `lds_ci` (validation), `lds_generated`, `lds_generated_ci` per
+  method and estimator (pixel-cosine: estimator `baseline`), `generally_influential_ratio`; `removal`,
+  `self_influence_auc` and `norm_direction` at the top.
 
-Each part is one function of the shared `Setup` returning {method: {estimator: {key: value}}}; its wall
-time goes into `wall_s` and its CPU time into `cpu_s` (on a shared machine the wall time mostly
-measures the other jobs). Timings are for orientation only; nothing here asserts them.
+Each part is one function of the shared `Setup` returning {method: {estimator: {key: value}}}, timed
+into `wall_s` and `cpu_s` (never asserted). Figures: see docs/performance.md#attribution-quality.
 """
 
 from __future__ import annotations
@@ -202,10 +197,15 @@ def retrieval_part(setup: Setup) -> Figures:
     for estimator in ("paper", "matched", "paper_over_shared_slots"):
         for method, table in scores(attributor, vectors, estimator).items():
             parts = np.split(table, 1 + len(duplicates))
-            by_kind = {kind: retrieval.hit_rate(part, own, 3) for kind, part in zip(duplicates, parts[1:], strict=True)}
+            by_kind = {
+                kind: retrieval.hit_rate(part, own, 3)
+                for kind, part in zip(duplicates, parts[1:], strict=True)
+            }
             out[method][estimator] = {
                 "self_retrieval_top1": retrieval.hit_rate(parts[0], own, 1),
-                "near_duplicate_top3": retrieval.hit_rate(np.concatenate(parts[1:]), own * len(duplicates), 3),
+                "near_duplicate_top3": retrieval.hit_rate(
+                    np.concatenate(parts[1:]), own * len(duplicates), 3
+                ),
                 "near_duplicate_top3_by_kind": by_kind,
             }
     return out
@@ -275,7 +275,9 @@ def copy_figures(setup: Setup, run: TrainingRun, training: ImageDataset) -> Figu
         for method, table in scores(attributor, vectors, estimator).items():
             out[method][estimator] = {
                 **found,
-                "copy_top3": retrieval.hit_rate(table[copies], nearest[copies].tolist(), 3) if len(copies) else None,
+                "copy_top3": retrieval.hit_rate(table[copies], nearest[copies].tolist(), 3)
+                if len(copies)
+                else None,
                 "nearest_top3": retrieval.hit_rate(table, nearest.tolist(), 3),
             }
     return out
@@ -284,13 +286,14 @@ def copy_figures(setup: Setup, run: TrainingRun, training: ImageDataset) -> Figu
 def lds_part(setup: Setup) -> Figures:
     """bench/lds.py's LDS and removal check, laid out per method and estimator."""
     found = counterfactual.lds_part(setup.scratch, quick=setup.setting.quick)
-    out: Figures = {
-        method: {
-            estimator: {"lds": value, "lds_ci": found["lds_ci"][method][estimator]}
-            for estimator, value in per_estimator.items()
-        }
-        for method, per_estimator in found["lds"].items()
-    }
+    out: Figures = {}
+    for split, by_method in found["lds"].items():
+        suffix = "" if split == "validation" else f"_{split}"  # validation queries: plain `lds`
+        for method, per_estimator in by_method.items():
+            for estimator, value in per_estimator.items():
+                out.setdefault(method, {}).setdefault(estimator, {}).update({
+                    f"lds{suffix}": value, f"lds{suffix}_ci": found["lds_ci"][split][method][estimator],
+                })
     for estimator, ratio in found["generally_influential_ratio"].items():
         out.setdefault("retrac", {}).setdefault(estimator, {})["generally_influential_ratio"] = ratio
     setup.extra.update(removal=found["removal"], lds_setting=found["lds_setting"])
@@ -336,7 +339,9 @@ def grid_and_draws(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the smaller setting (under 10 minutes on 2 cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the smaller setting (under 10 minutes on 2 cores)"
+    )
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS), help="parts to run")
     parser.add_argument("--curve", nargs="+", type=grid_and_draws, metavar="K,M",
                         help="the stability part's (grid slots, draws) points instead of the setting's")

@@ -137,13 +137,18 @@ def summary(runs: list[tuple[Split, Split, Split]]) -> dict[str, object]:
     plains = [sum(plain.values()) for plain, _, _ in runs]
     return {
         "plain_s": median(plains),
-        "plain": {name: median([p[name] / s for (p, _, _), s in zip(runs, plains)]) for name in runs[0][0]},
-        "layerwise": {
-            name: median([lw[name] / s for (_, lw, _), s in zip(runs, plains)]) for name in runs[0][1]
+        "plain": {
+            name: median([p[name] / s for (p, _, _), s in zip(runs, plains, strict=True)])
+            for name in runs[0][0]
         },
-        "layerwise_ratio": median([sum(lw.values()) / s for (_, lw, _), s in zip(runs, plains)]),
+        "layerwise": {
+            name: median([lw[name] / s for (_, lw, _), s in zip(runs, plains, strict=True)])
+            for name in runs[0][1]
+        },
+        "layerwise_ratio": median([sum(lw.values()) / s for (_, lw, _), s in zip(runs, plains, strict=True)]),
         "query_ratio": {
-            path: median([w[path] / s for (_, _, w), s in zip(runs, plains)]) for path in WORK_OF_PATH
+            path: median([w[path] / s for (_, _, w), s in zip(runs, plains, strict=True)])
+            for path in WORK_OF_PATH
         },
     }
 

@@ -1,46 +1,26 @@
 """Benchmark: sub-linear queries (the ANN index) and the exact scan against the memory read limit.
 
-1. ANN on a real store. A micro UNet trained on `builtin:outliers` (8x8 photo patches plus ~4% digit
-   zeros) for 4 epochs, checkpoints after epochs 2 and 4, indexes `--real-rows` samples with all
-   slots (the replayed step and 2 grid timesteps) at k = 4,096 through the embedded runner; the ANN
-   index is then built again, timed (`build_s`). 16 held-out patches are queried (K = 10, M = 2) by
-   `storage.attribute` with search "exact" and "approximate": `recall_at_10` is the share of the
-   exact top-10 proponents and bottom-10 opponents (both methods) that the approximate answer has;
-   `speedup` is the exact scan's time over the approximate search's (candidates plus their exact
-   rescoring), per single query, the store resident; `memory_mb` the ANN files' size. Over a sweep of
-   lists probed, the entry is the fastest setting with recall@10 >= 0.95 (else the best recall).
-2. ANN at scale, on synthetic rows made from real ones: `--sizes` (rows x k, default 1M x 1,024 and
-   250k x 4,096; 1M x 4,096 and 4M x 1,024 took 12.3 and 10.6 GB, 7.6 GB of it the rows: `peak_rss_mb`).
-   Base rows are the real store's per-slot projected gradients at its last checkpoint; k = 1,024 folds
-   them (and the real query vectors) by a count sketch, itself a count sketch of the gradient. A
-   synthetic row is the direction of a random mix `l u_a + (1 - l) u_b` of two real rows' directions,
-   perturbed by isotropic noise of relative size `--noise`, and scaled by a norm drawn from the real
-   rows' norms. So the rows lie near the segments between real gradient directions, with the real,
-   timestep-driven spread of norms: like real gradients, which concentrate near a low-dimensional
-   span (of 4,096 real directions at k = 4,096, the top 16 principal directions hold 72% of the
-   energy, the top 256 96%: similar images have similar gradients) and whose norms span ~100x, unlike
-   i.i.d. Gaussian rows (which no index can search). TracIn only (ReTrac's unit rows are easier).
-   Exact: `retrac.scoring.scan` over the resident float16 array; approximate: `storage.ann`'s index
-   (IVF lists of 4-bit product-quantizer codes, fast-scan) for the query and its negation, and the
-   exact rescoring of the candidates, over a sweep of lists probed and candidates per row asked
-   (`PER_K_SWEPT`); each entry is the fastest setting with recall@10 >= 0.95 (else the best recall),
-   with the sweep beside it, and the process's peak resident memory so far (`peak_rss_mb`).
-3. Scan near the memory limit, on `--scan-rows` synthetic rows at the real k (4,096), resident in each
-   store format (float16, bfloat16, float32): the store's scan (`retrac.scoring.scan`) for 1 and 16
-   queries as a ratio to that format's read limit, the fastest plain reduction over the same resident
-   bytes (`read_limits`), timed alternately with it (the median of the paired ratios), with its
-   largest score error against float64 scores of the float32 rows, relative to the largest score, and
-   the same ratio for the scan's matmul alone (`matmul_ratio_to_limit`, the most the scan can reach).
-   `q1`/`q16` `ratio_to_limit` is the default format's (float16); every format's is under `formats`,
-   with int8 products (a scale per row and per query, `torch._int_mm`) as a trial. `roofline`: the
-   matmul's GFLOP/s in each dtype (square, and the scan's 16-column shape), the ceiling of 16 queries.
-
-4. The object store (`bench/object_store.py`'s `object_store_ratios`): indexing into a bucket and a
-   streamed scan from it, each as a ratio to the same work on a local folder, moto's S3 server on
-   loopback (`object_store`: `index_ratio_to_local`, `scan_ratio_to_local` and their details).
+1. ANN on a real store: a micro UNet trained on `builtin:outliers` indexes `--real-rows` samples (the
+   replayed step and 2 grid slots, k = 4,096, two checkpoints); 16 held-out patches are queried by
+   `storage.attribute` with search "exact" and "approximate". `recall_at_10`: the share of the exact
+   top-10 proponents and bottom-10 opponents the approximate answer has; `speedup`: the exact scan's
+   time over the approximate search's (candidates and their exact rescoring), per query, the store
+   resident; `build_s`, `memory_mb` (the ANN files).
+2. ANN at scale on `--sizes` (rows x k) synthetic rows made from the real store's: each the direction
+   of a random mix of two real rows' directions, perturbed by isotropic noise of relative size
+   `--noise`, scaled by a real row's norm (k = 1,024 folds them by a count sketch). TracIn only. Over
+   a sweep of lists probed and candidates (`PER_K_SWEPT`), each entry is the fastest setting with
+   recall@10 >= 0.95 (else the best recall), with the sweep and `peak_rss_mb` beside it.
+3. Scan near the memory limit on `--scan-rows` rows at k = 4,096, resident in each store format: the
+   scan for 1 and 16 queries as a ratio to that format's read limit (the fastest plain reduction over
+   the same bytes, timed alternately, median of the pairs), its score error against float64, the
+   same ratio for its matmul alone (`matmul_ratio_to_limit`), int8 products as a trial, and
+   `roofline` (the matmul's GFLOP/s per dtype).
+4. The object store (`bench/object_store.py`'s `object_store_ratios`), moto's S3 server on loopback.
 
 Prints one JSON object on stdout (progress on stderr); never asserts a timing. One thread throughout
-(`--threads`), as workers run several to a machine. Usage: `python bench/scale.py [--real-rows 4096]
+(`--threads`), as workers run several to a machine. Figures and the machines they came from: see
+docs/performance.md#approximate-search-ann. Usage: `python bench/scale.py [--real-rows 4096]
 [--sizes 1000000x1024,250000x4096] [--scan-rows 65536] [--parts ann scan object_store]`.
 """
 
@@ -66,7 +46,14 @@ from api_schemas import DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSp
 from retrac.computers import GradientComputerCache
 from retrac.datasets import load_dataset
 from retrac.query_side import QueryVectors, query_vectors
-from retrac.scoring import RowChunk, _blocks, _products, contributions, scan  # the scan's own product
+from retrac.scoring import (  # the scan's own product
+    RowChunk,
+    _blocks,
+    _products,
+    accumulator,
+    contributions,
+    scan,
+)
 from retrac.training import train
 from storage import GradientStore, attribute, build_ann, run_pending
 from storage.ann import (
@@ -109,7 +96,9 @@ def median_seconds(job: Callable[[], object], repeats: int) -> float:
 def best_of(sweep: list[dict]) -> dict:
     """The fastest setting of a sweep with recall@10 >= TARGET_RECALL, else the best recall."""
     good = [s for s in sweep if s["recall_at_10"] >= TARGET_RECALL]
-    return dict(max(good, key=lambda s: s["speedup"]) if good else max(sweep, key=lambda s: s["recall_at_10"]))
+    return dict(
+        max(good, key=lambda s: s["speedup"]) if good else max(sweep, key=lambda s: s["recall_at_10"])
+    )
 
 
 def recall(exact: list[set[int]], found: list[set[int]]) -> float:
@@ -129,7 +118,10 @@ def real_store(folder: Path, rows: int) -> GradientStore:
     ))
     started = time.perf_counter()
     run_pending(store, GradientComputerCache("cpu", threads=torch.get_num_threads()))
-    log(f"real store: {rows} samples x 3 slots x 2 checkpoints indexed in {time.perf_counter() - started:.0f} s")
+    log(
+        f"real store: {rows} samples x 3 slots x 2 checkpoints indexed in "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     return store
 
 
@@ -171,9 +163,14 @@ def real_ann(store: GradientStore, images: torch.Tensor, repeats: int) -> dict[s
         log(f"  real, nprobe {nprobe}: {sweep[-1]}")
     files = (store.path / "ann").glob("*.faiss")
     result = {
-        **best_of(sweep), "rows": store.num_rows, "dim": store.dim * store.num_checkpoints, "build_s": build_s,
-        "memory_mb": sum(f.stat().st_size for f in files) / 2**20, "nlist": params.nlist,
-        "default_nprobe": params.nprobe, "candidates": candidate_count(store.num_rows, TOP_K),
+        **best_of(sweep),
+        "rows": store.num_rows,
+        "dim": store.dim * store.num_checkpoints,
+        "build_s": build_s,
+        "memory_mb": sum(f.stat().st_size for f in files) / 2**20,
+        "nlist": params.nlist,
+        "default_nprobe": params.nprobe,
+        "candidates": candidate_count(store.num_rows, TOP_K),
         "source": "real store (2 checkpoints x k=4096 concatenated; both methods)",
         "sweep": sweep,
     }
@@ -232,7 +229,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def resident_chunks(projected: torch.Tensor, norms: torch.Tensor) -> Callable[[], Iterator[tuple[int, list[RowChunk]]]]:
+def resident_chunks(
+    projected: torch.Tensor, norms: torch.Tensor
+) -> Callable[[], Iterator[tuple[int, list[RowChunk]]]]:
     def chunks() -> Iterator[tuple[int, list[RowChunk]]]:
         for start in range(0, projected.shape[0], RESIDENT_STEP):
             part = slice(start, start + RESIDENT_STEP)
@@ -254,8 +253,11 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
         return scan(chunks(), q, [1.0], top_k=TOP_K, methods=["tracin"])
 
     truth = exact(vectors)
-    exact_sets = [set(truth.proponents["tracin"].rows[i].tolist()) | {-1 - r for r in truth.opponents["tracin"].rows[i].tolist()}
-                  for i in range(len(queries))]
+    exact_sets = [
+        set(truth.proponents["tracin"].rows[i].tolist())
+        | {-1 - r for r in truth.opponents["tracin"].rows[i].tolist()}
+        for i in range(len(queries))
+    ]
     one = flat_vectors(queries[:1])
     exact_s = median_seconds(lambda: exact(one), repeats)
     params = AnnParams.for_rows(rows)
@@ -285,9 +287,17 @@ def synthetic_ann(base: torch.Tensor, queries: torch.Tensor, rows: int, noise: f
                           "speedup": exact_s / seconds})
             log(f"  nprobe {nprobe}, {count} candidates: {sweep[-1]}")
     return {
-        **best_of(sweep), "rows": rows, "dim": dim, "build_s": build_s, "memory_mb": memory_mb, "nlist": params.nlist,
-        "structure": structure(index), "exact_s": exact_s, "peak_rss_mb": peak_rss_mb(),
-        "source": f"synthetic: real rows mixed and perturbed (noise {noise}); TracIn", "sweep": sweep,
+        **best_of(sweep),
+        "rows": rows,
+        "dim": dim,
+        "build_s": build_s,
+        "memory_mb": memory_mb,
+        "nlist": params.nlist,
+        "structure": structure(index),
+        "exact_s": exact_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "source": f"synthetic: real rows mixed and perturbed (noise {noise}); TracIn",
+        "sweep": sweep,
     }
 
 
@@ -351,7 +361,9 @@ def roofline(dim: int, repeats: int) -> dict:
             seconds = median_seconds(partial(_products, block, sides, out), repeats)
             result[name]["scan_product_gflops_q16"] = 2 * 16 * RESIDENT_STEP * dim / seconds / 1e9
     codes = square.clamp(-127, 127).to(torch.int8)
-    result["int8"] = {"gemm_gflops": 2 * 1024**3 / median_seconds(lambda: torch._int_mm(codes, codes), repeats) / 1e9}
+    result["int8"] = {
+        "gemm_gflops": 2 * 1024**3 / median_seconds(lambda: torch._int_mm(codes, codes), repeats) / 1e9
+    }
     log(f"roofline: {result}")
     return result
 
@@ -386,7 +398,8 @@ def scan_limits(rows_f32: torch.Tensor, repeats: int) -> dict:
 
             def matmul(chunks=chunks, queries=queries, products=products) -> None:
                 for _, (chunk,) in chunks():
-                    for start, block in _blocks(chunk.projected, slice(None)):
+                    widest = accumulator(chunk.projected.shape[-1])
+                    for start, block in _blocks(chunk.projected, slice(None), widest):
                         _products(block, queries, products[:, start : start + block.shape[0]])
 
             seconds, ratio = paired_ratio(read_limits(rows), scanned, repeats)
@@ -446,8 +459,12 @@ def rows_parts(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--real-rows", type=int, default=4096, help="samples of the real store")
-    parser.add_argument("--sizes", default="1000000x1024,250000x4096", help="synthetic rows x k, comma-separated")
-    parser.add_argument("--noise", type=float, default=0.5, help="relative size of the synthetic rows' perturbation")
+    parser.add_argument(
+        "--sizes", default="1000000x1024,250000x4096", help="synthetic rows x k, comma-separated"
+    )
+    parser.add_argument(
+        "--noise", type=float, default=0.5, help="relative size of the synthetic rows' perturbation"
+    )
     parser.add_argument("--scan-rows", type=int, default=65536, help="rows of the scan-limit measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)

@@ -1,14 +1,11 @@
 """Benchmark: attribution queries through the service, for the "tiny" and "small" UNets.
 
-For each preset, a one-checkpoint model is trained for an epoch on built-in data and indexed with the
-default count sketch (k = 4096, float16); then the same query (K = 50, M = 4, one image) is sent
-through the ASGI app several times and the fastest answer's own timing split is reported:
-
-- gradient_s: the query-side gradients (K*M noised copies of the image, at every checkpoint);
-- scan_s: the pass over the stored rows;
-- gradient_ratio_to_plain: gradient_s over one plain batched forward+backward of the same K*M
-  samples on the same model and thread count (per checkpoint), the two timed alternately; target
-  <= 1.3.
+For each preset, a one-checkpoint model is trained for an epoch on built-in data and indexed (k =
+4096, float16); the same query (K = 50, M = 4, one image) is sent through the ASGI app several times
+and the fastest answer's own timing split is reported: gradient_s (the query-side gradients, K*M
+noised copies at every checkpoint), scan_s (the pass over the stored rows) and
+gradient_ratio_to_plain (gradient_s over one plain batched forward+backward of the same K*M samples,
+per checkpoint, the two timed alternately; target <= 1.3).
 
 Then `retrac serve` serves the tiny index through uvicorn on loopback, in each of `SERVERS` (server
 processes x torch threads each, and the processes of a query pool computing their query gradients,
@@ -23,7 +20,7 @@ clients at once send each kind of worst-case upload (upload_memory): the largest
 RSS is read from /proc (VmHWM, reset before each kind) and set against its RSS before, and against
 the per-request bound docs/deployment.md states.
 
-Prints one JSON object on stdout; never asserts a timing.
+Prints one JSON object on stdout; never asserts a timing. Figures: see docs/performance.md#the-service.
 Usage: `python bench/service.py [--threads 2] [--parts latency throughput memory]
 [--servers 1x1x0 1x1x2 ...]` (throughput rows as processes x threads x pool).
 """
@@ -54,14 +51,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from api_schemas import DatasetSpec, IndexSpec, SlotSpec, TrainSpec  # noqa: E402
-from retrac.datasets import load_dataset  # noqa: E402
+from retrac.computers import GradientComputerCache  # noqa: E402
+from retrac.datasets import MAX_IMAGE_SIDE, load_dataset  # noqa: E402
 from retrac.losses import distance, noised  # noqa: E402
 from retrac.training import train  # noqa: E402
-from retrac.datasets import MAX_IMAGE_SIDE  # noqa: E402
 from service.images import max_side  # noqa: E402
 from service.main import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from retrac.computers import GradientComputerCache  # noqa: E402
 from storage import GradientStore, run_pending  # noqa: E402
 
 QUERY = {"timesteps": 50, "draws": 4, "top_k": 10, "seed": 0}

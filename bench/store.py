@@ -2,9 +2,8 @@
 
 1. Indexing. A "tiny" UNet (16x16x1) indexes `--index-rows` digits with 2 grid slots and a k=4096
    count sketch, in shards of 256 rows:
-   - engine: `IndexPlan.compute_rows` over the same shards in this process, model loaded, nothing
-     stored: the rate the engine alone reaches (timed before and after the end-to-end run, as the
-     machine's load drifts);
+   - engine: `IndexPlan.compute_rows` over the same shards in this process, nothing stored (timed
+     before and after the end-to-end run, as the machine's load drifts);
    - index: end to end, from job submission to the store complete, by one real `retrac worker`
      process fed through Redis (the embedded runner when Redis is unreachable); the worker is started
      and ready before the clock starts, so its model load counts but its start-up does not.
@@ -14,12 +13,16 @@
    pass (TracIn and ReTrac both, top 10 and bottom 10), once to load it resident and then timed,
    with `--scan-threads` torch threads (default 1: two processes contending over threaded kernels
    run many times slower, which would measure the machine's neighbours rather than the scan).
-   The reference is a plain in-memory torch product over the same float16 array: the faster of a
-   direct float16 product and 512-row blocks copied into a float32 buffer then multiplied. `scan_peak_rss_mb`
-   is the process's peak resident memory during the timed scans (the high-water mark is reset first).
+   The reference is a plain in-memory torch product over the same float16 array (the faster of a
+   direct float16 product and 512-row float32 blocks); `scan_peak_rss_mb` the timed scans' peak RSS.
+3. Kernel. The TRAK kernel of that store's checkpoint (`storage.kernels.build_kernel`: a float64
+   `Phi^T Phi` over every stored row, its Cholesky factor, written with its digest): `kernel_build_s`,
+   `kernel_bytes` on disk, `kernel_precondition_s` (16 query vectors through `F^{-1}`) and the build
+   as a multiple of one 16-query scan of the same rows. `--kernel-only` runs this part alone.
 
-Prints one JSON object on stdout (details on stderr); never asserts a timing. Usage:
-`python bench/store.py [--rows 50000] [--dim 4096] [--index-rows 1024]`.
+Prints one JSON object on stdout (details on stderr); never asserts a timing. Figures: see
+docs/performance.md#the-store-indexing-and-scan. Usage: `python bench/store.py [--rows 50000]`
+`[--dim 4096] [--index-rows 1024]`.
 """
 
 from __future__ import annotations
@@ -39,14 +42,16 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, SlotSpec
-from retrac.plan import Rows
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, KernelSpec, ProjectorSpec, SlotSpec
+from retrac.computers import GradientComputerCache
 from retrac.models import build_unet
+from retrac.plan import Rows
 from retrac.query_side import QueryVectors
 from retrac.scoring import scan
-from retrac.computers import GradientComputerCache
 from storage import GradientStore, run_pending
-from storage.store import ROW_ARRAYS, _digest
+from storage.kernels import build_kernel, kernel_bytes, load_kernel
+from storage.shards import digest
+from storage.store import ROW_ARRAYS
 
 BLOCK = 512
 """Rows per float32 block of the in-memory reference (the design's measured best on this CPU)."""
@@ -158,6 +163,7 @@ def scan_store(folder: Path, rows: int, dim: int) -> Path:
         loss="mse",
         slots=SlotSpec(replay=False, grid=1),
         projector=ProjectorSpec(kind="sketch", dim=dim),
+        kernel=KernelSpec(),  # built only by `kernel_costs`: the shards are written here, not run
         shard_size=1024,
     )
     store = GradientStore.create(folder / "scan.zarr", spec)
@@ -174,7 +180,9 @@ def scan_store(folder: Path, rows: int, dim: int) -> Path:
 def random_queries(count: int, dim: int) -> list[QueryVectors]:
     generator = torch.Generator().manual_seed(1)
     vectors = torch.randn(count, 1, dim, generator=generator)
-    return [QueryVectors(vectors, timestep_norms=torch.ones(count, 1), bands=torch.zeros(1, dtype=torch.int64))]
+    return [
+        QueryVectors(vectors, timestep_norms=torch.ones(count, 1), bands=torch.zeros(1, dtype=torch.int64))
+    ]
 
 
 def inmemory_products(array: torch.Tensor, count: int) -> list[Callable[[], object]]:
@@ -219,7 +227,7 @@ def scan_rates(path: Path, repeats: int) -> tuple[dict[str, dict[str, float]], f
     cold = seconds_of(lambda: scan(store.chunks([0]), random_queries(1, dim), store.weights, top_k=10))
     log(f"first scan (reading {rows} rows from Zarr into memory): {rows / cold:,.0f} rows/s")
     arrays = [store._array(0, name)[:] for name in ROW_ARRAYS]
-    verify = seconds_of(lambda: _digest(arrays))  # the check the first scan made, alone
+    verify = seconds_of(lambda: digest(arrays))  # the check the first scan made, alone
     log(f"digest check: {verify:.3f} s of the first scan's {cold:.3f} s ({verify / cold:.1%})")
     array = torch.from_numpy(store._load_resident(0)[0][:, 0, :])  # the same float16 array, in memory
     results, peak = {}, 0.0
@@ -261,6 +269,23 @@ def scan_in_fresh_process(path: Path, args: argparse.Namespace) -> tuple[dict[st
     return measured["scan"], measured["scan_peak_rss_mb"]
 
 
+def kernel_costs(path: Path) -> dict[str, float]:
+    """Build time and size of the kernel of the scan store's checkpoint, one query batch's
+    preconditioning, and the build against one 16-query scan of the same rows."""
+    store = GradientStore.open(path)
+    queries = random_queries(16, store.dim)
+    list(store.chunks([0]))  # resident, as a serving process holds it, before either clock starts
+    build_s = seconds_of(lambda: build_kernel(store, 0))
+    kernel = load_kernel(GradientStore.open(path), 0)
+    precondition_s = seconds_of(lambda: [v.preconditioned_by(kernel) for v in queries])
+    scan_s = seconds_of(lambda: scan(store.chunks([0]), queries, [1.0], top_k=10, methods=["tracin"]))
+    return {
+        "kernel_build_s": build_s, "kernel_bytes": kernel_bytes(store), "kernel_rows": store.num_rows,
+        "kernel_dim": store.dim, "kernel_precondition_s": precondition_s,
+        "kernel_build_ratio_to_scan_16": build_s / scan_s,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=50_000, help="rows of the scanned store")
@@ -276,6 +301,7 @@ def main() -> None:
     parser.add_argument(
         "--scan-only", type=Path, help=argparse.SUPPRESS
     )  # the child of `scan_in_fresh_process`
+    parser.add_argument("--kernel-only", action="store_true", help="measure the kernel's costs alone")
     args = parser.parse_args()
     if args.scan_only is not None:
         torch.set_num_threads(args.scan_threads)
@@ -285,19 +311,24 @@ def main() -> None:
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix="retrac-bench-store-"))
     try:
+        if args.kernel_only:
+            print(json.dumps(kernel_costs(scan_store(folder, args.rows, args.dim))))
+            return
         spec = index_spec(folder, args.index_rows)
         before = engine_rate(spec, folder / "before")
         index, mode = index_rate(spec, folder)
         after = engine_rate(spec, folder / "after")
         engine = 2 / (1 / before + 1 / after)  # the same work timed before and after: mean time
         log(f"indexing: engine {before:.1f} before, {after:.1f} after; {mode} {index:.1f} sample-slots/s")
-        scans, peak = scan_in_fresh_process(scan_store(folder, args.rows, args.dim), args)
+        scanned = scan_store(folder, args.rows, args.dim)
+        scans, peak = scan_in_fresh_process(scanned, args)
         result = {
             "index_per_s": index,
             "engine_per_s": engine,
             "index_ratio_to_engine": index / engine,
             "scan": scans,
             "scan_peak_rss_mb": peak,
+            **kernel_costs(scanned),
         }
         print(json.dumps(result))
     finally:

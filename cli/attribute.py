@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from api_schemas import Estimator, QuerySpec, Search
+from api_schemas import Estimator, Method, QuerySpec, Search
 from api_schemas.attribution import AttributionsPublic
-from api_schemas.specs import DEFAULT_TOP_K
+from api_schemas.specs import DEFAULT_ESTIMATOR, DEFAULT_TOP_K, default_estimator
 from cli.common import default, print_notices, store_location, typed_flags
 from cli.progress import PhaseBars
 from cli.render import CSV_COLUMNS, OutputFormat, attributions
 from cli.specs import QUERY_FLAGS, query_spec
 from retrac.exceptions import SpecError
-from retrac.scoring import METHODS
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}
 """Files of a query folder that are read as images."""
+
 
 def register(app: typer.Typer) -> None:
     app.command(
@@ -55,7 +56,9 @@ def query_files(paths: list[Path]) -> list[Path]:
 
 def run(
     context: typer.Context,
-    store: Annotated[str, typer.Argument(help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")],
+    store: Annotated[
+        str, typer.Argument(help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")
+    ],
     images: Annotated[list[Path], typer.Argument(help="query images (PNG, JPEG or .npy) or folders of them")],
     top_k: Annotated[int, typer.Option(help="proponents and opponents per method")] = DEFAULT_TOP_K,
     rank_all: Annotated[
@@ -72,12 +75,23 @@ def run(
     draws: Annotated[int, typer.Option(help="M, noise draws per timestep")] = default(QuerySpec, "draws"),
     seed: Annotated[int, typer.Option(help="seed of the query's noise draws")] = default(QuerySpec, "seed"),
     estimator: Annotated[
-        Estimator,
-        typer.Option(help="paper, or matched: per timestep against the store's shared-noise slots (its K, M, seed)"),
-    ] = default(QuerySpec, "estimator"),
+        Estimator | None,
+        typer.Option(
+            help="matched: per timestep against the store's shared-noise slots (its K, M, seed), the "
+            "measured best (docs/experiment.md); paper: Diffusion-TracIn/ReTrac as the paper defines them",
+            show_default=f"{DEFAULT_ESTIMATOR} where the store has shared-noise slots (index create's "
+            "default), else paper",
+        ),
+    ] = None,
     search: Annotated[
-        Search, typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates")
+        Search,
+        typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates"),
     ] = default(QuerySpec, "search"),
+    method: Annotated[
+        list[str] | None,
+        typer.Option(help="a score to rank by (repeatable): tracin, retrac, trak, dtrak (docs/methods.md)",
+                     show_default="every method the store serves"),
+    ] = None,
     gallery: Annotated[
         Path | None, typer.Option(help="write a PNG of each query's top proponents per method")
     ] = None,
@@ -107,13 +121,16 @@ def run(
         ),
     ] = None,
 ) -> int:
+
     import torch
 
     from retrac.datasets import Conversions, load_image_file
+    from retrac.methods import methods_served
     from storage import GradientStore, attribute
     from storage.location import index_name
 
-    query = query_spec(typed_flags(context, QUERY_FLAGS))  # every input checked before a model loads
+    flags = typed_flags(context, QUERY_FLAGS)  # every input checked before a model loads
+    query = query_spec({**flags, "estimator": estimator or "paper"})  # the default settles once the store opens
     chosen = csv_columns(columns)
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
@@ -121,6 +138,10 @@ def run(
     started = time.perf_counter()
     torch.set_num_threads(threads)
     opened = GradientStore.open(store_location(store))
+    if estimator is None:
+        knobs_typed = bool({"timesteps", "draws", "seed"} & set(flags))
+        query = query.model_copy(update={"estimator": default_estimator(opened.spec.slots, search, knobs_typed)})
+    methods = [typing.cast(Method, m) for m in method] if method else methods_served(opened.spec)
     shape, conversions = opened.spec.dataset, Conversions()
     pixels = torch.stack([
         load_image_file(path, resolution=shape.resolution, channels=shape.channels, conversions=conversions)
@@ -129,7 +150,9 @@ def run(
     notices = conversions.notices(len(files), "query images")
     print_notices(notices)
     with PhaseBars() as bars:
-        ranked = attribute(opened, pixels, query, top_k=opened.num_rows if rank_all else top_k, on_progress=bars)
+        ranked = attribute(
+            opened, pixels, query, top_k=opened.num_rows if rank_all else top_k, methods=methods, on_progress=bars
+        )
     answer = ranked.public(
         index_name(opened.path), [str(p) for p in files], total_s=time.perf_counter() - started, notices=notices
     )
@@ -176,6 +199,6 @@ def draw_gallery(
             np.array([[row_of[i.sample_id] for i in r.methods[method].proponents] for r in answer.data]),
             np.array([[i.score for i in r.methods[method].proponents] for r in answer.data]),
         )
-        for method in METHODS
+        for method in answer.data[0].methods
     }
     viz.gallery(gallery, queries, rankings, opened.plan.dataset, query_labels=[p.name for p in files])

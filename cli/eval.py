@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -23,7 +23,7 @@ from api_schemas import QuerySpec
 from cli.common import default
 
 ExperimentPreset = Literal["smoke", "small", "paper"]
-LdsPreset = Literal["smoke", "quick"]
+LdsPreset = Literal["smoke", "quick", "standard"]
 
 app = typer.Typer(
     help="Evaluate attributions: reproduce the paper's findings on built-in data (run), measure gradient "
@@ -64,12 +64,12 @@ def run_experiment_command(
     torch.set_num_threads(1)  # one thread: the 2-core machines run torch far slower when cores contend
     if config is not None:
         try:
-            config = ExperimentConfig.model_validate(json.loads(config.read_text()))
+            experiment = ExperimentConfig.model_validate(json.loads(config.read_text()))
         except (OSError, ValueError, ValidationError) as error:
             raise SpecError(f"{config}: not a valid experiment config ({_first_line(error)})") from error
     else:
-        config = PRESETS[preset]()
-    report = run_experiment(config, out, progress=True)
+        experiment = PRESETS[preset]()
+    report = run_experiment(experiment, out, progress=True)
     print(headline_table(report))
     figures = ", ".join(str(out / name) for name in report.figures)
     print(f"\nreport: {out / 'report.json'} and {out / 'report.md'}\nfigures: {figures}")
@@ -122,13 +122,20 @@ def norms_command(
 @app.command(
     "lds",
     help="Counterfactual validation: train models on seeded random subsets of a training set, and report the "
-    "linear datamodeling score (Spearman, averaged over held-out queries, of each query's actual loss against "
-    "the loss its attributions predict) per method and estimator, with a bootstrap interval; and the change of "
-    "each query's loss when its top-k proponents or k random samples are removed and the model retrained.",
+    "linear datamodeling score (Spearman, averaged over held-out queries, of each query's actual loss "
+    "against the loss its attributions predict) per method and estimator, with a bootstrap interval; and the "
+    "change of each query's loss when its top-k proponents or k random samples are removed and the model "
+    "retrained.",
     short_help="linear datamodeling score (LDS) and the removal check",
 )
 def lds_command(
-    preset: Annotated[LdsPreset, typer.Option(help="smoke (seconds), quick (32 models, minutes)")] = "quick",
+    preset: Annotated[
+        LdsPreset,
+        typer.Option(
+            help="smoke (seconds), quick (32 models, minutes), standard (64 models on 1,000 images: the "
+            "benchmark of docs/experiment.md, under 2 hours on 2 cores); rerun with the same --out to resume"
+        ),
+    ] = "quick",
     config: Annotated[Path | None, typer.Option(help="an LdsConfig JSON file (overrides --preset)")] = None,
     workers: Annotated[
         int | None, typer.Option(help="training processes", show_default="the config's (2)")
@@ -143,7 +150,9 @@ def lds_command(
 
     torch.set_num_threads(1)
     try:
-        chosen = LdsConfig.model_validate_json(config.read_text()) if config is not None else LDS_PRESETS[preset]()
+        chosen = (
+            LdsConfig.model_validate_json(config.read_text()) if config is not None else LDS_PRESETS[preset]()
+        )
         if workers is not None:
             chosen = LdsConfig.model_validate(chosen.model_dump() | {"workers": workers})
     except (OSError, ValueError, ValidationError) as error:
@@ -221,10 +230,19 @@ def generate_command(
     for i, name in enumerate(generated.ids):
         Image.fromarray(generated.to_uint8(i)).save(out / f"{name}.png")
         checkpoint = str(plan.checkpoints[last].path)
-        record = {"file": f"{name}.png", **condition, "seed": seed, "image": i, "checkpoint": checkpoint}
+        record: dict[str, Any] = {
+            "file": f"{name}.png",
+            **condition,
+            "seed": seed,
+            "image": i,
+            "checkpoint": checkpoint,
+        }
         records.append(record)
     (out / "generated.json").write_text(json.dumps(records, indent=1))
-    shape = {"resolution": opened.spec.dataset.resolution, "channels": opened.spec.dataset.channels}
+    shape: dict[str, Any] = {
+        "resolution": opened.spec.dataset.resolution,
+        "channels": opened.spec.dataset.channels,
+    }
     pixels = torch.stack([load_image_file(out / record["file"], **shape) for record in records])
     ranked = attribute(opened, pixels, query, top_k=top_k)  # under the label the images were generated with
     files = [str(out / record["file"]) for record in records]

@@ -19,8 +19,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from api_schemas import DatasetSpec, IndexSpec, LossKind, LossWeighting, ProjectorSpec, SlotNoise, SlotSpec
-from api_schemas.specs import ProjectorKind, StoreDType
+from api_schemas import (
+    DatasetSpec,
+    IndexSpec,
+    KernelSpec,
+    LossKind,
+    LossWeighting,
+    OutputFunction,
+    ProjectorSpec,
+    SlotNoise,
+    SlotSpec,
+)
+from api_schemas.specs import DEFAULT_SLOTS, ProjectorKind, StoreDType
 from cli.common import (
     Channels,
     DataSeed,
@@ -34,7 +44,7 @@ from cli.common import (
     typed_flags,
 )
 from cli.progress import PhaseBars
-from cli.specs import INDEX_FLAGS, checkpoint_fields, index_spec
+from cli.specs import INDEX_FLAGS, SlotPreset, checkpoint_fields, index_spec
 from retrac.exceptions import SpecError
 
 if TYPE_CHECKING:
@@ -50,10 +60,8 @@ app = typer.Typer(
 
 Store = Annotated[str, typer.Argument(help="a gradient store (retrac index create): folder or s3://BUCKET/PREFIX")]
 
-SLOTS, PROJECTION = SlotSpec(), ProjectorSpec()
-"""The specs' defaults, which `create`'s flags show and start from."""
-
-
+SLOTS, PROJECTION = DEFAULT_SLOTS, ProjectorSpec()
+"""The defaults `create`'s flags show and start from (`api_schemas.specs.DEFAULT_SLOTS`)."""
 def register(parent: typer.Typer) -> None:
     parent.add_typer(app, name="index")
 
@@ -108,9 +116,17 @@ def create(
     loss_weighting: Annotated[
         LossWeighting | None,
         typer.Option(
-            help="the training loss's per-sample weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t) (diffusers' "
-            "train_unconditional.py for sample-prediction models, which must declare it)",
+            help="the training loss's per-sample weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t) "
+            "(diffusers' train_unconditional.py for sample-prediction models, which must declare it)",
             show_default="the run's, or none",
+        ),
+    ] = None,
+    preset: Annotated[
+        SlotPreset | None,
+        typer.Option(
+            help="default: the replayed step plus shared-noise grid slots (the flags below); paper: the "
+            "paper's slots, the replayed step alone (for --estimator paper; the slot flags are then refused)",
+            show_default="default (a --spec file's slots, if it has them)",
         ),
     ] = None,
     replay: Annotated[bool, typer.Option("--replay/--no-replay", help="a replayed-step slot")] = SLOTS.replay,
@@ -119,7 +135,9 @@ def create(
     slot_seed: Annotated[int, typer.Option(help="seed of the slots' timesteps and noise")] = SLOTS.seed,
     slot_noise: Annotated[
         SlotNoise,
-        typer.Option(help="grid slots' noise: their own seeds, or shared with the query (for --estimator matched)"),
+        typer.Option(
+            help="grid slots' noise: their own seeds, or shared with the query (for --estimator matched)"
+        ),
     ] = SLOTS.noise,
     slot_draws: Annotated[
         int, typer.Option(help="M of shared-noise grid slots: noise images averaged per slot")
@@ -129,6 +147,19 @@ def create(
     ] = PROJECTION.kind,
     dim: Annotated[int, typer.Option(help="projected dimension k")] = PROJECTION.dim,
     projector_seed: Annotated[int, typer.Option(help="seed of the projection")] = PROJECTION.seed,
+    output_function: Annotated[
+        OutputFunction,
+        typer.Option(
+            help="the function differentiated on both sides: loss (tracin, retrac, trak) or output-norm, "
+            "D-TRAK's mean squared model output (dtrak)"
+        ),
+    ] = default(IndexSpec, "output_function"),
+    kernel: Annotated[
+        bool, typer.Option("--kernel", help="build each checkpoint's TRAK kernel (methods trak and dtrak)")
+    ] = False,
+    kernel_ridge: Annotated[
+        float, typer.Option(help="the kernel's lambda as a fraction of trace(Phi^T Phi) / k")
+    ] = default(KernelSpec, "ridge"),
     dtype: Annotated[
         StoreDType,
         typer.Option(help="stored gradient precision (bfloat16: float32's range, bf16 matmul scans)"),
@@ -154,7 +185,7 @@ def create(
 ) -> int:
     from storage import GradientStore
 
-    flags = typed_flags(context, INDEX_FLAGS)
+    flags = typed_flags(context, [*INDEX_FLAGS, "preset"])
     index = index_spec(flags, _base_fields(spec, flags))  # every flag checked before a model loads
     opened = GradientStore.create(store_location(store), _recorded(index), root=models_root, data_root=data_root)
     print_notices(opened.plan.dataset.notices)
@@ -244,7 +275,7 @@ def run(
     return 0
 
 
-def _run_queued(store: Path, wait: bool) -> int:
+def _run_queued(store: str, wait: bool) -> int:
     from tqdm import tqdm
 
     from storage import NothingToIndexError
@@ -339,7 +370,8 @@ def delete(store: Store) -> int:
     # Only what is a store, or what a deletion left marked: never an unrelated folder.
     if not (location.has("zarr.json") or location.has(DELETED_MARK)):
         raise StoreError(
-            f"{store} is not a retrac store (no zarr.json); nothing deleted (if a deletion left it, remove it)"
+            f"{store} is not a retrac store (no zarr.json); nothing deleted (if a deletion left it, remove "
+            "it)"
         )
     delete_store(location)
     print(f"deleted {store}")

@@ -3,8 +3,9 @@
 Computed from the stored slots alone (method.md section 4), so it needs a store with grid slots.
 Four rankings (`retrac.evaluation.outliers`): self-influence under TracIn and under ReTrac, the
 timestep-relative gradient norm, and the atypical gradient direction, which finds planted outliers
-best; where the training samples carry groups, each group's ROC AUC under each ranking. Samples are compared slot by slot, so a store whose grid slots share their noise
-(`retrac index create --slot-noise shared`) ranks outliers far better: docs/experiment.md.
+best; where the training samples carry groups, each group's ROC AUC under each ranking. Samples are compared
+slot by slot, so a store whose grid slots share their noise (`retrac index create --slot-noise shared`) ranks
+outliers far better: docs/experiment.md.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def run(
         for name, values in scores.items()
     }
     groups = opened.plan.dataset.groups
-    known = groups is not None and len(set(groups)) > 1
-    aucs = {name: group_auc(values, groups) for name, values in scores.items()} if known else {}
+    by_score = {name: group_auc(values, groups) for name, values in scores.items()}
+    aucs = {name: auc for name, auc in by_score.items() if auc is not None}  # None: fewer than two groups
     if as_json:
         print(json.dumps({**ranked, **({"group_auc": aucs} if aucs else {})}, indent=1))
         return 0

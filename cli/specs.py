@@ -13,17 +13,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from api_schemas import IndexSpec, QuerySpec, TrainSpec
+from api_schemas.specs import DEFAULT_SLOTS, PAPER_SLOTS
 from api_schemas.errors import Location, dotted, messages
 from cli.common import absolute_source
 from retrac.exceptions import SpecError
 
 __all__ = [
-    "DATASET_FLAGS", "INDEX_FLAGS", "QUERY_FLAGS", "TRAIN_FLAGS", "Flag", "FlagTable", "checkpoint_fields",
+    "DATASET_FLAGS", "INDEX_FLAGS", "QUERY_FLAGS", "SLOT_PRESETS", "TRAIN_FLAGS", "Flag", "FlagTable", "SlotPreset",
+    "checkpoint_fields",
     "index_spec", "query_spec", "spec_from_flags", "train_spec", "validated",
 ]
 
@@ -97,6 +99,9 @@ INDEX_FLAGS: FlagTable = {
     "projector": Flag("--projector", "projector.kind"),
     "dim": Flag("--dim", "projector.dim"),
     "projector_seed": Flag("--projector-seed", "projector.seed"),
+    "output_function": Flag("--output-function", "output_function"),
+    "kernel": Flag("--kernel", "kernel", lambda on: {} if on else None),
+    "kernel_ridge": Flag("--kernel-ridge", "kernel.ridge"),
     "dtype": Flag("--dtype", "dtype"),
     "batch_size": Flag("--batch-size", "batch_size"),
     "shard_size": Flag("--shard-size", "shard_size"),
@@ -158,10 +163,26 @@ def _namer(table: FlagTable) -> Callable[[Location], str]:
     return name
 
 
+SlotPreset = Literal["default", "paper"]
+SLOT_PRESETS = {"default": DEFAULT_SLOTS, "paper": PAPER_SLOTS}
+"""`index create --preset`: the slots the slot flags start from (`api_schemas.specs.DEFAULT_SLOTS`), or
+the paper's, the replayed step alone, which the slot flags may not change."""
+
+
 def index_spec(flags: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> IndexSpec:
     """`retrac index create`'s spec: `base` (a spec file's fields, or the run's or model's dataset) with
-    the typed flags laid over; a dataset is needed from one of them."""
+    the typed flags laid over; a dataset is needed from one of them. The slots are the `preset`'s
+    (default: the default's), unless a spec file gives its own and no preset is typed."""
+    flags = dict(flags)
+    preset = flags.pop("preset", None)
     fields = copy.deepcopy(dict(base or {}))
+    slot_flags = sorted(INDEX_FLAGS[name].option for name in flags if INDEX_FLAGS[name].field.startswith("slots."))
+    if preset == "paper" and slot_flags:
+        raise SpecError(f"--preset paper fixes the slots (the replayed step alone); drop {', '.join(slot_flags)}")
+    if preset is not None or "slots" not in fields:
+        fields["slots"] = SLOT_PRESETS[preset or "default"].model_dump()
+    if flags.get("kernel_ridge") is not None and not flags.get("kernel") and "kernel" not in fields:
+        raise SpecError("--kernel-ridge: the kernel's ridge needs --kernel")
     if flags.get("data") is not None:
         fields.get("dataset", {}).pop("limit", None)  # a base's sample limit belongs to its own source
     if flags.get("data") is None and "source" not in fields.get("dataset", {}):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 import typer
 from tqdm import tqdm
@@ -17,10 +17,14 @@ from retrac.exceptions import SpecError
 from retrac.models import PRESETS
 from retrac.training import RECIPES, train
 
-PresetName = Literal[tuple(sorted(PRESETS))]  # type: ignore[valid-type]
-"""The UNet presets of `retrac.models.PRESETS`, as the flag's choices."""
-RecipeName = Literal[tuple(sorted(RECIPES))]  # type: ignore[valid-type]
-"""The named settings of `retrac.training.RECIPES`, as the flag's choices."""
+if TYPE_CHECKING:  # the choices are known at run time only
+    PresetName: TypeAlias = str
+    RecipeName: TypeAlias = str
+else:
+    PresetName = Literal[tuple(sorted(PRESETS))]
+    """The UNet presets of `retrac.models.PRESETS`, as the flag's choices."""
+    RecipeName = Literal[tuple(sorted(RECIPES))]
+    """The named settings of `retrac.training.RECIPES`, as the flag's choices."""
 
 
 def register(app: typer.Typer) -> None:
@@ -59,9 +63,11 @@ def run(
     data_seed: DataSeed = None,
     recipe: Annotated[
         RecipeName | None,
-        typer.Option(help="a named setting under --config and the typed flags: paper = L1 loss, cosine betas "
-                     "clipped to [1e-4, 0.02], T = 1000 (query it with --timesteps 100 --draws 16)",
-                     show_default="none: TrainSpec's defaults"),
+        typer.Option(
+            help="a named setting under --config and the typed flags: paper = L1 loss, cosine betas clipped "
+            "to [1e-4, 0.02], T = 1000 (query it with --timesteps 100 --draws 16)",
+            show_default="none: TrainSpec's defaults",
+        ),
     ] = None,
     preset: Annotated[PresetName | None, _flag("preset", "UNet size")] = None,
     loss: Annotated[LossKind | None, _flag("loss", "noise-prediction loss")] = None,
@@ -85,8 +91,8 @@ def run(
         bool | None,
         typer.Option(
             "--class-conditional/--unconditional",
-            help="train a class-conditional UNet on the dataset's class labels (class subfolders, .npz labels, "
-            "the digit of builtin:digits)",
+            help="train a class-conditional UNet on the dataset's class labels (class subfolders, .npz "
+            "labels, the digit of builtin:digits)",
             show_default=shown(TrainSpec, "class_conditional"),
         ),
     ] = None,

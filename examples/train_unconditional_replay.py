@@ -2,7 +2,7 @@
 the replay retrac needs with `retrac.replay.Recorder`.
 
     python examples/train_unconditional_replay.py runs/mine --data builtin:digits --resolution 16 --epochs 4
-    python examples/train_unconditional_replay.py runs/mine --epochs 8 --resume      # continue from the last checkpoint
+    python examples/train_unconditional_replay.py runs/mine --epochs 8 --resume  # from the last checkpoint
     retrac index create stores/mine.zarr --run runs/mine --grid 8
 
 What differs from diffusers' example, and why: the noise comes from `recorder.noise` (each sample's
@@ -30,21 +30,31 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("output_dir", type=Path, help="the run folder (checkpoints, scheduler, replay record)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "output_dir", type=Path, help="the run folder (checkpoints, scheduler, replay record)"
+    )
     parser.add_argument("--data", default="builtin:digits", help="a retrac dataset source")
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--channels", type=int, default=1, choices=(1, 3))
     parser.add_argument("--limit", type=int, default=None, help="first N samples only")
-    parser.add_argument("--epochs", type=int, default=4, help="total epochs (with --resume: including those done)")
+    parser.add_argument(
+        "--epochs", type=int, default=4, help="total epochs (with --resume: including those done)"
+    )
     parser.add_argument("--train-batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--save-model-epochs", type=int, default=1)
     parser.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction", "sample"))
-    parser.add_argument("--beta-schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+    parser.add_argument(
+        "--beta-schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2")
+    )
     parser.add_argument("--num-train-timesteps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
+    )
     return parser.parse_args()
 
 
@@ -53,9 +63,17 @@ def main() -> None:
     data = DatasetSpec(source=args.data, resolution=args.resolution, channels=args.channels, limit=args.limit)
     dataset = load_dataset(data)
     spec = TrainSpec(
-        dataset=data, preset="custom", loss="mse", epochs=args.epochs, batch_size=args.train_batch_size,
-        lr=args.learning_rate, save_every=args.save_model_epochs, seed=args.seed,
-        num_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule, prediction_type=args.prediction_type,
+        dataset=data,
+        preset="custom",
+        loss="mse",
+        epochs=args.epochs,
+        batch_size=args.train_batch_size,
+        lr=args.learning_rate,
+        save_every=args.save_model_epochs,
+        seed=args.seed,
+        num_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        prediction_type=args.prediction_type,
         loss_weighting="snr" if args.prediction_type == "sample" else "none",
     )
     out = args.output_dir
@@ -68,9 +86,14 @@ def main() -> None:
     else:
         recorder = Recorder(out, dataset.ids, dataset.fingerprint, spec)
         model = UNet2DModel(
-            sample_size=args.resolution, in_channels=args.channels, out_channels=args.channels, layers_per_block=1,
-            block_out_channels=(16, 32), norm_num_groups=8,
-            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+            sample_size=args.resolution,
+            in_channels=args.channels,
+            out_channels=args.channels,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            norm_num_groups=8,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
         )
         noise_scheduler = DDPMScheduler(
             num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
@@ -82,13 +105,17 @@ def main() -> None:
         load_optimizer(optimizer, load_file(last / OPTIMIZER_NAME))
     model.train()
     for epoch in range(recorder.epoch, args.epochs):
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)  # so a resumed run draws the same
+        generator = torch.Generator().manual_seed(
+            args.seed * 1_000_003 + epoch
+        )  # so a resumed run draws the same
         order = torch.randperm(len(dataset), generator=generator)
         for start in range(0, len(dataset), args.train_batch_size):
             rows = order[start : start + args.train_batch_size]
             clean_images = dataset.images[rows]
             ids = [dataset.ids[i] for i in rows.tolist()]
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=generator
+            )
             noise = recorder.noise(ids, timesteps, clean_images.shape[1:])
             noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
             model_output = model(noisy_images, timesteps).sample

@@ -31,12 +31,14 @@ from api_schemas.specs import Search, StoreDType
 from retrac.conditions import Conditions
 from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer
+from retrac.kernels import Kernel, build_kernel
+from retrac.methods import needs_kernel, require_methods
 from retrac.models import DiffusionModel
 from retrac.plan import IndexPlan, Rows
 from retrac.query_side import BANDS, QueryVectors, query_vectors, resolve_query
-from retrac.scoring import METHODS, SCAN_ROWS, Ranked, Ranking, RowChunk, matched_slots, scan
+from retrac.scoring import METHODS, SCAN_ROWS, Ranked, Ranking, RowChunk, contributions, matched_slots, scan
 
-ProgressCallback = Callable[[int], None]
+ProgressCallback = Callable[[int], object]
 """Called with the number of rows just finished."""
 
 QueryProgress = Callable[[str, int, int], None]
@@ -74,6 +76,10 @@ class RowSource(Protocol):
     def require_complete(self, checkpoints: Sequence[int]) -> None:
         """Raise a named error saying how to finish, if any of `checkpoints` lacks rows."""
 
+    def kernel(self, checkpoint: int) -> Kernel:
+        """The TRAK kernel of `checkpoint` (`retrac.kernels`); a named error saying how to build it if
+        there is none, or none current."""
+
     def chunks(self, checkpoints: Sequence[int], rows_per_chunk: int) -> Chunks:
         """Every row of `checkpoints`, `rows_per_chunk` (or more) at a time."""
 
@@ -84,7 +90,12 @@ class RowSource(Protocol):
         """Raise a named error saying how to build it, if the source has no current ANN index."""
 
     def candidates(
-        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+        self,
+        checkpoints: Sequence[int],
+        vectors: Sequence[QueryVectors],
+        *,
+        top_k: int,
+        methods: Sequence[Method],
     ) -> tuple[np.ndarray, list[RowChunk]]:
         """Approximate search: sorted candidate rows for every query and method, with their stored rows
         at each of `checkpoints` (to rescore exactly)."""
@@ -183,7 +194,10 @@ def attribute(
             "use search exact with the matched estimator"
         )
     query = resolve_query(query, source.spec.slots)
+    methods = list(dict.fromkeys(methods))
+    require_methods(source.spec, methods)
     chosen = _checked_request(source, images, top_k, checkpoints, query.search)
+    kernels = [source.kernel(c) for c in chosen] if needs_kernel(methods) else None
     given = conditions(query, images.shape[0])
     matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
     # 1. Query vectors at every chosen checkpoint (the expensive part on a small index).
@@ -198,9 +212,11 @@ def attribute(
         else:
             vectors = gradients(images, query, chosen, given)
     wait_s, gradient_s = started - asked, time.perf_counter() - started
-    # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method.
+    # 2. One streamed pass over the stored rows (or the ANN index's candidates) for every query and method,
+    # trak's and dtrak's query vectors preconditioned by each checkpoint's kernel first.
     started = time.perf_counter()
-    weights, methods = [source.weights[c] for c in chosen], list(dict.fromkeys(methods))
+    vectors = _preconditioned(vectors, kernels)
+    weights = [source.weights[c] for c in chosen]
     if query.search == "approximate":
         rows, chunk = source.candidates(chosen, vectors, top_k=top_k, methods=methods)
         ranking = _renumbered(scan([(0, chunk)], vectors, weights, top_k=top_k, methods=methods), rows)
@@ -213,6 +229,46 @@ def attribute(
     answers = public_results(ranking, source, chosen[-1], query)
     timings = Timings(wait_s=wait_s, gradient_s=gradient_s, scan_s=time.perf_counter() - started)
     return Attribution(answers, timings, query, source.dtype, chosen)
+
+
+def score_every_row(
+    source: RowSource,
+    computer: Callable[[int], GradientComputer],
+    images: torch.Tensor,
+    query: QuerySpec,
+    *,
+    methods: Sequence[Method],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    conditions: Callable[[QuerySpec, int], Conditions],
+) -> dict[Method, torch.Tensor]:
+    """The score `(Q, N)` of every stored row for each of `images` and `methods`, over every checkpoint:
+    the numbers `attribute` ranks (its checks, query vectors and preconditioning, then the scan's
+    per-checkpoint contributions, summed), without ranking or band parts. What a counterfactual
+    evaluation needs (every sample's score, for many queries), at the cost of one scan."""
+    if query.search != "exact":
+        raise SpecError("scores of every row come from the exact scan; use search exact")
+    query = resolve_query(query, source.spec.slots)
+    methods = list(dict.fromkeys(methods))
+    require_methods(source.spec, methods)
+    chosen = _checked_request(source, images, 1, None, query.search)
+    kernels = [source.kernel(c) for c in chosen] if needs_kernel(methods) else None
+    matched = matched_slots(source.spec.slots) if query.estimator == "matched" else None
+    given = conditions(query, images.shape[0])
+    vectors = _preconditioned(query_gradients(computer, images, query, chosen, given, encode=encode), kernels)
+    weights = [source.weights[c] for c in chosen]
+    parts: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
+    for _, per_checkpoint in source.chunks(chosen, SCAN_ROWS):
+        table = contributions(per_checkpoint, vectors, weights, methods, matched)  # (n, Q, C) per method
+        for method in methods:
+            parts[method].append(table[method].sum(dim=-1).T)
+    return {m: torch.cat(p, dim=1) for m, p in parts.items()}
+
+
+def _preconditioned(vectors: list[QueryVectors], kernels: Sequence[Kernel] | None) -> list[QueryVectors]:
+    """trak's and dtrak's query vectors: each checkpoint's preconditioned by its kernel (none: as given)."""
+    if kernels is None:
+        return vectors
+    return [v.preconditioned_by(k) for v, k in zip(vectors, kernels, strict=True)]
 
 
 def query_gradients(
@@ -242,7 +298,10 @@ def _renumbered(ranking: Ranking, rows: np.ndarray) -> Ranking:
 
     def moved(ranked: Ranked) -> Ranked:
         return Ranked(
-            rows=numbers[ranked.rows], scores=ranked.scores, contributions=ranked.contributions, bands=ranked.bands
+            rows=numbers[ranked.rows],
+            scores=ranked.scores,
+            contributions=ranked.contributions,
+            bands=ranked.bands,
         )
 
     return Ranking(
@@ -333,12 +392,14 @@ def public_results(
 
 @dataclass(frozen=True)
 class MemoryRows:
-    """Rows of every checkpoint held in memory (one `Rows` per checkpoint), as a `RowSource`."""
+    """Rows of every checkpoint held in memory (one `Rows` per checkpoint), as a `RowSource`, with
+    the kernel of each checkpoint when the spec asks for one (`kernels`, as `kernels_of` builds them)."""
 
     spec: IndexSpec
     rows: Sequence[Rows]
     weights: Sequence[float]
     sample_ids: Sequence[str]
+    kernels: Sequence[Kernel] | None = None
 
     @property
     def num_checkpoints(self) -> int:
@@ -351,6 +412,11 @@ class MemoryRows:
 
     def require_complete(self, checkpoints: Sequence[int]) -> None:
         """In-memory rows are computed whole: nothing can be missing."""
+
+    def kernel(self, checkpoint: int) -> Kernel:
+        if self.kernels is None:
+            raise SpecError("these in-memory rows have no TRAK kernel: give the spec a kernel")
+        return self.kernels[checkpoint]
 
     def chunks(self, checkpoints: Sequence[int], rows_per_chunk: int) -> Chunks:
         chosen = [self.rows[c] for c in checkpoints]
@@ -365,9 +431,21 @@ class MemoryRows:
         raise SpecError(_NO_ANN)
 
     def candidates(
-        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+        self,
+        checkpoints: Sequence[int],
+        vectors: Sequence[QueryVectors],
+        *,
+        top_k: int,
+        methods: Sequence[Method],
     ) -> tuple[np.ndarray, list[RowChunk]]:
         raise SpecError(_NO_ANN)
+
+
+def kernels_of(spec: IndexSpec, rows: Sequence[RowChunk]) -> list[Kernel] | None:
+    """The kernel of each checkpoint's rows (`retrac.kernels`) if `spec` asks for one, else None."""
+    if spec.kernel is None:
+        return None
+    return [build_kernel([r], r.projected.shape[-1], spec.kernel) for r in rows]
 
 
 _NO_ANN = "approximate search needs a store's ANN index; in-memory rows are searched exactly (search 'exact')"
@@ -379,6 +457,7 @@ class Attributor:
     def __init__(self, plan: IndexPlan, device: torch.device | str = "cpu") -> None:
         self.plan, self.device = plan, torch.device(device)
         self.rows: list[Rows] | None = None
+        self.kernels: list[Kernel] | None = None
         self.model = lru_cache(maxsize=None)(self._load_model)
 
     def _load_model(self, checkpoint: int) -> DiffusionModel:
@@ -402,17 +481,19 @@ class Attributor:
             fields = ("projected", "norms", "timesteps", "seeds")
             per_checkpoint.append(Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in fields)))
         self.rows = per_checkpoint
+        self.kernels = kernels_of(self.plan.spec, per_checkpoint)
         return per_checkpoint
 
     def source(self) -> MemoryRows:
         """The in-memory rows (computed first if not yet) as a `RowSource`."""
         rows = self.rows if self.rows is not None else self.index()
-        return MemoryRows(self.plan.spec, rows, self.plan.weights, self.plan.dataset.ids)
+        return MemoryRows(self.plan.spec, rows, self.plan.weights, self.plan.dataset.ids, self.kernels)
 
     def query_vectors(
         self, images: torch.Tensor, spec: QuerySpec, checkpoints: Sequence[int]
     ) -> list[QueryVectors]:
-        """Query vectors of `images` `(Q, C, H, W)` under `spec`'s label or prompt at each checkpoint of `checkpoints`."""
+        """Query vectors of `images` `(Q, C, H, W)` under `spec`'s label or prompt at each checkpoint of
+        `checkpoints`."""
         conditions = self.plan.query_conditions(spec, images.shape[0])
         return query_gradients(self.computer, images, spec, checkpoints, conditions, encode=self.plan.encode)
 
@@ -430,3 +511,10 @@ class Attributor:
             self.source(), self.computer, images, spec, top_k=top_k, methods=methods, checkpoints=checkpoints,
             encode=self.plan.encode, conditions=self.plan.query_conditions,
         ).results
+
+    def score_every_row(
+        self, images: torch.Tensor, spec: QuerySpec, *, methods: Sequence[Method] = METHODS
+    ) -> dict[Method, torch.Tensor]:
+        """The score `(Q, N)` of every in-memory row for each image and method (see `score_every_row`)."""
+        return score_every_row(self.source(), self.computer, images, spec, methods=methods,
+                               encode=self.plan.encode, conditions=self.plan.query_conditions)

@@ -57,6 +57,7 @@ class GradientComputerCache:
             str(plan.scheduler_folder),
             plan.loss,
             plan.loss_weighting,
+            spec.output_function,
             spec.projector.model_dump_json(),
             str(spec.batch_size),
             str(checkpoint),

@@ -3,9 +3,10 @@
 A `Conditions` maps the keyword a diffusers model's forward takes to a tensor whose first axis runs
 over samples: `class_labels` `(B,)` int64 for a class-conditional `UNet2DModel` (`num_class_embeds`
 or `class_embed_type="timestep"`); a text-conditional `UNet2DConditionModel`'s `encoder_hidden_states`
-`(B, L, D)` float32, its caption's (or prompt's) text encoder states (`retrac.text`). Every gradient path takes one and lays it out like the images it goes with
-(repeated per slot, per query timestep, per noise draw), so a sample's loss is always computed under
-its own condition. An unconditional model gets the empty `Conditions()`.
+`(B, L, D)` float32, its caption's (or prompt's) text encoder states (`retrac.text`). Every gradient path
+takes one and lays it out like the images it goes with (repeated per slot, per query timestep, per noise
+draw), so a sample's loss is always computed under its own condition. An unconditional model gets the empty
+`Conditions()`.
 
 `ClassLabels` is the label mapping of a class-conditional index (class name -> the integer the model
 takes): it resolves a query's label and is recorded in the store.
@@ -53,7 +54,8 @@ class Conditions:
         return Conditions({k: v[rows] for k, v in self.tensors.items()})
 
     def repeat_interleave(self, count: int) -> Conditions:
-        """Each sample's condition `count` times in a row, as `images.repeat_interleave(count, 0)` lays them out."""
+        """Each sample's condition `count` times in a row, as `images.repeat_interleave(count, 0)` lays them
+        out."""
         return Conditions({k: v.repeat_interleave(count, dim=0) for k, v in self.tensors.items()})
 
     def to(self, device: torch.device | str) -> Conditions:
@@ -78,7 +80,8 @@ class ClassLabels:
     classes: Mapping[str, int]
 
     def resolve(self, label: int | str) -> int:
-        """The integer of a query's `label`: a class name, else a class's integer; a SpecError listing the classes."""
+        """The integer of a query's `label`: a class name, else a class's integer; a SpecError listing the
+        classes."""
         text = str(label)
         if text in self.classes:
             return self.classes[text]
@@ -114,7 +117,8 @@ def query_conditions(
     rather than ignore it."""
     if prompt is not None and text is None:
         raise SpecError(
-            f"this index's model is not text-conditional: it takes no prompt (got {prompt[:40]!r}); leave the prompt out"
+            f"this index's model is not text-conditional: it takes no prompt (got {prompt[:40]!r}); leave "
+            "the prompt out"
         )
     if text is not None:
         if prompt is None:
@@ -123,7 +127,9 @@ def query_conditions(
                 "for the empty, unconditional prompt)"
             )
         if label is not None:
-            raise SpecError(f"this index's model is text-conditional: it takes no label (got {label!r}); give a prompt")
+            raise SpecError(
+                f"this index's model is text-conditional: it takes no label (got {label!r}); give a prompt"
+            )
         return Conditions.of_text(text([prompt]).expand(count, -1, -1))
     if classes is None:
         if label is not None:

@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,9 @@ _SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
 _OLD_ID_CHAR = re.compile(r"[^A-Za-z0-9._-]")
 _LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601, the weights of PIL's convert("L")
 _PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "coins", "moon", "page", "text", "rocket", "horse")
-_IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # PIL names its file object; say nothing of it
+_IN_MEMORY = re.compile(
+    r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>"
+)  # PIL names its file object; say nothing of it
 _CHUNK = 256  # images converted at once: bounds the float copy of a large array
 _SOURCES = (
     "builtin:digits, builtin:digits:<0-9>, builtin:faces, builtin:patches, builtin:outliers, "
@@ -108,8 +111,9 @@ class ImageDataset:
         bad = [i for i in self.ids if not _SAMPLE_ID.fullmatch(i) or len(i) > MAX_SAMPLE_ID_LENGTH]
         if bad:
             raise DatasetError(
-                f"sample ids must be relative paths of at most {MAX_SAMPLE_ID_LENGTH} characters (parts joined "
-                f"by '/', none empty or only dots, no backslash or control characters); rename: {bad[:5]}"
+                f"sample ids must be relative paths of at most {MAX_SAMPLE_ID_LENGTH} characters (parts "
+                "joined by '/', none empty or only dots, no backslash or control characters); rename: "
+                f"{bad[:5]}"
             )
         if len(set(self.ids)) != count:
             repeated = sorted(i for i, n in Counter(self.ids).items() if n > 1)
@@ -136,7 +140,7 @@ class ImageDataset:
         header = {"shape": list(self.images.shape), "dtype": "float32", "ids": list(self.ids),
                   "groups": None if self.groups is None else list(self.groups)}
         digest = hashlib.sha256(json.dumps(header).encode())
-        digest.update(np.ascontiguousarray(self.images.detach().cpu().numpy(), dtype=np.float32))
+        digest.update(np.ascontiguousarray(self.images.detach().cpu().numpy(), dtype=np.float32).data)
         return digest.hexdigest()
 
     @functools.cached_property
@@ -152,8 +156,15 @@ class ImageDataset:
         groups = None if self.groups is None else tuple(self.groups[i] for i in index)
         labels = None if self.labels is None else tuple(self.labels[i] for i in index)
         captions = None if self.captions is None else tuple(self.captions[i] for i in index)
-        return ImageDataset(self.images[torch.tensor(index, dtype=torch.long)], tuple(self.ids[i] for i in index),
-                            self.name, groups, labels=labels, classes=self.classes, captions=captions)
+        return ImageDataset(
+            self.images[torch.tensor(index, dtype=torch.long)],
+            tuple(self.ids[i] for i in index),
+            self.name,
+            groups,
+            labels=labels,
+            classes=self.classes,
+            captions=captions,
+        )
 
     def index_of(self, sample_ids: Iterable[str]) -> list[int]:
         """Positions of the given ids, so callers can address samples by their stable names."""
@@ -249,7 +260,9 @@ def split_holdout(dataset: ImageDataset, n_holdout: int, *, seed: int) -> tuple[
     if not 0 <= n_holdout <= len(dataset):
         raise DatasetError(f"cannot hold out {n_holdout} of {len(dataset)} samples")
     order = np.random.default_rng(seed).permutation(len(dataset))
-    return dataset.subset(np.sort(order[n_holdout:]).tolist()), dataset.subset(np.sort(order[:n_holdout]).tolist())
+    return dataset.subset(np.sort(order[n_holdout:]).tolist()), dataset.subset(
+        np.sort(order[:n_holdout]).tolist()
+    )
 
 
 # --- sources ---------------------------------------------------------------------------------------------
@@ -280,7 +293,9 @@ def _load_faces(spec: DatasetSpec) -> ImageDataset:
 
     faces = data.lfw_subset()
     ids = tuple(f"face-{i:03d}" for i in range(len(faces)))
-    return _array_dataset(faces.astype(np.float32), ids, None, spec, spec.source)  # the float32 it becomes anyway
+    return _array_dataset(
+        faces.astype(np.float32), ids, None, spec, spec.source
+    )  # the float32 it becomes anyway
 
 
 def _load_patches(spec: DatasetSpec) -> ImageDataset:
@@ -298,9 +313,15 @@ def _load_patches(spec: DatasetSpec) -> ImageDataset:
     for k, (name, photo) in enumerate(photos):
         rows = np.flatnonzero(which == k)
         if rows.size:
-            cuts = np.stack([photo[y:y + side, x:x + side] for y, x in zip(ys[rows], xs[rows])])
-            images[torch.from_numpy(rows)] = _to_tensor(cuts, batched=True, resolution=spec.resolution,
-                                                        channels=spec.channels, where=name, conversions=conversions)
+            cuts = np.stack([photo[y:y + side, x:x + side] for y, x in zip(ys[rows], xs[rows], strict=True)])
+            images[torch.from_numpy(rows)] = _to_tensor(
+                cuts,
+                batched=True,
+                resolution=spec.resolution,
+                channels=spec.channels,
+                where=name,
+                conversions=conversions,
+            )
     ids = tuple(f"patch-{photos[k][0]}-{i:05d}" for i, k in enumerate(which))
     return ImageDataset(images, ids, spec.source, notices=conversions.notices(count, spec.source))
 
@@ -324,7 +345,7 @@ def _photos() -> tuple[tuple[str, np.ndarray], ...]:
 def _load_outliers(spec: DatasetSpec) -> ImageDataset:
     total = spec.limit or 1000
     n_outliers = max(1, round(0.04 * total))
-    shape = {"resolution": spec.resolution, "channels": spec.channels, "seed": spec.seed}
+    shape: dict[str, Any] = {"resolution": spec.resolution, "channels": spec.channels, "seed": spec.seed}
     majority = load_dataset(DatasetSpec(source="builtin:patches", limit=max(1, total - n_outliers), **shape))
     zeros = load_dataset(DatasetSpec(source="builtin:digits:0", **shape))
     mixture = outlier_mixture(majority, zeros, n_majority=total - n_outliers, n_outliers=n_outliers,
@@ -339,19 +360,35 @@ def _load_folder(folder: Path, spec: DatasetSpec, root: Path | None) -> ImageDat
     grouped = all("/" in rel for rel in found)  # every image in a class subfolder: the subfolder is its group
     kept = found[:spec.limit]
     conversions = Conversions()
-    images = [load_image_file(resolve_inside(root, folder / rel), resolution=spec.resolution, channels=spec.channels,
-                              conversions=conversions)
-              for rel in kept]
+    images = [
+        load_image_file(
+            resolve_inside(root, folder / rel),
+            resolution=spec.resolution,
+            channels=spec.channels,
+            conversions=conversions,
+        )
+        for rel in kept
+    ]
     ids = tuple(kept)  # the relative paths themselves: an answer names the file
     groups = tuple(rel.split("/", 1)[0] for rel in kept) if grouped else None
     labels, classes = None, None
     if grouped:  # numbered over every file found, so that a limit never renumbers the classes
         labels, classes = _class_labels(np.asarray([rel.split("/", 1)[0] for rel in found]), spec.limit)
-    return ImageDataset(torch.stack(images), ids, folder.name, groups, conversions.notices(len(kept), folder.name),
-                        labels, classes, _folder_captions(folder, ids, spec.caption_column, root))
+    return ImageDataset(
+        torch.stack(images),
+        ids,
+        folder.name,
+        groups,
+        conversions.notices(len(kept), folder.name),
+        labels,
+        classes,
+        _folder_captions(folder, ids, spec.caption_column, root),
+    )
 
 
-def _folder_captions(folder: Path, ids: tuple[str, ...], column: str, root: Path | None) -> tuple[str, ...] | None:
+def _folder_captions(
+    folder: Path, ids: tuple[str, ...], column: str, root: Path | None
+) -> tuple[str, ...] | None:
     """Each image's caption from the folder's metadata.jsonl (module docstring), in `ids` order; None
     without one. A DatasetError for a line that is no JSON object, a missing column, or an image without
     its caption (or with two)."""
@@ -381,7 +418,9 @@ def _folder_captions(folder: Path, ids: tuple[str, ...], column: str, root: Path
         found[name] = entry[column]
     missing = [i for i in ids if i not in found]
     if missing:
-        raise DatasetError(f"{file} gives no caption to {len(missing)} images, e.g. {missing[:3]}; caption every image")
+        raise DatasetError(
+            f"{file} gives no caption to {len(missing)} images, e.g. {missing[:3]}; caption every image"
+        )
     return tuple(found[i] for i in ids)
 
 
@@ -433,7 +472,9 @@ def _strings(archive: np.lib.npyio.NpzFile, key: str, count: int, path: Path) ->
         return None
     values = archive[key]  # strings, or integers (class labels) written as their decimal text
     if values.dtype.kind not in "USiu" or values.shape != (count,):
-        raise DatasetError(f"{path}: '{key}' must be {count} strings or integers, got {values.dtype} {values.shape}")
+        raise DatasetError(
+            f"{path}: '{key}' must be {count} strings or integers, got {values.dtype} {values.shape}"
+        )
     return tuple(values.astype(str).tolist())
 
 
@@ -505,7 +546,9 @@ def _decode_image(data: bytes, where: str, max_side: int, conversions: Conversio
             _check_side(image.size[1], image.size[0], where, max_side)
             image.load()
             if image.mode == "F" or image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grey, float
-                conversions.note(f"converted from {'float' if image.mode == 'F' else '16-bit'} grey pixels", 1)
+                conversions.note(
+                    f"converted from {'float' if image.mode == 'F' else '16-bit'} grey pixels", 1
+                )
                 return np.asarray(image).astype(np.float32) / (1.0 if image.mode == "F" else 65535.0)
             if "A" in image.getbands() or "transparency" in image.info:
                 conversions.note("had their transparency composited onto black", 1)
@@ -520,7 +563,9 @@ def _decode_image(data: bytes, where: str, max_side: int, conversions: Conversio
             f"{where} is not a readable image: its bytes are no {formats} or {_PIL_FORMATS[-1]} file, nor a .npy array"
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"{where} is not a readable image: {_IN_MEMORY.sub('the data', str(exc))}") from exc
+        raise DatasetError(
+            f"{where} is not a readable image: {_IN_MEMORY.sub('the data', str(exc))}"
+        ) from exc
 
 
 def _check_side(height: int, width: int, where: str, max_side: int) -> None:
@@ -552,7 +597,9 @@ def _nchw(array: np.ndarray, where: str, max_side: int) -> np.ndarray:
                            "(grey or RGB) first or last")
     _check_side(array.shape[2], array.shape[3], where, max_side)
     if 0 in array.shape[2:]:
-        raise DatasetError(f"{where}: images of shape {array.shape[2:]} have no pixels; send a non-empty image")
+        raise DatasetError(
+            f"{where}: images of shape {array.shape[2:]} have no pixels; send a non-empty image"
+        )
     return array
 
 
@@ -569,7 +616,9 @@ def _unit(array: np.ndarray, where: str, conversions: Conversions) -> torch.Tens
     """Pixels as float32 in [0, 1]: uint8 / 255, uint16 / 65535, bool as 0/1, floats checked."""
     scale = {"u1": 255.0, "u2": 65535.0, "b1": 1.0}.get(f"{array.dtype.kind}{array.dtype.itemsize}")
     if scale is None and array.dtype.kind != "f":
-        raise DatasetError(f"{where}: pixel type {array.dtype} unsupported; use uint8 0..255 or float in [0, 1]")
+        raise DatasetError(
+            f"{where}: pixel type {array.dtype} unsupported; use uint8 0..255 or float in [0, 1]"
+        )
     if array.dtype not in (np.uint8, np.float32):  # the two pixel types taken as they are
         conversions.note(f"converted from {array.dtype} pixels", len(array))
     values = np.array(array, dtype=np.float32)  # a writable copy, also of read-only memory maps

@@ -23,3 +23,7 @@ class SpecError(RetracError):
 
 class EvaluationError(RetracError):
     """Inputs of an evaluation metric or experiment do not fit together (shapes, groups, settings)."""
+
+
+class GradientError(RetracError):
+    """A gradient came out non-finite: the message names the parameter, the sample and the dtype."""

@@ -8,13 +8,17 @@ or absolute (`l1`) error, and the weight `w(t)` 1 (`none`) or the signal-to-nois
 models so). The schedule is diffusers' own scheduler object, never a copy of its formulas. Training
 and gradient code both call `per_sample_loss`, so a replayed step reproduces the training loss to
 the last bit.
+
+`per_sample_output` is the function an index differentiates (`IndexSpec.output_function`): that loss,
+or D-TRAK's output norm `mean_pixels f_theta(x_t, t)^2` of the model's raw output (the predicted noise,
+velocity or clean image, whatever the model predicts), unweighted, at the same `x_t`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from api_schemas import LossKind, LossWeighting, PredictionType
+from api_schemas import LossKind, LossWeighting, OutputFunction, PredictionType
 from retrac.exceptions import SpecError
 from retrac.models import Scheduler
 
@@ -36,12 +40,34 @@ def per_sample_loss(
     return values if weighting == "none" else loss_weights(timesteps, scheduler, weighting) * values
 
 
-def noised(x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, scheduler: Scheduler) -> torch.Tensor:
+def per_sample_output(
+    prediction: torch.Tensor,
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    scheduler: Scheduler,
+    kind: LossKind,
+    weighting: LossWeighting = "none",
+    output: OutputFunction = "loss",
+) -> torch.Tensor:
+    """`(B,)`: the loss (`per_sample_loss`) or the output norm `mean_pixels prediction^2` (see above)."""
+    if output == "loss":
+        return per_sample_loss(prediction, x0, timesteps, noise, scheduler, kind, weighting)
+    if output == "output-norm":
+        return prediction.square().flatten(1).mean(dim=1)
+    raise SpecError(f"unknown output function {output!r}; choose loss or output-norm")
+
+
+def noised(
+    x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, scheduler: Scheduler
+) -> torch.Tensor:
     """Forward noising `x_t` for images `(B, C, H, W)` at timesteps `(B,)` with noise `(B, C, H, W)`."""
     return scheduler.add_noise(x0, noise, timesteps)
 
 
-def target(x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, scheduler: Scheduler) -> torch.Tensor:
+def target(
+    x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, scheduler: Scheduler
+) -> torch.Tensor:
     """What the UNet is trained to output for `x_t = noised(x0, timesteps, noise)`, `(B, C, H, W)`."""
     kind: PredictionType = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -77,4 +103,6 @@ def check_weighting(scheduler: Scheduler, weighting: LossWeighting) -> None:
     if weighting not in LOSS_WEIGHTINGS:
         raise SpecError(f"unknown loss weighting {weighting!r}; choose one of {list(LOSS_WEIGHTINGS)}")
     if weighting == "snr" and not bool((scheduler.alphas_cumprod.float() < 1).all()):
-        raise SpecError("the snr loss weighting is infinite where alpha_bar_t = 1 (a zero beta) in this schedule")
+        raise SpecError(
+            "the snr loss weighting is infinite where alpha_bar_t = 1 (a zero beta) in this schedule"
+        )

@@ -18,13 +18,20 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
-    DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, Transformer2DModel, UNet2DConditionModel, UNet2DModel,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
 )
 from diffusers.models.attention_processor import Attention, AttnProcessor
+from safetensors import safe_open
 
 from api_schemas import PredictionType
 from retrac.exceptions import CheckpointError
@@ -32,13 +39,16 @@ from retrac.exceptions import CheckpointError
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
 
-Scheduler = DDPMScheduler | DDIMScheduler
-SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+Scheduler: TypeAlias = DDPMScheduler | DDIMScheduler
+SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {
+    "DDPMScheduler": DDPMScheduler,
+    "DDIMScheduler": DDIMScheduler,
+}
 """Scheduler classes whose `add_noise`/`get_velocity` define the DDPM training objective retrac replays."""
 
 PREDICTION_TYPES: tuple[PredictionType, ...] = ("epsilon", "v_prediction", "sample")
 
-Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | Transformer2DModel
+Denoiser: TypeAlias = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | Transformer2DModel
 DENOISER_CLASSES: dict[str, type[Denoiser]] = {
     "UNet2DModel": UNet2DModel,
     "UNet2DConditionModel": UNet2DConditionModel,
@@ -110,12 +120,17 @@ def class_conditioning(architecture: dict[str, Any]) -> int | None:
         return 0
     raise CheckpointError(
         f"the UNet's class_embed_type {kind!r} takes embedding vectors, not class labels; retrac handles "
-        "class-conditional UNets with num_class_embeds (a class embedding table) or class_embed_type 'timestep'"
+        "class-conditional UNets with num_class_embeds (a class embedding table) or class_embed_type "
+        "'timestep'"
     )
 
 
 _TEXT_UNSUPPORTED = (
-    "addition_embed_type", "class_embed_type", "num_class_embeds", "encoder_hid_dim_type", "time_cond_proj_dim",
+    "addition_embed_type",
+    "class_embed_type",
+    "num_class_embeds",
+    "encoder_hid_dim_type",
+    "time_cond_proj_dim",
 )
 """UNet2DConditionModel options that take inputs beside the text's hidden states (SDXL's added time and
 text embeddings, class labels, image embeddings, a guidance embedding): retrac has none of them to give."""
@@ -189,7 +204,61 @@ def require_weights(path: str | Path) -> Path:
         raise CheckpointError(
             f"{path}: no {WEIGHTS_NAME}; retrac loads safetensors only (convert pickled .bin weights first)"
         )
+    check_weight_keys(path, weight_shapes(folder / WEIGHTS_NAME), expected_shapes(folder))
     return folder
+
+
+def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's name and shape in a safetensors file, read from its header (no weights loaded)."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # a truncated or foreign file: safetensors raises its own kinds
+        raise CheckpointError(f"{file}: not a readable safetensors file: {error}") from error
+
+
+def expected_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The state-dict names and shapes the denoiser that `folder`'s config describes has, from a model
+    built on the meta device (no memory for weights)."""
+    config = json.loads((folder / "config.json").read_text())
+    with init_empty_weights():
+        model = denoiser_class(folder).from_config(config)
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+
+
+PEFT_MARKERS = (".base_layer.", ".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
+"""Name parts of a peft-wrapped layer's tensors (`to_q.base_layer.weight`, `to_q.lora_A.default.weight`)."""
+
+
+def check_weight_keys(path: str | Path, found: dict[str, tuple[int, ...]], expect: dict[str, tuple[int, ...]]) -> None:
+    """A CheckpointError if the weights file's tensors are not exactly those the config's model has:
+    missing ones would be randomly initialised, unexpected ones dropped, mis-shaped ones fail later.
+    The message names a few keys and, for a peft-wrapped model, what it is and how to index it."""
+    missing = sorted(set(expect) - set(found))
+    unexpected = sorted(set(found) - set(expect))
+    misshaped = sorted(k for k in set(found) & set(expect) if found[k] != expect[k])
+    if not (missing or unexpected or misshaped):
+        return
+    if any(marker in key for key in unexpected for marker in PEFT_MARKERS):
+        example = next(key for key in unexpected if any(marker in key for marker in PEFT_MARKERS))
+        raise CheckpointError(
+            f"{path}: a peft-wrapped model (keys like {example}), not the plain denoiser its config describes; "
+            "merge the adapter into its base (peft's merge_and_unload) and save the merged model with "
+            "save_pretrained, then index that folder"
+        )
+    parts = [
+        f"{len(keys)} {what} (e.g. {', '.join(shown(k) for k in keys[:3])})"
+        for what, keys, shown in (
+            ("missing", missing, str),
+            ("unexpected", unexpected, str),
+            ("mis-shaped", misshaped, lambda k: f"{k} {list(found[k])} for {list(expect[k])}"),
+        )
+        if keys
+    ]
+    raise CheckpointError(
+        f"{path}: the weights do not match the config's model: {'; '.join(parts)}; "
+        "save the model with diffusers' save_pretrained, its config and weights together"
+    )
 
 
 def denoiser_class(path: str | Path) -> type[Denoiser]:
@@ -236,7 +305,9 @@ def load_scheduler(folder: str | Path) -> Scheduler:
     """
     config_file = Path(folder) / SCHEDULER_CONFIG
     if not config_file.is_file():
-        raise CheckpointError(f"{folder}: no {SCHEDULER_CONFIG}; give a scheduler folder as diffusers saves it")
+        raise CheckpointError(
+            f"{folder}: no {SCHEDULER_CONFIG}; give a scheduler folder as diffusers saves it"
+        )
     config = json.loads(config_file.read_text())
     name = config.get("_class_name")
     if name not in SCHEDULER_CLASSES:
@@ -246,7 +317,9 @@ def load_scheduler(folder: str | Path) -> Scheduler:
         )
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
-        raise CheckpointError(f"{folder}: prediction type {prediction!r} is not one of {list(PREDICTION_TYPES)}")
+        raise CheckpointError(
+            f"{folder}: prediction type {prediction!r} is not one of {list(PREDICTION_TYPES)}"
+        )
     try:
         return SCHEDULER_CLASSES[name].from_pretrained(folder, local_files_only=True)
     except Exception as error:  # diffusers raises many kinds; the user needs the path and the cause
@@ -271,10 +344,14 @@ def sample_shape(architecture: dict[str, Any]) -> tuple[int, int]:
     size = architecture.get("sample_size")
     if isinstance(size, list):
         if len(set(size)) != 1:
-            raise CheckpointError(f"the UNet's sample_size {size} is not square; retrac handles square images")
+            raise CheckpointError(
+                f"the UNet's sample_size {size} is not square; retrac handles square images"
+            )
         size = size[0]
     if not isinstance(size, int):
-        raise CheckpointError("the UNet config has no sample_size; cannot tell the image size it was trained at")
+        raise CheckpointError(
+            "the UNet config has no sample_size; cannot tell the image size it was trained at"
+        )
     return int(architecture.get("in_channels", 3)), size
 
 
@@ -347,9 +424,13 @@ class DiffusionModel:
 def check_compatible(unet_architecture: dict[str, Any], scheduler: Scheduler) -> None:
     """A CheckpointError if the UNet's output is not exactly the scheduler's prediction."""
     if type(scheduler).__name__ not in SCHEDULER_CLASSES:
-        raise CheckpointError(f"scheduler {type(scheduler).__name__} is not handled; use a DDPM or DDIM scheduler")
+        raise CheckpointError(
+            f"scheduler {type(scheduler).__name__} is not handled; use a DDPM or DDIM scheduler"
+        )
     if scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise CheckpointError(f"prediction type {scheduler.config.prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
+        raise CheckpointError(
+            f"prediction type {scheduler.config.prediction_type!r} is not one of {list(PREDICTION_TYPES)}"
+        )
     channels_in, channels_out = unet_architecture.get("in_channels"), unet_architecture.get("out_channels")
     if channels_out is None and unet_architecture.get("patch_size") is not None:
         channels_out = channels_in  # a DiT's default: as many channels out as in

@@ -40,6 +40,8 @@ def query_noise(seed: int, timesteps: int, draws: int, shape: Sequence[int]) -> 
     generator = torch.Generator("cpu").manual_seed(int(seed))
     # One randn per image, not one randn of (K, M, *shape): torch's CPU randn fills blocks of 16 values,
     # so a single large draw differs from draws in turn whenever prod(shape) is not a multiple of 16.
-    images = [torch.randn(tuple(shape), generator=generator, dtype=torch.float32) for _ in range(timesteps * draws)]
+    images = [
+        torch.randn(tuple(shape), generator=generator, dtype=torch.float32) for _ in range(timesteps * draws)
+    ]
     stacked = torch.stack(images) if images else torch.empty((0, *shape))
     return stacked.reshape(timesteps, draws, *shape)

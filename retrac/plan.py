@@ -23,11 +23,20 @@ from typing import Any
 
 import torch
 
-from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, LossKind, LossWeighting, PredictionType, QuerySpec
+from api_schemas import (
+    CheckpointSpec,
+    DatasetSpec,
+    IndexSpec,
+    LossKind,
+    LossWeighting,
+    PredictionType,
+    QuerySpec,
+)
 from retrac.conditions import ClassLabels, Conditions, query_conditions
 from retrac.datasets import ImageDataset, load_dataset, old_sample_ids
 from retrac.exceptions import CheckpointError, SpecError
-from retrac.gradients import GradientComputer, num_parameters, whole_groups
+from retrac.gradients import GradientComputer, NonFiniteGradient, num_parameters, whole_groups
+from retrac.kernels import check_kernel_width
 from retrac.latents import LatentSpace, check_pixel_shape, find_vae
 from retrac.losses import check_weighting
 from retrac.models import (
@@ -50,8 +59,8 @@ from retrac.paths import confine_folder, resolve_inside
 from retrac.projections import derive_seed, make_projector
 from retrac.query_side import query_timesteps
 from retrac.replay import TrainingRun, default_weights
-from retrac.text import TEXT_ENCODER_FOLDER, TOKENIZER_FOLDER, TextEncoder
 from retrac.scoring import RowChunk
+from retrac.text import TEXT_ENCODER_FOLDER, TOKENIZER_FOLDER, TextEncoder
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,9 @@ class IndexPlan:
     """The frozen text encoder of a text-conditional model's index; None for any other model."""
 
     @classmethod
-    def resolve(cls, spec: IndexSpec, root: Path | None = None, *, data_root: Path | None = None) -> IndexPlan:
+    def resolve(
+        cls, spec: IndexSpec, root: Path | None = None, *, data_root: Path | None = None
+    ) -> IndexPlan:
         """Check and resolve `spec`; paths in it stay inside `root` when one is given, and the
         dataset's files inside `data_root` (default `root`).
 
@@ -116,8 +127,8 @@ class IndexPlan:
         text = _text_encoder(paths[0], architecture, root)
         if text is not None and spec.slots.replay:
             raise SpecError(
-                "replay of a text-conditional model is not handled (a replay record holds no captions); index it "
-                "without replay (--no-replay, with grid or random slots)"
+                "replay of a text-conditional model is not handled (a replay record holds no captions); "
+                "index it without replay (--no-replay, with grid or random slots)"
             )
         if spec.scheduler:
             folder = resolve_inside(root, spec.scheduler)
@@ -134,11 +145,20 @@ class IndexPlan:
         checkpoints = _resolve_checkpoints(spec, run, given, paths, len(dataset))
         if spec.slots.replay:
             _check_replay(run, dataset, checkpoints, classes)
-        return cls(
+        plan = cls(
             spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
             int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type, weighting,
             latent_space=latent_space, classes=classes, text=text,
         )
+        if spec.kernel is not None:
+            check_kernel_width(plan.row_width())
+        return plan
+
+    def row_width(self) -> int:
+        """k, the width of the projected rows: the projector's dim, or the parameter count (identity)."""
+        if self.spec.projector.kind != "identity":
+            return self.spec.projector.dim
+        return num_parameters(self.load_model(0))
 
     @property
     def num_rows(self) -> int:
@@ -179,7 +199,8 @@ class IndexPlan:
         """The computer that projects with this index's operator for checkpoint `checkpoint`."""
         projector = make_projector(self.spec.projector, num_parameters(model), checkpoint)
         return GradientComputer(
-            model, self.loss, projector, chunk=self.spec.batch_size, weighting=self.loss_weighting
+            model, self.loss, projector, chunk=self.spec.batch_size, weighting=self.loss_weighting,
+            output=self.spec.output_function,
         )
 
     @functools.cached_property
@@ -220,7 +241,11 @@ class IndexPlan:
             columns_t.append(t[:, None])
             columns_s.append(s[:, None])
         if slots.grid or slots.random:
-            grid = query_timesteps(slots.grid, self.num_timesteps) if slots.grid else torch.empty(0, dtype=torch.int64)
+            grid = (
+                query_timesteps(slots.grid, self.num_timesteps)
+                if slots.grid
+                else torch.empty(0, dtype=torch.int64)
+            )
             per_sample = [_sample_slots(slots.seed, i, grid, slots.random, self.num_timesteps) for i in ids]
             columns_t.append(torch.stack([t for t, _ in per_sample]))
             columns_s.append(torch.stack([s for _, s in per_sample]))
@@ -237,7 +262,9 @@ class IndexPlan:
         if slots.noise == "independent":
             return [(slice(0, count), noise_from_seeds(seeds, shape).unsqueeze(2))]
         grid = slice(int(slots.replay), int(slots.replay) + slots.grid)
-        shared = query_noise(slots.seed, slots.grid, slots.draws, shape).expand(seeds.shape[0], -1, -1, *shape)
+        shared = query_noise(slots.seed, slots.grid, slots.draws, shape).expand(
+            seeds.shape[0], -1, -1, *shape
+        )
         groups = [(slice(0, grid.start), None), (grid, shared), (slice(grid.stop, count), None)]
         return [
             (part, noise if noise is not None else noise_from_seeds(seeds[:, part], shape).unsqueeze(2))
@@ -249,7 +276,7 @@ class IndexPlan:
         checkpoint: int,
         rows: slice,
         computer: GradientComputer,
-        on_rows: Callable[[int], None] | None = None,
+        on_rows: Callable[[int], object] | None = None,
     ) -> Rows:
         """Projected gradients and exact norms of rows `rows` at checkpoint `checkpoint`.
 
@@ -266,14 +293,23 @@ class IndexPlan:
             width = steps.shape[1]
             last = number == len(groups) and on_rows is not None
             on_chunk = whole_groups(on_rows, width) if last else None  # type: ignore[arg-type]
-            batch = computer.compute(
-                images.repeat_interleave(width, dim=0), steps.reshape(-1), noise.flatten(0, 1), on_chunk,
-                conditions.repeat_interleave(width),
-            )
+            try:
+                batch = computer.compute(
+                    images.repeat_interleave(width, dim=0), steps.reshape(-1), noise.flatten(0, 1), on_chunk,
+                    conditions.repeat_interleave(width),
+                )
+            except NonFiniteGradient as error:
+                row, slot = divmod(error.sample, width)
+                index = range(self.num_rows)[rows][row]
+                where = f"sample {self.dataset.ids[index]!r} (row {index}) at timestep {int(steps[row, slot])}"
+                raise error.at(error.sample, where) from None
             projected.append(batch.projected.reshape(n, width, -1).cpu())
             norms.append(batch.norms.reshape(n, width).cpu())
         return Rows(
-            projected=torch.cat(projected, dim=1), norms=torch.cat(norms, dim=1), timesteps=timesteps, seeds=seeds,
+            projected=torch.cat(projected, dim=1),
+            norms=torch.cat(norms, dim=1),
+            timesteps=timesteps,
+            seeds=seeds,
         )
 
 
@@ -291,9 +327,9 @@ def _check_shape(dataset: DatasetSpec, shape: tuple[int, int]) -> None:
     channels and resolution) are not the `shape` (channels, resolution) the model takes."""
     channels, resolution = shape
     if (dataset.channels, dataset.resolution) != (channels, resolution):
-        shape = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
+        given = f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}"
         raise SpecError(
-            f"the dataset is {shape} (channels x height x width) but the model takes "
+            f"the dataset is {given} (channels x height x width) but the model takes "
             f"{channels}x{resolution}x{resolution}; give resolution {resolution} and channels {channels}"
         )
 
@@ -307,16 +343,16 @@ def _text_encoder(checkpoint: Path, architecture: dict[str, Any], root: Path | N
     pipeline = pipeline_folder(checkpoint)
     if pipeline is None:
         raise CheckpointError(
-            f"{checkpoint}: a text-conditional UNet outside a pipeline folder; give the pipeline folder, with "
-            "its text_encoder/, tokenizer/ and scheduler/ beside unet/"
+            f"{checkpoint}: a text-conditional UNet outside a pipeline folder; give the pipeline folder, "
+            "with its text_encoder/, tokenizer/ and scheduler/ beside unet/"
         )
     for part in (TEXT_ENCODER_FOLDER, TOKENIZER_FOLDER):
         confine_folder(root, pipeline / part, part.replace("_", " "))
     text = TextEncoder.load(pipeline)
     if text.hidden_size != width:
         raise CheckpointError(
-            f"{pipeline}: the text encoder's hidden size {text.hidden_size} is not the UNet's cross_attention_dim "
-            f"{width}; give the pipeline with the text encoder the UNet was trained with"
+            f"{pipeline}: the text encoder's hidden size {text.hidden_size} is not the UNet's "
+            f"cross_attention_dim {width}; give the pipeline with the text encoder the UNet was trained with"
         )
     return text
 
@@ -325,8 +361,9 @@ def _check_captions(dataset: ImageDataset) -> None:
     """A SpecError unless every sample of a text-conditional model's dataset has its caption."""
     if dataset.captions is None:
         raise SpecError(
-            f"the model is text-conditional but the dataset {dataset.name!r} has no captions: put a metadata.jsonl "
-            "beside the images ({\"file_name\": ..., \"text\": ...} per line) or give 'captions' in the .npz"
+            f"the model is text-conditional but the dataset {dataset.name!r} has no captions: put a "
+            "metadata.jsonl beside the images ({\"file_name\": ..., \"text\": ...} per line) or give "
+            "'captions' in the .npz"
         )
 
 
@@ -347,7 +384,9 @@ def _check_labels(dataset: ImageDataset, num_classes: int) -> ClassLabels:
     return dataset.classes
 
 
-def _sample_slots(seed: int, sample_id: str, grid: torch.Tensor, random: int, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_slots(
+    seed: int, sample_id: str, grid: torch.Tensor, random: int, num_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator("cpu").manual_seed(derive_seed(seed, "slots", sample_id))
     random_t = torch.randint(0, num_timesteps, (random,), generator=generator)
     seeds = draw_seeds(generator, len(grid) + random)
@@ -380,9 +419,9 @@ def _resolve_weighting(spec: IndexSpec, run: TrainingRun | None, prediction: Pre
         return run.spec.loss_weighting
     if given is None and prediction == "sample":
         raise SpecError(
-            "the model predicts the clean image (prediction_type sample), which diffusers' train_unconditional.py "
-            "trains with an SNR-weighted MSE; declare the weighting it was trained with: --loss-weighting snr or "
-            "none (loss_weighting in a spec)"
+            "the model predicts the clean image (prediction_type sample), which diffusers' "
+            "train_unconditional.py trains with an SNR-weighted MSE; declare the weighting it was trained "
+            "with: --loss-weighting snr or none (loss_weighting in a spec)"
         )
     return given or "none"
 
@@ -414,6 +453,9 @@ def _resolve_checkpoints(
     paths: list[Path],
     num_samples: int,
 ) -> list[ResolvedCheckpoint]:
+    """Each checkpoint's folder, epoch and weight: given, or `default_weights` with N the run's training
+    set size (an index of a `--limit` subset weighs its checkpoints as the run trained them), or
+    `num_samples` (the indexed samples) for a model trained elsewhere."""
     has_lr = run is not None or all(c.lr is not None for c in given)
     if all(c.weight is not None for c in given):
         weights = [float(c.weight) for c in given]  # type: ignore[arg-type]
@@ -423,10 +465,18 @@ def _resolve_checkpoints(
             raise SpecError(f"checkpoint epochs must increase, got {epochs}")
         batch_size = run.spec.batch_size if run is not None else spec.train_batch_size
         if batch_size is None:
-            raise SpecError("weights from epoch and lr need the training batch size; give --train-batch-size B")
+            raise SpecError(
+                "weights from epoch and lr need the training batch size; give --train-batch-size B"
+            )
+        if run is None and spec.dataset.limit is not None:
+            raise SpecError(
+                "weights from epoch and lr need the training set's size, which --limit hides without a run; "
+                "give each checkpoint its weight (weight=...)"
+            )
         lrs = [c.lr if c.lr is not None else run.spec.lr for c in given]  # type: ignore[union-attr]
-        defaults = default_weights(epochs, lrs, batch_size, num_samples)
-        weights = [c.weight if c.weight is not None else w for c, w in zip(given, defaults)]
+        trained = len(run.sample_ids) if run is not None else num_samples  # the run's N, not the indexed
+        defaults = default_weights(epochs, lrs, batch_size, trained)
+        weights = [c.weight if c.weight is not None else w for c, w in zip(given, defaults, strict=True)]
     elif any(c.epoch is not None or c.lr is not None for c in given) and any(c.weight is None for c in given):
         raise SpecError("give every checkpoint a weight, or every checkpoint an epoch and a learning rate")
     else:
@@ -448,14 +498,17 @@ def _check_replay(
     missing = set(dataset.ids) - set(run.sample_ids)
     if missing and set(old_sample_ids(dataset.ids)) <= set(run.sample_ids):
         raise SpecError(
-            f"the run names its samples by the rule of earlier versions ({old_sample_ids(sorted(missing))[0]!r}); "
-            f"sample ids are now the files' relative paths ({sorted(missing)[0]!r}): train the run again to "
-            "replay it, or index it without replay (grid or random slots)"
+            "the run names its samples by the rule of earlier versions "
+            f"({old_sample_ids(sorted(missing))[0]!r}); sample ids are now the files' relative paths "
+            f"({sorted(missing)[0]!r}): train the run again to replay it, or index it without replay (grid "
+            "or random slots)"
         )
     if missing:
         run.replayed(sorted(missing), 1)  # raises ReplayError naming them
     if dataset.ids == run.sample_ids and dataset.fingerprint != run.dataset_fingerprint:
-        raise SpecError("the dataset's images differ from those the run was trained on; replay would be wrong")
+        raise SpecError(
+            "the dataset's images differ from those the run was trained on; replay would be wrong"
+        )
     if classes is not None:
         _check_replayed_labels(run, dataset, classes)
 
@@ -464,8 +517,9 @@ def _check_replayed_labels(run: TrainingRun, dataset: ImageDataset, classes: Cla
     """A SpecError unless the run recorded each sample's class label, and the dataset gives the same."""
     if run.labels is None or run.classes is None:
         raise SpecError(
-            f"{run.folder}: the run records no class labels, so its steps cannot be replayed under them; record "
-            "them (Recorder(labels=..., classes=...)) or index it without replay (grid or random slots)"
+            f"{run.folder}: the run records no class labels, so its steps cannot be replayed under them; "
+            "record them (Recorder(labels=..., classes=...)) or index it without replay (grid or random "
+            "slots)"
         )
     trained = dict(zip(run.sample_ids, run.labels, strict=True))
     now = dict(zip(dataset.ids, dataset.labels or (), strict=True))
@@ -473,8 +527,8 @@ def _check_replayed_labels(run: TrainingRun, dataset: ImageDataset, classes: Cla
     if differing:
         first = differing[0]
         raise SpecError(
-            f"the dataset's class labels differ from those the run was trained with ({len(differing)} samples, "
-            f"e.g. {first}: {trained[first]} then, {now[first]} now); replay would be wrong"
+            f"the dataset's class labels differ from those the run was trained with ({len(differing)} "
+            f"samples, e.g. {first}: {trained[first]} then, {now[first]} now); replay would be wrong"
         )
     if dict(run.classes.classes) != dict(classes.classes):
         raise SpecError(

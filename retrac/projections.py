@@ -83,9 +83,10 @@ class SketchProjector:
     Unbiased for inner products, `E[<Pa, Pb>] = <a, b>`, variance about `|a|^2 |b|^2 / k`.
 
     Applied block by block (`SKETCH_BLOCK` columns, or one parameter tensor, at a time), which keeps
-    each block in cache while it is scattered: over a whole `(B, P)` gradient the same scatter-add
-    ran 3-5x slower on a CPU. Coordinates reach their bucket in index order, so the result does not
-    depend on how the columns were split into blocks, nor on the batch.
+    each block in cache while it is scattered (a scatter-add over a whole `(B, P)` gradient is several
+    times slower on a CPU: docs/performance.md#per-sample-gradients-training-side). Coordinates reach
+    their bucket in index order, so the result does not depend on how the columns were split into
+    blocks, nor on the batch.
     """
 
     kind: ProjectorKind = "sketch"

@@ -6,6 +6,7 @@ draws per timestep:
     h(q, t)  = (1/M) sum_m g(theta; q, t, eps_m)       the gradient of the mean loss over M draws
     G(q)     = (1/K) sum_t P h(q, t)                     TracIn query vector
     G^(q)    = (1/K) sum_t P h(q, t) / ||h(q, t)||       ReTrac query vector (norm before projection)
+    F^{-1} G(q)                                          TRAK / D-TRAK query vector (`retrac.kernels`)
 
 `QueryVectors` keeps every `P h(q, t)`, not only their means: the matched estimator pairs each with a
 training slot at the same timestep, and the timestep bands split a score by where its timesteps lie.
@@ -16,8 +17,8 @@ not depend on which other images share its batch, and the same draws serve every
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +29,25 @@ from retrac.exceptions import SpecError
 from retrac.gradients import GradientComputer, inverse_norms, whole_groups
 from retrac.noise import query_noise
 
+if TYPE_CHECKING:  # retrac.kernels reads rows as retrac.scoring defines them, which reads these vectors
+    from retrac.kernels import Kernel
+
 AnyQuery = TypeVar("AnyQuery", bound=QuerySpec)
 
 BANDS = ("coarse", "middle", "fine")
 """Timestep bands, in thirds of the schedule: coarse t >= 2T/3 (composition), middle, fine t < T/3
 (texture). A score's band parts sum to it."""
+
+
+WIDE_ROWS = 65_536
+"""Row width past which a scan accumulates in float64 (`accumulator`): a float32 dot product of n
+terms errs by up to ~sqrt(n) u of its terms' sum (u = 2^-24), 1.7e-4 relative seen at the identity
+projector's 701k dimensions; a k = 4,096 sketch's stays near 1e-6 at float32's speed."""
+
+def accumulator(dim: int) -> torch.dtype:
+    """The dtype a scan multiplies and sums rows of width `dim` in: float32, or float64 past
+    `WIDE_ROWS` (the identity projector's rows), where float32's error would grow with the width."""
+    return torch.float64 if dim > WIDE_ROWS else torch.float32
 
 
 def timestep_bands(timesteps: torch.Tensor, num_timesteps: int) -> torch.Tensor:
@@ -45,40 +60,60 @@ class QueryVectors:
     """Query vectors of Q images at one checkpoint over a K-timestep grid.
 
     `per_timestep` `(Q, K, k)`: `P h(q, t)`; `timestep_norms` `(Q, K)`: the exact `||h(q, t)||`;
-    `bands` `(K,)` int64: each timestep's position in `BANDS`.
+    `bands` `(K,)` int64: each timestep's position in `BANDS`; `preconditioned` `(Q, K, k)`:
+    `F^{-1} P h(q, t)` under the checkpoint's kernel (`preconditioned_by`), for trak and dtrak.
     """
 
     per_timestep: torch.Tensor
     timestep_norms: torch.Tensor
     bands: torch.Tensor
-    _band_vectors: dict[Method, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    preconditioned: torch.Tensor | None = None
+    _band_vectors: dict[Method, torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def timestep_vectors(self, method: Method) -> torch.Tensor:
-        """`(Q, K, k)`: `P h(q, t)` (TracIn) or `P h(q, t) / ||h(q, t)||` (ReTrac) at each timestep."""
+        """`(Q, K, k)`: `P h(q, t)` (TracIn), `P h(q, t) / ||h(q, t)||` (ReTrac) or `F^{-1} P h(q, t)`
+        (trak, dtrak) at each timestep."""
         if method == "tracin":
             return self.per_timestep
-        return self.per_timestep * inverse_norms(self.timestep_norms).unsqueeze(-1)
+        if method == "retrac":
+            return self.per_timestep * inverse_norms(self.timestep_norms).unsqueeze(-1)
+        if self.preconditioned is None:
+            raise SpecError(f"method {method} scores query vectors preconditioned by the index's kernel")
+        return self.preconditioned
+
+    def preconditioned_by(self, kernel: Kernel) -> QueryVectors:
+        """These vectors with `preconditioned` = `F^{-1} P h(q, t)` under `kernel`."""
+        return replace(self, preconditioned=kernel.precondition(self.per_timestep))
+
+    def mean_vector(self, method: Method) -> torch.Tensor:
+        """`(Q, k)`: the method's query vector, the mean over timesteps of `timestep_vectors(method)`
+        (float64 for rows wider than `WIDE_ROWS`)."""
+        return self.timestep_vectors(method).to(accumulator(self.per_timestep.shape[-1])).mean(dim=1)
 
     def band_weights(self) -> torch.Tensor:
         """`(K, B)`: 1/K where timestep t lies in band b, else 0. A timestep mean is this sum."""
         return F.one_hot(self.bands, len(BANDS)).to(torch.float32) / self.bands.shape[0]
 
     def band_vectors(self, method: Method) -> torch.Tensor:
-        """`(Q, B, k)`: the part of the method's query vector from each band's timesteps (sum over B: G or G^).
-        Computed once per method: a scan asks for it per chunk."""
+        """`(Q, B, k)`: the part of the method's query vector from each band's timesteps (sum over B: G or
+        G^). Computed once per method: a scan asks for it per chunk."""
         if method not in self._band_vectors:
-            self._band_vectors[method] = torch.einsum("qkd,kb->qbd", self.timestep_vectors(method), self.band_weights())
+            vectors, dtype = self.timestep_vectors(method), accumulator(self.per_timestep.shape[-1])
+            weights = self.band_weights().to(dtype)
+            self._band_vectors[method] = torch.einsum("qkd,kb->qbd", vectors.to(dtype), weights)
         return self._band_vectors[method]
 
     @property
     def tracin(self) -> torch.Tensor:
         """G `(Q, k)`: the mean over timesteps of `P h(q, t)`."""
-        return self.timestep_vectors("tracin").mean(dim=1)
+        return self.mean_vector("tracin")
 
     @property
     def retrac(self) -> torch.Tensor:
         """G^ `(Q, k)`: the mean over timesteps of `P h(q, t) / ||h(q, t)||`."""
-        return self.timestep_vectors("retrac").mean(dim=1)
+        return self.mean_vector("retrac")
 
 
 def query_timesteps(count: int, num_timesteps: int) -> torch.Tensor:
@@ -119,7 +154,7 @@ def query_vectors(
     computer: GradientComputer,
     images: torch.Tensor,
     spec: QuerySpec,
-    on_images: Callable[[int], None] | None = None,
+    on_images: Callable[[int], object] | None = None,
     conditions: Conditions = Conditions(),
 ) -> QueryVectors:
     """The per-timestep query vectors of `images` `(Q, C, H, W)` at the computer's checkpoint, each

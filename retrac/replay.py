@@ -34,7 +34,9 @@ RECORD_NAME = "replay.safetensors"
 RECORDER_STATE_NAME = "recorder.safetensors"
 
 
-def default_weights(epochs: Sequence[int], lrs: Sequence[float], batch_size: int, num_samples: int) -> list[float]:
+def default_weights(
+    epochs: Sequence[int], lrs: Sequence[float], batch_size: int, num_samples: int
+) -> list[float]:
     """`w_c = lr_c * B * (e_c - e_{c-1}) / N` with `e_0 = 0`, as the paper's code weighs checkpoints."""
     previous = [0, *epochs[:-1]]
     return [lr * batch_size * (e - p) / num_samples for e, p, lr in zip(epochs, previous, lrs, strict=True)]
@@ -63,7 +65,9 @@ class TrainingRun:
             raise ReplayError(f"{folder}: not a training run (no {MANIFEST_NAME})")
         manifest = json.loads(manifest_file.read_text())
         if manifest.get("format") != RUN_FORMAT:
-            raise ReplayError(f"{folder}: unknown run format {manifest.get('format')!r}, expected {RUN_FORMAT}")
+            raise ReplayError(
+                f"{folder}: unknown run format {manifest.get('format')!r}, expected {RUN_FORMAT}"
+            )
         record = load_file(folder / RECORD_NAME)
         labels, classes = manifest.get("labels"), manifest.get("classes")
         return cls(
@@ -91,7 +95,10 @@ class TrainingRun:
         """Every saved checkpoint with its path, epoch and default weight."""
         entries = self.checkpoint_entries
         weights = default_weights(
-            [e["epoch"] for e in entries], [e["lr"] for e in entries], self.spec.batch_size, len(self.sample_ids)
+            [e["epoch"] for e in entries],
+            [e["lr"] for e in entries],
+            self.spec.batch_size,
+            len(self.sample_ids),
         )
         return [
             CheckpointSpec(path=str(self.folder / e["path"]), epoch=e["epoch"], weight=w)
@@ -194,7 +201,9 @@ class Recorder:
         """The noise `(B, *shape)` to train samples `sample_ids` on at `timesteps` `(B,)` this step."""
         rows = self._rows(sample_ids)
         if (self._record["seeds"][-1, rows] >= 0).any():
-            raise ReplayError("a sample was trained twice in one epoch; call end_epoch() after each pass over the data")
+            raise ReplayError(
+                "a sample was trained twice in one epoch; call end_epoch() after each pass over the data"
+            )
         seeds = draw_seeds(self._generator, len(rows))
         self._record["timesteps"][-1, rows] = timesteps.detach().cpu().to(torch.int64)
         self._record["seeds"][-1, rows] = seeds
@@ -208,7 +217,9 @@ class Recorder:
         """Close the epoch; every sample must have been trained in it."""
         missed = int((self._record["seeds"][-1] < 0).sum())
         if missed:
-            raise ReplayError(f"{missed} samples were not trained this epoch; every sample must be trained every epoch")
+            raise ReplayError(
+                f"{missed} samples were not trained this epoch; every sample must be trained every epoch"
+            )
         self._open_epoch()
 
     def checkpoint(self, path: str | Path) -> None:
@@ -231,7 +242,9 @@ class Recorder:
         )
         last = run.checkpoint_entries[-1]["epoch"] if run.checkpoint_entries else 0
         recorder._record = {
-            "timesteps": run.timesteps[:last].clone(), "seeds": run.seeds[:last].clone(), "losses": run.losses[:last].clone()
+            "timesteps": run.timesteps[:last].clone(),
+            "seeds": run.seeds[:last].clone(),
+            "losses": run.losses[:last].clone(),
         }
         recorder._checkpoints = list(run.checkpoint_entries)
         recorder._generator.set_state(load_file(Path(folder) / RECORDER_STATE_NAME)["generator"])
@@ -240,7 +253,11 @@ class Recorder:
 
     def _open_epoch(self) -> None:
         n = len(self.sample_ids)
-        fresh = {"timesteps": torch.full((1, n), -1), "seeds": torch.full((1, n), -1), "losses": torch.full((1, n), float("nan"))}
+        fresh = {
+            "timesteps": torch.full((1, n), -1),
+            "seeds": torch.full((1, n), -1),
+            "losses": torch.full((1, n), float("nan")),
+        }
         self._record = {k: torch.cat([v, fresh[k].to(v.dtype)]) for k, v in self._record.items()}
 
     def _rows(self, sample_ids: Sequence[str]) -> torch.Tensor:

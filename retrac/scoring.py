@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from api_schemas import Method, SlotSpec
 from retrac.exceptions import SpecError
 from retrac.gradients import inverse_norms
-from retrac.query_side import QueryVectors
+from retrac.query_side import QueryVectors, accumulator
 
 METHODS: tuple[Method, ...] = ("tracin", "retrac")
 
@@ -41,10 +41,9 @@ SCAN_ROWS * S * k values per checkpoint, beyond what a store keeps resident."""
 
 SCAN_BLOCK_BYTES = 1 << 20
 """float32 bytes a scan converts at a time from float16 rows: the block stays in the core's L2 cache
-between its conversion and its matmul. (One thread, k = 4,096, one query: 512-row blocks, 8 MB, ran
-at 0.3x of a plain sum over the same float16 bytes, 32- and 64-row ones, 0.5-1 MB, at 0.5-0.8x in
-runs on a shared machine. A direct float16 matmul rounds scores to float16; a float32 copy of a whole
-chunk costs extra passes over memory.)"""
+between its conversion and its matmul: larger blocks ran slower, a direct float16 matmul rounds
+scores to float16, and a float32 copy of a whole chunk costs extra passes over memory (see
+docs/performance.md#the-exact-scan-near-the-memory-limit)."""
 
 
 @dataclass(frozen=True)
@@ -73,20 +72,22 @@ def matched_slots(slots: SlotSpec) -> slice:
     return slice(int(slots.replay), int(slots.replay) + slots.grid)
 
 
-def _blocks(projected: torch.Tensor, slots: slice) -> Iterator[tuple[int, torch.Tensor]]:
+def _blocks(projected: torch.Tensor, slots: slice, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, block `(b, S', k)` of `projected[rows, slots]`) in a dtype the matmul takes as it is.
 
-    float32 and bfloat16 rows come as one view of the whole chunk, uncopied (bfloat16 through the
-    CPU's bf16 matmul: AVX-512 BF16 or AMX, float32 accumulation, products rounded to bfloat16);
-    float16 rows are converted to float32 `SCAN_BLOCK_BYTES` at a time through one reused buffer.
+    `dtype` float32 (`accumulator`): float32 and bfloat16 rows come as one view of the whole chunk,
+    uncopied (bfloat16 through the CPU's bf16 matmul: AVX-512 BF16 or AMX, float32 accumulation,
+    products rounded to bfloat16); float16 rows are converted to float32 `SCAN_BLOCK_BYTES` at a time
+    through one reused buffer. `dtype` float64: every row is converted so, to float64.
     """
-    if projected.dtype in (torch.float32, torch.bfloat16):
+    if dtype == torch.float32 and projected.dtype in (torch.float32, torch.bfloat16):
         yield 0, projected[:, slots]
         return
     n = projected.shape[0]
     width = len(range(*slots.indices(projected.shape[1])))
-    step = max(1, SCAN_BLOCK_BYTES // (width * projected.shape[2] * 4))
-    buffer = torch.empty(min(step, n), width, projected.shape[2], device=projected.device)
+    size = torch.finfo(dtype).bits // 8
+    step = max(1, SCAN_BLOCK_BYTES // (width * projected.shape[2] * size))
+    buffer = torch.empty(min(step, n), width, projected.shape[2], device=projected.device, dtype=dtype)
     for start in range(0, n, step):
         part = projected[start : start + step, slots]
         converted = buffer[: part.shape[0]]
@@ -103,22 +104,22 @@ runs a matrix-vector product that reads bfloat16 rows slower than with two (benc
 
 
 def _products(block: torch.Tensor, sides: torch.Tensor, out: torch.Tensor) -> None:
-    """Write into `out` `(m, b * S)` float32 every column of `sides` `(m, k)` float32 times every
-    stored row of `block` `(b, S, k)`, in the block's dtype (bfloat16 rows: the query side rounded to
-    bfloat16, products rounded to bfloat16, then widened into `out`).
+    """Write into `out` `(m, b * S)` every column of `sides` `(m, k)` (float32, or float64 with float64
+    blocks) times every stored row of `block` `(b, S, k)`, in the block's dtype (bfloat16 rows: the query
+    side rounded to bfloat16, products rounded to bfloat16, then widened into `out`).
 
     The rows are the matmul's long side (`sides @ rows.T`): a few columns times many rows is the shape
     the CPU's bf16 kernels run fastest, and each column's products land contiguous, as a top-k and a
     slot mean read them. float32 rows on a CPU with more than one column go through oneDNN's
-    float32 product (`mkldnn._linear_pointwise`, float32 throughout): 16 columns times 16,384 rows
-    of 4,096 ran at 0.48x of the memory read limit, `torch.mm`'s MKL product at 0.13x (one AMD EPYC
-    thread); one column stays with `torch.mm`, whose matrix-vector product ran 2x oneDNN's.
+    float32 product (`mkldnn._linear_pointwise`, float32 throughout), several times faster there
+    than `torch.mm`'s MKL product; one column stays with `torch.mm`, whose matrix-vector product is
+    the faster one (see docs/performance.md#the-exact-scan-near-the-memory-limit).
     """
     rows = block.reshape(-1, block.shape[-1])
     if block.dtype == torch.float32 and len(sides) > 1 and block.device.type == "cpu" and _ONEDNN:
         out.copy_(torch.ops.mkldnn._linear_pointwise(rows, sides, None, "none", [], "").T)
         return
-    if block.dtype == torch.float32:
+    if block.dtype in (torch.float32, torch.float64):
         torch.mm(sides, rows.T, out=out)
         return
     narrow = sides.to(block.dtype)
@@ -136,23 +137,25 @@ def _paper_products(chunk: RowChunk, sides: dict[Method, torch.Tensor]) -> dict[
     chunk's products, which norms and slot means then read in place (no pass at all with one slot).
     """
     n, slots, dim = chunk.projected.shape
-    device = chunk.projected.device
-    stacked = torch.stack(list(sides.values())).to(device, torch.float32)  # (methods, ..., k)
+    device, dtype = chunk.projected.device, accumulator(dim)
+    stacked = torch.stack(list(sides.values())).to(device, dtype)  # (methods, ..., k)
     shape = stacked.shape[1:-1]
     flat = stacked.reshape(-1, dim)
-    products = torch.empty(len(flat), n * slots, device=device)
-    for start, block in _blocks(chunk.projected, slice(None)):
+    products = torch.empty(len(flat), n * slots, device=device, dtype=dtype)
+    for start, block in _blocks(chunk.projected, slice(None), dtype):
         _products(block, flat, products[:, start * slots : (start + block.shape[0]) * slots])
     table = products.view(len(sides), *shape, n, slots)
     out = {}
     for per_slot, method in zip(table, sides, strict=True):
         if method == "retrac":
-            per_slot.mul_(inverse_norms(chunk.norms.to(device)))
+            per_slot.mul_(inverse_norms(chunk.norms.to(device)).to(dtype))
         out[method] = per_slot[..., 0] if slots == 1 else per_slot.mean(dim=-1)
     return out
 
 
-def _paper_parts(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
+def _paper_parts(
+    chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]
+) -> dict[Method, torch.Tensor]:
     """`(n, Q, B)` per method: `mean_s g_s . G_b` (ReTrac: `g_s / ||g_s||`), G_b band b's part of G."""
     tables = _paper_products(chunk, {m: query.band_vectors(m) for m in methods})
     return {m: table.permute(2, 0, 1) for m, table in tables.items()}
@@ -164,16 +167,16 @@ def _matched_parts(
     """`(n, Q, B)` per method: `(1/K) sum_{t in b} g_t . P h(q, t)` over the grid slots `grid`
     (ReTrac: both sides divided by their exact norms), slot t paired with query timestep t."""
     n, _, dim = chunk.projected.shape
-    device = chunk.projected.device
-    per_timestep = torch.stack([query.timestep_vectors(m) for m in methods]).to(device, torch.float32)
+    device, dtype = chunk.projected.device, accumulator(dim)
+    per_timestep = torch.stack([query.timestep_vectors(m) for m in methods]).to(device, dtype)
     _, count, k_steps, _ = per_timestep.shape  # (methods, Q, K, k)
     sides = per_timestep.permute(2, 0, 1, 3).reshape(k_steps, -1, dim)  # (K, methods * Q, k)
-    bands = query.band_weights().to(device)
-    inverse = inverse_norms(chunk.norms[:, grid].to(device))
-    out = {m: torch.empty(n, count, bands.shape[1], device=device) for m in methods}
-    for start, block in _blocks(chunk.projected, grid):
+    bands = query.band_weights().to(device, dtype)
+    inverse = inverse_norms(chunk.norms[:, grid].to(device)).to(dtype)
+    out = {m: torch.empty(n, count, bands.shape[1], device=device, dtype=dtype) for m in methods}
+    for start, block in _blocks(chunk.projected, grid, dtype):
         rows = slice(start, start + block.shape[0])
-        products = torch.einsum("nkd,kmd->nkm", block, sides.to(block.dtype)).float()
+        products = torch.einsum("nkd,kmd->nkm", block, sides.to(block.dtype)).to(dtype)
         products = products.view(block.shape[0], k_steps, len(methods), count)
         for i, method in enumerate(methods):
             per_slot = products[:, :, i]
@@ -183,17 +186,21 @@ def _matched_parts(
     return out
 
 
-def _paper_scores(chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
+def _paper_scores(
+    chunk: RowChunk, query: QueryVectors, methods: Sequence[Method]
+) -> dict[Method, torch.Tensor]:
     """`(Q, n)` per method: `mean_s g_s . G` (ReTrac: `g_s / ||g_s||` and G^), without band parts:
     two columns per query, a third of `_paper_parts`' matmul, the cost of a scan."""
-    return _paper_products(chunk, {m: getattr(query, m) for m in methods})
+    return _paper_products(chunk, {m: query.mean_vector(m) for m in methods})
 
 
 def _check_pairing(chunk: RowChunk, query: QueryVectors, matched: slice) -> None:
     """A SpecError unless the grid slots `matched` are as many as the query's timesteps."""
     stored, asked = len(range(*matched.indices(chunk.projected.shape[1]))), query.per_timestep.shape[1]
     if stored != asked:
-        raise SpecError(f"the matched estimator pairs each of {stored} grid slots with a query timestep; got K = {asked}")
+        raise SpecError(
+            f"the matched estimator pairs each of {stored} grid slots with a query timestep; got K = {asked}"
+        )
 
 
 def parts(
@@ -230,7 +237,9 @@ def contributions(
     the matched one has it for free (its per-timestep products are needed anyway). The paper's
     contributions are a view of `(Q, n, C)`: each query's scores contiguous, as a top-k reads them."""
     if matched is not None:
-        return {m: table.sum(dim=-1) for m, table in parts(chunks, queries, weights, methods, matched).items()}
+        return {
+            m: table.sum(dim=-1) for m, table in parts(chunks, queries, weights, methods, matched).items()
+        }
     out: dict[Method, list[torch.Tensor]] = {m: [] for m in methods}
     for chunk, query, weight in zip(chunks, queries, weights, strict=True):
         table = _paper_scores(chunk, query, methods)
@@ -276,7 +285,9 @@ class Ranking:
 
 def _gathered(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`values` `(Q, n)` or `(Q, n, C)` at the positions `index` `(Q, k)` along n."""
-    return values.gather(1, index if values.ndim == 2 else index.unsqueeze(-1).expand(-1, -1, values.shape[2]))
+    return values.gather(
+        1, index if values.ndim == 2 else index.unsqueeze(-1).expand(-1, -1, values.shape[2])
+    )
 
 
 class _Extremes:
@@ -297,7 +308,9 @@ class _Extremes:
         that enter the kept k (after the first chunks, a few)."""
         per_query = contribution.permute(1, 0, 2)  # (Q, n, C)
         scores = per_query[..., 0] if per_query.shape[2] == 1 else per_query.sum(dim=-1)  # (Q, n)
-        local = scores.topk(min(self.top_k, scores.shape[1]), dim=1, largest=self.largest, sorted=False).indices
+        local = scores.topk(
+            min(self.top_k, scores.shape[1]), dim=1, largest=self.largest, sorted=False
+        ).indices
         merged = [local + first_row, scores.gather(1, local), _gathered(per_query, local)]
         previous = 0
         if self.best is not None:
@@ -312,7 +325,8 @@ class _Extremes:
         else:
             bands = _gathered(self.best.bands, kept.clamp_max(previous - 1))
         bands[query, place] = entering
-        self.best = Ranked(*(_gathered(values, kept) for values in merged), bands=bands)
+        rows, scores, contributions = (_gathered(values, kept) for values in merged)
+        self.best = Ranked(rows, scores, contributions, bands)
 
 
 def scan(

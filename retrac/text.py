@@ -54,12 +54,14 @@ class TextEncoder:
 
     @classmethod
     def load(cls, pipeline: Path) -> TextEncoder:
-        """The text encoder in `pipeline`, its files checked; a CheckpointError saying what to do otherwise."""
+        """The text encoder in `pipeline`, its files checked; a CheckpointError saying what to do
+        otherwise."""
         encoder, tokenizer = pipeline / TEXT_ENCODER_FOLDER, pipeline / TOKENIZER_FOLDER
         if not (encoder / "config.json").is_file() or not (tokenizer / "tokenizer_config.json").is_file():
             raise CheckpointError(
-                f"{pipeline}: the UNet is text-conditional but the pipeline has no {TEXT_ENCODER_FOLDER}/config.json "
-                f"and {TOKENIZER_FOLDER}/tokenizer_config.json; save the pipeline with its text encoder and tokenizer"
+                f"{pipeline}: the UNet is text-conditional but the pipeline has no "
+                f"{TEXT_ENCODER_FOLDER}/config.json and {TOKENIZER_FOLDER}/tokenizer_config.json; save the "
+                "pipeline with its text encoder and tokenizer"
             )
         settings = {k: v for k, v in json.loads((encoder / "config.json").read_text()).items()
                     if k != "transformers_version"}
@@ -71,7 +73,8 @@ class TextEncoder:
             )
         if not (encoder / TEXT_WEIGHTS).is_file():
             raise CheckpointError(
-                f"{encoder}: no {TEXT_WEIGHTS}; retrac loads safetensors only (convert pickled .bin weights first)"
+                f"{encoder}: no {TEXT_WEIGHTS}; retrac loads safetensors only (convert pickled .bin weights "
+                "first)"
             )
         return cls(encoder, tokenizer, settings)
 
@@ -102,7 +105,9 @@ class TextEncoder:
         transformers.utils.logging.disable_progress_bar()
         model_class = getattr(transformers, self.settings["architectures"][0])
         try:
-            model = model_class.from_pretrained(self.encoder_folder, use_safetensors=True, local_files_only=True)
+            model = model_class.from_pretrained(
+                self.encoder_folder, use_safetensors=True, local_files_only=True
+            )
         except Exception as error:  # as above
             raise CheckpointError(f"{self.encoder_folder}: cannot load the text encoder: {error}") from error
         return model.eval().float().requires_grad_(False)

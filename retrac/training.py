@@ -38,7 +38,7 @@ from retrac.models import DiffusionModel, build_unet
 from retrac.noise import draw_seeds, noise_from_seeds
 from retrac.replay import TrainingRun, write_run
 
-ProgressCallback = Callable[[int, float], None]
+ProgressCallback = Callable[[int, float], object]
 """Called after each epoch with (epoch, mean loss)."""
 
 PAPER_BETA_RANGE = (1e-4, 0.02)
@@ -97,7 +97,11 @@ def train(
     scheduler.save_pretrained(out / "scheduler")
     model = DiffusionModel.from_parts(
         build_unet(
-            spec.preset, resolution=resolution, channels=channels, seed=spec.seed, num_class_embeds=num_classes
+            spec.preset,
+            resolution=resolution,
+            channels=channels,
+            seed=spec.seed,
+            num_class_embeds=num_classes,
         ),
         scheduler,
     )
@@ -131,7 +135,7 @@ def train(
             on_epoch(done, float(losses[epoch].mean()))
 
     record = {"timesteps": timesteps, "seeds": seeds, "losses": losses}
-    labelled = {"labels": dataset.labels, "classes": dataset.classes} if conditions else {}
+    labelled: dict[str, Any] = {"labels": dataset.labels, "classes": dataset.classes} if conditions else {}
     write_run(out, spec, dataset.ids, dataset.fingerprint, checkpoints, record, **labelled)
     return TrainingRun.load(out)
 
@@ -158,11 +162,14 @@ def _step(
     seeds: torch.Tensor,
     conditions: Conditions,
 ) -> torch.Tensor:
-    """One optimiser step on a batch under its conditions; returns the per-sample losses `(B,)` it trained on."""
+    """One optimiser step on a batch under its conditions; returns the per-sample losses `(B,)` it trained
+    on."""
     noise = noise_from_seeds(seeds, images.shape[1:])
     noisy = noised(images, timesteps, noise, model.scheduler)
     prediction = model.unet(noisy, timesteps, **conditions.tensors).sample
-    per_sample = per_sample_loss(prediction, images, timesteps, noise, model.scheduler, spec.loss, spec.loss_weighting)
+    per_sample = per_sample_loss(
+        prediction, images, timesteps, noise, model.scheduler, spec.loss, spec.loss_weighting
+    )
     optimizer.zero_grad(set_to_none=True)
     per_sample.mean().backward()
     optimizer.step()

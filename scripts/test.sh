@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite: installs retrac, makes sure the real parts the tests use are there, runs pytest.
+# Run the test suite: installs retrac, makes sure the real parts the tests use are there, runs ruff and
+# mypy, then pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh test
@@ -25,5 +26,9 @@ if ! (command -v redis-cli >/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping >/d
     for _ in $(seq 50); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
   fi
 fi
+
+# Static checks first (configured in pyproject.toml): a lint or type error fails the run.
+.venv/bin/ruff check .
+.venv/bin/mypy
 
 exec .venv/bin/python -m pytest "$@"

@@ -7,6 +7,7 @@ the plot shows every stored slot with the binned median over it.
 from __future__ import annotations
 
 import io
+from typing import cast
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -72,7 +73,7 @@ def norm_plot(norms: StoredNorms, statistics: NormTimestepPublic, title: str) ->
     filled = [b for b in statistics.bins if b.median is not None]
     axes.plot(
         [(b.t_start + b.t_stop) / 2 for b in filled],
-        [b.median for b in filled],
+        [cast(float, b.median) for b in filled],
         "k-",
         lw=2,
         label="binned median",

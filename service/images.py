@@ -39,7 +39,11 @@ def decode_file(
     in `conversions`; DatasetError names it."""
     try:
         return load_image_file(
-            data, resolution=resolution, channels=channels, max_side=max_side(resolution), conversions=conversions
+            data,
+            resolution=resolution,
+            channels=channels,
+            max_side=max_side(resolution),
+            conversions=conversions,
         )
     except DatasetError as error:
         message = str(error).replace("image bytes", name, 1)  # the engine's name for bytes without a path
@@ -68,7 +72,9 @@ def decode_json_image(
         ) from error
     packed = io.BytesIO()
     np.save(packed, array, allow_pickle=False)
-    return decode_file(packed.getvalue(), resolution=resolution, channels=channels, name=name, conversions=conversions)
+    return decode_file(
+        packed.getvalue(), resolution=resolution, channels=channels, name=name, conversions=conversions
+    )
 
 
 def png_bytes(pixels: np.ndarray, size: int | None = None) -> bytes:

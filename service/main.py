@@ -3,6 +3,9 @@
 `/docs` (Swagger UI) and `/redoc` load their scripts from the app itself (fastapi-offline ships
 them), so the docs work on machines without internet access.
 
+`GET /metrics` serves Prometheus metrics (`service.metrics`); every answer carries an `X-Request-ID`
+(`service.requests`); `RETRAC_LOG_FORMAT=json` writes JSON log lines (`worker.logs`).
+
 `retrac serve` runs `create_app` under uvicorn (as a factory, so settings are read at start, not at
 import). Tests build apps with their own `Settings`.
 """
@@ -15,23 +18,28 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
+from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import Match, Mount
 from starlette.types import Scope
 
+from retrac.computers import GradientComputerCache, parse_device
 from service.api.main import API_PREFIX, api_router
-from service.errors import install_error_handlers
+from service.handlers import install_error_handlers
 from service.limits import BodyLimit
+from service.metrics import ServiceMetrics
 from service.openapi import install_schema
 from service.query_engine import QueryEngine
 from service.query_pool import QueryPool
 from service.queue import still_building
 from service.repository import StoreRepository
+from service.requests import RequestObserver
 from service.settings import Settings, get_settings
-from retrac.computers import GradientComputerCache, parse_device
+from worker import logs
 
 STATIC = Path(__file__).parent / "static"
 
@@ -48,9 +56,16 @@ class WebPage(Mount):
         return super().matches(scope)
 
 
+def operation_id(route: APIRoute) -> str:
+    """A route's OpenAPI operation id: its function's name (`attribute`, `list_indexes`, ...), short and
+    stable, so generated clients name their calls after it."""
+    return route.name
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app serving the stores under `settings.stores_root` (default settings: the environment's)."""
     settings = settings or get_settings()
+    logs.configure(settings.log_format, quiet=("uvicorn.access",))  # json: `RequestObserver` logs access
     torch.set_num_threads(settings.torch_threads)
     pool = QueryPool(settings.query_pool, settings) if settings.query_pool else None
 
@@ -74,20 +89,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url="/redoc",
         openapi_url="/openapi.json",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
     settings.use_input_cache()
     app.state.repository = StoreRepository(settings)
+    metrics = app.state.metrics = ServiceMetrics(app.state.repository.open_stores, pool)
     app.state.engine = QueryEngine(
-        GradientComputerCache(parse_device(settings.device), threads=settings.torch_threads), pool
+        GradientComputerCache(parse_device(settings.device), threads=settings.torch_threads),
+        pool,
+        on_answer=metrics.observe_query,
     )
     install_error_handlers(app, still_building)
     install_schema(app, settings)
     app.include_router(api_router)
+    app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     app.router.routes.append(WebPage("/", app=StaticFiles(directory=STATIC, html=True), name="web"))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestObserver, metrics=metrics)  # outermost: it sees every answer
     return app
+
+
+def _metrics(request: Request) -> Response:
+    """Prometheus's text format of `service.metrics`."""
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -35,7 +35,7 @@ def _declare_key_where_needed(schema: dict[str, Any], settings: Settings) -> dic
     used = False
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
-            kept = [
+            kept: list[dict[str, list[str]]] = [
                 {WRITE_SCHEME: []}
                 for requirement in operation.pop("security", [])
                 if any(needed.get(scheme, True) for scheme in requirement)

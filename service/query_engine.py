@@ -16,7 +16,7 @@ import base64
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,10 +36,17 @@ from storage import GradientStore, StoredNorms, attribute, outlier_scores, store
 
 class QueryEngine:
     """The model cache of this process and the lock that serialises query gradients on its models, or
-    the pool of processes that computes them (`pool`; sampling and statistics stay here)."""
+    the pool of processes that computes them (`pool`; sampling and statistics stay here). `on_answer`
+    hears every attribution answer (the service's metrics)."""
 
-    def __init__(self, models: GradientComputerCache, pool: QueryPool | None = None) -> None:
-        self.models, self.pool = models, pool
+    def __init__(
+        self,
+        models: GradientComputerCache,
+        pool: QueryPool | None = None,
+        *,
+        on_answer: Callable[[AttributionsPublic], None] | None = None,
+    ) -> None:
+        self.models, self.pool, self._on_answer = models, pool, on_answer
         self._lock = threading.Lock()
         self._outlier_scores: weakref.WeakKeyDictionary[GradientStore, dict[OutlierScore, np.ndarray]] = (
             weakref.WeakKeyDictionary()
@@ -73,7 +80,10 @@ class QueryEngine:
             gradient_lock=None if self.pool else self._lock,
             gradients=self.pool.gradients(store, pool_waits.append) if self.pool else None,
         )
-        return answer.public(name, names, total_s=time.perf_counter() - started, pool_wait_s=sum(pool_waits))
+        public = answer.public(name, names, total_s=time.perf_counter() - started, pool_wait_s=sum(pool_waits))
+        if self._on_answer is not None:
+            self._on_answer(public)
+        return public
 
     def generate(self, name: str, store: GradientStore, request: GenerateRequest) -> GenerationPublic:
         """Images sampled from the store's last checkpoint as PNGs, each with its condition.

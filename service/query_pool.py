@@ -44,7 +44,7 @@ from retrac.computers import GradientComputerCache, parse_device
 from retrac.conditions import Conditions
 from retrac.exceptions import RetracError
 from retrac.query_side import QueryVectors
-from service.errors import Unavailable
+from service.exceptions import Unavailable
 from service.settings import Settings
 from storage import GradientStore, OpenStores, StaleStoreError, query_gradients
 
@@ -55,7 +55,8 @@ _ENVIRONMENT = threading.Lock()
 """Held while a pool process starts under its own environment variables (`_environment`)."""
 
 Request = tuple[str, str, torch.Tensor, str, list[int], dict[str, torch.Tensor]]
-"""(store location, the store's uid, images, query JSON, checkpoints, condition tensors by forward keyword)."""
+"""(store location, the store's uid, images, query JSON, checkpoints, condition tensors by forward
+keyword)."""
 Answer = tuple[str, object]
 """("done", [(per_timestep, timestep_norms, bands) per checkpoint]) or ("failed", (class, message))."""
 
@@ -99,6 +100,10 @@ class QueryPool:
             process.stop(now=process in idle)
         for process in running:
             process.join(STOP_WAIT_S)
+
+    def busy(self) -> int:
+        """Processes computing a query now (0 before `start`)."""
+        return self.size - self._idle.qsize() if self._started else 0
 
     def gradients(self, store: GradientStore, on_wait: Callable[[float], None]) -> QueryGradients:
         """The pool as `storage.attribute`'s gradient step (`gradients=`) over `store`'s plan;
@@ -184,8 +189,8 @@ class PoolProcess:
         except (EOFError, OSError):
             raise ProcessDied(self._ending()) from None
         if status == "failed":
-            raise failure(*value, pid=self.process.pid)  # type: ignore[misc]
-        return value  # type: ignore[return-value]
+            raise failure(*value, pid=self.process.pid)
+        return value
 
     def _ending(self) -> str:
         """How the process ended, once it has: the signal that killed it or its exit status."""

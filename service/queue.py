@@ -14,10 +14,10 @@ from kombu.exceptions import OperationalError
 
 from api_schemas.common import CheckPublic, IndexName
 from api_schemas.jobs import JobPublic, JobState
-from service.errors import Conflict, NotFound, Unavailable
+from service.exceptions import Conflict, NotFound, Unavailable
 from service.repository import StoreRepository
 from storage import is_leftover
-from worker import control
+from worker import control, logs
 from worker.settings import get_settings as queue_settings
 
 QUEUE_ERRORS = (OperationalError, redis.RedisError, OSError)
@@ -39,12 +39,13 @@ def queue_check() -> CheckPublic:
 
 
 def start_job(repository: StoreRepository, name: IndexName) -> str:
-    """Queue the pending shards of index `name`; remember and return the job id."""
+    """Queue the pending shards of index `name`, tagged with the current request's id (its workers'
+    log lines carry it); remember and return the job id."""
     if not repository.open(name).pending():
         raise Conflict(f"index {name!r} is complete: nothing is left to index")
     require_queue()
     with _queue_errors():
-        job_id = control.submit(repository.path(name))
+        job_id = control.submit(repository.path(name), request_id=logs.current("request_id"))
     repository.record_job(name, job_id)
     return job_id
 
@@ -67,6 +68,7 @@ def describe_job(repository: StoreRepository, job_id: str) -> JobPublic:
         index=name,
         state=state,
         done=progress.done_rows,
+        computing=progress.computing_rows,
         total=progress.total_rows,
         fraction=progress.fraction,
         rate_per_s=progress.rate_per_s,

@@ -26,7 +26,7 @@ from api_schemas.common import IndexName
 from api_schemas.indexes import BrokenIndexPublic, CheckpointProgressPublic, IndexCreate, IndexPublic
 from retrac.exceptions import RetracError, SpecError
 from retrac.paths import resolve_inside
-from service.errors import Conflict, NotFound
+from service.exceptions import Conflict, NotFound
 from service.settings import Settings
 from storage import (
     GradientStore,
@@ -56,6 +56,11 @@ class StoreRepository:
         self.root: Location = settings.stores_location()
         self._stores = OpenStores(settings.bucket_options())
         self._lock = threading.Lock()
+
+    @property
+    def open_stores(self) -> OpenStores:
+        """The stores this repository keeps opened (for the metrics of their cache)."""
+        return self._stores
 
     def path(self, name: IndexName) -> Location:
         """Where index `name` lives (its folder or prefix); an error if the name would leave the root."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from worker.settings import ComputeSettings, ObjectStoreSettings
+from worker.settings import ComputeSettings, LogSettings, ObjectStoreSettings
 
 if TYPE_CHECKING:
     from storage.location import Location
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 MIN_KEY_LENGTH = 16
 
 
-class Settings(ComputeSettings, ObjectStoreSettings):
+class Settings(ComputeSettings, ObjectStoreSettings, LogSettings):
     """The service's settings; `device` and `torch_threads` (query gradients) come from
     `ComputeSettings`, shared with the workers."""
 

@@ -1,9 +1,10 @@
 """The Zarr gradient store: create an index, fill it shard by shard, and answer queries from it.
 
-See `storage.store` for the on-disk layout and its rules (one writer per chunk, done marks after the
+See docs/store-format.md for the on-disk layout and its rules (one writer per chunk, done marks after the
 data, stale inputs refused), and `storage.location` for where a store lives: a folder or a bucket.
 """
 
+from storage.ann import build_ann, build_ann_when_complete
 from storage.cache import OpenStores
 from storage.errors import (
     AnnIndexError,
@@ -15,11 +16,9 @@ from storage.errors import (
     StoreError,
     UnreachableStoreError,
 )
-from storage.ann import build_ann, build_ann_when_complete
 from storage.location import BucketLocation, BucketOptions, LocalLocation, Location, locate
 from storage.progress import Progress, progress
-from storage.runner import run_pending, run_shard
-from storage.statistics import (
+from storage.queries import (
     StoredNorms,
     attribute,
     outlier_scores,
@@ -27,6 +26,7 @@ from storage.statistics import (
     self_influence,
     stored_norms,
 )
+from storage.runner import run_pending, run_shard
 from storage.store import (
     CheckpointStatus,
     GradientStore,

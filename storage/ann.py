@@ -5,35 +5,24 @@ Over C checkpoints a score is one inner product (method.md section 4, weights fo
     TracIn(z, q) = < concat_c w_c mean_s g_c(z, s),            concat_c G_c(q)  >
     ReTrac(z, q) = < concat_c w_c mean_s g_c(z, s)/||g_c(z, s)||, concat_c G^_c(q) >
 
-so a query's proponents are a maximum-inner-product search over the row vectors, and its opponents
-the same search for the negated query (the minimum of a.b is the maximum of a.(-b)). One FAISS index
-per method holds the row vectors.
+so proponents are a maximum-inner-product search over the row vectors and opponents the same search
+for the negated query. One FAISS index per method holds the row vectors.
 
 Structure: an inverted file (IVF, `nlist` k-means lists, `nprobe` of them searched, each row in the
-list of largest inner product) whose rows are held as 4-bit product-quantizer codes of their residual
-to the list's centroid (`PQ{d/8}x4fs`: one 4-bit code per 8 coordinates, 1/32 of the float16 row;
-per fewer coordinates below 2,048, `sub_dim`), scanned by FAISS's fast-scan kernels (lookup tables
-in SIMD registers). Search is two-stage: the codes rank the probed lists' rows roughly and propose
-`CANDIDATES_PER_K` per row asked; those candidates are rescored exactly from the store by the scan's
-own arithmetic, so every score and contribution returned is exact, and what approximation can cost
-is a row missed, never a wrong number. Measured (bench/scale.py, 250k synthetic rows at k = 4,096
-made from real rows): float16 codes, 160 candidates, 31 of 500 lists recalled 0.98 at 6.7x the exact
-scan, the float16 lists being the cost; 4-bit codes, 640 candidates, 62 lists recalled 0.99 at 27x.
-A uniform 8-bit grid per coordinate (`SQ8`) recalled 0.62 with 64 candidates on a real store
-(projected gradients' coordinates are heavy-tailed; a product quantizer's codebooks fit them), and
-turning inner products into distances by one extra coordinate, `[a, sqrt(R^2 - |a|^2)]`, recalled
-less than plain inner-product lists (0.53 against 0.99).
+list of largest inner product) whose rows are 4-bit product-quantizer codes of their residual to the
+list's centroid (`PQ{d/8}x4fs`: one code per 8 coordinates, 1/32 of the float16 row; per fewer below
+2,048, `sub_dim`), scanned by FAISS's fast-scan kernels (lookup tables in SIMD registers). Search is
+two-stage: the codes propose `CANDIDATES_PER_K` per row asked, rescored exactly from the store by the
+scan's own arithmetic, so every score and contribution returned is exact: approximation can miss a
+row, never give a wrong number (recall, speed, what was tried: docs/performance.md#approximate-search-ann).
 
-Layout, in the store's folder (deleted with it):
-
-    ann/manifest.json    format, the store's uid, the rows digest (of the weights and every shard digest
-                         it was built from), the structure and its parameters, and per method its file
-                         and the xxh3_64 of that file's bytes
-    ann/<method>.faiss   the FAISS index (`faiss.serialize_index`)
-
-The files are written first and the manifest last, each by a rename, so a half-written ANN index is
-no index. A search checks the manifest against the store (rebuilt or other shards: stale) and each
-file against its digest (damaged) and refuses with an `AnnIndexError` saying how to rebuild.
+Layout, in the store's folder (deleted with it): `ann/manifest.json` (format, the store's uid, the
+rows digest of the weights and every shard digest it was built from, the structure and its
+parameters, per method its file and the xxh3_64 of its bytes) and `ann/<method>.faiss`
+(`faiss.serialize_index`). The files are written first and the manifest last, each by a rename, so
+a half-written ANN index is no index. A search checks the manifest against the store (rebuilt or
+other shards: stale) and each file against its digest (damaged) and refuses with an `AnnIndexError`
+saying how to rebuild.
 """
 
 from __future__ import annotations
@@ -44,7 +33,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -52,6 +41,7 @@ import torch
 import xxhash
 
 from api_schemas import Method
+from retrac.methods import PRECONDITIONED
 from retrac.query_side import QueryVectors
 from retrac.scoring import METHODS, SCAN_ROWS, RowChunk, slot_means
 from storage.errors import AnnIndexError, IncompleteStoreError
@@ -63,20 +53,18 @@ MANIFEST = "manifest.json"
 
 CANDIDATES_PER_K = 128
 """Candidates the index proposes per row asked (at least `MIN_CANDIDATES`), all rescored exactly: the
-4-bit codes rank roughly, so the net is wide; a wider one costs rows read and rescored (bench/scale.py,
-an eighth of the lists probed, top 10: 1M rows at k = 1,024 0.96 with 640 candidates at 32x the exact
-scan, 0.98 with 1,280 at 26x; 250k rows at k = 4,096 0.98-0.99 with 640, 0.99 with 1,280 at 17-21x)."""
+4-bit codes rank roughly, so the net is wide; a wider one costs rows read and rescored (see
+docs/performance.md#parameters-candidates-and-codes)."""
 MIN_CANDIDATES = 256
 CANDIDATE_SHARE = 1 / 16
 """Most candidates per query, method and side, as a share of the rows (but at least `MIN_CANDIDATES`):
 four such searches rescore up to a quarter of a small store, and more would cost as much as the exact
-scan (4,096 samples at k = 4,096, 640 candidates: 0.6-0.7x the exact scan's speed; bench/scale.py)."""
+scan (see docs/performance.md#parameters-candidates-and-codes)."""
 
 SUB_DIM = 8
 """Coordinates per 4-bit product-quantizer code (rows are padded with zeros to a multiple of it), fewer
 for short vectors so that they keep `MIN_CODES` codes: each code ranks roughly, many average out
-(bench/scale.py, 1M rows at k = 1,024, 640 candidates, 62 of 1,000 lists: 128 codes of 8 coordinates
-recalled 0.94, 256 codes of 4 recalled 0.975)."""
+(see docs/performance.md#parameters-candidates-and-codes)."""
 MIN_CODES = 256
 CODEBOOK = 16
 """Centroids of a 4-bit codebook: a store of fewer rows trains on its rows repeated."""
@@ -129,7 +117,9 @@ def query_matrix(
 ) -> np.ndarray:
     """Query vectors `(Q, C k)` float32 of one method over every checkpoint of the index: zeros at the
     checkpoints not chosen, so the inner product is the score over the chosen ones alone."""
-    chosen = {c: getattr(v, method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)}
+    chosen = {
+        c: v.mean_vector(method).detach().float().cpu() for c, v in zip(checkpoints, vectors, strict=True)
+    }
     zeros = torch.zeros_like(next(iter(chosen.values())))
     return torch.cat([chosen.get(c, zeros) for c in range(num_checkpoints)], dim=1).numpy()
 
@@ -195,10 +185,10 @@ def build_indexes(
     indexes = {}
     for method in methods:
         rows = coded(np.concatenate(training.pop(method)))
-        index = faiss.index_factory(
+        index = cast(faiss.IndexIVFPQFastScan, faiss.index_factory(  # faiss returns the factory's class
             rows.shape[1], f"IVF{params.nlist},PQ{rows.shape[1] // sub_dim(rows.shape[1])}x4fs",
             faiss.METRIC_INNER_PRODUCT,
-        )
+        ))
         index.pq.cp.min_points_per_centroid = 1  # a small store's codebooks fit what rows it has
         index.train(rows if len(rows) >= CODEBOOK else np.resize(rows, (CODEBOOK, rows.shape[1])))
         index.nprobe = params.nprobe
@@ -255,15 +245,18 @@ class AnnIndex:
     def candidates(self, queries: dict[Method, np.ndarray], count: int, needed: int) -> np.ndarray:
         """Sorted unique rows that the index proposes as the `count` largest and the `count` smallest
         inner products of each query `(Q, C k)` of each method: a search whose probed lists hold fewer
-        than `needed` rows (the k asked, at most the rows indexed) is redone over every list."""
+        than `needed` rows (the k asked, at most the rows indexed) is redone over every list. trak and
+        dtrak search TracIn's row vectors (the same slot means) with their preconditioned queries."""
         faiss.omp_set_num_threads(torch.get_num_threads())
         found = []
         for method, matrix in queries.items():
-            index = self.indexes[method]
+            index = self.indexes["tracin" if method in PRECONDITIONED else method]
             for signed in (coded(matrix), coded(-matrix)):
                 labels = index.search(signed, count)[1]
                 if (labels >= 0).sum(axis=1).min() < needed:
-                    labels = index.search(signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist))[1]
+                    labels = index.search(
+                        signed, count, params=faiss.SearchParametersIVF(nprobe=index.nlist)  # type: ignore[call-arg]
+                    )[1]
                 found.append(labels[labels >= 0])
         return np.unique(np.concatenate(found)).astype(np.int64)
 
@@ -327,7 +320,9 @@ def _manifest(store: GradientStore) -> dict[str, Any]:
         manifest = json.loads(text)
         built_as, fresh = manifest["format"], manifest["rows_digest"] == rows_digest(store)
     except (ValueError, KeyError, TypeError) as error:
-        raise AnnIndexError(f"{store.path.name}: its ANN manifest is unreadable ({error}); {_rebuild(store)}")
+        raise AnnIndexError(
+            f"{store.path.name}: its ANN manifest is unreadable ({error}); {_rebuild(store)}"
+        ) from error
     if built_as != FORMAT:
         raise AnnIndexError(
             f"{store.path.name}: its ANN index is in format {built_as!r}, which this version does not read "

@@ -109,7 +109,10 @@ def _checkpoint_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
     recorded = then.get("weights", then.get("checkpoints", []))
     if len(recorded) != len(plan.checkpoints):
         source = f"the run ({plan.run.folder})" if plan.run is not None else "the spec"
-        return [f"{source} gives {len(plan.checkpoints)} checkpoints now, {len(recorded)} when the store was built"]
+        return [
+            f"{source} gives {len(plan.checkpoints)} checkpoints now, {len(recorded)} when the store was "
+            "built"
+        ]
     if "weights" not in then:
         return [
             f"checkpoint {c} ({checkpoint.path}): its config or weights changed since the store was built"
@@ -142,9 +145,11 @@ def _record_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
         return []
     if then.get("replayed") is None or plan.run is None:
         return [f"the replay record ({file}): content changed since the store was built"]
-    epochs = [
+    epochs = [  # a changed number of checkpoints is told by _checkpoint_changes
         str(checkpoint.epoch)
-        for checkpoint, old, new in zip(plan.checkpoints, then["replayed"], _replayed(plan, plan.run))
+        for checkpoint, old, new in zip(
+            plan.checkpoints, then["replayed"], _replayed(plan, plan.run), strict=False
+        )
         if old != new
     ]
     if not epochs:
@@ -225,7 +230,9 @@ def _text_changes(then: dict[str, str] | None, plan: IndexPlan) -> list[str]:
     assert plan.text is not None  # `now` is not None
     folders = {"text_encoder": plan.text.encoder_folder, "tokenizer": plan.text.tokenizer_folder,
                "captions": plan.spec.dataset.source}
-    return [_TEXT_PARTS[part].format(folder=folders[part]) for part in _TEXT_PARTS if then.get(part) != now[part]]
+    return [
+        _TEXT_PARTS[part].format(folder=folders[part]) for part in _TEXT_PARTS if then.get(part) != now[part]
+    ]
 
 
 def _text(plan: IndexPlan) -> dict[str, str] | None:
@@ -243,8 +250,8 @@ def _replayed(plan: IndexPlan, run: TrainingRun) -> list[str]:
     digests = []
     for checkpoint in plan.checkpoints:
         timesteps, seeds = run.replayed(plan.dataset.ids, int(checkpoint.epoch or 0))
-        digest = hashlib.sha256(np.ascontiguousarray(timesteps.numpy(), dtype=np.int64))
-        digest.update(np.ascontiguousarray(seeds.numpy(), dtype=np.int64))
+        digest = hashlib.sha256(np.ascontiguousarray(timesteps.numpy(), dtype=np.int64).data)
+        digest.update(np.ascontiguousarray(seeds.numpy(), dtype=np.int64).data)
         digests.append(digest.hexdigest())
     return digests
 

@@ -16,15 +16,13 @@ input given by URL is mirrored first, then resolved from its mirror exactly as a
   place whole, so processes sharing the cache never read half a mirror.
 - The cache holds at most `max_bytes`: an input larger than that is refused in one line, and the
   mirrors used least recently are removed to make room, but never one in use. A process holds a
-  lease on every mirror of a spec it resolved (`InputMirrors`, kept by an opened store for as long
-  as it computes or answers from it: it loads a checkpoint's weights when it first computes with
-  it): a shared `flock` on the mirror's lease file, which eviction must take exclusively, so no
-  process, this one included, removes a mirror another still reads. The kernel drops the locks of a
-  process that dies, so no lease outlives its holder. An input that does not fit beside the mirrors
-  in use is refused in one line (size the cache above the inputs of the indexes in use). Keys that
-  would leave the mirror's folder (`..`) are refused.
-
-Messages and a store's records name the URL, not the mirror (`InputMirrors.named`).
+  lease on every mirror of a spec it resolved (`InputMirrors`, kept by an opened store while it
+  computes or answers from it, since it loads a checkpoint's weights lazily): a shared `flock` on the
+  mirror's lease file, which eviction must take exclusively, so no process removes a mirror another
+  still reads, and none outlives its holder (the kernel drops a dead process's locks). An input that
+  does not fit beside the mirrors in use is refused in one line (size the cache above the inputs of
+  the indexes in use). Keys that would leave the mirror's folder (`..`) are refused.
+- Messages and a store's records name the URL, not the mirror (`InputMirrors.named`).
 """
 
 from __future__ import annotations
@@ -98,10 +96,10 @@ class InputCache:
         leases: list[Lease] = []
 
         def local(path: str | None) -> str | None:
-            if not is_url(path):
+            if path is None or not is_url(path):
                 return path
             if path not in mirrors:
-                mirrors[path], lease = self.leased(path)  # type: ignore[arg-type]
+                mirrors[path], lease = self.leased(path)
                 leases.append(lease)
             return str(mirrors[path])
 
@@ -143,7 +141,8 @@ class InputCache:
         kept = [  # hidden files are no part of an input, as in a local folder
             (key, str(etag), int(size))
             for key, (etag, size) in sorted(listed.items())
-            if Path(key).suffix.lower() in MIRRORED_SUFFIXES and not any(p.startswith(".") for p in key.split("/"))
+            if Path(key).suffix.lower() in MIRRORED_SUFFIXES
+            and not any(p.startswith(".") for p in key.split("/"))
         ]
         if not kept:
             raise SpecError(f"{url}: no objects under this prefix (nothing to read as a dataset or model)")

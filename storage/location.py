@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import obstore
 from obstore.exceptions import BaseError as ObjectStoreError
@@ -329,7 +329,10 @@ def unreachable(where: str, error: Exception) -> UnreachableStoreError:
     )
 
 
-def _naming(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
+
+
+def _naming(method: _Method) -> _Method:
     """`method` of zarr's obstore backend, raising `unreachable`'s error where the backend fails."""
 
     @functools.wraps(method)
@@ -340,7 +343,7 @@ def _naming(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
             where = f"{BUCKET_SCHEME}{self.store.config.get('bucket')}/{self.store.prefix}"
             raise unreachable(where, error) from error
 
-    return wrapped
+    return cast(_Method, wrapped)
 
 
 def _first_line(error: Exception) -> str:
@@ -349,7 +352,7 @@ def _first_line(error: Exception) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
-class _NamingObjectStore(ObjectStore):  # type: ignore[type-arg]
+class _NamingObjectStore(ObjectStore):
     """zarr's obstore backend, whose failed requests raise `unreachable`'s one-line error naming the
     store (`s3://bucket/prefix`) instead of the backend's many-line report: zarr reads and writes the
     arrays itself, outside `BucketLocation._call`."""

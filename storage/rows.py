@@ -11,10 +11,12 @@ import numpy as np
 
 from api_schemas import IndexSpec, Method, StoreDType
 from retrac.attribution import Chunks
+from retrac.kernels import Kernel
 from retrac.query_side import QueryVectors
 from retrac.scoring import RowChunk
 from storage.ann import candidate_chunks, load_ann
 from storage.errors import IncompleteStoreError
+from storage.kernels import load_kernel
 from storage.store import GradientStore
 
 
@@ -57,6 +59,10 @@ class StoreRows:
                 "for its job) or query only complete checkpoints"
             )
 
+    def kernel(self, checkpoint: int) -> Kernel:
+        """The checkpoint's stored kernel, checked against its rows and digest (`storage.kernels`)."""
+        return load_kernel(self.store, checkpoint)
+
     def chunks(self, checkpoints: Sequence[int], rows_per_chunk: int) -> Chunks:
         return self.store.chunks(checkpoints, rows_per_chunk)
 
@@ -65,7 +71,12 @@ class StoreRows:
         load_ann(self.store)
 
     def candidates(
-        self, checkpoints: Sequence[int], vectors: Sequence[QueryVectors], *, top_k: int, methods: Sequence[Method]
+        self,
+        checkpoints: Sequence[int],
+        vectors: Sequence[QueryVectors],
+        *,
+        top_k: int,
+        methods: Sequence[Method],
     ) -> tuple[np.ndarray, list[RowChunk]]:
         """The ANN index's candidate rows and their stored rows (`storage.ann.candidate_chunks`)."""
         return candidate_chunks(self.store, checkpoints, vectors, top_k=top_k, methods=methods)

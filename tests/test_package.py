@@ -39,21 +39,29 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copytree(REPOSITORY / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(REPOSITORY / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(base / "dist"), "."],
-                   cwd=source, check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(base / "dist"), "."], cwd=source, check=True, timeout=300)
     wheel = next((base / "dist").glob("retrac-*.whl"))
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=300)
-    site = Path(subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return venv / "bin"
 
 
 @pytest.mark.slow
 def test_the_wheel_carries_the_web_page_and_serves_it_with_its_docs(installed: Path, tmp_path: Path) -> None:
-    version = subprocess.run([installed / "retrac", "--version"], capture_output=True, text=True, check=True, cwd=tmp_path)
+    version = subprocess.run(
+        [installed / "retrac", "--version"], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert version.stdout.startswith("retrac ")
     where = subprocess.run([installed / "python", "-c", "import service; print(service.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout
@@ -74,14 +82,18 @@ def test_the_wheel_carries_the_web_page_and_serves_it_with_its_docs(installed: P
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "the server did not answer"
                 time.sleep(0.5)
-        assert page.status_code == 200 and "<html" in page.text.lower()
+        assert page.status_code == 200
+        assert "<html" in page.text.lower()
         docs = httpx.get(f"{base}/docs", timeout=10)
-        assert docs.status_code == 200 and "cdn" not in docs.text
+        assert docs.status_code == 200
+        assert "cdn" not in docs.text
         script = docs.text.split('<script src="', 1)[1].split('"', 1)[0]
         asset = httpx.get(f"{base}{script}", timeout=30)
-        assert asset.status_code == 200 and "SwaggerUIBundle" in asset.text
+        assert asset.status_code == 200
+        assert "SwaggerUIBundle" in asset.text
         redoc = httpx.get(f"{base}/redoc", timeout=10)
-        assert redoc.status_code == 200 and "cdn" not in redoc.text
+        assert redoc.status_code == 200
+        assert "cdn" not in redoc.text
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -90,14 +102,17 @@ def test_the_wheel_carries_the_web_page_and_serves_it_with_its_docs(installed: P
 def test_the_page_the_api_and_the_cli_share_one_set_of_query_defaults() -> None:
     import re
 
-    from api_schemas.attribution import QueryOptions
-    from api_schemas.specs import DEFAULT_DRAWS, DEFAULT_TIMESTEPS, DEFAULT_TOP_K
     import typer
 
+    from api_schemas.attribution import QueryOptions
+    from api_schemas.specs import DEFAULT_DRAWS, DEFAULT_TIMESTEPS, DEFAULT_TOP_K
     from cli import app
 
     page = (REPOSITORY / "service" / "static" / "index.html").read_text()
-    shown = {name: int(re.search(rf'id="{name}"[^>]*value="(\d+)"', page).group(1)) for name in ("top_k", "timesteps", "draws")}
+    shown = {
+        name: int(re.search(rf'id="{name}"[^>]*value="(\d+)"', page).group(1))
+        for name in ("top_k", "timesteps", "draws")
+    }
     expected = {"top_k": DEFAULT_TOP_K, "timesteps": DEFAULT_TIMESTEPS, "draws": DEFAULT_DRAWS}
     assert shown == expected
     assert {k: getattr(QueryOptions(), k) for k in expected} == expected

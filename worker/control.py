@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from celery import group
 from celery.result import GroupResult
@@ -37,9 +37,16 @@ class JobNotFoundError(RetracError):
     """The result backend does not know the job (wrong id, expired, or lost with the broker)."""
 
 
-def submit(store_path: str | Path | Location, *, root: Path | None = None, queue: str | None = None) -> str:
+def submit(
+    store_path: str | Path | Location,
+    *,
+    root: Path | None = None,
+    queue: str | None = None,
+    request_id: str | None = None,
+) -> str:
     """Queue every pending shard of the store at `store_path` (on `queue`, default the settings');
-    return the job id.
+    return the job id. `request_id` (the HTTP request that asked for the job) goes with every task,
+    so the workers' log lines for the job carry it; Flower shows each task as index, checkpoint, shard.
 
     The store is opened and checked first, so a stale store is refused before anything is queued,
     and a complete one raises `NothingToIndexError` (Celery cannot save an empty group).
@@ -49,9 +56,16 @@ def submit(store_path: str | Path | Location, *, root: Path | None = None, queue
     pending = store.pending()
     if not pending:
         raise NothingToIndexError(f"{path.name}: every shard is done; nothing is left to index")
-    job = group(index_shard.s(str(path), c, s) for c, s in pending).apply_async(queue=queue)
+    job = group(
+        index_shard.signature(
+            (str(path), c, s),
+            {"request_id": request_id},
+            argsrepr=f"(index={path.name!r}, checkpoint={c}, shard={s})",
+        )
+        for c, s in pending
+    ).apply_async(queue=queue)
     job.save()
-    record = {"at": time.time(), "queue": queue or get_settings().queue}
+    record = {"at": time.time(), "queue": queue or get_settings().queue, "request_id": request_id}
     app.backend.set(_SUBMITTED + str(job.id), json.dumps(record))
     return str(job.id)
 
@@ -85,12 +99,12 @@ def failure(job_id: str) -> str | None:
 
 
 def stalled(job_id: str, store_path: str | Path | Location, *, seconds: float) -> str | None:
-    """Why an unfinished job looks stalled: no shard finished (done marks) and no worker answered a
-    ping on its queue for `seconds` since the later of its submission and its last shard; else None."""
+    """Why an unfinished job looks stalled: no shard finished or reported a batch and no worker answered
+    a ping on its queue for `seconds` since the later of its submission and its last sign; else None."""
     done = progress(store_path)
     stored = app.backend.get(_SUBMITTED + job_id)
-    submitted = json.loads(stored) if stored else {"at": 0.0, "queue": get_settings().queue}
-    idle = time.time() - max(done.last_done_at or 0.0, submitted["at"])
+    submitted: dict[str, Any] = json.loads(stored) if stored else {"at": 0.0, "queue": get_settings().queue}
+    idle = time.time() - max(done.last_active_at or 0.0, submitted["at"])
     if done.complete or idle < seconds or _consumers(submitted["queue"]):
         return None
     return (

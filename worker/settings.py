@@ -7,7 +7,7 @@ same there. Only the worker, the job functions and the CLI read these; the engin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +29,16 @@ class ComputeSettings(BaseSettings):
     )
     torch_threads: int = Field(
         1, ge=1, description="CPU threads per process; fixed, because a shard's bytes depend on it"
+    )
+
+
+class LogSettings(BaseSettings):
+    """How the service and the workers write their log lines (`worker.logs`): the same for both."""
+
+    model_config = SettingsConfigDict(env_prefix="RETRAC_", extra="ignore")
+
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text (the default) or json: one JSON object per line on stderr"
     )
 
 
@@ -97,7 +107,7 @@ class ObjectStoreSettings(BaseSettings):
         )
 
 
-class WorkerSettings(ComputeSettings, ObjectStoreSettings):
+class WorkerSettings(ComputeSettings, ObjectStoreSettings, LogSettings):
     broker_url: str = Field(DEFAULT_REDIS, description="Celery broker (Redis)")
     result_backend: str = Field(DEFAULT_REDIS, description="Celery result backend (Redis)")
     queue: str = Field("retrac-index", description="queue the indexing tasks go to and workers consume")
@@ -107,6 +117,10 @@ class WorkerSettings(ComputeSettings, ObjectStoreSettings):
     )
     stall_seconds: int = Field(
         600, ge=1, description="a job with no shard finished and no worker seen for this long is stalled"
+    )
+    heartbeat_file: Path = Field(
+        Path("/tmp/retrac-worker.heartbeat"),
+        description="file a worker touches every 10 s while it runs (`python -m worker.health` checks it)",
     )
     visibility_timeout: int = Field(
         3600,

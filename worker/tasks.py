@@ -2,7 +2,10 @@
 
 A task takes ids (store path, checkpoint, shard), rereads the store, and calls the one idempotent
 engine step `storage.run_shard`: a shard already done is skipped, a redelivered one rewrites the same
-bytes. The task that completes a store then builds its ANN index (`storage.build_ann_when_complete`).
+bytes. The task that completes a checkpoint builds its kernel, if the spec asks for one
+(`storage.kernels`), and the one that completes a store its ANN index (`storage.build_ann_when_complete`).
+After each gradient batch the shard's rows are recorded in the store (`storage.progress`) and sent
+as a `task-rows` event; its log lines carry the job, its index and the request that started it.
 Each worker process keeps its opened stores and loaded models between tasks.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,9 +23,13 @@ from celery.utils.log import get_task_logger
 
 from retrac.computers import GradientComputerCache, parse_device
 from storage import DeletedStoreError, OpenStores, build_ann_when_complete, is_leftover, run_shard
+from storage.kernels import build_kernel_when_complete
 from storage.location import TRANSIENT_STORE_ERRORS, locate
+from storage.runner import RowsCallback
+from worker import logs
 from worker.app import app
 from worker.cancellation import is_cancelled
+from worker.metrics import ROWS_EVENT
 from worker.settings import get_settings
 
 logger = get_task_logger(__name__)
@@ -39,11 +47,11 @@ def _limit_threads(**_: Any) -> None:
     torch.set_num_threads(get_settings().torch_threads)
 
 
-class ShardTask(app.Task):  # type: ignore[name-defined]
+class ShardTask(app.Task):
     """Reads its retry limit from the settings when a retry is decided, not when the module loads."""
 
     @property
-    def max_retries(self) -> int:  # type: ignore[override]
+    def max_retries(self) -> int:
         return get_settings().max_retries
 
 
@@ -56,15 +64,22 @@ class ShardTask(app.Task):  # type: ignore[name-defined]
     retry_backoff_max=120,
     retry_jitter=True,
 )
-def index_shard(self: Any, store_path: str, checkpoint: int, shard: int) -> dict[str, Any]:
-    """Compute and store shard `shard` of checkpoint `checkpoint` of the store at `store_path`."""
-    if self.request.group and is_cancelled(self.request.group):
-        logger.info("job %s cancelled: shard %d/%d skipped", self.request.group, checkpoint, shard)
-        return _outcome("cancelled", checkpoint, shard, 0.0)
-    return _index_shard(store_path, checkpoint, shard)
+def index_shard(
+    self: Any, store_path: str, checkpoint: int, shard: int, request_id: str | None = None
+) -> dict[str, Any]:
+    """Compute and store shard `shard` of checkpoint `checkpoint` of the store at `store_path`;
+    `request_id` is the HTTP request that started the job, carried into this task's log lines."""
+    job = self.request.group
+    index = store_path.rstrip("/").rsplit("/", 1)[-1]
+    with logs.bind(request_id=request_id, job=job, index=index, task=self.request.id):
+        if job and is_cancelled(job):
+            logger.info("job %s cancelled: shard %d/%d skipped", job, checkpoint, shard)
+            return _outcome("cancelled", checkpoint, shard, 0.0)
+        rows_event = partial(self.send_event, ROWS_EVENT)
+        return _index_shard(store_path, checkpoint, shard, lambda rows: rows_event(rows=rows))
 
 
-def _index_shard(store_path: str, checkpoint: int, shard: int) -> dict[str, Any]:
+def _index_shard(store_path: str, checkpoint: int, shard: int, on_rows: RowsCallback) -> dict[str, Any]:
     path = locate(store_path, get_settings().bucket_options())  # a folder or an s3:// URL
     if is_leftover(path) or not path.has("zarr.json"):
         logger.warning("store %s is gone or being deleted: shard %d/%d skipped", path, checkpoint, shard)
@@ -72,13 +87,21 @@ def _index_shard(store_path: str, checkpoint: int, shard: int) -> dict[str, Any]
     started = time.perf_counter()
     try:
         store = _open_stores().get(path)
-        computed = run_shard(store, checkpoint, shard, _model_cache())
+        logger.info("checkpoint %d shard %d: computing %d rows", checkpoint, shard, store.shard_length(shard))
+        computed = run_shard(store, checkpoint, shard, _model_cache(), on_rows=on_rows)
+        if computed and build_kernel_when_complete(store, checkpoint):  # the task completing a checkpoint
+            logger.info("store %s checkpoint %d complete: kernel built", path, checkpoint)
         if computed and build_ann_when_complete(store):  # the job's last step, after its last shard
             logger.info("store %s complete: ANN index built", path)
     except DeletedStoreError as error:  # deleted while this shard was computed: nothing was written
         logger.warning("%s: shard %d/%d dropped", error, checkpoint, shard)
         return _outcome("missing", checkpoint, shard, 0.0)
-    return _outcome("computed" if computed else "skipped", checkpoint, shard, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    if computed:
+        rows = store.shard_length(shard)
+        logger.info("checkpoint %d shard %d: %d rows stored in %.1f s (%.2f rows/s)", checkpoint, shard, rows,
+                    seconds, rows / seconds)
+    return _outcome("computed" if computed else "skipped", checkpoint, shard, seconds)
 
 
 def _outcome(status: str, checkpoint: int, shard: int, seconds: float) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,8 +56,8 @@ from retrac.evaluation.report import (
 from retrac.evaluation.sampling import SamplerKind, generate
 from retrac.exceptions import EvaluationError
 from retrac.gradients import num_parameters
-from retrac.plan import IndexPlan, Rows
 from retrac.models import load_scheduler
+from retrac.plan import IndexPlan, Rows
 from retrac.query_side import QueryVectors
 from retrac.scoring import METHODS, RowChunk, contributions, self_influence, self_influence_slots
 from retrac.training import train
@@ -207,14 +207,14 @@ class ExperimentData:
             self.train,
             self.source,
             queries,
-            self.kinds + ("generated",) * count,
+            self.kinds + ("generated",) * count,  # type: ignore[operator]  # a repeated literal reads as str
             self.own_rows + (None,) * count,
         )
 
 
 def build_data(config: ExperimentConfig, folder: str | Path) -> ExperimentData:
     """The training mixture (saved as `folder/train.npz`) and the held-out and training-image queries."""
-    shape = {"resolution": config.resolution, "channels": config.channels}
+    shape: dict[str, Any] = {"resolution": config.resolution, "channels": config.channels}
     counts = config.queries
     majority = load_dataset(
         DatasetSpec(
@@ -246,7 +246,7 @@ def build_data(config: ExperimentConfig, folder: str | Path) -> ExperimentData:
                 f"cannot pick {count} training queries of group {group!r} from {len(members)}"
             )
         picked += sorted(rng.choice(members, size=count, replace=False).tolist())
-    parts = [
+    parts: list[tuple[ImageDataset, str | None, QueryKind]] = [
         (majority_held, MAJORITY, "heldout"),
         (outliers_held, OUTLIER, "heldout"),
         (training.subset(picked), None, "train"),
@@ -394,12 +394,12 @@ def train_run(
         seed=config.seed,
     )
     with tqdm(total=config.epochs, desc="train", unit="epoch", disable=not progress) as bar:
-        train(
-            spec,
-            data.train,
-            folder,
-            on_epoch=lambda epoch, loss: (bar.set_postfix(loss=f"{loss:.4f}"), bar.update(1)),
-        )
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
+
+        train(spec, data.train, folder, on_epoch=on_epoch)
 
 
 def index_run(config: ExperimentConfig, dataset: DatasetSpec, run: Path, progress: bool) -> Attributor:
@@ -499,6 +499,7 @@ def _figures(
     ]
     k = min(GALLERY_K, scores["tracin"].shape[1])
     rankings = {}
+    method: Method
     for method, label in (("tracin", "TracIn"), ("retrac", "ReTrac")):
         positions = metrics.top_k(scores[method][chosen], k)
         rankings[label] = (positions, np.take_along_axis(scores[method][chosen], positions, axis=1))
@@ -541,8 +542,10 @@ def _setup(plan: IndexPlan, data: ExperimentData, parameters: int) -> Setup:
 def save_npz(dataset: ImageDataset, path: Path) -> Path:
     """Images in [0, 1] with their ids and groups (if any): a source `load_dataset` reads back as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    groups = {} if dataset.groups is None else {"groups": np.asarray(dataset.groups)}
-    np.savez(path, images=((dataset.images + 1) / 2).clamp(0, 1).numpy(), ids=np.asarray(dataset.ids), **groups)
+    groups: dict[str, Any] = {} if dataset.groups is None else {"groups": np.asarray(dataset.groups)}
+    np.savez(
+        path, images=((dataset.images + 1) / 2).clamp(0, 1).numpy(), ids=np.asarray(dataset.ids), **groups
+    )
     return path
 
 

@@ -1,60 +1,70 @@
 """Counterfactual validation of attributions: the linear datamodeling score (LDS) and the removal check.
 
-Diversity metrics (U@k) say whether attributions differ between queries, not whether they are right.
 LDS (Park et al., TRAK, 2023; Zheng et al., D-TRAK, 2024) asks the counterfactual question: train
 models on random subsets of the training set and check whether summing a query's attributions over
 each subset orders the subsets as the query's actual loss under those models does.
 
-Steps of `run_lds`, each timed:
+Steps of `run_lds`, each timed, every result cached under `out_dir` so that a killed run resumes:
 
-1. data: `n_train` training images and `n_queries` held-out query images from one source (seeded).
-2. train: the full model, on every training image, with the replay record.
-3. attribute: index it in memory; score every query against every training sample (full `(Q, N)`
-   matrices) per method and per query estimator that `QuerySpec` offers (`query_estimators`).
-4. retrain: `models` models on seeded random subsets of `subset_fraction` of the training set, and,
-   for the first `removal_queries` queries, models without each one's top-`removal_k` proponents
-   (per method and estimator) and without `removal_k` random samples; all in worker processes
-   (`retrain_all`). Every model starts from the same seed: what differs between them is the data.
-5. evaluate: LDS = the mean over queries of the Spearman correlation, over the subset models,
-   between the actual loss and `-sum_{i in S} score(q, i)`, with a bootstrap interval over queries;
-   removal = the change of each query's loss from the full model's.
+1. data: `n_train` training images and `n_queries` held-out validation queries, equal shares of each
+   of `sources` (seeded); `n_generated` images sampled from the full model are the generated queries.
+2. train: the full model, on every training image, with the replay record (`out_dir/run`).
+3. attribute: per engine method and query estimator (`retrac.evaluation.lds_scores`), and the
+   pixel-cosine baseline, full `(Q, N)` score matrices per query split (validation, generated, and
+   `self_queries` training images for self-retrieval).
+4. retrain: `models` models on seeded random subsets of `subset_fraction` of the training set, the
+   first `seed_models` of them again with the next training seed (the variance that seed alone
+   causes), and for the first `removal_queries` validation queries, models without each one's
+   top-`removal_k` proponents and without `removal_k` random samples (`retrain_all`, cached in
+   `out_dir/models`). Each query's loss is measured under `measure`, noise apart from the scores'.
+5. evaluate: per split, LDS = the mean over queries of the Spearman correlation, over the subset
+   models, between the actual loss and `-sum_{i in S} score(q, i)`, with a bootstrap interval over
+   queries; removal = the change of each query's loss from the full model's.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from api_schemas import (
-    DatasetSpec,
-    IndexSpec,
-    LossKind,
-    Method,
-    ProjectorSpec,
-    QuerySpec,
-    SlotSpec,
-    TrainSpec,
-)
-from retrac.attribution import Attributor
+from api_schemas import DatasetSpec, IndexSpec, LossKind, ProjectorSpec, QuerySpec, SlotSpec, TrainSpec
 from retrac.datasets import ImageDataset, load_dataset, split_holdout
 from retrac.evaluation import metrics
 from retrac.evaluation.experiment import Clock, save_npz
+from retrac.evaluation.lds_scores import (
+    BASELINE,
+    BASELINE_ESTIMATOR,
+    METHOD_INDEX,
+    ScoreCache,
+    Scores,
+    engine_scores,
+    pixel_cosine,
+)
 from retrac.evaluation.retraining import RetrainJob, query_losses, random_subsets, retrain_all
-from retrac.exceptions import EvaluationError, RetracError
-from retrac.plan import IndexPlan
-from retrac.scoring import METHODS
+from retrac.evaluation.sampling import generate
+from retrac.exceptions import EvaluationError
+from retrac.models import DiffusionModel, fingerprint_checkpoint, load_scheduler, load_unet
+from retrac.replay import TrainingRun
 from retrac.training import train
 
-DEFAULT_ESTIMATOR = "paper"
-"""The name under which results appear when `QuerySpec` offers no choice of estimator."""
 GENERALLY_INFLUENTIAL_SHARE = 0.25
 """Of the queries, whose top-k a sample must be in to count as generally influential (as the experiment)."""
+SPLITS = ("validation", "generated")
+"""The query splits LDS is reported for, apart."""
+SELF = "self"
+"""The split of training images queried for themselves (self-retrieval)."""
+GENERATION_STEPS = 50
+"""DDIM steps of the generated queries."""
 
 
 class LdsConfig(BaseModel):
@@ -62,11 +72,15 @@ class LdsConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    source: str = Field("builtin:digits", description="dataset source of training and query images")
+    sources: tuple[str, ...] = Field(
+        ("builtin:digits",), min_length=1, description="dataset sources, mixed in equal shares"
+    )
     resolution: int = Field(8, ge=4)
     channels: Literal[1, 3] = 1
     n_train: int = Field(128, ge=4, description="training images of the full model")
-    n_queries: int = Field(16, ge=2, description="held-out query images")
+    n_queries: int = Field(16, ge=2, description="held-out validation queries")
+    n_generated: int = Field(0, ge=0, description="generated queries (DDIM samples of the full model)")
+    self_queries: int = Field(0, ge=0, description="training images queried for themselves (self-retrieval)")
     preset: str = Field("micro", description="UNet preset: micro, tiny or small")
     loss: LossKind = "mse"
     epochs: int = Field(30, ge=1)
@@ -74,15 +88,22 @@ class LdsConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
     models: int = Field(32, ge=3, description="models trained on random subsets")
+    seed_models: int = Field(0, ge=0, description="of them, retrained with a second training seed")
     subset_fraction: float = Field(0.5, gt=0, lt=1, description="share of the training set each subset keeps")
     slots: SlotSpec = SlotSpec(replay=True)
     projector: ProjectorSpec = ProjectorSpec(kind="identity")
     query: QuerySpec = QuerySpec(timesteps=10, draws=2, seed=0)
+    measure: QuerySpec = Field(
+        QuerySpec(timesteps=100, draws=1, seed=1_000_003),
+        description="K, M and noise seed of the retrained models' query loss",
+    )
+    methods: tuple[str, ...] | None = Field(None, description="engine methods; default: every one known")
     removal_queries: int = Field(4, ge=0, description="queries of the removal check (0: no removal check)")
     removal_k: int = Field(10, ge=1, description="samples removed per query")
     bootstrap: int = Field(1000, ge=1, description="bootstrap resamples of the LDS interval")
     confidence: float = Field(0.95, gt=0, lt=1)
     workers: int = Field(2, ge=1, description="processes that train the subset models")
+    score_batch: int = Field(32, ge=1, description="queries per scoring call (bounds its memory)")
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -92,29 +113,89 @@ class LdsConfig(BaseModel):
         if self.removal_k >= self.n_train:
             raise ValueError(f"removal_k {self.removal_k} must be below n_train {self.n_train}")
         if not 2 <= self.subset_size < self.n_train:
-            raise ValueError(f"subset_fraction {self.subset_fraction} of {self.n_train} leaves no real subset")
+            raise ValueError(
+                f"subset_fraction {self.subset_fraction} of {self.n_train} leaves no real subset"
+            )
+        if self.seed_models > self.models:
+            raise ValueError(f"seed_models {self.seed_models} exceeds models {self.models}")
+        if self.seed_models == 1 or self.seed_models == 2:
+            raise ValueError("seed_models needs 3 or more models for a rank correlation (or 0)")
+        if self.self_queries > self.n_train:
+            raise ValueError(f"self_queries {self.self_queries} exceeds n_train {self.n_train}")
+        if self.n_generated == 1:
+            raise ValueError("n_generated needs 2 or more queries for an interval (or 0)")
         return self
 
     @property
     def subset_size(self) -> int:
         return round(self.subset_fraction * self.n_train)
 
+    @property
+    def engine_methods(self) -> tuple[str, ...]:
+        return self.methods if self.methods is not None else tuple(METHOD_INDEX)
+
     @classmethod
     def quick(cls) -> LdsConfig:
-        """32 micro models on half of 128 digits at 8 px: a few minutes on 2 cores. The index holds
-        shared-noise grid slots at the query's K, M and seed besides the replayed step, so both
-        estimators are scored, projected by a count sketch of k = 4,096: full-length rows of 11 slots
-        make the band parts of every sample for every query (the attribution path ranks all N)
-        take 12 GB at 45k parameters."""
-        return cls(slots=matched_slots_for(cls.model_fields["query"].default),
-                   projector=ProjectorSpec(kind="sketch", dim=4096, seed=0))
+        """32 micro models on half of 128 digits at 8 px, 16 validation and 16 generated queries: a few
+        minutes on 2 cores. The index holds shared-noise grid slots at the query's K, M and seed besides
+        the replayed step, so both estimators are scored, projected by a count sketch of k = 4,096:
+        full-length rows of 11 slots make the band parts of every sample for every query (the
+        attribution path ranks all N) take 12 GB at 45k parameters."""
+        return cls(
+            n_generated=16,
+            self_queries=32,
+            slots=matched_slots_for(cls.model_fields["query"].default),
+            projector=ProjectorSpec(kind="sketch", dim=4096, seed=0),
+        )
+
+    @classmethod
+    def standard(cls) -> LdsConfig:
+        """The benchmark that ranks estimators (docs/experiment.md): 1,000 training images at 16 px,
+        half digits (8 px scans brought to 16: strokes, ten classes) and half patches of the bundled
+        photos (16 px of real texture and edges), so queries have a mode to find and near-duplicates
+        are rare; 64 micro models on random halves (8 of them with a second seed), 100 validation and
+        100 generated queries, no removal check; sized to fit 2 hours on 2 CPU cores."""
+        query = QuerySpec(timesteps=10, draws=2, seed=0)
+        return cls(
+            sources=("builtin:digits", "builtin:patches"),
+            resolution=16,
+            n_train=1000,
+            n_queries=100,
+            n_generated=100,
+            self_queries=100,
+            epochs=45,
+            save_every=15,
+            models=64,
+            seed_models=8,
+            slots=matched_slots_for(query),
+            query=query,
+            projector=ProjectorSpec(kind="sketch", dim=4096, seed=0),
+            removal_queries=0,
+        )
 
     @classmethod
     def smoke(cls) -> LdsConfig:
-        """A check that everything runs: 4 models of 2 epochs on 8 of 16 digits; seconds."""
-        return cls(n_train=16, n_queries=3, epochs=2, save_every=1, batch_size=8, models=4,
-                   slots=matched_slots_for(QuerySpec(timesteps=3, draws=1, seed=0)),  # so matched runs too
-                   query=QuerySpec(timesteps=3, draws=1, seed=0), removal_queries=1, removal_k=2, bootstrap=50)
+        """A check that everything runs: 4 models of 2 epochs on 8 of 16 digits; seconds. A sketch of
+        k = 256 keeps the kernels of trak and dtrak small."""
+        query = QuerySpec(timesteps=3, draws=1, seed=0)
+        return cls(
+            n_train=16,
+            n_queries=3,
+            n_generated=3,
+            self_queries=4,
+            epochs=2,
+            save_every=1,
+            batch_size=8,
+            models=4,
+            seed_models=3,
+            slots=matched_slots_for(query),  # so matched runs too
+            projector=ProjectorSpec(kind="sketch", dim=256, seed=0),
+            query=query,
+            measure=QuerySpec(timesteps=4, draws=1, seed=7),
+            removal_queries=1,
+            removal_k=2,
+            bootstrap=50,
+        )
 
 
 def matched_slots_for(query: QuerySpec) -> SlotSpec:
@@ -122,7 +203,7 @@ def matched_slots_for(query: QuerySpec) -> SlotSpec:
     return SlotSpec(replay=True, grid=query.timesteps, noise="shared", draws=query.draws, seed=query.seed)
 
 
-LDS_PRESETS = {"smoke": LdsConfig.smoke, "quick": LdsConfig.quick}
+LDS_PRESETS = {"smoke": LdsConfig.smoke, "quick": LdsConfig.quick, "standard": LdsConfig.standard}
 
 
 class RemovalResult(BaseModel):
@@ -140,112 +221,187 @@ class RemovalResult(BaseModel):
     random_mean: float
 
 
+class SeedVariance(BaseModel):
+    """What the training seed alone does to the query losses, over the first `models` subsets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models: int
+    loss_spearman: float = Field(
+        description="mean over queries of the Spearman correlation, over the "
+        "subsets, of the loss under the first seed and under the second"
+    )
+    noise_share: float = Field(
+        description="the seed's share of the loss variance: half the mean squared "
+        "difference between seeds over the variance across subsets, summed over queries"
+    )
+
+
 class LdsReport(BaseModel):
-    """What `run_lds` measured; written as `lds.json`."""
+    """What `run_lds` measured; written as `lds.json`. Split-keyed fields hold `validation` and, with
+    generated queries, `generated`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     config: dict[str, Any]
+    methods: list[str]
     estimators: list[str]
-    skipped: dict[str, str] = Field(description="estimators that could not score this index, and why")
-    queries: list[str]
+    skipped: dict[str, str] = Field(description="estimators that could not score an index, and why")
+    queries: dict[str, list[str]] = Field(description="split -> query ids")
     subset_size: int
-    actual_losses: list[list[float]] = Field(description="(models, queries) loss under each subset model")
-    lds: dict[str, dict[str, float]] = Field(description="method -> estimator -> mean Spearman over queries")
-    lds_ci: dict[str, dict[str, list[float]]] = Field(description="method -> estimator -> [low, high]")
-    lds_per_query: dict[str, dict[str, list[float]]]
+    bytes_per_sample: int = Field(
+        description="stored bytes of one sample over all checkpoints (rows and norms)"
+    )
+    actual_losses: dict[str, list[list[float]]] = Field(description="split -> (models, queries) loss")
+    lds: dict[str, dict[str, dict[str, float]]] = Field(description="split -> method -> estimator -> LDS")
+    lds_ci: dict[str, dict[str, dict[str, list[float]]]] = Field(
+        description="split -> method -> estimator -> [low, high]"
+    )
+    lds_per_query: dict[str, dict[str, dict[str, list[float]]]]
+    seed_variance: dict[str, SeedVariance] | None
+    self_retrieval: dict[str, dict[str, float]] | None = Field(
+        description="method -> estimator -> share of the self queries that rank themselves first"
+    )
     removal: RemovalResult | None
     generally_influential: dict[str, dict[str, int]] = Field(
-        description="method -> estimator -> samples in the top-k of at least a quarter of the queries "
-        "(k = removal_k) under the full model"
+        description="method -> estimator -> samples in the top-k of at least a quarter of the validation "
+        "queries (k = removal_k) under the full model"
     )
     timings: dict[str, float] = Field(description="seconds per phase (machine-dependent)")
 
 
-def query_estimators() -> dict[str, dict[str, Any]]:
-    """The query estimators `QuerySpec` offers: name -> the QuerySpec fields that choose it.
-
-    Read from the spec's `estimator` field (a Literal), so a new estimator is evaluated as soon as
-    the spec lists it; without such a field there is one, the paper's.
-    """
-    field = QuerySpec.model_fields.get("estimator")
-    if field is None:
-        return {DEFAULT_ESTIMATOR: {}}
-    names = typing.get_args(field.annotation)
-    if not names:
-        raise EvaluationError(f"QuerySpec.estimator is {field.annotation}, not a Literal of names")
-    return {str(name): {"estimator": name} for name in names}
-
-
-def score_matrix(attributor: Attributor, images: Any, query: QuerySpec) -> dict[Method, np.ndarray]:
-    """Full `(Q, N)` score matrices per method through the one attribution path (every sample ranked)."""
-    ids = attributor.plan.dataset.ids
-    position = {sample_id: i for i, sample_id in enumerate(ids)}
-    results = attributor.attribute(images, query, top_k=len(ids))
-    scores = {m: np.empty((len(results), len(ids))) for m in METHODS}
-    for q, result in enumerate(results):
-        for method in METHODS:
-            for entry in result.methods[method].proponents:
-                scores[method][q, position[entry.sample_id]] = entry.score
-    return scores
-
-
 def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) -> LdsReport:
-    """Run the whole LDS evaluation into `out_dir` (data/, run/, lds.json); see the module docstring."""
+    """Run the whole LDS evaluation into `out_dir` (data/, run/, scores/, models/, lds.json), reusing
+    whatever an earlier run of it left there; see the module docstring."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
+    say = _say if progress else (lambda _: None)
     with clock("data"):
-        training, queries = split_data(config)
-        dataset = DatasetSpec(source=str(save_npz(training, out.resolve() / "data" / "train.npz")),
-                              resolution=config.resolution, channels=config.channels)
+        training, validation = split_data(config)
+        dataset = DatasetSpec(
+            source=str(save_npz(training, out.resolve() / "data" / "train.npz")),
+            resolution=config.resolution,
+            channels=config.channels,
+        )
     with clock("train"):
-        train(train_spec(config, dataset, save_every=config.save_every), training, out / "run")
+        say("train: the full model")
+        run = full_run(config, dataset, training, out / "run")
+        last = DiffusionModel.from_parts(
+            load_unet(run.checkpoints()[-1].path), load_scheduler(run.scheduler_folder)
+        )
+    with clock("generate"):
+        splits = {"validation": validation.images}
+        if config.n_generated:
+            splits["generated"] = generated_queries(last, config, out / "data" / "generated.npy")
+        if config.self_queries:
+            splits[SELF] = training.images[: config.self_queries]
     with clock("attribute"):
-        plan = IndexPlan.resolve(IndexSpec(dataset=dataset, run=str(out / "run"), slots=config.slots,
-                                           projector=config.projector))
-        attributor = Attributor(plan)
-        attributor.index()
-        scores, skipped = _scores(attributor, queries, config.query)
-        last = attributor.model(len(plan.checkpoints) - 1)
-        full_loss = query_losses(last, plan.loss, queries.images, config.query)
+        base = IndexSpec(
+            dataset=dataset, run=str(out / "run"), slots=config.slots, projector=config.projector
+        )
+        model = " ".join([training.fingerprint, *(fingerprint_checkpoint(c.path) for c in run.checkpoints())])
+        scores, skipped = engine_scores(
+            base,
+            config.engine_methods,
+            splits,
+            config.query,
+            ScoreCache(out / "scores", model),
+            batch=config.score_batch,
+            on_index=say,
+        )
+        scores[BASELINE] = {
+            BASELINE_ESTIMATOR: {s: pixel_cosine(training.images, q) for s, q in splits.items()}
+        }
+        full_loss = query_losses(last, run.loss, validation.images, config.measure)
     with clock("retrain"):
         masks = random_subsets(config.models, config.subset_size, config.n_train, config.seed)
         removals = _removal_keeps(config, scores)
-        keeps = [tuple(np.flatnonzero(m).tolist()) for m in masks] + list(dict.fromkeys(removals.values()))
+        subsets = [tuple(np.flatnonzero(m).tolist()) for m in masks]
+        keeps = subsets + list(dict.fromkeys(removals.values()))
+        measured = torch.cat([splits[s] for s in SPLITS if s in splits])
         spec = train_spec(config, dataset, save_every=config.epochs)
-        jobs = [RetrainJob(spec, training, keep, queries.images, config.query) for keep in keeps]
+        second = spec.model_copy(update={"seed": config.seed + 1})
+        jobs = [RetrainJob(spec, training, keep, measured, config.measure) for keep in keeps]
+        jobs += [
+            RetrainJob(second, training, keep, measured, config.measure)
+            for keep in subsets[: config.seed_models]
+        ]
+        say(f"retrain: {len(jobs)} models in {config.workers} processes (cached in {out / 'models'})")
         with tqdm(total=len(jobs), desc="retrain", unit="model", disable=not progress) as bar:
-            losses = retrain_all(jobs, workers=config.workers, on_done=bar.update)
+            losses = retrain_all(jobs, workers=config.workers, on_done=bar.update, cache=out / "models")
     with clock("evaluate"):
-        actual = losses[: config.models]
-        removed = dict(zip(keeps[config.models :], losses[config.models :], strict=True))
-        lds, intervals, per_query = {}, {}, {}
-        for method, by_estimator in scores.items():
-            for estimator, matrix in by_estimator.items():
-                values = metrics.lds_per_query(actual, metrics.subset_predictions(matrix, masks))
-                per_query.setdefault(method, {})[estimator] = values.tolist()
-                lds.setdefault(method, {})[estimator] = float(values.mean())
-                intervals.setdefault(method, {})[estimator] = list(metrics.bootstrap_interval(
-                    values, resamples=config.bootstrap, confidence=config.confidence, seed=config.seed
-                ))
-        removal = _removal(config, queries, full_loss, removals, removed) if config.removal_queries else None
+        columns = _columns(splits)
+        actual = {s: losses[: config.models, c] for s, c in columns.items()}
+        lds: dict[str, dict[str, dict[str, float]]] = {}
+        intervals: dict[str, dict[str, dict[str, list[float]]]] = {}
+        per_query: dict[str, dict[str, dict[str, list[float]]]] = {}
+        for split in columns:
+            for method, by_estimator in scores.items():
+                for estimator, by_split in by_estimator.items():
+                    values = metrics.lds_per_query(
+                        actual[split], metrics.subset_predictions(by_split[split], masks)
+                    )
+                    per_query.setdefault(split, {}).setdefault(method, {})[estimator] = values.tolist()
+                    lds.setdefault(split, {}).setdefault(method, {})[estimator] = float(values.mean())
+                    intervals.setdefault(split, {}).setdefault(method, {})[estimator] = list(
+                        metrics.bootstrap_interval(
+                            values, resamples=config.bootstrap, confidence=config.confidence, seed=config.seed
+                        )
+                    )
+        removal_rows = losses[config.models : len(keeps), columns["validation"]]
+        removed = dict(zip(keeps[config.models :], removal_rows, strict=True))
+        removal = (
+            _removal(config, validation, full_loss, removals, removed) if config.removal_queries else None
+        )
+        seeds = losses[len(keeps) :]
+        variance = (
+            {s: seed_variance(losses[: config.seed_models, c], seeds[:, c]) for s, c in columns.items()}
+            if config.seed_models
+            else None
+        )
         recurring = max(2, math.ceil(GENERALLY_INFLUENTIAL_SHARE * config.n_queries))
         influential = {
-            m: {e: len(metrics.generally_influential(metrics.top_k(s, config.removal_k), recurring))
-                for e, s in by_estimator.items()}
+            m: {
+                e: len(
+                    metrics.generally_influential(metrics.top_k(s["validation"], config.removal_k), recurring)
+                )
+                for e, s in by_estimator.items()
+            }
             for m, by_estimator in scores.items()
         }
+        own = list(range(config.self_queries))
+        retrieval = (
+            {
+                m: {e: float(np.mean(metrics.self_ranks(s[SELF], own) == 1)) for e, s in by.items()}
+                for m, by in scores.items()
+            }
+            if config.self_queries
+            else None
+        )
     report = LdsReport(
         config=config.model_dump(mode="json"),
+        methods=list(scores),
         estimators=sorted({e for by_estimator in scores.values() for e in by_estimator}),
         skipped=skipped,
-        queries=list(queries.ids),
+        queries={"validation": list(validation.ids)}
+        | (
+            {"generated": [f"generated-{i:03d}" for i in range(config.n_generated)]}
+            if config.n_generated
+            else {}
+        ),
         subset_size=config.subset_size,
-        actual_losses=actual.tolist(),
+        bytes_per_sample=bytes_per_sample(
+            base,
+            len(run.checkpoints()),
+            sum(p.numel() for p in typing.cast(torch.nn.Module, last.unet).parameters()),
+        ),
+        actual_losses={s: a.tolist() for s, a in actual.items()},
         lds=lds,
         lds_ci=intervals,
         lds_per_query=per_query,
+        seed_variance=variance,
+        self_retrieval=retrieval,
         removal=removal,
         generally_influential=influential,
         timings=clock.seconds | {"total": clock.total()},
@@ -255,53 +411,133 @@ def run_lds(config: LdsConfig, out_dir: str | Path, *, progress: bool = True) ->
 
 
 def split_data(config: LdsConfig) -> tuple[ImageDataset, ImageDataset]:
-    """(training set, held-out queries), a seeded split of the source's first n_train + n_queries images."""
-    loaded = load_dataset(DatasetSpec(source=config.source, resolution=config.resolution,
-                                      channels=config.channels, limit=config.n_train + config.n_queries,
-                                      seed=config.seed))
-    if len(loaded) < config.n_train + config.n_queries:
-        raise EvaluationError(f"{config.source} has {len(loaded)} images; n_train + n_queries needs "
-                              f"{config.n_train + config.n_queries}")
-    return split_holdout(loaded, config.n_queries, seed=config.seed)
+    """(training set, validation queries): a seeded split of equal shares of every source's first images
+    (the first sources take the remainder)."""
+    total = config.n_train + config.n_queries
+    parts = []
+    for i, source in enumerate(config.sources):
+        share = total // len(config.sources) + int(i < total % len(config.sources))
+        loaded = load_dataset(
+            DatasetSpec(
+                source=source,
+                resolution=config.resolution,
+                channels=config.channels,
+                limit=share,
+                seed=config.seed,
+            )
+        )
+        if len(loaded) < share:
+            raise EvaluationError(
+                f"{source} has {len(loaded)} images; its share of n_train + n_queries is {share}"
+            )
+        parts.append(loaded)
+    mixed = (
+        parts[0]
+        if len(parts) == 1
+        else ImageDataset(
+            torch.cat([p.images for p in parts]),
+            tuple(i for p in parts for i in p.ids),
+            " + ".join(config.sources),
+        )
+    )
+    return split_holdout(mixed, config.n_queries, seed=config.seed)
 
 
 def train_spec(config: LdsConfig, dataset: DatasetSpec, *, save_every: int) -> TrainSpec:
     """The TrainSpec of every model: the full one and each retrained one (same seed, other data)."""
-    return TrainSpec(dataset=dataset, preset=config.preset, loss=config.loss, epochs=config.epochs,
-                     batch_size=config.batch_size, lr=config.lr, save_every=save_every, seed=config.seed)
+    return TrainSpec(
+        dataset=dataset,
+        preset=config.preset,
+        loss=config.loss,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        save_every=save_every,
+        seed=config.seed,
+    )
 
 
-def _scores(
-    attributor: Attributor, queries: ImageDataset, query: QuerySpec
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
-    """method -> estimator -> `(Q, N)` scores; estimators this index cannot serve go to `skipped`."""
-    scores: dict[str, dict[str, np.ndarray]] = {m: {} for m in METHODS}
-    skipped = {}
-    for name, fields in query_estimators().items():
-        try:
-            matrices = score_matrix(attributor, queries.images, query.model_copy(update=fields))
-        except RetracError as error:
-            skipped[name] = str(error)
-            continue
-        for method in METHODS:
-            scores[method][name] = matrices[method]
-    if not any(scores.values()):
-        raise EvaluationError(f"no query estimator could score this index: {skipped}")
-    return scores, skipped
+def full_run(config: LdsConfig, dataset: DatasetSpec, training: ImageDataset, folder: Path) -> TrainingRun:
+    """The full model's run at `folder`: the one there if it was trained by the same spec on the same
+    data, else trained anew (under a temporary name, renamed when complete)."""
+    spec = train_spec(config, dataset, save_every=config.save_every)
+    if folder.is_dir():
+        found = TrainingRun.load(folder)
+        if found.spec == spec and found.dataset_fingerprint == training.fingerprint:
+            return found
+        shutil.rmtree(folder)
+    partial = folder.with_name(f".partial-{folder.name}-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    train(spec, training, partial)
+    os.replace(partial, folder)
+    return TrainingRun.load(folder)
 
 
-def _removal_keeps(
-    config: LdsConfig, scores: dict[str, dict[str, np.ndarray]]
-) -> dict[tuple[str, str, int], tuple[int, ...]]:
+def generated_queries(model: DiffusionModel, config: LdsConfig, file: Path) -> torch.Tensor:
+    """`n_generated` DDIM samples of `model` (seed `config.seed`), kept in `file` for a resumed run."""
+    if file.is_file():
+        kept = torch.from_numpy(np.load(file, allow_pickle=False))
+        if kept.shape[0] == config.n_generated:
+            return kept
+    images = generate(
+        model.unet,
+        model.scheduler,
+        config.n_generated,
+        sampler="ddim",
+        steps=GENERATION_STEPS,
+        seed=config.seed,
+    )
+    partial = file.with_name(f".partial-{os.getpid()}-{file.name}")
+    np.save(partial, images.numpy())
+    os.replace(partial, file)
+    return images
+
+
+def bytes_per_sample(spec: IndexSpec, checkpoints: int, parameters: int) -> int:
+    """Bytes a store keeps per sample: per checkpoint and slot, k projected values (k = `parameters`
+    under the identity projector) and a float32 norm."""
+    value = 4 if spec.dtype == "float32" else 2
+    dim = parameters if spec.projector.kind == "identity" else spec.projector.dim
+    return checkpoints * len(spec.slots.kinds) * (dim * value + 4)
+
+
+def seed_variance(first: np.ndarray, second: np.ndarray) -> SeedVariance:
+    """`SeedVariance` of `(models, Q)` losses under two training seeds on the same subsets."""
+    spread = first.var(axis=0, ddof=1)
+    noise = 0.5 * ((first - second) ** 2).mean(axis=0)
+    return SeedVariance(
+        models=first.shape[0],
+        loss_spearman=float(metrics.lds_per_query(first, second).mean()),
+        noise_share=float(noise.sum() / spread.sum()),
+    )
+
+
+def _columns(splits: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Columns of each measured split in the retrained models' loss rows."""
+    columns, start = {}, 0
+    for split in SPLITS:
+        if split in splits:
+            columns[split] = np.arange(start, start + len(splits[split]))
+            start += len(splits[split])
+    return columns
+
+
+def _say(line: str) -> None:
+    print(f"lds: {line}", file=sys.stderr, flush=True)
+
+
+def _removal_keeps(config: LdsConfig, scores: Scores) -> dict[tuple[str, str, int], tuple[int, ...]]:
     """(method or "random", estimator or "", query) -> the training positions kept after removal."""
     everyone = np.arange(config.n_train)
     keeps = {}
     for q in range(config.removal_queries):
         for method, by_estimator in scores.items():
-            for estimator, matrix in by_estimator.items():
-                top = metrics.top_k(matrix[q : q + 1], config.removal_k)[0]
+            for estimator, by_split in by_estimator.items():
+                top = metrics.top_k(by_split["validation"][q : q + 1], config.removal_k)[0]
                 keeps[method, estimator, q] = tuple(np.setdiff1d(everyone, top).tolist())
-        drawn = np.random.default_rng([config.seed, q]).choice(config.n_train, config.removal_k, replace=False)
+        drawn = np.random.default_rng([config.seed, q]).choice(
+            config.n_train, config.removal_k, replace=False
+        )
         keeps["random", "", q] = tuple(np.setdiff1d(everyone, drawn).tolist())
     return keeps
 
@@ -332,21 +568,43 @@ def _removal(
 
 
 def lds_table(report: LdsReport) -> str:
-    """The report as a markdown table: LDS and interval per method and estimator, and the removal check."""
+    """The report as a markdown table: LDS and interval per method and estimator and split, the
+    self-retrieval and the removal check."""
     level = round(100 * report.config["confidence"])
     removal = report.removal
+    splits = list(report.lds)
+    counts = ", ".join(f"{len(report.queries[s])} {s}" for s in splits)
     header = (
-        f"| method | estimator | LDS ({len(report.actual_losses)} models, {len(report.queries)} queries) "
-        f"| {level}% interval | loss change, top-{removal.k if removal else 'k'} removed |"
+        "| method | estimator | "
+        + " | ".join(f"LDS {s} | {level}% interval" for s in splits)
+        + " | self top-1 | loss change, top-k removed |"
     )
-    lines = [header, "|---|---|---:|---:|---:|"]
-    for method, by_estimator in report.lds.items():
-        for estimator, value in by_estimator.items():
-            low, high = report.lds_ci[method][estimator]
-            change = f"{removal.top_k_mean[method][estimator]:+.4f}" if removal else "-"
-            lines.append(f"| {method} | {estimator} | {value:+.3f} | [{low:+.3f}, {high:+.3f}] | {change} |")
+    lines = [
+        f"LDS over {len(report.actual_losses[splits[0]])} models; queries: {counts}.",
+        "",
+        header,
+        "|---|---|" + "---:|---:|" * len(splits) + "---:|---:|",
+    ]
+    for method in report.methods:
+        for estimator in report.lds[splits[0]][method]:
+            cells = []
+            for split in splits:
+                low, high = report.lds_ci[split][method][estimator]
+                cells += [f"{report.lds[split][method][estimator]:+.3f}", f"[{low:+.3f}, {high:+.3f}]"]
+            own = report.self_retrieval[method][estimator] if report.self_retrieval else None
+            change = removal.top_k_mean.get(method, {}).get(estimator) if removal else None
+            cells += ["-" if own is None else f"{own:.2f}", "-" if change is None else f"{change:+.4f}"]
+            lines.append(f"| {method} | {estimator} | " + " | ".join(cells) + " |")
     if removal:
-        lines.append(f"\nLoss change with {removal.k} random samples removed: {removal.random_mean:+.4f} "
-                     f"(mean over {len(removal.queries)} queries; full model's mean loss "
-                     f"{sum(removal.full_loss) / len(removal.full_loss):.4f}).")
+        lines.append(
+            f"\nLoss change with {removal.k} random samples removed: {removal.random_mean:+.4f} "
+            f"(mean over {len(removal.queries)} queries; full model's mean loss "
+            f"{sum(removal.full_loss) / len(removal.full_loss):.4f})."
+        )
+    if report.seed_variance:
+        for split, found in report.seed_variance.items():
+            lines.append(
+                f"\nSecond training seed on {found.models} subsets, {split}: loss Spearman between seeds "
+                f"{found.loss_spearman:+.3f}, seed's share of the loss variance {found.noise_share:.3f}."
+            )
     return "\n".join(lines)

@@ -174,7 +174,8 @@ def lds_per_query(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     actual, predicted = np.asarray(actual, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
     if actual.ndim != 2 or actual.shape != predicted.shape or actual.shape[0] < 3:
         raise EvaluationError(
-            f"need (M, Q) actual and predicted losses over 3 or more models, got {actual.shape}, {predicted.shape}"
+            f"need (M, Q) actual and predicted losses over 3 or more models, got {actual.shape}, "
+            f"{predicted.shape}"
         )
     ranks = [stats.rankdata(values, axis=0) for values in (actual, predicted)]
     centred = [r - r.mean(axis=0) for r in ranks]

@@ -42,7 +42,7 @@ def recompute_slot_norms(
     checkpoint: int,
     computer: GradientComputer,
     *,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], object] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps, norms) `(N, S)` of every row's slots at `checkpoint`, in batches of the plan's size.
 
@@ -157,7 +157,7 @@ def analyse_run(
     curve_samples: int = 8,
     curve_timesteps: int = 100,
     seed: int = 0,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], object] | None = None,
 ) -> NormTimestepStatistics:
     """Norm vs timestep of every training sample's replayed step at the checkpoint saved after `epoch`
     (default: the last), for a `retrac train` run.
@@ -196,7 +196,9 @@ def analyse_run(
     return result
 
 
-def direction_figure(path: str | Path, statistics: Mapping[str, NormTimestepStatistics], *, title: str) -> Path:
+def direction_figure(
+    path: str | Path, statistics: Mapping[str, NormTimestepStatistics], *, title: str
+) -> Path:
     """One PNG of each labelled run's mean norm curve divided by its own mean.
 
     Losses scale gradients differently (an L1 gradient is bounded per pixel, an MSE one grows with the

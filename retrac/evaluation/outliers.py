@@ -1,9 +1,8 @@
 """Outlier detection by self-influence on mixtures with planted outliers (method.md section 6).
 
 Two mixtures, each a majority plus about 4% planted outliers (the paper's ratio, 200 / 5,200):
-
-- `patches+zeros`: `builtin:outliers`, photo patches with planted digit zeros;
-- `digits+faces`: scikit-learn's digits with planted LFW faces.
+`patches+zeros` (`builtin:outliers`, photo patches with planted digit zeros) and `digits+faces`
+(scikit-learn's digits with planted LFW faces).
 
 Outlier scores, higher meaning more suspect (`outlier_scores`):
 
@@ -30,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -86,13 +85,15 @@ class OutlierResult(BaseModel):
     samples: int
     outliers: int
     auc: dict[str, float] = Field(description="ROC AUC of the planted group under each outlier score")
-    recall: dict[str, float] = Field(description="planted outliers among the |outliers| highest self-influences")
+    recall: dict[str, float] = Field(
+        description="planted outliers among the |outliers| highest self-influences"
+    )
     timings: dict[str, float]
 
 
 def planted_mix(mix: MixName, n_train: int, resolution: int, seed: int) -> ImageDataset:
     """`n_train` images, about `OUTLIER_SHARE` of them planted outliers (group "outlier"), shuffled."""
-    shape = {"resolution": resolution, "channels": 1, "seed": seed}
+    shape: dict[str, Any] = {"resolution": resolution, "channels": 1, "seed": seed}
     if mix == "patches+zeros":
         return load_dataset(DatasetSpec(source="builtin:outliers", limit=n_train, **shape))
     count = max(1, round(OUTLIER_SHARE * n_train))
@@ -107,9 +108,19 @@ def detect_outliers(config: OutlierConfig, out_dir: str | Path) -> OutlierResult
     clock = Clock()
     with clock("train"):
         data = planted_mix(config.mix, config.n_train, config.resolution, config.seed)
-        dataset = DatasetSpec(source=str(save_npz(data, out.resolve() / "train.npz")), resolution=config.resolution)
-        spec = TrainSpec(dataset=dataset, preset=config.preset, loss=config.loss, epochs=config.epochs,
-                         batch_size=config.batch_size, lr=config.lr, save_every=config.save_every, seed=config.seed)
+        dataset = DatasetSpec(
+            source=str(save_npz(data, out.resolve() / "train.npz")), resolution=config.resolution
+        )
+        spec = TrainSpec(
+            dataset=dataset,
+            preset=config.preset,
+            loss=config.loss,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            save_every=config.save_every,
+            seed=config.seed,
+        )
         train(spec, data, out / "run")
     with clock("index"):
         slots = SlotSpec(replay=True, grid=config.grid, noise=config.noise, seed=config.seed)
@@ -129,7 +140,9 @@ def detect_outliers(config: OutlierConfig, out_dir: str | Path) -> OutlierResult
     )
 
 
-def relative_norms(norms: Sequence[torch.Tensor], weights: Sequence[float], slots: Sequence[int]) -> np.ndarray:
+def relative_norms(
+    norms: Sequence[torch.Tensor], weights: Sequence[float], slots: Sequence[int]
+) -> np.ndarray:
     """`(N,)` the `relative_norm` score from exact norms `(N, S)` per checkpoint (see the module docstring).
 
     Weights are normalised to sum to one, so the score does not scale with the learning rate. A zero

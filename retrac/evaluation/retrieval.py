@@ -78,8 +78,12 @@ def jpeg_reencoded(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
     for image in images:
         pixels = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
         buffer = io.BytesIO()
-        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, "JPEG", quality=quality)
-        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float32).reshape(pixels.shape)
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
+            buffer, "JPEG", quality=quality
+        )
+        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float32).reshape(
+            pixels.shape
+        )
         out.append(torch.from_numpy(decoded).permute(2, 0, 1) / 127.5 - 1)
     return torch.stack(out)
 
@@ -96,7 +100,9 @@ def nearest_training(images: torch.Tensor, training: torch.Tensor) -> tuple[np.n
     """(position `(B,)`, RMS distance `(B,)` on the [0, 1] pixel scale) of each image's nearest
     training image; images and training images `(*, C, H, W)` in [-1, 1]."""
     if images.shape[1:] != training.shape[1:] or not len(training):
-        raise EvaluationError(f"images {tuple(images.shape)} and training images {tuple(training.shape)} differ in shape")
+        raise EvaluationError(
+            f"images {tuple(images.shape)} and training images {tuple(training.shape)} differ in shape"
+        )
     distances = torch.cdist(images.flatten(1).double(), training.flatten(1).double())  # L2 in [-1, 1]
     best = distances.min(dim=1)
     rms = best.values / 2 / images[0].numel() ** 0.5
@@ -106,5 +112,7 @@ def nearest_training(images: torch.Tensor, training: torch.Tensor) -> tuple[np.n
 def _pair(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b = _matrix(first, "first scores"), _matrix(second, "second scores")
     if a.shape != b.shape:
-        raise EvaluationError(f"score matrices of the same queries and samples differ in shape: {a.shape}, {b.shape}")
+        raise EvaluationError(
+            f"score matrices of the same queries and samples differ in shape: {a.shape}, {b.shape}"
+        )
     return a, b

@@ -105,7 +105,15 @@ def generate(
             ).images
         return (images.float().cpu() * 2 - 1).clamp(-1, 1)
     return _conditional_loop(
-        unet, kind.from_config(scheduler.config), count, steps, generator, label, guidance_scale, null, progress
+        unet,
+        kind.from_config(scheduler.config),
+        count,
+        steps,
+        generator,
+        label,
+        guidance_scale,
+        null,
+        progress,
     )
 
 
@@ -194,8 +202,8 @@ def generate_for_index(
         raise SpecError("generating from a latent model (a VAE beside its denoiser) is not handled")
     if plan.text is not None:
         raise SpecError(
-            "generating from a text-conditional model is not handled; generate with its diffusers pipeline and "
-            "attribute the image with its prompt (`retrac attribute STORE IMAGE --prompt TEXT`)"
+            "generating from a text-conditional model is not handled; generate with its diffusers pipeline "
+            "and attribute the image with its prompt (`retrac attribute STORE IMAGE --prompt TEXT`)"
         )
     conditions = query_conditions(plan.classes, label, 1)
     integer = int(conditions.tensors[CLASS_LABELS][0]) if conditions else None

@@ -92,9 +92,10 @@ function render(index, answer) {
   const result = answer.data[0];
   const proponentIds = Object.fromEntries(Object.entries(result.methods).map(
     ([method, ranking]) => [method, new Set(ranking.proponents.map((i) => i.sample_id))]));
+  const chosen = [...document.querySelectorAll(".method")].map((section) => section.dataset.method);
   for (const section of document.querySelectorAll(".method")) {
     const method = section.dataset.method;
-    const other = method === "tracin" ? "retrac" : "tracin";
+    const other = chosen.find((name) => name !== method);
     for (const gallery of section.querySelectorAll(".gallery")) {
       const kind = gallery.dataset.kind;
       const list = result.methods[method] ? result.methods[method][kind] : [];
@@ -129,8 +130,10 @@ async function attributeFile(index, file, label) {
   form.append("search", $("search").value);
   if (label !== null) form.append("label", label);
   if (textual[index]) form.append("prompt", $("prompt").value);  // "" is the empty prompt, sent as such
-  form.append("methods", "tracin");
-  form.append("methods", "retrac");
+  // each gallery's chosen method (tracin, retrac, trak, dtrak), asked once
+  for (const section of document.querySelectorAll(".method")) section.dataset.method = section.querySelector(".method-choice").value;
+  const methods = new Set([...document.querySelectorAll(".method")].map((section) => section.dataset.method));
+  for (const method of methods) form.append("methods", method);
   $("run").disabled = true;
   say("Computing the query's gradients and scanning the index…");
   try {

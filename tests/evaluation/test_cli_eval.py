@@ -22,10 +22,12 @@ def test_eval_run_from_a_config_file_prints_the_table(tmp_path, capsys) -> None:
     path.write_text(config.model_dump_json())
     assert main(["eval", "run", "--config", str(path), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "| metric | TracIn | ReTrac |" in printed and "U@3 over 5 queries" in printed
+    assert "| metric | TracIn | ReTrac |" in printed
+    assert "U@3 over 5 queries" in printed
     assert str(tmp_path / "out" / "gallery.png") in printed
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert saved["config"]["n_majority"] == 24 and saved["setup"]["train_samples"] == 28
+    assert saved["config"]["n_majority"] == 24
+    assert saved["setup"]["train_samples"] == 28
 
 
 def test_eval_run_with_a_bad_config_exits_2_with_one_line(tmp_path, capsys) -> None:
@@ -35,8 +37,12 @@ def test_eval_run_with_a_bad_config_exits_2_with_one_line(tmp_path, capsys) -> N
     error = capsys.readouterr().err
     assert (
         error.startswith("retrac: error:")
-        and "not a valid experiment config" in error
-        and error.count("\n") == 1
+    )
+    assert (
+        "not a valid experiment config" in error
+    )
+    assert (
+        error.count("\n") == 1
     )
 
 
@@ -60,7 +66,8 @@ def test_eval_norms_on_a_training_run(tiny_run, tmp_path, capsys) -> None:
     )
     assert "epoch 2, 48 samples" in capsys.readouterr().out
     assert json.loads((out / "norms.json").read_text())["checkpoint_epoch"] == 2
-    assert (out / "norm_timestep.png").stat().st_size > 0 and (out / "norm_curve.png").stat().st_size > 0
+    assert (out / "norm_timestep.png").stat().st_size > 0
+    assert (out / "norm_curve.png").stat().st_size > 0
 
 
 def test_eval_norms_on_a_missing_run_exits_2(tmp_path, capsys) -> None:

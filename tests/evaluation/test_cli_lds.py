@@ -17,14 +17,18 @@ from storage import GradientStore
 
 
 def test_eval_lds_prints_the_table_and_writes_the_report(tmp_path, capsys) -> None:
-    config = LdsConfig.smoke().model_copy(update={"models": 3, "removal_queries": 0, "workers": 1})
+    config = LdsConfig.smoke().model_copy(update={"models": 3, "seed_models": 0, "removal_queries": 0,
+                                                  "workers": 1})
     path = tmp_path / "lds.json"
     path.write_text(config.model_dump_json())
     assert main(["eval", "lds", "--config", str(path), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "| method | estimator | LDS (3 models, 3 queries)" in printed and "| tracin |" in printed
+    assert "LDS over 3 models; queries: 3 validation, 3 generated." in printed
+    assert "| tracin |" in printed
+    assert "| method | estimator | LDS validation | 95% interval | LDS generated |" in printed
     saved = json.loads((tmp_path / "out" / "lds.json").read_text())
-    assert len(saved["actual_losses"]) == 3 and saved["removal"] is None
+    assert len(saved["actual_losses"]["validation"]) == 3
+    assert saved["removal"] is None
 
 
 def test_eval_lds_with_a_bad_config_exits_2_with_one_line(tmp_path, capsys) -> None:
@@ -32,7 +36,9 @@ def test_eval_lds_with_a_bad_config_exits_2_with_one_line(tmp_path, capsys) -> N
     path.write_text(json.dumps({"models": 2}))
     assert main(["eval", "lds", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("retrac: error:") and "not a valid LDS config" in error and error.count("\n") == 1
+    assert error.startswith("retrac: error:")
+    assert "not a valid LDS config" in error
+    assert error.count("\n") == 1
 
 
 def test_self_influence_adds_the_norm_and_direction_rankings(reference_store, capsys) -> None:
@@ -54,7 +60,8 @@ def test_train_with_the_paper_recipe(tmp_path, capsys) -> None:
             "--epochs", "1", "--batch-size", "8", "--save-every", "1"]
     assert main(args) == 0
     run = TrainingRun.load(out)
-    assert run.loss == "l1" and run.spec.num_timesteps == 1000
+    assert run.loss == "l1"
+    assert run.spec.num_timesteps == 1000
     betas = load_scheduler(run.scheduler_folder).betas
     assert torch.equal(betas, torch.tensor(clipped_cosine_betas(1000), dtype=torch.float32))
     assert "--timesteps 100 --draws 16" in capsys.readouterr().out

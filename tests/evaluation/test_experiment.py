@@ -79,16 +79,19 @@ def test_figures_and_markdown_are_written(smoke) -> None:
     assert report.figures == ["gallery.png", "norm_timestep.png", "norm_curve.png"]
     for name in report.figures:
         data = (saved["out"] / name).read_bytes()
-        assert data.startswith(b"\x89PNG\r\n\x1a\n") and 2_000 < len(data) < 300_000
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        assert 2_000 < len(data) < 300_000
     markdown = (saved["out"] / "report.md").read_text()
     assert headline_table(report) in markdown
-    assert "| U@3 over 10 queries" in markdown and "![gallery.png](gallery.png)" in markdown
+    assert "| U@3 over 10 queries" in markdown
+    assert "![gallery.png](gallery.png)" in markdown
 
 
 def test_build_data_keeps_queries_apart_from_training(tmp_path) -> None:
     config = ExperimentConfig.smoke()
     data = build_data(config, tmp_path)
-    assert len(data.train) == 44 and data.train.groups.count("outlier") == 4
+    assert len(data.train) == 44
+    assert data.train.groups.count("outlier") == 4
     assert data.kinds == ("heldout",) * 5 + ("train",) * 3
     assert data.queries.groups[:5] == ("majority",) * 3 + ("outlier",) * 2
     trained = [row for row in data.own_rows if row is not None]
@@ -136,7 +139,9 @@ def test_replay_scores_match_a_loop_and_the_engine_on_a_replay_only_index(tiny_r
     for q, result in enumerate(results):
         for method in ("tracin", "retrac"):
             ranked = result.methods[method].proponents
-            assert [replay_only.dataset.ids.index(i.sample_id) for i in ranked] == np.argsort(-scores[method][q], kind="stable")[:5].tolist()
+            assert [replay_only.dataset.ids.index(i.sample_id) for i in ranked] == np.argsort(
+                -scores[method][q], kind="stable"
+            )[:5].tolist()
             np.testing.assert_allclose(
                 [i.score for i in ranked], np.sort(scores[method][q])[::-1][:5], rtol=1e-4
             )

@@ -36,7 +36,8 @@ def prediction(dit, x: torch.Tensor, t: int, label: int) -> torch.Tensor:
 
 def test_the_guided_prediction_is_the_formula(dit) -> None:
     table = dit.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
-    assert table.num_embeddings == CLASSES + 1 and null_label(dit) == CLASSES  # null row after the classes
+    assert table.num_embeddings == CLASSES + 1
+    assert null_label(dit) == CLASSES  # null row after the classes
     x, scale = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), 2.5
     with torch.no_grad():
         got = guided_prediction(dit, x, torch.tensor(40), torch.tensor([4, 4, 4]), scale, CLASSES)
@@ -83,6 +84,6 @@ def test_conditions_that_do_not_fit_the_model_are_refused(dit) -> None:
         generate(dit, scheduler, 1, sampler="ddim", steps=2)
     with pytest.raises(EvaluationError, match="label 10 is not one of the model's classes 0..9"):
         generate(dit, scheduler, 1, sampler="ddim", steps=2, label=CLASSES)
+    unconditional = build_unet("micro", resolution=8, channels=1)
     with pytest.raises(EvaluationError, match="unconditional: generate without a label"):
-        unconditional = build_unet("micro", resolution=8, channels=1)
         generate(unconditional, scheduler, 1, sampler="ddim", steps=2, label=0)

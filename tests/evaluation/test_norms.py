@@ -12,8 +12,8 @@ from api_schemas import IndexSpec, ProjectorSpec, SlotSpec
 from retrac.evaluation.norms import analyse_run, norm_curves, norm_timestep_statistics, recompute_slot_norms
 from retrac.exceptions import EvaluationError
 from retrac.gradients import GradientComputer, loop_gradients
-from retrac.plan import IndexPlan
 from retrac.noise import noise_from_seeds, query_noise
+from retrac.plan import IndexPlan
 from retrac.query_side import query_timesteps
 from tests.conftest import TINY_DATASET
 
@@ -28,7 +28,9 @@ def test_norm_rising_linearly_with_timestep() -> None:
     assert (result.pearson, result.spearman) == pytest.approx((1.0, 1.0))
     assert result.slope == pytest.approx(1.0)
     assert result.relative_slope == pytest.approx(1.0 / 2.495)
-    assert result.t_max == 900 and result.samples == 100 and result.checkpoint_epoch == 7
+    assert result.t_max == 900
+    assert result.samples == 100
+    assert result.checkpoint_epoch == 7
     assert result.curve_mean_norms == pytest.approx((2 + GRID / 1000).tolist())
 
 
@@ -73,7 +75,8 @@ def test_norm_curve_matches_a_per_sample_autograd_loop(plan: IndexPlan) -> None:
     model = plan.load_model(2)
     image = plan.dataset.images[5:6]
     grid, curves = norm_curves(GradientComputer(model, plan.loss), image, 6, seed=9)
-    assert grid.tolist() == query_timesteps(6, 1000).tolist() and curves.shape == (1, 6)
+    assert grid.tolist() == query_timesteps(6, 1000).tolist()
+    assert curves.shape == (1, 6)
     noise = query_noise(9, 6, 1, image.shape[1:])  # (K, 1, C, H, W): one draw per timestep
     reference = loop_gradients(model, plan.loss, image.expand(6, -1, -1, -1), torch.from_numpy(grid), noise)
     np.testing.assert_allclose(curves[0], reference.norm(dim=1).numpy(), rtol=1e-4)
@@ -81,7 +84,9 @@ def test_norm_curve_matches_a_per_sample_autograd_loop(plan: IndexPlan) -> None:
 
 def test_analyse_run_writes_finite_statistics_and_plots(tiny_run, tmp_path) -> None:
     result = analyse_run(tiny_run.folder, tmp_path, epoch=4, curve_samples=3, curve_timesteps=10)
-    assert result.checkpoint_epoch == 4 and result.samples == 48 and len(result.curve_mean_norms) == 10
+    assert result.checkpoint_epoch == 4
+    assert result.samples == 48
+    assert len(result.curve_mean_norms) == 10
     saved = json.loads((tmp_path / "norms.json").read_text())
     assert saved["spearman"] == pytest.approx(result.spearman)
     assert saved["per_sample"]["ids"] == list(tiny_run.sample_ids)

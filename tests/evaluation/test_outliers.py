@@ -39,7 +39,9 @@ def test_relative_norms_match_a_loop_over_checkpoints_samples_and_slots() -> Non
         for c in range(2):
             for s in slots:
                 column = sorted(max(float(norms[c][i, s]), tiny) for i in range(5))
-                total += weights[c] / 2.0 * math.log(max(float(norms[c][n, s]), tiny) / column[2]) / len(slots)
+                total += (
+                    weights[c] / 2.0 * math.log(max(float(norms[c][n, s]), tiny) / column[2]) / len(slots)
+                )
         expected.append(total)
     assert relative_norms(norms, weights, slots) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(SpecError, match="needs grid slots"):
@@ -70,7 +72,9 @@ def test_atypical_directions_match_a_loop_of_cosines_with_every_sample() -> None
     lone = torch.ones(4, 1, 5)
     lone[2] = -1.0
     found = atypical_directions([RowChunk(lone, lone.norm(dim=-1))], [1.0], [0])
-    assert int(np.argmax(found)) == 2 and found[2] == pytest.approx(0.5) and found[0] == pytest.approx(-0.5)
+    assert int(np.argmax(found)) == 2
+    assert found[2] == pytest.approx(0.5)
+    assert found[0] == pytest.approx(-0.5)
     with pytest.raises(SpecError, match="needs grid slots"):
         atypical_directions(chunks, weights, [])
 
@@ -80,14 +84,16 @@ def test_group_auc_is_one_against_the_rest_per_group() -> None:
     groups = ("outlier", "majority", "outlier", "majority", "majority", "other")
     found = metrics.group_auc(scores, groups)
     assert found == {g: pytest.approx(roc_auc_score([x == g for x in groups], scores)) for g in set(groups)}
-    assert found["outlier"] == pytest.approx(1.0) and metrics.group_auc(scores, None) is None
+    assert found["outlier"] == pytest.approx(1.0)
+    assert metrics.group_auc(scores, None) is None
     assert metrics.group_auc(scores, ("a",) * 6) is None
 
 
 @pytest.mark.parametrize("mix", ["patches+zeros", "digits+faces"])
 def test_planted_mixes_hold_four_percent_outliers(mix: str) -> None:
     data = planted_mix(mix, 100, 8, seed=1)
-    assert len(data) == 100 and (data.groups or ()).count(OUTLIER) == 4
+    assert len(data) == 100
+    assert (data.groups or ()).count(OUTLIER) == 4
     assert data.images.shape == (100, 1, 8, 8)
 
 

@@ -50,7 +50,8 @@ def test_full_scores_are_the_paper_and_matched_sums() -> None:
     # G = (1, 0.5): sample 0 mean_s g . G = ((1,0).G + (0,2).G)/2 = (1 + 1)/2 = 1 -> x2 = 2
     # sample 1: ((3,4).G + (0,1).G)/2 = (5 + 0.5)/2 = 2.75 -> 5.5
     np.testing.assert_allclose(paper["tracin"], [[2.0, 5.5]])
-    # G^ = ((1,0) + (0,1))/2 = (.5, .5); unit slots: s0 (1,0),(0,1) -> (.5 + .5)/2 -> 1.0; s1 (.6,.8),(0,1) -> (.7+.5)/2 -> 1.2
+    # G^ = ((1,0) + (0,1))/2 = (.5, .5); unit slots: s0 (1,0),(0,1) -> (.5 + .5)/2 -> 1.0; s1 (.6,.8),(0,1) ->
+    # (.7+.5)/2 -> 1.2
     np.testing.assert_allclose(paper["retrac"], [[1.0, 1.2]], rtol=1e-6)
     matched = retrieval.full_scores([chunk], [query], [2.0], matched=slice(0, 2))
     # slot t with query timestep t: s0 ((1,0).(2,0) + (0,2).(0,1))/2 = (2 + 2)/2 = 2 -> 4; s1 (6 + 1)/2 -> 7
@@ -62,7 +63,8 @@ def test_full_scores_are_the_paper_and_matched_sums() -> None:
 def test_near_duplicates() -> None:
     image = torch.arange(12, dtype=torch.float32).reshape(1, 1, 3, 4) / 12 - 0.5
     moved = retrieval.shifted(image)
-    assert torch.equal(moved[..., 1:], image[..., :-1]) and torch.equal(moved[..., 0], image[..., 0])
+    assert torch.equal(moved[..., 1:], image[..., :-1])
+    assert torch.equal(moved[..., 0], image[..., 0])
     with pytest.raises(EvaluationError, match="1..3 pixels"):
         retrieval.shifted(image, 4)
     flat = torch.zeros(64, 1, 16, 16)

@@ -15,14 +15,16 @@ def last_checkpoint(tiny_run):
     return load_unet(tiny_run.checkpoints()[-1].path), load_scheduler(tiny_run.scheduler_folder)
 
 
-@pytest.mark.parametrize("sampler, steps", [("ddim", 4), ("ddpm", 6)])
+@pytest.mark.parametrize(("sampler", "steps"), [("ddim", 4), ("ddpm", 6)])
 def test_same_seed_same_images_other_seed_other_images(last_checkpoint, sampler, steps) -> None:
     unet, scheduler = last_checkpoint
     first = generate(unet, scheduler, 3, sampler=sampler, steps=steps, seed=5)
     again = generate(unet, scheduler, 3, sampler=sampler, steps=steps, seed=5)
     other = generate(unet, scheduler, 3, sampler=sampler, steps=steps, seed=6)
-    assert first.shape == (3, 1, 8, 8) and first.dtype == torch.float32
-    assert first.min() >= -1 and first.max() <= 1
+    assert first.shape == (3, 1, 8, 8)
+    assert first.dtype == torch.float32
+    assert first.min() >= -1
+    assert first.max() <= 1
     assert torch.equal(first, again)
     assert not torch.allclose(first, other)
     assert not torch.allclose(first[0], first[1])  # one generator, distinct draws per image

@@ -25,7 +25,9 @@ def digits() -> ImageDataset:
 @pytest.fixture(scope="session")
 def replay_run(tmp_path_factory: pytest.TempPathFactory, digits: ImageDataset) -> TrainingRun:
     """A micro DDPM trained 4 epochs on 30 digits, batch 8 (a smaller last batch), checkpoints at 2 and 4."""
-    spec = TrainSpec(dataset=DIGITS, preset="micro", loss="l1", epochs=4, batch_size=8, lr=2e-3, save_every=2, seed=3)
+    spec = TrainSpec(
+        dataset=DIGITS, preset="micro", loss="l1", epochs=4, batch_size=8, lr=2e-3, save_every=2, seed=3
+    )
     return train(spec, digits, tmp_path_factory.mktemp("run"))
 
 

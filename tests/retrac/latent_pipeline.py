@@ -78,7 +78,11 @@ def brute_force_scores(
     each image encoded alone as `(mean - shift_factor) * scaling_factor`, noise by the store's rule,
     one autograd call per gradient over the UNet's parameters; `slots[n]` is sample n's (timestep, seed)."""
     from tests.retrac.reference import (
-        autograd_gradient, mean_gradient, query_draws, seeded_noise, slot_scores,
+        autograd_gradient,
+        mean_gradient,
+        query_draws,
+        seeded_noise,
+        slot_scores,
     )
 
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval()

@@ -50,7 +50,8 @@ def mean_gradient(
     class_label: int | None = None,
 ) -> torch.Tensor:
     """The flat gradient of the mean loss of one image (of class `class_label`, for a class-conditional
-    UNet) at one timestep over noises `(G, C, H, W)`: `h(q, t)` of method.md section 3, by one autograd call."""
+    UNet) at one timestep over noises `(G, C, H, W)`: `h(q, t)` of method.md section 3, by one autograd
+    call."""
     count = noises.shape[0]
     images, steps = image.expand(count, *image.shape), torch.full((count,), timestep)
     labels = None if class_label is None else torch.full((count,), class_label)

@@ -38,8 +38,8 @@ orders (retrac's layer rules vs autograd) differ by ~1e-6 relative; the dot prod
 def labelled_run(tmp_path_factory: pytest.TempPathFactory) -> TrainingRun:
     """A class-conditional micro DDPM, 16 digits with their digit as label, one batch per epoch (so each
     epoch's steps start from the previous checkpoint), checkpoints after epochs 1, 2 and 3."""
-    spec = TrainSpec(dataset=LABELLED, preset="micro", loss="mse", epochs=3, batch_size=N, lr=2e-3, save_every=1,
-                     seed=2, class_conditional=True)
+    spec = TrainSpec(dataset=LABELLED, preset="micro", loss="mse", epochs=3, batch_size=N, lr=2e-3,
+                     save_every=1, seed=2, class_conditional=True)
     return train(spec, load_dataset(LABELLED), tmp_path_factory.mktemp("labelled"))
 
 
@@ -48,11 +48,16 @@ def targets() -> torch.Tensor:
     return torch.as_tensor(load_digits().target[:N], dtype=torch.int64)
 
 
-def brute_force_scores(run: TrainingRun, images: torch.Tensor, queries: torch.Tensor, label: int) -> dict[str, torch.Tensor]:
+def brute_force_scores(
+    run: TrainingRun, images: torch.Tensor, queries: torch.Tensor, label: int
+) -> dict[str, torch.Tensor]:
     """(N, Q) scores of method.md sections 1-4 with every loss under its sample's class label, one
     autograd call per gradient, plain diffusers and torch."""
     scheduler = DDPMScheduler.from_pretrained(run.folder / "scheduler")
-    grid = [math.floor(v) for v in torch.linspace(1, scheduler.config.num_train_timesteps - 1, K, dtype=torch.float64).tolist()]
+    grid = [
+        math.floor(v)
+        for v in torch.linspace(1, scheduler.config.num_train_timesteps - 1, K, dtype=torch.float64).tolist()
+    ]
     draws = query_draws(SEED, K, M, tuple(images.shape[1:]))
     labels = targets()
     scores = {"tracin": torch.zeros(N, len(queries)), "retrac": torch.zeros(N, len(queries))}
@@ -62,23 +67,35 @@ def brute_force_scores(run: TrainingRun, images: torch.Tensor, queries: torch.Te
         previous = entry["epoch"]
         unet = UNet2DModel.from_pretrained(run.folder / entry["path"]).eval()
         assert unet.config.num_class_embeds == 10  # saved as diffusers saves a class-conditional UNet
-        train_side = torch.stack([
-            mean_gradient(
-                unet, scheduler, images[i], int(run.timesteps[entry["epoch"] - 1, i]),
-                seeded_noise(int(run.seeds[entry["epoch"] - 1, i]), images.shape[1:])[None], "mse", int(labels[i]),
-            )
-            for i in range(N)
-        ])
+        train_side = torch.stack(
+            [
+                mean_gradient(
+                    unet,
+                    scheduler,
+                    images[i],
+                    int(run.timesteps[entry["epoch"] - 1, i]),
+                    seeded_noise(int(run.seeds[entry["epoch"] - 1, i]), images.shape[1:])[None],
+                    "mse",
+                    int(labels[i]),
+                )
+                for i in range(N)
+            ]
+        )
         for q, query in enumerate(queries):
-            hs = torch.stack([mean_gradient(unet, scheduler, query, t, draws[k], "mse", label) for k, t in enumerate(grid)])
+            hs = torch.stack(
+                [mean_gradient(unet, scheduler, query, t, draws[k], "mse", label) for k, t in enumerate(grid)]
+            )
             scores["tracin"][:, q] += weight * (train_side @ hs.mean(0))
             retrac_query = (hs / hs.norm(dim=1, keepdim=True)).mean(0)
-            scores["retrac"][:, q] += weight * ((train_side / train_side.norm(dim=1, keepdim=True)) @ retrac_query)
+            scores["retrac"][:, q] += weight * (
+                (train_side / train_side.norm(dim=1, keepdim=True)) @ retrac_query
+            )
     return scores
 
 
 def exact_spec(run: TrainingRun) -> IndexSpec:
-    return IndexSpec(dataset=LABELLED, run=str(run.folder), slots=SlotSpec(replay=True), projector=ProjectorSpec(kind="identity"))
+    return IndexSpec(dataset=LABELLED, run=str(run.folder), slots=SlotSpec(replay=True),
+                     projector=ProjectorSpec(kind="identity"))
 
 
 def test_exact_scores_equal_brute_force(labelled_run: TrainingRun) -> None:
@@ -95,7 +112,9 @@ def test_exact_scores_equal_brute_force(labelled_run: TrainingRun) -> None:
         torch.testing.assert_close(got, expected[method], rtol=SCORE_TOLERANCE, atol=SCORE_TOLERANCE * scale)
     # the label is used: under label 7 (given as its integer) the scores move by far more than the tolerance
     other = attributor.attribute(queries, QuerySpec(timesteps=K, draws=M, seed=SEED, label=7), top_k=N)
-    moved = engine_scores(other, plan.dataset.ids, "tracin") - engine_scores(results, plan.dataset.ids, "tracin")
+    moved = engine_scores(other, plan.dataset.ids, "tracin") - engine_scores(
+        results, plan.dataset.ids, "tracin"
+    )
     assert float(moved.abs().max()) > 100 * SCORE_TOLERANCE * float(expected["tracin"].abs().max())
 
 
@@ -107,10 +126,14 @@ def test_a_replayed_step_reproduces_its_training_loss_under_its_label(labelled_r
         unet = UNet2DModel.from_pretrained(checkpoint.path).eval()
         epoch = checkpoint.epoch + 1
         timesteps = labelled_run.timesteps[epoch - 1]
-        noise = torch.stack([seeded_noise(s, images.shape[1:]) for s in labelled_run.seeds[epoch - 1].tolist()])
+        noise = torch.stack(
+            [seeded_noise(s, images.shape[1:]) for s in labelled_run.seeds[epoch - 1].tolist()]
+        )
         with torch.no_grad():
             replayed = per_sample_losses(unet, scheduler, images, timesteps, noise, "mse", targets())
-            relabelled = per_sample_losses(unet, scheduler, images, timesteps, noise, "mse", (targets() + 1) % 10)
+            relabelled = per_sample_losses(
+                unet, scheduler, images, timesteps, noise, "mse", (targets() + 1) % 10
+            )
         torch.testing.assert_close(replayed, labelled_run.losses[epoch - 1], rtol=REPLAY_TOLERANCE, atol=1e-7)
         assert not torch.allclose(relabelled, labelled_run.losses[epoch - 1], rtol=1e-3)
 
@@ -129,8 +152,12 @@ def write_npz(path: Path, labels: np.ndarray | None, *, ids: bool = False) -> Da
 
 def no_replay_spec(run: TrainingRun, dataset: DatasetSpec) -> IndexSpec:
     return IndexSpec(
-        dataset=dataset, checkpoints=(CheckpointSpec(path=run.checkpoints()[-1].path),), loss="mse",
-        scheduler=str(run.scheduler_folder), slots=SlotSpec(replay=False, grid=1), projector=ProjectorSpec(dim=64),
+        dataset=dataset,
+        checkpoints=(CheckpointSpec(path=run.checkpoints()[-1].path),),
+        loss="mse",
+        scheduler=str(run.scheduler_folder),
+        slots=SlotSpec(replay=False, grid=1),
+        projector=ProjectorSpec(dim=64),
     )
 
 
@@ -173,10 +200,14 @@ def test_a_changed_label_makes_the_store_stale(labelled_run: TrainingRun, tmp_pa
 def test_a_query_label_is_a_class_name_or_its_integer() -> None:
     animals = ClassLabels({"ant": 0, "cat": 1, "dog": 2})
     assert query_conditions(animals, "dog", 2).tensors["class_labels"].tolist() == [2, 2]
-    assert animals.resolve(1) == 1 and animals.resolve("1") == 1
+    assert animals.resolve(1) == 1
+    assert animals.resolve("1") == 1
     numerals = ClassLabels({"0": 0, "10": 1, "2": 2})  # folders 0, 10 and 2, sorted as names
-    assert numerals.resolve("10") == 1 and numerals.resolve("2") == 2  # a name wins over an integer
-    with pytest.raises(SpecError, match="label 'bird' is not a class of this index; give one of: ant \\(0\\)"):
+    assert numerals.resolve("10") == 1
+    assert numerals.resolve("2") == 2  # a name wins over an integer
+    with pytest.raises(
+        SpecError, match="label 'bird' is not a class of this index; give one of: ant \\(0\\)"
+    ):
         animals.resolve("bird")
     with pytest.raises(SpecError, match="class-conditional: give the query's label"):
         query_conditions(animals, None, 1)
@@ -186,8 +217,8 @@ def test_a_query_label_is_a_class_name_or_its_integer() -> None:
 
 
 def test_a_class_conditional_run_needs_labels(tmp_path: Path) -> None:
-    spec = TrainSpec(dataset=DatasetSpec(source="builtin:faces", resolution=8, limit=4), preset="micro", epochs=1,
-                     class_conditional=True)
+    spec = TrainSpec(dataset=DatasetSpec(source="builtin:faces", resolution=8, limit=4), preset="micro",
+                     epochs=1, class_conditional=True)
     with pytest.raises(SpecError, match="a class-conditional run needs class labels"):
         train(spec, load_dataset(spec.dataset), tmp_path / "run")
 
@@ -200,17 +231,24 @@ def test_norm_curves_of_a_class_conditional_run_take_each_sample_under_its_label
     from retrac.evaluation.norms import analyse_run
 
     shown, grid_size, seed = 2, 3, 5
-    result = analyse_run(labelled_run.folder, tmp_path, curve_samples=shown, curve_timesteps=grid_size, seed=seed)
+    result = analyse_run(
+        labelled_run.folder, tmp_path, curve_samples=shown, curve_timesteps=grid_size, seed=seed
+    )
     scheduler = DDPMScheduler.from_pretrained(labelled_run.folder / "scheduler")
     last = labelled_run.checkpoint_entries[-1]
     unet = UNet2DModel.from_pretrained(labelled_run.folder / last["path"]).eval()
     images, labels = load_dataset(LABELLED).images[:shown], targets()[:shown]
-    steps = torch.linspace(1, scheduler.config.num_train_timesteps - 1, grid_size, dtype=torch.float64).tolist()
+    steps = torch.linspace(
+        1, scheduler.config.num_train_timesteps - 1, grid_size, dtype=torch.float64
+    ).tolist()
     draws = query_draws(seed, grid_size, 1, tuple(images.shape[1:]))  # the same draws for every image
     expected = [
-        torch.stack([
-            mean_gradient(unet, scheduler, images[i], t, draws[k], "mse", int(labels[i])).norm() for i in range(shown)
-        ]).mean()
+        torch.stack(
+            [
+                mean_gradient(unet, scheduler, images[i], t, draws[k], "mse", int(labels[i])).norm()
+                for i in range(shown)
+            ]
+        ).mean()
         for k, t in enumerate(math.floor(v) for v in steps)
     ]
     assert torch.allclose(torch.tensor(result.curve_mean_norms), torch.stack(expected), rtol=SCORE_TOLERANCE)

@@ -14,10 +14,13 @@ def test_flags_override_the_config_file(tmp_path, capsys) -> None:
         "dataset": {"source": "builtin:digits", "resolution": 8, "limit": 10},
         "preset": "micro", "epochs": 5, "save_every": 1, "loss": "l1",
     }))
-    assert main(["train", str(tmp_path / "run"), "--config", str(config), "--epochs", "2", "--limit", "6"]) == 0
+    assert (
+        main(["train", str(tmp_path / "run"), "--config", str(config), "--epochs", "2", "--limit", "6"]) == 0
+    )
     run = TrainingRun.load(tmp_path / "run")
     assert (run.spec.epochs, run.spec.preset, run.spec.loss, run.spec.dataset.limit) == (2, "micro", "l1", 6)
-    assert run.spec.dataset.resolution == 8 and len(run.sample_ids) == 6
+    assert run.spec.dataset.resolution == 8
+    assert len(run.sample_ids) == 6
     assert [c.epoch for c in run.checkpoints()] == [1, 2]
     assert "2 checkpoints" in capsys.readouterr().out
 
@@ -25,16 +28,21 @@ def test_flags_override_the_config_file(tmp_path, capsys) -> None:
 def test_bad_values_exit_2_with_one_line(tmp_path, capsys) -> None:
     assert main(["train", str(tmp_path / "run"), "--epochs", "0"]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("retrac: error: epochs:") and error.count("\n") == 1
+    assert error.startswith("retrac: error: --epochs:")
+    assert error.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
 
 def test_every_help_shows_the_defaults(capsys) -> None:
     import pytest
 
-    for command, says in ((["index", "create"], "grid timestep slots per sample [default: 0]"),
-                          (["attribute"], "proponents and opponents per method [default: 10]"),
-                          (["train"], "--epochs <int> training epochs [default: (10)]"), (["serve"], "[default: 8000]")):
+    for command, says in (
+        (["index", "create"], "grid timestep slots per sample [default: 8]"),
+        (["index", "create"], "[default: shared]"),
+        (["attribute"], "proponents and opponents per method [default: 10]"),
+        (["train"], "--epochs <int> training epochs [default: (10)]"),
+        (["serve"], "[default: 8000]"),
+    ):
         with pytest.raises(SystemExit):
             main([*command, "--help"])
         assert says in " ".join(capsys.readouterr().out.split()), command
@@ -43,7 +51,8 @@ def test_every_help_shows_the_defaults(capsys) -> None:
     assert capsys.readouterr().out.startswith("retrac ")
 
 
-NO_DEFAULT = {"config", "spec", "run_folder", "checkpoint", "train_batch_size", "limit", "gallery", "hostname"}
+NO_DEFAULT = {"config", "spec", "run_folder", "checkpoint", "train_batch_size", "limit", "gallery",
+              "hostname"}
 """Options absent unless given: a file to read or write, a name, a count that only a typed value sets."""
 
 
@@ -73,8 +82,11 @@ def test_bad_flags_exit_2_with_one_line(capsys) -> None:
         with pytest.raises(SystemExit) as exited:
             main(argv)
         error = capsys.readouterr().err
-        assert exited.value.code == 2 and error.startswith("retrac: error:") and error.count("\n") == 1, error
-        assert says in error and "Usage" not in error
+        assert exited.value.code == 2, error
+        assert error.startswith("retrac: error:"), error
+        assert error.count("\n") == 1, error
+        assert says in error
+        assert "Usage" not in error
 
 
 def test_the_shell_completion_script_names_the_command(capsys, monkeypatch) -> None:
@@ -85,4 +97,5 @@ def test_the_shell_completion_script_names_the_command(capsys, monkeypatch) -> N
     monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     with pytest.raises(SystemExit) as exited:
         main(["--show-completion", "bash"])
-    assert exited.value.code == 0 and "_RETRAC_COMPLETE=complete_bash" in capsys.readouterr().out
+    assert exited.value.code == 0
+    assert "_RETRAC_COMPLETE=complete_bash" in capsys.readouterr().out

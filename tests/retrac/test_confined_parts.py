@@ -43,8 +43,14 @@ def replace_with_link(path: Path, target: Path) -> None:
     [
         ("vae", "the VAE 'vae' leads outside the configured root"),
         ("scheduler", "the scheduler 'scheduler' leads outside the configured root"),
-        ("vae/diffusion_pytorch_model.safetensors", "the VAE 'vae/diffusion_pytorch_model.safetensors' leads"),
-        ("unet/diffusion_pytorch_model.safetensors", "the checkpoint 'unet/diffusion_pytorch_model.safetensors'"),
+        (
+            "vae/diffusion_pytorch_model.safetensors",
+            "the VAE 'vae/diffusion_pytorch_model.safetensors' leads",
+        ),
+        (
+            "unet/diffusion_pytorch_model.safetensors",
+            "the checkpoint 'unet/diffusion_pytorch_model.safetensors'",
+        ),
     ],
 )
 def test_a_part_linked_out_of_the_root_is_refused(root: Path, outside: Path, part: str, message: str) -> None:
@@ -52,7 +58,8 @@ def test_a_part_linked_out_of_the_root_is_refused(root: Path, outside: Path, par
     spec = latent_index_spec(root / "pipeline")
     with pytest.raises(SpecError, match=message) as refused:
         IndexPlan.resolve(spec, root)
-    assert str(outside) not in str(refused.value) and "\n" not in str(refused.value)
+    assert str(outside) not in str(refused.value)
+    assert "\n" not in str(refused.value)
     assert IndexPlan.resolve(spec).latent_space is not None  # with no root (the trusted CLI) it is used
 
 
@@ -61,7 +68,8 @@ def test_a_part_linked_inside_the_root_is_used(root: Path, outside: Path) -> Non
     shutil.copytree(outside / "vae", shared)
     replace_with_link(root / "pipeline" / "vae", shared)
     plan = IndexPlan.resolve(latent_index_spec(root / "pipeline"), root)
-    assert plan.latent_space is not None and plan.latent_space.folder == root / "pipeline" / "vae"
+    assert plan.latent_space is not None
+    assert plan.latent_space.folder == root / "pipeline" / "vae"
 
 
 @pytest.mark.parametrize("part", ["text_encoder", "tokenizer"])
@@ -94,5 +102,6 @@ def test_the_cli_refuses_a_part_linked_out_of_its_models_root_in_one_line(
     capsys.readouterr()
     assert main([*create[:2], str(tmp_path / "outside.zarr"), *create[2:]]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "the VAE 'vae' leads outside the configured root" in error, error
+    assert error.count("\n") == 1, error
+    assert "the VAE 'vae' leads outside the configured root" in error, error
     assert not (tmp_path / "outside.zarr").exists()

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.datasets import load_digits
 from skimage import data as skdata
+from sklearn.datasets import load_digits
 
 from api_schemas.common import SAMPLE_ID_PATTERN
 from api_schemas.specs import DatasetSpec
@@ -58,9 +58,11 @@ def test_builtin_shapes_ranges_and_ids(source: str, channels: int) -> None:
     dataset = _load(source, resolution=16, channels=channels, limit=30)
     assert dataset.images.shape == (30, channels, 16, 16)
     assert dataset.images.dtype == torch.float32
-    assert dataset.images.min() >= -1 and dataset.images.max() <= 1
+    assert dataset.images.min() >= -1
+    assert dataset.images.max() <= 1
     assert dataset.images.std() > 0.05
-    assert len(set(dataset.ids)) == 30 and all(SAMPLE_ID.fullmatch(i) for i in dataset.ids)
+    assert len(set(dataset.ids)) == 30
+    assert all(SAMPLE_ID.fullmatch(i) for i in dataset.ids)
     again = _load(source, resolution=16, channels=channels, limit=30)
     assert again.ids == dataset.ids
     assert again.fingerprint == dataset.fingerprint
@@ -103,7 +105,8 @@ def test_downsampling_averages_instead_of_sampling() -> None:
 
 def test_faces_match_skimage() -> None:
     faces = _load("builtin:faces", resolution=25, channels=3)
-    assert len(faces) == 200 and faces.ids[0] == "face-000"
+    assert len(faces) == 200
+    assert faces.ids[0] == "face-000"
     expected = torch.from_numpy(skdata.lfw_subset()).float() * 2 - 1
     for channel in range(3):
         torch.testing.assert_close(faces.images[:, channel], expected)
@@ -123,10 +126,15 @@ def test_patches_grey_is_luminance_of_rgb_and_seed_matters() -> None:
 
 def test_builtin_outliers_default_mixture() -> None:
     mixture = _load("builtin:outliers", resolution=8, limit=100, seed=1)
-    assert mixture.groups is not None and mixture.groups.count("outlier") == 4
+    assert mixture.groups is not None
+    assert mixture.groups.count("outlier") == 4
     assert all(i.startswith("out-digit-") and i.endswith("-0")
-               for i, g in zip(mixture.ids, mixture.groups) if g == "outlier")
-    assert all(i.startswith("maj-patch-") for i, g in zip(mixture.ids, mixture.groups) if g == "majority")
+               for i, g in zip(mixture.ids, mixture.groups, strict=True) if g == "outlier")
+    assert all(
+        i.startswith("maj-patch-")
+        for i, g in zip(mixture.ids, mixture.groups, strict=True)
+        if g == "majority"
+    )
     assert _load("builtin:outliers", resolution=8, limit=10).groups.count("outlier") == 1
 
 
@@ -178,10 +186,13 @@ def test_subset_index_of_and_bad_ids() -> None:
 
 def test_to_uint8_shapes() -> None:
     grey = _tiny([-1.0, 1.0])
-    assert grey.to_uint8(1).shape == (2, 2) and grey.to_uint8(1).dtype == np.uint8
-    assert grey.to_uint8(0).max() == 0 and grey.to_uint8(1).min() == 255
+    assert grey.to_uint8(1).shape == (2, 2)
+    assert grey.to_uint8(1).dtype == np.uint8
+    assert grey.to_uint8(0).max() == 0
+    assert grey.to_uint8(1).min() == 255
     rgb = ImageDataset(torch.zeros(1, 3, 4, 4), ("a",), "rgb")
-    assert rgb.to_uint8(0).shape == (4, 4, 3) and int(rgb.to_uint8(0)[0, 0, 0]) == 128
+    assert rgb.to_uint8(0).shape == (4, 4, 3)
+    assert int(rgb.to_uint8(0)[0, 0, 0]) == 128
 
 
 # --- image folders and arrays ---------------------------------------------------------------------------
@@ -226,14 +237,17 @@ def test_image_folder_modes_groups_and_ids(tmp_path: Path) -> None:
     assert np.array_equal(dataset.to_uint8(0), rgb)
 
     limited = load_dataset(DatasetSpec(source=str(folder / "dogs"), resolution=4, limit=2))
-    assert limited.ids == ("c.png", "deep/d.png") and limited.groups is None
+    assert limited.ids == ("c.png", "deep/d.png")
+    assert limited.groups is None
     assert limited.images.shape == (2, 1, 4, 4)
 
 
 def test_image_folder_reads_every_listed_format(tmp_path: Path) -> None:
     grey = _pattern(10, (4, 4))
     for suffix in ("bmp", "gif", "tiff", "webp"):
-        Image.fromarray(grey).save(tmp_path / f"x.{suffix}", **({"lossless": True} if suffix == "webp" else {}))
+        Image.fromarray(grey).save(
+            tmp_path / f"x.{suffix}", **({"lossless": True} if suffix == "webp" else {})
+        )
     np.save(tmp_path / "x.npy", grey)
     dataset = load_dataset(DatasetSpec(source=str(tmp_path), resolution=4))
     assert dataset.ids == ("x.bmp", "x.gif", "x.npy", "x.tiff", "x.webp")
@@ -263,7 +277,8 @@ def test_npz_keeps_ids_and_groups(tmp_path: Path) -> None:
     groups = np.array(["majority", "outlier", "majority", "majority"])
     np.savez(tmp_path / "set.npz", images=images, ids=ids, groups=groups)
     dataset = load_dataset(DatasetSpec(source="set.npz", resolution=8, limit=3), root=tmp_path)
-    assert dataset.ids == ("w", "x", "y") and dataset.groups == ("majority", "outlier", "majority")
+    assert dataset.ids == ("w", "x", "y")
+    assert dataset.groups == ("majority", "outlier", "majority")
     assert np.array_equal(dataset.to_uint8(1), images[1])
     np.savez(tmp_path / "no_images.npz", pixels=images)
     np.savez(tmp_path / "pickled.npz", images=images, ids=np.array(["a", 1, None], dtype=object))
@@ -348,13 +363,15 @@ def test_outlier_mixture_counts_groups_and_seeds() -> None:
     zeros = _load("builtin:digits:0", resolution=8)
     mixture = outlier_mixture(majority, zeros, n_majority=40, n_outliers=5, seed=0)
     assert len(mixture) == 45
-    assert mixture.groups.count("outlier") == 5 and mixture.groups.count("majority") == 40
-    for sample_id, group, image in zip(mixture.ids, mixture.groups, mixture.images):
+    assert mixture.groups.count("outlier") == 5
+    assert mixture.groups.count("majority") == 40
+    for sample_id, group, image in zip(mixture.ids, mixture.groups, mixture.images, strict=True):
         prefix, source = ("out-", zeros) if group == "outlier" else ("maj-", majority)
         assert sample_id.startswith(prefix)
         torch.testing.assert_close(image, source.images[source.index_of([sample_id[4:]])[0]])
     same = outlier_mixture(majority, zeros, n_majority=40, n_outliers=5, seed=0)
-    assert same.ids == mixture.ids and same.fingerprint == mixture.fingerprint
+    assert same.ids == mixture.ids
+    assert same.fingerprint == mixture.fingerprint
     other = outlier_mixture(majority, zeros, n_majority=40, n_outliers=5, seed=1)
     assert other.ids != mixture.ids
     with pytest.raises(DatasetError, match="cannot pick"):
@@ -364,7 +381,8 @@ def test_outlier_mixture_counts_groups_and_seeds() -> None:
 def test_split_holdout_disjoint_and_covering() -> None:
     dataset = _load("builtin:digits", resolution=8, limit=50)
     train, held = split_holdout(dataset, 12, seed=5)
-    assert len(train) == 38 and len(held) == 12
+    assert len(train) == 38
+    assert len(held) == 12
     assert set(train.ids).isdisjoint(held.ids)
     assert set(train.ids) | set(held.ids) == set(dataset.ids)
     assert split_holdout(dataset, 12, seed=5)[1].ids == held.ids
@@ -385,23 +403,28 @@ def test_npz_integer_group_labels_are_accepted(tmp_path) -> None:
 
 
 def test_class_labels_from_subfolders_npz_and_digits(tmp_path: Path) -> None:
-    """Sorted class names numbered 0..n-1 (from every sample, so a limit never renumbers), integers as given."""
+    """Sorted class names numbered 0..n-1 (from every sample, so a limit never renumbers), integers as
+    given."""
     for name in ("dog", "ant", "cat"):
         (tmp_path / "data" / name).mkdir(parents=True)
         (tmp_path / "data" / name / "0.png").write_bytes(_png(_pattern(0, (4, 4))))
     folder = load_dataset(DatasetSpec(source="data", resolution=4), root=tmp_path)
-    assert folder.classes is not None and dict(folder.classes.classes) == {"ant": 0, "cat": 1, "dog": 2}
+    assert folder.classes is not None
+    assert dict(folder.classes.classes) == {"ant": 0, "cat": 1, "dog": 2}
     assert folder.labels == (0, 1, 2)
     limited = load_dataset(DatasetSpec(source="data", resolution=4, limit=2), root=tmp_path)
-    assert limited.labels == (0, 1) and limited.classes == folder.classes
+    assert limited.labels == (0, 1)
+    assert limited.classes == folder.classes
     assert limited.subset([1]).labels == (1,)
     images = np.zeros((3, 4, 4), dtype=np.uint8)
     np.savez(tmp_path / "ints.npz", images=images, labels=np.array([7, 3, 7]))
     ints = load_dataset(DatasetSpec(source=str(tmp_path / "ints.npz"), resolution=4))
-    assert ints.labels == (7, 3, 7) and dict(ints.classes.classes) == {"3": 3, "7": 7}
+    assert ints.labels == (7, 3, 7)
+    assert dict(ints.classes.classes) == {"3": 3, "7": 7}
     np.savez(tmp_path / "names.npz", images=images, labels=np.array(["zebra", "yak", "zebra"]))
     names = load_dataset(DatasetSpec(source=str(tmp_path / "names.npz"), resolution=4))
-    assert names.labels == (1, 0, 1) and dict(names.classes.classes) == {"yak": 0, "zebra": 1}
+    assert names.labels == (1, 0, 1)
+    assert dict(names.classes.classes) == {"yak": 0, "zebra": 1}
     np.savez(tmp_path / "negative.npz", images=images, labels=np.array([0, -1, 2]))
     with pytest.raises(DatasetError, match="'labels' must be non-negative integers"):
         load_dataset(DatasetSpec(source=str(tmp_path / "negative.npz"), resolution=4))
@@ -442,7 +465,9 @@ def test_notices_count_each_conversion_once_per_load(tmp_path: Path) -> None:
 def test_query_image_conversions_are_counted_by_the_caller() -> None:
     conversions = Conversions()
     for side in (6, 12, 12):
-        load_image_file(_png(_pattern(side, (side, side, 3))), resolution=6, channels=1, conversions=conversions)
+        load_image_file(
+            _png(_pattern(side, (side, side, 3))), resolution=6, channels=1, conversions=conversions
+        )
     assert conversions.notices(3, "query images") == (
         "query images: 3 of 3 converted from RGB to grey (ITU-R BT.601 luma)",
         "query images: 2 of 3 resized from 12x12 to 6x6 px (bilinear)",

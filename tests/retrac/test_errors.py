@@ -9,14 +9,16 @@ import pytest
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, SlotSpec
 from retrac.exceptions import CheckpointError, ReplayError
-from retrac.plan import IndexPlan
 from retrac.models import build_unet
+from retrac.plan import IndexPlan
 from tests.retrac.conftest import DIGITS, index_spec
 
 
 def test_a_sample_absent_from_the_record_is_an_error(replay_run) -> None:
     with pytest.raises(ReplayError, match="digit-0030"):
-        IndexPlan.resolve(index_spec(replay_run).model_copy(update={"dataset": DIGITS.model_copy(update={"limit": 31})}))
+        IndexPlan.resolve(
+            index_spec(replay_run).model_copy(update={"dataset": DIGITS.model_copy(update={"limit": 31})})
+        )
     with pytest.raises(ReplayError, match="no training step for sample"):
         replay_run.replayed(["digit-0000-0", "not-a-sample"], 1)
     with pytest.raises(ReplayError, match="covers epochs 1..4"):
@@ -59,5 +61,6 @@ def test_the_cli_reports_errors_in_one_line(tmp_path) -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("retrac: error:")
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("retrac: error:")
     assert "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ block exactly as the projector projects a whole gradient.
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -98,8 +99,11 @@ def test_class_conditional_gradients_equal_the_loop(embedding: str) -> None:
     assert_matches_loop(model, "l1", batch, "layerwise", LABELS)
     # the label really enters: another label for sample 0 changes its gradient
     other = Conditions.of_labels([1, 3, 3, 1, 2])
-    moved = loop_gradients(model, "l1", *batch, conditions=other) - loop_gradients(model, "l1", *batch, conditions=LABELS)
-    assert float(moved[0].norm()) > 0 and float(moved[1:].norm()) == 0
+    moved = loop_gradients(model, "l1", *batch, conditions=other) - loop_gradients(
+        model, "l1", *batch, conditions=LABELS
+    )
+    assert float(moved[0].norm()) > 0
+    assert float(moved[1:].norm()) == 0
 
 
 def test_class_conditional_vmap_fallback_equals_the_loop() -> None:
@@ -190,7 +194,8 @@ def test_results_are_bit_identical_run_to_run(padding_mode: str) -> None:
     first = GradientComputer(model, "mse", projector, chunk=4).compute(*batch)
     fresh = GradientComputer(model, "mse", projector, chunk=4)
     for again in (fresh.compute(*batch), fresh.compute(*batch)):
-        assert torch.equal(again.projected, first.projected) and torch.equal(again.norms, first.norms)
+        assert torch.equal(again.projected, first.projected)
+        assert torch.equal(again.norms, first.norms)
 
 
 @pytest.mark.parametrize("kind", ["identity", "sketch", "dense"])
@@ -199,7 +204,7 @@ def test_project_blocks_equals_project(kind: str) -> None:
     projector = make_projector(ProjectorSpec(kind=kind, dim=64, seed=11), num_params)
     gradients = torch.randn(3, num_params, generator=torch.Generator().manual_seed(0))
     bounds = [0, 5, DENSE_BLOCK - 3, DENSE_BLOCK + 7, 2 * DENSE_BLOCK + 10, num_params]
-    blocks = [(start, gradients[:, start:stop].clone()) for start, stop in zip(bounds, bounds[1:])]
+    blocks = [(start, gradients[:, start:stop].clone()) for start, stop in itertools.pairwise(bounds)]
     blockwise = projector.project_blocks(reversed(blocks), 3, gradients.device)  # any order
     # Each output sums num_params products in some order: both lie within gamma(num_params) of the
     # exact sum, measured against the sum of the products' magnitudes.

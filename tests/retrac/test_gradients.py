@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention
-
 from torch.profiler import ProfilerActivity, profile
 
 from api_schemas import ProjectorSpec, QuerySpec
@@ -21,10 +20,14 @@ RELATIVE_TOLERANCE = 1e-5
 
 
 def model_of(preset: str, resolution: int) -> DiffusionModel:
-    return DiffusionModel.from_parts(build_unet(preset, resolution=resolution, channels=1, seed=4), DDPMScheduler(num_train_timesteps=1000))
+    return DiffusionModel.from_parts(
+        build_unet(preset, resolution=resolution, channels=1, seed=4), DDPMScheduler(num_train_timesteps=1000)
+    )
 
 
-def inputs(batch: int, draws: int, resolution: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(
+    batch: int, draws: int, resolution: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 1, resolution, resolution, generator=generator) * 2 - 1
     timesteps = torch.randint(0, 1000, (batch,), generator=generator)

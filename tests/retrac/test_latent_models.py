@@ -45,14 +45,15 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_exact_scores_equal_brute_force(pipeline: Path) -> None:
     plan = IndexPlan.resolve(latent_index_spec(pipeline))
-    assert plan.latent_space is not None and plan.latent_space.folder == pipeline / "vae"
+    assert plan.latent_space is not None
+    assert plan.latent_space.folder == pipeline / "vae"
     assert tuple(plan.inputs.shape) == (6, LATENT_CHANNELS, LATENT_SIDE, LATENT_SIDE)
     assert tuple(plan.dataset.images.shape) == (6, 3, IMAGE_SIDE, IMAGE_SIDE)
     queries = torch.stack([plan.dataset.images[1], torch.flip(plan.dataset.images[4], dims=[-1])])
     query = QuerySpec(timesteps=K, draws=M, seed=SEED)
     results = Attributor(plan).attribute(queries, query, top_k=len(plan.dataset))
     timesteps, seeds = plan.slots(0, slice(0, plan.num_rows))
-    slots = [list(zip(timesteps[n].tolist(), seeds[n].tolist())) for n in range(plan.num_rows)]
+    slots = [list(zip(timesteps[n].tolist(), seeds[n].tolist(), strict=True)) for n in range(plan.num_rows)]
     expected = brute_force_scores(
         pipeline, 0.5, slots, plan.dataset.images, queries, timesteps=K, draws=M, seed=SEED
     )
@@ -70,9 +71,12 @@ def refusal(spec_changes: dict, folder: Path) -> str:
 
 def test_a_dataset_of_another_size_than_the_vae_makes_is_refused(pipeline: Path) -> None:
     message = refusal({"dataset": DATA.model_copy(update={"resolution": 8})}, pipeline)
-    assert "3x8x8" in message and "takes 3x16x16" in message and "resolution 16" in message
+    assert "3x8x8" in message
+    assert "takes 3x16x16" in message
+    assert "resolution 16" in message
     message = refusal({"dataset": DATA.model_copy(update={"channels": 1})}, pipeline)
-    assert "1x16x16" in message and "channels 3" in message
+    assert "1x16x16" in message
+    assert "channels 3" in message
 
 
 def test_pipelines_retrac_cannot_encode_exactly_are_refused(pipeline: Path, tmp_path: Path) -> None:
@@ -105,11 +109,13 @@ def _checkpoint(folder: Path) -> dict:
 def test_index_create_refuses_in_one_line_and_defaults_the_shape_to_the_vaes(
     pipeline: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    flags = ["--loss", "mse", "--no-replay", "--grid", "1", "--projector", "identity", "--limit", "2"]
+    flags = ["--loss", "mse", "--no-replay", "--grid", "1", "--slot-noise", "independent",
+             "--projector", "identity", "--limit", "2"]
     assert main(["index", "create", str(tmp_path / "wrong.zarr"), "--checkpoint", str(pipeline), "--data",
                  "builtin:patches", "--resolution", "8", "--channels", "3", *flags]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("retrac: error: the dataset is 3x8x8") and "\n" not in error
+    assert error.startswith("retrac: error: the dataset is 3x8x8")
+    assert "\n" not in error
     assert main(["index", "create", str(tmp_path / "right.zarr"), "--checkpoint", str(pipeline), "--data",
                  "builtin:patches", *flags]) == 0  # 3 channels at 16 px: the VAE's images
     capsys.readouterr()
@@ -132,4 +138,5 @@ def test_a_pixel_model_has_no_vae(tmp_path: Path) -> None:
     unet = UNet2DModel(**{**UNET_CONFIG, "in_channels": 3, "out_channels": 3, "sample_size": IMAGE_SIDE})
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pixel")
     plan = IndexPlan.resolve(latent_index_spec(tmp_path / "pixel"))
-    assert plan.latent_space is None and plan.inputs is plan.dataset.images
+    assert plan.latent_space is None
+    assert plan.inputs is plan.dataset.images

@@ -76,7 +76,7 @@ def layer_norm_columns(module: nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "denoiser, draws", [(TransformerDenoiser, 1), (TransformerDenoiser, 3), (PlaneNorms, 2)]
+    ("denoiser", "draws"), [(TransformerDenoiser, 1), (TransformerDenoiser, 3), (PlaneNorms, 2)]
 )
 @pytest.mark.parametrize("loss", ["mse", "l1"])
 def test_layer_norm_rule_equals_the_loop(denoiser: type[nn.Module], draws: int, loss: str) -> None:

@@ -12,7 +12,9 @@ ODD_SHAPE = (1, 10, 10)
 
 def test_query_noise_draws_each_image_in_turn() -> None:
     generator = torch.Generator("cpu").manual_seed(123)
-    expected = torch.stack([torch.randn(ODD_SHAPE, generator=generator) for _ in range(3 * 2)]).reshape(3, 2, *ODD_SHAPE)
+    expected = torch.stack([torch.randn(ODD_SHAPE, generator=generator) for _ in range(3 * 2)]).reshape(
+        3, 2, *ODD_SHAPE
+    )
     assert torch.equal(query_noise(123, 3, 2, ODD_SHAPE), expected)
 
 
@@ -24,4 +26,6 @@ def test_the_shape_is_one_where_a_single_draw_would_differ() -> None:
 
 def test_a_seed_gives_the_documented_tensor() -> None:
     generator = torch.Generator("cpu").manual_seed(7)
-    assert torch.equal(noise_from_seed(7, ODD_SHAPE), torch.randn(ODD_SHAPE, generator=generator, dtype=torch.float32))
+    assert torch.equal(
+        noise_from_seed(7, ODD_SHAPE), torch.randn(ODD_SHAPE, generator=generator, dtype=torch.float32)
+    )

@@ -22,18 +22,26 @@ torch.set_num_threads(1)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_unconditional_replay.py"
 REPLAY_TOLERANCE = 1e-6
-"""The replayed forward is the training forward's arithmetic on the same inputs: equal up to float32 rounding."""
+"""The replayed forward is the training forward's arithmetic on the same inputs: equal up to float32
+rounding."""
 DATA = ["--data", "builtin:digits", "--resolution", "8", "--limit", "12", "--train-batch-size", "12"]
 
 
 def example(*args: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(EXAMPLE), *args], check=True, capture_output=True, timeout=600,
-                   env={"PYTHONPATH": str(EXAMPLE.parents[1]), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [sys.executable, str(EXAMPLE), *args],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env={"PYTHONPATH": str(EXAMPLE.parents[1]), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     return time.perf_counter() - start
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])  # sample: snr-weighted, as diffusers'
+@pytest.mark.parametrize(
+    "prediction", ["epsilon", "v_prediction", "sample"]
+)  # sample: snr-weighted, as diffusers'
 def test_an_index_of_the_examples_run_replays_its_losses_across_resume(tmp_path, prediction) -> None:
     # One batch per epoch: every step of epoch e+1 starts from exactly the checkpoint of epoch e.
     run_dir = tmp_path / "run"
@@ -42,23 +50,32 @@ def test_an_index_of_the_examples_run_replays_its_losses_across_resume(tmp_path,
     unbroken = tmp_path / "unbroken"
     example(str(unbroken), *DATA, "--epochs", "3", "--prediction-type", prediction)
     run, reference = TrainingRun.load(run_dir), TrainingRun.load(unbroken)
-    assert torch.equal(run.seeds, reference.seeds) and torch.equal(run.timesteps, reference.timesteps)
-    torch.testing.assert_close(run.losses, reference.losses, rtol=0, atol=0)  # --resume continued the same run
+    assert torch.equal(run.seeds, reference.seeds)
+    assert torch.equal(run.timesteps, reference.timesteps)
+    torch.testing.assert_close(
+        run.losses, reference.losses, rtol=0, atol=0
+    )  # --resume continued the same run
 
     data = DatasetSpec(source="builtin:digits", resolution=8, limit=12)
-    plan = IndexPlan.resolve(IndexSpec(dataset=data, run=str(run_dir), slots=SlotSpec(replay=True), projector=ProjectorSpec(kind="identity")))
+    plan = IndexPlan.resolve(IndexSpec(dataset=data, run=str(run_dir), slots=SlotSpec(replay=True),
+                                       projector=ProjectorSpec(kind="identity")))
     assert plan.loss_weighting == ("snr" if prediction == "sample" else "none")
-    assert plan.prediction_type == prediction and [c.epoch for c in plan.checkpoints] == [1, 2, 3]
+    assert plan.prediction_type == prediction
+    assert [c.epoch for c in plan.checkpoints] == [1, 2, 3]
     worst = 0.0
     for c, checkpoint in enumerate(plan.checkpoints[:-1]):
         model = plan.load_model(c)
         timesteps, seeds = run.replayed(plan.dataset.ids, checkpoint.epoch + 1)
         noise = noise_from_seeds(seeds, plan.dataset.images.shape[1:]).unsqueeze(1)
         with torch.no_grad():
-            replayed = group_losses(model, plan.loss, trainable_parameters(model), plan.dataset.images, timesteps, noise, plan.loss_weighting)
+            replayed = group_losses(model, plan.loss, trainable_parameters(model), plan.dataset.images,
+                                    timesteps, noise, plan.loss_weighting)
         recorded = run.losses[checkpoint.epoch]
         worst = max(worst, float(((replayed - recorded).abs() / recorded.abs()).max()))
-    print(f"\nexample {prediction}: 2 + 1 (--resume) epochs in {seconds:.1f} s, replay max relative error {worst:.2e}")
+    print(
+        f"\nexample {prediction}: 2 + 1 (--resume) epochs in {seconds:.1f} s, replay max relative error "
+        f"{worst:.2e}"
+    )
     assert worst < REPLAY_TOLERANCE
 
 
@@ -90,6 +107,8 @@ def test_the_recorder_records_class_labels_and_keeps_them_on_resume(tmp_path) ->
     (tmp_path / "checkpoint-1").mkdir()
     recorder.checkpoint(tmp_path / "checkpoint-1")
     run = TrainingRun.load(tmp_path)
-    assert run.labels == (1, 0) and run.classes == classes
+    assert run.labels == (1, 0)
+    assert run.classes == classes
     resumed = Recorder.resume(tmp_path)
-    assert tuple(resumed.labels or ()) == (1, 0) and resumed.classes == classes
+    assert tuple(resumed.labels or ()) == (1, 0)
+    assert resumed.classes == classes

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
-from api_schemas import DatasetSpec, TrainSpec
+from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, SlotSpec, TrainSpec
 from retrac.datasets import load_dataset
+from retrac.exceptions import SpecError
+from retrac.plan import IndexPlan
 from retrac.training import train
+from tests.retrac.conftest import index_spec
 from tests.retrac.reference import per_sample_losses, seeded_noise
 
 REPLAY_TOLERANCE = 1e-6
@@ -43,7 +47,8 @@ def test_every_sample_is_trained_every_epoch(replay_run, digits) -> None:
     # 30 samples in batches of 8: the last batch of each epoch has 6 samples and must not be dropped.
     epochs, n = replay_run.losses.shape
     assert (epochs, n) == (4, len(digits))
-    assert torch.isfinite(replay_run.losses).all() and (replay_run.losses > 0).all()
+    assert torch.isfinite(replay_run.losses).all()
+    assert (replay_run.losses > 0).all()
     assert ((replay_run.timesteps >= 0) & (replay_run.timesteps < 1000)).all()
     assert len(set(replay_run.seeds[0].tolist())) == n  # every step its own noise
 
@@ -63,3 +68,27 @@ def test_checkpoint_weights_follow_the_default_rule(replay_run, digits) -> None:
     weights = [c.weight for c in replay_run.checkpoints()]
     assert [c.epoch for c in replay_run.checkpoints()] == [2, 4]
     assert weights == [lr * batch * 2 / n, lr * batch * 2 / n]
+
+
+def test_an_index_of_a_subset_weighs_checkpoints_as_the_run_trained(replay_run, digits) -> None:
+    """`--limit` indexes the first samples of the run's dataset; each step still saw the run's N."""
+    lr, batch, n = replay_run.spec.lr, replay_run.spec.batch_size, len(digits)
+    subset = index_spec(replay_run, kind="sketch", dim=64)
+    subset = subset.model_copy(update={"dataset": subset.dataset.model_copy(update={"limit": 6})})
+    plan = IndexPlan.resolve(subset)
+    assert plan.num_rows == 6
+    assert plan.weights == [lr * batch * 2 / n, lr * batch * 2 / n]
+
+
+def test_weights_from_epoch_and_lr_without_a_run_refuse_a_limit(replay_run) -> None:
+    checkpoints = tuple(
+        CheckpointSpec(path=str(c.path), epoch=c.epoch, lr=replay_run.spec.lr)
+        for c in replay_run.checkpoints()
+    )
+    spec = IndexSpec(
+        dataset=DatasetSpec(source="builtin:digits", resolution=8, limit=6), checkpoints=checkpoints,
+        loss="l1", train_batch_size=8, slots=SlotSpec(replay=False, grid=2),
+        scheduler=str(replay_run.folder / "scheduler"),
+    )
+    with pytest.raises(SpecError, match="give each checkpoint its weight"):
+        IndexPlan.resolve(spec)

@@ -34,7 +34,9 @@ def test_scaling_one_gradient_changes_tracin_only(replay_run, digits) -> None:
     for r in rows:
         factor = torch.ones(r.norms.shape[0])
         factor[SAMPLE] = SCALE
-        scaled.append(Rows(r.projected * factor[:, None, None], r.norms * factor[:, None], r.timesteps, r.seeds))
+        scaled.append(
+            Rows(r.projected * factor[:, None, None], r.norms * factor[:, None], r.timesteps, r.seeds)
+        )
     after = full_scores(attributor, scaled, queries)
     torch.testing.assert_close(after["retrac"], before["retrac"], rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(after["tracin"][SAMPLE], SCALE * before["tracin"][SAMPLE], rtol=1e-5, atol=0)

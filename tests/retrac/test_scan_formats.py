@@ -78,9 +78,13 @@ def brute_force(chunks: list[RowChunk], queries: list[QueryVectors], matched: bo
             products = torch.einsum("nsd,qtd->nsqt", rows, vectors) * scale[:, :, None, None]
             magnitudes = torch.einsum("nsd,qtd->nsqt", rows.abs(), vectors.abs()) * scale[:, :, None, None]
             if matched:  # slot t pairs with timestep t
-                products, magnitudes = (x.diagonal(dim1=1, dim2=3).unsqueeze(1) for x in (products, magnitudes))
+                products, magnitudes = (
+                    x.diagonal(dim1=1, dim2=3).unsqueeze(1) for x in (products, magnitudes)
+                )
             error = (rounding + after) * products.abs() + per_product * magnitudes
-            mean = products.shape[1] * TIMESTEPS  # the paper's mean over slots and timesteps, the matched one's over K
+            mean = (
+                products.shape[1] * TIMESTEPS
+            )  # the paper's mean over slots and timesteps, the matched one's over K
             parts[method].append(weight * torch.einsum("nsqt,tb->nqb", products, one_hot) / mean)
             bounds[method].append(weight * torch.einsum("nsqt,tb->nqb", error, one_hot) / mean)
     return Truth(
@@ -127,7 +131,8 @@ def test_scan_of_each_format_equals_float64_brute_force(
 
     def chunked():
         for start in range(0, ROWS, CHUNK):
-            yield start, [RowChunk(c.projected[start : start + CHUNK], c.norms[start : start + CHUNK]) for c in chunks]
+            yield (start, [RowChunk(c.projected[start : start + CHUNK],
+                                    c.norms[start : start + CHUNK]) for c in chunks])
 
     ranking = scan(chunked(), queries, WEIGHTS[:checkpoints], top_k=TOP_K, matched=matched)
     truth = brute_force(chunks, queries, matched is not None)
@@ -144,6 +149,9 @@ def test_the_checks_catch_a_wrong_answer() -> None:
     truth = brute_force(chunks, queries, matched=False)
     ranked, parts, bounds = ranking.proponents["tracin"], truth.parts["tracin"], truth.bounds["tracin"]
     check_side(ranked, parts, bounds, largest=True)
-    for wrong in (replace(ranked, scores=ranked.scores * 1.001), replace(ranked, rows=(ranked.rows + 1) % ROWS)):
+    for wrong in (
+        replace(ranked, scores=ranked.scores * 1.001),
+        replace(ranked, rows=(ranked.rows + 1) % ROWS),
+    ):
         with pytest.raises(AssertionError):
             check_side(wrong, parts, bounds, largest=True)

@@ -33,9 +33,10 @@ def brute_force_scores(run, images: torch.Tensor, queries: torch.Tensor) -> dict
             losses = []
             for eps in noises:
                 x_t = math.sqrt(alpha_bar[t]) * image + math.sqrt(1 - alpha_bar[t]) * eps
-                prediction = unet(x_t[None], torch.tensor([t])).sample[0]
+                prediction = unet(x_t[None], torch.tensor([t])).sample[0]  # noqa: B023 (called within this iteration only)
                 losses.append((prediction - eps).abs().mean())  # the run's loss is l1
-            return torch.cat([g.flatten() for g in torch.autograd.grad(torch.stack(losses).mean(), params)])
+            grads = torch.autograd.grad(torch.stack(losses).mean(), params)  # noqa: B023 (called within this iteration only)
+            return torch.cat([g.flatten() for g in grads])
 
         train_side = []
         for i in range(n):
@@ -47,7 +48,12 @@ def brute_force_scores(run, images: torch.Tensor, queries: torch.Tensor) -> dict
         grid = [math.floor(v) for v in torch.linspace(1, num_timesteps - 1, K, dtype=torch.float64).tolist()]
         for q in range(queries.shape[0]):
             generator = torch.Generator("cpu").manual_seed(SEED)
-            hs = [gradient(queries[q], t, [torch.randn(images.shape[1:], generator=generator) for _ in range(M)]) for t in grid]
+            hs = [
+                gradient(
+                    queries[q], t, [torch.randn(images.shape[1:], generator=generator) for _ in range(M)]
+                )
+                for t in grid
+            ]
             tracin_query = torch.stack(hs).mean(0)
             retrac_query = torch.stack([h / h.norm() for h in hs]).mean(0)
             scores["tracin"][:, q] += weight * (g @ tracin_query)
@@ -68,11 +74,15 @@ def test_exact_scores_equal_brute_force(replay_run, digits) -> None:
     plan = IndexPlan.resolve(index_spec(replay_run, kind="identity"))
     assert len(plan.checkpoints) == 2
     queries = torch.stack([digits.images[3], torch.flip(digits.images[7], dims=[-1])])
-    results = Attributor(plan).attribute(queries, QuerySpec(timesteps=K, draws=M, seed=SEED), top_k=len(digits))
+    results = Attributor(plan).attribute(
+        queries, QuerySpec(timesteps=K, draws=M, seed=SEED), top_k=len(digits)
+    )
     expected = brute_force_scores(replay_run, digits.images, queries)
     for method in ("tracin", "retrac"):
         got = engine_scores(results, digits.ids, method)
-        torch.testing.assert_close(got, expected[method], rtol=1e-4, atol=1e-4 * float(expected[method].abs().max()))
+        torch.testing.assert_close(
+            got, expected[method], rtol=1e-4, atol=1e-4 * float(expected[method].abs().max())
+        )
         # the ranking order, and contributions summing to the score
         for q, result in enumerate(results):
             ranked = [i.score for i in result.methods[method].proponents]
@@ -80,4 +90,7 @@ def test_exact_scores_equal_brute_force(replay_run, digits) -> None:
             top = result.methods[method].proponents[0]
             assert math.isclose(sum(top.contributions), top.score, rel_tol=1e-5)
             assert top.sample_id == digits.ids[int(expected[method][:, q].argmax())]
-            assert result.methods[method].opponents[0].sample_id == digits.ids[int(expected[method][:, q].argmin())]
+            assert (
+                result.methods[method].opponents[0].sample_id
+                == digits.ids[int(expected[method][:, q].argmin())]
+            )

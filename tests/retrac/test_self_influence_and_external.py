@@ -36,7 +36,9 @@ def test_self_influence_from_slots_equals_reference_dot_products(replay_run, dig
                 for t, s in zip(timesteps[n].tolist(), seeds[n].tolist(), strict=True)
             ])
             expected["tracin"][n] += weight * (g[0] @ g[1:].mean(0))
-            expected["retrac"][n] += weight * (g[0] / g[0].norm()) @ (g[1:] / g[1:].norm(dim=1, keepdim=True)).mean(0)
+            expected["retrac"][n] += (
+                weight * (g[0] / g[0].norm()) @ (g[1:] / g[1:].norm(dim=1, keepdim=True)).mean(0)
+            )
     for method in ("tracin", "retrac"):
         scale = float(expected[method].abs().max())
         torch.testing.assert_close(got[method], expected[method], rtol=SCORE_TOLERANCE, atol=1e-6 * scale)
@@ -48,7 +50,8 @@ def test_grid_slots_are_the_query_grid_and_independent_of_sharding(replay_run) -
     assert timesteps.shape == (10, 5)
     assert timesteps[:, 1:].tolist() == [[1, 333, 666, 999]] * 10
     later_t, later_s = plan.slots(1, slice(5, 10))
-    assert torch.equal(later_t, timesteps[5:]) and torch.equal(later_s, seeds[5:])
+    assert torch.equal(later_t, timesteps[5:])
+    assert torch.equal(later_s, seeds[5:])
     assert len(set(seeds[:, 1:].flatten().tolist())) == 40
 
 
@@ -62,7 +65,8 @@ def test_a_checkpoint_without_a_record_indexes_and_answers(replay_run, digits) -
         projector=ProjectorSpec(kind="sketch", dim=256),
     )
     plan = IndexPlan.resolve(spec)
-    assert plan.weights == [0.5] and plan.run is None
+    assert plan.weights == [0.5]
+    assert plan.run is None
     results = Attributor(plan).attribute(digits.images[:1], QuerySpec(timesteps=4, draws=1), top_k=3)
     assert [len(results[0].methods[m].proponents) for m in ("tracin", "retrac")] == [3, 3]
     assert all(len(i.timesteps) == 2 for i in results[0].methods["retrac"].proponents)

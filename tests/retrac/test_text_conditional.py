@@ -49,7 +49,8 @@ def spec_of(pipeline: Path, data: Path, **changes: object) -> IndexSpec:
 
 
 def encoded(pipeline: Path, text: str) -> torch.Tensor:
-    """A caption's `encoder_hidden_states` `(1, L, D)` as diffusers' text-to-image training script makes them."""
+    """A caption's `encoder_hidden_states` `(1, L, D)` as diffusers' text-to-image training script makes
+    them."""
     tokenizer = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder").eval()
     ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -78,8 +79,19 @@ def brute_force_scores(pipeline: Path, slots: list[list[tuple[int, int]]], image
     scheduler = DDPMScheduler.from_pretrained(pipeline / "scheduler")
     shape = tuple(images.shape[1:])
     train_side = [
-        torch.stack([gradient(unet, scheduler, images[n], t, seeded_noise(s, shape)[None], encoded(pipeline, CAPTIONS[n]))
-                     for t, s in slots[n]])
+        torch.stack(
+            [
+                gradient(
+                    unet,
+                    scheduler,
+                    images[n],
+                    t,
+                    seeded_noise(s, shape)[None],
+                    encoded(pipeline, CAPTIONS[n]),
+                )
+                for t, s in slots[n]
+            ]
+        )
         for n in range(len(images))
     ]
     grid = [math.floor(v) for v in torch.linspace(1, 999, K, dtype=torch.float64).tolist()]
@@ -97,11 +109,15 @@ def brute_force_scores(pipeline: Path, slots: list[list[tuple[int, int]]], image
 
 def test_exact_scores_equal_brute_force(pipeline: Path, tmp_path: Path) -> None:
     plan = IndexPlan.resolve(spec_of(pipeline, write_captioned_folder(tmp_path / "data")))
-    assert plan.dataset.captions == CAPTIONS and plan.text is not None
+    assert plan.dataset.captions == CAPTIONS
+    assert plan.text is not None
     attributor = Attributor(plan)
     assert attributor.computer(0).strategy == "layerwise"  # every module of the UNet has a layer rule
     rows = attributor.index()[0]
-    slots = [list(zip(rows.timesteps[n].tolist(), rows.seeds[n].tolist(), strict=True)) for n in range(len(CAPTIONS))]
+    slots = [
+        list(zip(rows.timesteps[n].tolist(), rows.seeds[n].tolist(), strict=True))
+        for n in range(len(CAPTIONS))
+    ]
     images = plan.dataset.images
     queries = torch.stack([images[1], -images[4]])
     results = attributor.attribute(queries, QuerySpec(timesteps=K, draws=M, seed=SEED, prompt="red dot"),
@@ -112,8 +128,12 @@ def test_exact_scores_equal_brute_force(pipeline: Path, tmp_path: Path) -> None:
         scale = float(expected[method].abs().max())
         torch.testing.assert_close(got, expected[method], rtol=SCORE_TOLERANCE, atol=SCORE_TOLERANCE * scale)
     # the prompt is used: under another prompt the scores move by far more than the tolerance
-    other = attributor.attribute(queries, QuerySpec(timesteps=K, draws=M, seed=SEED, prompt=""), top_k=len(CAPTIONS))
-    moved = engine_scores(other, plan.dataset.ids, "tracin") - engine_scores(results, plan.dataset.ids, "tracin")
+    other = attributor.attribute(
+        queries, QuerySpec(timesteps=K, draws=M, seed=SEED, prompt=""), top_k=len(CAPTIONS)
+    )
+    moved = engine_scores(other, plan.dataset.ids, "tracin") - engine_scores(
+        results, plan.dataset.ids, "tracin"
+    )
     assert float(moved.abs().max()) > 100 * SCORE_TOLERANCE * float(expected["tracin"].abs().max())
 
 
@@ -137,8 +157,13 @@ def test_captions_come_from_metadata_jsonl_or_npz(tmp_path: Path) -> None:
     (folder / "extra.png").write_bytes((folder / "img-00.png").read_bytes())
     with pytest.raises(DatasetError, match="gives no caption to 1 images, e.g. \\['extra.png'\\]"):
         load_dataset(DatasetSpec(source=str(folder), resolution=SIDE, caption_column="caption"))
-    np.savez(tmp_path / "data.npz", images=np.zeros((2, SIDE, SIDE), np.float32), captions=np.array(["x", "y z"]))
-    assert load_dataset(DatasetSpec(source=str(tmp_path / "data.npz"), resolution=SIDE)).captions == ("x", "y z")
+    np.savez(
+        tmp_path / "data.npz", images=np.zeros((2, SIDE, SIDE), np.float32), captions=np.array(["x", "y z"])
+    )
+    assert load_dataset(DatasetSpec(source=str(tmp_path / "data.npz"), resolution=SIDE)).captions == (
+        "x",
+        "y z",
+    )
 
 
 def test_a_dataset_or_pipeline_that_does_not_fit_is_refused(pipeline: Path, tmp_path: Path) -> None:

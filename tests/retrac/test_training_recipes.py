@@ -29,7 +29,8 @@ def test_clipped_cosine_betas_follow_the_formula_one_step_at_a_time() -> None:
     expected = [min(max(1 - alpha_bar(t + 1) / alpha_bar(t), 1e-4), 0.02) for t in range(count)]
     betas = clipped_cosine_betas(count)
     assert betas == pytest.approx(expected, rel=1e-12)
-    assert betas.min() == PAPER_BETA_RANGE[0] and betas.max() == PAPER_BETA_RANGE[1]  # both clips bite
+    assert betas.min() == PAPER_BETA_RANGE[0]
+    assert betas.max() == PAPER_BETA_RANGE[1]  # both clips bite
     assert (np.diff(betas) >= 0).all()
 
 
@@ -38,7 +39,8 @@ def test_a_paper_recipe_run_saves_that_schedule_and_its_loss(tmp_path) -> None:
     spec = TrainSpec(dataset=DIGITS, preset="micro", epochs=1, batch_size=16, save_every=1, **recipe.train)
     run = train(spec, load_dataset(DIGITS), tmp_path / "run")
     scheduler = load_scheduler(run.scheduler_folder)
-    assert scheduler.config.num_train_timesteps == 1000 and run.loss == "l1"
+    assert scheduler.config.num_train_timesteps == 1000
+    assert run.loss == "l1"
     # diffusers keeps trained betas as float32; alpha_bar is their running product.
     expected = torch.tensor(clipped_cosine_betas(1000), dtype=torch.float32)
     assert torch.equal(scheduler.betas, expected)

@@ -39,7 +39,10 @@ def test_the_outlier_note_appears_only_when_the_data_has_outliers(tmp_path) -> N
         figure = viz.gallery_figure(queries, rankings, _dataset(("a", "b", "c"), groups))
         notes[groups[1]] = [t.get_text() for t in figure.texts if "red frame" in t.get_text()]
         edges = [to_hex(axis.spines["top"].get_edgecolor()) for axis in figure.axes[2:]]  # the two tiles
-        assert edges == [to_hex("lightgrey"), to_hex(viz.HIGHLIGHT if groups[1] == "outlier" else "lightgrey")]
+        assert edges == [
+            to_hex("lightgrey"),
+            to_hex(viz.HIGHLIGHT if groups[1] == "outlier" else "lightgrey"),
+        ]
     assert notes == {"outlier": ["red frame: training sample of group 'outlier'"], "dogs": []}
     path = viz.gallery(tmp_path / "g.png", queries, rankings, _dataset(("a", "b", "c")))
     assert path.read_bytes()[:4] == b"\x89PNG"

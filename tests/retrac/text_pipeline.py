@@ -19,9 +19,16 @@ SIDE, CHANNELS, HIDDEN, MAX_LENGTH = 8, 1, 16, 8
 WORDS = ("red", "blue", "dot", "bar")
 """Whole words the vocabulary has one token for (by the merges below); other words go letter by letter."""
 UNET_CONFIG = dict(
-    sample_size=SIDE, in_channels=CHANNELS, out_channels=CHANNELS, block_out_channels=(8, 16),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=1, norm_num_groups=4, attention_head_dim=4, cross_attention_dim=HIDDEN,
+    sample_size=SIDE,
+    in_channels=CHANNELS,
+    out_channels=CHANNELS,
+    block_out_channels=(8, 16),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=4,
+    attention_head_dim=4,
+    cross_attention_dim=HIDDEN,
 )
 
 
@@ -76,7 +83,8 @@ CAPTIONS = ("a red dot", "a blue bar", "red bar", "blue dot here", "a dot", "bar
 
 
 def write_captioned_folder(folder: Path, captions: tuple[str, ...] = CAPTIONS, column: str = "text") -> Path:
-    """An image folder of one random grey PNG per caption and its metadata.jsonl (Hugging Face imagefolder)."""
+    """An image folder of one random grey PNG per caption and its metadata.jsonl (Hugging Face
+    imagefolder)."""
     import numpy as np
     from PIL import Image
 

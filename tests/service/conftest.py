@@ -21,12 +21,12 @@ from fastapi.testclient import TestClient
 from api_schemas import IndexSpec, ProjectorSpec, SlotSpec
 from api_schemas.indexes import IndexCreate
 from retrac.attribution import Attributor
+from retrac.computers import GradientComputerCache
 from retrac.plan import IndexPlan
 from retrac.replay import TrainingRun
 from service.main import create_app
 from service.repository import StoreRepository
 from service.settings import Settings
-from retrac.computers import GradientComputerCache
 from storage import run_pending
 from tests.conftest import TINY_DATASET
 
@@ -52,7 +52,8 @@ def assert_create_refused(settings: Settings, name: str, spec: dict, message: st
         response = session.post("/v1/indexes", json={"name": name, "spec": spec})
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
-    assert "\n" not in detail and message in detail, detail
+    assert "\n" not in detail, detail
+    assert message in detail, detail
     assert not (settings.stores_root / name).exists()
 
 
@@ -115,7 +116,9 @@ def own_roots(settings: Settings, tmp_path: Path) -> Settings:
 def built_index(settings: Settings) -> str:
     """Index `digits`, complete, and index `digits-building`, created but never filled."""
     repository = StoreRepository(settings)
-    run_pending(repository.create(IndexCreate(name=INDEX, spec=index_spec())), GradientComputerCache("cpu", threads=1))
+    run_pending(
+        repository.create(IndexCreate(name=INDEX, spec=index_spec())), GradientComputerCache("cpu", threads=1)
+    )
     repository.create(IndexCreate(name=BUILDING, spec=index_spec()))
     return INDEX
 

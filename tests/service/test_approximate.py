@@ -42,10 +42,13 @@ def test_an_index_without_an_ann_index_is_refused_with_how_to_build_it(
         aside.rename(folder)
     assert response.status_code == 409, response.text
     detail = response.json()["detail"]
-    assert "has no ANN index" in detail and "retrac index ann" in detail and "\n" not in detail
+    assert "has no ANN index" in detail
+    assert "retrac index ann" in detail
+    assert "\n" not in detail
 
 
 def test_an_unknown_search_is_a_422_naming_the_choices(client: TestClient, reference: Attributor) -> None:
     response = client.post(f"/v1/indexes/{INDEX}/attribute", json=body(reference, "fuzzy"))
     assert response.status_code == 422
-    assert "search" in response.json()["detail"] and "approximate" in response.json()["detail"]
+    assert "search" in response.json()["detail"]
+    assert "approximate" in response.json()["detail"]

@@ -67,15 +67,19 @@ def test_upload_png_matches_engine(client: TestClient, reference: Attributor) ->
     assert response.status_code == 200, response.text
     answer = AttributionsPublic.model_validate(response.json())
     assert_matches(answer, expected(reference, [pixels]))
-    assert answer.checkpoints == [0, 1, 2] and answer.timesteps == QUERY["timesteps"]
+    assert answer.checkpoints == [0, 1, 2]
+    assert answer.timesteps == QUERY["timesteps"]
     assert answer.dtype == "float32"  # the stored precision scored (the index is float32)
-    assert answer.timings.gradient_s > 0 and answer.timings.scan_s > 0
+    assert answer.timings.gradient_s > 0
+    assert answer.timings.scan_s > 0
     assert answer.timings.wait_s >= 0
     assert answer.timings.total_s >= answer.timings.wait_s + answer.timings.gradient_s + answer.timings.scan_s
     assert answer.notices == []  # a grey 8 px PNG is taken as it is
 
 
-def test_the_answer_says_what_decoding_the_queries_converted(client: TestClient, reference: Attributor) -> None:
+def test_the_answer_says_what_decoding_the_queries_converted(
+    client: TestClient, reference: Attributor
+) -> None:
     grey = digit_pixels(reference, 3)
     rgb = np.repeat(np.repeat(np.stack([grey] * 3, axis=-1), 2, axis=0), 2, axis=1)  # 16x16 RGB
     files = [("images", ("a.png", png(rgb), "image/png")), ("images", ("b.png", png(grey), "image/png"))]

@@ -270,7 +270,15 @@ CASES = [
         "/v1/indexes",
         422,
         "but the model takes 1x8x8",
-        {"json": {"name": "shape", "spec": {**index_spec().model_dump(mode="json"), "dataset": {"source": "builtin:digits", "resolution": 12, "limit": 48}}}},
+        {
+            "json": {
+                "name": "shape",
+                "spec": {
+                    **index_spec().model_dump(mode="json"),
+                    "dataset": {"source": "builtin:digits", "resolution": 12, "limit": 48},
+                },
+            }
+        },
     ),
     Bad(
         "the largest resolution for a model of 8 px (7.5 GB if it were loaded)",
@@ -294,7 +302,14 @@ CASES = [
         "/v1/indexes",
         422,
         "no scheduler_config.json",
-        {"json": {"name": "nosched", "spec": index_spec().model_copy(update={"scheduler": "run/checkpoints"}).model_dump(mode="json")}},
+        {
+            "json": {
+                "name": "nosched",
+                "spec": index_spec()
+                .model_copy(update={"scheduler": "run/checkpoints"})
+                .model_dump(mode="json"),
+            }
+        },
     ),
     Bad(
         "index name taken",
@@ -367,7 +382,8 @@ def test_bad_request_is_refused_clearly(
         client.headers["X-API-Key"] = API_KEY
     assert response.status_code == case.status, response.text
     detail = response.json()["detail"]
-    assert isinstance(detail, str) and case.says in detail
+    assert isinstance(detail, str)
+    assert case.says in detail
     assert response.headers.get("allow") == case.allow
     if case.url == "/v1/indexes":
         assert dataset_loads == []  # a refused spec is refused before its dataset is loaded

@@ -80,7 +80,10 @@ def test_an_index_in_a_bucket_is_created_built_queried_and_deleted_over_http(
 ) -> None:
     api = httpx.Client(base_url=f"{bucket_deployment.url}/v1", headers={"X-API-Key": API_KEY}, timeout=300)
     ready = api.get("/ready").json()
-    assert ready["checks"]["stores"] == {"ok": True, "detail": f"the object store holding s3://{bucket}/{ROOT} answers"}
+    assert ready["checks"]["stores"] == {
+        "ok": True,
+        "detail": f"the object store holding s3://{bucket}/{ROOT} answers",
+    }
 
     spec = inputs_spec("run", "digits.npz")  # relative: inside the models and data roots, in the bucket
     created = api.post("/indexes", json={"name": "digits", "spec": spec.model_dump(mode="json")})
@@ -88,7 +91,8 @@ def test_an_index_in_a_bucket_is_created_built_queried_and_deleted_over_http(
     job_id = created.json()["job_id"]
     assert created.json()["spec"]["checkpoints"][0]["path"] == f"s3://{bucket}/models/run/checkpoints/epoch-0002"
     in_bucket = objects(bucket_url(bucket, ROOT))  # read with boto3, not through retrac
-    assert "digits/zarr.json" in in_bucket and f'"job_id": "{job_id}"' in in_bucket[".jobs/digits.json"].decode()
+    assert "digits/zarr.json" in in_bucket
+    assert f'"job_id": "{job_id}"' in in_bucket[".jobs/digits.json"].decode()
 
     def job() -> JobPublic:
         response = api.get(f"/jobs/{job_id}")
@@ -98,8 +102,10 @@ def test_an_index_in_a_bucket_is_created_built_queried_and_deleted_over_http(
     wait_until(lambda: job().state == "done", JOB_SECONDS, "the indexing job")
     assert (job().done, job().total, job().index) == (48 * 3, 48 * 3, "digits")
     listed = api.get("/indexes").json()
-    assert [i["name"] for i in listed["data"]] == ["digits"] and listed["broken"] == []
-    assert listed["data"][0]["complete"] is True and listed["data"][0]["job_id"] == job_id
+    assert [i["name"] for i in listed["data"]] == ["digits"]
+    assert listed["broken"] == []
+    assert listed["data"][0]["complete"] is True
+    assert listed["data"][0]["job_id"] == job_id
     assert any((tmp_path / "worker-cache").iterdir())  # the worker read the inputs from the bucket
 
     local = inputs_spec(str(tiny_run.folder), str(tmp_path / "local/data/digits.npz"))
@@ -129,9 +135,14 @@ def stopping_bucket(
     with moto_server(tmp_path) as (endpoint, process):
         name = f"retrac-{uuid.uuid4().hex[:12]}"
         boto3.client(
-            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="k",
+            aws_secret_access_key="s",
         ).create_bucket(Bucket=name)
-        reach = {"endpoint_url": endpoint, "region": "us-east-1", "access_key_id": "k", "secret_access_key": "s"}
+        reach = {"endpoint_url": endpoint, "region": "us-east-1", "access_key_id": "k",
+                 "secret_access_key": "s"}
         for key, value in {**reach, "allow_http": "true"}.items():
             monkeypatch.setenv(f"RETRAC_S3_{key.upper()}", value)
         monkeypatch.setattr("worker.settings._current", None)  # the CLI reads them afresh
@@ -169,13 +180,16 @@ def test_a_bucket_that_stops_answering_is_a_503_naming_the_store(
         response = client.request(method, path, json=body)
         assert response.status_code == 503, (path, response.text)
         detail = response.json()["detail"]
-        assert detail.startswith(f"{store}: the object store is unreachable") and "\n" not in detail, detail
+        assert detail.startswith(f"{store}: the object store is unreachable"), detail
+        assert "\n" not in detail, detail
     ready = client.get("/v1/ready")
-    assert ready.status_code == 503 and "unreachable" in ready.json()["checks"]["stores"]["detail"]
+    assert ready.status_code == 503
+    assert "unreachable" in ready.json()["checks"]["stores"]["detail"]
 
     assert main(["index", "status", f"{root}/digits"]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and f"{root}/digits: the object store is unreachable" in error, error
+    assert error.count("\n") == 1, error
+    assert f"{root}/digits: the object store is unreachable" in error, error
 
 
 def test_a_bucket_server_that_never_answers_is_a_503_naming_the_store_in_bounded_time(

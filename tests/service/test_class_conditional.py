@@ -21,8 +21,8 @@ from retrac.attribution import Attributor
 from service.main import create_app
 from service.settings import Settings
 from storage import GradientStore
-from tests.service.conftest import API_KEY, INDEX, QUERY, assert_create_refused
 from tests.service.browser import open_page
+from tests.service.conftest import API_KEY, INDEX, QUERY, assert_create_refused
 from tests.service.servers import serve_in_thread
 from tests.service.test_attribute import assert_matches, png
 
@@ -50,14 +50,19 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     for digit, name in NAMES.items():
         (base / "data" / "digits" / name).mkdir(parents=True)
         for i in picked[digit][:PER_CLASS]:
-            (base / "data" / "digits" / name / f"{i:04d}.png").write_bytes(png((digits.images[i] * 255 / 16).astype(np.uint8)))
+            (base / "data" / "digits" / name / f"{i:04d}.png").write_bytes(
+                png((digits.images[i] * 255 / 16).astype(np.uint8))
+            )
     (base / "stores").mkdir()
     data, run, store = base / "data" / "digits", base / "models" / "run", base / "stores" / STORE
-    assert main(["train", str(run), "--data", str(data), "--resolution", "8", "--preset", "micro", "--epochs", "2",
-                 "--batch-size", "9", "--save-every", "1", "--class-conditional"]) == 0
-    assert json.loads((run / "checkpoints" / "epoch-0002" / "config.json").read_text())["num_class_embeds"] == 3
+    assert main(["train", str(run), "--data", str(data), "--resolution", "8", "--preset", "micro", "--epochs",
+                 "2", "--batch-size", "9", "--save-every", "1", "--class-conditional"]) == 0
+    assert (
+        json.loads((run / "checkpoints" / "epoch-0002" / "config.json").read_text())["num_class_embeds"] == 3
+    )
     assert main(["index", "create", str(store), "--run", str(run), "--grid", "1", "--projector", "sketch",
-                 "--dim", "256", "--dtype", "float32", "--shard-size", "9"]) == 0
+                 "--slot-noise", "independent", "--dim", "256", "--dtype", "float32",
+                 "--shard-size", "9"]) == 0
     assert main(["index", "run", str(store)]) == 0
     reference = Attributor(GradientStore.open(store).plan)
     reference.index()
@@ -73,14 +78,16 @@ def expected(built: Built, label: int | str) -> list:
     return built.reference.attribute(image, spec, top_k=QUERY["top_k"])
 
 
-def test_cli_indexes_and_attributes_under_a_label(built: Built, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_indexes_and_attributes_under_a_label(
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     capsys.readouterr()
     assert main(["index", "inspect", str(built.store), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["classes"] == {"one": 0, "two": 1, "zero": 2}
     query = tmp_path / "two.png"
     query.write_bytes(png(built.query))
-    knobs = ["--top-k", str(QUERY["top_k"]), "--timesteps", str(QUERY["timesteps"]), "--draws", str(QUERY["draws"]),
-             "--seed", str(QUERY["seed"])]
+    knobs = ["--top-k", str(QUERY["top_k"]), "--timesteps", str(QUERY["timesteps"]), "--draws",
+             str(QUERY["draws"]), "--seed", str(QUERY["seed"])]
     assert main(["attribute", str(built.store), str(query), *knobs, "--label", "two", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["label"] == "two"
@@ -88,12 +95,14 @@ def test_cli_indexes_and_attributes_under_a_label(built: Built, tmp_path: Path, 
     for method in ("tracin", "retrac"):
         got = printed["data"][0]["methods"][method]["proponents"]
         assert [i["sample_id"] for i in got] == [i.sample_id for i in want[0].methods[method].proponents]
-        np.testing.assert_allclose([i["score"] for i in got], [i.score for i in want[0].methods[method].proponents],
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            [i["score"] for i in got], [i.score for i in want[0].methods[method].proponents], rtol=1e-5
+        )
     # no label: one line saying to give one, exit code 2
     assert main(["attribute", str(built.store), str(query), *knobs]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "class-conditional: give the query's label (one of: one, two, zero)" in error
+    assert error.count("\n") == 1
+    assert "class-conditional: give the query's label (one of: one, two, zero)" in error
 
 
 def test_http_answers_under_the_label_and_refuses_a_missing_one(built: Built, client: TestClient) -> None:
@@ -101,24 +110,32 @@ def test_http_answers_under_the_label_and_refuses_a_missing_one(built: Built, cl
         described = session.get(f"/v1/indexes/{STORE}").json()
         assert described["classes"] == {"one": 0, "two": 1, "zero": 2}
         files = {"images": ("two.png", png(built.query), "image/png")}
-        response = session.post(f"/v1/indexes/{STORE}/attribute/upload", files=files, data={**QUERY, "label": "two"})
+        response = session.post(
+            f"/v1/indexes/{STORE}/attribute/upload", files=files, data={**QUERY, "label": "two"}
+        )
         assert response.status_code == 200, response.text
         answer = AttributionsPublic.model_validate(response.json())
         assert answer.label == "two"
         assert_matches(answer, expected(built, "two"))
         image = {"array": (built.query / 255).tolist()}
-        by_integer = session.post(f"/v1/indexes/{STORE}/attribute", json={**QUERY, "images": [image], "label": 2})
+        by_integer = session.post(
+            f"/v1/indexes/{STORE}/attribute", json={**QUERY, "images": [image], "label": 2}
+        )
         assert by_integer.status_code == 200, by_integer.text
         assert_matches(AttributionsPublic.model_validate(by_integer.json()), expected(built, "zero"))
         unlabelled = session.post(f"/v1/indexes/{STORE}/attribute", json={**QUERY, "images": [image]})
         assert unlabelled.status_code == 422
         assert "class-conditional: give the query's label" in unlabelled.json()["detail"]
-        unknown = session.post(f"/v1/indexes/{STORE}/attribute", json={**QUERY, "images": [image], "label": "nine"})
-        assert unknown.status_code == 422 and "label 'nine' is not a class" in unknown.json()["detail"]
+        unknown = session.post(
+            f"/v1/indexes/{STORE}/attribute", json={**QUERY, "images": [image], "label": "nine"}
+        )
+        assert unknown.status_code == 422
+        assert "label 'nine' is not a class" in unknown.json()["detail"]
     # an unconditional index refuses a label rather than ignore it
     image = {"array": np.zeros((8, 8)).tolist()}
     refused = client.post(f"/v1/indexes/{INDEX}/attribute", json={**QUERY, "images": [image], "label": 1})
-    assert refused.status_code == 422 and "unconditional: it takes no label" in refused.json()["detail"]
+    assert refused.status_code == 422
+    assert "unconditional: it takes no label" in refused.json()["detail"]
     assert client.get(f"/v1/indexes/{INDEX}").json()["classes"] is None
 
 
@@ -131,17 +148,22 @@ def test_generate_refuses_guidance_without_a_null_class_and_a_label_unconditiona
         url = f"/v1/indexes/{STORE}/generate"
         made = session.post(url, json={"label": "two", "steps": 2})
         assert made.status_code == 200, made.text
-        assert [(g["label"], g["guidance_scale"], g["steps"]) for g in made.json()["data"]] == [("two", None, 2)]
+        assert [(g["label"], g["guidance_scale"], g["steps"]) for g in made.json()["data"]] == [
+            ("two", None, 2)
+        ]
         guided = session.post(url, json={"label": "two", "steps": 2, "guidance_scale": 3.0})
         assert guided.status_code == 400, guided.text
-        assert "\n" not in guided.json()["detail"] and "has no null class" in guided.json()["detail"]
+        assert "\n" not in guided.json()["detail"]
+        assert "has no null class" in guided.json()["detail"]
     refused = client.post(f"/v1/indexes/{INDEX}/generate", json={"label": 1, "steps": 2})
-    assert refused.status_code == 422 and "unconditional: it takes no label" in refused.json()["detail"]
+    assert refused.status_code == 422
+    assert "unconditional: it takes no label" in refused.json()["detail"]
 
 
 @pytest.mark.redis
 def test_create_refuses_a_dataset_without_labels_in_one_line(built: Built) -> None:
-    """POST /v1/indexes of the class-conditional run over data without class labels: a 422 before any store is written."""
+    """POST /v1/indexes of the class-conditional run over data without class labels: a 422 before any store
+    is written."""
     spec = {"dataset": {"source": "builtin:faces", "resolution": 8, "limit": 4}, "run": "run",
             "slots": {"replay": False, "grid": 1}, "projector": {"dim": 64}}
     message = "the model is class-conditional but the dataset 'builtin:faces' has no class labels"

@@ -69,7 +69,7 @@ def test_a_delete_killed_at_any_step_leaves_every_index_usable(tmp_path: Path, t
             assert created.status_code == 202, created.text
             first_jobs.append(created.json()["job_id"])
             path = stores / step
-            wait_until(lambda: control.progress(path).done_shards >= 1, JOB_SECONDS, "a first shard")
+            wait_until(lambda: control.progress(path).done_shards >= 1, JOB_SECONDS, "a first shard")  # noqa: B023 (waited on here)
             with pytest.raises(httpx.TransportError):  # the process dies inside the delete
                 api.delete(f"/indexes/{step}")
             assert server.process.wait(timeout=30) == -signal.SIGKILL
@@ -89,7 +89,9 @@ def test_a_delete_killed_at_any_step_leaves_every_index_usable(tmp_path: Path, t
             assert api.get(f"/indexes/{step}").status_code == 404  # half deleted is never served
 
         wait_until(
-            lambda: all(job_went_through(j) for j in first_jobs), JOB_SECONDS, "the worker to drop the old jobs"
+            lambda: all(job_went_through(j) for j in first_jobs),
+            JOB_SECONDS,
+            "the worker to drop the old jobs",
         )
         for step in STEPS:
             left = step in broken or (stores / step).exists()

@@ -47,38 +47,80 @@ def test_compose_file_is_valid() -> None:
 
 def test_compose_refuses_to_start_without_an_api_key() -> None:
     checked = compose("-q")
-    assert checked.returncode != 0 and "RETRAC_API_KEY" in checked.stderr
+    assert checked.returncode != 0
+    assert "RETRAC_API_KEY" in checked.stderr
+
+
+def rendered_services(**env: str) -> dict[str, dict]:
+    rendered = compose(RETRAC_API_KEY=KEY, **env)
+    assert rendered.returncode == 0, rendered.stderr
+    return yaml.safe_load(rendered.stdout)["services"]
 
 
 def test_compose_services_share_stores_and_models_and_check_health() -> None:
-    rendered = compose(RETRAC_API_KEY=KEY)
-    assert rendered.returncode == 0, rendered.stderr
-    services = yaml.safe_load(rendered.stdout)["services"]
-    assert {"redis", "api", "worker", "worker-cpu"} <= set(services)
+    services = rendered_services()
+    assert {"redis", "api", "worker", "worker-gpu"} <= set(services)
     for name, service in services.items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     mounts = {
         name: sorted(v.split(":")[1] for v in services[name]["volumes"])
-        for name in ("api", "worker", "worker-cpu")
+        for name in ("api", "worker", "worker-gpu")
     }
     assert (
         mounts["api"]
         == mounts["worker"]
-        == mounts["worker-cpu"]
+        == mounts["worker-gpu"]
         == ["/data/datasets", "/data/models", "/data/stores"]
     )
-    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    assert services["worker"]["environment"]["RETRAC_DEVICE"] == "cuda"
-    assert "cu" in services["worker"]["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[-1]
+    gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia"
+    assert "gpu" in gpu["capabilities"]
+    assert services["worker-gpu"]["environment"]["RETRAC_DEVICE"] == "cuda"
+    assert "cu" in services["worker-gpu"]["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[-1]
     api = services["api"]["environment"]
-    assert api["RETRAC_API_KEY"] == KEY and api["RETRAC_ENVIRONMENT"] == "production"
-    broker = {services[n]["environment"]["RETRAC_BROKER_URL"] for n in ("api", "worker", "worker-cpu")}
+    assert api["RETRAC_API_KEY"] == KEY
+    assert api["RETRAC_ENVIRONMENT"] == "production"
+    broker = {services[n]["environment"]["RETRAC_BROKER_URL"] for n in ("api", "worker", "worker-gpu")}
     assert broker == {"redis://redis:6379/0"}
 
 
+def test_a_plain_up_needs_no_gpu_and_every_extra_sits_behind_its_profile() -> None:
+    services = rendered_services()
+    default = sorted(name for name, service in services.items() if not service.get("profiles"))
+    assert default == ["api", "redis", "worker"]
+    assert services["worker"]["environment"]["RETRAC_DEVICE"] == "cpu"
+    assert "deploy" not in services["worker"]
+    profiles = {name: service["profiles"] for name, service in services.items() if service.get("profiles")}
+    assert profiles["worker-gpu"] == ["gpu"]
+    assert profiles["prometheus"] == profiles["worker-metrics"] == ["metrics"]
+    assert profiles["flower"] == ["flower"]
+
+
+def test_workers_are_checked_by_their_heartbeat_and_the_api_by_its_health_route() -> None:
+    services = rendered_services()
+    for name in ("worker", "worker-gpu", "worker-s3"):
+        heartbeat = ["CMD", "python", "-m", "worker.health", "--role", "worker"]
+        assert services[name]["healthcheck"]["test"] == heartbeat
+    assert "/v1/health" in " ".join(services["api"]["healthcheck"]["test"])
+
+
+def test_prometheus_scrapes_the_api_and_the_worker_exporter() -> None:
+    services = rendered_services()
+    config_file = ":/etc/prometheus/prometheus.yml:ro"
+    mounted = [v for v in services["prometheus"]["volumes"] if v.endswith(config_file)]
+    assert len(mounted) == 1
+    config = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    groups = [group for job in config["scrape_configs"] for group in job["static_configs"]]
+    targets = {target for group in groups for target in group["targets"]}
+    assert targets == {"api:8000", "worker-metrics:9808"}
+    assert services["worker-metrics"]["command"][:3] == ["python", "-m", "worker.metrics"]
+    assert "9808" in services["worker-metrics"]["command"]
+
+
 def test_the_object_store_profile_shares_only_redis_and_the_bucket() -> None:
-    rendered = compose(RETRAC_API_KEY=KEY, RETRAC_MINIO_PASSWORD="minio-secret", COMPOSE_PROFILES="object-store")
+    rendered = compose(
+        RETRAC_API_KEY=KEY, RETRAC_MINIO_PASSWORD="minio-secret", COMPOSE_PROFILES="object-store"
+    )
     assert rendered.returncode == 0, rendered.stderr
     services = yaml.safe_load(rendered.stdout)["services"]
     api, worker = services["api-s3"], services["worker-s3"]
@@ -87,7 +129,8 @@ def test_the_object_store_profile_shares_only_redis_and_the_bucket() -> None:
     assert roots == {"STORES": "s3://retrac/indexes", "MODELS": "s3://retrac/models", "DATA": "s3://retrac/datasets"}
     shared = ("RETRAC_S3_", "RETRAC_BROKER")
     reach = [{k: v for k, v in s["environment"].items() if k.startswith(shared)} for s in (api, worker)]
-    assert reach[0] == reach[1] and reach[0]["RETRAC_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert reach[0] == reach[1]
+    assert reach[0]["RETRAC_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert reach[0]["RETRAC_S3_SECRET_ACCESS_KEY"] == "minio-secret"
 
 
@@ -109,8 +152,11 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_dockerfile_runs_unprivileged_and_checks_health() -> None:
     text = (REPO / "Dockerfile").read_text()
-    assert "\nUSER 10001:10001\n" in text and "\nHEALTHCHECK " in text
+    assert "\nUSER 10001:10001\n" in text
+    assert '\n    CMD ["python", "-m", "worker.health"]\n' in text  # role-aware: API or worker
     assert (
         "ARG TORCH_VERSION=2.13.0" in text
-        and "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    )
+    assert (
+        "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
     )

@@ -28,8 +28,8 @@ from service.main import create_app
 from service.settings import Settings
 from storage import GradientStore
 from tests.retrac.dit_model import TIMESTEPS, save_dit_pipeline
-from tests.service.conftest import API_KEY, QUERY, assert_create_refused
 from tests.service.browser import open_page
+from tests.service.conftest import API_KEY, QUERY, assert_create_refused
 from tests.service.servers import serve_in_thread
 from tests.service.test_attribute import assert_matches, png
 
@@ -56,6 +56,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     store = base / "stores" / STORE
     assert main(["index", "create", str(store), "--checkpoint", f"{pipeline}:weight=0.5", "--loss", "mse",
                  "--data", "builtin:digits", "--limit", "8", "--no-replay", "--grid", "2",
+                 "--slot-noise", "independent",
                  "--projector", "sketch", "--dim", "256", "--dtype", "float32", "--shard-size", "4"]) == 0
     assert main(["index", "run", str(store)]) == 0
     reference = Attributor(GradientStore.open(store).plan)
@@ -145,7 +146,8 @@ def test_eval_generate_records_the_label_and_attributes_under_it(
     # a DiT generates under a label only: one line saying to give one
     assert main(["eval", "generate", str(built.store), "--steps", "2", "--out", str(tmp_path / "none")]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "give the query's label" in error
+    assert error.count("\n") == 1
+    assert "give the query's label" in error
 
 
 def test_http_generates_under_a_label_with_guidance_and_attributes_it(built: Built) -> None:
@@ -162,10 +164,11 @@ def test_http_generates_under_a_label_with_guidance_and_attributes_it(built: Bui
                           DDPMScheduler.from_pretrained(folder / "scheduler"), 2, sampler="ddim", steps=3,
                           seed=7, label=3, guidance_scale=2.5)
         want = ImageDataset(direct, ("0", "1"), "direct")
-        assert answer.count == 2 and [g.image for g in answer.data] == [0, 1]
+        assert answer.count == 2
+        assert [g.image for g in answer.data] == [0, 1]
         for i, made in enumerate(answer.data):
-            assert (made.label, made.guidance_scale, made.sampler, made.steps, made.seed, made.checkpoint) == (
-                "3", 2.5, "ddim", 3, 7, 0)
+            assert (made.label, made.guidance_scale, made.sampler, made.steps, made.seed,
+                    made.checkpoint) == ("3", 2.5, "ddim", 3, 7, 0)
             pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(made.png_base64))))
             np.testing.assert_array_equal(pixels, want.to_uint8(i))
         made = answer.data[1]
@@ -173,13 +176,20 @@ def test_http_generates_under_a_label_with_guidance_and_attributes_it(built: Bui
         attributed = session.post(f"/v1/indexes/{STORE}/attribute/upload", files=files,
                                   data={**QUERY, "label": made.label})
         assert attributed.status_code == 200, attributed.text
-        assert_matches(AttributionsPublic.model_validate(attributed.json()), expected(built, 3, want.to_uint8(1)))
+        assert_matches(
+            AttributionsPublic.model_validate(attributed.json()), expected(built, 3, want.to_uint8(1))
+        )
         refused = session.post(f"/v1/indexes/{STORE}/generate", json={**body, "label": 12})
         assert refused.status_code == 422, refused.text
-        assert refused.json()["detail"].startswith("label '12' is not a class of this index; give one of: 0 (0)")
+        assert refused.json()["detail"].startswith(
+            "label '12' is not a class of this index; give one of: 0 (0)"
+        )
         too_long = session.post(f"/v1/indexes/{STORE}/generate", json={**body, "steps": TIMESTEPS + 1})
         assert too_long.status_code == 400, too_long.text
-        assert too_long.json()["detail"] == f"{TIMESTEPS + 1} denoising steps; give 1 to the schedule's {TIMESTEPS}"
+        assert (
+            too_long.json()["detail"]
+            == f"{TIMESTEPS + 1} denoising steps; give 1 to the schedule's {TIMESTEPS}"
+        )
         too_many = session.post(f"/v1/indexes/{STORE}/generate", json={**body, "count": 9})
         assert too_many.status_code == 422, too_many.text
 
@@ -191,7 +201,8 @@ def test_page_generates_a_query_and_attributes_it_under_its_label(built: Built, 
         page.element("api_key").send_keys(API_KEY)
         page.choose_index(STORE)
         page.select("label", "3")
-        page.fill({**{f: QUERY[f] for f in ("top_k", "timesteps", "draws", "seed")}, "guidance_scale": 2.5, "sampling_seed": 7})
+        page.fill({**{f: QUERY[f] for f in ("top_k", "timesteps", "draws", "seed")}, "guidance_scale": 2.5,
+                   "sampling_seed": 7})
         page.press("generate")
         caption = page.element("preview-caption").text
         assert caption == "generated: label 3, guidance 2.5, ddim 50 steps, seed 7, checkpoint 0"

@@ -78,7 +78,9 @@ def test_matched_answer_equals_the_engine_and_names_its_estimator(shared_client,
     got = answer.data[0]
     assert got.estimator == want.estimator == "matched"
     for method, ranking in got.methods.items():
-        assert [i.sample_id for i in ranking.proponents] == [i.sample_id for i in want.methods[method].proponents]
+        assert [i.sample_id for i in ranking.proponents] == [
+            i.sample_id for i in want.methods[method].proponents
+        ]
         for a, b in zip(ranking.proponents, want.methods[method].proponents, strict=True):
             assert a.score == pytest.approx(b.score, rel=SCORE_TOLERANCE)
             assert [a.bands.coarse, a.bands.middle, a.bands.fine] == pytest.approx(
@@ -97,14 +99,19 @@ def test_matched_through_the_upload_form(shared_client) -> None:
         files={"images": ("q.npy", out.getvalue())}, data={"estimator": "matched", "top_k": "2"},
     )
     assert response.status_code == 200, response.text
-    assert response.json()["estimator"] == "matched" and response.json()["timesteps"] == 3
+    assert response.json()["estimator"] == "matched"
+    assert response.json()["timesteps"] == 3
 
 
 @pytest.mark.parametrize(
     ("index", "body", "message"),
     [
         (PAPER, {"estimator": "matched"}, "needs an index with shared-noise grid slots"),
-        (SHARED, {"estimator": "matched", "draws": 4}, "shared slots (timesteps=3, draws=2, seed=5); got draws=4"),
+        (
+            SHARED,
+            {"estimator": "matched", "draws": 4},
+            "shared slots (timesteps=3, draws=2, seed=5); got draws=4",
+        ),
         (SHARED, {"estimator": "exact"}, "estimator"),
     ],
 )

@@ -25,14 +25,16 @@ from tests.service.conftest import API_KEY, BUILDING, INDEX, assert_create_refus
 
 def test_health(client: TestClient) -> None:
     response = client.get("/v1/health")
-    assert response.status_code == 200 and response.json()["status"] == "ok"
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
 
 
 def test_list_shows_complete_and_building_indexes(client: TestClient, settings: Settings) -> None:
     listed = IndexesPublic.model_validate(client.get("/v1/indexes").json())
     assert listed.count == len(listed.data) == 2
     by_name = {i.name: i for i in listed.data}
-    assert by_name[INDEX].complete and not by_name[BUILDING].complete
+    assert by_name[INDEX].complete
+    assert not by_name[BUILDING].complete
     assert all(c.done == 0 and c.total == 48 for c in by_name[BUILDING].progress)
 
 
@@ -103,10 +105,12 @@ def test_a_changed_checkpoint_makes_the_index_stale(own_roots: Settings) -> None
     config = own_roots.models_root / "run" / "checkpoints" / "epoch-0004" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "norm_eps": 1e-6}))
     response = client.get("/v1/indexes/x")
-    assert response.status_code == 409 and "stale" in response.json()["detail"]
+    assert response.status_code == 409
+    assert "stale" in response.json()["detail"]
     listed = client.get("/v1/indexes").json()
     assert listed["count"] == 0  # left out of the list, not an error
-    assert listed["broken"][0]["name"] == "x" and "stale" in listed["broken"][0]["reason"]
+    assert listed["broken"][0]["name"] == "x"
+    assert "stale" in listed["broken"][0]["reason"]
 
 
 def test_a_half_deleted_store_is_listed_as_broken_and_its_name_freed(
@@ -126,7 +130,8 @@ def test_a_half_deleted_store_is_listed_as_broken_and_its_name_freed(
     assert str(own_roots.stores_root) not in listed.text  # no server path
     assert main(["index", "status", str(own_roots.stores_root / "x")]) == 2
     error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and "checkpoint 1 has no" in error
+    assert len(error.splitlines()) == 1
+    assert "checkpoint 1 has no" in error
     assert client.delete("/v1/indexes/x").status_code == 204
     assert sorted(p.name for p in own_roots.stores_root.iterdir()) == ["y"]
 
@@ -166,13 +171,15 @@ def test_what_an_interrupted_delete_left_is_listed_and_deletes(own_roots: Settin
 @pytest.mark.redis
 def test_ready_when_queue_and_stores_answer(client: TestClient, own_roots: Settings) -> None:
     answer = client.get("/v1/ready")
-    assert answer.status_code == 200 and answer.json()["ready"] is True
+    assert answer.status_code == 200
+    assert answer.json()["ready"] is True
     missing = TestClient(
         create_app(own_roots.model_copy(update={"stores_root": own_roots.stores_root / "gone"}))
     )
     answer = missing.get("/v1/ready")
     assert answer.status_code == 503
-    assert answer.json()["checks"]["stores"]["ok"] is False and answer.json()["checks"]["queue"]["ok"] is True
+    assert answer.json()["checks"]["stores"]["ok"] is False
+    assert answer.json()["checks"]["queue"]["ok"] is True
 
 
 def test_a_scheduler_found_through_a_link_out_of_the_models_root_is_refused_at_create_and_reopen(
@@ -194,7 +201,8 @@ def test_a_scheduler_found_through_a_link_out_of_the_models_root_is_refused_at_c
     scheduler.unlink()
     scheduler.symlink_to(tiny_run.folder / "scheduler", target_is_directory=True)  # turned outward later
     answer = TestClient(create_app(own_roots)).get("/v1/indexes/linked")  # a fresh process opens it
-    assert answer.status_code == 409 and message in answer.json()["detail"], answer.text
+    assert answer.status_code == 409, answer.text
+    assert message in answer.json()["detail"], answer.text
     assert str(tiny_run.folder) not in answer.text
 
 
@@ -224,5 +232,7 @@ def test_a_link_out_of_the_data_root_is_refused_at_create_and_at_read(own_roots:
     (folder / "3.png").symlink_to(outside)  # added after the index was made
     assert client.get("/v1/indexes/x/samples/3.png").status_code == 404  # not in the opened index
     answer = TestClient(create_app(own_roots)).get("/v1/indexes/x/samples/3.png")  # a fresh open
-    assert answer.status_code == 409 and "leaves the configured root" in answer.json()["detail"]
-    assert "secret" not in answer.text and str(tmp_path) not in answer.text
+    assert answer.status_code == 409
+    assert "leaves the configured root" in answer.json()["detail"]
+    assert "secret" not in answer.text
+    assert str(tmp_path) not in answer.text

@@ -25,7 +25,7 @@ from tests.retrac.latent_pipeline import (
     score_table,
 )
 from tests.service.conftest import API_KEY
-from tests.storage.test_latent_store import K, M, RELATIVE_ERROR, SEED, expected_scores, query_files
+from tests.storage.test_latent_store import RELATIVE_ERROR, SEED, K, M, expected_scores, query_files
 
 NAME = "latent"
 
@@ -38,7 +38,8 @@ def test_a_latent_pipeline_over_http(own_roots: Settings, tmp_path: Path) -> Non
 
     small = spec.model_copy(update={"dataset": DATA.model_copy(update={"resolution": 8})})
     refused = client.post("/v1/indexes", json={"name": NAME, "spec": small.model_dump(mode="json")})
-    assert 400 <= refused.status_code < 500 and "takes 3x16x16" in refused.json()["detail"], refused.text
+    assert 400 <= refused.status_code < 500, refused.text
+    assert "takes 3x16x16" in refused.json()["detail"], refused.text
     assert not (own_roots.stores_root / NAME).exists()
 
     created = client.post("/v1/indexes", json={"name": NAME, "spec": spec.model_dump(mode="json")})
@@ -58,7 +59,8 @@ def test_a_latent_pipeline_over_http(own_roots: Settings, tmp_path: Path) -> Non
             assert relative_error(got, expected[method]) < RELATIVE_ERROR
 
         generated = client.post(f"/v1/indexes/{NAME}/generate", json={"steps": 2})
-        assert generated.status_code == 422 and "latent model" in generated.json()["detail"], generated.text
+        assert generated.status_code == 422, generated.text
+        assert "latent model" in generated.json()["detail"], generated.text
 
         sample = client.get(f"/v1/indexes/{NAME}/samples/{store.sample_ids[0]}")
         assert sample.status_code == 200

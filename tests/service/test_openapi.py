@@ -35,7 +35,9 @@ def test_the_key_is_declared_where_it_is_required(own_roots: Settings, protect_q
     declared, refused = declared_and_refused(app_settings)
     assert declared == refused
     if protect_queries:
-        assert WRITES < declared and "GET /v1/indexes" in declared and "GET /v1/health" not in declared
+        assert declared > WRITES
+        assert "GET /v1/indexes" in declared
+        assert "GET /v1/health" not in declared
     else:
         assert declared == WRITES
 

@@ -65,7 +65,9 @@ def test_two_queries_gradients_overlap_in_a_pool_of_two(pooled: TestClient) -> N
     with ThreadPoolExecutor(2) as threads:
         list(threads.map(lambda seed: answer(attribute(pooled, body(seed))), (8, 9)))  # both warm
         pids = [p.pid for p in pool_processes()]
-        sent = [threads.submit(lambda seed: answer(attribute(pooled, body(seed, 4, HEAVY))), s) for s in (10, 11)]
+        sent = [
+            threads.submit(lambda seed: answer(attribute(pooled, body(seed, 4, HEAVY))), s) for s in (10, 11)
+        ]
         intervals = busy_intervals(pids, lambda: all(f.done() for f in sent))
         for future in sent:
             future.result()
@@ -109,10 +111,13 @@ def test_a_killed_pool_process_fails_its_query_and_is_replaced(pooled: TestClien
     (response,) = responses
     assert response.status_code == 503, response.text
     detail = response.json()["detail"]
-    assert f"pid {busy}" in detail and "SIGKILL" in detail and "send the query again" in detail, detail
+    assert f"pid {busy}" in detail, detail
+    assert "SIGKILL" in detail, detail
+    assert "send the query again" in detail, detail
     answer(attribute(pooled, body(7)))
     after = {p.pid for p in pool_processes()}
-    assert len(after) == 2 and busy not in after
+    assert len(after) == 2
+    assert busy not in after
 
 
 def cpu_seconds(pid: int) -> float:
@@ -156,12 +161,15 @@ def test_pool_processes_start_with_their_threads_and_a_passive_openmp_wait(
     assert openmp_environment(3) == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
 
 
-def test_a_store_created_again_under_the_query_is_refused_as_stale(settings: Settings, built_index: str) -> None:
+def test_a_store_created_again_under_the_query_is_refused_as_stale(
+    settings: Settings, built_index: str
+) -> None:
     """The pool process computes for the store the service opened (its uid), never for a later one at
     the same location: the service would scan the old rows with the new store's query vectors."""
     store = StoreRepository(settings).open(INDEX)
     images = store.plan.dataset.images[:1]
-    request = (str(store.location), "another-uid", images, QuerySpec(timesteps=2, draws=1).model_dump_json(), [0], {})
+    request = (str(store.location), "another-uid", images, QuerySpec(timesteps=2, draws=1).model_dump_json(),
+               [0], {})
     status, (kind, message) = _answer(request, GradientComputerCache("cpu", threads=1), OpenStores())
     assert (status, kind) == ("failed", "storage.errors.StaleStoreError")
     assert isinstance(failure(kind, message, pid=None), StaleStoreError)

@@ -21,8 +21,8 @@ from service.main import create_app
 from service.settings import Settings
 from storage import GradientStore
 from tests.retrac.text_pipeline import SIDE, save_text_pipeline, write_captioned_folder
-from tests.service.conftest import API_KEY, INDEX, QUERY, assert_create_refused
 from tests.service.browser import open_page
+from tests.service.conftest import API_KEY, INDEX, QUERY, assert_create_refused
 from tests.service.servers import serve_in_thread
 from tests.service.test_attribute import assert_matches, png
 
@@ -48,7 +48,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     (base / "stores").mkdir()
     store = base / "stores" / STORE
     assert main(["index", "create", str(store), "--checkpoint", f"{pipeline}:weight=1", "--data", str(data),
-                 "--loss", "mse", "--no-replay", "--grid", "2", "--random", "1", "--projector", "sketch",
+                 "--loss", "mse", "--no-replay", "--grid", "2", "--slot-noise", "independent",
+                 "--random", "1", "--projector", "sketch",
                  "--dim", "128", "--dtype", "float32", "--shard-size", "3"]) == 0
     assert main(["index", "run", str(store)]) == 0
     reference = Attributor(GradientStore.open(store).plan)
@@ -65,15 +66,18 @@ def expected(built: Built, prompt: str) -> list:
     return built.reference.attribute(image, spec, top_k=QUERY["top_k"])
 
 
-def test_cli_indexes_and_attributes_under_a_prompt(built: Built, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_indexes_and_attributes_under_a_prompt(
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     capsys.readouterr()
     assert main(["index", "inspect", str(built.store), "--json"]) == 0
     described = json.loads(capsys.readouterr().out)
-    assert described["text"]["max_length"] == 8 and described["fingerprints"]["text"]["captions"]
+    assert described["text"]["max_length"] == 8
+    assert described["fingerprints"]["text"]["captions"]
     query = tmp_path / "query.png"
     query.write_bytes(png(built.query))
-    knobs = ["--top-k", str(QUERY["top_k"]), "--timesteps", str(QUERY["timesteps"]), "--draws", str(QUERY["draws"]),
-             "--seed", str(QUERY["seed"])]
+    knobs = ["--top-k", str(QUERY["top_k"]), "--timesteps", str(QUERY["timesteps"]), "--draws",
+             str(QUERY["draws"]), "--seed", str(QUERY["seed"])]
     assert main(["attribute", str(built.store), str(query), *knobs, "--prompt", PROMPT, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["prompt"] == PROMPT
@@ -81,39 +85,51 @@ def test_cli_indexes_and_attributes_under_a_prompt(built: Built, tmp_path: Path,
     for method in ("tracin", "retrac"):
         got = printed["data"][0]["methods"][method]["proponents"]
         assert [i["sample_id"] for i in got] == [i.sample_id for i in want[0].methods[method].proponents]
-        np.testing.assert_allclose([i["score"] for i in got], [i.score for i in want[0].methods[method].proponents],
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            [i["score"] for i in got], [i.score for i in want[0].methods[method].proponents], rtol=1e-5
+        )
     # no prompt: one line saying to give one (or the empty one explicitly), exit code 2
     assert main(["attribute", str(built.store), str(query), *knobs]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "text-conditional: give the query's prompt" in error
+    assert error.count("\n") == 1
+    assert "text-conditional: give the query's prompt" in error
     # generating from it is refused in one line, not attempted without its text
     assert main(["eval", "generate", str(built.store), "--out", str(tmp_path / "generated")]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "generating from a text-conditional model is not handled" in error
+    assert error.count("\n") == 1
+    assert "generating from a text-conditional model is not handled" in error
 
 
 def test_http_answers_under_the_prompt_and_refuses_a_missing_one(built: Built, client: TestClient) -> None:
     with TestClient(create_app(built.settings), headers={"X-API-Key": API_KEY}) as session:
         assert session.get(f"/v1/indexes/{STORE}").json()["text_conditional"] is True
         generated = session.post(f"/v1/indexes/{STORE}/generate", json={"steps": 2})
-        assert generated.status_code == 422 and "text-conditional model is not handled" in generated.json()["detail"]
+        assert generated.status_code == 422
+        assert "text-conditional model is not handled" in generated.json()["detail"]
         files = {"images": ("query.png", png(built.query), "image/png")}
-        response = session.post(f"/v1/indexes/{STORE}/attribute/upload", files=files, data={**QUERY, "prompt": PROMPT})
+        response = session.post(
+            f"/v1/indexes/{STORE}/attribute/upload", files=files, data={**QUERY, "prompt": PROMPT}
+        )
         assert response.status_code == 200, response.text
         answer = AttributionsPublic.model_validate(response.json())
         assert answer.prompt == PROMPT
         assert_matches(answer, expected(built, PROMPT))
         image = {"array": (built.query / 255).tolist()}
-        empty = session.post(f"/v1/indexes/{STORE}/attribute", json={**QUERY, "images": [image], "prompt": ""})
+        empty = session.post(
+            f"/v1/indexes/{STORE}/attribute", json={**QUERY, "images": [image], "prompt": ""}
+        )
         assert empty.status_code == 200, empty.text
         assert_matches(AttributionsPublic.model_validate(empty.json()), expected(built, ""))
         missing = session.post(f"/v1/indexes/{STORE}/attribute", json={**QUERY, "images": [image]})
-        assert missing.status_code == 422 and "text-conditional: give the query's prompt" in missing.json()["detail"]
+        assert missing.status_code == 422
+        assert "text-conditional: give the query's prompt" in missing.json()["detail"]
     # an unconditional index refuses a prompt rather than ignore it
     image = {"array": np.zeros((8, 8)).tolist()}
-    refused = client.post(f"/v1/indexes/{INDEX}/attribute", json={**QUERY, "images": [image], "prompt": "a dot"})
-    assert refused.status_code == 422 and "not text-conditional: it takes no prompt" in refused.json()["detail"]
+    refused = client.post(
+        f"/v1/indexes/{INDEX}/attribute", json={**QUERY, "images": [image], "prompt": "a dot"}
+    )
+    assert refused.status_code == 422
+    assert "not text-conditional: it takes no prompt" in refused.json()["detail"]
     assert client.get(f"/v1/indexes/{INDEX}").json()["text_conditional"] is False
 
 

@@ -15,8 +15,8 @@ import pytest
 from fastapi import FastAPI
 
 from retrac.attribution import Attributor
-from tests.service.conftest import INDEX, QUERY
 from tests.service.browser import open_page
+from tests.service.conftest import INDEX, QUERY
 from tests.service.servers import serve_in_thread
 from tests.service.test_attribute import digit_pixels, png
 

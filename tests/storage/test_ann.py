@@ -35,7 +35,9 @@ TOP_K = 3
 def store_path(tiny_run: TrainingRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete store of `tiny_run` (48 rows, 3 checkpoints), its ANN index built by the runner."""
     path = tmp_path_factory.mktemp("ann") / "index.zarr"
-    run_pending(GradientStore.create(path, tiny_index_spec(tiny_run)), GradientComputerCache("cpu", threads=1))
+    run_pending(
+        GradientStore.create(path, tiny_index_spec(tiny_run)), GradientComputerCache("cpu", threads=1)
+    )
     return path
 
 
@@ -52,12 +54,19 @@ def images(store_path: Path) -> torch.Tensor:
 
 
 def test_the_runner_builds_the_ann_index_after_the_last_shard(store_path: Path) -> None:
-    assert sorted(p.name for p in (store_path / "ann").iterdir()) == ["manifest.json", "retrac.faiss", "tracin.faiss"]
+    assert sorted(p.name for p in (store_path / "ann").iterdir()) == [
+        "manifest.json",
+        "retrac.faiss",
+        "tracin.faiss",
+    ]
 
 
 @pytest.mark.parametrize("checkpoints", [None, [0, 2]])
 def test_approximate_top_k_equals_exact_on_an_easy_case(
-    own_store: GradientStore, images: torch.Tensor, checkpoints: list[int] | None, monkeypatch: pytest.MonkeyPatch
+    own_store: GradientStore,
+    images: torch.Tensor,
+    checkpoints: list[int] | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Easy: every list probed, so only the 4-bit codes approximate; 4 candidates per row asked, not all 48.
     build_ann(own_store, AnnParams(nlist=4, nprobe=4))
@@ -74,9 +83,12 @@ def test_approximate_top_k_equals_exact_on_an_easy_case(
     monkeypatch.setattr(own_store, "rows_at", counted)
     models = GradientComputerCache("cpu")
     exact = attribute(own_store, images, QUERY, top_k=TOP_K, checkpoints=checkpoints, models=models)
-    approximate = attribute(own_store, images, APPROXIMATE, top_k=TOP_K, checkpoints=checkpoints, models=models)
+    approximate = attribute(
+        own_store, images, APPROXIMATE, top_k=TOP_K, checkpoints=checkpoints, models=models
+    )
     assert (exact.search, approximate.search) == ("exact", "approximate")
-    assert read and max(read) < own_store.num_rows  # rescored candidates only, not a scan
+    assert read
+    assert max(read) < own_store.num_rows  # rescored candidates only, not a scan
     for got, want in zip(approximate.results, exact.results, strict=True):
         for method in ("tracin", "retrac"):
             for side in ("proponents", "opponents"):
@@ -86,7 +98,9 @@ def test_approximate_top_k_equals_exact_on_an_easy_case(
                 scale = np.array([i.score for i in theirs])
                 assert_scores_close([i.score for i in ours], scale, scale)
                 assert_scores_close(
-                    np.array([i.contributions for i in ours]), np.array([i.contributions for i in theirs]), scale
+                    np.array([i.contributions for i in ours]),
+                    np.array([i.contributions for i in theirs]),
+                    scale,
                 )
 
 
@@ -100,21 +114,29 @@ def test_a_store_without_an_ann_index_is_refused_with_how_to_build_it(
     assert attribute(own_store, images, APPROXIMATE, top_k=TOP_K).search == "approximate"
 
 
-def test_an_ann_index_of_other_rows_is_refused_as_stale(own_store: GradientStore, images: torch.Tensor) -> None:
+def test_an_ann_index_of_other_rows_is_refused_as_stale(
+    own_store: GradientStore, images: torch.Tensor
+) -> None:
     shard = own_store.shard_rows(1)
     stored = own_store.rows_at(0, np.arange(shard.start, shard.stop))
     timesteps = torch.from_numpy(own_store.timesteps(0)[shard])
-    own_store.write_shard(0, 1, Rows(stored.projected.float() * 2, stored.norms * 2, timesteps, timesteps))  # other bytes
+    own_store.write_shard(
+        0, 1, Rows(stored.projected.float() * 2, stored.norms * 2, timesteps, timesteps)
+    )  # other bytes
     with pytest.raises(AnnIndexError, match=r"built from other rows.*\(stale\).*retrac index ann"):
         attribute(own_store, images, APPROXIMATE, top_k=TOP_K)
     assert attribute(own_store, images, QUERY, top_k=TOP_K).search == "exact"  # the exact scan still answers
 
 
-def test_an_ann_index_of_an_older_format_is_refused_as_such(own_store: GradientStore, images: torch.Tensor) -> None:
+def test_an_ann_index_of_an_older_format_is_refused_as_such(
+    own_store: GradientStore, images: torch.Tensor
+) -> None:
     manifest = own_store.path / "ann" / "manifest.json"
     old = json.loads(manifest.read_text()) | {"format": "retrac-ann/1"}
     manifest.write_text(json.dumps(old))
-    with pytest.raises(AnnIndexError, match=r"format 'retrac-ann/1', which this version does not read.*retrac index ann"):
+    with pytest.raises(
+        AnnIndexError, match=r"format 'retrac-ann/1', which this version does not read.*retrac index ann"
+    ):
         attribute(GradientStore.open(own_store.path), images, APPROXIMATE, top_k=TOP_K)
 
 
@@ -149,7 +171,9 @@ def test_the_cli_refuses_approximate_search_without_an_ann_index_then_builds_one
     flags = [str(own_store.path), str(image), "--timesteps", "3", "--draws", "1", "--search", "approximate"]
     assert main(["attribute", *flags]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "has no ANN index" in error and "`retrac index ann index.zarr`" in error
+    assert error.count("\n") == 1
+    assert "has no ANN index" in error
+    assert "`retrac index ann index.zarr`" in error
     assert main(["index", "ann", str(own_store.path), "--lists", "2", "--probe", "1"]) == 0
     assert "ANN index built (2 lists, 1 probed)" in capsys.readouterr().out
     assert main(["attribute", *flags, "--json"]) == 0
@@ -165,13 +189,18 @@ def test_candidate_rows_read_from_zarr_equal_the_resident_ones(store_path: Path)
     full = GradientStore.open(store_path).chunks([1], rows_per_chunk=48)
     whole = next(iter(full))[1][0]
     for got in (streamed, resident):
-        assert torch.equal(got.projected, whole.projected[rows]) and torch.equal(got.norms, whole.norms[rows])
+        assert torch.equal(got.projected, whole.projected[rows])
+        assert torch.equal(got.norms, whole.norms[rows])
 
 
-def test_approximate_search_with_the_matched_estimator_is_refused(store_path: Path, images: torch.Tensor) -> None:
+def test_approximate_search_with_the_matched_estimator_is_refused(
+    store_path: Path, images: torch.Tensor
+) -> None:
     query = APPROXIMATE.model_copy(update={"estimator": "matched"})
     with pytest.raises(SpecError, match="approximate search serves the paper estimator"):
-        attribute(GradientStore.open(store_path), images, query, top_k=TOP_K, models=GradientComputerCache("cpu"))
+        attribute(
+            GradientStore.open(store_path), images, query, top_k=TOP_K, models=GradientComputerCache("cpu")
+        )
 
 
 def clustered_rows(generator: torch.Generator, rows: int, clusters: int, slots: int, dim: int) -> RowChunk:
@@ -226,8 +255,11 @@ def test_candidates_are_128_per_row_asked_within_a_share_of_rows(rows: int, top_
 def test_vectors_are_padded_with_zeros_to_whole_codes() -> None:
     vectors = np.random.default_rng(2).standard_normal((5, 515))  # 515 coordinates: codes of 2
     padded = ann_module.coded(vectors)
-    assert padded.shape == (5, 516) and padded.dtype == np.float32 and padded.flags.c_contiguous
-    assert np.array_equal(padded[:, :515], vectors.astype(np.float32)) and not padded[:, 515].any()
+    assert padded.shape == (5, 516)
+    assert padded.dtype == np.float32
+    assert padded.flags.c_contiguous
+    assert np.array_equal(padded[:, :515], vectors.astype(np.float32))
+    assert not padded[:, 515].any()
 
 
 def test_a_store_of_fewer_rows_than_a_codebook_has_centroids_is_indexed_and_searched() -> None:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from api_schemas import QuerySpec
-from retrac.attribution import Attributor
 from cli import main
+from retrac.attribution import Attributor
 from storage import GradientStore
 
 
@@ -21,8 +21,8 @@ def test_attribute_prints_the_engine_ranking_and_draws_a_gallery(reference_store
         np.save(path, ((plan.dataset.images[row, 0] + 1) / 2).numpy())
         files.append(str(path))
     gallery = tmp_path / "gallery.png"
-    code = main(["attribute", str(reference_store), *files, "--top-k", "3", "--timesteps", "6", "--draws", "2",
-                 "--seed", "4", "--json", "--gallery", str(gallery)])
+    code = main(["attribute", str(reference_store), *files, "--top-k", "3", "--timesteps", "6", "--draws",
+                 "2", "--seed", "4", "--json", "--gallery", str(gallery)])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)  # stdout is pure JSON
     expected = Attributor(plan).attribute(
@@ -36,10 +36,13 @@ def test_attribute_prints_the_engine_ranking_and_draws_a_gallery(reference_store
                 np.testing.assert_allclose(
                     [i["score"] for i in printed_side], [i.score for i in want_side], rtol=2e-3
                 )
-    assert gallery.stat().st_size > 1000 and gallery.read_bytes()[:4] == b"\x89PNG"
+    assert gallery.stat().st_size > 1000
+    assert gallery.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_attribute_says_in_one_line_what_decoding_the_queries_converted(reference_store, tmp_path, capsys) -> None:
+def test_attribute_says_in_one_line_what_decoding_the_queries_converted(
+    reference_store, tmp_path, capsys
+) -> None:
     from PIL import Image
 
     rgb = tmp_path / "rgb.png"
@@ -74,8 +77,8 @@ def test_attribute_takes_a_folder_and_prints_every_score_as_csv(reference_store,
     folder.mkdir()
     for row in (4, 1):
         np.save(folder / f"q{row}.npy", ((plan.dataset.images[row, 0] + 1) / 2).numpy())
-    assert main(["attribute", str(reference_store), str(folder), "--all", "--format", "csv", "--timesteps", "3",
-                 "--draws", "1", "--threads", "1"]) == 0
+    assert main(["attribute", str(reference_store), str(folder), "--all", "--format", "csv", "--timesteps",
+                 "3", "--draws", "1", "--threads", "1"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert sorted({r["query"] for r in rows}) == [str(folder / "q1.npy"), str(folder / "q4.npy")]
     n, checkpoints, slots = plan.num_rows, len(plan.checkpoints), GradientStore.open(reference_store).num_slots
@@ -116,14 +119,20 @@ def test_a_missing_query_file_is_refused_before_the_store_is_opened(tmp_path, ca
 
 
 def test_bad_query_knobs_exit_2_with_one_line(reference_store, tmp_path, capsys) -> None:
-    for flags, says in ((["--timesteps", "0"], "timesteps"), (["--draws", "0"], "draws"), (["--top-k", "0"], "--top-k")):
+    for flags, says in (
+        (["--timesteps", "0"], "timesteps"),
+        (["--draws", "0"], "draws"),
+        (["--top-k", "0"], "--top-k"),
+    ):
         assert main(["attribute", str(reference_store), str(tmp_path), *flags]) == 2
         error = capsys.readouterr().err.strip().splitlines()
-        assert len(error) == 1 and error[0].startswith("retrac: error:") and says in error[0], error
+        assert len(error) == 1, error
+        assert error[0].startswith("retrac: error:"), error
+        assert says in error[0], error
 
 
 def test_self_influence_prints_the_stores_ranking(reference_store, capsys) -> None:
-    from storage.statistics import self_influence
+    from storage.queries import self_influence
 
     store = GradientStore.open(reference_store)
     expected = self_influence(store)

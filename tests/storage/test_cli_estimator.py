@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from api_schemas import QuerySpec
+from api_schemas import QuerySpec, SlotSpec
+from api_schemas.specs import DEFAULT_SLOTS, PAPER_SLOTS
 from cli import main
 from retrac.attribution import Attributor
 from storage import GradientStore
@@ -18,19 +19,23 @@ from storage import GradientStore
 @pytest.fixture(scope="module")
 def shared_store(tiny_run, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("shared") / "index.zarr")
-    assert main(["index", "create", path, "--run", str(tiny_run.folder), "--grid", "3", "--slot-noise", "shared",
-                 "--slot-draws", "2", "--slot-seed", "4", "--dim", "256", "--shard-size", "16"]) == 0
+    assert main(["index", "create", path, "--run", str(tiny_run.folder), "--grid", "3", "--slot-noise",
+                 "shared", "--slot-draws", "2", "--slot-seed", "4", "--dim", "256", "--shard-size",
+                 "16"]) == 0
     assert main(["index", "run", path]) == 0
     return path
 
 
 def test_matched_estimator_from_the_command_line(shared_store, tmp_path, capsys) -> None:
     plan = GradientStore.open(shared_store).plan
-    assert plan.spec.slots.noise == "shared" and plan.spec.slots.draws == 2
+    assert plan.spec.slots.noise == "shared"
+    assert plan.spec.slots.draws == 2
     query = tmp_path / "query.npy"
     np.save(query, ((plan.dataset.images[5, 0] + 1) / 2).numpy())
     capsys.readouterr()
-    assert main(["attribute", shared_store, str(query), "--estimator", "matched", "--top-k", "3", "--json"]) == 0
+    assert (
+        main(["attribute", shared_store, str(query), "--estimator", "matched", "--top-k", "3", "--json"]) == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     ran = {key: printed[key] for key in ("timesteps", "draws", "seed", "estimator", "search", "label", "prompt")}
     assert ran == {"timesteps": 3, "draws": 2, "seed": 4, "estimator": "matched", "search": "exact", "label": None, "prompt": None}
@@ -61,4 +66,50 @@ def test_a_matched_query_the_store_cannot_answer_exits_2(
     capsys.readouterr()
     assert main(["attribute", path, str(query), "--estimator", "matched", *flags]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("retrac: error:") and message in error and "\n" not in error
+    assert error.startswith("retrac: error:")
+    assert message in error
+    assert "\n" not in error
+
+
+def test_the_defaults_build_the_measured_slots_and_attribute_with_the_matched_estimator(
+    tiny_run, reference_store, tmp_path, capsys
+) -> None:
+    """`index create` without slot flags builds DEFAULT_SLOTS; `attribute` without --estimator then runs the
+    matched estimator (the same answer as asking for it), and the paper's where the store has no shared
+    slots or the user sets K."""
+    path = str(tmp_path / "default.zarr")
+    run = str(tiny_run.folder)
+    assert main(["index", "create", path, "--run", run, "--dim", "64", "--shard-size", "16"]) == 0
+    assert main(["index", "run", path]) == 0
+    assert GradientStore.open(path).spec.slots == DEFAULT_SLOTS
+    query = tmp_path / "query.npy"
+    np.save(query, np.full((8, 8), 0.3, dtype=np.float32))
+
+    def answer(store: str, *flags: str) -> dict:
+        capsys.readouterr()
+        assert main(["attribute", store, str(query), "--top-k", "3", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    default = answer(path)
+    assert default["estimator"] == "matched"
+    assert default["data"][0]["estimator"] == "matched"
+    shape = (default["timesteps"], default["draws"])
+    assert shape == (DEFAULT_SLOTS.grid, DEFAULT_SLOTS.draws)
+    asked = answer(path, "--estimator", "matched")
+    ran = ("timesteps", "draws", "seed", "estimator", "search", "data")
+    assert {k: default[k] for k in ran} == {k: asked[k] for k in ran}
+    assert answer(path, "--timesteps", "4")["estimator"] == "paper"
+    assert answer(str(reference_store))["estimator"] == "paper"
+
+
+def test_the_paper_preset_builds_the_papers_slots_and_refuses_slot_flags(tiny_run, tmp_path, capsys) -> None:
+    path = str(tmp_path / "paper.zarr")
+    run = str(tiny_run.folder)
+    assert main(["index", "create", path, "--run", run, "--dim", "64", "--preset", "paper"]) == 0
+    assert GradientStore.open(path).spec.slots == PAPER_SLOTS == SlotSpec()
+    capsys.readouterr()
+    other = str(tmp_path / "other.zarr")
+    assert main(["index", "create", other, "--run", run, "--preset", "paper", "--grid", "3"]) == 2
+    error = capsys.readouterr().err
+    assert "--preset paper fixes the slots" in error
+    assert error.count("\n") == 1

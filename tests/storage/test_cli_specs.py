@@ -43,7 +43,7 @@ def test_typed_flags_are_laid_over_a_spec_file() -> None:
 @pytest.mark.parametrize(
     ("flags", "base", "message"),
     [
-        ({"run_folder": "/r", "slot_noise": "shared"}, RUN_DATASET,
+        ({"run_folder": "/r", "grid": 0}, RUN_DATASET,
          "--slot-noise, --grid: shared slot noise applies to grid slots; give grid > 0"),
         ({"checkpoint": ["/m/a"], "data": "builtin:digits", "replay": False, "grid": 2}, {},
          "--loss: without a training run, give the loss the model was trained with"),
@@ -74,3 +74,12 @@ def test_train_flags_over_a_config_and_builtin_digits_by_default() -> None:
     assert spec == TrainSpec(dataset=DatasetSpec(source="builtin:digits"), num_timesteps=100, epochs=3, lr=0.01)
     with pytest.raises(SpecError, match="^--timesteps: Input should be greater than or equal to 2$"):
         train_spec({"timesteps": 1})
+
+
+def test_slot_presets() -> None:
+    from api_schemas.specs import DEFAULT_SLOTS, PAPER_SLOTS
+
+    assert index_spec({"run_folder": "/r"}, RUN_DATASET).slots == DEFAULT_SLOTS
+    assert index_spec({"run_folder": "/r", "preset": "paper"}, RUN_DATASET).slots == PAPER_SLOTS
+    with pytest.raises(SpecError, match="^--preset paper fixes the slots .*; drop --grid$"):
+        index_spec({"run_folder": "/r", "preset": "paper", "grid": 2}, RUN_DATASET)

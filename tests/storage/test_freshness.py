@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 from api_schemas import DatasetSpec, IndexSpec, SlotSpec, TrainSpec
 from retrac.datasets import load_dataset, old_sample_ids
 from retrac.exceptions import SpecError
-from retrac.plan import IndexPlan
-from retrac.training import train
 from retrac.models import WEIGHTS_NAME, fingerprint_checkpoint, sha256_file
+from retrac.plan import IndexPlan
 from retrac.replay import RECORD_NAME, TrainingRun
+from retrac.training import train
 from storage import GradientStore, StaleStoreError, StoreError
 from tests.conftest import TINY_DATASET
 from tests.storage.helpers import tiny_index_spec
@@ -37,7 +37,10 @@ def inputs(tmp_path: Path, tiny_run: TrainingRun) -> dict[str, Path]:
         Image.fromarray(digits.to_uint8(i)).save(tmp_path / "images" / f"class-{i % 2}" / f"{i:02d}.png")
     GradientStore.create(tmp_path / "replay.zarr", tiny_index_spec(run))
     folder_data = DatasetSpec(source=str(tmp_path / "images"), resolution=8)
-    GradientStore.create(tmp_path / "folder.zarr", tiny_index_spec(run, dataset=folder_data, slots=SlotSpec(replay=False, grid=2)))
+    GradientStore.create(
+        tmp_path / "folder.zarr",
+        tiny_index_spec(run, dataset=folder_data, slots=SlotSpec(replay=False, grid=2)),
+    )
     return {"run": run, "images": tmp_path / "images", "base": tmp_path}
 
 
@@ -45,7 +48,8 @@ def stale_message(store: Path) -> str:
     with pytest.raises(StaleStoreError) as caught:
         GradientStore.open(store)
     message = str(caught.value)
-    assert "\n" not in message and message.endswith("then `retrac index run`)"), message
+    assert "\n" not in message, message
+    assert message.endswith("then `retrac index run`)"), message
     return message
 
 
@@ -69,7 +73,9 @@ def test_identical_inputs_moved_or_rewritten_are_not_stale(inputs: dict[str, Pat
     rewrite_same_bytes(inputs["images"] / "class-1" / "03.png")
     config = run / "scheduler" / "scheduler_config.json"
     saved = json.loads(config.read_text())
-    config.write_text(json.dumps({**saved, "_diffusers_version": "9.9.9"}, indent=4))  # saved by another version
+    config.write_text(
+        json.dumps({**saved, "_diffusers_version": "9.9.9"}, indent=4)
+    )  # saved by another version
     move_behind_link(inputs["images"], base / "moved" / "images")
     move_behind_link(run / "checkpoints", base / "moved" / "checkpoints")
     move_behind_link(run / "scheduler", base / "moved" / "scheduler")
@@ -84,7 +90,9 @@ def test_a_changed_dataset_is_named_with_what_changed(inputs: dict[str, Path]) -
     changed = np.asarray(Image.open(images / "class-1" / "03.png")).copy()
     changed[0, 0] ^= 0xFF
     Image.fromarray(changed).save(images / "class-1" / "03.png")
-    assert f"stale: the dataset ({images}): the pixels or groups of its samples changed" in stale_message(store)
+    assert f"stale: the dataset ({images}): the pixels or groups of its samples changed" in stale_message(
+        store
+    )
     (images / "class-1" / "03.png").unlink()
     Image.fromarray(changed).save(images / "class-1" / "99.png")
     assert "the dataset" in (message := stale_message(store))
@@ -97,7 +105,8 @@ def test_a_store_of_the_old_sample_id_rule_is_refused_with_why(inputs: dict[str,
     opened._group["sample_ids"][:] = np.asarray(old_sample_ids(opened.sample_ids), dtype=object)
     opened._group.attrs["fingerprints"] = {**opened.attrs["fingerprints"], "dataset": "0" * 64}
     message = stale_message(store)
-    assert "the rule of earlier versions ('class-0_00.png')" in message and "('class-0/00.png')" in message
+    assert "the rule of earlier versions ('class-0_00.png')" in message
+    assert "('class-0/00.png')" in message
 
 
 def test_a_changed_checkpoint_is_named_with_its_file_or_config_entry(inputs: dict[str, Path]) -> None:
@@ -108,20 +117,29 @@ def test_a_changed_checkpoint_is_named_with_its_file_or_config_entry(inputs: dic
     name = next(iter(weights))
     save_file({**weights, name: weights[name] + 1e-3}, weights_file)
     message = stale_message(store)
-    assert f"stale: checkpoint 2 ({weights_file}): content changed since the store was built (sha256 " in message
+    assert (
+        f"stale: checkpoint 2 ({weights_file}): content changed since the store was built (sha256 " in message
+    )
     weights_file.write_bytes(original)
     for folder in ("epoch-0002", "epoch-0004", "epoch-0006"):
         config = run / "checkpoints" / folder / "config.json"
         config.write_text(json.dumps({**json.loads(config.read_text()), "norm_eps": 1e-6}))
     message = stale_message(store)
-    assert f"the checkpoints' config.json ({run / 'checkpoints/epoch-0002'}): norm_eps changed (1e-05 then, 1e-06 now)" in message
+    assert (
+        f"the checkpoints' config.json ({run / 'checkpoints/epoch-0002'}): norm_eps changed (1e-05 then, "
+        "1e-06 now)"
+        in message
+    )
 
 
 def test_a_changed_scheduler_is_named_with_the_entry(inputs: dict[str, Path]) -> None:
     config = inputs["run"] / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "beta_schedule": "squaredcos_cap_v2"}))
     message = stale_message(inputs["base"] / "replay.zarr")
-    assert f"stale: the scheduler ({config}): beta_schedule changed ('linear' then, 'squaredcos_cap_v2' now)" in message
+    assert (
+        f"stale: the scheduler ({config}): beta_schedule changed ('linear' then, 'squaredcos_cap_v2' now)"
+        in message
+    )
 
 
 def test_the_replay_record_is_stale_only_where_its_replayed_steps_changed(inputs: dict[str, Path]) -> None:
@@ -150,7 +168,9 @@ def test_stores_with_the_earlier_fingerprints_are_still_checked(inputs: dict[str
     assert GradientStore.open(store).num_rows == 48
     config = run / "checkpoints/epoch-0002/config.json"
     config.write_text(config.read_text() + "\n")
-    assert f"checkpoint 0 ({run / 'checkpoints/epoch-0002'}): its config or weights changed" in stale_message(store)
+    assert f"checkpoint 0 ({run / 'checkpoints/epoch-0002'}): its config or weights changed" in stale_message(
+        store
+    )
 
 
 def test_a_run_of_the_old_sample_id_rule_is_refused_with_why(inputs: dict[str, Path]) -> None:
@@ -158,8 +178,12 @@ def test_a_run_of_the_old_sample_id_rule_is_refused_with_why(inputs: dict[str, P
     spec = TrainSpec(dataset=data, preset="micro", epochs=1, batch_size=12, save_every=1, seed=0)
     run = train(spec, load_dataset(data), inputs["base"] / "folder-run").folder
     manifest = json.loads((run / "manifest.json").read_text())
-    (run / "manifest.json").write_text(json.dumps({**manifest, "sample_ids": list(old_sample_ids(manifest["sample_ids"]))}))
-    with pytest.raises(SpecError, match=r"by the rule of earlier versions \('class-0_00.png'\); .* \('class-0/00.png'\)"):
+    (run / "manifest.json").write_text(
+        json.dumps({**manifest, "sample_ids": list(old_sample_ids(manifest["sample_ids"]))})
+    )
+    with pytest.raises(
+        SpecError, match=r"by the rule of earlier versions \('class-0_00.png'\); .* \('class-0/00.png'\)"
+    ):
         IndexPlan.resolve(IndexSpec(dataset=data, run=str(run)))
 
 
@@ -168,13 +192,16 @@ def test_a_run_that_trains_on_leaves_its_stores_fresh(tmp_path: Path, tiny_run: 
     shutil.copytree(tiny_run.folder, run)
     manifest_file = run / "manifest.json"
     full = json.loads(manifest_file.read_text())
-    manifest_file.write_text(json.dumps({**full, "checkpoints": full["checkpoints"][:2]}))  # before epoch 6 was saved
+    manifest_file.write_text(
+        json.dumps({**full, "checkpoints": full["checkpoints"][:2]})
+    )  # before epoch 6 was saved
     store = GradientStore.create(tmp_path / "s.zarr", tiny_index_spec(run))
     assert [c.epoch for c in store.spec.checkpoints] == [2, 4]
 
     manifest_file.write_text(json.dumps(full))  # training went on and saved another checkpoint
     reopened = GradientStore.open(tmp_path / "s.zarr")
-    assert reopened.num_checkpoints == 2 and [c.weight for c in reopened.plan.checkpoints] == [
+    assert reopened.num_checkpoints == 2
+    assert [c.weight for c in reopened.plan.checkpoints] == [
         c.weight for c in store.plan.checkpoints
     ]
     # The same request now means the three checkpoints, which is another index.

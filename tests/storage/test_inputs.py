@@ -72,7 +72,9 @@ def test_inputs_at_urls_give_the_rows_and_fingerprints_of_the_same_local_inputs(
     assert remote.sample_ids == here.sample_ids
     for c in range(3):
         assert np.array_equal(remote.norms(c), here.norms(c))
-        assert np.array_equal(remote.rows_at(c, np.arange(48)).projected, here.rows_at(c, np.arange(48)).projected)
+        assert np.array_equal(
+            remote.rows_at(c, np.arange(48)).projected, here.rows_at(c, np.arange(48)).projected
+        )
     recorded = GradientStore.open(tmp_path / "remote.zarr")
     assert recorded.spec == spec_under(url)  # the store names its inputs by URL, never by mirror
     assert [c["path"] for c in recorded.checkpoint_info] == [c.path for c in spec_under(url).checkpoints]
@@ -111,9 +113,11 @@ def test_pickled_weights_are_never_fetched_and_the_checkpoint_is_refused(
     spec = spec_under(url).model_copy(update={"checkpoints": (CheckpointSpec(path=f"{url}/models/pickled"),)})
     with pytest.raises(CheckpointError, match="retrac loads safetensors only") as refused:
         GradientStore.create(tmp_path / "index.zarr", spec)
-    assert f"{url}/models/pickled" in str(refused.value) and str(cache.folder) not in str(refused.value)
+    assert f"{url}/models/pickled" in str(refused.value)
+    assert str(cache.folder) not in str(refused.value)
     fetched = {f.name for m in mirrors(cache) for f in m.rglob("*")}
-    assert "config.json" in fetched and "diffusion_pytorch_model.bin" not in fetched
+    assert "config.json" in fetched
+    assert "diffusion_pytorch_model.bin" not in fetched
 
 
 def test_an_input_larger_than_the_cache_is_refused_and_old_mirrors_make_room(
@@ -128,7 +132,9 @@ def test_an_input_larger_than_the_cache_is_refused_and_old_mirrors_make_room(
     assert "\n" not in str(refused.value)
     two = InputCache(tmp_path / "two", max_bytes=2 * size + size // 2)  # room for two checkpoints
     first, second, third = (two.mirror(f"{url}/models/run/checkpoints/epoch-{e:04d}") for e in EPOCHS)
-    assert not first.exists() and second.is_dir() and third.is_dir()  # the least recently used went
+    assert not first.exists()  # the least recently used went
+    assert second.is_dir()
+    assert third.is_dir()
     assert (third / "diffusion_pytorch_model.safetensors").read_bytes() == (
         tiny_run.folder / "checkpoints/epoch-0006/diffusion_pytorch_model.safetensors"
     ).read_bytes()
@@ -146,16 +152,24 @@ def test_the_cli_indexes_checkpoints_and_a_dataset_given_by_url(
     monkeypatch.setattr("worker.settings._current", None)  # read the environment afresh
     run = f"{url}/models/run"
     command = ["index", "create", str(tmp_path / "cli.zarr"), "--data", f"{url}/data/digits.npz"]
-    command += ["--checkpoint", f"{run}/checkpoints/epoch-0002:epoch=2,lr=0.002", "--scheduler", f"{run}/scheduler"]
-    command += ["--resolution", "8", "--loss", "mse", "--no-replay", "--grid", "1", "--train-batch-size", "16"]
+    command += ["--checkpoint", f"{run}/checkpoints/epoch-0002:epoch=2,lr=0.002", "--scheduler",
+                f"{run}/scheduler"]
+    command += ["--resolution", "8", "--loss", "mse", "--no-replay", "--grid", "1", "--train-batch-size",
+                "16", "--slot-noise", "independent"]
     assert main(command) == 0, capsys.readouterr().err
     store = GradientStore.open(tmp_path / "cli.zarr")
     assert store.spec.dataset.source == f"{url}/data/digits.npz"  # recorded as given, not made a path
     assert store.checkpoint_info[0]["path"] == f"{run}/checkpoints/epoch-0002"
-    assert len(mirrors(InputCache(tmp_path / "cli-cache"))) == 3  # the CLI's settings chose the mirrors' folder
-    assert main(["index", "create", str(tmp_path / "bad.zarr"), "--data", f"{url}/data/none.npz"] + command[5:]) == 2
+    assert (
+        len(mirrors(InputCache(tmp_path / "cli-cache"))) == 3
+    )  # the CLI's settings chose the mirrors' folder
+    assert (
+        main(["index", "create", str(tmp_path / "bad.zarr"), "--data", f"{url}/data/none.npz"] + command[5:])
+        == 2
+    )
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and f"{url}/data/none.npz: no such object in the bucket" in error, error
+    assert error.count("\n") == 1, error
+    assert f"{url}/data/none.npz: no such object in the bucket" in error, error
 
 
 def test_a_key_that_would_leave_its_mirror_is_refused(
@@ -164,7 +178,8 @@ def test_a_key_that_would_leave_its_mirror_is_refused(
     s3_server.client().put_object(Bucket=bucket, Key="models/evil/../../outside.json", Body=b"{}")
     with pytest.raises(StoreError, match="holds an object whose key is not a plain path") as refused:
         cache.mirror(f"s3://{bucket}/models/evil")
-    assert not isinstance(refused.value, UnreachableStoreError) and "\n" not in str(refused.value)
+    assert not isinstance(refused.value, UnreachableStoreError)
+    assert "\n" not in str(refused.value)
     assert not cache.folder.exists() or mirrors(cache) == []
 
 
@@ -189,10 +204,11 @@ def test_a_latent_model_whose_vae_is_in_the_bucket_gives_the_rows_of_the_local_o
 
     command = ["index", "create", str(tmp_path / "cli.zarr"), "--checkpoint", f"{pipeline}/unet:weight=0.5"]
     command += ["--vae", f"{url}/vae", "--data", "builtin:patches", "--limit", "6", "--loss", "mse"]
-    command += ["--no-replay", "--grid", "1"]
+    command += ["--no-replay", "--grid", "1", "--slot-noise", "independent"]
     assert main(command) == 2  # the model's shape is not read ahead through a VAE at a URL...
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "give resolution 16 and channels 3" in error, error
+    assert error.count("\n") == 1, error
+    assert "give resolution 16 and channels 3" in error, error
     assert main([*command, "--resolution", "16", "--channels", "3"]) == 0, capsys.readouterr().err
 
 
@@ -234,13 +250,17 @@ def test_a_mirror_in_use_is_never_evicted_and_goes_once_released(
     first, lease = two.leased(first_url)
     second = two.mirror(second_url)
     third = two.mirror(third_url)  # room made: not from the least recently used, which is in use
-    assert first.is_dir() and not second.exists() and third.is_dir()
+    assert first.is_dir()
+    assert not second.exists()
+    assert third.is_dir()
     _, held = two.leased(third_url)
     with pytest.raises(SpecError, match="bytes do not fit in the input cache .* beside the inputs in use"):
         two.mirror(second_url)  # both mirrors in use: refused, neither removed
-    assert first.is_dir() and third.is_dir()
+    assert first.is_dir()
+    assert third.is_dir()
     lease.release()
-    assert two.mirror(second_url).is_dir() and not first.exists()  # released: evicted in its turn
+    assert two.mirror(second_url).is_dir()
+    assert not first.exists()  # released: evicted in its turn
     held.release()
 
 

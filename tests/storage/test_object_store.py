@@ -68,7 +68,8 @@ def test_a_store_in_a_bucket_holds_the_local_bytes_and_gives_the_local_answers(
     local = GradientStore.open(reference_store)
     assert reopened.status(verify=True).complete
     for c in range(reopened.num_checkpoints):  # every done mark set, as in the local store
-        assert (reopened.done_marks(c) > 0).all() and (local.done_marks(c) > 0).all()
+        assert (reopened.done_marks(c) > 0).all()
+        assert (local.done_marks(c) > 0).all()
     images = local.plan.dataset.images[[3, 17]]
     streamed = GradientStore.open(location, resident_bytes=0)  # chunk by chunk from the bucket
     assert answers(reopened, images) == answers(local, images) == answers(streamed, images)
@@ -97,7 +98,8 @@ def test_a_missing_chunk_object_makes_its_shard_pending(bucket: str, reference_s
     store = uploaded(reference_store, location)
     os_client_delete(location.bucket, f"{location.prefix}/checkpoints/0/seeds/c/3/0")
     assert GradientStore.open(location).pending() == [(0, 3)]
-    assert store.is_done(0, 3) is False and store.is_done(0, 2) is True
+    assert store.is_done(0, 3) is False
+    assert store.is_done(0, 2) is True
 
 
 def os_client_delete(bucket_name: str, key: str) -> None:
@@ -124,7 +126,8 @@ def test_stores_in_a_bucket_are_listed_and_deleted_whole(bucket: str, tiny_run: 
     # store; the name is free again once it is cleared.
     GradientStore.create(root.child("third"), spec)
     os_client_delete(bucket, f"{root.prefix}/third/zarr.json")
-    assert is_leftover(root.child("third")) and list_stores(root) == ["second"]
+    assert is_leftover(root.child("third"))
+    assert list_stores(root) == ["second"]
     with pytest.raises(StoreError, match="exists and is not a retrac store"):
         GradientStore.create(root.child("third"), spec)
     delete_store(root.child("third"))
@@ -195,7 +198,8 @@ def test_a_server_that_never_answers_fails_reads_and_mirrors_in_bounded_time(
             with pytest.raises(StoreError, match="the object store is unreachable") as refused:
                 attempt()
             assert time.monotonic() - started < longest_wait(TIMEOUT_S)
-            assert "\n" not in str(refused.value) and "s3://retrac-silent/" in str(refused.value)
+            assert "\n" not in str(refused.value)
+            assert "s3://retrac-silent/" in str(refused.value)
 
 
 def test_the_cli_gives_up_on_a_server_that_never_answers_in_one_line(
@@ -206,7 +210,8 @@ def test_the_cli_gives_up_on_a_server_that_never_answers_in_one_line(
         assert main(["index", "status", "s3://retrac-silent/index"]) == 2
         assert time.monotonic() - started < longest_wait(TIMEOUT_S)
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "retrac-silent/index: the object store is unreachable" in error, error
+    assert error.count("\n") == 1, error
+    assert "retrac-silent/index: the object store is unreachable" in error, error
 
 
 def test_the_cli_refuses_bad_store_urls_and_missing_credentials_with_one_line(
@@ -217,11 +222,13 @@ def test_the_cli_refuses_bad_store_urls_and_missing_credentials_with_one_line(
 ) -> None:
     assert main(["index", "create", "s3://retrac-stores", "--run", str(tiny_run.folder)]) == 2
     bad = capsys.readouterr().err
-    assert bad.count("\n") == 1 and "give a prefix inside the bucket" in bad, bad
+    assert bad.count("\n") == 1, bad
+    assert "give a prefix inside the bucket" in bad, bad
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     assert main(["index", "create", "s3://retrac-stores/index", "--run", str(tiny_run.folder)]) == 2
     anonymous = capsys.readouterr().err
-    assert anonymous.count("\n") == 1 and "no credentials for the object store" in anonymous, anonymous
+    assert anonymous.count("\n") == 1, anonymous
+    assert "no credentials for the object store" in anonymous, anonymous
 
 
 def test_the_cli_creates_a_store_in_a_bucket_and_reads_its_status(
@@ -239,7 +246,8 @@ def test_the_cli_creates_a_store_in_a_bucket_and_reads_its_status(
     capsys.readouterr()
     assert main(["index", "status", f"s3://{bucket}/full.zarr", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["complete"] and (report["done_rows"], report["total_rows"]) == (144, 144)
+    assert report["complete"]
+    assert (report["done_rows"], report["total_rows"]) == (144, 144)
 
 
 def test_approximate_search_reads_its_ann_index_from_the_bucket(

@@ -3,7 +3,9 @@ of the engine, and the bars the CLI draws from them. Reporting never changes wha
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,8 @@ def test_the_embedded_runner_reports_rows_after_every_gradient_batch(
     for counts in per_shard:
         # one report per gradient batch of `batch` (row, slot) pairs; together, every row of the shard once
         assert len(counts) == math.ceil(SHARD_SIZE * slots / batch) > 1
-        assert sum(counts) == SHARD_SIZE and all(c >= 1 for c in counts)
+        assert sum(counts) == SHARD_SIZE
+        assert all(c >= 1 for c in counts)
     assert store_bytes(store.path) == store_bytes(reference_store)
 
 
@@ -67,4 +70,42 @@ def test_the_cli_draws_bars_on_stderr_and_keeps_stdout_the_answer(
     np.save(query, ((GradientStore.open(path).plan.dataset.images[0, 0] + 1) / 2).numpy())
     assert main(["attribute", str(path), str(query), "--timesteps", "2", "--draws", "1", "--json"]) == 0
     out, err = capsys.readouterr()
-    assert out.lstrip().startswith("{") and "gradients" in err and f"{rows // 3}/{rows // 3}" in err
+    assert out.lstrip().startswith("{")
+    assert "gradients" in err
+    assert f"{rows // 3}/{rows // 3}" in err
+
+
+def test_a_running_shard_shows_its_rows_and_a_rate_from_its_first_batch(tmp_path: Path, tiny_run) -> None:
+    from storage import progress
+    from storage.progress import COMPUTING, STALE_S
+
+    store = GradientStore.create(tmp_path / "index.zarr", tiny_index_spec(tiny_run))
+    seen: list[tuple[int, object]] = []
+    batches: list[int] = []
+
+    def first_shard_batch(rows: int) -> None:
+        batches.append(rows)
+        if len(batches) == 1:  # the first batch of the first shard: nothing stored yet
+            seen.append((rows, progress(store)))
+
+    run_pending(store, GradientComputerCache("cpu", threads=1), on_rows=first_shard_batch)
+    ((rows, running),) = seen
+    assert (running.done_rows, running.done_shards, running.computing_rows) == (0, 0, rows)
+    assert running.rate_per_s is not None
+    assert running.rate_per_s > 0
+    assert running.eta_s == (running.total_rows - rows) / running.rate_per_s
+    done = progress(store)
+    assert done.complete
+    assert done.computing_rows == 0
+    assert not store.location.sizes(COMPUTING)
+
+    old = {"checkpoint": 0, "shard": 0, "rows": 3, "started_at": 1.0, "updated_at": 2.0}
+    store.location.write(f"{COMPUTING}/c0-s0.json", json.dumps(old).encode())  # a done shard's leftover
+    assert progress(store).computing_rows == 0
+    fresh = GradientStore.create(tmp_path / "fresh.zarr", tiny_index_spec(tiny_run))
+    now = time.time()
+    for key, updated in (("c0-s0", now - STALE_S - 1), ("c0-s1", now)):  # a dead worker's record, a live one
+        record = {**old, "shard": int(key[-1]), "started_at": updated - 4.0, "updated_at": updated}
+        fresh.location.write(f"{COMPUTING}/{key}.json", json.dumps(record).encode())
+    live = progress(fresh)
+    assert (live.computing_rows, live.rate_per_s, live.last_active_at) == (3, 3 / 4.0, now)

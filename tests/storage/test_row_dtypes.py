@@ -115,11 +115,13 @@ def test_float16_rows_are_resident_as_float32_only_when_every_checkpoint_fits(re
     wide = GradientStore.open(reference_store)
     for c in range(3):
         read = wide.rows_at(c, rows).projected
-        assert read.dtype == torch.float32 and torch.equal(read, stored[c].float())
+        assert read.dtype == torch.float32
+        assert torch.equal(read, stored[c].float())
     arrays = [group[f"checkpoints/{c}/{name}"] for c in range(3) for name in ("projected", "norms")]
     float16_bytes = sum(a.nbytes for a in arrays)
     narrow = GradientStore.open(reference_store, resident_bytes=float16_bytes)
     for c in range(3):
         read = narrow.rows_at(c, rows).projected
-        assert read.dtype == torch.float16 and torch.equal(read, stored[c])
+        assert read.dtype == torch.float16
+        assert torch.equal(read, stored[c])
     assert len(narrow._resident) == 3  # every checkpoint resident still, as float16

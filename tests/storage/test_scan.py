@@ -109,7 +109,8 @@ def test_streaming_top_k_equals_dense_computation(reference_store: Path, query_i
             assert [i.sample_id for i in result.methods[method].proponents] == [ids[r] for r in top]
             contributions = np.array([i.contributions for i in result.methods[method].proponents])
             assert_scores_close(contributions.sum(axis=1), dense[method][q, top], dense[method])
-    assert answer.timings.gradient_s > 0 and answer.timings.scan_s > 0
+    assert answer.timings.gradient_s > 0
+    assert answer.timings.scan_s > 0
 
 
 def test_attribute_matches_the_in_memory_engine(
@@ -189,7 +190,7 @@ def test_outlier_scores_read_chunk_by_chunk_equal_the_in_memory_ones(
     """The store's scores, read 7 rows at a time (the atypical direction's mean unit vectors spanning
     chunks), against `retrac.evaluation.outliers` over every row at once (itself checked against a
     loop in tests/evaluation/test_outliers.py)."""
-    monkeypatch.setattr("storage.statistics.SCAN_ROWS", 7)
+    monkeypatch.setattr("storage.queries.SCAN_ROWS", 7)
     store = GradientStore.open(reference_store)
     got = outlier_scores(store)
     group = zarr.open_group(reference_store, mode="r")
@@ -243,4 +244,6 @@ def test_the_gradient_lock_is_held_for_the_gradients_alone(
     monkeypatch.setattr(models, "computer", recorded_computer)
     monkeypatch.setattr(store, "chunks", recorded_chunks)
     attribute(store, query_images, QUERY, top_k=TOP_K, models=models, gradient_lock=lock)
-    assert held_while["gradients"] == [True] * 3 and held_while["scan"] and not any(held_while["scan"])
+    assert held_while["gradients"] == [True] * 3
+    assert held_while["scan"]
+    assert not any(held_while["scan"])

@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from api_schemas import ProjectorSpec
 from cli import main
-from retrac.plan import IndexPlan, Rows, pin_checkpoints
-from retrac.models import WEIGHTS_NAME
-from retrac.replay import TrainingRun
 from retrac.computers import GradientComputerCache
+from retrac.models import WEIGHTS_NAME
+from retrac.plan import IndexPlan, Rows, pin_checkpoints
+from retrac.replay import TrainingRun
 from storage import (
     GradientStore,
     IncompleteStoreError,
@@ -51,14 +51,16 @@ def test_a_plain_zarr_reader_finds_everything(reference_store: Path, tiny_run: T
     assert attrs["format"] == "retrac-store/2"
     assert attrs["spec"] == json.loads(pin_checkpoints(tiny_index_spec(tiny_run)).model_dump_json())
     assert attrs["slot_kinds"] == ["replay", "grid", "grid"]
-    assert len(attrs["fingerprints"]["weights"]) == 3 and attrs["fingerprints"]["record"]
+    assert len(attrs["fingerprints"]["weights"]) == 3
+    assert attrs["fingerprints"]["record"]
     assert [c["epoch"] for c in attrs["checkpoints"]] == [2, 4, 6]
     assert "manual_seed" in attrs["noise_rule"]
     plan = IndexPlan.resolve(tiny_index_spec(tiny_run))
     assert list(group["sample_ids"][:]) == list(plan.dataset.ids)
     for c in range(3):
         projected = group[f"checkpoints/{c}/projected"]
-        assert projected.shape == (48, 3, 256) and projected.dtype == np.float16
+        assert projected.shape == (48, 3, 256)
+        assert projected.dtype == np.float16
         assert projected.chunks == (SHARD_SIZE, 3, 256)
         assert group[f"checkpoints/{c}/norms"].dtype == np.float32
         assert (group[f"checkpoints/{c}/done_at"][:] > 0).all()
@@ -81,7 +83,9 @@ def test_a_recomputed_shard_rewrites_identical_bytes(filled_copy: Path) -> None:
     before = store_bytes(filled_copy)
     store = GradientStore.open(filled_copy)
     assert run_shard(store, 2, 3, GradientComputerCache("cpu")) is False  # done: skipped
-    assert run_shard(store, 2, 3, GradientComputerCache("cpu"), force=True) is True  # fresh models, same bytes
+    assert (
+        run_shard(store, 2, 3, GradientComputerCache("cpu"), force=True) is True
+    )  # fresh models, same bytes
     assert store_bytes(filled_copy) == before
 
 
@@ -98,7 +102,8 @@ def test_rows_are_invisible_until_their_done_mark(tmp_path: Path, tiny_run: Trai
     with pytest.raises(IncompleteStoreError, match="checkpoint 0 has 6 of 6 shards not done"):
         next(store.chunks([0]))
     store.write_shard(0, 0, rows)
-    assert (0, 0) not in store.pending() and len(store.pending()) == 17
+    assert (0, 0) not in store.pending()
+    assert len(store.pending()) == 17
     status = store.status()
     assert (status.done_rows, status.total_rows, status.complete) == (8, 144, False)
 
@@ -146,7 +151,10 @@ def test_stale_checkpoint_is_refused_with_a_clear_error(tmp_path: Path, run_copy
     name = next(iter(weights))
     weights[name] = weights[name] + 1e-3
     save_file(weights, weights_file)
-    with pytest.raises(StaleStoreError, match=r"stale: checkpoint 1 \(.*epoch-0004/diffusion_pytorch_model.safetensors\): content changed"):
+    with pytest.raises(
+        StaleStoreError,
+        match=r"stale: checkpoint 1 \(.*epoch-0004/diffusion_pytorch_model.safetensors\): content changed",
+    ):
         GradientStore.open(path)
     assert GradientStore.open(path, check=False).num_rows == 48  # status and inspect still read it
     assert main(["index", "run", str(path)]) == 2
@@ -157,7 +165,9 @@ def test_changed_dataset_and_deleted_checkpoint_are_stale(tmp_path: Path, run_co
     GradientStore.create(path, tiny_index_spec(run_copy))
     store = GradientStore.open(path, check=False)
     store.attrs["fingerprints"]["dataset"] = "0" * 64  # as if indexed from other images
-    with pytest.raises(StaleStoreError, match=r"the dataset \(builtin:digits\): the pixels or groups of its samples changed"):
+    with pytest.raises(
+        StaleStoreError, match=r"the dataset \(builtin:digits\): the pixels or groups of its samples changed"
+    ):
         store.check()
     shutil.rmtree(run_copy / "checkpoints/epoch-0006")
     with pytest.raises(StaleStoreError, match="inputs no longer resolve"):

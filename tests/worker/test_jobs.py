@@ -52,7 +52,8 @@ def test_a_job_run_by_a_real_worker_equals_the_embedded_run(
 ) -> None:
     path = fresh_store(tmp_path, tiny_run)
     job = control.submit(path, queue=queue)
-    assert control.state(job) == "queued" and progress(GradientStore.open(path)).done_rows == 0
+    assert control.state(job) == "queued"
+    assert progress(GradientStore.open(path)).done_rows == 0
     workers.start("solo")
     wait_until(lambda: control.state(job) == "done", JOB_SECONDS, "the job")
     assert sorted((r["checkpoint"], r["shard"]) for r in results(job)) == [
@@ -62,7 +63,8 @@ def test_a_job_run_by_a_real_worker_equals_the_embedded_run(
     assert_same_as_embedded(path, reference_store)
     load_ann(GradientStore.open(path))  # the job's last task built a current ANN index
     done = control.progress(path)
-    assert (done.done_rows, done.total_rows, done.eta_s) == (144, 144, 0.0) and done.rate_per_s > 0
+    assert (done.done_rows, done.total_rows, done.eta_s) == (144, 144, 0.0)
+    assert done.rate_per_s > 0
 
 
 def test_a_worker_killed_mid_job_leaves_nothing_missing_or_different(
@@ -74,7 +76,8 @@ def test_a_worker_killed_mid_job_leaves_nothing_missing_or_different(
     workers.start("doomed", RETRAC_VISIBILITY_TIMEOUT="3")
     wait_until(lambda: control.progress(path).done_shards >= 4, JOB_SECONDS, "4 shards")
     workers.kill("doomed")
-    assert not control.progress(path).complete and control.state(job) == "running"
+    assert not control.progress(path).complete
+    assert control.state(job) == "running"
     workers.start("rescuer", RETRAC_VISIBILITY_TIMEOUT="3")
     wait_until(lambda: control.state(job) == "done", JOB_SECONDS, "the job to complete after the kill")
     assert_same_as_embedded(path, reference_store)
@@ -241,7 +244,8 @@ def test_delete_while_a_worker_writes_leaves_nothing_and_the_name_reusable(
     computed = statuses.count("computed")
     # Beyond the shards done before the delete: at most the one in flight at the mark, and one that
     # finished between reading the progress and the mark. Every other shard is dropped.
-    assert done_before <= computed <= done_before + 2 and statuses.count("missing") == SHARDS - computed
+    assert done_before <= computed <= done_before + 2
+    assert statuses.count("missing") == SHARDS - computed
     assert not path.exists() or is_leftover(path)  # at most a shard's files from a write already under way
     # The name is free again, and the same worker fills the new store at that path.
     shutil.rmtree(path, ignore_errors=True)
@@ -269,8 +273,12 @@ def test_a_job_without_workers_is_reported_stalled_and_a_failed_one_says_why(
     )
     assert "no worker answered" in control.stalled(job, path, seconds=STALL_SECONDS)
     config = run / "checkpoints" / "epoch-0004" / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "norm_eps": 1e-6}))  # the store is stale: every shard fails
+    config.write_text(
+        json.dumps({**json.loads(config.read_text()), "norm_eps": 1e-6})
+    )  # the store is stale: every shard fails
     workers.start("picky")
     wait_until(lambda: control.state(job) == "failed", JOB_SECONDS, "the job to fail")
     reason = control.failure(job)
-    assert reason is not None and "StaleStoreError" in reason and "stale" in reason
+    assert reason is not None
+    assert "StaleStoreError" in reason
+    assert "stale" in reason

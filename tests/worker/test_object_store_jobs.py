@@ -102,7 +102,8 @@ def test_a_worker_killed_mid_shard_leaves_it_invisible_and_the_rerun_completes_i
     assert f"checkpoints/{checkpoint}/norms/c/{shard}/0" not in keys
 
     reader = GradientStore.open(location)  # ...and invisible: not done, pending, not scanned
-    assert not reader.is_done(checkpoint, shard) and (checkpoint, shard) in reader.pending()
+    assert not reader.is_done(checkpoint, shard)
+    assert (checkpoint, shard) in reader.pending()
     assert not control.progress(str(location)).complete
     with pytest.raises(IncompleteStoreError):
         list(reader.chunks([checkpoint]))

@@ -37,5 +37,6 @@ def test_the_worker_command_refuses_bad_flags_in_one_line() -> None:
         [sys.executable, "-m", "cli", "worker", "--threads", "0"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "torch_threads" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "torch_threads" in result.stderr
 

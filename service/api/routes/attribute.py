@@ -16,7 +16,7 @@ from api_schemas.attribution import AttributeRequest, AttributionsPublic, QueryO
 from retrac.datasets import Conversions
 from retrac.query_side import resolve_query
 from service.deps import EngineDep, IndexNameDep, ReadAccess, SettingsDep, StoreDep
-from service.errors import ERROR_RESPONSES
+from service.handlers import ERROR_RESPONSES
 from service.images import decode_file, decode_json_image
 from service.query_engine import check_limits
 
@@ -25,7 +25,12 @@ class AttributeUpload(QueryOptions):
     """The multipart form: image files plus the query knobs as form fields."""
 
     images: list[UploadFile] = Field(
-        min_length=1, description="one or more image files: PNG, JPEG, ... or .npy"
+        min_length=1,
+        description="one or more image files: PNG, JPEG, ... or .npy",
+        # `format: binary` besides OpenAPI 3.1's media type: client generators then send files
+        json_schema_extra={
+            "items": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
+        },
     )
 
 
@@ -35,7 +40,7 @@ router = APIRouter(
 
 
 @router.post("/attribute", summary="Attribute images sent in a JSON body")
-def attribute_json(
+def attribute(
     name: IndexNameDep,
     body: AttributeRequest,
     store: StoreDep,

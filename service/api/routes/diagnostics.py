@@ -10,7 +10,7 @@ from api_schemas.diagnostics import NormTimestepPublic, OutlierScore, SelfInflue
 from retrac.exceptions import SpecError
 from service.deps import EngineDep, IndexNameDep, ReadAccess, StoreDep
 from service.diagnostics import norm_plot, norm_statistics, self_influence_ranking
-from service.errors import ERROR_RESPONSES
+from service.handlers import ERROR_RESPONSES
 from storage import GradientStore
 
 router = APIRouter(

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 
 from api_schemas.generation import GenerateRequest, GenerationPublic
 from service.deps import EngineDep, IndexNameDep, ReadAccess, StoreDep
-from service.errors import ERROR_RESPONSES
+from service.handlers import ERROR_RESPONSES
 
 router = APIRouter(
     prefix="/indexes/{name}", tags=["generate"], dependencies=[ReadAccess], responses=ERROR_RESPONSES
@@ -15,5 +15,7 @@ router = APIRouter(
 
 
 @router.post("/generate", summary="Generate query images from the index's last checkpoint")
-def generate(name: IndexNameDep, body: GenerateRequest, store: StoreDep, engine: EngineDep) -> GenerationPublic:
+def generate(
+    name: IndexNameDep, body: GenerateRequest, store: StoreDep, engine: EngineDep
+) -> GenerationPublic:
     return engine.generate(name, store, body)

@@ -44,7 +44,8 @@ def _stores_check(root: Location) -> CheckPublic:
         folder = root.folder
         usable = folder.is_dir() and os.access(folder, os.R_OK | os.W_OK | os.X_OK)
         return CheckPublic(
-            ok=usable, detail="the stores root is writable" if usable else "the stores root is not a writable folder"
+            ok=usable,
+            detail="the stores root is writable" if usable else "the stores root is not a writable folder",
         )
     try:
         root.exists()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from api_schemas.indexes import IndexCreate, IndexesPublic, IndexPublic
-from service.deps import IndexNameDep, ReadAccess, RepositoryDep, WriteAccess
-from service.errors import ERROR_RESPONSES
 from service import indexes
+from service.deps import IndexNameDep, ReadAccess, RepositoryDep, WriteAccess
+from service.handlers import ERROR_RESPONSES
 
 router = APIRouter(prefix="/indexes", tags=["indexes"], responses=ERROR_RESPONSES)
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, status
 
 from api_schemas.jobs import JobCreate, JobPublic
 from service.deps import ReadAccess, RepositoryDep, WriteAccess
-from service.errors import ERROR_RESPONSES
+from service.handlers import ERROR_RESPONSES
 from service.queue import cancel_job, describe_job, start_job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=ERROR_RESPONSES)

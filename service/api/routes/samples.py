@@ -13,7 +13,8 @@ from fastapi import APIRouter, Path, Query, Response
 from api_schemas.common import SampleId
 from retrac.exceptions import DatasetError
 from service.deps import ReadAccess, StoreDep
-from service.errors import ERROR_RESPONSES, NotFound
+from service.exceptions import NotFound
+from service.handlers import ERROR_RESPONSES
 from service.images import png_bytes
 
 MAX_SIZE = 512

@@ -1,4 +1,4 @@
-"""Answers computed from a store: attribution of query images, self-influence, norm/timestep data.
+"""Queries over a store: attribution of query images, self-influence, outlier scores, norm/timestep data.
 
 `attribute` is `retrac.attribution.attribute` over the store's rows (`storage.rows.StoreRows`), with
 the gradient computers of a `GradientComputerCache`; `query_gradients` is its gradient step alone,
@@ -100,7 +100,8 @@ def outlier_scores(
     """Every outlier score `(N,)` (`api_schemas.diagnostics.OutlierScore`) from the stored slots alone,
     as `retrac.evaluation.outliers.outlier_scores` gives them for rows in memory, read chunk by chunk."""
     chosen = list(range(store.num_checkpoints)) if checkpoints is None else list(checkpoints)
-    scores: dict[OutlierScore, np.ndarray] = dict(self_influence(store, chosen))  # checks completeness
+    # self_influence checks that every chosen checkpoint is complete
+    scores: dict[OutlierScore, np.ndarray] = dict(self_influence(store, chosen).items())
     weights = [store.weights[c] for c in chosen]
     grid = self_influence_slots(store.slot_kinds)[1]
     norms = [torch.from_numpy(store.norms(c)) for c in chosen]

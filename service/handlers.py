@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -21,6 +20,8 @@ from starlette.routing import Match, Mount
 from api_schemas.common import ErrorPublic
 from api_schemas.errors import messages
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
+from service.exceptions import Conflict, NotFound, Unavailable
+from service.repository import StoreRepository
 from service.settings import Settings
 from storage import (
     AnnIndexError,
@@ -31,25 +32,10 @@ from storage import (
     UnreachableStoreError,
 )
 
-if TYPE_CHECKING:  # the repository raises these errors, so it cannot be imported at run time
-    from service.repository import StoreRepository
-
-BuildingAdvice = Callable[["StoreRepository", str], str]
+BuildingAdvice = Callable[[StoreRepository, str], str]
 """What to tell a client about an index still being built (`service.queue.still_building`)."""
 
 logger = logging.getLogger(__name__)
-
-
-class NotFound(LookupError):
-    """No index, job or sample of that name."""
-
-
-class Conflict(RuntimeError):
-    """The request clashes with the state of an index (it exists already, it is still building)."""
-
-
-class Unavailable(RuntimeError):
-    """A dependency of the request (the job queue) does not answer."""
 
 
 STATUS: tuple[tuple[type[Exception], int], ...] = (
@@ -77,7 +63,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         (401, "the API key is missing"),
         (403, "the API key is wrong"),
         (404, "no such index, job or sample"),
-        (409, "the index is not ready for this (still building, stale, damaged, no ANN index, or already exists)"),
+        (
+            409,
+            "the index is not ready for this (still building, stale, damaged, no ANN index, or already "
+            "exists)",
+        ),
         (413, "the request body is too large"),
         (422, "a field, image or spec is invalid"),
         (503, "a dependency (the job queue, the object store holding the indexes) is unreachable"),
@@ -160,9 +150,22 @@ def _incomplete_store(
     return handler
 
 
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_SCOPE = "retrac.request_id"
+"""Where `service.requests` leaves a request's id in its scope: a bug's answer is sent outside that
+middleware, so it adds the header itself."""
+
+
 async def _bug(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=error)
-    return _answer(500, "internal error; the service logged it")
+    rid = request.scope.get(REQUEST_ID_SCOPE)
+    logger.exception(
+        "unhandled error in %s %s",
+        request.method,
+        request.url.path,
+        exc_info=error,
+        extra={"request_id": rid},
+    )
+    return _answer(500, "internal error; the service logged it", {REQUEST_ID_HEADER: rid} if rid else None)
 
 
 def install_error_handlers(app: FastAPI, building_advice: BuildingAdvice) -> None:
