@@ -11,8 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api_schemas.errors import FieldError
-
 LossKind = Literal["mse", "l1"]
 """Per-pixel distance of the noise-prediction loss: squared error (DDPM "simple") or absolute error."""
 
@@ -125,13 +123,11 @@ class SlotSpec(Spec):
     @model_validator(mode="after")
     def _at_least_one(self) -> SlotSpec:
         if not self.replay and self.grid == 0 and self.random == 0:
-            raise FieldError("a slot spec needs replay, grid > 0 or random > 0", "replay", "grid", "random")
+            raise ValueError("a slot spec needs replay, grid > 0 or random > 0")
         if self.noise == "shared" and self.grid == 0:
-            raise FieldError("shared slot noise applies to grid slots; give grid > 0", "noise", "grid")
+            raise ValueError("shared slot noise applies to grid slots; give grid > 0")
         if self.noise == "independent" and self.draws != 1:
-            raise FieldError(
-                "draws > 1 needs shared slot noise (independent slots use one noise image each)", "draws", "noise"
-            )
+            raise ValueError("draws > 1 needs shared slot noise (independent slots use one noise image each)")
         return self
 
     @property
@@ -307,11 +303,11 @@ class IndexSpec(Spec):
     @model_validator(mode="after")
     def _has_checkpoints(self) -> IndexSpec:
         if self.run is None and not self.checkpoints:
-            raise FieldError("an index needs a training run or at least one checkpoint", "run", "checkpoints")
+            raise ValueError("an index needs a training run or at least one checkpoint")
         if self.run is None and self.loss is None:
-            raise FieldError("without a training run, give the loss the model was trained with", "loss")
+            raise ValueError("without a training run, give the loss the model was trained with")
         if self.run is None and self.slots.replay:
-            raise FieldError(
-                "replay slots need a training run with a replay record; use grid or random slots", "slots.replay"
+            raise ValueError(
+                "replay slots need a training run with a replay record; use grid or random slots"
             )
         return self

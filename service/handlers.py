@@ -18,7 +18,6 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
 from api_schemas.common import ErrorPublic
-from api_schemas.errors import messages
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
 from service.exceptions import Conflict, NotFound, Unavailable
 from service.repository import StoreRepository
@@ -127,12 +126,16 @@ def _allowed_methods(request: Request, error: HTTPException) -> str:
 
 
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    items = error.errors()
-    for item in items:
+    problems = []
+    for item in error.errors():
         if item.get("type") == "json_invalid":
-            reason = item.get("ctx", {}).get("error", "cannot parse")
-            return _answer(422, f"invalid request: the body is not valid JSON ({reason})")
-    return _answer(422, "invalid request: " + "; ".join(messages(items)))
+            problems.append(
+                f"the body is not valid JSON ({item.get('ctx', {}).get('error', 'cannot parse')})"
+            )
+            continue
+        where = ".".join(str(part) for part in item.get("loc", ()))
+        problems.append(f"{where}: {item.get('msg', 'invalid')}")
+    return _answer(422, "invalid request: " + "; ".join(problems))
 
 
 def _incomplete_store(

@@ -51,14 +51,17 @@ def attribute(
     body = resolve_query(body, store.spec.slots)
     check_limits(body, len(body.images), settings)
     shape, conversions = store.spec.dataset, Conversions()
-    names = [f"images[{i}]" for i in range(len(body.images))]
     images = [
         decode_json_image(
-            image, resolution=shape.resolution, channels=shape.channels, name=where, conversions=conversions
+            image,
+            resolution=shape.resolution,
+            channels=shape.channels,
+            name=f"images[{i}]",
+            conversions=conversions,
         )
-        for where, image in zip(names, body.images, strict=True)
+        for i, image in enumerate(body.images)
     ]
-    answer = engine.attribute(name, store, images, names, body, started=started)
+    answer = engine.attribute(name, store, images, body, started=started)
     return answer.model_copy(update={"notices": list(conversions.notices(len(images), "query images"))})
 
 
@@ -74,13 +77,15 @@ def attribute_upload(
     form = resolve_query(form, store.spec.slots)
     check_limits(form, len(form.images), settings)
     shape, conversions = store.spec.dataset, Conversions()
-    names = [upload.filename or f"images[{i}]" for i, upload in enumerate(form.images)]
     decoded = [
         decode_file(
-            upload.file.read(), resolution=shape.resolution, channels=shape.channels, name=where,
+            upload.file.read(),
+            resolution=shape.resolution,
+            channels=shape.channels,
+            name=upload.filename or f"images[{i}]",
             conversions=conversions,
         )
-        for where, upload in zip(names, form.images, strict=True)
+        for i, upload in enumerate(form.images)
     ]
-    answer = engine.attribute(name, store, decoded, names, form, started=started)
+    answer = engine.attribute(name, store, decoded, form, started=started)
     return answer.model_copy(update={"notices": list(conversions.notices(len(decoded), "query images"))})
