@@ -117,6 +117,11 @@ class RankingPublic(Public):
 class AttributionPublic(Public):
     """The answer for one query image: a ranking per method asked for, and the estimator that made it."""
 
+    image: str | None = Field(
+        None,
+        description="the query image answered: its file name as uploaded (or `images[i]`, its place in the "
+        "request), or its path as given to `retrac attribute`",
+    )
     estimator: Estimator
     methods: dict[Method, RankingPublic]
 

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from api_schemas.errors import FieldError
+
 LossKind = Literal["mse", "l1"]
 """Per-pixel distance of the noise-prediction loss: squared error (DDPM "simple") or absolute error."""
 
@@ -123,11 +125,13 @@ class SlotSpec(Spec):
     @model_validator(mode="after")
     def _at_least_one(self) -> SlotSpec:
         if not self.replay and self.grid == 0 and self.random == 0:
-            raise ValueError("a slot spec needs replay, grid > 0 or random > 0")
+            raise FieldError("a slot spec needs replay, grid > 0 or random > 0", "replay", "grid", "random")
         if self.noise == "shared" and self.grid == 0:
-            raise ValueError("shared slot noise applies to grid slots; give grid > 0")
+            raise FieldError("shared slot noise applies to grid slots; give grid > 0", "noise", "grid")
         if self.noise == "independent" and self.draws != 1:
-            raise ValueError("draws > 1 needs shared slot noise (independent slots use one noise image each)")
+            raise FieldError(
+                "draws > 1 needs shared slot noise (independent slots use one noise image each)", "draws", "noise"
+            )
         return self
 
     @property
@@ -303,11 +307,11 @@ class IndexSpec(Spec):
     @model_validator(mode="after")
     def _has_checkpoints(self) -> IndexSpec:
         if self.run is None and not self.checkpoints:
-            raise ValueError("an index needs a training run or at least one checkpoint")
+            raise FieldError("an index needs a training run or at least one checkpoint", "run", "checkpoints")
         if self.run is None and self.loss is None:
-            raise ValueError("without a training run, give the loss the model was trained with")
+            raise FieldError("without a training run, give the loss the model was trained with", "loss")
         if self.run is None and self.slots.replay:
-            raise ValueError(
-                "replay slots need a training run with a replay record; use grid or random slots"
+            raise FieldError(
+                "replay slots need a training run with a replay record; use grid or random slots", "slots.replay"
             )
         return self

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
+import time
 import typing
-from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from api_schemas import Estimator, Method, QuerySpec, Search
+from api_schemas.attribution import AttributionsPublic
 from api_schemas.specs import DEFAULT_ESTIMATOR, DEFAULT_TOP_K, default_estimator
-from cli.common import default, print_notices, store_location, validated
+from cli.common import default, print_notices, store_location, typed_flags
 from cli.progress import PhaseBars
+from cli.render import CSV_COLUMNS, OutputFormat, attributions
+from cli.specs import QUERY_FLAGS, query_spec
 from retrac.exceptions import SpecError
+
+if TYPE_CHECKING:
+    import torch
+
+    from storage import GradientStore
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}
 """Files of a query folder that are read as images."""
-
-OutputFormat = Literal["text", "json", "csv"]
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +38,8 @@ def register(app: typer.Typer) -> None:
 
 
 def query_files(paths: list[Path]) -> list[Path]:
-    """The image files named, a folder standing for its image files in name order."""
+    """The image files named, a folder standing for its image files in name order; each checked to be
+    a file retrac reads as an image (from its first bytes), before any model is loaded."""
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -42,22 +47,11 @@ def query_files(paths: list[Path]) -> list[Path]:
             if not inside:
                 raise SpecError(f"{path}: a folder without image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             found += inside
+        elif not path.is_file():
+            raise SpecError(f"{path}: no such query image file or folder; give existing images")
         else:
             found.append(path)
     return found
-
-
-def print_csv(files: list[Path], results: list) -> None:
-    """One row per (query, method, side, rank): query,method,side,rank,sample_id,score."""
-    writer = csv.writer(sys.stdout)
-    writer.writerow(["query", "method", "side", "rank", "sample_id", "score"])
-    for path, result in zip(files, results, strict=True):
-        for method in result.methods:
-            for side in ("proponents", "opponents"):
-                for rank, influence in enumerate(getattr(result.methods[method], side), start=1):
-                    writer.writerow(
-                        [str(path), method, side, rank, influence.sample_id, repr(influence.score)]
-                    )
 
 
 def run(
@@ -68,7 +62,12 @@ def run(
     images: Annotated[list[Path], typer.Argument(help="query images (PNG, JPEG or .npy) or folders of them")],
     top_k: Annotated[int, typer.Option(help="proponents and opponents per method")] = DEFAULT_TOP_K,
     rank_all: Annotated[
-        bool, typer.Option("--all", help="rank every training sample (overrides --top-k)")
+        bool,
+        typer.Option(
+            "--all",
+            help="rank every training sample once per method (overrides --top-k): rank 1 the strongest "
+            "proponent, the last the strongest opponent",
+        ),
     ] = False,
     timesteps: Annotated[int, typer.Option(help="K, query timestep grid size")] = default(
         QuerySpec, "timesteps"
@@ -97,7 +96,13 @@ def run(
         Path | None, typer.Option(help="write a PNG of each query's top proponents per method")
     ] = None,
     output: Annotated[OutputFormat, typer.Option("--format", help="how to print the results")] = "text",
-    as_json: Annotated[bool, typer.Option("--json", help="same as --format json")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="same as --format json: the HTTP API's AttributionsPublic")
+    ] = False,
+    columns: Annotated[
+        list[str] | None,
+        typer.Option(help=f"--format csv: the columns, repeatable ({', '.join(CSV_COLUMNS)})", show_default="all"),
+    ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for the query gradients")] = 1,
     label: Annotated[
         str | None,
@@ -116,88 +121,84 @@ def run(
         ),
     ] = None,
 ) -> int:
-    import numpy as np
+
     import torch
 
-    from retrac import viz
-    from retrac.datasets import Conversions, ImageDataset, load_image_file
+    from retrac.datasets import Conversions, load_image_file
     from retrac.methods import methods_served
     from storage import GradientStore, attribute
+    from storage.location import index_name
 
-    # only the knobs given on the command line: the matched estimator takes the others from the store
-    # (compared by name: typer bundles its own click, whose ParameterSource is not click.core's)
-    knobs = {"timesteps": timesteps, "draws": draws, "seed": seed}
-    given = {
-        k: v for k, v in knobs.items() if getattr(context.get_parameter_source(k), "name", None) != "DEFAULT"
-    }
-    chosen = estimator or "paper"  # the default is settled once the store is open
-    query = validated(QuerySpec, {**given, "estimator": chosen, "search": search, "label": label,
-                                     "prompt": prompt})
+    flags = typed_flags(context, QUERY_FLAGS)  # every input checked before a model loads
+    query = query_spec({**flags, "estimator": estimator or "paper"})  # the default settles once the store opens
+    chosen = csv_columns(columns)
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
-    output = "json" if as_json else output
+    files = query_files(images)
+    started = time.perf_counter()
     torch.set_num_threads(threads)
     opened = GradientStore.open(store_location(store))
     if estimator is None:
-        settled = default_estimator(opened.spec.slots, search, bool(given))
-        query = query.model_copy(update={"estimator": settled})
+        knobs_typed = bool({"timesteps", "draws", "seed"} & set(flags))
+        query = query.model_copy(update={"estimator": default_estimator(opened.spec.slots, search, knobs_typed)})
     methods = [typing.cast(Method, m) for m in method] if method else methods_served(opened.spec)
-    dataset = opened.spec.dataset
-    files = query_files(images)
-    conversions = Conversions()
-    pixels = torch.stack(
-        [
-            load_image_file(
-                path, resolution=dataset.resolution, channels=dataset.channels, conversions=conversions
-            )
-            for path in files
-        ]
-    )
-    print_notices(conversions.notices(len(files), "query images"))
+    shape, conversions = opened.spec.dataset, Conversions()
+    pixels = torch.stack([
+        load_image_file(path, resolution=shape.resolution, channels=shape.channels, conversions=conversions)
+        for path in files
+    ])
+    notices = conversions.notices(len(files), "query images")
+    print_notices(notices)
     with PhaseBars() as bars:
-        answer = attribute(
-            opened, pixels, query, top_k=opened.num_rows if rank_all else top_k, methods=methods,
-            on_progress=bars,
+        ranked = attribute(
+            opened, pixels, query, top_k=opened.num_rows if rank_all else top_k, methods=methods, on_progress=bars
         )
-    if output == "csv":
-        print_csv(files, answer.results)
-    elif output == "json":
-        print(
-            json.dumps(
-                {
-                    "queries": [str(p) for p in files],
-                    "query": answer.query.model_dump(mode="json"),
-                    "results": [result.model_dump(mode="json") for result in answer.results],
-                    "search": answer.search,
-                    "dtype": answer.dtype,
-                    "timings": asdict(answer.timings),
-                },
-                indent=1,
-            )
-        )
-    else:
-        for path, result in zip(files, answer.results, strict=True):
-            print(f"\n{path}")
-            for name, ranking in result.methods.items():
-                for side in ("proponents", "opponents"):
-                    ranked = ", ".join(f"{i.sample_id} ({i.score:.3g})" for i in getattr(ranking, side))
-                    print(f"  {name:6} {side:10} {ranked}")
-        ran = answer.query
-        label = f", label {ran.label}" if ran.label is not None else ""
-        label += f", prompt {ran.prompt!r}" if ran.prompt is not None else ""
-        print(f"\n{ran.estimator} estimator, K = {ran.timesteps}, M = {ran.draws}, seed {ran.seed}{label}: "
-              f"query gradients {answer.timings.gradient_s:.2f} s, {answer.search} search "
-              f"{answer.timings.scan_s:.3f} s over {answer.dtype} rows")
+    answer = ranked.public(
+        index_name(opened.path), [str(p) for p in files], total_s=time.perf_counter() - started, notices=notices
+    )
+    attributions(once_each(answer) if rank_all else answer, "json" if as_json else output, chosen)
     if gallery is not None:
-        queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
-        row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}
-        rankings: dict[str, tuple[np.ndarray, np.ndarray]] = {
-            name: (
-                np.array([[row_of[i.sample_id] for i in r.methods[name].proponents] for r in answer.results]),
-                np.array([[i.score for i in r.methods[name].proponents] for r in answer.results]),
-            )
-            for name in methods
-        }
-        viz.gallery(gallery, queries, rankings, opened.plan.dataset, query_labels=[p.name for p in files])
-        print(f"gallery: {gallery}", file=sys.stderr if output != "text" else sys.stdout)
+        draw_gallery(gallery, opened, pixels, answer, files)
+        print(f"gallery: {gallery}", file=sys.stderr if output != "text" or as_json else sys.stdout)
     return 0
+
+
+def csv_columns(columns: list[str] | None) -> list[str]:
+    """The CSV columns asked for (all by default); an unknown one is refused naming the flag."""
+    unknown = sorted(set(columns or ()) - set(CSV_COLUMNS))
+    if unknown:
+        raise SpecError(f"--columns: unknown column {unknown[0]!r}; choose from {', '.join(CSV_COLUMNS)}")
+    return list(columns or CSV_COLUMNS)
+
+
+def once_each(answer: AttributionsPublic) -> AttributionsPublic:
+    """`--all`: every sample once per method, ranked by score (rank 1 the strongest proponent, the last
+    the strongest opponent), as proponents; the opponents' list would repeat it reversed."""
+    data = [
+        result.model_copy(update={"methods": {
+            method: ranking.model_copy(update={"opponents": []}) for method, ranking in result.methods.items()
+        }})
+        for result in answer.data
+    ]
+    return answer.model_copy(update={"data": data})
+
+
+def draw_gallery(
+    gallery: Path, opened: GradientStore, pixels: torch.Tensor, answer: AttributionsPublic, files: list[Path]
+) -> None:
+    """A PNG of each query's top proponents per method."""
+    import numpy as np
+
+    from retrac import viz
+    from retrac.datasets import ImageDataset
+
+    queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
+    row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}
+    rankings = {
+        method: (
+            np.array([[row_of[i.sample_id] for i in r.methods[method].proponents] for r in answer.data]),
+            np.array([[i.score for i in r.methods[method].proponents] for r in answer.data]),
+        )
+        for method in answer.data[0].methods
+    }
+    viz.gallery(gallery, queries, rankings, opened.plan.dataset, query_labels=[p.name for p in files])

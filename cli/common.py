@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import BaseModel, ValidationError
 
 from api_schemas import DatasetSpec
-from retrac.exceptions import SpecError
+from api_schemas.errors import messages
 
 if TYPE_CHECKING:
     from storage.location import Location
-
-SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
 def default(model: type[BaseModel], field: str) -> Any:
@@ -56,14 +54,14 @@ def typed(**flags: Any) -> dict[str, Any]:
     return {name: value for name, value in flags.items() if value is not None}
 
 
-def dataset_spec(base: dict[str, Any] | None, **flags: Any) -> DatasetSpec:
-    """`base` (default: builtin:digits with DatasetSpec's defaults) with the typed dataset flags laid over it.
-
-    `flags` are DatasetSpec fields (None: not typed). A file or folder source is made absolute, so a
-    run or store that records it works from any directory.
-    """
-    fields = {"source": "builtin:digits", **(base or {}), **typed(**flags)}
-    return validated(DatasetSpec, {**fields, "source": absolute_source(fields["source"])})
+def typed_flags(context: typer.Context, names: Iterable[str]) -> dict[str, Any]:
+    """The values of the parameters `names` that the user typed (not left at their defaults)."""
+    # compared by name: typer bundles its own click, whose ParameterSource is not click.core's
+    return {
+        name: context.params[name]
+        for name in names
+        if name in context.params and context.get_parameter_source(name).name != "DEFAULT"
+    }
 
 
 def absolute_source(source: str) -> str:
@@ -83,19 +81,9 @@ def absolute(path: str | Path) -> Path:
     return Path(path).expanduser().absolute()
 
 
-def validated(model: type[SpecT], fields: dict[str, Any]) -> SpecT:
-    """`model` built from `fields`, or a SpecError naming the first bad field."""
-    try:
-        return model.model_validate(fields)
-    except ValidationError as error:
-        raise SpecError(first_error(error)) from error
-
-
 def first_error(error: ValidationError) -> str:
     """The first problem of a validation error, as `field.path: message`."""
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    return f"{where}: {first['msg']}" if where else first["msg"]
+    return messages(error.errors())[0]
 
 
 def print_notices(notices: Sequence[str]) -> None:

@@ -198,18 +198,27 @@ def generate_command(
     timesteps: Annotated[int, typer.Option(help="K of the attribution")] = default(QuerySpec, "timesteps"),
     draws: Annotated[int, typer.Option(help="M of the attribution")] = default(QuerySpec, "draws"),
     out: Annotated[Path, typer.Option(help="output folder")] = Path("retrac-generated"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print JSON: the HTTP API's AttributionsPublic")
+    ] = False,
 ) -> int:
+    import time
+
     import torch
     from PIL import Image
 
-    from cli.common import store_location, validated
+    from cli.common import store_location
+    from cli.render import attributions
+    from cli.specs import query_spec
     from retrac.datasets import ImageDataset, load_image_file
     from retrac.evaluation.sampling import generate_for_index
     from storage import GradientStore, attribute
+    from storage.location import index_name
 
+    query = query_spec({"timesteps": timesteps, "draws": draws, "label": label})  # checked before a model loads
+    started = time.perf_counter()
     opened = GradientStore.open(store_location(store))
     plan = opened.plan
-    query = validated(QuerySpec, {"timesteps": timesteps, "draws": draws, "label": label})
     made = generate_for_index(
         plan, count, label=label, guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed
     )
@@ -235,10 +244,10 @@ def generate_command(
         "channels": opened.spec.dataset.channels,
     }
     pixels = torch.stack([load_image_file(out / record["file"], **shape) for record in records])
-    answer = attribute(opened, pixels, query, top_k=top_k)  # under the label the images were generated with
-    results = [result.model_dump(mode="json") for result in answer.results]
-    printed = {"generated": records, "query": answer.query.model_dump(mode="json"), "results": results}
-    print(json.dumps(printed, indent=1))
+    ranked = attribute(opened, pixels, query, top_k=top_k)  # under the label the images were generated with
+    files = [str(out / record["file"]) for record in records]
+    answer = ranked.public(index_name(opened.path), files, total_s=time.perf_counter() - started)
+    attributions(answer, "json" if as_json else "text")
     return 0
 
 

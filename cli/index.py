@@ -15,10 +15,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
 from api_schemas import (
     DatasetSpec,
@@ -31,7 +30,7 @@ from api_schemas import (
     SlotNoise,
     SlotSpec,
 )
-from api_schemas.specs import DEFAULT_SLOTS, PAPER_SLOTS, ProjectorKind, StoreDType
+from api_schemas.specs import DEFAULT_SLOTS, ProjectorKind, StoreDType
 from cli.common import (
     Channels,
     DataSeed,
@@ -39,13 +38,17 @@ from cli.common import (
     Resolution,
     absolute_text,
     data_option,
-    dataset_spec,
     default,
-    first_error,
     print_notices,
     store_location,
+    typed_flags,
 )
+from cli.progress import PhaseBars
+from cli.specs import INDEX_FLAGS, SlotPreset, checkpoint_fields, index_spec
 from retrac.exceptions import SpecError
+
+if TYPE_CHECKING:
+    from storage import GradientStore
 
 POLL_SECONDS = 1.0
 """How often `run --queue --wait` rereads the store's done marks."""
@@ -59,27 +62,16 @@ Store = Annotated[str, typer.Argument(help="a gradient store (retrac index creat
 
 SLOTS, PROJECTION = DEFAULT_SLOTS, ProjectorSpec()
 """The defaults `create`'s flags show and start from (`api_schemas.specs.DEFAULT_SLOTS`)."""
-SlotPreset = Literal["default", "paper"]
-
-
-def _slots(preset: SlotPreset, flags: SlotSpec) -> SlotSpec:
-    """The slots of `create`: the flags' (default preset), or the paper's (the slot flags may not change)."""
-    if preset == "default":
-        return flags
-    if flags != SLOTS:
-        raise SpecError("--preset paper fixes the slots (the replayed step alone); drop the slot flags")
-    return PAPER_SLOTS
-
-
 def register(parent: typer.Typer) -> None:
     parent.add_typer(app, name="index")
 
 
-@app.command("create", help="Create an empty store for an index spec.")
+@app.command("create", help="Create an empty store for an index spec (a --spec file, flags laid over it).")
 def create(
+    context: typer.Context,
     store: Annotated[str, typer.Argument(help="folder of the Zarr store to create, or s3://BUCKET/PREFIX")],
     spec: Annotated[
-        Path | None, typer.Option(help="IndexSpec as a JSON file (then the flags below are not used)")
+        Path | None, typer.Option(help="IndexSpec as a JSON file, under the flags typed")
     ] = None,
     run_folder: Annotated[
         str | None, typer.Option("--run", help="training run folder of `retrac train`")
@@ -130,13 +122,14 @@ def create(
         ),
     ] = None,
     preset: Annotated[
-        SlotPreset,
+        SlotPreset | None,
         typer.Option(
             help="default: the replayed step plus shared-noise grid slots (the flags below); paper: the "
-            "paper's slots, the replayed step alone (for --estimator paper; the slot flags are then refused)"
+            "paper's slots, the replayed step alone (for --estimator paper; the slot flags are then refused)",
+            show_default="default (a --spec file's slots, if it has them)",
         ),
-    ] = "default",
-    no_replay: Annotated[bool, typer.Option("--no-replay", help="no replayed-step slot")] = False,
+    ] = None,
+    replay: Annotated[bool, typer.Option("--replay/--no-replay", help="a replayed-step slot")] = SLOTS.replay,
     grid: Annotated[int, typer.Option(help="grid timestep slots per sample")] = SLOTS.grid,
     random: Annotated[int, typer.Option(help="random timestep slots per sample")] = SLOTS.random,
     slot_seed: Annotated[int, typer.Option(help="seed of the slots' timesteps and noise")] = SLOTS.seed,
@@ -190,92 +183,49 @@ def create(
         typer.Option(help="keep the dataset's files inside this folder", show_default="the models root"),
     ] = None,
 ) -> int:
-    from api_schemas import CheckpointSpec
-    from retrac.replay import TrainingRun
     from storage import GradientStore
 
-    try:
-        if spec is not None:
-            index_spec = IndexSpec.model_validate_json(spec.read_text())
-        else:
-            checkpoints = [checkpoint_fields(text) for text in checkpoint or ()]
-            trained = TrainingRun.load(run_folder).spec.dataset if run_folder else None
-            if data is None and trained is None:
-                raise SpecError("give --data (or --run, whose dataset is used)")
-            base = trained.model_dump() if trained else _model_shape(checkpoints, vae)
-            if data is not None:
-                base.pop("limit", None)  # the run's sample limit belongs to the run's source
-            dataset = dataset_spec(
-                base, source=data, resolution=resolution, channels=channels, limit=limit, seed=data_seed,
-                caption_column=caption_column,
-            )
-            index_spec = IndexSpec(
-                dataset=dataset,
-                run=run_folder,
-                checkpoints=tuple(CheckpointSpec(**c) for c in checkpoints),
-                scheduler=scheduler,
-                vae=vae,
-                loss=loss,
-                loss_weighting=loss_weighting,
-                train_batch_size=train_batch_size,
-                slots=_slots(preset, SlotSpec(
-                    replay=not no_replay, grid=grid, random=random, seed=slot_seed, noise=slot_noise,
-                    draws=slot_draws,
-                )),
-                projector=ProjectorSpec(kind=projector, dim=dim, seed=projector_seed),
-                output_function=output_function,
-                kernel=KernelSpec(ridge=kernel_ridge) if kernel else None,
-                dtype=dtype,
-                batch_size=batch_size,
-                shard_size=shard_size,
-            )
-    except ValidationError as error:
-        raise SpecError(f"invalid index spec: {first_error(error)}") from error
-    except OSError as error:
-        raise SpecError(f"cannot read the spec: {error}") from error
-    opened = GradientStore.create(
-        store_location(store), _recorded(index_spec), root=models_root, data_root=data_root
-    )
+    flags = typed_flags(context, [*INDEX_FLAGS, "preset"])
+    index = index_spec(flags, _base_fields(spec, flags))  # every flag checked before a model loads
+    opened = GradientStore.create(store_location(store), _recorded(index), root=models_root, data_root=data_root)
     print_notices(opened.plan.dataset.notices)
-    print(
-        f"{opened.path}: {opened.num_rows} samples x {opened.num_slots} slots x k={opened.dim}, "
-        f"{opened.num_checkpoints} checkpoints, {opened.num_shards} shards each; "
-        "fill it with `retrac index run`"
-    )
-    if opened.classes is not None:
-        print(f"class-conditional: {len(opened.classes.classes)} classes; query it with --label NAME")
-    if opened.text_conditional:
-        print(
-            "text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT"
-        )
+    print(created_text(opened))
     return 0
+
+
+def _base_fields(spec: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """What the typed flags are laid over: the --spec file's fields, else the run's dataset, else the
+    image shape the first checkpoint takes."""
+    from retrac.replay import TrainingRun
+
+    if spec is not None:
+        try:
+            return dict(json.loads(spec.read_text()))
+        except (OSError, ValueError) as error:
+            raise SpecError(f"--spec: cannot read {spec} as JSON ({error})") from error
+    if flags.get("run_folder"):  # its dataset, unless --data names another
+        return {"dataset": TrainingRun.load(flags["run_folder"]).spec.dataset.model_dump()}
+    if flags.get("data") is None:
+        return {}  # refused by `index_spec`, naming --data
+    return {"dataset": _model_shape([checkpoint_fields(c) for c in flags.get("checkpoint") or ()], flags.get("vae"))}
+
+
+def created_text(opened: GradientStore) -> str:
+    """What `create` tells of the new store."""
+    lines = [
+        f"{opened.path}: {opened.num_rows} samples x {opened.num_slots} slots x k={opened.dim}, "
+        f"{opened.num_checkpoints} checkpoints, {opened.num_shards} shards each; fill it with `retrac index run`"
+    ]
+    if opened.classes is not None:
+        lines.append(f"class-conditional: {len(opened.classes.classes)} classes; query it with --label NAME")
+    if opened.text_conditional:
+        lines.append("text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT")
+    return "\n".join(lines)
 
 
 def _recorded(spec: IndexSpec) -> IndexSpec:
     """`spec` with every path absolute: the store records paths that resolve from any directory."""
     return spec.map_paths(absolute_text, absolute_text)
-
-
-CHECKPOINT_KEYS = {"epoch": int, "lr": float, "weight": float}
-"""What `--checkpoint DIR:key=value,...` may say about a checkpoint."""
-
-
-def checkpoint_fields(value: str) -> dict[str, Any]:
-    """`DIR`, `DIR:epoch=E,lr=LR` or `DIR:weight=W` as CheckpointSpec fields; a bad option: usage error."""
-    path, _, options = value.rpartition(":") if "=" in value.rpartition(":")[2] else (value, "", "")
-    fields: dict[str, Any] = {"path": path}
-    for option in filter(None, options.split(",")):
-        key, _, text = option.partition("=")
-        if key not in CHECKPOINT_KEYS:
-            raise typer.BadParameter(
-                f"unknown checkpoint option {key!r}; use {', '.join(CHECKPOINT_KEYS)}",
-                param_hint="'--checkpoint'",
-            )
-        try:
-            fields[key] = CHECKPOINT_KEYS[key](text)
-        except ValueError:
-            raise typer.BadParameter(f"{key}={text!r} is not a number", param_hint="'--checkpoint'") from None
-    return fields
 
 
 def _model_shape(checkpoints: list[dict[str, Any]], vae: str | None) -> dict[str, Any]:
@@ -319,8 +269,8 @@ def run(
     opened = GradientStore.open(store_location(store))
     rows = sum(opened.shard_length(s) for _, s in opened.pending())
     models = GradientComputerCache(device, threads=threads)
-    with tqdm(total=rows, unit="rows", desc="indexing", smoothing=0.1) as bar:
-        count = run_pending(opened, models, on_rows=bar.update)
+    with tqdm(total=rows, unit="rows", desc="indexing", smoothing=0.1) as bar, PhaseBars() as ann:
+        count = run_pending(opened, models, on_rows=bar.update, on_ann=ann)
     print(f"{opened.path}: {count} shards computed; complete: {opened.status().complete}")
     return 0
 
@@ -453,7 +403,8 @@ def ann(
         raise SpecError(f"--lists must be 1..{opened.num_rows} (the rows) and --probe 1..--lists")
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    build_ann(opened, params)
+    with PhaseBars() as bars:
+        build_ann(opened, params, on_progress=bars)
     print(f"{opened.path}: ANN index built ({params.nlist} lists, {params.nprobe} probed) in "
           f"{time.perf_counter() - started:.1f} s")
     return 0

@@ -10,17 +10,8 @@ import typer
 from tqdm import tqdm
 
 from api_schemas import BetaSchedule, LossKind, LossWeighting, PredictionType, TrainSpec
-from cli.common import (
-    Channels,
-    DataSeed,
-    Limit,
-    Resolution,
-    data_option,
-    dataset_spec,
-    shown,
-    typed,
-    validated,
-)
+from cli.common import Channels, DataSeed, Limit, Resolution, data_option, shown, typed_flags
+from cli.specs import TRAIN_FLAGS, train_spec
 from retrac.datasets import load_dataset
 from retrac.exceptions import SpecError
 from retrac.models import PRESETS
@@ -46,12 +37,23 @@ def register(app: typer.Typer) -> None:
     )(run)
 
 
+def _config(config: Path | None) -> dict[str, Any]:
+    """The fields of a --config file (none without one)."""
+    if config is None:
+        return {}
+    try:
+        return dict(json.loads(config.read_text()))
+    except (OSError, ValueError) as error:
+        raise SpecError(f"--config: cannot read {config} as JSON ({error})") from error
+
+
 def _flag(field: str, says: str | None = None) -> Any:
     """A flag for TrainSpec `field`: unset unless typed (it overrides --config); TrainSpec's default shown."""
     return typer.Option(help=says, show_default=shown(TrainSpec, field))
 
 
 def run(
+    context: typer.Context,
     out: Annotated[Path, typer.Argument(help="run folder to write (manifest, record, checkpoints)")],
     config: Annotated[Path | None, typer.Option(help="a TrainSpec JSON file")] = None,
     data: Annotated[str | None, data_option("builtin:digits")] = None,
@@ -95,36 +97,8 @@ def run(
         ),
     ] = None,
 ) -> int:
-    base: dict[str, Any] = {}
-    if config is not None:
-        try:
-            base = json.loads(config.read_text())
-        except (OSError, ValueError) as error:
-            raise SpecError(f"{config}: cannot read the config ({error})") from error
-    dataset = dataset_spec(
-        base.pop("dataset", None),
-        source=data,
-        resolution=resolution,
-        channels=channels,
-        limit=limit,
-        seed=data_seed,
-    )
-    flags = typed(
-        preset=preset,
-        loss=loss,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        save_every=save_every,
-        seed=seed,
-        num_timesteps=timesteps,
-        beta_schedule=beta_schedule,
-        prediction_type=prediction_type,
-        loss_weighting=loss_weighting,
-        class_conditional=class_conditional,
-    )
     setting = RECIPES[recipe] if recipe is not None else None
-    spec = validated(TrainSpec, {**(setting.train if setting else {}), **base, **flags, "dataset": dataset})
+    spec = train_spec(typed_flags(context, TRAIN_FLAGS), {**(setting.train if setting else {}), **_config(config)})
     loaded = load_dataset(spec.dataset)
     with tqdm(total=spec.epochs, unit="epoch", desc="train") as bar:
 

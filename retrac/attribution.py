@@ -19,7 +19,14 @@ import numpy as np
 import torch
 
 from api_schemas import IndexSpec, Method, QuerySpec
-from api_schemas.attribution import AttributionPublic, BandsPublic, InfluencePublic, RankingPublic
+from api_schemas.attribution import (
+    AttributionPublic,
+    AttributionsPublic,
+    BandsPublic,
+    InfluencePublic,
+    RankingPublic,
+    TimingsPublic,
+)
 from api_schemas.specs import Search, StoreDType
 from retrac.conditions import Conditions
 from retrac.exceptions import SpecError
@@ -114,11 +121,40 @@ class Attribution:
     query: QuerySpec
     dtype: StoreDType
     """Precision of the rows scored (a store's `dtype`): bfloat16 scores are bf16 products."""
+    checkpoints: list[int]
+    """Positions of the checkpoints scored."""
 
     @property
     def search(self) -> Search:
         """Which search produced the ranking: the exact scan or the ANN index's candidates."""
         return self.query.search
+
+    def public(
+        self,
+        index: str,
+        images: Sequence[str],
+        *,
+        total_s: float,
+        pool_wait_s: float = 0.0,
+        notices: Sequence[str] = (),
+    ) -> AttributionsPublic:
+        """The answer as the API and `retrac attribute --json` give it: for index `index`, each result
+        named by its query image (`images`, in order); `total_s` since the request began, `pool_wait_s`
+        of the gradient step spent waiting for a gradient process (counted as waiting)."""
+        ran = self.query
+        return AttributionsPublic(
+            index=index, checkpoints=self.checkpoints, timesteps=ran.timesteps, draws=ran.draws, seed=ran.seed,
+            estimator=ran.estimator, search=ran.search, dtype=self.dtype, label=ran.label, prompt=ran.prompt,
+            data=[r.model_copy(update={"image": i}) for r, i in zip(self.results, images, strict=True)],
+            count=len(self.results),
+            timings=TimingsPublic(
+                wait_s=self.timings.wait_s + pool_wait_s,
+                gradient_s=self.timings.gradient_s - pool_wait_s,
+                scan_s=self.timings.scan_s,
+                total_s=total_s,
+            ),
+            notices=list(notices),
+        )
 
 
 def attribute(
@@ -192,7 +228,7 @@ def attribute(
         ranking = scan(chunks, vectors, weights, top_k=top_k, methods=methods, matched=matched)
     answers = public_results(ranking, source, chosen[-1], query)
     timings = Timings(wait_s=wait_s, gradient_s=gradient_s, scan_s=time.perf_counter() - started)
-    return Attribution(answers, timings, query, source.dtype)
+    return Attribution(answers, timings, query, source.dtype, chosen)
 
 
 def score_every_row(

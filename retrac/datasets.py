@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from api_schemas.common import MAX_SAMPLE_ID_LENGTH, SAMPLE_ID_PATTERN
 from api_schemas.specs import DatasetSpec
@@ -557,6 +557,11 @@ def _decode_image(data: bytes, where: str, max_side: int, conversions: Conversio
             if image.mode not in ("L", "RGB"):
                 conversions.note(f"converted from PIL mode {image.mode} pixels", 1)
             return np.asarray(image.convert("L" if image.mode in ("1", "L") else "RGB"))
+    except UnidentifiedImageError as exc:  # PIL's "cannot identify image file <BytesIO ...>"
+        formats = ", ".join(_PIL_FORMATS[:-1])
+        raise DatasetError(
+            f"{where} is not a readable image: its bytes are no {formats} or {_PIL_FORMATS[-1]} file, nor a .npy array"
+        ) from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
         raise DatasetError(
             f"{where} is not a readable image: {_IN_MEMORY.sub('the data', str(exc))}"

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
 from api_schemas.common import ErrorPublic
+from api_schemas.errors import messages
 from retrac.exceptions import CheckpointError, DatasetError, ReplayError, RetracError, SpecError
 from service.exceptions import Conflict, NotFound, Unavailable
 from service.repository import StoreRepository
@@ -126,16 +127,12 @@ def _allowed_methods(request: Request, error: HTTPException) -> str:
 
 
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    problems = []
-    for item in error.errors():
+    items = error.errors()
+    for item in items:
         if item.get("type") == "json_invalid":
-            problems.append(
-                f"the body is not valid JSON ({item.get('ctx', {}).get('error', 'cannot parse')})"
-            )
-            continue
-        where = ".".join(str(part) for part in item.get("loc", ()))
-        problems.append(f"{where}: {item.get('msg', 'invalid')}")
-    return _answer(422, "invalid request: " + "; ".join(problems))
+            reason = item.get("ctx", {}).get("error", "cannot parse")
+            return _answer(422, f"invalid request: the body is not valid JSON ({reason})")
+    return _answer(422, "invalid request: " + "; ".join(messages(items)))
 
 
 def _incomplete_store(

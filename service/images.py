@@ -47,7 +47,7 @@ def decode_file(
         )
     except DatasetError as error:
         message = str(error).replace("image bytes", name, 1)  # the engine's name for bytes without a path
-        if "not a readable" in message:
+        if "not a readable" in message and ".npy array" not in message:  # a broken file: say what to send
             message += f"; {FORMATS_HINT}"
         raise DatasetError(message) from error
 

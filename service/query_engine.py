@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from api_schemas.attribution import AttributionsPublic, QueryOptions, TimingsPublic
+from api_schemas.attribution import AttributionsPublic, QueryOptions
 from api_schemas.diagnostics import OutlierScore
 from api_schemas.generation import GeneratedImagePublic, GenerateRequest, GenerationPublic
 from retrac.computers import GradientComputerCache
@@ -57,11 +57,13 @@ class QueryEngine:
         name: str,
         store: GradientStore,
         images: Sequence[torch.Tensor],
+        names: Sequence[str],
         options: QueryOptions,
         *,
         started: float,
     ) -> AttributionsPublic:
-        """Rank the store's samples for every image (one scan for all) and describe the result.
+        """Rank the store's samples for every image (one scan for all, each result named by `names`)
+        and describe the result.
 
         `started` is when the request began (`time.perf_counter()`), so the total includes decoding.
         """
@@ -78,27 +80,7 @@ class QueryEngine:
             gradient_lock=None if self.pool else self._lock,
             gradients=self.pool.gradients(store, pool_waits.append) if self.pool else None,
         )
-        pool_wait = sum(pool_waits)
-        public = AttributionsPublic(
-            index=name,
-            checkpoints=checkpoints,
-            timesteps=answer.query.timesteps,
-            draws=answer.query.draws,
-            seed=answer.query.seed,
-            estimator=answer.query.estimator,
-            search=answer.search,
-            dtype=answer.dtype,
-            label=answer.query.label,
-            prompt=answer.query.prompt,
-            data=answer.results,
-            count=len(answer.results),
-            timings=TimingsPublic(
-                wait_s=answer.timings.wait_s + pool_wait,
-                gradient_s=answer.timings.gradient_s - pool_wait,
-                scan_s=answer.timings.scan_s,
-                total_s=time.perf_counter() - started,
-            ),
-        )
+        public = answer.public(name, names, total_s=time.perf_counter() - started, pool_wait_s=sum(pool_waits))
         if self._on_answer is not None:
             self._on_answer(public)
         return public

@@ -133,9 +133,18 @@ def rows_digest(store: GradientStore) -> str:
     return hasher.hexdigest()
 
 
-def build_ann(store: GradientStore, params: AnnParams | None = None) -> AnnParams:
+AnnProgress = Callable[[str, int, int], None]
+"""Called with (phase, units just finished, units in the phase) while an ANN index is built: phases
+`ANN_PHASES`, the passes over the rows counting rows, the training counting methods."""
+
+ANN_PHASES = ("ann: rows sampled", "ann: lists trained", "ann: rows added")
+
+
+def build_ann(
+    store: GradientStore, params: AnnParams | None = None, on_progress: AnnProgress | None = None
+) -> AnnParams:
     """Build the ANN index of a complete store (both methods, every checkpoint) and write it beside the
-    store, replacing any earlier one. Returns the parameters used."""
+    store, replacing any earlier one; `on_progress` hears of each phase's steps. Returns the parameters used."""
     everything = list(range(store.num_checkpoints))
     if not store.status().complete:
         raise IncompleteStoreError(
@@ -144,7 +153,7 @@ def build_ann(store: GradientStore, params: AnnParams | None = None) -> AnnParam
     params = params or AnnParams.for_rows(store.num_rows)
     digest = rows_digest(store)
     indexes = build_indexes(
-        lambda: store.chunks(everything, SCAN_ROWS), store.num_rows, store.weights, params
+        lambda: store.chunks(everything, SCAN_ROWS), store.num_rows, store.weights, params, on_progress=on_progress
     )
     _write(store, indexes, params, digest)
     return params
@@ -156,10 +165,14 @@ def build_indexes(
     weights: Sequence[float],
     params: AnnParams,
     methods: Sequence[Method] = METHODS,
+    on_progress: AnnProgress | None = None,
 ) -> dict[Method, Any]:
     """One FAISS index per method over the row vectors of every row `chunks()` yields, in two passes:
     the first keeps the k-means training rows (every `stride`-th row), the second adds every row. A
     method's training rows are let go as they are joined (at 1M rows of k = 4,096 they are 1 GB)."""
+    sampled, trained, added = (_step(on_progress, phase, total) for phase, total in zip(
+        ANN_PHASES, (num_rows, len(methods), num_rows), strict=True
+    ))
     faiss.omp_set_num_threads(torch.get_num_threads())
     stride = max(1, num_rows // (params.nlist * TRAINING_ROWS_PER_LIST))
     training: dict[Method, list[np.ndarray]] = {m: [] for m in methods}
@@ -168,6 +181,7 @@ def build_indexes(
         vectors = row_vectors(part, weights, methods)
         for method in methods:
             training[method].append(vectors[method][keep])
+        sampled(len(keep))
     indexes = {}
     for method in methods:
         rows = coded(np.concatenate(training.pop(method)))
@@ -179,11 +193,18 @@ def build_indexes(
         index.train(rows if len(rows) >= CODEBOOK else np.resize(rows, (CODEBOOK, rows.shape[1])))
         index.nprobe = params.nprobe
         indexes[method] = index
+        trained(1)
     for _, part in chunks():
         vectors = row_vectors(part, weights, methods)
         for method in methods:
             indexes[method].add(coded(vectors[method]))
+        added(part[0].projected.shape[0])
     return indexes
+
+
+def _step(on_progress: AnnProgress | None, phase: str, total: int) -> Callable[[int], None]:
+    """`on_progress` bound to one phase and its size (a no-op without one)."""
+    return (lambda done: on_progress(phase, done, total)) if on_progress is not None else (lambda _: None)
 
 
 def structure(index: Any) -> str:
@@ -204,13 +225,14 @@ def coded(matrix: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded, dtype=np.float32)
 
 
-def build_ann_when_complete(store: GradientStore) -> bool:
+def build_ann_when_complete(store: GradientStore, on_progress: AnnProgress | None = None) -> bool:
     """The job step after indexing: build the ANN index once every shard is done, unless a current one
-    is there. Returns whether it built. Two workers finishing the last shards together may both build;
-    each writes whole files by rename, so either's complete index is what remains."""
+    is there (`on_progress` as `build_ann`'s). Returns whether it built. Two workers finishing the last
+    shards together may both build; each writes whole files by rename, so either's complete index is
+    what remains."""
     if not store.status().complete or _current(store):
         return False
-    build_ann(store)
+    build_ann(store, on_progress=on_progress)
     return True
 
 

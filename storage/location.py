@@ -417,3 +417,12 @@ def parse_url(text: str) -> tuple[str, str]:
             "'-'; no '..'), as s3://BUCKET/PREFIX"
         )
     return bucket, "/".join(parts)
+
+
+STORE_SUFFIX = ".zarr"
+"""The suffix a store's folder may carry (`retrac index create stores/example.zarr`); not part of its name."""
+
+
+def index_name(location: Location) -> str:
+    """An index's name, whichever way it was made: its folder's (or prefix's) name without `.zarr`."""
+    return location.name.removesuffix(STORE_SUFFIX)

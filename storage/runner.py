@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from retrac.computers import GradientComputerCache
-from storage.ann import build_ann_when_complete
+from storage.ann import AnnProgress, build_ann_when_complete
 from storage.kernels import build_kernel_when_complete
 from storage.progress import ShardProgress
 from storage.store import GradientStore
@@ -62,10 +62,12 @@ def run_pending(
     *,
     on_shard: ShardCallback | None = None,
     on_rows: RowsCallback | None = None,
+    on_ann: AnnProgress | None = None,
 ) -> int:
     """The embedded runner: every pending shard, in this process, without a queue, then each complete
     checkpoint's kernel if the spec asks for one and none is current (`storage.kernels`), then the ANN
-    index (`storage.ann`) when the store is complete and has none. Returns how many shards ran."""
+    index (`storage.ann`, its progress told to `on_ann`) when the store is complete and has none. Returns
+    how many shards ran."""
     models = models or GradientComputerCache()
     count = 0
     for checkpoint, shard in store.pending():
@@ -74,5 +76,5 @@ def run_pending(
             on_shard(checkpoint, shard, store.shard_length(shard))
     for checkpoint in range(store.num_checkpoints):
         build_kernel_when_complete(store, checkpoint)
-    build_ann_when_complete(store)
+    build_ann_when_complete(store, on_ann)
     return count

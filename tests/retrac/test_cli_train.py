@@ -28,7 +28,7 @@ def test_flags_override_the_config_file(tmp_path, capsys) -> None:
 def test_bad_values_exit_2_with_one_line(tmp_path, capsys) -> None:
     assert main(["train", str(tmp_path / "run"), "--epochs", "0"]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("retrac: error: epochs:")
+    assert error.startswith("retrac: error: --epochs:")
     assert error.count("\n") == 1
     assert not (tmp_path / "run").exists()
 

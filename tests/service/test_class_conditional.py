@@ -90,10 +90,10 @@ def test_cli_indexes_and_attributes_under_a_label(
              str(QUERY["draws"]), "--seed", str(QUERY["seed"])]
     assert main(["attribute", str(built.store), str(query), *knobs, "--label", "two", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["query"]["label"] == "two"
+    assert printed["label"] == "two"
     want = expected(built, 1)  # "two" is class 1
     for method in ("tracin", "retrac"):
-        got = printed["results"][0]["methods"][method]["proponents"]
+        got = printed["data"][0]["methods"][method]["proponents"]
         assert [i["sample_id"] for i in got] == [i.sample_id for i in want[0].methods[method].proponents]
         np.testing.assert_allclose(
             [i["score"] for i in got], [i.score for i in want[0].methods[method].proponents], rtol=1e-5

@@ -87,7 +87,7 @@ def test_cli_indexes_and_attributes_under_a_label(
     printed = json.loads(capsys.readouterr().out)
     want = expected(built, 5)
     for method in ("tracin", "retrac"):
-        got = printed["results"][0]["methods"][method]["proponents"]
+        got = printed["data"][0]["methods"][method]["proponents"]
         assert [i["sample_id"] for i in got] == [i.sample_id for i in want[0].methods[method].proponents]
         scores = [i.score for i in want[0].methods[method].proponents]
         np.testing.assert_allclose([i["score"] for i in got], scores, rtol=1e-5)
@@ -127,19 +127,18 @@ def test_eval_generate_records_the_label_and_attributes_under_it(
     knobs = KNOBS
     capsys.readouterr()
     assert main(["eval", "generate", str(built.store), "--count", "2", "--label", "3",
-                 "--guidance-scale", "2.5", "--steps", "3", "--out", str(out), *knobs]) == 0
+                 "--guidance-scale", "2.5", "--steps", "3", "--out", str(out), *knobs, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     records = json.loads((out / "generated.json").read_text())
-    assert printed["generated"] == records
+    assert [d["image"] for d in printed["data"]] == [str(out / r["file"]) for r in records]
     assert [r["label"] for r in records] == ["3", "3"]
-    assert records[1]["guidance_scale"] == 2.5
-    assert printed["query"]["label"] == "3"
+    assert records[1]["guidance_scale"] == 2.5 and printed["label"] == "3"
     again = records[1]
     assert main(["attribute", str(built.store), str(out / again["file"]), "--label", again["label"], *knobs,
                  "--json"]) == 0
-    alone = json.loads(capsys.readouterr().out)["results"][0]
+    alone = json.loads(capsys.readouterr().out)["data"][0]
     for method in ("tracin", "retrac"):  # the query gradients of one image against those of two, batched
-        got, want = printed["results"][1]["methods"][method], alone["methods"][method]
+        got, want = printed["data"][1]["methods"][method], alone["methods"][method]
         for side in ("proponents", "opponents"):
             assert [i["sample_id"] for i in got[side]] == [i["sample_id"] for i in want[side]]
             scores = [i["score"] for i in want[side]]

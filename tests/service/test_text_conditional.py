@@ -80,10 +80,10 @@ def test_cli_indexes_and_attributes_under_a_prompt(
              str(QUERY["draws"]), "--seed", str(QUERY["seed"])]
     assert main(["attribute", str(built.store), str(query), *knobs, "--prompt", PROMPT, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["query"]["prompt"] == PROMPT
+    assert printed["prompt"] == PROMPT
     want = expected(built, PROMPT)
     for method in ("tracin", "retrac"):
-        got = printed["results"][0]["methods"][method]["proponents"]
+        got = printed["data"][0]["methods"][method]["proponents"]
         assert [i["sample_id"] for i in got] == [i.sample_id for i in want[0].methods[method].proponents]
         np.testing.assert_allclose(
             [i["score"] for i in got], [i.score for i in want[0].methods[method].proponents], rtol=1e-5

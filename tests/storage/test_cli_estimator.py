@@ -37,9 +37,9 @@ def test_matched_estimator_from_the_command_line(shared_store, tmp_path, capsys)
         main(["attribute", shared_store, str(query), "--estimator", "matched", "--top-k", "3", "--json"]) == 0
     )
     printed = json.loads(capsys.readouterr().out)
-    assert printed["query"] == {"timesteps": 3, "draws": 2, "seed": 4, "estimator": "matched",
-                                "search": "exact", "label": None, "prompt": None}
-    result = printed["results"][0]
+    ran = {key: printed[key] for key in ("timesteps", "draws", "seed", "estimator", "search", "label", "prompt")}
+    assert ran == {"timesteps": 3, "draws": 2, "seed": 4, "estimator": "matched", "search": "exact", "label": None, "prompt": None}
+    result = printed["data"][0]
     want = Attributor(plan).attribute(plan.dataset.images[5:6], QuerySpec(estimator="matched"), top_k=3)[0]
     assert result["estimator"] == "matched"
     for method in ("tracin", "retrac"):
@@ -91,14 +91,15 @@ def test_the_defaults_build_the_measured_slots_and_attribute_with_the_matched_es
         return json.loads(capsys.readouterr().out)
 
     default = answer(path)
-    assert default["query"]["estimator"] == "matched"
-    assert default["results"][0]["estimator"] == "matched"
-    shape = (default["query"]["timesteps"], default["query"]["draws"])
+    assert default["estimator"] == "matched"
+    assert default["data"][0]["estimator"] == "matched"
+    shape = (default["timesteps"], default["draws"])
     assert shape == (DEFAULT_SLOTS.grid, DEFAULT_SLOTS.draws)
     asked = answer(path, "--estimator", "matched")
-    assert (default["query"], default["results"]) == (asked["query"], asked["results"])
-    assert answer(path, "--timesteps", "4")["query"]["estimator"] == "paper"
-    assert answer(str(reference_store))["query"]["estimator"] == "paper"
+    ran = ("timesteps", "draws", "seed", "estimator", "search", "data")
+    assert {k: default[k] for k in ran} == {k: asked[k] for k in ran}
+    assert answer(path, "--timesteps", "4")["estimator"] == "paper"
+    assert answer(str(reference_store))["estimator"] == "paper"
 
 
 def test_the_paper_preset_builds_the_papers_slots_and_refuses_slot_flags(tiny_run, tmp_path, capsys) -> None:

@@ -44,4 +44,4 @@ def test_a_store_made_with_relative_paths_works_from_another_directory(tmp_path,
         == 0
     )
     printed = json.loads(capsys.readouterr().out)
-    assert len(printed["results"][0]["methods"]["retrac"]["proponents"]) == 2
+    assert len(printed["data"][0]["methods"]["retrac"]["proponents"]) == 2

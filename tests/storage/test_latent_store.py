@@ -130,7 +130,7 @@ def test_index_and_query_a_latent_pipeline_through_the_cli(
     opened = GradientStore.open(store)
     expected = expected_scores(pipeline, opened, queries)
     for method in ("tracin", "retrac"):
-        got = score_table(printed["results"], opened.sample_ids, method)
+        got = score_table(printed["data"], opened.sample_ids, method)
         assert relative_error(got, expected[method]) < RELATIVE_ERROR
 
 

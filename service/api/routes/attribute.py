@@ -51,17 +51,14 @@ def attribute(
     body = resolve_query(body, store.spec.slots)
     check_limits(body, len(body.images), settings)
     shape, conversions = store.spec.dataset, Conversions()
+    names = [f"images[{i}]" for i in range(len(body.images))]
     images = [
         decode_json_image(
-            image,
-            resolution=shape.resolution,
-            channels=shape.channels,
-            name=f"images[{i}]",
-            conversions=conversions,
+            image, resolution=shape.resolution, channels=shape.channels, name=where, conversions=conversions
         )
-        for i, image in enumerate(body.images)
+        for where, image in zip(names, body.images, strict=True)
     ]
-    answer = engine.attribute(name, store, images, body, started=started)
+    answer = engine.attribute(name, store, images, names, body, started=started)
     return answer.model_copy(update={"notices": list(conversions.notices(len(images), "query images"))})
 
 
@@ -77,15 +74,13 @@ def attribute_upload(
     form = resolve_query(form, store.spec.slots)
     check_limits(form, len(form.images), settings)
     shape, conversions = store.spec.dataset, Conversions()
+    names = [upload.filename or f"images[{i}]" for i, upload in enumerate(form.images)]
     decoded = [
         decode_file(
-            upload.file.read(),
-            resolution=shape.resolution,
-            channels=shape.channels,
-            name=upload.filename or f"images[{i}]",
+            upload.file.read(), resolution=shape.resolution, channels=shape.channels, name=where,
             conversions=conversions,
         )
-        for i, upload in enumerate(form.images)
+        for where, upload in zip(names, form.images, strict=True)
     ]
-    answer = engine.attribute(name, store, decoded, form, started=started)
+    answer = engine.attribute(name, store, decoded, names, form, started=started)
     return answer.model_copy(update={"notices": list(conversions.notices(len(decoded), "query images"))})
