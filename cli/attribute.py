@@ -101,7 +101,9 @@ def run(
     ] = False,
     columns: Annotated[
         list[str] | None,
-        typer.Option(help=f"--format csv: the columns, repeatable ({', '.join(CSV_COLUMNS)})", show_default="all"),
+        typer.Option(
+            help=f"--format csv: the columns, repeatable ({', '.join(CSV_COLUMNS)})", show_default="all"
+        ),
     ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for the query gradients")] = 1,
     label: Annotated[
@@ -130,7 +132,8 @@ def run(
     from storage.location import index_name
 
     flags = typed_flags(context, QUERY_FLAGS)  # every input checked before a model loads
-    query = query_spec({**flags, "estimator": estimator or "paper"})  # the default settles once the store opens
+    # the estimator's default settles once the store opens
+    query = query_spec({**flags, "estimator": estimator or "paper"})
     chosen = csv_columns(columns)
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
@@ -140,7 +143,8 @@ def run(
     opened = GradientStore.open(store_location(store))
     if estimator is None:
         knobs_typed = bool({"timesteps", "draws", "seed"} & set(flags))
-        query = query.model_copy(update={"estimator": default_estimator(opened.spec.slots, search, knobs_typed)})
+        chosen_estimator = default_estimator(opened.spec.slots, search, knobs_typed)
+        query = query.model_copy(update={"estimator": chosen_estimator})
     methods = [typing.cast(Method, m) for m in method] if method else methods_served(opened.spec)
     shape, conversions = opened.spec.dataset, Conversions()
     pixels = torch.stack([
@@ -151,10 +155,18 @@ def run(
     print_notices(notices)
     with PhaseBars() as bars:
         ranked = attribute(
-            opened, pixels, query, top_k=opened.num_rows if rank_all else top_k, methods=methods, on_progress=bars
+            opened,
+            pixels,
+            query,
+            top_k=opened.num_rows if rank_all else top_k,
+            methods=methods,
+            on_progress=bars,
         )
     answer = ranked.public(
-        index_name(opened.path), [str(p) for p in files], total_s=time.perf_counter() - started, notices=notices
+        index_name(opened.location),
+        [str(p) for p in files],
+        total_s=time.perf_counter() - started,
+        notices=notices,
     )
     attributions(once_each(answer) if rank_all else answer, "json" if as_json else output, chosen)
     if gallery is not None:
@@ -194,7 +206,7 @@ def draw_gallery(
 
     queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
     row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}
-    rankings = {
+    rankings: dict[str, tuple[np.ndarray, np.ndarray]] = {
         method: (
             np.array([[row_of[i.sample_id] for i in r.methods[method].proponents] for r in answer.data]),
             np.array([[i.score for i in r.methods[method].proponents] for r in answer.data]),

@@ -215,7 +215,8 @@ def generate_command(
     from storage import GradientStore, attribute
     from storage.location import index_name
 
-    query = query_spec({"timesteps": timesteps, "draws": draws, "label": label})  # checked before a model loads
+    # checked before a model loads
+    query = query_spec({"timesteps": timesteps, "draws": draws, "label": label})
     started = time.perf_counter()
     opened = GradientStore.open(store_location(store))
     plan = opened.plan
@@ -246,7 +247,7 @@ def generate_command(
     pixels = torch.stack([load_image_file(out / record["file"], **shape) for record in records])
     ranked = attribute(opened, pixels, query, top_k=top_k)  # under the label the images were generated with
     files = [str(out / record["file"]) for record in records]
-    answer = ranked.public(index_name(opened.path), files, total_s=time.perf_counter() - started)
+    answer = ranked.public(index_name(opened.location), files, total_s=time.perf_counter() - started)
     attributions(answer, "json" if as_json else "text")
     return 0
 

@@ -28,7 +28,6 @@ from api_schemas import (
     OutputFunction,
     ProjectorSpec,
     SlotNoise,
-    SlotSpec,
 )
 from api_schemas.specs import DEFAULT_SLOTS, ProjectorKind, StoreDType
 from cli.common import (
@@ -187,7 +186,9 @@ def create(
 
     flags = typed_flags(context, [*INDEX_FLAGS, "preset"])
     index = index_spec(flags, _base_fields(spec, flags))  # every flag checked before a model loads
-    opened = GradientStore.create(store_location(store), _recorded(index), root=models_root, data_root=data_root)
+    opened = GradientStore.create(
+        store_location(store), _recorded(index), root=models_root, data_root=data_root
+    )
     print_notices(opened.plan.dataset.notices)
     print(created_text(opened))
     return 0
@@ -207,19 +208,23 @@ def _base_fields(spec: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
         return {"dataset": TrainingRun.load(flags["run_folder"]).spec.dataset.model_dump()}
     if flags.get("data") is None:
         return {}  # refused by `index_spec`, naming --data
-    return {"dataset": _model_shape([checkpoint_fields(c) for c in flags.get("checkpoint") or ()], flags.get("vae"))}
+    checkpoints = [checkpoint_fields(c) for c in flags.get("checkpoint") or ()]
+    return {"dataset": _model_shape(checkpoints, flags.get("vae"))}
 
 
 def created_text(opened: GradientStore) -> str:
     """What `create` tells of the new store."""
     lines = [
         f"{opened.path}: {opened.num_rows} samples x {opened.num_slots} slots x k={opened.dim}, "
-        f"{opened.num_checkpoints} checkpoints, {opened.num_shards} shards each; fill it with `retrac index run`"
+        f"{opened.num_checkpoints} checkpoints, {opened.num_shards} shards each; "
+        "fill it with `retrac index run`"
     ]
     if opened.classes is not None:
         lines.append(f"class-conditional: {len(opened.classes.classes)} classes; query it with --label NAME")
     if opened.text_conditional:
-        lines.append("text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT")
+        lines.append(
+            "text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT"
+        )
     return "\n".join(lines)
 
 
