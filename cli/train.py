@@ -102,7 +102,6 @@ def run(
     spec = train_spec(typed_flags(context, TRAIN_FLAGS), base)
     loaded = load_dataset(spec.dataset)
     with tqdm(total=spec.epochs, unit="epoch", desc="train") as bar:
-
         def on_epoch(epoch: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
