@@ -7,7 +7,7 @@ attributes or sent over HTTP rebuilds the same object. Nothing here imports torc
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -172,7 +172,8 @@ def default_estimator(slots: SlotSpec, search: Search, knobs_given: bool) -> Est
 
 
 class CheckpointSpec(Spec):
-    """One checkpoint: a diffusers UNet folder, the epoch it was saved after, and its TracIn weight."""
+    """One checkpoint: a diffusers UNet folder (or, with an index's `base`, a LoRA adapter folder), the
+    epoch it was saved after, and its TracIn weight."""
 
     path: str
     epoch: int | None = Field(None, ge=0, description="epoch after which it was saved (needed for replay)")
@@ -247,6 +248,10 @@ class TrainSpec(Spec):
     )
 
 
+ParameterPattern = Annotated[str, Field(min_length=1, max_length=300)]
+"""An fnmatch pattern over parameter names (`IndexSpec.parameters`)."""
+
+
 class IndexSpec(Spec):
     """Everything that determines the contents of a gradient index (and so of its store).
 
@@ -258,6 +263,19 @@ class IndexSpec(Spec):
     dataset: DatasetSpec
     run: str | None = Field(None, description="training run folder (manifest, replay record, checkpoints)")
     checkpoints: tuple[CheckpointSpec, ...] = ()
+    base: str | None = Field(
+        None,
+        description="the base model (a diffusers pipeline folder, or its unet/ or transformer/) the "
+        "checkpoints' LoRA adapters apply to: each checkpoint is then an adapter folder in peft's or "
+        "diffusers' format, and gradients are over the adapter's parameters alone, the base frozen; "
+        "none: the checkpoints are full models",
+    )
+    parameters: tuple[ParameterPattern, ...] = Field(
+        (),
+        max_length=64,
+        description="fnmatch patterns over the model's named_parameters() names (e.g. *attn2*): gradients "
+        "over the matching parameters only; none: every trainable parameter",
+    )
     scheduler: str | None = Field(
         None,
         description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint",
@@ -298,6 +316,7 @@ class IndexSpec(Spec):
                     update={"source": source if source.startswith("builtin:") else data_path(source)}
                 ),
                 "run": self.run and model_path(self.run),
+                "base": self.base and model_path(self.base),
                 "scheduler": self.scheduler and model_path(self.scheduler),
                 "vae": self.vae and model_path(self.vae),
                 "checkpoints": tuple(

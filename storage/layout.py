@@ -21,7 +21,6 @@ import zarr
 
 from api_schemas import IndexSpec
 from retrac.conditions import ClassLabels
-from retrac.gradients import num_parameters
 from retrac.plan import IndexPlan
 from storage.errors import StoreError, UnreachableStoreError
 from storage.freshness import fingerprints
@@ -228,7 +227,7 @@ def create_arrays(group: zarr.Group, attrs: dict[str, Any], ids: tuple[str, ...]
 def describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
     """The root attributes of a new store for `plan`; inputs read from mirrors are recorded by URL."""
     spec = plan.spec
-    dim = num_parameters(plan.load_model(0)) if spec.projector.kind == "identity" else spec.projector.dim
+    dim = plan.row_width()
     shard_size = even_shard_size(plan.num_rows, spec.shard_size)
     kinds = spec.slots.kinds
     return {
@@ -252,6 +251,12 @@ def describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
         "noise_rule": NOISE_RULE,
         "classes": plan.classes.to_json() if plan.classes is not None else None,
         "text": _text_description(plan, mirrors),
+        "parameters": {
+            "count": plan.parameter_count,
+            "patterns": list(spec.parameters),
+            "base": mirrors.named(str(plan.base)) if plan.base is not None else None,
+            "adapters": list(plan.adapters) if plan.adapters is not None else None,
+        },
         "torch_version": torch.__version__,
     }
 
