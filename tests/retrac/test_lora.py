@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSpec
+from cli import main
 from retrac.attribution import Attributor
 from retrac.exceptions import CheckpointError, SpecError
 from retrac.plan import IndexPlan
@@ -231,3 +232,28 @@ def test_a_changed_adapter_or_base_makes_the_store_stale(base: Path, tmp_path: P
     save_base(tmp_path / "base", seed=4)
     with pytest.raises(StaleStoreError, match="the base model .*content changed"):
         GradientStore.open(tmp_path / "index.zarr")
+
+
+def test_the_cli_indexes_an_adapter_and_refuses_in_one_line(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_peft_adapter(tmp_path / "adapter", base)
+    common = ["--data", "builtin:digits", "--limit", "6", "--loss", "mse", "--no-replay", "--grid", "1",
+              "--projector", "identity"]
+    adapter = f"{tmp_path / 'adapter'}:weight=1"
+    store = str(tmp_path / "index.zarr")
+    assert main(["index", "create", store, "--base", str(base), "--checkpoint", adapter, *common]) == 0
+    count = IndexPlan.resolve(spec_of(tmp_path / "adapter", base=str(base))).parameter_count
+    told = f"LoRA adapters (peft's format, rank 2, alpha 6 from config) on {base}: gradients over {count:,}"
+    assert told in capsys.readouterr().out
+    assert main(["index", "inspect", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"]["count"] == count
+    for flags, message in (
+        (["--checkpoint", adapter], "a LoRA adapter, not a diffusers model folder"),
+        (["--checkpoint", f"{base}:weight=1", "--parameters", "*to_kk*"], "closest names"),
+    ):
+        assert main(["index", "create", str(tmp_path / "refused.zarr"), *flags, *common]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1
+        assert message in error
+        assert not (tmp_path / "refused.zarr").exists()
