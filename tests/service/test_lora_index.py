@@ -35,7 +35,7 @@ def spec(checkpoint: str, **fields: object) -> dict:
 
 @pytest.mark.redis
 @pytest.mark.parametrize(("fields", "message"), [
-    (spec("adapter"), "a LoRA adapter, not a diffusers model folder (no config.json); index it with its base"),
+    (spec("adapter"), "a LoRA adapter, not a diffusers model folder (no config.json); index it with"),
     (spec("dora", base="base"), "a DoRA adapter (use_dora) is not handled"),
     (spec("base", parameters=["*to_kk*"]), "'*to_kk*' matches no trainable parameter of the model; closest"),
 ])
