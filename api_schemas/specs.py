@@ -156,7 +156,9 @@ class SlotSpec(Spec):
             raise FieldError("shared slot noise applies to grid slots; give grid > 0", "noise", "grid")
         if self.noise == "independent" and self.draws != 1:
             raise FieldError(
-                "draws > 1 needs shared slot noise (independent slots use one noise image each)", "draws", "noise"
+                "draws > 1 needs shared slot noise (independent slots use one noise image each)",
+                "draws",
+                "noise",
             )
         return self
 
@@ -340,6 +342,7 @@ class IndexSpec(Spec):
             raise FieldError("without a training run, give the loss the model was trained with", "loss")
         if self.run is None and self.slots.replay:
             raise FieldError(
-                "replay slots need a training run with a replay record; use grid or random slots", "slots.replay"
+                "replay slots need a training run with a replay record; use grid or random slots",
+                "slots.replay",
             )
         return self

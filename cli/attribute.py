@@ -6,16 +6,17 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 import typer
 
 from api_schemas import Estimator, Method, QuerySpec, Search
 from api_schemas.attribution import AttributionsPublic
-from api_schemas.specs import DEFAULT_ESTIMATOR, DEFAULT_TOP_K, default_estimator
+from api_schemas.specs import DEFAULT_TOP_K, default_estimator
+from cli import options
 from cli.common import default, print_notices, store_location, typed_flags
 from cli.progress import PhaseBars
-from cli.render import CSV_COLUMNS, OutputFormat, attributions
+from cli.render import CSV_COLUMNS, attributions
 from cli.specs import QUERY_FLAGS, query_spec
 from retrac.exceptions import SpecError
 
@@ -56,81 +57,36 @@ def query_files(paths: list[Path]) -> list[Path]:
 
 def run(
     context: typer.Context,
-    store: Annotated[
-        str, typer.Argument(help="a filled store (retrac index create/run): folder or s3://BUCKET/PREFIX")
-    ],
-    images: Annotated[list[Path], typer.Argument(help="query images (PNG, JPEG or .npy) or folders of them")],
-    top_k: Annotated[int, typer.Option(help="proponents and opponents per method")] = DEFAULT_TOP_K,
-    rank_all: Annotated[
-        bool,
-        typer.Option(
-            "--all",
-            help="rank every training sample once per method (overrides --top-k): rank 1 the strongest "
-            "proponent, the last the strongest opponent",
-        ),
-    ] = False,
-    timesteps: Annotated[int, typer.Option(help="K, query timestep grid size")] = default(
+    store: options.FilledStore,
+    images: options.Images,
+    top_k: options.TopK = DEFAULT_TOP_K,
+    rank_all: options.RankAll = False,
+    timesteps: options.Timesteps = default(
         QuerySpec, "timesteps"
     ),
-    draws: Annotated[int, typer.Option(help="M, noise draws per timestep")] = default(QuerySpec, "draws"),
-    seed: Annotated[int, typer.Option(help="seed of the query's noise draws")] = default(QuerySpec, "seed"),
-    estimator: Annotated[
-        Estimator | None,
-        typer.Option(
-            help="matched: per timestep against the store's shared-noise slots (its K, M, seed), the "
-            "measured best (docs/experiment.md); paper: Diffusion-TracIn/ReTrac as the paper defines them",
-            show_default=f"{DEFAULT_ESTIMATOR} where the store has shared-noise slots (index create's "
-            "default), else paper",
-        ),
-    ] = None,
-    search: Annotated[
-        Search,
-        typer.Option(help="exact: scan every row; approximate: rescore the store's ANN index's candidates"),
-    ] = default(QuerySpec, "search"),
-    method: Annotated[
-        list[str] | None,
-        typer.Option(help="a score to rank by (repeatable): tracin, retrac, trak, dtrak (docs/methods.md)",
-                     show_default="every method the store serves"),
-    ] = None,
-    gallery: Annotated[
-        Path | None, typer.Option(help="write a PNG of each query's top proponents per method")
-    ] = None,
-    output: Annotated[OutputFormat, typer.Option("--format", help="how to print the results")] = "text",
-    as_json: Annotated[
-        bool, typer.Option("--json", help="same as --format json: the HTTP API's AttributionsPublic")
-    ] = False,
-    columns: Annotated[
-        list[str] | None,
-        typer.Option(help=f"--format csv: the columns, repeatable ({', '.join(CSV_COLUMNS)})", show_default="all"),
-    ] = None,
-    threads: Annotated[int, typer.Option(help="CPU threads for the query gradients")] = 1,
-    label: Annotated[
-        str | None,
-        typer.Option(
-            help="class of the query images, for a class-conditional store: a class name or its integer "
-            "(`retrac index inspect` lists them); required there, refused by an unconditional store",
-            show_default="none: an unconditional store",
-        ),
-    ] = None,
-    prompt: Annotated[
-        str | None,
-        typer.Option(
-            help="text the query images are attributed under, for a text-conditional store: required there "
-            "(--prompt '' for the empty, unconditional prompt), refused by any other store",
-            show_default="none: not a text-conditional store",
-        ),
-    ] = None,
+    draws: options.Draws = default(QuerySpec, "draws"),
+    seed: options.QuerySeed = default(QuerySpec, "seed"),
+    estimator: options.Estimator = None,
+    search: options.Search = default(QuerySpec, "search"),
+    method: options.Method = None,
+    gallery: options.Gallery = None,
+    output: options.Output = "text",
+    as_json: options.AsJson = False,
+    columns: options.Columns = None,
+    threads: options.Threads = 1,
+    label: options.Label = None,
+    prompt: options.Prompt = None,
 ) -> int:
 
     import torch
 
-    from retrac.datasets import Conversions, load_image_file
     from retrac.methods import methods_served
     from storage import GradientStore, attribute
     from storage.location import index_name
 
     flags = typed_flags(context, QUERY_FLAGS)  # every input checked before a model loads
-    query = query_spec({**flags, "estimator": estimator or "paper"})  # the default settles once the store opens
+    # the estimator's default settles once the store opens
+    query = query_spec({**flags, "estimator": estimator or "paper"})
     chosen = csv_columns(columns)
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
@@ -138,29 +94,44 @@ def run(
     started = time.perf_counter()
     torch.set_num_threads(threads)
     opened = GradientStore.open(store_location(store))
-    if estimator is None:
-        knobs_typed = bool({"timesteps", "draws", "seed"} & set(flags))
-        query = query.model_copy(update={"estimator": default_estimator(opened.spec.slots, search, knobs_typed)})
+    if estimator is None:  # the store's slots settle the default
+        query = query.model_copy(update={"estimator": store_estimator(opened, search, flags)})
     methods = [typing.cast(Method, m) for m in method] if method else methods_served(opened.spec)
-    shape, conversions = opened.spec.dataset, Conversions()
-    pixels = torch.stack([
-        load_image_file(path, resolution=shape.resolution, channels=shape.channels, conversions=conversions)
-        for path in files
-    ])
-    notices = conversions.notices(len(files), "query images")
+    pixels, notices = read_queries(files, opened)
     print_notices(notices)
+    count = opened.num_rows if rank_all else top_k
     with PhaseBars() as bars:
-        ranked = attribute(
-            opened, pixels, query, top_k=opened.num_rows if rank_all else top_k, methods=methods, on_progress=bars
-        )
+        ranked = attribute(opened, pixels, query, top_k=count, methods=methods, on_progress=bars)
     answer = ranked.public(
-        index_name(opened.path), [str(p) for p in files], total_s=time.perf_counter() - started, notices=notices
+        index_name(opened.location), [str(p) for p in files], total_s=time.perf_counter() - started,
+        notices=notices,
     )
     attributions(once_each(answer) if rank_all else answer, "json" if as_json else output, chosen)
     if gallery is not None:
         draw_gallery(gallery, opened, pixels, answer, files)
         print(f"gallery: {gallery}", file=sys.stderr if output != "text" or as_json else sys.stdout)
     return 0
+
+
+def store_estimator(opened: GradientStore, search: Search, flags: dict[str, object]) -> Estimator:
+    """The estimator a query gets without --estimator: matched where the store's slots allow it and
+    no knob the store fixes (K, M, seed) was typed, else paper (`api_schemas.specs.default_estimator`)."""
+    knobs_typed = bool({"timesteps", "draws", "seed"} & set(flags))
+    return default_estimator(opened.spec.slots, search, knobs_typed)
+
+
+def read_queries(files: list[Path], opened: GradientStore) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The query images as the store's dataset shape, and the notices of what was converted."""
+    import torch
+
+    from retrac.datasets import Conversions, load_image_file
+
+    shape, conversions = opened.spec.dataset, Conversions()
+    pixels = torch.stack([
+        load_image_file(path, resolution=shape.resolution, channels=shape.channels, conversions=conversions)
+        for path in files
+    ])
+    return pixels, conversions.notices(len(files), "query images")
 
 
 def csv_columns(columns: list[str] | None) -> list[str]:
@@ -194,7 +165,7 @@ def draw_gallery(
 
     queries = ImageDataset(pixels, tuple(f"query-{i}" for i in range(len(pixels))), "queries")
     row_of = {sample_id: row for row, sample_id in enumerate(opened.sample_ids)}
-    rankings = {
+    rankings: dict[str, tuple[np.ndarray, np.ndarray]] = {
         method: (
             np.array([[row_of[i.sample_id] for i in r.methods[method].proponents] for r in answer.data]),
             np.array([[i.score for i in r.methods[method].proponents] for r in answer.data]),

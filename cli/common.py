@@ -60,8 +60,12 @@ def typed_flags(context: typer.Context, names: Iterable[str]) -> dict[str, Any]:
     return {
         name: context.params[name]
         for name in names
-        if name in context.params and context.get_parameter_source(name).name != "DEFAULT"
+        if name in context.params and _typed(context.get_parameter_source(name))
     }
+
+
+def _typed(source: Any) -> bool:
+    return source is not None and source.name != "DEFAULT"
 
 
 def absolute_source(source: str) -> str:

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
 from api_schemas import QuerySpec
+from cli import options
 from cli.common import default
+
+if TYPE_CHECKING:
+    import torch
 
 ExperimentPreset = Literal["smoke", "small", "paper"]
 LdsPreset = Literal["smoke", "quick", "standard"]
@@ -172,84 +176,71 @@ def lds_command(
     short_help="generate query images (label, guidance scale) and attribute them",
 )
 def generate_command(
-    store: Annotated[str, typer.Argument(help="a filled store (retrac index create/run): folder or URL")],
-    count: Annotated[int, typer.Option(help="images to generate")] = 1,
-    label: Annotated[
-        str | None,
-        typer.Option(
-            help="class to generate, for a class-conditional store: a class name or its integer",
-            show_default="none: an unconditional store",
-        ),
-    ] = None,
-    guidance_scale: Annotated[
-        float | None,
-        typer.Option(
-            help="classifier-free guidance s: eps_uncond + s (eps_cond - eps_uncond); needs a model with a "
-            "null class (a DiT); refused for a UNet2DModel",
-            show_default="no guidance",
-        ),
-    ] = None,
-    sampler: Annotated[Literal["ddpm", "ddim"], typer.Option(help="diffusers sampler")] = "ddim",
-    steps: Annotated[
-        int | None, typer.Option(help="denoising steps", show_default="50 (ddim), the schedule's T (ddpm)")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 0,
-    top_k: Annotated[int, typer.Option(help="proponents and opponents per method")] = 10,
-    timesteps: Annotated[int, typer.Option(help="K of the attribution")] = default(QuerySpec, "timesteps"),
-    draws: Annotated[int, typer.Option(help="M of the attribution")] = default(QuerySpec, "draws"),
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("retrac-generated"),
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print JSON: the HTTP API's AttributionsPublic")
-    ] = False,
+    store: options.FilledStore,
+    count: options.Count = 1,
+    label: options.GenerateLabel = None,
+    guidance_scale: options.GuidanceScale = None,
+    sampler: options.Sampler = "ddim",
+    steps: options.Steps = None,
+    seed: options.SamplingSeed = 0,
+    top_k: options.TopK = 10,
+    timesteps: options.Timesteps = default(QuerySpec, "timesteps"),
+    draws: options.Draws = default(QuerySpec, "draws"),
+    out: options.Out = Path("retrac-generated"),
+    as_json: options.AsJson = False,
 ) -> int:
     import time
 
     import torch
-    from PIL import Image
 
     from cli.common import store_location
     from cli.render import attributions
     from cli.specs import query_spec
-    from retrac.datasets import ImageDataset, load_image_file
+    from retrac.datasets import load_image_file
     from retrac.evaluation.sampling import generate_for_index
     from storage import GradientStore, attribute
     from storage.location import index_name
 
-    query = query_spec({"timesteps": timesteps, "draws": draws, "label": label})  # checked before a model loads
+    # checked before a model loads
+    query = query_spec({"timesteps": timesteps, "draws": draws, "label": label})
     started = time.perf_counter()
     opened = GradientStore.open(store_location(store))
     plan = opened.plan
     made = generate_for_index(
         plan, count, label=label, guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed
     )
-    images, last = made.images, made.checkpoint
-    out.mkdir(parents=True, exist_ok=True)
-    generated = ImageDataset(images, tuple(f"generated-{i:03d}" for i in range(count)), "generated")
-    condition = {"label": label, "guidance_scale": guidance_scale, "sampler": sampler, "steps": steps}
-    records = []
-    for i, name in enumerate(generated.ids):
-        Image.fromarray(generated.to_uint8(i)).save(out / f"{name}.png")
-        checkpoint = str(plan.checkpoints[last].path)
-        record: dict[str, Any] = {
-            "file": f"{name}.png",
-            **condition,
-            "seed": seed,
-            "image": i,
-            "checkpoint": checkpoint,
-        }
-        records.append(record)
-    (out / "generated.json").write_text(json.dumps(records, indent=1))
-    shape: dict[str, Any] = {
-        "resolution": opened.spec.dataset.resolution,
-        "channels": opened.spec.dataset.channels,
-    }
-    pixels = torch.stack([load_image_file(out / record["file"], **shape) for record in records])
+    condition = dict(label=label, guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed)
+    records = save_generated(out, made.images, condition, plan.checkpoints[made.checkpoint].path)
+    spec = opened.spec.dataset
+    files = [out / record["file"] for record in records]
+    pixels = torch.stack([
+        load_image_file(f, resolution=spec.resolution, channels=spec.channels) for f in files
+    ])
     ranked = attribute(opened, pixels, query, top_k=top_k)  # under the label the images were generated with
-    files = [str(out / record["file"]) for record in records]
-    answer = ranked.public(index_name(opened.path), files, total_s=time.perf_counter() - started)
+    total_s = time.perf_counter() - started
+    answer = ranked.public(index_name(opened.location), [str(f) for f in files], total_s=total_s)
     attributions(answer, "json" if as_json else "text")
     return 0
 
 
 def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def save_generated(
+    out: Path, images: torch.Tensor, condition: dict[str, Any], checkpoint: Path
+) -> list[dict[str, Any]]:
+    """Write each generated image as a PNG under `out`, with `generated.json` recording its file,
+    condition, index and checkpoint; returns those records."""
+    from PIL import Image
+
+    from retrac.datasets import ImageDataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    generated = ImageDataset(images, tuple(f"generated-{i:03d}" for i in range(len(images))), "generated")
+    records = []
+    for i, name in enumerate(generated.ids):
+        Image.fromarray(generated.to_uint8(i)).save(out / f"{name}.png")
+        records.append({"file": f"{name}.png", **condition, "image": i, "checkpoint": str(checkpoint)})
+    (out / "generated.json").write_text(json.dumps(records, indent=1))
+    return records

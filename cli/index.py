@@ -20,31 +20,25 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from api_schemas import (
-    DatasetSpec,
     IndexSpec,
     KernelSpec,
-    LossKind,
-    LossWeighting,
-    OutputFunction,
     ProjectorSpec,
-    SlotNoise,
-    SlotSpec,
 )
-from api_schemas.specs import DEFAULT_SLOTS, ProjectorKind, StoreDType
+from api_schemas.specs import DEFAULT_SLOTS
+from cli import options
 from cli.common import (
     Channels,
     DataSeed,
     Limit,
     Resolution,
     absolute_text,
-    data_option,
     default,
     print_notices,
     store_location,
     typed_flags,
 )
 from cli.progress import PhaseBars
-from cli.specs import INDEX_FLAGS, SlotPreset, checkpoint_fields, index_spec
+from cli.specs import INDEX_FLAGS, checkpoint_fields, index_spec
 from retrac.exceptions import SpecError
 
 if TYPE_CHECKING:
@@ -69,125 +63,47 @@ def register(parent: typer.Typer) -> None:
 @app.command("create", help="Create an empty store for an index spec (a --spec file, flags laid over it).")
 def create(
     context: typer.Context,
-    store: Annotated[str, typer.Argument(help="folder of the Zarr store to create, or s3://BUCKET/PREFIX")],
-    spec: Annotated[
-        Path | None, typer.Option(help="IndexSpec as a JSON file, under the flags typed")
-    ] = None,
-    run_folder: Annotated[
-        str | None, typer.Option("--run", help="training run folder of `retrac train`")
-    ] = None,
-    checkpoint: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="DIR[:epoch=E,lr=LR|:weight=W]",
-            help="a diffusers UNet, pipeline or checkpoint-N folder (repeatable), with its epoch and "
-            "learning rate or its TracIn weight",
-        ),
-    ] = None,
-    scheduler: Annotated[
-        str | None,
-        typer.Option(
-            help="folder with the scheduler_config.json", show_default="the run's, or beside the checkpoint"
-        ),
-    ] = None,
-    vae: Annotated[
-        str | None,
-        typer.Option(
-            help="folder of a latent model's AutoencoderKL (its config.json and safetensors weights)",
-            show_default="the vae/ of the checkpoint's pipeline folder; none for a pixel model",
-        ),
-    ] = None,
-    train_batch_size: Annotated[
-        int | None, typer.Option(help="training batch size, for weights from epoch and lr")
-    ] = None,
-    data: Annotated[str | None, data_option("the run's dataset")] = None,
+    store: options.NewStore,
+    spec: options.Spec = None,
+    run_folder: options.RunFolder = None,
+    checkpoint: options.Checkpoint = None,
+    scheduler: options.Scheduler = None,
+    vae: options.Vae = None,
+    train_batch_size: options.TrainBatchSize = None,
+    data: options.RunData = None,
     resolution: Resolution = None,
     channels: Channels = None,
     limit: Limit = None,
     data_seed: DataSeed = None,
-    caption_column: Annotated[
-        str | None,
-        typer.Option(
-            help="column of the image folder's metadata.jsonl holding each caption (text-conditional models)",
-            show_default=default(DatasetSpec, "caption_column"),
-        ),
-    ] = None,
-    loss: Annotated[LossKind | None, typer.Option(help="the training loss", show_default="the run's")] = None,
-    loss_weighting: Annotated[
-        LossWeighting | None,
-        typer.Option(
-            help="the training loss's per-sample weight: none, or snr = alpha_bar_t / (1 - alpha_bar_t) "
-            "(diffusers' train_unconditional.py for sample-prediction models, which must declare it)",
-            show_default="the run's, or none",
-        ),
-    ] = None,
-    preset: Annotated[
-        SlotPreset | None,
-        typer.Option(
-            help="default: the replayed step plus shared-noise grid slots (the flags below); paper: the "
-            "paper's slots, the replayed step alone (for --estimator paper; the slot flags are then refused)",
-            show_default="default (a --spec file's slots, if it has them)",
-        ),
-    ] = None,
-    replay: Annotated[bool, typer.Option("--replay/--no-replay", help="a replayed-step slot")] = SLOTS.replay,
-    grid: Annotated[int, typer.Option(help="grid timestep slots per sample")] = SLOTS.grid,
-    random: Annotated[int, typer.Option(help="random timestep slots per sample")] = SLOTS.random,
-    slot_seed: Annotated[int, typer.Option(help="seed of the slots' timesteps and noise")] = SLOTS.seed,
-    slot_noise: Annotated[
-        SlotNoise,
-        typer.Option(
-            help="grid slots' noise: their own seeds, or shared with the query (for --estimator matched)"
-        ),
-    ] = SLOTS.noise,
-    slot_draws: Annotated[
-        int, typer.Option(help="M of shared-noise grid slots: noise images averaged per slot")
-    ] = SLOTS.draws,
-    projector: Annotated[
-        ProjectorKind, typer.Option(help="random projection of the gradients")
-    ] = PROJECTION.kind,
-    dim: Annotated[int, typer.Option(help="projected dimension k")] = PROJECTION.dim,
-    projector_seed: Annotated[int, typer.Option(help="seed of the projection")] = PROJECTION.seed,
-    output_function: Annotated[
-        OutputFunction,
-        typer.Option(
-            help="the function differentiated on both sides: loss (tracin, retrac, trak) or output-norm, "
-            "D-TRAK's mean squared model output (dtrak)"
-        ),
-    ] = default(IndexSpec, "output_function"),
-    kernel: Annotated[
-        bool, typer.Option("--kernel", help="build each checkpoint's TRAK kernel (methods trak and dtrak)")
-    ] = False,
-    kernel_ridge: Annotated[
-        float, typer.Option(help="the kernel's lambda as a fraction of trace(Phi^T Phi) / k")
-    ] = default(KernelSpec, "ridge"),
-    dtype: Annotated[
-        StoreDType,
-        typer.Option(help="stored gradient precision (bfloat16: float32's range, bf16 matmul scans)"),
-    ] = default(IndexSpec, "dtype"),
-    batch_size: Annotated[int, typer.Option(help="samples per gradient batch")] = default(
-        IndexSpec, "batch_size"
-    ),
-    shard_size: Annotated[int, typer.Option(help="rows per task, chunk and done mark")] = default(
-        IndexSpec, "shard_size"
-    ),
-    models_root: Annotated[
-        Path | None,
-        typer.Option(
-            help="keep the run, checkpoints, scheduler, VAE and the parts found beside a checkpoint inside "
-            "this folder, links followed, as the service's RETRAC_MODELS_ROOT does (recorded in the store)",
-            show_default="not confined",
-        ),
-    ] = None,
-    data_root: Annotated[
-        Path | None,
-        typer.Option(help="keep the dataset's files inside this folder", show_default="the models root"),
-    ] = None,
+    caption_column: options.CaptionColumn = None,
+    loss: options.Loss = None,
+    loss_weighting: options.LossWeighting = None,
+    preset: options.Preset = None,
+    replay: options.Replay = SLOTS.replay,
+    grid: options.Grid = SLOTS.grid,
+    random: options.Random = SLOTS.random,
+    slot_seed: options.SlotSeed = SLOTS.seed,
+    slot_noise: options.SlotNoise = SLOTS.noise,
+    slot_draws: options.SlotDraws = SLOTS.draws,
+    projector: options.Projector = PROJECTION.kind,
+    dim: options.Dim = PROJECTION.dim,
+    projector_seed: options.ProjectorSeed = PROJECTION.seed,
+    output_function: options.OutputFunction = default(IndexSpec, "output_function"),
+    kernel: options.Kernel = False,
+    kernel_ridge: options.KernelRidge = default(KernelSpec, "ridge"),
+    dtype: options.Dtype = default(IndexSpec, "dtype"),
+    batch_size: options.BatchSize = default(IndexSpec, "batch_size"),
+    shard_size: options.ShardSize = default(IndexSpec, "shard_size"),
+    models_root: options.ModelsRoot = None,
+    data_root: options.DataRoot = None,
 ) -> int:
     from storage import GradientStore
 
     flags = typed_flags(context, [*INDEX_FLAGS, "preset"])
     index = index_spec(flags, _base_fields(spec, flags))  # every flag checked before a model loads
-    opened = GradientStore.create(store_location(store), _recorded(index), root=models_root, data_root=data_root)
+    opened = GradientStore.create(
+        store_location(store), _recorded(index), root=models_root, data_root=data_root
+    )
     print_notices(opened.plan.dataset.notices)
     print(created_text(opened))
     return 0
@@ -207,19 +123,23 @@ def _base_fields(spec: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
         return {"dataset": TrainingRun.load(flags["run_folder"]).spec.dataset.model_dump()}
     if flags.get("data") is None:
         return {}  # refused by `index_spec`, naming --data
-    return {"dataset": _model_shape([checkpoint_fields(c) for c in flags.get("checkpoint") or ()], flags.get("vae"))}
+    checkpoints = [checkpoint_fields(c) for c in flags.get("checkpoint") or ()]
+    return {"dataset": _model_shape(checkpoints, flags.get("vae"))}
 
 
 def created_text(opened: GradientStore) -> str:
     """What `create` tells of the new store."""
     lines = [
         f"{opened.path}: {opened.num_rows} samples x {opened.num_slots} slots x k={opened.dim}, "
-        f"{opened.num_checkpoints} checkpoints, {opened.num_shards} shards each; fill it with `retrac index run`"
+        f"{opened.num_checkpoints} checkpoints, {opened.num_shards} shards each; "
+        "fill it with `retrac index run`"
     ]
     if opened.classes is not None:
         lines.append(f"class-conditional: {len(opened.classes.classes)} classes; query it with --label NAME")
     if opened.text_conditional:
-        lines.append("text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT")
+        lines.append(
+            "text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT"
+        )
     return "\n".join(lines)
 
 

@@ -36,7 +36,9 @@ def print_json(answer: BaseModel | Mapping[str, Any]) -> None:
     print(text)
 
 
-def attributions(answer: AttributionsPublic, output: OutputFormat, columns: Sequence[str] = CSV_COLUMNS) -> None:
+def attributions(
+    answer: AttributionsPublic, output: OutputFormat, columns: Sequence[str] = CSV_COLUMNS
+) -> None:
     """Print an attribution answer as text, JSON or CSV."""
     if output == "json":
         print_json(answer)
@@ -60,11 +62,13 @@ def attributions_text(answer: AttributionsPublic) -> list[str]:
     for result in answer.data:
         lines.append(f"\n{result.image}")
         for method, side, ranked in _ranked(result):
-            lines.append(f"  {method:6} {side:10} " + ", ".join(f"{i.sample_id} ({i.score:.3g})" for i in ranked))
+            listed = ", ".join(f"{i.sample_id} ({i.score:.3g})" for i in ranked)
+            lines.append(f"  {method:6} {side:10} {listed}")
     condition = f", label {answer.label}" if answer.label is not None else ""
     condition += f", prompt {answer.prompt!r}" if answer.prompt is not None else ""
     lines.append(
-        f"\n{answer.estimator} estimator, K = {answer.timesteps}, M = {answer.draws}, seed {answer.seed}{condition}: "
+        f"\n{answer.estimator} estimator, K = {answer.timesteps}, M = {answer.draws}, "
+        f"seed {answer.seed}{condition}: "
         f"query gradients {answer.timings.gradient_s:.2f} s, {answer.search} search "
         f"{answer.timings.scan_s:.3f} s over {answer.dtype} rows"
     )
@@ -85,7 +89,10 @@ def csv_rows(answer: AttributionsPublic, columns: Sequence[str] = CSV_COLUMNS) -
         for method, side, ranked in _ranked(result):
             for influence in ranked:
                 cells = {
-                    "query": [str(result.image)], "method": [method], "side": [side], "rank": [str(influence.rank)],
+                    "query": [str(result.image)],
+                    "method": [method],
+                    "side": [side],
+                    "rank": [str(influence.rank)],
                     "sample_id": [influence.sample_id], "score": [repr(influence.score)],
                     "contributions": [repr(v) for v in influence.contributions],
                     "bands": [repr(v) for v in influence.bands.model_dump().values()],

@@ -11,20 +11,22 @@ one parameter of its command. Nothing here reads a file or loads a model: the co
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from api_schemas import IndexSpec, QuerySpec, TrainSpec
-from api_schemas.specs import DEFAULT_SLOTS, PAPER_SLOTS
 from api_schemas.errors import Location, dotted, messages
+from api_schemas.specs import DEFAULT_SLOTS, PAPER_SLOTS
 from cli.common import absolute_source
 from retrac.exceptions import SpecError
 
 __all__ = [
-    "DATASET_FLAGS", "INDEX_FLAGS", "QUERY_FLAGS", "SLOT_PRESETS", "TRAIN_FLAGS", "Flag", "FlagTable", "SlotPreset",
+    "DATASET_FLAGS", "INDEX_FLAGS", "QUERY_FLAGS", "SLOT_PRESETS", "TRAIN_FLAGS",
+    "Flag", "FlagTable", "SlotPreset",
     "checkpoint_fields",
     "index_spec", "query_spec", "spec_from_flags", "train_spec", "validated",
 ]
@@ -38,11 +40,12 @@ def _as_is(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Flag:
-    """A command-line flag: as typed, the spec field it sets (dotted), and how its value becomes the field's."""
+    """A command-line flag: as typed, the spec field it sets (dotted), and how its value becomes
+    the field's."""
 
     option: str
     field: str
-    convert: Callable[[Any], Any] = field(default=_as_is)
+    convert: Callable[[Any], Any] = dataclasses.field(default=_as_is)
 
 
 FlagTable = Mapping[str, Flag]
@@ -59,7 +62,8 @@ def checkpoint_fields(value: str) -> dict[str, Any]:
     for option in filter(None, options.split(",")):
         key, _, text = option.partition("=")
         if key not in CHECKPOINT_KEYS:
-            raise SpecError(f"--checkpoint: unknown checkpoint option {key!r}; use {', '.join(CHECKPOINT_KEYS)}")
+            known = ", ".join(CHECKPOINT_KEYS)
+            raise SpecError(f"--checkpoint: unknown checkpoint option {key!r}; use {known}")
         try:
             fields[key] = CHECKPOINT_KEYS[key](text)
         except ValueError:
@@ -109,14 +113,16 @@ INDEX_FLAGS: FlagTable = {
 """`retrac index create`'s flags."""
 
 QUERY_FLAGS: FlagTable = {
-    name: Flag(f"--{name}", name) for name in ("timesteps", "draws", "seed", "estimator", "search", "label", "prompt")
+    name: Flag(f"--{name}", name)
+    for name in ("timesteps", "draws", "seed", "estimator", "search", "label", "prompt")
 }
 """`retrac attribute`'s query flags (`eval generate` uses some of them)."""
 
 TRAIN_FLAGS: FlagTable = {
     **DATASET_FLAGS,
     **{name: Flag(f"--{name.replace('_', '-')}", name) for name in (
-        "preset", "loss", "epochs", "batch_size", "lr", "save_every", "seed", "beta_schedule", "prediction_type",
+        "preset", "loss", "epochs", "batch_size", "lr", "save_every", "seed", "beta_schedule",
+        "prediction_type",
         "loss_weighting",
     )},
     "timesteps": Flag("--timesteps", "num_timesteps"),
@@ -176,9 +182,12 @@ def index_spec(flags: Mapping[str, Any], base: Mapping[str, Any] | None = None) 
     flags = dict(flags)
     preset = flags.pop("preset", None)
     fields = copy.deepcopy(dict(base or {}))
-    slot_flags = sorted(INDEX_FLAGS[name].option for name in flags if INDEX_FLAGS[name].field.startswith("slots."))
+    slot_flags = sorted(
+        INDEX_FLAGS[name].option for name in flags if INDEX_FLAGS[name].field.startswith("slots.")
+    )
     if preset == "paper" and slot_flags:
-        raise SpecError(f"--preset paper fixes the slots (the replayed step alone); drop {', '.join(slot_flags)}")
+        dropped = ", ".join(slot_flags)
+        raise SpecError(f"--preset paper fixes the slots (the replayed step alone); drop {dropped}")
     if preset is not None or "slots" not in fields:
         fields["slots"] = SLOT_PRESETS[preset or "default"].model_dump()
     if flags.get("kernel_ridge") is not None and not flags.get("kernel") and "kernel" not in fields:

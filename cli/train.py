@@ -98,10 +98,10 @@ def run(
     ] = None,
 ) -> int:
     setting = RECIPES[recipe] if recipe is not None else None
-    spec = train_spec(typed_flags(context, TRAIN_FLAGS), {**(setting.train if setting else {}), **_config(config)})
+    base = {**(setting.train if setting else {}), **_config(config)}
+    spec = train_spec(typed_flags(context, TRAIN_FLAGS), base)
     loaded = load_dataset(spec.dataset)
     with tqdm(total=spec.epochs, unit="epoch", desc="train") as bar:
-
         def on_epoch(epoch: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)

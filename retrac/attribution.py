@@ -143,7 +143,11 @@ class Attribution:
         of the gradient step spent waiting for a gradient process (counted as waiting)."""
         ran = self.query
         return AttributionsPublic(
-            index=index, checkpoints=self.checkpoints, timesteps=ran.timesteps, draws=ran.draws, seed=ran.seed,
+            index=index,
+            checkpoints=self.checkpoints,
+            timesteps=ran.timesteps,
+            draws=ran.draws,
+            seed=ran.seed,
             estimator=ran.estimator, search=ran.search, dtype=self.dtype, label=ran.label, prompt=ran.prompt,
             data=[r.model_copy(update={"image": i}) for r, i in zip(self.results, images, strict=True)],
             count=len(self.results),

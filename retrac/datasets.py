@@ -560,7 +560,8 @@ def _decode_image(data: bytes, where: str, max_side: int, conversions: Conversio
     except UnidentifiedImageError as exc:  # PIL's "cannot identify image file <BytesIO ...>"
         formats = ", ".join(_PIL_FORMATS[:-1])
         raise DatasetError(
-            f"{where} is not a readable image: its bytes are no {formats} or {_PIL_FORMATS[-1]} file, nor a .npy array"
+            f"{where} is not a readable image: its bytes are no {formats} or {_PIL_FORMATS[-1]} file, "
+            "nor a .npy array"
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
         raise DatasetError(

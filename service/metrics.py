@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from api_schemas.attribution import AttributionsPublic
 from service.query_pool import QueryPool
 from storage import OpenStores
+from storage.location import index_name
 
 disable_created_metrics()  # `_created` series double every histogram's lines and tell nothing here
 
@@ -98,5 +99,5 @@ class _LiveState(Collector):
             labels=("index",),
         )
         for store in opened:
-            resident.add_metric((store.path.name,), store.resident_nbytes)
+            resident.add_metric((index_name(store.location),), store.resident_nbytes)
         yield resident

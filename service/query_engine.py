@@ -80,7 +80,8 @@ class QueryEngine:
             gradient_lock=None if self.pool else self._lock,
             gradients=self.pool.gradients(store, pool_waits.append) if self.pool else None,
         )
-        public = answer.public(name, names, total_s=time.perf_counter() - started, pool_wait_s=sum(pool_waits))
+        total_s = time.perf_counter() - started
+        public = answer.public(name, names, total_s=total_s, pool_wait_s=sum(pool_waits))
         if self._on_answer is not None:
             self._on_answer(public)
         return public

@@ -38,7 +38,7 @@ from storage import (
     is_leftover,
 )
 from storage.inputs import is_url
-from storage.location import parse_url
+from storage.location import STORE_SUFFIX, index_name, parse_url
 from storage.store import DELETED_MARK, mark_deleted, remove_set_aside
 
 logger = logging.getLogger(__name__)
@@ -63,15 +63,25 @@ class StoreRepository:
         return self._stores
 
     def path(self, name: IndexName) -> Location:
-        """Where index `name` lives (its folder or prefix); an error if the name would leave the root."""
-        if name.startswith(".") or "/" in name or "\\" in name:
-            raise NotFound(f"no index {name!r}; index names are single folder names")
+        """Where index `name` lives (its folder or prefix); an error if the name would leave the root.
+
+        A store made by `retrac index create stores/NAME.zarr` is index NAME, as one made through the
+        API: NAME is its folder when that exists or no `NAME.zarr` does, else `NAME.zarr`."""
+        plain = self._child(name)
+        if plain.exists() or name.endswith(STORE_SUFFIX):
+            return plain
+        suffixed = self._child(name + STORE_SUFFIX)
+        return suffixed if suffixed.exists() else plain
+
+    def _child(self, folder: str) -> Location:
+        if folder.startswith(".") or "/" in folder or "\\" in folder:
+            raise NotFound(f"no index {folder!r}; index names are single folder names")
         if isinstance(self.root, LocalLocation):
-            folder = resolve_inside(self.root.folder, name)
-            if folder.parent != self.root.folder:
-                raise NotFound(f"no index {name!r}; index names are single folder names")
-            return LocalLocation(folder)
-        return self.root.child(name)
+            resolved = resolve_inside(self.root.folder, folder)
+            if resolved.parent != self.root.folder:
+                raise NotFound(f"no index {folder!r}; index names are single folder names")
+            return LocalLocation(resolved)
+        return self.root.child(folder)
 
     def require(self, name: IndexName, *, or_leftover: bool = False) -> Location:
         """Where index `name` lives, which must hold a store, or with `or_leftover` what an
@@ -83,12 +93,13 @@ class StoreRepository:
 
     def names(self) -> list[str]:
         """Names of the stores under the root, sorted."""
-        return [p.name for p in self._children() if p.has("zarr.json") and not p.has(DELETED_MARK)]
+        stores = [p for p in self._children() if p.has("zarr.json") and not p.has(DELETED_MARK)]
+        return sorted({index_name(p) for p in stores})
 
     def leftovers(self) -> list[str]:
         """Names of the folders that an interrupted deletion left (a killed process, a worker's last
         shard written after the delete), sorted: not stores, but their names are taken on disk."""
-        return [p.name for p in self._children() if is_leftover(p)]
+        return sorted({index_name(p) for p in self._children() if is_leftover(p)})
 
     def _children(self) -> list[Location]:
         """The folders (or prefixes) directly under the root, hidden ones (job records) left out."""

@@ -144,7 +144,8 @@ def build_ann(
     store: GradientStore, params: AnnParams | None = None, on_progress: AnnProgress | None = None
 ) -> AnnParams:
     """Build the ANN index of a complete store (both methods, every checkpoint) and write it beside the
-    store, replacing any earlier one; `on_progress` hears of each phase's steps. Returns the parameters used."""
+    store, replacing any earlier one; `on_progress` hears of each phase's steps. Returns the parameters
+    used."""
     everything = list(range(store.num_checkpoints))
     if not store.status().complete:
         raise IncompleteStoreError(
@@ -153,7 +154,11 @@ def build_ann(
     params = params or AnnParams.for_rows(store.num_rows)
     digest = rows_digest(store)
     indexes = build_indexes(
-        lambda: store.chunks(everything, SCAN_ROWS), store.num_rows, store.weights, params, on_progress=on_progress
+        lambda: store.chunks(everything, SCAN_ROWS),
+        store.num_rows,
+        store.weights,
+        params,
+        on_progress=on_progress,
     )
     _write(store, indexes, params, digest)
     return params

@@ -17,8 +17,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("api_schemas", "retrac", "storage", "worker", "service", "cli", "bench", "examples")
 MAX_DOCSTRING_LINES = 25
-UNDER_SPLIT = frozenset({"storage/store.py"})
-"""Modules whose docstring shrinks with their split into modules of one job each (issue 22, item 3)."""
 
 REFERENCE = re.compile(r"(?P<page>[\w./-]*\.md)#(?P<section>[\w-]+)")
 
@@ -53,7 +51,7 @@ def cited_page(source: Path, page: str) -> Path:
 @pytest.mark.parametrize("path", python_files(), ids=lambda path: str(path.relative_to(ROOT)))
 def test_module_docstring_is_a_short_contract(path: Path) -> None:
     docstring = ast.get_docstring(ast.parse(path.read_text()), clean=False)
-    if docstring is None or str(path.relative_to(ROOT)) in UNDER_SPLIT:
+    if docstring is None:
         return
     lines = len(docstring.strip("\n").splitlines())
     assert lines <= MAX_DOCSTRING_LINES, f"{lines} lines: move figures to docs/performance.md"

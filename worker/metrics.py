@@ -24,7 +24,14 @@ from typing import Any
 
 from celery import Celery
 from celery.events.state import State
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 
 from worker import logs
 from worker.settings import get_settings
@@ -32,6 +39,7 @@ from worker.settings import get_settings
 ROWS_EVENT = "task-rows"
 """The Celery event a shard task sends after each gradient batch with the `rows` it completed."""
 DEFAULT_PORT = 9808
+disable_created_metrics()  # `_created` series double every line and tell nothing here
 TASK_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from celery.utils.log import get_task_logger
 from retrac.computers import GradientComputerCache, parse_device
 from storage import DeletedStoreError, OpenStores, build_ann_when_complete, is_leftover, run_shard
 from storage.kernels import build_kernel_when_complete
-from storage.location import TRANSIENT_STORE_ERRORS, locate
+from storage.location import STORE_SUFFIX, TRANSIENT_STORE_ERRORS, locate
 from storage.runner import RowsCallback
 from worker import logs
 from worker.app import app
@@ -70,7 +70,7 @@ def index_shard(
     """Compute and store shard `shard` of checkpoint `checkpoint` of the store at `store_path`;
     `request_id` is the HTTP request that started the job, carried into this task's log lines."""
     job = self.request.group
-    index = store_path.rstrip("/").rsplit("/", 1)[-1]
+    index = store_path.rstrip("/").rsplit("/", 1)[-1].removesuffix(STORE_SUFFIX)  # as the service names it
     with logs.bind(request_id=request_id, job=job, index=index, task=self.request.id):
         if job and is_cancelled(job):
             logger.info("job %s cancelled: shard %d/%d skipped", job, checkpoint, shard)

@@ -17,12 +17,15 @@ from tests.service.conftest import INDEX, QUERY
 from tests.service.test_attribute import SCORE_TOLERANCE, digit_pixels
 
 
-def test_cli_json_is_the_http_answer(client: TestClient, settings: Settings, reference, tmp_path, capsys) -> None:
+def test_cli_json_is_the_http_answer(
+    client: TestClient, settings: Settings, reference, tmp_path, capsys
+) -> None:
     query = tmp_path / "q.png"
     Image.fromarray(digit_pixels(reference, 3)).save(query)
     knobs = {key: str(value) for key, value in QUERY.items()}
     assert main(["attribute", str(settings.stores_root / INDEX), str(query), "--json",
-                 *[part for key, value in knobs.items() for part in (f"--{key.replace('_', '-')}", value)]]) == 0
+                 *[part for key, value in knobs.items()
+                   for part in (f"--{key.replace('_', '-')}", value)]]) == 0
     cli = AttributionsPublic.model_validate(json.loads(capsys.readouterr().out))
     response = client.post(f"/v1/indexes/{INDEX}/attribute/upload",
                            files={"images": ("q.png", query.read_bytes(), "image/png")}, data=QUERY)
@@ -30,7 +33,8 @@ def test_cli_json_is_the_http_answer(client: TestClient, settings: Settings, ref
     http = AttributionsPublic.model_validate(response.json())
     settings_of = {"timings", "data"}
     assert cli.model_dump(exclude=settings_of) == http.model_dump(exclude=settings_of)  # index name included
-    assert cli.data[0].image == str(query) and http.data[0].image == "q.png"
+    assert cli.data[0].image == str(query)
+    assert http.data[0].image == "q.png"
     for ours, theirs in zip(cli.data[0].methods.values(), http.data[0].methods.values(), strict=True):
         for side in ("proponents", "opponents"):
             for a, b in zip(getattr(ours, side), getattr(theirs, side), strict=True):
@@ -55,5 +59,6 @@ def test_a_non_image_upload_says_what_to_send(client: TestClient) -> None:
                            data=QUERY)
     assert response.status_code == 422
     assert response.json()["detail"] == (
-        "notes.txt is not a readable image: its bytes are no PNG, JPEG, BMP, WEBP, GIF or TIFF file, nor a .npy array"
+        "notes.txt is not a readable image: its bytes are no PNG, JPEG, BMP, WEBP, GIF or TIFF file, "
+        "nor a .npy array"
     )

@@ -132,7 +132,8 @@ def test_eval_generate_records_the_label_and_attributes_under_it(
     records = json.loads((out / "generated.json").read_text())
     assert [d["image"] for d in printed["data"]] == [str(out / r["file"]) for r in records]
     assert [r["label"] for r in records] == ["3", "3"]
-    assert records[1]["guidance_scale"] == 2.5 and printed["label"] == "3"
+    assert records[1]["guidance_scale"] == 2.5
+    assert printed["label"] == "3"
     again = records[1]
     assert main(["attribute", str(built.store), str(out / again["file"]), "--label", again["label"], *knobs,
                  "--json"]) == 0

@@ -236,3 +236,21 @@ def test_a_link_out_of_the_data_root_is_refused_at_create_and_at_read(own_roots:
     assert "leaves the configured root" in answer.json()["detail"]
     assert "secret" not in answer.text
     assert str(tmp_path) not in answer.text
+
+
+def test_an_index_has_one_name_whichever_way_it_was_made(own_roots: Settings) -> None:
+    """`retrac index create stores/cli.zarr` and `POST /v1/indexes {"name": "api"}` make indexes
+    `cli` and `api`: listed, described, created over and deleted by those names."""
+    client = TestClient(create_app(own_roots), headers={"X-API-Key": API_KEY})
+    spec = own_roots.stores_root.parent / "spec.json"
+    spec.write_text(StoreRepository(own_roots).confine(index_spec()).model_dump_json())
+    stores = own_roots.stores_root
+    assert main(["index", "create", str(stores / "cli.zarr"), "--spec", str(spec),
+                 "--models-root", str(own_roots.models_root)]) == 0
+    StoreRepository(own_roots).create(IndexCreate(name="api", spec=index_spec()))
+    assert [i["name"] for i in client.get("/v1/indexes").json()["data"]] == ["api", "cli"]
+    assert client.get("/v1/indexes/cli").json()["name"] == "cli"
+    taken = client.post("/v1/indexes", json={"name": "cli", "spec": index_spec().model_dump(mode="json")})
+    assert taken.status_code == 409, taken.text
+    assert client.delete("/v1/indexes/cli").status_code == 204
+    assert sorted(p.name for p in stores.iterdir()) == ["api"]

@@ -81,11 +81,13 @@ def test_attribute_takes_a_folder_and_prints_every_score_as_csv(reference_store,
                  "3", "--draws", "1", "--threads", "1"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert sorted({r["query"] for r in rows}) == [str(folder / "q1.npy"), str(folder / "q4.npy")]
-    n, checkpoints, slots = plan.num_rows, len(plan.checkpoints), GradientStore.open(reference_store).num_slots
+    n, checkpoints = plan.num_rows, len(plan.checkpoints)
+    slots = GradientStore.open(reference_store).num_slots
     assert len(rows) == 2 * 2 * n  # queries x methods x every sample once
     one = [r for r in rows if r["query"].endswith("q1.npy") and r["method"] == "retrac"]
     assert sorted(r["sample_id"] for r in one) == sorted(plan.dataset.ids)
-    assert [int(r["rank"]) for r in one] == list(range(1, n + 1)) and {r["side"] for r in one} == {"proponents"}
+    assert [int(r["rank"]) for r in one] == list(range(1, n + 1))
+    assert {r["side"] for r in one} == {"proponents"}
     scores = [float(r["score"]) for r in one]
     assert scores == sorted(scores, reverse=True)
     for row in one:  # the contributions of the checkpoints, and the bands, each sum to the score
@@ -105,10 +107,12 @@ def test_csv_columns_choose_what_is_printed(reference_store, tmp_path, capsys) -
     assert main(["attribute", str(reference_store), str(query), "--format", "csv", "--columns", "sample_id",
                  "--columns", "bands", "--top-k", "2", "--timesteps", "2", "--draws", "1"]) == 0
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
-    assert rows[0] == ["sample_id", "coarse", "middle", "fine"] and len(rows) == 1 + 2 * 2 * 2
+    assert rows[0] == ["sample_id", "coarse", "middle", "fine"]
+    assert len(rows) == 1 + 2 * 2 * 2
     assert main(["attribute", str(reference_store), str(query), "--columns", "colour"]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("retrac: error: --columns: unknown column 'colour'") and error.count("\n") == 1
+    assert error.startswith("retrac: error: --columns: unknown column 'colour'")
+    assert error.count("\n") == 1
 
 
 def test_a_missing_query_file_is_refused_before_the_store_is_opened(tmp_path, capsys) -> None:
@@ -148,7 +152,9 @@ def test_an_unreadable_image_is_named_without_python_internals(reference_store, 
     bad.write_bytes(b"not an image")
     assert main(["attribute", str(reference_store), str(bad)]) == 2
     error = capsys.readouterr().err
-    assert "bad.png" in error and "BytesIO" not in error and "0x" not in error, error
+    assert "bad.png" in error, error
+    assert "BytesIO" not in error, error
+    assert "0x" not in error, error
 
 
 def test_the_ann_build_says_how_far_it_is(reference_store, tmp_path, capsys) -> None:
@@ -159,5 +165,8 @@ def test_the_ann_build_says_how_far_it_is(reference_store, tmp_path, capsys) -> 
     assert main(["index", "ann", str(store)]) == 0
     error = capsys.readouterr().err
     rows = GradientStore.open(store).num_rows
-    assert "ann: rows sampled: 100%" in error and "ann: rows added: 100%" in error and f"{rows}/{rows}" in error
-    assert "ann: lists trained: 100%" in error and "2/2" in error
+    assert "ann: rows sampled: 100%" in error
+    assert "ann: rows added: 100%" in error
+    assert f"{rows}/{rows}" in error
+    assert "ann: lists trained: 100%" in error
+    assert "2/2" in error

@@ -37,8 +37,12 @@ def test_matched_estimator_from_the_command_line(shared_store, tmp_path, capsys)
         main(["attribute", shared_store, str(query), "--estimator", "matched", "--top-k", "3", "--json"]) == 0
     )
     printed = json.loads(capsys.readouterr().out)
-    ran = {key: printed[key] for key in ("timesteps", "draws", "seed", "estimator", "search", "label", "prompt")}
-    assert ran == {"timesteps": 3, "draws": 2, "seed": 4, "estimator": "matched", "search": "exact", "label": None, "prompt": None}
+    knobs = ("timesteps", "draws", "seed", "estimator", "search", "label", "prompt")
+    ran = {key: printed[key] for key in knobs}
+    assert ran == {
+        "timesteps": 3, "draws": 2, "seed": 4, "estimator": "matched", "search": "exact",
+        "label": None, "prompt": None,
+    }
     result = printed["data"][0]
     want = Attributor(plan).attribute(plan.dataset.images[5:6], QuerySpec(estimator="matched"), top_k=3)[0]
     assert result["estimator"] == "matched"

@@ -32,7 +32,10 @@ def test_data_replaces_the_runs_dataset_and_its_limit() -> None:
 def test_checkpoints_with_their_options() -> None:
     spec = index_spec({"checkpoint": ["/m/a:epoch=2,lr=0.001", "/m/b:weight=0.5"], "data": "builtin:digits",
                        "loss": "mse", "replay": False, "grid": 2}, {"dataset": {"resolution": 8}})
-    assert spec.checkpoints == (CheckpointSpec(path="/m/a", epoch=2, lr=0.001), CheckpointSpec(path="/m/b", weight=0.5))
+    assert spec.checkpoints == (
+        CheckpointSpec(path="/m/a", epoch=2, lr=0.001),
+        CheckpointSpec(path="/m/b", weight=0.5),
+    )
 
 
 def test_typed_flags_are_laid_over_a_spec_file() -> None:
@@ -49,7 +52,8 @@ def test_typed_flags_are_laid_over_a_spec_file() -> None:
          "--loss: without a training run, give the loss the model was trained with"),
         ({"run_folder": "/r", "grid": -1}, RUN_DATASET, "--grid: Input should be greater than or equal to 0"),
         ({"run_folder": "/r", "resolution": 0}, RUN_DATASET, "--resolution: "),
-        ({"checkpoint": ["/m/a:epochs=2"]}, {"dataset": {"source": "builtin:digits"}}, "--checkpoint: unknown"),
+        ({"checkpoint": ["/m/a:epochs=2"]}, {"dataset": {"source": "builtin:digits"}},
+         "--checkpoint: unknown"),
         ({"run_folder": "/r"}, {}, "--data: give the dataset (or --run, whose dataset is used)"),
         ({}, {"dataset": {"source": "builtin:digits"}, "run": "/r", "colour": 1}, "colour: Extra inputs"),
         ({}, {"dataset": {"source": "builtin:digits"}, "run": "/r", "slots": {"grid": "many"}}, "--grid: "),
@@ -58,7 +62,8 @@ def test_typed_flags_are_laid_over_a_spec_file() -> None:
 def test_a_bad_index_flag_is_named(flags: dict, base: dict, message: str) -> None:
     with pytest.raises(SpecError) as refused:
         index_spec(flags, base)
-    assert str(refused.value).startswith(message) and "Value error" not in str(refused.value)
+    assert str(refused.value).startswith(message)
+    assert "Value error" not in str(refused.value)
 
 
 def test_query_flags() -> None:
@@ -71,7 +76,8 @@ def test_query_flags() -> None:
 
 def test_train_flags_over_a_config_and_builtin_digits_by_default() -> None:
     spec = train_spec({"timesteps": 100, "epochs": 3}, {"lr": 0.01})
-    assert spec == TrainSpec(dataset=DatasetSpec(source="builtin:digits"), num_timesteps=100, epochs=3, lr=0.01)
+    digits = DatasetSpec(source="builtin:digits")
+    assert spec == TrainSpec(dataset=digits, num_timesteps=100, epochs=3, lr=0.01)
     with pytest.raises(SpecError, match="^--timesteps: Input should be greater than or equal to 2$"):
         train_spec({"timesteps": 1})
 

@@ -72,5 +72,5 @@ def test_a_job_shows_in_the_metrics_the_json_logs_and_the_heartbeat(
     lines = [json.loads(line) for line in log if line.startswith("{")]
     stored = [line for line in lines if "rows stored in" in line["message"]]
     assert len(stored) == shards
-    assert all((s["request_id"], s["job"], s["index"]) == ("req-42", job, "index.zarr") for s in stored)
+    assert all((s["request_id"], s["job"], s["index"]) == ("req-42", job, "index") for s in stored)
     assert len({s["task"] for s in stored}) == shards
