@@ -112,6 +112,14 @@ class ReadableStore(ShardedStore):
             return ShardArrays(*(np.zeros((0, *a.shape[1:]), dtype=a.dtype) for a in stored))
         return ShardArrays.joined(parts)
 
+    def data_stamp(self, checkpoint: int | None = None) -> Any:
+        """A stamp of the files of one checkpoint (of every checkpoint by default): one listing, and
+        different once any of them is rewritten, replaced or moved. What a copy of rows or of results
+        computed from them is kept with, to be computed again when it no longer matches."""
+        if checkpoint is None:
+            return tuple(self.data_stamp(c) for c in range(self.num_checkpoints))
+        return self.location.stamps(f"checkpoints/{self._checkpoint(checkpoint)}")
+
     def _whole(self, checkpoint: int, name: str) -> np.ndarray:
         """One per-row array of every row of a checkpoint: resident, or read shards at a time (at most
         `SCAN_ROWS` rows of every array in memory beyond the result), each checked against its digest."""
@@ -149,7 +157,7 @@ class ReadableStore(ShardedStore):
         is dropped and read again, so that damage, a swap or a rewrite under it is seen at once."""
         with self._resident_lock:
             held = self._resident.pop(checkpoint, None)
-            stamp = self.location.stamps(f"checkpoints/{checkpoint}") if held is not None else None
+            stamp = self.data_stamp(checkpoint) if held is not None else None
             if held is not None and held[0] == stamp:
                 self._resident[checkpoint] = held
                 return held[1]
@@ -159,7 +167,7 @@ class ReadableStore(ShardedStore):
             used = sum(a.nbytes for _, a in self._resident.values())
             if used + needed > self.resident_bytes:
                 return None
-            stamp = stamp if stamp is not None else self.location.stamps(f"checkpoints/{checkpoint}")
+            stamp = stamp if stamp is not None else self.data_stamp(checkpoint)
             loaded = self._verified(checkpoint, slice(0, self.num_rows))  # read after the stamp
             if widen:
                 loaded = loaded._replace(projected=loaded.projected.astype(np.float32))
