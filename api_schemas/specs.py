@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from api_schemas.errors import FieldError
 
@@ -68,6 +76,24 @@ MAX_LABEL_LENGTH = 255
 """Longest class name a query's label may give (a folder name's limit on common file systems)."""
 
 
+MAX_PATH_LENGTH = 4096
+"""Longest path (or URL) a spec may give, in characters: Linux's PATH_MAX."""
+MAX_NAME_LENGTH = 255
+"""Longest part of a path between '/'s: the file-name limit of common file systems."""
+
+
+def _path_parts(value: str) -> str:
+    """A path whose parts each fit a file name: a longer one cannot name a file, and must be refused
+    here rather than fail deep in the file system."""
+    if any(len(part) > MAX_NAME_LENGTH for part in value.split("/")):
+        raise ValueError(f"a part of a path has at most {MAX_NAME_LENGTH} characters (between '/'s)")
+    return value
+
+
+PathText = Annotated[str, StringConstraints(max_length=MAX_PATH_LENGTH), AfterValidator(_path_parts)]
+"""A file, folder or URL a spec names: at most `MAX_PATH_LENGTH` characters, `MAX_NAME_LENGTH` a part."""
+
+
 class Spec(BaseModel):
     """Base of all specs: immutable, no unknown fields."""
 
@@ -81,7 +107,7 @@ class DatasetSpec(Spec):
     `builtin:outliers`), an image folder, or a `.npy`/`.npz` file.
     """
 
-    source: str = Field(description="built-in name, image folder, or .npy/.npz file")
+    source: PathText = Field(description="built-in name, image folder, or .npy/.npz file")
     resolution: int = Field(16, ge=4, le=1024, description="side of the square images, in pixels")
     channels: Literal[1, 3] = Field(1, description="1 (grey) or 3 (RGB)")
     limit: int | None = Field(None, ge=1, description="keep only the first `limit` samples")
@@ -175,7 +201,7 @@ class CheckpointSpec(Spec):
     """One checkpoint: a diffusers UNet folder (or, with an index's `base`, a LoRA adapter folder), the
     epoch it was saved after, and its TracIn weight."""
 
-    path: str
+    path: PathText
     epoch: int | None = Field(None, ge=0, description="epoch after which it was saved (needed for replay)")
     weight: float | None = Field(None, description="explicit w_c; default lr*B*(e_c - e_{c-1})/N")
     lr: float | None = Field(
@@ -230,7 +256,7 @@ class TrainSpec(Spec):
     """A DDPM training run that records what attribution needs (timestep and noise seed per step)."""
 
     dataset: DatasetSpec
-    preset: str = Field("tiny", description="UNet size preset: micro, tiny or small")
+    preset: str = Field("tiny", max_length=64, description="UNet size preset: micro, tiny or small")
     loss: LossKind = "mse"
     epochs: int = Field(10, ge=1, le=100_000)
     batch_size: int = Field(32, ge=1, le=65_536)
@@ -261,9 +287,11 @@ class IndexSpec(Spec):
     """
 
     dataset: DatasetSpec
-    run: str | None = Field(None, description="training run folder (manifest, replay record, checkpoints)")
+    run: PathText | None = Field(
+        None, description="training run folder (manifest, replay record, checkpoints)"
+    )
     checkpoints: tuple[CheckpointSpec, ...] = ()
-    base: str | None = Field(
+    base: PathText | None = Field(
         None,
         description="the base model (a diffusers pipeline folder, or its unet/ or transformer/) the "
         "checkpoints' LoRA adapters apply to: each checkpoint is then an adapter folder in peft's or "
@@ -276,11 +304,11 @@ class IndexSpec(Spec):
         description="fnmatch patterns over the model's named_parameters() names (e.g. *attn2*): gradients "
         "over the matching parameters only; none: every trainable parameter",
     )
-    scheduler: str | None = Field(
+    scheduler: PathText | None = Field(
         None,
         description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint",
     )
-    vae: str | None = Field(
+    vae: PathText | None = Field(
         None,
         description="folder of the AutoencoderKL of a latent model; default: the vae/ of the checkpoint's "
         "pipeline folder, none for a pixel-space model",

@@ -46,7 +46,7 @@ __all__ = [
     "read_values",
 ]
 
-FORMAT = "retrac-store/2"
+FORMAT = "retrac-store/3"
 """The format this retrac reads and writes (docs/store-format.md, "Format versions")."""
 NOISE_RULE = (
     "noise of seed s: torch.randn(image_shape, generator=torch.Generator('cpu').manual_seed(s), "
@@ -85,13 +85,7 @@ class StoreLayout:
                 f"{self.path.name}: its spec is unreadable ({error}); delete it and create it again"
             ) from error
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
-        self._sample_ids: tuple[str, ...] | None = None
-
-    @property
-    def sample_ids(self) -> tuple[str, ...]:
-        if self._sample_ids is None:
-            self._sample_ids = tuple(str(i) for i in read_values(self._group["sample_ids"]))
-        return self._sample_ids
+        self._sample_ids: tuple[str, ...] | None = None  # read and checked once (`ShardedStore`)
 
     @property
     def num_rows(self) -> int:
@@ -191,8 +185,9 @@ def open_group(path: Location) -> zarr.Group:
     found = group.attrs.get("format")
     if isinstance(found, str) and found.startswith("retrac-store/") and found != FORMAT:
         raise StoreError(
-            f"{path.name}: written in format {found}, this retrac reads {FORMAT}; delete it and "
-            "create it again with `retrac index create`"
+            f"{path.name}: written in format {found}, this retrac reads {FORMAT}; rebuild it: save the "
+            "`spec` attribute of its zarr.json to a file, then `retrac index delete STORE`, "
+            "`retrac index create --spec FILE STORE` and `retrac index run STORE`"
         )
     if found != FORMAT:
         raise StoreError(
