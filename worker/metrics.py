@@ -104,10 +104,24 @@ class WorkerMetrics:
             self.retries.labels(name).inc()
 
 
-def consume(app: Celery, metrics: WorkerMetrics, stop: threading.Event | None = None) -> None:
-    """Read the broker's events into `metrics` until `stop` is set (or forever)."""
+def consume(
+    app: Celery,
+    metrics: WorkerMetrics,
+    stop: threading.Event | None = None,
+    ready: threading.Event | None = None,
+) -> None:
+    """Read the broker's events into `metrics` until `stop` is set (or forever); `ready` is set once
+    the receiver listens (events are broadcast: those sent before then are never seen)."""
     with app.connection_for_read() as connection:
         receiver = app.events.Receiver(connection, handlers=metrics.handlers())
+        if ready is not None:
+            listening = receiver.on_consume_ready
+
+            def on_consume_ready(*args: Any, **kwargs: Any) -> None:
+                listening(*args, **kwargs)
+                ready.set()
+
+            receiver.on_consume_ready = on_consume_ready
         if stop is not None:
 
             def stop_when_asked() -> None:

@@ -36,9 +36,10 @@ def test_a_job_shows_in_the_metrics_the_json_logs_and_the_heartbeat(
     tmp_path: Path, tiny_run: TrainingRun, workers: Workers, queue: str
 ) -> None:
     registry = CollectorRegistry()
-    metrics, stop = WorkerMetrics(registry), threading.Event()
-    listener = threading.Thread(target=consume, args=(app, metrics, stop), daemon=True)
+    metrics, stop, listening = WorkerMetrics(registry), threading.Event(), threading.Event()
+    listener = threading.Thread(target=consume, args=(app, metrics, stop, listening), daemon=True)
     listener.start()
+    assert listening.wait(30), "the events receiver did not start listening"
     heartbeat = tmp_path / "heartbeat"
     assert health(heartbeat) == 1  # no worker has beaten yet
     try:
