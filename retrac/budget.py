@@ -18,12 +18,12 @@ The batch never changes the answer beyond float32 summation order (docs/performa
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import ByteSize, PositiveInt, TypeAdapter, ValidationError
 from torch import nn
 
 from retrac.exceptions import SpecError
@@ -47,8 +47,7 @@ GROUP_TEMPORARIES = 2
 ENVIRONMENT = "RETRAC_MEMORY_BUDGET"
 """The setting that gives the budget where no flag does (read by the CLI, the workers and the service)."""
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE = TypeAdapter(ByteSize)
 
 
 class MemoryBudgetError(SpecError):
@@ -56,12 +55,14 @@ class MemoryBudgetError(SpecError):
 
 
 def parse_bytes(text: str) -> int:
-    """Bytes from "8GiB", "1.5 GB", "512MiB" or "1000000"; a SpecError saying the form otherwise."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise SpecError(f"memory budget {text!r}: give a positive size with a unit, e.g. 8GiB or 512MiB")
-    return int(float(match.group(1)) * _UNITS[unit])
+    """Bytes from "8GiB", "1.5 GB", "512MiB" or "1000000" (pydantic's `ByteSize`, as the setting
+    `RETRAC_MEMORY_BUDGET` reads); a SpecError saying the form otherwise."""
+    try:
+        return TypeAdapter(PositiveInt).validate_python(int(_SIZE.validate_python(text)))
+    except ValidationError:
+        raise SpecError(
+            f"memory budget {text!r}: give a positive size with a unit, e.g. 8GiB or 512MiB"
+        ) from None
 
 
 def format_bytes(count: float) -> str:
@@ -79,11 +80,11 @@ def device_memory(device: torch.device) -> int:
     return min(ram, int(text)) if text.isdigit() else ram
 
 
-def memory_budget(device: torch.device, given: str | None = None) -> int:
-    """The budget on `device`: `given` (a size, `parse_bytes`: the flag, or the setting
-    `RETRAC_MEMORY_BUDGET` read by the CLI, worker and service), else the default share of its memory."""
-    if given:
-        return parse_bytes(given)
+def memory_budget(device: torch.device, given: int | None = None) -> int:
+    """The budget on `device`: `given` bytes (a flag, or the setting `RETRAC_MEMORY_BUDGET` read by
+    the CLI, worker and service), else the default share of its memory."""
+    if given is not None:
+        return given
     return int((GPU_SHARE if device.type == "cuda" else RAM_SHARE) * device_memory(device))
 
 
