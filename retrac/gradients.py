@@ -328,6 +328,8 @@ class GradientComputer:
         self.num_params = sum(p.numel() for p in self.params.values())
         self.projector = projector or IdentityProjector(self.num_params)
         self.device = next(iter(self.params.values())).device
+        if self.device.type == "cuda":  # float32 products: TF32's 10-bit ones would err ~1e-3 from the CPU's
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         starts = torch.tensor([0] + [p.numel() for p in self.params.values()]).cumsum(0).tolist()
         self._starts = dict(zip(self.params, starts, strict=False))  # the last start is the end
         self._layers = _rule_layers(model.unet, self.params)

@@ -41,3 +41,20 @@ def float32_bound(unet: nn.Module, resolution: int) -> float:
     layers = sum(1 for m in unet.modules() if any(True for _ in m.parameters(recurse=False)))
     fan_in = max(p[0].numel() for p in unet.parameters() if p.ndim > 1)
     return 2 * layers * probable(resolution * resolution * fan_in)
+
+
+FLOAT16_ROUNDOFF = 2.0**-11
+"""float16 (11 significant bits): the relative error of rounding one value to it, as a store's rows are."""
+
+
+def cuda_float32_bound(unet: nn.Module, resolution: int) -> float:
+    """Normwise bound between a gradient computed on CUDA and on the CPU, both float32 (the engine turns
+    TF32 off): the same arithmetic in other summation orders (cuDNN's and cuBLAS's blockings, split
+    reductions), so `float32_bound`."""
+    return float32_bound(unet, resolution)
+
+
+def cuda_float16_bound(unet: nn.Module, resolution: int) -> float:
+    """Normwise bound between float16 rows stored from CUDA and from the CPU: `cuda_float32_bound` plus
+    one rounding to float16 on each side (each within `FLOAT16_ROUNDOFF` of its float32 row's norm)."""
+    return cuda_float32_bound(unet, resolution) + 2 * FLOAT16_ROUNDOFF
