@@ -10,9 +10,10 @@ One case per process (its peak resident memory is the case's alone), random init
 
 The batch is the one `GradientComputer.batch_size` chooses within `--memory-budget` (at most 32); the
 plain step (`gradients.plain_step`) and the per-sample gradients with a k = 4096 sketch are timed
-interleaved on that batch. Prints one JSON object per case: rows/s of both, their ratio, the batch,
-the estimated and the measured peak resident bytes, the budget. Figures:
-docs/performance.md#memory-budgets. `bench/gradients.py --presets cifar10 minisd` runs every case.
+interleaved on that batch (`--device cuda`: on the GPU, its peak the allocator's). Prints one JSON
+object per case: rows/s of both, their ratio, the batch, estimated and measured peak bytes, the
+budget. Figures: docs/performance.md#memory-budgets; `bench/gradients.py --presets cifar10 minisd`
+runs every case.
 Usage: `python bench/budgeted.py --case cifar10|minisd_lora4|... [--memory-budget 4GiB] [--repeats R]`.
 """
 
@@ -28,7 +29,7 @@ from gradients import CLOCKS, TEXT_TOKENS, interleaved_medians, plain_step
 from peft import LoraConfig
 
 from api_schemas import ProjectorSpec
-from retrac.budget import parse_bytes
+from retrac.budget import memory_budget, parse_bytes
 from retrac.conditions import Conditions
 from retrac.gradients import GradientComputer, num_parameters
 from retrac.models import Denoiser, DiffusionModel, with_plain_attention
@@ -68,9 +69,19 @@ def build(case: str) -> tuple[Denoiser, int | None]:
     return with_plain_attention(unet), TEXT_WIDTH
 
 
-def run_case(case: str, budget: int, repeats: int, clock: str) -> dict[str, object]:
+def peak_bytes(device: torch.device) -> int:
+    """This process's peak: the CUDA allocator's on a GPU, else the resident set's (KiB on Linux)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_case(
+    case: str, budget: int | None, repeats: int, clock: str, device: torch.device
+) -> dict[str, object]:
     unet, text = build(case)
-    model = DiffusionModel.from_parts(unet, DDPMScheduler(num_train_timesteps=1000))
+    model = DiffusionModel.from_parts(unet, DDPMScheduler(num_train_timesteps=1000)).to(device)
+    budget = memory_budget(device, budget)
     projector = make_projector(ProjectorSpec(kind="sketch", dim=4096), num_parameters(model))
     computer = GradientComputer(model, "mse", projector, chunk=MAX_BATCH, budget=budget)
     channels, size = int(unet.config.in_channels), int(unet.config.sample_size)
@@ -79,10 +90,10 @@ def run_case(case: str, budget: int, repeats: int, clock: str) -> dict[str, obje
     def inputs(count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditions]:
         states = torch.randn(count, TEXT_TOKENS, text, generator=generator) if text else None
         return (
-            torch.randn(count, channels, size, size, generator=generator),
-            torch.randint(0, model.num_timesteps, (count,), generator=generator),
-            torch.randn(count, 1, channels, size, size, generator=generator),
-            Conditions.of_text(states) if states is not None else Conditions(),
+            torch.randn(count, channels, size, size, generator=generator).to(device),
+            torch.randint(0, model.num_timesteps, (count,), generator=generator).to(device),
+            torch.randn(count, 1, channels, size, size, generator=generator).to(device),
+            Conditions.of_text(states).to(device) if states is not None else Conditions(),
         )
 
     batch = computer.batch_size(*inputs(1))
@@ -93,7 +104,7 @@ def run_case(case: str, budget: int, repeats: int, clock: str) -> dict[str, obje
     }
     seconds = interleaved_medians(jobs, repeats, CLOCKS[clock])
     rate = {name: batch / elapsed for name, elapsed in seconds.items()}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_bytes(device)
     return {
         "params": sum(p.numel() for p in unet.parameters()),
         "trainable": num_parameters(model),
@@ -106,6 +117,7 @@ def run_case(case: str, budget: int, repeats: int, clock: str) -> dict[str, obje
         "estimated_peak_bytes": computer.footprint(1).bytes_at(batch, 1),
         "peak_rss_bytes": peak,
         "within_budget": peak <= budget,
+        "device": str(device),
         "threads": torch.get_num_threads(),
         "clock": clock,
     }
@@ -114,13 +126,17 @@ def run_case(case: str, budget: int, repeats: int, clock: str) -> dict[str, obje
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", required=True, help="cifar10 or minisd_lora<R>")
-    parser.add_argument("--memory-budget", default=DEFAULT_BUDGET)
+    parser.add_argument(
+        "--memory-budget", default=DEFAULT_BUDGET, help="a size, or 'default': the device's share"
+    )
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=list(CLOCKS), default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(json.dumps(run_case(args.case, parse_bytes(args.memory_budget), args.repeats, args.clock)))
+    budget = None if args.memory_budget == "default" else parse_bytes(args.memory_budget)
+    print(json.dumps(run_case(args.case, budget, args.repeats, args.clock, torch.device(args.device))))
 
 
 if __name__ == "__main__":
