@@ -17,11 +17,10 @@ process's CPU time, which other processes do not inflate (`--clock wall` for ela
 `--classes C` makes every model class-conditional (a random label per sample); `--presets dit` a
 `DiTTransformer2DModel` (4 blocks of 4 x 32 heads, 2x2 patches of 16x16x4 latents, C classes, 10 by
 default); `--text D` every UNet a `UNet2DConditionModel` given random text states `(B, 77, D)`: each
-through the same layer rules. Figures: see docs/performance.md#per-sample-gradients-training-side.
-
-`--presets cifar10 minisd` run `bench/budgeted.py`'s cases (a batch from `--memory-budget`; minisd
-once per `--lora` rank), each in a process of its own. Prints one JSON object, `{"tiny": {...}, ...}`
-with rates in samples/s, thread count, batch size, classes, clock, strategy; never asserts a timing.
+through the same layer rules. `--presets cifar10 minisd`: `bench/budgeted.py`'s cases, each in its own
+process (docs/performance.md#memory-budgets). Figures: docs/performance.md#per-sample-gradients-training-side.
+Prints one JSON object, `{"tiny": {...}, ...}` with rates in samples/s, thread count, batch size,
+classes, clock, strategy; never asserts a timing.
 Usage: `python bench/gradients.py [--threads N] [--repeats R] [--query-repeats R] [--clock cpu|wall]
 [--classes C | --text D] [--presets tiny small dit cifar10 minisd] [--memory-budget 4GiB]`.
 """
