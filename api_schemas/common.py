@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 IndexName = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+    StringConstraints(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
     Field(description="1-64 characters: letters, digits, '.', '_', '-'; starts with a letter or digit"),
 ]
 """The name of an index, also its folder under the stores root: it cannot hold '/' or start with '.'."""

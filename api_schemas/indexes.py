@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from api_schemas.common import IndexName, Public
@@ -27,6 +29,19 @@ class CheckpointProgressPublic(Public):
     complete: bool
 
 
+class ParametersPublic(Public):
+    """The parameters an index's gradients are over: a full model's, those its patterns match, or its
+    LoRA adapters' (the base frozen)."""
+
+    count: int = Field(description="how many parameters the gradients are over")
+    patterns: list[str] = Field(description="the spec's fnmatch patterns; empty: every trainable parameter")
+    adapters: list[dict[str, Any]] | None = Field(
+        None,
+        description="each checkpoint's LoRA adapter config as recorded (format, r, lora_alpha and "
+        "alpha_from, target_modules, lora_dropout, ...); null when the checkpoints are full models",
+    )
+
+
 class IndexPublic(Public):
     """An index: its spec, size and how far its indexing has come."""
 
@@ -47,6 +62,9 @@ class IndexPublic(Public):
         False,
         description="the index's model is text-conditional: every query must give a prompt (\"\" for the "
         "empty one); any other index refuses a prompt",
+    )
+    parameters: ParametersPublic | None = Field(
+        None, description="the parameters its gradients are over; null for stores from before it was recorded"
     )
     size_bytes: int = Field(description="bytes the store takes on disk")
     complete: bool = Field(description="every row of every checkpoint is stored: the index answers queries")

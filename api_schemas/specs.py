@@ -7,9 +7,17 @@ attributes or sent over HTTP rebuilds the same object. Nothing here imports torc
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from api_schemas.errors import FieldError
 
@@ -68,6 +76,24 @@ MAX_LABEL_LENGTH = 255
 """Longest class name a query's label may give (a folder name's limit on common file systems)."""
 
 
+MAX_PATH_LENGTH = 4096
+"""Longest path (or URL) a spec may give, in characters: Linux's PATH_MAX."""
+MAX_NAME_LENGTH = 255
+"""Longest part of a path between '/'s: the file-name limit of common file systems."""
+
+
+def _path_parts(value: str) -> str:
+    """A path whose parts each fit a file name: a longer one cannot name a file, and must be refused
+    here rather than fail deep in the file system."""
+    if any(len(part) > MAX_NAME_LENGTH for part in value.split("/")):
+        raise ValueError(f"a part of a path has at most {MAX_NAME_LENGTH} characters (between '/'s)")
+    return value
+
+
+PathText = Annotated[str, StringConstraints(max_length=MAX_PATH_LENGTH), AfterValidator(_path_parts)]
+"""A file, folder or URL a spec names: at most `MAX_PATH_LENGTH` characters, `MAX_NAME_LENGTH` a part."""
+
+
 class Spec(BaseModel):
     """Base of all specs: immutable, no unknown fields."""
 
@@ -81,7 +107,7 @@ class DatasetSpec(Spec):
     `builtin:outliers`), an image folder, or a `.npy`/`.npz` file.
     """
 
-    source: str = Field(description="built-in name, image folder, or .npy/.npz file")
+    source: PathText = Field(description="built-in name, image folder, or .npy/.npz file")
     resolution: int = Field(16, ge=4, le=1024, description="side of the square images, in pixels")
     channels: Literal[1, 3] = Field(1, description="1 (grey) or 3 (RGB)")
     limit: int | None = Field(None, ge=1, description="keep only the first `limit` samples")
@@ -172,9 +198,10 @@ def default_estimator(slots: SlotSpec, search: Search, knobs_given: bool) -> Est
 
 
 class CheckpointSpec(Spec):
-    """One checkpoint: a diffusers UNet folder, the epoch it was saved after, and its TracIn weight."""
+    """One checkpoint: a diffusers UNet folder (or, with an index's `base`, a LoRA adapter folder), the
+    epoch it was saved after, and its TracIn weight."""
 
-    path: str
+    path: PathText
     epoch: int | None = Field(None, ge=0, description="epoch after which it was saved (needed for replay)")
     weight: float | None = Field(None, description="explicit w_c; default lr*B*(e_c - e_{c-1})/N")
     lr: float | None = Field(
@@ -229,7 +256,7 @@ class TrainSpec(Spec):
     """A DDPM training run that records what attribution needs (timestep and noise seed per step)."""
 
     dataset: DatasetSpec
-    preset: str = Field("tiny", description="UNet size preset: micro, tiny or small")
+    preset: str = Field("tiny", max_length=64, description="UNet size preset: micro, tiny or small")
     loss: LossKind = "mse"
     epochs: int = Field(10, ge=1, le=100_000)
     batch_size: int = Field(32, ge=1, le=65_536)
@@ -247,6 +274,10 @@ class TrainSpec(Spec):
     )
 
 
+ParameterPattern = Annotated[str, Field(min_length=1, max_length=300)]
+"""An fnmatch pattern over parameter names (`IndexSpec.parameters`)."""
+
+
 class IndexSpec(Spec):
     """Everything that determines the contents of a gradient index (and so of its store).
 
@@ -256,13 +287,28 @@ class IndexSpec(Spec):
     """
 
     dataset: DatasetSpec
-    run: str | None = Field(None, description="training run folder (manifest, replay record, checkpoints)")
+    run: PathText | None = Field(
+        None, description="training run folder (manifest, replay record, checkpoints)"
+    )
     checkpoints: tuple[CheckpointSpec, ...] = ()
-    scheduler: str | None = Field(
+    base: PathText | None = Field(
+        None,
+        description="the base model (a diffusers pipeline folder, or its unet/ or transformer/) the "
+        "checkpoints' LoRA adapters apply to: each checkpoint is then an adapter folder in peft's or "
+        "diffusers' format, and gradients are over the adapter's parameters alone, the base frozen; "
+        "none: the checkpoints are full models",
+    )
+    parameters: tuple[ParameterPattern, ...] = Field(
+        (),
+        max_length=64,
+        description="fnmatch patterns over the model's named_parameters() names (e.g. *attn2*): gradients "
+        "over the matching parameters only; none: every trainable parameter",
+    )
+    scheduler: PathText | None = Field(
         None,
         description="folder with scheduler_config.json; default: the run's, or the one beside the checkpoint",
     )
-    vae: str | None = Field(
+    vae: PathText | None = Field(
         None,
         description="folder of the AutoencoderKL of a latent model; default: the vae/ of the checkpoint's "
         "pipeline folder, none for a pixel-space model",
@@ -298,6 +344,7 @@ class IndexSpec(Spec):
                     update={"source": source if source.startswith("builtin:") else data_path(source)}
                 ),
                 "run": self.run and model_path(self.run),
+                "base": self.base and model_path(self.base),
                 "scheduler": self.scheduler and model_path(self.scheduler),
                 "vae": self.vae and model_path(self.vae),
                 "checkpoints": tuple(

@@ -229,7 +229,7 @@ def scan_rates(path: Path, repeats: int) -> tuple[dict[str, dict[str, float]], f
     arrays = [store._array(0, name)[:] for name in ROW_ARRAYS]
     verify = seconds_of(lambda: digest(arrays))  # the check the first scan made, alone
     log(f"digest check: {verify:.3f} s of the first scan's {cold:.3f} s ({verify / cold:.1%})")
-    array = torch.from_numpy(store._load_resident(0)[0][:, 0, :])  # the same float16 array, in memory
+    array = torch.from_numpy(store._load_resident(0).projected[:, 0, :])  # the same float16 array, in memory
     results, peak = {}, 0.0
     for count in (1, 16):
         queries = random_queries(count, dim)

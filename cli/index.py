@@ -68,6 +68,8 @@ def create(
     spec: options.Spec = None,
     run_folder: options.RunFolder = None,
     checkpoint: options.Checkpoint = None,
+    base: options.Base = None,
+    parameters: options.Parameters = None,
     scheduler: options.Scheduler = None,
     vae: options.Vae = None,
     train_batch_size: options.TrainBatchSize = None,
@@ -124,8 +126,8 @@ def _base_fields(spec: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
         return {"dataset": TrainingRun.load(flags["run_folder"]).spec.dataset.model_dump()}
     if flags.get("data") is None:
         return {}  # refused by `index_spec`, naming --data
-    checkpoints = [checkpoint_fields(c) for c in flags.get("checkpoint") or ()]
-    return {"dataset": _model_shape(checkpoints, flags.get("vae"))}
+    checkpoints = [checkpoint_fields(c)["path"] for c in flags.get("checkpoint") or ()]
+    return {"dataset": _model_shape(flags.get("base") or next(iter(checkpoints), None), flags.get("vae"))}
 
 
 def created_text(opened: GradientStore) -> str:
@@ -137,6 +139,7 @@ def created_text(opened: GradientStore) -> str:
     ]
     if opened.classes is not None:
         lines.append(f"class-conditional: {len(opened.classes.classes)} classes; query it with --label NAME")
+    lines += _parameters_text(opened.attrs.get("parameters"))
     if opened.text_conditional:
         lines.append(
             "text-conditional: captions encoded by the pipeline's text encoder; query it with --prompt TEXT"
@@ -144,22 +147,35 @@ def created_text(opened: GradientStore) -> str:
     return "\n".join(lines)
 
 
+def _parameters_text(described: dict[str, Any] | None) -> list[str]:
+    """What `create` tells of the parameters gradients are over, when not the whole model's."""
+    if described is None or not (described["adapters"] or described["patterns"]):
+        return []
+    count = f"{described['count']:,} parameters"
+    if not described["adapters"]:
+        return [f"gradients over {count} matching {', '.join(described['patterns'])}"]
+    lora = described["adapters"][0]
+    return [
+        f"LoRA adapters ({lora['format']}'s format, rank {lora['r']}, alpha {lora['lora_alpha']} from "
+        f"{lora['alpha_from']}) on {described['base']}: gradients over {count}, the base frozen"
+    ]
+
+
 def _recorded(spec: IndexSpec) -> IndexSpec:
     """`spec` with every path absolute: the store records paths that resolve from any directory."""
     return spec.map_paths(absolute_text, absolute_text)
 
 
-def _model_shape(checkpoints: list[dict[str, Any]], vae: str | None) -> dict[str, Any]:
-    """resolution and channels of the images the first checkpoint takes (through its VAE, for a latent
-    model): the default shape of its dataset."""
+def _model_shape(path: str | None, vae: str | None) -> dict[str, Any]:
+    """resolution and channels of the images the model in `path` (the base of adapters, else the first
+    checkpoint) takes (through its VAE, for a latent model): the default shape of its dataset."""
     from retrac.latents import latent_space_of
     from retrac.models import read_architecture
     from retrac.plan import model_image_shape
     from storage.inputs import is_url
 
-    if not checkpoints or is_url(checkpoints[0]["path"]) or is_url(vae):  # at a URL: give --resolution
+    if path is None or is_url(path) or is_url(vae):  # at a URL: give --resolution
         return {}
-    path = checkpoints[0]["path"]
     channels, resolution = model_image_shape(read_architecture(path), latent_space_of(path, vae))
     return {"resolution": resolution, "channels": channels}
 
@@ -361,6 +377,7 @@ def inspect(store: Store, as_json: Annotated[bool, typer.Option("--json", help="
         "loss_weighting": opened.attrs.get("loss_weighting", "none"),  # stores from before it: none
         "classes": opened.attrs.get("classes"),  # a class-conditional index's labels; null: unconditional
         "text": opened.attrs.get("text"),  # a text-conditional index's text encoder; null: no text
+        "parameters": opened.attrs.get("parameters"),  # count, patterns, base and adapters' configs
         "fingerprints": opened.attrs["fingerprints"],
         "size_bytes": opened.size_bytes(),
         "freshness": freshness,

@@ -24,8 +24,26 @@ Checkpoint = Annotated[
     list[str] | None,
     typer.Option(
         metavar="DIR[:epoch=E,lr=LR|:weight=W]",
-        help="a diffusers UNet, pipeline or checkpoint-N folder (repeatable), with its epoch and "
-        "learning rate or its TracIn weight",
+        help="a diffusers UNet, pipeline or checkpoint-N folder (repeatable), or with --base a LoRA adapter "
+        "folder, with its epoch and learning rate or its TracIn weight",
+    ),
+]
+Base = Annotated[
+    str | None,
+    typer.Option(
+        help="the base model (a diffusers pipeline folder or its unet/) of LoRA adapters: each --checkpoint "
+        "is then an adapter folder, peft's (adapter_config.json + adapter_model.safetensors) or diffusers' "
+        "(pytorch_lora_weights.safetensors); gradients over the adapter only",
+        show_default="none: the checkpoints are full models",
+    ),
+]
+Parameters = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--parameters", metavar="PATTERN",
+        help="take gradients over the parameters whose named_parameters() name matches (fnmatch, "
+        "repeatable; e.g. '*attn2*')",
+        show_default="every trainable parameter",
     ),
 ]
 Scheduler = Annotated[

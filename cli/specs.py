@@ -89,6 +89,8 @@ INDEX_FLAGS: FlagTable = {
     "caption_column": Flag("--caption-column", "dataset.caption_column"),
     "run_folder": Flag("--run", "run"),
     "checkpoint": Flag("--checkpoint", "checkpoints", _checkpoints),
+    "base": Flag("--base", "base"),
+    "parameters": Flag("--parameters", "parameters"),
     "scheduler": Flag("--scheduler", "scheduler"),
     "vae": Flag("--vae", "vae"),
     "train_batch_size": Flag("--train-batch-size", "train_batch_size"),

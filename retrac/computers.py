@@ -63,6 +63,8 @@ class GradientComputerCache:
         spec = plan.spec
         key = (
             str(plan.checkpoints[checkpoint].path),
+            str(plan.base),
+            repr(spec.parameters),
             str(plan.scheduler_folder),
             plan.loss,
             plan.loss_weighting,

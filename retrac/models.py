@@ -38,6 +38,9 @@ from retrac.exceptions import CheckpointError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+"""A LoRA adapter folder's files: peft's `save_pretrained` pair, or diffusers' `save_lora_weights` file."""
 
 Scheduler: TypeAlias = DDPMScheduler | DDIMScheduler
 SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {
@@ -189,7 +192,7 @@ def read_architecture(path: str | Path) -> dict[str, Any]:
     """`architecture()` of a checkpoint folder, read from its config.json without loading weights."""
     config = _model_folder(path) / "config.json"
     if not config.is_file():
-        raise CheckpointError(f"{path}: not a diffusers model folder (no config.json)")
+        raise _no_config(path)
     return architecture(json.loads(config.read_text()))
 
 
@@ -198,7 +201,7 @@ def require_weights(path: str | Path) -> Path:
     handles (`denoiser_class`) and safetensors weights."""
     folder = _model_folder(path)
     if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{path}: not a diffusers model folder (no config.json)")
+        raise _no_config(path)
     denoiser_class(path)
     if not (folder / WEIGHTS_NAME).is_file():
         raise CheckpointError(
@@ -206,6 +209,17 @@ def require_weights(path: str | Path) -> Path:
         )
     check_weight_keys(path, weight_shapes(folder / WEIGHTS_NAME), expected_shapes(folder))
     return folder
+
+
+def _no_config(path: str | Path) -> CheckpointError:
+    """The error for a folder without config.json: a LoRA adapter's says to give its base model."""
+    folder = Path(path)
+    if any((folder / name).is_file() for name in (PEFT_CONFIG, DIFFUSERS_WEIGHTS)):
+        return CheckpointError(
+            f"{path}: a LoRA adapter, not a diffusers model folder (no config.json); index it with its base "
+            "model: --base BASE (a pipeline folder or its unet/; base in a spec)"
+        )
+    return CheckpointError(f"{path}: not a diffusers model folder (no config.json)")
 
 
 def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:

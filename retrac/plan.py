@@ -9,6 +9,9 @@ the store); a dataset without labels, or with labels the model has no embedding 
 A text-conditional `UNet2DConditionModel`'s index takes each sample's caption from the dataset and
 encodes it once with the pipeline's frozen text encoder (`text`, `retrac.text`); a pipeline without
 one, a text width the UNet does not take, or a dataset without captions is refused here.
+With a `base`, each checkpoint is a LoRA adapter on it (`retrac.adapters`), and `parameters` patterns
+narrow the parameters gradients are over (`retrac.parameters`); both are checked here on models built
+on the meta device, and `parameter_count` says how many parameters are left.
 `IndexPlan.compute_rows` then computes the rows of one checkpoint for any row range: the one
 idempotent function that the in-memory path, the store's tasks and the Celery workers all call.
 """
@@ -32,6 +35,7 @@ from api_schemas import (
     PredictionType,
     QuerySpec,
 )
+from retrac.adapters import adapted_meta_model, apply_adapter, checkpoint_weights, read_adapter
 from retrac.conditions import ClassLabels, Conditions, query_conditions
 from retrac.datasets import ImageDataset, load_dataset, old_sample_ids
 from retrac.exceptions import CheckpointError, SpecError
@@ -52,9 +56,9 @@ from retrac.models import (
     require_weights,
     sample_shape,
     text_conditioning,
-    weights_file,
 )
 from retrac.noise import draw_seeds, noise_from_seeds, query_noise
+from retrac.parameters import select_parameters
 from retrac.paths import confine_folder, resolve_inside
 from retrac.projections import derive_seed, make_projector
 from retrac.query_side import query_timesteps
@@ -100,6 +104,12 @@ class IndexPlan:
     """The label mapping of a class-conditional model's index; None for an unconditional model."""
     text: TextEncoder | None = None
     """The frozen text encoder of a text-conditional model's index; None for any other model."""
+    base: Path | None = None
+    """The base model the checkpoints' LoRA adapters apply to; None when the checkpoints are full models."""
+    adapters: tuple[dict[str, Any], ...] | None = None
+    """Each checkpoint's adapter settings (`retrac.adapters.settings`); None without a base."""
+    parameter_count: int = 0
+    """How many parameters gradients are taken over (the adapter's, or those `spec.parameters` selects)."""
 
     @classmethod
     def resolve(
@@ -114,17 +124,20 @@ class IndexPlan:
         loss = _resolve_loss(spec, run)
         given = _given_checkpoints(spec, run)
         paths = [resolve_inside(root, c.path) for c in given]
-        for path in paths:  # the denoiser's own folder; a pipeline's other parts are checked when found
-            confine_folder(root, weights_file(path).parent, "checkpoint")
-        architecture = read_architecture(paths[0])
-        for path in paths:
+        base = resolve_inside(root, spec.base) if spec.base else None
+        model = base if base is not None else paths[0]  # the denoiser's folder, its pipeline's parts beside
+        for path in dict.fromkeys([*paths, model]):  # the denoiser's own folder; the pipeline's when found
+            confine_folder(root, checkpoint_weights(path).parent, "checkpoint")
+        architecture = read_architecture(model)
+        for path in [model] if base is not None else paths:
             require_weights(path)
             check_architecture(path, read_architecture(path), architecture)
-        vae = resolve_inside(root, spec.vae) if spec.vae else find_vae(paths[0])
+        count, adapters = _parameter_layout(spec, model, paths if base is not None else [])
+        vae = resolve_inside(root, spec.vae) if spec.vae else find_vae(model)
         latent_space = LatentSpace.load(confine_folder(root, vae, "VAE")) if vae is not None else None
         _check_shape(spec.dataset, model_image_shape(architecture, latent_space))
         num_classes = class_conditioning(architecture)
-        text = _text_encoder(paths[0], architecture, root)
+        text = _text_encoder(model, architecture, root)
         if text is not None and spec.slots.replay:
             raise SpecError(
                 "replay of a text-conditional model is not handled (a replay record holds no captions); "
@@ -133,7 +146,7 @@ class IndexPlan:
         if spec.scheduler:
             folder = resolve_inside(root, spec.scheduler)
         else:
-            folder = run.scheduler_folder if run else find_scheduler(paths[0])
+            folder = run.scheduler_folder if run else find_scheduler(model)
         scheduler = load_scheduler(confine_folder(root, folder, "scheduler"))
         check_compatible(architecture, scheduler)
         weighting = _resolve_weighting(spec, run, scheduler.config.prediction_type)
@@ -148,7 +161,8 @@ class IndexPlan:
         plan = cls(
             spec, dataset, tuple(checkpoints), loss, run, architecture, folder,
             int(scheduler.config.num_train_timesteps), scheduler.config.prediction_type, weighting,
-            latent_space=latent_space, classes=classes, text=text,
+            latent_space=latent_space, classes=classes, text=text, base=base, adapters=adapters,
+            parameter_count=count,
         )
         if spec.kernel is not None:
             check_kernel_width(plan.row_width())
@@ -158,7 +172,7 @@ class IndexPlan:
         """k, the width of the projected rows: the projector's dim, or the parameter count (identity)."""
         if self.spec.projector.kind != "identity":
             return self.spec.projector.dim
-        return num_parameters(self.load_model(0))
+        return self.parameter_count
 
     @property
     def num_rows(self) -> int:
@@ -191,8 +205,13 @@ class IndexPlan:
         return [c.weight for c in self.checkpoints]
 
     def load_model(self, checkpoint: int, device: torch.device | str = "cpu") -> DiffusionModel:
-        """The model of checkpoint `checkpoint` (an index into `checkpoints`), architecture checked."""
-        unet = load_unet(self.checkpoints[checkpoint].path, expect=self.architecture)
+        """The model of checkpoint `checkpoint` (an index into `checkpoints`), architecture checked: a full
+        model, or the base with the checkpoint's adapter; trainable only where gradients are taken."""
+        path = self.checkpoints[checkpoint].path
+        unet = load_unet(self.base or path, expect=self.architecture)
+        if self.base is not None:
+            apply_adapter(unet, read_adapter(path))
+        select_parameters(unet, self.spec.parameters)
         return DiffusionModel.from_parts(unet, load_scheduler(self.scheduler_folder)).to(device)
 
     def gradient_computer(
@@ -315,6 +334,30 @@ class IndexPlan:
             timesteps=timesteps,
             seeds=seeds,
         )
+
+
+def _parameter_layout(
+    spec: IndexSpec, model: Path, adapters: list[Path]
+) -> tuple[int, tuple[dict[str, Any], ...] | None]:
+    """(how many parameters gradients are over, each adapter's settings or None), from models built on
+    the meta device: each adapter checked against the base, all of one layout (names and shapes), and
+    `spec.parameters` checked to match (`select_parameters`)."""
+    if not adapters:
+        unet, _ = adapted_meta_model(model, None)
+        return select_parameters(unet, spec.parameters), None
+    layout, recorded, count = None, [], 0
+    for path in adapters:
+        unet, settings = adapted_meta_model(model, read_adapter(path))
+        count = select_parameters(unet, spec.parameters)
+        shapes = {name: tuple(p.shape) for name, p in unet.named_parameters() if p.requires_grad}
+        if layout is not None and shapes != layout:
+            raise CheckpointError(
+                f"{path}: an adapter of another layout (rank or target modules) than {adapters[0]}; all "
+                "adapters of an index must share one, or their gradients could not be compared"
+            )
+        layout = shapes
+        recorded.append(settings or {})
+    return count, tuple(recorded)
 
 
 def model_image_shape(architecture: dict[str, Any], latent_space: LatentSpace | None) -> tuple[int, int]:

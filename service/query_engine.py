@@ -48,9 +48,9 @@ class QueryEngine:
     ) -> None:
         self.models, self.pool, self._on_answer = models, pool, on_answer
         self._lock = threading.Lock()
-        self._outlier_scores: weakref.WeakKeyDictionary[GradientStore, dict[OutlierScore, np.ndarray]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._outlier_scores: weakref.WeakKeyDictionary[
+            GradientStore, tuple[object, dict[OutlierScore, np.ndarray]]
+        ] = weakref.WeakKeyDictionary()
 
     def attribute(
         self,
@@ -120,11 +120,14 @@ class QueryEngine:
 
     def outlier_scores(self, store: GradientStore) -> dict[OutlierScore, np.ndarray]:
         """Every outlier score `(N,)` (self-influence per method and the rest) over all checkpoints,
-        computed once per opened store."""
+        computed once per opened store and state of its files (`ReadableStore.data_stamp`): scores of
+        files since changed are computed again, and so from verified rows or refused."""
         with self._lock:
-            if store not in self._outlier_scores:
-                self._outlier_scores[store] = outlier_scores(store)
-            return self._outlier_scores[store]
+            stamp = store.data_stamp()
+            cached = self._outlier_scores.get(store)
+            if cached is None or cached[0] != stamp:
+                cached = self._outlier_scores[store] = (stamp, outlier_scores(store))
+            return cached[1]
 
     def norms(self, store: GradientStore, checkpoint: int) -> StoredNorms:
         """Stored (timestep, norm) of every slot of one checkpoint."""

@@ -20,10 +20,17 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 from api_schemas import IndexSpec
 from api_schemas.common import IndexName
-from api_schemas.indexes import BrokenIndexPublic, CheckpointProgressPublic, IndexCreate, IndexPublic
+from api_schemas.indexes import (
+    BrokenIndexPublic,
+    CheckpointProgressPublic,
+    IndexCreate,
+    IndexPublic,
+    ParametersPublic,
+)
 from retrac.exceptions import RetracError, SpecError
 from retrac.paths import resolve_inside
 from service.exceptions import Conflict, NotFound
@@ -126,6 +133,7 @@ class StoreRepository:
             channels=store.spec.dataset.channels,
             classes=store.classes.to_json() if store.classes is not None else None,
             text_conditional=store.text_conditional,
+            parameters=_parameters(store.attrs.get("parameters")),
             size_bytes=store.size_bytes(),
             complete=status.complete,
             progress=[
@@ -259,3 +267,13 @@ def _inside(root: Path | str, path: str) -> str:
         raise SpecError(f"path {where!r} leaves the configured root; give a path inside it (no '..')")
     parse_url(url)  # the rest of its form: plain parts
     return url
+
+
+def _parameters(described: dict[str, Any] | None) -> ParametersPublic | None:
+    """What the API shows of the parameters a store's gradients are over (its base by the spec's path,
+    not the store's resolved one); None for stores from before they were recorded."""
+    if described is None:
+        return None
+    return ParametersPublic(
+        count=described["count"], patterns=described["patterns"], adapters=described["adapters"]
+    )

@@ -1,22 +1,21 @@
 """Whether a store still matches its inputs: fingerprints recorded at create, compared at every open.
 
-A store is stale only when an input really changed. The same bytes at another path (a moved folder
-that still resolves, through a link), under another inode or mtime, or a config saved again by another
-diffusers version, are the same input. Each change is named with its input, its file and what
-changed, so the message says what to restore, or that the index must be rebuilt.
+A store is stale only when an input really changed: the same bytes at another path (a moved folder, a
+link), inode or mtime, or a config saved again by another diffusers version, are the same input. Each
+change is named with its input, its file and what changed (what to restore, or rebuild the index).
 
 Recorded in the store's `fingerprints` attribute:
 
     dataset           sha256 of the pixels, ids and groups (`ImageDataset.fingerprint`)
-    weights           per checkpoint, sha256 of its safetensors weights file
+    weights           per checkpoint, sha256 of its safetensors file (a LoRA adapter's, with a base)
+    base, adapters    LoRA adapters' base model: sha256 of its weights, and each adapter's config entries
+                      (`retrac.adapters.settings`); None for full checkpoints
     architecture      the UNet config entries that fix the parameters (every checkpoint shares them)
     record            sha256 of the replay record file (None without replay)
     replayed          per checkpoint, sha256 of the replayed (timestep, seed) of each sample at its epoch
     scheduler_config  the scheduler config's entries (`retrac.models.scheduler_settings`)
-    vae               a latent model's VAE: sha256 of its safetensors weights and its config's entries
-                      (None for a pixel-space model, and in stores written before it)
-    labels            sha256 of the label mapping and each sample's class label (class-conditional
-                      indexes only; None otherwise)
+    vae               a latent model's VAE: sha256 of its weights and its config's entries (else None)
+    labels            sha256 of the label mapping and each sample's label (class-conditional; else None)
     text              a text-conditional model's: sha256 of its text encoder (config entries and weights),
                       of its tokenizer's files, and of each sample's caption (`retrac.text`; None otherwise)
 
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from retrac.adapters import checkpoint_weights
 from retrac.datasets import old_sample_ids
 from retrac.latents import LatentSpace
 from retrac.models import (
@@ -55,7 +55,9 @@ def fingerprints(plan: IndexPlan) -> dict[str, Any]:
     record = _record_file(plan)
     return {
         "dataset": plan.dataset.fingerprint,
-        "weights": [sha256_file(weights_file(c.path)) for c in plan.checkpoints],
+        "weights": [sha256_file(checkpoint_weights(c.path)) for c in plan.checkpoints],
+        "base": sha256_file(weights_file(plan.base)) if plan.base is not None else None,
+        "adapters": list(plan.adapters) if plan.adapters is not None else None,
         "architecture": plan.architecture,
         "record": sha256_file(record) if record is not None else None,
         "replayed": _replayed(plan, plan.run) if plan.run is not None and record is not None else None,
@@ -121,10 +123,26 @@ def _checkpoint_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
         ]
     found = []
     for c, (checkpoint, old) in enumerate(zip(plan.checkpoints, recorded, strict=True)):
-        found += _weights_change(f"checkpoint {c}", weights_file(checkpoint.path), old)
+        found += _weights_change(f"checkpoint {c}", checkpoint_weights(checkpoint.path), old)
+    found += _adapter_changes(then, plan)
     differing = _differing(then["architecture"], plan.architecture)
     if differing:
         found.append(f"the checkpoints' config.json ({plan.checkpoints[0].path}): {differing}")
+    return found
+
+
+def _adapter_changes(then: dict[str, Any], plan: IndexPlan) -> list[str]:
+    """The base model's weights and each adapter's config, against those recorded (stores from before
+    adapters recorded neither, and had none)."""
+    if plan.base is None:
+        return [] if then.get("base") is None else ["the index's base model: the store was built with one"]
+    if then.get("base") is None:
+        return [f"the base model ({plan.base}): the store was built without one, on full checkpoints"]
+    found = _weights_change("the base model", weights_file(plan.base), then["base"])
+    for c, (old, new) in enumerate(zip(then["adapters"], plan.adapters or (), strict=False)):
+        differing = _differing(old, new)
+        if differing:
+            found.append(f"checkpoint {c}'s adapter config ({plan.checkpoints[c].path}): {differing}")
     return found
 
 

@@ -116,6 +116,7 @@ class InputCache:
                     "dataset": dataset,
                     "scheduler": local(spec.scheduler),
                     "vae": local(spec.vae),
+                    "base": local(spec.base),
                     "checkpoints": tuple(
                         CheckpointSpec.model_validate({**c.model_dump(), "path": local(c.path)})
                         for c in spec.checkpoints
@@ -262,7 +263,7 @@ class InputMirrors:
 
 
 def _urls(spec: IndexSpec) -> list[str | None]:
-    return [spec.dataset.source, spec.scheduler, spec.vae, *(c.path for c in spec.checkpoints)]
+    return [spec.dataset.source, spec.scheduler, spec.vae, spec.base, *(c.path for c in spec.checkpoints)]
 
 
 def _size(folder: Path) -> int:

@@ -21,7 +21,6 @@ import zarr
 
 from api_schemas import IndexSpec
 from retrac.conditions import ClassLabels
-from retrac.gradients import num_parameters
 from retrac.plan import IndexPlan
 from storage.errors import StoreError, UnreachableStoreError
 from storage.freshness import fingerprints
@@ -47,7 +46,7 @@ __all__ = [
     "read_values",
 ]
 
-FORMAT = "retrac-store/2"
+FORMAT = "retrac-store/3"
 """The format this retrac reads and writes (docs/store-format.md, "Format versions")."""
 NOISE_RULE = (
     "noise of seed s: torch.randn(image_shape, generator=torch.Generator('cpu').manual_seed(s), "
@@ -86,13 +85,7 @@ class StoreLayout:
                 f"{self.path.name}: its spec is unreadable ({error}); delete it and create it again"
             ) from error
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
-        self._sample_ids: tuple[str, ...] | None = None
-
-    @property
-    def sample_ids(self) -> tuple[str, ...]:
-        if self._sample_ids is None:
-            self._sample_ids = tuple(str(i) for i in read_values(self._group["sample_ids"]))
-        return self._sample_ids
+        self._sample_ids: tuple[str, ...] | None = None  # read and checked once (`ShardedStore`)
 
     @property
     def num_rows(self) -> int:
@@ -192,8 +185,9 @@ def open_group(path: Location) -> zarr.Group:
     found = group.attrs.get("format")
     if isinstance(found, str) and found.startswith("retrac-store/") and found != FORMAT:
         raise StoreError(
-            f"{path.name}: written in format {found}, this retrac reads {FORMAT}; delete it and "
-            "create it again with `retrac index create`"
+            f"{path.name}: written in format {found}, this retrac reads {FORMAT}; rebuild it: save the "
+            "`spec` attribute of its zarr.json to a file, then `retrac index delete STORE`, "
+            "`retrac index create --spec FILE STORE` and `retrac index run STORE`"
         )
     if found != FORMAT:
         raise StoreError(
@@ -228,7 +222,7 @@ def create_arrays(group: zarr.Group, attrs: dict[str, Any], ids: tuple[str, ...]
 def describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
     """The root attributes of a new store for `plan`; inputs read from mirrors are recorded by URL."""
     spec = plan.spec
-    dim = num_parameters(plan.load_model(0)) if spec.projector.kind == "identity" else spec.projector.dim
+    dim = plan.row_width()
     shard_size = even_shard_size(plan.num_rows, spec.shard_size)
     kinds = spec.slots.kinds
     return {
@@ -252,6 +246,12 @@ def describe(plan: IndexPlan, mirrors: InputMirrors) -> dict[str, Any]:
         "noise_rule": NOISE_RULE,
         "classes": plan.classes.to_json() if plan.classes is not None else None,
         "text": _text_description(plan, mirrors),
+        "parameters": {
+            "count": plan.parameter_count,
+            "patterns": list(spec.parameters),
+            "base": mirrors.named(str(plan.base)) if plan.base is not None else None,
+            "adapters": list(plan.adapters) if plan.adapters is not None else None,
+        },
         "torch_version": torch.__version__,
     }
 

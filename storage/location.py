@@ -167,6 +167,20 @@ class LocalLocation:
         base = self.folder / prefix
         return {str(f.relative_to(self.folder)): f.stat().st_size for f in base.rglob("*") if f.is_file()}
 
+    def stamps(self, prefix: str = "") -> dict[str, tuple[int, int, int]]:
+        """(inode, mtime, size) of every file under `prefix` (a folder), keyed by its path relative to
+        the store: different once a file is rewritten, replaced or moved."""
+        stamps = {}
+        for folder, _, names in os.walk(self.folder / prefix):
+            for name in names:
+                file = os.path.join(folder, name)
+                try:
+                    info = os.stat(file)
+                except OSError:  # removed since the listing: the next listing differs anyway
+                    continue
+                stamps[os.path.relpath(file, self.folder)] = (info.st_ino, info.st_mtime_ns, info.st_size)
+        return stamps
+
     def stamp(self, key: str) -> tuple[Any, ...] | None:
         """(inode, mtime, size) of one file: different once it is rewritten; None if missing."""
         try:

@@ -3,9 +3,11 @@
 A task writes a shard's data, then its digest, then its done mark (docs/store-format.md, "Shards and
 done marks"). A shard is done when its mark is set and every chunk file has the exact size of an
 uncompressed chunk; `verify` also rereads its bytes against the digest. `ShardedStore._verified`
-is the one read of per-row data: it refuses a shard whose bytes differ from its digest with a
-DamagedStoreError naming the shard and how to rebuild it. `digest` is xxh3_64 of arrays' bytes: a
-check against damage, not against an attacker.
+is the one read of per-row data: it refuses a shard not done with an IncompleteStoreError, and one
+whose bytes differ from its digest (or are unreadable) with a DamagedStoreError naming the shard and
+how to rebuild it. A shard's digest binds its bytes to its place (`ShardedStore.shard_digest`), so
+rows moved to another checkpoint or shard are refused as damage too; the sample ids have a digest of
+their own. `digest` is xxh3_64 of arrays' bytes: a check against damage, not against an attacker.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -23,7 +25,13 @@ import xxhash
 import zarr
 
 from retrac.plan import Rows
-from storage.errors import DamagedStoreError, DeletedStoreError, StoreError, UnreachableStoreError
+from storage.errors import (
+    DamagedStoreError,
+    DeletedStoreError,
+    IncompleteStoreError,
+    StoreError,
+    UnreachableStoreError,
+)
 from storage.freshness import REBUILD
 from storage.layout import (
     ARRAY_CONFIG,
@@ -35,7 +43,33 @@ from storage.layout import (
     read_values,
 )
 
-__all__ = ["CheckpointStatus", "ShardedStore", "StoreStatus", "digest", "write_latents"]
+__all__ = [
+    "CheckpointStatus", "ShardArrays", "ShardedStore", "StoreStatus", "digest", "ids_digest", "write_latents",
+]
+
+REBUILD_SHARDS = "rebuild it with `retrac index status --verify STORE` then `retrac index run STORE`"
+
+
+class ShardArrays(NamedTuple):
+    """The per-row arrays (`ROW_ARRAYS`, in order) of some rows of one checkpoint, as stored."""
+
+    projected: np.ndarray
+    norms: np.ndarray
+    timesteps: np.ndarray
+    seeds: np.ndarray
+
+    def at(self, rows: np.ndarray | slice) -> ShardArrays:
+        """The same arrays at `rows` only."""
+        return ShardArrays(*(array[rows] for array in self))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self)
+
+    @classmethod
+    def joined(cls, parts: Sequence[ShardArrays]) -> ShardArrays:
+        """The parts' rows one after another."""
+        return cls(*(np.concatenate(arrays) for arrays in zip(*parts, strict=True)))
 
 
 @dataclass(frozen=True)
@@ -113,7 +147,7 @@ class ShardedStore(StoreLayout):
         done[shard] = 0.0  # a rewrite is pending until its new mark
         for name, values in data.items():
             self._array(checkpoint, name)[part] = values
-        self._array(checkpoint, "digest")[shard] = digest(data.values())
+        self._array(checkpoint, "digest")[shard] = self.shard_digest(checkpoint, shard, data.values())
         done[shard] = time.time()
 
     def require_live(self) -> None:
@@ -128,15 +162,36 @@ class ShardedStore(StoreLayout):
         if uid != self.attrs.get("uid"):
             raise DeletedStoreError(f"{self.path.name} was deleted since it was opened; nothing is written")
 
-    def done_marks(self, checkpoint: int) -> np.ndarray:
-        """Done-mark times `(shards,)` of one checkpoint, 0 where not done or unreadable."""
+    @property
+    def sample_ids(self) -> tuple[str, ...]:
+        """The rows' sample ids, checked against their digest (a DamagedStoreError if they differ)."""
+        if self._sample_ids is None:
+            ids = tuple(str(i) for i in read_values(self._group["sample_ids"]))
+            if ids_digest(ids) != self.attrs.get("sample_ids_digest"):
+                raise DamagedStoreError(
+                    f"{self.path.name}: its sample ids do not match their digest (damaged); {REBUILD}"
+                )
+            self._sample_ids = ids
+        return self._sample_ids
+
+    def shard_digest(self, checkpoint: int, shard: int, arrays: Iterable[np.ndarray]) -> int:
+        """The digest of one shard's per-row arrays, bound to its place: the checkpoint's position, the
+        fingerprint of its weights and the shard's position are hashed first, so that rows swapped
+        between checkpoints or shards (each with its own digest) do not match where they now lie."""
+        weights = self.attrs["fingerprints"]["weights"][checkpoint]
+        place = np.frombuffer(json.dumps([checkpoint, weights, shard]).encode(), dtype=np.uint8)
+        return digest([place, *arrays])
+
+    def done_marks(self, checkpoint: int, shards: slice = slice(None)) -> np.ndarray:
+        """Done-mark times of one checkpoint's `shards` (all by default), 0 where not done or unreadable."""
         array = self._array(checkpoint, "done_at")
         try:
-            return np.asarray(array[:], dtype=np.float64)
+            return np.asarray(array[shards], dtype=np.float64)
         except UnreachableStoreError:  # an outage is no damage: never read as "not done"
             raise
         except Exception:  # one damaged mark must not hide the others
-            return np.array([_read_or_zero(array, i) for i in range(self.num_shards)], dtype=np.float64)
+            chosen = range(self.num_shards)[shards]
+            return np.array([_read_or_zero(array, i) for i in chosen], dtype=np.float64)
 
     def done_shards(self, checkpoint: int, *, verify: bool = False) -> np.ndarray:
         """Which shards `(shards,)` bool of one checkpoint are done: marked, and every chunk file intact.
@@ -190,27 +245,50 @@ class ShardedStore(StoreLayout):
         """The digests `(shards,)` uint64 of one checkpoint's shards, as their done marks hold them."""
         return np.asarray(self._array(checkpoint, "digest")[:], dtype=np.uint64)
 
-    def _verified(self, checkpoint: int, part: slice) -> tuple[np.ndarray, np.ndarray]:
-        """Projected rows and norms of whole shards `part`, each shard checked against its digest.
+    def _verified(self, checkpoint: int, part: slice) -> ShardArrays:
+        """The per-row arrays of whole shards `part`, each shard checked against its digest.
 
-        The digest covers all four per-row arrays, so the (small) timesteps and seeds are read too.
-        A DamagedStoreError naming the first damaged shard and how to rebuild it.
+        An IncompleteStoreError naming the first shard not done; a DamagedStoreError naming the first
+        shard whose bytes differ from its digest or cannot be read, and how to rebuild it.
         """
-        arrays = [read_values(self._array(checkpoint, name), part) for name in ROW_ARRAYS]
         first = part.start // self.shard_size
-        count = math.ceil((part.stop - part.start) / self.shard_size)
-        digests = read_values(self._array(checkpoint, "digest"), slice(first, first + count))
-        for offset, expected in enumerate(digests):
-            shard = first + offset
+        shards = range(first, first + math.ceil((part.stop - part.start) / self.shard_size))
+        marks = self.done_marks(checkpoint, slice(shards.start, shards.stop))
+        if not (marks > 0).all():
+            shard = shards[int(np.flatnonzero(marks <= 0)[0])]
+            raise IncompleteStoreError(
+                f"{self.path.name}: checkpoint {checkpoint} shard {shard} is not done; finish indexing "
+                "with `retrac index run`"
+            )
+        arrays = self._read(checkpoint, part, shards)
+        digests = read_values(self._array(checkpoint, "digest"), slice(shards.start, shards.stop))
+        for shard, expected in zip(shards, digests, strict=True):
             rows = self.shard_rows(shard)
             local = slice(rows.start - part.start, rows.stop - part.start)
-            if digest([a[local] for a in arrays]) != int(expected):
-                raise DamagedStoreError(
-                    f"index {self.path.name!r}: checkpoint {checkpoint} shard {shard} (rows {rows.start}.."
-                    f"{rows.stop - 1}) does not match its done mark's digest; rebuild it with "
-                    "`retrac index status --verify STORE` then `retrac index run STORE`"
-                )
-        return arrays[0], arrays[1]
+            if self.shard_digest(checkpoint, shard, arrays.at(local)) != int(expected):
+                raise self._damaged(checkpoint, shard, "does not match its done mark's digest")
+        return arrays
+
+    def _read(self, checkpoint: int, part: slice, shards: range) -> ShardArrays:
+        """The per-row arrays of rows `part` (whole `shards`); a DamagedStoreError naming the first
+        shard with an unreadable chunk file."""
+        try:
+            return ShardArrays(*(read_values(self._array(checkpoint, name), part) for name in ROW_ARRAYS))
+        except UnreachableStoreError:
+            raise
+        except Exception as error:  # zarr raises several kinds on a truncated or mangled chunk
+            if len(shards) == 1:
+                raise self._damaged(checkpoint, shards[0], f"cannot be read ({error})") from error
+            for shard in shards:  # name the first shard that fails alone
+                self._read(checkpoint, self.shard_rows(shard), range(shard, shard + 1))
+            raise
+
+    def _damaged(self, checkpoint: int, shard: int, what: str) -> DamagedStoreError:
+        rows = self.shard_rows(shard)
+        return DamagedStoreError(
+            f"index {self.path.name!r}: checkpoint {checkpoint} shard {shard} (rows {rows.start}.."
+            f"{rows.stop - 1}) {what}; {REBUILD_SHARDS}"
+        )
 
     def _stored_latents(self) -> torch.Tensor:
         """The latents written at create, checked against their digest: every worker computes from
@@ -257,6 +335,11 @@ def write_latents(group: zarr.Group, latents: torch.Tensor, shard_size: int) -> 
     )
     array[:] = values
     return digest([values])
+
+
+def ids_digest(ids: Sequence[str]) -> int:
+    """xxh3_64 of the sample ids, as JSON: recorded at create, checked whenever they are read."""
+    return xxhash.xxh3_64_intdigest(json.dumps(list(ids)).encode())
 
 
 def digest(arrays: Sequence[np.ndarray] | Any) -> int:

@@ -37,7 +37,7 @@ from storage.layout import (
 from storage.lifecycle import delete_store, is_leftover, list_stores, mark_deleted, remove_set_aside
 from storage.location import Location, locate
 from storage.reading import DEFAULT_RESIDENT_BYTES, RESIDENT_STEP, ReadableStore
-from storage.shards import CheckpointStatus, StoreStatus, write_latents
+from storage.shards import CheckpointStatus, StoreStatus, ids_digest, write_latents
 
 __all__ = [
     "DEFAULT_RESIDENT_BYTES",
@@ -129,6 +129,7 @@ class GradientStore(ReadableStore):
             "root": str(Path(root).resolve()) if root is not None else None,
             "data_root": str(Path(data_root).resolve()) if data_root is not None else None,
             "uid": uuid.uuid4().hex,  # tells this store from a later one at the same path
+            "sample_ids_digest": ids_digest(plan.dataset.ids),
         }
         group = zarr.open_group(path.zarr_store(), mode="w-", zarr_format=3)
         create_arrays(group, attrs, plan.dataset.ids, spec.dtype)

@@ -40,6 +40,12 @@ function showLabels() {
   $("prompt-field").hidden = !textual[$("index").value];
 }
 
+function modelNote(index) {  // what its gradients are over, when not a whole model's
+  const parameters = index.parameters;
+  if (parameters?.adapters) return `, LoRA rank ${parameters.adapters[0].r}: ${parameters.count} parameters`;
+  return parameters?.patterns.length ? `, ${parameters.count} parameters` : "";
+}
+
 async function loadIndexes() {
   const { data } = await (await call("indexes")).json();
   const select = $("index");
@@ -51,7 +57,7 @@ async function loadIndexes() {
     const done = index.progress.reduce((sum, c) => sum + c.done, 0);
     const total = index.progress.reduce((sum, c) => sum + c.total, 0);
     const option = new Option(
-      index.complete ? `${index.name} (${index.num_samples} samples)` : `${index.name} (building ${Math.floor(100 * done / total)}%)`,
+      index.complete ? `${index.name} (${index.num_samples} samples${modelNote(index)})` : `${index.name} (building ${Math.floor(100 * done / total)}%)`,
       index.name);
     option.disabled = !index.complete;
     select.append(option);

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from PIL import Image
 import retrac.plan
 from api_schemas import DatasetSpec
 from api_schemas.indexes import IndexCreate
+from api_schemas.specs import MAX_PATH_LENGTH
 from retrac.datasets import load_dataset
 from service.repository import StoreRepository
 from service.settings import Settings
@@ -65,16 +67,28 @@ class Bad:
     """The `Allow` header a 405 must carry."""
 
 
-def nul_specs() -> dict[str, dict[str, Any]]:
-    """An index spec with a NUL byte in each of its paths in turn."""
+def bad_path_specs(bad: Callable[[str], str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """An index spec with `bad(path)` for each of its paths in turn: (its field, the spec) by name."""
     spec = index_spec().model_dump(mode="json")
     external = {**spec, "run": None, "loss": "mse", "slots": {"replay": False, "grid": 2}}
     return {
-        "run path": {**spec, "run": "ru\x00n"},
-        "dataset source": {**spec, "dataset": {**spec["dataset"], "source": "images\x00/x"}},
-        "scheduler path": {**spec, "scheduler": "run/sched\x00uler"},
-        "checkpoint path": {**external, "checkpoints": [{"path": "run/checkpoints/epoch-0002\x00"}]},
+        "run path": ("spec.run", {**spec, "run": bad("run")}),
+        "dataset source": (
+            "spec.dataset.source",
+            {**spec, "dataset": {**spec["dataset"], "source": bad("images/x")}},
+        ),
+        "scheduler path": ("spec.scheduler", {**spec, "scheduler": bad("run/scheduler")}),
+        "VAE path": ("spec.vae", {**spec, "vae": bad("run/vae")}),
+        "checkpoint path": (
+            "spec.checkpoints.0.path",
+            {**external, "checkpoints": [{"path": bad("run/checkpoints/epoch-0002")}]},
+        ),
     }
+
+
+TOO_LONG = "a" * 10_000
+NAME_MAX = 255
+"""The longest file name (one part of a path) of common file systems."""
 
 
 CASES = [
@@ -262,7 +276,53 @@ CASES = [
             "NUL byte",
             {"json": {"name": "nul", "spec": spec}},
         )
-        for where, spec in nul_specs().items()
+        for where, (_, spec) in bad_path_specs(lambda path: f"{path[:2]}\x00{path[2:]}").items()
+    ),
+    *(
+        Bad(
+            f"{where} of 10,000 characters",
+            "post",
+            "/v1/indexes",
+            422,
+            f"{field}: String should have at most {MAX_PATH_LENGTH} characters",
+            {"json": {"name": "long", "spec": spec}},
+        )
+        for where, (field, spec) in bad_path_specs(lambda path: f"{path}/{TOO_LONG}").items()
+    ),
+    *(
+        Bad(
+            f"{where} with a part longer than a file name may be",
+            "post",
+            "/v1/indexes",
+            422,
+            f"{field}: a part of a path has at most {NAME_MAX} characters",
+            {"json": {"name": "long", "spec": spec}},
+        )
+        for where, (field, spec) in bad_path_specs(lambda path: f"{path}/{'a' * (NAME_MAX + 1)}").items()
+    ),
+    Bad(
+        "index name of 10,000 characters",
+        "post",
+        "/v1/indexes",
+        422,
+        "name: String should have at most 64 characters",
+        {"json": {"name": TOO_LONG, "spec": index_spec().model_dump(mode="json")}},
+    ),
+    Bad(
+        "caption column of 10,000 characters",
+        "post",
+        "/v1/indexes",
+        422,
+        "spec.dataset.caption_column: String should have at most 64 characters",
+        {
+            "json": {
+                "name": "long",
+                "spec": {
+                    **index_spec().model_dump(mode="json"),
+                    "dataset": {"source": "builtin:digits", "caption_column": TOO_LONG},
+                },
+            }
+        },
     ),
     Bad(
         "dataset of another shape than the model",

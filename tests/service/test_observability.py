@@ -63,7 +63,8 @@ def test_metrics_count_the_queries_their_phases_and_the_requests_by_route(
     assert seen[("retrac_store_cache_lookups_total", (("result", "hit"),))] == 1
     store = GradientStore.open(settings.stores_root / INDEX)  # type: ignore[operator]
     itemsize = 4 if store.spec.dtype in ("float32", "float16") else 2  # float16 widens to float32 if all fit
-    per_checkpoint = store.num_rows * store.num_slots * (store.dim * itemsize + 4)  # projected + norms
+    # projected, norms (float32), timesteps and seeds (int64)
+    per_checkpoint = store.num_rows * store.num_slots * (store.dim * itemsize + 4 + 8 + 8)
     expected = store.num_checkpoints * per_checkpoint
     assert seen[("retrac_store_resident_bytes", (("index", INDEX),))] == expected
 

@@ -81,8 +81,9 @@ class StoreContract:
         read = reader.rows_at(CHECKPOINT, np.arange(part.start, part.stop))
         assert torch.equal(read.projected.float(), rows.projected)
         assert torch.equal(read.norms, rows.norms)
-        assert np.array_equal(reader.timesteps(CHECKPOINT)[part], rows.timesteps.numpy())
-        assert np.array_equal(reader.seeds(CHECKPOINT)[part], rows.seeds.numpy())
+        stored = reader.stored_rows(CHECKPOINT, np.arange(part.start, part.stop))
+        assert np.array_equal(stored.timesteps, rows.timesteps.numpy())
+        assert np.array_equal(stored.seeds, rows.seeds.numpy())
 
     def test_a_damaged_shard_is_refused_and_verify_makes_it_pending(
         self, root: Location, store: GradientStore

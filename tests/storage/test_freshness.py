@@ -21,6 +21,7 @@ from retrac.plan import IndexPlan
 from retrac.replay import RECORD_NAME, TrainingRun
 from retrac.training import train
 from storage import GradientStore, StaleStoreError, StoreError
+from storage.shards import ids_digest
 from tests.conftest import TINY_DATASET
 from tests.storage.helpers import tiny_index_spec
 
@@ -102,7 +103,9 @@ def test_a_changed_dataset_is_named_with_what_changed(inputs: dict[str, Path]) -
 def test_a_store_of_the_old_sample_id_rule_is_refused_with_why(inputs: dict[str, Path]) -> None:
     store = inputs["base"] / "folder.zarr"
     opened = GradientStore.open(store, check=False)
-    opened._group["sample_ids"][:] = np.asarray(old_sample_ids(opened.sample_ids), dtype=object)
+    old = old_sample_ids(opened.sample_ids)
+    opened._group["sample_ids"][:] = np.asarray(old, dtype=object)
+    opened._group.attrs["sample_ids_digest"] = ids_digest(old)  # as such a store recorded them
     opened._group.attrs["fingerprints"] = {**opened.attrs["fingerprints"], "dataset": "0" * 64}
     message = stale_message(store)
     assert "the rule of earlier versions ('class-0_00.png')" in message

@@ -17,6 +17,7 @@ from retrac.computers import GradientComputerCache
 from retrac.query_side import query_vectors
 from retrac.replay import TrainingRun
 from storage import GradientStore, attribute, run_pending
+from storage.store import ROW_ARRAYS
 from tests.storage.helpers import tiny_index_spec
 from tests.tolerances import BFLOAT16_ROUNDOFF, gamma
 
@@ -117,7 +118,7 @@ def test_float16_rows_are_resident_as_float32_only_when_every_checkpoint_fits(re
         read = wide.rows_at(c, rows).projected
         assert read.dtype == torch.float32
         assert torch.equal(read, stored[c].float())
-    arrays = [group[f"checkpoints/{c}/{name}"] for c in range(3) for name in ("projected", "norms")]
+    arrays = [group[f"checkpoints/{c}/{name}"] for c in range(3) for name in ROW_ARRAYS]
     float16_bytes = sum(a.nbytes for a in arrays)
     narrow = GradientStore.open(reference_store, resident_bytes=float16_bytes)
     for c in range(3):

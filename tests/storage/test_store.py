@@ -48,7 +48,7 @@ def filled_copy(tmp_path: Path, reference_store: Path) -> Path:
 def test_a_plain_zarr_reader_finds_everything(reference_store: Path, tiny_run: TrainingRun) -> None:
     group = zarr.open_group(reference_store, mode="r")
     attrs = group.attrs.asdict()
-    assert attrs["format"] == "retrac-store/2"
+    assert attrs["format"] == "retrac-store/3"
     assert attrs["spec"] == json.loads(pin_checkpoints(tiny_index_spec(tiny_run)).model_dump_json())
     assert attrs["slot_kinds"] == ["replay", "grid", "grid"]
     assert len(attrs["fingerprints"]["weights"]) == 3
