@@ -17,12 +17,12 @@ process's CPU time, which other processes do not inflate (`--clock wall` for ela
 `--classes C` makes every model class-conditional (a random label per sample); `--presets dit` a
 `DiTTransformer2DModel` (4 blocks of 4 x 32 heads, 2x2 patches of 16x16x4 latents, C classes, 10 by
 default); `--text D` every UNet a `UNet2DConditionModel` given random text states `(B, 77, D)`: each
-through the same layer rules. Figures: see docs/performance.md#per-sample-gradients-training-side.
-
-Prints one JSON object, `{"tiny": {...}, "small": {...}}` with rates in samples/s, the thread count,
-batch size, classes, clock and strategy; never asserts a timing.
+through the same layer rules. `--presets cifar10 minisd`: `bench/budgeted.py`'s cases, each in its own
+process (docs/performance.md#memory-budgets). Figures: docs/performance.md#per-sample-gradients-training-side.
+Prints one JSON object, `{"tiny": {...}, ...}` with rates in samples/s, thread count, batch size,
+classes, clock, strategy; never asserts a timing.
 Usage: `python bench/gradients.py [--threads N] [--repeats R] [--query-repeats R] [--clock cpu|wall]
-[--classes C | --text D] [--presets tiny small dit]`.
+[--classes C | --text D] [--presets tiny small dit cifar10 minisd] [--memory-budget 4GiB]`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel
@@ -49,6 +52,8 @@ from retrac.query_side import query_timesteps, query_vectors
 
 SHAPES = {"tiny": (16, 1), "small": (32, 3), "dit": (16, 4)}
 """Preset -> (resolution, channels)."""
+BUDGETED = ("cifar10", "minisd")
+"""Presets benched within a memory budget by `bench/budgeted.py`."""
 DEFAULT_PRESETS = ("tiny", "small")
 DIT_CONFIG = dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, patch_size=2, norm_num_groups=1)
 DIT_CLASSES = 10
@@ -209,6 +214,20 @@ def _classes(preset: str, given: int | None) -> int | None:
     return given or (DIT_CLASSES if preset == "dit" else None)
 
 
+def budgeted_cases(preset: str, args: argparse.Namespace) -> dict[str, object]:
+    """`bench/budgeted.py`'s JSON for `preset` (minisd: one case per LoRA rank), each in its own process."""
+    cases = [preset] if preset == "cifar10" else [f"minisd_lora{rank}" for rank in args.lora]
+    script = str(Path(__file__).with_name("budgeted.py"))
+    flags = ["--memory-budget", args.memory_budget, "--repeats", str(args.budget_repeats),
+             "--threads", str(args.threads), "--clock", args.clock]
+    return {
+        case: json.loads(subprocess.run(
+            [sys.executable, script, "--case", case, *flags], check=True, capture_output=True, text=True
+        ).stdout)
+        for case in cases
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -216,7 +235,10 @@ def main() -> None:
     parser.add_argument("--query-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--clock", choices=list(CLOCKS), default="cpu")
-    parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), choices=list(SHAPES))
+    parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), choices=[*SHAPES, *BUDGETED])
+    parser.add_argument("--memory-budget", default="4GiB", help="budgeted presets: the memory budget")
+    parser.add_argument("--lora", type=int, nargs="+", default=[4, 64], help="minisd: LoRA ranks")
+    parser.add_argument("--budget-repeats", type=int, default=2, help="budgeted presets: timed repeats")
     condition = parser.add_mutually_exclusive_group()
     condition.add_argument(
         "--classes", type=int, default=None, help="class-conditional models with C classes"
@@ -235,8 +257,10 @@ def main() -> None:
             _classes(preset, args.classes),
             args.text,
         )
-        for preset in args.presets
+        for preset in args.presets if preset not in BUDGETED
     }
+    for preset in (p for p in args.presets if p in BUDGETED):
+        result.update(budgeted_cases(preset, args))
     result["threads"] = torch.get_num_threads()
     result["batch"] = args.batch
     result["classes"] = args.classes

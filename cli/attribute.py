@@ -14,7 +14,7 @@ from api_schemas import Estimator, Method, QuerySpec, Search
 from api_schemas.attribution import AttributionsPublic
 from api_schemas.specs import DEFAULT_TOP_K, default_estimator
 from cli import options
-from cli.common import default, print_notices, store_location, typed_flags
+from cli.common import default, gradient_computers, print_notices, store_location, typed_flags
 from cli.progress import PhaseBars
 from cli.render import CSV_COLUMNS, attributions
 from cli.specs import QUERY_FLAGS, query_spec
@@ -74,6 +74,7 @@ def run(
     as_json: options.AsJson = False,
     columns: options.Columns = None,
     threads: options.Threads = 1,
+    memory_budget: options.MemoryBudget = None,
     label: options.Label = None,
     prompt: options.Prompt = None,
 ) -> int:
@@ -101,7 +102,10 @@ def run(
     print_notices(notices)
     count = opened.num_rows if rank_all else top_k
     with PhaseBars() as bars:
-        ranked = attribute(opened, pixels, query, top_k=count, methods=methods, on_progress=bars)
+        ranked = attribute(
+            opened, pixels, query, top_k=count, methods=methods, on_progress=bars,
+            models=gradient_computers(None, threads, memory_budget),
+        )
     answer = ranked.public(
         index_name(opened.location), [str(p) for p in files], total_s=time.perf_counter() - started,
         notices=notices,

@@ -14,6 +14,7 @@ from api_schemas import DatasetSpec
 from api_schemas.errors import messages
 
 if TYPE_CHECKING:
+    from retrac.computers import GradientComputerCache
     from storage.location import Location
 
 
@@ -94,6 +95,20 @@ def print_notices(notices: Sequence[str]) -> None:
     """What loading images converted (resized, cropped, channels, ...), as one line on stderr."""
     if notices:
         print("notice: " + "; ".join(notices), file=sys.stderr)
+
+
+def gradient_computers(device: str | None, threads: int, memory_budget: str | None) -> GradientComputerCache:
+    """The gradient computers of an embedded command: on `device` (None: CUDA when available), with
+    `threads`, within `--memory-budget` or else the `RETRAC_MEMORY_BUDGET` setting (`retrac.budget`)."""
+    from retrac.budget import memory_budget as budget_of
+    from retrac.budget import parse_bytes
+    from retrac.computers import GradientComputerCache, parse_device
+    from worker.settings import ComputeSettings
+
+    chosen = parse_device(device or "auto")
+    given = parse_bytes(memory_budget) if memory_budget else ComputeSettings().memory_budget
+    budget = budget_of(chosen, None if given is None else int(given))
+    return GradientComputerCache(chosen, threads=threads, budget=budget)
 
 
 def store_location(where: str) -> Location:

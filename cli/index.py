@@ -33,6 +33,7 @@ from cli.common import (
     Resolution,
     absolute_text,
     default,
+    gradient_computers,
     print_notices,
     store_location,
     typed_flags,
@@ -194,17 +195,17 @@ def run(
         str | None, typer.Option(help="embedded: torch device", show_default="CUDA when available")
     ] = None,
     threads: Annotated[int, typer.Option(help="embedded: CPU threads (a shard's bytes depend on it)")] = 1,
+    memory_budget: options.MemoryBudget = None,
 ) -> int:
     from tqdm import tqdm
 
-    from retrac.computers import GradientComputerCache
     from storage import GradientStore, run_pending
 
     if queue:
         return _run_queued(store, wait)
     opened = GradientStore.open(store_location(store))
     rows = sum(opened.shard_length(s) for _, s in opened.pending())
-    models = GradientComputerCache(device, threads=threads)
+    models = gradient_computers(device, threads, memory_budget)
     with tqdm(total=rows, unit="rows", desc="indexing", smoothing=0.1) as bar, PhaseBars() as ann:
         count = run_pending(opened, models, on_rows=bar.update, on_ann=ann)
     print(f"{opened.path}: {count} shards computed; complete: {opened.status().complete}")

@@ -179,6 +179,15 @@ Columns = Annotated[
     ),
 ]
 Threads = Annotated[int, typer.Option(help="CPU threads for the query gradients")]
+MemoryBudget = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-budget",
+        help="memory a gradient batch may use, e.g. 8GiB; a job that cannot fit one sample is refused",
+        show_default="RETRAC_MEMORY_BUDGET, else half the RAM (CPU) or 80% of the GPU's memory",
+    ),
+]
+"""The flag of every command that computes gradients (`index run`, `attribute`, `worker`)."""
 Label = Annotated[
     str | None,
     typer.Option(

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from cli.common import first_error, typed
+from cli.options import MemoryBudget
 from worker.settings import WorkerSettings
 
 
@@ -50,6 +51,7 @@ def start_worker(
             show_default=from_environment("RETRAC_TORCH_THREADS", "torch_threads"),
         ),
     ] = None,
+    memory_budget: MemoryBudget = None,
     loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="Celery log level")] = "INFO",
     hostname: Annotated[
         str | None, typer.Option("--hostname", "-n", help="node name, for several workers on one machine")
@@ -62,7 +64,8 @@ def start_worker(
     from worker.settings import get_settings, use_settings
 
     try:  # the flags laid over the environment; the app reads them when it starts
-        use_settings(WorkerSettings(**typed(queue=queue, device=device, torch_threads=threads)))
+        flags = typed(queue=queue, device=device, torch_threads=threads, memory_budget=memory_budget)
+        use_settings(WorkerSettings(**flags))
     except ValidationError as error:
         raise SpecError(first_error(error)) from error
 

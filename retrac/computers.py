@@ -4,7 +4,7 @@ A worker process runs many shards of the same checkpoints; loading the UNet and 
 projector (a count sketch draws one bucket and sign per parameter) once per checkpoint keeps that
 cost out of every task. Entries are keyed by everything that fixes the gradient computation, so
 stores with the same checkpoints and projector share them; the least recently used are dropped
-beyond `capacity`.
+beyond `capacity`. Every computer batches within the cache's memory budget (`retrac.budget`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from retrac.budget import memory_budget
 from retrac.gradients import GradientComputer
 from retrac.plan import IndexPlan
 
@@ -39,13 +40,21 @@ class GradientComputerCache:
     `threads` is the intra-op thread count used while computing rows on the CPU. It is fixed
     because CPU results depend on it: with it fixed, a shard's bytes are the same on every run
     (the store's idempotence rule); parallelism comes from running several workers instead.
+    `budget` is the memory budget in bytes of each gradient batch (default: the device's share,
+    `retrac.budget.memory_budget`); with the same budget, the same batches, so the same bytes.
     """
 
     def __init__(
-        self, device: torch.device | str | None = None, *, threads: int = 1, capacity: int = DEFAULT_CAPACITY
+        self,
+        device: torch.device | str | None = None,
+        *,
+        threads: int = 1,
+        capacity: int = DEFAULT_CAPACITY,
+        budget: int | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.threads, self.capacity = threads, capacity
+        self.budget = budget if budget is not None else memory_budget(self.device)
         self._entries: OrderedDict[tuple[str, ...], GradientComputer] = OrderedDict()
         self._lock = threading.Lock()  # a serving process asks from several threads
 
@@ -68,7 +77,8 @@ class GradientComputerCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-            computer = plan.gradient_computer(checkpoint, plan.load_model(checkpoint, self.device))
+            model = plan.load_model(checkpoint, self.device)
+            computer = plan.gradient_computer(checkpoint, model, budget=self.budget)
             self._entries[key] = computer
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)

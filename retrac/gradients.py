@@ -40,6 +40,14 @@ from torch.func import functional_call, grad, vmap
 from torch.profiler import record_function
 
 from api_schemas import LossKind, LossWeighting, OutputFunction
+from retrac.budget import (
+    ACTIVATION_MARGIN,
+    GROUP_TEMPORARIES,
+    LAYER_TEMPORARIES,
+    RUNTIME_BYTES,
+    Footprint,
+    activation_bytes,
+)
 from retrac.conditions import Conditions
 from retrac.exceptions import GradientError
 from retrac.losses import noised, per_sample_output
@@ -298,7 +306,8 @@ def _rule_layers(unet: nn.Module, params: dict[str, torch.Tensor]) -> Layers | N
 class GradientComputer:
     """Batched per-sample gradients of one model and loss, projected by one projector.
 
-    Shapes: images `(B, C, H, W)`, timesteps `(B,)` int, noise `(B, G, C, H, W)`.
+    Shapes: images `(B, C, H, W)`, timesteps `(B,)` int, noise `(B, G, C, H, W)`. With a memory
+    `budget` (bytes, `retrac.budget`), each call's batch is the largest that fits it, at most `chunk`.
     """
 
     def __init__(
@@ -310,13 +319,17 @@ class GradientComputer:
         *,
         weighting: LossWeighting = "none",
         output: OutputFunction = "loss",
+        budget: int | None = None,
     ) -> None:
         self.model, self.loss, self.weighting, self.chunk = model, loss, weighting, chunk
-        self.output = output
+        self.output, self.budget = output, budget
+        self._per_copy: int | None = None
         self.params = trainable_parameters(model)
         self.num_params = sum(p.numel() for p in self.params.values())
         self.projector = projector or IdentityProjector(self.num_params)
         self.device = next(iter(self.params.values())).device
+        if self.device.type == "cuda":  # float32 products: TF32's 10-bit ones would err ~1e-3 from the CPU's
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         starts = torch.tensor([0] + [p.numel() for p in self.params.values()]).cumsum(0).tolist()
         self._starts = dict(zip(self.params, starts, strict=False))  # the last start is the end
         self._layers = _rule_layers(model.unet, self.params)
@@ -358,8 +371,9 @@ class GradientComputer:
         """
         conditions.check(images.shape[0])
         projected, norms = [], []
-        for start in range(0, images.shape[0], self.chunk):
-            part = slice(start, start + self.chunk)
+        chunk = self.batch_size(images, timesteps, noise, conditions)
+        for start in range(0, images.shape[0], chunk):
+            part = slice(start, start + chunk)
             try:
                 chunk_projected, chunk_norms = self._project_chunk(
                     images[part], timesteps[part], noise[part], conditions.select(part)
@@ -371,6 +385,62 @@ class GradientComputer:
             if on_chunk is not None:
                 on_chunk(chunk_norms.shape[0])
         return GradientBatch(torch.cat(projected).float().detach(), torch.cat(norms).float().detach())
+
+    def batch_size(
+        self, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, conditions: Conditions
+    ) -> int:
+        """Groups per batch `compute` takes for these inputs: `chunk`, or less where the memory budget
+        says so; a `MemoryBudgetError` if one group does not fit, before any gradient is computed.
+
+        The weights, projector and per-sample gradients are counted first, so a model whose gradients
+        alone exceed the budget is refused without running; then one forward of the first sample's
+        first copy counts the activations (once per computer)."""
+        if self.budget is None:
+            return self.chunk
+        draws = noise.shape[1]
+        what = f"per-sample gradients of {self.num_params:,} parameters over groups of {draws} copies"
+        if self._per_copy is None:
+            unmeasured = self.footprint(draws)
+            if unmeasured.groups(self.budget, draws) == 0:
+                raise unmeasured.refusal(self.budget, draws, what)
+            first = conditions.select(slice(0, 1))
+            self._per_copy = self._activations(images[:1], timesteps[:1], noise[:1, :1], first)
+        footprint = self.footprint(draws)
+        groups = footprint.groups(self.budget, draws)
+        if groups == 0:
+            raise footprint.refusal(self.budget, draws, what)
+        return min(self.chunk, groups)
+
+    def footprint(self, draws: int) -> Footprint:
+        """The memory footprint (`retrac.budget.Footprint`) of groups of `draws` copies: the gradient as
+        the strategy holds it, and the activations the first `batch_size` counted (none before)."""
+        per_copy, unet = self._per_copy or 0, self.model.unet
+        weights = sum(t.nbytes for t in (*unet.parameters(), *unet.buffers()))
+        runtime = RUNTIME_BYTES["cpu" if self.device.type == "cpu" else "cuda"]
+        fixed = runtime + weights + self.projector.table_bytes
+        row, whole = 4 * self.projector.dim, 4 * self.num_params
+        if draws > 1 and draws * self.num_params >= GROUP_BACKWARD_WORK:  # one group's backward at a time
+            return Footprint(fixed + whole, whole + row, per_copy, whole_batch_copies=False)
+        if self._layers is not None:
+            largest = max(p.numel() for p in self.params.values())
+            return Footprint(fixed, LAYER_TEMPORARIES * 4 * largest + row, per_copy)
+        return Footprint(fixed, GROUP_TEMPORARIES * whole + row, per_copy)
+
+    def _activations(
+        self, image: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor, condition: Conditions
+    ) -> int:
+        """Bytes one copy's forward keeps for its backward (`retrac.budget.activation_bytes`), with
+        the margin."""
+        args = (image.to(self.device), timestep.to(self.device), noise.to(self.device))
+        params = dict(self.model.unet.named_parameters())
+
+        def forward() -> torch.Tensor:
+            return group_losses(
+                self.model, self.loss, params, *args, self.weighting, condition.to(self.device), self.output
+            )
+
+        layers = [module for _, module in self._layers or []]
+        return int(ACTIVATION_MARGIN * activation_bytes(forward, params.values(), layers))
 
     def _project_chunk(
         self, images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, conditions: Conditions

@@ -300,12 +300,14 @@ def load_unet(path: str | Path, *, expect: dict[str, Any] | None = None) -> Deno
     """Load a diffusers denoiser folder (a UNet or a DiT) from safetensors, in eval mode, float32.
 
     `expect` is an `architecture()` the checkpoint must match (all checkpoints of one index must
-    share one parameter layout, or their gradients could not be compared).
+    share one parameter layout, or their gradients could not be compared). Built on the meta device
+    and filled from the file (accelerate's low-memory path): the weights are held once, not twice;
+    `require_weights` has checked that the file fills every tensor.
     """
     folder = require_weights(path)
     try:
         model = denoiser_class(path).from_pretrained(
-            folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
+            folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=True
         )
     except Exception as error:  # diffusers raises many kinds; the user needs the path and the cause
         raise CheckpointError(f"{path}: cannot load the denoiser: {error}") from error

@@ -214,12 +214,15 @@ class IndexPlan:
         select_parameters(unet, self.spec.parameters)
         return DiffusionModel.from_parts(unet, load_scheduler(self.scheduler_folder)).to(device)
 
-    def gradient_computer(self, checkpoint: int, model: DiffusionModel) -> GradientComputer:
-        """The computer that projects with this index's operator for checkpoint `checkpoint`."""
+    def gradient_computer(
+        self, checkpoint: int, model: DiffusionModel, budget: int | None = None
+    ) -> GradientComputer:
+        """The computer that projects with this index's operator for checkpoint `checkpoint`, in batches
+        of at most the spec's `batch_size` within `budget` bytes (`retrac.budget`; None: no budget)."""
         projector = make_projector(self.spec.projector, num_parameters(model), checkpoint)
         return GradientComputer(
             model, self.loss, projector, chunk=self.spec.batch_size, weighting=self.loss_weighting,
-            output=self.spec.output_function,
+            output=self.spec.output_function, budget=budget,
         )
 
     @functools.cached_property

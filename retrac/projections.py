@@ -37,6 +37,8 @@ class Projector(Protocol):
     kind: ProjectorKind
     dim: int
     seed: int
+    table_bytes: int
+    """Bytes the operator keeps (its tables or cached blocks), for memory budgets (`retrac.budget`)."""
 
     def project(self, gradients: torch.Tensor) -> torch.Tensor: ...
 
@@ -60,6 +62,8 @@ class IdentityProjector:
     """No projection: `k = P`, exact scores."""
 
     kind: ProjectorKind = "identity"
+
+    table_bytes = 0
 
     def __init__(self, num_params: int, seed: int = 0) -> None:
         self.dim = num_params
@@ -96,6 +100,7 @@ class SketchProjector:
         generator = torch.Generator("cpu").manual_seed(seed)
         self._buckets = torch.randint(0, dim, (num_params,), generator=generator, dtype=torch.int64)
         self._signs = torch.randint(0, 2, (num_params,), generator=generator).to(torch.float32) * 2 - 1
+        self.table_bytes = self._buckets.nbytes + self._signs.nbytes
 
     def project(self, gradients: torch.Tensor) -> torch.Tensor:
         starts = range(0, gradients.shape[1], SKETCH_BLOCK)
@@ -130,6 +135,7 @@ class DenseProjector:
         self._cache: dict[tuple[int, str], torch.Tensor] | None = (
             {} if num_params * dim * 4 <= cache_bytes else None
         )
+        self.table_bytes = (num_params if self._cache is not None else DENSE_BLOCK) * dim * 4
 
     def _block(self, index: int, device: torch.device) -> torch.Tensor:
         key = (index, str(device))

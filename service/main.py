@@ -27,7 +27,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import Match, Mount
 from starlette.types import Scope
 
-from retrac.computers import GradientComputerCache, parse_device
 from service.api.main import API_PREFIX, api_router
 from service.handlers import install_error_handlers
 from service.limits import BodyLimit
@@ -96,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.repository = StoreRepository(settings)
     metrics = app.state.metrics = ServiceMetrics(app.state.repository.open_stores, pool)
     app.state.engine = QueryEngine(
-        GradientComputerCache(parse_device(settings.device), threads=settings.torch_threads),
+        settings.gradient_computers(),
         pool,
         on_answer=metrics.observe_query,
     )

@@ -40,7 +40,7 @@ import torch
 
 from api_schemas import QuerySpec
 from retrac.attribution import QueryGradients
-from retrac.computers import GradientComputerCache, parse_device
+from retrac.computers import GradientComputerCache
 from retrac.conditions import Conditions
 from retrac.exceptions import RetracError
 from retrac.query_side import QueryVectors
@@ -263,7 +263,7 @@ def serve_gradients(connection: Connection, settings: Settings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(settings.torch_threads)
     settings.use_input_cache()
-    models = GradientComputerCache(parse_device(settings.device), threads=settings.torch_threads)
+    models = settings.gradient_computers()
     stores = OpenStores(settings.bucket_options())
     while True:
         try:

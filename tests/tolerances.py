@@ -7,6 +7,8 @@ blockings, other thread counts, FMA or not) each lie within `gamma(n) * sum |ter
 
 from __future__ import annotations
 
+from torch import nn
+
 UNIT_ROUNDOFF = 2.0**-24
 """float32: half the distance from 1 to the next float32."""
 
@@ -30,3 +32,29 @@ def probable(terms: int) -> float:
 
 BFLOAT16_ROUNDOFF = 2.0**-8
 """bfloat16 (8 significant bits): the relative error of rounding one value to it."""
+
+
+def float32_bound(unet: nn.Module, resolution: int) -> float:
+    """Normwise bound between two float32 evaluations of one gradient in other summation orders
+    (other batch sizes, kernels, threads): through `layers` reductions of at most `terms` (pixels x
+    fan-in) terms each, both within `probable(terms)` per reduction of the exact values."""
+    layers = sum(1 for m in unet.modules() if any(True for _ in m.parameters(recurse=False)))
+    fan_in = max(p[0].numel() for p in unet.parameters() if p.ndim > 1)
+    return 2 * layers * probable(resolution * resolution * fan_in)
+
+
+FLOAT16_ROUNDOFF = 2.0**-11
+"""float16 (11 significant bits): the relative error of rounding one value to it, as a store's rows are."""
+
+
+def cuda_float32_bound(unet: nn.Module, resolution: int) -> float:
+    """Normwise bound between a gradient computed on CUDA and on the CPU, both float32 (the engine turns
+    TF32 off): the same arithmetic in other summation orders (cuDNN's and cuBLAS's blockings, split
+    reductions), so `float32_bound`."""
+    return float32_bound(unet, resolution)
+
+
+def cuda_float16_bound(unet: nn.Module, resolution: int) -> float:
+    """Normwise bound between float16 rows stored from CUDA and from the CPU: `cuda_float32_bound` plus
+    one rounding to float16 on each side (each within `FLOAT16_ROUNDOFF` of its float32 row's norm)."""
+    return cuda_float32_bound(unet, resolution) + 2 * FLOAT16_ROUNDOFF

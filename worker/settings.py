@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from retrac.computers import GradientComputerCache
     from storage.location import BucketOptions
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -30,6 +31,23 @@ class ComputeSettings(BaseSettings):
     torch_threads: int = Field(
         1, ge=1, description="CPU threads per process; fixed, because a shard's bytes depend on it"
     )
+    memory_budget: ByteSize | None = Field(
+        None,
+        gt=0,
+        description="memory a gradient batch may use, e.g. 8GiB (`retrac.budget`); default half the "
+        "machine's RAM on the CPU, 80% of the GPU's memory",
+    )
+
+    def gradient_computers(self, capacity: int | None = None) -> GradientComputerCache:
+        """This process's gradient computers: on this device, with these threads, within this budget."""
+        from retrac.budget import memory_budget  # here: reading settings must not import torch
+        from retrac.computers import DEFAULT_CAPACITY, GradientComputerCache, parse_device
+
+        device = parse_device(self.device)
+        return GradientComputerCache(
+            device, threads=self.torch_threads, capacity=capacity or DEFAULT_CAPACITY,
+            budget=memory_budget(device, None if self.memory_budget is None else int(self.memory_budget)),
+        )
 
 
 class LogSettings(BaseSettings):

@@ -21,7 +21,7 @@ import torch
 from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 
-from retrac.computers import GradientComputerCache, parse_device
+from retrac.computers import GradientComputerCache
 from storage import DeletedStoreError, OpenStores, build_ann_when_complete, is_leftover, run_shard
 from storage.kernels import build_kernel_when_complete
 from storage.location import STORE_SUFFIX, TRANSIENT_STORE_ERRORS, locate
@@ -121,7 +121,5 @@ def _model_cache() -> GradientComputerCache:
     global _models
     if _models is None:
         settings = get_settings()
-        _models = GradientComputerCache(
-            parse_device(settings.device), threads=settings.torch_threads, capacity=settings.model_cache_size
-        )
+        _models = settings.gradient_computers(settings.model_cache_size)
     return _models

@@ -14,7 +14,7 @@ from retrac.models import DiffusionModel, build_unet
 from retrac.projections import make_projector
 from retrac.query_side import query_vectors
 from tests.retrac.reference import mean_gradient, query_draws
-from tests.tolerances import probable
+from tests.tolerances import float32_bound
 
 RELATIVE_TOLERANCE = 1e-5
 
@@ -64,23 +64,14 @@ def test_norms_are_exact_and_projection_is_linear() -> None:
         assert relative_error(batch.projected, projector.project(reference)) < RELATIVE_TOLERANCE
 
 
-def float32_bound(model: DiffusionModel, resolution: int) -> float:
-    """Normwise bound between two float32 evaluations of one gradient in other summation orders:
-    through `layers` reductions of at most `terms` (pixels x fan-in) terms each, both within
-    `probable(terms)` per reduction of the exact values."""
-    layers = sum(1 for m in model.unet.modules() if any(True for _ in m.parameters(recurse=False)))
-    fan_in = max(p[0].numel() for p in model.unet.parameters() if p.ndim > 1)
-    return 2 * layers * probable(resolution * resolution * fan_in)
-
-
 def test_chunking_does_not_change_results() -> None:
     """Other chunks are other batch sizes, so other kernels and summation orders."""
     model = model_of("micro", 8)
     images, timesteps, noise = inputs(6, 1, 8, seed=2)
     whole = GradientComputer(model, "mse", chunk=6).compute(images, timesteps, noise)
     parts = GradientComputer(model, "mse", chunk=4).compute(images, timesteps, noise)
-    assert relative_error(parts.projected, whole.projected) <= float32_bound(model, 8)
-    assert relative_error(parts.norms[:, None], whole.norms[:, None]) <= float32_bound(model, 8)
+    assert relative_error(parts.projected, whole.projected) <= float32_bound(model.unet, 8)
+    assert relative_error(parts.norms[:, None], whole.norms[:, None]) <= float32_bound(model.unet, 8)
 
 
 def test_thread_counts_agree_within_float32_accumulation() -> None:
@@ -95,8 +86,8 @@ def test_thread_counts_agree_within_float32_accumulation() -> None:
         two = GradientComputer(model, "mse").compute(*batch)
     finally:
         torch.set_num_threads(threads)
-    assert relative_error(two.projected, one.projected) <= float32_bound(model, 8)
-    assert relative_error(two.norms[:, None], one.norms[:, None]) <= float32_bound(model, 8)
+    assert relative_error(two.projected, one.projected) <= float32_bound(model.unet, 8)
+    assert relative_error(two.norms[:, None], one.norms[:, None]) <= float32_bound(model.unet, 8)
 
 
 TINY_PARAMETERS = 701_345
