@@ -12,7 +12,7 @@ import typer
 
 from api_schemas import Estimator, Method, QuerySpec, Search
 from api_schemas.attribution import AttributionsPublic
-from api_schemas.specs import DEFAULT_ESTIMATOR, DEFAULT_TOP_K, default_estimator
+from api_schemas.specs import DEFAULT_ESTIMATOR, DEFAULT_TOP_K
 from cli.common import default, print_notices, store_location, typed_flags
 from cli.progress import PhaseBars
 from cli.render import CSV_COLUMNS, OutputFormat, attributions
@@ -90,7 +90,8 @@ def run(
     method: Annotated[
         list[str] | None,
         typer.Option(help="a score to rank by (repeatable): tracin, retrac, trak, dtrak (docs/methods.md)",
-                     show_default="every method the store serves"),
+                     show_default="the measured best the store serves (trak under the matched estimator; "
+                     "tracin and retrac under the paper's)"),
     ] = None,
     gallery: Annotated[
         Path | None, typer.Option(help="write a PNG of each query's top proponents per method")
@@ -126,14 +127,13 @@ def run(
 
     import torch
 
+    from retrac import defaults
     from retrac.datasets import Conversions, load_image_file
-    from retrac.methods import methods_served
     from storage import GradientStore, attribute
     from storage.location import index_name
 
     flags = typed_flags(context, QUERY_FLAGS)  # every input checked before a model loads
-    # the estimator's default settles once the store opens
-    query = query_spec({**flags, "estimator": estimator or "paper"})
+    query = query_spec(flags)  # the estimator and methods left out settle once the store opens
     chosen = csv_columns(columns)
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
@@ -141,17 +141,14 @@ def run(
     started = time.perf_counter()
     torch.set_num_threads(threads)
     opened = GradientStore.open(store_location(store))
-    if estimator is None:
-        knobs_typed = bool({"timesteps", "draws", "seed"} & set(flags))
-        chosen_estimator = default_estimator(opened.spec.slots, search, knobs_typed)
-        query = query.model_copy(update={"estimator": chosen_estimator})
-    methods = [typing.cast(Method, m) for m in method] if method else methods_served(opened.spec)
+    named = [typing.cast(Method, m) for m in method or ()]
+    query, methods, picked = defaults.chosen(query, opened.spec, named)
     shape, conversions = opened.spec.dataset, Conversions()
     pixels = torch.stack([
         load_image_file(path, resolution=shape.resolution, channels=shape.channels, conversions=conversions)
         for path in files
     ])
-    notices = conversions.notices(len(files), "query images")
+    notices = [*conversions.notices(len(files), "query images"), *picked]
     print_notices(notices)
     with PhaseBars() as bars:
         ranked = attribute(

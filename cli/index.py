@@ -154,7 +154,11 @@ def create(
         ),
     ] = default(IndexSpec, "output_function"),
     kernel: Annotated[
-        bool, typer.Option("--kernel", help="build each checkpoint's TRAK kernel (methods trak and dtrak)")
+        bool,
+        typer.Option(
+            "--kernel/--no-kernel", help="build each checkpoint's TRAK kernel (methods trak and dtrak)",
+            show_default="on for projected rows, off under --preset paper",
+        ),
     ] = False,
     kernel_ridge: Annotated[
         float, typer.Option(help="the kernel's lambda as a fraction of trace(Phi^T Phi) / k")
