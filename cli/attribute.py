@@ -148,7 +148,7 @@ def run(
         load_image_file(path, resolution=shape.resolution, channels=shape.channels, conversions=conversions)
         for path in files
     ])
-    notices = [*conversions.notices(len(files), "query images"), *picked]
+    notices = conversions.notices(len(files), "query images")
     print_notices(notices)
     with PhaseBars() as bars:
         ranked = attribute(
@@ -163,9 +163,10 @@ def run(
         index_name(opened.location),
         [str(p) for p in files],
         total_s=time.perf_counter() - started,
-        notices=notices,
+        notices=[*notices, *picked],
     )
     attributions(once_each(answer) if rank_all else answer, "json" if as_json else output, chosen)
+    print_notices(picked)  # what the defaults chose, once there is an answer
     if gallery is not None:
         draw_gallery(gallery, opened, pixels, answer, files)
         print(f"gallery: {gallery}", file=sys.stderr if output != "text" or as_json else sys.stdout)
