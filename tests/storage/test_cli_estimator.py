@@ -116,7 +116,8 @@ def test_the_defaults_build_the_measured_slots_and_attribute_with_the_matched_es
     assert list(reference["data"][0]["methods"]) == ["tracin", "retrac"]
 
     bare = str(tmp_path / "bare.zarr")
-    assert main(["index", "create", bare, "--run", run, "--dim", "64", "--shard-size", "16", "--no-kernel"]) == 0
+    flags = ["--dim", "64", "--shard-size", "16", "--no-kernel"]
+    assert main(["index", "create", bare, "--run", run, *flags]) == 0
     assert main(["index", "run", bare]) == 0
     fallback = answer(bare)
     assert (fallback["estimator"], list(fallback["data"][0]["methods"])) == ("matched", ["retrac"])
