@@ -45,14 +45,15 @@ def chosen(
     query: AnyQuery, spec: IndexSpec, methods: Sequence[Method] | None
 ) -> tuple[AnyQuery, list[Method], list[str]]:
     """(query with its estimator settled, methods to run, notices): a query's `estimator` left out
-    (not in its fields set) and `methods` None or empty take the defaults for `spec`; the notices say
-    which defaults ran and, where the index fell short of the measured best, the flag that adds it."""
+    (not in its fields set) and `methods` None or empty take the defaults for `spec`. The answer names
+    the estimator and methods that ran; the notices say where a default fell back because the index
+    lacks what the measured best needs, and the flag that adds it."""
     notices: list[str] = []
     if "estimator" not in query.model_fields_set:
         knobs = bool(set(STORE_KNOBS) & query.model_fields_set)
         estimator = default_estimator(spec.slots, query.search, knobs)
         query = query.model_copy(update={"estimator": estimator})
-        if estimator != DEFAULT_ESTIMATOR and spec.slots.noise != "shared":
+        if estimator != DEFAULT_ESTIMATOR and not knobs and query.search == "exact":
             notices.append(
                 f"estimator {estimator}: this index has no shared-noise grid slots for the matched "
                 "estimator, the measured best (index create's default slots add them)"
@@ -60,10 +61,9 @@ def chosen(
     if methods:
         return query, list(methods), notices
     picked = default_methods(spec, query.estimator)
-    note = f"methods {', '.join(picked)}: the default under the {query.estimator} estimator"
     if query.estimator == DEFAULT_ESTIMATOR and picked[0] != MEASURED_ORDER[0]:
         try:
             require_methods(spec, MEASURED_ORDER[:1])
         except SpecError as missing:
-            note += f", the best this index serves ({missing})"
-    return query, picked, [*notices, note]
+            notices.append(f"methods {', '.join(picked)}, the best this index serves ({missing})")
+    return query, picked, notices

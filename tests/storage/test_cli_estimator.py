@@ -103,7 +103,7 @@ def test_the_defaults_build_the_measured_slots_and_attribute_with_the_matched_es
     shape = (default["timesteps"], default["draws"])
     assert shape == (DEFAULT_SLOTS.grid, DEFAULT_SLOTS.draws)
     assert list(default["data"][0]["methods"]) == ["trak"]
-    assert default["notices"] == ["methods trak: the default under the matched estimator"]
+    assert default["notices"] == []  # the measured best ran: nothing to say beyond its name
     asked = answer(path, "--estimator", "matched", "--method", "trak")
     ran = ("timesteps", "draws", "seed", "estimator", "search", "data")
     assert {k: default[k] for k in ran} == {k: asked[k] for k in ran}
@@ -121,8 +121,10 @@ def test_the_defaults_build_the_measured_slots_and_attribute_with_the_matched_es
     assert main(["index", "run", bare]) == 0
     fallback = answer(bare)
     assert (fallback["estimator"], list(fallback["data"][0]["methods"])) == ("matched", ["retrac"])
-    assert "the best this index serves" in fallback["notices"][0]
-    assert "create it with --kernel" in fallback["notices"][0]
+    assert fallback["notices"] == [
+        "methods retrac, the best this index serves (method trak needs the index's TRAK kernel and this "
+        "index has none: create it with --kernel)"
+    ]
     capsys.readouterr()
     assert main(["attribute", bare, str(query), "--method", "trak"]) == 2
     error = capsys.readouterr().err.strip()
