@@ -50,10 +50,8 @@ matched estimator, and the estimator itself (`retrac.defaults`)."""
 def _store_fixed_optional(schema: dict[str, Any]) -> None:
     """The schema of `STORE_FIXED`: an integer or null, no default (left out or null: the index's value
     under the matched estimator, else the `QuerySpec` default the description names); the estimator's
-    without a default either (left out or null: the index's best)."""
-    estimator = schema["properties"]["estimator"]
-    estimator.pop("default")
-    estimator["anyOf"] = [{key: estimator.pop(key) for key in ("type", "enum")}, {"type": "null"}]
+    without a default either (left out: the index's best), so a generated client sends none unless told."""
+    schema["properties"]["estimator"].pop("default")
     for name in STORE_FIXED:
         field = schema["properties"][name]
         default = field.pop("default")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from api_schemas.common import IndexName, Public
-from api_schemas.specs import IndexSpec
+from api_schemas.specs import Estimator, IndexSpec, Method
 
 
 class IndexCreate(Public):
@@ -47,6 +47,14 @@ class IndexPublic(Public):
         False,
         description="the index's model is text-conditional: every query must give a prompt (\"\" for the "
         "empty one); any other index refuses a prompt",
+    )
+    methods: list[Method] = Field(
+        description="the methods the index serves, the measured best first: a query naming none gets the "
+        "first under the matched estimator, tracin and retrac under the paper's"
+    )
+    estimator: Estimator = Field(
+        description="the estimator a query naming none (and no K, M or seed) runs: matched where the index "
+        "has shared-noise grid slots, else paper"
     )
     size_bytes: int = Field(description="bytes the store takes on disk")
     complete: bool = Field(description="every row of every checkpoint is stored: the index answers queries")

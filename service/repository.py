@@ -24,7 +24,10 @@ from pathlib import Path
 from api_schemas import IndexSpec
 from api_schemas.common import IndexName
 from api_schemas.indexes import BrokenIndexPublic, CheckpointProgressPublic, IndexCreate, IndexPublic
+from api_schemas.specs import default_estimator
+from retrac.defaults import MEASURED_ORDER
 from retrac.exceptions import RetracError, SpecError
+from retrac.methods import methods_served
 from retrac.paths import resolve_inside
 from service.exceptions import Conflict, NotFound
 from service.settings import Settings
@@ -126,6 +129,8 @@ class StoreRepository:
             channels=store.spec.dataset.channels,
             classes=store.classes.to_json() if store.classes is not None else None,
             text_conditional=store.text_conditional,
+            methods=[m for m in MEASURED_ORDER if m in methods_served(store.spec)],
+            estimator=default_estimator(store.spec.slots, "exact", knobs_given=False),
             size_bytes=store.size_bytes(),
             complete=status.complete,
             progress=[
