@@ -42,9 +42,16 @@ STORE_FIXED = ("timesteps", "draws", "seed")
 generated clients), so a request naming only its images and the estimator is answered."""
 
 
+LEFT_OUT = (*STORE_FIXED, "estimator")
+"""Knobs a request may leave out (or send as null) for the index to choose: K, M and seed under the
+matched estimator, and the estimator itself (`retrac.defaults`)."""
+
+
 def _store_fixed_optional(schema: dict[str, Any]) -> None:
     """The schema of `STORE_FIXED`: an integer or null, no default (left out or null: the index's value
-    under the matched estimator, else the `QuerySpec` default the description names)."""
+    under the matched estimator, else the `QuerySpec` default the description names); the estimator's
+    without a default either (left out: the index's best), so a generated client sends none unless told."""
+    schema["properties"]["estimator"].pop("default")
     for name in STORE_FIXED:
         field = schema["properties"][name]
         default = field.pop("default")
@@ -63,7 +70,19 @@ class QueryOptions(QuerySpec):
     seed: int = Field(
         0, ge=0, le=MAX_JSON_INT, description="seed of the query's noise draws (< 2^53: exact in JSON)"
     )
-    methods: list[Method] = Field(["tracin", "retrac"], min_length=1, description="scores to rank by")
+    estimator: Estimator = Field(
+        "paper",
+        description="paper: mean over slots . mean over timesteps; matched: per timestep against the "
+        "index's shared-noise grid slots (K, M and seed then default to the index's); left out or null: "
+        "matched where the index has shared-noise slots and the query gives no K, M or seed, else paper",
+    )
+    methods: list[Method] | None = Field(
+        None,
+        min_length=1,
+        description="scores to rank by; left out or null: under the matched estimator the measured best "
+        "the index serves (trak, then dtrak, retrac, tracin), under the paper's tracin and retrac; the "
+        "answer's notices name them",
+    )
     top_k: int = Field(
         DEFAULT_TOP_K, ge=1, le=1000, description="proponents and opponents returned per method"
     )
@@ -74,9 +93,9 @@ class QueryOptions(QuerySpec):
     @model_validator(mode="before")
     @classmethod
     def _null_is_left_out(cls, data: Any) -> Any:
-        """A null K, M or seed is left out, so its default (or the index's) applies."""
+        """A null K, M, seed or estimator is left out, so its default (or the index's) applies."""
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if not (k in STORE_FIXED and v is None)}
+            return {k: v for k, v in data.items() if not (k in LEFT_OUT and v is None)}
         return data
 
 
@@ -165,5 +184,6 @@ class AttributionsPublic(Public):
     notices: list[str] = Field(
         default_factory=list,
         description="what decoding the query images converted (resized, cropped, channels, alpha, pixel "
-        "type), one sentence per kind",
+        "type), one sentence per kind; and which estimator and methods ran where the request left them to "
+        "the index",
     )

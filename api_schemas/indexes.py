@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from api_schemas.common import IndexName, Public
-from api_schemas.specs import IndexSpec
+from api_schemas.specs import Estimator, IndexSpec, Method
 
 
 class IndexCreate(Public):
@@ -65,6 +65,14 @@ class IndexPublic(Public):
     )
     parameters: ParametersPublic | None = Field(
         None, description="the parameters its gradients are over; null for stores from before it was recorded"
+    )
+    methods: list[Method] = Field(
+        description="the methods the index serves, the measured best first: a query naming none gets the "
+        "first under the matched estimator, tracin and retrac under the paper's"
+    )
+    estimator: Estimator = Field(
+        description="the estimator a query naming none (and no K, M or seed) runs: matched where the index "
+        "has shared-noise grid slots, else paper"
     )
     size_bytes: int = Field(description="bytes the store takes on disk")
     complete: bool = Field(description="every row of every checkpoint is stored: the index answers queries")

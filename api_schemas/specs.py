@@ -182,6 +182,11 @@ curve (docs/experiment.md: LDS and self-retrieval level off at K = 8 for every m
 The paper's own slots (the replayed step alone) are `SlotSpec()`, `retrac index create --preset paper`."""
 PAPER_SLOTS = SlotSpec()
 """The paper's training side: the replayed step alone."""
+DEFAULT_KERNEL = KernelSpec()
+"""The kernel `retrac index create` builds unless told (`--no-kernel`, `--preset paper`): trak, which it
+serves, ranked best on the standard preset (docs/experiment.md: LDS 0.184 validation, 0.131 generated,
+against 0.142 and 0.035 for retrac). It costs k x k float64 per checkpoint (134 MB at k = 4,096),
+whatever N: a tenth of the rows' bytes from N = 20,000 at the default slots."""
 DEFAULT_ESTIMATOR: Estimator = "matched"
 """The estimator `retrac attribute` uses unless told, where the store can serve it (`default_estimator`;
 docs/experiment.md: above the paper's for every method at every K >= 4 on the LDS curve);

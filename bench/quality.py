@@ -4,25 +4,24 @@
     .venv/bin/python bench/quality.py --quick --parts stability --curve 8,1 8,2 8,4 16,1 32,1
 
 Trains a tiny DDPM on real digits (with a replay record), then measures, per method (`tracin`,
-`retrac`) and estimator (`paper`: the replayed step against the query's mean over timesteps;
-`matched`: shared-noise grid slots paired with the query per timestep):
+`retrac`, `trak` and, from output-norm rows, `dtrak`; kernels of the slots scored) and estimator
+(`paper`: the replayed step against the query's mean over timesteps; `matched`: shared-noise grid
+slots paired with the query per timestep):
 
 - `retrieval`: `self_retrieval_top1` (a training image ranks itself first) and `near_duplicate_top3`
-  (a 1-pixel shift, JPEG at quality 75 or noise of std 0.02 ranks its source in the top 3), per kind.
+  (a 1-pixel shift, JPEG q75 or noise of std 0.02 ranks its source in the top 3), per kind.
 - `copies`: a `micro` model trained long on 64 digits at 8 px (4,000 full-batch steps; `--quick`'s
-  1,000 are too few to memorise); generated images within `COPY_RMS` of a training image are copies,
-  `copy_top3` the share ranking it in their top 3 (null when there is none), `nearest_top3` the same
-  over every generated image.
-- `stability`: two indexes with other slot seeds (matched) or two query seeds (paper: its replayed
-  slot is fixed by the record): `seed_stability_top10` and `seed_stability_spearman` over held-out
-  queries, at the setting's (K, M) and as a curve over (K, M) (`--curve` picks the points).
+  1,000 memorise nothing); generated images within `COPY_RMS` of a training image are copies,
+  `copy_top3` the share ranking it in their top 3 (null: none), `nearest_top3` over all generated.
+- `stability` (loss rows: tracin, retrac, trak): two slot seeds (matched) or query seeds (paper):
+  `seed_stability_top10`, `seed_stability_spearman` on held-out queries, and a curve over (K, M).
 - `lds`, `self_influence`, `norm_direction`: the counterfactual and outlier parts of `bench/lds.py`
   (their own models and data): `lds`, `lds_ci` (validation), `lds_generated`, `lds_generated_ci` per
   method and estimator (pixel-cosine: estimator `baseline`), `generally_influential_ratio`; `removal`,
-  `self_influence_auc` and `norm_direction` at the top.
+  `self_influence_auc` (trak and dtrak among its scores) and `norm_direction` at the top.
 
-Each part is one function of the shared `Setup` returning {method: {estimator: {key: value}}}, timed
-into `wall_s` and `cpu_s` (never asserted). Figures: see docs/performance.md#attribution-quality.
+Each part is a function of the shared `Setup` giving {method: {estimator: {key: value}}}, timed into
+`wall_s` and `cpu_s` (never asserted). Figures: docs/experiment.md.
 """
 
 from __future__ import annotations
@@ -40,11 +39,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from api_schemas import DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSpec, TrainSpec
+from api_schemas import (
+    DatasetSpec,
+    IndexSpec,
+    KernelSpec,
+    Method,
+    OutputFunction,
+    ProjectorSpec,
+    QuerySpec,
+    SlotSpec,
+    TrainSpec,
+)
 from retrac.attribution import Attributor
 from retrac.datasets import ImageDataset, load_dataset
 from retrac.evaluation import retrieval
 from retrac.evaluation.sampling import generate
+from retrac.methods import ROWS
 from retrac.plan import IndexPlan, Rows
 from retrac.query_side import QueryVectors
 from retrac.replay import TrainingRun
@@ -111,6 +121,13 @@ SEEDS = (11, 12)
 Figures = dict[str, dict[str, dict[str, Any]]]
 """{method: {estimator: {key: value}}}."""
 
+ROW_KINDS: tuple[OutputFunction, ...] = ("loss", "output-norm")
+"""The indexes a part builds to score every method: loss rows (tracin, retrac, trak), output-norm
+rows (dtrak)."""
+
+KERNEL = KernelSpec()
+"""The kernel trak and dtrak are preconditioned by, built over the slots each estimator scores."""
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -126,15 +143,17 @@ class Setup:
     extra: dict[str, Any] = field(default_factory=dict)
     """Top-level figures of parts that are not per method and estimator."""
 
-    def attributor(self, grid: int, draws: int, seed: int, run: TrainingRun | None = None) -> Attributor:
-        """An in-memory index of `run` (default: the shared one), replayed step plus `grid`
+    def attributor(
+        self, grid: int, draws: int, seed: int, run: TrainingRun | None = None, rows: OutputFunction = "loss"
+    ) -> Attributor:
+        """An in-memory index of `run` (default: the shared one) of `rows`, replayed step plus `grid`
         shared-noise grid slots of `draws` noises, computed at once."""
         run = run or self.run
         checkpoints = run.checkpoints()[-1:] if self.setting.last_checkpoint_only else ()
         spec = IndexSpec(
             dataset=run.spec.dataset, run=str(run.folder), checkpoints=tuple(checkpoints),
             slots=SlotSpec(replay=True, grid=grid, noise="shared", draws=draws, seed=seed),
-            projector=ProjectorSpec(kind="sketch", dim=self.setting.sketch, seed=0),
+            projector=ProjectorSpec(kind="sketch", dim=self.setting.sketch, seed=0), output_function=rows,
         )
         attributor = Attributor(IndexPlan.resolve(spec))
         attributor.index()
@@ -162,16 +181,40 @@ def prepare(setting: Setting, folder: Path) -> tuple[Setup, float]:
     return setup, time.perf_counter() - started
 
 
-def scores(attributor: Attributor, vectors: list[QueryVectors], estimator: str) -> dict[str, np.ndarray]:
-    """`(Q, N)` score matrices per method: `paper` over the replayed slot, `matched` over the grid
-    slots, `paper_over_shared_slots` the paper's form over the grid slots (the ablation)."""
+def scores(attributor: Attributor, vectors: list[QueryVectors], estimator: str) -> dict[Method, np.ndarray]:
+    """`(Q, N)` score matrices of every method the index's rows serve: `paper` over the replayed slot,
+    `matched` over the grid slots, `paper_over_shared_slots` the paper's form over the grid slots (the
+    ablation); trak and dtrak by the kernel of the slots scored, as an index of those slots builds it."""
     rows: list[Rows] = attributor.rows  # type: ignore[assignment]
-    grid = matched_slots(attributor.plan.spec.slots)
+    spec = attributor.plan.spec
+    grid = matched_slots(spec.slots)
     chosen = {"paper": slice(0, 1), "matched": slice(None), "paper_over_shared_slots": grid}[estimator]
     chunks = [RowChunk(r.projected[:, chosen], r.norms[:, chosen]) for r in rows]
+    methods = [m for m, function in ROWS.items() if function == spec.output_function]
     return retrieval.full_scores(
-        chunks, vectors, attributor.plan.weights, matched=grid if estimator == "matched" else None
+        chunks, vectors, attributor.plan.weights, matched=grid if estimator == "matched" else None,
+        methods=methods, kernel=KERNEL,
     )
+
+
+def every_method(
+    setup: Setup,
+    slots: tuple[int, int, int],
+    images: torch.Tensor,
+    estimators: tuple[str, ...],
+    *,
+    run: TrainingRun | None = None,
+    kinds: tuple[OutputFunction, ...] = ROW_KINDS,
+) -> dict[str, dict[Method, np.ndarray]]:
+    """{estimator: {method: `(Q, N)`}} of `images` over one index per row kind of `kinds`, each with
+    `slots` = (grid, draws, seed), queried with the index's own K, M and seed."""
+    out: dict[str, dict[Method, np.ndarray]] = {e: {} for e in estimators}
+    for kind in kinds:
+        attributor = setup.attributor(*slots, run=run, rows=kind)
+        vectors = query(attributor, images)
+        for estimator in estimators:
+            out[estimator].update(scores(attributor, vectors, estimator))
+    return out
 
 
 def query(attributor: Attributor, images: torch.Tensor) -> list[QueryVectors]:
@@ -184,7 +227,6 @@ def query(attributor: Attributor, images: torch.Tensor) -> list[QueryVectors]:
 def retrieval_part(setup: Setup) -> Figures:
     """Training images as queries (top-1 self) and their near-duplicates (source in the top 3)."""
     setting = setup.setting
-    attributor = setup.attributor(setting.timesteps, setting.draws, SEEDS[0])
     own = list(range(setting.retrieval_queries))
     originals = setup.train.images[own]
     duplicates = {
@@ -192,16 +234,18 @@ def retrieval_part(setup: Setup) -> Figures:
         "jpeg": retrieval.jpeg_reencoded(originals, quality=75),
         "noise": retrieval.noised(originals, std=0.02, seed=1),
     }
-    vectors = query(attributor, torch.cat([originals, *duplicates.values()]))
-    out: Figures = {"tracin": {}, "retrac": {}}
-    for estimator in ("paper", "matched", "paper_over_shared_slots"):
-        for method, table in scores(attributor, vectors, estimator).items():
+    images = torch.cat([originals, *duplicates.values()])
+    estimators = ("paper", "matched", "paper_over_shared_slots")
+    found = every_method(setup, (setting.timesteps, setting.draws, SEEDS[0]), images, estimators)
+    out: Figures = {}
+    for estimator, by_method in found.items():
+        for method, table in by_method.items():
             parts = np.split(table, 1 + len(duplicates))
             by_kind = {
                 kind: retrieval.hit_rate(part, own, 3)
                 for kind, part in zip(duplicates, parts[1:], strict=True)
             }
-            out[method][estimator] = {
+            out.setdefault(method, {})[estimator] = {
                 "self_retrieval_top1": retrieval.hit_rate(parts[0], own, 1),
                 "near_duplicate_top3": retrieval.hit_rate(
                     np.concatenate(parts[1:]), own * len(duplicates), 3
@@ -212,30 +256,28 @@ def retrieval_part(setup: Setup) -> Figures:
 
 
 def stability_part(setup: Setup) -> Figures:
-    """Agreement of two indexes (matched) or two query seeds (paper) on held-out queries, per (K, M)."""
-    curve: dict[str, dict[str, list[dict[str, float]]]] = {
-        m: {"paper": [], "matched": []} for m in ("tracin", "retrac")
-    }
+    """Agreement of two indexes (matched) or two query seeds (paper) on held-out queries, per (K, M),
+    of the methods of loss rows (dtrak's output-norm index would double the part's cost)."""
+    curve: dict[Method, dict[str, list[dict[str, float]]]] = {}
     for grid, draws in setup.setting.curve:
-        tables = []
-        for seed in SEEDS:
-            attributor = setup.attributor(grid, draws, seed)
-            vectors = query(attributor, setup.heldout)
-            tables.append({e: scores(attributor, vectors, e) for e in ("paper", "matched")})
-        for method, per_estimator in curve.items():
-            for estimator, points in per_estimator.items():
-                first, second = (t[estimator][method] for t in tables)
-                points.append({
+        tables = [
+            every_method(setup, (grid, draws, seed), setup.heldout, ("paper", "matched"), kinds=("loss",))
+            for seed in SEEDS
+        ]
+        for estimator, by_method in tables[0].items():
+            for method, first in by_method.items():
+                second = tables[1][estimator][method]
+                curve.setdefault(method, {}).setdefault(estimator, []).append({
                     "grid": grid, "draws": draws,
                     "top10": retrieval.top_k_overlap(first, second, 10),
                     "spearman": retrieval.mean_spearman(first, second),
                 })
     chosen = (setup.setting.timesteps, setup.setting.draws)
-    out: Figures = {"tracin": {}, "retrac": {}}
+    out: Figures = {}
     for method, per_estimator in curve.items():
         for estimator, points in per_estimator.items():
             at = next((p for p in points if (p["grid"], p["draws"]) == chosen), {})  # None: not on the curve
-            out[method][estimator] = {
+            out.setdefault(method, {})[estimator] = {
                 "seed_stability_top10": at.get("top10"),
                 "seed_stability_spearman": at.get("spearman"),
                 "seed_stability_curve": points,
@@ -268,12 +310,11 @@ def copy_figures(setup: Setup, run: TrainingRun, training: ImageDataset) -> Figu
         "copy_rms_quartiles": [float(v) for v in np.quantile(rms, [0.25, 0.5, 0.75])],
         "copy_epochs": run.spec.epochs,
     }
-    attributor = setup.attributor(setting.timesteps, setting.draws, SEEDS[0], run=run)
-    vectors = query(attributor, generated)
-    out: Figures = {"tracin": {}, "retrac": {}}
-    for estimator in ("paper", "matched"):
-        for method, table in scores(attributor, vectors, estimator).items():
-            out[method][estimator] = {
+    slots = (setting.timesteps, setting.draws, SEEDS[0])
+    out: Figures = {}
+    for estimator, by_method in every_method(setup, slots, generated, ("paper", "matched"), run=run).items():
+        for method, table in by_method.items():
+            out.setdefault(method, {})[estimator] = {
                 **found,
                 "copy_top3": retrieval.hit_rate(table[copies], nearest[copies].tolist(), 3)
                 if len(copies)

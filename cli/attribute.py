@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from api_schemas import Estimator, Method, QuerySpec, Search
+from api_schemas import Method, QuerySpec
 from api_schemas.attribution import AttributionsPublic
-from api_schemas.specs import DEFAULT_TOP_K, default_estimator
+from api_schemas.specs import DEFAULT_TOP_K
 from cli import options
 from cli.common import default, gradient_computers, print_notices, store_location, typed_flags
 from cli.progress import PhaseBars
@@ -81,13 +81,12 @@ def run(
 
     import torch
 
-    from retrac.methods import methods_served
+    from retrac import defaults
     from storage import GradientStore, attribute
     from storage.location import index_name
 
     flags = typed_flags(context, QUERY_FLAGS)  # every input checked before a model loads
-    # the estimator's default settles once the store opens
-    query = query_spec({**flags, "estimator": estimator or "paper"})
+    query = query_spec(flags)  # the estimator and methods left out settle once the store opens
     chosen = csv_columns(columns)
     if threads < 1 or (top_k < 1 and not rank_all):
         raise SpecError("--threads and --top-k must be at least 1")
@@ -95,9 +94,8 @@ def run(
     started = time.perf_counter()
     torch.set_num_threads(threads)
     opened = GradientStore.open(store_location(store))
-    if estimator is None:  # the store's slots settle the default
-        query = query.model_copy(update={"estimator": store_estimator(opened, search, flags)})
-    methods = [typing.cast(Method, m) for m in method] if method else methods_served(opened.spec)
+    named = [typing.cast(Method, m) for m in method or ()]
+    query, methods, picked = defaults.chosen(query, opened.spec, named)
     pixels, notices = read_queries(files, opened)
     print_notices(notices)
     count = opened.num_rows if rank_all else top_k
@@ -108,20 +106,14 @@ def run(
         )
     answer = ranked.public(
         index_name(opened.location), [str(p) for p in files], total_s=time.perf_counter() - started,
-        notices=notices,
+        notices=[*notices, *picked],
     )
     attributions(once_each(answer) if rank_all else answer, "json" if as_json else output, chosen)
+    print_notices(picked)  # what the defaults chose, once there is an answer
     if gallery is not None:
         draw_gallery(gallery, opened, pixels, answer, files)
         print(f"gallery: {gallery}", file=sys.stderr if output != "text" or as_json else sys.stdout)
     return 0
-
-
-def store_estimator(opened: GradientStore, search: Search, flags: dict[str, object]) -> Estimator:
-    """The estimator a query gets without --estimator: matched where the store's slots allow it and
-    no knob the store fixes (K, M, seed) was typed, else paper (`api_schemas.specs.default_estimator`)."""
-    knobs_typed = bool({"timesteps", "draws", "seed"} & set(flags))
-    return default_estimator(opened.spec.slots, search, knobs_typed)
 
 
 def read_queries(files: list[Path], opened: GradientStore) -> tuple[torch.Tensor, tuple[str, ...]]:

@@ -109,7 +109,12 @@ OutputFunction = Annotated[
     ),
 ]
 Kernel = Annotated[
-    bool, typer.Option("--kernel", help="build each checkpoint's TRAK kernel (methods trak and dtrak)")
+    bool,
+    typer.Option(
+        "--kernel/--no-kernel",
+        help="build each checkpoint's TRAK kernel (methods trak and dtrak)",
+        show_default="on for projected rows, off under --preset paper",
+    ),
 ]
 KernelRidge = Annotated[float, typer.Option(help="the kernel's lambda as a fraction of trace(Phi^T Phi) / k")]
 Dtype = Annotated[
@@ -164,7 +169,8 @@ Method = Annotated[
     list[str] | None,
     typer.Option(
         help="a score to rank by (repeatable): tracin, retrac, trak, dtrak (docs/methods.md)",
-        show_default="every method the store serves",
+        show_default="the measured best the store serves (trak under the matched estimator; "
+        "tracin and retrac under the paper's)",
     ),
 ]
 Gallery = Annotated[Path | None, typer.Option(help="write a PNG of each query's top proponents per method")]

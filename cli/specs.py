@@ -18,11 +18,12 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from api_schemas import IndexSpec, QuerySpec, TrainSpec
+from api_schemas import IndexSpec, ProjectorSpec, QuerySpec, TrainSpec
 from api_schemas.errors import Location, dotted, messages
-from api_schemas.specs import DEFAULT_SLOTS, PAPER_SLOTS
+from api_schemas.specs import DEFAULT_KERNEL, DEFAULT_SLOTS, PAPER_SLOTS
 from cli.common import absolute_source
 from retrac.exceptions import SpecError
+from retrac.kernels import MAX_KERNEL_DIM
 
 __all__ = [
     "DATASET_FLAGS", "INDEX_FLAGS", "QUERY_FLAGS", "SLOT_PRESETS", "TRAIN_FLAGS",
@@ -180,7 +181,9 @@ the paper's, the replayed step alone, which the slot flags may not change."""
 def index_spec(flags: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> IndexSpec:
     """`retrac index create`'s spec: `base` (a spec file's fields, or the run's or model's dataset) with
     the typed flags laid over; a dataset is needed from one of them. The slots are the `preset`'s
-    (default: the default's), unless a spec file gives its own and no preset is typed."""
+    (default: the default's), unless a spec file gives its own and no preset is typed. The kernel is
+    `DEFAULT_KERNEL` unless typed or in the spec file: none under the paper's preset, or for rows too
+    wide to have one (the identity projector, k > `MAX_KERNEL_DIM`)."""
     flags = dict(flags)
     preset = flags.pop("preset", None)
     fields = copy.deepcopy(dict(base or {}))
@@ -192,13 +195,24 @@ def index_spec(flags: Mapping[str, Any], base: Mapping[str, Any] | None = None) 
         raise SpecError(f"--preset paper fixes the slots (the replayed step alone); drop {dropped}")
     if preset is not None or "slots" not in fields:
         fields["slots"] = SLOT_PRESETS[preset or "default"].model_dump()
-    if flags.get("kernel_ridge") is not None and not flags.get("kernel") and "kernel" not in fields:
+    if "kernel" not in flags and "kernel" not in fields:
+        wanted = preset != "paper" and _narrow(flags, fields)
+        fields["kernel"] = DEFAULT_KERNEL.model_dump() if wanted else None
+    if flags.get("kernel_ridge") is not None and not flags.get("kernel") and fields.get("kernel") is None:
         raise SpecError("--kernel-ridge: the kernel's ridge needs --kernel")
     if flags.get("data") is not None:
         fields.get("dataset", {}).pop("limit", None)  # a base's sample limit belongs to its own source
     if flags.get("data") is None and "source" not in fields.get("dataset", {}):
         raise SpecError("--data: give the dataset (or --run, whose dataset is used)")
     return spec_from_flags(IndexSpec, INDEX_FLAGS, flags, fields)
+
+
+def _narrow(flags: Mapping[str, Any], fields: Mapping[str, Any]) -> bool:
+    """Whether the projector the flags and base choose gives rows narrow enough for a kernel."""
+    base, default = fields.get("projector", {}), ProjectorSpec()
+    kind = flags.get("projector") or base.get("kind", default.kind)
+    dim = flags.get("dim") or base.get("dim", default.dim)
+    return kind != "identity" and dim <= MAX_KERNEL_DIM
 
 
 def query_spec(flags: Mapping[str, Any]) -> QuerySpec:

@@ -138,7 +138,8 @@ def resolve_query(query: AnyQuery, slots: SlotSpec) -> AnyQuery:
     if slots.noise != "shared":
         raise SpecError(
             "estimator 'matched' needs an index with shared-noise grid slots (slot noise 'shared'); "
-            "this index has none: create one with them, or use estimator 'paper'"
+            "this index has none: create it with --slot-noise shared --grid K (index create's default), or "
+            "use estimator 'paper'"
         )
     needed = {"timesteps": slots.grid, "draws": slots.draws, "seed": slots.seed}
     clashes = [

@@ -26,6 +26,7 @@ from api_schemas.diagnostics import OutlierScore
 from api_schemas.generation import GeneratedImagePublic, GenerateRequest, GenerationPublic
 from retrac.computers import GradientComputerCache
 from retrac.datasets import ImageDataset
+from retrac.defaults import default_methods
 from retrac.evaluation.sampling import generate_for_index
 from retrac.exceptions import SpecError
 from service.images import png_bytes
@@ -74,7 +75,7 @@ class QueryEngine:
             torch.stack(list(images)),
             options,
             top_k=options.top_k,
-            methods=options.methods,
+            methods=options.methods or default_methods(store.spec, options.estimator),
             checkpoints=checkpoints,
             models=self.models,
             gradient_lock=None if self.pool else self._lock,

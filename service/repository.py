@@ -31,7 +31,10 @@ from api_schemas.indexes import (
     IndexPublic,
     ParametersPublic,
 )
+from api_schemas.specs import default_estimator
+from retrac.defaults import MEASURED_ORDER
 from retrac.exceptions import RetracError, SpecError
+from retrac.methods import methods_served
 from retrac.paths import resolve_inside
 from service.exceptions import Conflict, NotFound
 from service.settings import Settings
@@ -134,6 +137,8 @@ class StoreRepository:
             classes=store.classes.to_json() if store.classes is not None else None,
             text_conditional=store.text_conditional,
             parameters=_parameters(store.attrs.get("parameters")),
+            methods=[m for m in MEASURED_ORDER if m in methods_served(store.spec)],
+            estimator=default_estimator(store.spec.slots, "exact", knobs_given=False),
             size_bytes=store.size_bytes(),
             complete=status.complete,
             progress=[

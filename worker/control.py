@@ -19,6 +19,7 @@ from celery.result import GroupResult
 from retrac.exceptions import RetracError
 from storage import GradientStore, Location, NothingToIndexError, Progress, locate
 from storage import progress as store_progress
+from storage.kernels import kernel_pending
 from worker.app import app
 from worker.cancellation import is_cancelled, mark_cancelled
 from worker.settings import get_settings
@@ -45,15 +46,20 @@ def submit(
     request_id: str | None = None,
 ) -> str:
     """Queue every pending shard of the store at `store_path` (on `queue`, default the settings');
-    return the job id. `request_id` (the HTTP request that asked for the job) goes with every task,
-    so the workers' log lines for the job carry it; Flower shows each task as index, checkpoint, shard.
+    return the job id. A store whose shards are all done but whose spec's kernel is missing or stale at
+    some checkpoint gets one task per such checkpoint (its last shard, found done), which builds it.
+    `request_id` (the HTTP request that asked for the job) goes with every task, so the workers' log
+    lines for the job carry it; Flower shows each task as index, checkpoint, shard.
 
     The store is opened and checked first, so a stale store is refused before anything is queued,
-    and a complete one raises `NothingToIndexError` (Celery cannot save an empty group).
+    and a complete one with current kernels raises `NothingToIndexError` (Celery cannot save an empty
+    group).
     """
     path = _locate(store_path)
     store = GradientStore.open(path, root=root)
-    pending = store.pending()
+    pending = store.pending() or [
+        (c, store.num_shards - 1) for c in range(store.num_checkpoints) if kernel_pending(store, c)
+    ]
     if not pending:
         raise NothingToIndexError(f"{path.name}: every shard is done; nothing is left to index")
     job = group(

@@ -2,8 +2,9 @@
 
 A task takes ids (store path, checkpoint, shard), rereads the store, and calls the one idempotent
 engine step `storage.run_shard`: a shard already done is skipped, a redelivered one rewrites the same
-bytes. The task that completes a checkpoint builds its kernel, if the spec asks for one
-(`storage.kernels`), and the one that completes a store its ANN index (`storage.build_ann_when_complete`).
+bytes. A task that completes a checkpoint, or finds it complete with its kernel missing or stale,
+builds the kernel if the spec asks for one (`storage.kernels`), and the one that completes a store its
+ANN index (`storage.build_ann_when_complete`).
 After each gradient batch the shard's rows are recorded in the store (`storage.progress`) and sent
 as a `task-rows` event; its log lines carry the job, its index and the request that started it.
 Each worker process keeps its opened stores and loaded models between tasks.
@@ -89,7 +90,9 @@ def _index_shard(store_path: str, checkpoint: int, shard: int, on_rows: RowsCall
         store = _open_stores().get(path)
         logger.info("checkpoint %d shard %d: computing %d rows", checkpoint, shard, store.shard_length(shard))
         computed = run_shard(store, checkpoint, shard, _model_cache(), on_rows=on_rows)
-        if computed and build_kernel_when_complete(store, checkpoint):  # the task completing a checkpoint
+        # the task completing a checkpoint, or one finding it complete with its kernel missing or stale
+        # (a build cut short, rows rewritten since): both build it
+        if store.done_shards(checkpoint).all() and build_kernel_when_complete(store, checkpoint):
             logger.info("store %s checkpoint %d complete: kernel built", path, checkpoint)
         if computed and build_ann_when_complete(store):  # the job's last step, after its last shard
             logger.info("store %s complete: ANN index built", path)

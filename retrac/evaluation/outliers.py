@@ -4,10 +4,11 @@ Two mixtures, each a majority plus about 4% planted outliers (the paper's ratio,
 `patches+zeros` (`builtin:outliers`, photo patches with planted digit zeros) and `digits+faces`
 (scikit-learn's digits with planted LFW faces).
 
-Outlier scores, higher meaning more suspect (`outlier_scores`):
-
+Outlier scores, higher meaning more suspect (`outlier_scores`; trak and dtrak in `detect_outliers`):
 - `tracin`, `retrac`: self-influence as the paper defines it (`retrac.scoring.self_influence`: the
   replayed step against the mean over grid slots).
+- `trak`, `dtrak` (`kernel_self_influence`): the same, preconditioned by the kernel, over loss rows
+  and over output-norm rows.
 - `relative_norm`: the mean over checkpoints (by weight) and grid slots of
   `log(||g(z, t)|| / median_n ||g(n, t)||)`: how large a sample's exact gradient is next to every
   other sample's at the same timestep. Dividing by the population at t removes the timestep's own
@@ -17,12 +18,11 @@ Outlier scores, higher meaning more suspect (`outlier_scores`):
   training sample's at the same slot, i.e. minus the matched ReTrac influence of the sample on the
   average training sample. A sample that training on helps the others least is unlike them.
 
-Both compare samples slot by slot, so the slots should share their noise across samples
-(`OutlierConfig.noise = "shared"`, common random numbers): with a noise image of its own per sample
-and slot, most of a gradient's norm and direction at a given timestep is that noise's, not the image's.
+Both compare samples slot by slot, so slots should share their noise across samples (`OutlierConfig.noise
+= "shared"`): with a noise image of its own per sample and slot, most of a gradient is that noise's.
 
-`detect_outliers` trains on one mixture, indexes every sample in memory (the replayed step plus grid
-slots), scores them as `retrac self-influence` does, and reports each score's ROC AUC and recall.
+`detect_outliers` trains on one mixture, indexes it in memory (replayed step plus grid slots; loss and
+output-norm rows) and reports each score's ROC AUC and recall.
 """
 
 from __future__ import annotations
@@ -35,7 +35,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from api_schemas import DatasetSpec, IndexSpec, LossKind, ProjectorSpec, SlotNoise, SlotSpec, TrainSpec
+from api_schemas import (
+    DatasetSpec,
+    IndexSpec,
+    KernelSpec,
+    LossKind,
+    OutputFunction,
+    ProjectorSpec,
+    SlotNoise,
+    SlotSpec,
+    TrainSpec,
+)
 from api_schemas.diagnostics import OutlierScore
 from retrac.attribution import Attributor
 from retrac.datasets import ImageDataset, load_dataset, outlier_mixture
@@ -43,6 +53,7 @@ from retrac.evaluation import metrics
 from retrac.evaluation.experiment import Clock, save_npz
 from retrac.exceptions import SpecError
 from retrac.gradients import inverse_norms
+from retrac.kernels import Kernel
 from retrac.plan import IndexPlan
 from retrac.scoring import METHODS, RowChunk, self_influence, self_influence_slots
 from retrac.training import train
@@ -54,6 +65,8 @@ OUTLIER_SHARE = 0.04
 OUTLIER = "outlier"
 OUTLIER_SCORES: tuple[OutlierScore, ...] = get_args(OutlierScore)
 """Every outlier score `outlier_scores` gives, in order."""
+KERNEL_SCORES: dict[OutputFunction, str] = {"loss": "trak", "output-norm": "dtrak"}
+"""The kernel self-influence `detect_outliers` adds per row kind, when its config has a kernel."""
 
 
 class OutlierConfig(BaseModel):
@@ -73,6 +86,9 @@ class OutlierConfig(BaseModel):
     grid: int = Field(8, ge=1, description="grid slots per sample: self-influence's query side")
     noise: SlotNoise = Field("shared", description="grid slots' noise: shared by all samples, or a seed each")
     projector: ProjectorSpec = ProjectorSpec(kind="sketch", dim=4096, seed=0)
+    kernel: KernelSpec | None = Field(
+        KernelSpec(), description="the TRAK kernel of trak's and dtrak's self-influence; none: not scored"
+    )
     seed: int = Field(0, ge=0)
 
 
@@ -122,13 +138,21 @@ def detect_outliers(config: OutlierConfig, out_dir: str | Path) -> OutlierResult
             seed=config.seed,
         )
         train(spec, data, out / "run")
+    slots = SlotSpec(replay=True, grid=config.grid, noise=config.noise, seed=config.seed)
+    kinds: dict[OutputFunction, Attributor] = {}
     with clock("index"):
-        slots = SlotSpec(replay=True, grid=config.grid, noise=config.noise, seed=config.seed)
-        plan = IndexPlan.resolve(IndexSpec(dataset=dataset, run=str(out / "run"), slots=slots,
-                                           projector=config.projector))
-        rows = Attributor(plan).index()
+        for kind in ("loss", "output-norm") if config.kernel else ("loss",):
+            index = IndexSpec(dataset=dataset, run=str(out / "run"), slots=slots, projector=config.projector,
+                              output_function=kind, kernel=config.kernel)
+            kinds[kind] = Attributor(IndexPlan.resolve(index))
+            kinds[kind].index()
     with clock("score"):
-        scores = outlier_scores(rows, plan.weights, slots.kinds)
+        loss = kinds["loss"]
+        scores = outlier_scores(loss.rows or [], loss.plan.weights, slots.kinds)
+        for kind, attributor in kinds.items() if config.kernel else ():
+            scores[KERNEL_SCORES[kind]] = kernel_self_influence(
+                attributor.rows or [], attributor.plan.weights, slots.kinds, attributor.kernels or []
+            )
         planted = [g == OUTLIER for g in data.groups or ()]
     return OutlierResult(
         config=config.model_dump(mode="json"),
@@ -203,6 +227,21 @@ def _units(chunk: RowChunk, slots: list[int]) -> torch.Tensor:
     """`(n, S', k)` float64 unit vectors `g / ||g||` of the slots `slots` (zero for a zero gradient)."""
     inverse = inverse_norms(chunk.norms[:, slots]).double()
     return chunk.projected[:, slots].double() * inverse.unsqueeze(-1)
+
+
+def kernel_self_influence(
+    chunks: Sequence[RowChunk], weights: Sequence[float], slot_kinds: Sequence[str], kernels: Sequence[Kernel]
+) -> np.ndarray:
+    """`(N,)` TRAK's self-influence `sum_c w_c phi_c(z)^T F_c^{-1} psi_c(z)`: the training side (the
+    replayed step) against the query side (mean over grid slots) preconditioned by each checkpoint's
+    kernel, as trak and dtrak score a query (`retrac.scoring.self_influence_slots` picks the slots)."""
+    train_slots, query_slots = self_influence_slots(slot_kinds)
+    total = torch.zeros(chunks[0].projected.shape[0], dtype=torch.float64)
+    for chunk, weight, kernel in zip(chunks, weights, kernels, strict=True):
+        train = chunk.projected[:, train_slots].double().mean(dim=1)
+        query = kernel.precondition(chunk.projected[:, query_slots].float().mean(dim=1)).double()
+        total += weight * (train * query).sum(dim=1)
+    return total.numpy()
 
 
 def outlier_scores(

@@ -2,7 +2,8 @@
 
 Shapes as in `retrac.evaluation.metrics`: a score matrix is `(Q, N)`, higher more supportive.
 
-- `full_scores`: every (query, training sample) score of one estimator, from rows and query vectors.
+- `full_scores`: every (query, training sample) score of one estimator and any methods, from rows and
+  query vectors (trak and dtrak preconditioned by the kernel of the rows given).
 - `hit_rate`: share of queries whose own training sample ranks in the top k (`metrics.self_ranks`).
 - `top_k_overlap`, `mean_spearman`: how far two score matrices of the same queries agree (two
   indexes built with other seeds, or two query seeds).
@@ -22,9 +23,11 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from api_schemas import Method
+from api_schemas import KernelSpec, Method
 from retrac.evaluation.metrics import _matrix, self_ranks, top_k
 from retrac.exceptions import EvaluationError
+from retrac.kernels import build_kernel
+from retrac.methods import needs_kernel
 from retrac.query_side import QueryVectors
 from retrac.scoring import METHODS, RowChunk, contributions
 
@@ -34,11 +37,24 @@ def full_scores(
     queries: Sequence[QueryVectors],
     weights: Sequence[float],
     matched: slice | None = None,
+    methods: Sequence[Method] = METHODS,
+    kernel: KernelSpec | None = None,
 ) -> dict[Method, np.ndarray]:
     """Score matrices `(Q, N)` per method of every training row of `chunks` (one per checkpoint), by
-    the paper's estimator (`matched` None) or the matched one over grid slots `matched`."""
-    table = contributions(chunks, queries, weights, METHODS, matched)
-    return {method: table[method].sum(dim=-1).T.numpy() for method in METHODS}
+    the paper's estimator (`matched` None) or the matched one over grid slots `matched`.
+
+    trak and dtrak precondition the queries by the kernel (of spec `kernel`) of the rows given, so an
+    evaluation that scores a subset of the stored slots gets the kernel of that subset, as an index of
+    those slots alone would build it."""
+    if needs_kernel(methods):
+        if kernel is None:
+            raise EvaluationError(f"methods {list(methods)} need a kernel spec")
+        queries = [
+            q.preconditioned_by(build_kernel([c], c.projected.shape[-1], kernel))
+            for q, c in zip(queries, chunks, strict=True)
+        ]
+    table = contributions(chunks, queries, weights, methods, matched)
+    return {method: table[method].sum(dim=-1).T.numpy() for method in methods}
 
 
 def hit_rate(scores: np.ndarray, own: Sequence[int], k: int) -> float:

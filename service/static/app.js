@@ -1,4 +1,4 @@
-// The retrac web page: pick an index, upload (or generate) an image, show TracIn and ReTrac galleries side by side.
+// The retrac web page: pick an index, upload (or generate) an image, show two methods' galleries side by side.
 // Plain browser JavaScript talking to the /v1 API; no build step.
 "use strict";
 
@@ -28,6 +28,22 @@ function say(text, isError = false) {
 
 const classesOf = {};  // index name -> its label mapping (class-conditional) or null
 const textual = {};  // index name -> whether its model is text-conditional (queries give a prompt)
+const defaultsOf = {};  // index name -> { estimator, methods (served, the measured best first) }
+
+function showDefaults() {
+  // the index's defaults, as a query naming none gets them: the estimator, and the galleries' methods
+  // (the best it serves beside ReTrac under the matched estimator; the paper's two under the paper's)
+  const chosen = defaultsOf[$("index").value];
+  if (!chosen) return;
+  const { estimator, methods } = chosen;
+  $("estimator").value = estimator;
+  const paper = estimator === "paper" && methods.includes("tracin");
+  const first = paper ? "tracin" : methods[0];
+  const second = paper ? "retrac" : (methods.find((m) => m !== first && m === "retrac") || methods.find((m) => m !== first) || first);
+  const [left, right] = document.querySelectorAll(".method-choice");
+  left.value = first;
+  right.value = second;
+}
 
 function showLabels() {
   // a class-conditional index needs the query's label; an unconditional one takes none
@@ -54,6 +70,7 @@ async function loadIndexes() {
   for (const index of data) {
     classesOf[index.name] = index.classes;
     textual[index.name] = index.text_conditional;
+    defaultsOf[index.name] = { estimator: index.estimator, methods: index.methods };
     const done = index.progress.reduce((sum, c) => sum + c.done, 0);
     const total = index.progress.reduce((sum, c) => sum + c.total, 0);
     const option = new Option(
@@ -66,6 +83,7 @@ async function loadIndexes() {
     || [...select.options].find((o) => !o.disabled);
   if (ready) select.value = ready.value;
   showLabels();
+  showDefaults();
   say(data.length ? "" : "No index yet: create one with POST /v1/indexes (see the API documentation).");
 }
 
@@ -218,6 +236,6 @@ $("api_key").value = localStorage.getItem("retrac-api-key") || "";
 $("query").addEventListener("submit", attribute);
 $("image").addEventListener("change", preview);
 $("generate").addEventListener("click", generateQuery);
-$("index").addEventListener("change", showLabels);
+$("index").addEventListener("change", () => { showLabels(); showDefaults(); });
 $("api_key").addEventListener("change", () => loadIndexes().catch((error) => say(error.message, true)));
 loadIndexes().catch((error) => say(error.message, true));

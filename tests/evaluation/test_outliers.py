@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from api_schemas import ProjectorSpec
+from api_schemas import KernelSpec, ProjectorSpec
 from retrac.evaluation import metrics
 from retrac.evaluation.outliers import (
     OUTLIER,
@@ -18,10 +18,12 @@ from retrac.evaluation.outliers import (
     OutlierConfig,
     atypical_directions,
     detect_outliers,
+    kernel_self_influence,
     planted_mix,
     relative_norms,
 )
 from retrac.exceptions import SpecError
+from retrac.kernels import build_kernel
 from retrac.scoring import RowChunk
 
 torch.set_num_threads(1)
@@ -99,9 +101,25 @@ def test_planted_mixes_hold_four_percent_outliers(mix: str) -> None:
 
 def test_detection_end_to_end_reports_every_score(tmp_path) -> None:
     config = OutlierConfig(mix="digits+faces", n_train=50, epochs=2, save_every=1, batch_size=16, grid=2,
-                           projector=ProjectorSpec(kind="identity"))
+                           projector=ProjectorSpec(kind="sketch", dim=512))
     result = detect_outliers(config, tmp_path)
     assert (result.samples, result.outliers) == (50, 2)
-    assert set(result.auc) == set(result.recall) == set(OUTLIER_SCORES)
+    assert set(result.auc) == set(result.recall) == {*OUTLIER_SCORES, "trak", "dtrak"}
     assert all(0 <= v <= 1 for v in (*result.auc.values(), *result.recall.values()))
     assert all(v in (0.0, 0.5, 1.0) for v in result.recall.values())  # 0, 1 or 2 of the 2 outliers
+
+
+def test_kernel_self_influence_is_the_replayed_step_against_the_preconditioned_grid_mean() -> None:
+    # two checkpoints, slots (replay, grid, grid); F = Phi^T Phi + lambda I over every slot's mean, in numpy
+    generator = torch.Generator().manual_seed(3)
+    chunks = [RowChunk(p, p.norm(dim=-1)) for p in torch.randn(2, 7, 3, 5, generator=generator)]
+    kernels = [build_kernel([c], 5, KernelSpec(ridge=0.2)) for c in chunks]
+    found = kernel_self_influence(chunks, [0.5, 2.0], ["replay", "grid", "grid"], kernels)
+    expected = np.zeros(7)
+    for chunk, weight in zip(chunks, [0.5, 2.0], strict=True):
+        rows = chunk.projected.double().numpy()
+        phi = rows.mean(axis=1)
+        gram = phi.T @ phi
+        inverse = np.linalg.inv(gram + 0.2 * np.trace(gram) / 5 * np.eye(5))
+        expected += weight * np.einsum("nk,kj,nj->n", rows[:, 0], inverse, rows[:, 1:].mean(axis=1))
+    np.testing.assert_allclose(found, expected, rtol=1e-4)

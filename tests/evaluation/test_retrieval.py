@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from api_schemas import KernelSpec
 from retrac.evaluation import retrieval
 from retrac.exceptions import EvaluationError
 from retrac.query_side import QueryVectors
@@ -58,6 +59,28 @@ def test_full_scores_are_the_paper_and_matched_sums() -> None:
     np.testing.assert_allclose(matched["tracin"], [[4.0, 7.0]])
     # cosines: s0 (1 + 1)/2 -> 2; s1 (0.6 + 1)/2 -> 1.6
     np.testing.assert_allclose(matched["retrac"], [[2.0, 1.6]], rtol=1e-6)
+
+
+def test_full_scores_of_trak_use_the_kernel_of_the_rows_given() -> None:
+    # trak = w phi(z)^T F^{-1} G with F = Phi^T Phi + lambda I over the slot means, computed here in numpy
+    generator = torch.Generator().manual_seed(0)
+    projected = torch.randn(6, 3, 4, generator=generator)
+    chunk = RowChunk(projected, projected.norm(dim=-1))
+    per_timestep = torch.randn(2, 3, 4, generator=generator)
+    query = QueryVectors(
+        per_timestep=per_timestep, timestep_norms=per_timestep.norm(dim=-1), bands=torch.tensor([0, 1, 2])
+    )
+    phi = projected.double().mean(dim=1).numpy()
+    gram = phi.T @ phi
+    inverse = np.linalg.inv(gram + 0.5 * np.trace(gram) / 4 * np.eye(4))
+    mean = per_timestep.double().mean(dim=1).numpy()
+    found = retrieval.full_scores(
+        [chunk], [query], [3.0], methods=["trak", "tracin"], kernel=KernelSpec(ridge=0.5)
+    )
+    np.testing.assert_allclose(found["trak"], 3.0 * mean @ inverse @ phi.T, rtol=1e-4)
+    np.testing.assert_allclose(found["tracin"], 3.0 * mean @ phi.T, rtol=1e-5)
+    with pytest.raises(EvaluationError, match="need a kernel"):
+        retrieval.full_scores([chunk], [query], [3.0], methods=["trak"])
 
 
 def test_near_duplicates() -> None:

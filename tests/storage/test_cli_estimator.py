@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from api_schemas import QuerySpec, SlotSpec
-from api_schemas.specs import DEFAULT_SLOTS, PAPER_SLOTS
+from api_schemas.specs import DEFAULT_KERNEL, DEFAULT_SLOTS, PAPER_SLOTS
 from cli import main
 from retrac.attribution import Attributor
 from storage import GradientStore
@@ -34,7 +34,8 @@ def test_matched_estimator_from_the_command_line(shared_store, tmp_path, capsys)
     np.save(query, ((plan.dataset.images[5, 0] + 1) / 2).numpy())
     capsys.readouterr()
     assert (
-        main(["attribute", shared_store, str(query), "--estimator", "matched", "--top-k", "3", "--json"]) == 0
+        main(["attribute", shared_store, str(query), "--estimator", "matched", "--top-k", "3", "--json",
+              "--method", "tracin", "--method", "retrac"]) == 0
     )
     printed = json.loads(capsys.readouterr().out)
     knobs = ("timesteps", "draws", "seed", "estimator", "search", "label", "prompt")
@@ -78,14 +79,16 @@ def test_a_matched_query_the_store_cannot_answer_exits_2(
 def test_the_defaults_build_the_measured_slots_and_attribute_with_the_matched_estimator(
     tiny_run, reference_store, tmp_path, capsys
 ) -> None:
-    """`index create` without slot flags builds DEFAULT_SLOTS; `attribute` without --estimator then runs the
-    matched estimator (the same answer as asking for it), and the paper's where the store has no shared
-    slots or the user sets K."""
+    """`index create` without slot flags builds DEFAULT_SLOTS and the kernel; `attribute` without
+    --estimator or --method then runs trak under the matched estimator (the same answer as asking for
+    them), the paper's estimator and methods where the store has no shared slots or the user sets K,
+    and the best method a store without the kernel serves, saying what trak needs."""
     path = str(tmp_path / "default.zarr")
     run = str(tiny_run.folder)
     assert main(["index", "create", path, "--run", run, "--dim", "64", "--shard-size", "16"]) == 0
     assert main(["index", "run", path]) == 0
     assert GradientStore.open(path).spec.slots == DEFAULT_SLOTS
+    assert GradientStore.open(path).spec.kernel == DEFAULT_KERNEL
     query = tmp_path / "query.npy"
     np.save(query, np.full((8, 8), 0.3, dtype=np.float32))
 
@@ -99,11 +102,34 @@ def test_the_defaults_build_the_measured_slots_and_attribute_with_the_matched_es
     assert default["data"][0]["estimator"] == "matched"
     shape = (default["timesteps"], default["draws"])
     assert shape == (DEFAULT_SLOTS.grid, DEFAULT_SLOTS.draws)
-    asked = answer(path, "--estimator", "matched")
+    assert list(default["data"][0]["methods"]) == ["trak"]
+    assert default["notices"] == []  # the measured best ran: nothing to say beyond its name
+    asked = answer(path, "--estimator", "matched", "--method", "trak")
     ran = ("timesteps", "draws", "seed", "estimator", "search", "data")
     assert {k: default[k] for k in ran} == {k: asked[k] for k in ran}
-    assert answer(path, "--timesteps", "4")["estimator"] == "paper"
-    assert answer(str(reference_store))["estimator"] == "paper"
+    own_k = answer(path, "--timesteps", "4")
+    assert own_k["estimator"] == "paper"
+    assert list(own_k["data"][0]["methods"]) == ["tracin", "retrac"]
+    reference = answer(str(reference_store))
+    assert reference["estimator"] == "paper"
+    assert any("no shared-noise grid slots" in n for n in reference["notices"])
+    assert list(reference["data"][0]["methods"]) == ["tracin", "retrac"]
+
+    bare = str(tmp_path / "bare.zarr")
+    flags = ["--dim", "64", "--shard-size", "16", "--no-kernel"]
+    assert main(["index", "create", bare, "--run", run, *flags]) == 0
+    assert main(["index", "run", bare]) == 0
+    fallback = answer(bare)
+    assert (fallback["estimator"], list(fallback["data"][0]["methods"])) == ("matched", ["retrac"])
+    assert fallback["notices"] == [
+        "methods retrac, the best this index serves (method trak needs the index's TRAK kernel and this "
+        "index has none: create it with --kernel)"
+    ]
+    capsys.readouterr()
+    assert main(["attribute", bare, str(query), "--method", "trak"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("this index has none: create it with --kernel")
+    assert "\n" not in error
 
 
 def test_the_paper_preset_builds_the_papers_slots_and_refuses_slot_flags(tiny_run, tmp_path, capsys) -> None:

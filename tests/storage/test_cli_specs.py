@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from api_schemas import CheckpointSpec, DatasetSpec, IndexSpec, ProjectorSpec, QuerySpec, SlotSpec, TrainSpec
+from api_schemas import (
+    CheckpointSpec,
+    DatasetSpec,
+    IndexSpec,
+    KernelSpec,
+    ProjectorSpec,
+    QuerySpec,
+    SlotSpec,
+    TrainSpec,
+)
 from cli.specs import index_spec, query_spec, train_spec
 from retrac.exceptions import SpecError
 
@@ -19,7 +28,7 @@ def test_index_flags_make_the_spec_a_hand_built_one_is() -> None:
     want = IndexSpec(
         dataset=DatasetSpec(source="builtin:digits", resolution=8, limit=48), run="/runs/digits",
         slots=SlotSpec(replay=False, grid=3, noise="shared", draws=2),
-        projector=ProjectorSpec(kind="sketch", dim=256), dtype="float32", shard_size=16,
+        projector=ProjectorSpec(kind="sketch", dim=256), dtype="float32", shard_size=16, kernel=KernelSpec(),
     )
     assert index_spec(flags, RUN_DATASET) == want
 
@@ -89,3 +98,19 @@ def test_slot_presets() -> None:
     assert index_spec({"run_folder": "/r", "preset": "paper"}, RUN_DATASET).slots == PAPER_SLOTS
     with pytest.raises(SpecError, match="^--preset paper fixes the slots .*; drop --grid$"):
         index_spec({"run_folder": "/r", "preset": "paper", "grid": 2}, RUN_DATASET)
+
+
+def test_the_kernel_is_built_by_default_where_rows_can_have_one() -> None:
+    """The default index serves trak (the measured best); the paper's preset and --no-kernel build none,
+    and rows too wide for a kernel get none rather than a refusal."""
+    run = {"run_folder": "/r"}
+    assert index_spec(run, RUN_DATASET).kernel == KernelSpec()
+    assert index_spec({**run, "kernel_ridge": 0.3}, RUN_DATASET).kernel == KernelSpec(ridge=0.3)
+    assert index_spec({**run, "kernel": False}, RUN_DATASET).kernel is None
+    assert index_spec({**run, "preset": "paper"}, RUN_DATASET).kernel is None
+    assert index_spec({**run, "preset": "paper", "kernel": True}, RUN_DATASET).kernel == KernelSpec()
+    assert index_spec({**run, "projector": "identity"}, RUN_DATASET).kernel is None
+    assert index_spec({**run, "dim": 32768}, RUN_DATASET).kernel is None
+    assert index_spec(run, {**RUN_DATASET, "kernel": None}).kernel is None  # a spec file's own choice
+    with pytest.raises(SpecError, match="^--kernel-ridge: the kernel's ridge needs --kernel$"):
+        index_spec({**run, "kernel": False, "kernel_ridge": 0.3}, RUN_DATASET)

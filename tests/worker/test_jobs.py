@@ -13,11 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+import zarr
 from celery.result import GroupResult
 
+from api_schemas import KernelSpec
 from retrac.replay import TrainingRun
-from storage import GradientStore, delete_store, is_leftover, progress
+from storage import GradientStore, delete_store, is_leftover, progress, run_pending
 from storage.ann import load_ann
+from storage.kernels import kernel_pending, load_kernel
 from tests.storage.helpers import store_bytes, tiny_index_spec
 from tests.worker.conftest import Workers, wait_until
 from worker import control
@@ -102,6 +106,33 @@ def test_two_workers_share_a_job_and_write_each_shard_once(
     assert len({(r["checkpoint"], r["shard"]) for r in outcomes}) == SHARDS  # one task per shard
     assert len({r["worker"] for r in outcomes}) == 2  # both took part
     assert_same_as_embedded(path, reference_store)
+
+
+@pytest.mark.parametrize("damage", ["missing", "stale"])
+def test_a_job_builds_the_kernel_a_complete_checkpoint_lacks(
+    tmp_path: Path, tiny_run: TrainingRun, workers: Workers, queue: str, damage: str
+) -> None:
+    """Every shard done but checkpoint 1's kernel gone (a build cut short) or stale (its rows' digest
+    changed since): the job queues one task for it, which finds its shard done and builds the kernel,
+    equal to the one the embedded run built over the same rows."""
+    path = tmp_path / "index.zarr"
+    GradientStore.create(path, tiny_index_spec(tiny_run, kernel=KernelSpec()))
+    run_pending(GradientStore.open(path))
+    built = load_kernel(GradientStore.open(path), 1).factor
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    if damage == "missing":
+        del group["checkpoints/1/kernel"]
+    else:
+        group["checkpoints/1/kernel"].attrs["rows_digest"] = "1"
+    store = GradientStore.open(path)
+    assert [kernel_pending(store, c) for c in range(3)] == [False, True, False]
+    job = control.submit(path, queue=queue)
+    workers.start("solo")
+    wait_until(lambda: control.state(job) == "done", JOB_SECONDS, "the job")
+    assert [(r["checkpoint"], r["status"]) for r in results(job)] == [(1, "skipped")]
+    store = GradientStore.open(path)
+    assert not any(kernel_pending(store, c) for c in range(3))
+    torch.testing.assert_close(load_kernel(store, 1).factor, built, rtol=1e-12, atol=0)
 
 
 class OwnRedis:

@@ -7,13 +7,15 @@ upload (image files plus the same knobs as form fields). Every image of a reques
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Form, UploadFile
 from pydantic import Field
 
+from api_schemas import IndexSpec
 from api_schemas.attribution import AttributeRequest, AttributionsPublic, QueryOptions
 from retrac.datasets import Conversions
+from retrac.defaults import chosen
 from retrac.query_side import resolve_query
 from service.deps import EngineDep, IndexNameDep, ReadAccess, SettingsDep, StoreDep
 from service.handlers import ERROR_RESPONSES
@@ -34,6 +36,16 @@ class AttributeUpload(QueryOptions):
     )
 
 
+Options = TypeVar("Options", bound=QueryOptions)
+
+
+def with_defaults(options: Options, spec: IndexSpec) -> tuple[Options, list[str]]:
+    """The request with what it left out chosen for the index (`retrac.defaults`: the measured best it
+    serves) and its K, M and seed settled (`resolve_query`), and the notices saying what was chosen."""
+    options, methods, notices = chosen(options, spec, options.methods)
+    return resolve_query(options.model_copy(update={"methods": methods}), spec.slots), notices
+
+
 router = APIRouter(
     prefix="/indexes/{name}", tags=["attribute"], dependencies=[ReadAccess], responses=ERROR_RESPONSES
 )
@@ -48,7 +60,7 @@ def attribute(
     settings: SettingsDep,
 ) -> AttributionsPublic:
     started = time.perf_counter()
-    body = resolve_query(body, store.spec.slots)
+    body, chosen = with_defaults(body, store.spec)
     check_limits(body, len(body.images), settings)
     shape, conversions = store.spec.dataset, Conversions()
     names = [f"images[{i}]" for i in range(len(body.images))]
@@ -59,7 +71,7 @@ def attribute(
         for where, image in zip(names, body.images, strict=True)
     ]
     answer = engine.attribute(name, store, images, names, body, started=started)
-    return answer.model_copy(update={"notices": list(conversions.notices(len(images), "query images"))})
+    return answer.model_copy(update={"notices": [*conversions.notices(len(images), "query images"), *chosen]})
 
 
 @router.post("/attribute/upload", summary="Attribute uploaded image files (PNG, JPEG, ... or .npy)")
@@ -71,7 +83,7 @@ def attribute_upload(
     settings: SettingsDep,
 ) -> AttributionsPublic:
     started = time.perf_counter()
-    form = resolve_query(form, store.spec.slots)
+    form, chosen = with_defaults(form, store.spec)
     check_limits(form, len(form.images), settings)
     shape, conversions = store.spec.dataset, Conversions()
     names = [upload.filename or f"images[{i}]" for i, upload in enumerate(form.images)]
@@ -83,4 +95,6 @@ def attribute_upload(
         for where, upload in zip(names, form.images, strict=True)
     ]
     answer = engine.attribute(name, store, decoded, names, form, started=started)
-    return answer.model_copy(update={"notices": list(conversions.notices(len(decoded), "query images"))})
+    return answer.model_copy(
+        update={"notices": [*conversions.notices(len(decoded), "query images"), *chosen]}
+    )
