@@ -78,7 +78,7 @@ class StoreRepository:
         A store made by `retrac index create stores/NAME.zarr` is index NAME, as one made through the
         API: NAME is its folder when that exists or no `NAME.zarr` does, else `NAME.zarr`."""
         plain = self._child(name)
-        if plain.exists() or name.endswith(STORE_SUFFIX):
+        if name.endswith(STORE_SUFFIX) or plain.exists():
             return plain
         suffixed = self._child(name + STORE_SUFFIX)
         return suffixed if suffixed.exists() else plain
@@ -105,6 +105,12 @@ class StoreRepository:
         """Names of the stores under the root, sorted."""
         stores = [p for p in self._children() if p.has("zarr.json") and not p.has(DELETED_MARK)]
         return sorted({index_name(p) for p in stores})
+
+    def shadowed(self) -> list[str]:
+        """Folders `NAME.zarr` beside a folder `NAME`: both would be index NAME, which is the latter."""
+        folders = {p.name for p in self._children()}
+        suffixed = (f for f in folders if f.endswith(STORE_SUFFIX))
+        return sorted(f for f in suffixed if f.removesuffix(STORE_SUFFIX) in folders)
 
     def leftovers(self) -> list[str]:
         """Names of the folders that an interrupted deletion left (a killed process, a worker's last
@@ -163,6 +169,10 @@ class StoreRepository:
             removal = f"DELETE /v1/indexes/{name} removes it"
             reason = f"not a whole store (what an interrupted deletion leaves); {removal}"
             broken.append(BrokenIndexPublic(name=name, reason=reason))
+        for folder in self.shadowed():
+            hidden = f"folder {folder} is hidden by the index of the same name without {STORE_SUFFIX}"
+            reason = f"{hidden}; rename the folder"
+            broken.append(BrokenIndexPublic(name=folder, reason=reason))
         for name in self.names():
             try:
                 described.append(self.describe(name))

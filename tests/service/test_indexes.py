@@ -254,3 +254,9 @@ def test_an_index_has_one_name_whichever_way_it_was_made(own_roots: Settings) ->
     assert taken.status_code == 409, taken.text
     assert client.delete("/v1/indexes/cli").status_code == 204
     assert sorted(p.name for p in stores.iterdir()) == ["api"]
+    assert main(["index", "create", str(stores / "api.zarr"), "--spec", str(spec),
+                 "--models-root", str(own_roots.models_root)]) == 0
+    listed = client.get("/v1/indexes").json()  # two folders for one name: the hidden one is said
+    assert [i["name"] for i in listed["data"]] == ["api"]
+    assert [b["name"] for b in listed["broken"]] == ["api.zarr"]
+    assert "hidden by the index of the same name" in listed["broken"][0]["reason"]
